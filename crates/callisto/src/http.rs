@@ -1,0 +1,156 @@
+//! The HTTP routes: the embedded web app, the `/ws` signaling endpoint,
+//! `/healthz` and `/metrics`, with security headers on every response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Request, State, WebSocketUpgrade};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::IncomingStream;
+use callisto_signal::{ConnectionConfig, SharedHub, handle_socket};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The client's address, for logs. A newtype so that it can be extracted
+/// from both plain and TLS listeners.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for ClientAddr {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, crate::tls::TlsListener>> for ClientAddr {
+    fn connect_info(stream: IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: SharedHub,
+    pub connection: Arc<ConnectionConfig>,
+    pub metrics: PrometheusHandle,
+    pub shutdown: CancellationToken,
+    /// Tracks WebSocket tasks so shutdown can wait for their close frames.
+    pub sockets: TaskTracker,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(app_page))
+        .route("/r/{room}", get(app_page))
+        .route("/ws", get(websocket))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(get(static_asset))
+        .layer(middleware::from_fn(security_headers))
+        .with_state(state)
+}
+
+async fn app_page() -> Response {
+    asset_response(callisto_web::index())
+}
+
+async fn static_asset(uri: Uri) -> Response {
+    match callisto_web::asset(uri.path()) {
+        Some(asset) => asset_response(asset),
+        None => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+    }
+}
+
+fn asset_response(asset: callisto_web::Asset) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, asset.content_type),
+            // Assets change only with the binary; revalidate so an upgrade shows at once.
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        asset.bytes,
+    )
+        .into_response()
+}
+
+async fn websocket(
+    State(state): State<AppState>,
+    ConnectInfo(ClientAddr(remote)): ConnectInfo<ClientAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let limit = state.connection.max_message_bytes;
+    upgrade
+        .protocols([callisto_protocol::SUBPROTOCOL_V1])
+        // A little above the protocol limit, so that a slightly-too-large
+        // message reaches the connection task and gets a `too-large` error
+        // before the close, while a huge one is cut off by tungstenite
+        // without being buffered.
+        .max_message_size(limit + 1024)
+        .max_frame_size(limit + 1024)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
+        .on_upgrade(move |socket| {
+            state.sockets.track_future(handle_socket(
+                socket,
+                state.hub,
+                state.connection,
+                state.shutdown,
+                remote,
+            ))
+        })
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let stats = state.hub.lock().unwrap_or_else(|p| p.into_inner()).stats();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::render(&state.metrics, &stats),
+    )
+        .into_response()
+}
+
+/// The page loads only its own scripts and styles; media and WebSocket
+/// connections stay same-origin.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
+media-src 'self' blob: mediastream:; connect-src 'self'; object-src 'none'; base-uri 'none'; \
+frame-ancestors 'none'; form-action 'self'";
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        "permissions-policy",
+        HeaderValue::from_static("camera=(self), microphone=(self), display-capture=(self)"),
+    );
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    res
+}

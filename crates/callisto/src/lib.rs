@@ -1,0 +1,9 @@
+//! The `callisto` binary's library: command line, HTTP server, TLS, metrics
+//! and logging. Integration tests start the same server the binary runs.
+
+pub mod cli;
+pub mod http;
+pub mod logging;
+pub mod serve;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,167 @@
+//! `callisto serve`: builds the hub and the router from the flags, binds the
+//! listener (plain or TLS), and runs until the shutdown token is cancelled.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use callisto_protocol::IceServer;
+use callisto_signal::{ConnectionConfig, Hub, HubLimits, random_peer_id};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::ServeArgs;
+use crate::http::{AppState, ClientAddr, router};
+use crate::tls;
+
+/// How long shutdown waits for WebSocket close handshakes.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A started server.
+pub struct Running {
+    /// Where it actually listens (useful with port 0).
+    pub local_addr: SocketAddr,
+    /// "http" or "https".
+    pub scheme: &'static str,
+    /// The certificate fingerprint, when serving HTTPS.
+    pub fingerprint: Option<String>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until the server has stopped after the shutdown token was
+    /// cancelled, including the close handshakes of open WebSockets.
+    pub async fn wait(self) {
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "server task failed");
+        }
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:8080`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme, self.local_addr)
+    }
+}
+
+/// Binds and starts serving; returns once the listener is bound.
+pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let tls = if args.tls_self_signed {
+        Some(tls::self_signed(&args.tls_names)?)
+    } else if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        Some(tls::from_pem_files(cert, key)?)
+    } else {
+        None
+    };
+
+    let metrics = crate::telemetry::install();
+    let hub = Arc::new(Mutex::new(Hub::new(
+        HubLimits {
+            max_room_size: args.max_room_size as usize,
+            max_rooms: args.max_rooms as usize,
+        },
+        random_peer_id,
+    )));
+    let ice = ice_servers(&args);
+    let connection = Arc::new(ConnectionConfig {
+        max_message_bytes: args.max_message_bytes as usize,
+        heartbeat_timeout: Duration::from_secs(u64::from(args.heartbeat_timeout)),
+        rate_per_sec: args.max_messages_per_second,
+        rate_burst: args.max_message_burst,
+        rate_strikes: 20,
+        send_queue: 1024,
+        ice_servers: Arc::new(move || ice.clone()),
+    });
+    let sockets = TaskTracker::new();
+    let app = router(AppState {
+        hub,
+        connection,
+        metrics,
+        shutdown: shutdown.clone(),
+        sockets: sockets.clone(),
+    })
+    .into_make_service_with_connect_info::<ClientAddr>();
+
+    let tcp = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is another program using that port? Choose another with --listen",
+            args.listen
+        )
+    })?;
+    let local_addr = tcp.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+
+    let stop = shutdown.clone();
+    let task = match tls {
+        Some(setup) => {
+            let listener = tls::TlsListener::new(tcp, setup.config)?;
+            tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                finish(served, sockets).await;
+            })
+        }
+        None => tokio::spawn(async move {
+            let served = axum::serve(tcp, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            finish(served, sockets).await;
+        }),
+    };
+
+    let running = Running {
+        local_addr,
+        scheme,
+        fingerprint,
+        task,
+    };
+    announce(&running, &args);
+    Ok(running)
+}
+
+async fn finish(served: std::io::Result<()>, sockets: TaskTracker) {
+    if let Err(e) = served {
+        tracing::error!(error = %e, "HTTP server stopped with an error");
+    }
+    sockets.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, sockets.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some WebSocket connections did not close in time");
+    }
+}
+
+fn announce(running: &Running, args: &ServeArgs) {
+    let url = running.url();
+    tracing::info!(%url, "Callisto is serving; open it in a browser");
+    if let Some(fp) = &running.fingerprint {
+        tracing::info!(names = ?args.tls_names, sha256 = %fp, "TLS certificate");
+        if args.tls_self_signed {
+            eprintln!("Self-signed certificate SHA-256 fingerprint: {fp}");
+        }
+    }
+    if running.scheme == "http" && !running.local_addr.ip().is_loopback() {
+        tracing::warn!(
+            "serving plain HTTP beyond this machine: browsers allow camera and microphone only on https:// or localhost; add --tls-self-signed or --tls-cert/--tls-key"
+        );
+    }
+}
+
+fn ice_servers(args: &ServeArgs) -> Vec<IceServer> {
+    args.ice_servers
+        .iter()
+        .map(|url| {
+            let is_turn = url.starts_with("turn:") || url.starts_with("turns:");
+            IceServer {
+                urls: vec![url.clone()],
+                username: args.ice_username.clone().filter(|_| is_turn),
+                credential: args.ice_credential.clone().filter(|_| is_turn),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,110 @@
+//! Prometheus metrics. Counters are recorded where things happen (through the
+//! `metrics` facade, so library crates need no exporter); gauges and the
+//! room-size histogram are computed from a hub snapshot at scrape time, so
+//! they are exact rather than sampled.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+
+use callisto_signal::HubStats;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder on first call; later calls (a second
+/// server in the same test process) share it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "a metrics recorder was already installed; /metrics will be incomplete"
+                );
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        "callisto_signaling_messages_received_total",
+        "Valid signaling messages received, by type."
+    );
+    metrics::describe_counter!(
+        "callisto_signaling_messages_sent_total",
+        "Signaling messages sent, by type (a broadcast counts once)."
+    );
+    metrics::describe_counter!(
+        "callisto_signaling_errors_total",
+        "Error messages sent to clients, by code."
+    );
+    metrics::describe_counter!(
+        "callisto_signaling_evictions_total",
+        "Peers dropped because they did not read their messages."
+    );
+    metrics::describe_gauge!(
+        "callisto_signaling_connections",
+        "Open signaling WebSocket connections, joined or not."
+    );
+}
+
+/// Upper bounds of the room-size histogram's buckets.
+const ROOM_SIZE_BUCKETS: [usize; 9] = [1, 2, 3, 4, 6, 8, 12, 16, 32];
+
+/// The full `/metrics` text: recorded counters plus the hub snapshot.
+pub fn render(handle: &PrometheusHandle, stats: &HubStats) -> String {
+    let mut out = handle.render();
+    let _ = writeln!(
+        out,
+        "# HELP callisto_clients Peers currently joined to a room.\n# TYPE callisto_clients gauge\ncallisto_clients {}",
+        stats.peers
+    );
+    let _ = writeln!(
+        out,
+        "# HELP callisto_rooms Rooms currently open.\n# TYPE callisto_rooms gauge\ncallisto_rooms {}",
+        stats.rooms
+    );
+    let _ = writeln!(
+        out,
+        "# HELP callisto_room_size Current rooms by number of peers.\n# TYPE callisto_room_size histogram"
+    );
+    for le in ROOM_SIZE_BUCKETS {
+        let n = stats.room_sizes.iter().filter(|&&s| s <= le).count();
+        let _ = writeln!(out, "callisto_room_size_bucket{{le=\"{le}\"}} {n}");
+    }
+    let sum: usize = stats.room_sizes.iter().sum();
+    let _ = writeln!(
+        out,
+        "callisto_room_size_bucket{{le=\"+Inf\"}} {}\ncallisto_room_size_sum {sum}\ncallisto_room_size_count {}",
+        stats.room_sizes.len(),
+        stats.room_sizes.len()
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let handle = PrometheusBuilder::new().build_recorder().handle();
+        let stats = HubStats {
+            peers: 7,
+            rooms: 3,
+            room_sizes: vec![1, 2, 4],
+        };
+        let text = render(&handle, &stats);
+        assert!(text.contains("callisto_clients 7\n"));
+        assert!(text.contains("callisto_rooms 3\n"));
+        assert!(text.contains("callisto_room_size_bucket{le=\"1\"} 1\n"));
+        assert!(text.contains("callisto_room_size_bucket{le=\"3\"} 2\n"));
+        assert!(text.contains("callisto_room_size_bucket{le=\"4\"} 3\n"));
+        assert!(text.contains("callisto_room_size_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("callisto_room_size_sum 7\n"));
+    }
+}

@@ -1,0 +1,383 @@
+//! The signaling protocol end to end: real server, real WebSocket clients.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Client, Ended, Server};
+use futures_util::SinkExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+fn id(v: &Value) -> String {
+    v.as_str().expect("string id").to_owned()
+}
+
+#[tokio::test]
+async fn join_signal_broadcast_leave() {
+    let server = Server::start(&["--ice-server", "stun:stun.example.test:3478"]).await;
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+
+    let wa = a.join("standup", "Ada").await;
+    let ida = id(&wa["id"]);
+    assert!(ida.len() >= 24, "ids carry at least 96 bits");
+    assert_eq!(wa["room"], "standup");
+    assert_eq!(wa["version"], 1);
+    assert_eq!(wa["peers"], json!([]));
+    assert_eq!(
+        wa["iceServers"],
+        json!([{"urls": ["stun:stun.example.test:3478"]}])
+    );
+
+    let wb = b.join("standup", "  Bob  ").await;
+    let idb = id(&wb["id"]);
+    assert_eq!(wb["peers"], json!([{"id": ida, "name": "Ada"}]));
+    let pj = a.expect("peer-joined").await;
+    assert_eq!(pj["peer"], json!({"id": idb, "name": "Bob"}));
+
+    let sdp =
+        json!({"description": {"type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n"}});
+    a.send(json!({"type": "signal", "to": idb, "data": sdp}))
+        .await;
+    let got = b.expect("signal").await;
+    assert_eq!(got["from"], ida.as_str());
+    assert_eq!(got["data"], sdp);
+
+    b.send(json!({"type": "broadcast", "data": {"muted": true}}))
+        .await;
+    let got = a.expect("broadcast").await;
+    assert_eq!(
+        got,
+        json!({"type": "broadcast", "from": idb, "data": {"muted": true}})
+    );
+
+    a.ping().await;
+    b.ping().await; // b did not get its own broadcast: the next thing it sees is the pong
+
+    a.send(json!({"type": "leave"})).await;
+    let left = b.expect("peer-left").await;
+    assert_eq!(left["id"], ida.as_str());
+
+    // The connection stays usable, and may join again with a fresh id.
+    let again = a.join("standup", "Ada").await;
+    assert_ne!(id(&again["id"]), ida);
+    assert_eq!(again["peers"], json!([{"id": idb, "name": "Bob"}]));
+}
+
+#[tokio::test]
+async fn closing_the_socket_leaves_the_room() {
+    let server = Server::start(&[]).await;
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    a.join("r", "A").await;
+    let idb = id(&b.join("r", "B").await["id"]);
+    a.expect("peer-joined").await;
+    b.ws.close(None).await.unwrap();
+    assert_eq!(a.expect("peer-left").await["id"], idb.as_str());
+
+    // Dropping the TCP connection without a close frame works the same.
+    let mut c = server.client().await;
+    let idc = id(&c.join("r", "C").await["id"]);
+    a.expect("peer-joined").await;
+    drop(c);
+    assert_eq!(a.expect("peer-left").await["id"], idc.as_str());
+}
+
+#[tokio::test]
+async fn heartbeat_timeout_drops_a_silent_client() {
+    let server = Server::start(&["--heartbeat-timeout", "1"]).await;
+    let mut a = server.client().await;
+    let mut silent = server.client().await;
+    a.join("r", "A").await;
+    let ids = id(&silent.join("r", "Silent").await["id"]);
+    a.expect("peer-joined").await;
+    // `silent` never reads, so it never answers the server's pings; `a`
+    // reads (and so answers pings) while it waits.
+    let left = a.expect("peer-left").await;
+    assert_eq!(left["id"], ids.as_str());
+    a.ping().await;
+    assert_eq!(
+        silent.ended().await,
+        Ended::Close(1001, "heartbeat timeout".into())
+    );
+}
+
+#[tokio::test]
+async fn bad_messages_get_bad_message_and_the_connection_stays_open() {
+    let server = Server::start(&[]).await;
+    let mut c = server.client().await;
+    for text in [
+        "not json",
+        "[1,2]",
+        "{\"type\":",
+        "{}",
+        "{\"type\":\"dance\"}",
+        "{\"type\":7}",
+        "{\"type\":\"join\",\"name\":\"x\"}",
+        "{\"type\":\"join\",\"room\":[],\"name\":\"x\"}",
+        "{\"type\":\"signal\",\"to\":\"x\"}",
+        "{\"type\":\"broadcast\"}",
+    ] {
+        c.send_text(text).await;
+        c.expect_error("bad-message").await;
+    }
+    c.ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    c.expect_error("bad-message").await;
+    c.ping().await;
+    c.join("still-works", "C").await;
+}
+
+#[tokio::test]
+async fn every_other_error_code() {
+    let server = Server::start(&["--max-room-size", "2", "--max-rooms", "2"]).await;
+    let mut a = server.client().await;
+
+    a.send(json!({"type": "join", "room": "no spaces", "name": "A"}))
+        .await;
+    a.expect_error("bad-room").await;
+    a.send(json!({"type": "join", "room": "x".repeat(65), "name": "A"}))
+        .await;
+    a.expect_error("bad-room").await;
+    a.send(json!({"type": "join", "room": "r", "name": "   "}))
+        .await;
+    a.expect_error("bad-name").await;
+    a.send(json!({"type": "join", "room": "r", "name": "é".repeat(65)}))
+        .await;
+    a.expect_error("bad-name").await;
+
+    a.send(json!({"type": "signal", "to": "x", "data": 1}))
+        .await;
+    a.expect_error("not-joined").await;
+    a.send(json!({"type": "broadcast", "data": 1})).await;
+    a.expect_error("not-joined").await;
+    a.send(json!({"type": "leave"})).await;
+    a.expect_error("not-joined").await;
+
+    let ida = id(&a.join("r", "A").await["id"]);
+    a.send(json!({"type": "join", "room": "r2", "name": "A"}))
+        .await;
+    a.expect_error("already-joined").await;
+
+    a.send(json!({"type": "signal", "to": "0123456789abcdef0123456789abcdef", "data": 1}))
+        .await;
+    a.expect_error("unknown-peer").await;
+    a.send(json!({"type": "signal", "to": ida, "data": 1}))
+        .await;
+    a.expect_error("unknown-peer").await;
+
+    // A peer in another room is unknown too: rooms do not leak into each other.
+    let mut other = server.client().await;
+    let idother = id(&other.join("elsewhere", "O").await["id"]);
+    a.send(json!({"type": "signal", "to": idother, "data": 1}))
+        .await;
+    a.expect_error("unknown-peer").await;
+
+    let mut b = server.client().await;
+    b.join("r", "B").await;
+    let mut c = server.client().await;
+    c.send(json!({"type": "join", "room": "r", "name": "C"}))
+        .await;
+    c.expect_error("room-full").await;
+    // Two rooms exist already (r, elsewhere): a third is refused.
+    c.send(json!({"type": "join", "room": "third", "name": "C"}))
+        .await;
+    c.expect_error("server-full").await;
+    c.ping().await;
+    a.expect("peer-joined").await;
+    a.ping().await;
+}
+
+#[tokio::test]
+async fn too_large_closes_with_1009() {
+    let server = Server::start(&["--max-message-bytes", "1024"]).await;
+    let mut bystander = server.client().await;
+    bystander.join("r", "Bystander").await;
+
+    // Just over the limit: an error that says why, then the close.
+    let mut c = server.client().await;
+    c.join("r", "C").await;
+    bystander.expect("peer-joined").await;
+    c.send(json!({"type": "broadcast", "data": "x".repeat(1100)}))
+        .await;
+    c.expect_error("too-large").await;
+    assert_eq!(c.ended().await, Ended::Close(1009, "too-large".into()));
+    bystander.expect("peer-left").await;
+
+    // Far over the limit: cut off without buffering it.
+    let mut d = server.client().await;
+    d.send_text(&"y".repeat(1_000_000)).await;
+    match d.ended().await {
+        Ended::Close(code, _) => assert_eq!(code, 1009),
+        Ended::Gone => {}
+    }
+    bystander.ping().await;
+}
+
+#[tokio::test]
+async fn flooding_is_rate_limited_then_closed() {
+    let server =
+        Server::start(&["--max-messages-per-second", "5", "--max-message-burst", "5"]).await;
+    let mut c = server.client().await;
+    for _ in 0..5 {
+        c.ping().await;
+    }
+    c.send(json!({"type": "ping"})).await;
+    c.expect_error("rate-limited").await;
+    // Keep flooding: after 20 refusals the server gives up on the client.
+    for _ in 0..40 {
+        if c.ws
+            .send(Message::text(r#"{"type":"ping"}"#))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut saw = 0;
+    let ended = loop {
+        match tokio::time::timeout(common::TIMEOUT, futures_util::StreamExt::next(&mut c.ws))
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "error" {
+                    assert_eq!(v["code"], "rate-limited");
+                    saw += 1;
+                }
+            }
+            Some(Ok(Message::Close(Some(f)))) => break (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(ended, (1008, "rate-limited".into()));
+    assert!(saw >= 10, "saw {saw} rate-limited errors before the close");
+
+    // Others are unaffected.
+    let mut other = server.client().await;
+    other.ping().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_joins_agree_on_the_room() {
+    let server = Server::start(&["--max-room-size", "64"]).await;
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(server.client().await);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                let welcome = c.join("big", &format!("P{i}")).await;
+                let me = id(&welcome["id"]);
+                let mut known: BTreeSet<String> = welcome["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| id(&p["id"]))
+                    .collect();
+                while known.len() < 49 {
+                    let v = c.expect("peer-joined").await;
+                    assert!(known.insert(id(&v["peer"]["id"])), "duplicate peer-joined");
+                }
+                (me, known, c)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let all: BTreeSet<String> = results.iter().map(|(me, _, _)| me.clone()).collect();
+    assert_eq!(all.len(), 50);
+    for (me, known, _) in &results {
+        let mut expected = all.clone();
+        expected.remove(me);
+        assert_eq!(known, &expected);
+    }
+    // Nobody received anything beyond that.
+    for (_, _, c) in &mut results {
+        c.ping().await;
+    }
+    assert_eq!(server.metric("callisto_clients").await, 50.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_in_a_hundred_rooms() {
+    let server = Server::start(&[]).await;
+    let url = server.ws_url();
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&url).await;
+            let room = format!("room-{}", i % 100);
+            let welcome = c.join(&room, &format!("P{i}")).await;
+            let mut known = welcome["peers"].as_array().unwrap().len();
+            while known < 9 {
+                c.expect("peer-joined").await;
+                known += 1;
+            }
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    assert_eq!(server.metric("callisto_clients").await, 1000.0);
+    assert_eq!(server.metric("callisto_rooms").await, 100.0);
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("callisto_room_size_bucket{le=\"8\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("callisto_room_size_bucket{le=\"12\"} 100\n"),
+        "{metrics}"
+    );
+
+    drop(clients);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.metric("callisto_rooms").await > 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rooms were not cleaned up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.metric("callisto_clients").await, 0.0);
+}
+
+#[tokio::test]
+async fn shutdown_sends_close_frames() {
+    let server = Server::start(&[]).await;
+    let mut a = server.client().await;
+    a.join("r", "A").await;
+    server.shutdown.cancel();
+    assert_eq!(
+        a.ended().await,
+        Ended::Close(1001, "server shutting down".into())
+    );
+    tokio::time::timeout(Duration::from_secs(10), server.running.wait())
+        .await
+        .expect("server stops");
+}
+
+#[tokio::test]
+async fn subprotocol_v1_is_accepted() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let server = Server::start(&[]).await;
+    let mut req = server.ws_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "callisto.v1".parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "callisto.v1");
+    let mut c = Client { ws };
+    c.ping().await;
+}

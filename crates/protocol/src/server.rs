@@ -1,0 +1,132 @@
+//! Server → client messages.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::ErrorCode;
+
+/// A peer as others see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerInfo {
+    pub id: String,
+    pub name: String,
+}
+
+/// One entry of `welcome.iceServers`, in the shape `RTCPeerConnection` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// A message from the server. `data` fields carry the sender's JSON unchanged.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ServerMessage<'a> {
+    Welcome {
+        id: &'a str,
+        room: &'a str,
+        version: u32,
+        peers: Vec<PeerInfo>,
+        #[serde(rename = "iceServers")]
+        ice_servers: &'a [IceServer],
+    },
+    PeerJoined {
+        peer: PeerInfo,
+    },
+    PeerLeft {
+        id: &'a str,
+    },
+    Signal {
+        from: &'a str,
+        data: &'a RawValue,
+    },
+    Broadcast {
+        from: &'a str,
+        data: &'a RawValue,
+    },
+    Pong,
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+    },
+}
+
+impl ServerMessage<'_> {
+    /// The message's `type`, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMessage::Welcome { .. } => "welcome",
+            ServerMessage::PeerJoined { .. } => "peer-joined",
+            ServerMessage::PeerLeft { .. } => "peer-left",
+            ServerMessage::Signal { .. } => "signal",
+            ServerMessage::Broadcast { .. } => "broadcast",
+            ServerMessage::Pong => "pong",
+            ServerMessage::Error { .. } => "error",
+        }
+    }
+
+    /// Serializes to the text of one WebSocket frame.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: every map key is a string and
+        // raw values were validated JSON when they were decoded.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            String::from(
+                r#"{"type":"error","code":"bad-message","message":"internal serialization error"}"#,
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shapes() {
+        let ice = [IceServer {
+            urls: vec!["stun:127.0.0.1:3478".into()],
+            username: None,
+            credential: None,
+        }];
+        let welcome = ServerMessage::Welcome {
+            id: "p1",
+            room: "r",
+            version: 1,
+            peers: vec![PeerInfo {
+                id: "p0".into(),
+                name: "Ada".into(),
+            }],
+            ice_servers: &ice,
+        };
+        assert_eq!(
+            welcome.to_json(),
+            r#"{"type":"welcome","id":"p1","room":"r","version":1,"peers":[{"id":"p0","name":"Ada"}],"iceServers":[{"urls":["stun:127.0.0.1:3478"]}]}"#
+        );
+        let data = RawValue::from_string(r#"{"a": [1, 2]}"#.into()).unwrap();
+        assert_eq!(
+            ServerMessage::Signal {
+                from: "p0",
+                data: &data
+            }
+            .to_json(),
+            r#"{"type":"signal","from":"p0","data":{"a": [1, 2]}}"#
+        );
+        assert_eq!(ServerMessage::Pong.to_json(), r#"{"type":"pong"}"#);
+        assert_eq!(
+            ServerMessage::Error {
+                code: ErrorCode::RoomFull,
+                message: "full"
+            }
+            .to_json(),
+            r#"{"type":"error","code":"room-full","message":"full"}"#
+        );
+        assert_eq!(
+            ServerMessage::PeerLeft { id: "p0" }.to_json(),
+            r#"{"type":"peer-left","id":"p0"}"#
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! Property tests: nothing a client can send makes the decoder panic, and
+//! everything it refuses maps to a protocol error code.
+
+use callisto_protocol::{ClientMessage, ErrorCode, decode_client};
+use proptest::prelude::*;
+use serde_json::Value;
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        ".{0,20}".prop_map(Value::String),
+        prop_oneof![
+            Just("join"),
+            Just("signal"),
+            Just("broadcast"),
+            Just("leave"),
+            Just("ping"),
+            Just("type"),
+            Just("room"),
+            Just("data")
+        ]
+        .prop_map(|s| Value::String(s.into())),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("type".to_string()),
+                    Just("room".to_string()),
+                    Just("name".to_string()),
+                    Just("to".to_string()),
+                    Just("data".to_string()),
+                    "[a-z]{0,6}",
+                ],
+                inner,
+                0..6
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let text = String::from_utf8_lossy(&bytes);
+        if let Err(e) = decode_client(&text) {
+            prop_assert!(ErrorCode::ALL.contains(&e.code));
+            prop_assert!(!e.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn arbitrary_json_is_decoded_or_refused_with_a_code(value in arb_json()) {
+        let text = value.to_string();
+        match decode_client(&text) {
+            Ok(msg) => {
+                // Whatever was accepted must have had the matching type.
+                let kind = value.get("type").and_then(Value::as_str);
+                prop_assert_eq!(kind, Some(msg.kind()));
+                if let ClientMessage::Signal { data, .. } | ClientMessage::Broadcast { data } = msg {
+                    let round: Value = serde_json::from_str(data.get()).unwrap();
+                    prop_assert_eq!(&round, &value["data"]);
+                }
+            }
+            Err(e) => {
+                let is_join = value.get("type").and_then(Value::as_str) == Some("join");
+                if !is_join {
+                    prop_assert_eq!(e.code, ErrorCode::BadMessage);
+                } else {
+                    prop_assert!(matches!(e.code, ErrorCode::BadMessage | ErrorCode::BadRoom | ErrorCode::BadName));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn valid_joins_round_trip(room in "[A-Za-z0-9_-]{1,64}", name in "\\PC{1,64}") {
+        let text = serde_json::json!({"type": "join", "room": room, "name": name}).to_string();
+        match decode_client(&text) {
+            Ok(ClientMessage::Join { room: r, name: n }) => {
+                prop_assert_eq!(r, room);
+                prop_assert_eq!(n, name.trim());
+            }
+            Ok(other) => prop_assert!(false, "decoded as {:?}", other),
+            Err(e) => prop_assert_eq!(e.code, ErrorCode::BadName, "{}", e.message),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The signaling hub: who is in which room, and delivery of messages between
+//! them.
+//!
+//! - [`hub`] is the sans-IO core: a deterministic state machine that takes
+//!   decoded client messages and hands serialized frames to per-peer sinks. It
+//!   owns no sockets, no clock and no random source, and is unit-tested alone.
+//! - [`rate`] is the per-connection token bucket, with time injected.
+//! - [`connection`] is the thin driver: one task per WebSocket that decodes
+//!   frames, applies limits and heartbeats, and calls into the hub.
+
+pub mod connection;
+pub mod hub;
+pub mod rate;
+
+pub use connection::{ConnectionConfig, SharedHub, handle_socket};
+pub use hub::{Frame, Hub, HubLimits, HubStats, PeerSink, SinkFull, random_peer_id};
+pub use rate::RateLimiter;

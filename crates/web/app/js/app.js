@@ -1,0 +1,301 @@
+// The app's controller: routes between the landing page, the pre-join
+// screen and the call, and wires signaling, media and peer links together.
+
+import { SignalingClient, ROOM_PATTERN } from './signaling.js';
+import { PeerLink } from './peer.js';
+import { getLocalMedia, stopStream } from './media.js';
+import { $, showView, setText, Grid } from './ui.js';
+
+const NAME_KEY = 'callisto.name';
+
+const call = {
+  room: null,
+  name: null,
+  localStream: null,
+  mediaMessage: null,
+  signaling: null,
+  iceServers: [],
+  links: new Map(),
+  audioOn: true,
+  videoOn: true,
+  leaving: false,
+  joinClickedAt: 0,
+  joinToFirstFrameMs: null,
+};
+const grid = new Grid($('grid'));
+
+// A handle for tests and for curious people at the console.
+window.__callisto = {
+  get id() { return call.signaling?.id ?? null; },
+  get links() { return call.links; },
+  get joinToFirstFrameMs() { return call.joinToFirstFrameMs; },
+  hold(on) { call.signaling?.hold(on); },
+};
+
+route();
+
+function route() {
+  const match = location.pathname.match(/^\/r\/([^/]+)\/?$/);
+  if (!match) return showLanding();
+  let room;
+  try { room = decodeURIComponent(match[1]); } catch { room = ''; }
+  if (!ROOM_PATTERN.test(room)) return showLanding(`“${room}” is not a valid room name.`);
+  showPrejoin(room);
+}
+
+// ---- Landing -------------------------------------------------------------
+
+function showLanding(error = null) {
+  showView('landing');
+  setText('room-error', error);
+  $('room-input').focus();
+  $('landing-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const room = $('room-input').value.trim();
+    if (!ROOM_PATTERN.test(room)) {
+      setText('room-error', 'Use 1–64 letters, digits, “-” or “_”.');
+      $('room-input').focus();
+      return;
+    }
+    location.assign(`/r/${room}`);
+  });
+  $('random-room').addEventListener('click', () => location.assign(`/r/${randomRoomName()}`));
+}
+
+function randomRoomName() {
+  const words = ['amber', 'brisk', 'cedar', 'delta', 'ember', 'fjord', 'gala', 'harbor', 'iris', 'jade', 'koala', 'lumen', 'maple', 'nova', 'onyx', 'pine', 'quartz', 'raven', 'sierra', 'tulip'];
+  const pick = () => words[crypto.getRandomValues(new Uint32Array(1))[0] % words.length];
+  const digits = crypto.getRandomValues(new Uint32Array(1))[0] % 10000;
+  return `${pick()}-${pick()}-${String(digits).padStart(4, '0')}`;
+}
+
+// ---- Pre-join ------------------------------------------------------------
+
+async function showPrejoin(room) {
+  call.room = room;
+  document.title = `${room} · Callisto`;
+  showView('prejoin');
+  $('prejoin-room').textContent = room;
+  $('name-input').value = localStorage.getItem(NAME_KEY) ?? '';
+  $('name-input').focus();
+  $('join-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    join();
+  });
+  const media = getLocalMedia();
+  $('join-btn').disabled = true;
+  const { stream, message } = await media;
+  $('join-btn').disabled = false;
+  call.localStream = stream;
+  call.mediaMessage = message;
+  setText('media-status', message);
+  $('preview').srcObject = stream;
+  $('preview-empty').hidden = Boolean(stream?.getVideoTracks().length);
+}
+
+async function join() {
+  const name = $('name-input').value.trim();
+  if (name.length === 0 || [...name].length > 64) {
+    setText('join-error', 'Enter a name of 1–64 characters.');
+    $('name-input').focus();
+    return;
+  }
+  setText('join-error', null);
+  localStorage.setItem(NAME_KEY, name);
+  call.name = name;
+  call.joinClickedAt = performance.now();
+  $('join-btn').disabled = true;
+  try {
+    await connectAndJoin();
+  } catch (err) {
+    setText('join-error', joinErrorText(err));
+    $('join-btn').disabled = false;
+    return;
+  }
+  enterCall();
+}
+
+function joinErrorText(err) {
+  switch (err.code) {
+    case 'room-full': return 'This room is full. Try again later or pick another room.';
+    case 'server-full': return 'The server has too many rooms open right now. Try again later.';
+    case 'bad-name': return 'That name cannot be used: 1–64 characters, no control characters.';
+    default: return err.message || 'Could not join the room.';
+  }
+}
+
+async function connectAndJoin() {
+  const signaling = new SignalingClient();
+  await signaling.connect();
+  const welcome = await signaling.join(call.room, call.name);
+  call.signaling = signaling;
+  call.iceServers = welcome.iceServers ?? [];
+  signaling.addEventListener('peer-joined', ({ detail }) => {
+    addLink(detail.peer, false);
+    sendState(detail.peer.id);
+  });
+  signaling.addEventListener('peer-left', ({ detail }) => removeLink(detail.id));
+  signaling.addEventListener('signal', ({ detail }) => onSignal(detail.from, detail.data));
+  signaling.addEventListener('broadcast', ({ detail }) => onState(detail.from, detail.data));
+  signaling.addEventListener('error', ({ detail }) => console.warn('signaling error', detail.code, detail.message));
+  signaling.addEventListener('close', ({ detail }) => onSignalingClosed(detail));
+  for (const peer of welcome.peers) addLink(peer, true);
+}
+
+// ---- In the call ---------------------------------------------------------
+
+function enterCall() {
+  showView('call');
+  $('call-room').textContent = call.room;
+  const receiveOnly = !call.localStream;
+  setText('call-notice', receiveOnly ? `You joined receive-only. ${call.mediaMessage ?? ''}`.trim() : call.mediaMessage);
+  grid.tile('local', { name: call.name, local: true });
+  if (call.localStream) grid.attach('local', call.localStream);
+  grid.setMediaState('local', { audio: true, video: Boolean(call.localStream?.getVideoTracks().length) });
+  setupControls();
+  updateCount();
+  sendState();
+  window.addEventListener('pagehide', () => {
+    call.leaving = true;
+    call.signaling?.leave();
+    call.signaling?.close();
+  });
+}
+
+function setupControls() {
+  const hasAudio = Boolean(call.localStream?.getAudioTracks().length);
+  const hasVideo = Boolean(call.localStream?.getVideoTracks().length);
+  const mute = $('mute-btn');
+  const camera = $('camera-btn');
+  mute.disabled = !hasAudio;
+  camera.disabled = !hasVideo;
+  if (!hasAudio) mute.title = 'No microphone';
+  if (!hasVideo) camera.title = 'No camera';
+  call.audioOn = hasAudio;
+  call.videoOn = hasVideo;
+  mute.addEventListener('click', () => {
+    call.audioOn = !call.audioOn;
+    for (const t of call.localStream.getAudioTracks()) t.enabled = call.audioOn;
+    mute.textContent = call.audioOn ? 'Mute' : 'Unmute';
+    mute.setAttribute('aria-pressed', String(!call.audioOn));
+    grid.setMediaState('local', { audio: call.audioOn, video: call.videoOn });
+    sendState();
+  });
+  camera.addEventListener('click', () => {
+    call.videoOn = !call.videoOn;
+    for (const t of call.localStream.getVideoTracks()) t.enabled = call.videoOn;
+    camera.textContent = call.videoOn ? 'Camera off' : 'Camera on';
+    camera.setAttribute('aria-pressed', String(!call.videoOn));
+    grid.setMediaState('local', { audio: call.audioOn, video: call.videoOn });
+    sendState();
+  });
+  $('copy-btn').addEventListener('click', async () => {
+    const link = `${location.origin}/r/${call.room}`;
+    try {
+      await navigator.clipboard.writeText(link);
+      flash(`Link copied: ${link}`);
+    } catch {
+      flash(`Copy this link: ${link}`);
+    }
+  });
+  $('leave-btn').addEventListener('click', () => leave('You can rejoin whenever you like.'));
+  $('rejoin-btn').addEventListener('click', () => location.assign(`/r/${call.room}`));
+}
+
+function flash(text) {
+  setText('call-notice', text);
+  setTimeout(() => {
+    if ($('call-notice').textContent === text) setText('call-notice', null);
+  }, 4000);
+}
+
+function leave(reason) {
+  call.leaving = true;
+  call.signaling?.leave();
+  call.signaling?.close();
+  for (const id of [...call.links.keys()]) removeLink(id);
+  grid.clear();
+  stopStream(call.localStream);
+  call.localStream = null;
+  showView('left');
+  $('left-reason').textContent = reason;
+  $('rejoin-btn').focus();
+}
+
+function addLink(peer, initiator) {
+  if (call.links.has(peer.id)) return call.links.get(peer.id);
+  const link = new PeerLink({
+    id: peer.id,
+    name: peer.name,
+    polite: call.signaling.id > peer.id,
+    iceServers: call.iceServers,
+    localStream: call.localStream,
+    send: (data) => call.signaling?.signal(peer.id, data),
+  });
+  call.links.set(peer.id, link);
+  grid.tile(peer.id, { name: peer.name });
+  link.addEventListener('track', ({ detail }) => {
+    grid.attach(peer.id, link.remoteStream);
+    if (detail.track.kind === 'video') measureFirstFrame(peer.id);
+  });
+  link.addEventListener('state', ({ detail }) => grid.setConnectionState(peer.id, detail.state));
+  if (initiator) link.start();
+  updateCount();
+  return link;
+}
+
+function removeLink(id) {
+  call.links.get(id)?.close();
+  call.links.delete(id);
+  grid.remove(id);
+  updateCount();
+}
+
+function onSignal(from, data) {
+  if (data?.state) return onState(from, data);
+  const link = call.links.get(from);
+  if (!link) return console.warn('signal from an unknown peer', from);
+  link.handleSignal(data).catch((err) => console.warn(`peer ${from}: signal failed`, err));
+}
+
+function onState(from, data) {
+  if (data?.state) grid.setMediaState(from, data.state);
+}
+
+function sendState(to = null) {
+  const data = { state: { audio: call.audioOn, video: call.videoOn } };
+  if (to) call.signaling?.signal(to, data);
+  else call.signaling?.broadcast(data);
+}
+
+function updateCount() {
+  const n = call.links.size + 1;
+  $('call-count').textContent = n === 1 ? 'Only you so far' : `${n} people`;
+}
+
+function measureFirstFrame(peerId) {
+  if (call.joinToFirstFrameMs !== null) return;
+  const video = document.querySelector(`.tile[data-peer-id="${CSS.escape(peerId)}"] video`);
+  video?.requestVideoFrameCallback?.(() => {
+    call.joinToFirstFrameMs ??= Math.round(performance.now() - call.joinClickedAt);
+  });
+}
+
+async function onSignalingClosed({ code, reason }) {
+  if (call.leaving) return;
+  for (const id of [...call.links.keys()]) removeLink(id);
+  call.signaling = null;
+  const why = reason ? ` (${reason})` : code === 1006 ? ' (network)' : '';
+  for (let attempt = 0; !call.leaving; attempt++) {
+    setText('call-notice', `Lost the connection to the server${why}. Reconnecting…`);
+    await new Promise((r) => setTimeout(r, Math.min(10000, 500 * 2 ** attempt)));
+    try {
+      await connectAndJoin();
+      setText('call-notice', 'Reconnected.');
+      sendState();
+      return;
+    } catch (err) {
+      if (err.code === 'room-full' || err.code === 'server-full') return leave(joinErrorText(err));
+    }
+  }
+}

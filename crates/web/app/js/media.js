@@ -1,0 +1,50 @@
+// Local media: camera and microphone capture with sensible constraints, and
+// a message a person can act on when capture is impossible.
+
+const AUDIO = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
+const VIDEO = { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } };
+
+/**
+ * Asks for camera and microphone. Falls back to whichever one exists.
+ * Resolves to { stream, message }: stream is null when nothing could be
+ * captured, and message says why (null when everything worked).
+ */
+export async function getLocalMedia() {
+  if (!navigator.mediaDevices?.getUserMedia) {
+    return { stream: null, message: 'This page cannot use a camera or microphone here: open it over https:// or on localhost. You can still join to watch and listen.' };
+  }
+  try {
+    return { stream: await navigator.mediaDevices.getUserMedia({ audio: AUDIO, video: VIDEO }), message: null };
+  } catch (err) {
+    if (err.name === 'NotFoundError' || err.name === 'OverconstrainedError' || err.name === 'NotReadableError') {
+      // One of the two may still work on its own.
+      for (const [constraints, missing] of [[{ audio: AUDIO }, 'camera'], [{ video: VIDEO }, 'microphone']]) {
+        try {
+          const stream = await navigator.mediaDevices.getUserMedia(constraints);
+          return { stream, message: `No ${missing} available (${describe(err)}). Joining with what works.` };
+        } catch { /* try the next */ }
+      }
+    }
+    return { stream: null, message: `${describe(err)} You can still join to watch and listen.` };
+  }
+}
+
+function describe(err) {
+  switch (err.name) {
+    case 'NotAllowedError':
+    case 'SecurityError':
+      return 'Camera and microphone permission was denied. To send video, allow them in the browser\'s site settings and reload.';
+    case 'NotFoundError':
+      return 'No camera or microphone was found.';
+    case 'NotReadableError':
+      return 'The camera or microphone is in use by another program.';
+    case 'OverconstrainedError':
+      return 'The camera cannot provide the requested format.';
+    default:
+      return `The camera and microphone could not be started (${err.name}).`;
+  }
+}
+
+export function stopStream(stream) {
+  for (const track of stream?.getTracks() ?? []) track.stop();
+}

@@ -1,0 +1,122 @@
+// DOM for the call: the grid of video tiles and small helpers for views and
+// notices. Knows nothing about WebRTC or signaling.
+
+const $ = (id) => document.getElementById(id);
+export { $ };
+
+/** Shows one <main class="view"> and hides the others. */
+export function showView(id) {
+  for (const view of document.querySelectorAll('main.view')) view.hidden = view.id !== id;
+}
+
+/** Sets (or clears, with null) the text of a notice or error paragraph. */
+export function setText(id, text) {
+  const el = $(id);
+  el.textContent = text ?? '';
+  el.hidden = !text;
+}
+
+export class Grid {
+  #tiles = new Map();
+
+  constructor(root) {
+    this.root = root;
+  }
+
+  /** Adds or updates the tile for `id` and returns it. */
+  tile(id, { name, local = false }) {
+    let tile = this.#tiles.get(id);
+    if (!tile) {
+      tile = document.createElement('figure');
+      tile.className = local ? 'tile local' : 'tile';
+      tile.dataset.peerId = id;
+      const video = document.createElement('video');
+      video.autoplay = true;
+      video.playsInline = true;
+      video.muted = local; // never play our own microphone back
+      const avatar = document.createElement('div');
+      avatar.className = 'avatar';
+      avatar.setAttribute('aria-hidden', 'true');
+      const caption = document.createElement('figcaption');
+      const label = document.createElement('span');
+      label.className = 'name';
+      const muted = document.createElement('span');
+      muted.className = 'badge muted';
+      muted.textContent = 'Muted';
+      muted.hidden = true;
+      const camOff = document.createElement('span');
+      camOff.className = 'badge camera';
+      camOff.textContent = 'Camera off';
+      camOff.hidden = true;
+      caption.append(label, muted, camOff);
+      const state = document.createElement('span');
+      state.className = 'state';
+      state.hidden = true;
+      tile.append(video, avatar, caption, state);
+      this.root.append(tile);
+      this.#tiles.set(id, tile);
+      this.#layout();
+    }
+    const label = local ? `${name} (you)` : name;
+    tile.querySelector('.name').textContent = label;
+    tile.querySelector('.avatar').textContent = (name || '?').trim().charAt(0).toUpperCase();
+    tile.setAttribute('aria-label', label);
+    return tile;
+  }
+
+  /** Plays `stream` in the tile; offers a button if autoplay is refused. */
+  attach(id, stream) {
+    const tile = this.#tiles.get(id);
+    if (!tile) return;
+    const video = tile.querySelector('video');
+    if (video.srcObject !== stream) video.srcObject = stream;
+    video.play().catch(() => {
+      if (tile.querySelector('.play')) return;
+      const button = document.createElement('button');
+      button.type = 'button';
+      button.className = 'play';
+      button.textContent = 'Play audio and video';
+      button.addEventListener('click', () => video.play().then(() => button.remove(), () => {}));
+      tile.append(button);
+    });
+  }
+
+  /** Shows remote mute and camera state on the tile. */
+  setMediaState(id, { audio = true, video = true } = {}) {
+    const tile = this.#tiles.get(id);
+    if (!tile) return;
+    tile.querySelector('.badge.muted').hidden = audio;
+    tile.querySelector('.badge.camera').hidden = video;
+    tile.classList.toggle('camera-off', !video);
+  }
+
+  /** Shows a connection state other than "connected" on the tile. */
+  setConnectionState(id, state) {
+    const el = this.#tiles.get(id)?.querySelector('.state');
+    if (!el) return;
+    el.textContent = state === 'connected' ? '' : state;
+    el.hidden = state === 'connected';
+  }
+
+  remove(id) {
+    const tile = this.#tiles.get(id);
+    if (!tile) return;
+    tile.querySelector('video').srcObject = null;
+    tile.remove();
+    this.#tiles.delete(id);
+    this.#layout();
+  }
+
+  clear() {
+    for (const id of [...this.#tiles.keys()]) this.remove(id);
+  }
+
+  get size() { return this.#tiles.size; }
+
+  #layout() {
+    // Enough columns that every tile fits on screen: Chromium pauses
+    // off-screen autoplaying video.
+    const n = Math.max(1, this.#tiles.size);
+    this.root.style.setProperty('--cols', String(Math.ceil(Math.sqrt(n))));
+  }
+}

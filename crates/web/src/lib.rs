@@ -1,0 +1,68 @@
+//! The browser app, embedded at compile time so that `callisto` is one file.
+//!
+//! The files under `app/` are served as they are: plain ES modules and CSS,
+//! no bundler. Edit them and rebuild; `include_bytes!` picks the change up.
+
+/// One embedded file.
+#[derive(Debug, Clone, Copy)]
+pub struct Asset {
+    pub bytes: &'static [u8],
+    pub content_type: &'static str,
+}
+
+macro_rules! assets {
+    ($($path:literal => $mime:literal),* $(,)?) => {
+        /// Every embedded file by its URL path.
+        pub const ASSETS: &[(&str, Asset)] = &[
+            $(($path, Asset { bytes: include_bytes!(concat!("../app", $path)), content_type: $mime }),)*
+        ];
+    };
+}
+
+assets! {
+    "/index.html" => "text/html; charset=utf-8",
+    "/css/app.css" => "text/css; charset=utf-8",
+    "/js/app.js" => "text/javascript; charset=utf-8",
+    "/js/signaling.js" => "text/javascript; charset=utf-8",
+    "/js/peer.js" => "text/javascript; charset=utf-8",
+    "/js/media.js" => "text/javascript; charset=utf-8",
+    "/js/ui.js" => "text/javascript; charset=utf-8",
+    "/favicon.svg" => "image/svg+xml",
+}
+
+/// The page every app route (`/`, `/r/<room>`) serves.
+pub fn index() -> Asset {
+    asset("/index.html").unwrap_or(Asset {
+        bytes: b"",
+        content_type: "text/html; charset=utf-8",
+    })
+}
+
+/// Looks up an embedded file by its URL path.
+pub fn asset(path: &str) -> Option<Asset> {
+    ASSETS.iter().find(|(p, _)| *p == path).map(|(_, a)| *a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_asset_is_present_and_nonempty() {
+        for (path, a) in ASSETS {
+            assert!(!a.bytes.is_empty(), "{path} is empty");
+        }
+        assert!(asset("/js/app.js").is_some());
+        assert!(asset("/../Cargo.toml").is_none());
+    }
+
+    #[test]
+    fn no_inline_script() {
+        // The CSP forbids inline script; an inline one would silently not run.
+        let html = std::str::from_utf8(index().bytes).unwrap();
+        for (i, _) in html.match_indices("<script") {
+            let tag = &html[i..html[i..].find('>').map_or(html.len(), |e| i + e)];
+            assert!(tag.contains("src="), "inline script in index.html: {tag}");
+        }
+    }
+}
