@@ -1,5 +1,7 @@
 //! Structured logging with `tracing`: text or JSON lines on stderr.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
@@ -11,6 +13,7 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
         .with_context(|| format!("--log {filter:?} is not a valid filter (try \"info\" or \"callisto_signal=debug,info\")"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what the tests need (idempotent) and runs every test:
+# formatting, lints, Rust unit/integration/property tests, and the browser
+# end-to-end tests in a private network namespace.
+#
+# Needs root (apt-get, ip netns) on a Debian machine with Rust installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v ss >/dev/null || need_apt+=(iproute2)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+if [ ! -d tests/e2e/node_modules/playwright-core ]; then
+  echo "==> npm install (tests/e2e)"
+  (cd tests/e2e && npm install --no-audit --no-fund --loglevel=error)
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --locked
+echo "==> browser end-to-end tests"
+cargo build -p callisto --locked
+bash tests/e2e/run.sh

@@ -1,0 +1,157 @@
+// Calls between real headless Chromium pages through the real server.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import {
+  ARTIFACTS, startServer, launchBrowser, joinCall, waitForRemoteVideos, playingRemotes,
+  connectionReport, isTestAddress, assertOnlyTestAddresses, eventually,
+} from './lib.js';
+
+let server;
+let browser;
+
+before(async () => {
+  server = await startServer();
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+  const code = await server?.stop();
+  assert.equal(code, 0, 'the server exits cleanly on SIGTERM');
+});
+
+async function assertHealthyMedia(page, remotes, label) {
+  const report = await eventually(async () => {
+    const r = await connectionReport(page);
+    const ok = r.length === remotes && r.every((c) => c.state === 'connected' && c.liveAudio && c.audio?.packets > 0);
+    return ok && r;
+  }, 15000, `${label}: ${remotes} connected peers with live audio`);
+  for (const c of report) {
+    assert.ok(isTestAddress(c.pair.local.address), `${label}: local candidate ${c.pair.local.address} is in the test network`);
+    assert.ok(isTestAddress(c.pair.remote.address), `${label}: remote candidate ${c.pair.remote.address} is in the test network`);
+  }
+  assertOnlyTestAddresses();
+  // Audio keeps flowing: packet counts grow.
+  const first = report.map((c) => c.audio.packets);
+  await new Promise((r) => setTimeout(r, 500));
+  const later = (await connectionReport(page)).map((c) => c.audio?.packets ?? 0);
+  assert.ok(later.every((n, i) => n > first[i]), `${label}: audio packets keep arriving (${first} -> ${later})`);
+}
+
+test('two, then three people see and hear each other; leaving removes the tile', async () => {
+  const room = `call-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+
+  await waitForRemoteVideos(alice, 1);
+  await waitForRemoteVideos(bob, 1);
+  await assertHealthyMedia(alice, 1, 'Alice');
+  await assertHealthyMedia(bob, 1, 'Bob');
+  for (const [who, page] of [['Alice', alice], ['Bob', bob]]) {
+    const ms = await page.evaluate(() => window.__callisto.joinToFirstFrameMs);
+    console.log(`# report: ${who}: Join to first remote frame: ${ms} ms`);
+  }
+
+  const carol = await joinCall(browser, server.url, room, 'Carol');
+  for (const page of [alice, bob, carol]) await waitForRemoteVideos(page, 2);
+  await assertHealthyMedia(carol, 2, 'Carol');
+  console.log(`# report: Carol (third): Join to first remote frame: ${await carol.evaluate(() => window.__callisto.joinToFirstFrameMs)} ms`);
+
+  // Names are on the tiles.
+  for (const name of ['Alice', 'Bob']) {
+    assert.equal(await carol.locator('.tile:not(.local) .name', { hasText: name }).count(), 1);
+  }
+  const shot = path.join(ARTIFACTS, 'three-person-call.png');
+  await alice.screenshot({ path: shot });
+  console.log(`# artifact: ${shot}`);
+
+  // "Mute" shows on the others' tile for Alice.
+  const aliceId = await alice.evaluate(() => window.__callisto.id);
+  await alice.getByRole('button', { name: 'Mute' }).click();
+  await alice.getByRole('button', { name: 'Unmute' }).waitFor();
+  const mutedBadge = (page) => page.locator(`.tile[data-peer-id="${aliceId}"] .badge.muted`);
+  await mutedBadge(bob).waitFor({ state: 'visible', timeout: 5000 });
+  await mutedBadge(carol).waitFor({ state: 'visible', timeout: 5000 });
+  assert.equal(await mutedBadge(bob).textContent(), 'Muted');
+  await alice.getByRole('button', { name: 'Unmute' }).click();
+  await mutedBadge(bob).waitFor({ state: 'hidden', timeout: 5000 });
+
+  // Carol clicks Leave: her tile disappears from the others within 5 s.
+  const carolId = await carol.evaluate(() => window.__callisto.id);
+  await carol.getByRole('button', { name: 'Leave' }).click();
+  await carol.getByRole('heading', { name: 'You left the call' }).waitFor();
+  for (const page of [alice, bob]) {
+    await page.locator(`.tile[data-peer-id="${carolId}"]`).waitFor({ state: 'detached', timeout: 5000 });
+  }
+
+  // Bob closes his tab: gone from Alice within 5 s too.
+  const bobId = await bob.evaluate(() => window.__callisto.id);
+  await bob.close();
+  await alice.locator(`.tile[data-peer-id="${bobId}"]`).waitFor({ state: 'detached', timeout: 5000 });
+  assert.equal(await alice.locator('.tile:not(.local)').count(), 0);
+
+  for (const p of [alice, carol]) await p.context().close();
+});
+
+test('glare: both sides renegotiate at once and the call stays up', async () => {
+  const room = `glare-${Date.now()}`;
+  const a = await joinCall(browser, server.url, room, 'A');
+  const b = await joinCall(browser, server.url, room, 'B');
+  await waitForRemoteVideos(a, 1);
+  await waitForRemoteVideos(b, 1);
+
+  // Hold both sides' outgoing signals, make both create an offer, then let
+  // the two offers cross on the wire.
+  for (const p of [a, b]) {
+    await p.evaluate(() => {
+      window.__callisto.hold(true);
+      for (const link of window.__callisto.links.values()) link.renegotiate();
+    });
+  }
+  for (const p of [a, b]) {
+    await eventually(() => p.evaluate(() => [...window.__callisto.links.values()].every((l) => l.pc.signalingState === 'have-local-offer')),
+      5000, 'a local offer on both sides');
+  }
+  await Promise.all([a, b].map((p) => p.evaluate(() => window.__callisto.hold(false))));
+
+  for (const p of [a, b]) {
+    await eventually(() => p.evaluate(() => [...window.__callisto.links.values()]
+      .every((l) => l.pc.signalingState === 'stable' && l.pc.connectionState === 'connected')), 10000, 'stable and connected');
+  }
+  const glares = await Promise.all([a, b].map((p) => p.evaluate(() => [...window.__callisto.links.values()].reduce((n, l) => n + l.glares, 0))));
+  assert.ok(glares[0] > 0 && glares[1] > 0, `both sides saw the offer collision (${glares})`);
+  // Media still flows after the renegotiation.
+  await waitForRemoteVideos(a, 1);
+  await waitForRemoteVideos(b, 1);
+  await assertHealthyMedia(a, 1, 'A');
+  for (const p of [a, b]) await p.context().close();
+});
+
+test('camera permission denied: joins receive-only, says why, still sees the others', async () => {
+  const room = `denied-${Date.now()}`;
+  const denyingBrowser = await launchBrowser({ grantMedia: false });
+  try {
+    const host = await joinCall(browser, server.url, room, 'Host');
+    const viewer = await joinCall(denyingBrowser, server.url, room, 'Viewer');
+    const notice = viewer.locator('#call-notice');
+    await notice.waitFor({ state: 'visible' });
+    const text = await notice.textContent();
+    assert.match(text, /receive-only/);
+    assert.match(text, /permission was denied/);
+    await waitForRemoteVideos(viewer, 1);
+    // The viewer has no media permission, so Chromium hides its own
+    // addresses from its stats; the sockets themselves must still be ours.
+    const sockets = assertOnlyTestAddresses();
+    assert.ok(sockets > 0);
+    for (const c of await connectionReport(host)) assert.ok(isTestAddress(c.pair.local.address), c.pair.local.address);
+    // The host sees the viewer's tile, marked as camera off, with no video.
+    const viewerId = await viewer.evaluate(() => window.__callisto.id);
+    await host.locator(`.tile[data-peer-id="${viewerId}"].camera-off`).waitFor({ timeout: 5000 });
+    assert.deepEqual(await playingRemotes(host), []);
+    for (const p of [host, viewer]) await p.context().close();
+  } finally {
+    await denyingBrowser.close();
+  }
+});

@@ -1,0 +1,201 @@
+// Helpers for the end-to-end tests: start the real `callisto` binary, drive
+// real headless Chromium with Playwright, and read WebRTC state from pages.
+//
+// The tests run inside a network namespace that has only loopback (see
+// run.sh), so every byte stays on 127.0.0.1.
+
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const ARTIFACTS = path.join(here, 'artifacts');
+mkdirSync(ARTIFACTS, { recursive: true });
+
+const BIN = process.env.CALLISTO_BIN ?? path.join(here, '../../target/debug/callisto');
+
+/** Starts `callisto serve` on an ephemeral port; resolves once it listens. */
+export function startServer(extraArgs = []) {
+  const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--log-format', 'json', ...extraArgs], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  const logs = [];
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server did not start:\n${logs.join('\n')}`)), 15000);
+    let buffered = '';
+    proc.stderr.on('data', (chunk) => {
+      buffered += chunk;
+      let nl;
+      while ((nl = buffered.indexOf('\n')) >= 0) {
+        const line = buffered.slice(0, nl);
+        buffered = buffered.slice(nl + 1);
+        logs.push(line);
+        let entry;
+        try { entry = JSON.parse(line); } catch { continue; }
+        if (entry.url && /serving/.test(entry.message ?? '')) {
+          clearTimeout(timer);
+          resolve({
+            url: entry.url,
+            logs,
+            async stop() {
+              if (proc.exitCode !== null) return proc.exitCode;
+              proc.kill('SIGTERM');
+              return new Promise((r) => proc.once('exit', (code) => r(code)));
+            },
+          });
+        }
+      }
+    });
+    proc.once('exit', (code) => reject(new Error(`server exited with ${code}:\n${logs.join('\n')}`)));
+  });
+}
+
+export const CHROMIUM_ARGS = [
+  '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  '--use-fake-device-for-media-stream', '--allow-loopback-in-peer-connection',
+  '--autoplay-policy=no-user-gesture-required',
+  // A page without media permission would otherwise hide its addresses
+  // behind mDNS names and resolve others' by multicast; tests want every
+  // address visible so they can check it.
+  '--disable-features=WebRtcHideLocalIpsWithMdns',
+];
+
+/** Launches Chromium; `grantMedia: false` makes camera/microphone prompts fail. */
+export function launchBrowser({ grantMedia = true } = {}) {
+  const args = [...CHROMIUM_ARGS, grantMedia ? '--use-fake-ui-for-media-stream' : '--deny-permission-prompts'];
+  return chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args });
+}
+
+// Records every RTCPeerConnection a page creates, so tests can read stats.
+const RECORD_PCS = () => {
+  const Native = window.RTCPeerConnection;
+  window.__pcs = [];
+  window.RTCPeerConnection = class extends Native {
+    constructor(...args) {
+      super(...args);
+      window.__pcs.push(this);
+    }
+  };
+};
+
+/** Opens the room page in a fresh context, types a name and clicks Join. */
+export async function joinCall(browser, baseUrl, room, name, { contextOptions = {} } = {}) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 720 }, ...contextOptions });
+  await context.addInitScript(RECORD_PCS);
+  const page = await context.newPage();
+  page.on('pageerror', (err) => console.error(`[${name}] page error:`, err.message));
+  await page.goto(`${baseUrl}/r/${room}`);
+  await page.getByLabel('Name', { exact: true }).fill(name);
+  const join = page.getByRole('button', { name: 'Join', exact: true });
+  await join.click();
+  await page.getByRole('button', { name: 'Leave' }).waitFor({ timeout: 10000 });
+  return page;
+}
+
+/** Ids of the remote tiles whose video is really playing: frames decoded and time advancing. */
+export async function playingRemotes(page) {
+  return page.evaluate(async () => {
+    const tiles = [...document.querySelectorAll('.tile:not(.local)')];
+    const before = tiles.map((t) => t.querySelector('video').currentTime);
+    await new Promise((r) => setTimeout(r, 400));
+    return tiles
+      .filter((t, i) => {
+        const v = t.querySelector('video');
+        return v.videoWidth > 0 && v.currentTime > before[i] && !v.paused;
+      })
+      .map((t) => t.dataset.peerId);
+  });
+}
+
+/** Waits until `count` remote videos play. */
+export async function waitForRemoteVideos(page, count, timeoutMs = 20000) {
+  const deadline = Date.now() + timeoutMs;
+  let playing = [];
+  while (Date.now() < deadline) {
+    playing = await playingRemotes(page);
+    const tiles = await page.locator('.tile:not(.local)').count();
+    if (playing.length === count && tiles === count) return playing;
+    await page.waitForTimeout(200);
+  }
+  throw new Error(`expected ${count} playing remote videos, saw ${playing.length}`);
+}
+
+/** Per connection: state, audio packets and energy received, the selected pair's addresses. */
+export async function connectionReport(page) {
+  return page.evaluate(async () => {
+    const out = [];
+    for (const pc of window.__pcs) {
+      if (pc.connectionState === 'closed') continue;
+      const stats = await pc.getStats();
+      const byId = new Map();
+      stats.forEach((s) => byId.set(s.id, s));
+      let audio = null;
+      let pair = null;
+      stats.forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'audio') audio = { packets: s.packetsReceived, energy: s.totalAudioEnergy ?? 0 };
+        if (s.type === 'transport' && s.selectedCandidatePairId) pair = byId.get(s.selectedCandidatePairId);
+      });
+      const local = pair && byId.get(pair.localCandidateId);
+      const remote = pair && byId.get(pair.remoteCandidateId);
+      const liveAudio = pc.getReceivers().some((r) => r.track.kind === 'audio' && r.track.readyState === 'live');
+      out.push({
+        state: pc.connectionState,
+        liveAudio,
+        audio,
+        pair: pair && {
+          local: local && { address: local.address, type: local.candidateType, protocol: local.protocol },
+          remote: remote && { address: remote.address, type: remote.candidateType, protocol: remote.protocol },
+        },
+      });
+    }
+    return out;
+  });
+}
+
+/**
+ * Whether an address is one the tests may use: loopback, or the namespace-only
+ * 198.18.0.0/15 range that run.sh sets up.
+ */
+export function isTestAddress(address) {
+  return /^127\./.test(address) || address === '::1' || /^198\.1[89]\./.test(address);
+}
+
+/**
+ * Every UDP and TCP socket in this network namespace (the browsers' ICE
+ * sockets, the server's, ours), as [local, peer] address pairs from `ss`.
+ */
+export function socketAddresses() {
+  const out = execFileSync('ss', ['-Hntua'], { encoding: 'utf8' });
+  return out.trim().split('\n').filter(Boolean).map((line) => {
+    const cols = line.trim().split(/\s+/);
+    return [cols[4], cols[5]].map(hostOf);
+  });
+}
+
+function hostOf(endpoint) {
+  const host = endpoint.slice(0, endpoint.lastIndexOf(':')).replace(/^\[|\]$/g, '').replace(/%.*$/, '');
+  return host;
+}
+
+/** Asserts that no socket in the namespace uses an address outside the allowed ones. */
+export function assertOnlyTestAddresses() {
+  const wildcard = new Set(['*', '0.0.0.0', '::', '']);
+  const bad = socketAddresses().flat().filter((a) => !wildcard.has(a) && !isTestAddress(a));
+  if (bad.length) throw new Error(`sockets use addresses outside the test network: ${[...new Set(bad)]}`);
+  return socketAddresses().length;
+}
+
+/** Polls `fn` until it returns truthy or the time runs out. */
+export async function eventually(fn, timeoutMs, what) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < deadline) {
+    last = await fn();
+    if (last) return last;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last: ${JSON.stringify(last)})`);
+}
