@@ -137,14 +137,14 @@ async fn finish(served: std::io::Result<()>, sockets: TaskTracker) {
 }
 
 fn announce(running: &Running, args: &ServeArgs) {
-    let url = running.url();
-    tracing::info!(%url, "Callisto is serving; open it in a browser");
     if let Some(fp) = &running.fingerprint {
         tracing::info!(names = ?args.tls_names, sha256 = %fp, "TLS certificate");
         if args.tls_self_signed {
             eprintln!("Self-signed certificate SHA-256 fingerprint: {fp}");
         }
     }
+    let url = running.url();
+    tracing::info!(%url, "Callisto is serving; open it in a browser");
     if running.scheme == "http" && !running.local_addr.ip().is_loopback() {
         tracing::warn!(
             "serving plain HTTP beyond this machine: browsers allow camera and microphone only on https:// or localhost; add --tls-self-signed or --tls-cert/--tls-key"

@@ -1,0 +1,154 @@
+//! The real binary: help text, environment variables, bad flags, TLS
+//! fingerprint, and a clean exit on SIGTERM and SIGINT.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_callisto");
+
+fn callisto(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    // Keep the developer's own CALLISTO_* settings out of the tests.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CALLISTO_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn help_lists_every_flag_with_its_environment_variable() {
+    let out = callisto(&["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for (flag, env) in [
+        ("--listen", "CALLISTO_LISTEN"),
+        ("--tls-cert", "CALLISTO_TLS_CERT"),
+        ("--tls-key", "CALLISTO_TLS_KEY"),
+        ("--tls-self-signed", "CALLISTO_TLS_SELF_SIGNED"),
+        ("--tls-name", "CALLISTO_TLS_NAME"),
+        ("--max-room-size", "CALLISTO_MAX_ROOM_SIZE"),
+        ("--max-message-bytes", "CALLISTO_MAX_MESSAGE_BYTES"),
+        ("--heartbeat-timeout", "CALLISTO_HEARTBEAT_TIMEOUT"),
+        ("--log-format", "CALLISTO_LOG_FORMAT"),
+        ("--log", "CALLISTO_LOG"),
+        ("--ice-server", "CALLISTO_ICE_SERVERS"),
+    ] {
+        assert!(help.contains(flag), "{flag} missing from help:\n{help}");
+        assert!(help.contains(env), "{env} missing from help:\n{help}");
+    }
+}
+
+#[test]
+fn bad_flags_say_what_to_fix() {
+    let out = callisto(&["serve", "--max-room-size", "many"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-room-size"), "{err}");
+
+    let out = callisto(&[
+        "serve",
+        "--tls-cert",
+        "/nonexistent/cert.pem",
+        "--tls-key",
+        "/nonexistent/key.pem",
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+
+    let out = callisto(&["serve", "--log", "info,[[["]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log"));
+}
+
+/// Starts the binary with JSON logs and waits for its "serving" line.
+fn spawn_server(cmd: &mut Command) -> (Child, serde_json::Value, Vec<String>) {
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        seen.push(line.clone());
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["url"].is_string()
+        {
+            std::thread::spawn(move || for _ in lines {});
+            return (child, v, seen);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("server did not start:\n{}", seen.join("\n"));
+}
+
+fn stop(mut child: Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status after {signal}: {status}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "no exit after {signal}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn environment_variables_configure_serve_and_sigterm_exits_cleanly() {
+    let (child, line, _) = spawn_server(
+        callisto(&["serve"])
+            .env("CALLISTO_LISTEN", "127.0.0.1:0")
+            .env("CALLISTO_LOG_FORMAT", "json"),
+    );
+    assert!(
+        line["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:"),
+        "{line}"
+    );
+    stop(child, "-TERM");
+}
+
+#[test]
+fn self_signed_tls_prints_the_fingerprint_and_sigint_exits_cleanly() {
+    let (child, line, seen) = spawn_server(&mut callisto(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--tls-self-signed",
+        "--tls-name",
+        "callisto.test",
+    ]));
+    assert!(
+        line["url"].as_str().unwrap().starts_with("https://"),
+        "{line}"
+    );
+    let fingerprint = seen
+        .iter()
+        .find_map(|l| l.strip_prefix("Self-signed certificate SHA-256 fingerprint: "))
+        .expect("the fingerprint is printed before serving starts");
+    assert_eq!(fingerprint.len(), 95, "{fingerprint}");
+    stop(child, "-INT");
+}
