@@ -1,0 +1,150 @@
+//! Credentials: the long-term credential mechanism (RFC 8489 §9.2) with
+//! static users, and the TURN REST shared-secret scheme compatible with
+//! coturn's `use-auth-secret` (username `"<unix-expiry>:<user>"`, password
+//! `base64(HMAC-SHA1(secret, username))`).
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use md5::{Digest, Md5};
+use ring::hmac;
+
+/// The long-term key: MD5(username ":" realm ":" password).
+pub fn long_term_key(username: &str, realm: &str, password: &str) -> Vec<u8> {
+    let mut h = Md5::new();
+    h.update(username.as_bytes());
+    h.update(b":");
+    h.update(realm.as_bytes());
+    h.update(b":");
+    h.update(password.as_bytes());
+    h.finalize().to_vec()
+}
+
+/// The REST-API password for `username` under `secret`.
+pub fn rest_password(secret: &[u8], username: &str) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
+    let tag = hmac::sign(&key, username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+}
+
+/// Time-limited credentials for a browser: `(username, password)` valid
+/// until `expires_unix`.
+pub fn rest_credentials(secret: &[u8], user: &str, expires_unix: u64) -> (String, String) {
+    let username = format!("{expires_unix}:{user}");
+    let password = rest_password(secret, &username);
+    (username, password)
+}
+
+/// Where passwords come from.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    realm: String,
+    /// Static users: name → long-term key (the password itself is not kept).
+    users: HashMap<String, Vec<u8>>,
+    /// Shared secrets for the REST scheme (several, so a secret can be rotated).
+    secrets: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print keys or secrets.
+        f.debug_struct("Credentials")
+            .field("realm", &self.realm)
+            .field("users", &self.users.len())
+            .field("secrets", &self.secrets.len())
+            .finish()
+    }
+}
+
+/// Why a username was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    UnknownUser,
+    Expired,
+}
+
+impl Credentials {
+    pub fn new(realm: impl Into<String>) -> Self {
+        Credentials {
+            realm: realm.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    pub fn add_user(&mut self, name: &str, password: &str) {
+        let key = long_term_key(name, &self.realm, password);
+        self.users.insert(name.to_owned(), key);
+    }
+
+    pub fn add_secret(&mut self, secret: &[u8]) {
+        self.secrets.push(secret.to_vec());
+    }
+
+    pub fn has_any(&self) -> bool {
+        !self.users.is_empty() || !self.secrets.is_empty()
+    }
+
+    /// The candidate long-term keys for `username` at `now_unix`: a static
+    /// user's key, or one per shared secret for a REST username that has
+    /// not expired. Several keys come back only while secrets rotate.
+    pub fn keys(&self, username: &str, now_unix: u64) -> Result<Vec<Vec<u8>>, AuthFailure> {
+        if let Some(key) = self.users.get(username) {
+            return Ok(vec![key.clone()]);
+        }
+        if self.secrets.is_empty() {
+            return Err(AuthFailure::UnknownUser);
+        }
+        let expiry = username
+            .split_once(':')
+            .map_or(username, |(e, _)| e)
+            .parse::<u64>()
+            .map_err(|_| AuthFailure::UnknownUser)?;
+        if expiry <= now_unix {
+            return Err(AuthFailure::Expired);
+        }
+        Ok(self
+            .secrets
+            .iter()
+            .map(|s| long_term_key(username, &self.realm, &rest_password(s, username)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_scheme_matches_coturn() {
+        // coturn's documentation example: secret "north", username "1600000000:alice".
+        let p = rest_password(b"north", "1600000000:alice");
+        assert_eq!(p.len(), 28, "base64 of a 20-byte HMAC-SHA1");
+        let (u, p2) = rest_credentials(b"north", "alice", 1_600_000_000);
+        assert_eq!(u, "1600000000:alice");
+        assert_eq!(p, p2);
+    }
+
+    #[test]
+    fn keys_for_users_and_secrets() {
+        let mut c = Credentials::new("callisto");
+        c.add_user("alice", "wonderland");
+        c.add_secret(b"s3cret");
+        assert_eq!(
+            c.keys("alice", 0).unwrap(),
+            vec![long_term_key("alice", "callisto", "wonderland")]
+        );
+        let (u, p) = rest_credentials(b"s3cret", "bob", 2_000);
+        assert_eq!(
+            c.keys(&u, 1_000).unwrap(),
+            vec![long_term_key(&u, "callisto", &p)]
+        );
+        assert_eq!(c.keys(&u, 2_000), Err(AuthFailure::Expired));
+        assert_eq!(c.keys("mallory", 0), Err(AuthFailure::UnknownUser));
+        assert_eq!(c.keys("12x:bob", 0), Err(AuthFailure::UnknownUser));
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,1186 @@
+//! The TURN server as a sans-IO state machine (RFC 8656, RFC 6156, with
+//! STUN Binding from RFC 8489).
+//!
+//! A driver feeds it what arrives — [`Server::on_client`] for bytes from a
+//! client on a listening socket, [`Server::on_peer`] for bytes from a peer
+//! on a relay socket — together with the current `Instant`, and sends what
+//! it returns. It calls [`Server::on_timeout`] at [`Server::poll_timeout`].
+//! The state machine owns no sockets and reads no clock: relay sockets are
+//! obtained through the [`RelayAllocator`] the driver provides.
+//!
+//! Relayed data is never copied: the driver receives into a buffer with
+//! [`HEADROOM`] free bytes in front, and the server either points into it
+//! (client → peer) or writes the ChannelData or Data-indication header into
+//! the headroom (peer → client).
+//!
+//! One `Server` serves any number of clients; several (one per thread) can
+//! share quotas and the nonce key through [`Shared`].
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::{Range, RangeInclusive};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ring::hmac;
+
+use crate::auth::{AuthFailure, Credentials};
+use crate::policy::PeerPolicy;
+use crate::stun::{
+    self, ChannelData, Class, Message, MessageBuilder, RawAttr, StunError, attr, method,
+};
+
+/// Free bytes a driver must leave in front of a peer datagram, for the
+/// largest header the server may write there (a Data indication to an
+/// IPv6 peer: 20 + 24 + 4).
+pub const HEADROOM: usize = 48;
+/// Free bytes a driver must leave after a peer datagram (padding to 4).
+pub const TAILROOM: usize = 3;
+
+/// Default allocation lifetime (RFC 8656 §3.2).
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(600);
+/// Permissions last 300 s (RFC 8656 §9).
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// Channel bindings last 600 s (RFC 8656 §12).
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// After a channel binding expires, its number and peer stay reserved.
+const CHANNEL_QUARANTINE: Duration = Duration::from_secs(300);
+
+/// How a client reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+}
+
+/// The client's 5-tuple: who, to which of our addresses, over what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub transport: Transport,
+}
+
+/// A relay socket, numbered by the server; the driver maps it to a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayId(pub u32);
+
+/// Binds and closes relay sockets for the server.
+pub trait RelayAllocator {
+    /// Binds a UDP relay socket (IPv6 if `ipv6`) for `id`; returns the
+    /// address it is bound to.
+    fn allocate(&mut self, id: RelayId, ipv6: bool) -> io::Result<SocketAddr>;
+    /// Closes the socket of `id`.
+    fn release(&mut self, id: RelayId);
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub credentials: Credentials,
+    pub policy: PeerPolicy,
+    /// Relay addresses (IP) this server hands out, and their port range:
+    /// peers there are other allocations of this server, always allowed.
+    pub relay_ips: Vec<IpAddr>,
+    pub relay_ports: RangeInclusive<u16>,
+    /// Advertised in XOR-RELAYED-ADDRESS instead of the bound IP (behind 1:1 NAT).
+    pub external_ip: Option<IpAddr>,
+    pub max_lifetime: Duration,
+    pub nonce_lifetime: Duration,
+    pub max_allocations: usize,
+    pub user_quota: usize,
+    pub max_permissions: usize,
+    /// Relayed bytes per second per allocation, each direction; 0 = unlimited.
+    pub bps_per_allocation: u64,
+    /// Unauthenticated requests per second per source IP (burst: twice that).
+    pub unauth_rate: u32,
+    pub software: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            credentials: Credentials::new("callisto"),
+            policy: PeerPolicy::default(),
+            relay_ips: Vec::new(),
+            relay_ports: 49152..=65535,
+            external_ip: None,
+            max_lifetime: Duration::from_secs(3600),
+            nonce_lifetime: Duration::from_secs(600),
+            max_allocations: 10_000,
+            user_quota: 100,
+            max_permissions: 64,
+            bps_per_allocation: 0,
+            unauth_rate: 20,
+            software: None,
+        }
+    }
+}
+
+/// State shared by every `Server` of one process: configuration, the nonce
+/// key, and the allocation quotas.
+pub struct Shared {
+    pub config: Config,
+    nonce_key: hmac::Key,
+    allocations: AtomicUsize,
+    per_user: Mutex<HashMap<String, usize>>,
+    /// Maps `Instant`s to Unix time for REST credential expiry.
+    epoch: (Instant, u64),
+}
+
+impl Shared {
+    /// `nonce_secret` should be random; `epoch` pairs an `Instant` with the
+    /// Unix time at that instant.
+    pub fn new(config: Config, nonce_secret: &[u8], epoch: (Instant, u64)) -> Self {
+        Shared {
+            config,
+            nonce_key: hmac::Key::new(hmac::HMAC_SHA256, nonce_secret),
+            allocations: AtomicUsize::new(0),
+            per_user: Mutex::new(HashMap::new()),
+            epoch,
+        }
+    }
+
+    /// Like [`Shared::new`] with the real clock as epoch.
+    pub fn with_system_clock(config: Config, nonce_secret: &[u8]) -> Self {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self::new(config, nonce_secret, (Instant::now(), unix))
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        self.epoch.1 + now.saturating_duration_since(self.epoch.0).as_secs()
+    }
+
+    pub fn allocation_count(&self) -> usize {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    fn reserve(&self, user: &str) -> Result<(), u16> {
+        let c = &self.config;
+        let mut users = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        let n = users.entry(user.to_owned()).or_insert(0);
+        if *n >= c.user_quota {
+            return Err(486);
+        }
+        if self
+            .allocations
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                (a < c.max_allocations).then_some(a + 1)
+            })
+            .is_err()
+        {
+            return Err(508);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    fn unreserve(&self, user: &str) {
+        self.allocations.fetch_sub(1, Ordering::Relaxed);
+        let mut users = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = users.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                users.remove(user);
+            }
+        }
+    }
+
+    fn make_nonce(&self, five: &FiveTuple, now: Instant) -> String {
+        let expiry = self.unix(now) + self.config.nonce_lifetime.as_secs();
+        format!("{expiry:016x}{}", self.nonce_mac(five, expiry))
+    }
+
+    /// `Ok(())`, or `Err(true)` for a stale nonce, `Err(false)` for a forged one.
+    fn check_nonce(&self, five: &FiveTuple, nonce: &[u8], now: Instant) -> Result<(), bool> {
+        let text = std::str::from_utf8(nonce).map_err(|_| false)?;
+        if text.len() != 32 {
+            return Err(false);
+        }
+        let expiry = u64::from_str_radix(&text[..16], 16).map_err(|_| false)?;
+        let mac = self.nonce_mac(five, expiry);
+        if !stun::ct_eq(mac.as_bytes(), &nonce[16..]) {
+            return Err(false);
+        }
+        if expiry <= self.unix(now) {
+            return Err(true);
+        }
+        Ok(())
+    }
+
+    /// Binds a nonce to the client's 5-tuple, so one captured from another
+    /// client is useless.
+    fn nonce_mac(&self, five: &FiveTuple, expiry: u64) -> String {
+        let mut ctx = hmac::Context::with_key(&self.nonce_key);
+        ctx.update(&expiry.to_be_bytes());
+        ctx.update(five.client.to_string().as_bytes());
+        ctx.update(five.server.to_string().as_bytes());
+        ctx.update(five.transport.as_str().as_bytes());
+        ctx.sign().as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// What to send after handling one input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Nothing (dropped, or consumed).
+    None,
+    /// Send `buf[range]` (the caller's buffer) to the client.
+    ToClient { to: FiveTuple, range: Range<usize> },
+    /// Send `buf[range]` from relay socket `relay` to `peer`.
+    ToPeer {
+        relay: RelayId,
+        peer: SocketAddr,
+        range: Range<usize>,
+    },
+    /// Send this STUN response to the client.
+    Reply { to: FiveTuple, data: Vec<u8> },
+}
+
+/// A cheap hasher for the per-packet lookups (keys are not attacker-chosen
+/// in a way that matters: 5-tuples come from the kernel).
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+#[derive(Debug)]
+struct Channel {
+    number: u16,
+    peer: SocketAddr,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct ByteBucket {
+    rate: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl ByteBucket {
+    fn take(&mut self, n: usize, now: Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        let cap = self.rate as f64;
+        self.tokens = (self.tokens + dt * cap).min(cap);
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Allocation {
+    five: FiveTuple,
+    relay: RelayId,
+    relay_addr: SocketAddr,
+    username: String,
+    expires: Instant,
+    permissions: Vec<(IpAddr, Instant)>,
+    channels: Vec<Channel>,
+    /// The Allocate request's transaction id and our answer, for retransmits.
+    allocate_tid: [u8; 12],
+    allocate_response: Vec<u8>,
+    to_peer_budget: ByteBucket,
+    to_client_budget: ByteBucket,
+}
+
+impl Allocation {
+    fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions
+            .iter()
+            .any(|(p, exp)| *p == ip && *exp > now)
+    }
+
+    fn channel_by_number(&self, number: u16) -> Option<&Channel> {
+        self.channels.iter().find(|c| c.number == number)
+    }
+
+    fn channel_by_peer(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
+        self.channels
+            .iter()
+            .find(|c| c.peer == peer && c.expires > now)
+            .map(|c| c.number)
+    }
+}
+
+/// Counter handles resolved once, so the per-packet cost is one atomic add.
+struct RelayCounters {
+    packets: [[metrics::Counter; 3]; 2],
+    bytes: [[metrics::Counter; 3]; 2],
+}
+
+const TO_PEER: usize = 0;
+const TO_CLIENT: usize = 1;
+
+impl RelayCounters {
+    fn new() -> Self {
+        let make = |name: &'static str| {
+            [TO_PEER, TO_CLIENT].map(|dir| {
+                [Transport::Udp, Transport::Tcp, Transport::Tls].map(|t| {
+                    metrics::counter!(name,
+                        "direction" => if dir == TO_PEER { "to_peer" } else { "to_client" },
+                        "transport" => t.as_str())
+                })
+            })
+        };
+        RelayCounters {
+            packets: make("callisto_turn_relayed_packets_total"),
+            bytes: make("callisto_turn_relayed_bytes_total"),
+        }
+    }
+
+    fn count(&self, dir: usize, t: Transport, bytes: usize) {
+        self.packets[dir][t.index()].increment(1);
+        self.bytes[dir][t.index()].increment(bytes as u64);
+    }
+}
+
+struct UnauthBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// The TURN server state machine. See the module documentation.
+pub struct Server<'s, A> {
+    shared: &'s Shared,
+    relays: A,
+    allocations: Vec<Option<Allocation>>,
+    free_slots: Vec<u32>,
+    by_five: FxMap<FiveTuple, u32>,
+    unauth: HashMap<IpAddr, UnauthBucket>,
+    next_sweep: Option<Instant>,
+    counters: RelayCounters,
+}
+
+/// An error response in the making: code, reason, and whether to sign it.
+struct Refusal {
+    code: u16,
+    reason: &'static str,
+}
+
+fn refuse(code: u16, reason: &'static str) -> Refusal {
+    Refusal { code, reason }
+}
+
+/// The authenticated identity of a request.
+struct Authed {
+    username: String,
+    key: Vec<u8>,
+}
+
+impl<'s, A: RelayAllocator> Server<'s, A> {
+    pub fn new(shared: &'s Shared, relays: A) -> Self {
+        Server {
+            shared,
+            relays,
+            allocations: Vec::new(),
+            free_slots: Vec::new(),
+            by_five: FxMap::default(),
+            unauth: HashMap::new(),
+            next_sweep: None,
+            counters: RelayCounters::new(),
+        }
+    }
+
+    pub fn relays(&mut self) -> &mut A {
+        &mut self.relays
+    }
+
+    /// Live allocations in this server.
+    pub fn allocation_count(&self) -> usize {
+        self.by_five.len()
+    }
+
+    /// When to call [`Server::on_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    /// Handles `buf[..len]` from a client. ChannelData may be padded
+    /// (stream transports pad to 4 bytes).
+    pub fn on_client(&mut self, now: Instant, five: FiveTuple, buf: &[u8]) -> Output {
+        if let Some(cd) = ChannelData::parse(buf) {
+            return self.client_channel_data(now, five, cd);
+        }
+        let msg = match Message::parse(buf) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::trace!(client = %five.client, error = %e, "dropped a malformed message");
+                metrics::counter!("callisto_turn_malformed_total").increment(1);
+                return Output::None;
+            }
+        };
+        match msg.class() {
+            Class::Request => self.on_request(now, five, &msg),
+            Class::Indication if msg.method() == method::SEND => {
+                self.on_send_indication(now, five, &msg, buf)
+            }
+            // Responses and other indications mean nothing to a server.
+            _ => Output::None,
+        }
+    }
+
+    /// Handles `len` bytes a peer sent to relay `relay`, which the driver
+    /// placed at `buf[HEADROOM..HEADROOM + len]`, with [`TAILROOM`] bytes
+    /// free after them.
+    pub fn on_peer(
+        &mut self,
+        now: Instant,
+        relay: RelayId,
+        from: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Output {
+        let Some(Some(alloc)) = self.allocations.get_mut(relay.0 as usize) else {
+            return Output::None;
+        };
+        if alloc.expires <= now || !alloc.permitted(from.ip(), now) || len > usize::from(u16::MAX) {
+            return Output::None;
+        }
+        if !alloc.to_client_budget.take(len, now) {
+            return Output::None;
+        }
+        let five = alloc.five;
+        let start = HEADROOM;
+        let end = start + len;
+        if buf.len() < end + TAILROOM {
+            return Output::None;
+        }
+        let range = if let Some(number) = alloc.channel_by_peer(from, now) {
+            buf[start - 4..start].copy_from_slice(&ChannelData::header(number, len as u16));
+            let mut end = end;
+            if five.transport.is_stream() {
+                let pad = stun::padding(len);
+                buf[end..end + pad].fill(0);
+                end += pad;
+            }
+            start - 4..end
+        } else {
+            let tid = indication_tid(now, len);
+            let (prefix, plen) = stun::data_indication_prefix(from, len, &tid);
+            buf[start - plen..start].copy_from_slice(&prefix[..plen]);
+            let pad = stun::padding(len);
+            buf[end..end + pad].fill(0);
+            start - plen..end + pad
+        };
+        self.counters.count(TO_CLIENT, five.transport, len);
+        Output::ToClient { to: five, range }
+    }
+
+    /// Expires allocations, permissions and channels.
+    pub fn on_timeout(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|t| t > now) {
+            return;
+        }
+        let expired: Vec<u32> = self
+            .allocations
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.as_ref().filter(|a| a.expires <= now).map(|_| i as u32))
+            .collect();
+        for slot in expired {
+            tracing::debug!(slot, "allocation expired");
+            self.remove_allocation(slot);
+        }
+        for a in self.allocations.iter_mut().flatten() {
+            let before = (a.permissions.len(), a.channels.len());
+            a.permissions.retain(|(_, exp)| *exp > now);
+            a.channels.retain(|c| c.expires + CHANNEL_QUARANTINE > now);
+            let removed_p = before.0 - a.permissions.len();
+            let removed_c = before.1 - a.channels.len();
+            metrics::gauge!("callisto_turn_permissions").decrement(removed_p as f64);
+            metrics::gauge!("callisto_turn_channels").decrement(removed_c as f64);
+        }
+        self.unauth
+            .retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(10));
+        self.next_sweep = (!self.by_five.is_empty() || !self.unauth.is_empty())
+            .then(|| now + Duration::from_secs(1));
+    }
+
+    /// Drops every allocation of a client whose stream connection closed.
+    pub fn on_client_closed(&mut self, five: FiveTuple) {
+        if let Some(slot) = self.by_five.get(&five).copied() {
+            self.remove_allocation(slot);
+        }
+    }
+
+    fn client_channel_data(&mut self, now: Instant, five: FiveTuple, cd: ChannelData) -> Output {
+        let Some(&slot) = self.by_five.get(&five) else {
+            return Output::None;
+        };
+        let Some(alloc) = self.allocations[slot as usize].as_mut() else {
+            return Output::None;
+        };
+        let Some(channel) = alloc.channel_by_number(cd.channel) else {
+            return Output::None;
+        };
+        let peer = channel.peer;
+        if channel.expires <= now || alloc.expires <= now || !alloc.permitted(peer.ip(), now) {
+            return Output::None;
+        }
+        if !alloc.to_peer_budget.take(cd.len, now) {
+            return Output::None;
+        }
+        let relay = alloc.relay;
+        self.counters.count(TO_PEER, five.transport, cd.len);
+        Output::ToPeer {
+            relay,
+            peer,
+            range: 4..4 + cd.len,
+        }
+    }
+
+    fn on_send_indication(
+        &mut self,
+        now: Instant,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        buf: &[u8],
+    ) -> Output {
+        let Some(&slot) = self.by_five.get(&five) else {
+            return Output::None;
+        };
+        let (Some(peer), Some(data)) = (
+            msg.get(attr::XOR_PEER_ADDRESS).and_then(|v| {
+                stun::decode_xor_address(attr::XOR_PEER_ADDRESS, v, msg.transaction_id()).ok()
+            }),
+            msg.get(attr::DATA),
+        ) else {
+            return Output::None;
+        };
+        let Some(alloc) = self.allocations[slot as usize].as_mut() else {
+            return Output::None;
+        };
+        if alloc.expires <= now || !alloc.permitted(peer.ip(), now) || !self.shared_port_ok(peer) {
+            return Output::None;
+        }
+        let Some(alloc) = self.allocations[slot as usize].as_mut() else {
+            return Output::None;
+        };
+        if !alloc.to_peer_budget.take(data.len(), now) {
+            return Output::None;
+        }
+        let offset = data.as_ptr() as usize - buf.as_ptr() as usize;
+        self.counters.count(TO_PEER, five.transport, data.len());
+        Output::ToPeer {
+            relay: alloc.relay,
+            peer,
+            range: offset..offset + data.len(),
+        }
+    }
+
+    /// A peer on one of our own relay IPs must be on a relay port: the relay
+    /// IP may be loopback or private, and its other ports are not ours to
+    /// open up.
+    fn shared_port_ok(&self, peer: SocketAddr) -> bool {
+        let c = &self.shared.config;
+        !self.is_own_relay_ip(peer.ip())
+            || c.policy.is_allowed(peer.ip())
+            || c.relay_ports.contains(&peer.port())
+    }
+
+    fn is_own_relay_ip(&self, ip: IpAddr) -> bool {
+        let c = &self.shared.config;
+        c.relay_ips.contains(&ip) || c.external_ip == Some(ip)
+    }
+
+    fn peer_allowed(&self, peer: SocketAddr, check_port: bool) -> bool {
+        let c = &self.shared.config;
+        if c.policy.is_allowed(peer.ip()) {
+            return true;
+        }
+        self.is_own_relay_ip(peer.ip()) && (!check_port || c.relay_ports.contains(&peer.port()))
+    }
+
+    fn on_request(&mut self, now: Instant, five: FiveTuple, msg: &Message<'_>) -> Output {
+        let unknown = msg.unknown_required(attr::is_known);
+        if !unknown.is_empty() {
+            if !self.unauth_allowed(five.client.ip(), now) {
+                return Output::None;
+            }
+            let mut b = self.response(msg, Class::Error);
+            b.error(420, "Unknown Attribute");
+            let list: Vec<u8> = unknown.iter().flat_map(|t| t.to_be_bytes()).collect();
+            b.attr(attr::UNKNOWN_ATTRIBUTES, &list);
+            return self.reply(five, msg, b, None);
+        }
+        if msg.method() == method::BINDING {
+            if !self.unauth_allowed(five.client.ip(), now) {
+                return Output::None;
+            }
+            let mut b = self.response(msg, Class::Success);
+            b.xor_address(attr::XOR_MAPPED_ADDRESS, five.client);
+            return self.reply(five, msg, b, None);
+        }
+        if !matches!(
+            msg.method(),
+            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+        ) {
+            if !self.unauth_allowed(five.client.ip(), now) {
+                return Output::None;
+            }
+            let mut b = self.response(msg, Class::Error);
+            b.error(400, "Bad Request: unknown method");
+            return self.reply(five, msg, b, None);
+        }
+        // A retransmitted Allocate gets the same answer, without re-checking
+        // the (possibly since expired) nonce.
+        if msg.method() == method::ALLOCATE
+            && let Some(&slot) = self.by_five.get(&five)
+            && let Some(a) = &self.allocations[slot as usize]
+            && &a.allocate_tid == msg.transaction_id()
+        {
+            return Output::Reply {
+                to: five,
+                data: a.allocate_response.clone(),
+            };
+        }
+        let authed = match self.authenticate(now, five, msg) {
+            Ok(a) => a,
+            Err(out) => return out,
+        };
+        let result = match msg.method() {
+            method::ALLOCATE => self.allocate(now, five, msg, &authed),
+            method::REFRESH => self.refresh(now, five, msg, &authed),
+            method::CREATE_PERMISSION => self.create_permission(now, five, msg, &authed),
+            _ => self.channel_bind(now, five, msg, &authed),
+        };
+        match result {
+            Ok(out) => out,
+            Err(r) => {
+                tracing::debug!(client = %five.client, code = r.code, reason = r.reason, "refused a TURN request");
+                let mut b = self.response(msg, Class::Error);
+                b.error(r.code, r.reason);
+                self.reply(five, msg, b, Some(&authed.key))
+            }
+        }
+    }
+
+    /// The long-term credential mechanism: 401 with a nonce for a request
+    /// without integrity, 438 for a stale nonce, 401 for bad credentials.
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        five: FiveTuple,
+        msg: &Message<'_>,
+    ) -> Result<Authed, Output> {
+        let shared = self.shared;
+        let creds = &shared.config.credentials;
+        let challenge = |this: &mut Self, code: u16, reason: &str| -> Output {
+            if !this.unauth_allowed(five.client.ip(), now) {
+                return Output::None;
+            }
+            let mut b = this.response(msg, Class::Error);
+            b.error(code, reason)
+                .attr(attr::REALM, creds.realm().as_bytes())
+                .attr(attr::NONCE, shared.make_nonce(&five, now).as_bytes());
+            this.reply(five, msg, b, None)
+        };
+        if !msg.has_integrity() {
+            return Err(challenge(self, 401, "Unauthorized"));
+        }
+        let (Some(username), Some(_realm), Some(nonce)) = (
+            msg.get(attr::USERNAME),
+            msg.get(attr::REALM),
+            msg.get(attr::NONCE),
+        ) else {
+            let mut b = self.response(msg, Class::Error);
+            b.error(400, "Bad Request: missing USERNAME, REALM or NONCE");
+            return Err(self.reply(five, msg, b, None));
+        };
+        match shared.check_nonce(&five, nonce, now) {
+            Ok(()) => {}
+            Err(true) => return Err(challenge(self, 438, "Stale Nonce")),
+            Err(false) => {
+                auth_failure("bad-nonce");
+                return Err(challenge(self, 401, "Unauthorized"));
+            }
+        }
+        let Ok(username) = std::str::from_utf8(username) else {
+            auth_failure("bad-username");
+            return Err(challenge(self, 401, "Unauthorized"));
+        };
+        let keys = match creds.keys(username, shared.unix(now)) {
+            Ok(k) => k,
+            Err(failure) => {
+                auth_failure(match failure {
+                    AuthFailure::UnknownUser => "unknown-user",
+                    AuthFailure::Expired => "expired",
+                });
+                tracing::debug!(client = %five.client, ?failure, "authentication failed");
+                return Err(challenge(self, 401, "Unauthorized"));
+            }
+        };
+        match keys.into_iter().find(|k| msg.verify_integrity(k)) {
+            Some(key) => Ok(Authed {
+                username: username.to_owned(),
+                key,
+            }),
+            None => {
+                auth_failure("bad-integrity");
+                tracing::debug!(client = %five.client, "authentication failed: wrong password");
+                Err(challenge(self, 401, "Unauthorized"))
+            }
+        }
+    }
+
+    /// Per-source-IP token bucket for answers to unauthenticated requests,
+    /// so the server cannot be used to flood a spoofed address.
+    fn unauth_allowed(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let rate = f64::from(self.shared.config.unauth_rate.max(1));
+        if self.unauth.len() > 100_000 {
+            self.unauth.clear();
+        }
+        let b = self.unauth.entry(ip).or_insert(UnauthBucket {
+            tokens: rate * 2.0,
+            last: now,
+        });
+        let dt = now.saturating_duration_since(b.last).as_secs_f64();
+        b.last = now;
+        b.tokens = (b.tokens + dt * rate).min(rate * 2.0);
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + Duration::from_secs(1));
+        }
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            metrics::counter!("callisto_turn_unauthenticated_dropped_total").increment(1);
+            false
+        }
+    }
+
+    fn allocate(
+        &mut self,
+        now: Instant,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        authed: &Authed,
+    ) -> Result<Output, Refusal> {
+        if self.by_five.contains_key(&five) {
+            return Err(refuse(437, "Allocation Mismatch"));
+        }
+        let tid = msg.transaction_id();
+        let transport = msg
+            .get(attr::REQUESTED_TRANSPORT)
+            .ok_or(refuse(400, "Bad Request: REQUESTED-TRANSPORT missing"))?;
+        if transport.len() != 4 {
+            return Err(refuse(400, "Bad Request: malformed REQUESTED-TRANSPORT"));
+        }
+        if transport[0] != attr::TRANSPORT_UDP {
+            return Err(refuse(442, "Unsupported Transport Protocol"));
+        }
+        if msg.get(attr::EVEN_PORT).is_some() || msg.get(attr::RESERVATION_TOKEN).is_some() {
+            return Err(refuse(
+                508,
+                "Insufficient Capacity: port reservations are not supported",
+            ));
+        }
+        let requested = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
+        let additional = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
+        if requested.is_some() && additional.is_some() {
+            return Err(refuse(400, "Bad Request: both address family attributes"));
+        }
+        let ipv6 = match requested.map(|v| v.first().copied()) {
+            None => false,
+            Some(Some(attr::FAMILY_IPV4)) => false,
+            Some(Some(attr::FAMILY_IPV6)) => true,
+            Some(_) => return Err(refuse(440, "Address Family not Supported")),
+        };
+        if let Some(v) = additional
+            && v.first() != Some(&attr::FAMILY_IPV6)
+        {
+            return Err(refuse(
+                400,
+                "Bad Request: ADDITIONAL-ADDRESS-FAMILY must be IPv6",
+            ));
+        }
+        let lifetime = self.lifetime(msg)?;
+        self.shared.reserve(&authed.username).map_err(|code| {
+            if code == 486 {
+                refuse(486, "Allocation Quota Reached")
+            } else {
+                refuse(508, "Insufficient Capacity")
+            }
+        })?;
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
+            self.allocations.push(None);
+            (self.allocations.len() - 1) as u32
+        });
+        let relay = RelayId(slot);
+        let relay_addr = match self.relays.allocate(relay, ipv6) {
+            Ok(a) => a,
+            Err(e) => {
+                self.free_slots.push(slot);
+                self.shared.unreserve(&authed.username);
+                tracing::warn!(error = %e, ipv6, "no relay socket available");
+                return Err(if ipv6 {
+                    refuse(440, "Address Family not Supported")
+                } else {
+                    refuse(508, "Insufficient Capacity")
+                });
+            }
+        };
+        let advertised = SocketAddr::new(
+            self.shared.config.external_ip.unwrap_or(relay_addr.ip()),
+            relay_addr.port(),
+        );
+        let mut b = self.response(msg, Class::Success);
+        b.xor_address(attr::XOR_RELAYED_ADDRESS, advertised)
+            .u32(attr::LIFETIME, lifetime.as_secs() as u32)
+            .xor_address(attr::XOR_MAPPED_ADDRESS, five.client);
+        if additional.is_some() {
+            // Dual allocation is not offered: say so for the IPv6 half.
+            let mut v = vec![attr::FAMILY_IPV6, 0, 0, 0, 0, 0, 4, 40];
+            v.extend_from_slice(b"Address Family not Supported");
+            b.attr(attr::ADDRESS_ERROR_CODE, &v);
+        }
+        let response = self.sign(b, msg, Some(&authed.key));
+        let bps = self.shared.config.bps_per_allocation;
+        let bucket = || ByteBucket {
+            rate: bps,
+            tokens: bps as f64,
+            last: now,
+        };
+        self.allocations[slot as usize] = Some(Allocation {
+            five,
+            relay,
+            relay_addr,
+            username: authed.username.clone(),
+            expires: now + lifetime,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            allocate_tid: *tid,
+            allocate_response: response.clone(),
+            to_peer_budget: bucket(),
+            to_client_budget: bucket(),
+        });
+        self.by_five.insert(five, slot);
+        self.next_sweep.get_or_insert(now + Duration::from_secs(1));
+        metrics::counter!("callisto_turn_allocations_total", "transport" => five.transport.as_str())
+            .increment(1);
+        metrics::gauge!("callisto_turn_allocations").increment(1.0);
+        tracing::debug!(client = %five.client, relay = %relay_addr, transport = five.transport.as_str(), "allocated");
+        Ok(Output::Reply {
+            to: five,
+            data: response,
+        })
+    }
+
+    fn lifetime(&self, msg: &Message<'_>) -> Result<Duration, Refusal> {
+        let max = self.shared.config.max_lifetime;
+        match msg.get(attr::LIFETIME) {
+            None => Ok(DEFAULT_LIFETIME.min(max)),
+            Some(v) => {
+                let secs = stun::decode_u32(attr::LIFETIME, v)
+                    .map_err(|_| refuse(400, "Bad Request: malformed LIFETIME"))?;
+                let asked = Duration::from_secs(u64::from(secs));
+                if asked.is_zero() {
+                    return Ok(Duration::ZERO);
+                }
+                Ok(asked.max(DEFAULT_LIFETIME).min(max))
+            }
+        }
+    }
+
+    /// The allocation of `five`, checked against the request's user.
+    fn own_allocation(&mut self, five: FiveTuple, authed: &Authed) -> Result<u32, Refusal> {
+        let slot = *self
+            .by_five
+            .get(&five)
+            .ok_or(refuse(437, "Allocation Mismatch"))?;
+        match &self.allocations[slot as usize] {
+            Some(a) if a.username == authed.username => Ok(slot),
+            Some(_) => Err(refuse(441, "Wrong Credentials")),
+            None => Err(refuse(437, "Allocation Mismatch")),
+        }
+    }
+
+    fn refresh(
+        &mut self,
+        now: Instant,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        authed: &Authed,
+    ) -> Result<Output, Refusal> {
+        let slot = self.own_allocation(five, authed)?;
+        let lifetime = self.lifetime(msg)?;
+        if let Some(v) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            let relay_v6 = self.allocations[slot as usize]
+                .as_ref()
+                .is_some_and(|a| a.relay_addr.is_ipv6());
+            let asked_v6 = v.first() == Some(&attr::FAMILY_IPV6);
+            if asked_v6 != relay_v6 {
+                return Err(refuse(443, "Peer Address Family Mismatch"));
+            }
+        }
+        if lifetime.is_zero() {
+            self.remove_allocation(slot);
+        } else if let Some(a) = self.allocations[slot as usize].as_mut() {
+            a.expires = now + lifetime;
+        }
+        let mut b = self.response(msg, Class::Success);
+        b.u32(attr::LIFETIME, lifetime.as_secs() as u32);
+        Ok(self.reply(five, msg, b, Some(&authed.key)))
+    }
+
+    /// The XOR-PEER-ADDRESS values of a request, each checked.
+    fn peers(
+        &self,
+        msg: &Message<'_>,
+        slot: u32,
+        check_port: bool,
+    ) -> Result<Vec<SocketAddr>, Refusal> {
+        let relay_v6 = self.allocations[slot as usize]
+            .as_ref()
+            .is_some_and(|a| a.relay_addr.is_ipv6());
+        let mut peers = Vec::new();
+        for RawAttr { typ, value } in msg.attrs() {
+            if typ != attr::XOR_PEER_ADDRESS {
+                continue;
+            }
+            let peer = stun::decode_xor_address(typ, value, msg.transaction_id())
+                .map_err(|_| refuse(400, "Bad Request: malformed XOR-PEER-ADDRESS"))?;
+            if peer.is_ipv6() != relay_v6 {
+                return Err(refuse(443, "Peer Address Family Mismatch"));
+            }
+            if !self.peer_allowed(peer, check_port) {
+                metrics::counter!("callisto_turn_forbidden_peers_total").increment(1);
+                tracing::info!(peer = %peer.ip(), "refused a forbidden peer address");
+                return Err(refuse(403, "Forbidden: peer address not allowed"));
+            }
+            peers.push(peer);
+        }
+        if peers.is_empty() {
+            return Err(refuse(400, "Bad Request: XOR-PEER-ADDRESS missing"));
+        }
+        Ok(peers)
+    }
+
+    fn create_permission(
+        &mut self,
+        now: Instant,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        authed: &Authed,
+    ) -> Result<Output, Refusal> {
+        let slot = self.own_allocation(five, authed)?;
+        let peers = self.peers(msg, slot, false)?;
+        let max = self.shared.config.max_permissions;
+        let Some(a) = self.allocations[slot as usize].as_mut() else {
+            return Err(refuse(437, "Allocation Mismatch"));
+        };
+        let new = peers
+            .iter()
+            .filter(|p| !a.permissions.iter().any(|(ip, _)| *ip == p.ip()))
+            .count();
+        if a.permissions.len() + new > max {
+            return Err(refuse(508, "Insufficient Capacity: too many permissions"));
+        }
+        for p in peers {
+            install_permission(a, p.ip(), now);
+        }
+        let b = self.response(msg, Class::Success);
+        Ok(self.reply(five, msg, b, Some(&authed.key)))
+    }
+
+    fn channel_bind(
+        &mut self,
+        now: Instant,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        authed: &Authed,
+    ) -> Result<Output, Refusal> {
+        let slot = self.own_allocation(five, authed)?;
+        let number = msg
+            .get(attr::CHANNEL_NUMBER)
+            .and_then(|v| stun::decode_channel(v).ok())
+            .ok_or(refuse(400, "Bad Request: CHANNEL-NUMBER missing"))?;
+        if !(stun::CHANNEL_MIN..=stun::CHANNEL_MAX).contains(&number) {
+            return Err(refuse(400, "Bad Request: channel number out of range"));
+        }
+        let peers = self.peers(msg, slot, true)?;
+        if peers.len() != 1 {
+            return Err(refuse(400, "Bad Request: one XOR-PEER-ADDRESS expected"));
+        }
+        let peer = peers[0];
+        let max = self.shared.config.max_permissions;
+        let Some(a) = self.allocations[slot as usize].as_mut() else {
+            return Err(refuse(437, "Allocation Mismatch"));
+        };
+        let by_number = a.channels.iter().position(|c| c.number == number);
+        let by_peer = a.channels.iter().position(|c| c.peer == peer);
+        match (by_number, by_peer) {
+            (Some(i), Some(j)) if i == j => a.channels[i].expires = now + CHANNEL_LIFETIME,
+            (None, None) => {
+                if !a.permissions.iter().any(|(ip, _)| *ip == peer.ip())
+                    && a.permissions.len() >= max
+                {
+                    return Err(refuse(508, "Insufficient Capacity: too many permissions"));
+                }
+                a.channels.push(Channel {
+                    number,
+                    peer,
+                    expires: now + CHANNEL_LIFETIME,
+                });
+                metrics::counter!("callisto_turn_channel_bindings_total").increment(1);
+                metrics::gauge!("callisto_turn_channels").increment(1.0);
+            }
+            _ => return Err(refuse(400, "Bad Request: channel or peer bound otherwise")),
+        }
+        install_permission(a, peer.ip(), now);
+        let b = self.response(msg, Class::Success);
+        Ok(self.reply(five, msg, b, Some(&authed.key)))
+    }
+
+    fn remove_allocation(&mut self, slot: u32) {
+        let Some(a) = self.allocations[slot as usize].take() else {
+            return;
+        };
+        self.by_five.remove(&a.five);
+        self.relays.release(a.relay);
+        self.shared.unreserve(&a.username);
+        self.free_slots.push(slot);
+        metrics::gauge!("callisto_turn_allocations").decrement(1.0);
+        metrics::gauge!("callisto_turn_permissions").decrement(a.permissions.len() as f64);
+        metrics::gauge!("callisto_turn_channels").decrement(a.channels.len() as f64);
+    }
+
+    fn response(&self, msg: &Message<'_>, class: Class) -> MessageBuilder {
+        let mut b = MessageBuilder::new(msg.method(), class, msg.transaction_id());
+        if let Some(s) = &self.shared.config.software {
+            b.attr(attr::SOFTWARE, s.as_bytes());
+        }
+        b
+    }
+
+    fn sign(&self, mut b: MessageBuilder, msg: &Message<'_>, key: Option<&[u8]>) -> Vec<u8> {
+        if let Some(k) = key {
+            b.integrity(k);
+        }
+        if msg.has_fingerprint() {
+            b.fingerprint();
+        }
+        b.finish()
+    }
+
+    fn reply(
+        &self,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        b: MessageBuilder,
+        key: Option<&[u8]>,
+    ) -> Output {
+        Output::Reply {
+            to: five,
+            data: self.sign(b, msg, key),
+        }
+    }
+}
+
+fn install_permission(a: &mut Allocation, ip: IpAddr, now: Instant) {
+    let expires = now + PERMISSION_LIFETIME;
+    match a.permissions.iter_mut().find(|(p, _)| *p == ip) {
+        Some(entry) => entry.1 = expires,
+        None => {
+            a.permissions.push((ip, expires));
+            metrics::counter!("callisto_turn_permissions_total").increment(1);
+            metrics::gauge!("callisto_turn_permissions").increment(1.0);
+        }
+    }
+}
+
+fn auth_failure(reason: &'static str) {
+    metrics::counter!("callisto_turn_auth_failures_total", "reason" => reason).increment(1);
+}
+
+/// Data indications need a transaction id; any value will do (RFC 8656
+/// §11.6), so derive one cheaply instead of drawing randomness per packet.
+fn indication_tid(now: Instant, len: usize) -> [u8; 12] {
+    let mut h = FxHasher::default();
+    h.write_usize(len);
+    let mut tid = [0u8; 12];
+    let n = now.elapsed().as_nanos() as u64 ^ h.finish();
+    tid[..8].copy_from_slice(&n.to_le_bytes());
+    tid
+}
+
+/// Parses a message and says why not, for logs and tests.
+pub fn explain(buf: &[u8]) -> Result<(), StunError> {
+    if ChannelData::parse(buf).is_some() {
+        return Ok(());
+    }
+    Message::parse(buf).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests;

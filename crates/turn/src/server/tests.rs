@@ -1,0 +1,761 @@
+//! The server state machine driven by the client state machine, with
+//! injected time and a fake relay allocator: no sockets, no sleeping.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::auth::rest_credentials;
+use crate::client::{Client, Event};
+
+const USER: &str = "alice";
+const PASS: &str = "wonderland";
+
+#[derive(Clone, Default)]
+struct FakeRelays {
+    live: Rc<RefCell<BTreeSet<u32>>>,
+    fail: Rc<RefCell<bool>>,
+}
+
+impl RelayAllocator for FakeRelays {
+    fn allocate(&mut self, id: RelayId, ipv6: bool) -> io::Result<SocketAddr> {
+        if *self.fail.borrow() || ipv6 {
+            return Err(io::Error::other("no ports"));
+        }
+        self.live.borrow_mut().insert(id.0);
+        Ok(SocketAddr::new(relay_ip(), 50000 + id.0 as u16))
+    }
+
+    fn release(&mut self, id: RelayId) {
+        self.live.borrow_mut().remove(&id.0);
+    }
+}
+
+/// A private address: peers there are refused unless they are our relays.
+fn relay_ip() -> IpAddr {
+    "10.9.9.9".parse().unwrap()
+}
+
+fn config() -> Config {
+    let mut credentials = Credentials::new("test.realm");
+    credentials.add_user(USER, PASS);
+    credentials.add_user("bob", "builder");
+    credentials.add_secret(b"rest-secret");
+    Config {
+        credentials,
+        relay_ips: vec![relay_ip()],
+        relay_ports: 50000..=50999,
+        ..Config::default()
+    }
+}
+
+fn five(port: u16) -> FiveTuple {
+    FiveTuple {
+        client: SocketAddr::new("198.51.100.7".parse().unwrap(), port),
+        server: "192.0.2.1:3478".parse().unwrap(),
+        transport: Transport::Udp,
+    }
+}
+
+/// Runs client ↔ server until neither has anything to say.
+fn pump(
+    server: &mut Server<'_, FakeRelays>,
+    client: &mut Client,
+    five: FiveTuple,
+    now: Instant,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    while let Some(req) = client.poll_transmit() {
+        if let Output::Reply { data, .. } = server.on_client(now, five, &req) {
+            client.handle_input(now, &data);
+        }
+    }
+    while let Some(e) = client.poll_event() {
+        events.push(e);
+    }
+    events
+}
+
+fn allocated(
+    server: &mut Server<'_, FakeRelays>,
+    five: FiveTuple,
+    now: Instant,
+) -> (Client, SocketAddr) {
+    let mut client = Client::new(USER, PASS, false, five.client.port().into());
+    client.allocate(now);
+    let events = pump(server, &mut client, five, now);
+    match events.as_slice() {
+        [
+            Event::Allocated {
+                relayed,
+                mapped,
+                lifetime,
+            },
+        ] => {
+            assert_eq!(*mapped, five.client);
+            assert_eq!(*lifetime, DEFAULT_LIFETIME);
+            (client, *relayed)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn failed_code(events: &[Event]) -> u16 {
+    match events {
+        [Event::Failed { code, .. }] => *code,
+        other => panic!("expected one failure, got {other:?}"),
+    }
+}
+
+fn error_code(out: &Output) -> u16 {
+    let Output::Reply { data, .. } = out else {
+        panic!("{out:?}")
+    };
+    let msg = Message::parse(data).unwrap();
+    assert_eq!(msg.class(), Class::Error);
+    stun::decode_error(msg.get(attr::ERROR_CODE).unwrap())
+        .unwrap()
+        .0
+}
+
+const PEER: &str = "203.0.113.9:4000";
+
+fn peer() -> SocketAddr {
+    PEER.parse().unwrap()
+}
+
+#[test]
+fn binding_returns_the_mapped_address() {
+    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let now = Instant::now();
+    let tid = [7u8; 12];
+    let mut b = MessageBuilder::new(method::BINDING, Class::Request, &tid);
+    b.fingerprint();
+    let Output::Reply { data, .. } = s.on_client(now, five(1), &b.finish()) else {
+        panic!()
+    };
+    let msg = Message::parse(&data).unwrap();
+    assert_eq!(msg.class(), Class::Success);
+    assert!(
+        msg.has_fingerprint(),
+        "a request with FINGERPRINT gets one back"
+    );
+    let mapped = stun::decode_xor_address(
+        attr::XOR_MAPPED_ADDRESS,
+        msg.get(attr::XOR_MAPPED_ADDRESS).unwrap(),
+        &tid,
+    )
+    .unwrap();
+    assert_eq!(mapped, five(1).client);
+}
+
+#[test]
+fn allocate_challenge_then_success_and_retransmission() {
+    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
+    let relays = FakeRelays::default();
+    let mut s = Server::new(&shared, relays.clone());
+    let now = Instant::now();
+
+    // A bare Allocate gets 401 with REALM and NONCE, and no integrity.
+    let tid = [1u8; 12];
+    let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, &tid);
+    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let out = s.on_client(now, five(1), &b.finish());
+    assert_eq!(error_code(&out), 401);
+    let Output::Reply { data, .. } = &out else {
+        unreachable!()
+    };
+    let msg = Message::parse(data).unwrap();
+    assert_eq!(msg.get(attr::REALM).unwrap(), b"test.realm");
+    assert!(msg.get(attr::NONCE).is_some());
+    assert!(!msg.has_integrity());
+
+    let (client, relayed) = allocated(&mut s, five(1), now);
+    assert_eq!(relayed.ip(), relay_ip());
+    assert_eq!(relays.live.borrow().len(), 1);
+    assert_eq!(shared.allocation_count(), 1);
+    drop(client);
+
+    // Same 5-tuple, new Allocate: 437.
+    let mut c2 = Client::new(USER, PASS, false, 99);
+    c2.allocate(now);
+    assert_eq!(failed_code(&pump(&mut s, &mut c2, five(1), now)), 437);
+}
+
+#[test]
+fn retransmitted_allocate_gets_the_same_answer() {
+    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let now = Instant::now();
+    let mut c = Client::new(USER, PASS, false, 5);
+    c.allocate(now);
+    let first = c.poll_transmit().unwrap();
+    let Output::Reply {
+        data: challenge, ..
+    } = s.on_client(now, five(1), &first)
+    else {
+        panic!()
+    };
+    c.handle_input(now, &challenge);
+    let authed = c.poll_transmit().unwrap();
+    let Output::Reply { data: a, .. } = s.on_client(now, five(1), &authed) else {
+        panic!()
+    };
+    let Output::Reply { data: b, .. } =
+        s.on_client(now + Duration::from_millis(500), five(1), &authed)
+    else {
+        panic!()
+    };
+    assert_eq!(a, b);
+    assert_eq!(s.allocation_count(), 1);
+}
+
+#[test]
+fn wrong_password_and_unknown_user_fail_with_401() {
+    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let now = Instant::now();
+    for (user, pass) in [(USER, "wrong"), ("mallory", "x")] {
+        let mut c = Client::new(user, pass, false, 1);
+        c.allocate(now);
+        assert_eq!(failed_code(&pump(&mut s, &mut c, five(2), now)), 401);
+    }
+    assert_eq!(s.allocation_count(), 0);
+}
+
+#[test]
+fn rest_credentials_work_until_they_expire() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let (u, p) = rest_credentials(b"rest-secret", "carol", 2_000);
+    let mut c = Client::new(&u, &p, false, 1);
+    c.allocate(t0);
+    assert!(matches!(
+        pump(&mut s, &mut c, five(3), t0)[..],
+        [Event::Allocated { .. }]
+    ));
+
+    let mut late = Client::new(&u, &p, false, 2);
+    let t1 = t0 + Duration::from_secs(1_000);
+    late.allocate(t1);
+    assert_eq!(failed_code(&pump(&mut s, &mut late, five(4), t1)), 401);
+
+    let (u, _) = rest_credentials(b"rest-secret", "carol", 5_000);
+    let mut forged = Client::new(&u, "not-the-hmac", false, 3);
+    forged.allocate(t0);
+    assert_eq!(failed_code(&pump(&mut s, &mut forged, five(5), t0)), 401);
+}
+
+#[test]
+fn stale_nonce_is_renewed_transparently() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    // Past the nonce lifetime the next request gets 438, then succeeds.
+    let later = t0 + Duration::from_secs(700);
+    c.create_permission(later, peer().ip());
+    let req = c.poll_transmit().unwrap();
+    let out = s.on_client(later, five(1), &req);
+    assert_eq!(error_code(&out), 438);
+    let Output::Reply { data, .. } = out else {
+        unreachable!()
+    };
+    c.handle_input(later, &data);
+    let events = pump(&mut s, &mut c, five(1), later);
+    assert_eq!(events, vec![Event::PermissionCreated(peer().ip())]);
+}
+
+#[test]
+fn a_nonce_is_bound_to_its_five_tuple() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let mut c = Client::new(USER, PASS, false, 1);
+    c.allocate(t0);
+    let first = c.poll_transmit().unwrap();
+    let Output::Reply { data, .. } = s.on_client(t0, five(1), &first) else {
+        panic!()
+    };
+    c.handle_input(t0, &data);
+    // The authenticated retry arrives from another port: its nonce is foreign.
+    let retry = c.poll_transmit().unwrap();
+    assert_eq!(error_code(&s.on_client(t0, five(2), &retry)), 401);
+}
+
+#[test]
+fn permissions_and_send_indications_and_data_indications() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let (mut c, relayed) = allocated(&mut s, five(1), t0);
+
+    // Without a permission, data goes nowhere in either direction.
+    let send = c.send_to(peer(), b"hello");
+    assert_eq!(s.on_client(t0, five(1), &send), Output::None);
+    let mut buf = vec![0u8; HEADROOM + 64];
+    buf[HEADROOM..HEADROOM + 3].copy_from_slice(b"hey");
+    let relay = RelayId(u32::from(relayed.port() - 50000));
+    assert_eq!(s.on_peer(t0, relay, peer(), &mut buf, 3), Output::None);
+
+    c.create_permission(t0, peer().ip());
+    assert_eq!(
+        pump(&mut s, &mut c, five(1), t0),
+        vec![Event::PermissionCreated(peer().ip())]
+    );
+
+    let Output::ToPeer {
+        relay: r,
+        peer: p,
+        range,
+    } = s.on_client(t0, five(1), &send)
+    else {
+        panic!()
+    };
+    assert_eq!((r, p), (relay, peer()));
+    assert_eq!(&send[range], b"hello");
+
+    // The permission is per IP: another port of the same host may answer.
+    let other_port = SocketAddr::new(peer().ip(), 5000);
+    let Output::ToClient { to, range } = s.on_peer(t0, relay, other_port, &mut buf, 3) else {
+        panic!()
+    };
+    assert_eq!(to, five(1));
+    c.handle_input(t0, &buf[range]);
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Data {
+            peer: other_port,
+            data: b"hey".to_vec()
+        })
+    );
+
+    // Permissions last 300 s.
+    let late = t0 + Duration::from_secs(301);
+    assert_eq!(s.on_client(late, five(1), &send), Output::None);
+    assert_eq!(s.on_peer(late, relay, peer(), &mut buf, 3), Output::None);
+}
+
+#[test]
+fn channels_both_ways_and_their_rules() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let (mut c, relayed) = allocated(&mut s, five(1), t0);
+    let relay = RelayId(u32::from(relayed.port() - 50000));
+    let ch = c.bind_channel(t0, peer());
+    assert_eq!(
+        pump(&mut s, &mut c, five(1), t0),
+        vec![Event::ChannelBound {
+            peer: peer(),
+            channel: ch
+        }]
+    );
+
+    let framed = c.send_to(peer(), b"abc");
+    assert_eq!(&framed[..2], &ch.to_be_bytes());
+    let Output::ToPeer { range, .. } = s.on_client(t0, five(1), &framed) else {
+        panic!()
+    };
+    assert_eq!(&framed[range], b"abc");
+
+    let mut buf = vec![0u8; HEADROOM + 64];
+    buf[HEADROOM..HEADROOM + 5].copy_from_slice(b"12345");
+    let Output::ToClient { range, .. } = s.on_peer(t0, relay, peer(), &mut buf, 5) else {
+        panic!()
+    };
+    assert_eq!(
+        range,
+        HEADROOM - 4..HEADROOM + 5,
+        "UDP ChannelData is not padded"
+    );
+    c.handle_input(t0, &buf[range]);
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Data {
+            peer: peer(),
+            data: b"12345".to_vec()
+        })
+    );
+
+    // The same channel for another peer, or another channel for this peer: 400.
+    let other: SocketAddr = "203.0.113.10:1".parse().unwrap();
+    c.bind_channel_number(t0, other, ch);
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t0)), 400);
+    c.bind_channel_number(t0, peer(), ch + 1);
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t0)), 400);
+    // Out-of-range channel number: 400.
+    c.bind_channel_number(t0, other, 0x3FFF);
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t0)), 400);
+
+    // Channels last 600 s; the permission they installed lasts 300 s.
+    let mid = t0 + Duration::from_secs(301);
+    assert_eq!(
+        s.on_client(mid, five(1), &framed),
+        Output::None,
+        "permission expired"
+    );
+}
+
+#[test]
+fn stream_transports_pad_channel_data() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let tcp = FiveTuple {
+        transport: Transport::Tcp,
+        ..five(9)
+    };
+    let mut c = Client::new(USER, PASS, true, 4);
+    c.allocate(t0);
+    let Event::Allocated { relayed, .. } = pump(&mut s, &mut c, tcp, t0).remove(0) else {
+        panic!()
+    };
+    c.bind_channel(t0, peer());
+    pump(&mut s, &mut c, tcp, t0);
+    let mut buf = vec![0xEEu8; HEADROOM + 64];
+    let relay = RelayId(u32::from(relayed.port() - 50000));
+    let Output::ToClient { range, .. } = s.on_peer(t0, relay, peer(), &mut buf, 5) else {
+        panic!()
+    };
+    assert_eq!(range.len(), 12, "4-byte header + 5 bytes + 3 padding");
+    assert_eq!(&buf[range.end - 3..range.end], &[0, 0, 0]);
+    // Closing the connection frees the allocation.
+    s.on_client_closed(tcp);
+    assert_eq!(s.allocation_count(), 0);
+    assert_eq!(shared.allocation_count(), 0);
+}
+
+#[test]
+fn forbidden_peers_get_403_and_own_relays_are_allowed_on_relay_ports() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    for bad in [
+        "127.0.0.1",
+        "10.0.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "::1",
+    ] {
+        c.create_permission(t0, bad.parse().unwrap());
+        let code = failed_code(&pump(&mut s, &mut c, five(1), t0));
+        // An IPv6 peer on an IPv4 relay is a family mismatch first.
+        assert_eq!(code, if bad.contains(':') { 443 } else { 403 }, "{bad}");
+    }
+    // Another allocation of this server: its relay port is fine...
+    c.bind_channel(t0, SocketAddr::new(relay_ip(), 50001));
+    assert!(matches!(
+        pump(&mut s, &mut c, five(1), t0)[..],
+        [Event::ChannelBound { .. }]
+    ));
+    // ...any other port on the relay IP is not.
+    c.bind_channel(t0, SocketAddr::new(relay_ip(), 22));
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t0)), 403);
+}
+
+#[test]
+fn explicitly_allowed_peers() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
+    let shared = Shared::new(cfg, b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    c.create_permission(t0, "127.0.0.1".parse().unwrap());
+    assert!(matches!(
+        pump(&mut s, &mut c, five(1), t0)[..],
+        [Event::PermissionCreated(_)]
+    ));
+}
+
+#[test]
+fn lifetimes_refresh_and_delete() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let relays = FakeRelays::default();
+    let mut s = Server::new(&shared, relays.clone());
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    assert!(s.poll_timeout().is_some());
+
+    // Refresh at 500 s keeps it past the original 600 s.
+    let t1 = t0 + Duration::from_secs(500);
+    c.refresh(t1, 600);
+    assert_eq!(
+        pump(&mut s, &mut c, five(1), t1),
+        vec![Event::Refreshed {
+            lifetime: DEFAULT_LIFETIME
+        }]
+    );
+    s.on_timeout(t0 + Duration::from_secs(700));
+    assert_eq!(s.allocation_count(), 1);
+
+    // A huge lifetime is capped at the maximum.
+    let t2 = t0 + Duration::from_secs(800);
+    c.refresh(t2, u32::MAX);
+    assert_eq!(
+        pump(&mut s, &mut c, five(1), t2),
+        vec![Event::Refreshed {
+            lifetime: Duration::from_secs(3600)
+        }]
+    );
+
+    // Lifetime 0 deletes it and frees the relay and the quota.
+    let t3 = t0 + Duration::from_secs(900);
+    c.refresh(t3, 0);
+    assert_eq!(
+        pump(&mut s, &mut c, five(1), t3),
+        vec![Event::Refreshed {
+            lifetime: Duration::ZERO
+        }]
+    );
+    assert_eq!(s.allocation_count(), 0);
+    assert!(relays.live.borrow().is_empty());
+    assert_eq!(shared.allocation_count(), 0);
+
+    // Refresh without an allocation: 437.
+    c.refresh(t3, 600);
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t3)), 437);
+}
+
+#[test]
+fn allocations_expire_by_themselves() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let relays = FakeRelays::default();
+    let mut s = Server::new(&shared, relays.clone());
+    allocated(&mut s, five(1), t0);
+    s.on_timeout(t0 + Duration::from_secs(599));
+    assert_eq!(s.allocation_count(), 1);
+    s.on_timeout(t0 + Duration::from_secs(600));
+    assert_eq!(s.allocation_count(), 0);
+    assert!(relays.live.borrow().is_empty());
+    assert_eq!(shared.allocation_count(), 0);
+}
+
+#[test]
+fn quotas() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.user_quota = 2;
+    cfg.max_allocations = 3;
+    let shared = Shared::new(cfg, b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    allocated(&mut s, five(1), t0);
+    allocated(&mut s, five(2), t0);
+    let mut c = Client::new(USER, PASS, false, 3);
+    c.allocate(t0);
+    assert_eq!(
+        failed_code(&pump(&mut s, &mut c, five(3), t0)),
+        486,
+        "user quota"
+    );
+    let mut bob = Client::new("bob", "builder", false, 4);
+    bob.allocate(t0);
+    assert!(matches!(
+        pump(&mut s, &mut bob, five(4), t0)[..],
+        [Event::Allocated { .. }]
+    ));
+    let mut bob2 = Client::new("bob", "builder", false, 5);
+    bob2.allocate(t0);
+    assert_eq!(
+        failed_code(&pump(&mut s, &mut bob2, five(5), t0)),
+        508,
+        "server capacity"
+    );
+}
+
+#[test]
+fn relay_exhaustion_is_508() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let relays = FakeRelays::default();
+    *relays.fail.borrow_mut() = true;
+    let mut s = Server::new(&shared, relays);
+    let mut c = Client::new(USER, PASS, false, 3);
+    c.allocate(t0);
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(3), t0)), 508);
+    assert_eq!(shared.allocation_count(), 0, "the quota is given back");
+}
+
+#[test]
+fn wrong_credentials_on_someone_elses_allocation() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    allocated(&mut s, five(1), t0);
+    let mut bob = Client::new("bob", "builder", false, 8);
+    bob.refresh(t0, 600);
+    assert_eq!(failed_code(&pump(&mut s, &mut bob, five(1), t0)), 441);
+}
+
+fn request_with(method: u16, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut b = MessageBuilder::new(method, Class::Request, &[9; 12]);
+    for (t, v) in attrs {
+        b.attr(*t, v);
+    }
+    b.finish()
+}
+
+#[test]
+fn unknown_required_attributes_get_420() {
+    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let req = request_with(
+        method::BINDING,
+        &[(0x0077, b"x"), (0x8077, b"optional is fine")],
+    );
+    let out = s.on_client(Instant::now(), five(1), &req);
+    assert_eq!(error_code(&out), 420);
+    let Output::Reply { data, .. } = out else {
+        unreachable!()
+    };
+    let msg = Message::parse(&data).unwrap();
+    assert_eq!(
+        stun::decode_unknown(msg.get(attr::UNKNOWN_ATTRIBUTES).unwrap()).unwrap(),
+        vec![0x0077]
+    );
+}
+
+#[test]
+fn allocate_attribute_errors() {
+    let t0 = Instant::now();
+    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    // Authenticate with a real client first to learn a nonce, then craft requests.
+    let mut c = Client::new(USER, PASS, false, 1);
+    c.allocate(t0);
+    let first = c.poll_transmit().unwrap();
+    let Output::Reply { data, .. } = s.on_client(t0, five(1), &first) else {
+        panic!()
+    };
+    let msg = Message::parse(&data).unwrap();
+    let nonce = msg.get(attr::NONCE).unwrap().to_vec();
+    let key = crate::auth::long_term_key(USER, "test.realm", PASS);
+    let signed = |attrs: &[(u16, &[u8])]| {
+        let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, &[4; 12]);
+        for (t, v) in attrs {
+            b.attr(*t, v);
+        }
+        b.attr(attr::USERNAME, USER.as_bytes())
+            .attr(attr::REALM, b"test.realm")
+            .attr(attr::NONCE, &nonce)
+            .integrity(&key);
+        b.finish()
+    };
+    let code =
+        |s: &mut Server<'_, FakeRelays>, req: Vec<u8>| error_code(&s.on_client(t0, five(1), &req));
+    assert_eq!(code(&mut s, signed(&[])), 400, "no REQUESTED-TRANSPORT");
+    assert_eq!(
+        code(
+            &mut s,
+            signed(&[(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0])])
+        ),
+        442,
+        "TCP relaying"
+    );
+    assert_eq!(
+        code(
+            &mut s,
+            signed(&[
+                (attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]),
+                (attr::REQUESTED_ADDRESS_FAMILY, &[3, 0, 0, 0])
+            ])
+        ),
+        440
+    );
+    assert_eq!(
+        code(
+            &mut s,
+            signed(&[
+                (attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]),
+                (attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0])
+            ])
+        ),
+        440,
+        "no IPv6 relay here"
+    );
+    assert_eq!(
+        code(
+            &mut s,
+            signed(&[
+                (attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]),
+                (attr::EVEN_PORT, &[0x80])
+            ])
+        ),
+        508
+    );
+    // Missing REALM with integrity present: 400.
+    let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, &[5; 12]);
+    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::USERNAME, USER.as_bytes())
+        .integrity(&key);
+    assert_eq!(code(&mut s, b.finish()), 400);
+    assert_eq!(s.allocation_count(), 0);
+}
+
+#[test]
+fn unauthenticated_answers_are_rate_limited() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.unauth_rate = 5;
+    let shared = Shared::new(cfg, b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let req = request_with(method::BINDING, &[]);
+    let answered = (0..50)
+        .filter(|_| s.on_client(t0, five(1), &req) != Output::None)
+        .count();
+    assert_eq!(answered, 10, "a burst of twice the rate");
+    // Another source is not affected; the first recovers with time.
+    let other = FiveTuple {
+        client: "198.51.100.8:1".parse().unwrap(),
+        ..five(1)
+    };
+    assert_ne!(s.on_client(t0, other, &req), Output::None);
+    assert_ne!(
+        s.on_client(t0 + Duration::from_secs(1), five(1), &req),
+        Output::None
+    );
+}
+
+#[test]
+fn bandwidth_limit_drops_the_excess() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.bps_per_allocation = 1000;
+    let shared = Shared::new(cfg, b"k", (t0, 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    c.bind_channel(t0, peer());
+    pump(&mut s, &mut c, five(1), t0);
+    let framed = c.send_to(peer(), &[0u8; 400]);
+    let sent = (0..5)
+        .filter(|_| s.on_client(t0, five(1), &framed) != Output::None)
+        .count();
+    assert_eq!(sent, 2, "1000 bytes of budget: two 400-byte packets");
+    assert_ne!(
+        s.on_client(t0 + Duration::from_secs(1), five(1), &framed),
+        Output::None
+    );
+}
+
+#[test]
+fn garbage_is_dropped_silently() {
+    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
+    let mut s = Server::new(&shared, FakeRelays::default());
+    for junk in [
+        &b""[..],
+        b"\x00",
+        b"\x00\x01\x00\x04\x21\x12\xa4\x42",
+        &[0xFF; 64],
+        &[0x40, 0x00, 0x00, 0x10],
+    ] {
+        assert_eq!(s.on_client(Instant::now(), five(1), junk), Output::None);
+    }
+}
