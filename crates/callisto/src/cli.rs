@@ -20,9 +20,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the web app and signaling server. With no flags it serves
-    /// http://127.0.0.1:8080 for this machine only.
+    /// Run the web app, signaling server and STUN/TURN server. With no
+    /// flags it serves http://127.0.0.1:8080 and TURN on 127.0.0.1:3478,
+    /// for this machine only.
     Serve(ServeArgs),
+    /// Run only the STUN/TURN server.
+    Turn(TurnCmdArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -41,33 +44,8 @@ pub struct ServeArgs {
     #[arg(long, env = "CALLISTO_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// TLS certificate chain (PEM). Needs --tls-key.
-    #[arg(
-        long,
-        env = "CALLISTO_TLS_CERT",
-        requires = "tls_key",
-        conflicts_with = "tls_self_signed"
-    )]
-    pub tls_cert: Option<PathBuf>,
-
-    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1). Needs --tls-cert.
-    #[arg(long, env = "CALLISTO_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-
-    /// Serve HTTPS with a certificate generated at start for the --tls-name
-    /// names. Browsers will warn; compare the printed SHA-256 fingerprint.
-    #[arg(long, env = "CALLISTO_TLS_SELF_SIGNED")]
-    pub tls_self_signed: bool,
-
-    /// DNS name or IP address for the self-signed certificate (repeatable, or
-    /// comma-separated in the environment variable).
-    #[arg(
-        long = "tls-name",
-        env = "CALLISTO_TLS_NAME",
-        value_delimiter = ',',
-        default_value = "localhost"
-    )]
-    pub tls_names: Vec<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     /// Most peers in one room. Calls are full mesh, so every peer sends its
     /// media to every other: 4–6 is comfortable, 16 strains most uplinks.
@@ -118,6 +96,24 @@ pub struct ServeArgs {
     )]
     pub ice_credential: Option<String>,
 
+    /// Do not run the built-in STUN/TURN server (browsers then get only
+    /// the --ice-server URLs).
+    #[arg(long, env = "CALLISTO_NO_TURN")]
+    pub no_turn: bool,
+
+    /// How long the TURN credentials handed to each browser stay valid, in seconds.
+    #[arg(long, env = "CALLISTO_TURN_CREDENTIAL_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..))]
+    pub turn_credential_ttl: u64,
+
+    #[command(flatten)]
+    pub turn: TurnArgs,
+
+    #[command(flatten)]
+    pub logging: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
     /// Log filter, RUST_LOG syntax: info, debug, callisto_signal=debug,...
     #[arg(long, env = "CALLISTO_LOG", default_value = "info")]
     pub log: String,
@@ -125,6 +121,180 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "CALLISTO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// TLS certificate chain (PEM). Needs --tls-key.
+    #[arg(
+        long,
+        env = "CALLISTO_TLS_CERT",
+        requires = "tls_key",
+        conflicts_with = "tls_self_signed"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1). Needs --tls-cert.
+    #[arg(long, env = "CALLISTO_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve HTTPS with a certificate generated at start for the --tls-name
+    /// names. Browsers will warn; compare the printed SHA-256 fingerprint.
+    #[arg(long, env = "CALLISTO_TLS_SELF_SIGNED")]
+    pub tls_self_signed: bool,
+
+    /// DNS name or IP address for the self-signed certificate (repeatable, or
+    /// comma-separated in the environment variable).
+    #[arg(
+        long = "tls-name",
+        env = "CALLISTO_TLS_NAME",
+        value_delimiter = ',',
+        default_value = "localhost"
+    )]
+    pub tls_names: Vec<String>,
+}
+
+impl TlsArgs {
+    pub fn enabled(&self) -> bool {
+        self.tls_self_signed || self.tls_cert.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TurnCmdArgs {
+    #[command(flatten)]
+    pub turn: TurnArgs,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub logging: LogArgs,
+}
+
+/// An inclusive port range, `LOW-HIGH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange(pub u16, pub u16);
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (lo, hi) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not LOW-HIGH, e.g. 49152-65535"))?;
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{p:?} is not a port number (1-65535)"))
+        };
+        let (lo, hi) = (parse(lo)?, parse(hi)?);
+        if lo == 0 || lo > hi {
+            return Err(format!("{s:?}: LOW must be at least 1 and not above HIGH"));
+        }
+        Ok(PortRange(lo, hi))
+    }
+}
+
+/// `NAME:PASSWORD` for a static TURN user.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TurnUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for TurnUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TurnUser({}:***)", self.name)
+    }
+}
+
+impl std::str::FromStr for TurnUser {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some((n, p)) if !n.is_empty() && !p.is_empty() => Ok(TurnUser {
+                name: n.to_owned(),
+                password: p.to_owned(),
+            }),
+            _ => Err("expected NAME:PASSWORD, both non-empty".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TurnArgs {
+    /// STUN/TURN address for UDP and TCP. Serving on all interfaces
+    /// (0.0.0.0:3478) is an explicit choice; it then needs --turn-relay-ip.
+    #[arg(long, env = "CALLISTO_TURN_LISTEN", default_value = "127.0.0.1:3478")]
+    pub turn_listen: SocketAddr,
+
+    /// TURN over TLS address (e.g. 0.0.0.0:5349); uses the --tls-* certificate.
+    #[arg(long, env = "CALLISTO_TURN_TLS_LISTEN")]
+    pub turn_tls_listen: Option<SocketAddr>,
+
+    /// Address relay sockets bind to (default: the --turn-listen address).
+    #[arg(long, env = "CALLISTO_TURN_RELAY_IP")]
+    pub turn_relay_ip: Option<std::net::IpAddr>,
+
+    /// Public address to advertise for relays, when the server is behind a 1:1 NAT.
+    #[arg(long, env = "CALLISTO_TURN_EXTERNAL_IP")]
+    pub turn_external_ip: Option<std::net::IpAddr>,
+
+    /// UDP ports for relays.
+    #[arg(long, env = "CALLISTO_TURN_PORT_RANGE", default_value = "49152-65535")]
+    pub turn_port_range: PortRange,
+
+    /// Realm for the long-term credential mechanism.
+    #[arg(long, env = "CALLISTO_TURN_REALM", default_value = "callisto")]
+    pub turn_realm: String,
+
+    /// A static TURN user, NAME:PASSWORD (repeatable).
+    #[arg(
+        long = "turn-user",
+        env = "CALLISTO_TURN_USERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub turn_users: Vec<TurnUser>,
+
+    /// Shared secret for time-limited credentials (coturn's use-auth-secret
+    /// scheme). `serve` generates one at start when none is given.
+    #[arg(long, env = "CALLISTO_TURN_SECRET", hide_env_values = true)]
+    pub turn_secret: Option<String>,
+
+    /// Allow relaying to these peers even if private or loopback (CIDR, repeatable).
+    #[arg(
+        long = "turn-allow-peer",
+        env = "CALLISTO_TURN_ALLOW_PEERS",
+        value_delimiter = ','
+    )]
+    pub turn_allow_peers: Vec<ipnet::IpNet>,
+
+    /// Never relay to these peers (CIDR, repeatable).
+    #[arg(
+        long = "turn-deny-peer",
+        env = "CALLISTO_TURN_DENY_PEERS",
+        value_delimiter = ','
+    )]
+    pub turn_deny_peers: Vec<ipnet::IpNet>,
+
+    /// Most allocations at once, all users together.
+    #[arg(long, env = "CALLISTO_TURN_MAX_ALLOCATIONS", default_value_t = 10_000)]
+    pub turn_max_allocations: usize,
+
+    /// Most allocations one username may hold.
+    #[arg(long, env = "CALLISTO_TURN_USER_QUOTA", default_value_t = 100)]
+    pub turn_user_quota: usize,
+
+    /// Relayed bytes per second per allocation and direction (0: unlimited).
+    #[arg(long, env = "CALLISTO_TURN_BPS_PER_ALLOCATION", default_value_t = 0)]
+    pub turn_bps_per_allocation: u64,
+
+    /// UDP worker threads (default: one per CPU core).
+    #[arg(long, env = "CALLISTO_TURN_THREADS")]
+    pub turn_threads: Option<usize>,
 }
 
 #[cfg(test)]
@@ -140,13 +310,18 @@ mod tests {
     #[test]
     fn defaults() {
         let cli = Cli::try_parse_from(["callisto", "serve"]).unwrap();
-        let Command::Serve(a) = cli.command;
+        let Command::Serve(a) = cli.command else {
+            panic!()
+        };
         assert_eq!(a.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(a.max_room_size, 16);
         assert_eq!(a.max_message_bytes, 65_536);
         assert_eq!(a.heartbeat_timeout, 30);
-        assert_eq!(a.tls_names, ["localhost"]);
-        assert!(!a.tls_self_signed);
+        assert_eq!(a.tls.tls_names, ["localhost"]);
+        assert!(!a.tls.tls_self_signed);
+        assert_eq!(a.turn.turn_listen.to_string(), "127.0.0.1:3478");
+        assert_eq!(a.turn.turn_port_range, PortRange(49152, 65535));
+        assert!(!a.no_turn);
     }
 
     #[test]

@@ -7,3 +7,4 @@ pub mod logging;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;
+pub mod turn;

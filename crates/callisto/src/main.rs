@@ -9,8 +9,29 @@ use tokio_util::sync::CancellationToken;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Turn(args) => {
+            callisto::logging::init(&args.logging.log, args.logging.log_format)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let signals = StopSignals::install()?;
+                let tls = callisto::tls::from_args(&args.tls)?;
+                let host = args.tls.tls_names.first().cloned();
+                let turn = callisto::turn::start(
+                    &args.turn,
+                    tls.map(|t| t.config),
+                    host.as_deref(),
+                    false,
+                    std::time::Duration::from_secs(86_400),
+                )
+                .await?;
+                signals.wait().await;
+                tracing::info!("shutting down");
+                tokio::task::spawn_blocking(move || turn.service.stop()).await?;
+                Ok(())
+            })
+        }
         Command::Serve(args) => {
-            callisto::logging::init(&args.log, args.log_format)?;
+            callisto::logging::init(&args.logging.log, args.logging.log_format)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async move {
                 let signals = StopSignals::install()?;

@@ -28,6 +28,8 @@ pub struct Running {
     pub scheme: &'static str,
     /// The certificate fingerprint, when serving HTTPS.
     pub fingerprint: Option<String>,
+    /// The built-in STUN/TURN server's addresses, unless --no-turn.
+    pub turn: Option<crate::turn::TurnAddrs>,
     task: JoinHandle<()>,
 }
 
@@ -48,12 +50,21 @@ impl Running {
 
 /// Binds and starts serving; returns once the listener is bound.
 pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let tls = if args.tls_self_signed {
-        Some(tls::self_signed(&args.tls_names)?)
-    } else if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        Some(tls::from_pem_files(cert, key)?)
-    } else {
+    let tls = tls::from_args(&args.tls)?;
+    let turn = if args.no_turn {
         None
+    } else {
+        let tls_host = args.tls.tls_names.first().map(String::as_str);
+        Some(
+            crate::turn::start(
+                &args.turn,
+                tls.as_ref().map(|t| t.config.clone()),
+                tls_host.filter(|_| tls.is_some()),
+                true,
+                Duration::from_secs(args.turn_credential_ttl),
+            )
+            .await?,
+        )
     };
 
     let metrics = crate::telemetry::install();
@@ -64,7 +75,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         },
         random_peer_id,
     )));
-    let ice = ice_servers(&args);
+    let configured = ice_servers(&args);
+    let turn_ice = turn.as_ref().map(|t| t.ice.clone());
     let connection = Arc::new(ConnectionConfig {
         max_message_bytes: args.max_message_bytes as usize,
         heartbeat_timeout: Duration::from_secs(u64::from(args.heartbeat_timeout)),
@@ -72,7 +84,14 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         rate_burst: args.max_message_burst,
         rate_strikes: 20,
         send_queue: 1024,
-        ice_servers: Arc::new(move || ice.clone()),
+        ice_servers: Arc::new(move || {
+            let mut all = turn_ice
+                .as_ref()
+                .map(|t| t.ice_servers())
+                .unwrap_or_default();
+            all.extend(configured.iter().cloned());
+            all
+        }),
     });
     let sockets = TaskTracker::new();
     let app = router(AppState {
@@ -95,6 +114,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
 
     let stop = shutdown.clone();
+    let turn_addrs = turn.as_ref().map(|t| t.addrs());
+    let turn_service = turn.map(|t| t.service);
     let task = match tls {
         Some(setup) => {
             let listener = tls::TlsListener::new(tcp, setup.config)?;
@@ -102,14 +123,14 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 let served = axum::serve(listener, app)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await;
-                finish(served, sockets).await;
+                finish(served, sockets, turn_service).await;
             })
         }
         None => tokio::spawn(async move {
             let served = axum::serve(tcp, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
-            finish(served, sockets).await;
+            finish(served, sockets, turn_service).await;
         }),
     };
 
@@ -117,13 +138,18 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         local_addr,
         scheme,
         fingerprint,
+        turn: turn_addrs,
         task,
     };
     announce(&running, &args);
     Ok(running)
 }
 
-async fn finish(served: std::io::Result<()>, sockets: TaskTracker) {
+async fn finish(
+    served: std::io::Result<()>,
+    sockets: TaskTracker,
+    turn: Option<callisto_turn::net::TurnService>,
+) {
     if let Err(e) = served {
         tracing::error!(error = %e, "HTTP server stopped with an error");
     }
@@ -134,12 +160,15 @@ async fn finish(served: std::io::Result<()>, sockets: TaskTracker) {
     {
         tracing::warn!("some WebSocket connections did not close in time");
     }
+    if let Some(turn) = turn {
+        let _ = tokio::task::spawn_blocking(move || turn.stop()).await;
+    }
 }
 
 fn announce(running: &Running, args: &ServeArgs) {
     if let Some(fp) = &running.fingerprint {
-        tracing::info!(names = ?args.tls_names, sha256 = %fp, "TLS certificate");
-        if args.tls_self_signed {
+        tracing::info!(names = ?args.tls.tls_names, sha256 = %fp, "TLS certificate");
+        if args.tls.tls_self_signed {
             eprintln!("Self-signed certificate SHA-256 fingerprint: {fp}");
         }
     }

@@ -39,6 +39,17 @@ pub struct TlsSetup {
     pub fingerprint: String,
 }
 
+/// The TLS setup the `--tls-*` flags ask for, if any.
+pub fn from_args(args: &crate::cli::TlsArgs) -> Result<Option<TlsSetup>, TlsError> {
+    if args.tls_self_signed {
+        Ok(Some(self_signed(&args.tls_names)?))
+    } else if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        Ok(Some(from_pem_files(cert, key)?))
+    } else {
+        Ok(None)
+    }
+}
+
 /// Loads a certificate chain and key from PEM files.
 pub fn from_pem_files(cert: &Path, key: &Path) -> Result<TlsSetup, TlsError> {
     let read = |p: &Path| {

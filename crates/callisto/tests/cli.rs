@@ -10,9 +10,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_callisto");
 fn callisto(args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args);
+    // Parallel tests must not fight over the default TURN port.
+    cmd.env("CALLISTO_TURN_LISTEN", "127.0.0.1:0");
     // Keep the developer's own CALLISTO_* settings out of the tests.
     for (key, _) in std::env::vars() {
-        if key.starts_with("CALLISTO_") {
+        if key.starts_with("CALLISTO_") && key != "CALLISTO_TURN_LISTEN" {
             cmd.env_remove(key);
         }
     }

@@ -26,12 +26,38 @@ async fn join_signal_broadcast_leave() {
     assert_eq!(wa["room"], "standup");
     assert_eq!(wa["version"], 1);
     assert_eq!(wa["peers"], json!([]));
+    // The built-in STUN/TURN server first, with fresh credentials, then the configured one.
+    let ice = wa["iceServers"].as_array().unwrap();
+    let turn = server.running.turn.unwrap();
     assert_eq!(
-        wa["iceServers"],
-        json!([{"urls": ["stun:stun.example.test:3478"]}])
+        ice[0],
+        json!({"urls": [format!("stun:127.0.0.1:{}", turn.udp.port())]})
     );
+    assert_eq!(
+        ice[1]["urls"],
+        json!([
+            format!("turn:127.0.0.1:{}?transport=udp", turn.udp.port()),
+            format!("turn:127.0.0.1:{}?transport=tcp", turn.tcp.port())
+        ])
+    );
+    let username = ice[1]["username"].as_str().unwrap();
+    let (expiry, _) = username.split_once(':').unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        expiry.parse::<u64>().unwrap() > now + 3600,
+        "credentials last long enough"
+    );
+    assert_eq!(ice[1]["credential"].as_str().unwrap().len(), 28);
+    assert_eq!(ice[2], json!({"urls": ["stun:stun.example.test:3478"]}));
 
     let wb = b.join("standup", "  Bob  ").await;
+    assert_ne!(
+        wb["iceServers"][1]["username"], wa["iceServers"][1]["username"],
+        "fresh per welcome"
+    );
     let idb = id(&wb["id"]);
     assert_eq!(wb["peers"], json!([{"id": ida, "name": "Ada"}]));
     let pj = a.expect("peer-joined").await;

@@ -132,7 +132,7 @@ impl Client {
             Some((c, _)) => *c,
             None => {
                 let c = self.next_channel;
-                self.next_channel = if c == stun::CHANNEL_MAX {
+                self.next_channel = if c == stun::CHANNEL_MAX_RFC8656 {
                     stun::CHANNEL_MIN
                 } else {
                     c + 1

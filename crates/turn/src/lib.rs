@@ -7,6 +7,8 @@
 //!   6156): packets and `Instant`s in, packets out. It owns no sockets.
 //! - [`client`]: a TURN client state machine, for tests and the native peer.
 //! - [`auth`]: long-term credentials and the TURN REST shared-secret scheme.
+//! - [`net`]: the drivers: UDP worker threads (one socket per core,
+//!   batched with recvmmsg/sendmmsg) and TCP/TLS connection tasks.
 //!
 //! The codec is written by hand rather than taken from a crate because it is
 //! the relay's hot path: ChannelData and Send/Data indications are parsed in
@@ -14,6 +16,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod net;
 pub mod policy;
 pub mod server;
 pub mod stun;

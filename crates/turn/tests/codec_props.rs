@@ -90,7 +90,7 @@ fn arb_class() -> impl Strategy<Value = Class> {
 struct NoRelays;
 
 impl RelayAllocator for NoRelays {
-    fn allocate(&mut self, id: RelayId, _ipv6: bool) -> io::Result<SocketAddr> {
+    fn allocate(&mut self, id: RelayId, _ipv6: bool, _even: bool) -> io::Result<SocketAddr> {
         Ok(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
             40000 + (id.0 % 1000) as u16,
@@ -181,8 +181,8 @@ proptest! {
         let mut creds = Credentials::new("r");
         creds.add_user("u", "p");
         cfg.credentials = creds;
-        let shared = Shared::new(cfg, b"k", (Instant::now(), 1_000));
-        let mut s = Server::new(&shared, NoRelays);
+        let shared = std::sync::Arc::new(Shared::new(cfg, b"k", (Instant::now(), 1_000)));
+        let mut s = Server::new(shared, NoRelays);
         let five = FiveTuple {
             client: "203.0.113.1:5000".parse().unwrap(),
             server: "192.0.2.1:3478".parse().unwrap(),

@@ -27,9 +27,21 @@ pub struct Server {
 impl Server {
     /// Starts `callisto serve --listen 127.0.0.1:0 EXTRA...`.
     pub async fn start(extra: &[&str]) -> Server {
-        let mut argv = vec!["callisto", "serve", "--listen", "127.0.0.1:0"];
+        let mut argv = vec![
+            "callisto",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--turn-listen",
+            "127.0.0.1:0",
+            "--turn-threads",
+            "1",
+        ];
         argv.extend_from_slice(extra);
-        let Command::Serve(args) = Cli::try_parse_from(argv).expect("valid test flags").command;
+        let Command::Serve(args) = Cli::try_parse_from(argv).expect("valid test flags").command
+        else {
+            unreachable!("serve was asked for")
+        };
         let shutdown = CancellationToken::new();
         let running = start(args, shutdown.clone()).await.expect("server starts");
         let addr = running.local_addr;

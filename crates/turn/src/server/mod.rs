@@ -21,8 +21,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
@@ -89,9 +89,9 @@ pub struct RelayId(pub u32);
 
 /// Binds and closes relay sockets for the server.
 pub trait RelayAllocator {
-    /// Binds a UDP relay socket (IPv6 if `ipv6`) for `id`; returns the
-    /// address it is bound to.
-    fn allocate(&mut self, id: RelayId, ipv6: bool) -> io::Result<SocketAddr>;
+    /// Binds a UDP relay socket (IPv6 if `ipv6`, on an even port if
+    /// `even`) for `id`; returns the address it is bound to.
+    fn allocate(&mut self, id: RelayId, ipv6: bool, even: bool) -> io::Result<SocketAddr>;
     /// Closes the socket of `id`.
     fn release(&mut self, id: RelayId);
 }
@@ -410,8 +410,8 @@ struct UnauthBucket {
 }
 
 /// The TURN server state machine. See the module documentation.
-pub struct Server<'s, A> {
-    shared: &'s Shared,
+pub struct Server<A> {
+    shared: Arc<Shared>,
     relays: A,
     allocations: Vec<Option<Allocation>>,
     free_slots: Vec<u32>,
@@ -437,8 +437,8 @@ struct Authed {
     key: Vec<u8>,
 }
 
-impl<'s, A: RelayAllocator> Server<'s, A> {
-    pub fn new(shared: &'s Shared, relays: A) -> Self {
+impl<A: RelayAllocator> Server<A> {
+    pub fn new(shared: Arc<Shared>, relays: A) -> Self {
         Server {
             shared,
             relays,
@@ -453,6 +453,10 @@ impl<'s, A: RelayAllocator> Server<'s, A> {
 
     pub fn relays(&mut self) -> &mut A {
         &mut self.relays
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// Live allocations in this server.
@@ -733,7 +737,7 @@ impl<'s, A: RelayAllocator> Server<'s, A> {
         five: FiveTuple,
         msg: &Message<'_>,
     ) -> Result<Authed, Output> {
-        let shared = self.shared;
+        let shared = self.shared.clone();
         let creds = &shared.config.credentials;
         let challenge = |this: &mut Self, code: u16, reason: &str| -> Output {
             if !this.unauth_allowed(five.client.ip(), now) {
@@ -839,7 +843,20 @@ impl<'s, A: RelayAllocator> Server<'s, A> {
         if transport[0] != attr::TRANSPORT_UDP {
             return Err(refuse(442, "Unsupported Transport Protocol"));
         }
-        if msg.get(attr::EVEN_PORT).is_some() || msg.get(attr::RESERVATION_TOKEN).is_some() {
+        // EVEN-PORT is honoured; reserving the next port (its R bit) and
+        // redeeming reservations are not offered.
+        let even = match msg.get(attr::EVEN_PORT) {
+            None => false,
+            Some([r]) if r & 0x80 == 0 => true,
+            Some([_]) => {
+                return Err(refuse(
+                    508,
+                    "Insufficient Capacity: port reservations are not supported",
+                ));
+            }
+            Some(_) => return Err(refuse(400, "Bad Request: malformed EVEN-PORT")),
+        };
+        if msg.get(attr::RESERVATION_TOKEN).is_some() {
             return Err(refuse(
                 508,
                 "Insufficient Capacity: port reservations are not supported",
@@ -877,7 +894,7 @@ impl<'s, A: RelayAllocator> Server<'s, A> {
             (self.allocations.len() - 1) as u32
         });
         let relay = RelayId(slot);
-        let relay_addr = match self.relays.allocate(relay, ipv6) {
+        let relay_addr = match self.relays.allocate(relay, ipv6, even) {
             Ok(a) => a,
             Err(e) => {
                 self.free_slots.push(slot);

@@ -21,12 +21,17 @@ struct FakeRelays {
 }
 
 impl RelayAllocator for FakeRelays {
-    fn allocate(&mut self, id: RelayId, ipv6: bool) -> io::Result<SocketAddr> {
+    fn allocate(&mut self, id: RelayId, ipv6: bool, even: bool) -> io::Result<SocketAddr> {
         if *self.fail.borrow() || ipv6 {
             return Err(io::Error::other("no ports"));
         }
         self.live.borrow_mut().insert(id.0);
-        Ok(SocketAddr::new(relay_ip(), 50000 + id.0 as u16))
+        let port = 50000 + id.0 as u16;
+        assert!(
+            !even || port % 2 == 0 || id.0 % 2 == 1,
+            "test relays are even for even ids"
+        );
+        Ok(SocketAddr::new(relay_ip(), port))
     }
 
     fn release(&mut self, id: RelayId) {
@@ -62,7 +67,7 @@ fn five(port: u16) -> FiveTuple {
 
 /// Runs client ↔ server until neither has anything to say.
 fn pump(
-    server: &mut Server<'_, FakeRelays>,
+    server: &mut Server<FakeRelays>,
     client: &mut Client,
     five: FiveTuple,
     now: Instant,
@@ -80,7 +85,7 @@ fn pump(
 }
 
 fn allocated(
-    server: &mut Server<'_, FakeRelays>,
+    server: &mut Server<FakeRelays>,
     five: FiveTuple,
     now: Instant,
 ) -> (Client, SocketAddr) {
@@ -129,8 +134,8 @@ fn peer() -> SocketAddr {
 
 #[test]
 fn binding_returns_the_mapped_address() {
-    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let now = Instant::now();
     let tid = [7u8; 12];
     let mut b = MessageBuilder::new(method::BINDING, Class::Request, &tid);
@@ -155,9 +160,9 @@ fn binding_returns_the_mapped_address() {
 
 #[test]
 fn allocate_challenge_then_success_and_retransmission() {
-    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
+    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
     let relays = FakeRelays::default();
-    let mut s = Server::new(&shared, relays.clone());
+    let mut s = Server::new(shared.clone(), relays.clone());
     let now = Instant::now();
 
     // A bare Allocate gets 401 with REALM and NONCE, and no integrity.
@@ -188,8 +193,8 @@ fn allocate_challenge_then_success_and_retransmission() {
 
 #[test]
 fn retransmitted_allocate_gets_the_same_answer() {
-    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let now = Instant::now();
     let mut c = Client::new(USER, PASS, false, 5);
     c.allocate(now);
@@ -216,8 +221,8 @@ fn retransmitted_allocate_gets_the_same_answer() {
 
 #[test]
 fn wrong_password_and_unknown_user_fail_with_401() {
-    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let now = Instant::now();
     for (user, pass) in [(USER, "wrong"), ("mallory", "x")] {
         let mut c = Client::new(user, pass, false, 1);
@@ -230,8 +235,8 @@ fn wrong_password_and_unknown_user_fail_with_401() {
 #[test]
 fn rest_credentials_work_until_they_expire() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let (u, p) = rest_credentials(b"rest-secret", "carol", 2_000);
     let mut c = Client::new(&u, &p, false, 1);
     c.allocate(t0);
@@ -254,8 +259,8 @@ fn rest_credentials_work_until_they_expire() {
 #[test]
 fn stale_nonce_is_renewed_transparently() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let (mut c, _) = allocated(&mut s, five(1), t0);
     // Past the nonce lifetime the next request gets 438, then succeeds.
     let later = t0 + Duration::from_secs(700);
@@ -274,8 +279,8 @@ fn stale_nonce_is_renewed_transparently() {
 #[test]
 fn a_nonce_is_bound_to_its_five_tuple() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let mut c = Client::new(USER, PASS, false, 1);
     c.allocate(t0);
     let first = c.poll_transmit().unwrap();
@@ -291,8 +296,8 @@ fn a_nonce_is_bound_to_its_five_tuple() {
 #[test]
 fn permissions_and_send_indications_and_data_indications() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let (mut c, relayed) = allocated(&mut s, five(1), t0);
 
     // Without a permission, data goes nowhere in either direction.
@@ -344,8 +349,8 @@ fn permissions_and_send_indications_and_data_indications() {
 #[test]
 fn channels_both_ways_and_their_rules() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let (mut c, relayed) = allocated(&mut s, five(1), t0);
     let relay = RelayId(u32::from(relayed.port() - 50000));
     let ch = c.bind_channel(t0, peer());
@@ -405,8 +410,8 @@ fn channels_both_ways_and_their_rules() {
 #[test]
 fn stream_transports_pad_channel_data() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let tcp = FiveTuple {
         transport: Transport::Tcp,
         ..five(9)
@@ -434,8 +439,8 @@ fn stream_transports_pad_channel_data() {
 #[test]
 fn forbidden_peers_get_403_and_own_relays_are_allowed_on_relay_ports() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let (mut c, _) = allocated(&mut s, five(1), t0);
     for bad in [
         "127.0.0.1",
@@ -465,8 +470,8 @@ fn explicitly_allowed_peers() {
     let t0 = Instant::now();
     let mut cfg = config();
     cfg.policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
-    let shared = Shared::new(cfg, b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let (mut c, _) = allocated(&mut s, five(1), t0);
     c.create_permission(t0, "127.0.0.1".parse().unwrap());
     assert!(matches!(
@@ -478,9 +483,9 @@ fn explicitly_allowed_peers() {
 #[test]
 fn lifetimes_refresh_and_delete() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
     let relays = FakeRelays::default();
-    let mut s = Server::new(&shared, relays.clone());
+    let mut s = Server::new(shared.clone(), relays.clone());
     let (mut c, _) = allocated(&mut s, five(1), t0);
     assert!(s.poll_timeout().is_some());
 
@@ -527,9 +532,9 @@ fn lifetimes_refresh_and_delete() {
 #[test]
 fn allocations_expire_by_themselves() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
     let relays = FakeRelays::default();
-    let mut s = Server::new(&shared, relays.clone());
+    let mut s = Server::new(shared.clone(), relays.clone());
     allocated(&mut s, five(1), t0);
     s.on_timeout(t0 + Duration::from_secs(599));
     assert_eq!(s.allocation_count(), 1);
@@ -545,8 +550,8 @@ fn quotas() {
     let mut cfg = config();
     cfg.user_quota = 2;
     cfg.max_allocations = 3;
-    let shared = Shared::new(cfg, b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     allocated(&mut s, five(1), t0);
     allocated(&mut s, five(2), t0);
     let mut c = Client::new(USER, PASS, false, 3);
@@ -574,10 +579,10 @@ fn quotas() {
 #[test]
 fn relay_exhaustion_is_508() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
     let relays = FakeRelays::default();
     *relays.fail.borrow_mut() = true;
-    let mut s = Server::new(&shared, relays);
+    let mut s = Server::new(shared.clone(), relays);
     let mut c = Client::new(USER, PASS, false, 3);
     c.allocate(t0);
     assert_eq!(failed_code(&pump(&mut s, &mut c, five(3), t0)), 508);
@@ -587,8 +592,8 @@ fn relay_exhaustion_is_508() {
 #[test]
 fn wrong_credentials_on_someone_elses_allocation() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     allocated(&mut s, five(1), t0);
     let mut bob = Client::new("bob", "builder", false, 8);
     bob.refresh(t0, 600);
@@ -605,8 +610,8 @@ fn request_with(method: u16, attrs: &[(u16, &[u8])]) -> Vec<u8> {
 
 #[test]
 fn unknown_required_attributes_get_420() {
-    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let req = request_with(
         method::BINDING,
         &[(0x0077, b"x"), (0x8077, b"optional is fine")],
@@ -626,8 +631,8 @@ fn unknown_required_attributes_get_420() {
 #[test]
 fn allocate_attribute_errors() {
     let t0 = Instant::now();
-    let shared = Shared::new(config(), b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     // Authenticate with a real client first to learn a nonce, then craft requests.
     let mut c = Client::new(USER, PASS, false, 1);
     c.allocate(t0);
@@ -650,7 +655,7 @@ fn allocate_attribute_errors() {
         b.finish()
     };
     let code =
-        |s: &mut Server<'_, FakeRelays>, req: Vec<u8>| error_code(&s.on_client(t0, five(1), &req));
+        |s: &mut Server<FakeRelays>, req: Vec<u8>| error_code(&s.on_client(t0, five(1), &req));
     assert_eq!(code(&mut s, signed(&[])), 400, "no REQUESTED-TRANSPORT");
     assert_eq!(
         code(
@@ -705,8 +710,8 @@ fn unauthenticated_answers_are_rate_limited() {
     let t0 = Instant::now();
     let mut cfg = config();
     cfg.unauth_rate = 5;
-    let shared = Shared::new(cfg, b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let req = request_with(method::BINDING, &[]);
     let answered = (0..50)
         .filter(|_| s.on_client(t0, five(1), &req) != Output::None)
@@ -729,8 +734,8 @@ fn bandwidth_limit_drops_the_excess() {
     let t0 = Instant::now();
     let mut cfg = config();
     cfg.bps_per_allocation = 1000;
-    let shared = Shared::new(cfg, b"k", (t0, 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     let (mut c, _) = allocated(&mut s, five(1), t0);
     c.bind_channel(t0, peer());
     pump(&mut s, &mut c, five(1), t0);
@@ -747,8 +752,8 @@ fn bandwidth_limit_drops_the_excess() {
 
 #[test]
 fn garbage_is_dropped_silently() {
-    let shared = Shared::new(config(), b"k", (Instant::now(), 1_000));
-    let mut s = Server::new(&shared, FakeRelays::default());
+    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
     for junk in [
         &b""[..],
         b"\x00",

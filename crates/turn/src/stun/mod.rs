@@ -80,10 +80,15 @@ pub fn is_stun(buf: &[u8]) -> bool {
         && u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) == MAGIC_COOKIE
 }
 
-/// ChannelData (RFC 8656 §12.4): 2-byte channel number in 0x4000..=0x4FFF,
-/// 2-byte length, then the data.
+/// ChannelData (RFC 8656 §12.4): 2-byte channel number, 2-byte length,
+/// then the data.
 pub const CHANNEL_MIN: u16 = 0x4000;
-pub const CHANNEL_MAX: u16 = 0x4FFF;
+/// RFC 8656 narrowed channel numbers to 0x4000..=0x4FFF, but RFC 5766
+/// allowed up to 0x7FFF and deployed clients (coturn's among them) still use
+/// that range, so the server accepts it. Our own client stays below
+/// [`CHANNEL_MAX_RFC8656`].
+pub const CHANNEL_MAX: u16 = 0x7FFF;
+pub const CHANNEL_MAX_RFC8656: u16 = 0x4FFF;
 
 /// A parsed ChannelData message: the channel and the payload's byte range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,7 +175,7 @@ mod tests {
             })
         );
         assert_eq!(ChannelData::parse(&buf[..5]), None);
-        assert_eq!(ChannelData::parse(&[0x50, 0, 0, 0]), None);
+        assert_eq!(ChannelData::parse(&[0x80, 0, 0, 0]), None);
         assert_eq!(stream_frame_len(&buf), Ok(Some(8)));
         assert_eq!(stream_frame_len(&[0x80, 0, 0, 0]), Err(StunError::NotStun));
     }

@@ -1,0 +1,189 @@
+//! The built-in STUN/TURN server as the command line configures it, and the
+//! `iceServers` (with fresh time-limited credentials) that `serve` puts into
+//! every `welcome`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use callisto_protocol::IceServer;
+use callisto_turn::auth::{Credentials, rest_credentials};
+use callisto_turn::net::{Listen, RelayConfig, TurnService};
+use callisto_turn::policy::PeerPolicy;
+use callisto_turn::server::{Config, Shared};
+
+use crate::cli::TurnArgs;
+
+/// A running TURN service and what browsers need to use it.
+pub struct RunningTurn {
+    pub service: TurnService,
+    pub ice: IceCredentials,
+}
+
+/// Builds `iceServers` entries with credentials valid for `ttl`.
+#[derive(Clone)]
+pub struct IceCredentials {
+    stun_url: String,
+    turn_urls: Vec<String>,
+    secret: Vec<u8>,
+    ttl: Duration,
+}
+
+impl IceCredentials {
+    pub fn ice_servers(&self) -> Vec<IceServer> {
+        let expires = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + self.ttl.as_secs();
+        // A random user part keeps per-username quotas per browser.
+        let (username, credential) = rest_credentials(&self.secret, &random_hex(8), expires);
+        vec![
+            IceServer {
+                urls: vec![self.stun_url.clone()],
+                username: None,
+                credential: None,
+            },
+            IceServer {
+                urls: self.turn_urls.clone(),
+                username: Some(username),
+                credential: Some(credential),
+            },
+        ]
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    // The OS random source failing is unrecoverable and not caused by input.
+    getrandom::fill(&mut b).expect("the operating system's random source failed");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// Starts the TURN server. `generate_secret`: create a random shared secret
+/// when none was configured (what `serve` does for its browsers).
+pub async fn start(
+    args: &TurnArgs,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    tls_host: Option<&str>,
+    generate_secret: bool,
+    credential_ttl: Duration,
+) -> anyhow::Result<RunningTurn> {
+    let relay_ip = match args.turn_relay_ip {
+        Some(ip) => ip,
+        None if !args.turn_listen.ip().is_unspecified() => args.turn_listen.ip(),
+        None => bail!(
+            "--turn-listen {} listens on every interface, so it cannot tell which address relays should use: add --turn-relay-ip with this machine's address",
+            args.turn_listen
+        ),
+    };
+    if args.turn_tls_listen.is_some() && tls.is_none() {
+        bail!(
+            "--turn-tls-listen needs a certificate: add --tls-cert and --tls-key, or --tls-self-signed"
+        );
+    }
+    let mut credentials = Credentials::new(args.turn_realm.clone());
+    for user in &args.turn_users {
+        credentials.add_user(&user.name, &user.password);
+    }
+    let secret = match &args.turn_secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None if generate_secret => random_hex(32).into_bytes(),
+        None => Vec::new(),
+    };
+    if !secret.is_empty() {
+        credentials.add_secret(&secret);
+    }
+    if !credentials.has_any() {
+        bail!(
+            "nobody could use this TURN server: add --turn-user NAME:PASSWORD or --turn-secret SECRET"
+        );
+    }
+    let config = Config {
+        credentials,
+        policy: PeerPolicy::new(args.turn_allow_peers.clone(), args.turn_deny_peers.clone()),
+        relay_ips: vec![relay_ip],
+        relay_ports: args.turn_port_range.0..=args.turn_port_range.1,
+        external_ip: args.turn_external_ip,
+        max_allocations: args.turn_max_allocations,
+        user_quota: args.turn_user_quota,
+        bps_per_allocation: args.turn_bps_per_allocation,
+        ..Config::default()
+    };
+    let mut nonce_secret = [0u8; 32];
+    getrandom::fill(&mut nonce_secret).context("reading the OS random source")?;
+    let shared = Arc::new(Shared::with_system_clock(config, &nonce_secret));
+    let relay = RelayConfig {
+        ipv4: relay_ip.is_ipv4().then_some(relay_ip),
+        ipv6: relay_ip.is_ipv6().then_some(relay_ip),
+        ports: args.turn_port_range.0..=args.turn_port_range.1,
+    };
+    let threads = args
+        .turn_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let listen = Listen {
+        addr: args.turn_listen,
+        tls_addr: args.turn_tls_listen,
+        threads,
+    };
+    let service = TurnService::start(listen, relay, shared, tls)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for TURN on {}: is another program (coturn?) using that port? Choose another with --turn-listen, or turn TURN off with --no-turn",
+                args.turn_listen
+            )
+        })?;
+    let advertised = args.turn_external_ip.unwrap_or(relay_ip);
+    let public = |port: u16| format!("{}:{port}", host(advertised));
+    let mut turn_urls = vec![
+        format!("turn:{}?transport=udp", public(service.udp_addr.port())),
+        format!("turn:{}?transport=tcp", public(service.tcp_addr.port())),
+    ];
+    if let Some(tls_addr) = service.tls_addr {
+        let name = tls_host.map_or_else(|| host(advertised), str::to_owned);
+        turn_urls.push(format!("turns:{name}:{}?transport=tcp", tls_addr.port()));
+    }
+    tracing::info!(
+        udp = %service.udp_addr,
+        tcp = %service.tcp_addr,
+        tls = ?service.tls_addr,
+        relay = %relay_ip,
+        threads,
+        "STUN/TURN is serving"
+    );
+    Ok(RunningTurn {
+        ice: IceCredentials {
+            stun_url: format!("stun:{}", public(service.udp_addr.port())),
+            turn_urls,
+            secret,
+            ttl: credential_ttl,
+        },
+        service,
+    })
+}
+
+/// The addresses a running TURN service listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct TurnAddrs {
+    pub udp: SocketAddr,
+    pub tcp: SocketAddr,
+    pub tls: Option<SocketAddr>,
+}
+
+impl RunningTurn {
+    pub fn addrs(&self) -> TurnAddrs {
+        TurnAddrs {
+            udp: self.service.udp_addr,
+            tcp: self.service.tcp_addr,
+            tls: self.service.tls_addr,
+        }
+    }
+}

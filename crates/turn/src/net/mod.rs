@@ -1,0 +1,87 @@
+//! Socket drivers for the sans-IO server: [`udp`] worker threads and
+//! [`stream`] (TCP/TLS) tasks, and [`TurnService`] which starts them all.
+
+pub mod batch;
+pub mod stream;
+pub mod udp;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Shared;
+pub use udp::RelayConfig;
+
+/// What to listen on.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// UDP and TCP.
+    pub addr: SocketAddr,
+    /// TLS over TCP, if any.
+    pub tls_addr: Option<SocketAddr>,
+    pub threads: usize,
+}
+
+/// A running STUN/TURN service.
+pub struct TurnService {
+    pub udp_addr: SocketAddr,
+    pub tcp_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    udp: udp::UdpWorkers,
+    stop: CancellationToken,
+}
+
+impl TurnService {
+    /// Binds everything, then serves until [`TurnService::stop`]. Must be
+    /// called inside a tokio runtime (the stream listeners are tasks).
+    pub async fn start(
+        listen: Listen,
+        relay: RelayConfig,
+        shared: Arc<Shared>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<TurnService> {
+        let udp =
+            udp::UdpWorkers::start(listen.addr, listen.threads, relay.clone(), shared.clone())?;
+        // TCP on the same port as UDP, as clients expect.
+        let tcp_listener =
+            TcpListener::bind(SocketAddr::new(listen.addr.ip(), udp.local_addr.port())).await?;
+        let tcp_addr = tcp_listener.local_addr()?;
+        let stop = CancellationToken::new();
+        tokio::spawn(stream::serve(
+            tcp_listener,
+            None,
+            relay.clone(),
+            shared.clone(),
+            stop.clone(),
+        ));
+        let mut tls_addr = None;
+        if let (Some(addr), Some(cfg)) = (listen.tls_addr, tls) {
+            let l = TcpListener::bind(addr).await?;
+            tls_addr = Some(l.local_addr()?);
+            tokio::spawn(stream::serve(
+                l,
+                Some(TlsAcceptor::from(cfg)),
+                relay,
+                shared,
+                stop.clone(),
+            ));
+        }
+        Ok(TurnService {
+            udp_addr: udp.local_addr,
+            tcp_addr,
+            tls_addr,
+            udp,
+            stop,
+        })
+    }
+
+    /// Stops accepting, closes every connection and joins the UDP workers.
+    pub fn stop(self) {
+        self.stop.cancel();
+        self.udp.stop();
+    }
+}

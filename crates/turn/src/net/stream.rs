@@ -1,0 +1,209 @@
+//! The TCP and TLS driver (RFC 8656 §3.1: TURN over a stream). One tokio
+//! task per connection with its own [`Server`] state machine: the
+//! connection is the client's 5-tuple, so it holds at most one allocation,
+//! whose relay socket the same task reads. Messages are framed by their
+//! own length fields; ChannelData is padded to 4 bytes.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::udp::{RelayConfig, RelaySockets};
+use crate::server::{FiveTuple, HEADROOM, Output, RelayId, Server, Shared, TAILROOM, Transport};
+use crate::stun;
+
+/// The largest frame a client may send: a STUN message or ChannelData with
+/// a 16-bit length, plus header and padding.
+const MAX_FRAME: usize = 65_535 + 20 + 3;
+/// A connection that has not allocated within this time is closed.
+const IDLE_WITHOUT_ALLOCATION: Duration = Duration::from_secs(30);
+
+/// Accepts connections on `listener` until `stop`; with `tls`, each
+/// connection does a TLS handshake first.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    relay: RelayConfig,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "TURN stream listener has no address");
+            return;
+        }
+    };
+    let transport = if tls.is_some() {
+        Transport::Tls
+    } else {
+        Transport::Tcp
+    };
+    let mut seed = 0u32;
+    loop {
+        let (tcp, client) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "TURN accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let five = FiveTuple {
+            client,
+            server: local,
+            transport,
+        };
+        let (shared, relay, stop, tls) = (shared.clone(), relay.clone(), stop.clone(), tls.clone());
+        seed = seed.wrapping_add(7919);
+        tokio::spawn(async move {
+            metrics::gauge!("callisto_turn_stream_connections", "transport" => transport.as_str())
+                .increment(1.0);
+            match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(stream)) => connection(stream, five, relay, shared, stop, seed).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%client, error = %e, "TURN TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%client, "TURN TLS handshake timed out"),
+                    }
+                }
+                None => connection(tcp, five, relay, shared, stop, seed).await,
+            }
+            metrics::gauge!("callisto_turn_stream_connections", "transport" => transport.as_str())
+                .decrement(1.0);
+        });
+    }
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    five: FiveTuple,
+    relay_cfg: RelayConfig,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    seed: u32,
+) {
+    let relays = RelaySockets::new(relay_cfg, seed, |s| s, Box::new(|_, _| Ok(())));
+    let mut server = Server::new(shared, relays);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut inbuf: Vec<u8> = Vec::with_capacity(4096);
+    let mut relay: Option<(RelayId, UdpSocket)> = None;
+    let mut peer_buf = vec![0u8; HEADROOM + 65_536 + TAILROOM];
+    let started = Instant::now();
+    let result: io::Result<()> = async {
+        loop {
+            let wake = server.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                read = rd.read_buf(&mut inbuf) => {
+                    if read? == 0 {
+                        return Ok(());
+                    }
+                    let mut used = 0;
+                    while let Some(len) = stun::stream_frame_len(&inbuf[used..])
+                        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not STUN or ChannelData"))?
+                    {
+                        if len > MAX_FRAME {
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, "frame too large"));
+                        }
+                        if inbuf.len() - used < len {
+                            break;
+                        }
+                        let frame = &inbuf[used..used + len];
+                        // ChannelData is parsed with its padding; STUN exactly.
+                        match server.on_client(Instant::now(), five, frame) {
+                            Output::Reply { data, .. } => wr.write_all(&data).await?,
+                            Output::ToPeer { peer, range, .. } => {
+                                if let Some((_, sock)) = &relay {
+                                    let _ = sock.try_send_to(&frame[range], peer);
+                                }
+                            }
+                            Output::ToClient { .. } | Output::None => {}
+                        }
+                        used += len;
+                        sync_relay(&mut server, &mut relay)?;
+                    }
+                    inbuf.drain(..used);
+                    if inbuf.len() > MAX_FRAME {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame too large"));
+                    }
+                }
+                recv = recv_relay(&relay, &mut peer_buf) => {
+                    let (len, from) = recv?;
+                    if let Some((id, _)) = relay
+                        && let Output::ToClient { range, .. } = server.on_peer(Instant::now(), id, from, &mut peer_buf, len)
+                    {
+                        wr.write_all(&peer_buf[range]).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    server.on_timeout(Instant::now());
+                    sync_relay(&mut server, &mut relay)?;
+                    if relay.is_none() && started.elapsed() > IDLE_WITHOUT_ALLOCATION {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(client = %five.client, error = %e, "TURN stream connection ended");
+    }
+    server.on_client_closed(five);
+}
+
+/// Picks up a relay socket the state machine just bound, or drops ours if
+/// the allocation went away.
+fn sync_relay(
+    server: &mut Server<RelaySockets<std::net::UdpSocket>>,
+    relay: &mut Option<(RelayId, UdpSocket)>,
+) -> io::Result<()> {
+    if let Some((id, _)) = relay
+        && server.relays().get(*id).is_none()
+        && server.allocation_count() == 0
+    {
+        *relay = None;
+    }
+    if relay.is_none() && server.allocation_count() == 1 {
+        // Relay ids are slots; a connection's server has exactly one.
+        for id in 0..4 {
+            if let Some(std) = server.relays().take(RelayId(id)) {
+                *relay = Some((RelayId(id), UdpSocket::from_std(std)?));
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn recv_relay(
+    relay: &Option<(RelayId, UdpSocket)>,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr)> {
+    match relay {
+        Some((_, sock)) => {
+            let end = buf.len() - TAILROOM;
+            sock.recv_from(&mut buf[HEADROOM..end]).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The address a listener is bound to, for logs and tests.
+pub fn local_addr(l: &TcpListener) -> io::Result<SocketAddr> {
+    l.local_addr()
+}
