@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v chromium >/dev/null || need_apt+=(chromium)
+command -v turnutils_uclient >/dev/null || need_apt+=(coturn)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ss >/dev/null || need_apt+=(iproute2)
 command -v node >/dev/null || need_apt+=(nodejs)

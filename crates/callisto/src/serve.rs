@@ -50,6 +50,8 @@ impl Running {
 
 /// Binds and starts serving; returns once the listener is bound.
 pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    // Before anything that records metrics: handles taken earlier are no-ops.
+    let metrics = crate::telemetry::install();
     let tls = tls::from_args(&args.tls)?;
     let turn = if args.no_turn {
         None
@@ -67,7 +69,6 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         )
     };
 
-    let metrics = crate::telemetry::install();
     let hub = Arc::new(Mutex::new(Hub::new(
         HubLimits {
             max_room_size: args.max_room_size as usize,

@@ -16,13 +16,13 @@
 //! One `Server` serves any number of clients; several (one per thread) can
 //! share quotas and the nonce key through [`Shared`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
@@ -146,6 +146,10 @@ pub struct Shared {
     nonce_key: hmac::Key,
     allocations: AtomicUsize,
     per_user: Mutex<HashMap<String, usize>>,
+    /// Every live relay address of every worker: peers that are our own
+    /// relays are allowed even on a loopback or private relay IP, but only
+    /// the exact addresses, so other services on that IP stay unreachable.
+    relays: RwLock<HashSet<SocketAddr>>,
     /// Maps `Instant`s to Unix time for REST credential expiry.
     epoch: (Instant, u64),
 }
@@ -159,6 +163,7 @@ impl Shared {
             nonce_key: hmac::Key::new(hmac::HMAC_SHA256, nonce_secret),
             allocations: AtomicUsize::new(0),
             per_user: Mutex::new(HashMap::new()),
+            relays: RwLock::new(HashSet::new()),
             epoch,
         }
     }
@@ -206,6 +211,24 @@ impl Shared {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 users.remove(user);
+            }
+        }
+    }
+
+    fn is_live_relay(&self, addr: SocketAddr) -> bool {
+        self.relays
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&addr)
+    }
+
+    fn set_relay(&self, addrs: [SocketAddr; 2], live: bool) {
+        let mut r = self.relays.write().unwrap_or_else(|p| p.into_inner());
+        for a in addrs {
+            if live {
+                r.insert(a);
+            } else {
+                r.remove(&a);
             }
         }
     }
@@ -642,14 +665,13 @@ impl<A: RelayAllocator> Server<A> {
         }
     }
 
-    /// A peer on one of our own relay IPs must be on a relay port: the relay
-    /// IP may be loopback or private, and its other ports are not ours to
-    /// open up.
+    /// A peer on one of our own relay IPs must be one of our live relays:
+    /// the relay IP may be loopback or private, and its other ports are
+    /// not ours to open up.
     fn shared_port_ok(&self, peer: SocketAddr) -> bool {
-        let c = &self.shared.config;
         !self.is_own_relay_ip(peer.ip())
-            || c.policy.is_allowed(peer.ip())
-            || c.relay_ports.contains(&peer.port())
+            || self.shared.config.policy.is_allowed(peer.ip())
+            || self.shared.is_live_relay(peer)
     }
 
     fn is_own_relay_ip(&self, ip: IpAddr) -> bool {
@@ -657,12 +679,16 @@ impl<A: RelayAllocator> Server<A> {
         c.relay_ips.contains(&ip) || c.external_ip == Some(ip)
     }
 
+    /// Permissions name an IP only; channels (`check_port`) a whole address.
     fn peer_allowed(&self, peer: SocketAddr, check_port: bool) -> bool {
-        let c = &self.shared.config;
-        if c.policy.is_allowed(peer.ip()) {
+        if self.shared.config.policy.is_allowed(peer.ip()) {
             return true;
         }
-        self.is_own_relay_ip(peer.ip()) && (!check_port || c.relay_ports.contains(&peer.port()))
+        if check_port {
+            self.shared.is_live_relay(peer)
+        } else {
+            self.is_own_relay_ip(peer.ip())
+        }
     }
 
     fn on_request(&mut self, now: Instant, five: FiveTuple, msg: &Message<'_>) -> Output {
@@ -942,6 +968,7 @@ impl<A: RelayAllocator> Server<A> {
             to_client_budget: bucket(),
         });
         self.by_five.insert(five, slot);
+        self.shared.set_relay([relay_addr, advertised], true);
         self.next_sweep.get_or_insert(now + Duration::from_secs(1));
         metrics::counter!("callisto_turn_allocations_total", "transport" => five.transport.as_str())
             .increment(1);
@@ -1124,6 +1151,11 @@ impl<A: RelayAllocator> Server<A> {
             return;
         };
         self.by_five.remove(&a.five);
+        let advertised = SocketAddr::new(
+            self.shared.config.external_ip.unwrap_or(a.relay_addr.ip()),
+            a.relay_addr.port(),
+        );
+        self.shared.set_relay([a.relay_addr, advertised], false);
         self.relays.release(a.relay);
         self.shared.unreserve(&a.username);
         self.free_slots.push(slot);

@@ -442,6 +442,7 @@ fn forbidden_peers_get_403_and_own_relays_are_allowed_on_relay_ports() {
     let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
     let mut s = Server::new(shared.clone(), FakeRelays::default());
     let (mut c, _) = allocated(&mut s, five(1), t0);
+    let (_, other_relay) = allocated(&mut s, five(2), t0);
     for bad in [
         "127.0.0.1",
         "10.0.0.1",
@@ -454,15 +455,22 @@ fn forbidden_peers_get_403_and_own_relays_are_allowed_on_relay_ports() {
         // An IPv6 peer on an IPv4 relay is a family mismatch first.
         assert_eq!(code, if bad.contains(':') { 443 } else { 403 }, "{bad}");
     }
-    // Another allocation of this server: its relay port is fine...
-    c.bind_channel(t0, SocketAddr::new(relay_ip(), 50001));
-    assert!(matches!(
-        pump(&mut s, &mut c, five(1), t0)[..],
-        [Event::ChannelBound { .. }]
-    ));
-    // ...any other port on the relay IP is not.
-    c.bind_channel(t0, SocketAddr::new(relay_ip(), 22));
-    assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t0)), 403);
+    // Another allocation of this server is fine...
+    c.bind_channel(t0, other_relay);
+    let events = pump(&mut s, &mut c, five(1), t0);
+    assert!(
+        matches!(events[..], [Event::ChannelBound { .. }]),
+        "{events:?}"
+    );
+    // ...any other port on the relay IP is not, even inside the relay range.
+    for port in [22, other_relay.port() + 7] {
+        let target = SocketAddr::new(relay_ip(), port);
+        c.bind_channel(t0, target);
+        assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t0)), 403);
+        // Nor can a Send indication reach it through the relay IP's permission.
+        let send = c.send_to(target, b"x");
+        assert_eq!(s.on_client(t0, five(1), &send), Output::None);
+    }
 }
 
 #[test]

@@ -1,0 +1,505 @@
+//! The built-in TURN server against coturn's own clients, and our TURN
+//! client against coturn's server. Everything runs on 127.0.0.1.
+//!
+//! Needs the Debian package `coturn` (scripts/test.sh installs it).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use callisto_turn::client::{Client, Event};
+
+const BIN: &str = env!("CARGO_BIN_EXE_callisto");
+
+fn tool(name: &str) -> Command {
+    let path = format!("/usr/bin/{name}");
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} is missing: install the Debian package coturn (bash scripts/test.sh does)"
+    );
+    Command::new(path)
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `callisto serve` (or `turn`) with JSON logs; returns once TURN listens.
+struct Callisto {
+    _proc: Proc,
+    turn_port: u16,
+    tls_port: Option<u16>,
+    http: Option<SocketAddr>,
+    https: bool,
+}
+
+/// Accepts the self-signed certificate of the server under test.
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn callisto(sub: &str, extra: &[&str]) -> Callisto {
+    let mut cmd = Command::new(BIN);
+    cmd.arg(sub);
+    if sub == "serve" {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args([
+        "--turn-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--turn-realm",
+        "interop",
+    ])
+    .args(extra)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let proc = Proc(child);
+    let (mut turn_port, mut tls_port, mut http, mut https) = (None, None, None, false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while turn_port.is_none() || (sub == "serve" && http.is_none()) {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("callisto starts");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let Some(udp) = v["udp"].as_str() {
+            turn_port = Some(udp.parse::<SocketAddr>().unwrap().port());
+            tls_port = v["tls"]
+                .as_str()
+                .and_then(|t| {
+                    t.trim_start_matches("Some(")
+                        .trim_end_matches(')')
+                        .parse::<SocketAddr>()
+                        .ok()
+                })
+                .map(|a| a.port());
+        }
+        if let Some(url) = v["url"].as_str() {
+            https = url.starts_with("https://");
+            let hostport = url
+                .trim_start_matches("https://")
+                .trim_start_matches("http://");
+            http = Some(hostport.parse().unwrap());
+        }
+    }
+    std::thread::spawn(move || for _ in rx {});
+    Callisto {
+        _proc: proc,
+        turn_port: turn_port.unwrap(),
+        tls_port,
+        http,
+        https,
+    }
+}
+
+impl Callisto {
+    fn metrics(&self) -> String {
+        let mut tcp = TcpStream::connect(self.http.expect("serve has HTTP")).unwrap();
+        let request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        let mut out = Vec::new();
+        if self.https {
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_no_client_auth();
+            let conn =
+                rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap())
+                    .unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            tls.write_all(request).unwrap();
+            let _ = tls.read_to_end(&mut out);
+        } else {
+            tcp.write_all(request).unwrap();
+            tcp.read_to_end(&mut out).unwrap();
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+fn metric(text: &str, line_prefix: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix).map(str::trim))
+        .unwrap_or_else(|| panic!("no {line_prefix} in metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+fn echo_peer() -> (Proc, u16) {
+    let port = free_udp_port();
+    let p = tool("turnutils_peer")
+        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    (Proc(p), port)
+}
+
+/// Runs turnutils_uclient; returns (sent, received, lost-line, whole output).
+fn uclient(
+    turn_port: u16,
+    peer_port: u16,
+    flags: &[&str],
+    user: &str,
+    pass: &str,
+) -> (u64, u64, String) {
+    let out = tool("turnutils_uclient")
+        .args(flags)
+        .args([
+            "-u",
+            user,
+            "-w",
+            pass,
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port.to_string(),
+        ])
+        .args([
+            "-p",
+            &turn_port.to_string(),
+            "-n",
+            "200",
+            "-m",
+            "10",
+            "-l",
+            "100",
+            "-z",
+            "5",
+            "-c",
+        ])
+        .arg("127.0.0.1")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let totals = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("start_mclient: tot_send_msgs="))
+        .map(|l| {
+            let num = |key: &str| {
+                l.split(key)
+                    .nth(1)
+                    .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            };
+            (num("tot_send_msgs="), num("tot_recv_msgs="))
+        })
+        .unwrap_or((0, 0));
+    (totals.0, totals.1, text)
+}
+
+fn assert_lossless(label: &str, (sent, received, text): (u64, u64, String)) {
+    assert_eq!(sent, 2000, "{label}: sent\n{text}");
+    assert_eq!(received, 2000, "{label}: received\n{text}");
+    assert!(
+        text.contains("Total lost packets 0 (0.000000%)"),
+        "{label}:\n{text}"
+    );
+}
+
+#[test]
+fn stunclient_gets_its_reflexive_address() {
+    let server = callisto("turn", &["--turn-user", "u:p"]);
+    let out = tool("turnutils_stunclient")
+        .args(["-p", &server.turn_port.to_string(), "127.0.0.1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("UDP reflexive addr: 127.0.0.1:"), "{text}");
+}
+
+#[test]
+fn uclient_over_udp_tcp_and_tls_with_channels_and_send_indications() {
+    let server = callisto(
+        "serve",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            "127.0.0.1/32",
+            "--tls-self-signed",
+            "--turn-tls-listen",
+            &format!("127.0.0.1:{}", free_tcp_port()),
+        ],
+    );
+    let (_peer, peer_port) = echo_peer();
+    let tls = server.tls_port.expect("TLS listener");
+    for (label, port, flags) in [
+        ("udp channels", server.turn_port, vec![]),
+        ("udp send indications", server.turn_port, vec!["-s"]),
+        ("tcp channels", server.turn_port, vec!["-t"]),
+        ("tcp send indications", server.turn_port, vec!["-t", "-s"]),
+        ("tls channels", tls, vec!["-t", "-S"]),
+        ("tls send indications", tls, vec!["-t", "-S", "-s"]),
+    ] {
+        assert_lossless(label, uclient(port, peer_port, &flags, "user", "pass"));
+    }
+
+    // Wrong password: refused, and counted.
+    let (_, received, text) = uclient(server.turn_port, peer_port, &[], "user", "wrong");
+    assert_eq!(received, 0, "{text}");
+
+    let m = server.metrics();
+    for transport in ["udp", "tcp", "tls"] {
+        for direction in ["to_peer", "to_client"] {
+            let packets = metric(
+                &m,
+                &format!(
+                    "callisto_turn_relayed_packets_total{{direction=\"{direction}\",transport=\"{transport}\"}}"
+                ),
+            );
+            assert_eq!(packets, 4000.0, "{direction} over {transport}");
+        }
+        assert!(
+            metric(
+                &m,
+                &format!("callisto_turn_allocations_total{{transport=\"{transport}\"}}")
+            ) >= 20.0
+        );
+    }
+    assert!(
+        metric(
+            &m,
+            "callisto_turn_relayed_bytes_total{direction=\"to_peer\",transport=\"udp\"}"
+        ) >= 400_000.0
+    );
+    assert!(
+        metric(
+            &m,
+            "callisto_turn_auth_failures_total{reason=\"bad-integrity\"}"
+        ) >= 1.0
+    );
+    assert!(metric(&m, "callisto_turn_channel_bindings_total") >= 30.0);
+    assert!(metric(&m, "callisto_turn_permissions_total") >= 30.0);
+    assert!(m.contains("callisto_turn_allocations "), "{m}");
+}
+
+#[test]
+fn loopback_peers_are_refused_by_default() {
+    let server = callisto("serve", &["--turn-user", "user:pass"]);
+    let (_peer, peer_port) = echo_peer();
+    let (_, received, text) = uclient(server.turn_port, peer_port, &[], "user", "pass");
+    assert_eq!(received, 0, "{text}");
+    assert!(text.contains("403"), "uclient reports the refusal:\n{text}");
+    assert!(metric(&server.metrics(), "callisto_turn_forbidden_peers_total") >= 1.0);
+}
+
+/// Our client, driven over a real UDP socket until `done` says so.
+fn drive(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    client: &mut Client,
+    mut done: impl FnMut(&Event) -> bool,
+) -> Vec<Event> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut events = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        while let Some(t) = client.poll_transmit() {
+            sock.send_to(&t, server).unwrap();
+        }
+        while let Some(e) = client.poll_event() {
+            let finished = done(&e);
+            events.push(e);
+            if finished {
+                return events;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out; events so far: {events:?}"
+        );
+        if let Ok((n, from)) = sock.recv_from(&mut buf)
+            && from == server
+        {
+            client.handle_input(Instant::now(), &buf[..n]);
+        }
+        client.handle_timeout(Instant::now());
+    }
+}
+
+#[test]
+fn our_client_against_coturn() {
+    let port = free_udp_port();
+    let relay_lo = 40000 + (port % 1000) * 20;
+    let _coturn = Proc(
+        tool("turnserver")
+            .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
+            .arg(format!("--listening-port={port}"))
+            .args([
+                "--lt-cred-mech",
+                "--user=alice:secret",
+                "--realm=coturn.test",
+                "--allow-loopback-peers",
+            ])
+            .args(["--no-cli", "--no-tls", "--no-dtls", "--no-tcp"])
+            .arg(format!("--min-port={relay_lo}"))
+            .arg(format!("--max-port={}", relay_lo + 19))
+            .args(["--log-file=stdout", "--pidfile=/dev/null"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+
+    // coturn needs a moment to bind; our client retransmits until it answers.
+    let mut client = Client::new("alice", "secret", false, 42);
+    client.allocate(Instant::now());
+    let events = drive(&sock, server, &mut client, |e| {
+        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+    });
+    let Some(Event::Allocated {
+        relayed, mapped, ..
+    }) = events.last()
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(relayed.ip().to_string(), "127.0.0.1");
+    assert_eq!(*mapped, sock.local_addr().unwrap());
+
+    client.create_permission(Instant::now(), echo_addr.ip());
+    drive(&sock, server, &mut client, |e| {
+        matches!(e, Event::PermissionCreated(_))
+    });
+    // Send indication out, Data indication back.
+    sock.send_to(&client.send_to(echo_addr, b"via indication"), server)
+        .unwrap();
+    let events = drive(&sock, server, &mut client, |e| {
+        matches!(e, Event::Data { .. })
+    });
+    assert_eq!(
+        events.last(),
+        Some(&Event::Data {
+            peer: echo_addr,
+            data: b"via indication".to_vec()
+        })
+    );
+
+    let channel = client.bind_channel(Instant::now(), echo_addr);
+    let events = drive(&sock, server, &mut client, |e| {
+        matches!(e, Event::ChannelBound { .. })
+    });
+    assert_eq!(
+        events.last(),
+        Some(&Event::ChannelBound {
+            peer: echo_addr,
+            channel
+        })
+    );
+    for i in 0..20u8 {
+        let payload = vec![i; 100 + usize::from(i)];
+        sock.send_to(&client.send_to(echo_addr, &payload), server)
+            .unwrap();
+        let events = drive(&sock, server, &mut client, |e| {
+            matches!(e, Event::Data { .. })
+        });
+        assert_eq!(
+            events.last(),
+            Some(&Event::Data {
+                peer: echo_addr,
+                data: payload
+            })
+        );
+    }
+    client.refresh(Instant::now(), 0);
+    let events = drive(&sock, server, &mut client, |e| {
+        matches!(e, Event::Refreshed { .. })
+    });
+    assert_eq!(
+        events.last(),
+        Some(&Event::Refreshed {
+            lifetime: Duration::ZERO
+        })
+    );
+}
