@@ -25,6 +25,7 @@ export function startServer(extraArgs = []) {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`server did not start:\n${logs.join('\n')}`)), 15000);
     let buffered = '';
+    let turn = null;
     proc.stderr.on('data', (chunk) => {
       buffered += chunk;
       let nl;
@@ -34,10 +35,12 @@ export function startServer(extraArgs = []) {
         logs.push(line);
         let entry;
         try { entry = JSON.parse(line); } catch { continue; }
+        if (entry.udp && /STUN\/TURN/.test(entry.message ?? '')) turn = entry;
         if (entry.url && /serving/.test(entry.message ?? '')) {
           clearTimeout(timer);
           resolve({
             url: entry.url,
+            turn,
             logs,
             async stop() {
               if (proc.exitCode !== null) return proc.exitCode;
@@ -64,27 +67,37 @@ export const CHROMIUM_ARGS = [
 ];
 
 /** Launches Chromium; `grantMedia: false` makes camera/microphone prompts fail. */
-export function launchBrowser({ grantMedia = true } = {}) {
-  const args = [...CHROMIUM_ARGS, grantMedia ? '--use-fake-ui-for-media-stream' : '--deny-permission-prompts'];
+export function launchBrowser({ grantMedia = true, extraArgs = [] } = {}) {
+  const args = [...CHROMIUM_ARGS, grantMedia ? '--use-fake-ui-for-media-stream' : '--deny-permission-prompts', ...extraArgs];
   return chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args });
 }
 
 // Records every RTCPeerConnection a page creates, so tests can read stats.
-const RECORD_PCS = () => {
+// With `relayOver` ('udp', 'tcp' or 'tls') it also forces the connection
+// through TURN over that transport: relay candidates only, and only the
+// matching TURN URL.
+const RECORD_PCS = (relayOver) => {
   const Native = window.RTCPeerConnection;
   window.__pcs = [];
+  const matches = (url) => (relayOver === 'tls' ? url.startsWith('turns:') : url.startsWith('turn:') && url.endsWith(`transport=${relayOver}`));
   window.RTCPeerConnection = class extends Native {
-    constructor(...args) {
-      super(...args);
+    constructor(config = {}, ...rest) {
+      if (relayOver) {
+        const iceServers = (config.iceServers ?? [])
+          .map((s) => ({ ...s, urls: [].concat(s.urls).filter(matches) }))
+          .filter((s) => s.urls.length > 0);
+        config = { ...config, iceServers, iceTransportPolicy: 'relay' };
+      }
+      super(config, ...rest);
       window.__pcs.push(this);
     }
   };
 };
 
 /** Opens the room page in a fresh context, types a name and clicks Join. */
-export async function joinCall(browser, baseUrl, room, name, { contextOptions = {} } = {}) {
+export async function joinCall(browser, baseUrl, room, name, { contextOptions = {}, relayOver = null } = {}) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 720 }, ...contextOptions });
-  await context.addInitScript(RECORD_PCS);
+  await context.addInitScript(RECORD_PCS, relayOver);
   const page = await context.newPage();
   page.on('pageerror', (err) => console.error(`[${name}] page error:`, err.message));
   await page.goto(`${baseUrl}/r/${room}`);
@@ -146,7 +159,7 @@ export async function connectionReport(page) {
         liveAudio,
         audio,
         pair: pair && {
-          local: local && { address: local.address, type: local.candidateType, protocol: local.protocol },
+          local: local && { address: local.address, type: local.candidateType, protocol: local.protocol, relayProtocol: local.relayProtocol },
           remote: remote && { address: remote.address, type: remote.candidateType, protocol: remote.protocol },
         },
       });

@@ -1,0 +1,44 @@
+// Calls forced through the built-in TURN server: relay candidates only,
+// over UDP, then TCP, then TLS, with the iceServers from `welcome`.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startServer, launchBrowser, joinCall, waitForRemoteVideos, connectionReport, eventually, assertOnlyTestAddresses } from './lib.js';
+
+let server;
+let browser;
+
+before(async () => {
+  server = await startServer(['--tls-self-signed', '--tls-name', 'localhost', '--turn-tls-listen', '127.0.0.1:0']);
+  // The TURN server's certificate is self-signed; the web page's is too.
+  browser = await launchBrowser({ extraArgs: ['--ignore-certificate-errors'] });
+});
+
+after(async () => {
+  await browser?.close();
+  assert.equal(await server?.stop(), 0);
+});
+
+for (const transport of ['udp', 'tcp', 'tls']) {
+  test(`a call relayed through TURN over ${transport}`, async () => {
+    const room = `relay-${transport}-${Date.now()}`;
+    const options = { relayOver: transport, contextOptions: { ignoreHTTPSErrors: true } };
+    const a = await joinCall(browser, server.url, room, 'A', options);
+    const b = await joinCall(browser, server.url, room, 'B', options);
+    await waitForRemoteVideos(a, 1, 30000);
+    await waitForRemoteVideos(b, 1, 30000);
+    for (const [who, page] of [['A', a], ['B', b]]) {
+      const [c] = await eventually(async () => {
+        const r = await connectionReport(page);
+        return r.length === 1 && r[0].state === 'connected' && r[0].pair?.local && r;
+      }, 15000, `${who} connected`);
+      assert.equal(c.pair.local.type, 'relay', `${who}: local candidate is a relay`);
+      assert.equal(c.pair.remote.type, 'relay', `${who}: remote candidate is a relay`);
+      assert.equal(c.pair.local.relayProtocol, transport, `${who}: relayed over ${transport}`);
+      assert.equal(c.pair.local.address, '127.0.0.1');
+      assert.ok(c.audio?.packets > 0, `${who}: audio arrives`);
+    }
+    assertOnlyTestAddresses();
+    for (const p of [a, b]) await p.context().close();
+  });
+}
