@@ -26,6 +26,81 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run only the STUN/TURN server.
     Turn(TurnCmdArgs),
+    /// Benchmarks against other servers on this machine (loopback only).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// TURN relaying: Callisto vs coturn vs turn-rs vs a plain forwarder.
+    Turn(BenchTurnArgs),
+    /// The plain UDP forwarder the TURN benchmark uses as its ceiling.
+    #[command(hide = true)]
+    Forwarder {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchTarget {
+    Callisto,
+    Coturn,
+    #[value(name = "turn-rs")]
+    TurnRs,
+    Forwarder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchPattern {
+    /// Client ↔ external UDP echo peer through one allocation.
+    A,
+    /// Client ↔ client, both allocated on the server.
+    B,
+}
+
+impl BenchPattern {
+    pub fn label(self) -> &'static str {
+        match self {
+            BenchPattern::A => "a: client↔peer",
+            BenchPattern::B => "b: client↔client",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchTurnArgs {
+    /// Servers to measure, in order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "callisto,coturn,turn-rs,forwarder"
+    )]
+    pub servers: Vec<BenchTarget>,
+    /// Traffic patterns.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b")]
+    pub patterns: Vec<BenchPattern>,
+    /// Allocations (pattern b: pairs) per run.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,500")]
+    pub allocations: Vec<usize>,
+    /// Payload sizes in bytes (at least 16).
+    #[arg(long, value_delimiter = ',', default_value = "100,1200")]
+    pub payloads: Vec<usize>,
+    /// Round trips per second offered, all allocations together; 0 runs
+    /// closed loop (a window in flight per allocation) to find the maximum.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Worker threads for every server.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// The turn-rs binary (default: turn-server on PATH).
+    #[arg(long)]
+    pub turn_rs: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

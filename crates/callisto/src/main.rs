@@ -2,13 +2,19 @@
 //! logging, and runs the chosen subcommand until SIGINT or SIGTERM.
 
 use anyhow::Context;
-use callisto::cli::{Cli, Command};
+use callisto::cli::{BenchCommand, Cli, Command};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(BenchCommand::Turn(args)) => callisto::bench::turn::run(args),
+        Command::Bench(BenchCommand::Forwarder { listen }) => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (tx, _rx) = std::sync::mpsc::channel();
+            callisto::bench::forwarder::run(listen, stop, tx).context("running the forwarder")
+        }
         Command::Turn(args) => {
             callisto::logging::init(&args.logging.log, args.logging.log_format)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -122,7 +122,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                         if inbuf.len() - used < len {
                             break;
                         }
-                        let frame = &inbuf[used..used + len];
+                        let frame = &mut inbuf[used..used + len];
                         // ChannelData is parsed with its padding; STUN exactly.
                         match server.on_client(Instant::now(), five, frame) {
                             Output::Reply { data, .. } => wr.write_all(&data).await?,

@@ -286,6 +286,10 @@ impl Worker {
             let mut to_peer: [(RelayId, SocketAddr, std::ops::Range<usize>); batch::BATCH] =
                 std::array::from_fn(|_| (RelayId(0), self.local, 0..0));
             let mut k = 0;
+            // Datagrams relayed between two allocations of this worker.
+            let mut to_client: [(SocketAddr, std::ops::Range<usize>); batch::BATCH] =
+                std::array::from_fn(|_| (self.local, 0..0));
+            let mut c = 0;
             for i in 0..n {
                 let (Some(from), len) = (self.rx.addrs[i], self.rx.lens[i]) else {
                     continue;
@@ -295,15 +299,19 @@ impl Worker {
                     server: self.local,
                     transport: Transport::Udp,
                 };
-                let buf = &self.rx.slot(i)[..len];
+                let buf = &mut self.rx.slot(i)[..len];
+                let base = i * batch::SLOT;
                 match self.server.on_client(now, five, buf) {
                     Output::ToPeer { relay, peer, range } => {
-                        let base = i * batch::SLOT;
                         to_peer[k] = (relay, peer, base + range.start..base + range.end);
                         k += 1;
                     }
+                    Output::ToClient { to, range } => {
+                        to_client[c] = (to.client, base + range.start..base + range.end);
+                        c += 1;
+                    }
                     Output::Reply { to, data } => replies.push((to.client, data)),
-                    Output::ToClient { .. } | Output::None => {}
+                    Output::None => {}
                 }
             }
             let all = self.rx.slot_all();
@@ -322,10 +330,23 @@ impl Worker {
                 }
                 start = end;
             }
+            if c > 0 {
+                let mut msgs: [(SocketAddr, &[u8]); batch::BATCH] =
+                    [(self.local, &[]); batch::BATCH];
+                for (j, (addr, range)) in to_client[..c].iter().enumerate() {
+                    msgs[j] = (*addr, &all[range.clone()]);
+                }
+                batch::send_batch(&self.listener, &msgs[..c]);
+            }
             if !replies.is_empty() {
                 let msgs: Vec<(SocketAddr, &[u8])> =
                     replies.iter().map(|(a, d)| (*a, d.as_slice())).collect();
                 batch::send_batch(&self.listener, &msgs);
+            }
+            if n < batch::BATCH {
+                // recvmmsg took all there was: the next datagram raises a
+                // new edge, so the call that would only say EAGAIN is saved.
+                return;
             }
         }
     }
@@ -371,6 +392,9 @@ impl Worker {
                     msgs[j] = (*addr, &all[range.clone()]);
                 }
                 batch::send_batch(&self.listener, &msgs[..k]);
+            }
+            if n < batch::BATCH {
+                return;
             }
         }
     }

@@ -365,6 +365,8 @@ struct Allocation {
     five: FiveTuple,
     relay: RelayId,
     relay_addr: SocketAddr,
+    /// The relayed address as clients and peers know it.
+    advertised: SocketAddr,
     username: String,
     expires: Instant,
     permissions: Vec<(IpAddr, Instant)>,
@@ -439,6 +441,8 @@ pub struct Server<A> {
     allocations: Vec<Option<Allocation>>,
     free_slots: Vec<u32>,
     by_five: FxMap<FiveTuple, u32>,
+    /// This server's own allocations by relayed address (bound and advertised).
+    by_relay_addr: FxMap<SocketAddr, u32>,
     unauth: HashMap<IpAddr, UnauthBucket>,
     next_sweep: Option<Instant>,
     counters: RelayCounters,
@@ -468,6 +472,7 @@ impl<A: RelayAllocator> Server<A> {
             allocations: Vec::new(),
             free_slots: Vec::new(),
             by_five: FxMap::default(),
+            by_relay_addr: FxMap::default(),
             unauth: HashMap::new(),
             next_sweep: None,
             counters: RelayCounters::new(),
@@ -494,10 +499,15 @@ impl<A: RelayAllocator> Server<A> {
 
     /// Handles `buf[..len]` from a client. ChannelData may be padded
     /// (stream transports pad to 4 bytes).
-    pub fn on_client(&mut self, now: Instant, five: FiveTuple, buf: &[u8]) -> Output {
+    ///
+    /// The buffer is mutable because ChannelData between two allocations of
+    /// this server is relayed in place: the header is rewritten for the
+    /// receiving client and the result comes back as [`Output::ToClient`].
+    pub fn on_client(&mut self, now: Instant, five: FiveTuple, buf: &mut [u8]) -> Output {
         if let Some(cd) = ChannelData::parse(buf) {
-            return self.client_channel_data(now, five, cd);
+            return self.client_channel_data(now, five, cd, buf);
         }
+        let buf = &*buf;
         let msg = match Message::parse(buf) {
             Ok(m) => m,
             Err(e) => {
@@ -600,7 +610,13 @@ impl<A: RelayAllocator> Server<A> {
         }
     }
 
-    fn client_channel_data(&mut self, now: Instant, five: FiveTuple, cd: ChannelData) -> Output {
+    fn client_channel_data(
+        &mut self,
+        now: Instant,
+        five: FiveTuple,
+        cd: ChannelData,
+        buf: &mut [u8],
+    ) -> Output {
         let Some(&slot) = self.by_five.get(&five) else {
             return Output::None;
         };
@@ -618,12 +634,54 @@ impl<A: RelayAllocator> Server<A> {
             return Output::None;
         }
         let relay = alloc.relay;
+        let from = alloc.advertised;
         self.counters.count(TO_PEER, five.transport, cd.len);
+        if let Some(out) = self.relay_locally(now, from, peer, cd.len, buf) {
+            return out;
+        }
         Output::ToPeer {
             relay,
             peer,
             range: 4..4 + cd.len,
         }
+    }
+
+    /// When the peer is another allocation of this same server (the common
+    /// relay/relay case of WebRTC), hands the data straight to that
+    /// allocation's client instead of sending it through two relay sockets
+    /// and the kernel: the 4-byte ChannelData header in `buf` is rewritten
+    /// with the receiver's channel for `from`. Only when the receiver is on
+    /// UDP and has a channel for the sender; otherwise the kernel path runs,
+    /// with identical results.
+    fn relay_locally(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        peer: SocketAddr,
+        len: usize,
+        buf: &mut [u8],
+    ) -> Option<Output> {
+        let &slot = self.by_relay_addr.get(&peer)?;
+        let target = self.allocations[slot as usize].as_mut()?;
+        if target.five.transport != Transport::Udp || target.expires <= now {
+            return None;
+        }
+        let channel = target.channel_by_peer(from, now)?;
+        if !target.permitted(from.ip(), now) {
+            // The receiver did not allow the sender: dropped, as the kernel
+            // path would drop it at the receiving relay.
+            return Some(Output::None);
+        }
+        if !target.to_client_budget.take(len, now) {
+            return Some(Output::None);
+        }
+        let to = target.five;
+        buf[..4].copy_from_slice(&ChannelData::header(channel, len as u16));
+        self.counters.count(TO_CLIENT, Transport::Udp, len);
+        Some(Output::ToClient {
+            to,
+            range: 0..4 + len,
+        })
     }
 
     fn on_send_indication(
@@ -958,6 +1016,7 @@ impl<A: RelayAllocator> Server<A> {
             five,
             relay,
             relay_addr,
+            advertised,
             username: authed.username.clone(),
             expires: now + lifetime,
             permissions: Vec::new(),
@@ -968,6 +1027,8 @@ impl<A: RelayAllocator> Server<A> {
             to_client_budget: bucket(),
         });
         self.by_five.insert(five, slot);
+        self.by_relay_addr.insert(relay_addr, slot);
+        self.by_relay_addr.insert(advertised, slot);
         self.shared.set_relay([relay_addr, advertised], true);
         self.next_sweep.get_or_insert(now + Duration::from_secs(1));
         metrics::counter!("callisto_turn_allocations_total", "transport" => five.transport.as_str())
@@ -1151,11 +1212,9 @@ impl<A: RelayAllocator> Server<A> {
             return;
         };
         self.by_five.remove(&a.five);
-        let advertised = SocketAddr::new(
-            self.shared.config.external_ip.unwrap_or(a.relay_addr.ip()),
-            a.relay_addr.port(),
-        );
-        self.shared.set_relay([a.relay_addr, advertised], false);
+        self.by_relay_addr.remove(&a.relay_addr);
+        self.by_relay_addr.remove(&a.advertised);
+        self.shared.set_relay([a.relay_addr, a.advertised], false);
         self.relays.release(a.relay);
         self.shared.unreserve(&a.username);
         self.free_slots.push(slot);

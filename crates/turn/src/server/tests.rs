@@ -73,8 +73,8 @@ fn pump(
     now: Instant,
 ) -> Vec<Event> {
     let mut events = Vec::new();
-    while let Some(req) = client.poll_transmit() {
-        if let Output::Reply { data, .. } = server.on_client(now, five, &req) {
+    while let Some(mut req) = client.poll_transmit() {
+        if let Output::Reply { data, .. } = server.on_client(now, five, &mut req) {
             client.handle_input(now, &data);
         }
     }
@@ -140,7 +140,7 @@ fn binding_returns_the_mapped_address() {
     let tid = [7u8; 12];
     let mut b = MessageBuilder::new(method::BINDING, Class::Request, &tid);
     b.fingerprint();
-    let Output::Reply { data, .. } = s.on_client(now, five(1), &b.finish()) else {
+    let Output::Reply { data, .. } = s.on_client(now, five(1), &mut b.finish()) else {
         panic!()
     };
     let msg = Message::parse(&data).unwrap();
@@ -169,7 +169,7 @@ fn allocate_challenge_then_success_and_retransmission() {
     let tid = [1u8; 12];
     let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, &tid);
     b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
-    let out = s.on_client(now, five(1), &b.finish());
+    let out = s.on_client(now, five(1), &mut b.finish());
     assert_eq!(error_code(&out), 401);
     let Output::Reply { data, .. } = &out else {
         unreachable!()
@@ -198,20 +198,20 @@ fn retransmitted_allocate_gets_the_same_answer() {
     let now = Instant::now();
     let mut c = Client::new(USER, PASS, false, 5);
     c.allocate(now);
-    let first = c.poll_transmit().unwrap();
+    let mut first = c.poll_transmit().unwrap();
     let Output::Reply {
         data: challenge, ..
-    } = s.on_client(now, five(1), &first)
+    } = s.on_client(now, five(1), &mut first)
     else {
         panic!()
     };
     c.handle_input(now, &challenge);
-    let authed = c.poll_transmit().unwrap();
-    let Output::Reply { data: a, .. } = s.on_client(now, five(1), &authed) else {
+    let mut authed = c.poll_transmit().unwrap();
+    let Output::Reply { data: a, .. } = s.on_client(now, five(1), &mut authed) else {
         panic!()
     };
     let Output::Reply { data: b, .. } =
-        s.on_client(now + Duration::from_millis(500), five(1), &authed)
+        s.on_client(now + Duration::from_millis(500), five(1), &mut authed)
     else {
         panic!()
     };
@@ -265,8 +265,8 @@ fn stale_nonce_is_renewed_transparently() {
     // Past the nonce lifetime the next request gets 438, then succeeds.
     let later = t0 + Duration::from_secs(700);
     c.create_permission(later, peer().ip());
-    let req = c.poll_transmit().unwrap();
-    let out = s.on_client(later, five(1), &req);
+    let mut req = c.poll_transmit().unwrap();
+    let out = s.on_client(later, five(1), &mut req);
     assert_eq!(error_code(&out), 438);
     let Output::Reply { data, .. } = out else {
         unreachable!()
@@ -283,14 +283,14 @@ fn a_nonce_is_bound_to_its_five_tuple() {
     let mut s = Server::new(shared.clone(), FakeRelays::default());
     let mut c = Client::new(USER, PASS, false, 1);
     c.allocate(t0);
-    let first = c.poll_transmit().unwrap();
-    let Output::Reply { data, .. } = s.on_client(t0, five(1), &first) else {
+    let mut first = c.poll_transmit().unwrap();
+    let Output::Reply { data, .. } = s.on_client(t0, five(1), &mut first) else {
         panic!()
     };
     c.handle_input(t0, &data);
     // The authenticated retry arrives from another port: its nonce is foreign.
-    let retry = c.poll_transmit().unwrap();
-    assert_eq!(error_code(&s.on_client(t0, five(2), &retry)), 401);
+    let mut retry = c.poll_transmit().unwrap();
+    assert_eq!(error_code(&s.on_client(t0, five(2), &mut retry)), 401);
 }
 
 #[test]
@@ -301,8 +301,8 @@ fn permissions_and_send_indications_and_data_indications() {
     let (mut c, relayed) = allocated(&mut s, five(1), t0);
 
     // Without a permission, data goes nowhere in either direction.
-    let send = c.send_to(peer(), b"hello");
-    assert_eq!(s.on_client(t0, five(1), &send), Output::None);
+    let mut send = c.send_to(peer(), b"hello");
+    assert_eq!(s.on_client(t0, five(1), &mut send), Output::None);
     let mut buf = vec![0u8; HEADROOM + 64];
     buf[HEADROOM..HEADROOM + 3].copy_from_slice(b"hey");
     let relay = RelayId(u32::from(relayed.port() - 50000));
@@ -318,7 +318,7 @@ fn permissions_and_send_indications_and_data_indications() {
         relay: r,
         peer: p,
         range,
-    } = s.on_client(t0, five(1), &send)
+    } = s.on_client(t0, five(1), &mut send)
     else {
         panic!()
     };
@@ -342,7 +342,7 @@ fn permissions_and_send_indications_and_data_indications() {
 
     // Permissions last 300 s.
     let late = t0 + Duration::from_secs(301);
-    assert_eq!(s.on_client(late, five(1), &send), Output::None);
+    assert_eq!(s.on_client(late, five(1), &mut send), Output::None);
     assert_eq!(s.on_peer(late, relay, peer(), &mut buf, 3), Output::None);
 }
 
@@ -362,9 +362,9 @@ fn channels_both_ways_and_their_rules() {
         }]
     );
 
-    let framed = c.send_to(peer(), b"abc");
+    let mut framed = c.send_to(peer(), b"abc");
     assert_eq!(&framed[..2], &ch.to_be_bytes());
-    let Output::ToPeer { range, .. } = s.on_client(t0, five(1), &framed) else {
+    let Output::ToPeer { range, .. } = s.on_client(t0, five(1), &mut framed) else {
         panic!()
     };
     assert_eq!(&framed[range], b"abc");
@@ -401,7 +401,7 @@ fn channels_both_ways_and_their_rules() {
     // Channels last 600 s; the permission they installed lasts 300 s.
     let mid = t0 + Duration::from_secs(301);
     assert_eq!(
-        s.on_client(mid, five(1), &framed),
+        s.on_client(mid, five(1), &mut framed),
         Output::None,
         "permission expired"
     );
@@ -468,8 +468,8 @@ fn forbidden_peers_get_403_and_own_relays_are_allowed_on_relay_ports() {
         c.bind_channel(t0, target);
         assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t0)), 403);
         // Nor can a Send indication reach it through the relay IP's permission.
-        let send = c.send_to(target, b"x");
-        assert_eq!(s.on_client(t0, five(1), &send), Output::None);
+        let mut send = c.send_to(target, b"x");
+        assert_eq!(s.on_client(t0, five(1), &mut send), Output::None);
     }
 }
 
@@ -620,11 +620,11 @@ fn request_with(method: u16, attrs: &[(u16, &[u8])]) -> Vec<u8> {
 fn unknown_required_attributes_get_420() {
     let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
     let mut s = Server::new(shared.clone(), FakeRelays::default());
-    let req = request_with(
+    let mut req = request_with(
         method::BINDING,
         &[(0x0077, b"x"), (0x8077, b"optional is fine")],
     );
-    let out = s.on_client(Instant::now(), five(1), &req);
+    let out = s.on_client(Instant::now(), five(1), &mut req);
     assert_eq!(error_code(&out), 420);
     let Output::Reply { data, .. } = out else {
         unreachable!()
@@ -644,8 +644,8 @@ fn allocate_attribute_errors() {
     // Authenticate with a real client first to learn a nonce, then craft requests.
     let mut c = Client::new(USER, PASS, false, 1);
     c.allocate(t0);
-    let first = c.poll_transmit().unwrap();
-    let Output::Reply { data, .. } = s.on_client(t0, five(1), &first) else {
+    let mut first = c.poll_transmit().unwrap();
+    let Output::Reply { data, .. } = s.on_client(t0, five(1), &mut first) else {
         panic!()
     };
     let msg = Message::parse(&data).unwrap();
@@ -662,8 +662,9 @@ fn allocate_attribute_errors() {
             .integrity(&key);
         b.finish()
     };
-    let code =
-        |s: &mut Server<FakeRelays>, req: Vec<u8>| error_code(&s.on_client(t0, five(1), &req));
+    let code = |s: &mut Server<FakeRelays>, mut req: Vec<u8>| {
+        error_code(&s.on_client(t0, five(1), &mut req))
+    };
     assert_eq!(code(&mut s, signed(&[])), 400, "no REQUESTED-TRANSPORT");
     assert_eq!(
         code(
@@ -720,9 +721,9 @@ fn unauthenticated_answers_are_rate_limited() {
     cfg.unauth_rate = 5;
     let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
     let mut s = Server::new(shared.clone(), FakeRelays::default());
-    let req = request_with(method::BINDING, &[]);
+    let mut req = request_with(method::BINDING, &[]);
     let answered = (0..50)
-        .filter(|_| s.on_client(t0, five(1), &req) != Output::None)
+        .filter(|_| s.on_client(t0, five(1), &mut req) != Output::None)
         .count();
     assert_eq!(answered, 10, "a burst of twice the rate");
     // Another source is not affected; the first recovers with time.
@@ -730,9 +731,9 @@ fn unauthenticated_answers_are_rate_limited() {
         client: "198.51.100.8:1".parse().unwrap(),
         ..five(1)
     };
-    assert_ne!(s.on_client(t0, other, &req), Output::None);
+    assert_ne!(s.on_client(t0, other, &mut req), Output::None);
     assert_ne!(
-        s.on_client(t0 + Duration::from_secs(1), five(1), &req),
+        s.on_client(t0 + Duration::from_secs(1), five(1), &mut req),
         Output::None
     );
 }
@@ -747,13 +748,13 @@ fn bandwidth_limit_drops_the_excess() {
     let (mut c, _) = allocated(&mut s, five(1), t0);
     c.bind_channel(t0, peer());
     pump(&mut s, &mut c, five(1), t0);
-    let framed = c.send_to(peer(), &[0u8; 400]);
+    let mut framed = c.send_to(peer(), &[0u8; 400]);
     let sent = (0..5)
-        .filter(|_| s.on_client(t0, five(1), &framed) != Output::None)
+        .filter(|_| s.on_client(t0, five(1), &mut framed) != Output::None)
         .count();
     assert_eq!(sent, 2, "1000 bytes of budget: two 400-byte packets");
     assert_ne!(
-        s.on_client(t0 + Duration::from_secs(1), five(1), &framed),
+        s.on_client(t0 + Duration::from_secs(1), five(1), &mut framed),
         Output::None
     );
 }
@@ -769,6 +770,63 @@ fn garbage_is_dropped_silently() {
         &[0xFF; 64],
         &[0x40, 0x00, 0x00, 0x10],
     ] {
-        assert_eq!(s.on_client(Instant::now(), five(1), junk), Output::None);
+        assert_eq!(
+            s.on_client(Instant::now(), five(1), &mut junk.to_vec()),
+            Output::None
+        );
     }
+}
+
+#[test]
+fn relay_between_own_allocations_skips_the_kernel() {
+    let t0 = Instant::now();
+    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
+    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (mut a, relay_a) = allocated(&mut s, five(1), t0);
+    let (mut b, relay_b) = allocated(&mut s, five(2), t0);
+    a.bind_channel(t0, relay_b);
+    pump(&mut s, &mut a, five(1), t0);
+
+    // B has no channel for A yet: the kernel path (through B's relay socket).
+    let mut framed = a.send_to(relay_b, b"hello");
+    assert!(
+        matches!(s.on_client(t0, five(1), &mut framed), Output::ToPeer { peer, .. } if peer == relay_b)
+    );
+
+    // Once B binds a channel to A, A's data goes straight to B's client,
+    // re-framed with B's channel number.
+    let ch_b = b.bind_channel(t0, relay_a);
+    pump(&mut s, &mut b, five(2), t0);
+    let mut framed = a.send_to(relay_b, b"hello");
+    let Output::ToClient { to, range } = s.on_client(t0, five(1), &mut framed) else {
+        panic!("expected local delivery")
+    };
+    assert_eq!(to, five(2));
+    assert_eq!(&framed[range.clone()][..2], &ch_b.to_be_bytes());
+    b.handle_input(t0, &framed[range]);
+    assert_eq!(
+        b.poll_event(),
+        Some(Event::Data {
+            peer: relay_a,
+            data: b"hello".to_vec()
+        })
+    );
+    // And back.
+    let mut framed = b.send_to(relay_a, b"world");
+    let Output::ToClient { to, range } = s.on_client(t0, five(2), &mut framed) else {
+        panic!("expected local delivery")
+    };
+    assert_eq!(to, five(1));
+    a.handle_input(t0, &framed[range]);
+    assert_eq!(
+        a.poll_event(),
+        Some(Event::Data {
+            peer: relay_b,
+            data: b"world".to_vec()
+        })
+    );
+    // Expired permissions stop it, as they would stop the kernel path.
+    let late = t0 + Duration::from_secs(301);
+    let mut framed = a.send_to(relay_b, b"late");
+    assert_eq!(s.on_client(late, five(1), &mut framed), Output::None);
 }

@@ -1,0 +1,111 @@
+//! A plain UDP forwarder on the same I/O path as the TURN UDP workers
+//! (mio, recvmmsg, sendmmsg), with no protocol at all: the practical
+//! ceiling of packets per second for a relay on this machine.
+//!
+//! A client opens a lane by sending `LANE <dest>` from its socket; the
+//! forwarder binds a lane socket, answers with its address, and from then
+//! on forwards client → dest through the lane socket and dest → client
+//! through the main socket.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use callisto_turn::net::batch::{self, RecvBatch};
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+
+const MAIN: Token = Token(0);
+
+/// Runs until `stop`; `ready` receives the main socket's address.
+pub fn run(
+    listen: SocketAddr,
+    stop: Arc<AtomicBool>,
+    ready: std::sync::mpsc::Sender<SocketAddr>,
+) -> io::Result<()> {
+    let mut poll = Poll::new()?;
+    let std = StdUdpSocket::bind(listen)?;
+    std.set_nonblocking(true)?;
+    let _ = ready.send(std.local_addr()?);
+    let mut main = UdpSocket::from_std(std);
+    poll.registry()
+        .register(&mut main, MAIN, Interest::READABLE)?;
+    // Lanes by client address, and lane sockets by token.
+    let mut by_client: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut lanes: Vec<(UdpSocket, SocketAddr, SocketAddr)> = Vec::new(); // (socket, client, dest)
+    let mut rx: Box<RecvBatch> = Box::default();
+    let mut events = Events::with_capacity(1024);
+    while !stop.load(Ordering::Relaxed) {
+        poll.poll(&mut events, Some(Duration::from_millis(100)))?;
+        for ev in events.iter() {
+            if ev.token() == MAIN {
+                loop {
+                    let n = match rx.recv(&main, 0) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => continue,
+                    };
+                    let mut out: Vec<(usize, SocketAddr, std::ops::Range<usize>)> =
+                        Vec::with_capacity(n);
+                    for i in 0..n {
+                        let (Some(from), len) = (rx.addrs[i], rx.lens[i]) else {
+                            continue;
+                        };
+                        if let Some(&lane) = by_client.get(&from) {
+                            out.push((lane, lanes[lane].2, i * batch::SLOT..i * batch::SLOT + len));
+                        } else if let Some(dest) = std::str::from_utf8(&rx.slot(i)[..len])
+                            .ok()
+                            .and_then(|t| t.strip_prefix("LANE "))
+                            .and_then(|d| d.trim().parse::<SocketAddr>().ok())
+                        {
+                            let s = StdUdpSocket::bind("127.0.0.1:0")?;
+                            s.set_nonblocking(true)?;
+                            let addr = s.local_addr()?;
+                            let mut s = UdpSocket::from_std(s);
+                            poll.registry().register(
+                                &mut s,
+                                Token(lanes.len() + 1),
+                                Interest::READABLE,
+                            )?;
+                            by_client.insert(from, lanes.len());
+                            lanes.push((s, from, dest));
+                            let _ = main.send_to(addr.to_string().as_bytes(), from);
+                        }
+                    }
+                    let all = rx.slot_all();
+                    let mut start = 0;
+                    while start < out.len() {
+                        let lane = out[start].0;
+                        let mut end = start;
+                        let mut msgs: Vec<(SocketAddr, &[u8])> = Vec::new();
+                        while end < out.len() && out[end].0 == lane {
+                            msgs.push((out[end].1, &all[out[end].2.clone()]));
+                            end += 1;
+                        }
+                        batch::send_batch(&lanes[lane].0, &msgs);
+                        start = end;
+                    }
+                }
+            } else {
+                let lane = ev.token().0 - 1;
+                loop {
+                    let n = match rx.recv(&lanes[lane].0, 0) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => continue,
+                    };
+                    let client = lanes[lane].1;
+                    let all = rx.slot_all();
+                    let msgs: Vec<(SocketAddr, &[u8])> = (0..n)
+                        .map(|i| (client, &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]]))
+                        .collect();
+                    batch::send_batch(&main, &msgs);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,663 @@
+//! `callisto bench turn`: Callisto's TURN server, coturn, turn-rs and a
+//! plain forwarder, each started by the benchmark with the same thread
+//! count, measured with the same load generator in one run.
+//!
+//! Two traffic patterns:
+//! - (a) client ↔ external UDP echo peer, through one allocation each;
+//! - (b) client ↔ client, both allocated on the server (relay/relay, the
+//!   common WebRTC case); the second client echoes.
+//!
+//! Load runs either paced (`--rate` round trips per second, open loop:
+//! loss and latency at a given load) or closed loop (`--rate 0`: a window
+//! of packets in flight per allocation: the most the pair can do).
+//! Server CPU comes from /proc/PID/stat, memory from /proc/PID/status.
+
+use std::collections::VecDeque;
+use std::io::{self, Write as _};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use callisto_turn::client::{Client, Event};
+use callisto_turn::net::batch::{self, RecvBatch};
+use callisto_turn::stun::ChannelData;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::cli::{BenchPattern, BenchTarget, BenchTurnArgs};
+
+const USER: &str = "bench";
+const PASS: &str = "bench-password";
+const REALM: &str = "bench";
+/// Packets in flight per allocation in closed-loop mode.
+const WINDOW: u64 = 8;
+
+/// A server under test, as a child process.
+struct Target {
+    name: &'static str,
+    child: Child,
+    addr: SocketAddr,
+    _config: Option<tempfile_path::TempPath>,
+}
+
+mod tempfile_path {
+    /// A file removed when dropped.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Target {
+    fn cpu_seconds(&self) -> f64 {
+        proc_cpu_seconds(self.child.id()).unwrap_or(f64::NAN)
+    }
+
+    fn rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    }
+}
+
+/// User + system CPU of a process and all its threads, in seconds.
+fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the whole line are 12 and 13 after "pid (comm) ".
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyhow::Result<Target> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let threads = args.threads.to_string();
+    // Disjoint relay port ranges, so targets never collide.
+    let lo = 20000 + index as u32 * 4000;
+    let (lo, hi) = (lo, lo + 3999);
+    let quiet = || (Stdio::null(), Stdio::null());
+    let (child, name, config) = match which {
+        BenchTarget::Callisto => {
+            let (o, e) = quiet();
+            let child = Command::new(std::env::current_exe()?)
+                .args([
+                    "turn",
+                    "--turn-listen",
+                    &addr.to_string(),
+                    "--turn-threads",
+                    &threads,
+                ])
+                .args([
+                    "--turn-user",
+                    &format!("{USER}:{PASS}"),
+                    "--turn-realm",
+                    REALM,
+                ])
+                .args([
+                    "--turn-allow-peer",
+                    "127.0.0.1/32",
+                    "--turn-port-range",
+                    &format!("{lo}-{hi}"),
+                ])
+                .args([
+                    "--turn-user-quota",
+                    "100000",
+                    "--turn-max-allocations",
+                    "100000",
+                    "--log",
+                    "warn",
+                ])
+                .stdout(o)
+                .stderr(e)
+                .spawn()
+                .context("starting callisto turn")?;
+            (child, "callisto", None)
+        }
+        BenchTarget::Coturn => {
+            let (o, e) = quiet();
+            let child = Command::new("turnserver")
+                .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
+                .arg(format!("--listening-port={port}"))
+                .args([
+                    "--lt-cred-mech",
+                    &format!("--user={USER}:{PASS}"),
+                    &format!("--realm={REALM}"),
+                ])
+                .args([
+                    "--allow-loopback-peers",
+                    "--no-cli",
+                    "--no-tls",
+                    "--no-dtls",
+                    "--no-tcp",
+                ])
+                .arg(format!("--relay-threads={threads}"))
+                .arg(format!("--min-port={lo}"))
+                .arg(format!("--max-port={hi}"))
+                .args([
+                    "--log-file=/dev/null",
+                    "--pidfile=/dev/null",
+                    "--no-stdout-log",
+                ])
+                .stdout(o)
+                .stderr(e)
+                .spawn()
+                .context("starting coturn's turnserver (apt-get install coturn)")?;
+            (child, "coturn", None)
+        }
+        BenchTarget::TurnRs => {
+            let bin = args
+                .turn_rs
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("turn-server"));
+            let path = std::env::temp_dir().join(format!(
+                "callisto-bench-turn-rs-{}.toml",
+                std::process::id()
+            ));
+            std::fs::write(
+                &path,
+                format!(
+                    "[server]\nport-range = \"{lo}..{hi}\"\nmax-threads = {threads}\nrealm = \"{REALM}\"\n\
+                     [[server.interfaces]]\ntransport = \"udp\"\nlisten = \"{addr}\"\nexternal = \"{addr}\"\nidle-timeout = 60\nmtu = 1500\n\
+                     [log]\nlevel = \"error\"\nstdout = false\n\
+                     [auth]\nenable-hooks-auth = false\n[auth.static-credentials]\n{USER} = \"{PASS}\"\n"
+                ),
+            )?;
+            let (o, e) = quiet();
+            let child = Command::new(&bin)
+                .arg("--config")
+                .arg(&path)
+                .stdout(o)
+                .stderr(e)
+                .spawn()
+                .with_context(|| {
+                    format!(
+                        "starting turn-rs ({}); cargo install turn-server, or pass --turn-rs PATH",
+                        bin.display()
+                    )
+                })?;
+            (child, "turn-rs", Some(tempfile_path::TempPath(path)))
+        }
+        BenchTarget::Forwarder => {
+            let (o, e) = quiet();
+            let child = Command::new(std::env::current_exe()?)
+                .args(["bench", "forwarder", "--listen", &addr.to_string()])
+                .stdout(o)
+                .stderr(e)
+                .spawn()?;
+            (child, "forwarder", None)
+        }
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    Ok(Target {
+        name,
+        child,
+        addr,
+        _config: config,
+    })
+}
+
+/// One allocation (or forwarder lane) and its client socket.
+struct Lane {
+    sock: UdpSocket,
+    client: Option<Client>,
+    relayed: SocketAddr,
+    channel: u16,
+}
+
+impl Lane {
+    fn header(&self, len: usize) -> Option<[u8; 4]> {
+        self.client
+            .as_ref()
+            .map(|_| ChannelData::header(self.channel, len as u16))
+    }
+}
+
+fn drive(
+    lane: &mut Lane,
+    server: SocketAddr,
+    mut done: impl FnMut(&Event) -> bool,
+) -> anyhow::Result<()> {
+    let client = lane.client.as_mut().context("not a TURN lane")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 2048];
+    loop {
+        while let Some(t) = client.poll_transmit() {
+            lane.sock.send_to(&t, server)?;
+        }
+        while let Some(e) = client.poll_event() {
+            if let Event::Failed { code, reason, .. } = &e {
+                bail!("server refused: {code} {reason}");
+            }
+            if done(&e) {
+                if let Event::Allocated { relayed, .. } = e {
+                    lane.relayed = relayed;
+                }
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no answer from the server");
+        }
+        if let Ok((n, _)) = lane.sock.recv_from(&mut buf) {
+            client.handle_input(Instant::now(), &buf[..n]);
+        }
+        client.handle_timeout(Instant::now());
+    }
+}
+
+fn new_lane(target: &Target, seed: u64) -> anyhow::Result<Lane> {
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(1 << 20);
+    let mut lane = Lane {
+        sock,
+        client: None,
+        relayed: target.addr,
+        channel: 0,
+    };
+    if target.name != "forwarder" {
+        let mut c = Client::new(USER, PASS, false, seed);
+        c.allocate(Instant::now());
+        lane.client = Some(c);
+        drive(&mut lane, target.addr, |e| {
+            matches!(e, Event::Allocated { .. })
+        })?;
+    }
+    Ok(lane)
+}
+
+fn connect(lane: &mut Lane, target: &Target, peer: SocketAddr) -> anyhow::Result<()> {
+    match lane.client.as_mut() {
+        Some(c) => {
+            lane.channel = c.bind_channel(Instant::now(), peer);
+            drive(lane, target.addr, |e| {
+                matches!(e, Event::ChannelBound { .. })
+            })
+        }
+        None => {
+            lane.sock
+                .send_to(format!("LANE {peer}").as_bytes(), target.addr)?;
+            let mut buf = [0u8; 128];
+            let (n, _) = lane
+                .sock
+                .recv_from(&mut buf)
+                .context("forwarder did not answer")?;
+            lane.relayed = std::str::from_utf8(&buf[..n])?.parse()?;
+            Ok(())
+        }
+    }
+}
+
+/// Results of one run.
+struct Outcome {
+    alloc_per_sec: f64,
+    sent: u64,
+    received: u64,
+    seconds: f64,
+    relayed_per_rtt: u64,
+    cpu: f64,
+    rtts_us: Vec<u32>,
+    rss_mib: f64,
+}
+
+fn echo_peer(stop: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
+    let std = UdpSocket::bind("127.0.0.1:0")?;
+    std.set_nonblocking(true)?;
+    let _ = socket2::SockRef::from(&std).set_recv_buffer_size(4 << 20);
+    let addr = std.local_addr()?;
+    let mut sock = mio::net::UdpSocket::from_std(std);
+    std::thread::spawn(move || -> io::Result<()> {
+        let mut poll = Poll::new()?;
+        poll.registry()
+            .register(&mut sock, Token(0), Interest::READABLE)?;
+        let mut events = Events::with_capacity(8);
+        let mut rx: Box<RecvBatch> = Box::default();
+        while !stop.load(Ordering::Relaxed) {
+            poll.poll(&mut events, Some(Duration::from_millis(50)))?;
+            loop {
+                let n = match rx.recv(&sock, 0) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => continue,
+                };
+                let all = rx.slot_all();
+                let msgs: Vec<(SocketAddr, &[u8])> = (0..n)
+                    .filter_map(|i| {
+                        rx.addrs[i]
+                            .map(|a| (a, &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]]))
+                    })
+                    .collect();
+                batch::send_batch(&sock, &msgs);
+            }
+        }
+        Ok(())
+    });
+    Ok(addr)
+}
+
+fn run_one(
+    target: &Target,
+    pattern: BenchPattern,
+    n: usize,
+    payload: usize,
+    args: &BenchTurnArgs,
+) -> anyhow::Result<Outcome> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer = echo_peer(stop.clone())?;
+    let t0 = Instant::now();
+    let mut a: Vec<Lane> = Vec::with_capacity(n);
+    let mut b: Vec<Lane> = Vec::new();
+    for i in 0..n {
+        a.push(new_lane(target, i as u64 * 2 + 1)?);
+        if pattern == BenchPattern::B {
+            b.push(new_lane(target, i as u64 * 2 + 2)?);
+        }
+    }
+    let allocations = a.len() + b.len();
+    let alloc_per_sec = allocations as f64 / t0.elapsed().as_secs_f64();
+    match pattern {
+        BenchPattern::A => {
+            for lane in &mut a {
+                connect(lane, target, peer)?;
+            }
+        }
+        BenchPattern::B => {
+            for i in 0..n {
+                let (ra, rb) = (a[i].relayed, b[i].relayed);
+                connect(&mut a[i], target, rb)?;
+                connect(&mut b[i], target, ra)?;
+            }
+        }
+    }
+    let relayed_per_rtt = match pattern {
+        BenchPattern::A => 2,
+        BenchPattern::B => 4,
+    };
+
+    let base = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let closed_loop = args.rate == 0;
+    let duration = Duration::from_secs_f64(args.duration);
+    let server = target.addr;
+    // Framing headers never change during a run.
+    let a_headers: Vec<Option<[u8; 4]>> = a.iter().map(|l| l.header(payload)).collect();
+    let b_headers: Vec<Option<[u8; 4]>> = b.iter().map(|l| l.header(payload)).collect();
+    let a_socks: Vec<UdpSocket> = a
+        .iter()
+        .map(|l| l.sock.try_clone())
+        .collect::<io::Result<_>>()?;
+    let send_probe =
+        move |sock: &UdpSocket, header: Option<[u8; 4]>, seq: u64, buf: &mut Vec<u8>| {
+            buf.clear();
+            if let Some(h) = header {
+                buf.extend_from_slice(&h);
+            }
+            buf.extend_from_slice(&seq.to_le_bytes());
+            buf.extend_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
+            buf.resize(buf.len() + payload.saturating_sub(16), 0);
+            let _ = sock.send_to(buf, server);
+        };
+
+    let cpu_before = target.cpu_seconds();
+    let started = Instant::now();
+    // Open loop: a pacing thread sends; closed loop: the receiver refills.
+    let pacer = if closed_loop {
+        None
+    } else {
+        let (socks, headers, sent, rate) = (
+            a_socks
+                .iter()
+                .map(UdpSocket::try_clone)
+                .collect::<io::Result<Vec<_>>>()?,
+            a_headers.clone(),
+            sent.clone(),
+            args.rate,
+        );
+        Some(std::thread::spawn(move || {
+            let mut buf = Vec::with_capacity(2048);
+            let mut seq = 0u64;
+            while started.elapsed() < duration {
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                while seq < due {
+                    let i = (seq % socks.len() as u64) as usize;
+                    send_probe(&socks[i], headers[i], seq, &mut buf);
+                    seq += 1;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            sent.store(seq, Ordering::Relaxed);
+        }))
+    };
+
+    let mut poll = Poll::new()?;
+    let mut mio_socks: Vec<mio::net::UdpSocket> = Vec::new();
+    for lane in a.iter().chain(b.iter()) {
+        let s = lane.sock.try_clone()?;
+        s.set_nonblocking(true)?;
+        mio_socks.push(mio::net::UdpSocket::from_std(s));
+    }
+    for (i, s) in mio_socks.iter_mut().enumerate() {
+        poll.registry().register(s, Token(i), Interest::READABLE)?;
+    }
+    let mut events = Events::with_capacity(1024);
+    let mut rx: Box<RecvBatch> = Box::default();
+    let mut rtts: Vec<u32> = Vec::with_capacity(1 << 20);
+    let mut received = 0u64;
+    let mut buf = Vec::with_capacity(2048);
+    let mut seq = 0u64;
+    let mut in_flight: Vec<u64> = vec![0; n];
+    let mut last_progress: Vec<Instant> = vec![Instant::now(); n];
+    let mut echo: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
+    if closed_loop {
+        for i in 0..n {
+            for _ in 0..WINDOW {
+                send_probe(&a_socks[i], a_headers[i], seq, &mut buf);
+                seq += 1;
+            }
+            in_flight[i] = WINDOW;
+        }
+    }
+    let drain_until = duration + Duration::from_millis(500);
+    while started.elapsed() < drain_until {
+        poll.poll(&mut events, Some(Duration::from_millis(20)))?;
+        for ev in events.iter() {
+            let idx = ev.token().0;
+            loop {
+                let count = match rx.recv(&mio_socks[idx], 0) {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => continue,
+                };
+                for k in 0..count {
+                    let len = rx.lens[k];
+                    let data = &rx.slot(k)[..len];
+                    let is_turn = a_headers[0].is_some();
+                    let body = if is_turn {
+                        match ChannelData::parse(data) {
+                            Some(cd) => &data[4..4 + cd.len],
+                            None => continue, // a STUN message (refresh answer, say)
+                        }
+                    } else {
+                        data
+                    };
+                    if idx >= n {
+                        // Pattern (b): the second client echoes to the first.
+                        echo.push_back((idx - n, body.to_vec()));
+                        continue;
+                    }
+                    if body.len() < 16 {
+                        continue;
+                    }
+                    let sent_ns = u64::from_le_bytes(body[8..16].try_into().unwrap_or([0; 8]));
+                    let rtt = base.elapsed().as_nanos() as u64 - sent_ns;
+                    if started.elapsed() < duration {
+                        rtts.push((rtt / 1000).min(u64::from(u32::MAX)) as u32);
+                    }
+                    received += 1;
+                    if closed_loop {
+                        last_progress[idx] = Instant::now();
+                        if started.elapsed() < duration {
+                            send_probe(&a_socks[idx], a_headers[idx], seq, &mut buf);
+                            seq += 1;
+                        } else {
+                            in_flight[idx] = in_flight[idx].saturating_sub(1);
+                        }
+                    }
+                }
+                while let Some((i, body)) = echo.pop_front() {
+                    buf.clear();
+                    if let Some(h) = b_headers[i] {
+                        buf.extend_from_slice(&h);
+                    }
+                    buf.extend_from_slice(&body);
+                    let _ = b[i].sock.send_to(&buf, server);
+                }
+            }
+        }
+        if closed_loop && started.elapsed() < duration {
+            // A lost packet would shrink the window for good: top it up.
+            for i in 0..n {
+                if last_progress[i].elapsed() > Duration::from_millis(200) {
+                    last_progress[i] = Instant::now();
+                    send_probe(&a_socks[i], a_headers[i], seq, &mut buf);
+                    seq += 1;
+                }
+            }
+        }
+    }
+    let seconds = duration.as_secs_f64();
+    let cpu = target.cpu_seconds() - cpu_before;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(p) = pacer {
+        let _ = p.join();
+    }
+    let sent = if closed_loop {
+        seq
+    } else {
+        sent.load(Ordering::Relaxed)
+    };
+    // Release the allocations so the next run starts clean.
+    for lane in a.iter_mut().chain(b.iter_mut()) {
+        if let Some(c) = lane.client.as_mut() {
+            c.refresh(Instant::now(), 0);
+            while let Some(t) = c.poll_transmit() {
+                let _ = lane.sock.send_to(&t, server);
+            }
+        }
+    }
+    Ok(Outcome {
+        alloc_per_sec,
+        sent,
+        received,
+        seconds,
+        relayed_per_rtt,
+        cpu,
+        rtts_us: rtts,
+        rss_mib: target.rss_mib(),
+    })
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs the whole matrix and prints a Markdown table.
+pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
+    let mode = if args.rate == 0 {
+        format!("closed loop, {WINDOW} packets in flight per allocation")
+    } else {
+        format!("open loop, {} round trips/s offered", args.rate)
+    };
+    println!(
+        "callisto bench turn: {mode}, {} s per run, {} server thread(s), loopback\n",
+        args.duration, args.threads
+    );
+    println!(
+        "| server | pattern | allocations | payload B | alloc/s | round trips/s | relayed pkt/s | server CPU µs/pkt | p50 RTT µs | p99 RTT µs | loss % | RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (index, &which) in args.servers.iter().enumerate() {
+        for &pattern in &args.patterns {
+            if (which == BenchTarget::TurnRs || which == BenchTarget::Forwarder)
+                && pattern != preferred(which)
+            {
+                continue;
+            }
+            for &n in &args.allocations {
+                for &payload in &args.payloads {
+                    // A fresh server per run: no state carried over.
+                    let target = start_target(which, &args, index)?;
+                    let row = match run_one(&target, pattern, n, payload, &args) {
+                        Ok(mut o) => {
+                            o.rtts_us.sort_unstable();
+                            let rtt_rate = o.received as f64 / o.seconds;
+                            let relayed = rtt_rate * o.relayed_per_rtt as f64;
+                            let cpu_us =
+                                o.cpu * 1e6 / (o.received * o.relayed_per_rtt).max(1) as f64;
+                            let loss = 100.0 * o.sent.saturating_sub(o.received) as f64
+                                / o.sent.max(1) as f64;
+                            format!(
+                                "| {} | {} | {n} | {payload} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {:.3} | {:.1} |",
+                                target.name,
+                                pattern.label(),
+                                o.alloc_per_sec,
+                                rtt_rate,
+                                relayed,
+                                cpu_us,
+                                percentile(&o.rtts_us, 0.5),
+                                percentile(&o.rtts_us, 0.99),
+                                loss,
+                                o.rss_mib
+                            )
+                        }
+                        Err(e) => format!(
+                            "| {} | {} | {n} | {payload} | failed: {e:#} |",
+                            target.name,
+                            pattern.label()
+                        ),
+                    };
+                    println!("{row}");
+                    let _ = io::stdout().flush();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// turn-rs relays only between its own allocations, and the forwarder only
+/// to an external peer: each runs the one pattern it supports.
+fn preferred(which: BenchTarget) -> BenchPattern {
+    match which {
+        BenchTarget::TurnRs => BenchPattern::B,
+        _ => BenchPattern::A,
+    }
+}
