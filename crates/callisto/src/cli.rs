@@ -98,6 +98,9 @@ pub struct BenchTurnArgs {
     /// Worker threads for every server.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Runs per configuration, servers taking turns; the median is shown.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
     /// The turn-rs binary (default: turn-server on PATH).
     #[arg(long)]
     pub turn_rs: Option<PathBuf>,
@@ -366,6 +369,12 @@ pub struct TurnArgs {
     /// Relayed bytes per second per allocation and direction (0: unlimited).
     #[arg(long, env = "CALLISTO_TURN_BPS_PER_ALLOCATION", default_value_t = 0)]
     pub turn_bps_per_allocation: u64,
+
+    /// Answers to unauthenticated requests (STUN Binding, 401 challenges) per
+    /// second per source IP; bursts of twice that. Raise it when many users
+    /// share one address (a large office NAT).
+    #[arg(long, env = "CALLISTO_TURN_UNAUTH_RATE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub turn_unauth_rate: u32,
 
     /// UDP worker threads (default: one per CPU core).
     #[arg(long, env = "CALLISTO_TURN_THREADS")]

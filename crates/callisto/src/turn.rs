@@ -115,6 +115,7 @@ pub async fn start(
         max_allocations: args.turn_max_allocations,
         user_quota: args.turn_user_quota,
         bps_per_allocation: args.turn_bps_per_allocation,
+        unauth_rate: args.turn_unauth_rate,
         ..Config::default()
     };
     let mut nonce_secret = [0u8; 32];

@@ -132,6 +132,9 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                     "--log",
                     "warn",
                 ])
+                // Every benchmark client shares 127.0.0.1; the other servers
+                // do not rate-limit challenges at all.
+                .args(["--turn-unauth-rate", "1000000"])
                 .stdout(o)
                 .stderr(e)
                 .spawn()
@@ -589,6 +592,47 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// One measurement as a table row, with its CPU per packet for sorting.
+fn row(
+    target: &Target,
+    pattern: BenchPattern,
+    n: usize,
+    payload: usize,
+    args: &BenchTurnArgs,
+) -> (f64, String) {
+    match run_one(target, pattern, n, payload, args) {
+        Ok(mut o) => {
+            o.rtts_us.sort_unstable();
+            let rtt_rate = o.received as f64 / o.seconds;
+            let relayed = rtt_rate * o.relayed_per_rtt as f64;
+            let cpu_us = o.cpu * 1e6 / (o.received * o.relayed_per_rtt).max(1) as f64;
+            let loss = 100.0 * o.sent.saturating_sub(o.received) as f64 / o.sent.max(1) as f64;
+            let line = format!(
+                "| {} | {} | {n} | {payload} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {:.3} | {:.1} |",
+                target.name,
+                pattern.label(),
+                o.alloc_per_sec,
+                rtt_rate,
+                relayed,
+                cpu_us,
+                percentile(&o.rtts_us, 0.5),
+                percentile(&o.rtts_us, 0.99),
+                loss,
+                o.rss_mib
+            );
+            (cpu_us, line)
+        }
+        Err(e) => (
+            f64::INFINITY,
+            format!(
+                "| {} | {} | {n} | {payload} | failed: {e:#} |",
+                target.name,
+                pattern.label()
+            ),
+        ),
+    }
+}
+
 /// Runs the whole matrix and prints a Markdown table.
 pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
     let mode = if args.rate == 0 {
@@ -597,55 +641,38 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
         format!("open loop, {} round trips/s offered", args.rate)
     };
     println!(
-        "callisto bench turn: {mode}, {} s per run, {} server thread(s), loopback\n",
-        args.duration, args.threads
+        "callisto bench turn: {mode}, {} s per run, median of {} alternating runs, {} server thread(s), loopback\n",
+        args.duration, args.repeat, args.threads
     );
     println!(
         "| server | pattern | allocations | payload B | alloc/s | round trips/s | relayed pkt/s | server CPU µs/pkt | p50 RTT µs | p99 RTT µs | loss % | RSS MiB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for (index, &which) in args.servers.iter().enumerate() {
-        for &pattern in &args.patterns {
-            if (which == BenchTarget::TurnRs || which == BenchTarget::Forwarder)
-                && pattern != preferred(which)
-            {
-                continue;
-            }
-            for &n in &args.allocations {
-                for &payload in &args.payloads {
-                    // A fresh server per run: no state carried over.
-                    let target = start_target(which, &args, index)?;
-                    let row = match run_one(&target, pattern, n, payload, &args) {
-                        Ok(mut o) => {
-                            o.rtts_us.sort_unstable();
-                            let rtt_rate = o.received as f64 / o.seconds;
-                            let relayed = rtt_rate * o.relayed_per_rtt as f64;
-                            let cpu_us =
-                                o.cpu * 1e6 / (o.received * o.relayed_per_rtt).max(1) as f64;
-                            let loss = 100.0 * o.sent.saturating_sub(o.received) as f64
-                                / o.sent.max(1) as f64;
-                            format!(
-                                "| {} | {} | {n} | {payload} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {:.3} | {:.1} |",
-                                target.name,
-                                pattern.label(),
-                                o.alloc_per_sec,
-                                rtt_rate,
-                                relayed,
-                                cpu_us,
-                                percentile(&o.rtts_us, 0.5),
-                                percentile(&o.rtts_us, 0.99),
-                                loss,
-                                o.rss_mib
-                            )
+    // Servers take turns on each configuration, `--repeat` times, so slow
+    // drifts of this machine hit them all alike; each row is the repetition
+    // with the median CPU per packet.
+    for &pattern in &args.patterns {
+        for &n in &args.allocations {
+            for &payload in &args.payloads {
+                let mut rows: Vec<Vec<(f64, String)>> = vec![Vec::new(); args.servers.len()];
+                for _ in 0..args.repeat.max(1) {
+                    for (index, &which) in args.servers.iter().enumerate() {
+                        if (which == BenchTarget::TurnRs || which == BenchTarget::Forwarder)
+                            && pattern != preferred(which)
+                        {
+                            continue;
                         }
-                        Err(e) => format!(
-                            "| {} | {} | {n} | {payload} | failed: {e:#} |",
-                            target.name,
-                            pattern.label()
-                        ),
-                    };
-                    println!("{row}");
-                    let _ = io::stdout().flush();
+                        // A fresh server per run: no state carried over.
+                        let target = start_target(which, &args, index)?;
+                        rows[index].push(row(&target, pattern, n, payload, &args));
+                    }
+                }
+                for mut runs in rows {
+                    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    if let Some((_, line)) = runs.get(runs.len() / 2) {
+                        println!("{line}");
+                        let _ = io::stdout().flush();
+                    }
                 }
             }
         }

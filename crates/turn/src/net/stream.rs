@@ -134,7 +134,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                             Output::ToClient { .. } | Output::None => {}
                         }
                         used += len;
-                        sync_relay(&mut server, &mut relay)?;
+                        sync_relay(&mut server, five, &mut relay)?;
                     }
                     inbuf.drain(..used);
                     if inbuf.len() > MAX_FRAME {
@@ -151,7 +151,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
                     server.on_timeout(Instant::now());
-                    sync_relay(&mut server, &mut relay)?;
+                    sync_relay(&mut server, five, &mut relay)?;
                     if relay.is_none() && started.elapsed() > IDLE_WITHOUT_ALLOCATION {
                         return Ok(());
                     }
@@ -166,25 +166,20 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     server.on_client_closed(five);
 }
 
-/// Picks up a relay socket the state machine just bound, or drops ours if
-/// the allocation went away.
+/// Picks up the relay socket the state machine bound for this connection's
+/// allocation, or drops ours when the allocation went away.
 fn sync_relay(
     server: &mut Server<RelaySockets<std::net::UdpSocket>>,
+    five: FiveTuple,
     relay: &mut Option<(RelayId, UdpSocket)>,
 ) -> io::Result<()> {
-    if let Some((id, _)) = relay
-        && server.relays().get(*id).is_none()
-        && server.allocation_count() == 0
-    {
+    let current = server.relay_of(&five);
+    if relay.as_ref().map(|(id, _)| *id) != current {
         *relay = None;
-    }
-    if relay.is_none() && server.allocation_count() == 1 {
-        // Relay ids are slots; a connection's server has exactly one.
-        for id in 0..4 {
-            if let Some(std) = server.relays().take(RelayId(id)) {
-                *relay = Some((RelayId(id), UdpSocket::from_std(std)?));
-                break;
-            }
+        if let Some(id) = current
+            && let Some(std) = server.relays().take(id)
+        {
+            *relay = Some((id, UdpSocket::from_std(std)?));
         }
     }
     Ok(())
@@ -201,9 +196,4 @@ async fn recv_relay(
         }
         None => std::future::pending().await,
     }
-}
-
-/// The address a listener is bound to, for logs and tests.
-pub fn local_addr(l: &TcpListener) -> io::Result<SocketAddr> {
-    l.local_addr()
 }

@@ -133,7 +133,7 @@ impl Default for Config {
             user_quota: 100,
             max_permissions: 64,
             bps_per_allocation: 0,
-            unauth_rate: 20,
+            unauth_rate: 50,
             software: None,
         }
     }
@@ -490,6 +490,12 @@ impl<A: RelayAllocator> Server<A> {
     /// Live allocations in this server.
     pub fn allocation_count(&self) -> usize {
         self.by_five.len()
+    }
+
+    /// The relay of `five`'s allocation, if it has one.
+    pub fn relay_of(&self, five: &FiveTuple) -> Option<RelayId> {
+        let slot = *self.by_five.get(five)?;
+        self.allocations[slot as usize].as_ref().map(|a| a.relay)
     }
 
     /// When to call [`Server::on_timeout`] next.
