@@ -29,9 +29,7 @@ use ring::hmac;
 
 use crate::auth::{AuthFailure, Credentials};
 use crate::policy::PeerPolicy;
-use crate::stun::{
-    self, ChannelData, Class, Message, MessageBuilder, RawAttr, StunError, attr, method,
-};
+use crate::stun::{self, ChannelData, Class, Message, MessageBuilder, RawAttr, attr, method};
 
 /// Free bytes a driver must leave in front of a peer datagram, for the
 /// largest header the server may write there (a Data indication to an
@@ -446,6 +444,8 @@ pub struct Server<A> {
     unauth: HashMap<IpAddr, UnauthBucket>,
     next_sweep: Option<Instant>,
     counters: RelayCounters,
+    /// Numbers the Data indications this server sends.
+    indications: u64,
 }
 
 /// An error response in the making: code, reason, and whether to sign it.
@@ -476,6 +476,7 @@ impl<A: RelayAllocator> Server<A> {
             unauth: HashMap::new(),
             next_sweep: None,
             counters: RelayCounters::new(),
+            indications: 0,
         }
     }
 
@@ -568,7 +569,7 @@ impl<A: RelayAllocator> Server<A> {
             }
             start - 4..end
         } else {
-            let tid = indication_tid(now, len);
+            let tid = self.indication_tid();
             let (prefix, plen) = stun::data_indication_prefix(from, len, &tid);
             buf[start - plen..start].copy_from_slice(&prefix[..plen]);
             let pad = stun::padding(len);
@@ -577,6 +578,18 @@ impl<A: RelayAllocator> Server<A> {
         };
         self.counters.count(TO_CLIENT, five.transport, len);
         Output::ToClient { to: five, range }
+    }
+
+    /// Data indications need a transaction id, and any value will do
+    /// (RFC 8656 §11.6): a counter, scrambled so ids do not look sequential.
+    fn indication_tid(&mut self) -> [u8; 12] {
+        self.indications += 1;
+        let mut h = FxHasher::default();
+        h.write_u64(self.indications);
+        let mut tid = [0u8; 12];
+        tid[..8].copy_from_slice(&h.finish().to_le_bytes());
+        tid[8..].copy_from_slice(&(self.indications as u32).to_le_bytes());
+        tid
     }
 
     /// Expires allocations, permissions and channels.
@@ -1275,25 +1288,6 @@ fn install_permission(a: &mut Allocation, ip: IpAddr, now: Instant) {
 
 fn auth_failure(reason: &'static str) {
     metrics::counter!("callisto_turn_auth_failures_total", "reason" => reason).increment(1);
-}
-
-/// Data indications need a transaction id; any value will do (RFC 8656
-/// §11.6), so derive one cheaply instead of drawing randomness per packet.
-fn indication_tid(now: Instant, len: usize) -> [u8; 12] {
-    let mut h = FxHasher::default();
-    h.write_usize(len);
-    let mut tid = [0u8; 12];
-    let n = now.elapsed().as_nanos() as u64 ^ h.finish();
-    tid[..8].copy_from_slice(&n.to_le_bytes());
-    tid
-}
-
-/// Parses a message and says why not, for logs and tests.
-pub fn explain(buf: &[u8]) -> Result<(), StunError> {
-    if ChannelData::parse(buf).is_some() {
-        return Ok(());
-    }
-    Message::parse(buf).map(|_| ())
 }
 
 #[cfg(test)]

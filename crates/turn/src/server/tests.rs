@@ -65,6 +65,13 @@ fn five(port: u16) -> FiveTuple {
     }
 }
 
+/// A server with a fake relay allocator, sharing `Shared` with the test.
+fn setup(cfg: Config, epoch: Instant) -> (Arc<Shared>, Server<FakeRelays>) {
+    let shared = Arc::new(Shared::new(cfg, b"k", (epoch, 1_000)));
+    let server = Server::new(shared.clone(), FakeRelays::default());
+    (shared, server)
+}
+
 /// Runs client ↔ server until neither has anything to say.
 fn pump(
     server: &mut Server<FakeRelays>,
@@ -134,8 +141,7 @@ fn peer() -> SocketAddr {
 
 #[test]
 fn binding_returns_the_mapped_address() {
-    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), Instant::now());
     let now = Instant::now();
     let tid = [7u8; 12];
     let mut b = MessageBuilder::new(method::BINDING, Class::Request, &tid);
@@ -193,8 +199,7 @@ fn allocate_challenge_then_success_and_retransmission() {
 
 #[test]
 fn retransmitted_allocate_gets_the_same_answer() {
-    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), Instant::now());
     let now = Instant::now();
     let mut c = Client::new(USER, PASS, false, 5);
     c.allocate(now);
@@ -221,8 +226,7 @@ fn retransmitted_allocate_gets_the_same_answer() {
 
 #[test]
 fn wrong_password_and_unknown_user_fail_with_401() {
-    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), Instant::now());
     let now = Instant::now();
     for (user, pass) in [(USER, "wrong"), ("mallory", "x")] {
         let mut c = Client::new(user, pass, false, 1);
@@ -235,8 +239,7 @@ fn wrong_password_and_unknown_user_fail_with_401() {
 #[test]
 fn rest_credentials_work_until_they_expire() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), t0);
     let (u, p) = rest_credentials(b"rest-secret", "carol", 2_000);
     let mut c = Client::new(&u, &p, false, 1);
     c.allocate(t0);
@@ -259,8 +262,7 @@ fn rest_credentials_work_until_they_expire() {
 #[test]
 fn stale_nonce_is_renewed_transparently() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), t0);
     let (mut c, _) = allocated(&mut s, five(1), t0);
     // Past the nonce lifetime the next request gets 438, then succeeds.
     let later = t0 + Duration::from_secs(700);
@@ -279,8 +281,7 @@ fn stale_nonce_is_renewed_transparently() {
 #[test]
 fn a_nonce_is_bound_to_its_five_tuple() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), t0);
     let mut c = Client::new(USER, PASS, false, 1);
     c.allocate(t0);
     let mut first = c.poll_transmit().unwrap();
@@ -296,8 +297,7 @@ fn a_nonce_is_bound_to_its_five_tuple() {
 #[test]
 fn permissions_and_send_indications_and_data_indications() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), t0);
     let (mut c, relayed) = allocated(&mut s, five(1), t0);
 
     // Without a permission, data goes nowhere in either direction.
@@ -349,8 +349,7 @@ fn permissions_and_send_indications_and_data_indications() {
 #[test]
 fn channels_both_ways_and_their_rules() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), t0);
     let (mut c, relayed) = allocated(&mut s, five(1), t0);
     let relay = RelayId(u32::from(relayed.port() - 50000));
     let ch = c.bind_channel(t0, peer());
@@ -410,8 +409,7 @@ fn channels_both_ways_and_their_rules() {
 #[test]
 fn stream_transports_pad_channel_data() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (shared, mut s) = setup(config(), t0);
     let tcp = FiveTuple {
         transport: Transport::Tcp,
         ..five(9)
@@ -439,8 +437,7 @@ fn stream_transports_pad_channel_data() {
 #[test]
 fn forbidden_peers_get_403_and_own_relays_are_allowed_on_relay_ports() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), t0);
     let (mut c, _) = allocated(&mut s, five(1), t0);
     let (_, other_relay) = allocated(&mut s, five(2), t0);
     for bad in [
@@ -478,8 +475,7 @@ fn explicitly_allowed_peers() {
     let t0 = Instant::now();
     let mut cfg = config();
     cfg.policy = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
-    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(cfg, t0);
     let (mut c, _) = allocated(&mut s, five(1), t0);
     c.create_permission(t0, "127.0.0.1".parse().unwrap());
     assert!(matches!(
@@ -558,8 +554,7 @@ fn quotas() {
     let mut cfg = config();
     cfg.user_quota = 2;
     cfg.max_allocations = 3;
-    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(cfg, t0);
     allocated(&mut s, five(1), t0);
     allocated(&mut s, five(2), t0);
     let mut c = Client::new(USER, PASS, false, 3);
@@ -600,8 +595,7 @@ fn relay_exhaustion_is_508() {
 #[test]
 fn wrong_credentials_on_someone_elses_allocation() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), t0);
     allocated(&mut s, five(1), t0);
     let mut bob = Client::new("bob", "builder", false, 8);
     bob.refresh(t0, 600);
@@ -618,8 +612,7 @@ fn request_with(method: u16, attrs: &[(u16, &[u8])]) -> Vec<u8> {
 
 #[test]
 fn unknown_required_attributes_get_420() {
-    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), Instant::now());
     let mut req = request_with(
         method::BINDING,
         &[(0x0077, b"x"), (0x8077, b"optional is fine")],
@@ -639,8 +632,7 @@ fn unknown_required_attributes_get_420() {
 #[test]
 fn allocate_attribute_errors() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), t0);
     // Authenticate with a real client first to learn a nonce, then craft requests.
     let mut c = Client::new(USER, PASS, false, 1);
     c.allocate(t0);
@@ -719,8 +711,7 @@ fn unauthenticated_answers_are_rate_limited() {
     let t0 = Instant::now();
     let mut cfg = config();
     cfg.unauth_rate = 5;
-    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(cfg, t0);
     let mut req = request_with(method::BINDING, &[]);
     let answered = (0..50)
         .filter(|_| s.on_client(t0, five(1), &mut req) != Output::None)
@@ -743,8 +734,7 @@ fn bandwidth_limit_drops_the_excess() {
     let t0 = Instant::now();
     let mut cfg = config();
     cfg.bps_per_allocation = 1000;
-    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(cfg, t0);
     let (mut c, _) = allocated(&mut s, five(1), t0);
     c.bind_channel(t0, peer());
     pump(&mut s, &mut c, five(1), t0);
@@ -761,8 +751,7 @@ fn bandwidth_limit_drops_the_excess() {
 
 #[test]
 fn garbage_is_dropped_silently() {
-    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), Instant::now());
     for junk in [
         &b""[..],
         b"\x00",
@@ -780,8 +769,7 @@ fn garbage_is_dropped_silently() {
 #[test]
 fn relay_between_own_allocations_skips_the_kernel() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
-    let mut s = Server::new(shared.clone(), FakeRelays::default());
+    let (_, mut s) = setup(config(), t0);
     let (mut a, relay_a) = allocated(&mut s, five(1), t0);
     let (mut b, relay_b) = allocated(&mut s, five(2), t0);
     a.bind_channel(t0, relay_b);

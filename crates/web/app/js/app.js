@@ -173,22 +173,16 @@ function setupControls() {
   if (!hasVideo) camera.title = 'No camera';
   call.audioOn = hasAudio;
   call.videoOn = hasVideo;
-  mute.addEventListener('click', () => {
-    call.audioOn = !call.audioOn;
-    for (const t of call.localStream.getAudioTracks()) t.enabled = call.audioOn;
-    mute.textContent = call.audioOn ? 'Mute' : 'Unmute';
-    mute.setAttribute('aria-pressed', String(!call.audioOn));
+  const toggle = (button, key, tracks, labels) => button.addEventListener('click', () => {
+    call[key] = !call[key];
+    for (const t of tracks()) t.enabled = call[key];
+    button.textContent = call[key] ? labels.on : labels.off;
+    button.setAttribute('aria-pressed', String(!call[key]));
     grid.setMediaState('local', { audio: call.audioOn, video: call.videoOn });
     sendState();
   });
-  camera.addEventListener('click', () => {
-    call.videoOn = !call.videoOn;
-    for (const t of call.localStream.getVideoTracks()) t.enabled = call.videoOn;
-    camera.textContent = call.videoOn ? 'Camera off' : 'Camera on';
-    camera.setAttribute('aria-pressed', String(!call.videoOn));
-    grid.setMediaState('local', { audio: call.audioOn, video: call.videoOn });
-    sendState();
-  });
+  toggle(mute, 'audioOn', () => call.localStream.getAudioTracks(), { on: 'Mute', off: 'Unmute' });
+  toggle(camera, 'videoOn', () => call.localStream.getVideoTracks(), { on: 'Camera off', off: 'Camera on' });
   $('copy-btn').addEventListener('click', async () => {
     const link = `${location.origin}/r/${call.room}`;
     try {
