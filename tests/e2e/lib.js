@@ -18,7 +18,7 @@ const BIN = process.env.CALLISTO_BIN ?? path.join(here, '../../target/debug/call
 
 /** Starts `callisto serve` on an ephemeral port; resolves once it listens. */
 export function startServer(extraArgs = []) {
-  const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--turn-listen', '127.0.0.1:0', '--log-format', 'json', ...extraArgs], {
+  const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--turn-listen', '127.0.0.1:0', '--log-format', 'json', '--log', process.env.E2E_LOG ?? 'info', ...extraArgs], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   const logs = [];

@@ -769,6 +769,7 @@ impl<A: RelayAllocator> Server<A> {
     }
 
     fn on_request(&mut self, now: Instant, five: FiveTuple, msg: &Message<'_>) -> Output {
+        tracing::trace!(client = %five.client, method = msg.method(), len = msg.as_bytes().len(), integrity = msg.has_integrity(), "request");
         let unknown = msg.unknown_required(attr::is_known);
         if !unknown.is_empty() {
             if !self.unauth_allowed(five.client.ip(), now) {
