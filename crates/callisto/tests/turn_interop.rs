@@ -99,6 +99,10 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
 }
 
 fn callisto(sub: &str, extra: &[&str]) -> Callisto {
+    callisto_on(sub, "127.0.0.1:0", extra)
+}
+
+fn callisto_on(sub: &str, turn_listen: &str, extra: &[&str]) -> Callisto {
     let mut cmd = Command::new(BIN);
     cmd.arg(sub);
     if sub == "serve" {
@@ -106,7 +110,7 @@ fn callisto(sub: &str, extra: &[&str]) -> Callisto {
     }
     cmd.args([
         "--turn-listen",
-        "127.0.0.1:0",
+        turn_listen,
         "--log-format",
         "json",
         "--turn-realm",
@@ -200,9 +204,19 @@ fn metric(text: &str, line_prefix: &str) -> f64 {
 }
 
 fn echo_peer() -> (Proc, u16) {
-    let port = free_udp_port();
+    echo_peer_on("127.0.0.1")
+}
+
+/// turnutils_peer on `host` (an IP address without brackets).
+fn echo_peer_on(host: &str) -> (Proc, u16) {
+    let addr: std::net::IpAddr = host.parse().unwrap();
+    let port = UdpSocket::bind(SocketAddr::new(addr, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let p = tool("turnutils_peer")
-        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-L", host, "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -211,8 +225,20 @@ fn echo_peer() -> (Proc, u16) {
     (Proc(p), port)
 }
 
-/// Runs turnutils_uclient; returns (sent, received, lost-line, whole output).
+/// Runs turnutils_uclient; returns (sent, received, whole output).
 fn uclient(
+    turn_port: u16,
+    peer_port: u16,
+    flags: &[&str],
+    user: &str,
+    pass: &str,
+) -> (u64, u64, String) {
+    uclient_on("127.0.0.1", turn_port, peer_port, flags, user, pass)
+}
+
+/// Runs turnutils_uclient against a server and peer on `host`.
+fn uclient_on(
+    host: &str,
     turn_port: u16,
     peer_port: u16,
     flags: &[&str],
@@ -227,7 +253,7 @@ fn uclient(
             "-w",
             pass,
             "-e",
-            "127.0.0.1",
+            host,
             "-r",
             &peer_port.to_string(),
         ])
@@ -244,7 +270,7 @@ fn uclient(
             "5",
             "-c",
         ])
-        .arg("127.0.0.1")
+        .arg(host)
         .output()
         .unwrap();
     let text =
@@ -351,6 +377,31 @@ fn uclient_over_udp_tcp_and_tls_with_channels_and_send_indications() {
     assert!(metric(&m, "callisto_turn_channel_bindings_total") >= 30.0);
     assert!(metric(&m, "callisto_turn_permissions_total") >= 30.0);
     assert!(m.contains("callisto_turn_allocations "), "{m}");
+}
+
+#[test]
+fn ipv6_relays_for_uclient_over_udp_and_tcp() {
+    // RFC 6156: an IPv6 listener relays on IPv6.
+    let server = callisto_on(
+        "turn",
+        "[::1]:0",
+        &["--turn-user", "user:pass", "--turn-allow-peer", "::1/128"],
+    );
+    let (_peer, peer_port) = echo_peer_on("::1");
+    assert_lossless(
+        "ipv6 udp",
+        uclient_on("::1", server.turn_port, peer_port, &[], "user", "pass"),
+    );
+    assert_lossless(
+        "ipv6 tcp",
+        uclient_on("::1", server.turn_port, peer_port, &["-t"], "user", "pass"),
+    );
+    let out = tool("turnutils_stunclient")
+        .args(["-p", &server.turn_port.to_string(), "::1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("IPv6. UDP reflexive addr: ::1:"), "{text}");
 }
 
 #[test]
