@@ -33,7 +33,11 @@ impl Drop for Proc {
 }
 
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
+    free_udp_port_on("127.0.0.1".parse().unwrap())
+}
+
+fn free_udp_port_on(ip: std::net::IpAddr) -> u16 {
+    UdpSocket::bind(SocketAddr::new(ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -209,12 +213,7 @@ fn echo_peer() -> (Proc, u16) {
 
 /// turnutils_peer on `host` (an IP address without brackets).
 fn echo_peer_on(host: &str) -> (Proc, u16) {
-    let addr: std::net::IpAddr = host.parse().unwrap();
-    let port = UdpSocket::bind(SocketAddr::new(addr, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_udp_port_on(host.parse().unwrap());
     let p = tool("turnutils_peer")
         .args(["-L", host, "-p", &port.to_string()])
         .stdout(Stdio::null())

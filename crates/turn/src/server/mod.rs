@@ -721,15 +721,15 @@ impl<A: RelayAllocator> Server<A> {
         ) else {
             return Output::None;
         };
-        let Some(alloc) = self.allocations[slot as usize].as_mut() else {
-            return Output::None;
-        };
-        if alloc.expires <= now || !alloc.permitted(peer.ip(), now) || !self.shared_port_ok(peer) {
+        if !self.shared_port_ok(peer) {
             return Output::None;
         }
         let Some(alloc) = self.allocations[slot as usize].as_mut() else {
             return Output::None;
         };
+        if alloc.expires <= now || !alloc.permitted(peer.ip(), now) {
+            return Output::None;
+        }
         if !alloc.to_peer_budget.take(data.len(), now) {
             return Output::None;
         }
@@ -746,9 +746,7 @@ impl<A: RelayAllocator> Server<A> {
     /// the relay IP may be loopback or private, and its other ports are
     /// not ours to open up.
     fn shared_port_ok(&self, peer: SocketAddr) -> bool {
-        !self.is_own_relay_ip(peer.ip())
-            || self.shared.config.policy.is_allowed(peer.ip())
-            || self.shared.is_live_relay(peer)
+        !self.is_own_relay_ip(peer.ip()) || self.peer_allowed(peer, true)
     }
 
     fn is_own_relay_ip(&self, ip: IpAddr) -> bool {
@@ -1100,11 +1098,8 @@ impl<A: RelayAllocator> Server<A> {
         let slot = self.own_allocation(five, authed)?;
         let lifetime = self.lifetime(msg)?;
         if let Some(v) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
-            let relay_v6 = self.allocations[slot as usize]
-                .as_ref()
-                .is_some_and(|a| a.relay_addr.is_ipv6());
             let asked_v6 = v.first() == Some(&attr::FAMILY_IPV6);
-            if asked_v6 != relay_v6 {
+            if asked_v6 != self.relay_is_v6(slot) {
                 return Err(refuse(443, "Peer Address Family Mismatch"));
             }
         }
@@ -1118,6 +1113,12 @@ impl<A: RelayAllocator> Server<A> {
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
 
+    fn relay_is_v6(&self, slot: u32) -> bool {
+        self.allocations[slot as usize]
+            .as_ref()
+            .is_some_and(|a| a.relay_addr.is_ipv6())
+    }
+
     /// The XOR-PEER-ADDRESS values of a request, each checked.
     fn peers(
         &self,
@@ -1125,9 +1126,7 @@ impl<A: RelayAllocator> Server<A> {
         slot: u32,
         check_port: bool,
     ) -> Result<Vec<SocketAddr>, Refusal> {
-        let relay_v6 = self.allocations[slot as usize]
-            .as_ref()
-            .is_some_and(|a| a.relay_addr.is_ipv6());
+        let relay_v6 = self.relay_is_v6(slot);
         let mut peers = Vec::new();
         for RawAttr { typ, value } in msg.attrs() {
             if typ != attr::XOR_PEER_ADDRESS {
