@@ -1,11 +1,18 @@
 // One RTCPeerConnection to one remote peer, negotiated with the "perfect
-// negotiation" pattern: either side may renegotiate at any time, and when
-// offers cross (glare) the polite side rolls back and the impolite side
-// ignores the other's offer. Roles come from comparing peer ids, so both
-// sides agree without talking about it.
+// negotiation" pattern: when offers cross (glare) the polite side rolls back
+// and the impolite side ignores the other's offer. Roles come from comparing
+// peer ids, so both sides agree without talking about it.
 //
-// Signals on the wire: { description } (an SDP offer or answer) and
-// { candidate } (a trickled ICE candidate); { state } carries mute state.
+// Rollback is kept for safety but avoided by design: after a rollback
+// Chromium (148) stops feeding the rolled-back side's receiver tracks (the
+// remote video freezes while frames are still decoded) and its senders.
+// So ICE restarts, the only renegotiation after the first offer, are made
+// by the impolite side alone; the polite side asks for one with
+// { restart: true }. Both sides restarting at once then gives one offer.
+//
+// Signals on the wire: { description } (an SDP offer or answer),
+// { candidate } (a trickled ICE candidate) and { restart } (please restart
+// ICE); { state } carries mute state.
 
 export class PeerLink extends EventTarget {
   #makingOffer = false;
@@ -61,6 +68,8 @@ export class PeerLink extends EventTarget {
   async handleSignal(data) {
     if (data.description) {
       await this.#onDescription(data.description);
+    } else if (data.restart) {
+      if (!this.polite) this.pc.restartIce();
     } else if (data.candidate) {
       try {
         await this.pc.addIceCandidate(data.candidate);
@@ -71,9 +80,13 @@ export class PeerLink extends EventTarget {
     }
   }
 
-  /** Forces a fresh offer (ICE restart); used after a failure and by tests. */
+  /**
+   * Restarts ICE after a failure (and in tests): the impolite side offers,
+   * the polite side asks it to, so two restarts at once cannot collide.
+   */
   renegotiate() {
-    this.pc.restartIce();
+    if (this.polite) this.send({ restart: true });
+    else this.pc.restartIce();
   }
 
   close() {
@@ -113,6 +126,24 @@ export class PeerLink extends EventTarget {
       this.#attachLocal();
       await pc.setLocalDescription();
       this.send({ description: pc.localDescription.toJSON() });
+      if (collision) await this.#rewireSenders();
+    }
+  }
+
+  /**
+   * After a rollback Chromium (148) gives the senders new SSRCs but leaves
+   * their encoders unfed: the tracks stay "live" and nothing is sent.
+   * Handing each sender its own track again restarts the flow. (The frozen
+   * receivers have no such cure; see the top of this file.)
+   */
+  async #rewireSenders() {
+    for (const sender of this.pc.getSenders()) {
+      if (!sender.track) continue;
+      try {
+        await sender.replaceTrack(sender.track);
+      } catch (err) {
+        console.warn(`peer ${this.id}: re-attaching a track failed`, err);
+      }
     }
   }
 

@@ -62,7 +62,7 @@ export class SignalingClient extends EventTarget {
 
   /**
    * Holds outgoing messages back until hold(false). Tests use it to make two
-   * peers' offers cross on the wire (glare) deterministically.
+   * peers' signals cross on the wire deterministically.
    */
   hold(on) {
     if (on) { this.#held ??= []; return; }
