@@ -376,6 +376,14 @@ pub struct TurnArgs {
     #[arg(long, env = "CALLISTO_TURN_UNAUTH_RATE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub turn_unauth_rate: u32,
 
+    /// No amplification: bytes a UDP source may be sent, in answers to
+    /// unauthenticated requests, beyond the bytes it sent (refilled over
+    /// 8 s). Browsers need a little (their first requests are smaller than
+    /// any answer); 0 answers nobody more than it sent, which delays a
+    /// browser's first TURN answer by its retransmissions (about 2 s).
+    #[arg(long, env = "CALLISTO_TURN_UNAUTH_ALLOWANCE", default_value_t = 512)]
+    pub turn_unauth_allowance: u32,
+
     /// UDP worker threads (default: one per CPU core).
     #[arg(long, env = "CALLISTO_TURN_THREADS")]
     pub turn_threads: Option<usize>,

@@ -116,6 +116,7 @@ pub async fn start(
         user_quota: args.turn_user_quota,
         bps_per_allocation: args.turn_bps_per_allocation,
         unauth_rate: args.turn_unauth_rate,
+        unauth_allowance: args.turn_unauth_allowance,
         ..Config::default()
     };
     let mut nonce_secret = [0u8; 32];

@@ -120,6 +120,34 @@ fn stunish() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// Requests a server answers without authentication, as browsers send
+/// them, sometimes padded or with FINGERPRINT.
+fn unauthenticated_request() -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop_oneof![
+            Just(stun::method::BINDING),
+            Just(stun::method::ALLOCATE),
+            Just(0x0FF)
+        ],
+        prop::option::of("[a-z]{0,60}"),
+        any::<bool>(),
+        any::<[u8; 12]>(),
+    )
+        .prop_map(|(method, software, fingerprint, tid)| {
+            let mut b = MessageBuilder::new(method, Class::Request, &tid);
+            if method == stun::method::ALLOCATE {
+                b.attr(stun::attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            }
+            if let Some(s) = software {
+                b.attr(stun::attr::SOFTWARE, s.as_bytes());
+            }
+            if fingerprint {
+                b.fingerprint();
+            }
+            b.finish()
+        })
+}
+
 fn any_input() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![prop::collection::vec(any::<u8>(), 0..300), stunish()]
 }
@@ -200,6 +228,43 @@ proptest! {
         let _ = s.on_peer(now, RelayId(0), "203.0.113.2:1".parse().unwrap(), &mut buf, peer_junk.len());
         s.on_timeout(now + Duration::from_secs(4000));
         prop_assert_eq!(s.allocation_count(), 0);
+    }
+
+    /// No amplification: whatever one UDP source sends, unauthenticated,
+    /// at whatever pace, the bytes answered never exceed the bytes it sent
+    /// plus the allowance (and its refill, an eighth a second).
+    #[test]
+    fn answers_to_one_source_never_exceed_its_requests_plus_the_allowance(
+        allowance in prop_oneof![Just(0u32), Just(512), 0u32..4096],
+        inputs in prop::collection::vec((0u64..3000, prop_oneof![3 => unauthenticated_request(), 1 => any_input()]), 1..60),
+    ) {
+        let mut cfg = Config::default();
+        let mut creds = Credentials::new("r");
+        creds.add_user("u", "p");
+        cfg.credentials = creds;
+        cfg.unauth_rate = 1_000_000;
+        cfg.unauth_allowance = allowance;
+        let t0 = Instant::now();
+        let shared = std::sync::Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
+        let mut s = Server::new(shared, NoRelays);
+        let (mut now, mut received, mut answered) = (t0, 0usize, 0usize);
+        for (i, (delay_ms, input)) in inputs.iter().enumerate() {
+            now += Duration::from_millis(*delay_ms);
+            let five = FiveTuple {
+                client: SocketAddr::new("203.0.113.1".parse().unwrap(), 5000 + i as u16),
+                server: "192.0.2.1:3478".parse().unwrap(),
+                transport: Transport::Udp,
+            };
+            received += input.len();
+            if let server::Output::Reply { data, .. } = s.on_client(now, five, &mut input.clone()) {
+                answered += data.len();
+            }
+            let refill = f64::from(allowance) / 8.0 * (now - t0).as_secs_f64();
+            prop_assert!(
+                answered as f64 <= (received + allowance as usize) as f64 + refill,
+                "{} answered for {} received", answered, received
+            );
+        }
     }
 
     #[test]

@@ -135,6 +135,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 // Every benchmark client shares 127.0.0.1; the other servers
                 // do not rate-limit challenges at all.
                 .args(["--turn-unauth-rate", "1000000"])
+                .args(["--turn-unauth-allowance", "100000000"])
                 .stdout(o)
                 .stderr(e)
                 .spawn()

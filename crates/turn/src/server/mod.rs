@@ -114,6 +114,10 @@ pub struct Config {
     pub bps_per_allocation: u64,
     /// Unauthenticated requests per second per source IP (burst: twice that).
     pub unauth_rate: u32,
+    /// Bytes a UDP source may be sent in answers to unauthenticated requests
+    /// beyond the bytes of those requests (refilled over 8 s); 0 = never
+    /// more than it sent. See [`Server::unauth_answer`].
+    pub unauth_allowance: u32,
     pub software: Option<String>,
 }
 
@@ -132,6 +136,7 @@ impl Default for Config {
             max_permissions: 64,
             bps_per_allocation: 0,
             unauth_rate: 50,
+            unauth_allowance: 512,
             software: None,
         }
     }
@@ -427,10 +432,22 @@ impl RelayCounters {
     }
 }
 
-struct UnauthBucket {
-    tokens: f64,
+/// What one source IP may still be answered without authentication.
+struct UnauthBudget {
+    /// Answers (token bucket of `unauth_rate`).
+    answers: f64,
+    /// Bytes (UDP only): the requests' bytes plus the allowance, less the
+    /// answers' bytes.
+    bytes: f64,
     last: Instant,
 }
+
+/// Earned byte credit a source can bank beyond its allowance: enough for a
+/// retransmitting client to be answered, too little to matter to a victim.
+const UNAUTH_BANKED: f64 = 1280.0;
+/// Sources tracked at once; beyond that, new ones are answered only when
+/// the answer is no larger than the request.
+const UNAUTH_TRACKED: usize = 100_000;
 
 /// The TURN server state machine. See the module documentation.
 pub struct Server<A> {
@@ -441,7 +458,7 @@ pub struct Server<A> {
     by_five: FxMap<FiveTuple, u32>,
     /// This server's own allocations by relayed address (bound and advertised).
     by_relay_addr: FxMap<SocketAddr, u32>,
-    unauth: HashMap<IpAddr, UnauthBucket>,
+    unauth: HashMap<IpAddr, UnauthBudget>,
     next_sweep: Option<Instant>,
     counters: RelayCounters,
     /// Numbers the Data indications this server sends.
@@ -770,33 +787,30 @@ impl<A: RelayAllocator> Server<A> {
         tracing::trace!(client = %five.client, method = msg.method(), len = msg.as_bytes().len(), integrity = msg.has_integrity(), "request");
         let unknown = msg.unknown_required(attr::is_known);
         if !unknown.is_empty() {
-            if !self.unauth_allowed(five.client.ip(), now) {
-                return Output::None;
-            }
-            let mut b = self.response(msg, Class::Error);
-            b.error(420, "Unknown Attribute");
-            let list: Vec<u8> = unknown.iter().flat_map(|t| t.to_be_bytes()).collect();
-            b.attr(attr::UNKNOWN_ATTRIBUTES, &list);
-            return self.reply(five, msg, b, None);
+            return self.unauth_answer(now, five, msg, |this| {
+                let mut b = this.response(msg, Class::Error);
+                b.error(420, "Unknown Attribute");
+                let list: Vec<u8> = unknown.iter().flat_map(|t| t.to_be_bytes()).collect();
+                b.attr(attr::UNKNOWN_ATTRIBUTES, &list);
+                b
+            });
         }
         if msg.method() == method::BINDING {
-            if !self.unauth_allowed(five.client.ip(), now) {
-                return Output::None;
-            }
-            let mut b = self.response(msg, Class::Success);
-            b.xor_address(attr::XOR_MAPPED_ADDRESS, five.client);
-            return self.reply(five, msg, b, None);
+            return self.unauth_answer(now, five, msg, |this| {
+                let mut b = this.response(msg, Class::Success);
+                b.xor_address(attr::XOR_MAPPED_ADDRESS, five.client);
+                b
+            });
         }
         if !matches!(
             msg.method(),
             method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
         ) {
-            if !self.unauth_allowed(five.client.ip(), now) {
-                return Output::None;
-            }
-            let mut b = self.response(msg, Class::Error);
-            b.error(400, "Bad Request: unknown method");
-            return self.reply(five, msg, b, None);
+            return self.unauth_answer(now, five, msg, |this| {
+                let mut b = this.response(msg, Class::Error);
+                b.error(400, "Bad Request: unknown method");
+                b
+            });
         }
         // A retransmitted Allocate gets the same answer, without re-checking
         // the (possibly since expired) nonce.
@@ -842,14 +856,13 @@ impl<A: RelayAllocator> Server<A> {
         let shared = self.shared.clone();
         let creds = &shared.config.credentials;
         let challenge = |this: &mut Self, code: u16, reason: &str| -> Output {
-            if !this.unauth_allowed(five.client.ip(), now) {
-                return Output::None;
-            }
-            let mut b = this.response(msg, Class::Error);
-            b.error(code, reason)
-                .attr(attr::REALM, creds.realm().as_bytes())
-                .attr(attr::NONCE, shared.make_nonce(&five, now).as_bytes());
-            this.reply(five, msg, b, None)
+            this.unauth_answer(now, five, msg, |this| {
+                let mut b = this.response(msg, Class::Error);
+                b.error(code, reason)
+                    .attr(attr::REALM, creds.realm().as_bytes())
+                    .attr(attr::NONCE, shared.make_nonce(&five, now).as_bytes());
+                b
+            })
         };
         if !msg.has_integrity() {
             return Err(challenge(self, 401, "Unauthorized"));
@@ -859,9 +872,11 @@ impl<A: RelayAllocator> Server<A> {
             msg.get(attr::REALM),
             msg.get(attr::NONCE),
         ) else {
-            let mut b = self.response(msg, Class::Error);
-            b.error(400, "Bad Request: missing USERNAME, REALM or NONCE");
-            return Err(self.reply(five, msg, b, None));
+            return Err(self.unauth_answer(now, five, msg, |this| {
+                let mut b = this.response(msg, Class::Error);
+                b.error(400, "Bad Request: missing USERNAME, REALM or NONCE");
+                b
+            }));
         };
         match shared.check_nonce(&five, nonce, now) {
             Ok(()) => {}
@@ -899,29 +914,80 @@ impl<A: RelayAllocator> Server<A> {
         }
     }
 
-    /// Per-source-IP token bucket for answers to unauthenticated requests,
-    /// so the server cannot be used to flood a spoofed address.
-    fn unauth_allowed(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let rate = f64::from(self.shared.config.unauth_rate.max(1));
-        if self.unauth.len() > 100_000 {
-            self.unauth.clear();
+    /// Every answer to a request that is not authenticated goes through
+    /// here, so the server can neither be made to flood a spoofed address
+    /// nor to amplify: per source IP, answers are rate limited
+    /// (`unauth_rate`), and over UDP the bytes answered never exceed the
+    /// bytes received plus a small allowance (`unauth_allowance`). The
+    /// allowance is what lets a browser in: Chromium's 20-byte Binding and
+    /// 28-byte Allocate requests are smaller than any valid answer (32 and
+    /// 88 bytes), so a rule applied to each message alone would leave every
+    /// browser unanswered. With no allowance a client is still answered
+    /// once its retransmissions have paid for the answer.
+    fn unauth_answer(
+        &mut self,
+        now: Instant,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        build: impl FnOnce(&Self) -> MessageBuilder,
+    ) -> Output {
+        let request = msg.as_bytes().len();
+        if !self.unauth_admit(five, request, now) {
+            unauth_dropped("rate");
+            return Output::None;
         }
-        let b = self.unauth.entry(ip).or_insert(UnauthBucket {
-            tokens: rate * 2.0,
-            last: now,
-        });
-        let dt = now.saturating_duration_since(b.last).as_secs_f64();
-        b.last = now;
-        b.tokens = (b.tokens + dt * rate).min(rate * 2.0);
+        let data = self.sign(build(self), msg, None);
+        if !self.unauth_spend(five, request, data.len()) {
+            unauth_dropped("amplification");
+            return Output::None;
+        }
+        Output::Reply { to: five, data }
+    }
+
+    /// Refills the source's budget, credits the request's bytes, and takes
+    /// one answer from its rate.
+    fn unauth_admit(&mut self, five: FiveTuple, request: usize, now: Instant) -> bool {
+        let rate = f64::from(self.shared.config.unauth_rate.max(1));
+        let allowance = f64::from(self.shared.config.unauth_allowance);
+        let tracked = self.unauth.len() < UNAUTH_TRACKED;
         if self.next_sweep.is_none() {
             self.next_sweep = Some(now + Duration::from_secs(1));
         }
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        let b = match self.unauth.entry(five.client.ip()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) if tracked => e.insert(UnauthBudget {
+                answers: rate * 2.0,
+                bytes: allowance,
+                last: now,
+            }),
+            // Untracked: each answer is judged alone (`unauth_spend`).
+            std::collections::hash_map::Entry::Vacant(_) => return true,
+        };
+        let dt = now.saturating_duration_since(b.last).as_secs_f64();
+        b.last = now;
+        b.answers = (b.answers + dt * rate).min(rate * 2.0);
+        b.bytes = (b.bytes + dt * allowance / 8.0 + request as f64).min(allowance + UNAUTH_BANKED);
+        if b.answers >= 1.0 {
+            b.answers -= 1.0;
             true
         } else {
-            metrics::counter!("callisto_turn_unauthenticated_dropped_total").increment(1);
             false
+        }
+    }
+
+    /// Pays for an answer from the source's byte budget. Streams are exempt:
+    /// their source address is proven by the handshake.
+    fn unauth_spend(&mut self, five: FiveTuple, request: usize, answer: usize) -> bool {
+        if five.transport != Transport::Udp {
+            return true;
+        }
+        match self.unauth.get_mut(&five.client.ip()) {
+            Some(b) if b.bytes >= answer as f64 => {
+                b.bytes -= answer as f64;
+                true
+            }
+            Some(_) => false,
+            None => answer <= request,
         }
     }
 
@@ -1284,6 +1350,11 @@ fn install_permission(a: &mut Allocation, ip: IpAddr, now: Instant) {
             metrics::gauge!("callisto_turn_permissions").increment(1.0);
         }
     }
+}
+
+fn unauth_dropped(reason: &'static str) {
+    metrics::counter!("callisto_turn_unauthenticated_dropped_total", "reason" => reason)
+        .increment(1);
 }
 
 fn auth_failure(reason: &'static str) {

@@ -729,6 +729,92 @@ fn unauthenticated_answers_are_rate_limited() {
     );
 }
 
+/// Chromium's first requests: a bare Binding and an Allocate with only
+/// REQUESTED-TRANSPORT (20 and 28 bytes, measured).
+fn browser_requests() -> (Vec<u8>, Vec<u8>) {
+    (
+        request_with(method::BINDING, &[]),
+        request_with(
+            method::ALLOCATE,
+            &[(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])],
+        ),
+    )
+}
+
+fn answer_len(out: Output) -> Option<usize> {
+    match out {
+        Output::Reply { data, .. } => Some(data.len()),
+        Output::None => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn browsers_are_answered_at_once_within_the_allowance() {
+    let t0 = Instant::now();
+    let (_, mut s) = setup(config(), t0);
+    let (mut binding, mut allocate) = browser_requests();
+    assert_eq!((binding.len(), allocate.len()), (20, 28));
+    let b = answer_len(s.on_client(t0, five(1), &mut binding)).expect("Binding answered");
+    let a = answer_len(s.on_client(t0, five(2), &mut allocate)).expect("401 answered");
+    assert!(b > 20 && a > 28, "answers are larger than these requests");
+}
+
+#[test]
+fn without_allowance_answers_wait_until_retransmissions_pay_for_them() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.unauth_allowance = 0;
+    let (_, mut s) = setup(cfg, t0);
+    let (mut binding, mut allocate) = browser_requests();
+    let (mut sent, mut answered) = (0, 0);
+    for req in [&mut binding, &mut allocate] {
+        let mut tries = 0;
+        answered += loop {
+            tries += 1;
+            sent += req.len();
+            if let Some(n) = answer_len(s.on_client(t0, five(1), req)) {
+                break n;
+            }
+            assert!(tries < 10);
+        };
+        assert!(tries > 1, "the first request alone does not pay");
+        assert!(
+            answered <= sent,
+            "{answered} bytes answered for {sent} received"
+        );
+    }
+    // Over TCP the source address is proven: answered at once.
+    let tcp = FiveTuple {
+        client: "203.0.113.9:5000".parse().unwrap(),
+        transport: Transport::Tcp,
+        ..five(1)
+    };
+    assert!(answer_len(s.on_client(t0, tcp, &mut allocate)).is_some());
+}
+
+#[test]
+fn a_spoofed_flood_gets_back_no_more_than_it_sent_plus_the_allowance() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.unauth_rate = 1_000_000;
+    let allowance = cfg.unauth_allowance as usize;
+    let (_, mut s) = setup(cfg, t0);
+    let (_, mut allocate) = browser_requests();
+    let mut answered = 0;
+    for i in 0..1000 {
+        answered += answer_len(s.on_client(t0, five(i), &mut allocate)).unwrap_or(0);
+    }
+    assert!(answered > 0);
+    assert!(
+        answered <= 1000 * allocate.len() + allowance,
+        "{answered} bytes answered"
+    );
+    // Time refills the allowance (an eighth of it a second).
+    let later = t0 + Duration::from_secs(8);
+    assert!(answer_len(s.on_client(later, five(1), &mut allocate)).is_some());
+}
+
 #[test]
 fn bandwidth_limit_drops_the_excess() {
     let t0 = Instant::now();
