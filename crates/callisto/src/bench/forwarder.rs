@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use callisto_turn::net::batch::{self, RecvBatch};
+use callisto_turn::net::batch::{self, RecvBatch, SendBatch};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 
@@ -37,6 +37,8 @@ pub fn run(
     let mut by_client: HashMap<SocketAddr, usize> = HashMap::new();
     let mut lanes: Vec<(UdpSocket, SocketAddr, SocketAddr)> = Vec::new(); // (socket, client, dest)
     let mut rx: Box<RecvBatch> = Box::default();
+    let mut tx = SendBatch::default();
+    let mut out: Vec<(usize, SocketAddr, std::ops::Range<usize>)> = Vec::new();
     let mut events = Events::with_capacity(1024);
     while !stop.load(Ordering::Relaxed) {
         poll.poll(&mut events, Some(Duration::from_millis(100)))?;
@@ -48,8 +50,7 @@ pub fn run(
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(_) => continue,
                     };
-                    let mut out: Vec<(usize, SocketAddr, std::ops::Range<usize>)> =
-                        Vec::with_capacity(n);
+                    out.clear();
                     for i in 0..n {
                         let (Some(from), len) = (rx.addrs[i], rx.lens[i]) else {
                             continue;
@@ -76,17 +77,11 @@ pub fn run(
                         }
                     }
                     let all = rx.slot_all();
-                    let mut start = 0;
-                    while start < out.len() {
-                        let lane = out[start].0;
-                        let mut end = start;
-                        let mut msgs: Vec<(SocketAddr, &[u8])> = Vec::new();
-                        while end < out.len() && out[end].0 == lane {
-                            msgs.push((out[end].1, &all[out[end].2.clone()]));
-                            end += 1;
-                        }
-                        batch::send_batch(&lanes[lane].0, &msgs);
-                        start = end;
+                    for run in out.chunk_by(|a, b| a.0 == b.0) {
+                        tx.send(
+                            &lanes[run[0].0].0,
+                            run.iter().map(|(_, dest, r)| (*dest, &all[r.clone()])),
+                        );
                     }
                 }
             } else {
@@ -99,10 +94,11 @@ pub fn run(
                     };
                     let client = lanes[lane].1;
                     let all = rx.slot_all();
-                    let msgs: Vec<(SocketAddr, &[u8])> = (0..n)
-                        .map(|i| (client, &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]]))
-                        .collect();
-                    batch::send_batch(&main, &msgs);
+                    tx.send(
+                        &main,
+                        (0..n)
+                            .map(|i| (client, &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]])),
+                    );
                 }
             }
         }

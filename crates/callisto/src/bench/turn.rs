@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use callisto_turn::client::{Client, Event};
-use callisto_turn::net::batch::{self, RecvBatch};
+use callisto_turn::net::batch::{self, RecvBatch, SendBatch};
 use callisto_turn::stun::ChannelData;
 use mio::{Events, Interest, Poll, Token};
 
@@ -341,6 +341,7 @@ fn echo_peer(stop: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
             .register(&mut sock, Token(0), Interest::READABLE)?;
         let mut events = Events::with_capacity(8);
         let mut rx: Box<RecvBatch> = Box::default();
+        let mut tx = SendBatch::default();
         while !stop.load(Ordering::Relaxed) {
             poll.poll(&mut events, Some(Duration::from_millis(50)))?;
             loop {
@@ -350,13 +351,13 @@ fn echo_peer(stop: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
                     Err(_) => continue,
                 };
                 let all = rx.slot_all();
-                let msgs: Vec<(SocketAddr, &[u8])> = (0..n)
-                    .filter_map(|i| {
+                tx.send(
+                    &sock,
+                    (0..n).filter_map(|i| {
                         rx.addrs[i]
                             .map(|a| (a, &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]]))
-                    })
-                    .collect();
-                batch::send_batch(&sock, &msgs);
+                    }),
+                );
             }
         }
         Ok(())

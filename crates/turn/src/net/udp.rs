@@ -11,7 +11,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
-use std::ops::RangeInclusive;
+use std::ops::{Range, RangeInclusive};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -21,7 +21,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::batch::{self, RecvBatch};
+use super::batch::{self, RecvBatch, SendBatch};
 use crate::server::{
     FiveTuple, HEADROOM, Output, RelayAllocator, RelayId, Server, Shared, Transport,
 };
@@ -188,6 +188,9 @@ impl UdpWorkers {
                 local: addr,
                 server: Server::new(shared.clone(), relays),
                 rx: Box::default(),
+                tx: SendBatch::default(),
+                to_peer: Vec::with_capacity(batch::BATCH),
+                to_client: Vec::with_capacity(batch::BATCH),
             };
             let stop = stop.clone();
             handles.push(
@@ -237,6 +240,12 @@ struct Worker {
     local: SocketAddr,
     server: Server<RelaySockets<UdpSocket>>,
     rx: Box<RecvBatch>,
+    tx: SendBatch,
+    /// Per batch: datagrams for peers (relay, peer, bytes in `rx`), kept in
+    /// the receive buffers and sent in runs that share a relay socket.
+    to_peer: Vec<(RelayId, SocketAddr, Range<usize>)>,
+    /// Per batch: datagrams for clients (client, bytes in `rx`).
+    to_client: Vec<(SocketAddr, Range<usize>)>,
 }
 
 impl Worker {
@@ -281,15 +290,9 @@ impl Worker {
             };
             let now = Instant::now();
             let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
-            // Datagrams for peers, kept in the receive buffers and sent in
-            // runs that share a relay socket.
-            let mut to_peer: [(RelayId, SocketAddr, std::ops::Range<usize>); batch::BATCH] =
-                std::array::from_fn(|_| (RelayId(0), self.local, 0..0));
-            let mut k = 0;
+            self.to_peer.clear();
             // Datagrams relayed between two allocations of this worker.
-            let mut to_client: [(SocketAddr, std::ops::Range<usize>); batch::BATCH] =
-                std::array::from_fn(|_| (self.local, 0..0));
-            let mut c = 0;
+            self.to_client.clear();
             for i in 0..n {
                 let (Some(from), len) = (self.rx.addrs[i], self.rx.lens[i]) else {
                     continue;
@@ -303,45 +306,37 @@ impl Worker {
                 let base = i * batch::SLOT;
                 match self.server.on_client(now, five, buf) {
                     Output::ToPeer { relay, peer, range } => {
-                        to_peer[k] = (relay, peer, base + range.start..base + range.end);
-                        k += 1;
+                        self.to_peer
+                            .push((relay, peer, base + range.start..base + range.end));
                     }
                     Output::ToClient { to, range } => {
-                        to_client[c] = (to.client, base + range.start..base + range.end);
-                        c += 1;
+                        self.to_client
+                            .push((to.client, base + range.start..base + range.end));
                     }
                     Output::Reply { to, data } => replies.push((to.client, data)),
                     Output::None => {}
                 }
             }
             let all = self.rx.slot_all();
-            let mut start = 0;
-            while start < k {
-                let relay = to_peer[start].0;
-                let mut end = start;
-                let mut msgs: [(SocketAddr, &[u8]); batch::BATCH] =
-                    [(self.local, &[]); batch::BATCH];
-                while end < k && to_peer[end].0 == relay {
-                    msgs[end - start] = (to_peer[end].1, &all[to_peer[end].2.clone()]);
-                    end += 1;
+            for run in self.to_peer.chunk_by(|a, b| a.0 == b.0) {
+                if let Some(sock) = self.server.relays().get(run[0].0) {
+                    self.tx.send(
+                        sock,
+                        run.iter().map(|(_, peer, r)| (*peer, &all[r.clone()])),
+                    );
                 }
-                if let Some(sock) = self.server.relays().get(relay) {
-                    batch::send_batch(sock, &msgs[..end - start]);
-                }
-                start = end;
             }
-            if c > 0 {
-                let mut msgs: [(SocketAddr, &[u8]); batch::BATCH] =
-                    [(self.local, &[]); batch::BATCH];
-                for (j, (addr, range)) in to_client[..c].iter().enumerate() {
-                    msgs[j] = (*addr, &all[range.clone()]);
-                }
-                batch::send_batch(&self.listener, &msgs[..c]);
+            if !self.to_client.is_empty() {
+                self.tx.send(
+                    &self.listener,
+                    self.to_client.iter().map(|(to, r)| (*to, &all[r.clone()])),
+                );
             }
             if !replies.is_empty() {
-                let msgs: Vec<(SocketAddr, &[u8])> =
-                    replies.iter().map(|(a, d)| (*a, d.as_slice())).collect();
-                batch::send_batch(&self.listener, &msgs);
+                self.tx.send(
+                    &self.listener,
+                    replies.iter().map(|(to, d)| (*to, d.as_slice())),
+                );
             }
             if n < batch::BATCH {
                 // recvmmsg took all there was: the next datagram raises a
@@ -352,8 +347,6 @@ impl Worker {
     }
 
     fn drain_relay(&mut self, relay: RelayId) {
-        let mut out: [(SocketAddr, std::ops::Range<usize>); batch::BATCH] =
-            std::array::from_fn(|_| (self.local, 0..0));
         loop {
             let Some(sock) = self.server.relays().get(relay) else {
                 return;
@@ -368,7 +361,7 @@ impl Worker {
                 }
             };
             let now = Instant::now();
-            let mut k = 0;
+            self.to_client.clear();
             for i in 0..n {
                 let (Some(from), len) = (self.rx.addrs[i], self.rx.lens[i]) else {
                     continue;
@@ -377,22 +370,16 @@ impl Worker {
                 if let Output::ToClient { to, range } =
                     self.server.on_peer(now, relay, from, slot, len)
                 {
-                    out[k] = (
-                        to.client,
-                        i * batch::SLOT + range.start..i * batch::SLOT + range.end,
-                    );
-                    k += 1;
+                    let base = i * batch::SLOT;
+                    self.to_client
+                        .push((to.client, base + range.start..base + range.end));
                 }
             }
-            if k > 0 {
-                let all = self.rx.slot_all();
-                let mut msgs: [(SocketAddr, &[u8]); batch::BATCH] =
-                    [(self.local, &[]); batch::BATCH];
-                for (j, (addr, range)) in out[..k].iter().enumerate() {
-                    msgs[j] = (*addr, &all[range.clone()]);
-                }
-                batch::send_batch(&self.listener, &msgs[..k]);
-            }
+            let all = self.rx.slot_all();
+            self.tx.send(
+                &self.listener,
+                self.to_client.iter().map(|(to, r)| (*to, &all[r.clone()])),
+            );
             if n < batch::BATCH {
                 return;
             }
