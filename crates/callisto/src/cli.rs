@@ -243,6 +243,11 @@ pub struct TurnCmdArgs {
     #[command(flatten)]
     pub turn: TurnArgs,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP; off
+    /// unless given). `callisto serve` has them on its web port instead.
+    #[arg(long, env = "CALLISTO_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     #[command(flatten)]
     pub tls: TlsArgs,
 

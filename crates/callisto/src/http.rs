@@ -116,7 +116,7 @@ async fn healthz() -> &'static str {
 async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.hub.lock().unwrap_or_else(|p| p.into_inner()).stats();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::telemetry::CONTENT_TYPE)],
         crate::telemetry::render(&state.metrics, &stats),
     )
         .into_response()

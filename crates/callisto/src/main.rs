@@ -20,6 +20,9 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async move {
                 let signals = StopSignals::install()?;
+                if let Some(listen) = args.metrics_listen {
+                    callisto::telemetry::serve_standalone(listen).await?;
+                }
                 let tls = callisto::tls::from_args(&args.tls)?;
                 let host = args.tls.tls_names.first().cloned();
                 let turn = callisto::turn::start(

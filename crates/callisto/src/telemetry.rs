@@ -4,7 +4,13 @@
 //! they are exact rather than sampled.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::OnceLock;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::http::header;
+use axum::routing::get;
 
 use callisto_signal::HubStats;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -84,6 +90,36 @@ pub fn render(handle: &PrometheusHandle, stats: &HubStats) -> String {
         stats.room_sizes.len()
     );
     out
+}
+
+/// Content type of the Prometheus text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves `/metrics` and `/healthz` over plain HTTP on a listener of their
+/// own, for `callisto turn`, which has no web server; returns the bound
+/// address. Runs until the process ends.
+pub async fn serve_standalone(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let handle = install();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {listen}"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = handle.render();
+                async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], text) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics listener failed");
+        }
+    });
+    tracing::info!(metrics = %bound, "metrics are served at /metrics");
+    Ok(bound)
 }
 
 #[cfg(test)]

@@ -134,7 +134,8 @@ fn callisto_on(sub: &str, turn_listen: &str, extra: &[&str]) -> Callisto {
     let proc = Proc(child);
     let (mut turn_port, mut tls_port, mut http, mut https) = (None, None, None, false);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while turn_port.is_none() || (sub == "serve" && http.is_none()) {
+    let has_http = sub == "serve" || extra.contains(&"--metrics-listen");
+    while turn_port.is_none() || (has_http && http.is_none()) {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("callisto starts");
@@ -152,6 +153,9 @@ fn callisto_on(sub: &str, turn_listen: &str, extra: &[&str]) -> Callisto {
                         .ok()
                 })
                 .map(|a| a.port());
+        }
+        if let Some(metrics) = v["metrics"].as_str() {
+            http = Some(metrics.parse().unwrap());
         }
         if let Some(url) = v["url"].as_str() {
             https = url.starts_with("https://");
@@ -173,7 +177,7 @@ fn callisto_on(sub: &str, turn_listen: &str, extra: &[&str]) -> Callisto {
 
 impl Callisto {
     fn metrics(&self) -> String {
-        let mut tcp = TcpStream::connect(self.http.expect("serve has HTTP")).unwrap();
+        let mut tcp = TcpStream::connect(self.http.expect("an HTTP listener")).unwrap();
         let request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
         let mut out = Vec::new();
         if self.https {
@@ -384,7 +388,14 @@ fn ipv6_relays_for_uclient_over_udp_and_tcp() {
     let server = callisto_on(
         "turn",
         "[::1]:0",
-        &["--turn-user", "user:pass", "--turn-allow-peer", "::1/128"],
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            "::1/128",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     );
     let (_peer, peer_port) = echo_peer_on("::1");
     assert_lossless(
@@ -401,6 +412,20 @@ fn ipv6_relays_for_uclient_over_udp_and_tcp() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("IPv6. UDP reflexive addr: ::1:"), "{text}");
+
+    // Standalone, metrics come from --metrics-listen.
+    let m = server.metrics();
+    for transport in ["udp", "tcp"] {
+        for direction in ["to_peer", "to_client"] {
+            let packets = metric(
+                &m,
+                &format!(
+                    "callisto_turn_relayed_packets_total{{direction=\"{direction}\",transport=\"{transport}\"}}"
+                ),
+            );
+            assert_eq!(packets, 2000.0, "{direction} over {transport}");
+        }
+    }
 }
 
 #[test]
