@@ -6,10 +6,12 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use callisto_turn::client::{Client, Event};
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_callisto");
 
@@ -54,7 +56,9 @@ fn free_tcp_port() -> u16 {
 
 /// `callisto serve` (or `turn`) with JSON logs; returns once TURN listens.
 struct Callisto {
-    _proc: Proc,
+    proc: Proc,
+    /// Every log line so far.
+    logs: Arc<Mutex<Vec<String>>>,
     turn_port: u16,
     tls_port: Option<u16>,
     http: Option<SocketAddr>,
@@ -165,9 +169,16 @@ fn callisto_on(sub: &str, turn_listen: &str, extra: &[&str]) -> Callisto {
             http = Some(hostport.parse().unwrap());
         }
     }
-    std::thread::spawn(move || for _ in rx {});
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in rx {
+            sink.lock().unwrap().push(line);
+        }
+    });
     Callisto {
-        _proc: proc,
+        proc,
+        logs,
         turn_port: turn_port.unwrap(),
         tls_port,
         http,
@@ -577,4 +588,62 @@ fn our_client_against_coturn() {
             lifetime: Duration::ZERO
         })
     );
+}
+
+/// No secret reaches the logs, even at trace level: not a static user's
+/// password, not the REST secret, not a wrong password a client tried, not
+/// the credentials handed out in `welcome`.
+#[test]
+fn secrets_never_reach_the_logs() {
+    let (password, secret, wrong) = ("S3cretPassw0rd", "T0pSecretRestKey", "Wr0ngPassw0rd");
+    let mut server = callisto(
+        "serve",
+        &[
+            "--turn-user",
+            &format!("user:{password}"),
+            "--turn-secret",
+            secret,
+            "--turn-allow-peer",
+            "127.0.0.1/32",
+            "--log",
+            "trace",
+        ],
+    );
+    let (_peer, peer_port) = echo_peer();
+    assert_lossless(
+        "right password",
+        uclient(server.turn_port, peer_port, &[], "user", password),
+    );
+    let (_, received, _) = uclient(server.turn_port, peer_port, &[], "user", wrong);
+    assert_eq!(received, 0);
+    let welcome = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let url = format!("ws://{}/ws", server.http.expect("serve has HTTP"));
+        common::Client::connect(&url)
+            .await
+            .join("secrets", "S")
+            .await
+    });
+    let handed_out: Vec<String> = welcome["iceServers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["credential"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!handed_out.is_empty(), "{welcome}");
+
+    // Stop the server so every line is written, then read them all.
+    let _ = server.proc.0.kill();
+    let _ = server.proc.0.wait();
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = server.logs.lock().unwrap().join("\n");
+    assert!(
+        logs.contains("\"TRACE\"") && logs.contains("authentication failed"),
+        "trace logs were written, failures included:\n{logs}"
+    );
+    for needle in [password, secret, wrong]
+        .into_iter()
+        .chain(handed_out.iter().map(String::as_str))
+    {
+        assert!(!logs.contains(needle), "{needle} is in the logs");
+    }
 }
