@@ -104,6 +104,10 @@ pub struct BenchTurnArgs {
     /// The turn-rs binary (default: turn-server on PATH).
     #[arg(long)]
     pub turn_rs: Option<PathBuf>,
+    /// Run the servers on the last CPU and the load generator on the others,
+    /// so they never preempt each other (steadier latency; Linux only).
+    #[arg(long)]
+    pub pin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

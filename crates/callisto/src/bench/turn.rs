@@ -101,10 +101,11 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
     let lo = 20000 + index as u32 * 4000;
     let (lo, hi) = (lo, lo + 3999);
     let quiet = || (Stdio::null(), Stdio::null());
-    let (child, name, config) = match which {
+    let name = target_name(which);
+    let (child, config) = match which {
         BenchTarget::Callisto => {
             let (o, e) = quiet();
-            let child = Command::new(std::env::current_exe()?)
+            let child = server_command(std::env::current_exe()?, args.pin)
                 .args([
                     "turn",
                     "--turn-listen",
@@ -140,11 +141,11 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 .stderr(e)
                 .spawn()
                 .context("starting callisto turn")?;
-            (child, "callisto", None)
+            (child, None)
         }
         BenchTarget::Coturn => {
             let (o, e) = quiet();
-            let child = Command::new("turnserver")
+            let child = server_command("turnserver", args.pin)
                 .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
                 .arg(format!("--listening-port={port}"))
                 .args([
@@ -171,7 +172,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 .stderr(e)
                 .spawn()
                 .context("starting coturn's turnserver (apt-get install coturn)")?;
-            (child, "coturn", None)
+            (child, None)
         }
         BenchTarget::TurnRs => {
             let bin = args
@@ -192,7 +193,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 ),
             )?;
             let (o, e) = quiet();
-            let child = Command::new(&bin)
+            let child = server_command(&bin, args.pin)
                 .arg("--config")
                 .arg(&path)
                 .stdout(o)
@@ -204,16 +205,16 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                         bin.display()
                     )
                 })?;
-            (child, "turn-rs", Some(tempfile_path::TempPath(path)))
+            (child, Some(tempfile_path::TempPath(path)))
         }
         BenchTarget::Forwarder => {
             let (o, e) = quiet();
-            let child = Command::new(std::env::current_exe()?)
+            let child = server_command(std::env::current_exe()?, args.pin)
                 .args(["bench", "forwarder", "--listen", &addr.to_string()])
                 .stdout(o)
                 .stderr(e)
                 .spawn()?;
-            (child, "forwarder", None)
+            (child, None)
         }
     };
     std::thread::sleep(Duration::from_millis(400));
@@ -594,57 +595,144 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// One measurement as a table row, with its CPU per packet for sorting.
-fn row(
+/// One run's figures, in table order after the first four columns.
+type Figures = [f64; 8];
+
+/// Runs one configuration once: its figures, or why it failed.
+fn measure(
     target: &Target,
     pattern: BenchPattern,
     n: usize,
     payload: usize,
     args: &BenchTurnArgs,
-) -> (f64, String) {
-    match run_one(target, pattern, n, payload, args) {
-        Ok(mut o) => {
-            o.rtts_us.sort_unstable();
-            let rtt_rate = o.received as f64 / o.seconds;
-            let relayed = rtt_rate * o.relayed_per_rtt as f64;
-            let cpu_us = o.cpu * 1e6 / (o.received * o.relayed_per_rtt).max(1) as f64;
-            let loss = 100.0 * o.sent.saturating_sub(o.received) as f64 / o.sent.max(1) as f64;
-            let line = format!(
-                "| {} | {} | {n} | {payload} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {:.3} | {:.1} |",
-                target.name,
-                pattern.label(),
-                o.alloc_per_sec,
-                rtt_rate,
-                relayed,
-                cpu_us,
-                percentile(&o.rtts_us, 0.5),
-                percentile(&o.rtts_us, 0.99),
-                loss,
-                o.rss_mib
-            );
-            (cpu_us, line)
-        }
-        Err(e) => (
-            f64::INFINITY,
-            format!(
-                "| {} | {} | {n} | {payload} | failed: {e:#} |",
-                target.name,
-                pattern.label()
-            ),
-        ),
+) -> Result<Figures, String> {
+    let mut o = run_one(target, pattern, n, payload, args).map_err(|e| format!("{e:#}"))?;
+    o.rtts_us.sort_unstable();
+    let rtt_rate = o.received as f64 / o.seconds;
+    Ok([
+        o.alloc_per_sec,
+        rtt_rate,
+        rtt_rate * o.relayed_per_rtt as f64,
+        o.cpu * 1e6 / (o.received * o.relayed_per_rtt).max(1) as f64,
+        percentile(&o.rtts_us, 0.5) as f64,
+        percentile(&o.rtts_us, 0.99) as f64,
+        100.0 * o.sent.saturating_sub(o.received) as f64 / o.sent.max(1) as f64,
+        o.rss_mib,
+    ])
+}
+
+/// A table row: each figure the median of its runs, so one disturbed run
+/// (this machine is shared with the generator) moves no column.
+fn row(
+    name: &str,
+    pattern: BenchPattern,
+    n: usize,
+    payload: usize,
+    runs: &[Result<Figures, String>],
+) -> String {
+    let ok: Vec<&Figures> = runs.iter().filter_map(|r| r.as_ref().ok()).collect();
+    if ok.is_empty() {
+        let why = runs
+            .iter()
+            .find_map(|r| r.as_ref().err())
+            .map_or("no run", String::as_str);
+        return format!(
+            "| {name} | {} | {n} | {payload} | failed: {why} |",
+            pattern.label()
+        );
     }
+    let median = |i: usize| {
+        let mut v: Vec<f64> = ok.iter().map(|f| f[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    format!(
+        "| {name} | {} | {n} | {payload} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.3} | {:.1} |",
+        pattern.label(),
+        median(0),
+        median(1),
+        median(2),
+        median(3),
+        median(4),
+        median(5),
+        median(6),
+        median(7),
+    )
+}
+
+/// CPUs for the servers and for the generator under `--pin`: the last one,
+/// and all the others.
+fn pin_sets() -> anyhow::Result<(usize, std::ops::Range<usize>)> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        bail!("--pin needs at least 2 CPUs, this machine has {cpus}");
+    }
+    Ok((cpus - 1, 0..cpus - 1))
+}
+
+/// Restricts the calling thread (and the threads it starts later) to `cpus`.
+#[cfg(target_os = "linux")]
+fn set_affinity(cpus: std::ops::Range<usize>) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it
+    // for the CPU numbers the kernel reported; sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_affinity(_cpus: std::ops::Range<usize>) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "--pin is Linux only",
+    ))
+}
+
+/// A server process; under `--pin` it runs on the servers' CPU only.
+fn server_command(program: impl AsRef<std::ffi::OsStr>, pin: bool) -> Command {
+    let mut cmd = Command::new(program);
+    #[cfg(unix)]
+    if pin && let Ok((server_cpu, _)) = pin_sets() {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: runs in the child between fork and exec and makes one
+        // system call, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || set_affinity(server_cpu..server_cpu + 1));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = pin;
+    cmd
 }
 
 /// Runs the whole matrix and prints a Markdown table.
 pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
+    if args.pin {
+        let (_, generator) = pin_sets()?;
+        set_affinity(generator).context("pinning the load generator")?;
+    }
     let mode = if args.rate == 0 {
         format!("closed loop, {WINDOW} packets in flight per allocation")
     } else {
         format!("open loop, {} round trips/s offered", args.rate)
     };
     println!(
-        "callisto bench turn: {mode}, {} s per run, median of {} alternating runs, {} server thread(s), loopback\n",
-        args.duration, args.repeat, args.threads
+        "callisto bench turn: {mode}, {} s per run, median of {} alternating runs, {} server thread(s), loopback{}\n",
+        args.duration,
+        args.repeat,
+        args.threads,
+        if args.pin {
+            ", servers pinned to the last CPU and the generator to the others"
+        } else {
+            ""
+        }
     );
     println!(
         "| server | pattern | allocations | payload B | alloc/s | round trips/s | relayed pkt/s | server CPU µs/pkt | p50 RTT µs | p99 RTT µs | loss % | RSS MiB |"
@@ -656,7 +744,8 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
     for &pattern in &args.patterns {
         for &n in &args.allocations {
             for &payload in &args.payloads {
-                let mut rows: Vec<Vec<(f64, String)>> = vec![Vec::new(); args.servers.len()];
+                let mut runs: Vec<Vec<Result<Figures, String>>> =
+                    vec![Vec::new(); args.servers.len()];
                 for _ in 0..args.repeat.max(1) {
                     for (index, &which) in args.servers.iter().enumerate() {
                         if (which == BenchTarget::TurnRs || which == BenchTarget::Forwarder)
@@ -666,13 +755,15 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
                         }
                         // A fresh server per run: no state carried over.
                         let target = start_target(which, &args, index)?;
-                        rows[index].push(row(&target, pattern, n, payload, &args));
+                        runs[index].push(measure(&target, pattern, n, payload, &args));
                     }
                 }
-                for mut runs in rows {
-                    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    if let Some((_, line)) = runs.get(runs.len() / 2) {
-                        println!("{line}");
+                for (index, runs) in runs.iter().enumerate() {
+                    if !runs.is_empty() {
+                        println!(
+                            "{}",
+                            row(target_name(args.servers[index]), pattern, n, payload, runs)
+                        );
                         let _ = io::stdout().flush();
                     }
                 }
@@ -680,6 +771,15 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn target_name(which: BenchTarget) -> &'static str {
+    match which {
+        BenchTarget::Callisto => "callisto",
+        BenchTarget::Coturn => "coturn",
+        BenchTarget::TurnRs => "turn-rs",
+        BenchTarget::Forwarder => "forwarder",
+    }
 }
 
 /// turn-rs relays only between its own allocations, and the forwarder only
