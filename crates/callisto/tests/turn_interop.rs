@@ -222,6 +222,21 @@ fn metric(text: &str, line_prefix: &str) -> f64 {
         .unwrap()
 }
 
+/// Each of `transports` relayed exactly `each` packets in both directions.
+fn assert_relayed_packets(metrics: &str, transports: &[&str], each: f64) {
+    for transport in transports {
+        for direction in ["to_peer", "to_client"] {
+            let packets = metric(
+                metrics,
+                &format!(
+                    "callisto_turn_relayed_packets_total{{direction=\"{direction}\",transport=\"{transport}\"}}"
+                ),
+            );
+            assert_eq!(packets, each, "{direction} over {transport}");
+        }
+    }
+}
+
 fn echo_peer() -> (Proc, u16) {
     echo_peer_on("127.0.0.1")
 }
@@ -359,16 +374,8 @@ fn uclient_over_udp_tcp_and_tls_with_channels_and_send_indications() {
     assert_eq!(received, 0, "{text}");
 
     let m = server.metrics();
+    assert_relayed_packets(&m, &["udp", "tcp", "tls"], 4000.0);
     for transport in ["udp", "tcp", "tls"] {
-        for direction in ["to_peer", "to_client"] {
-            let packets = metric(
-                &m,
-                &format!(
-                    "callisto_turn_relayed_packets_total{{direction=\"{direction}\",transport=\"{transport}\"}}"
-                ),
-            );
-            assert_eq!(packets, 4000.0, "{direction} over {transport}");
-        }
         assert!(
             metric(
                 &m,
@@ -425,18 +432,7 @@ fn ipv6_relays_for_uclient_over_udp_and_tcp() {
     assert!(text.contains("IPv6. UDP reflexive addr: ::1:"), "{text}");
 
     // Standalone, metrics come from --metrics-listen.
-    let m = server.metrics();
-    for transport in ["udp", "tcp"] {
-        for direction in ["to_peer", "to_client"] {
-            let packets = metric(
-                &m,
-                &format!(
-                    "callisto_turn_relayed_packets_total{{direction=\"{direction}\",transport=\"{transport}\"}}"
-                ),
-            );
-            assert_eq!(packets, 2000.0, "{direction} over {transport}");
-        }
-    }
+    assert_relayed_packets(&server.metrics(), &["udp", "tcp"], 2000.0);
 }
 
 #[test]
