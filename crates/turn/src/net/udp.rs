@@ -291,7 +291,6 @@ impl Worker {
             let now = Instant::now();
             let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
             self.to_peer.clear();
-            // Datagrams relayed between two allocations of this worker.
             self.to_client.clear();
             for i in 0..n {
                 let (Some(from), len) = (self.rx.addrs[i], self.rx.lens[i]) else {
@@ -326,12 +325,11 @@ impl Worker {
                     );
                 }
             }
-            if !self.to_client.is_empty() {
-                self.tx.send(
-                    &self.listener,
-                    self.to_client.iter().map(|(to, r)| (*to, &all[r.clone()])),
-                );
-            }
+            // Relayed in place between two allocations of this worker.
+            self.tx.send(
+                &self.listener,
+                self.to_client.iter().map(|(to, r)| (*to, &all[r.clone()])),
+            );
             if !replies.is_empty() {
                 self.tx.send(
                     &self.listener,
