@@ -104,10 +104,21 @@ pub struct BenchTurnArgs {
     /// The turn-rs binary (default: turn-server on PATH).
     #[arg(long)]
     pub turn_rs: Option<PathBuf>,
-    /// Run the servers on the last CPU and the load generator on the others,
-    /// so they never preempt each other (steadier latency; Linux only).
-    #[arg(long)]
-    pub pin: bool,
+    /// Where processes run (Linux only); unset: wherever the scheduler
+    /// puts them. `--pin` alone means `split`.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "split")]
+    pub pin: Option<BenchPin>,
+}
+
+/// CPU placement for `callisto bench turn --pin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchPin {
+    /// Servers on the last CPU, the load generator on the others: they never
+    /// preempt each other, but every packet wakes a task on another CPU.
+    Split,
+    /// Everything on the first CPU: no cross-CPU wake-ups at all, the
+    /// cheapest delivery this machine has.
+    OneCpu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -27,7 +27,7 @@ use callisto_turn::net::batch::{self, RecvBatch, SendBatch};
 use callisto_turn::stun::ChannelData;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::cli::{BenchPattern, BenchTarget, BenchTurnArgs};
+use crate::cli::{BenchPattern, BenchPin, BenchTarget, BenchTurnArgs};
 
 const USER: &str = "bench";
 const PASS: &str = "bench-password";
@@ -105,7 +105,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
     let (child, config) = match which {
         BenchTarget::Callisto => {
             let (o, e) = quiet();
-            let child = server_command(std::env::current_exe()?, args.pin)
+            let child = server_command(std::env::current_exe()?, args.pin)?
                 .args([
                     "turn",
                     "--turn-listen",
@@ -145,7 +145,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
         }
         BenchTarget::Coturn => {
             let (o, e) = quiet();
-            let child = server_command("turnserver", args.pin)
+            let child = server_command("turnserver", args.pin)?
                 .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
                 .arg(format!("--listening-port={port}"))
                 .args([
@@ -193,7 +193,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 ),
             )?;
             let (o, e) = quiet();
-            let child = server_command(&bin, args.pin)
+            let child = server_command(&bin, args.pin)?
                 .arg("--config")
                 .arg(&path)
                 .stdout(o)
@@ -209,7 +209,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
         }
         BenchTarget::Forwarder => {
             let (o, e) = quiet();
-            let child = server_command(std::env::current_exe()?, args.pin)
+            let child = server_command(std::env::current_exe()?, args.pin)?
                 .args(["bench", "forwarder", "--listen", &addr.to_string()])
                 .stdout(o)
                 .stderr(e)
@@ -218,6 +218,10 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
         }
     };
     std::thread::sleep(Duration::from_millis(400));
+    if let Some(pin) = args.pin {
+        let (server_cpu, _) = pin_sets(pin)?;
+        check_affinity(child.id(), server_cpu).with_context(|| format!("pinning {name}"))?;
+    }
     Ok(Target {
         name,
         child,
@@ -660,14 +664,22 @@ fn row(
     )
 }
 
-/// CPUs for the servers and for the generator under `--pin`: the last one,
-/// and all the others.
-fn pin_sets() -> anyhow::Result<(usize, std::ops::Range<usize>)> {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if cpus < 2 {
-        bail!("--pin needs at least 2 CPUs, this machine has {cpus}");
+/// CPUs for the servers and for the generator under `--pin`.
+///
+/// The CPU count is read once: after the generator has pinned itself,
+/// `available_parallelism` reports only the generator's CPUs, and a server
+/// placed by that count would land on the generator's CPU (that happened:
+/// the first "split" recordings ran everything on CPU 0).
+fn pin_sets(pin: BenchPin) -> anyhow::Result<(usize, std::ops::Range<usize>)> {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
+    match pin {
+        BenchPin::OneCpu => Ok((0, 0..1)),
+        BenchPin::Split if cpus < 2 => {
+            bail!("--pin split needs at least 2 CPUs, this machine has {cpus}")
+        }
+        BenchPin::Split => Ok((cpus - 1, 0..cpus - 1)),
     }
-    Ok((cpus - 1, 0..cpus - 1))
 }
 
 /// Restricts the calling thread (and the threads it starts later) to `cpus`.
@@ -695,12 +707,39 @@ fn set_affinity(_cpus: std::ops::Range<usize>) -> io::Result<()> {
     ))
 }
 
+/// Checks that every thread of process `pid` may run on CPU `cpu` only.
+#[cfg(target_os = "linux")]
+fn check_affinity(pid: u32, cpu: usize) -> anyhow::Result<()> {
+    let want = cpu.to_string();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(str::trim)
+            .context("no Cpus_allowed_list in /proc status")?;
+        if allowed != want {
+            bail!("a server thread may run on CPUs {allowed}, expected {want} only");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn check_affinity(_pid: u32, _cpu: usize) -> anyhow::Result<()> {
+    Ok(())
+}
+
 /// A server process; under `--pin` it runs on the servers' CPU only.
-fn server_command(program: impl AsRef<std::ffi::OsStr>, pin: bool) -> Command {
+fn server_command(
+    program: impl AsRef<std::ffi::OsStr>,
+    pin: Option<BenchPin>,
+) -> anyhow::Result<Command> {
     let mut cmd = Command::new(program);
     #[cfg(unix)]
-    if pin && let Ok((server_cpu, _)) = pin_sets() {
+    if let Some(pin) = pin {
         use std::os::unix::process::CommandExt;
+        let (server_cpu, _) = pin_sets(pin)?;
         // SAFETY: runs in the child between fork and exec and makes one
         // system call, which is async-signal-safe.
         unsafe {
@@ -709,13 +748,13 @@ fn server_command(program: impl AsRef<std::ffi::OsStr>, pin: bool) -> Command {
     }
     #[cfg(not(unix))]
     let _ = pin;
-    cmd
+    Ok(cmd)
 }
 
 /// Runs the whole matrix and prints a Markdown table.
 pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
-    if args.pin {
-        let (_, generator) = pin_sets()?;
+    if let Some(pin) = args.pin {
+        let (_, generator) = pin_sets(pin)?;
         set_affinity(generator).context("pinning the load generator")?;
     }
     let mode = if args.rate == 0 {
@@ -728,10 +767,11 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
         args.duration,
         args.repeat,
         args.threads,
-        if args.pin {
-            ", servers pinned to the last CPU and the generator to the others"
-        } else {
-            ""
+        match args.pin {
+            Some(BenchPin::Split) =>
+                ", servers pinned to the last CPU and the generator to the others",
+            Some(BenchPin::OneCpu) => ", servers and generator all pinned to the first CPU",
+            None => "",
         }
     );
     println!(
@@ -739,8 +779,8 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     // Servers take turns on each configuration, `--repeat` times, so slow
-    // drifts of this machine hit them all alike; each row is the repetition
-    // with the median CPU per packet.
+    // drifts of this machine hit them all alike; each figure is the median
+    // of its runs.
     for &pattern in &args.patterns {
         for &n in &args.allocations {
             for &payload in &args.payloads {
@@ -788,5 +828,35 @@ fn preferred(which: BenchTarget) -> BenchPattern {
     match which {
         BenchTarget::TurnRs => BenchPattern::B,
         _ => BenchPattern::A,
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinning_the_generator_does_not_move_the_servers_onto_its_cpus() {
+        std::thread::spawn(|| {
+            let Ok((server, generator)) = pin_sets(BenchPin::Split) else {
+                return; // one CPU: --pin split refuses to run, nothing to check
+            };
+            set_affinity(generator.clone()).unwrap();
+            let (server_after, generator_after) = pin_sets(BenchPin::Split).unwrap();
+            assert_eq!((server_after, generator_after.clone()), (server, generator));
+            assert!(!generator_after.contains(&server_after));
+            // A child started the way servers are lands on the server CPU.
+            let mut child = server_command("sleep", Some(BenchPin::Split))
+                .unwrap()
+                .arg("2")
+                .spawn()
+                .unwrap();
+            let checked = check_affinity(child.id(), server);
+            let _ = child.kill();
+            let _ = child.wait();
+            checked.unwrap();
+        })
+        .join()
+        .unwrap();
     }
 }
