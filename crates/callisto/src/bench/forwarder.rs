@@ -78,9 +78,10 @@ pub fn run(
                     }
                     let all = rx.slot_all();
                     for run in out.chunk_by(|a, b| a.0 == b.0) {
-                        tx.send(
+                        tx.send_coalescing(
                             &lanes[run[0].0].0,
                             run.iter().map(|(_, dest, r)| (*dest, &all[r.clone()])),
+                            n == batch::BATCH,
                         );
                     }
                 }
@@ -94,10 +95,11 @@ pub fn run(
                     };
                     let client = lanes[lane].1;
                     let all = rx.slot_all();
-                    tx.send(
+                    tx.send_coalescing(
                         &main,
                         (0..n)
                             .map(|i| (client, &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]])),
+                        n == batch::BATCH,
                     );
                 }
             }

@@ -2,7 +2,8 @@
 //! call elsewhere. Written by hand because this is the relay's hot path and
 //! the crates that batch (quinn-udp) shape their API around QUIC's needs
 //! (one destination per send), while a TURN server sends each datagram of a
-//! batch to a different client.
+//! batch to a different client. Under load, runs of same-size datagrams to
+//! one destination within a batch go out as one UDP GSO send each.
 
 use std::io;
 use std::net::SocketAddr;
@@ -198,70 +199,223 @@ fn from_socket_addr(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::s
     }
 }
 
-/// Sends datagrams with as few system calls as possible.
+/// Datagrams per GSO send at most (the kernel's `UDP_MAX_SEGMENTS`).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Bytes per GSO send at most: the whole must fit one IP packet's length.
+pub const GSO_MAX_BYTES: usize = 60_000;
+/// The largest datagram sent by GSO. Larger ones go one by one, so the
+/// kernel may fragment them (GSO refuses segments above the path MTU).
+pub const GSO_MAX_SEGMENT: usize = 1472;
+
+/// Where the run of datagrams starting at `i` ends: consecutive datagrams to
+/// one destination, all of one size but the last, which may be shorter. The
+/// kernel sends such a run with one pass through its stack (UDP GSO) and
+/// splits it into datagrams again; the receiver sees no difference.
+pub fn gso_run(dests: &[SocketAddr], lens: &[usize], i: usize) -> usize {
+    let size = lens[i];
+    let mut j = i + 1;
+    if size == 0 || size > GSO_MAX_SEGMENT {
+        return j;
+    }
+    let mut total = size;
+    while j < dests.len().min(lens.len())
+        && j - i < GSO_MAX_SEGMENTS
+        && dests[j] == dests[i]
+        && lens[j - 1] == size
+        && lens[j] > 0
+        && lens[j] <= size
+        && total + lens[j] <= GSO_MAX_BYTES
+    {
+        total += lens[j];
+        j += 1;
+    }
+    j
+}
+
+/// `SOL_UDP` / `UDP_SEGMENT` from linux/udp.h (the libc crate has them only
+/// for some C libraries).
+#[cfg(target_os = "linux")]
+const SOL_UDP: libc::c_int = 17;
+#[cfg(target_os = "linux")]
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// A control message carrying UDP_SEGMENT, laid out as CMSG_SPACE(2).
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GsoCmsg {
+    hdr: libc::cmsghdr,
+    size: u16,
+    _pad: [u8; 6],
+}
+
+/// Whether this kernel takes UDP_SEGMENT (Linux 4.18 and later).
+#[cfg(target_os = "linux")]
+fn gso_supported() -> bool {
+    let Ok(probe) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let size: libc::c_int = 1200;
+    // SAFETY: a valid socket, and a pointer to a c_int with its size.
+    unsafe {
+        libc::setsockopt(
+            probe.as_raw_fd(),
+            SOL_UDP,
+            UDP_SEGMENT,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// Sends datagrams with as few system calls, and as few passes through the
+/// kernel's stack, as possible: one `sendmmsg` per batch, and runs of
+/// same-size datagrams to one destination as one GSO send.
 pub struct SendBatch {
     #[cfg(target_os = "linux")]
     h: MsgHeaders,
+    #[cfg(target_os = "linux")]
+    cmsgs: Box<[GsoCmsg; BATCH]>,
+    /// Per datagram of the batch: its destination.
+    #[cfg(target_os = "linux")]
+    dests: Vec<SocketAddr>,
+    /// Per datagram of the batch: its length.
+    #[cfg(target_os = "linux")]
+    lens: [usize; BATCH],
+    /// Per header: its first datagram and how many it carries.
+    #[cfg(target_os = "linux")]
+    runs: [(usize, usize); BATCH],
+    gso: bool,
 }
 
 impl Default for SendBatch {
     fn default() -> Self {
-        SendBatch {
-            #[cfg(target_os = "linux")]
-            h: MsgHeaders::new(),
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: all-zero is a valid cmsghdr.
+            let mut cmsg: GsoCmsg = unsafe { std::mem::zeroed() };
+            cmsg.hdr.cmsg_len = (std::mem::offset_of!(GsoCmsg, size) + 2) as _;
+            cmsg.hdr.cmsg_level = SOL_UDP;
+            cmsg.hdr.cmsg_type = UDP_SEGMENT;
+            SendBatch {
+                h: MsgHeaders::new(),
+                cmsgs: Box::new([cmsg; BATCH]),
+                dests: Vec::with_capacity(BATCH),
+                lens: [0; BATCH],
+                runs: [(0, 0); BATCH],
+                gso: gso_supported(),
+            }
         }
+        #[cfg(not(target_os = "linux"))]
+        SendBatch { gso: false }
     }
 }
 
 impl SendBatch {
     /// Sends every (destination, bytes) of `msgs` from `socket`; returns
-    /// how many went out. Datagrams the kernel will not take right now are
-    /// dropped and counted, as a router would: blocking here would stall
-    /// every client.
+    /// how many datagrams went out. Datagrams the kernel will not take right
+    /// now are dropped and counted, as a router would: blocking here would
+    /// stall every client.
     #[cfg(target_os = "linux")]
     pub fn send<'a>(
         &mut self,
         socket: &impl AsRawFd,
         msgs: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
     ) -> usize {
+        self.send_coalescing(socket, msgs, false)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn send<'a>(
+        &mut self,
+        socket: &std::net::UdpSocket,
+        msgs: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
+    ) -> usize {
+        self.send_coalescing(socket, msgs, false)
+    }
+
+    /// [`send`](Self::send), and with `coalesce` runs of same-size datagrams
+    /// to one destination go through the kernel's stack once (UDP GSO).
+    ///
+    /// Worth it only when behind: GSO cuts the CPU per datagram by a fifth
+    /// to a half under load, but the first datagram of a run reaches its
+    /// receiver only when the last is ready, so a lone flow loses the
+    /// overlap between sender and receiver (measured: one allocation in
+    /// closed loop carried half the round trips). The UDP worker coalesces
+    /// only after a full receive batch.
+    #[cfg(target_os = "linux")]
+    pub fn send_coalescing<'a>(
+        &mut self,
+        socket: &impl AsRawFd,
+        msgs: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
+        coalesce: bool,
+    ) -> usize {
+        let coalesce = coalesce && self.gso;
         let mut msgs = msgs.into_iter();
         let mut sent = 0;
         loop {
-            let mut k = 0;
-            for (addr, data) in msgs.by_ref().take(BATCH) {
-                self.h.hdrs[k].msg_hdr.msg_namelen = from_socket_addr(addr, &mut self.h.storage[k]);
+            self.dests.clear();
+            for (k, (addr, data)) in msgs.by_ref().take(BATCH).enumerate() {
+                self.dests.push(addr);
+                self.lens[k] = data.len();
                 self.h.iovs[k].iov_base = data.as_ptr() as *mut libc::c_void;
                 self.h.iovs[k].iov_len = data.len();
-                k += 1;
             }
+            let k = self.dests.len();
             if k == 0 {
                 return sent;
             }
-            sent += self.flush(socket, k);
+            // One header per run (per datagram without GSO).
+            let (mut m, mut i) = (0, 0);
+            while i < k {
+                let j = if coalesce {
+                    gso_run(&self.dests, &self.lens[..k], i)
+                } else {
+                    i + 1
+                };
+                let hdr = &mut self.h.hdrs[m].msg_hdr;
+                hdr.msg_namelen = from_socket_addr(self.dests[i], &mut self.h.storage[m]);
+                hdr.msg_iov = &mut self.h.iovs[i];
+                hdr.msg_iovlen = j - i;
+                if j - i > 1 {
+                    self.cmsgs[m].size = self.lens[i] as u16;
+                    hdr.msg_control = (&mut self.cmsgs[m] as *mut GsoCmsg).cast();
+                    hdr.msg_controllen = std::mem::size_of::<GsoCmsg>() as _;
+                } else {
+                    hdr.msg_control = std::ptr::null_mut();
+                    hdr.msg_controllen = 0;
+                }
+                self.runs[m] = (i, j - i);
+                m += 1;
+                i = j;
+            }
+            sent += self.flush(socket, m);
             if k < BATCH {
                 return sent;
             }
         }
     }
 
-    /// Sends the first `k` prepared headers.
+    /// Sends the first `m` prepared headers; returns the datagrams sent.
     #[cfg(target_os = "linux")]
-    fn flush(&mut self, socket: &impl AsRawFd, k: usize) -> usize {
+    fn flush(&mut self, socket: &impl AsRawFd, m: usize) -> usize {
         let (mut off, mut retries, mut sent) = (0, 0, 0);
-        while off < k {
-            // SAFETY: headers 0..k point at addresses in `self.h` and at the
-            // caller's slices, which outlive this call (`send` borrows them).
+        while off < m {
+            // SAFETY: headers 0..m point at addresses, iovecs and control
+            // messages in `self` and at the caller's slices, which outlive
+            // this call (`send` borrows them).
             let n = unsafe {
                 libc::sendmmsg(
                     socket.as_raw_fd(),
                     self.h.hdrs.as_mut_ptr().add(off),
-                    (k - off) as u32,
+                    (m - off) as u32,
                     libc::MSG_DONTWAIT,
                 )
             };
             if n > 0 {
-                off += n as usize;
-                sent += n as usize;
+                let n = n as usize;
+                sent += self.runs[off..off + n].iter().map(|r| r.1).sum::<usize>();
+                off += n;
                 continue;
             }
             let err = io::Error::last_os_error();
@@ -270,6 +424,20 @@ impl SendBatch {
                 io::ErrorKind::WouldBlock if retries < 3 => {
                     retries += 1;
                     std::thread::yield_now();
+                }
+                _ if self.runs[off].1 > 1 => {
+                    // The kernel refused the run as a whole (a segment above
+                    // the path MTU, or a device without checksum offload,
+                    // EIO): send its datagrams one by one, and after EIO
+                    // never use GSO again.
+                    if err.raw_os_error() == Some(libc::EIO) {
+                        tracing::info!(
+                            "UDP GSO refused by the network device; sending datagrams one by one"
+                        );
+                        self.gso = false;
+                    }
+                    sent += self.send_run_singly(socket, off);
+                    off += 1;
                 }
                 _ => {
                     // Skip the datagram the kernel refused (an unreachable
@@ -282,11 +450,40 @@ impl SendBatch {
         sent
     }
 
+    /// Sends the datagrams of header `m` one `sendto` each.
+    #[cfg(target_os = "linux")]
+    fn send_run_singly(&mut self, socket: &impl AsRawFd, m: usize) -> usize {
+        let (first, count) = self.runs[m];
+        let hdr = &self.h.hdrs[m].msg_hdr;
+        let mut sent = 0;
+        for iov in &self.h.iovs[first..first + count] {
+            // SAFETY: the iovec points into the caller's slice, the address
+            // into `self.h.storage`, both alive for this call.
+            let r = unsafe {
+                libc::sendto(
+                    socket.as_raw_fd(),
+                    iov.iov_base,
+                    iov.iov_len,
+                    libc::MSG_DONTWAIT,
+                    hdr.msg_name.cast(),
+                    hdr.msg_namelen,
+                )
+            };
+            if r >= 0 {
+                sent += 1;
+            } else {
+                metrics::counter!("callisto_turn_send_drops_total").increment(1);
+            }
+        }
+        sent
+    }
+
     #[cfg(not(target_os = "linux"))]
-    pub fn send<'a>(
+    pub fn send_coalescing<'a>(
         &mut self,
         socket: &std::net::UdpSocket,
         msgs: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
+        _coalesce: bool,
     ) -> usize {
         msgs.into_iter()
             .filter(|(a, d)| socket.send_to(d, a).is_ok())
@@ -297,6 +494,7 @@ impl SendBatch {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+    use proptest::prelude::Just;
 
     #[test]
     fn round_trip_a_batch() {
@@ -351,6 +549,100 @@ mod tests {
                     }
                 }
                 assert_eq!(got, payloads, "{family}, {count} at offset {offset}");
+            }
+        }
+    }
+
+    /// Runs of one size to one destination go out as one GSO send each; the
+    /// receivers must get exactly the datagrams, in order, that went in.
+    #[test]
+    fn gso_runs_arrive_as_the_datagrams_they_were() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (b, c) = (
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+        let mut msgs: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        let mut push = |to, count: usize, len: usize| {
+            for _ in 0..count {
+                let n = msgs.len();
+                msgs.push((to, (0..len).map(|x| (x + n) as u8).collect()));
+            }
+        };
+        push(to_b, 10, 100); // a run
+        push(to_b, 1, 60); // its shorter last datagram
+        push(to_b, 5, 100); // a new run
+        push(to_c, 3, 100); // another destination
+        push(to_b, 1, 2000); // too large for GSO
+        push(to_b, 70, 50); // more than one GSO send takes
+        push(to_c, 1, GSO_MAX_SEGMENT); // the largest one grouped
+        push(to_c, 1, GSO_MAX_SEGMENT);
+        let mut tx = SendBatch::default();
+        let sent = tx.send_coalescing(&a, msgs.iter().map(|(to, d)| (*to, d.as_slice())), true);
+        assert_eq!(sent, msgs.len());
+        let mut rx = RecvBatch::default();
+        for (sock, to) in [(&b, to_b), (&c, to_c)] {
+            let want: Vec<&Vec<u8>> = msgs.iter().filter(|m| m.0 == to).map(|m| &m.1).collect();
+            let mut got = Vec::new();
+            while got.len() < want.len() {
+                let n = rx.recv(sock, 0).unwrap();
+                for i in 0..n {
+                    let len = rx.lens[i];
+                    got.push(rx.slot(i)[..len].to_vec());
+                }
+            }
+            assert_eq!(got.iter().collect::<Vec<_>>(), want);
+            assert_eq!(
+                rx.recv(sock, 0).unwrap_err().kind(),
+                io::ErrorKind::WouldBlock
+            );
+        }
+        assert!(
+            tx.gso,
+            "this kernel takes UDP_SEGMENT, and no send was refused"
+        );
+    }
+
+    proptest::proptest! {
+        /// Runs cover every datagram once, in order, and each is as long as
+        /// the rules allow: one destination, one size but a shorter last,
+        /// within the kernel's limits.
+        #[test]
+        fn gso_runs_follow_the_rules(
+            msgs in proptest::collection::vec((0u8..3, proptest::prop_oneof![
+                Just(0usize), 1usize..64, Just(100usize), Just(1200usize), Just(1472usize), 1473usize..2000,
+            ]), 1..BATCH),
+        ) {
+            let dests: Vec<SocketAddr> = msgs
+                .iter()
+                .map(|(d, _)| SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(*d))))
+                .collect();
+            let lens: Vec<usize> = msgs.iter().map(|m| m.1).collect();
+            let mut i = 0;
+            while i < lens.len() {
+                let j = gso_run(&dests, &lens, i);
+                proptest::prop_assert!(j > i && j <= lens.len());
+                let run = &lens[i..j];
+                proptest::prop_assert!(j - i <= GSO_MAX_SEGMENTS);
+                proptest::prop_assert!(dests[i..j].iter().all(|d| *d == dests[i]));
+                proptest::prop_assert!(run[..run.len() - 1].iter().all(|&l| l == run[0]));
+                if j - i > 1 {
+                    proptest::prop_assert!(run[0] > 0 && run[0] <= GSO_MAX_SEGMENT);
+                    proptest::prop_assert!(*run.last().unwrap() > 0 && *run.last().unwrap() <= run[0]);
+                    proptest::prop_assert!(run.iter().sum::<usize>() <= GSO_MAX_BYTES);
+                }
+                // As long as allowed: the next datagram could not join.
+                if j < lens.len() && run[0] > 0 && run[0] <= GSO_MAX_SEGMENT {
+                    let joins = dests[j] == dests[i]
+                        && lens[j - 1] == run[0]
+                        && lens[j] > 0
+                        && lens[j] <= run[0]
+                        && j - i < GSO_MAX_SEGMENTS
+                        && run.iter().sum::<usize>() + lens[j] <= GSO_MAX_BYTES;
+                    proptest::prop_assert!(!joins, "run {i}..{j} stopped early");
+                }
+                i = j;
             }
         }
     }
