@@ -44,11 +44,26 @@ impl TurnService {
         shared: Arc<Shared>,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> io::Result<TurnService> {
-        let udp =
-            udp::UdpWorkers::start(listen.addr, listen.threads, relay.clone(), shared.clone())?;
-        // TCP on the same port as UDP, as clients expect.
-        let tcp_listener =
-            TcpListener::bind(SocketAddr::new(listen.addr.ip(), udp.local_addr.port())).await?;
+        // TCP on the same port as UDP, as clients expect. With port 0 the
+        // kernel picks a port free for UDP, which a TCP socket may hold
+        // (seen in CI, with tests starting servers side by side): pick again.
+        let attempts = if listen.addr.port() == 0 { 8 } else { 1 };
+        let mut tried = 0;
+        let (udp, tcp_listener) = loop {
+            tried += 1;
+            let udp =
+                udp::UdpWorkers::start(listen.addr, listen.threads, relay.clone(), shared.clone())?;
+            let tcp = SocketAddr::new(listen.addr.ip(), udp.local_addr.port());
+            match TcpListener::bind(tcp).await {
+                Ok(l) => break (udp, l),
+                Err(e) => {
+                    udp.stop();
+                    if e.kind() != io::ErrorKind::AddrInUse || tried >= attempts {
+                        return Err(e);
+                    }
+                }
+            }
+        };
         let tcp_addr = tcp_listener.local_addr()?;
         let stop = CancellationToken::new();
         tokio::spawn(stream::serve(
