@@ -109,7 +109,7 @@ async fn websocket(
         })
 }
 
-async fn healthz() -> &'static str {
+pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 

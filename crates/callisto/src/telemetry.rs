@@ -112,7 +112,7 @@ pub async fn serve_standalone(listen: SocketAddr) -> anyhow::Result<SocketAddr> 
                 async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], text) }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(crate::http::healthz));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the metrics listener failed");
