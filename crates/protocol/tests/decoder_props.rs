@@ -66,9 +66,13 @@ proptest! {
                 // Whatever was accepted must have had the matching type.
                 let kind = value.get("type").and_then(Value::as_str);
                 prop_assert_eq!(kind, Some(msg.kind()));
+                // `data` is relayed byte for byte. (Comparing it parsed
+                // again would test serde_json's float parsing, which is
+                // not exact without its `float_roundtrip` feature: a
+                // million-case run found 1.0679026912420585e-132 coming
+                // back one ulp off.)
                 if let ClientMessage::Signal { data, .. } | ClientMessage::Broadcast { data } = msg {
-                    let round: Value = serde_json::from_str(data.get()).unwrap();
-                    prop_assert_eq!(&round, &value["data"]);
+                    prop_assert_eq!(data.get(), value["data"].to_string());
                 }
             }
             Err(e) => {
