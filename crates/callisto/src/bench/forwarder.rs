@@ -1,6 +1,7 @@
 //! A plain UDP forwarder on the same I/O path as the TURN UDP workers
-//! (mio, recvmmsg, sendmmsg), with no protocol at all: the practical
-//! ceiling of packets per second for a relay on this machine.
+//! (mio, recvmmsg with the same growing reads, sendmmsg and GSO), with no
+//! protocol at all: the practical ceiling of packets per second for a relay
+//! on this machine.
 //!
 //! A client opens a lane by sending `LANE <dest>` from its socket; the
 //! forwarder binds a lane socket, answers with its address, and from then
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use callisto_turn::net::batch::{self, RecvBatch, SendBatch};
+use callisto_turn::net::batch::{self, ReadRamp, RecvBatch, SendBatch};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 
@@ -41,14 +42,25 @@ pub fn run(
     let mut out: Vec<(usize, SocketAddr, std::ops::Range<usize>)> = Vec::new();
     let mut events = Events::with_capacity(1024);
     while !stop.load(Ordering::Relaxed) {
+        let polled = std::time::Instant::now();
         poll.poll(&mut events, Some(Duration::from_millis(100)))?;
+        // As the TURN workers do: small first reads after a wait.
+        let first = if polled.elapsed() > Duration::from_micros(5) {
+            batch::FIRST_READ
+        } else {
+            batch::BATCH
+        };
         for ev in events.iter() {
             if ev.token() == MAIN {
-                loop {
-                    let n = match rx.recv(&main, 0) {
+                let mut ramp = ReadRamp::new(usize::MAX, first);
+                while let Some(want) = ramp.next() {
+                    let n = match rx.recv_up_to(&main, 0, want) {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => continue,
+                        Err(_) => {
+                            ramp.failed();
+                            continue;
+                        }
                     };
                     out.clear();
                     for i in 0..n {
@@ -84,14 +96,21 @@ pub fn run(
                             n == batch::BATCH,
                         );
                     }
+                    if !ramp.got(want, n) {
+                        break;
+                    }
                 }
             } else {
                 let lane = ev.token().0 - 1;
-                loop {
-                    let n = match rx.recv(&lanes[lane].0, 0) {
+                let mut ramp = ReadRamp::new(usize::MAX, first);
+                while let Some(want) = ramp.next() {
+                    let n = match rx.recv_up_to(&lanes[lane].0, 0, want) {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => continue,
+                        Err(_) => {
+                            ramp.failed();
+                            continue;
+                        }
                     };
                     let client = lanes[lane].1;
                     let all = rx.slot_all();
@@ -101,6 +120,9 @@ pub fn run(
                             .map(|i| (client, &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]])),
                         n == batch::BATCH,
                     );
+                    if !ramp.got(want, n) {
+                        break;
+                    }
                 }
             }
         }

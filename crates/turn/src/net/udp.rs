@@ -7,8 +7,9 @@
 //!
 //! Each wake-up reads the ready sockets with `recvmmsg`, hands every datagram
 //! to the state machine, and sends the whole batch of answers with one
-//! `sendmmsg`, straight out of the receive buffers. Sockets take turns, a few
-//! batches each, so a flooded one cannot hold up the others.
+//! `sendmmsg`, straight out of the receive buffers. Reads start small and
+//! grow while the socket has more ([`ReadRamp`]). Sockets take turns, a few
+//! hundred datagrams each, so a flooded one cannot hold up the others.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
@@ -22,7 +23,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::batch::{self, RecvBatch, SendBatch};
+use super::batch::{self, ReadRamp, RecvBatch, SendBatch};
 use crate::server::{
     FiveTuple, HEADROOM, Output, RelayAllocator, RelayId, Server, Shared, Transport,
 };
@@ -224,17 +225,22 @@ struct Worker {
     to_peer: Vec<(RelayId, SocketAddr, Range<usize>)>,
     /// Per batch: datagrams for clients (client, bytes in `rx`).
     to_client: Vec<(SocketAddr, Range<usize>)>,
-    /// Batches per socket per round ([`TURN_BATCHES`]).
+    /// Datagrams per socket per round ([`TURN_DATAGRAMS`]).
     turn: usize,
 }
 
-/// Batches one socket may receive before the others get their turn. Under
+/// Datagrams one socket may hand in before the others get their turn. Under
 /// load a socket that always has a batch waiting (the listener, flooded by
 /// clients) would otherwise keep the worker from its relay sockets, and the
 /// peers' packets would wait behind it. (Measured with two workers and 500
 /// pairs in closed loop: p99 halved, from about 95 to 46 ms, for 5–10 %
-/// fewer round trips; 4 batches cost 15 % of them.)
-const TURN_BATCHES: usize = 16;
+/// fewer round trips; 4 batches a turn cost 15 % of them.)
+const TURN_DATAGRAMS: usize = 16 * batch::BATCH;
+
+/// A poll that took longer than this slept: the worker had caught up. (One
+/// that finds events waiting returns in about a microsecond; a wake-up takes
+/// a context switch, several.)
+const WOKE_UP: Duration = Duration::from_micros(5);
 
 /// Events taken per poll.
 const EVENTS: usize = 256;
@@ -297,7 +303,7 @@ impl Worker {
             tx: SendBatch::default(),
             to_peer: Vec::with_capacity(batch::BATCH),
             to_client: Vec::with_capacity(batch::BATCH),
-            turn: TURN_BATCHES,
+            turn: TURN_DATAGRAMS,
         };
         Ok((worker, waker))
     }
@@ -332,11 +338,19 @@ impl Worker {
         }
         r.ready.sort_unstable();
         r.ready.dedup();
+        // A worker that had to wait for this round is keeping up: then
+        // reads start small, so one flow's datagrams do not move as a
+        // convoy. One that found work waiting reads full batches at once.
+        let first = if now.elapsed() > WOKE_UP {
+            batch::FIRST_READ
+        } else {
+            batch::BATCH
+        };
         for &token in &r.ready {
             let more = match token {
-                LISTENER => self.drain_listener(self.turn),
+                LISTENER => self.drain_listener(self.turn, first),
                 WAKER => false,
-                Token(t) => self.drain_relay(RelayId((t - RELAY_BASE) as u32), self.turn),
+                Token(t) => self.drain_relay(RelayId((t - RELAY_BASE) as u32), self.turn, first),
             };
             if more {
                 r.again.push(token);
@@ -348,18 +362,19 @@ impl Worker {
         Ok(())
     }
 
-    /// Receives and handles up to `turns` batches from the listening socket;
-    /// true when it may hold more.
-    fn drain_listener(&mut self, turns: usize) -> bool {
-        for _ in 0..turns {
-            let n = match self.rx.recv(&self.listener, 0) {
+    /// Receives and handles up to `budget` datagrams from the listening
+    /// socket; true when it may hold more.
+    fn drain_listener(&mut self, budget: usize, first: usize) -> bool {
+        let mut ramp = ReadRamp::new(budget, first);
+        while let Some(want) = ramp.next() {
+            let n = match self.rx.recv_up_to(&self.listener, 0, want) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // ICMP errors surface here (ECONNREFUSED); they concern
-                    // one datagram, not the socket.
+                    // EINTR, or an ICMP error (ECONNREFUSED): they concern
+                    // one call or one datagram, not the socket.
                     tracing::trace!(error = %e, "TURN UDP receive error");
+                    ramp.failed();
                     continue;
                 }
             };
@@ -416,7 +431,7 @@ impl Worker {
                     replies.iter().map(|(to, d)| (*to, d.as_slice())),
                 );
             }
-            if n < batch::BATCH {
+            if !ramp.got(want, n) {
                 // recvmmsg took all there was: the next datagram raises a
                 // new edge, so the call that would only say EAGAIN is saved.
                 return false;
@@ -425,19 +440,20 @@ impl Worker {
         true
     }
 
-    /// Receives and relays up to `turns` batches from a relay socket; true
-    /// when it may hold more.
-    fn drain_relay(&mut self, relay: RelayId, turns: usize) -> bool {
-        for _ in 0..turns {
+    /// Receives and relays up to `budget` datagrams from a relay socket;
+    /// true when it may hold more.
+    fn drain_relay(&mut self, relay: RelayId, budget: usize, first: usize) -> bool {
+        let mut ramp = ReadRamp::new(budget, first);
+        while let Some(want) = ramp.next() {
             let Some(sock) = self.server.relays().get(relay) else {
                 return false;
             };
-            let n = match self.rx.recv(sock, HEADROOM) {
+            let n = match self.rx.recv_up_to(sock, HEADROOM, want) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::trace!(error = %e, "relay receive error");
+                    ramp.failed();
                     continue;
                 }
             };
@@ -462,7 +478,7 @@ impl Worker {
                 self.to_client.iter().map(|(to, r)| (*to, &all[r.clone()])),
                 n == batch::BATCH,
             );
-            if n < batch::BATCH {
+            if !ramp.got(want, n) {
                 return false;
             }
         }
@@ -551,8 +567,10 @@ mod tests {
         let local = listener.local_addr().unwrap();
         let (mut worker, _waker) = Worker::new(listener, local, &relay, shared, 0, 1).unwrap();
         let mut rounds = Rounds::new();
-        // A short turn, so the flood below fits any receive buffer.
-        worker.turn = 2;
+        // A short turn, so the flood below fits any receive buffer. (Its
+        // reads are two full batches, or 2, 4, 8, 16, 32 and 2 should the
+        // poll take long enough to count as a wait: 64 datagrams either way.)
+        worker.turn = 2 * batch::BATCH;
 
         let (sock, peer) = (socket(), socket());
         let peer_addr = peer.local_addr().unwrap();
@@ -569,7 +587,7 @@ mod tests {
 
         // More datagrams from the client than one turn takes, all queued
         // before the worker looks, then one datagram from the peer.
-        let flood = worker.turn * batch::BATCH + batch::BATCH;
+        let flood = worker.turn + batch::BATCH;
         let frame = client.send_to(peer_addr, &[0x5a; 100]);
         for _ in 0..flood {
             sock.send_to(&frame, local).unwrap();
@@ -584,14 +602,14 @@ mod tests {
             "the peer's datagram, relayed in the first round"
         );
         assert!(at_client[0].ends_with(b"from the peer..."));
-        // Full batches: the worker is behind and sends runs by GSO; the
-        // peer still gets every datagram whole.
+        // Full batches go out by GSO (the worker is behind); the peer still
+        // gets every datagram whole.
         let at_peer = take_all(&peer);
         assert!(at_peer.iter().all(|d| d[..] == [0x5a; 100]));
         assert_eq!(
             at_peer.len(),
-            worker.turn * batch::BATCH,
-            "the listener's turn ends after {} batches",
+            worker.turn,
+            "the listener's turn ends after {} datagrams",
             worker.turn
         );
 
