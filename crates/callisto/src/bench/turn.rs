@@ -77,8 +77,40 @@ impl Target {
     }
 }
 
-/// User + system CPU of a process and all its threads, in seconds.
+/// CPU time of a process and all its threads (user + system), in seconds.
+///
+/// From the process's CPU-time clock, in nanoseconds. `/proc/PID/stat`
+/// counts in clock ticks (10 ms): over a one-second run at 20,000 packets/s
+/// that is half a microsecond per packet, coarser than the differences
+/// measured here. It remains the fallback.
+#[cfg(target_os = "linux")]
 fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let mut clock: libc::clockid_t = 0;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: both calls write only through the pointers given, which point
+    // at live locals of the right types.
+    let ok = unsafe {
+        libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0
+            && libc::clock_gettime(clock, &mut ts) == 0
+    };
+    if ok {
+        Some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+    } else {
+        proc_stat_cpu_seconds(pid)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    proc_stat_cpu_seconds(pid)
+}
+
+/// User + system CPU of a process and all its threads from
+/// `/proc/PID/stat`, in seconds (clock-tick resolution).
+fn proc_stat_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -858,5 +890,32 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// The CPU-time clock and `/proc/PID/stat` measure the same thing, the
+    /// clock to the nanosecond.
+    #[test]
+    fn server_cpu_is_read_from_the_process_cpu_clock() {
+        // A busy loop that ends by itself (a few seconds) should the test
+        // fail before killing it.
+        let mut child = Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 5000000 ]; do i=$((i+1)); done"])
+            .spawn()
+            .unwrap();
+        let busy = child.id();
+        std::thread::sleep(Duration::from_millis(500));
+        let fine = proc_cpu_seconds(busy).unwrap();
+        let coarse = proc_stat_cpu_seconds(busy).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(fine > 0.05, "the busy shell ran: {fine} s");
+        assert!(
+            fine.fract() != 0.0 && (fine * 100.0).fract() != 0.0,
+            "finer than ticks: {fine}"
+        );
+        assert!(
+            (fine - coarse).abs() < 0.05,
+            "clock {fine} s, /proc {coarse} s"
+        );
     }
 }

@@ -331,13 +331,7 @@ impl Worker {
         } else {
             Duration::ZERO
         };
-        match self.poll.poll(&mut r.events, Some(timeout)) {
-            Ok(()) => r.ready.extend(r.events.iter().map(|e| e.token())),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-        r.ready.sort_unstable();
-        r.ready.dedup();
+        let polled = self.poll.poll(&mut r.events, Some(timeout));
         // A worker that had to wait for this round is keeping up: then
         // reads start small, so one flow's datagrams do not move as a
         // convoy. One that found work waiting reads full batches at once.
@@ -346,6 +340,13 @@ impl Worker {
         } else {
             batch::BATCH
         };
+        match polled {
+            Ok(()) => r.ready.extend(r.events.iter().map(|e| e.token())),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        r.ready.sort_unstable();
+        r.ready.dedup();
         for &token in &r.ready {
             let more = match token {
                 LISTENER => self.drain_listener(self.turn, first),
