@@ -45,11 +45,7 @@ pub fn run(
         let polled = std::time::Instant::now();
         poll.poll(&mut events, Some(Duration::from_millis(100)))?;
         // As the TURN workers do: small first reads after a wait.
-        let first = if polled.elapsed() > Duration::from_micros(5) {
-            batch::FIRST_READ
-        } else {
-            batch::BATCH
-        };
+        let first = batch::first_read(polled.elapsed());
         for ev in events.iter() {
             if ev.token() == MAIN {
                 let mut ramp = ReadRamp::new(usize::MAX, first);

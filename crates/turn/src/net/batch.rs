@@ -158,8 +158,24 @@ impl RecvBatch {
     }
 }
 
-/// Datagrams asked for by the first read of a socket's turn.
+/// Datagrams asked for by the first read of a socket's turn, after a wait.
 pub const FIRST_READ: usize = 2;
+
+/// A poll that took longer than this slept: the worker had caught up. (One
+/// that finds events waiting returns in about a microsecond; a wake-up takes
+/// a context switch, several.)
+const WOKE_UP: std::time::Duration = std::time::Duration::from_micros(5);
+
+/// The first read of each socket's turn in a round whose poll took
+/// `poll_took`: [`FIRST_READ`] after a wait, a whole [`BATCH`] when work was
+/// already waiting (see [`ReadRamp`]).
+pub fn first_read(poll_took: std::time::Duration) -> usize {
+    if poll_took > WOKE_UP {
+        FIRST_READ
+    } else {
+        BATCH
+    }
+}
 
 /// How many datagrams to ask the kernel for, read after read, during one
 /// socket's turn: a first read of a given size (a worker that had to wait
@@ -730,6 +746,9 @@ mod tests {
         assert_eq!(asks.iter().sum::<usize>(), 512);
         assert!(more, "the turn ended, not the queue");
         assert_eq!(turn(0, 512, &[]), (vec![2], false));
+        // Small first reads only after the poll waited.
+        assert_eq!(first_read(std::time::Duration::ZERO), BATCH);
+        assert_eq!(first_read(std::time::Duration::from_millis(1)), FIRST_READ);
         // Reads that only fail end the turn too, without growing.
         let (asks, more) = turn(10, 64, &[true; 100]);
         assert_eq!(asks, vec![2; 32]);

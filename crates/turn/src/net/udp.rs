@@ -237,11 +237,6 @@ struct Worker {
 /// fewer round trips; 4 batches a turn cost 15 % of them.)
 const TURN_DATAGRAMS: usize = 16 * batch::BATCH;
 
-/// A poll that took longer than this slept: the worker had caught up. (One
-/// that finds events waiting returns in about a microsecond; a wake-up takes
-/// a context switch, several.)
-const WOKE_UP: Duration = Duration::from_micros(5);
-
 /// Events taken per poll.
 const EVENTS: usize = 256;
 /// Room for one poll's events plus as many sockets left over from the round
@@ -335,11 +330,7 @@ impl Worker {
         // A worker that had to wait for this round is keeping up: then
         // reads start small, so one flow's datagrams do not move as a
         // convoy. One that found work waiting reads full batches at once.
-        let first = if now.elapsed() > WOKE_UP {
-            batch::FIRST_READ
-        } else {
-            batch::BATCH
-        };
+        let first = batch::first_read(now.elapsed());
         match polled {
             Ok(()) => r.ready.extend(r.events.iter().map(|e| e.token())),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
