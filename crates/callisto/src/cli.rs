@@ -108,6 +108,25 @@ pub struct BenchTurnArgs {
     /// puts them. `--pin` alone means `split`.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "split")]
     pub pin: Option<BenchPin>,
+    /// The load: our own generator, or coturn's `turnutils_uclient` (the
+    /// tool the reference figures came from; it paces itself, so `--rate`
+    /// and `--duration` do not apply, and `--allocations` is its client
+    /// count, `-m`).
+    #[arg(long, value_enum, default_value = "ours")]
+    pub generator: BenchGenerator,
+    /// Messages each uclient client sends (`-n`), with `--generator uclient`.
+    #[arg(long, default_value_t = 2000)]
+    pub uclient_messages: u64,
+}
+
+/// Who generates the load in `callisto bench turn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchGenerator {
+    /// Our generator: paced or closed loop, with rates and latency.
+    Ours,
+    /// coturn's `turnutils_uclient` (and `turnutils_peer` as the echo peer):
+    /// CPU per packet and loss under the reference load.
+    Uclient,
 }
 
 /// CPU placement for `callisto bench turn --pin`.

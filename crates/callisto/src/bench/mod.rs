@@ -4,3 +4,4 @@
 
 pub mod forwarder;
 pub mod turn;
+pub mod uclient;

@@ -10,7 +10,9 @@
 //! Load runs either paced (`--rate` round trips per second, open loop:
 //! loss and latency at a given load) or closed loop (`--rate 0`: a window
 //! of packets in flight per allocation: the most the pair can do).
-//! Server CPU comes from /proc/PID/stat, memory from /proc/PID/status.
+//! Server CPU comes from the process's CPU-time clock, memory from
+//! /proc/PID/status. `--generator uclient` loads the same servers with
+//! coturn's own client instead (see `uclient.rs`).
 
 use std::collections::VecDeque;
 use std::io::{self, Write as _};
@@ -27,19 +29,19 @@ use callisto_turn::net::batch::{self, RecvBatch, SendBatch};
 use callisto_turn::stun::ChannelData;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::cli::{BenchPattern, BenchPin, BenchTarget, BenchTurnArgs};
+use crate::cli::{BenchGenerator, BenchPattern, BenchPin, BenchTarget, BenchTurnArgs};
 
-const USER: &str = "bench";
-const PASS: &str = "bench-password";
+pub(super) const USER: &str = "bench";
+pub(super) const PASS: &str = "bench-password";
 const REALM: &str = "bench";
 /// Packets in flight per allocation in closed-loop mode.
 const WINDOW: u64 = 8;
 
 /// A server under test, as a child process.
-struct Target {
+pub(super) struct Target {
     name: &'static str,
     child: Child,
-    addr: SocketAddr,
+    pub(super) addr: SocketAddr,
     _config: Option<tempfile_path::TempPath>,
 }
 
@@ -61,11 +63,11 @@ impl Drop for Target {
 }
 
 impl Target {
-    fn cpu_seconds(&self) -> f64 {
+    pub(super) fn cpu_seconds(&self) -> f64 {
         proc_cpu_seconds(self.child.id()).unwrap_or(f64::NAN)
     }
 
-    fn rss_mib(&self) -> f64 {
+    pub(super) fn rss_mib(&self) -> f64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
             .and_then(|s| {
@@ -121,7 +123,7 @@ fn proc_stat_cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / hz)
 }
 
-fn free_port() -> io::Result<u16> {
+pub(super) fn free_port() -> io::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -631,8 +633,9 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// One run's figures, in table order after the first four columns.
-type Figures = [f64; 8];
+/// One run's figures, in table order after the first four columns; NaN
+/// where the generator cannot tell (printed as "–").
+pub(super) type Figures = [f64; 8];
 
 /// Runs one configuration once: its figures, or why it failed.
 fn measure(
@@ -677,22 +680,27 @@ fn row(
             pattern.label()
         );
     }
-    let median = |i: usize| {
+    let median = |i: usize, decimals: usize| {
         let mut v: Vec<f64> = ok.iter().map(|f| f[i]).collect();
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let m = v[v.len() / 2];
+        if m.is_nan() {
+            "–".to_string()
+        } else {
+            format!("{m:.decimals$}")
+        }
     };
     format!(
-        "| {name} | {} | {n} | {payload} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.3} | {:.1} |",
+        "| {name} | {} | {n} | {payload} | {} | {} | {} | {} | {} | {} | {} | {} |",
         pattern.label(),
-        median(0),
-        median(1),
-        median(2),
-        median(3),
-        median(4),
-        median(5),
-        median(6),
-        median(7),
+        median(0, 0),
+        median(1, 0),
+        median(2, 0),
+        median(3, 2),
+        median(4, 0),
+        median(5, 0),
+        median(6, 3),
+        median(7, 1),
     )
 }
 
@@ -789,14 +797,23 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
         let (_, generator) = pin_sets(pin)?;
         set_affinity(generator).context("pinning the load generator")?;
     }
-    let mode = if args.rate == 0 {
+    let mode = if args.generator == BenchGenerator::Uclient {
+        format!(
+            "coturn's turnutils_uclient as the load ({} messages per client, 1 ms apart at most)",
+            args.uclient_messages
+        )
+    } else if args.rate == 0 {
         format!("closed loop, {WINDOW} packets in flight per allocation")
     } else {
         format!("open loop, {} round trips/s offered", args.rate)
     };
+    let length = if args.generator == BenchGenerator::Uclient {
+        String::new()
+    } else {
+        format!("{} s per run, ", args.duration)
+    };
     println!(
-        "callisto bench turn: {mode}, {} s per run, median of {} alternating runs, {} server thread(s), loopback{}\n",
-        args.duration,
+        "callisto bench turn: {mode}, {length}median of {} alternating runs, {} server thread(s), loopback{}\n",
         args.repeat,
         args.threads,
         match args.pin {
@@ -807,7 +824,12 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
         }
     );
     println!(
-        "| server | pattern | allocations | payload B | alloc/s | round trips/s | relayed pkt/s | server CPU µs/pkt | p50 RTT µs | p99 RTT µs | loss % | RSS MiB |"
+        "| server | pattern | {} | payload B | alloc/s | round trips/s | relayed pkt/s | server CPU µs/pkt | p50 RTT µs | p99 RTT µs | loss % | RSS MiB |",
+        if args.generator == BenchGenerator::Uclient {
+            "uclient clients"
+        } else {
+            "allocations"
+        }
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     // Servers take turns on each configuration, `--repeat` times, so slow
@@ -825,9 +847,17 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
                         {
                             continue;
                         }
+                        let uclient = args.generator == BenchGenerator::Uclient;
+                        if uclient && which == BenchTarget::Forwarder {
+                            continue; // it speaks no TURN
+                        }
                         // A fresh server per run: no state carried over.
                         let target = start_target(which, &args, index)?;
-                        runs[index].push(measure(&target, pattern, n, payload, &args));
+                        runs[index].push(if uclient {
+                            super::uclient::measure(&target, pattern, n, payload, &args)
+                        } else {
+                            measure(&target, pattern, n, payload, &args)
+                        });
                     }
                 }
                 for (index, runs) in runs.iter().enumerate() {
