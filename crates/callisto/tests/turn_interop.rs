@@ -265,6 +265,11 @@ fn uclient(
     uclient_on("127.0.0.1", turn_port, peer_port, flags, user, pass)
 }
 
+/// A flag for [`uclient_on`]: leave out `-c`, so each client allocates an
+/// RTP relay with EVEN-PORT's R bit and an RTCP one with the
+/// RESERVATION-TOKEN it got.
+const RTCP_PAIRS: &str = "rtcp-pairs";
+
 /// Runs turnutils_uclient against a server and peer on `host`.
 fn uclient_on(
     host: &str,
@@ -275,7 +280,7 @@ fn uclient_on(
     pass: &str,
 ) -> (u64, u64, String) {
     let out = tool("turnutils_uclient")
-        .args(flags)
+        .args(flags.iter().filter(|f| **f != RTCP_PAIRS))
         .args([
             "-u",
             user,
@@ -297,8 +302,8 @@ fn uclient_on(
             "100",
             "-z",
             "5",
-            "-c",
         ])
+        .args((!flags.contains(&RTCP_PAIRS)).then_some("-c"))
         .arg(host)
         .output()
         .unwrap();
@@ -328,6 +333,38 @@ fn assert_lossless(label: &str, (sent, received, text): (u64, u64, String)) {
     assert!(
         text.contains("Total lost packets 0 (0.000000%)"),
         "{label}:\n{text}"
+    );
+}
+
+/// uclient's default mode: RTP and RTCP relays on adjacent ports through a
+/// reservation. With two workers, a client's RTCP socket often lands on
+/// the other worker than its RTP socket, which must still redeem the token.
+#[test]
+fn uclient_rtp_and_rtcp_pairs_through_port_reservations() {
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            "127.0.0.1/32",
+            "--turn-threads",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (_peer, peer_port) = echo_peer();
+    assert_lossless(
+        "rtp/rtcp pairs",
+        uclient(server.turn_port, peer_port, &[RTCP_PAIRS], "user", "pass"),
+    );
+    // `-m 10` is five RTP/RTCP sessions, each a probe allocation, then
+    // RTP (R bit) and RTCP (token): all fifteen granted.
+    let m = server.metrics();
+    assert_eq!(
+        metric(&m, "callisto_turn_allocations_total{transport=\"udp\"}"),
+        15.0
     );
 }
 

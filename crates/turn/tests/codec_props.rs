@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use callisto_turn::auth::Credentials;
 use callisto_turn::client::Client;
 use callisto_turn::server::{
-    self, Config, FiveTuple, RelayAllocator, RelayId, Server, Shared, Transport,
+    self, Config, FiveTuple, HeldPort, RelayAllocator, RelayId, Server, Shared, Transport,
 };
 use callisto_turn::stun::{self, Attr, ChannelData, Class, Message, MessageBuilder};
 use proptest::prelude::*;
@@ -107,6 +107,14 @@ impl RelayAllocator for NoRelays {
         ))
     }
     fn release(&mut self, _id: RelayId) {}
+    fn hold_next(&mut self, addr: SocketAddr) -> io::Result<HeldPort> {
+        Ok(Box::new(SocketAddr::new(addr.ip(), addr.port() + 1)))
+    }
+    fn allocate_held(&mut self, _id: RelayId, held: HeldPort) -> io::Result<SocketAddr> {
+        held.downcast::<SocketAddr>()
+            .map(|a| *a)
+            .map_err(|_| io::Error::other("not ours"))
+    }
 }
 
 /// Mostly-valid STUN shapes with random attribute bytes, so the fuzz gets

@@ -25,7 +25,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::batch::{self, ReadRamp, RecvBatch, SendBatch};
 use crate::server::{
-    FiveTuple, HEADROOM, Output, RelayAllocator, RelayId, Server, Shared, Transport,
+    FiveTuple, HEADROOM, HeldPort, Output, RelayAllocator, RelayId, Server, Shared, Transport,
 };
 
 const LISTENER: Token = Token(0);
@@ -89,22 +89,8 @@ impl<S> RelaySockets<S> {
             if even && port % 2 == 1 {
                 continue;
             }
-            let socket = Socket::new(
-                Domain::for_address(SocketAddr::new(ip, 0)),
-                Type::DGRAM,
-                Some(Protocol::UDP),
-            )?;
-            if ip.is_ipv6() {
-                socket.set_only_v6(true)?;
-            }
-            let _ = socket.set_recv_buffer_size(1 << 20);
-            let _ = socket.set_send_buffer_size(1 << 20);
-            if socket
-                .bind(&SocketAddr::new(ip, port as u16).into())
-                .is_ok()
-            {
-                socket.set_nonblocking(true)?;
-                return Ok(socket.into());
+            if let Some(socket) = open_relay(SocketAddr::new(ip, port as u16))? {
+                return Ok(socket);
             }
         }
         Err(io::Error::new(
@@ -112,6 +98,33 @@ impl<S> RelaySockets<S> {
             "no free port in the relay port range",
         ))
     }
+
+    fn install(&mut self, id: RelayId, std: StdUdpSocket) -> io::Result<SocketAddr> {
+        let addr = std.local_addr()?;
+        let mut socket = (self.wrap)(std);
+        (self.register)(&mut socket, id)?;
+        let i = id.0 as usize;
+        if self.sockets.len() <= i {
+            self.sockets.resize_with(i + 1, || None);
+        }
+        self.sockets[i] = Some(socket);
+        Ok(addr)
+    }
+}
+
+/// A non-blocking relay socket bound to `addr`; `None` if that port is taken.
+fn open_relay(addr: SocketAddr) -> io::Result<Option<StdUdpSocket>> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    let _ = socket.set_recv_buffer_size(1 << 20);
+    let _ = socket.set_send_buffer_size(1 << 20);
+    if socket.bind(&addr.into()).is_err() {
+        return Ok(None);
+    }
+    socket.set_nonblocking(true)?;
+    Ok(Some(socket.into()))
 }
 
 impl<S> RelayAllocator for RelaySockets<S> {
@@ -123,21 +136,31 @@ impl<S> RelayAllocator for RelaySockets<S> {
             )
         })?;
         let std = self.bind(ip, even)?;
-        let addr = std.local_addr()?;
-        let mut socket = (self.wrap)(std);
-        (self.register)(&mut socket, id)?;
-        let i = id.0 as usize;
-        if self.sockets.len() <= i {
-            self.sockets.resize_with(i + 1, || None);
-        }
-        self.sockets[i] = Some(socket);
-        Ok(addr)
+        self.install(id, std)
     }
 
     fn release(&mut self, id: RelayId) {
         if let Some(slot) = self.sockets.get_mut(id.0 as usize) {
             *slot = None;
         }
+    }
+
+    fn hold_next(&mut self, addr: SocketAddr) -> io::Result<HeldPort> {
+        let taken = || io::Error::new(io::ErrorKind::AddrInUse, "the next port is taken");
+        let next = addr
+            .port()
+            .checked_add(1)
+            .filter(|p| self.cfg.ports.contains(p))
+            .ok_or_else(taken)?;
+        let socket = open_relay(SocketAddr::new(addr.ip(), next))?.ok_or_else(taken)?;
+        Ok(Box::new(socket))
+    }
+
+    fn allocate_held(&mut self, id: RelayId, held: HeldPort) -> io::Result<SocketAddr> {
+        let std = held
+            .downcast::<StdUdpSocket>()
+            .map_err(|_| io::Error::other("a held port of another kind"))?;
+        self.install(id, *std)
     }
 }
 
@@ -489,6 +512,49 @@ mod tests {
     use crate::server::Config;
 
     const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    /// Real sockets: the held port is the one above, kept bound until it
+    /// is put into service (by any worker's allocator) or dropped.
+    #[test]
+    fn a_held_port_is_the_next_one_and_stays_bound() {
+        // A free even/odd pair to use as the whole range.
+        let (even, taken) = loop {
+            let probe = socket();
+            let p = probe.local_addr().unwrap().port();
+            if p % 2 == 0 && p < u16::MAX {
+                drop(probe);
+                break (p, p + 1);
+            }
+        };
+        let cfg = RelayConfig {
+            ipv4: Some(LOOPBACK),
+            ipv6: None,
+            ports: even..=taken,
+        };
+        let mut a = RelaySockets::new(cfg.clone(), 0, |s| s, Box::new(|_, _| Ok(())));
+        let mut b = RelaySockets::new(cfg, 0, |s| s, Box::new(|_, _| Ok(())));
+        let Ok(rtp) = a.allocate(RelayId(0), false, true) else {
+            return; // another process took the port meanwhile: nothing to check
+        };
+        assert_eq!(rtp.port(), even);
+        let held = a.hold_next(rtp).unwrap();
+        assert!(
+            StdUdpSocket::bind(SocketAddr::new(LOOPBACK, taken)).is_err(),
+            "held, so nobody else binds it"
+        );
+        let rtcp = b.allocate_held(RelayId(7), held).unwrap();
+        assert_eq!(rtcp, SocketAddr::new(LOOPBACK, taken));
+        assert!(b.get(RelayId(7)).is_some());
+        // Above the range, or taken: refused.
+        assert!(b.hold_next(rtcp).is_err(), "outside the port range");
+        assert!(a.hold_next(SocketAddr::new(LOOPBACK, even - 1)).is_err());
+        b.release(RelayId(7));
+        drop(a.hold_next(rtp).unwrap());
+        assert!(
+            StdUdpSocket::bind(SocketAddr::new(LOOPBACK, taken)).is_ok(),
+            "a dropped hold frees the port"
+        );
+    }
 
     fn socket() -> StdUdpSocket {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();

@@ -21,7 +21,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +46,11 @@ pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 /// After a channel binding expires, its number and peer stay reserved.
 const CHANNEL_QUARANTINE: Duration = Duration::from_secs(300);
+/// How long the port above an EVEN-PORT allocation with the R bit is held
+/// for a RESERVATION-TOKEN (RFC 8656 §7.2 suggests about 30 s).
+pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// Tries at an even port whose successor is free, before 508.
+const RESERVATION_TRIES: usize = 8;
 
 /// How a client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,6 +90,12 @@ pub struct FiveTuple {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RelayId(pub u32);
 
+/// A relay port bound but not yet in service: the port held for a
+/// RESERVATION-TOKEN. Opaque to the server, which only keeps it (in
+/// [`Shared`], so a worker other than the reserving one may redeem it) and
+/// hands it back to a [`RelayAllocator`]; dropping it frees the port.
+pub type HeldPort = Box<dyn std::any::Any + Send>;
+
 /// Binds and closes relay sockets for the server.
 pub trait RelayAllocator {
     /// Binds a UDP relay socket (IPv6 if `ipv6`, on an even port if
@@ -92,6 +103,20 @@ pub trait RelayAllocator {
     fn allocate(&mut self, id: RelayId, ipv6: bool, even: bool) -> io::Result<SocketAddr>;
     /// Closes the socket of `id`.
     fn release(&mut self, id: RelayId);
+    /// Binds the port right above `addr` (an allocation's relay) and holds
+    /// it out of service (EVEN-PORT with the R bit).
+    fn hold_next(&mut self, addr: SocketAddr) -> io::Result<HeldPort>;
+    /// Puts a port from [`RelayAllocator::hold_next`], possibly another
+    /// worker's, into service as `id`'s relay socket.
+    fn allocate_held(&mut self, id: RelayId, held: HeldPort) -> io::Result<SocketAddr>;
+}
+
+/// A port held for a RESERVATION-TOKEN.
+struct Reservation {
+    held: HeldPort,
+    expires: Instant,
+    /// Who asked: each user may hold as many ports as allocations.
+    username: String,
 }
 
 /// Server settings.
@@ -153,6 +178,11 @@ pub struct Shared {
     /// relays are allowed even on a loopback or private relay IP, but only
     /// the exact addresses, so other services on that IP stay unreachable.
     relays: RwLock<HashSet<SocketAddr>>,
+    /// Ports held for RESERVATION-TOKENs, by token; shared because the
+    /// client's second socket may land on another worker.
+    reservations: Mutex<HashMap<[u8; 8], Reservation>>,
+    /// Numbers the reservation tokens (which are MACs of it).
+    reservation_serial: AtomicU64,
     /// Maps `Instant`s to Unix time for REST credential expiry.
     epoch: (Instant, u64),
 }
@@ -167,6 +197,8 @@ impl Shared {
             allocations: AtomicUsize::new(0),
             per_user: Mutex::new(HashMap::new()),
             relays: RwLock::new(HashSet::new()),
+            reservations: Mutex::new(HashMap::new()),
+            reservation_serial: AtomicU64::new(0),
             epoch,
         }
     }
@@ -256,6 +288,57 @@ impl Shared {
             return Err(true);
         }
         Ok(())
+    }
+
+    /// Keeps `held` for [`RESERVATION_LIFETIME`] under a new token, or
+    /// refuses when as many ports are held as allocations may exist, in
+    /// all or for this user (else allocating and deleting in a loop would
+    /// hold the whole port range).
+    fn hold(&self, held: HeldPort, username: &str, now: Instant) -> Option<[u8; 8]> {
+        let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        r.retain(|_, v| v.expires > now);
+        let mine = r.values().filter(|v| v.username == username).count();
+        if r.len() >= self.config.max_allocations || mine >= self.config.user_quota {
+            return None;
+        }
+        // A MAC of a serial number: unique, and unguessable to anyone
+        // without the key, so nobody takes a port reserved for another.
+        let serial = self.reservation_serial.fetch_add(1, Ordering::Relaxed);
+        let mut ctx = hmac::Context::with_key(&self.nonce_key);
+        ctx.update(b"reservation");
+        ctx.update(&serial.to_be_bytes());
+        let mut token = [0u8; 8];
+        token.copy_from_slice(&ctx.sign().as_ref()[..8]);
+        r.insert(
+            token,
+            Reservation {
+                held,
+                expires: now + RESERVATION_LIFETIME,
+                username: username.to_owned(),
+            },
+        );
+        Some(token)
+    }
+
+    /// Takes the port held for `token`, if the token is known and live.
+    fn redeem(&self, token: &[u8], now: Instant) -> Option<HeldPort> {
+        let token: [u8; 8] = token.try_into().ok()?;
+        let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        r.remove(&token).filter(|v| v.expires > now).map(|v| v.held)
+    }
+
+    /// Frees the ports of expired reservations.
+    fn expire_reservations(&self, now: Instant) {
+        let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        r.retain(|_, v| v.expires > now);
+    }
+
+    /// Ports held for reservations now.
+    pub fn reservation_count(&self) -> usize {
+        self.reservations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Binds a nonce to the client's 5-tuple, so one captured from another
@@ -614,6 +697,7 @@ impl<A: RelayAllocator> Server<A> {
         if self.next_sweep.is_some_and(|t| t > now) {
             return;
         }
+        self.shared.expire_reservations(now);
         let expired: Vec<u32> = self
             .allocations
             .iter()
@@ -1017,29 +1101,31 @@ impl<A: RelayAllocator> Server<A> {
         if transport[0] != attr::TRANSPORT_UDP {
             return Err(refuse(442, "Unsupported Transport Protocol"));
         }
-        // EVEN-PORT is honoured; reserving the next port (its R bit) and
-        // redeeming reservations are not offered.
-        let even = match msg.get(attr::EVEN_PORT) {
-            None => false,
-            Some([r]) if r & 0x80 == 0 => true,
-            Some([_]) => {
-                return Err(refuse(
-                    508,
-                    "Insufficient Capacity: port reservations are not supported",
-                ));
-            }
+        // EVEN-PORT: an even relay port, and with the R bit the port above
+        // it held for a second Allocate that brings the RESERVATION-TOKEN
+        // (RTP and RTCP on adjacent ports).
+        let (even, reserve) = match msg.get(attr::EVEN_PORT) {
+            None => (false, false),
+            Some([r]) => (true, r & 0x80 != 0),
             Some(_) => return Err(refuse(400, "Bad Request: malformed EVEN-PORT")),
         };
-        if msg.get(attr::RESERVATION_TOKEN).is_some() {
-            return Err(refuse(
-                508,
-                "Insufficient Capacity: port reservations are not supported",
-            ));
-        }
+        let token = msg.get(attr::RESERVATION_TOKEN);
         let requested = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
         let additional = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
         if requested.is_some() && additional.is_some() {
             return Err(refuse(400, "Bad Request: both address family attributes"));
+        }
+        if let Some(token) = token {
+            // The reserved port decides the family and the parity.
+            if token.len() != 8 {
+                return Err(refuse(400, "Bad Request: malformed RESERVATION-TOKEN"));
+            }
+            if even || requested.is_some() || additional.is_some() {
+                return Err(refuse(
+                    400,
+                    "Bad Request: RESERVATION-TOKEN with EVEN-PORT or an address family",
+                ));
+            }
         }
         let ipv6 = match requested.map(|v| v.first().copied()) {
             None => false,
@@ -1068,13 +1154,28 @@ impl<A: RelayAllocator> Server<A> {
             (self.allocations.len() - 1) as u32
         });
         let relay = RelayId(slot);
-        let relay_addr = match self.relays.allocate(relay, ipv6, even) {
+        let bound = match token {
+            Some(token) => match self.shared.redeem(token, now) {
+                Some(held) => self.relays.allocate_held(relay, held).map(|a| (a, None)),
+                None => {
+                    self.free_slots.push(slot);
+                    self.shared.unreserve(&authed.username);
+                    return Err(refuse(
+                        508,
+                        "Insufficient Capacity: unknown or expired RESERVATION-TOKEN",
+                    ));
+                }
+            },
+            None if reserve => self.allocate_pair(relay, ipv6, &authed.username, now),
+            None => self.relays.allocate(relay, ipv6, even).map(|a| (a, None)),
+        };
+        let (relay_addr, reservation) = match bound {
             Ok(a) => a,
             Err(e) => {
                 self.free_slots.push(slot);
                 self.shared.unreserve(&authed.username);
-                tracing::warn!(error = %e, ipv6, "no relay socket available");
-                return Err(if ipv6 {
+                tracing::warn!(error = %e, ipv6, reserve, "no relay socket available");
+                return Err(if ipv6 && e.kind() == io::ErrorKind::Unsupported {
                     refuse(440, "Address Family not Supported")
                 } else {
                     refuse(508, "Insufficient Capacity")
@@ -1089,6 +1190,9 @@ impl<A: RelayAllocator> Server<A> {
         b.xor_address(attr::XOR_RELAYED_ADDRESS, advertised)
             .u32(attr::LIFETIME, lifetime.as_secs() as u32)
             .xor_address(attr::XOR_MAPPED_ADDRESS, five.client);
+        if let Some(token) = reservation {
+            b.attr(attr::RESERVATION_TOKEN, &token);
+        }
         if additional.is_some() {
             // Dual allocation is not offered: say so for the IPv6 half.
             let mut v = vec![attr::FAMILY_IPV6, 0, 0, 0, 0, 0, 4, 40];
@@ -1129,6 +1233,40 @@ impl<A: RelayAllocator> Server<A> {
             to: five,
             data: response,
         })
+    }
+
+    /// Binds an even relay port for `relay` and holds the one above it
+    /// under a new token; tries a few even ports whose successor is free.
+    fn allocate_pair(
+        &mut self,
+        relay: RelayId,
+        ipv6: bool,
+        username: &str,
+        now: Instant,
+    ) -> io::Result<(SocketAddr, Option<[u8; 8]>)> {
+        let mut last = io::Error::new(io::ErrorKind::AddrInUse, "no free pair of ports");
+        for _ in 0..RESERVATION_TRIES {
+            let addr = self.relays.allocate(relay, ipv6, true)?;
+            match self.relays.hold_next(addr) {
+                Ok(held) => {
+                    return match self.shared.hold(held, username, now) {
+                        Some(token) => Ok((addr, Some(token))),
+                        None => {
+                            self.relays.release(relay);
+                            Err(io::Error::new(
+                                io::ErrorKind::OutOfMemory,
+                                "too many ports held for reservations",
+                            ))
+                        }
+                    };
+                }
+                Err(e) => {
+                    self.relays.release(relay);
+                    last = e;
+                }
+            }
+        }
+        Err(last)
     }
 
     fn lifetime(&self, msg: &Message<'_>) -> Result<Duration, Refusal> {

@@ -18,11 +18,16 @@ const PASS: &str = "wonderland";
 struct FakeRelays {
     live: Rc<RefCell<BTreeSet<u32>>>,
     fail: Rc<RefCell<bool>>,
+    /// Every port above an allocation's is taken.
+    no_pairs: Rc<RefCell<bool>>,
 }
 
 impl RelayAllocator for FakeRelays {
     fn allocate(&mut self, id: RelayId, ipv6: bool, even: bool) -> io::Result<SocketAddr> {
-        if *self.fail.borrow() || ipv6 {
+        if ipv6 {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "no IPv6 relay"));
+        }
+        if *self.fail.borrow() {
             return Err(io::Error::other("no ports"));
         }
         self.live.borrow_mut().insert(id.0);
@@ -36,6 +41,19 @@ impl RelayAllocator for FakeRelays {
 
     fn release(&mut self, id: RelayId) {
         self.live.borrow_mut().remove(&id.0);
+    }
+
+    /// The held port is its address.
+    fn hold_next(&mut self, addr: SocketAddr) -> io::Result<HeldPort> {
+        if *self.no_pairs.borrow() {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, "taken"));
+        }
+        Ok(Box::new(SocketAddr::new(addr.ip(), addr.port() + 1)))
+    }
+
+    fn allocate_held(&mut self, id: RelayId, held: HeldPort) -> io::Result<SocketAddr> {
+        self.live.borrow_mut().insert(id.0);
+        Ok(*held.downcast::<SocketAddr>().expect("a held address"))
     }
 }
 
@@ -692,10 +710,46 @@ fn allocate_attribute_errors() {
             &mut s,
             signed(&[
                 (attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]),
-                (attr::EVEN_PORT, &[0x80])
+                (attr::EVEN_PORT, &[0x80, 0])
             ])
         ),
-        508
+        400,
+        "EVEN-PORT is one byte"
+    );
+    for (what, attrs) in [
+        (
+            "a token of 4 bytes",
+            vec![(attr::RESERVATION_TOKEN, &[1u8, 2, 3, 4][..])],
+        ),
+        (
+            "a token with EVEN-PORT",
+            vec![
+                (attr::RESERVATION_TOKEN, &[1u8; 8][..]),
+                (attr::EVEN_PORT, &[0u8][..]),
+            ],
+        ),
+        (
+            "a token with REQUESTED-ADDRESS-FAMILY",
+            vec![
+                (attr::RESERVATION_TOKEN, &[1u8; 8][..]),
+                (attr::REQUESTED_ADDRESS_FAMILY, &[1u8, 0, 0, 0][..]),
+            ],
+        ),
+    ] {
+        let mut attrs = attrs;
+        attrs.push((attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
+        assert_eq!(code(&mut s, signed(&attrs)), 400, "{what}");
+    }
+    assert_eq!(
+        code(
+            &mut s,
+            signed(&[
+                (attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]),
+                (attr::RESERVATION_TOKEN, &[7; 8])
+            ])
+        ),
+        508,
+        "a token nobody was given"
     );
     // Missing REALM with integrity present: 400.
     let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, &[5; 12]);
@@ -903,4 +957,161 @@ fn relay_between_own_allocations_skips_the_kernel() {
     let late = t0 + Duration::from_secs(301);
     let mut framed = a.send_to(relay_b, b"late");
     assert_eq!(s.on_client(late, five(1), &mut framed), Output::None);
+}
+
+/// An authenticated Allocate from `five` (tid `id`), with a nonce for that
+/// 5-tuple learnt from a 401 first.
+fn signed_allocate(
+    s: &mut Server<FakeRelays>,
+    five: FiveTuple,
+    id: u8,
+    attrs: &[(u16, &[u8])],
+    now: Instant,
+) -> Output {
+    let mut unauthenticated = request_with(
+        method::ALLOCATE,
+        &[(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])],
+    );
+    let Output::Reply { data, .. } = s.on_client(now, five, &mut unauthenticated) else {
+        panic!("no 401")
+    };
+    let nonce = Message::parse(&data)
+        .unwrap()
+        .get(attr::NONCE)
+        .unwrap()
+        .to_vec();
+    let key = crate::auth::long_term_key(USER, "test.realm", PASS);
+    let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, &[id; 12]);
+    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    for (t, v) in attrs {
+        b.attr(*t, v);
+    }
+    b.attr(attr::USERNAME, USER.as_bytes())
+        .attr(attr::REALM, b"test.realm")
+        .attr(attr::NONCE, &nonce)
+        .integrity(&key);
+    s.on_client(now, five, &mut b.finish())
+}
+
+/// The relayed address and the reservation token of a success response.
+fn relayed_and_token(out: &Output) -> (SocketAddr, Option<Vec<u8>>) {
+    let Output::Reply { data, .. } = out else {
+        panic!("{out:?}")
+    };
+    let msg = Message::parse(data).unwrap();
+    assert_eq!(msg.class(), Class::Success, "{msg:?}");
+    let relayed = stun::decode_xor_address(
+        attr::XOR_RELAYED_ADDRESS,
+        msg.get(attr::XOR_RELAYED_ADDRESS).unwrap(),
+        msg.transaction_id(),
+    )
+    .unwrap();
+    (
+        relayed,
+        msg.get(attr::RESERVATION_TOKEN).map(<[u8]>::to_vec),
+    )
+}
+
+#[test]
+fn an_rtp_rtcp_pair_gets_adjacent_ports_through_a_reservation() {
+    let t0 = Instant::now();
+    let (shared, mut s) = setup(config(), t0);
+    // RTP: an even port, and a token for the one above it.
+    let rtp = signed_allocate(&mut s, five(1), 1, &[(attr::EVEN_PORT, &[0x80])], t0);
+    let (rtp_addr, token) = relayed_and_token(&rtp);
+    let token = token.expect("a RESERVATION-TOKEN");
+    assert_eq!(token.len(), 8);
+    assert_eq!(rtp_addr.port() % 2, 0);
+    assert_eq!(shared.reservation_count(), 1);
+    // The retransmitted request gets the same answer, token included.
+    assert_eq!(
+        signed_allocate(&mut s, five(1), 1, &[(attr::EVEN_PORT, &[0x80])], t0),
+        rtp
+    );
+    assert_eq!(shared.reservation_count(), 1);
+    // RTCP, from the client's second socket, redeems it.
+    let rtcp = signed_allocate(&mut s, five(2), 2, &[(attr::RESERVATION_TOKEN, &token)], t0);
+    let (rtcp_addr, none) = relayed_and_token(&rtcp);
+    assert_eq!(
+        rtcp_addr,
+        SocketAddr::new(rtp_addr.ip(), rtp_addr.port() + 1)
+    );
+    assert_eq!(none, None);
+    assert_eq!(shared.reservation_count(), 0);
+    assert_eq!(s.allocation_count(), 2);
+    // A token is good once.
+    let again = signed_allocate(&mut s, five(3), 3, &[(attr::RESERVATION_TOKEN, &token)], t0);
+    assert_eq!(error_code(&again), 508);
+    assert_eq!(s.allocation_count(), 2);
+    assert_eq!(
+        shared.allocation_count(),
+        2,
+        "the refused one gave its quota back"
+    );
+}
+
+#[test]
+fn a_reservation_lapses_after_thirty_seconds() {
+    let t0 = Instant::now();
+    let (shared, mut s) = setup(config(), t0);
+    let rtp = signed_allocate(&mut s, five(1), 1, &[(attr::EVEN_PORT, &[0x80])], t0);
+    let token = relayed_and_token(&rtp).1.unwrap();
+    // The sweep frees the held port once the reservation is over.
+    s.on_timeout(t0 + RESERVATION_LIFETIME - Duration::from_secs(1));
+    assert_eq!(shared.reservation_count(), 1);
+    s.on_timeout(t0 + RESERVATION_LIFETIME + Duration::from_secs(1));
+    assert_eq!(shared.reservation_count(), 0);
+    let late = signed_allocate(
+        &mut s,
+        five(2),
+        2,
+        &[(attr::RESERVATION_TOKEN, &token)],
+        t0 + RESERVATION_LIFETIME,
+    );
+    assert_eq!(error_code(&late), 508);
+}
+
+#[test]
+fn no_free_pair_of_ports_is_508_and_leaves_nothing_behind() {
+    let t0 = Instant::now();
+    let (shared, mut s) = setup(config(), t0);
+    // Without the R bit the port above does not matter.
+    let plain = signed_allocate(&mut s, five(1), 1, &[(attr::EVEN_PORT, &[0])], t0);
+    assert_eq!(relayed_and_token(&plain).1, None);
+    *s.relays().no_pairs.borrow_mut() = true;
+    let out = signed_allocate(&mut s, five(2), 2, &[(attr::EVEN_PORT, &[0x80])], t0);
+    assert_eq!(error_code(&out), 508);
+    assert_eq!(
+        s.relays().live.borrow().len(),
+        1,
+        "the tried ports were released"
+    );
+    assert_eq!(shared.allocation_count(), 1);
+    assert_eq!(shared.reservation_count(), 0);
+}
+
+#[test]
+fn a_user_holds_no_more_ports_than_allocations() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.user_quota = 2;
+    let (shared, mut s) = setup(cfg, t0);
+    // Allocate with the R bit and delete, again and again: each round
+    // leaves a held port behind, up to the user's quota.
+    for round in 0..4u8 {
+        let out = signed_allocate(&mut s, five(1), round, &[(attr::EVEN_PORT, &[0x80])], t0);
+        if round < 2 {
+            assert!(relayed_and_token(&out).1.is_some(), "round {round}");
+            let slot = s.by_five[&five(1)];
+            s.remove_allocation(slot);
+        } else {
+            assert_eq!(error_code(&out), 508, "round {round}");
+        }
+    }
+    assert_eq!(shared.reservation_count(), 2);
+    assert_eq!(
+        s.relays().live.borrow().len(),
+        0,
+        "refused rounds released their port"
+    );
 }
