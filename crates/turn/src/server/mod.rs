@@ -295,8 +295,8 @@ impl Shared {
     /// all or for this user (else allocating and deleting in a loop would
     /// hold the whole port range).
     fn hold(&self, held: HeldPort, username: &str, now: Instant) -> Option<[u8; 8]> {
+        self.expire_reservations(now);
         let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
-        r.retain(|_, v| v.expires > now);
         let mine = r.values().filter(|v| v.username == username).count();
         if r.len() >= self.config.max_allocations || mine >= self.config.user_quota {
             return None;
@@ -1253,10 +1253,7 @@ impl<A: RelayAllocator> Server<A> {
                         Some(token) => Ok((addr, Some(token))),
                         None => {
                             self.relays.release(relay);
-                            Err(io::Error::new(
-                                io::ErrorKind::OutOfMemory,
-                                "too many ports held for reservations",
-                            ))
+                            Err(io::Error::other("too many ports held for reservations"))
                         }
                     };
                 }
