@@ -797,7 +797,8 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
         let (_, generator) = pin_sets(pin)?;
         set_affinity(generator).context("pinning the load generator")?;
     }
-    let mode = if args.generator == BenchGenerator::Uclient {
+    let uclient = args.generator == BenchGenerator::Uclient;
+    let mode = if uclient {
         format!(
             "coturn's turnutils_uclient as the load ({} messages per client, 1 ms apart at most)",
             args.uclient_messages
@@ -807,7 +808,7 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
     } else {
         format!("open loop, {} round trips/s offered", args.rate)
     };
-    let length = if args.generator == BenchGenerator::Uclient {
+    let length = if uclient {
         String::new()
     } else {
         format!("{} s per run, ", args.duration)
@@ -825,7 +826,7 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
     );
     println!(
         "| server | pattern | {} | payload B | alloc/s | round trips/s | relayed pkt/s | server CPU µs/pkt | p50 RTT µs | p99 RTT µs | loss % | RSS MiB |",
-        if args.generator == BenchGenerator::Uclient {
+        if uclient {
             "uclient clients"
         } else {
             "allocations"
@@ -847,7 +848,6 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
                         {
                             continue;
                         }
-                        let uclient = args.generator == BenchGenerator::Uclient;
                         if uclient && which == BenchTarget::Forwarder {
                             continue; // it speaks no TURN
                         }
