@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use callisto::bench::uclient::parse_totals;
 use callisto_turn::client::{Client, Event};
 
 mod common;
@@ -309,21 +310,8 @@ fn uclient_on(
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let totals = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("start_mclient: tot_send_msgs="))
-        .map(|l| {
-            let num = |key: &str| {
-                l.split(key)
-                    .nth(1)
-                    .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0)
-            };
-            (num("tot_send_msgs="), num("tot_recv_msgs="))
-        })
-        .unwrap_or((0, 0));
+    // A run that ended early (refused) has no totals: nothing sent or received.
+    let totals = parse_totals(&text).map_or((0, 0), |t| (t.sent, t.received));
     (totals.0, totals.1, text)
 }
 
