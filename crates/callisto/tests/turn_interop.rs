@@ -356,6 +356,38 @@ fn uclient_rtp_and_rtcp_pairs_through_port_reservations() {
     );
 }
 
+/// Client to client (`-y`: the relay/relay case of WebRTC) with two
+/// workers, so that clients land on both: data between two of our
+/// allocations skips the kernel whichever workers they are on.
+#[test]
+fn uclient_client_to_client_skips_the_kernel_across_workers() {
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            "127.0.0.1/32",
+            "--turn-threads",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_lossless(
+        "client to client",
+        uclient(server.turn_port, free_udp_port(), &["-y"], "user", "pass"),
+    );
+    let m = server.metrics();
+    let to_client = metric(
+        &m,
+        "callisto_turn_relayed_packets_total{direction=\"to_client\",transport=\"udp\"}",
+    );
+    let in_place = metric(&m, "callisto_turn_relayed_in_place_packets_total");
+    assert!(to_client >= 2000.0, "{m}");
+    assert_eq!(in_place, to_client, "{m}");
+}
+
 #[test]
 fn stunclient_gets_its_reflexive_address() {
     let server = callisto("turn", &["--turn-user", "u:p"]);

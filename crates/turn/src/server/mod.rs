@@ -16,7 +16,7 @@
 //! One `Server` serves any number of clients; several (one per thread) can
 //! share quotas and the nonce key through [`Shared`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +51,9 @@ const CHANNEL_QUARANTINE: Duration = Duration::from_secs(300);
 pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// Tries at an even port whose successor is free, before 508.
 const RESERVATION_TRIES: usize = 8;
+/// Other workers' relayed addresses a worker remembers looking up; beyond
+/// that it starts again (only a flood of peers gets there).
+const MAX_CACHED_VIEWS: usize = 4096;
 
 /// How a client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -174,10 +177,14 @@ pub struct Shared {
     nonce_key: hmac::Key,
     allocations: AtomicUsize,
     per_user: Mutex<HashMap<String, usize>>,
-    /// Every live relay address of every worker: peers that are our own
-    /// relays are allowed even on a loopback or private relay IP, but only
-    /// the exact addresses, so other services on that IP stay unreachable.
-    relays: RwLock<HashSet<SocketAddr>>,
+    /// Every live relay address of every worker (bound and advertised).
+    /// Peers that are our own relays are allowed even on a loopback or
+    /// private relay IP, but only the exact addresses, so other services on
+    /// that IP stay unreachable; and data between two of our allocations
+    /// skips the kernel even when they belong to different workers.
+    relays: RwLock<HashMap<SocketAddr, Arc<RelayView>>>,
+    /// Counts changes to `relays`, so workers can cache lookups in it.
+    relays_version: AtomicU64,
     /// Ports held for RESERVATION-TOKENs, by token; shared because the
     /// client's second socket may land on another worker.
     reservations: Mutex<HashMap<[u8; 8], Reservation>>,
@@ -196,7 +203,8 @@ impl Shared {
             nonce_key: hmac::Key::new(hmac::HMAC_SHA256, nonce_secret),
             allocations: AtomicUsize::new(0),
             per_user: Mutex::new(HashMap::new()),
-            relays: RwLock::new(HashSet::new()),
+            relays: RwLock::new(HashMap::new()),
+            relays_version: AtomicU64::new(0),
             reservations: Mutex::new(HashMap::new()),
             reservation_serial: AtomicU64::new(0),
             epoch,
@@ -251,21 +259,34 @@ impl Shared {
     }
 
     fn is_live_relay(&self, addr: SocketAddr) -> bool {
+        self.relay_view(addr).is_some()
+    }
+
+    fn relay_view(&self, addr: SocketAddr) -> Option<Arc<RelayView>> {
         self.relays
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&addr)
+            .get(&addr)
+            .cloned()
     }
 
-    fn set_relay(&self, addrs: [SocketAddr; 2], live: bool) {
+    /// Publishes (`Some`) or withdraws (`None`) the relayed addresses of an
+    /// allocation.
+    fn set_relay(&self, addrs: [SocketAddr; 2], view: Option<&Arc<RelayView>>) {
         let mut r = self.relays.write().unwrap_or_else(|p| p.into_inner());
         for a in addrs {
-            if live {
-                r.insert(a);
-            } else {
-                r.remove(&a);
-            }
+            match view {
+                Some(v) => r.insert(a, v.clone()),
+                None => r.remove(&a),
+            };
         }
+        // Under the lock, so a reader that sees the new version sees the
+        // new map too.
+        self.relays_version.fetch_add(1, Ordering::Release);
+    }
+
+    fn relays_version(&self) -> u64 {
+        self.relays_version.load(Ordering::Acquire)
     }
 
     fn make_nonce(&self, five: &FiveTuple, now: Instant) -> String {
@@ -414,7 +435,7 @@ impl Hasher for FxHasher {
 
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Channel {
     number: u16,
     peer: SocketAddr,
@@ -454,9 +475,9 @@ struct Allocation {
     /// The relayed address as clients and peers know it.
     advertised: SocketAddr,
     username: String,
-    expires: Instant,
-    permissions: Vec<(IpAddr, Instant)>,
-    channels: Vec<Channel>,
+    access: PeerAccess,
+    /// A copy of `access` for other workers, renewed when it grows.
+    view: Arc<RelayView>,
     /// The Allocate request's transaction id and our answer, for retransmits.
     allocate_tid: [u8; 12],
     allocate_response: Vec<u8>,
@@ -465,6 +486,45 @@ struct Allocation {
 }
 
 impl Allocation {
+    /// Lets other workers see the permissions, channels and lifetime as
+    /// they are now. Only needed when they grow or are renewed: readers
+    /// check expiry times themselves.
+    fn publish(&self) {
+        *self.view.lock() = self.access.clone();
+    }
+}
+
+/// What decides whether data from a peer reaches an allocation's client:
+/// the allocation's lifetime, its permissions and its channels.
+#[derive(Debug, Clone)]
+struct PeerAccess {
+    expires: Instant,
+    permissions: Vec<(IpAddr, Instant)>,
+    channels: Vec<Channel>,
+}
+
+/// What becomes of ChannelData from one of our allocations to another
+/// allocation's relayed address, if it is relayed in place.
+enum InPlace {
+    /// Straight to the receiving client, on this channel of its.
+    Deliver(u16),
+    /// The receiver does not permit the sender: dropped, as the kernel path
+    /// would drop it at the receiving relay.
+    Drop,
+    /// The receiver takes it only as a Data indication, or not at all: the
+    /// kernel path decides, through the receiving relay socket.
+    Kernel,
+}
+
+impl PeerAccess {
+    fn new(expires: Instant) -> Self {
+        PeerAccess {
+            expires,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+        }
+    }
+
     fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
         self.permissions
             .iter()
@@ -481,12 +541,40 @@ impl Allocation {
             .find(|c| c.peer == peer && c.expires > now)
             .map(|c| c.number)
     }
+
+    /// For ChannelData from our relayed address `from`, relayed in place.
+    fn in_place(&self, from: SocketAddr, now: Instant) -> InPlace {
+        if self.expires <= now {
+            return InPlace::Kernel;
+        }
+        match self.channel_by_peer(from, now) {
+            None => InPlace::Kernel,
+            Some(_) if !self.permitted(from.ip(), now) => InPlace::Drop,
+            Some(channel) => InPlace::Deliver(channel),
+        }
+    }
+}
+
+/// An allocation as other workers see it: enough to relay ChannelData from
+/// their own allocations straight to its client (see `Server::relay_across`).
+#[derive(Debug)]
+pub struct RelayView {
+    to: FiveTuple,
+    access: Mutex<PeerAccess>,
+}
+
+impl RelayView {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PeerAccess> {
+        self.access.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Counter handles resolved once, so the per-packet cost is one atomic add.
 struct RelayCounters {
     packets: [[metrics::Counter; 3]; 2],
     bytes: [[metrics::Counter; 3]; 2],
+    /// Packets between two of our allocations that skipped the kernel.
+    in_place: metrics::Counter,
 }
 
 const TO_PEER: usize = 0;
@@ -506,6 +594,7 @@ impl RelayCounters {
         RelayCounters {
             packets: make("callisto_turn_relayed_packets_total"),
             bytes: make("callisto_turn_relayed_bytes_total"),
+            in_place: metrics::counter!("callisto_turn_relayed_in_place_packets_total"),
         }
     }
 
@@ -541,6 +630,11 @@ pub struct Server<A> {
     by_five: FxMap<FiveTuple, u32>,
     /// This server's own allocations by relayed address (bound and advertised).
     by_relay_addr: FxMap<SocketAddr, u32>,
+    /// Other workers' allocations by relayed address, as last looked up in
+    /// `Shared` (`None`: not one of ours), valid while `Shared`'s relay
+    /// version is `views_version`.
+    views: FxMap<SocketAddr, Option<Arc<RelayView>>>,
+    views_version: u64,
     unauth: HashMap<IpAddr, UnauthBudget>,
     next_sweep: Option<Instant>,
     counters: RelayCounters,
@@ -573,6 +667,8 @@ impl<A: RelayAllocator> Server<A> {
             free_slots: Vec::new(),
             by_five: FxMap::default(),
             by_relay_addr: FxMap::default(),
+            views: FxMap::default(),
+            views_version: 0,
             unauth: HashMap::new(),
             next_sweep: None,
             counters: RelayCounters::new(),
@@ -647,7 +743,9 @@ impl<A: RelayAllocator> Server<A> {
         let Some(Some(alloc)) = self.allocations.get_mut(relay.0 as usize) else {
             return Output::None;
         };
-        if alloc.expires <= now || !alloc.permitted(from.ip(), now) || len > usize::from(u16::MAX) {
+        let access = &alloc.access;
+        if access.expires <= now || !access.permitted(from.ip(), now) || len > usize::from(u16::MAX)
+        {
             return Output::None;
         }
         if !alloc.to_client_budget.take(len, now) {
@@ -659,7 +757,7 @@ impl<A: RelayAllocator> Server<A> {
         if buf.len() < end + TAILROOM {
             return Output::None;
         }
-        let range = if let Some(number) = alloc.channel_by_peer(from, now) {
+        let range = if let Some(number) = alloc.access.channel_by_peer(from, now) {
             buf[start - 4..start].copy_from_slice(&ChannelData::header(number, len as u16));
             let mut end = end;
             if five.transport.is_stream() {
@@ -702,13 +800,18 @@ impl<A: RelayAllocator> Server<A> {
             .allocations
             .iter()
             .enumerate()
-            .filter_map(|(i, a)| a.as_ref().filter(|a| a.expires <= now).map(|_| i as u32))
+            .filter_map(|(i, a)| {
+                a.as_ref()
+                    .filter(|a| a.access.expires <= now)
+                    .map(|_| i as u32)
+            })
             .collect();
         for slot in expired {
             tracing::debug!(slot, "allocation expired");
             self.remove_allocation(slot);
         }
         for a in self.allocations.iter_mut().flatten() {
+            let a = &mut a.access;
             let before = (a.permissions.len(), a.channels.len());
             a.permissions.retain(|(_, exp)| *exp > now);
             a.channels.retain(|c| c.expires + CHANNEL_QUARANTINE > now);
@@ -749,11 +852,12 @@ impl<A: RelayAllocator> Server<A> {
         let Some(alloc) = self.allocations[slot as usize].as_mut() else {
             return Output::None;
         };
-        let Some(channel) = alloc.channel_by_number(cd.channel) else {
+        let access = &alloc.access;
+        let Some(channel) = access.channel_by_number(cd.channel) else {
             return Output::None;
         };
         let peer = channel.peer;
-        if channel.expires <= now || alloc.expires <= now || !alloc.permitted(peer.ip(), now) {
+        if channel.expires <= now || access.expires <= now || !access.permitted(peer.ip(), now) {
             return Output::None;
         }
         if !alloc.to_peer_budget.take(cd.len, now) {
@@ -762,7 +866,10 @@ impl<A: RelayAllocator> Server<A> {
         let relay = alloc.relay;
         let from = alloc.advertised;
         self.counters.count(TO_PEER, five.transport, cd.len);
-        if let Some(out) = self.relay_locally(now, from, peer, cd.len, buf) {
+        if let Some(out) = self
+            .relay_locally(now, from, peer, cd.len, buf)
+            .or_else(|| self.relay_across(now, five, from, peer, cd.len, buf))
+        {
             return out;
         }
         Output::ToPeer {
@@ -789,25 +896,75 @@ impl<A: RelayAllocator> Server<A> {
     ) -> Option<Output> {
         let &slot = self.by_relay_addr.get(&peer)?;
         let target = self.allocations[slot as usize].as_mut()?;
-        if target.five.transport != Transport::Udp || target.expires <= now {
+        if target.five.transport != Transport::Udp {
             return None;
         }
-        let channel = target.channel_by_peer(from, now)?;
-        if !target.permitted(from.ip(), now) {
-            // The receiver did not allow the sender: dropped, as the kernel
-            // path would drop it at the receiving relay.
-            return Some(Output::None);
-        }
+        let channel = match target.access.in_place(from, now) {
+            InPlace::Kernel => return None,
+            InPlace::Drop => return Some(Output::None),
+            InPlace::Deliver(channel) => channel,
+        };
         if !target.to_client_budget.take(len, now) {
             return Some(Output::None);
         }
         let to = target.five;
+        Some(self.deliver(to, channel, len, buf))
+    }
+
+    /// Like [`Server::relay_locally`], when the peer is an allocation of
+    /// another worker: without this, data between two clients that landed
+    /// on different workers would cost a send, a wake-up of the other
+    /// worker and a receive more than between two on the same one. This
+    /// worker sends it to the receiving client itself, from its own socket
+    /// on the same address, after checking the receiver's permissions and
+    /// channels as published in `Shared`.
+    ///
+    /// Only between UDP clients of the same listening address, and only
+    /// without a bandwidth limit, which the owning worker keeps.
+    fn relay_across(
+        &mut self,
+        now: Instant,
+        sender: FiveTuple,
+        from: SocketAddr,
+        peer: SocketAddr,
+        len: usize,
+        buf: &mut [u8],
+    ) -> Option<Output> {
+        if sender.transport != Transport::Udp || self.shared.config.bps_per_allocation != 0 {
+            return None;
+        }
+        let version = self.shared.relays_version();
+        if version != self.views_version || self.views.len() >= MAX_CACHED_VIEWS {
+            self.views.clear();
+            self.views_version = version;
+        }
+        let shared = &self.shared;
+        let view = self
+            .views
+            .entry(peer)
+            .or_insert_with(|| shared.relay_view(peer))
+            .as_ref()?;
+        if view.to.transport != Transport::Udp || view.to.server != sender.server {
+            return None;
+        }
+        let to = view.to;
+        let channel = match view.lock().in_place(from, now) {
+            InPlace::Kernel => return None,
+            InPlace::Drop => return Some(Output::None),
+            InPlace::Deliver(channel) => channel,
+        };
+        Some(self.deliver(to, channel, len, buf))
+    }
+
+    /// Re-frames ChannelData in `buf` for `to`'s `channel`.
+    fn deliver(&mut self, to: FiveTuple, channel: u16, len: usize, buf: &mut [u8]) -> Output {
         buf[..4].copy_from_slice(&ChannelData::header(channel, len as u16));
         self.counters.count(TO_CLIENT, Transport::Udp, len);
-        Some(Output::ToClient {
+        self.counters.in_place.increment(1);
+        Output::ToClient {
             to,
             range: 0..4 + len,
-        })
+        }
     }
 
     fn on_send_indication(
@@ -834,7 +991,7 @@ impl<A: RelayAllocator> Server<A> {
         let Some(alloc) = self.allocations[slot as usize].as_mut() else {
             return Output::None;
         };
-        if alloc.expires <= now || !alloc.permitted(peer.ip(), now) {
+        if alloc.access.expires <= now || !alloc.access.permitted(peer.ip(), now) {
             return Output::None;
         }
         if !alloc.to_peer_budget.take(data.len(), now) {
@@ -1206,15 +1363,18 @@ impl<A: RelayAllocator> Server<A> {
             tokens: bps as f64,
             last: now,
         };
+        let view = Arc::new(RelayView {
+            to: five,
+            access: Mutex::new(PeerAccess::new(now + lifetime)),
+        });
         self.allocations[slot as usize] = Some(Allocation {
             five,
             relay,
             relay_addr,
             advertised,
             username: authed.username.clone(),
-            expires: now + lifetime,
-            permissions: Vec::new(),
-            channels: Vec::new(),
+            access: PeerAccess::new(now + lifetime),
+            view: view.clone(),
             allocate_tid: *tid,
             allocate_response: response.clone(),
             to_peer_budget: bucket(),
@@ -1223,7 +1383,7 @@ impl<A: RelayAllocator> Server<A> {
         self.by_five.insert(five, slot);
         self.by_relay_addr.insert(relay_addr, slot);
         self.by_relay_addr.insert(advertised, slot);
-        self.shared.set_relay([relay_addr, advertised], true);
+        self.shared.set_relay([relay_addr, advertised], Some(&view));
         self.next_sweep.get_or_insert(now + Duration::from_secs(1));
         metrics::counter!("callisto_turn_allocations_total", "transport" => five.transport.as_str())
             .increment(1);
@@ -1313,7 +1473,8 @@ impl<A: RelayAllocator> Server<A> {
         if lifetime.is_zero() {
             self.remove_allocation(slot);
         } else if let Some(a) = self.allocations[slot as usize].as_mut() {
-            a.expires = now + lifetime;
+            a.access.expires = now + lifetime;
+            a.publish();
         }
         let mut b = self.response(msg, Class::Success);
         b.u32(attr::LIFETIME, lifetime.as_secs() as u32);
@@ -1372,14 +1533,15 @@ impl<A: RelayAllocator> Server<A> {
         };
         let new = peers
             .iter()
-            .filter(|p| !a.permissions.iter().any(|(ip, _)| *ip == p.ip()))
+            .filter(|p| !a.access.permissions.iter().any(|(ip, _)| *ip == p.ip()))
             .count();
-        if a.permissions.len() + new > max {
+        if a.access.permissions.len() + new > max {
             return Err(refuse(508, "Insufficient Capacity: too many permissions"));
         }
         for p in peers {
-            install_permission(a, p.ip(), now);
+            install_permission(&mut a.access, p.ip(), now);
         }
+        a.publish();
         let b = self.response(msg, Class::Success);
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
@@ -1408,17 +1570,18 @@ impl<A: RelayAllocator> Server<A> {
         let Some(a) = self.allocations[slot as usize].as_mut() else {
             return Err(refuse(437, "Allocation Mismatch"));
         };
-        let by_number = a.channels.iter().position(|c| c.number == number);
-        let by_peer = a.channels.iter().position(|c| c.peer == peer);
+        let access = &mut a.access;
+        let by_number = access.channels.iter().position(|c| c.number == number);
+        let by_peer = access.channels.iter().position(|c| c.peer == peer);
         match (by_number, by_peer) {
-            (Some(i), Some(j)) if i == j => a.channels[i].expires = now + CHANNEL_LIFETIME,
+            (Some(i), Some(j)) if i == j => access.channels[i].expires = now + CHANNEL_LIFETIME,
             (None, None) => {
-                if !a.permissions.iter().any(|(ip, _)| *ip == peer.ip())
-                    && a.permissions.len() >= max
+                if !access.permissions.iter().any(|(ip, _)| *ip == peer.ip())
+                    && access.permissions.len() >= max
                 {
                     return Err(refuse(508, "Insufficient Capacity: too many permissions"));
                 }
-                a.channels.push(Channel {
+                access.channels.push(Channel {
                     number,
                     peer,
                     expires: now + CHANNEL_LIFETIME,
@@ -1428,7 +1591,8 @@ impl<A: RelayAllocator> Server<A> {
             }
             _ => return Err(refuse(400, "Bad Request: channel or peer bound otherwise")),
         }
-        install_permission(a, peer.ip(), now);
+        install_permission(access, peer.ip(), now);
+        a.publish();
         let b = self.response(msg, Class::Success);
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
@@ -1440,13 +1604,15 @@ impl<A: RelayAllocator> Server<A> {
         self.by_five.remove(&a.five);
         self.by_relay_addr.remove(&a.relay_addr);
         self.by_relay_addr.remove(&a.advertised);
-        self.shared.set_relay([a.relay_addr, a.advertised], false);
+        // A worker that still holds the view relays nothing more through it.
+        *a.view.lock() = PeerAccess::new(a.access.expires);
+        self.shared.set_relay([a.relay_addr, a.advertised], None);
         self.relays.release(a.relay);
         self.shared.unreserve(&a.username);
         self.free_slots.push(slot);
         metrics::gauge!("callisto_turn_allocations").decrement(1.0);
-        metrics::gauge!("callisto_turn_permissions").decrement(a.permissions.len() as f64);
-        metrics::gauge!("callisto_turn_channels").decrement(a.channels.len() as f64);
+        metrics::gauge!("callisto_turn_permissions").decrement(a.access.permissions.len() as f64);
+        metrics::gauge!("callisto_turn_channels").decrement(a.access.channels.len() as f64);
     }
 
     fn response(&self, msg: &Message<'_>, class: Class) -> MessageBuilder {
@@ -1481,7 +1647,7 @@ impl<A: RelayAllocator> Server<A> {
     }
 }
 
-fn install_permission(a: &mut Allocation, ip: IpAddr, now: Instant) {
+fn install_permission(a: &mut PeerAccess, ip: IpAddr, now: Instant) {
     let expires = now + PERMISSION_LIFETIME;
     match a.permissions.iter_mut().find(|(p, _)| *p == ip) {
         Some(entry) => entry.1 = expires,

@@ -20,6 +20,9 @@ struct FakeRelays {
     fail: Rc<RefCell<bool>>,
     /// Every port above an allocation's is taken.
     no_pairs: Rc<RefCell<bool>>,
+    /// Added to every port, so that two servers (two workers) get
+    /// different ones.
+    base: u16,
 }
 
 impl RelayAllocator for FakeRelays {
@@ -31,7 +34,7 @@ impl RelayAllocator for FakeRelays {
             return Err(io::Error::other("no ports"));
         }
         self.live.borrow_mut().insert(id.0);
-        let port = 50000 + id.0 as u16;
+        let port = 50000 + self.base + id.0 as u16;
         assert!(
             !even || port % 2 == 0 || id.0 % 2 == 1,
             "test relays are even for even ids"
@@ -904,6 +907,136 @@ fn garbage_is_dropped_silently() {
             Output::None
         );
     }
+}
+
+/// Two workers sharing one `Shared`, as the UDP driver runs them.
+fn two_workers(cfg: Config, t0: Instant) -> (Server<FakeRelays>, Server<FakeRelays>) {
+    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
+    let other = FakeRelays {
+        base: 500,
+        ..FakeRelays::default()
+    };
+    (
+        Server::new(shared.clone(), FakeRelays::default()),
+        Server::new(shared, other),
+    )
+}
+
+#[test]
+fn relay_between_allocations_of_two_workers_skips_the_kernel() {
+    let t0 = Instant::now();
+    let (mut w1, mut w2) = two_workers(config(), t0);
+    let (mut a, relay_a) = allocated(&mut w1, five(1), t0);
+    let (mut b, relay_b) = allocated(&mut w2, five(2), t0);
+    a.bind_channel(t0, relay_b);
+    pump(&mut w1, &mut a, five(1), t0);
+
+    // B has no channel for A yet: the kernel path, to B's relay socket.
+    let mut framed = a.send_to(relay_b, b"hello");
+    assert!(
+        matches!(w1.on_client(t0, five(1), &mut framed), Output::ToPeer { peer, .. } if peer == relay_b)
+    );
+
+    // Once B (on the other worker) binds a channel to A, A's worker sends
+    // A's data straight to B's client, re-framed with B's channel number.
+    let ch_b = b.bind_channel(t0, relay_a);
+    pump(&mut w2, &mut b, five(2), t0);
+    let mut framed = a.send_to(relay_b, b"hello");
+    let Output::ToClient { to, range } = w1.on_client(t0, five(1), &mut framed) else {
+        panic!("expected delivery by A's worker")
+    };
+    assert_eq!(to, five(2));
+    assert_eq!(&framed[range.clone()][..2], &ch_b.to_be_bytes());
+    b.handle_input(t0, &framed[range]);
+    assert_eq!(
+        b.poll_event(),
+        Some(Event::Data {
+            peer: relay_a,
+            data: b"hello".to_vec()
+        })
+    );
+    // And back, by B's worker.
+    let mut framed = b.send_to(relay_a, b"world");
+    let Output::ToClient { to, range } = w2.on_client(t0, five(2), &mut framed) else {
+        panic!("expected delivery by B's worker")
+    };
+    assert_eq!(to, five(1));
+    a.handle_input(t0, &framed[range]);
+    assert_eq!(
+        a.poll_event(),
+        Some(Event::Data {
+            peer: relay_b,
+            data: b"world".to_vec()
+        })
+    );
+
+    // Past B's permission for A (300 s), B's worker would drop A's data,
+    // and so does A's. Renewing B's channel renews the permission, and A's
+    // worker sees it.
+    let late = t0 + Duration::from_secs(301);
+    a.refresh(late, 600);
+    pump(&mut w1, &mut a, five(1), late);
+    a.bind_channel(late, relay_b);
+    pump(&mut w1, &mut a, five(1), late);
+    let mut framed = a.send_to(relay_b, b"late");
+    assert_eq!(w1.on_client(late, five(1), &mut framed), Output::None);
+    b.bind_channel(late, relay_a);
+    pump(&mut w2, &mut b, five(2), late);
+    let mut framed = a.send_to(relay_b, b"renewed");
+    assert!(matches!(
+        w1.on_client(late, five(1), &mut framed),
+        Output::ToClient { to, .. } if to == five(2)
+    ));
+
+    // Once B's allocation is gone, A's data takes the kernel path again
+    // (and finds nobody at B's relayed address).
+    b.refresh(late, 0);
+    pump(&mut w2, &mut b, five(2), late);
+    let mut framed = a.send_to(relay_b, b"gone");
+    assert!(matches!(
+        w1.on_client(late, five(1), &mut framed),
+        Output::ToPeer { peer, .. } if peer == relay_b
+    ));
+}
+
+#[test]
+fn across_workers_only_without_a_bandwidth_limit_and_between_udp_clients() {
+    let t0 = Instant::now();
+    // With a bandwidth limit, the receiver's worker keeps the budget: the
+    // kernel path takes the data there.
+    let mut cfg = config();
+    cfg.bps_per_allocation = 1_000_000;
+    let (mut w1, mut w2) = two_workers(cfg, t0);
+    let (mut a, relay_a) = allocated(&mut w1, five(1), t0);
+    let (mut b, relay_b) = allocated(&mut w2, five(2), t0);
+    a.bind_channel(t0, relay_b);
+    pump(&mut w1, &mut a, five(1), t0);
+    b.bind_channel(t0, relay_a);
+    pump(&mut w2, &mut b, five(2), t0);
+    let mut framed = a.send_to(relay_b, b"hello");
+    assert!(matches!(
+        w1.on_client(t0, five(1), &mut framed),
+        Output::ToPeer { .. }
+    ));
+
+    // A receiver on another listening address is not reachable from this
+    // worker's socket.
+    let (mut w1, mut w2) = two_workers(config(), t0);
+    let elsewhere = FiveTuple {
+        server: "192.0.2.2:3478".parse().unwrap(),
+        ..five(2)
+    };
+    let (mut a, relay_a) = allocated(&mut w1, five(1), t0);
+    let (mut b, relay_b) = allocated(&mut w2, elsewhere, t0);
+    a.bind_channel(t0, relay_b);
+    pump(&mut w1, &mut a, five(1), t0);
+    b.bind_channel(t0, relay_a);
+    pump(&mut w2, &mut b, elsewhere, t0);
+    let mut framed = a.send_to(relay_b, b"hello");
+    assert!(matches!(
+        w1.on_client(t0, five(1), &mut framed),
+        Output::ToPeer { .. }
+    ));
 }
 
 #[test]
