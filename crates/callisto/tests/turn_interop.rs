@@ -324,12 +324,10 @@ fn assert_lossless(label: &str, (sent, received, text): (u64, u64, String)) {
     );
 }
 
-/// uclient's default mode: RTP and RTCP relays on adjacent ports through a
-/// reservation. With two workers, a client's RTCP socket often lands on
-/// the other worker than its RTP socket, which must still redeem the token.
-#[test]
-fn uclient_rtp_and_rtcp_pairs_through_port_reservations() {
-    let server = callisto(
+/// `callisto turn` with two UDP workers, user `user:pass`, loopback peers
+/// allowed, and `/metrics`.
+fn two_worker_turn() -> Callisto {
+    callisto(
         "turn",
         &[
             "--turn-user",
@@ -341,7 +339,15 @@ fn uclient_rtp_and_rtcp_pairs_through_port_reservations() {
             "--metrics-listen",
             "127.0.0.1:0",
         ],
-    );
+    )
+}
+
+/// uclient's default mode: RTP and RTCP relays on adjacent ports through a
+/// reservation. With two workers, a client's RTCP socket often lands on
+/// the other worker than its RTP socket, which must still redeem the token.
+#[test]
+fn uclient_rtp_and_rtcp_pairs_through_port_reservations() {
+    let server = two_worker_turn();
     let (_peer, peer_port) = echo_peer();
     assert_lossless(
         "rtp/rtcp pairs",
@@ -361,19 +367,7 @@ fn uclient_rtp_and_rtcp_pairs_through_port_reservations() {
 /// allocations skips the kernel whichever workers they are on.
 #[test]
 fn uclient_client_to_client_skips_the_kernel_across_workers() {
-    let server = callisto(
-        "turn",
-        &[
-            "--turn-user",
-            "user:pass",
-            "--turn-allow-peer",
-            "127.0.0.1/32",
-            "--turn-threads",
-            "2",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let server = two_worker_turn();
     assert_lossless(
         "client to client",
         uclient(server.turn_port, free_udp_port(), &["-y"], "user", "pass"),

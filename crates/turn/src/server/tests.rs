@@ -925,63 +925,23 @@ fn two_workers(cfg: Config, t0: Instant) -> (Server<FakeRelays>, Server<FakeRela
 #[test]
 fn relay_between_allocations_of_two_workers_skips_the_kernel() {
     let t0 = Instant::now();
-    let (mut w1, mut w2) = two_workers(config(), t0);
-    let (mut a, relay_a) = allocated(&mut w1, five(1), t0);
-    let (mut b, relay_b) = allocated(&mut w2, five(2), t0);
-    a.bind_channel(t0, relay_b);
-    pump(&mut w1, &mut a, five(1), t0);
-
-    // B has no channel for A yet: the kernel path, to B's relay socket.
-    let mut framed = a.send_to(relay_b, b"hello");
-    assert!(
-        matches!(w1.on_client(t0, five(1), &mut framed), Output::ToPeer { peer, .. } if peer == relay_b)
-    );
-
-    // Once B (on the other worker) binds a channel to A, A's worker sends
-    // A's data straight to B's client, re-framed with B's channel number.
-    let ch_b = b.bind_channel(t0, relay_a);
-    pump(&mut w2, &mut b, five(2), t0);
-    let mut framed = a.send_to(relay_b, b"hello");
-    let Output::ToClient { to, range } = w1.on_client(t0, five(1), &mut framed) else {
-        panic!("expected delivery by A's worker")
-    };
-    assert_eq!(to, five(2));
-    assert_eq!(&framed[range.clone()][..2], &ch_b.to_be_bytes());
-    b.handle_input(t0, &framed[range]);
-    assert_eq!(
-        b.poll_event(),
-        Some(Event::Data {
-            peer: relay_a,
-            data: b"hello".to_vec()
-        })
-    );
-    // And back, by B's worker.
-    let mut framed = b.send_to(relay_a, b"world");
-    let Output::ToClient { to, range } = w2.on_client(t0, five(2), &mut framed) else {
-        panic!("expected delivery by B's worker")
-    };
-    assert_eq!(to, five(1));
-    a.handle_input(t0, &framed[range]);
-    assert_eq!(
-        a.poll_event(),
-        Some(Event::Data {
-            peer: relay_b,
-            data: b"world".to_vec()
-        })
-    );
+    let (w1, w2) = two_workers(config(), t0);
+    let mut w = [w1, w2];
+    let (mut a, relay_a, mut b, relay_b) = relayed_in_place_both_ways(&mut w, t0);
+    let [w1, w2] = &mut w;
 
     // Past B's permission for A (300 s), B's worker would drop A's data,
     // and so does A's. Renewing B's channel renews the permission, and A's
     // worker sees it.
     let late = t0 + Duration::from_secs(301);
     a.refresh(late, 600);
-    pump(&mut w1, &mut a, five(1), late);
+    pump(w1, &mut a, five(1), late);
     a.bind_channel(late, relay_b);
-    pump(&mut w1, &mut a, five(1), late);
+    pump(w1, &mut a, five(1), late);
     let mut framed = a.send_to(relay_b, b"late");
     assert_eq!(w1.on_client(late, five(1), &mut framed), Output::None);
     b.bind_channel(late, relay_a);
-    pump(&mut w2, &mut b, five(2), late);
+    pump(w2, &mut b, five(2), late);
     let mut framed = a.send_to(relay_b, b"renewed");
     assert!(matches!(
         w1.on_client(late, five(1), &mut framed),
@@ -991,7 +951,7 @@ fn relay_between_allocations_of_two_workers_skips_the_kernel() {
     // Once B's allocation is gone, A's data takes the kernel path again
     // (and finds nobody at B's relayed address).
     b.refresh(late, 0);
-    pump(&mut w2, &mut b, five(2), late);
+    pump(w2, &mut b, five(2), late);
     let mut framed = a.send_to(relay_b, b"gone");
     assert!(matches!(
         w1.on_client(late, five(1), &mut framed),
@@ -1039,28 +999,31 @@ fn across_workers_only_without_a_bandwidth_limit_and_between_udp_clients() {
     ));
 }
 
-#[test]
-fn relay_between_own_allocations_skips_the_kernel() {
-    let t0 = Instant::now();
-    let (_, mut s) = setup(config(), t0);
-    let (mut a, relay_a) = allocated(&mut s, five(1), t0);
-    let (mut b, relay_b) = allocated(&mut s, five(2), t0);
+/// A (`five(1)`) on the first of `servers` and B (`five(2)`) on the last
+/// (the same one if there is one): A's data goes through the kernel until
+/// B has a channel for A, then in place to B's client, re-framed with B's
+/// channel number; and B's back. Returns A, A's and B's relayed address.
+fn relayed_in_place_both_ways(
+    servers: &mut [Server<FakeRelays>],
+    t0: Instant,
+) -> (Client, SocketAddr, Client, SocketAddr) {
+    let (ia, ib) = (0, servers.len() - 1);
+    let (mut a, relay_a) = allocated(&mut servers[ia], five(1), t0);
+    let (mut b, relay_b) = allocated(&mut servers[ib], five(2), t0);
     a.bind_channel(t0, relay_b);
-    pump(&mut s, &mut a, five(1), t0);
+    pump(&mut servers[ia], &mut a, five(1), t0);
 
     // B has no channel for A yet: the kernel path (through B's relay socket).
     let mut framed = a.send_to(relay_b, b"hello");
     assert!(
-        matches!(s.on_client(t0, five(1), &mut framed), Output::ToPeer { peer, .. } if peer == relay_b)
+        matches!(servers[ia].on_client(t0, five(1), &mut framed), Output::ToPeer { peer, .. } if peer == relay_b)
     );
 
-    // Once B binds a channel to A, A's data goes straight to B's client,
-    // re-framed with B's channel number.
     let ch_b = b.bind_channel(t0, relay_a);
-    pump(&mut s, &mut b, five(2), t0);
+    pump(&mut servers[ib], &mut b, five(2), t0);
     let mut framed = a.send_to(relay_b, b"hello");
-    let Output::ToClient { to, range } = s.on_client(t0, five(1), &mut framed) else {
-        panic!("expected local delivery")
+    let Output::ToClient { to, range } = servers[ia].on_client(t0, five(1), &mut framed) else {
+        panic!("expected delivery by A's server")
     };
     assert_eq!(to, five(2));
     assert_eq!(&framed[range.clone()][..2], &ch_b.to_be_bytes());
@@ -1072,10 +1035,9 @@ fn relay_between_own_allocations_skips_the_kernel() {
             data: b"hello".to_vec()
         })
     );
-    // And back.
     let mut framed = b.send_to(relay_a, b"world");
-    let Output::ToClient { to, range } = s.on_client(t0, five(2), &mut framed) else {
-        panic!("expected local delivery")
+    let Output::ToClient { to, range } = servers[ib].on_client(t0, five(2), &mut framed) else {
+        panic!("expected delivery by B's server")
     };
     assert_eq!(to, five(1));
     a.handle_input(t0, &framed[range]);
@@ -1086,10 +1048,18 @@ fn relay_between_own_allocations_skips_the_kernel() {
             data: b"world".to_vec()
         })
     );
+    (a, relay_a, b, relay_b)
+}
+
+#[test]
+fn relay_between_own_allocations_skips_the_kernel() {
+    let t0 = Instant::now();
+    let mut s = [setup(config(), t0).1];
+    let (a, _, _, relay_b) = relayed_in_place_both_ways(&mut s, t0);
     // Expired permissions stop it, as they would stop the kernel path.
     let late = t0 + Duration::from_secs(301);
     let mut framed = a.send_to(relay_b, b"late");
-    assert_eq!(s.on_client(late, five(1), &mut framed), Output::None);
+    assert_eq!(s[0].on_client(late, five(1), &mut framed), Output::None);
 }
 
 /// An authenticated Allocate from `five` (tid `id`), with a nonce for that
