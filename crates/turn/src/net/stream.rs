@@ -88,8 +88,15 @@ pub async fn serve(
     }
 }
 
+/// Datagrams a connection takes from its relay socket in one go, so that
+/// a burst from the peer leaves in one write to the client (one TLS record,
+/// one TCP segment train) rather than one write each.
+const RELAY_BURST: usize = 64;
+/// Bytes gathered for the client before they are written.
+const WRITE_BATCH: usize = 64 * 1024;
+
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
+    mut stream: S,
     five: FiveTuple,
     relay_cfg: RelayConfig,
     shared: Arc<Shared>,
@@ -98,17 +105,30 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let relays = RelaySockets::new(relay_cfg, seed, |s| s, Box::new(|_, _| Ok(())));
     let mut server = Server::new(shared, relays);
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut inbuf: Vec<u8> = Vec::with_capacity(4096);
+    let mut inbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    // What goes to the client next: answers and relayed data, in order.
+    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut relay: Option<(RelayId, UdpSocket)> = None;
     let mut peer_buf = vec![0u8; HEADROOM + 65_536 + TAILROOM];
     let started = Instant::now();
+    // Made once, not per wake-up: each `cancelled()` registers with a
+    // Notify and each `sleep_until` with the timer wheel, which cost more
+    // than relaying a packet.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    let timer = tokio::time::sleep_until(started.into());
+    tokio::pin!(timer);
     let result: io::Result<()> = async {
         loop {
-            let wake = server.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let wake = server
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            if timer.deadline() != wake.into() {
+                timer.as_mut().reset(wake.into());
+            }
             tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                read = rd.read_buf(&mut inbuf) => {
+                _ = &mut stopped => return Ok(()),
+                read = stream.read_buf(&mut inbuf) => {
                     if read? == 0 {
                         return Ok(());
                     }
@@ -125,7 +145,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                         let frame = &mut inbuf[used..used + len];
                         // ChannelData is parsed with its padding; STUN exactly.
                         match server.on_client(Instant::now(), five, frame) {
-                            Output::Reply { data, .. } => wr.write_all(&data).await?,
+                            Output::Reply { data, .. } => out.extend_from_slice(&data),
                             Output::ToPeer { peer, range, .. } => {
                                 if let Some((_, sock)) = &relay {
                                     let _ = sock.try_send_to(&frame[range], peer);
@@ -142,20 +162,39 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 recv = recv_relay(&relay, &mut peer_buf) => {
-                    let (len, from) = recv?;
-                    if let Some((id, _)) = relay
-                        && let Output::ToClient { range, .. } = server.on_peer(Instant::now(), id, from, &mut peer_buf, len)
-                    {
-                        wr.write_all(&peer_buf[range]).await?;
+                    // An error concerns one call or one datagram (EINTR,
+                    // an ICMP error), not the socket.
+                    let mut got = recv
+                        .inspect_err(|e| tracing::trace!(error = %e, "relay receive error"))
+                        .ok();
+                    let mut taken = 0;
+                    while let (Some((len, from)), Some((id, sock))) = (got, &relay) {
+                        if let Output::ToClient { range, .. } =
+                            server.on_peer(Instant::now(), *id, from, &mut peer_buf, len)
+                        {
+                            out.extend_from_slice(&peer_buf[range]);
+                        }
+                        taken += 1;
+                        if taken == RELAY_BURST || out.len() >= WRITE_BATCH {
+                            break;
+                        }
+                        let end = peer_buf.len() - TAILROOM;
+                        got = sock.try_recv_from(&mut peer_buf[HEADROOM..end]).ok();
                     }
                 }
-                _ = tokio::time::sleep_until(wake.into()) => {
+                _ = &mut timer => {
                     server.on_timeout(Instant::now());
                     sync_relay(&mut server, five, &mut relay)?;
                     if relay.is_none() && started.elapsed() > IDLE_WITHOUT_ALLOCATION {
                         return Ok(());
                     }
                 }
+            }
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                // TLS may keep part of a record back until flushed.
+                stream.flush().await?;
+                out.clear();
             }
         }
     }
