@@ -117,6 +117,11 @@ pub struct BenchTurnArgs {
     /// Messages each uclient client sends (`-n`), with `--generator uclient`.
     #[arg(long, default_value_t = 2000)]
     pub uclient_messages: u64,
+    /// With `--generator uclient`: clients reach the servers over TCP
+    /// (`-t`), relaying to UDP peers as browsers behind a firewall do.
+    /// Only Callisto and coturn run (turn-rs is installed for UDP only).
+    #[arg(long)]
+    pub uclient_tcp: bool,
 }
 
 /// Who generates the load in `callisto bench turn`.

@@ -192,8 +192,8 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                     "--no-cli",
                     "--no-tls",
                     "--no-dtls",
-                    "--no-tcp",
                 ])
+                .args((!args.uclient_tcp).then_some("--no-tcp"))
                 .arg(format!("--relay-threads={threads}"))
                 .arg(format!("--min-port={lo}"))
                 .arg(format!("--max-port={hi}"))
@@ -798,10 +798,18 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
         set_affinity(generator).context("pinning the load generator")?;
     }
     let uclient = args.generator == BenchGenerator::Uclient;
+    if args.uclient_tcp && !uclient {
+        bail!("--uclient-tcp needs --generator uclient (our generator speaks UDP only)");
+    }
     let mode = if uclient {
         format!(
-            "coturn's turnutils_uclient as the load ({} messages per client, 1 ms apart at most)",
-            args.uclient_messages
+            "coturn's turnutils_uclient as the load ({} messages per client, 1 ms apart at most{})",
+            args.uclient_messages,
+            if args.uclient_tcp {
+                ", clients over TCP"
+            } else {
+                ""
+            }
         )
     } else if args.rate == 0 {
         format!("closed loop, {WINDOW} packets in flight per allocation")
@@ -850,6 +858,9 @@ pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
                         }
                         if uclient && which == BenchTarget::Forwarder {
                             continue; // it speaks no TURN
+                        }
+                        if args.uclient_tcp && which == BenchTarget::TurnRs {
+                            continue;
                         }
                         // A fresh server per run: no state carried over.
                         let target = start_target(which, &args, index)?;

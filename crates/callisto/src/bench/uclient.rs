@@ -102,7 +102,8 @@ fn run(
         .args(["-p", &target.addr.port().to_string()])
         .args(["-m", &clients.to_string()])
         .args(["-n", &args.uclient_messages.to_string()])
-        .args(["-l", &payload.to_string()]);
+        .args(["-l", &payload.to_string()])
+        .args(args.uclient_tcp.then_some("-t"));
     // Kept alive until uclient is done (pattern a only).
     let _peer = match pattern {
         BenchPattern::A => {
