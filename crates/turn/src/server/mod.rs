@@ -501,6 +501,8 @@ struct PeerAccess {
     expires: Instant,
     permissions: Vec<(IpAddr, Instant)>,
     channels: Vec<Channel>,
+    /// Set in a view when its allocation is removed.
+    closed: bool,
 }
 
 /// What becomes of ChannelData from one of our allocations to another
@@ -522,6 +524,7 @@ impl PeerAccess {
             expires,
             permissions: Vec::new(),
             channels: Vec::new(),
+            closed: false,
         }
     }
 
@@ -553,6 +556,13 @@ impl PeerAccess {
             Some(channel) => InPlace::Deliver(channel),
         }
     }
+}
+
+/// A worker's memory of a lookup in `Shared`'s relay views.
+enum Cached {
+    Found(Arc<RelayView>),
+    /// Nobody had that address while `Shared`'s relay version was this.
+    Nobody(u64),
 }
 
 /// An allocation as other workers see it: enough to relay ChannelData from
@@ -630,11 +640,9 @@ pub struct Server<A> {
     by_five: FxMap<FiveTuple, u32>,
     /// This server's own allocations by relayed address (bound and advertised).
     by_relay_addr: FxMap<SocketAddr, u32>,
-    /// Other workers' allocations by relayed address, as last looked up in
-    /// `Shared` (`None`: not one of ours), valid while `Shared`'s relay
-    /// version is `views_version`.
-    views: FxMap<SocketAddr, Option<Arc<RelayView>>>,
-    views_version: u64,
+    /// Other workers' allocations by relayed address, as looked up in
+    /// `Shared` (see [`Server::view_of`]).
+    views: FxMap<SocketAddr, Cached>,
     unauth: HashMap<IpAddr, UnauthBudget>,
     next_sweep: Option<Instant>,
     counters: RelayCounters,
@@ -668,7 +676,6 @@ impl<A: RelayAllocator> Server<A> {
             by_five: FxMap::default(),
             by_relay_addr: FxMap::default(),
             views: FxMap::default(),
-            views_version: 0,
             unauth: HashMap::new(),
             next_sweep: None,
             counters: RelayCounters::new(),
@@ -933,27 +940,53 @@ impl<A: RelayAllocator> Server<A> {
         if sender.transport != Transport::Udp || self.shared.config.bps_per_allocation != 0 {
             return None;
         }
-        let version = self.shared.relays_version();
-        if version != self.views_version || self.views.len() >= MAX_CACHED_VIEWS {
-            self.views.clear();
-            self.views_version = version;
+        // Most peers are not ours at all: no lookup for them.
+        if !self.is_own_relay_ip(peer.ip()) {
+            return None;
         }
-        let shared = &self.shared;
-        let view = self
-            .views
-            .entry(peer)
-            .or_insert_with(|| shared.relay_view(peer))
-            .as_ref()?;
+        let view = self.view_of(peer)?;
         if view.to.transport != Transport::Udp || view.to.server != sender.server {
             return None;
         }
         let to = view.to;
-        let channel = match view.lock().in_place(from, now) {
+        let access = view.lock();
+        if access.closed {
+            // Its allocation is gone: look again next time (the address
+            // may have been given to a new one).
+            drop(access);
+            self.views.remove(&peer);
+            return None;
+        }
+        let channel = match access.in_place(from, now) {
             InPlace::Kernel => return None,
             InPlace::Drop => return Some(Output::None),
             InPlace::Deliver(channel) => channel,
         };
+        drop(access);
         Some(self.deliver(to, channel, len, buf))
+    }
+
+    /// Another worker's allocation at `peer`, from this worker's cache or
+    /// else from `Shared`. A view found stays cached until its allocation
+    /// is gone, however many others come and go meanwhile; that `peer` is
+    /// nobody's is remembered only until the next allocation anywhere.
+    fn view_of(&mut self, peer: SocketAddr) -> Option<Arc<RelayView>> {
+        let version = self.shared.relays_version();
+        if self.views.len() >= MAX_CACHED_VIEWS {
+            self.views.clear();
+        }
+        match self.views.get(&peer) {
+            Some(Cached::Found(view)) => return Some(view.clone()),
+            Some(Cached::Nobody(v)) if *v == version => return None,
+            _ => {}
+        }
+        let found = self.shared.relay_view(peer);
+        let entry = match &found {
+            Some(view) => Cached::Found(view.clone()),
+            None => Cached::Nobody(version),
+        };
+        self.views.insert(peer, entry);
+        found
     }
 
     /// Re-frames ChannelData in `buf` for `to`'s `channel`.
@@ -1605,7 +1638,10 @@ impl<A: RelayAllocator> Server<A> {
         self.by_relay_addr.remove(&a.relay_addr);
         self.by_relay_addr.remove(&a.advertised);
         // A worker that still holds the view relays nothing more through it.
-        *a.view.lock() = PeerAccess::new(a.access.expires);
+        *a.view.lock() = PeerAccess {
+            closed: true,
+            ..PeerAccess::new(a.access.expires)
+        };
         self.shared.set_relay([a.relay_addr, a.advertised], None);
         self.relays.release(a.relay);
         self.shared.unreserve(&a.username);

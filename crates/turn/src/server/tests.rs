@@ -957,6 +957,18 @@ fn relay_between_allocations_of_two_workers_skips_the_kernel() {
         w1.on_client(late, five(1), &mut framed),
         Output::ToPeer { peer, .. } if peer == relay_b
     ));
+
+    // A new allocation that gets B's old address is found afresh, not
+    // mistaken for B.
+    let (mut c, relay_c) = allocated(w2, five(3), late);
+    assert_eq!(relay_c, relay_b, "the fake allocator reuses the port");
+    c.bind_channel(late, relay_a);
+    pump(w2, &mut c, five(3), late);
+    let mut framed = a.send_to(relay_b, b"to c");
+    assert!(matches!(
+        w1.on_client(late, five(1), &mut framed),
+        Output::ToClient { to, .. } if to == five(3)
+    ));
 }
 
 #[test]
