@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_rustls::TlsAcceptor;
@@ -89,8 +90,8 @@ pub async fn serve(
 }
 
 /// Datagrams a connection takes from its relay socket in one go, so that
-/// a burst from the peer leaves in one write to the client (one TLS record,
-/// one TCP segment train) rather than one write each.
+/// a burst from the peer leaves in one write to the client rather than one
+/// write each.
 const RELAY_BURST: usize = 64;
 /// Bytes gathered for the client before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -106,8 +107,14 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     let relays = RelaySockets::new(relay_cfg, seed, |s| s, Box::new(|_, _| Ok(())));
     let mut server = Server::new(shared, relays);
     let mut inbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
-    // What goes to the client next: answers and relayed data, in order.
+    // What goes to the client next: answers and relayed data, in order,
+    // and where each message ends.
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut ends: Vec<usize> = Vec::new();
+    // Over TLS, each message gets a record of its own, as coturn sends
+    // them: coturn's own client (turnutils_uclient) takes each TLS read for
+    // one message, and loses the others of a record holding several.
+    let record_per_message = five.transport == Transport::Tls;
     let mut relay: Option<(RelayId, UdpSocket)> = None;
     let mut peer_buf = vec![0u8; HEADROOM + 65_536 + TAILROOM];
     let started = Instant::now();
@@ -123,7 +130,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             let wake = server
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-            if timer.deadline() != wake.into() {
+            // A fired timer stays ready until reset.
+            if timer.is_elapsed() || timer.deadline() != wake.into() {
                 timer.as_mut().reset(wake.into());
             }
             tokio::select! {
@@ -145,10 +153,21 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                         let frame = &mut inbuf[used..used + len];
                         // ChannelData is parsed with its padding; STUN exactly.
                         match server.on_client(Instant::now(), five, frame) {
-                            Output::Reply { data, .. } => out.extend_from_slice(&data),
+                            Output::Reply { data, .. } => {
+                                out.extend_from_slice(&data);
+                                ends.push(out.len());
+                            }
                             Output::ToPeer { peer, range, .. } => {
                                 if let Some((_, sock)) = &relay {
-                                    let _ = sock.try_send_to(&frame[range], peer);
+                                    // Straight to the kernel: tokio's
+                                    // `try_send_to` refuses (drops the
+                                    // datagram) until its driver has seen
+                                    // the new socket writable, which can
+                                    // be after the first data arrives.
+                                    if let Err(e) = SockRef::from(sock).send_to(&frame[range], &peer.into()) {
+                                        tracing::trace!(%peer, error = %e, "relay send failed");
+                                        metrics::counter!("callisto_turn_send_drops_total").increment(1);
+                                    }
                                 }
                             }
                             Output::ToClient { .. } | Output::None => {}
@@ -173,6 +192,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                             server.on_peer(Instant::now(), *id, from, &mut peer_buf, len)
                         {
                             out.extend_from_slice(&peer_buf[range]);
+                            ends.push(out.len());
                         }
                         taken += 1;
                         if taken == RELAY_BURST || out.len() >= WRITE_BATCH {
@@ -191,10 +211,19 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             if !out.is_empty() {
-                stream.write_all(&out).await?;
+                if record_per_message {
+                    let mut start = 0;
+                    for &end in &ends {
+                        stream.write_all(&out[start..end]).await?;
+                        start = end;
+                    }
+                } else {
+                    stream.write_all(&out).await?;
+                }
                 // TLS may keep part of a record back until flushed.
                 stream.flush().await?;
                 out.clear();
+                ends.clear();
             }
         }
     }
