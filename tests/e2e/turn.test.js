@@ -1,5 +1,6 @@
 // Calls forced through the built-in TURN server: relay candidates only,
-// over UDP, then TCP, then TLS, with the iceServers from `welcome`.
+// over UDP, then TCP, then TLS, then one side over TCP and the other over
+// UDP, with the iceServers from `welcome`.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -42,3 +43,35 @@ for (const transport of ['udp', 'tcp', 'tls']) {
     for (const p of [a, b]) await p.context().close();
   });
 }
+
+/** The server's count of packets relayed in place between two allocations. */
+async function inPlacePackets(page) {
+  const text = await (await page.request.get(`${server.url}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith('callisto_turn_relayed_in_place_packets_total '));
+  return line ? Number(line.split(' ')[1]) : 0;
+}
+
+test('a call relayed between TURN over TCP and TURN over UDP goes in place', async () => {
+  const room = `relay-mixed-${Date.now()}`;
+  const contextOptions = { ignoreHTTPSErrors: true };
+  const a = await joinCall(browser, server.url, room, 'A', { relayOver: 'tcp', contextOptions });
+  const b = await joinCall(browser, server.url, room, 'B', { relayOver: 'udp', contextOptions });
+  await waitForRemoteVideos(a, 1, 30000);
+  await waitForRemoteVideos(b, 1, 30000);
+  for (const [who, page, transport] of [['A', a, 'tcp'], ['B', b, 'udp']]) {
+    const [c] = await eventually(async () => {
+      const r = await connectionReport(page);
+      return r.length === 1 && r[0].state === 'connected' && r[0].pair?.local && r;
+    }, 15000, `${who} connected`);
+    assert.equal(c.pair.local.type, 'relay', `${who}: local candidate is a relay`);
+    assert.equal(c.pair.remote.type, 'relay', `${who}: remote candidate is a relay`);
+    assert.equal(c.pair.local.relayProtocol, transport, `${who}: relayed over ${transport}`);
+  }
+  // The media between a TCP connection's allocation and a UDP client's
+  // skips the relay sockets: through the connection's inbox one way, from
+  // the UDP listening socket the other.
+  const start = await inPlacePackets(a);
+  await eventually(async () => (await inPlacePackets(a)) > start + 200, 15000, 'media relayed in place');
+  assertOnlyTestAddresses();
+  for (const p of [a, b]) await p.context().close();
+});

@@ -382,6 +382,49 @@ fn uclient_client_to_client_skips_the_kernel_across_workers() {
     assert_eq!(in_place, to_client, "{m}");
 }
 
+/// Client to client over TCP and over TLS: what one connection's client
+/// sends to another's allocation goes into that connection's inbox, not
+/// through two relay sockets and the kernel.
+#[test]
+fn uclient_client_to_client_over_tcp_and_tls_skips_the_kernel() {
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--tls-self-signed",
+            "--turn-tls-listen",
+            &format!("127.0.0.1:{}", free_tcp_port()),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let tls = server.tls_port.expect("TLS listener");
+    for (label, port, flags) in [
+        ("tcp client to client", server.turn_port, vec!["-y", "-t"]),
+        ("tls client to client", tls, vec!["-y", "-t", "-S"]),
+    ] {
+        assert_lossless(
+            label,
+            uclient(port, free_udp_port(), &flags, "user", "pass"),
+        );
+    }
+    let m = server.metrics();
+    let mut to_client = 0.0;
+    for transport in ["tcp", "tls"] {
+        let n = metric(
+            &m,
+            &format!(
+                "callisto_turn_relayed_packets_total{{direction=\"to_client\",transport=\"{transport}\"}}"
+            ),
+        );
+        assert!(n >= 2000.0, "{transport}: {m}");
+        to_client += n;
+    }
+    let in_place = metric(&m, "callisto_turn_relayed_in_place_packets_total");
+    assert_eq!(in_place, to_client, "{m}");
+}
+
 #[test]
 fn stunclient_gets_its_reflexive_address() {
     let server = callisto("turn", &["--turn-user", "u:p"]);

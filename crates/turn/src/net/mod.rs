@@ -71,6 +71,7 @@ impl TurnService {
             None,
             relay.clone(),
             shared.clone(),
+            Some(udp.sender.clone()),
             stop.clone(),
         ));
         let mut tls_addr = None;
@@ -82,6 +83,7 @@ impl TurnService {
                 Some(TlsAcceptor::from(cfg)),
                 relay,
                 shared,
+                Some(udp.sender.clone()),
                 stop.clone(),
             ));
         }

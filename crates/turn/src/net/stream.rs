@@ -3,20 +3,28 @@
 //! connection is the client's 5-tuple, so it holds at most one allocation,
 //! whose relay socket the same task reads. Messages are framed by their
 //! own length fields; ChannelData is padded to 4 bytes.
+//!
+//! Data relayed in place to a connection's client by another allocation
+//! (see `Server::relay_across`) arrives through the connection's inbox;
+//! data this connection's client sends to an allocation of a UDP client
+//! leaves from the UDP listening socket.
 
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::udp::{RelayConfig, RelaySockets};
-use crate::server::{FiveTuple, HEADROOM, Output, RelayId, Server, Shared, TAILROOM, Transport};
+use crate::server::{
+    FiveTuple, HEADROOM, Inbox, Output, RelayId, Server, Shared, StreamInbox, TAILROOM, Transport,
+};
 use crate::stun;
 
 /// The largest frame a client may send: a STUN message or ChannelData with
@@ -26,12 +34,14 @@ const MAX_FRAME: usize = 65_535 + 20 + 3;
 const IDLE_WITHOUT_ALLOCATION: Duration = Duration::from_secs(30);
 
 /// Accepts connections on `listener` until `stop`; with `tls`, each
-/// connection does a TLS handshake first.
+/// connection does a TLS handshake first. `udp`, a UDP listening socket,
+/// lets connections relay in place to allocations of UDP clients.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     relay: RelayConfig,
     shared: Arc<Shared>,
+    udp: Option<Arc<StdUdpSocket>>,
     stop: CancellationToken,
 ) {
     let local = match listener.local_addr() {
@@ -65,7 +75,15 @@ pub async fn serve(
             server: local,
             transport,
         };
-        let (shared, relay, stop, tls) = (shared.clone(), relay.clone(), stop.clone(), tls.clone());
+        let setup = Setup {
+            five,
+            relay: relay.clone(),
+            shared: shared.clone(),
+            udp: udp.clone(),
+            stop: stop.clone(),
+            seed,
+        };
+        let tls = tls.clone();
         seed = seed.wrapping_add(7919);
         tokio::spawn(async move {
             metrics::gauge!("callisto_turn_stream_connections", "transport" => transport.as_str())
@@ -74,14 +92,14 @@ pub async fn serve(
                 Some(acceptor) => {
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
                     {
-                        Ok(Ok(stream)) => connection(stream, five, relay, shared, stop, seed).await,
+                        Ok(Ok(stream)) => connection(stream, setup).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%client, error = %e, "TURN TLS handshake failed")
                         }
                         Err(_) => tracing::debug!(%client, "TURN TLS handshake timed out"),
                     }
                 }
-                None => connection(tcp, five, relay, shared, stop, seed).await,
+                None => connection(tcp, setup).await,
             }
             metrics::gauge!("callisto_turn_stream_connections", "transport" => transport.as_str())
                 .decrement(1.0);
@@ -96,16 +114,106 @@ const RELAY_BURST: usize = 64;
 /// Bytes gathered for the client before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
 
-async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+/// Bytes an inbox holds before it drops what else comes: about what a
+/// socket's receive buffer would hold.
+const INBOX_LIMIT: usize = 256 * 1024;
+/// What an inbox keeps allocated between bursts: a few large messages'
+/// worth, as for the connection's other buffers.
+const INBOX_KEPT: usize = 16 * 1024;
+
+/// A connection's inbox: ChannelData relayed in place by other workers and
+/// connections, padded for the stream, until the connection's task writes
+/// it. Only that task writes to the stream, so everyone else queues here.
+#[derive(Default)]
+struct ConnectionInbox {
+    queue: Mutex<Queued>,
+    /// Raised when a message lands in an empty queue.
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    /// Where each message ends in `bytes`.
+    ends: Vec<usize>,
+    /// The connection is gone: nothing more is taken.
+    closed: bool,
+}
+
+impl ConnectionInbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves everything queued to the end of `out`, and where each message
+    /// ends to `ends`.
+    fn take_into(&self, out: &mut Vec<u8>, ends: &mut Vec<usize>) {
+        let mut q = self.lock();
+        let base = out.len();
+        out.extend_from_slice(&q.bytes);
+        ends.extend(q.ends.iter().map(|e| base + e));
+        q.bytes.clear();
+        q.ends.clear();
+        // A burst does not keep its memory for the connection's lifetime.
+        q.bytes.shrink_to(INBOX_KEPT);
+    }
+
+    fn close(&self) {
+        let mut q = self.lock();
+        q.closed = true;
+        q.bytes = Vec::new();
+        q.ends = Vec::new();
+    }
+}
+
+impl StreamInbox for ConnectionInbox {
+    fn push(&self, message: &[u8]) -> bool {
+        let padded = message.len().next_multiple_of(4);
+        let mut q = self.lock();
+        if q.closed || q.bytes.len() + padded > INBOX_LIMIT {
+            return false;
+        }
+        let was_empty = q.ends.is_empty();
+        q.bytes.extend_from_slice(message);
+        let end = q.bytes.len() + padded - message.len();
+        q.bytes.resize(end, 0);
+        q.ends.push(end);
+        drop(q);
+        // The task takes the whole queue per wake-up: only the first
+        // message after it emptied needs to wake it.
+        if was_empty {
+            self.notify.notify_one();
+        }
+        true
+    }
+}
+
+/// What a connection needs besides its stream.
+struct Setup {
     five: FiveTuple,
-    relay_cfg: RelayConfig,
+    relay: RelayConfig,
     shared: Arc<Shared>,
+    udp: Option<Arc<StdUdpSocket>>,
     stop: CancellationToken,
     seed: u32,
-) {
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Setup) {
+    let Setup {
+        five,
+        relay: relay_cfg,
+        shared,
+        udp,
+        stop,
+        seed,
+    } = setup;
     let relays = RelaySockets::new(relay_cfg, seed, |s| s, Box::new(|_, _| Ok(())));
     let mut server = Server::new(shared, relays);
+    let inbox = Arc::new(ConnectionInbox::default());
+    server.set_stream_inbox(Inbox(inbox.clone()));
+    if let Some(addr) = udp.as_ref().and_then(|u| u.local_addr().ok()) {
+        server.set_udp_source(addr);
+    }
     let mut inbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
     // What goes to the client next: answers and relayed data, in order,
     // and where each message ends.
@@ -125,6 +233,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     tokio::pin!(stopped);
     let timer = tokio::time::sleep_until(started.into());
     tokio::pin!(timer);
+    let delivered = inbox.notify.notified();
+    tokio::pin!(delivered);
     let result: io::Result<()> = async {
         loop {
             let wake = server
@@ -170,7 +280,21 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                                     }
                                 }
                             }
-                            Output::ToClient { .. } | Output::None => {}
+                            // Relayed in place to another allocation's client.
+                            Output::ToClient { to, range } => {
+                                if let Some(udp) = &udp
+                                    && let Err(e) = udp.send_to(&frame[range], to.client)
+                                {
+                                    tracing::trace!(client = %to.client, error = %e, "send to client failed");
+                                    metrics::counter!("callisto_turn_send_drops_total").increment(1);
+                                }
+                            }
+                            Output::ToStream { inbox, range } => {
+                                if !inbox.0.push(&frame[range]) {
+                                    metrics::counter!("callisto_turn_send_drops_total").increment(1);
+                                }
+                            }
+                            Output::None => {}
                         }
                         used += len;
                         sync_relay(&mut server, five, &mut relay)?;
@@ -202,6 +326,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                         got = sock.try_recv_from(&mut peer_buf[HEADROOM..end]).ok();
                     }
                 }
+                _ = &mut delivered => {
+                    delivered.set(inbox.notify.notified());
+                    inbox.take_into(&mut out, &mut ends);
+                }
                 _ = &mut timer => {
                     server.on_timeout(Instant::now());
                     sync_relay(&mut server, five, &mut relay)?;
@@ -232,6 +360,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         tracing::debug!(client = %five.client, error = %e, "TURN stream connection ended");
     }
     server.on_client_closed(five);
+    inbox.close();
 }
 
 /// Picks up the relay socket the state machine bound for this connection's
@@ -263,5 +392,67 @@ async fn recv_relay(
             sock.recv_from(&mut buf[HEADROOM..end]).await
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_inbox_pads_each_message_and_refuses_when_full_or_closed() {
+        let inbox = ConnectionInbox::default();
+        assert!(inbox.push(&[1, 2, 3, 4, 5]));
+        assert!(inbox.push(&[6; 4]));
+        let (mut out, mut ends) = (vec![9], vec![1]);
+        inbox.take_into(&mut out, &mut ends);
+        assert_eq!(out, [9, 1, 2, 3, 4, 5, 0, 0, 0, 6, 6, 6, 6]);
+        assert_eq!(ends, [1, 9, 13]);
+
+        // Full: what does not fit is refused, what fits still goes in.
+        let big = vec![7u8; INBOX_LIMIT / 4];
+        for _ in 0..4 {
+            assert!(inbox.push(&big));
+        }
+        assert!(!inbox.push(&[1]));
+        let (mut out, mut ends) = (Vec::new(), Vec::new());
+        inbox.take_into(&mut out, &mut ends);
+        assert_eq!(out.len(), INBOX_LIMIT);
+        assert_eq!(ends.len(), 4);
+        assert!(inbox.lock().bytes.capacity() <= INBOX_KEPT);
+        assert!(inbox.push(&[1]), "room again once taken");
+
+        // Closed: nothing more, and what was queued is gone.
+        inbox.close();
+        assert!(!inbox.push(&[1]));
+        assert!(inbox.lock().ends.is_empty());
+    }
+
+    #[test]
+    fn a_message_into_an_empty_inbox_wakes_the_connection() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let inbox = Arc::new(ConnectionInbox::default());
+            // Pushed before anyone waits: the wake-up is kept.
+            assert!(inbox.push(b"early"));
+            tokio::time::timeout(Duration::from_secs(5), inbox.notify.notified())
+                .await
+                .expect("woken by the first message");
+            let (mut out, mut ends) = (Vec::new(), Vec::new());
+            inbox.take_into(&mut out, &mut ends);
+            // Pushed from another thread while the task waits.
+            let pusher = inbox.clone();
+            let waiting = inbox.notify.notified();
+            let t = std::thread::spawn(move || pusher.push(b"late"));
+            tokio::time::timeout(Duration::from_secs(5), waiting)
+                .await
+                .expect("woken by a message from another thread");
+            assert!(t.join().unwrap());
+            inbox.take_into(&mut out, &mut ends);
+            assert_eq!(out, b"early\0\0\0late");
+        })
     }
 }

@@ -167,6 +167,9 @@ impl<S> RelayAllocator for RelaySockets<S> {
 /// Running UDP workers.
 pub struct UdpWorkers {
     pub local_addr: SocketAddr,
+    /// The listening socket shared with TCP/TLS connections, which send
+    /// from it what they relay in place to UDP clients.
+    pub sender: Arc<StdUdpSocket>,
     stop: Arc<AtomicBool>,
     wakers: Vec<Arc<Waker>>,
     threads: Vec<JoinHandle<()>>,
@@ -188,6 +191,7 @@ impl UdpWorkers {
             addr = s.local_addr()?; // port 0 → the port the first one got
             sockets.push(s);
         }
+        let sender = Arc::new(sockets[0].try_clone()?);
         let mut wakers = Vec::new();
         let mut handles = Vec::new();
         for (i, std_socket) in sockets.into_iter().enumerate() {
@@ -203,6 +207,7 @@ impl UdpWorkers {
         }
         Ok(UdpWorkers {
             local_addr: addr,
+            sender,
             stop,
             wakers,
             threads: handles,
@@ -418,6 +423,11 @@ impl Worker {
                             .push((to.client, base + range.start..base + range.end));
                     }
                     Output::Reply { to, data } => replies.push((to.client, data)),
+                    Output::ToStream { inbox, range } => {
+                        if !inbox.0.push(&buf[range]) {
+                            metrics::counter!("callisto_turn_send_drops_total").increment(1);
+                        }
+                    }
                     Output::None => {}
                 }
             }

@@ -384,6 +384,9 @@ pub enum Output {
     None,
     /// Send `buf[range]` (the caller's buffer) to the client.
     ToClient { to: FiveTuple, range: Range<usize> },
+    /// Hand `buf[range]`, one ChannelData message without its stream
+    /// padding, to a TCP or TLS client's connection through its inbox.
+    ToStream { inbox: Inbox, range: Range<usize> },
     /// Send `buf[range]` from relay socket `relay` to `peer`.
     ToPeer {
         relay: RelayId,
@@ -392,6 +395,34 @@ pub enum Output {
     },
     /// Send this STUN response to the client.
     Reply { to: FiveTuple, data: Vec<u8> },
+}
+
+/// Where data relayed in place for a TCP or TLS client goes: its
+/// connection's task, which alone writes to the stream, takes it from
+/// there. The stream driver implements it; UDP workers and other
+/// connections push into it.
+pub trait StreamInbox: Send + Sync {
+    /// Queues one message (ChannelData, unpadded) for the client; false
+    /// when the inbox is full and the message was dropped.
+    fn push(&self, message: &[u8]) -> bool;
+}
+
+/// A handle on a [`StreamInbox`]; two are equal when they are the same inbox.
+#[derive(Clone)]
+pub struct Inbox(pub Arc<dyn StreamInbox>);
+
+impl PartialEq for Inbox {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Inbox {}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Inbox({:p})", Arc::as_ptr(&self.0))
+    }
 }
 
 /// A cheap hasher for the per-packet lookups (keys are not attacker-chosen
@@ -570,6 +601,8 @@ enum Cached {
 #[derive(Debug)]
 pub struct RelayView {
     to: FiveTuple,
+    /// For a TCP or TLS client: where data relayed in place goes.
+    inbox: Option<Inbox>,
     access: Mutex<PeerAccess>,
 }
 
@@ -648,6 +681,11 @@ pub struct Server<A> {
     counters: RelayCounters,
     /// Numbers the Data indications this server sends.
     indications: u64,
+    /// Where data relayed in place to this server's stream client goes.
+    inbox: Option<Inbox>,
+    /// The listening address from which this server's driver can send to
+    /// UDP clients, if its own clients are not on UDP.
+    udp_source: Option<SocketAddr>,
 }
 
 /// An error response in the making: code, reason, and whether to sign it.
@@ -680,7 +718,22 @@ impl<A: RelayAllocator> Server<A> {
             next_sweep: None,
             counters: RelayCounters::new(),
             indications: 0,
+            inbox: None,
+            udp_source: None,
         }
+    }
+
+    /// For a stream connection's server: other workers and connections
+    /// deliver data for its client's allocation into `inbox`.
+    pub fn set_stream_inbox(&mut self, inbox: Inbox) {
+        self.inbox = Some(inbox);
+    }
+
+    /// For a stream connection's server: its driver can send datagrams to
+    /// UDP clients from the listening address `addr`
+    /// ([`Output::ToClient`] with a UDP 5-tuple).
+    pub fn set_udp_source(&mut self, addr: SocketAddr) {
+        self.udp_source = Some(addr);
     }
 
     pub fn relays(&mut self) -> &mut A {
@@ -915,7 +968,7 @@ impl<A: RelayAllocator> Server<A> {
             return Some(Output::None);
         }
         let to = target.five;
-        Some(self.deliver(to, channel, len, buf))
+        Some(self.deliver(to, None, channel, len, buf))
     }
 
     /// Like [`Server::relay_locally`], when the peer is an allocation of
@@ -926,8 +979,11 @@ impl<A: RelayAllocator> Server<A> {
     /// on the same address, after checking the receiver's permissions and
     /// channels as published in `Shared`.
     ///
-    /// Only between UDP clients of the same listening address, and only
-    /// without a bandwidth limit, which the owning worker keeps.
+    /// A UDP receiver gets it from the listening address it talks to,
+    /// when this worker can send from there (its own, or for a stream
+    /// connection the `udp_source`); a TCP or TLS receiver through its
+    /// connection's inbox. Only without a bandwidth limit, which the owning
+    /// worker keeps.
     fn relay_across(
         &mut self,
         now: Instant,
@@ -937,7 +993,7 @@ impl<A: RelayAllocator> Server<A> {
         len: usize,
         buf: &mut [u8],
     ) -> Option<Output> {
-        if sender.transport != Transport::Udp || self.shared.config.bps_per_allocation != 0 {
+        if self.shared.config.bps_per_allocation != 0 {
             return None;
         }
         // Most peers are not ours at all: no lookup for them.
@@ -945,10 +1001,20 @@ impl<A: RelayAllocator> Server<A> {
             return None;
         }
         let view = self.view_of(peer)?;
-        if view.to.transport != Transport::Udp || view.to.server != sender.server {
+        let reachable = match (&view.inbox, view.to.transport) {
+            (Some(_), _) => true,
+            (None, Transport::Udp) => {
+                let source = match sender.transport {
+                    Transport::Udp => Some(sender.server),
+                    Transport::Tcp | Transport::Tls => self.udp_source,
+                };
+                source == Some(view.to.server)
+            }
+            (None, Transport::Tcp | Transport::Tls) => false,
+        };
+        if !reachable {
             return None;
         }
-        let to = view.to;
         let access = view.lock();
         if access.closed {
             // Its allocation is gone: look again next time (the address
@@ -963,7 +1029,7 @@ impl<A: RelayAllocator> Server<A> {
             InPlace::Deliver(channel) => channel,
         };
         drop(access);
-        Some(self.deliver(to, channel, len, buf))
+        Some(self.deliver(view.to, view.inbox.as_ref(), channel, len, buf))
     }
 
     /// Another worker's allocation at `peer`, from this worker's cache or
@@ -989,14 +1055,26 @@ impl<A: RelayAllocator> Server<A> {
         found
     }
 
-    /// Re-frames ChannelData in `buf` for `to`'s `channel`.
-    fn deliver(&mut self, to: FiveTuple, channel: u16, len: usize, buf: &mut [u8]) -> Output {
+    /// Re-frames ChannelData in `buf` for `to`'s `channel`, for its
+    /// stream's `inbox` if it has one.
+    fn deliver(
+        &mut self,
+        to: FiveTuple,
+        inbox: Option<&Inbox>,
+        channel: u16,
+        len: usize,
+        buf: &mut [u8],
+    ) -> Output {
         buf[..4].copy_from_slice(&ChannelData::header(channel, len as u16));
-        self.counters.count(TO_CLIENT, Transport::Udp, len);
+        self.counters.count(TO_CLIENT, to.transport, len);
         self.counters.in_place.increment(1);
-        Output::ToClient {
-            to,
-            range: 0..4 + len,
+        let range = 0..4 + len;
+        match inbox {
+            Some(inbox) => Output::ToStream {
+                inbox: inbox.clone(),
+                range,
+            },
+            None => Output::ToClient { to, range },
         }
     }
 
@@ -1398,6 +1476,9 @@ impl<A: RelayAllocator> Server<A> {
         };
         let view = Arc::new(RelayView {
             to: five,
+            inbox: (five.transport != Transport::Udp)
+                .then(|| self.inbox.clone())
+                .flatten(),
             access: Mutex::new(PeerAccess::new(now + lifetime)),
         });
         self.allocations[slot as usize] = Some(Allocation {

@@ -972,7 +972,7 @@ fn relay_between_allocations_of_two_workers_skips_the_kernel() {
 }
 
 #[test]
-fn across_workers_only_without_a_bandwidth_limit_and_between_udp_clients() {
+fn across_workers_only_without_a_bandwidth_limit_and_from_the_receivers_address() {
     let t0 = Instant::now();
     // With a bandwidth limit, the receiver's worker keeps the budget: the
     // kernel path takes the data there.
@@ -1008,6 +1008,118 @@ fn across_workers_only_without_a_bandwidth_limit_and_between_udp_clients() {
     assert!(matches!(
         w1.on_client(t0, five(1), &mut framed),
         Output::ToPeer { .. }
+    ));
+}
+
+/// `five(port)`, on a TCP connection to the same address.
+fn stream_five(port: u16) -> FiveTuple {
+    FiveTuple {
+        transport: Transport::Tcp,
+        ..five(port)
+    }
+}
+
+/// Keeps what is relayed in place to a stream connection's client.
+#[derive(Default)]
+struct RecordingInbox(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl StreamInbox for RecordingInbox {
+    fn push(&self, message: &[u8]) -> bool {
+        self.0.lock().unwrap().push(message.to_vec());
+        true
+    }
+}
+
+/// Makes `server` a stream connection's, as the stream driver does: with
+/// an inbox, and able to send from the UDP listening address of `five()`.
+fn on_a_connection(server: &mut Server<FakeRelays>) -> Inbox {
+    let inbox = Inbox(Arc::new(RecordingInbox::default()));
+    server.set_stream_inbox(inbox.clone());
+    server.set_udp_source(five(0).server);
+    inbox
+}
+
+#[test]
+fn relay_in_place_reaches_stream_clients_through_their_inbox() {
+    let t0 = Instant::now();
+    // A on UDP, B and C on TCP connections of their own.
+    let (mut w, mut conn_b) = two_workers(config(), t0);
+    let mut conn_c = Server::new(
+        conn_b.shared().clone(),
+        FakeRelays {
+            base: 700,
+            ..FakeRelays::default()
+        },
+    );
+    let inbox_b = on_a_connection(&mut conn_b);
+    let inbox_c = on_a_connection(&mut conn_c);
+    let (mut a, relay_a) = allocated(&mut w, five(1), t0);
+    let (mut b, relay_b) = allocated(&mut conn_b, stream_five(2), t0);
+    let (mut c, relay_c) = allocated(&mut conn_c, stream_five(3), t0);
+    for (client, server, f, peers) in [
+        (&mut a, &mut w, five(1), [relay_b, relay_c]),
+        (&mut b, &mut conn_b, stream_five(2), [relay_a, relay_c]),
+        (&mut c, &mut conn_c, stream_five(3), [relay_a, relay_b]),
+    ] {
+        for p in peers {
+            client.bind_channel(t0, p);
+        }
+        pump(server, client, f, t0);
+    }
+
+    // UDP → TCP: into B's inbox, on B's channel for A.
+    let mut framed = a.send_to(relay_b, b"a to b");
+    let Output::ToStream { inbox, range } = w.on_client(t0, five(1), &mut framed) else {
+        panic!("expected B's inbox")
+    };
+    assert_eq!(inbox, inbox_b);
+    b.handle_input(t0, &framed[range]);
+    assert_eq!(
+        b.poll_event(),
+        Some(Event::Data {
+            peer: relay_a,
+            data: b"a to b".to_vec()
+        })
+    );
+
+    // TCP → UDP: from the UDP listening address, to A's 5-tuple.
+    let mut framed = b.send_to(relay_a, b"b to a");
+    let Output::ToClient { to, range } = conn_b.on_client(t0, stream_five(2), &mut framed) else {
+        panic!("expected delivery to A")
+    };
+    assert_eq!(to, five(1));
+    a.handle_input(t0, &framed[range]);
+    assert_eq!(
+        a.poll_event(),
+        Some(Event::Data {
+            peer: relay_b,
+            data: b"b to a".to_vec()
+        })
+    );
+
+    // TCP → TCP: into C's inbox.
+    let mut framed = b.send_to(relay_c, b"b to c");
+    let Output::ToStream { inbox, range } = conn_b.on_client(t0, stream_five(2), &mut framed)
+    else {
+        panic!("expected C's inbox")
+    };
+    assert_eq!(inbox, inbox_c);
+    c.handle_input(t0, &framed[range]);
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Data {
+            peer: relay_b,
+            data: b"b to c".to_vec()
+        })
+    );
+
+    // A connection whose driver cannot send from A's listening address
+    // leaves A's data to the kernel path.
+    conn_c.set_udp_source("192.0.2.9:3478".parse().unwrap());
+    let mut framed = c.send_to(relay_a, b"c to a");
+    assert!(matches!(
+        conn_c.on_client(t0, stream_five(3), &mut framed),
+        Output::ToPeer { peer, .. } if peer == relay_a
     ));
 }
 
@@ -1269,16 +1381,21 @@ fn arb_step() -> impl proptest::strategy::Strategy<Value = Step> {
     ]
 }
 
-/// Plays `steps` with A on one worker and B on another; returns what each
-/// client saw, in order (true: A). Data that the sender's worker hands to
-/// a relay socket is carried as the kernel would: into the receiving
-/// worker's `on_peer`, from the sender's relayed address.
-fn play(cfg: Config, steps: &[Step]) -> Vec<(bool, Event)> {
+/// Plays `steps` with A on one worker and B on another, each on UDP or on
+/// a TCP connection (`tcp`: A's, B's); returns what each client saw, in
+/// order (true: A). Data that the sender's worker hands to a relay socket
+/// is carried as the kernel would: into the receiving worker's `on_peer`,
+/// from the sender's relayed address.
+fn play(cfg: Config, tcp: (bool, bool), steps: &[Step]) -> Vec<(bool, Event)> {
     let t0 = Instant::now();
     let mut now = t0;
     let (mut w1, mut w2) = two_workers(cfg, t0);
-    let (mut a, relay_a) = allocated(&mut w1, five(1), t0);
-    let (mut b, relay_b) = allocated(&mut w2, five(2), t0);
+    let fa = if tcp.0 { stream_five(1) } else { five(1) };
+    let fb = if tcp.1 { stream_five(2) } else { five(2) };
+    let inbox_a = tcp.0.then(|| on_a_connection(&mut w1));
+    let inbox_b = tcp.1.then(|| on_a_connection(&mut w2));
+    let (mut a, relay_a) = allocated(&mut w1, fa, t0);
+    let (mut b, relay_b) = allocated(&mut w2, fb, t0);
     let mut seen = Vec::new();
     for step in steps {
         match *step {
@@ -1298,15 +1415,19 @@ fn play(cfg: Config, steps: &[Step]) -> Vec<(bool, Event)> {
                 w2.on_timeout(now);
             }
             Step::Send { a: from_a, byte } => {
-                let (sender, ws, wr, fs, fr, from, to) = if from_a {
-                    (&a, &mut w1, &mut w2, five(1), five(2), relay_a, relay_b)
+                let (sender, ws, wr, fs, fr, from, to, inbox) = if from_a {
+                    (&a, &mut w1, &mut w2, fa, fb, relay_a, relay_b, &inbox_b)
                 } else {
-                    (&b, &mut w2, &mut w1, five(2), five(1), relay_b, relay_a)
+                    (&b, &mut w2, &mut w1, fb, fa, relay_b, relay_a, &inbox_a)
                 };
                 let mut framed = sender.send_to(to, &[byte; 9]);
                 let delivered = match ws.on_client(now, fs, &mut framed) {
                     Output::ToClient { to: t, range } => {
                         assert_eq!(t, fr, "in place to the wrong client");
+                        Some(framed[range].to_vec())
+                    }
+                    Output::ToStream { inbox: got, range } => {
+                        assert_eq!(Some(got), inbox.clone(), "in place to the wrong inbox");
                         Some(framed[range].to_vec())
                     }
                     Output::ToPeer { peer, range, .. } => {
@@ -1334,12 +1455,12 @@ fn play(cfg: Config, steps: &[Step]) -> Vec<(bool, Event)> {
             }
         }
         seen.extend(
-            pump(&mut w1, &mut a, five(1), now)
+            pump(&mut w1, &mut a, fa, now)
                 .into_iter()
                 .map(|e| (true, e)),
         );
         seen.extend(
-            pump(&mut w2, &mut b, five(2), now)
+            pump(&mut w2, &mut b, fb, now)
                 .into_iter()
                 .map(|e| (false, e)),
         );
@@ -1356,12 +1477,19 @@ proptest::proptest! {
     /// sees: whatever the channels, permissions, lifetimes and deletions,
     /// each gets the same data, on the same terms, as through the kernel
     /// path (which a bandwidth limit too high to bite forces).
+    ///
+    /// Either client may be on a TCP connection: then it receives through
+    /// its connection's inbox, and sends to a UDP client from the UDP
+    /// listening address.
     #[test]
-    fn relaying_across_workers_is_invisible(steps in proptest::collection::vec(arb_step(), 1..40)) {
-        let in_place = play(config(), &steps);
+    fn relaying_across_workers_is_invisible(
+        tcp in (proptest::bool::ANY, proptest::bool::ANY),
+        steps in proptest::collection::vec(arb_step(), 1..40),
+    ) {
+        let in_place = play(config(), tcp, &steps);
         let mut cfg = config();
         cfg.bps_per_allocation = 1 << 40;
-        let kernel = play(cfg, &steps);
+        let kernel = play(cfg, tcp, &steps);
         proptest::prop_assert_eq!(in_place, kernel);
     }
 }
