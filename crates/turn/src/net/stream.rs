@@ -114,12 +114,17 @@ const RELAY_BURST: usize = 64;
 /// Bytes gathered for the client before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// Bytes an inbox holds before it drops what else comes: about what a
-/// socket's receive buffer would hold.
-const INBOX_LIMIT: usize = 256 * 1024;
-/// What an inbox keeps allocated between bursts: a few large messages'
-/// worth, as for the connection's other buffers.
-const INBOX_KEPT: usize = 16 * 1024;
+/// Bytes an inbox holds before it drops what else comes. The task empties
+/// it on every wake-up, into the kernel's TCP send buffer, which is the
+/// real queue; the inbox fills only while that buffer is full, that is
+/// while the client does not keep up. (A relay socket's receive buffer,
+/// which the data would otherwise wait in, is about 200 KiB, but in the
+/// kernel's memory, which has a global bound.)
+const INBOX_LIMIT: usize = 64 * 1024;
+/// What a connection keeps allocated for data on its way to the client
+/// (its inbox, and what it is about to write) once a burst is over: a few
+/// large messages' worth. A burst may take up to [`INBOX_LIMIT`] more.
+const KEPT: usize = 4 * 1024;
 
 /// A connection's inbox: ChannelData relayed in place by other workers and
 /// connections, padded for the stream, until the connection's task writes
@@ -155,7 +160,7 @@ impl ConnectionInbox {
         q.bytes.clear();
         q.ends.clear();
         // A burst does not keep its memory for the connection's lifetime.
-        q.bytes.shrink_to(INBOX_KEPT);
+        q.bytes.shrink_to(KEPT);
     }
 
     fn close(&self) {
@@ -217,7 +222,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     let mut inbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
     // What goes to the client next: answers and relayed data, in order,
     // and where each message ends.
-    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(KEPT);
     let mut ends: Vec<usize> = Vec::new();
     // Over TLS, each message gets a record of its own, as coturn sends
     // them: coturn's own client (turnutils_uclient) takes each TLS read for
@@ -351,6 +356,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                 // TLS may keep part of a record back until flushed.
                 stream.flush().await?;
                 out.clear();
+                out.shrink_to(KEPT);
                 ends.clear();
             }
         }
@@ -419,7 +425,7 @@ mod tests {
         inbox.take_into(&mut out, &mut ends);
         assert_eq!(out.len(), INBOX_LIMIT);
         assert_eq!(ends.len(), 4);
-        assert!(inbox.lock().bytes.capacity() <= INBOX_KEPT);
+        assert!(inbox.lock().bytes.capacity() <= KEPT);
         assert!(inbox.push(&[1]), "room again once taken");
 
         // Closed: nothing more, and what was queued is gone.
