@@ -20,27 +20,36 @@ after(async () => {
   assert.equal(await server?.stop(), 0);
 });
 
+/**
+ * A and B join `room`, relayed over `overA` and `overB` ('udp', 'tcp' or
+ * 'tls'): both see the other's video over a relay/relay candidate pair
+ * with those protocols. Returns their pages.
+ */
+async function relayedCall(room, overA, overB) {
+  const contextOptions = { ignoreHTTPSErrors: true };
+  const a = await joinCall(browser, server.url, room, 'A', { relayOver: overA, contextOptions });
+  const b = await joinCall(browser, server.url, room, 'B', { relayOver: overB, contextOptions });
+  await waitForRemoteVideos(a, 1, 30000);
+  await waitForRemoteVideos(b, 1, 30000);
+  for (const [who, page, transport] of [['A', a, overA], ['B', b, overB]]) {
+    const [c] = await eventually(async () => {
+      const r = await connectionReport(page);
+      return r.length === 1 && r[0].state === 'connected' && r[0].pair?.local && r;
+    }, 15000, `${who} connected`);
+    assert.equal(c.pair.local.type, 'relay', `${who}: local candidate is a relay`);
+    assert.equal(c.pair.remote.type, 'relay', `${who}: remote candidate is a relay`);
+    assert.equal(c.pair.local.relayProtocol, transport, `${who}: relayed over ${transport}`);
+    assert.equal(c.pair.local.address, '127.0.0.1');
+    assert.ok(c.audio?.packets > 0, `${who}: audio arrives`);
+  }
+  return [a, b];
+}
+
 for (const transport of ['udp', 'tcp', 'tls']) {
   test(`a call relayed through TURN over ${transport}`, async () => {
-    const room = `relay-${transport}-${Date.now()}`;
-    const options = { relayOver: transport, contextOptions: { ignoreHTTPSErrors: true } };
-    const a = await joinCall(browser, server.url, room, 'A', options);
-    const b = await joinCall(browser, server.url, room, 'B', options);
-    await waitForRemoteVideos(a, 1, 30000);
-    await waitForRemoteVideos(b, 1, 30000);
-    for (const [who, page] of [['A', a], ['B', b]]) {
-      const [c] = await eventually(async () => {
-        const r = await connectionReport(page);
-        return r.length === 1 && r[0].state === 'connected' && r[0].pair?.local && r;
-      }, 15000, `${who} connected`);
-      assert.equal(c.pair.local.type, 'relay', `${who}: local candidate is a relay`);
-      assert.equal(c.pair.remote.type, 'relay', `${who}: remote candidate is a relay`);
-      assert.equal(c.pair.local.relayProtocol, transport, `${who}: relayed over ${transport}`);
-      assert.equal(c.pair.local.address, '127.0.0.1');
-      assert.ok(c.audio?.packets > 0, `${who}: audio arrives`);
-    }
+    const pages = await relayedCall(`relay-${transport}-${Date.now()}`, transport, transport);
     assertOnlyTestAddresses();
-    for (const p of [a, b]) await p.context().close();
+    for (const p of pages) await p.context().close();
   });
 }
 
@@ -52,21 +61,7 @@ async function inPlacePackets(page) {
 }
 
 test('a call relayed between TURN over TCP and TURN over UDP goes in place', async () => {
-  const room = `relay-mixed-${Date.now()}`;
-  const contextOptions = { ignoreHTTPSErrors: true };
-  const a = await joinCall(browser, server.url, room, 'A', { relayOver: 'tcp', contextOptions });
-  const b = await joinCall(browser, server.url, room, 'B', { relayOver: 'udp', contextOptions });
-  await waitForRemoteVideos(a, 1, 30000);
-  await waitForRemoteVideos(b, 1, 30000);
-  for (const [who, page, transport] of [['A', a, 'tcp'], ['B', b, 'udp']]) {
-    const [c] = await eventually(async () => {
-      const r = await connectionReport(page);
-      return r.length === 1 && r[0].state === 'connected' && r[0].pair?.local && r;
-    }, 15000, `${who} connected`);
-    assert.equal(c.pair.local.type, 'relay', `${who}: local candidate is a relay`);
-    assert.equal(c.pair.remote.type, 'relay', `${who}: remote candidate is a relay`);
-    assert.equal(c.pair.local.relayProtocol, transport, `${who}: relayed over ${transport}`);
-  }
+  const [a, b] = await relayedCall(`relay-mixed-${Date.now()}`, 'tcp', 'udp');
   // The media between a TCP connection's allocation and a UDP client's
   // skips the relay sockets: through the connection's inbox one way, from
   // the UDP listening socket the other.

@@ -1019,6 +1019,24 @@ fn stream_five(port: u16) -> FiveTuple {
     }
 }
 
+/// `client` takes `message` as data `data` from `peer`.
+fn assert_receives(
+    client: &mut Client,
+    now: Instant,
+    message: &[u8],
+    peer: SocketAddr,
+    data: &[u8],
+) {
+    client.handle_input(now, message);
+    assert_eq!(
+        client.poll_event(),
+        Some(Event::Data {
+            peer,
+            data: data.to_vec()
+        })
+    );
+}
+
 /// Keeps what is relayed in place to a stream connection's client.
 #[derive(Default)]
 struct RecordingInbox(std::sync::Mutex<Vec<Vec<u8>>>);
@@ -1073,14 +1091,7 @@ fn relay_in_place_reaches_stream_clients_through_their_inbox() {
         panic!("expected B's inbox")
     };
     assert_eq!(inbox, inbox_b);
-    b.handle_input(t0, &framed[range]);
-    assert_eq!(
-        b.poll_event(),
-        Some(Event::Data {
-            peer: relay_a,
-            data: b"a to b".to_vec()
-        })
-    );
+    assert_receives(&mut b, t0, &framed[range], relay_a, b"a to b");
 
     // TCP → UDP: from the UDP listening address, to A's 5-tuple.
     let mut framed = b.send_to(relay_a, b"b to a");
@@ -1088,14 +1099,7 @@ fn relay_in_place_reaches_stream_clients_through_their_inbox() {
         panic!("expected delivery to A")
     };
     assert_eq!(to, five(1));
-    a.handle_input(t0, &framed[range]);
-    assert_eq!(
-        a.poll_event(),
-        Some(Event::Data {
-            peer: relay_b,
-            data: b"b to a".to_vec()
-        })
-    );
+    assert_receives(&mut a, t0, &framed[range], relay_b, b"b to a");
 
     // TCP → TCP: into C's inbox.
     let mut framed = b.send_to(relay_c, b"b to c");
@@ -1104,14 +1108,7 @@ fn relay_in_place_reaches_stream_clients_through_their_inbox() {
         panic!("expected C's inbox")
     };
     assert_eq!(inbox, inbox_c);
-    c.handle_input(t0, &framed[range]);
-    assert_eq!(
-        c.poll_event(),
-        Some(Event::Data {
-            peer: relay_b,
-            data: b"b to c".to_vec()
-        })
-    );
+    assert_receives(&mut c, t0, &framed[range], relay_b, b"b to c");
 
     // A connection whose driver cannot send from A's listening address
     // leaves A's data to the kernel path.
@@ -1151,27 +1148,13 @@ fn relayed_in_place_both_ways(
     };
     assert_eq!(to, five(2));
     assert_eq!(&framed[range.clone()][..2], &ch_b.to_be_bytes());
-    b.handle_input(t0, &framed[range]);
-    assert_eq!(
-        b.poll_event(),
-        Some(Event::Data {
-            peer: relay_a,
-            data: b"hello".to_vec()
-        })
-    );
+    assert_receives(&mut b, t0, &framed[range], relay_a, b"hello");
     let mut framed = b.send_to(relay_a, b"world");
     let Output::ToClient { to, range } = servers[ib].on_client(t0, five(2), &mut framed) else {
         panic!("expected delivery by B's server")
     };
     assert_eq!(to, five(1));
-    a.handle_input(t0, &framed[range]);
-    assert_eq!(
-        a.poll_event(),
-        Some(Event::Data {
-            peer: relay_b,
-            data: b"world".to_vec()
-        })
-    );
+    assert_receives(&mut a, t0, &framed[range], relay_b, b"world");
     (a, relay_a, b, relay_b)
 }
 
