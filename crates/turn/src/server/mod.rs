@@ -140,6 +140,10 @@ pub struct Config {
     pub max_permissions: usize,
     /// Relayed bytes per second per allocation, each direction; 0 = unlimited.
     pub bps_per_allocation: u64,
+    /// Data between two of our allocations goes from one client straight
+    /// to the other (see [`Server::relay_across`]); off, it crosses the two
+    /// relay sockets. Off only to compare the two, as the tests do.
+    pub relay_in_place: bool,
     /// Unauthenticated requests per second per source IP (burst: twice that).
     pub unauth_rate: u32,
     /// Bytes a UDP source may be sent in answers to unauthenticated requests
@@ -163,6 +167,7 @@ impl Default for Config {
             user_quota: 100,
             max_permissions: 64,
             bps_per_allocation: 0,
+            relay_in_place: true,
             unauth_rate: 50,
             unauth_allowance: 512,
             software: None,
@@ -485,8 +490,10 @@ impl ByteBucket {
         if self.rate == 0 {
             return true;
         }
+        // Workers read the clock at different moments: one that read it
+        // earlier refills nothing, and does not turn the clock back.
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
+        self.last = self.last.max(now);
         let cap = self.rate as f64;
         self.tokens = (self.tokens + dt * cap).min(cap);
         if self.tokens >= n as f64 {
@@ -512,8 +519,9 @@ struct Allocation {
     /// The Allocate request's transaction id and our answer, for retransmits.
     allocate_tid: [u8; 12],
     allocate_response: Vec<u8>,
+    /// What the client may send; what it may be sent is in `view`, where
+    /// other workers relaying in place take from it too.
     to_peer_budget: ByteBucket,
-    to_client_budget: ByteBucket,
 }
 
 impl Allocation {
@@ -604,11 +612,25 @@ pub struct RelayView {
     /// For a TCP or TLS client: where data relayed in place goes.
     inbox: Option<Inbox>,
     access: Mutex<PeerAccess>,
+    /// Bytes per second the client may be sent, whoever relays them; no
+    /// lock is taken when unlimited.
+    limited: bool,
+    to_client_budget: Mutex<ByteBucket>,
 }
 
 impl RelayView {
     fn lock(&self) -> std::sync::MutexGuard<'_, PeerAccess> {
         self.access.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `len` bytes from the client's budget; false: over it, drop.
+    fn take_to_client(&self, len: usize, now: Instant) -> bool {
+        !self.limited
+            || self
+                .to_client_budget
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(len, now)
     }
 }
 
@@ -808,7 +830,7 @@ impl<A: RelayAllocator> Server<A> {
         {
             return Output::None;
         }
-        if !alloc.to_client_budget.take(len, now) {
+        if !alloc.view.take_to_client(len, now) {
             return Output::None;
         }
         let five = alloc.five;
@@ -954,6 +976,9 @@ impl<A: RelayAllocator> Server<A> {
         len: usize,
         buf: &mut [u8],
     ) -> Option<Output> {
+        if !self.shared.config.relay_in_place {
+            return None;
+        }
         let &slot = self.by_relay_addr.get(&peer)?;
         let target = self.allocations[slot as usize].as_mut()?;
         if target.five.transport != Transport::Udp {
@@ -964,7 +989,7 @@ impl<A: RelayAllocator> Server<A> {
             InPlace::Drop => return Some(Output::None),
             InPlace::Deliver(channel) => channel,
         };
-        if !target.to_client_budget.take(len, now) {
+        if !target.view.take_to_client(len, now) {
             return Some(Output::None);
         }
         let to = target.five;
@@ -982,8 +1007,8 @@ impl<A: RelayAllocator> Server<A> {
     /// A UDP receiver gets it from the listening address it talks to,
     /// when this worker can send from there (its own, or for a stream
     /// connection the `udp_source`); a TCP or TLS receiver through its
-    /// connection's inbox. Only without a bandwidth limit, which the owning
-    /// worker keeps.
+    /// connection's inbox. A bandwidth limit holds whoever relays: the
+    /// receiver's budget is in its view.
     fn relay_across(
         &mut self,
         now: Instant,
@@ -993,7 +1018,7 @@ impl<A: RelayAllocator> Server<A> {
         len: usize,
         buf: &mut [u8],
     ) -> Option<Output> {
-        if self.shared.config.bps_per_allocation != 0 {
+        if !self.shared.config.relay_in_place {
             return None;
         }
         // Most peers are not ours at all: no lookup for them.
@@ -1029,6 +1054,9 @@ impl<A: RelayAllocator> Server<A> {
             InPlace::Deliver(channel) => channel,
         };
         drop(access);
+        if !view.take_to_client(len, now) {
+            return Some(Output::None);
+        }
         Some(self.deliver(view.to, view.inbox.as_ref(), channel, len, buf))
     }
 
@@ -1480,6 +1508,8 @@ impl<A: RelayAllocator> Server<A> {
                 .then(|| self.inbox.clone())
                 .flatten(),
             access: Mutex::new(PeerAccess::new(now + lifetime)),
+            limited: bps != 0,
+            to_client_budget: Mutex::new(bucket()),
         });
         self.allocations[slot as usize] = Some(Allocation {
             five,
@@ -1492,7 +1522,6 @@ impl<A: RelayAllocator> Server<A> {
             allocate_tid: *tid,
             allocate_response: response.clone(),
             to_peer_budget: bucket(),
-            to_client_budget: bucket(),
         });
         self.by_five.insert(five, slot);
         self.by_relay_addr.insert(relay_addr, slot);

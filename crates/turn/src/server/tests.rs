@@ -972,12 +972,12 @@ fn relay_between_allocations_of_two_workers_skips_the_kernel() {
 }
 
 #[test]
-fn across_workers_only_without_a_bandwidth_limit_and_from_the_receivers_address() {
+fn across_workers_only_from_the_receivers_address_and_within_its_budget() {
     let t0 = Instant::now();
-    // With a bandwidth limit, the receiver's worker keeps the budget: the
-    // kernel path takes the data there.
+    // With a bandwidth limit, the receiver's budget holds for the sender's
+    // worker too: 12 bytes a second, 5 at a time.
     let mut cfg = config();
-    cfg.bps_per_allocation = 1_000_000;
+    cfg.bps_per_allocation = 12;
     let (mut w1, mut w2) = two_workers(cfg, t0);
     let (mut a, relay_a) = allocated(&mut w1, five(1), t0);
     let (mut b, relay_b) = allocated(&mut w2, five(2), t0);
@@ -985,10 +985,21 @@ fn across_workers_only_without_a_bandwidth_limit_and_from_the_receivers_address(
     pump(&mut w1, &mut a, five(1), t0);
     b.bind_channel(t0, relay_a);
     pump(&mut w2, &mut b, five(2), t0);
-    let mut framed = a.send_to(relay_b, b"hello");
+    let mut sent = |at: Instant| {
+        let mut framed = a.send_to(relay_b, b"hello");
+        w1.on_client(at, five(1), &mut framed)
+    };
+    assert!(matches!(sent(t0), Output::ToClient { .. }));
+    assert!(matches!(sent(t0), Output::ToClient { .. }));
+    assert_eq!(sent(t0), Output::None, "over B's budget");
+    // B's own worker, receiving from a peer, finds the budget spent too.
+    let relay = w2.relay_of(&five(2)).unwrap();
+    let mut buf = vec![0u8; HEADROOM + 5 + TAILROOM];
+    assert_eq!(w2.on_peer(t0, relay, relay_a, &mut buf, 5), Output::None);
+    // Half a second refills 6 bytes: one more gets through.
     assert!(matches!(
-        w1.on_client(t0, five(1), &mut framed),
-        Output::ToPeer { .. }
+        sent(t0 + Duration::from_millis(500)),
+        Output::ToClient { .. }
     ));
 
     // A receiver on another listening address is not reachable from this
@@ -1350,6 +1361,11 @@ enum Step {
         a: bool,
         secs: u16,
     },
+    /// Another host on the other's relay IP sends to A's (or B's) relayed
+    /// address: it takes from the receiver's bandwidth budget.
+    Stray {
+        a: bool,
+    },
 }
 
 fn arb_step() -> impl proptest::strategy::Strategy<Value = Step> {
@@ -1358,6 +1374,7 @@ fn arb_step() -> impl proptest::strategy::Strategy<Value = Step> {
         1 => any::<bool>().prop_map(|a| Step::Bind { a }),
         1 => any::<bool>().prop_map(|a| Step::Permit { a }),
         4 => (any::<bool>(), any::<u8>()).prop_map(|(a, byte)| Step::Send { a, byte }),
+        1 => any::<bool>().prop_map(|a| Step::Stray { a }),
         1 => prop_oneof![0u16..5, 250u16..350, 550u16..650].prop_map(|secs| Step::Wait { secs }),
         1 => (any::<bool>(), prop_oneof![Just(0u16), 1u16..700])
             .prop_map(|(a, secs)| Step::Refresh { a, secs }),
@@ -1396,6 +1413,20 @@ fn play(cfg: Config, tcp: (bool, bool), steps: &[Step]) -> Vec<(bool, Event)> {
                 now += Duration::from_secs(secs.into());
                 w1.on_timeout(now);
                 w2.on_timeout(now);
+            }
+            Step::Stray { a: to_a } => {
+                let (w, f, client) = if to_a {
+                    (&mut w1, fa, &mut a)
+                } else {
+                    (&mut w2, fb, &mut b)
+                };
+                let stray = SocketAddr::new(relay_ip(), 40000);
+                let mut buf = vec![0u8; HEADROOM + 9 + TAILROOM];
+                if let Some(id) = w.relay_of(&f)
+                    && let Output::ToClient { range, .. } = w.on_peer(now, id, stray, &mut buf, 9)
+                {
+                    client.handle_input(now, &buf[range]);
+                }
             }
             Step::Send { a: from_a, byte } => {
                 let (sender, ws, wr, fs, fr, from, to, inbox) = if from_a {
@@ -1459,19 +1490,24 @@ proptest::proptest! {
     /// Relaying in place between workers changes nothing either client
     /// sees: whatever the channels, permissions, lifetimes and deletions,
     /// each gets the same data, on the same terms, as through the kernel
-    /// path (which a bandwidth limit too high to bite forces).
+    /// path.
     ///
     /// Either client may be on a TCP connection: then it receives through
     /// its connection's inbox, and sends to a UDP client from the UDP
     /// listening address.
+    ///
+    /// With a bandwidth limit (`bps`, 0: none) the same data is dropped
+    /// either way.
     #[test]
     fn relaying_across_workers_is_invisible(
         tcp in (proptest::bool::ANY, proptest::bool::ANY),
+        bps in proptest::prop_oneof![proptest::strategy::Just(0u64), 1u64..40],
         steps in proptest::collection::vec(arb_step(), 1..40),
     ) {
-        let in_place = play(config(), tcp, &steps);
         let mut cfg = config();
-        cfg.bps_per_allocation = 1 << 40;
+        cfg.bps_per_allocation = bps;
+        let in_place = play(cfg.clone(), tcp, &steps);
+        cfg.relay_in_place = false;
         let kernel = play(cfg, tcp, &steps);
         proptest::prop_assert_eq!(in_place, kernel);
     }
