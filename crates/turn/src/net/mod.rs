@@ -71,7 +71,7 @@ impl TurnService {
             None,
             relay.clone(),
             shared.clone(),
-            Some(udp.sender.clone()),
+            udp.sender.clone(),
             stop.clone(),
         ));
         let mut tls_addr = None;
@@ -83,7 +83,7 @@ impl TurnService {
                 Some(TlsAcceptor::from(cfg)),
                 relay,
                 shared,
-                Some(udp.sender.clone()),
+                udp.sender.clone(),
                 stop.clone(),
             ));
         }

@@ -34,14 +34,14 @@ const MAX_FRAME: usize = 65_535 + 20 + 3;
 const IDLE_WITHOUT_ALLOCATION: Duration = Duration::from_secs(30);
 
 /// Accepts connections on `listener` until `stop`; with `tls`, each
-/// connection does a TLS handshake first. `udp`, a UDP listening socket,
-/// lets connections relay in place to allocations of UDP clients.
+/// connection does a TLS handshake first. From `udp`, a UDP listening
+/// socket, connections relay in place to allocations of UDP clients.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     relay: RelayConfig,
     shared: Arc<Shared>,
-    udp: Option<Arc<StdUdpSocket>>,
+    udp: Arc<StdUdpSocket>,
     stop: CancellationToken,
 ) {
     let local = match listener.local_addr() {
@@ -198,7 +198,7 @@ struct Setup {
     five: FiveTuple,
     relay: RelayConfig,
     shared: Arc<Shared>,
-    udp: Option<Arc<StdUdpSocket>>,
+    udp: Arc<StdUdpSocket>,
     stop: CancellationToken,
     seed: u32,
 }
@@ -216,7 +216,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     let mut server = Server::new(shared, relays);
     let inbox = Arc::new(ConnectionInbox::default());
     server.set_stream_inbox(Inbox(inbox.clone()));
-    if let Some(addr) = udp.as_ref().and_then(|u| u.local_addr().ok()) {
+    if let Ok(addr) = udp.local_addr() {
         server.set_udp_source(addr);
     }
     let mut inbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -287,18 +287,12 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                             }
                             // Relayed in place to another allocation's client.
                             Output::ToClient { to, range } => {
-                                if let Some(udp) = &udp
-                                    && let Err(e) = udp.send_to(&frame[range], to.client)
-                                {
+                                if let Err(e) = udp.send_to(&frame[range], to.client) {
                                     tracing::trace!(client = %to.client, error = %e, "send to client failed");
                                     metrics::counter!("callisto_turn_send_drops_total").increment(1);
                                 }
                             }
-                            Output::ToStream { inbox, range } => {
-                                if !inbox.0.push(&frame[range]) {
-                                    metrics::counter!("callisto_turn_send_drops_total").increment(1);
-                                }
-                            }
+                            Output::ToStream { inbox, range } => inbox.hand_over(&frame[range]),
                             Output::None => {}
                         }
                         used += len;

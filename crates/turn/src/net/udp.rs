@@ -423,11 +423,7 @@ impl Worker {
                             .push((to.client, base + range.start..base + range.end));
                     }
                     Output::Reply { to, data } => replies.push((to.client, data)),
-                    Output::ToStream { inbox, range } => {
-                        if !inbox.0.push(&buf[range]) {
-                            metrics::counter!("callisto_turn_send_drops_total").increment(1);
-                        }
-                    }
+                    Output::ToStream { inbox, range } => inbox.hand_over(&buf[range]),
                     Output::None => {}
                 }
             }

@@ -424,6 +424,16 @@ impl PartialEq for Inbox {
 
 impl Eq for Inbox {}
 
+impl Inbox {
+    /// Pushes `message`; what a full inbox refuses is counted as a send
+    /// drop, as a full socket buffer's would be.
+    pub fn hand_over(&self, message: &[u8]) {
+        if !self.0.push(message) {
+            metrics::counter!("callisto_turn_send_drops_total").increment(1);
+        }
+    }
+}
+
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Inbox({:p})", Arc::as_ptr(&self.0))
@@ -1504,9 +1514,7 @@ impl<A: RelayAllocator> Server<A> {
         };
         let view = Arc::new(RelayView {
             to: five,
-            inbox: (five.transport != Transport::Udp)
-                .then(|| self.inbox.clone())
-                .flatten(),
+            inbox: self.inbox.clone().filter(|_| five.transport.is_stream()),
             access: Mutex::new(PeerAccess::new(now + lifetime)),
             limited: bps != 0,
             to_client_budget: Mutex::new(bucket()),
