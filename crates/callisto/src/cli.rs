@@ -122,6 +122,11 @@ pub struct BenchTurnArgs {
     /// Only Callisto and coturn run (turn-rs is installed for UDP only).
     #[arg(long)]
     pub uclient_tcp: bool,
+    /// With `--generator uclient`: clients reach the servers over TLS
+    /// (`-t -S`), each server with a fresh self-signed certificate. Implies
+    /// `--uclient-tcp`.
+    #[arg(long)]
+    pub uclient_tls: bool,
 }
 
 /// Who generates the load in `callisto bench turn`.

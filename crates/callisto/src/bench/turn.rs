@@ -42,7 +42,10 @@ pub(super) struct Target {
     name: &'static str,
     child: Child,
     pub(super) addr: SocketAddr,
-    _config: Option<tempfile_path::TempPath>,
+    /// The TLS listening port, with `--uclient-tls`.
+    pub(super) tls_port: Option<u16>,
+    /// Files the server reads, removed with the target.
+    _files: Vec<tempfile_path::TempPath>,
 }
 
 mod tempfile_path {
@@ -127,6 +130,12 @@ pub(super) fn free_port() -> io::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+fn free_tcp_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyhow::Result<Target> {
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -136,7 +145,13 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
     let (lo, hi) = (lo, lo + 3999);
     let quiet = || (Stdio::null(), Stdio::null());
     let name = target_name(which);
-    let (child, config) = match which {
+    let tls_port = if args.uclient_tls {
+        Some(free_tcp_port()?)
+    } else {
+        None
+    };
+    let tls_listen = tls_port.map(|p| format!("127.0.0.1:{p}"));
+    let (child, files) = match which {
         BenchTarget::Callisto => {
             let (o, e) = quiet();
             let child = server_command(std::env::current_exe()?, args.pin)?
@@ -171,14 +186,40 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 // do not rate-limit challenges at all.
                 .args(["--turn-unauth-rate", "1000000"])
                 .args(["--turn-unauth-allowance", "100000000"])
+                .args(
+                    tls_listen
+                        .iter()
+                        .flat_map(|l| ["--tls-self-signed", "--turn-tls-listen", l]),
+                )
                 .stdout(o)
                 .stderr(e)
                 .spawn()
                 .context("starting callisto turn")?;
-            (child, None)
+            (child, Vec::new())
         }
         BenchTarget::Coturn => {
             let (o, e) = quiet();
+            // Over TLS: a self-signed certificate in two temporary files.
+            let mut files = Vec::new();
+            let mut tls_args = vec!["--no-tls".to_owned()];
+            if let Some(p) = tls_port {
+                let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+                    .context("generating a certificate for coturn")?;
+                let base = std::env::temp_dir().join(format!(
+                    "callisto-bench-coturn-{}-{index}",
+                    std::process::id()
+                ));
+                let (cert, key) = (base.with_extension("crt"), base.with_extension("key"));
+                std::fs::write(&cert, generated.cert.pem())?;
+                files.push(tempfile_path::TempPath(cert.clone()));
+                std::fs::write(&key, generated.signing_key.serialize_pem())?;
+                files.push(tempfile_path::TempPath(key.clone()));
+                tls_args = vec![
+                    format!("--tls-listening-port={p}"),
+                    format!("--cert={}", cert.display()),
+                    format!("--pkey={}", key.display()),
+                ];
+            }
             let child = server_command("turnserver", args.pin)?
                 .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
                 .arg(format!("--listening-port={port}"))
@@ -187,12 +228,8 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                     &format!("--user={USER}:{PASS}"),
                     &format!("--realm={REALM}"),
                 ])
-                .args([
-                    "--allow-loopback-peers",
-                    "--no-cli",
-                    "--no-tls",
-                    "--no-dtls",
-                ])
+                .args(["--allow-loopback-peers", "--no-cli", "--no-dtls"])
+                .args(&tls_args)
                 .args((!args.uclient_tcp).then_some("--no-tcp"))
                 .arg(format!("--relay-threads={threads}"))
                 .arg(format!("--min-port={lo}"))
@@ -206,7 +243,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 .stderr(e)
                 .spawn()
                 .context("starting coturn's turnserver (apt-get install coturn)")?;
-            (child, None)
+            (child, files)
         }
         BenchTarget::TurnRs => {
             let bin = args
@@ -239,7 +276,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                         bin.display()
                     )
                 })?;
-            (child, Some(tempfile_path::TempPath(path)))
+            (child, vec![tempfile_path::TempPath(path)])
         }
         BenchTarget::Forwarder => {
             let (o, e) = quiet();
@@ -248,7 +285,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 .stdout(o)
                 .stderr(e)
                 .spawn()?;
-            (child, None)
+            (child, Vec::new())
         }
     };
     std::thread::sleep(Duration::from_millis(400));
@@ -260,7 +297,8 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
         name,
         child,
         addr,
-        _config: config,
+        tls_port,
+        _files: files,
     })
 }
 
@@ -792,20 +830,25 @@ fn server_command(
 }
 
 /// Runs the whole matrix and prints a Markdown table.
-pub fn run(args: BenchTurnArgs) -> anyhow::Result<()> {
+pub fn run(mut args: BenchTurnArgs) -> anyhow::Result<()> {
+    args.uclient_tcp |= args.uclient_tls;
     if let Some(pin) = args.pin {
         let (_, generator) = pin_sets(pin)?;
         set_affinity(generator).context("pinning the load generator")?;
     }
     let uclient = args.generator == BenchGenerator::Uclient;
     if args.uclient_tcp && !uclient {
-        bail!("--uclient-tcp needs --generator uclient (our generator speaks UDP only)");
+        bail!(
+            "--uclient-tcp and --uclient-tls need --generator uclient (our generator speaks UDP only)"
+        );
     }
     let mode = if uclient {
         format!(
             "coturn's turnutils_uclient as the load ({} messages per client, 1 ms apart at most{})",
             args.uclient_messages,
-            if args.uclient_tcp {
+            if args.uclient_tls {
+                ", clients over TLS"
+            } else if args.uclient_tcp {
                 ", clients over TCP"
             } else {
                 ""

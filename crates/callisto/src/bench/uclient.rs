@@ -99,11 +99,15 @@ fn run(
     let mut uclient = Command::new("turnutils_uclient");
     uclient
         .args(["-u", USER, "-w", PASS, "-c", "-z", "1"])
-        .args(["-p", &target.addr.port().to_string()])
+        .args([
+            "-p",
+            &target.tls_port.unwrap_or(target.addr.port()).to_string(),
+        ])
         .args(["-m", &clients.to_string()])
         .args(["-n", &args.uclient_messages.to_string()])
         .args(["-l", &payload.to_string()])
-        .args(args.uclient_tcp.then_some("-t"));
+        .args(args.uclient_tcp.then_some("-t"))
+        .args(args.uclient_tls.then_some("-S"));
     // Kept alive until uclient is done (pattern a only).
     let _peer = match pattern {
         BenchPattern::A => {
