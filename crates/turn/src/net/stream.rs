@@ -274,23 +274,12 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                             }
                             Output::ToPeer { peer, range, .. } => {
                                 if let Some((_, sock)) = &relay {
-                                    // Straight to the kernel: tokio's
-                                    // `try_send_to` refuses (drops the
-                                    // datagram) until its driver has seen
-                                    // the new socket writable, which can
-                                    // be after the first data arrives.
-                                    if let Err(e) = SockRef::from(sock).send_to(&frame[range], &peer.into()) {
-                                        tracing::trace!(%peer, error = %e, "relay send failed");
-                                        metrics::counter!("callisto_turn_send_drops_total").increment(1);
-                                    }
+                                    send_datagram(SockRef::from(sock), &frame[range], peer);
                                 }
                             }
                             // Relayed in place to another allocation's client.
                             Output::ToClient { to, range } => {
-                                if let Err(e) = udp.send_to(&frame[range], to.client) {
-                                    tracing::trace!(client = %to.client, error = %e, "send to client failed");
-                                    metrics::counter!("callisto_turn_send_drops_total").increment(1);
-                                }
+                                send_datagram(SockRef::from(&*udp), &frame[range], to.client);
                             }
                             Output::ToStream { inbox, range } => inbox.hand_over(&frame[range]),
                             Output::None => {}
@@ -361,6 +350,17 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     }
     server.on_client_closed(five);
     inbox.close();
+}
+
+/// Sends one datagram straight to the kernel, counting a failure as a send
+/// drop. Not through tokio's `try_send_to`: that refuses (drops the
+/// datagram) until its driver has seen a new socket writable, which can be
+/// after the first data arrives.
+fn send_datagram(sock: SockRef<'_>, data: &[u8], to: SocketAddr) {
+    if let Err(e) = sock.send_to(data, &to.into()) {
+        tracing::trace!(%to, error = %e, "datagram send failed");
+        metrics::counter!("callisto_turn_send_drops_total").increment(1);
+    }
 }
 
 /// Picks up the relay socket the state machine bound for this connection's
