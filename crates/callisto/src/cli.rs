@@ -436,6 +436,19 @@ pub struct TurnArgs {
     /// UDP worker threads (default: one per CPU core).
     #[arg(long, env = "CALLISTO_TURN_THREADS")]
     pub turn_threads: Option<usize>,
+
+    /// Relay ChannelData between UDP clients and peers inside the kernel
+    /// (XDP) on this network interface: the interface clients and peers
+    /// reach this server through (repeatable; `lo` for loopback). Needs
+    /// root, IPv4, and no --turn-bps-per-allocation. Everything else is
+    /// still relayed by the server.
+    #[arg(
+        long = "turn-kernel-relay",
+        env = "CALLISTO_TURN_KERNEL_RELAY",
+        value_delimiter = ',',
+        value_name = "INTERFACE"
+    )]
+    pub turn_kernel_relay: Vec<String>,
 }
 
 #[cfg(test)]

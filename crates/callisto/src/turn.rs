@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use callisto_protocol::IceServer;
 use callisto_turn::auth::{Credentials, rest_credentials};
-use callisto_turn::net::{Listen, RelayConfig, TurnService};
+use callisto_turn::net::{KernelRelay, Listen, RelayConfig, TurnService};
 use callisto_turn::policy::PeerPolicy;
 use callisto_turn::server::{Config, Shared};
 
@@ -106,6 +106,22 @@ pub async fn start(
             "nobody could use this TURN server: add --turn-user NAME:PASSWORD or --turn-secret SECRET"
         );
     }
+    if !args.turn_kernel_relay.is_empty() {
+        if args.turn_bps_per_allocation != 0 {
+            bail!(
+                "--turn-kernel-relay cannot be combined with --turn-bps-per-allocation: the kernel relay does not meter bandwidth. Drop one of the two"
+            );
+        }
+        if !args.turn_listen.is_ipv4()
+            || args.turn_listen.ip().is_unspecified()
+            || !relay_ip.is_ipv4()
+        {
+            bail!(
+                "--turn-kernel-relay needs --turn-listen and the relay address on one IPv4 address each (not {} and {relay_ip}): it matches packets by the address they were sent to",
+                args.turn_listen
+            );
+        }
+    }
     let config = Config {
         credentials,
         policy: PeerPolicy::new(args.turn_allow_peers.clone(), args.turn_deny_peers.clone()),
@@ -117,6 +133,7 @@ pub async fn start(
         bps_per_allocation: args.turn_bps_per_allocation,
         unauth_rate: args.turn_unauth_rate,
         unauth_allowance: args.turn_unauth_allowance,
+        kernel_routes: !args.turn_kernel_relay.is_empty(),
         ..Config::default()
     };
     let mut nonce_secret = [0u8; 32];
@@ -135,7 +152,12 @@ pub async fn start(
         tls_addr: args.turn_tls_listen,
         threads,
     };
-    let service = TurnService::start(listen, relay, shared, tls)
+    let kernel = if args.turn_kernel_relay.is_empty() {
+        None
+    } else {
+        Some(Arc::new(KernelRelay::attach(&args.turn_kernel_relay)?))
+    };
+    let service = TurnService::start(listen, relay, shared, tls, kernel)
         .await
         .with_context(|| {
             format!(

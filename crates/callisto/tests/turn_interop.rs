@@ -737,3 +737,168 @@ fn secrets_never_reach_the_logs() {
         assert!(!logs.contains(needle), "{needle} is in the logs");
     }
 }
+
+/// Moves this test's thread into a network namespace of its own with only
+/// loopback, up: the kernel relay attaches to that loopback, never to the
+/// machine's, and whatever the test starts inherits the namespace. Needs
+/// root; without it the test is skipped, unless `CALLISTO_REQUIRE_ROOT_TESTS`
+/// is set (scripts/test.sh sets it).
+fn own_network_namespace() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CALLISTO_REQUIRE_ROOT_TESTS").is_none(),
+            "this test needs root (a network namespace, XDP)"
+        );
+        eprintln!("skipped: needs root (a network namespace, XDP)");
+        return false;
+    }
+    // SAFETY: unshare affects only the calling thread, this test's own.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("ip (iproute2)");
+    assert!(up.success());
+    true
+}
+
+/// Reads the metrics until `done` holds for them (the kernel relay's
+/// counts reach them once a second), or 5 s have passed.
+fn metrics_once(server: &Callisto, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = server.metrics();
+        if done(&m) || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// coturn's client through the kernel relay (XDP on loopback, in a network
+/// namespace of the test's own): to an echo peer and client to client,
+/// over two workers, no loss, and every relayed packet relayed by the
+/// kernel, none by the workers.
+#[test]
+fn uclient_through_the_kernel_relay() {
+    if !own_network_namespace() {
+        return;
+    }
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            "127.0.0.1/32",
+            "--turn-threads",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--turn-kernel-relay",
+            "lo",
+        ],
+    );
+    let (_peer, peer_port) = echo_peer();
+    assert_lossless(
+        "to a peer, through the kernel",
+        uclient(server.turn_port, peer_port, &[], "user", "pass"),
+    );
+    assert_lossless(
+        "client to client, through the kernel",
+        uclient(server.turn_port, free_udp_port(), &["-y"], "user", "pass"),
+    );
+    let in_kernel = |m: &str, dir: &str| {
+        metric(
+            m,
+            &format!("callisto_turn_relayed_in_kernel_packets_total{{direction=\"{dir}\"}}"),
+        )
+    };
+    let m = metrics_once(&server, |m| {
+        m.contains("in_kernel")
+            && in_kernel(m, "to_peer") >= 4000.0
+            && in_kernel(m, "to_client") >= 4000.0
+    });
+    for dir in ["to_peer", "to_client"] {
+        let all = metric(
+            &m,
+            &format!(
+                "callisto_turn_relayed_packets_total{{direction=\"{dir}\",transport=\"udp\"}}"
+            ),
+        );
+        assert_eq!(all, 4000.0, "{dir}: {m}");
+        assert_eq!(
+            in_kernel(&m, dir),
+            all,
+            "{dir}: all of it in the kernel\n{m}"
+        );
+    }
+    assert_eq!(
+        metric(&m, "callisto_turn_relayed_in_place_packets_total"),
+        0.0
+    );
+    // uclient deleted its allocations: their routes are gone.
+    assert_eq!(metric(&m, "callisto_turn_kernel_routes"), 0.0, "{m}");
+
+    // The program goes with the process, however it ends.
+    drop(server);
+    let link = Command::new("ip")
+        .args(["link", "show", "lo"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        !link.contains("xdp"),
+        "still attached after the server was killed:\n{link}"
+    );
+}
+
+/// The kernel relay is asked for on a machine where it cannot work, or
+/// with options it cannot honour: `callisto turn` says what to fix.
+#[test]
+fn the_kernel_relay_refuses_what_it_cannot_do() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "--turn-listen",
+                "127.0.0.1:0",
+                "--turn-kernel-relay",
+                "lo",
+                "--turn-bps-per-allocation",
+                "1000",
+            ],
+            "cannot be combined with --turn-bps-per-allocation",
+        ),
+        (
+            &["--turn-listen", "[::1]:0", "--turn-kernel-relay", "lo"],
+            "on one IPv4 address",
+        ),
+        (
+            &[
+                "--turn-listen",
+                "127.0.0.1:0",
+                "--turn-kernel-relay",
+                "no-such-interface0",
+            ],
+            "no-such-interface0",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = Command::new(BIN)
+            .arg("turn")
+            .args(["--turn-user", "u:p"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(
+            err.contains(expected) || (!root && err.contains("needs root")),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -96,7 +96,7 @@ fn relaying_allocates_nothing_in_steady_state() {
         ipv6: None,
         ports: 20000..=60999,
     };
-    let workers = UdpWorkers::start((LOOPBACK, 0).into(), 1, relay, shared).unwrap();
+    let workers = UdpWorkers::start((LOOPBACK, 0).into(), 1, relay, shared, None).unwrap();
     let server = workers.local_addr;
 
     let (sock, by_channel, by_indication) = (socket(), socket(), socket());

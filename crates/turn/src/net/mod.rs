@@ -2,18 +2,21 @@
 //! [`stream`] (TCP/TLS) tasks, and [`TurnService`] which starts them all.
 
 pub mod batch;
+pub mod kernel;
 pub mod stream;
 pub mod udp;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::Shared;
+pub use kernel::KernelRelay;
 pub use udp::RelayConfig;
 
 /// What to listen on.
@@ -38,11 +41,14 @@ pub struct TurnService {
 impl TurnService {
     /// Binds everything, then serves until [`TurnService::stop`]. Must be
     /// called inside a tokio runtime (the stream listeners are tasks).
+    /// `kernel`: the kernel relay, for UDP clients' channels (its routes
+    /// come from `shared`'s servers only with `Config::kernel_routes`).
     pub async fn start(
         listen: Listen,
         relay: RelayConfig,
         shared: Arc<Shared>,
         tls: Option<Arc<rustls::ServerConfig>>,
+        kernel: Option<Arc<KernelRelay>>,
     ) -> io::Result<TurnService> {
         // TCP on the same port as UDP, as clients expect. With port 0 the
         // kernel picks a port free for UDP, which a TCP socket may hold
@@ -51,8 +57,13 @@ impl TurnService {
         let mut tried = 0;
         let (udp, tcp_listener) = loop {
             tried += 1;
-            let udp =
-                udp::UdpWorkers::start(listen.addr, listen.threads, relay.clone(), shared.clone())?;
+            let udp = udp::UdpWorkers::start(
+                listen.addr,
+                listen.threads,
+                relay.clone(),
+                shared.clone(),
+                kernel.clone(),
+            )?;
             let tcp = SocketAddr::new(listen.addr.ip(), udp.local_addr.port());
             match TcpListener::bind(tcp).await {
                 Ok(l) => break (udp, l),
@@ -66,6 +77,9 @@ impl TurnService {
         };
         let tcp_addr = tcp_listener.local_addr()?;
         let stop = CancellationToken::new();
+        if let Some(kernel) = kernel {
+            tokio::spawn(report_kernel_relay(kernel, stop.clone()));
+        }
         tokio::spawn(stream::serve(
             tcp_listener,
             None,
@@ -101,4 +115,16 @@ impl TurnService {
         self.stop.cancel();
         self.udp.stop();
     }
+}
+
+/// Adds what the kernel relay relayed to the metrics, every second.
+async fn report_kernel_relay(kernel: Arc<KernelRelay>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => kernel.report(),
+            () = stop.cancelled() => break,
+        }
+    }
+    kernel.report();
 }

@@ -24,6 +24,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::batch::{self, ReadRamp, RecvBatch, SendBatch};
+use super::kernel::KernelRelay;
 use crate::server::{
     FiveTuple, HEADROOM, HeldPort, Output, RelayAllocator, RelayId, Server, Shared, Transport,
 };
@@ -177,11 +178,13 @@ pub struct UdpWorkers {
 
 impl UdpWorkers {
     /// Binds `threads` sockets to `listen` and starts a worker on each.
+    /// With `kernel`, workers hand it their allocations' routes.
     pub fn start(
         listen: SocketAddr,
         threads: usize,
         relay: RelayConfig,
         shared: Arc<Shared>,
+        kernel: Option<Arc<KernelRelay>>,
     ) -> io::Result<UdpWorkers> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut addr = listen;
@@ -197,6 +200,7 @@ impl UdpWorkers {
         for (i, std_socket) in sockets.into_iter().enumerate() {
             let (mut worker, waker) =
                 Worker::new(std_socket, addr, &relay, shared.clone(), i, threads)?;
+            worker.kernel = kernel.clone();
             wakers.push(waker);
             let stop = stop.clone();
             handles.push(
@@ -255,6 +259,7 @@ struct Worker {
     to_client: Vec<(SocketAddr, Range<usize>)>,
     /// Datagrams per socket per round ([`TURN_DATAGRAMS`]).
     turn: usize,
+    kernel: Option<Arc<KernelRelay>>,
 }
 
 /// Datagrams one socket may hand in before the others get their turn. Under
@@ -327,6 +332,7 @@ impl Worker {
             to_peer: Vec::with_capacity(batch::BATCH),
             to_client: Vec::with_capacity(batch::BATCH),
             turn: TURN_DATAGRAMS,
+            kernel: None,
         };
         Ok((worker, waker))
     }
@@ -379,7 +385,18 @@ impl Worker {
         r.ready.clear();
         std::mem::swap(&mut r.ready, &mut r.again);
         self.server.on_timeout(Instant::now());
+        self.apply_routes();
         Ok(())
+    }
+
+    /// Hands the kernel relay the routes the state machine changed.
+    fn apply_routes(&mut self) {
+        if let Some(kernel) = &self.kernel {
+            let mut changes = self.server.route_changes().peekable();
+            if changes.peek().is_some() {
+                kernel.apply(changes);
+            }
+        }
     }
 
     /// Receives and handles up to `budget` datagrams from the listening
@@ -446,6 +463,10 @@ impl Worker {
                 self.to_client.iter().map(|(to, r)| (*to, &all[r.clone()])),
                 behind,
             );
+            // Before the answers: a client that hears its channel is bound
+            // finds the kernel's route in place, and one that deleted its
+            // allocation finds it gone.
+            self.apply_routes();
             if !replies.is_empty() {
                 self.tx.send(
                     &self.listener,

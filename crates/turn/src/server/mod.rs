@@ -31,6 +31,9 @@ use crate::auth::{AuthFailure, Credentials};
 use crate::policy::PeerPolicy;
 use crate::stun::{self, ChannelData, Class, Message, MessageBuilder, RawAttr, attr, method};
 
+mod routes;
+pub use routes::{KernelRoute, RouteChange};
+
 /// Free bytes a driver must leave in front of a peer datagram, for the
 /// largest header the server may write there (a Data indication to an
 /// IPv6 peer: 20 + 24 + 4).
@@ -144,6 +147,9 @@ pub struct Config {
     /// to the other (see [`Server::relay_across`]); off, it crosses the two
     /// relay sockets. Off only to compare the two, as the tests do.
     pub relay_in_place: bool,
+    /// Keep routes for the kernel relay (see [`Server::route_changes`]).
+    /// Never with a bandwidth limit: the kernel does not meter.
+    pub kernel_routes: bool,
     /// Unauthenticated requests per second per source IP (burst: twice that).
     pub unauth_rate: u32,
     /// Bytes a UDP source may be sent in answers to unauthenticated requests
@@ -168,6 +174,7 @@ impl Default for Config {
             max_permissions: 64,
             bps_per_allocation: 0,
             relay_in_place: true,
+            kernel_routes: false,
             unauth_rate: 50,
             unauth_allowance: 512,
             software: None,
@@ -532,6 +539,8 @@ struct Allocation {
     /// What the client may send; what it may be sent is in `view`, where
     /// other workers relaying in place take from it too.
     to_peer_budget: ByteBucket,
+    /// What the kernel relay was last told about this allocation.
+    routes: Vec<KernelRoute>,
 }
 
 impl Allocation {
@@ -718,6 +727,8 @@ pub struct Server<A> {
     /// The listening address from which this server's driver can send to
     /// UDP clients, if its own clients are not on UDP.
     udp_source: Option<SocketAddr>,
+    /// Kernel routes to install or remove, in order.
+    route_changes: Vec<RouteChange>,
 }
 
 /// An error response in the making: code, reason, and whether to sign it.
@@ -752,7 +763,31 @@ impl<A: RelayAllocator> Server<A> {
             indications: 0,
             inbox: None,
             udp_source: None,
+            route_changes: Vec::new(),
         }
+    }
+
+    /// What the kernel relay must learn or forget since the last call, in
+    /// order (see `server::routes`). Empty unless `Config::kernel_routes`.
+    pub fn route_changes(&mut self) -> std::vec::Drain<'_, RouteChange> {
+        self.route_changes.drain(..)
+    }
+
+    /// Brings an allocation's kernel routes in line with its access.
+    fn sync_routes(&mut self, slot: u32, now: Instant) {
+        let config = &self.shared.config;
+        if !config.kernel_routes || config.bps_per_allocation != 0 {
+            return;
+        }
+        let Some(a) = self
+            .allocations
+            .get_mut(slot as usize)
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let want = routes::wanted(&a.five, a.relay_addr, &a.access, now);
+        routes::update(&mut a.routes, want, &mut self.route_changes);
     }
 
     /// For a stream connection's server: other workers and connections
@@ -902,13 +937,18 @@ impl<A: RelayAllocator> Server<A> {
             tracing::debug!(slot, "allocation expired");
             self.remove_allocation(slot);
         }
-        for a in self.allocations.iter_mut().flatten() {
+        let mut shrunk = Vec::new();
+        for (slot, a) in self.allocations.iter_mut().enumerate() {
+            let Some(a) = a else { continue };
             let a = &mut a.access;
             let before = (a.permissions.len(), a.channels.len());
             a.permissions.retain(|(_, exp)| *exp > now);
             a.channels.retain(|c| c.expires + CHANNEL_QUARANTINE > now);
             let removed_p = before.0 - a.permissions.len();
             let removed_c = before.1 - a.channels.len();
+            if removed_p + removed_c > 0 {
+                shrunk.push(slot as u32);
+            }
             // Looking a metric up costs a hash lookup: skip it when nothing
             // expired, which is nearly every allocation at every sweep.
             if removed_p > 0 {
@@ -917,6 +957,9 @@ impl<A: RelayAllocator> Server<A> {
             if removed_c > 0 {
                 metrics::gauge!("callisto_turn_channels").decrement(removed_c as f64);
             }
+        }
+        for slot in shrunk {
+            self.sync_routes(slot, now);
         }
         self.unauth
             .retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(10));
@@ -1530,6 +1573,7 @@ impl<A: RelayAllocator> Server<A> {
             allocate_tid: *tid,
             allocate_response: response.clone(),
             to_peer_budget: bucket(),
+            routes: Vec::new(),
         });
         self.by_five.insert(five, slot);
         self.by_relay_addr.insert(relay_addr, slot);
@@ -1626,6 +1670,7 @@ impl<A: RelayAllocator> Server<A> {
         } else if let Some(a) = self.allocations[slot as usize].as_mut() {
             a.access.expires = now + lifetime;
             a.publish();
+            self.sync_routes(slot, now);
         }
         let mut b = self.response(msg, Class::Success);
         b.u32(attr::LIFETIME, lifetime.as_secs() as u32);
@@ -1693,6 +1738,7 @@ impl<A: RelayAllocator> Server<A> {
             install_permission(&mut a.access, p.ip(), now);
         }
         a.publish();
+        self.sync_routes(slot, now);
         let b = self.response(msg, Class::Success);
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
@@ -1744,6 +1790,7 @@ impl<A: RelayAllocator> Server<A> {
         }
         install_permission(access, peer.ip(), now);
         a.publish();
+        self.sync_routes(slot, now);
         let b = self.response(msg, Class::Success);
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
@@ -1764,6 +1811,8 @@ impl<A: RelayAllocator> Server<A> {
         self.relays.release(a.relay);
         self.shared.unreserve(&a.username);
         self.free_slots.push(slot);
+        self.route_changes
+            .extend(a.routes.iter().map(|r| RouteChange::Remove(*r)));
         metrics::gauge!("callisto_turn_allocations").decrement(1.0);
         metrics::gauge!("callisto_turn_permissions").decrement(a.access.permissions.len() as f64);
         metrics::gauge!("callisto_turn_channels").decrement(a.access.channels.len() as f64);

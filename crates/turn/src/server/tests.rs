@@ -1512,3 +1512,322 @@ proptest::proptest! {
         proptest::prop_assert_eq!(in_place, kernel);
     }
 }
+
+fn kernel_config() -> Config {
+    Config {
+        kernel_routes: true,
+        ..config()
+    }
+}
+
+fn route(
+    five: FiveTuple,
+    channel: u16,
+    relay: SocketAddr,
+    peer: SocketAddr,
+    expires: Instant,
+) -> KernelRoute {
+    let v4 = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => panic!("IPv4 only"),
+    };
+    KernelRoute {
+        client: v4(five.client),
+        server: v4(five.server),
+        channel,
+        relay: v4(relay),
+        peer: v4(peer),
+        expires,
+    }
+}
+
+#[test]
+fn kernel_routes_follow_channels_permissions_and_lifetimes() {
+    let t0 = Instant::now();
+    let (_, mut s) = setup(kernel_config(), t0);
+    let (mut c, relayed) = allocated(&mut s, five(1), t0);
+    assert_eq!(s.route_changes().count(), 0, "no channel, no route");
+
+    // A channel and the permission it installs: the permission ends first.
+    let ch = c.bind_channel(t0, peer());
+    pump(&mut s, &mut c, five(1), t0);
+    let r = |expires| route(five(1), ch, relayed, peer(), expires);
+    let secs = |n| t0 + Duration::from_secs(n);
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [RouteChange::Set(r(secs(300)))]
+    );
+
+    // Renewing the permission moves the route's end to it.
+    c.create_permission(secs(100), peer().ip());
+    pump(&mut s, &mut c, five(1), secs(100));
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [RouteChange::Set(r(secs(400)))]
+    );
+
+    // A refresh that does not bring the end closer changes nothing.
+    c.refresh(secs(200), 600);
+    pump(&mut s, &mut c, five(1), secs(200));
+    assert_eq!(s.route_changes().count(), 0);
+
+    // The permission expires: the route goes with it; renewed, it returns
+    // until the channel's end.
+    s.on_timeout(secs(401));
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [RouteChange::Remove(r(secs(400)))]
+    );
+    c.create_permission(secs(402), peer().ip());
+    pump(&mut s, &mut c, five(1), secs(402));
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [RouteChange::Set(r(secs(600)))]
+    );
+
+    // Deleting the allocation removes it.
+    c.refresh(secs(403), 0);
+    pump(&mut s, &mut c, five(1), secs(403));
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [RouteChange::Remove(r(secs(600)))]
+    );
+}
+
+#[test]
+fn kernel_routes_go_when_the_allocation_expires() {
+    let t0 = Instant::now();
+    let (_, mut s) = setup(kernel_config(), t0);
+    let (mut c, relayed) = allocated(&mut s, five(1), t0);
+    let ch = c.bind_channel(t0, peer());
+    pump(&mut s, &mut c, five(1), t0);
+    c.create_permission(t0 + Duration::from_secs(301), peer().ip());
+    pump(&mut s, &mut c, five(1), t0 + Duration::from_secs(301));
+    let end = t0 + DEFAULT_LIFETIME;
+    assert_eq!(
+        s.route_changes().next_back(),
+        Some(RouteChange::Set(route(five(1), ch, relayed, peer(), end))),
+        "the allocation's end comes before the permission's"
+    );
+    s.on_timeout(end);
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [RouteChange::Remove(route(
+            five(1),
+            ch,
+            relayed,
+            peer(),
+            end
+        ))]
+    );
+}
+
+#[test]
+fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_without_a_limit() {
+    let t0 = Instant::now();
+    let unspecified = FiveTuple {
+        server: "0.0.0.0:3478".parse().unwrap(),
+        ..five(1)
+    };
+    let cases = [
+        ("not asked", config(), five(1)),
+        (
+            "bandwidth limit",
+            Config {
+                bps_per_allocation: 1000,
+                ..kernel_config()
+            },
+            five(1),
+        ),
+        ("TCP client", kernel_config(), stream_five(1)),
+        ("listening on 0.0.0.0", kernel_config(), unspecified),
+    ];
+    for (case, cfg, f) in cases {
+        let (_, mut s) = setup(cfg, t0);
+        let (mut c, _) = allocated(&mut s, f, t0);
+        c.bind_channel(t0, peer());
+        pump(&mut s, &mut c, f, t0);
+        assert_eq!(s.route_changes().count(), 0, "{case}");
+    }
+}
+
+/// What a client of the kernel relay does, for the property below.
+#[derive(Debug, Clone)]
+enum RouteStep {
+    Bind {
+        peer: usize,
+    },
+    Permit {
+        peer: usize,
+    },
+    Refresh {
+        secs: u16,
+    },
+    /// Time passes; with `sweep`, the server's timer runs (without, what
+    /// has expired is still in its tables, and only the routes' own ends
+    /// keep the kernel from following them).
+    Wait {
+        secs: u16,
+        sweep: bool,
+    },
+    /// Allocates again (after a deletion or expiry).
+    Allocate,
+}
+
+fn arb_route_step() -> impl proptest::strategy::Strategy<Value = RouteStep> {
+    use proptest::prelude::*;
+    prop_oneof![
+        2 => (0..3usize).prop_map(|peer| RouteStep::Bind { peer }),
+        2 => (0..3usize).prop_map(|peer| RouteStep::Permit { peer }),
+        1 => prop_oneof![Just(0u16), 1u16..700].prop_map(|secs| RouteStep::Refresh { secs }),
+        2 => (prop_oneof![0u16..5, 250u16..350, 550u16..650], any::<bool>())
+            .prop_map(|(secs, sweep)| RouteStep::Wait { secs, sweep }),
+        1 => Just(RouteStep::Allocate),
+    ]
+}
+
+/// The kernel's maps as `net::kernel` keeps them: one entry per direction,
+/// removed only for the flow that set it.
+#[derive(Default)]
+struct KernelMaps {
+    from_client: HashMap<(SocketAddr, u16), KernelRoute>,
+    from_peer: HashMap<(SocketAddr, SocketAddr), KernelRoute>,
+}
+
+impl KernelMaps {
+    fn apply(&mut self, change: RouteChange) {
+        let keys = |r: &KernelRoute| {
+            (
+                (r.client.into(), r.channel),
+                (r.peer.into(), r.relay.into()),
+            )
+        };
+        match change {
+            RouteChange::Set(r) => {
+                let (c, p) = keys(&r);
+                self.from_client.insert(c, r);
+                self.from_peer.insert(p, r);
+            }
+            RouteChange::Remove(r) => {
+                let (c, p) = keys(&r);
+                let same = |o: &KernelRoute| {
+                    KernelRoute {
+                        expires: r.expires,
+                        ..*o
+                    } == r
+                };
+                if self.from_client.get(&c).is_some_and(same) {
+                    self.from_client.remove(&c);
+                }
+                if self.from_peer.get(&p).is_some_and(same) {
+                    self.from_peer.remove(&p);
+                }
+            }
+        }
+    }
+}
+
+/// Checks the kernel's maps against the server at `now`: every route the
+/// kernel would follow does what the server would do, and every channel
+/// the server would relay has such a route.
+fn check_routes(s: &mut Server<FakeRelays>, maps: &KernelMaps, f: FiveTuple, now: Instant) {
+    let relay = s.relay_of(&f);
+    for r in maps.from_client.values().filter(|r| r.expires > now) {
+        let mut framed = ChannelData::header(r.channel, 3).to_vec();
+        framed.extend_from_slice(b"abc");
+        let out = s.on_client(now, f, &mut framed);
+        let relay = relay.expect("a live route without an allocation");
+        assert_eq!(
+            out,
+            Output::ToPeer {
+                relay,
+                peer: r.peer.into(),
+                range: 4..7
+            },
+            "kernel route {r:?} relays what the server would not"
+        );
+        assert_eq!(SocketAddr::from(r.relay).port(), 50000 + relay.0 as u16);
+    }
+    for r in maps.from_peer.values().filter(|r| r.expires > now) {
+        let relay = relay.expect("a live route without an allocation");
+        let mut buf = vec![0u8; HEADROOM + 3 + TAILROOM];
+        let out = s.on_peer(now, relay, r.peer.into(), &mut buf, 3);
+        let Output::ToClient { to, range } = out else {
+            panic!("kernel route {r:?} relays from a peer the server would not: {out:?}");
+        };
+        assert_eq!(to, f);
+        assert_eq!(buf[range.start..range.start + 2], r.channel.to_be_bytes());
+    }
+    let Some(relay) = relay else { return };
+    let a = s.allocations[relay.0 as usize].as_ref().expect("allocated");
+    let channels: Vec<(u16, SocketAddr)> = a
+        .access
+        .channels
+        .iter()
+        .map(|c| (c.number, c.peer))
+        .collect();
+    for (number, peer) in channels {
+        let mut framed = ChannelData::header(number, 3).to_vec();
+        framed.extend_from_slice(b"abc");
+        if let Output::ToPeer { .. } = s.on_client(now, f, &mut framed) {
+            let r = maps.from_client.get(&(f.client, number));
+            assert!(
+                r.is_some_and(|r| r.expires > now && SocketAddr::from(r.peer) == peer),
+                "channel {number:#x} to {peer} is relayed by the server but has no live route: {r:?}"
+            );
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
+    ))]
+
+    /// The kernel relay never relays what the server would not, and
+    /// relays every channel the server would: whatever the channels,
+    /// permissions, refreshes, deletions and expiries, the routes the
+    /// server reports, applied in order, match its own decisions at every
+    /// moment.
+    #[test]
+    fn kernel_routes_match_what_the_server_relays(
+        steps in proptest::collection::vec(arb_route_step(), 1..40),
+    ) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let (_, mut s) = setup(kernel_config(), t0);
+        let f = five(1);
+        let peers: [SocketAddr; 3] = [
+            "203.0.113.9:4000".parse().unwrap(),
+            "203.0.113.9:4001".parse().unwrap(),
+            "203.0.113.10:4000".parse().unwrap(),
+        ];
+        let mut maps = KernelMaps::default();
+        let (mut c, _) = allocated(&mut s, f, t0);
+        for step in &steps {
+            match *step {
+                RouteStep::Bind { peer } => {
+                    c.bind_channel(now, peers[peer]);
+                }
+                RouteStep::Permit { peer } => c.create_permission(now, peers[peer].ip()),
+                RouteStep::Refresh { secs } => c.refresh(now, secs.into()),
+                RouteStep::Wait { secs, sweep } => {
+                    now += Duration::from_secs(secs.into());
+                    if sweep {
+                        s.on_timeout(now);
+                    }
+                }
+                RouteStep::Allocate => {
+                    if s.relay_of(&f).is_none() {
+                        c = allocated(&mut s, f, now).0;
+                    }
+                }
+            }
+            pump(&mut s, &mut c, f, now);
+            for change in s.route_changes().collect::<Vec<_>>() {
+                maps.apply(change);
+            }
+            check_routes(&mut s, &maps, f, now);
+        }
+    }
+}

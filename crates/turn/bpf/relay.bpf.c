@@ -1,0 +1,327 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0
+//
+// Callisto's kernel relay: an XDP program that relays ChannelData between a
+// TURN client and a peer without waking the server process.
+//
+// User space (crates/turn/src/net/kernel.rs) owns every decision: when a
+// UDP client's channel is bound and its peer permitted, it writes one route
+// per direction into `client_routes` and `peer_routes`, with the moment the
+// first of allocation, permission and channel expires. This program only
+// follows routes that have not expired. Everything else -- STUN requests,
+// Send indications, padded or malformed ChannelData, data from peers
+// without a channel, fragments, IP options, IPv6, expired routes, and
+// destinations the FIB says are not out of the same interface -- is passed
+// on untouched to the sockets, where the server handles it as it always
+// does. So the server stays the one authority, and a missing route only
+// costs speed.
+//
+// Built with `scripts/build-bpf.sh` (clang -target bpf); the object is
+// committed beside this file and embedded in the binary, so building
+// Callisto needs no clang.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+// bpf_fib_lookup is GPL-only.
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+// Addresses and ports are in network byte order, as on the wire; the
+// padding fields are zero so that keys compare bytewise.
+struct client_key {
+	__u32 client_ip;
+	__u32 server_ip;
+	__u16 client_port;
+	__u16 server_port;
+	__u16 channel;
+	__u16 zero;
+};
+
+struct to_peer {
+	__u32 relay_ip;
+	__u32 peer_ip;
+	__u16 relay_port;
+	__u16 peer_port;
+	__u32 zero;
+	__u64 expires_ns; // CLOCK_MONOTONIC, as bpf_ktime_get_ns
+};
+
+struct peer_key {
+	__u32 peer_ip;
+	__u32 relay_ip;
+	__u16 peer_port;
+	__u16 relay_port;
+};
+
+struct to_client {
+	__u32 server_ip;
+	__u32 client_ip;
+	__u16 server_port;
+	__u16 client_port;
+	__u16 channel;
+	__u16 zero;
+	__u64 expires_ns;
+};
+
+// Bytes are ChannelData payload bytes, as the server counts them.
+struct stats {
+	__u64 to_peer_packets;
+	__u64 to_peer_bytes;
+	__u64 to_client_packets;
+	__u64 to_client_bytes;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct client_key);
+	__type(value, struct to_peer);
+} client_routes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct peer_key);
+	__type(value, struct to_client);
+} peer_routes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct stats);
+} stats SEC(".maps");
+
+struct headers {
+	struct ethhdr eth;
+	struct iphdr ip;
+	struct udphdr udp;
+} __attribute__((packed));
+
+#define CHANNEL_HEADER 4
+#define LOOPBACK_IFINDEX 1
+
+// One's-complement arithmetic for incremental checksum updates (RFC 1624).
+// The sum does not depend on byte order, so fields are taken as stored.
+static __always_inline __u32 add16(__u32 sum, __u16 v) { return sum + v; }
+static __always_inline __u32 sub16(__u32 sum, __u16 v) { return sum + (__u16)~v; }
+static __always_inline __u32 add32(__u32 sum, __u32 v) { return sum + (v & 0xffff) + (v >> 16); }
+static __always_inline __u32 sub32(__u32 sum, __u32 v) { return sub16(sub16(sum, v & 0xffff), v >> 16); }
+
+static __always_inline __u16 fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)sum;
+}
+
+static __always_inline __u16 ip_checksum(const struct headers *n)
+{
+	const __u16 *w = (const __u16 *)((const __u8 *)n + sizeof(struct ethhdr));
+	__u32 sum = 0;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += w[i];
+	return ~fold(sum);
+}
+
+// Rewrites `n` (a copy of the received headers `h`) for its new hop:
+// addresses, ports, lengths and checksums. `removed` and `added` are the
+// channel header words leaving or joining the UDP payload.
+static __always_inline void readdress(struct headers *n, const struct headers *h,
+				      __u32 saddr, __u16 sport, __u32 daddr,
+				      __u16 dport, int grow, __u16 cd0, __u16 cd1)
+{
+	__u16 ulen = bpf_htons(bpf_ntohs(h->udp.len) + grow);
+
+	n->ip.tot_len = bpf_htons(bpf_ntohs(h->ip.tot_len) + grow);
+	n->ip.saddr = saddr;
+	n->ip.daddr = daddr;
+	n->ip.ttl = 64;
+	n->ip.check = 0;
+	n->ip.check = ip_checksum(n);
+
+	n->udp.source = sport;
+	n->udp.dest = dport;
+	n->udp.len = ulen;
+	// Zero means "no checksum" in IPv4 UDP: nothing to keep up to date.
+	if (h->udp.check) {
+		__u32 sum = (__u16)~h->udp.check;
+		sum = sub32(sum, h->ip.saddr);
+		sum = sub32(sum, h->ip.daddr);
+		sum = add32(sum, saddr);
+		sum = add32(sum, daddr);
+		sum = sub16(sum, h->udp.source);
+		sum = sub16(sum, h->udp.dest);
+		sum = add16(sum, sport);
+		sum = add16(sum, dport);
+		// The length is in the pseudo-header and in the UDP header.
+		sum = sub16(sum, h->udp.len);
+		sum = sub16(sum, h->udp.len);
+		sum = add16(sum, ulen);
+		sum = add16(sum, ulen);
+		if (grow > 0) {
+			sum = add16(sum, cd0);
+			sum = add16(sum, cd1);
+		} else {
+			sum = sub16(sum, cd0);
+			sum = sub16(sum, cd1);
+		}
+		__u16 check = ~fold(sum);
+		n->udp.check = check ? check : 0xffff;
+	}
+}
+
+// Next hop's MAC addresses, or false: not out of the interface the packet
+// came in on (or not known yet), so the sockets take it. On loopback the
+// addresses are all zero and stay so.
+static __always_inline int next_hop(struct xdp_md *ctx, struct headers *n)
+{
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+		return 1;
+	struct bpf_fib_lookup fib = {};
+	fib.family = 2; // AF_INET
+	fib.tos = n->ip.tos;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.sport = n->udp.source;
+	fib.dport = n->udp.dest;
+	fib.tot_len = bpf_ntohs(n->ip.tot_len); // asks for an MTU check too
+	fib.ipv4_src = n->ip.saddr;
+	fib.ipv4_dst = n->ip.daddr;
+	fib.ifindex = ctx->ingress_ifindex;
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return 0;
+	if (fib.ifindex != ctx->ingress_ifindex)
+		return 0;
+	__builtin_memcpy(n->eth.h_source, fib.smac, ETH_ALEN);
+	__builtin_memcpy(n->eth.h_dest, fib.dmac, ETH_ALEN);
+	return 1;
+}
+
+static __always_inline struct stats *counters(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&stats, &zero);
+}
+
+// Client -> peer: drop the 4-byte channel header, send from the relayed
+// address to the peer.
+static __always_inline int relay_to_peer(struct xdp_md *ctx, const struct headers *h,
+					 const struct to_peer *r, __u16 cd0,
+					 __u16 cd1, __u16 len)
+{
+	struct headers n = *h;
+	readdress(&n, h, r->relay_ip, r->relay_port, r->peer_ip, r->peer_port,
+		  -CHANNEL_HEADER, cd0, cd1);
+	if (!next_hop(ctx, &n))
+		return XDP_PASS;
+	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
+		return XDP_PASS;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (data + sizeof(n) > end)
+		return XDP_DROP; // cannot happen: the packet was longer
+	__builtin_memcpy(data, &n, sizeof(n));
+	struct stats *s = counters();
+	if (s) {
+		s->to_peer_packets++;
+		s->to_peer_bytes += len;
+	}
+	return XDP_TX;
+}
+
+// Peer -> client: prepend a channel header, send from the TURN port to
+// the client.
+static __always_inline int relay_to_client(struct xdp_md *ctx, const struct headers *h,
+					   const struct to_client *c, __u16 len)
+{
+	if (len > 0xffff - CHANNEL_HEADER - sizeof(struct iphdr) - sizeof(struct udphdr))
+		return XDP_PASS;
+	__u16 cd0 = c->channel;
+	__u16 cd1 = bpf_htons(len);
+	struct headers n = *h;
+	readdress(&n, h, c->server_ip, c->server_port, c->client_ip, c->client_port,
+		  CHANNEL_HEADER, cd0, cd1);
+	if (!next_hop(ctx, &n))
+		return XDP_PASS;
+	if (bpf_xdp_adjust_head(ctx, -CHANNEL_HEADER))
+		return XDP_PASS;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (data + sizeof(n) + CHANNEL_HEADER > end)
+		return XDP_DROP; // cannot happen: the packet grew
+	__builtin_memcpy(data, &n, sizeof(n));
+	__u16 *cd = data + sizeof(n);
+	cd[0] = cd0;
+	cd[1] = cd1;
+	struct stats *s = counters();
+	if (s) {
+		s->to_client_packets++;
+		s->to_client_bytes += len;
+	}
+	return XDP_TX;
+}
+
+SEC("xdp")
+int callisto_turn_relay(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct headers *h = data;
+
+	if ((void *)(h + 1) > end)
+		return XDP_PASS;
+	if (h->eth.h_proto != bpf_htons(ETH_P_IP) || h->ip.version != 4 ||
+	    h->ip.ihl != 5 || h->ip.protocol != IPPROTO_UDP)
+		return XDP_PASS;
+	if (h->ip.frag_off & bpf_htons(0x3fff)) // a fragment, or more to come
+		return XDP_PASS;
+	__u16 ulen = bpf_ntohs(h->udp.len);
+	if (ulen < sizeof(struct udphdr) ||
+	    bpf_ntohs(h->ip.tot_len) != sizeof(struct iphdr) + ulen)
+		return XDP_PASS;
+	__u16 len = ulen - sizeof(struct udphdr);
+	// Frames may carry trailing padding; they may not be short.
+	if (data + sizeof(*h) + len > end)
+		return XDP_PASS;
+
+	struct headers copy = *h;
+	__u64 now = bpf_ktime_get_ns();
+
+	__u8 *p = data + sizeof(*h);
+	if (len >= CHANNEL_HEADER && (void *)(p + CHANNEL_HEADER) <= end &&
+	    (p[0] & 0xc0) == 0x40) { // 0x4000-0x7fff, as RFC 5766 had it
+		__u16 cd0 = *(__u16 *)p;
+		__u16 cd1 = *(__u16 *)(p + 2);
+		struct client_key k = {
+			.client_ip = h->ip.saddr,
+			.server_ip = h->ip.daddr,
+			.client_port = h->udp.source,
+			.server_port = h->udp.dest,
+			.channel = cd0,
+		};
+		struct to_peer *r = bpf_map_lookup_elem(&client_routes, &k);
+		if (r) {
+			// Padded (allowed over UDP, never seen from browsers) or
+			// inconsistent: the server deals with it.
+			if (bpf_ntohs(cd1) + CHANNEL_HEADER != len || r->expires_ns <= now)
+				return XDP_PASS;
+			return relay_to_peer(ctx, &copy, r, cd0, cd1, len - CHANNEL_HEADER);
+		}
+	}
+
+	struct peer_key pk = {
+		.peer_ip = h->ip.saddr,
+		.relay_ip = h->ip.daddr,
+		.peer_port = h->udp.source,
+		.relay_port = h->udp.dest,
+	};
+	struct to_client *c = bpf_map_lookup_elem(&peer_routes, &pk);
+	if (c && c->expires_ns > now)
+		return relay_to_client(ctx, &copy, c, len);
+	return XDP_PASS;
+}

@@ -1,0 +1,790 @@
+//! The kernel relay: an XDP program (`bpf/relay.bpf.c`) that relays
+//! ChannelData between UDP clients and their peers inside the kernel, so
+//! that a relayed packet wakes no worker and crosses no socket.
+//!
+//! Why: below saturation, nearly all of what a relayed packet costs a
+//! user-space relay is the kernel's: receiving it, waking the worker, and
+//! sending it on (see `docs/benchmarks.md`); the protocol work is a few
+//! percent. The only way to cut that cost is not to take the packet out of
+//! the kernel at all.
+//!
+//! The state machine decides which flows the kernel may relay and reports
+//! them as [`RouteChange`]s (see `server::routes`); the UDP workers hand them
+//! to [`KernelRelay::apply`], which writes them into the program's maps.
+//! Everything the program does not relay reaches the sockets untouched.
+//! The program counts what it relays; [`KernelRelay::report`] adds that to
+//! the relay metrics.
+
+use std::net::SocketAddrV4;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use aya::Ebpf;
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use aya::programs::{Xdp, XdpFlags};
+
+use crate::server::{KernelRoute, RouteChange};
+
+/// The compiled program, built from `bpf/relay.bpf.c` by
+/// `scripts/build-bpf.sh`; committed, so that building needs no clang.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!("../../bpf/relay.bpf.o");
+const PROGRAM_NAME: &str = "callisto_turn_relay";
+
+/// The map layouts of `relay.bpf.c`. Addresses and ports in network byte
+/// order, as the program reads them off the wire; padding zeroed, as keys
+/// are compared bytewise.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClientKey {
+    client_ip: u32,
+    server_ip: u32,
+    client_port: u16,
+    server_port: u16,
+    channel: u16,
+    zero: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ToPeer {
+    relay_ip: u32,
+    peer_ip: u32,
+    relay_port: u16,
+    peer_port: u16,
+    zero: u32,
+    expires_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerKey {
+    peer_ip: u32,
+    relay_ip: u32,
+    peer_port: u16,
+    relay_port: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ToClient {
+    server_ip: u32,
+    client_ip: u32,
+    server_port: u16,
+    client_port: u16,
+    channel: u16,
+    zero: u16,
+    expires_ns: u64,
+}
+
+/// What the program relayed since it was loaded, summed over CPUs. Bytes
+/// are ChannelData payload bytes, as the workers count them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
+
+// SAFETY: plain `repr(C)` integers whose padding is spelled out as fields,
+// so every byte is initialised and any bit pattern is valid.
+unsafe impl aya::Pod for ClientKey {}
+unsafe impl aya::Pod for ToPeer {}
+unsafe impl aya::Pod for PeerKey {}
+unsafe impl aya::Pod for ToClient {}
+unsafe impl aya::Pod for KernelStats {}
+
+fn ip(a: &SocketAddrV4) -> u32 {
+    u32::from_ne_bytes(a.ip().octets())
+}
+
+fn port(a: &SocketAddrV4) -> u16 {
+    a.port().to_be()
+}
+
+impl ClientKey {
+    fn of(r: &KernelRoute) -> Self {
+        ClientKey {
+            client_ip: ip(&r.client),
+            server_ip: ip(&r.server),
+            client_port: port(&r.client),
+            server_port: port(&r.server),
+            channel: r.channel.to_be(),
+            zero: 0,
+        }
+    }
+}
+
+impl PeerKey {
+    fn of(r: &KernelRoute) -> Self {
+        PeerKey {
+            peer_ip: ip(&r.peer),
+            relay_ip: ip(&r.relay),
+            peer_port: port(&r.peer),
+            relay_port: port(&r.relay),
+        }
+    }
+}
+
+impl ToPeer {
+    fn of(r: &KernelRoute, expires_ns: u64) -> Self {
+        ToPeer {
+            relay_ip: ip(&r.relay),
+            peer_ip: ip(&r.peer),
+            relay_port: port(&r.relay),
+            peer_port: port(&r.peer),
+            zero: 0,
+            expires_ns,
+        }
+    }
+}
+
+impl ToClient {
+    fn of(r: &KernelRoute, expires_ns: u64) -> Self {
+        ToClient {
+            server_ip: ip(&r.server),
+            client_ip: ip(&r.client),
+            server_port: port(&r.server),
+            client_port: port(&r.client),
+            channel: r.channel.to_be(),
+            zero: 0,
+            expires_ns,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelRelayError {
+    #[error(
+        "loading the kernel relay (XDP) failed: it needs root (or CAP_BPF and CAP_NET_ADMIN) and a Linux kernel with BPF"
+    )]
+    Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "attaching the kernel relay (XDP) to interface {interface:?} failed: is that the interface that carries the TURN traffic (see `ip link`), with no other XDP program attached to it?"
+    )]
+    Attach {
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// The loaded and attached program and its maps. Detached when dropped (and
+/// when the process ends: the attachment is a BPF link, owned by us).
+pub struct KernelRelay {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    /// Owns the program and its links.
+    _ebpf: Ebpf,
+    client_routes: HashMap<MapData, ClientKey, ToPeer>,
+    peer_routes: HashMap<MapData, PeerKey, ToClient>,
+    stats: PerCpuArray<MapData, KernelStats>,
+    /// What [`KernelRelay::report`] has already added to the metrics.
+    reported: KernelStats,
+    routes: usize,
+}
+
+/// Nanoseconds on `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns` (and
+/// of `Instant` on Linux).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn load_error(e: impl std::error::Error + Send + Sync + 'static) -> KernelRelayError {
+    KernelRelayError::Load(Box::new(e))
+}
+
+impl KernelRelay {
+    /// Loads the program and attaches it to each of `interfaces`: those
+    /// that carry the TURN traffic, clients' and peers' both.
+    pub fn attach(interfaces: &[String]) -> Result<KernelRelay, KernelRelayError> {
+        let mut ebpf = Ebpf::load(PROGRAM).map_err(load_error)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| {
+                load_error(MapError::InvalidName {
+                    name: PROGRAM_NAME.into(),
+                })
+            })?
+            .try_into()
+            .map_err(load_error)?;
+        program.load().map_err(load_error)?;
+        for interface in interfaces {
+            // No mode asked: native where the driver has it, generic
+            // (after the driver built the packet) elsewhere, as on loopback.
+            program
+                .attach(interface, XdpFlags::default())
+                .map_err(|source| KernelRelayError::Attach {
+                    interface: interface.clone(),
+                    source,
+                })?;
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| load_error(MapError::InvalidName { name: name.into() }))
+        };
+        let client_routes = HashMap::try_from(take("client_routes")?).map_err(load_error)?;
+        let peer_routes = HashMap::try_from(take("peer_routes")?).map_err(load_error)?;
+        let stats = PerCpuArray::try_from(take("stats")?).map_err(load_error)?;
+        tracing::info!(?interfaces, "kernel relay (XDP) attached");
+        Ok(KernelRelay {
+            inner: Mutex::new(Inner {
+                _ebpf: ebpf,
+                client_routes,
+                peer_routes,
+                stats,
+                reported: KernelStats::default(),
+                routes: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes route changes into the program's maps, in order. A route
+    /// that does not fit (the maps hold 65,536 each) is left to the
+    /// sockets, and counted.
+    pub fn apply(&self, changes: impl IntoIterator<Item = RouteChange>) {
+        let mut inner = self.lock();
+        let now = (Instant::now(), monotonic_ns());
+        for change in changes {
+            match change {
+                RouteChange::Set(r) => {
+                    let left = r.expires.saturating_duration_since(now.0);
+                    let expires_ns = now.1 + left.as_nanos() as u64;
+                    let (ck, pk) = (ClientKey::of(&r), PeerKey::of(&r));
+                    let fresh = inner.client_routes.get(&ck, 0).is_err();
+                    let set = inner
+                        .client_routes
+                        .insert(ck, ToPeer::of(&r, expires_ns), 0)
+                        .and_then(|()| {
+                            inner
+                                .peer_routes
+                                .insert(pk, ToClient::of(&r, expires_ns), 0)
+                        });
+                    match set {
+                        Ok(()) if fresh => inner.routes += 1,
+                        Ok(()) => {}
+                        Err(e) => {
+                            let _ = inner.client_routes.remove(&ck);
+                            let _ = inner.peer_routes.remove(&pk);
+                            inner.routes -= usize::from(!fresh);
+                            metrics::counter!("callisto_turn_kernel_route_failures_total")
+                                .increment(1);
+                            tracing::debug!(error = %e, channel = r.channel, "kernel route not installed; the sockets relay this flow");
+                        }
+                    }
+                }
+                RouteChange::Remove(r) => {
+                    // Only this flow's entries: another worker may since
+                    // have given the same relay port, or channel, to a
+                    // new flow, and set it first.
+                    let (ck, pk) = (ClientKey::of(&r), PeerKey::of(&r));
+                    let mine = |v: ToPeer| ToPeer { expires_ns: 0, ..v } == ToPeer::of(&r, 0);
+                    if inner.client_routes.get(&ck, 0).is_ok_and(mine) {
+                        let _ = inner.client_routes.remove(&ck);
+                        inner.routes = inner.routes.saturating_sub(1);
+                    }
+                    let mine = |v: ToClient| ToClient { expires_ns: 0, ..v } == ToClient::of(&r, 0);
+                    if inner.peer_routes.get(&pk, 0).is_ok_and(mine) {
+                        let _ = inner.peer_routes.remove(&pk);
+                    }
+                }
+            }
+        }
+        metrics::gauge!("callisto_turn_kernel_routes").set(inner.routes as f64);
+    }
+
+    /// What the program relayed so far, summed over CPUs.
+    pub fn stats(&self) -> KernelStats {
+        total(&self.lock().stats)
+    }
+
+    /// Adds what the program relayed since the last call to the relay
+    /// metrics, as UDP (the only transport it relays for).
+    pub fn report(&self) {
+        let mut inner = self.lock();
+        let now = total(&inner.stats);
+        let was = std::mem::replace(&mut inner.reported, now);
+        drop(inner);
+        for (dir, packets, bytes) in [
+            (
+                "to_peer",
+                now.to_peer_packets - was.to_peer_packets,
+                now.to_peer_bytes - was.to_peer_bytes,
+            ),
+            (
+                "to_client",
+                now.to_client_packets - was.to_client_packets,
+                now.to_client_bytes - was.to_client_bytes,
+            ),
+        ] {
+            if packets == 0 {
+                continue;
+            }
+            let labels = [("direction", dir), ("transport", "udp")];
+            metrics::counter!("callisto_turn_relayed_packets_total", &labels).increment(packets);
+            metrics::counter!("callisto_turn_relayed_bytes_total", &labels).increment(bytes);
+            metrics::counter!("callisto_turn_relayed_in_kernel_packets_total", "direction" => dir)
+                .increment(packets);
+        }
+    }
+}
+
+fn total(stats: &PerCpuArray<MapData, KernelStats>) -> KernelStats {
+    let mut sum = KernelStats::default();
+    if let Ok(per_cpu) = stats.get(&0, 0) {
+        for s in per_cpu.iter() {
+            sum.to_peer_packets += s.to_peer_packets;
+            sum.to_peer_bytes += s.to_peer_bytes;
+            sum.to_client_packets += s.to_client_packets;
+            sum.to_client_bytes += s.to_client_bytes;
+        }
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    //! The program itself, run by the kernel on packets built here
+    //! (`BPF_PROG_TEST_RUN`): no interface is touched. Needs root; skipped
+    //! without it unless `CALLISTO_REQUIRE_ROOT_TESTS` is set, as the test
+    //! script does.
+
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::time::Duration;
+
+    use super::*;
+
+    const XDP_PASS: u32 = 2;
+    const XDP_TX: u32 = 3;
+
+    fn loaded() -> Option<KernelRelay> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("CALLISTO_REQUIRE_ROOT_TESTS").is_none(),
+                "the kernel relay tests need root"
+            );
+            eprintln!("skipped: the kernel relay tests need root");
+            return None;
+        }
+        Some(KernelRelay::attach(&[]).expect("the program loads"))
+    }
+
+    /// `bpf_attr` for `BPF_PROG_TEST_RUN`, zero-padded.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        pad: [u32; 5],
+    }
+
+    /// Runs the program on `packet` (as received on loopback); returns its
+    /// verdict and the packet as it left.
+    fn run(relay: &KernelRelay, packet: &[u8]) -> (u32, Vec<u8>) {
+        let inner = relay.lock();
+        let program: &Xdp = inner
+            ._ebpf
+            .program(PROGRAM_NAME)
+            .expect("loaded")
+            .try_into()
+            .expect("XDP");
+        let fd = program.fd().expect("loaded").as_fd().as_raw_fd();
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut attr = TestRun {
+            prog_fd: fd as u32,
+            data_size_in: packet.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: packet.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ..TestRun::default()
+        };
+        // SAFETY: `attr` is a valid BPF_PROG_TEST_RUN attribute whose
+        // buffers outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                10, // BPF_PROG_TEST_RUN
+                &mut attr as *mut TestRun,
+                std::mem::size_of::<TestRun>(),
+            )
+        };
+        assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", io_error());
+        out.truncate(attr.data_size_out as usize);
+        (attr.retval, out)
+    }
+
+    fn io_error() -> std::io::Error {
+        std::io::Error::last_os_error()
+    }
+
+    fn checksum(chunks: &[&[u8]]) -> u16 {
+        let mut sum = 0u32;
+        let bytes: Vec<u8> = chunks.concat();
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            sum += hi | pair.get(1).map_or(0, |&b| u32::from(b));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// An Ethernet frame (loopback: zero addresses) with a UDP datagram,
+    /// checksums right (`udp_checksum`: or zero, "none").
+    fn frame(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8], udp_checksum: bool) -> Vec<u8> {
+        let udp_len = 8 + payload.len() as u16;
+        let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
+        ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+        ip.extend_from_slice(&from.ip().octets());
+        ip.extend_from_slice(&to.ip().octets());
+        let check = checksum(&[&ip]);
+        ip[10..12].copy_from_slice(&check.to_be_bytes());
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&from.port().to_be_bytes());
+        udp.extend_from_slice(&to.port().to_be_bytes());
+        udp.extend_from_slice(&udp_len.to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        if udp_checksum {
+            let check = match udp_checksum_of(&from, &to, &udp) {
+                0 => 0xffff,
+                c => c,
+            };
+            udp[6..8].copy_from_slice(&check.to_be_bytes());
+        }
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&udp);
+        f
+    }
+
+    fn udp_checksum_of(from: &SocketAddrV4, to: &SocketAddrV4, udp: &[u8]) -> u16 {
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&from.ip().octets());
+        pseudo.extend_from_slice(&to.ip().octets());
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+        checksum(&[&pseudo, udp])
+    }
+
+    /// Checks a frame the program sent: addresses, lengths, TTL and both
+    /// checksums; returns the UDP payload.
+    fn sent(frame: &[u8], from: SocketAddrV4, to: SocketAddrV4, udp_checksum: bool) -> Vec<u8> {
+        assert_eq!(&frame[12..14], &[0x08, 0x00]);
+        let ip = &frame[14..34];
+        assert_eq!(checksum(&[ip]), 0, "IP header checksum");
+        assert_eq!(ip[8], 64, "TTL");
+        assert_eq!(&ip[12..16], &from.ip().octets());
+        assert_eq!(&ip[16..20], &to.ip().octets());
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        assert_eq!(total, frame.len() - 14);
+        let udp = &frame[34..];
+        assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), from.port());
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), to.port());
+        assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), udp.len());
+        if udp_checksum {
+            assert_eq!(udp_checksum_of(&from, &to, udp), 0, "UDP checksum");
+        } else {
+            assert_eq!(&udp[6..8], &[0, 0], "no checksum stays none");
+        }
+        udp[8..].to_vec()
+    }
+
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().expect("an address")
+    }
+
+    fn a_route(expires: Instant) -> KernelRoute {
+        KernelRoute {
+            client: addr("127.0.0.2:40000"),
+            server: addr("127.0.0.1:3478"),
+            channel: 0x4001,
+            relay: addr("127.0.0.1:50000"),
+            peer: addr("127.0.0.3:7000"),
+            expires,
+        }
+    }
+
+    fn channel_data(channel: u16, data: &[u8]) -> Vec<u8> {
+        let mut cd = channel.to_be_bytes().to_vec();
+        cd.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        cd.extend_from_slice(data);
+        cd
+    }
+
+    #[test]
+    fn relays_channel_data_both_ways_with_correct_headers() {
+        let Some(relay) = loaded() else { return };
+        let r = a_route(Instant::now() + Duration::from_secs(60));
+        relay.apply([RouteChange::Set(r)]);
+        for udp_checksum in [true, false] {
+            // Client → peer: the header goes, the rest leaves the relay.
+            let to_server = frame(
+                r.client,
+                r.server,
+                &channel_data(0x4001, b"hello"),
+                udp_checksum,
+            );
+            let (verdict, out) = run(&relay, &to_server);
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(sent(&out, r.relay, r.peer, udp_checksum), b"hello");
+
+            // Peer → client: on the channel, from the TURN port.
+            let odd = b"world!!"; // an odd length tests the checksum's last byte
+            let (verdict, out) = run(&relay, &frame(r.peer, r.relay, odd, udp_checksum));
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(
+                sent(&out, r.server, r.client, udp_checksum),
+                channel_data(0x4001, odd)
+            );
+        }
+        assert_eq!(
+            relay.stats(),
+            KernelStats {
+                to_peer_packets: 2,
+                to_peer_bytes: 10,
+                to_client_packets: 2,
+                to_client_bytes: 14,
+            }
+        );
+    }
+
+    #[test]
+    fn leaves_everything_else_to_the_sockets() {
+        let Some(relay) = loaded() else { return };
+        let now = Instant::now();
+        let r = a_route(now + Duration::from_secs(60));
+        relay.apply([RouteChange::Set(r)]);
+        let stranger = addr("127.0.0.9:7000");
+        let mut padded = channel_data(0x4001, b"abc");
+        padded.push(0);
+        let mut options = frame(r.client, r.server, &channel_data(0x4001, b"x"), true);
+        options[14] = 0x46;
+        let mut fragment = frame(r.peer, r.relay, b"x", true);
+        fragment[20] = 0x20; // more fragments
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "another channel",
+                frame(r.client, r.server, &channel_data(0x4002, b"x"), true),
+            ),
+            (
+                "another client",
+                frame(stranger, r.server, &channel_data(0x4001, b"x"), true),
+            ),
+            ("padded", frame(r.client, r.server, &padded, true)),
+            ("length beyond the datagram", {
+                let mut cd = channel_data(0x4001, b"abc");
+                cd[3] = 9;
+                frame(r.client, r.server, &cd, true)
+            }),
+            (
+                "a STUN request",
+                frame(
+                    r.client,
+                    r.server,
+                    &[0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42],
+                    true,
+                ),
+            ),
+            (
+                "another peer port",
+                frame(addr("127.0.0.3:7001"), r.relay, b"x", true),
+            ),
+            ("IP options", options),
+            ("a fragment", fragment),
+            (
+                "truncated",
+                frame(r.peer, r.relay, b"abcdef", true)[..40].to_vec(),
+            ),
+        ];
+        for (case, packet) in &cases {
+            let (verdict, out) = run(&relay, packet);
+            assert_eq!((verdict, &out), (XDP_PASS, packet), "{case}");
+        }
+
+        // An expired route is not followed, even before it is removed.
+        relay.apply([RouteChange::Set(KernelRoute { expires: now, ..r })]);
+        let (verdict, _) = run(&relay, &frame(r.peer, r.relay, b"x", true));
+        assert_eq!(verdict, XDP_PASS, "expired");
+        // A removed one neither.
+        relay.apply([RouteChange::Set(r), RouteChange::Remove(r)]);
+        let (verdict, _) = run(&relay, &frame(r.peer, r.relay, b"x", true));
+        assert_eq!(verdict, XDP_PASS, "removed");
+        assert_eq!(relay.stats(), KernelStats::default());
+    }
+
+    #[test]
+    fn the_committed_program_was_built_from_the_committed_source() {
+        let source = include_bytes!("../../bpf/relay.bpf.c");
+        let recorded = include_str!("../../bpf/relay.bpf.c.sha256").trim();
+        let digest = ring::digest::digest(&ring::digest::SHA256, source);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex, recorded,
+            "bpf/relay.bpf.c changed since relay.bpf.o was built: run scripts/build-bpf.sh"
+        );
+    }
+
+    /// A frame for the property below: a valid one for the route, either
+    /// direction, or random bytes; then some bytes overwritten.
+    fn arb_frame() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let r = a_route(Instant::now());
+        let valid = (
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+            any::<bool>(),
+            prop_oneof![Just(0x4001u16), any::<u16>()],
+            prop_oneof![Just(None), any::<u16>().prop_map(Some)],
+        )
+            .prop_map(move |(from_client, data, check, channel, len)| {
+                if from_client {
+                    let mut cd = channel_data(channel, &data);
+                    if let Some(len) = len {
+                        cd[2..4].copy_from_slice(&len.to_be_bytes());
+                    }
+                    frame(r.client, r.server, &cd, check)
+                } else {
+                    frame(r.peer, r.relay, &data, check)
+                }
+            });
+        // The kernel hands XDP no frame shorter than an Ethernet header
+        // (and its test runner takes none).
+        let any_bytes = proptest::collection::vec(any::<u8>(), 14..120);
+        (
+            prop_oneof![3 => valid, 1 => any_bytes],
+            proptest::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+        )
+            .prop_map(|(mut f, flips)| {
+                for (at, byte) in flips {
+                    if !f.is_empty() {
+                        let i = at % f.len();
+                        f[i] = byte;
+                    }
+                }
+                f
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+        ))]
+
+        /// Whatever arrives, the program either leaves it untouched for the
+        /// sockets, or relays exactly it along the route: the right
+        /// addresses, the payload with the channel header taken off or put
+        /// on, and checksums that still hold where they held.
+        #[test]
+        fn any_frame_is_relayed_along_its_route_or_left_alone(packet in arb_frame()) {
+            // Loaded once: the verifier takes tens of milliseconds.
+            static RELAY: std::sync::OnceLock<Option<KernelRelay>> = std::sync::OnceLock::new();
+            let Some(relay) = RELAY.get_or_init(loaded) else { return Ok(()) };
+            let r = a_route(Instant::now() + Duration::from_secs(60));
+            relay.apply([RouteChange::Set(r)]);
+            let (verdict, out) = run(relay, &packet);
+            if verdict == XDP_PASS {
+                proptest::prop_assert_eq!(&out, &packet);
+                return Ok(());
+            }
+            proptest::prop_assert_eq!(verdict, XDP_TX);
+            // Only well-formed frames get here: check what left against
+            // what came.
+            let udp_in = &packet[34..];
+            let from = SocketAddrV4::new(
+                std::net::Ipv4Addr::new(packet[26], packet[27], packet[28], packet[29]),
+                u16::from_be_bytes([udp_in[0], udp_in[1]]),
+            );
+            let to = SocketAddrV4::new(
+                std::net::Ipv4Addr::new(packet[30], packet[31], packet[32], packet[33]),
+                u16::from_be_bytes([udp_in[2], udp_in[3]]),
+            );
+            let checked = udp_in[6..8] != [0, 0] && udp_checksum_of(&from, &to, udp_in) == 0;
+            let ip_ok = checksum(&[&packet[14..34]]) == 0;
+            let payload_in = &udp_in[8..];
+            if (from, to) == (r.client, r.server) {
+                let out_payload = sent_loosely(&out, r.relay, r.peer, checked, ip_ok);
+                proptest::prop_assert_eq!(&out_payload[..], &payload_in[4..]);
+                proptest::prop_assert_eq!(&payload_in[..2], &0x4001u16.to_be_bytes());
+                let declared = u16::from_be_bytes([payload_in[2], payload_in[3]]);
+                proptest::prop_assert_eq!(usize::from(declared), payload_in.len() - 4);
+            } else {
+                proptest::prop_assert_eq!((from, to), (r.peer, r.relay));
+                let out_payload = sent_loosely(&out, r.server, r.client, checked, ip_ok);
+                proptest::prop_assert_eq!(out_payload, channel_data(0x4001, payload_in));
+            }
+        }
+    }
+
+    /// [`sent`], but checksums are only checked where the input's held: a
+    /// frame damaged on the way stays damaged (IP's is made anew).
+    fn sent_loosely(
+        frame: &[u8],
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        udp_ok: bool,
+        _ip_ok: bool,
+    ) -> Vec<u8> {
+        if udp_ok {
+            return sent(frame, from, to, true);
+        }
+        let mut copy = frame.to_vec();
+        copy[40..42].copy_from_slice(&[0, 0]);
+        sent(&copy, from, to, false)
+    }
+
+    #[test]
+    fn a_removal_spares_a_newer_flow_on_the_same_relay_port() {
+        let Some(relay) = loaded() else { return };
+        let later = Instant::now() + Duration::from_secs(60);
+        let old = a_route(later);
+        let new = KernelRoute {
+            client: addr("127.0.0.4:40000"),
+            channel: 0x4005,
+            ..old
+        };
+        // Another worker set the new flow before this one's removal of
+        // the old arrived.
+        relay.apply([
+            RouteChange::Set(old),
+            RouteChange::Set(new),
+            RouteChange::Remove(old),
+        ]);
+        let (verdict, out) = run(&relay, &frame(new.peer, new.relay, b"x", true));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            sent(&out, new.server, new.client, true),
+            channel_data(0x4005, b"x")
+        );
+    }
+}
