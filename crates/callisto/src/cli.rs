@@ -50,6 +50,11 @@ pub enum BenchTarget {
     #[value(name = "turn-rs")]
     TurnRs,
     Forwarder,
+    /// Callisto with the kernel relay on loopback (`--turn-kernel-relay
+    /// lo`): needs root, and attaches XDP to the loopback of the network
+    /// namespace the benchmark runs in.
+    #[value(name = "callisto-kernel")]
+    CallistoKernel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

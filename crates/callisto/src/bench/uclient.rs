@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::turn::{Figures, PASS, Target, USER, free_port};
+use super::turn::{
+    Figures, PASS, Target, USER, free_port, proc_cpu_seconds, softirq_threads_cpu_seconds,
+};
 use crate::cli::{BenchPattern, BenchTurnArgs};
 
 /// What uclient's last lines say about a run.
@@ -129,6 +131,13 @@ fn run(
     };
     uclient.arg(target.addr.ip().to_string());
     let cpu0 = target.cpu_seconds();
+    let peer_cpu = || {
+        _peer
+            .as_ref()
+            .and_then(|p| proc_cpu_seconds(p.0.id()))
+            .unwrap_or(0.0)
+    };
+    let others0 = peer_cpu() + softirq_threads_cpu_seconds() + children_cpu_seconds();
     let mut child = Reaped(
         uclient
             .stdout(Stdio::piped())
@@ -161,6 +170,9 @@ fn run(
         std::thread::sleep(Duration::from_millis(20));
     };
     let cpu = target.cpu_seconds() - cpu0;
+    // uclient has been waited for: its time is in the children's now.
+    let total_cpu =
+        cpu + peer_cpu() + softirq_threads_cpu_seconds() + children_cpu_seconds() - others0;
     let output = reader.join().unwrap_or_default();
     let last_lines = || {
         let lines: Vec<&str> = output.lines().collect();
@@ -177,11 +189,27 @@ fn run(
         f64::NAN,
         f64::NAN,
         cpu * 1e6 / relayed.max(1) as f64,
+        total_cpu * 1e6 / relayed.max(1) as f64,
         f64::NAN,
         f64::NAN,
         totals.lost_percent,
         target.rss_mib(),
     ])
+}
+
+/// CPU time of this process's children that have ended and been waited
+/// for, in seconds: across one uclient run, uclient's own (the servers and
+/// the echo peer are still running, and the earlier ones were waited for
+/// before it started).
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: a zeroed rusage is valid, and getrusage writes only into it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
 #[cfg(test)]

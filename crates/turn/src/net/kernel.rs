@@ -19,7 +19,7 @@ use std::net::SocketAddrV4;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{Xdp, XdpFlags};
 
@@ -207,7 +207,12 @@ impl KernelRelay {
     /// Loads the program and attaches it to each of `interfaces`: those
     /// that carry the TURN traffic, clients' and peers' both.
     pub fn attach(interfaces: &[String]) -> Result<KernelRelay, KernelRelayError> {
-        let mut ebpf = Ebpf::load(PROGRAM).map_err(load_error)?;
+        // The program reads no kernel structures, so it needs no
+        // relocation against the kernel's BTF, which the loader has parsed
+        // by now (megabytes): drop it, and give the memory back.
+        let mut ebpf = EbpfLoader::new().btf(None).load(PROGRAM).map_err(load_error)?;
+        // SAFETY: malloc_trim only returns free heap memory to the system.
+        unsafe { libc::malloc_trim(0) };
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| {
