@@ -1,6 +1,7 @@
 // Calls forced through the built-in TURN server: relay candidates only,
 // over UDP, then TCP, then TLS, then one side over TCP and the other over
-// UDP, with the iceServers from `welcome`.
+// UDP, then over UDP through the kernel relay, with the iceServers from
+// `welcome`.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -25,10 +26,10 @@ after(async () => {
  * 'tls'): both see the other's video over a relay/relay candidate pair
  * with those protocols. Returns their pages.
  */
-async function relayedCall(room, overA, overB) {
+async function relayedCall(room, overA, overB, via = server) {
   const contextOptions = { ignoreHTTPSErrors: true };
-  const a = await joinCall(browser, server.url, room, 'A', { relayOver: overA, contextOptions });
-  const b = await joinCall(browser, server.url, room, 'B', { relayOver: overB, contextOptions });
+  const a = await joinCall(browser, via.url, room, 'A', { relayOver: overA, contextOptions });
+  const b = await joinCall(browser, via.url, room, 'B', { relayOver: overB, contextOptions });
   await waitForRemoteVideos(a, 1, 30000);
   await waitForRemoteVideos(b, 1, 30000);
   for (const [who, page, transport] of [['A', a, overA], ['B', b, overB]]) {
@@ -53,12 +54,15 @@ for (const transport of ['udp', 'tcp', 'tls']) {
   });
 }
 
-/** The server's count of packets relayed in place between two allocations. */
-async function inPlacePackets(page) {
-  const text = await (await page.request.get(`${server.url}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith('callisto_turn_relayed_in_place_packets_total '));
+/** A counter from the server's metrics (`name` with its labels), or 0. */
+async function counter(page, name, via = server) {
+  const text = await (await page.request.get(`${via.url}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
   return line ? Number(line.split(' ')[1]) : 0;
 }
+
+/** The server's count of packets relayed in place between two allocations. */
+const inPlacePackets = (page) => counter(page, 'callisto_turn_relayed_in_place_packets_total');
 
 test('a call relayed between TURN over TCP and TURN over UDP goes in place', async () => {
   const [a, b] = await relayedCall(`relay-mixed-${Date.now()}`, 'tcp', 'udp');
@@ -69,4 +73,25 @@ test('a call relayed between TURN over TCP and TURN over UDP goes in place', asy
   await eventually(async () => (await inPlacePackets(a)) > start + 200, 15000, 'media relayed in place');
   assertOnlyTestAddresses();
   for (const p of [a, b]) await p.context().close();
+});
+
+test('a call relayed through TURN over UDP goes through the kernel relay', async () => {
+  // A server of its own, with the XDP program on this namespace's loopback.
+  const kernel = await startServer(['--turn-kernel-relay', 'lo']);
+  try {
+    const [a, b] = await relayedCall(`relay-kernel-${Date.now()}`, 'udp', 'udp', kernel);
+    // Chromium's channels get kernel routes: its media from then on is
+    // relayed by the kernel, both ways, and no longer by the workers.
+    const inKernel = (dir) => counter(a, `callisto_turn_relayed_in_kernel_packets_total{direction="${dir}"}`, kernel);
+    const inWorkers = async (dir) =>
+      (await counter(a, `callisto_turn_relayed_packets_total{direction="${dir}",transport="udp"}`, kernel)) - (await inKernel(dir));
+    const start = { peer: await inKernel('to_peer'), client: await inKernel('to_client'), workers: await inWorkers('to_client') };
+    await eventually(async () => (await inKernel('to_peer')) > start.peer + 200 && (await inKernel('to_client')) > start.client + 200,
+      15000, 'media relayed in the kernel');
+    assert.ok((await inWorkers('to_client')) - start.workers < 50, 'the workers relay almost nothing meanwhile');
+    assertOnlyTestAddresses();
+    for (const p of [a, b]) await p.context().close();
+  } finally {
+    assert.equal(await kernel.stop(), 0);
+  }
 });

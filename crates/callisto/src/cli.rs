@@ -55,6 +55,11 @@ pub enum BenchTarget {
     /// namespace the benchmark runs in.
     #[value(name = "callisto-kernel")]
     CallistoKernel,
+    /// No relay at all: the generator and the echo peer talk directly
+    /// (pattern a only). What the two ends cost by themselves, the same for
+    /// every server: subtracted from a server's total CPU, it leaves what
+    /// the relaying costs, wherever the kernel charges it.
+    Direct,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -75,8 +75,11 @@ struct stats {
 	__u64 to_client_bytes;
 };
 
+// Entries are allocated as routes are added, not all 65,536 up front
+// (that took 6.8 MB of kernel memory per map, whatever the load).
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
 	__type(key, struct client_key);
 	__type(value, struct to_peer);
@@ -84,6 +87,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
 	__type(key, struct peer_key);
 	__type(value, struct to_client);

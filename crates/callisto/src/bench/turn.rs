@@ -232,7 +232,12 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                         .iter()
                         .flat_map(|l| ["--tls-self-signed", "--turn-tls-listen", l]),
                 )
-                .args(kernel.then_some(["--turn-kernel-relay", "lo"]).into_iter().flatten())
+                .args(
+                    kernel
+                        .then_some(["--turn-kernel-relay", "lo"])
+                        .into_iter()
+                        .flatten(),
+                )
                 .stdout(o)
                 .stderr(e)
                 .spawn()
@@ -329,6 +334,17 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 .spawn()?;
             (child, Vec::new())
         }
+        BenchTarget::Direct => {
+            // Nothing relays; a process that does nothing stands in for
+            // the server, so that every target is measured alike.
+            let (o, e) = quiet();
+            let child = Command::new("sleep")
+                .arg("3600")
+                .stdout(o)
+                .stderr(e)
+                .spawn()?;
+            (child, Vec::new())
+        }
     };
     std::thread::sleep(Duration::from_millis(400));
     if let Some(pin) = args.pin {
@@ -403,7 +419,7 @@ fn new_lane(target: &Target, seed: u64) -> anyhow::Result<Lane> {
         relayed: target.addr,
         channel: 0,
     };
-    if target.name != "forwarder" {
+    if target.name != "forwarder" && target.name != "direct" {
         let mut c = Client::new(USER, PASS, false, seed);
         c.allocate(Instant::now());
         lane.client = Some(c);
@@ -496,6 +512,7 @@ fn run_one(
 ) -> anyhow::Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     let peer = echo_peer(stop.clone())?;
+    let direct = target.name == "direct";
     let t0 = Instant::now();
     let mut a: Vec<Lane> = Vec::with_capacity(n);
     let mut b: Vec<Lane> = Vec::new();
@@ -508,6 +525,11 @@ fn run_one(
     let allocations = a.len() + b.len();
     let alloc_per_sec = allocations as f64 / t0.elapsed().as_secs_f64();
     match pattern {
+        BenchPattern::A if direct => {
+            for lane in &mut a {
+                lane.relayed = peer;
+            }
+        }
         BenchPattern::A => {
             for lane in &mut a {
                 connect(lane, target, peer)?;
@@ -530,7 +552,7 @@ fn run_one(
     let sent = Arc::new(AtomicU64::new(0));
     let closed_loop = args.rate == 0;
     let duration = Duration::from_secs_f64(args.duration);
-    let server = target.addr;
+    let server = if direct { peer } else { target.addr };
     // Framing headers never change during a run.
     let a_headers: Vec<Option<[u8; 4]>> = a.iter().map(|l| l.header(payload)).collect();
     let b_headers: Vec<Option<[u8; 4]>> = b.iter().map(|l| l.header(payload)).collect();
@@ -680,8 +702,7 @@ fn run_one(
     }
     let seconds = duration.as_secs_f64();
     let cpu = target.cpu_seconds() - cpu_before;
-    let total_cpu =
-        cpu + own_cpu_seconds() + softirq_threads_cpu_seconds() - others_before;
+    let total_cpu = cpu + own_cpu_seconds() + softirq_threads_cpu_seconds() - others_before;
     stop.store(true, Ordering::Relaxed);
     if let Some(p) = pacer {
         let _ = p.join();
@@ -709,7 +730,7 @@ fn run_one(
         cpu,
         total_cpu,
         rtts_us: rtts,
-        rss_mib: target.rss_mib(),
+        rss_mib: if direct { f64::NAN } else { target.rss_mib() },
     })
 }
 
@@ -946,13 +967,16 @@ pub fn run(mut args: BenchTurnArgs) -> anyhow::Result<()> {
                     vec![Vec::new(); args.servers.len()];
                 for _ in 0..args.repeat.max(1) {
                     for (index, &which) in args.servers.iter().enumerate() {
-                        if (which == BenchTarget::TurnRs || which == BenchTarget::Forwarder)
-                            && pattern != preferred(which)
+                        if matches!(
+                            which,
+                            BenchTarget::TurnRs | BenchTarget::Forwarder | BenchTarget::Direct
+                        ) && pattern != preferred(which)
                         {
                             continue;
                         }
-                        if uclient && which == BenchTarget::Forwarder {
-                            continue; // it speaks no TURN
+                        if uclient && matches!(which, BenchTarget::Forwarder | BenchTarget::Direct)
+                        {
+                            continue; // they speak no TURN
                         }
                         if args.uclient_tcp && which == BenchTarget::TurnRs {
                             continue;
@@ -985,6 +1009,7 @@ fn target_name(which: BenchTarget) -> &'static str {
     match which {
         BenchTarget::Callisto => "callisto",
         BenchTarget::CallistoKernel => "callisto-kernel",
+        BenchTarget::Direct => "direct",
         BenchTarget::Coturn => "coturn",
         BenchTarget::TurnRs => "turn-rs",
         BenchTarget::Forwarder => "forwarder",
@@ -992,7 +1017,8 @@ fn target_name(which: BenchTarget) -> &'static str {
 }
 
 /// turn-rs relays only between its own allocations, and the forwarder only
-/// to an external peer: each runs the one pattern it supports.
+/// to an external peer: each runs the one pattern it supports. Direct runs
+/// (a) only: its two ends do per round trip what (b)'s two clients do.
 fn preferred(which: BenchTarget) -> BenchPattern {
     match which {
         BenchTarget::TurnRs => BenchPattern::B,

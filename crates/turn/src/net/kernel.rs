@@ -19,9 +19,9 @@ use std::net::SocketAddrV4;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use aya::{Ebpf, EbpfLoader};
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{Xdp, XdpFlags};
+use aya::{Ebpf, EbpfLoader};
 
 use crate::server::{KernelRoute, RouteChange};
 
@@ -210,7 +210,10 @@ impl KernelRelay {
         // The program reads no kernel structures, so it needs no
         // relocation against the kernel's BTF, which the loader has parsed
         // by now (megabytes): drop it, and give the memory back.
-        let mut ebpf = EbpfLoader::new().btf(None).load(PROGRAM).map_err(load_error)?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(PROGRAM)
+            .map_err(load_error)?;
         // SAFETY: malloc_trim only returns free heap memory to the system.
         unsafe { libc::malloc_trim(0) };
         let program: &mut Xdp = ebpf
