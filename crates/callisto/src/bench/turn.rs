@@ -338,7 +338,7 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
             // Nothing relays; a process that does nothing stands in for
             // the server, so that every target is measured alike.
             let (o, e) = quiet();
-            let child = Command::new("sleep")
+            let child = server_command("sleep", args.pin)?
                 .arg("3600")
                 .stdout(o)
                 .stderr(e)
