@@ -325,21 +325,20 @@ fn assert_lossless(label: &str, (sent, received, text): (u64, u64, String)) {
 }
 
 /// `callisto turn` with two UDP workers, user `user:pass`, loopback peers
-/// allowed, and `/metrics`.
-fn two_worker_turn() -> Callisto {
-    callisto(
-        "turn",
-        &[
-            "--turn-user",
-            "user:pass",
-            "--turn-allow-peer",
-            "127.0.0.1/32",
-            "--turn-threads",
-            "2",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    )
+/// allowed, `/metrics`, and `extra`.
+fn two_worker_turn(extra: &[&str]) -> Callisto {
+    let mut args = vec![
+        "--turn-user",
+        "user:pass",
+        "--turn-allow-peer",
+        "127.0.0.1/32",
+        "--turn-threads",
+        "2",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    callisto("turn", &args)
 }
 
 /// uclient's default mode: RTP and RTCP relays on adjacent ports through a
@@ -347,7 +346,7 @@ fn two_worker_turn() -> Callisto {
 /// the other worker than its RTP socket, which must still redeem the token.
 #[test]
 fn uclient_rtp_and_rtcp_pairs_through_port_reservations() {
-    let server = two_worker_turn();
+    let server = two_worker_turn(&[]);
     let (_peer, peer_port) = echo_peer();
     assert_lossless(
         "rtp/rtcp pairs",
@@ -367,7 +366,7 @@ fn uclient_rtp_and_rtcp_pairs_through_port_reservations() {
 /// allocations skips the kernel whichever workers they are on.
 #[test]
 fn uclient_client_to_client_skips_the_kernel_across_workers() {
-    let server = two_worker_turn();
+    let server = two_worker_turn(&[]);
     assert_lossless(
         "client to client",
         uclient(server.turn_port, free_udp_port(), &["-y"], "user", "pass"),
@@ -786,21 +785,7 @@ fn uclient_through_the_kernel_relay() {
     if !own_network_namespace() {
         return;
     }
-    let server = callisto(
-        "turn",
-        &[
-            "--turn-user",
-            "user:pass",
-            "--turn-allow-peer",
-            "127.0.0.1/32",
-            "--turn-threads",
-            "2",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--turn-kernel-relay",
-            "lo",
-        ],
-    );
+    let server = two_worker_turn(&["--turn-kernel-relay", "lo"]);
     let (_peer, peer_port) = echo_peer();
     assert_lossless(
         "to a peer, through the kernel",
