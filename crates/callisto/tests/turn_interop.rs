@@ -17,12 +17,24 @@ mod common;
 const BIN: &str = env!("CARGO_BIN_EXE_callisto");
 
 fn tool(name: &str) -> Command {
+    tool_in(None, name)
+}
+
+/// coturn's tool `name`, run in the named network namespace `netns`.
+fn tool_in(netns: Option<&str>, name: &str) -> Command {
     let path = format!("/usr/bin/{name}");
     assert!(
         std::path::Path::new(&path).exists(),
         "{path} is missing: install the Debian package coturn (bash scripts/test.sh does)"
     );
-    Command::new(path)
+    match netns {
+        None => Command::new(path),
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns, &path]);
+            cmd
+        }
+    }
 }
 
 /// A child process killed when dropped.
@@ -245,14 +257,19 @@ fn echo_peer() -> (Proc, u16) {
 /// turnutils_peer on `host` (an IP address without brackets).
 fn echo_peer_on(host: &str) -> (Proc, u16) {
     let port = free_udp_port_on(host.parse().unwrap());
-    let p = tool("turnutils_peer")
+    (echo_peer_at(None, host, port), port)
+}
+
+/// turnutils_peer on `host`:`port`, in the named network namespace `netns`.
+fn echo_peer_at(netns: Option<&str>, host: &str, port: u16) -> Proc {
+    let p = tool_in(netns, "turnutils_peer")
         .args(["-L", host, "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    (Proc(p), port)
+    Proc(p)
 }
 
 /// Runs turnutils_uclient; returns (sent, received, whole output).
@@ -280,7 +297,21 @@ fn uclient_on(
     user: &str,
     pass: &str,
 ) -> (u64, u64, String) {
-    let out = tool("turnutils_uclient")
+    uclient_in(None, host, host, turn_port, peer_port, flags, (user, pass))
+}
+
+/// Runs turnutils_uclient in the named network namespace `netns` against
+/// a server on `host` and a peer on `peer_host`.
+fn uclient_in(
+    netns: Option<&str>,
+    host: &str,
+    peer_host: &str,
+    turn_port: u16,
+    peer_port: u16,
+    flags: &[&str],
+    (user, pass): (&str, &str),
+) -> (u64, u64, String) {
+    let out = tool_in(netns, "turnutils_uclient")
         .args(flags.iter().filter(|f| **f != RTCP_PAIRS))
         .args([
             "-u",
@@ -288,7 +319,7 @@ fn uclient_on(
             "-w",
             pass,
             "-e",
-            host,
+            peer_host,
             "-r",
             &peer_port.to_string(),
         ])
@@ -886,4 +917,93 @@ fn the_kernel_relay_refuses_what_it_cannot_do() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// A network namespace of the test's own, removed when dropped.
+struct NamedNetns(String);
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("ip (iproute2)");
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// The kernel relay on a network interface rather than loopback: the
+/// server's namespace reaches the client and the peer over a veth pair,
+/// whose other end, in a second namespace, holds both their addresses. The
+/// program learns the hosts' link-layer addresses from their packets, so
+/// the first datagram to the peer goes through the sockets (whose sending
+/// resolves it) and everything after through the kernel, out of the
+/// interface it came in on.
+#[test]
+fn uclient_through_the_kernel_relay_on_a_network_interface() {
+    if !own_network_namespace() {
+        return;
+    }
+    let hosts = NamedNetns(format!("callisto-test-{}-hosts", std::process::id()));
+    ip(&["netns", "add", &hosts.0]);
+    ip(&[
+        "link", "add", "relay0", "type", "veth", "peer", "name", "hosts0", "netns", &hosts.0,
+    ]);
+    ip(&["addr", "add", "10.77.0.1/24", "dev", "relay0"]);
+    ip(&["link", "set", "relay0", "up"]);
+    for args in [
+        &["addr", "add", "10.77.0.2/24", "dev", "hosts0"][..],
+        &["addr", "add", "10.77.0.3/24", "dev", "hosts0"],
+        &["link", "set", "hosts0", "up"],
+        &["link", "set", "lo", "up"],
+    ] {
+        let mut all = vec!["-n", hosts.0.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+    let server = callisto_on(
+        "turn",
+        "10.77.0.1:0",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            "10.77.0.0/24",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--turn-kernel-relay",
+            "relay0",
+        ],
+    );
+    let _peer = echo_peer_at(Some(&hosts.0), "10.77.0.3", 3480);
+    assert_lossless(
+        "to a peer, through the kernel, on a veth",
+        uclient_in(
+            Some(&hosts.0),
+            "10.77.0.1",
+            "10.77.0.3",
+            server.turn_port,
+            3480,
+            &[],
+            ("user", "pass"),
+        ),
+    );
+    let in_kernel = |m: &str, dir: &str| {
+        metric(
+            m,
+            &format!("callisto_turn_relayed_in_kernel_packets_total{{direction=\"{dir}\"}}"),
+        )
+    };
+    let m = metrics_once(&server, |m| {
+        m.contains("in_kernel") && in_kernel(m, "to_client") >= 2000.0
+    });
+    assert_relayed_packets(&m, &["udp"], 2000.0);
+    assert_eq!(in_kernel(&m, "to_client"), 2000.0, "{m}");
+    // Ten clients, one peer address: its first datagram teaches the
+    // program, so at most one per client goes through the sockets.
+    assert!(in_kernel(&m, "to_peer") >= 1990.0, "{m}");
 }

@@ -9,11 +9,11 @@
 // first of allocation, permission and channel expires. This program only
 // follows routes that have not expired. Everything else -- STUN requests,
 // Send indications, padded or malformed ChannelData, data from peers
-// without a channel, fragments, IP options, IPv6, expired routes, and
-// destinations the FIB says are not out of the same interface -- is passed
-// on untouched to the sockets, where the server handles it as it always
-// does. So the server stays the one authority, and a missing route only
-// costs speed.
+// without a channel, fragments, IP options, IPv6, expired routes, hosts
+// whose link-layer address this interface has not seen yet, and frames
+// that would outgrow the MTU -- is passed on untouched to the sockets,
+// where the server handles it as it always does. So the server stays the
+// one authority, and a missing route only costs speed.
 //
 // Built with `scripts/build-bpf.sh` (clang -target bpf); the object is
 // committed beside this file and embedded in the binary, so building
@@ -27,8 +27,13 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
-// bpf_fib_lookup is GPL-only.
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+struct mac {
+	__u8 addr[6];
+	__u16 zero;
+	__u32 ifindex; // where it was seen
+};
 
 // Addresses and ports are in network byte order, as on the wire; the
 // padding fields are zero so that keys compare bytewise.
@@ -99,6 +104,17 @@ struct {
 	__type(key, __u32);
 	__type(value, struct stats);
 } stats SEC(".maps");
+
+// The link-layer address each relayed host's packets last came from:
+// sending back to that address reaches the host (through the router, for
+// a host off this link). Learned from packets that matched a route, so
+// only from the hosts of live flows. An LRU map: nobody needs to clean it.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32); // IPv4 address, network byte order
+	__type(value, struct mac);
+} hop_macs SEC(".maps");
 
 struct headers {
 	struct ethhdr eth;
@@ -180,29 +196,50 @@ static __always_inline void readdress(struct headers *n, const struct headers *h
 	}
 }
 
-// Next hop's MAC addresses, or false: not out of the interface the packet
-// came in on (or not known yet), so the sockets take it. On loopback the
-// addresses are all zero and stay so.
-static __always_inline int next_hop(struct xdp_md *ctx, struct headers *n)
+// (memcmp would be a call, which BPF programs cannot make.)
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	int same = 1;
+#pragma unroll
+	for (int i = 0; i < ETH_ALEN; i++)
+		same &= a[i] == b[i];
+	return same;
+}
+
+// Remembers the link-layer address `ip`'s packets come from.
+static __always_inline void learn(struct xdp_md *ctx, __u32 ip, const struct ethhdr *eth)
+{
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+		return;
+	struct mac *known = bpf_map_lookup_elem(&hop_macs, &ip);
+	if (known && known->ifindex == ctx->ingress_ifindex && same_mac(known->addr, eth->h_source))
+		return;
+	struct mac m = { .ifindex = ctx->ingress_ifindex };
+	__builtin_memcpy(m.addr, eth->h_source, ETH_ALEN);
+	bpf_map_update_elem(&hop_macs, &ip, &m, BPF_ANY);
+}
+
+// Addresses the frame for its next hop, or false: the destination has not
+// been seen on this interface yet, so the sockets send it (and its answer
+// teaches the program), or the frame would outgrow the MTU by `grow`. It
+// leaves from the interface it came in on, from that interface's address
+// (the one the frame was sent to). Not bpf_fib_lookup: that one insists on
+// IP forwarding being enabled, which a relay has no business asking for.
+// On loopback the addresses are all zero and stay so.
+static __always_inline int next_hop(struct xdp_md *ctx, struct headers *n,
+				    const struct headers *h, int grow)
 {
 	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
 		return 1;
-	struct bpf_fib_lookup fib = {};
-	fib.family = 2; // AF_INET
-	fib.tos = n->ip.tos;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.sport = n->udp.source;
-	fib.dport = n->udp.dest;
-	fib.tot_len = bpf_ntohs(n->ip.tot_len); // asks for an MTU check too
-	fib.ipv4_src = n->ip.saddr;
-	fib.ipv4_dst = n->ip.daddr;
-	fib.ifindex = ctx->ingress_ifindex;
-	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+	__u32 dst = n->ip.daddr;
+	struct mac *to = bpf_map_lookup_elem(&hop_macs, &dst);
+	if (!to || to->ifindex != ctx->ingress_ifindex)
 		return 0;
-	if (fib.ifindex != ctx->ingress_ifindex)
+	__u32 mtu = 0;
+	if (grow > 0 && bpf_check_mtu(ctx, 0, &mtu, grow, 0) != BPF_MTU_CHK_RET_SUCCESS)
 		return 0;
-	__builtin_memcpy(n->eth.h_source, fib.smac, ETH_ALEN);
-	__builtin_memcpy(n->eth.h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(n->eth.h_source, h->eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(n->eth.h_dest, to->addr, ETH_ALEN);
 	return 1;
 }
 
@@ -221,7 +258,7 @@ static __always_inline int relay_to_peer(struct xdp_md *ctx, const struct header
 	struct headers n = *h;
 	readdress(&n, h, r->relay_ip, r->relay_port, r->peer_ip, r->peer_port,
 		  -CHANNEL_HEADER, cd0, cd1);
-	if (!next_hop(ctx, &n))
+	if (!next_hop(ctx, &n, h, -CHANNEL_HEADER))
 		return XDP_PASS;
 	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
 		return XDP_PASS;
@@ -250,7 +287,7 @@ static __always_inline int relay_to_client(struct xdp_md *ctx, const struct head
 	struct headers n = *h;
 	readdress(&n, h, c->server_ip, c->server_port, c->client_ip, c->client_port,
 		  CHANNEL_HEADER, cd0, cd1);
-	if (!next_hop(ctx, &n))
+	if (!next_hop(ctx, &n, h, CHANNEL_HEADER))
 		return XDP_PASS;
 	if (bpf_xdp_adjust_head(ctx, -CHANNEL_HEADER))
 		return XDP_PASS;
@@ -314,6 +351,7 @@ int callisto_turn_relay(struct xdp_md *ctx)
 			// inconsistent: the server deals with it.
 			if (bpf_ntohs(cd1) + CHANNEL_HEADER != len || r->expires_ns <= now)
 				return XDP_PASS;
+			learn(ctx, copy.ip.saddr, &copy.eth);
 			return relay_to_peer(ctx, &copy, r, cd0, cd1, len - CHANNEL_HEADER);
 		}
 	}
@@ -325,7 +363,9 @@ int callisto_turn_relay(struct xdp_md *ctx)
 		.relay_port = h->udp.dest,
 	};
 	struct to_client *c = bpf_map_lookup_elem(&peer_routes, &pk);
-	if (c && c->expires_ns > now)
+	if (c && c->expires_ns > now) {
+		learn(ctx, copy.ip.saddr, &copy.eth);
 		return relay_to_client(ctx, &copy, c, len);
+	}
 	return XDP_PASS;
 }

@@ -187,6 +187,25 @@ struct Inner {
     routes: usize,
 }
 
+/// How to attach to `interface`: on a network card, natively where its
+/// driver runs XDP (before any socket buffer is built) and generically
+/// elsewhere; on a virtual device (no `device` in sysfs: loopback, veth,
+/// bridges, tunnels) always generically. A veth's native XDP_TX hands the
+/// frame to the other end only if that end has NAPI (an XDP program, or
+/// GRO) enabled, which a container's end usually has not: the frames were
+/// dropped (seen in the namespace test).
+fn attach_mode(interface: &str) -> XdpFlags {
+    if std::path::Path::new("/sys/class/net")
+        .join(interface)
+        .join("device")
+        .exists()
+    {
+        XdpFlags::default()
+    } else {
+        XdpFlags::SKB_MODE
+    }
+}
+
 /// Nanoseconds on `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns` (and
 /// of `Instant` on Linux).
 fn monotonic_ns() -> u64 {
@@ -227,10 +246,8 @@ impl KernelRelay {
             .map_err(load_error)?;
         program.load().map_err(load_error)?;
         for interface in interfaces {
-            // No mode asked: native where the driver has it, generic
-            // (after the driver built the packet) elsewhere, as on loopback.
             program
-                .attach(interface, XdpFlags::default())
+                .attach(interface, attach_mode(interface))
                 .map_err(|source| KernelRelayError::Attach {
                     interface: interface.clone(),
                     source,
