@@ -773,6 +773,15 @@ impl<A: RelayAllocator> Server<A> {
         self.route_changes.drain(..)
     }
 
+    /// After an allocation's permissions, channels or lifetime grew or were
+    /// renewed: tells the other workers (its view) and the kernel relay.
+    fn access_changed(&mut self, slot: u32, now: Instant) {
+        if let Some(a) = self.allocations.get(slot as usize).and_then(Option::as_ref) {
+            a.publish();
+        }
+        self.sync_routes(slot, now);
+    }
+
     /// Brings an allocation's kernel routes in line with its access.
     fn sync_routes(&mut self, slot: u32, now: Instant) {
         let config = &self.shared.config;
@@ -1669,8 +1678,7 @@ impl<A: RelayAllocator> Server<A> {
             self.remove_allocation(slot);
         } else if let Some(a) = self.allocations[slot as usize].as_mut() {
             a.access.expires = now + lifetime;
-            a.publish();
-            self.sync_routes(slot, now);
+            self.access_changed(slot, now);
         }
         let mut b = self.response(msg, Class::Success);
         b.u32(attr::LIFETIME, lifetime.as_secs() as u32);
@@ -1737,8 +1745,7 @@ impl<A: RelayAllocator> Server<A> {
         for p in peers {
             install_permission(&mut a.access, p.ip(), now);
         }
-        a.publish();
-        self.sync_routes(slot, now);
+        self.access_changed(slot, now);
         let b = self.response(msg, Class::Success);
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
@@ -1789,8 +1796,7 @@ impl<A: RelayAllocator> Server<A> {
             _ => return Err(refuse(400, "Bad Request: channel or peer bound otherwise")),
         }
         install_permission(access, peer.ip(), now);
-        a.publish();
-        self.sync_routes(slot, now);
+        self.access_changed(slot, now);
         let b = self.response(msg, Class::Success);
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
