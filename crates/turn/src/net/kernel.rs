@@ -304,7 +304,7 @@ impl KernelRelay {
                         Err(e) => {
                             let _ = inner.client_routes.remove(&ck);
                             let _ = inner.peer_routes.remove(&pk);
-                            inner.routes -= usize::from(!fresh);
+                            inner.routes = inner.routes.saturating_sub(usize::from(!fresh));
                             metrics::counter!("callisto_turn_kernel_route_failures_total")
                                 .increment(1);
                             tracing::debug!(error = %e, channel = r.channel, "kernel route not installed; the sockets relay this flow");
