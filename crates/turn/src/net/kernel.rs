@@ -363,6 +363,8 @@ impl KernelRelay {
             metrics::counter!("callisto_turn_relayed_bytes_total", &labels).increment(bytes);
             metrics::counter!("callisto_turn_relayed_in_kernel_packets_total", "direction" => dir)
                 .increment(packets);
+            metrics::counter!("callisto_turn_relayed_in_kernel_bytes_total", "direction" => dir)
+                .increment(bytes);
         }
     }
 }
