@@ -141,6 +141,10 @@ pub struct Config {
     pub max_allocations: usize,
     pub user_quota: usize,
     pub max_permissions: usize,
+    /// Channels per allocation, expired ones still reserved included: each
+    /// costs the server a little memory and, with the kernel relay, a
+    /// route; browsers bind one per remote candidate in use.
+    pub max_channels: usize,
     /// Relayed bytes per second per allocation, each direction; 0 = unlimited.
     pub bps_per_allocation: u64,
     /// Data between two of our allocations goes from one client straight
@@ -172,6 +176,7 @@ impl Default for Config {
             max_allocations: 10_000,
             user_quota: 100,
             max_permissions: 64,
+            max_channels: 64,
             bps_per_allocation: 0,
             relay_in_place: true,
             kernel_routes: false,
@@ -1771,6 +1776,7 @@ impl<A: RelayAllocator> Server<A> {
         }
         let peer = peers[0];
         let max = self.shared.config.max_permissions;
+        let max_channels = self.shared.config.max_channels;
         let Some(a) = self.allocations[slot as usize].as_mut() else {
             return Err(refuse(437, "Allocation Mismatch"));
         };
@@ -1784,6 +1790,9 @@ impl<A: RelayAllocator> Server<A> {
                     && access.permissions.len() >= max
                 {
                     return Err(refuse(508, "Insufficient Capacity: too many permissions"));
+                }
+                if access.channels.len() >= max_channels {
+                    return Err(refuse(508, "Insufficient Capacity: too many channels"));
                 }
                 access.channels.push(Channel {
                     number,

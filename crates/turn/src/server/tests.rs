@@ -601,6 +601,32 @@ fn quotas() {
 }
 
 #[test]
+fn channels_per_allocation_are_limited() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.max_channels = 3;
+    let (_, mut s) = setup(cfg, t0);
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    let peer_on = |port: u16| SocketAddr::new(peer().ip(), port);
+    for port in 1..=3 {
+        c.bind_channel(t0, peer_on(port));
+        assert!(matches!(
+            pump(&mut s, &mut c, five(1), t0)[..],
+            [Event::ChannelBound { .. }]
+        ));
+    }
+    c.bind_channel(t0, peer_on(4));
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t0)), 508);
+    // Renewing a bound one is no new channel.
+    let later = t0 + Duration::from_secs(100);
+    c.bind_channel(later, peer_on(1));
+    assert!(matches!(
+        pump(&mut s, &mut c, five(1), later)[..],
+        [Event::ChannelBound { .. }]
+    ));
+}
+
+#[test]
 fn relay_exhaustion_is_508() {
     let t0 = Instant::now();
     let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
