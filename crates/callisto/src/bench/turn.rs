@@ -111,15 +111,20 @@ pub(super) fn softirq_threads_cpu_seconds() -> f64 {
 
 /// CPU time of this process (the generator and the echo peer), in seconds.
 pub(super) fn own_cpu_seconds() -> f64 {
+    clock_seconds(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or(f64::NAN)
+}
+
+/// The reading of `clock`, in seconds.
+fn clock_seconds(clock: libc::clockid_t) -> Option<f64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: writes only into `ts`.
-    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
-        return f64::NAN;
+    // SAFETY: writes only into `ts`, a live local of the right type.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
     }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    Some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
 }
 
 /// CPU time of a process and all its threads (user + system), in seconds.
@@ -131,21 +136,12 @@ pub(super) fn own_cpu_seconds() -> f64 {
 #[cfg(target_os = "linux")]
 pub(super) fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     let mut clock: libc::clockid_t = 0;
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: both calls write only through the pointers given, which point
-    // at live locals of the right types.
-    let ok = unsafe {
-        libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0
-            && libc::clock_gettime(clock, &mut ts) == 0
-    };
-    if ok {
-        Some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
-    } else {
-        proc_stat_cpu_seconds(pid)
-    }
+    // SAFETY: writes only into `clock`, a live local of the right type.
+    let found = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) } == 0;
+    found
+        .then(|| clock_seconds(clock))
+        .flatten()
+        .or_else(|| proc_stat_cpu_seconds(pid))
 }
 
 #[cfg(not(target_os = "linux"))]
