@@ -80,30 +80,34 @@ test('a call relayed through TURN over UDP goes through the kernel relay', async
   const kernel = await startServer(['--turn-kernel-relay', 'lo']);
   try {
     const [a, b] = await relayedCall(`relay-kernel-${Date.now()}`, 'udp', 'udp', kernel);
-    // What the browsers send on their bound channels leaves through the
-    // kernel. (Chromium sends media as Send indications until its channel
-    // is bound, so the window starts once the kernel is relaying.) What
-    // reaches them may not come that way: each browser makes an allocation
-    // per network interface, and data from an allocation the receiver has
-    // no channel for can only reach it as Data indications, which only the
-    // workers build. In some calls nearly all of it did, so that direction
-    // is reported, not asserted. (Inferred from such calls: 4 allocations,
-    // 3 channels; not confirmed with a capture.)
+    // The media leaves through the kernel both ways: on the browsers'
+    // channels toward the peers, and toward the browsers as ChannelData or,
+    // from an allocation the receiver has no channel for (each browser
+    // allocates once per network interface), as Data indications. The
+    // window starts once the kernel is relaying: Chromium sends its first
+    // media as Send indications, before its channel is bound, and those
+    // the workers relay.
     const bytes = async (dir) => {
       const all = await counter(a, `callisto_turn_relayed_bytes_total{direction="${dir}",transport="udp"}`, kernel);
       const inKernelBytes = await counter(a, `callisto_turn_relayed_in_kernel_bytes_total{direction="${dir}"}`, kernel);
       return { kernel: inKernelBytes, workers: all - inKernelBytes };
     };
-    const start = await bytes('to_peer');
-    await eventually(async () => (await bytes('to_peer')).kernel > start.kernel + 20000, 15000, 'media relayed in the kernel');
-    const before = await bytes('to_peer');
-    await eventually(async () => (await bytes('to_peer')).kernel > before.kernel + 100000, 15000, 'more media relayed in the kernel');
-    const after = await bytes('to_peer');
-    const byWorkers = after.workers - before.workers;
-    const byKernel = after.kernel - before.kernel;
-    assert.ok(byWorkers * 10 < byKernel, `to peers, the workers relayed ${byWorkers} bytes while the kernel relayed ${byKernel}`);
-    const toClients = await bytes('to_client');
-    console.log(`# report: kernel relay, bytes to the browsers: ${toClients.kernel} by the kernel, ${toClients.workers} by the workers`);
+    const both = async () => ({ to_peer: await bytes('to_peer'), to_client: await bytes('to_client') });
+    const start = await both();
+    const grew = (from, by) => async () => {
+      const now = await both();
+      return ['to_peer', 'to_client'].every((d) => now[d].kernel > from[d].kernel + by);
+    };
+    await eventually(grew(start, 20000), 15000, 'media relayed in the kernel both ways');
+    const before = await both();
+    await eventually(grew(before, 100000), 15000, 'more media relayed in the kernel both ways');
+    const after = await both();
+    for (const dir of ['to_peer', 'to_client']) {
+      const byWorkers = after[dir].workers - before[dir].workers;
+      const byKernel = after[dir].kernel - before[dir].kernel;
+      console.log(`# report: kernel relay, ${dir}: ${byKernel} bytes by the kernel, ${byWorkers} by the workers`);
+      assert.ok(byWorkers * 10 < byKernel, `${dir}: the workers relayed ${byWorkers} bytes while the kernel relayed ${byKernel}`);
+    }
     assertOnlyTestAddresses();
     for (const p of [a, b]) await p.context().close();
   } finally {

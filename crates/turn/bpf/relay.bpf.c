@@ -1,15 +1,17 @@
 // SPDX-License-Identifier: MIT OR GPL-2.0
 //
-// Callisto's kernel relay: an XDP program that relays ChannelData between a
-// TURN client and a peer without waking the server process.
+// Callisto's kernel relay: an XDP program that relays between a TURN
+// client and its peers without waking the server process: ChannelData both
+// ways, and peers' data without a channel as Data indications.
 //
 // User space (crates/turn/src/net/kernel.rs) owns every decision: when a
 // UDP client's channel is bound and its peer permitted, it writes one route
-// per direction into `client_routes` and `peer_routes`, with the moment the
-// first of allocation, permission and channel expires. This program only
-// follows routes that have not expired. Everything else -- STUN requests,
-// Send indications, padded or malformed ChannelData, data from peers
-// without a channel, fragments, IP options, IPv6, expired routes, hosts
+// per direction into `client_routes` and `peer_routes`; for each permission
+// it writes one into `permission_routes`; each with the moment the flow
+// stops (the first of allocation, permission and channel to expire). This
+// program only follows routes that have not expired. Everything else --
+// STUN requests, Send indications, padded or malformed ChannelData, data
+// from peers without a permission, fragments, IP options, IPv6, hosts
 // whose link-layer address this interface has not seen yet, and frames
 // that would outgrow the MTU -- is passed on untouched to the sockets,
 // where the server handles it as it always does. So the server stays the
@@ -62,6 +64,17 @@ struct peer_key {
 	__u16 relay_port;
 };
 
+// Data from any port of `peer_ip`: a permission. Followed only when no
+// channel route matches (a channel takes its peer's data as ChannelData).
+struct permission_key {
+	__u32 peer_ip;
+	__u32 relay_ip;
+	__u16 relay_port;
+	__u16 zero;
+};
+
+// On a channel route, `channel` is the channel number; on a permission
+// route it is zero, and data goes as a Data indication.
 struct to_client {
 	__u32 server_ip;
 	__u32 client_ip;
@@ -72,7 +85,8 @@ struct to_client {
 	__u64 expires_ns;
 };
 
-// Bytes are ChannelData payload bytes, as the server counts them.
+// Bytes are payload bytes (without the ChannelData or STUN header), as the
+// server counts them.
 struct stats {
 	__u64 to_peer_packets;
 	__u64 to_peer_bytes;
@@ -99,6 +113,14 @@ struct {
 } peer_routes SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct permission_key);
+	__type(value, struct to_client);
+} permission_routes SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -122,7 +144,29 @@ struct headers {
 	struct udphdr udp;
 } __attribute__((packed));
 
+// A Data indication from an IPv4 peer up to its data (RFC 8656 section
+// 11.6, RFC 8489 section 14): the STUN header, XOR-PEER-ADDRESS, and the
+// DATA attribute's header; its value is padded to a multiple of 4. The
+// same bytes as the server's (stun::data_indication_prefix), but for the
+// transaction id, which may be anything.
+struct indication {
+	__u16 type;
+	__u16 length;
+	__u32 cookie;
+	__u32 tid[3];
+	__u16 peer_type;
+	__u16 peer_length;
+	__u8 reserved;
+	__u8 family;
+	__u16 xport;
+	__u32 xaddr;
+	__u16 data_type;
+	__u16 data_length;
+} __attribute__((packed));
+
 #define CHANNEL_HEADER 4
+#define INDICATION_HEADER 36
+#define MAGIC_COOKIE 0x2112A442
 #define LOOPBACK_IFINDEX 1
 
 // One's-complement arithmetic for incremental checksum updates (RFC 1624).
@@ -150,11 +194,14 @@ static __always_inline __u16 ip_checksum(const struct headers *n)
 }
 
 // Rewrites `n` (a copy of the received headers `h`) for its new hop:
-// addresses, ports, lengths and checksums. `removed` and `added` are the
-// channel header words leaving or joining the UDP payload.
+// addresses, ports, lengths and checksums. `added` and `removed` are the
+// sums of the 16-bit words joining or leaving the UDP payload (the header
+// before the data; padding after it is zeros, which add nothing). Every
+// header is of even length, so the data keeps its alignment to 16 bits
+// and its share of the sum.
 static __always_inline void readdress(struct headers *n, const struct headers *h,
 				      __u32 saddr, __u16 sport, __u32 daddr,
-				      __u16 dport, int grow, __u16 cd0, __u16 cd1)
+				      __u16 dport, int grow, __u32 added, __u32 removed)
 {
 	__u16 ulen = bpf_htons(bpf_ntohs(h->udp.len) + grow);
 
@@ -184,13 +231,8 @@ static __always_inline void readdress(struct headers *n, const struct headers *h
 		sum = sub16(sum, h->udp.len);
 		sum = add16(sum, ulen);
 		sum = add16(sum, ulen);
-		if (grow > 0) {
-			sum = add16(sum, cd0);
-			sum = add16(sum, cd1);
-		} else {
-			sum = sub16(sum, cd0);
-			sum = sub16(sum, cd1);
-		}
+		sum = add16(sum, fold(added));
+		sum = sub16(sum, fold(removed));
 		__u16 check = ~fold(sum);
 		n->udp.check = check ? check : 0xffff;
 	}
@@ -257,7 +299,7 @@ static __always_inline int relay_to_peer(struct xdp_md *ctx, const struct header
 {
 	struct headers n = *h;
 	readdress(&n, h, r->relay_ip, r->relay_port, r->peer_ip, r->peer_port,
-		  -CHANNEL_HEADER, cd0, cd1);
+		  -CHANNEL_HEADER, 0, (__u32)cd0 + cd1);
 	if (!next_hop(ctx, &n, h, -CHANNEL_HEADER))
 		return XDP_PASS;
 	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
@@ -286,7 +328,7 @@ static __always_inline int relay_to_client(struct xdp_md *ctx, const struct head
 	__u16 cd1 = bpf_htons(len);
 	struct headers n = *h;
 	readdress(&n, h, c->server_ip, c->server_port, c->client_ip, c->client_port,
-		  CHANNEL_HEADER, cd0, cd1);
+		  CHANNEL_HEADER, (__u32)cd0 + cd1, 0);
 	if (!next_hop(ctx, &n, h, CHANNEL_HEADER))
 		return XDP_PASS;
 	if (bpf_xdp_adjust_head(ctx, -CHANNEL_HEADER))
@@ -299,6 +341,62 @@ static __always_inline int relay_to_client(struct xdp_md *ctx, const struct head
 	__u16 *cd = data + sizeof(n);
 	cd[0] = cd0;
 	cd[1] = cd1;
+	struct stats *s = counters();
+	if (s) {
+		s->to_client_packets++;
+		s->to_client_bytes += len;
+	}
+	return XDP_TX;
+}
+
+// Peer -> client without a channel: prepend a Data indication, pad its
+// data, send from the TURN port to the client.
+static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct headers *h,
+					       const struct to_client *c, __u16 len)
+{
+	__u32 pad = (4 - (len & 3)) & 3;
+	__u32 grow = INDICATION_HEADER + pad;
+	if (len > 0xffff - grow - sizeof(struct iphdr) - sizeof(struct udphdr))
+		return XDP_PASS;
+	struct indication ind = {
+		.type = bpf_htons(0x0017), // Data, an indication
+		.length = bpf_htons(12 + 4 + len + pad),
+		.cookie = bpf_htonl(MAGIC_COOKIE),
+		.peer_type = bpf_htons(0x0012), // XOR-PEER-ADDRESS
+		.peer_length = bpf_htons(8),
+		.family = 1, // IPv4
+		.xport = h->udp.source ^ bpf_htons(MAGIC_COOKIE >> 16),
+		.xaddr = h->ip.saddr ^ bpf_htonl(MAGIC_COOKIE),
+		.data_type = bpf_htons(0x0013), // DATA
+		.data_length = bpf_htons(len),
+	};
+	ind.tid[0] = bpf_get_prandom_u32();
+	ind.tid[1] = bpf_get_prandom_u32();
+	ind.tid[2] = bpf_get_prandom_u32();
+	__u32 added = 0;
+	const __u16 *w = (const __u16 *)&ind;
+#pragma unroll
+	for (int i = 0; i < INDICATION_HEADER / 2; i++)
+		added += w[i];
+	struct headers n = *h;
+	readdress(&n, h, c->server_ip, c->server_port, c->client_ip, c->client_port,
+		  grow, added, 0);
+	if (!next_hop(ctx, &n, h, grow))
+		return XDP_PASS;
+	// The kernel zeroes what the tail grows by: that is the padding.
+	if (pad && bpf_xdp_adjust_tail(ctx, pad))
+		return XDP_PASS;
+	if (bpf_xdp_adjust_head(ctx, -INDICATION_HEADER)) {
+		if (pad)
+			bpf_xdp_adjust_tail(ctx, -(int)pad);
+		return XDP_PASS;
+	}
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (data + sizeof(n) + sizeof(ind) > end)
+		return XDP_DROP; // cannot happen: the packet grew
+	__builtin_memcpy(data, &n, sizeof(n));
+	__builtin_memcpy(data + sizeof(n), &ind, sizeof(ind));
 	struct stats *s = counters();
 	if (s) {
 		s->to_client_packets++;
@@ -366,6 +464,18 @@ int callisto_turn_relay(struct xdp_md *ctx)
 	if (c && c->expires_ns > now) {
 		learn(ctx, copy.ip.saddr, &copy.eth);
 		return relay_to_client(ctx, &copy, c, len);
+	}
+	// No live channel (an expired one means the channel, the permission
+	// or the allocation ended; the permission route says which).
+	struct permission_key ik = {
+		.peer_ip = h->ip.saddr,
+		.relay_ip = h->ip.daddr,
+		.relay_port = h->udp.dest,
+	};
+	c = bpf_map_lookup_elem(&permission_routes, &ik);
+	if (c && c->expires_ns > now) {
+		learn(ctx, copy.ip.saddr, &copy.eth);
+		return relay_as_indication(ctx, &copy, c, len);
 	}
 	return XDP_PASS;
 }

@@ -1,6 +1,7 @@
 //! The kernel relay: an XDP program (`bpf/relay.bpf.c`) that relays
-//! ChannelData between UDP clients and their peers inside the kernel, so
-//! that a relayed packet wakes no worker and crosses no socket.
+//! between UDP clients and their peers inside the kernel (ChannelData both
+//! ways; Data indications from peers without a channel), so that a relayed
+//! packet wakes no worker and crosses no socket.
 //!
 //! Why: below saturation, nearly all of what a relayed packet costs a
 //! user-space relay is the kernel's: receiving it, waking the worker, and
@@ -15,7 +16,8 @@
 //! The program counts what it relays; [`KernelRelay::report`] adds that to
 //! the relay metrics.
 
-use std::net::SocketAddrV4;
+use std::collections::{HashMap as StdHashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -23,7 +25,7 @@ use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{Xdp, XdpFlags};
 use aya::{Ebpf, EbpfLoader};
 
-use crate::server::{KernelRoute, RouteChange};
+use crate::server::{IndicationRoute, KernelRoute, RouteChange};
 
 /// The compiled program, built from `bpf/relay.bpf.c` by
 /// `scripts/build-bpf.sh`; committed, so that building needs no clang.
@@ -66,6 +68,16 @@ struct PeerKey {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PermissionKey {
+    peer_ip: u32,
+    relay_ip: u32,
+    relay_port: u16,
+    zero: u16,
+}
+
+/// On a permission route, `channel` is zero: data goes as Data indications.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ToClient {
     server_ip: u32,
     client_ip: u32,
@@ -77,7 +89,8 @@ struct ToClient {
 }
 
 /// What the program relayed since it was loaded, summed over CPUs. Bytes
-/// are ChannelData payload bytes, as the workers count them.
+/// are payload bytes (without ChannelData or STUN headers), as the workers
+/// count them.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelStats {
@@ -92,6 +105,7 @@ pub struct KernelStats {
 unsafe impl aya::Pod for ClientKey {}
 unsafe impl aya::Pod for ToPeer {}
 unsafe impl aya::Pod for PeerKey {}
+unsafe impl aya::Pod for PermissionKey {}
 unsafe impl aya::Pod for ToClient {}
 unsafe impl aya::Pod for KernelStats {}
 
@@ -127,6 +141,17 @@ impl PeerKey {
     }
 }
 
+impl PermissionKey {
+    fn of(r: &IndicationRoute) -> Self {
+        PermissionKey {
+            peer_ip: u32::from_ne_bytes(r.peer.octets()),
+            relay_ip: ip(&r.relay),
+            relay_port: port(&r.relay),
+            zero: 0,
+        }
+    }
+}
+
 impl ToPeer {
     fn of(r: &KernelRoute, expires_ns: u64) -> Self {
         ToPeer {
@@ -148,6 +173,18 @@ impl ToClient {
             server_port: port(&r.server),
             client_port: port(&r.client),
             channel: r.channel.to_be(),
+            zero: 0,
+            expires_ns,
+        }
+    }
+
+    fn indications(r: &IndicationRoute, expires_ns: u64) -> Self {
+        ToClient {
+            server_ip: ip(&r.server),
+            client_ip: ip(&r.client),
+            server_port: port(&r.server),
+            client_port: port(&r.client),
+            channel: 0,
             zero: 0,
             expires_ns,
         }
@@ -181,10 +218,19 @@ struct Inner {
     _ebpf: Ebpf,
     client_routes: HashMap<MapData, ClientKey, ToPeer>,
     peer_routes: HashMap<MapData, PeerKey, ToClient>,
+    permission_routes: HashMap<MapData, PermissionKey, ToClient>,
     stats: PerCpuArray<MapData, KernelStats>,
     /// What [`KernelRelay::report`] has already added to the metrics.
     reported: KernelStats,
+    /// Routes in the maps, channel and permission routes both.
     routes: usize,
+    /// Channel routes the maps refused, by relay and peer, and how many
+    /// per relay and peer IP. While a peer has one, its permission route
+    /// stays out of the maps too, or the kernel would send Data
+    /// indications where the server sends ChannelData; it comes back with
+    /// its next renewal after that.
+    refused: HashSet<(SocketAddrV4, SocketAddrV4)>,
+    refused_by_ip: StdHashMap<(SocketAddrV4, Ipv4Addr), usize>,
 }
 
 /// How to attach to `interface`: on a network card, natively where its
@@ -259,6 +305,8 @@ impl KernelRelay {
         };
         let client_routes = HashMap::try_from(take("client_routes")?).map_err(load_error)?;
         let peer_routes = HashMap::try_from(take("peer_routes")?).map_err(load_error)?;
+        let permission_routes =
+            HashMap::try_from(take("permission_routes")?).map_err(load_error)?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(load_error)?;
         tracing::info!(?interfaces, "kernel relay (XDP) attached");
         Ok(KernelRelay {
@@ -266,9 +314,12 @@ impl KernelRelay {
                 _ebpf: ebpf,
                 client_routes,
                 peer_routes,
+                permission_routes,
                 stats,
                 reported: KernelStats::default(),
                 routes: 0,
+                refused: HashSet::new(),
+                refused_by_ip: StdHashMap::new(),
             }),
         })
     }
@@ -283,49 +334,14 @@ impl KernelRelay {
     pub fn apply(&self, changes: impl IntoIterator<Item = RouteChange>) {
         let mut inner = self.lock();
         let now = (Instant::now(), monotonic_ns());
+        let expires_ns =
+            |at: Instant| now.1 + at.saturating_duration_since(now.0).as_nanos() as u64;
         for change in changes {
             match change {
-                RouteChange::Set(r) => {
-                    let left = r.expires.saturating_duration_since(now.0);
-                    let expires_ns = now.1 + left.as_nanos() as u64;
-                    let (ck, pk) = (ClientKey::of(&r), PeerKey::of(&r));
-                    let fresh = inner.client_routes.get(&ck, 0).is_err();
-                    let set = inner
-                        .client_routes
-                        .insert(ck, ToPeer::of(&r, expires_ns), 0)
-                        .and_then(|()| {
-                            inner
-                                .peer_routes
-                                .insert(pk, ToClient::of(&r, expires_ns), 0)
-                        });
-                    match set {
-                        Ok(()) if fresh => inner.routes += 1,
-                        Ok(()) => {}
-                        Err(e) => {
-                            let _ = inner.client_routes.remove(&ck);
-                            let _ = inner.peer_routes.remove(&pk);
-                            inner.routes = inner.routes.saturating_sub(usize::from(!fresh));
-                            metrics::counter!("callisto_turn_kernel_route_failures_total")
-                                .increment(1);
-                            tracing::debug!(error = %e, channel = r.channel, "kernel route not installed; the sockets relay this flow");
-                        }
-                    }
-                }
-                RouteChange::Remove(r) => {
-                    // Only this flow's entries: another worker may since
-                    // have given the same relay port, or channel, to a
-                    // new flow, and set it first.
-                    let (ck, pk) = (ClientKey::of(&r), PeerKey::of(&r));
-                    let mine = |v: ToPeer| ToPeer { expires_ns: 0, ..v } == ToPeer::of(&r, 0);
-                    if inner.client_routes.get(&ck, 0).is_ok_and(mine) {
-                        let _ = inner.client_routes.remove(&ck);
-                        inner.routes = inner.routes.saturating_sub(1);
-                    }
-                    let mine = |v: ToClient| ToClient { expires_ns: 0, ..v } == ToClient::of(&r, 0);
-                    if inner.peer_routes.get(&pk, 0).is_ok_and(mine) {
-                        let _ = inner.peer_routes.remove(&pk);
-                    }
-                }
+                RouteChange::Set(r) => inner.set_channel(&r, expires_ns(r.expires)),
+                RouteChange::Remove(r) => inner.remove_channel(&r),
+                RouteChange::SetIndications(r) => inner.set_indications(&r, expires_ns(r.expires)),
+                RouteChange::RemoveIndications(r) => inner.remove_indications(&r),
             }
         }
         metrics::gauge!("callisto_turn_kernel_routes").set(inner.routes as f64);
@@ -365,6 +381,103 @@ impl KernelRelay {
                 .increment(packets);
             metrics::counter!("callisto_turn_relayed_in_kernel_bytes_total", "direction" => dir)
                 .increment(bytes);
+        }
+    }
+}
+
+impl Inner {
+    fn set_channel(&mut self, r: &KernelRoute, expires_ns: u64) {
+        let (ck, pk) = (ClientKey::of(r), PeerKey::of(r));
+        let fresh = self.client_routes.get(&ck, 0).is_err();
+        let set = self
+            .client_routes
+            .insert(ck, ToPeer::of(r, expires_ns), 0)
+            .and_then(|()| self.peer_routes.insert(pk, ToClient::of(r, expires_ns), 0));
+        match set {
+            Ok(()) => {
+                self.routes += usize::from(fresh);
+                self.unrefuse(r);
+            }
+            Err(e) => {
+                let _ = self.client_routes.remove(&ck);
+                let _ = self.peer_routes.remove(&pk);
+                self.routes = self.routes.saturating_sub(usize::from(!fresh));
+                if self.refused.insert((r.relay, r.peer)) {
+                    *self
+                        .refused_by_ip
+                        .entry((r.relay, *r.peer.ip()))
+                        .or_default() += 1;
+                }
+                self.remove_indications(&IndicationRoute {
+                    client: r.client,
+                    server: r.server,
+                    relay: r.relay,
+                    peer: *r.peer.ip(),
+                    expires: r.expires,
+                });
+                metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
+                tracing::debug!(error = %e, channel = r.channel, "kernel route not installed; the sockets relay this flow");
+            }
+        }
+    }
+
+    fn remove_channel(&mut self, r: &KernelRoute) {
+        self.unrefuse(r);
+        // Only this flow's entries: another worker may since have given
+        // the same relay port, or channel, to a new flow, and set it first.
+        let (ck, pk) = (ClientKey::of(r), PeerKey::of(r));
+        let mine = |v: ToPeer| ToPeer { expires_ns: 0, ..v } == ToPeer::of(r, 0);
+        if self.client_routes.get(&ck, 0).is_ok_and(mine) {
+            let _ = self.client_routes.remove(&ck);
+            self.routes = self.routes.saturating_sub(1);
+        }
+        let mine = |v: ToClient| ToClient { expires_ns: 0, ..v } == ToClient::of(r, 0);
+        if self.peer_routes.get(&pk, 0).is_ok_and(mine) {
+            let _ = self.peer_routes.remove(&pk);
+        }
+    }
+
+    fn unrefuse(&mut self, r: &KernelRoute) {
+        if self.refused.remove(&(r.relay, r.peer)) {
+            let key = (r.relay, *r.peer.ip());
+            if let Some(n) = self.refused_by_ip.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refused_by_ip.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn set_indications(&mut self, r: &IndicationRoute, expires_ns: u64) {
+        if self.refused_by_ip.contains_key(&(r.relay, r.peer)) {
+            self.remove_indications(r);
+            return;
+        }
+        let key = PermissionKey::of(r);
+        let fresh = self.permission_routes.get(&key, 0).is_err();
+        match self
+            .permission_routes
+            .insert(key, ToClient::indications(r, expires_ns), 0)
+        {
+            Ok(()) => self.routes += usize::from(fresh),
+            Err(e) => {
+                if !fresh && self.permission_routes.remove(&key).is_ok() {
+                    self.routes = self.routes.saturating_sub(1);
+                }
+                metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
+                tracing::debug!(error = %e, "kernel route not installed; the sockets relay this peer's Data indications");
+            }
+        }
+    }
+
+    /// Only this flow's entry, as for channels.
+    fn remove_indications(&mut self, r: &IndicationRoute) {
+        let key = PermissionKey::of(r);
+        let mine = |v: ToClient| ToClient { expires_ns: 0, ..v } == ToClient::indications(r, 0);
+        if self.permission_routes.get(&key, 0).is_ok_and(mine) {
+            let _ = self.permission_routes.remove(&key);
+            self.routes = self.routes.saturating_sub(1);
         }
     }
 }
@@ -562,6 +675,33 @@ mod tests {
         }
     }
 
+    /// The permission route beside [`a_route`]: the same client, relay and
+    /// peer IP.
+    fn an_indication_route(expires: Instant) -> IndicationRoute {
+        let r = a_route(expires);
+        IndicationRoute {
+            client: r.client,
+            server: r.server,
+            relay: r.relay,
+            peer: *r.peer.ip(),
+            expires,
+        }
+    }
+
+    /// The Data indication the server would send for `data` from `peer`,
+    /// with the transaction id of `sent` (any value will do there).
+    fn data_indication(peer: SocketAddrV4, data: &[u8], sent: &[u8]) -> Vec<u8> {
+        let tid: [u8; 12] = sent
+            .get(8..20)
+            .and_then(|t| t.try_into().ok())
+            .unwrap_or_default();
+        let (prefix, len) = crate::stun::data_indication_prefix(peer.into(), data.len(), &tid);
+        let mut m = prefix[..len].to_vec();
+        m.extend_from_slice(data);
+        m.resize(m.len() + crate::stun::padding(data.len()), 0);
+        m
+    }
+
     fn channel_data(channel: u16, data: &[u8]) -> Vec<u8> {
         let mut cd = channel.to_be_bytes().to_vec();
         cd.extend_from_slice(&(data.len() as u16).to_be_bytes());
@@ -607,11 +747,106 @@ mod tests {
     }
 
     #[test]
+    fn relays_data_from_a_peer_without_a_channel_as_a_data_indication() {
+        let Some(relay) = loaded() else { return };
+        let later = Instant::now() + Duration::from_secs(60);
+        let (r, i) = (a_route(later), an_indication_route(later));
+        relay.apply([RouteChange::Set(r), RouteChange::SetIndications(i)]);
+        // Another port of the permitted peer: no channel, so an indication;
+        // every length, so every padding.
+        let other_port = SocketAddrV4::new(*r.peer.ip(), 7001);
+        let mut bytes = 0;
+        let mut tids = HashSet::new();
+        for udp_checksum in [true, false] {
+            for data in [&b""[..], b"a", b"ab", b"abc", b"abcd", b"hello"] {
+                let (verdict, out) = run(&relay, &frame(other_port, r.relay, data, udp_checksum));
+                assert_eq!(verdict, XDP_TX, "{data:?}");
+                let payload = sent(&out, r.server, r.client, udp_checksum);
+                assert_eq!(
+                    payload,
+                    data_indication(other_port, data, &payload),
+                    "{data:?}"
+                );
+                assert!(crate::stun::Message::parse(&payload).is_ok(), "{data:?}");
+                tids.insert(payload[8..20].to_vec());
+                bytes += data.len() as u64;
+            }
+        }
+        assert_eq!(tids.len(), 12, "transaction ids differ");
+        // The channel's own peer still gets ChannelData.
+        let (verdict, out) = run(&relay, &frame(r.peer, r.relay, b"x", true));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            sent(&out, r.server, r.client, true),
+            channel_data(0x4001, b"x")
+        );
+        // Once the channel ends, before the permission, its peer's data
+        // goes as indications too.
+        relay.apply([RouteChange::Set(KernelRoute {
+            expires: Instant::now(),
+            ..r
+        })]);
+        let (verdict, out) = run(&relay, &frame(r.peer, r.relay, b"y", true));
+        assert_eq!(verdict, XDP_TX);
+        let payload = sent(&out, r.server, r.client, true);
+        assert_eq!(payload, data_indication(r.peer, b"y", &payload));
+        assert_eq!(
+            relay.stats(),
+            KernelStats {
+                to_client_packets: 14,
+                to_client_bytes: bytes + 2,
+                ..KernelStats::default()
+            }
+        );
+        // Gone with the permission.
+        relay.apply([RouteChange::RemoveIndications(i)]);
+        let packet = frame(other_port, r.relay, b"z", true);
+        assert_eq!(run(&relay, &packet), (XDP_PASS, packet));
+    }
+
+    #[test]
+    fn a_refused_channel_keeps_its_peers_data_indications_out_of_the_kernel() {
+        let Some(relay) = loaded() else { return };
+        let later = Instant::now() + Duration::from_secs(60);
+        let (r, i) = (a_route(later), an_indication_route(later));
+        relay.apply([RouteChange::SetIndications(i)]);
+        // Fill the client routes' map with other flows.
+        {
+            let mut inner = relay.lock();
+            let other = ToPeer::of(&r, 0);
+            for n in 0u32.. {
+                let key = ClientKey {
+                    client_ip: n,
+                    ..ClientKey::of(&r)
+                };
+                if inner.client_routes.insert(key, other, 0).is_err() {
+                    break;
+                }
+            }
+        }
+        relay.apply([RouteChange::Set(r)]);
+        // The server sends ChannelData from this peer: the kernel must not
+        // send indications instead, so it leaves the peer to the sockets.
+        let packet = frame(r.peer, r.relay, b"x", true);
+        assert_eq!(run(&relay, &packet), (XDP_PASS, packet.clone()));
+        relay.apply([RouteChange::SetIndications(i)]);
+        assert_eq!(run(&relay, &packet), (XDP_PASS, packet.clone()), "renewed");
+        // Without the channel, the permission's next renewal brings the
+        // route back.
+        relay.apply([RouteChange::Remove(r), RouteChange::SetIndications(i)]);
+        let (verdict, out) = run(&relay, &packet);
+        assert_eq!(verdict, XDP_TX);
+        let payload = sent(&out, r.server, r.client, true);
+        assert_eq!(payload, data_indication(r.peer, b"x", &payload));
+    }
+
+    #[test]
     fn leaves_everything_else_to_the_sockets() {
         let Some(relay) = loaded() else { return };
         let now = Instant::now();
         let r = a_route(now + Duration::from_secs(60));
-        relay.apply([RouteChange::Set(r)]);
+        let i = an_indication_route(now + Duration::from_secs(60));
+        relay.apply([RouteChange::Set(r), RouteChange::SetIndications(i)]);
         let stranger = addr("127.0.0.9:7000");
         let mut padded = channel_data(0x4001, b"abc");
         padded.push(0);
@@ -644,8 +879,12 @@ mod tests {
                 ),
             ),
             (
-                "another peer port",
-                frame(addr("127.0.0.3:7001"), r.relay, b"x", true),
+                "a peer without a permission",
+                frame(stranger, r.relay, b"x", true),
+            ),
+            (
+                "another relay port",
+                frame(r.peer, addr("127.0.0.1:50001"), b"x", true),
             ),
             ("IP options", options),
             ("a fragment", fragment),
@@ -660,11 +899,18 @@ mod tests {
         }
 
         // An expired route is not followed, even before it is removed.
-        relay.apply([RouteChange::Set(KernelRoute { expires: now, ..r })]);
+        relay.apply([
+            RouteChange::Set(KernelRoute { expires: now, ..r }),
+            RouteChange::SetIndications(IndicationRoute { expires: now, ..i }),
+        ]);
         let (verdict, _) = run(&relay, &frame(r.peer, r.relay, b"x", true));
         assert_eq!(verdict, XDP_PASS, "expired");
         // A removed one neither.
-        relay.apply([RouteChange::Set(r), RouteChange::Remove(r)]);
+        relay.apply([
+            RouteChange::Set(r),
+            RouteChange::Remove(r),
+            RouteChange::RemoveIndications(i),
+        ]);
         let (verdict, _) = run(&relay, &frame(r.peer, r.relay, b"x", true));
         assert_eq!(verdict, XDP_PASS, "removed");
         assert_eq!(relay.stats(), KernelStats::default());
@@ -682,28 +928,30 @@ mod tests {
         );
     }
 
-    /// A frame for the property below: a valid one for the route, either
-    /// direction, or random bytes; then some bytes overwritten.
+    /// A frame for the property below: a valid one for the routes (from
+    /// the client, from the channel's peer, from another port of the
+    /// peer), or random bytes; then some bytes overwritten.
     fn arb_frame() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
         let r = a_route(Instant::now());
         let valid = (
-            any::<bool>(),
+            0..3,
             proptest::collection::vec(any::<u8>(), 0..64),
             any::<bool>(),
             prop_oneof![Just(0x4001u16), any::<u16>()],
             prop_oneof![Just(None), any::<u16>().prop_map(Some)],
+            any::<u16>(),
         )
-            .prop_map(move |(from_client, data, check, channel, len)| {
-                if from_client {
+            .prop_map(move |(from, data, check, channel, len, port)| match from {
+                0 => {
                     let mut cd = channel_data(channel, &data);
                     if let Some(len) = len {
                         cd[2..4].copy_from_slice(&len.to_be_bytes());
                     }
                     frame(r.client, r.server, &cd, check)
-                } else {
-                    frame(r.peer, r.relay, &data, check)
                 }
+                1 => frame(r.peer, r.relay, &data, check),
+                _ => frame(SocketAddrV4::new(*r.peer.ip(), port), r.relay, &data, check),
             });
         // The kernel hands XDP no frame shorter than an Ethernet header
         // (and its test runner takes none).
@@ -737,8 +985,9 @@ mod tests {
             // Loaded once: the verifier takes tens of milliseconds.
             static RELAY: std::sync::OnceLock<Option<KernelRelay>> = std::sync::OnceLock::new();
             let Some(relay) = RELAY.get_or_init(loaded) else { return Ok(()) };
-            let r = a_route(Instant::now() + Duration::from_secs(60));
-            relay.apply([RouteChange::Set(r)]);
+            let later = Instant::now() + Duration::from_secs(60);
+            let r = a_route(later);
+            relay.apply([RouteChange::Set(r), RouteChange::SetIndications(an_indication_route(later))]);
             let (verdict, out) = run(relay, &packet);
             if verdict == XDP_PASS {
                 proptest::prop_assert_eq!(&out, &packet);
@@ -765,10 +1014,15 @@ mod tests {
                 proptest::prop_assert_eq!(&payload_in[..2], &0x4001u16.to_be_bytes());
                 let declared = u16::from_be_bytes([payload_in[2], payload_in[3]]);
                 proptest::prop_assert_eq!(usize::from(declared), payload_in.len() - 4);
-            } else {
-                proptest::prop_assert_eq!((from, to), (r.peer, r.relay));
+            } else if from == r.peer {
+                proptest::prop_assert_eq!(to, r.relay);
                 let out_payload = sent_loosely(&out, r.server, r.client, checked, ip_ok);
                 proptest::prop_assert_eq!(out_payload, channel_data(0x4001, payload_in));
+            } else {
+                proptest::prop_assert_eq!((from.ip(), to), (r.peer.ip(), r.relay));
+                let out_payload = sent_loosely(&out, r.server, r.client, checked, ip_ok);
+                let expected = data_indication(from, payload_in, &out_payload);
+                proptest::prop_assert_eq!(out_payload, expected);
             }
         }
     }

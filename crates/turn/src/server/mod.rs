@@ -32,7 +32,7 @@ use crate::policy::PeerPolicy;
 use crate::stun::{self, ChannelData, Class, Message, MessageBuilder, RawAttr, attr, method};
 
 mod routes;
-pub use routes::{KernelRoute, RouteChange};
+pub use routes::{IndicationRoute, KernelRoute, RouteChange};
 
 /// Free bytes a driver must leave in front of a peer datagram, for the
 /// largest header the server may write there (a Data indication to an
@@ -545,7 +545,7 @@ struct Allocation {
     /// other workers relaying in place take from it too.
     to_peer_budget: ByteBucket,
     /// What the kernel relay was last told about this allocation.
-    routes: Vec<KernelRoute>,
+    routes: routes::Routes,
 }
 
 impl Allocation {
@@ -1587,7 +1587,7 @@ impl<A: RelayAllocator> Server<A> {
             allocate_tid: *tid,
             allocate_response: response.clone(),
             to_peer_budget: bucket(),
-            routes: Vec::new(),
+            routes: routes::Routes::default(),
         });
         self.by_five.insert(five, slot);
         self.by_relay_addr.insert(relay_addr, slot);
@@ -1826,8 +1826,7 @@ impl<A: RelayAllocator> Server<A> {
         self.relays.release(a.relay);
         self.shared.unreserve(&a.username);
         self.free_slots.push(slot);
-        self.route_changes
-            .extend(a.routes.iter().map(|r| RouteChange::Remove(*r)));
+        self.route_changes.extend(a.routes.removals());
         metrics::gauge!("callisto_turn_allocations").decrement(1.0);
         metrics::gauge!("callisto_turn_permissions").decrement(a.access.permissions.len() as f64);
         metrics::gauge!("callisto_turn_channels").decrement(a.access.channels.len() as f64);

@@ -1567,29 +1567,56 @@ fn route(
     }
 }
 
+fn indication_route(
+    five: FiveTuple,
+    relay: SocketAddr,
+    peer: IpAddr,
+    expires: Instant,
+) -> IndicationRoute {
+    let (SocketAddr::V4(client), SocketAddr::V4(server), SocketAddr::V4(relay), IpAddr::V4(peer)) =
+        (five.client, five.server, relay, peer)
+    else {
+        panic!("IPv4 only")
+    };
+    IndicationRoute {
+        client,
+        server,
+        relay,
+        peer,
+        expires,
+    }
+}
+
 #[test]
 fn kernel_routes_follow_channels_permissions_and_lifetimes() {
     let t0 = Instant::now();
     let (_, mut s) = setup(kernel_config(), t0);
     let (mut c, relayed) = allocated(&mut s, five(1), t0);
-    assert_eq!(s.route_changes().count(), 0, "no channel, no route");
+    assert_eq!(s.route_changes().count(), 0, "no permission, no route");
 
     // A channel and the permission it installs: the permission ends first.
     let ch = c.bind_channel(t0, peer());
     pump(&mut s, &mut c, five(1), t0);
     let r = |expires| route(five(1), ch, relayed, peer(), expires);
+    let i = |expires| indication_route(five(1), relayed, peer().ip(), expires);
     let secs = |n| t0 + Duration::from_secs(n);
     assert_eq!(
         s.route_changes().collect::<Vec<_>>(),
-        [RouteChange::Set(r(secs(300)))]
+        [
+            RouteChange::Set(r(secs(300))),
+            RouteChange::SetIndications(i(secs(300)))
+        ]
     );
 
-    // Renewing the permission moves the route's end to it.
+    // Renewing the permission moves the routes' end to it.
     c.create_permission(secs(100), peer().ip());
     pump(&mut s, &mut c, five(1), secs(100));
     assert_eq!(
         s.route_changes().collect::<Vec<_>>(),
-        [RouteChange::Set(r(secs(400)))]
+        [
+            RouteChange::Set(r(secs(400))),
+            RouteChange::SetIndications(i(secs(400)))
+        ]
     );
 
     // A refresh that does not bring the end closer changes nothing.
@@ -1597,26 +1624,49 @@ fn kernel_routes_follow_channels_permissions_and_lifetimes() {
     pump(&mut s, &mut c, five(1), secs(200));
     assert_eq!(s.route_changes().count(), 0);
 
-    // The permission expires: the route goes with it; renewed, it returns
-    // until the channel's end.
+    // The permission expires: the routes go with it; renewed, they return,
+    // the channel's until the channel's end.
     s.on_timeout(secs(401));
     assert_eq!(
         s.route_changes().collect::<Vec<_>>(),
-        [RouteChange::Remove(r(secs(400)))]
+        [
+            RouteChange::RemoveIndications(i(secs(400))),
+            RouteChange::Remove(r(secs(400)))
+        ]
     );
     c.create_permission(secs(402), peer().ip());
     pump(&mut s, &mut c, five(1), secs(402));
     assert_eq!(
         s.route_changes().collect::<Vec<_>>(),
-        [RouteChange::Set(r(secs(600)))]
+        [
+            RouteChange::Set(r(secs(600))),
+            RouteChange::SetIndications(i(secs(702)))
+        ]
     );
 
-    // Deleting the allocation removes it.
+    // Deleting the allocation removes them.
     c.refresh(secs(403), 0);
     pump(&mut s, &mut c, five(1), secs(403));
     assert_eq!(
         s.route_changes().collect::<Vec<_>>(),
-        [RouteChange::Remove(r(secs(600)))]
+        [
+            RouteChange::RemoveIndications(i(secs(702))),
+            RouteChange::Remove(r(secs(600)))
+        ]
+    );
+}
+
+#[test]
+fn a_permission_alone_gets_a_route_for_data_indications() {
+    let t0 = Instant::now();
+    let (_, mut s) = setup(kernel_config(), t0);
+    let (mut c, relayed) = allocated(&mut s, five(1), t0);
+    c.create_permission(t0, peer().ip());
+    pump(&mut s, &mut c, five(1), t0);
+    let i = indication_route(five(1), relayed, peer().ip(), t0 + Duration::from_secs(300));
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [RouteChange::SetIndications(i)]
     );
 }
 
@@ -1630,21 +1680,19 @@ fn kernel_routes_go_when_the_allocation_expires() {
     c.create_permission(t0 + Duration::from_secs(301), peer().ip());
     pump(&mut s, &mut c, five(1), t0 + Duration::from_secs(301));
     let end = t0 + DEFAULT_LIFETIME;
+    let (r, i) = (
+        route(five(1), ch, relayed, peer(), end),
+        indication_route(five(1), relayed, peer().ip(), end),
+    );
     assert_eq!(
-        s.route_changes().next_back(),
-        Some(RouteChange::Set(route(five(1), ch, relayed, peer(), end))),
+        s.route_changes().collect::<Vec<_>>()[2..],
+        [RouteChange::Set(r), RouteChange::SetIndications(i)],
         "the allocation's end comes before the permission's"
     );
     s.on_timeout(end);
     assert_eq!(
         s.route_changes().collect::<Vec<_>>(),
-        [RouteChange::Remove(route(
-            five(1),
-            ch,
-            relayed,
-            peer(),
-            end
-        ))]
+        [RouteChange::RemoveIndications(i), RouteChange::Remove(r)]
     );
 }
 
@@ -1672,6 +1720,7 @@ fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_without_a_l
         let (_, mut s) = setup(cfg, t0);
         let (mut c, _) = allocated(&mut s, f, t0);
         c.bind_channel(t0, peer());
+        c.create_permission(t0, "203.0.113.77".parse().unwrap());
         pump(&mut s, &mut c, f, t0);
         assert_eq!(s.route_changes().count(), 0, "{case}");
     }
@@ -1712,12 +1761,13 @@ fn arb_route_step() -> impl proptest::strategy::Strategy<Value = RouteStep> {
     ]
 }
 
-/// The kernel's maps as `net::kernel` keeps them: one entry per direction,
-/// removed only for the flow that set it.
+/// The kernel's maps as `net::kernel` keeps them: one entry per direction
+/// and channel, one per permission, removed only for the flow that set it.
 #[derive(Default)]
 struct KernelMaps {
     from_client: HashMap<(SocketAddr, u16), KernelRoute>,
     from_peer: HashMap<(SocketAddr, SocketAddr), KernelRoute>,
+    from_permitted: HashMap<(IpAddr, SocketAddr), IndicationRoute>,
 }
 
 impl KernelMaps {
@@ -1749,13 +1799,50 @@ impl KernelMaps {
                     self.from_peer.remove(&p);
                 }
             }
+            RouteChange::SetIndications(r) => {
+                self.from_permitted
+                    .insert((r.peer.into(), r.relay.into()), r);
+            }
+            RouteChange::RemoveIndications(r) => {
+                let key = (r.peer.into(), r.relay.into());
+                let same = |o: &IndicationRoute| {
+                    IndicationRoute {
+                        expires: r.expires,
+                        ..*o
+                    } == r
+                };
+                if self.from_permitted.get(&key).is_some_and(same) {
+                    self.from_permitted.remove(&key);
+                }
+            }
         }
+    }
+
+    /// How the kernel would pass on data from `peer` to `relay` at `now`:
+    /// to which client, on which channel (`None`: as a Data indication).
+    fn to_client(
+        &self,
+        peer: SocketAddr,
+        relay: SocketAddr,
+        now: Instant,
+    ) -> Option<(SocketAddr, Option<u16>)> {
+        if let Some(r) = self
+            .from_peer
+            .get(&(peer, relay))
+            .filter(|r| r.expires > now)
+        {
+            return Some((r.client.into(), Some(r.channel)));
+        }
+        self.from_permitted
+            .get(&(peer.ip(), relay))
+            .filter(|r| r.expires > now)
+            .map(|r| (r.client.into(), None))
     }
 }
 
 /// Checks the kernel's maps against the server at `now`: every route the
 /// kernel would follow does what the server would do, and every channel
-/// the server would relay has such a route.
+/// and permission the server would relay through has such a route.
 fn check_routes(s: &mut Server<FakeRelays>, maps: &KernelMaps, f: FiveTuple, now: Instant) {
     let relay = s.relay_of(&f);
     for r in maps.from_client.values().filter(|r| r.expires > now) {
@@ -1774,24 +1861,58 @@ fn check_routes(s: &mut Server<FakeRelays>, maps: &KernelMaps, f: FiveTuple, now
         );
         assert_eq!(SocketAddr::from(r.relay).port(), 50000 + relay.0 as u16);
     }
-    for r in maps.from_peer.values().filter(|r| r.expires > now) {
-        let relay = relay.expect("a live route without an allocation");
-        let mut buf = vec![0u8; HEADROOM + 3 + TAILROOM];
-        let out = s.on_peer(now, relay, r.peer.into(), &mut buf, 3);
-        let Output::ToClient { to, range } = out else {
-            panic!("kernel route {r:?} relays from a peer the server would not: {out:?}");
-        };
-        assert_eq!(to, f);
-        assert_eq!(buf[range.start..range.start + 2], r.channel.to_be_bytes());
-    }
+    assert!(
+        relay.is_some()
+            || (maps.from_peer.values().all(|r| r.expires <= now)
+                && maps.from_permitted.values().all(|r| r.expires <= now)),
+        "a live route without an allocation"
+    );
     let Some(relay) = relay else { return };
     let a = s.allocations[relay.0 as usize].as_ref().expect("allocated");
+    // From peers: every address a route or the allocation names, and
+    // another port of each IP.
+    let relay_addr = a.relay_addr;
+    let mut sources: Vec<SocketAddr> = maps.from_peer.keys().map(|(p, _)| *p).collect();
+    sources.extend(a.access.channels.iter().map(|c| c.peer));
+    let ips = maps.from_permitted.keys().map(|(ip, _)| *ip);
+    let ips = ips.chain(a.access.permissions.iter().map(|(ip, _)| *ip));
+    sources.extend(ips.map(|ip| SocketAddr::new(ip, 9999)).collect::<Vec<_>>());
     let channels: Vec<(u16, SocketAddr)> = a
         .access
         .channels
         .iter()
         .map(|c| (c.number, c.peer))
         .collect();
+    for from in sources {
+        let kernel = maps.to_client(from, relay_addr, now);
+        let mut buf = vec![0u8; HEADROOM + 3 + TAILROOM];
+        let server = match s.on_peer(now, relay, from, &mut buf, 3) {
+            Output::ToClient { to, range } => {
+                let framed = &buf[range];
+                let channel =
+                    (framed[0] & 0xc0 == 0x40).then(|| u16::from_be_bytes([framed[0], framed[1]]));
+                if channel.is_none() {
+                    let tid: [u8; 12] = framed[8..20].try_into().unwrap();
+                    let (prefix, len) = stun::data_indication_prefix(from, 3, &tid);
+                    assert_eq!(&framed[..len], &prefix[..len], "a Data indication");
+                }
+                Some((to.client, channel))
+            }
+            Output::None => None,
+            other => panic!("from a peer: {other:?}"),
+        };
+        match (kernel, server) {
+            (Some(k), s) => assert_eq!(
+                Some(k),
+                s,
+                "from {from}: the kernel relays what the server would not"
+            ),
+            (None, Some(s)) => {
+                panic!("from {from}: the server relays {s:?} but the kernel has no live route")
+            }
+            (None, None) => {}
+        }
+    }
     for (number, peer) in channels {
         let mut framed = ChannelData::header(number, 3).to_vec();
         framed.extend_from_slice(b"abc");
