@@ -155,7 +155,10 @@ pub async fn start(
     let kernel = if args.turn_kernel_relay.is_empty() {
         None
     } else {
-        Some(Arc::new(KernelRelay::attach(&args.turn_kernel_relay)?))
+        Some(Arc::new(KernelRelay::attach(
+            &args.turn_kernel_relay,
+            args.turn_max_allocations,
+        )?))
     };
     let service = TurnService::start(listen, relay, shared, tls, kernel)
         .await

@@ -94,8 +94,10 @@ struct stats {
 	__u64 to_client_bytes;
 };
 
-// Entries are allocated as routes are added, not all 65,536 up front
-// (that took 6.8 MB of kernel memory per map, whatever the load).
+// The route maps' sizes are set at load time, from the server's limit on
+// allocations (net/kernel.rs: map_capacity); 65,536 is only a default.
+// Entries are allocated as routes are added, not all up front (65,536
+// took 6.8 MB of kernel memory per map, whatever the load).
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);

@@ -25,7 +25,7 @@ use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{Xdp, XdpFlags};
 use aya::{Ebpf, EbpfLoader};
 
-use crate::server::{IndicationRoute, KernelRoute, RouteChange};
+use crate::server::{IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange};
 
 /// The compiled program, built from `bpf/relay.bpf.c` by
 /// `scripts/build-bpf.sh`; committed, so that building needs no clang.
@@ -264,19 +264,47 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Entries per route map: [`KERNEL_ROUTES_PER_ALLOCATION`] for each
+/// allocation the server allows, so that no client can fill the maps and
+/// push others' flows out to the sockets. Entries are allocated as routes
+/// come (about 100 bytes each); what is set aside up front is the hash
+/// table's buckets, 16 bytes per entry rounded up to a power of two: 2 MiB
+/// per map for the default 10,000 allocations. Capped at 2^22 entries.
+pub fn map_capacity(max_allocations: usize) -> usize {
+    max_allocations
+        .saturating_mul(KERNEL_ROUTES_PER_ALLOCATION)
+        .clamp(1024, 1 << 22)
+}
+
 fn load_error(e: impl std::error::Error + Send + Sync + 'static) -> KernelRelayError {
     KernelRelayError::Load(Box::new(e))
 }
 
 impl KernelRelay {
     /// Loads the program and attaches it to each of `interfaces`: those
-    /// that carry the TURN traffic, clients' and peers' both.
-    pub fn attach(interfaces: &[String]) -> Result<KernelRelay, KernelRelayError> {
+    /// that carry the TURN traffic, clients' and peers' both. The route
+    /// maps get room for every route `max_allocations` allocations may have
+    /// (see [`map_capacity`]).
+    pub fn attach(
+        interfaces: &[String],
+        max_allocations: usize,
+    ) -> Result<KernelRelay, KernelRelayError> {
+        let capacity = map_capacity(max_allocations);
+        if capacity < max_allocations.saturating_mul(KERNEL_ROUTES_PER_ALLOCATION) {
+            tracing::warn!(
+                capacity,
+                max_allocations,
+                "the kernel relay's maps cannot hold every route this many allocations may have; routes beyond them are relayed by the sockets"
+            );
+        }
         // The program reads no kernel structures, so it needs no
         // relocation against the kernel's BTF, which the loader has parsed
         // by now (megabytes): drop it, and give the memory back.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
+            .set_max_entries("client_routes", capacity as u32)
+            .set_max_entries("peer_routes", capacity as u32)
+            .set_max_entries("permission_routes", capacity as u32)
             .load(PROGRAM)
             .map_err(load_error)?;
         // SAFETY: malloc_trim only returns free heap memory to the system.
@@ -329,7 +357,8 @@ impl KernelRelay {
     }
 
     /// Writes route changes into the program's maps, in order. A route
-    /// that does not fit (the maps hold 65,536 each) is left to the
+    /// that does not fit (only when the kernel is short of memory, as the
+    /// maps have room for every route the server gives) is left to the
     /// sockets, and counted.
     pub fn apply(&self, changes: impl IntoIterator<Item = RouteChange>) {
         let mut inner = self.lock();
@@ -520,7 +549,8 @@ mod tests {
             eprintln!("skipped: the kernel relay tests need root");
             return None;
         }
-        Some(KernelRelay::attach(&[]).expect("the program loads"))
+        // Small maps: one test fills one.
+        Some(KernelRelay::attach(&[], 128).expect("the program loads"))
     }
 
     /// `bpf_attr` for `BPF_PROG_TEST_RUN`, zero-padded.

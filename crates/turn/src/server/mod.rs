@@ -32,7 +32,7 @@ use crate::policy::PeerPolicy;
 use crate::stun::{self, ChannelData, Class, Message, MessageBuilder, RawAttr, attr, method};
 
 mod routes;
-pub use routes::{IndicationRoute, KernelRoute, RouteChange};
+pub use routes::{IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange};
 
 /// Free bytes a driver must leave in front of a peer datagram, for the
 /// largest header the server may write there (a Data indication to an

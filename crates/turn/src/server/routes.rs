@@ -18,6 +18,14 @@ use std::time::Instant;
 
 use super::{FiveTuple, PeerAccess, Transport};
 
+/// The most channel routes, and the most permission routes, one
+/// allocation gets; further channels and permissions are relayed by the
+/// sockets. WebRTC clients bind a few channels per allocation, so this is
+/// room to spare for them, while the kernel's maps, sized for this many
+/// per allocation the server allows (`net::kernel`), can never be filled
+/// by a client binding all the channels the server lets it bind.
+pub const KERNEL_ROUTES_PER_ALLOCATION: usize = 8;
+
 /// One channel of one UDP client over IPv4, both ways: ChannelData from
 /// `client` to `server` on `channel` leaves `relay` for `peer`, and
 /// datagrams from `peer` to `relay` reach `client` from `server` on it.
@@ -117,22 +125,26 @@ pub(super) fn wanted(
             .find(|(p, _)| *p == ip)
             .map(|(_, expires)| access.expires.min(*expires))
     };
-    let channels = access
-        .channels
-        .iter()
-        .filter_map(|c| {
-            let peer = v4(c.peer)?;
-            let expires = permitted_until(*peer.ip())?.min(c.expires);
-            (expires > now).then_some(KernelRoute {
-                client,
-                server,
-                channel: c.number,
-                relay,
-                peer,
-                expires,
-            })
+    let mut live_channels = access.channels.iter().filter_map(|c| {
+        let peer = v4(c.peer)?;
+        let expires = permitted_until(*peer.ip())?.min(c.expires);
+        (expires > now).then_some(KernelRoute {
+            client,
+            server,
+            channel: c.number,
+            relay,
+            peer,
+            expires,
         })
+    });
+    let channels: Vec<KernelRoute> = live_channels
+        .by_ref()
+        .take(KERNEL_ROUTES_PER_ALLOCATION)
         .collect();
+    // The peers of channels left without a route get no permission route
+    // either: the kernel would send them Data indications where the server
+    // sends ChannelData.
+    let unrouted: Vec<Ipv4Addr> = live_channels.map(|r| *r.peer.ip()).collect();
     let indications = access
         .permissions
         .iter()
@@ -141,7 +153,7 @@ pub(super) fn wanted(
                 return None;
             };
             let expires = permitted_until(peer)?;
-            (expires > now).then_some(IndicationRoute {
+            (expires > now && !unrouted.contains(&peer)).then_some(IndicationRoute {
                 client,
                 server,
                 relay,
@@ -149,6 +161,7 @@ pub(super) fn wanted(
                 expires,
             })
         })
+        .take(KERNEL_ROUTES_PER_ALLOCATION)
         .collect();
     Routes {
         channels,
