@@ -877,6 +877,16 @@ fn check_affinity(_pid: u32, _cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether this process shares the network namespace of init (pid 1),
+/// the machine's own. Unknown counts as yes.
+fn in_initial_network_namespace() -> bool {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    match (ns("self"), ns("1")) {
+        (Some(mine), Some(init)) => mine == init,
+        _ => true,
+    }
+}
+
 /// A server process; under `--pin` it runs on the servers' CPU only.
 fn server_command(
     program: impl AsRef<std::ffi::OsStr>,
@@ -901,6 +911,13 @@ fn server_command(
 /// Runs the whole matrix and prints a Markdown table.
 pub fn run(mut args: BenchTurnArgs) -> anyhow::Result<()> {
     args.uclient_tcp |= args.uclient_tls;
+    if args.servers.contains(&BenchTarget::CallistoKernel) && in_initial_network_namespace() {
+        bail!(
+            "`--servers callisto-kernel` attaches XDP to the loopback of the network namespace it runs in, \
+             which here is the machine's own: run the bench in a namespace of its own \
+             (ip netns add bench && ip -n bench link set lo up && ip netns exec bench ...)"
+        );
+    }
     if let Some(pin) = args.pin {
         let (_, generator) = pin_sets(pin)?;
         set_affinity(generator).context("pinning the load generator")?;
