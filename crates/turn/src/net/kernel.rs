@@ -166,28 +166,26 @@ impl ToPeer {
 }
 
 impl ToClient {
-    fn of(r: &KernelRoute, expires_ns: u64) -> Self {
+    /// From `server` to `client`, on `channel`, or as Data indications if
+    /// it is zero.
+    fn new(server: &SocketAddrV4, client: &SocketAddrV4, channel: u16, expires_ns: u64) -> Self {
         ToClient {
-            server_ip: ip(&r.server),
-            client_ip: ip(&r.client),
-            server_port: port(&r.server),
-            client_port: port(&r.client),
-            channel: r.channel.to_be(),
+            server_ip: ip(server),
+            client_ip: ip(client),
+            server_port: port(server),
+            client_port: port(client),
+            channel: channel.to_be(),
             zero: 0,
             expires_ns,
         }
     }
 
+    fn of(r: &KernelRoute, expires_ns: u64) -> Self {
+        ToClient::new(&r.server, &r.client, r.channel, expires_ns)
+    }
+
     fn indications(r: &IndicationRoute, expires_ns: u64) -> Self {
-        ToClient {
-            server_ip: ip(&r.server),
-            client_ip: ip(&r.client),
-            server_port: port(&r.server),
-            client_port: port(&r.client),
-            channel: 0,
-            zero: 0,
-            expires_ns,
-        }
+        ToClient::new(&r.server, &r.client, 0, expires_ns)
     }
 }
 

@@ -181,7 +181,7 @@ pub(super) fn update(have: &mut Routes, want: Routes, out: &mut Vec<RouteChange>
 }
 
 /// A route's flow: what it relays, whatever its expiry.
-trait Flow: Copy + PartialEq {
+pub(super) trait Flow: Copy + PartialEq {
     fn same_flow(&self, other: &Self) -> bool;
 }
 

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use super::routes::Flow;
 use super::*;
 use crate::auth::rest_credentials;
 use crate::client::{Client, Event};
@@ -1821,12 +1822,7 @@ impl KernelMaps {
             }
             RouteChange::Remove(r) => {
                 let (c, p) = keys(&r);
-                let same = |o: &KernelRoute| {
-                    KernelRoute {
-                        expires: r.expires,
-                        ..*o
-                    } == r
-                };
+                let same = |o: &KernelRoute| o.same_flow(&r);
                 if self.from_client.get(&c).is_some_and(same) {
                     self.from_client.remove(&c);
                 }
@@ -1840,12 +1836,7 @@ impl KernelMaps {
             }
             RouteChange::RemoveIndications(r) => {
                 let key = (r.peer.into(), r.relay.into());
-                let same = |o: &IndicationRoute| {
-                    IndicationRoute {
-                        expires: r.expires,
-                        ..*o
-                    } == r
-                };
+                let same = |o: &IndicationRoute| o.same_flow(&r);
                 if self.from_permitted.get(&key).is_some_and(same) {
                     self.from_permitted.remove(&key);
                 }
