@@ -1012,4 +1012,29 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
     // Ten clients, one peer address: its first datagram teaches the
     // program, so at most one per client goes through the sockets.
     assert!(in_kernel(&m, "to_peer") >= 1990.0, "{m}");
+
+    // Client to client: the peer is another of our relayed addresses, which
+    // the card would not loop back; the program hands the data to the other
+    // client directly.
+    assert_lossless(
+        "client to client, through the kernel, on a veth",
+        uclient_in(
+            Some(&hosts.0),
+            "10.77.0.1",
+            "10.77.0.3",
+            server.turn_port,
+            free_udp_port(),
+            &["-y"],
+            ("user", "pass"),
+        ),
+    );
+    let m = metrics_once(&server, |m| in_kernel(m, "to_client") >= 4000.0);
+    assert_relayed_packets(&m, &["udp"], 4000.0);
+    assert_eq!(in_kernel(&m, "to_client"), 4000.0, "{m}");
+    assert!(in_kernel(&m, "to_peer") >= 3990.0, "{m}");
+    assert_eq!(
+        metric(&m, "callisto_turn_relayed_in_place_packets_total"),
+        0.0,
+        "{m}"
+    );
 }

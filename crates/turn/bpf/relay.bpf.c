@@ -351,13 +351,17 @@ static __always_inline int relay_to_client(struct xdp_md *ctx, const struct head
 	return XDP_TX;
 }
 
-// Peer -> client without a channel: prepend a Data indication, pad its
-// data, send from the TURN port to the client.
+// Peer -> client without a channel: put a Data indication in front of the
+// `len` bytes of data, pad them, send from the TURN port to the client.
+// The data comes from `peer_ip`:`peer_port`, after a header of `strip`
+// bytes (0, or a channel header whose words sum to `removed`) that goes.
 static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct headers *h,
-					       const struct to_client *c, __u16 len)
+					       const struct to_client *c, __u32 peer_ip,
+					       __u16 peer_port, __u16 len, int strip,
+					       __u32 removed)
 {
 	__u32 pad = (4 - (len & 3)) & 3;
-	__u32 grow = INDICATION_HEADER + pad;
+	__u32 grow = INDICATION_HEADER - strip + pad;
 	if (len > 0xffff - grow - sizeof(struct iphdr) - sizeof(struct udphdr))
 		return XDP_PASS;
 	struct indication ind = {
@@ -367,8 +371,8 @@ static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct 
 		.peer_type = bpf_htons(0x0012), // XOR-PEER-ADDRESS
 		.peer_length = bpf_htons(8),
 		.family = 1, // IPv4
-		.xport = h->udp.source ^ bpf_htons(MAGIC_COOKIE >> 16),
-		.xaddr = h->ip.saddr ^ bpf_htonl(MAGIC_COOKIE),
+		.xport = peer_port ^ bpf_htons(MAGIC_COOKIE >> 16),
+		.xaddr = peer_ip ^ bpf_htonl(MAGIC_COOKIE),
 		.data_type = bpf_htons(0x0013), // DATA
 		.data_length = bpf_htons(len),
 	};
@@ -382,13 +386,13 @@ static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct 
 		added += w[i];
 	struct headers n = *h;
 	readdress(&n, h, c->server_ip, c->server_port, c->client_ip, c->client_port,
-		  grow, added, 0);
+		  grow, added, removed);
 	if (!next_hop(ctx, &n, h, grow))
 		return XDP_PASS;
 	// The kernel zeroes what the tail grows by: that is the padding.
 	if (pad && bpf_xdp_adjust_tail(ctx, pad))
 		return XDP_PASS;
-	if (bpf_xdp_adjust_head(ctx, -INDICATION_HEADER)) {
+	if (bpf_xdp_adjust_head(ctx, -(INDICATION_HEADER - strip))) {
 		if (pad)
 			bpf_xdp_adjust_tail(ctx, -(int)pad);
 		return XDP_PASS;
@@ -403,8 +407,62 @@ static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct 
 	if (s) {
 		s->to_client_packets++;
 		s->to_client_bytes += len;
+		if (strip) { // relayed in place: it left one allocation too
+			s->to_peer_packets++;
+			s->to_peer_bytes += len;
+		}
 	}
 	return XDP_TX;
+}
+
+// Client -> one of our own relayed addresses (relay/relay, both clients
+// on this server): what the receiving allocation would get from the
+// sender's relayed address goes straight to its client, as ChannelData on
+// its channel (the same size: only the channel number changes) or as a
+// Data indication. Without this the packet would leave for our own
+// address, which a network card does not loop back.
+static __always_inline int relay_in_place(struct xdp_md *ctx, const struct headers *h,
+					  const struct to_peer *r, __u16 cd0, __u16 cd1,
+					  __u16 len, __u64 now)
+{
+	struct peer_key pk = {
+		.peer_ip = r->relay_ip,
+		.relay_ip = r->peer_ip,
+		.peer_port = r->relay_port,
+		.relay_port = r->peer_port,
+	};
+	struct to_client *c = bpf_map_lookup_elem(&peer_routes, &pk);
+	if (c && c->expires_ns > now) {
+		struct headers n = *h;
+		readdress(&n, h, c->server_ip, c->server_port, c->client_ip, c->client_port,
+			  0, c->channel, cd0);
+		if (!next_hop(ctx, &n, h, 0))
+			return XDP_PASS;
+		void *data = (void *)(long)ctx->data;
+		void *end = (void *)(long)ctx->data_end;
+		if (data + sizeof(n) + CHANNEL_HEADER > end)
+			return XDP_PASS;
+		__builtin_memcpy(data, &n, sizeof(n));
+		*(__u16 *)(data + sizeof(n)) = c->channel;
+		struct stats *s = counters();
+		if (s) {
+			s->to_peer_packets++;
+			s->to_peer_bytes += len;
+			s->to_client_packets++;
+			s->to_client_bytes += len;
+		}
+		return XDP_TX;
+	}
+	struct permission_key ik = {
+		.peer_ip = r->relay_ip,
+		.relay_ip = r->peer_ip,
+		.relay_port = r->peer_port,
+	};
+	c = bpf_map_lookup_elem(&permission_routes, &ik);
+	if (c && c->expires_ns > now)
+		return relay_as_indication(ctx, h, c, r->relay_ip, r->relay_port, len,
+					   CHANNEL_HEADER, (__u32)cd0 + cd1);
+	return -1; // not one of ours, or not open to the sender
 }
 
 SEC("xdp")
@@ -452,6 +510,9 @@ int callisto_turn_relay(struct xdp_md *ctx)
 			if (bpf_ntohs(cd1) + CHANNEL_HEADER != len || r->expires_ns <= now)
 				return XDP_PASS;
 			learn(ctx, copy.ip.saddr, &copy.eth);
+			int verdict = relay_in_place(ctx, &copy, r, cd0, cd1, len - CHANNEL_HEADER, now);
+			if (verdict >= 0)
+				return verdict;
 			return relay_to_peer(ctx, &copy, r, cd0, cd1, len - CHANNEL_HEADER);
 		}
 	}
@@ -477,7 +538,7 @@ int callisto_turn_relay(struct xdp_md *ctx)
 	c = bpf_map_lookup_elem(&permission_routes, &ik);
 	if (c && c->expires_ns > now) {
 		learn(ctx, copy.ip.saddr, &copy.eth);
-		return relay_as_indication(ctx, &copy, c, len);
+		return relay_as_indication(ctx, &copy, c, copy.ip.saddr, copy.udp.source, len, 0, 0);
 	}
 	return XDP_PASS;
 }

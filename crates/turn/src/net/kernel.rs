@@ -833,6 +833,85 @@ mod tests {
     }
 
     #[test]
+    fn relays_between_two_of_our_allocations_in_one_pass() {
+        let Some(relay) = loaded() else { return };
+        let later = Instant::now() + Duration::from_secs(60);
+        // Two clients of this server, each with a channel to the other's
+        // relayed address.
+        let a = KernelRoute {
+            peer: addr("127.0.0.1:50001"),
+            ..a_route(later)
+        };
+        let b = KernelRoute {
+            client: addr("127.0.0.4:40001"),
+            channel: 0x4005,
+            relay: a.peer,
+            peer: a.relay,
+            ..a
+        };
+        relay.apply([RouteChange::Set(a), RouteChange::Set(b)]);
+        for (udp_checksum, data) in [(true, &b"hello"[..]), (false, b"odd"), (true, b"")] {
+            // What A sends on its channel reaches B on B's, from the TURN
+            // port: the relayed addresses are skipped, not sent to.
+            let (verdict, out) = run(
+                &relay,
+                &frame(
+                    a.client,
+                    a.server,
+                    &channel_data(0x4001, data),
+                    udp_checksum,
+                ),
+            );
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(
+                sent(&out, b.server, b.client, udp_checksum),
+                channel_data(0x4005, data)
+            );
+        }
+        // Without B's channel but with its permission, as a Data indication
+        // from A's relayed address.
+        let b_permission = IndicationRoute {
+            client: b.client,
+            server: b.server,
+            relay: b.relay,
+            peer: *a.relay.ip(),
+            expires: later,
+        };
+        relay.apply([
+            RouteChange::Remove(b),
+            RouteChange::SetIndications(b_permission),
+        ]);
+        for data in [&b"abc"[..], b"abcd", b"abcdefg"] {
+            let (verdict, out) = run(
+                &relay,
+                &frame(a.client, a.server, &channel_data(0x4001, data), true),
+            );
+            assert_eq!(verdict, XDP_TX);
+            let payload = sent(&out, b.server, b.client, true);
+            assert_eq!(payload, data_indication(a.relay, data, &payload));
+        }
+        let bytes = 5 + 3 + 3 + 4 + 7;
+        assert_eq!(
+            relay.stats(),
+            KernelStats {
+                to_peer_packets: 6,
+                to_peer_bytes: bytes,
+                to_client_packets: 6,
+                to_client_bytes: bytes,
+            }
+        );
+        // Without either, the packet leaves for B's relayed address, as for
+        // any peer (on loopback it comes back in there).
+        relay.apply([RouteChange::RemoveIndications(b_permission)]);
+        let (verdict, out) = run(
+            &relay,
+            &frame(a.client, a.server, &channel_data(0x4001, b"x"), true),
+        );
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(sent(&out, a.relay, a.peer, true), b"x");
+    }
+
+    #[test]
     fn a_refused_channel_keeps_its_peers_data_indications_out_of_the_kernel() {
         let Some(relay) = loaded() else { return };
         let later = Instant::now() + Duration::from_secs(60);
@@ -1007,15 +1086,46 @@ mod tests {
         /// Whatever arrives, the program either leaves it untouched for the
         /// sockets, or relays exactly it along the route: the right
         /// addresses, the payload with the channel header taken off or put
-        /// on, and checksums that still hold where they held.
+        /// on, and checksums that still hold where they held. The route's
+        /// peer is sometimes another allocation of ours (`peer_is_ours`:
+        /// with a channel back, or only a permission), whose client then
+        /// gets the data directly.
         #[test]
-        fn any_frame_is_relayed_along_its_route_or_left_alone(packet in arb_frame()) {
+        fn any_frame_is_relayed_along_its_route_or_left_alone(
+            packet in arb_frame(),
+            peer_is_ours in 0..3u8,
+        ) {
             // Loaded once: the verifier takes tens of milliseconds.
             static RELAY: std::sync::OnceLock<Option<KernelRelay>> = std::sync::OnceLock::new();
             let Some(relay) = RELAY.get_or_init(loaded) else { return Ok(()) };
             let later = Instant::now() + Duration::from_secs(60);
             let r = a_route(later);
-            relay.apply([RouteChange::Set(r), RouteChange::SetIndications(an_indication_route(later))]);
+            // The peer's side, were it one of ours.
+            let b = KernelRoute {
+                client: addr("127.0.0.4:40001"),
+                channel: 0x4005,
+                relay: r.peer,
+                peer: r.relay,
+                ..r
+            };
+            let b_permission = IndicationRoute {
+                client: b.client,
+                server: b.server,
+                relay: b.relay,
+                peer: *r.relay.ip(),
+                expires: later,
+            };
+            relay.apply([
+                RouteChange::Set(r),
+                RouteChange::SetIndications(an_indication_route(later)),
+                RouteChange::Remove(b),
+                RouteChange::RemoveIndications(b_permission),
+            ]);
+            match peer_is_ours {
+                1 => relay.apply([RouteChange::Set(b)]),
+                2 => relay.apply([RouteChange::SetIndications(b_permission)]),
+                _ => {}
+            }
             let (verdict, out) = run(relay, &packet);
             if verdict == XDP_PASS {
                 proptest::prop_assert_eq!(&out, &packet);
@@ -1037,8 +1147,22 @@ mod tests {
             let ip_ok = checksum(&[&packet[14..34]]) == 0;
             let payload_in = &udp_in[8..];
             if (from, to) == (r.client, r.server) {
-                let out_payload = sent_loosely(&out, r.relay, r.peer, checked, ip_ok);
-                proptest::prop_assert_eq!(&out_payload[..], &payload_in[4..]);
+                let data = &payload_in[4..];
+                match peer_is_ours {
+                    1 => {
+                        let out_payload = sent_loosely(&out, b.server, b.client, checked, ip_ok);
+                        proptest::prop_assert_eq!(out_payload, channel_data(0x4005, data));
+                    }
+                    2 => {
+                        let out_payload = sent_loosely(&out, b.server, b.client, checked, ip_ok);
+                        let expected = data_indication(r.relay, data, &out_payload);
+                        proptest::prop_assert_eq!(out_payload, expected);
+                    }
+                    _ => {
+                        let out_payload = sent_loosely(&out, r.relay, r.peer, checked, ip_ok);
+                        proptest::prop_assert_eq!(&out_payload[..], data);
+                    }
+                }
                 proptest::prop_assert_eq!(&payload_in[..2], &0x4001u16.to_be_bytes());
                 let declared = u16::from_be_bytes([payload_in[2], payload_in[3]]);
                 proptest::prop_assert_eq!(usize::from(declared), payload_in.len() - 4);
