@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use callisto_protocol::IceServer;
 use callisto_turn::auth::{Credentials, rest_credentials};
-use callisto_turn::net::{KernelRelay, Listen, RelayConfig, TurnService};
+use callisto_turn::net::{KernelRelay, KernelRelayConfig, Listen, RelayConfig, TurnService};
 use callisto_turn::policy::PeerPolicy;
 use callisto_turn::server::{Config, Shared};
 
@@ -155,10 +155,17 @@ pub async fn start(
     let kernel = if args.turn_kernel_relay.is_empty() {
         None
     } else {
-        Some(Arc::new(KernelRelay::attach(
-            &args.turn_kernel_relay,
-            args.turn_max_allocations,
-        )?))
+        let external = match (relay_ip, args.turn_external_ip) {
+            (IpAddr::V4(relay), Some(IpAddr::V4(external))) if relay != external => {
+                Some((relay, external))
+            }
+            _ => None,
+        };
+        Some(Arc::new(KernelRelay::attach(&KernelRelayConfig {
+            interfaces: args.turn_kernel_relay.clone(),
+            max_allocations: args.turn_max_allocations,
+            external,
+        })?))
     };
     let service = TurnService::start(listen, relay, shared, tls, kernel)
         .await

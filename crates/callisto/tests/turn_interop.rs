@@ -1037,4 +1037,50 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
         0.0,
         "{m}"
     );
+
+    // The same behind a 1:1 NAT (--turn-external-ip): the clients know
+    // each other's relayed addresses by the external IP, a TEST-NET address
+    // nothing here holds.
+    drop(server);
+    let server = callisto_on(
+        "turn",
+        "10.77.0.1:0",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-external-ip",
+            "198.51.100.1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--turn-kernel-relay",
+            "relay0",
+        ],
+    );
+    assert_lossless(
+        "client to client, through the kernel, with an external IP",
+        uclient_in(
+            Some(&hosts.0),
+            "10.77.0.1",
+            "10.77.0.3",
+            server.turn_port,
+            free_udp_port(),
+            &["-y"],
+            ("user", "pass"),
+        ),
+    );
+    // (What the kernel relayed is added to the totals once a second.)
+    let m = metrics_once(&server, |m| {
+        ["to_peer", "to_client"].iter().all(|dir| {
+            metric(
+                m,
+                &format!(
+                    "callisto_turn_relayed_packets_total{{direction=\"{dir}\",transport=\"udp\"}}"
+                ),
+            ) >= 2000.0
+        })
+    });
+    assert_relayed_packets(&m, &["udp"], 2000.0);
+    for dir in ["to_peer", "to_client"] {
+        assert!(in_kernel(&m, dir) >= 1990.0, "{dir}: {m}");
+    }
 }

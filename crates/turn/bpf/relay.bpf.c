@@ -129,6 +129,21 @@ struct {
 	__type(value, struct stats);
 } stats SEC(".maps");
 
+// With --turn-external-ip, clients know relayed addresses by the external
+// IP (the port is the same), while routes hold the address the relay is
+// bound to. Zero: no external IP.
+struct addresses {
+	__u32 relay_ip;
+	__u32 external_ip;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct addresses);
+} addresses SEC(".maps");
+
 // The link-layer address each relayed host's packets last came from:
 // sending back to that address reaches the host (through the router, for
 // a host off this link). Learned from packets that matched a route, so
@@ -425,9 +440,20 @@ static __always_inline int relay_in_place(struct xdp_md *ctx, const struct heade
 					  const struct to_peer *r, __u16 cd0, __u16 cd1,
 					  __u16 len, __u64 now)
 {
+	// The sender's relayed address as the receiver knows it, and the
+	// receiver's as its routes hold it.
+	__u32 me = r->relay_ip, them = r->peer_ip;
+	__u32 zero = 0;
+	struct addresses *a = bpf_map_lookup_elem(&addresses, &zero);
+	if (a && a->external_ip) {
+		if (me == a->relay_ip)
+			me = a->external_ip;
+		if (them == a->external_ip)
+			them = a->relay_ip;
+	}
 	struct peer_key pk = {
-		.peer_ip = r->relay_ip,
-		.relay_ip = r->peer_ip,
+		.peer_ip = me,
+		.relay_ip = them,
 		.peer_port = r->relay_port,
 		.relay_port = r->peer_port,
 	};
@@ -454,13 +480,13 @@ static __always_inline int relay_in_place(struct xdp_md *ctx, const struct heade
 		return XDP_TX;
 	}
 	struct permission_key ik = {
-		.peer_ip = r->relay_ip,
-		.relay_ip = r->peer_ip,
+		.peer_ip = me,
+		.relay_ip = them,
 		.relay_port = r->peer_port,
 	};
 	c = bpf_map_lookup_elem(&permission_routes, &ik);
 	if (c && c->expires_ns > now)
-		return relay_as_indication(ctx, h, c, r->relay_ip, r->relay_port, len,
+		return relay_as_indication(ctx, h, c, me, r->relay_port, len,
 					   CHANNEL_HEADER, (__u32)cd0 + cd1);
 	return -1; // not one of ours, or not open to the sender
 }

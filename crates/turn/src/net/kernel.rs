@@ -21,7 +21,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{Xdp, XdpFlags};
 use aya::{Ebpf, EbpfLoader};
 
@@ -88,6 +88,14 @@ struct ToClient {
     expires_ns: u64,
 }
 
+/// The relay IP and the external IP it is advertised as.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Addresses {
+    relay_ip: u32,
+    external_ip: u32,
+}
+
 /// What the program relayed since it was loaded, summed over CPUs. Bytes
 /// are payload bytes (without ChannelData or STUN headers), as the workers
 /// count them.
@@ -108,6 +116,7 @@ unsafe impl aya::Pod for PeerKey {}
 unsafe impl aya::Pod for PermissionKey {}
 unsafe impl aya::Pod for ToClient {}
 unsafe impl aya::Pod for KernelStats {}
+unsafe impl aya::Pod for Addresses {}
 
 fn ip(a: &SocketAddrV4) -> u32 {
     u32::from_ne_bytes(a.ip().octets())
@@ -278,15 +287,25 @@ fn load_error(e: impl std::error::Error + Send + Sync + 'static) -> KernelRelayE
     KernelRelayError::Load(Box::new(e))
 }
 
+/// What the program needs to know of the server.
+#[derive(Debug, Clone, Default)]
+pub struct KernelRelayConfig {
+    /// The interfaces that carry the TURN traffic, clients' and peers'.
+    pub interfaces: Vec<String>,
+    /// The server's limit on allocations: the route maps get room for all
+    /// their routes (see [`map_capacity`]).
+    pub max_allocations: usize,
+    /// The relay IP and the external IP it is advertised as
+    /// (`--turn-external-ip`), when there is one: clients relayed to each
+    /// other address their relayed addresses by the external IP.
+    pub external: Option<(Ipv4Addr, Ipv4Addr)>,
+}
+
 impl KernelRelay {
-    /// Loads the program and attaches it to each of `interfaces`: those
-    /// that carry the TURN traffic, clients' and peers' both. The route
-    /// maps get room for every route `max_allocations` allocations may have
-    /// (see [`map_capacity`]).
-    pub fn attach(
-        interfaces: &[String],
-        max_allocations: usize,
-    ) -> Result<KernelRelay, KernelRelayError> {
+    /// Loads the program, tells it `config`, and attaches it to the
+    /// interfaces.
+    pub fn attach(config: &KernelRelayConfig) -> Result<KernelRelay, KernelRelayError> {
+        let (interfaces, max_allocations) = (&config.interfaces, config.max_allocations);
         let capacity = map_capacity(max_allocations);
         if capacity < max_allocations.saturating_mul(KERNEL_ROUTES_PER_ALLOCATION) {
             tracing::warn!(
@@ -334,6 +353,15 @@ impl KernelRelay {
         let permission_routes =
             HashMap::try_from(take("permission_routes")?).map_err(load_error)?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(load_error)?;
+        if let Some((relay, external)) = config.external {
+            let mut addresses: Array<MapData, Addresses> =
+                Array::try_from(take("addresses")?).map_err(load_error)?;
+            let a = Addresses {
+                relay_ip: u32::from_ne_bytes(relay.octets()),
+                external_ip: u32::from_ne_bytes(external.octets()),
+            };
+            addresses.set(0, a, 0).map_err(load_error)?;
+        }
         tracing::info!(?interfaces, "kernel relay (XDP) attached");
         Ok(KernelRelay {
             inner: Mutex::new(Inner {
@@ -538,6 +566,11 @@ mod tests {
     const XDP_TX: u32 = 3;
 
     fn loaded() -> Option<KernelRelay> {
+        loaded_with(None)
+    }
+
+    /// The program, told of `external` (relay IP, external IP), if root.
+    fn loaded_with(external: Option<(Ipv4Addr, Ipv4Addr)>) -> Option<KernelRelay> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             assert!(
@@ -547,8 +580,13 @@ mod tests {
             eprintln!("skipped: the kernel relay tests need root");
             return None;
         }
-        // Small maps: one test fills one.
-        Some(KernelRelay::attach(&[], 128).expect("the program loads"))
+        let config = KernelRelayConfig {
+            interfaces: Vec::new(),
+            // Small maps: one test fills one.
+            max_allocations: 128,
+            external,
+        };
+        Some(KernelRelay::attach(&config).expect("the program loads"))
     }
 
     /// `bpf_attr` for `BPF_PROG_TEST_RUN`, zero-padded.
@@ -909,6 +947,57 @@ mod tests {
         );
         assert_eq!(verdict, XDP_TX);
         assert_eq!(sent(&out, a.relay, a.peer, true), b"x");
+    }
+
+    #[test]
+    fn relays_between_two_of_our_allocations_known_by_the_external_ip() {
+        let external: Ipv4Addr = "198.51.100.1".parse().expect("an address");
+        let Some(relay) = loaded_with(Some((Ipv4Addr::LOCALHOST, external))) else {
+            return;
+        };
+        let later = Instant::now() + Duration::from_secs(60);
+        // Each client binds a channel to the other's advertised address; the
+        // routes hold the bound relay address.
+        let a = KernelRoute {
+            peer: SocketAddrV4::new(external, 50001),
+            ..a_route(later)
+        };
+        let b = KernelRoute {
+            client: addr("127.0.0.4:40001"),
+            channel: 0x4005,
+            relay: addr("127.0.0.1:50001"),
+            peer: SocketAddrV4::new(external, 50000),
+            ..a
+        };
+        relay.apply([RouteChange::Set(a), RouteChange::Set(b)]);
+        let (verdict, out) = run(
+            &relay,
+            &frame(a.client, a.server, &channel_data(0x4001, b"hi"), true),
+        );
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            sent(&out, b.server, b.client, true),
+            channel_data(0x4005, b"hi")
+        );
+        // As a Data indication, the sender is its advertised address.
+        let b_permission = IndicationRoute {
+            client: b.client,
+            server: b.server,
+            relay: b.relay,
+            peer: external,
+            expires: later,
+        };
+        relay.apply([
+            RouteChange::Remove(b),
+            RouteChange::SetIndications(b_permission),
+        ]);
+        let (verdict, out) = run(
+            &relay,
+            &frame(a.client, a.server, &channel_data(0x4001, b"hi"), true),
+        );
+        assert_eq!(verdict, XDP_TX);
+        let payload = sent(&out, b.server, b.client, true);
+        assert_eq!(payload, data_indication(b.peer, b"hi", &payload));
     }
 
     #[test]

@@ -99,11 +99,12 @@ fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
 /// The routes an allocation's access allows at `now`: only for UDP clients
 /// on IPv4, with the listening and relay addresses known.
 ///
-/// A peer may be another of our allocations. The kernel then finds no
-/// route out of the interface for it (it is local) and leaves the packet
-/// to the sockets, where it is relayed in place; on loopback the packet
-/// comes back in and meets the receiver's route, or its relay socket. Either
-/// way the result is the one the sockets give.
+/// A peer may be another of our allocations. The kernel then hands the
+/// data to that allocation's client along the receiver's own routes for
+/// data from this relayed address, which say what the server would do with
+/// it; without such a route it leaves the packet to the sockets (on a
+/// network card: our own address is not out of the interface), where it is
+/// relayed in place. Either way the result is the one the sockets give.
 pub(super) fn wanted(
     five: &FiveTuple,
     relay: SocketAddr,
