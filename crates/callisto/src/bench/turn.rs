@@ -877,14 +877,23 @@ fn check_affinity(_pid: u32, _cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether this process shares the network namespace of init (pid 1),
-/// the machine's own. Unknown counts as yes.
+/// Whether this process may be in the machine's own network namespace:
+/// not in one that `ip netns add` made (those are bind-mounted under
+/// /run/netns), nor in one other than init's (pid 1's, when readable; in a
+/// container it may not be).
 fn in_initial_network_namespace() -> bool {
-    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-    match (ns("self"), ns("1")) {
-        (Some(mine), Some(init)) => mine == init,
-        _ => true,
-    }
+    use std::os::unix::fs::MetadataExt;
+    let Ok(mine) = std::fs::metadata("/proc/self/ns/net") else {
+        return true;
+    };
+    let same = |m: std::fs::Metadata| m.ino() == mine.ino() && m.dev() == mine.dev();
+    let named = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| std::fs::metadata(e.path()).is_ok_and(same));
+    let not_inits = std::fs::metadata("/proc/1/ns/net").is_ok_and(|m| !same(m));
+    !(named || not_inits)
 }
 
 /// A server process; under `--pin` it runs on the servers' CPU only.
