@@ -337,8 +337,18 @@ impl KernelRelay {
             .map_err(load_error)?;
         program.load().map_err(load_error)?;
         for interface in interfaces {
+            let mode = attach_mode(interface);
             program
-                .attach(interface, attach_mode(interface))
+                .attach(interface, mode)
+                .or_else(|refused| {
+                    if mode.contains(XdpFlags::SKB_MODE) {
+                        return Err(refused);
+                    }
+                    // Some drivers take native XDP only with enough queues,
+                    // or not with other offloads on: generic still works.
+                    tracing::warn!(interface, error = %refused, "the driver refused native XDP; attaching generically, after the kernel builds its socket buffers (slower)");
+                    program.attach(interface, XdpFlags::SKB_MODE)
+                })
                 .map_err(|source| KernelRelayError::Attach {
                     interface: interface.clone(),
                     source,
