@@ -12,6 +12,7 @@ command -v chromium >/dev/null || need_apt+=(chromium)
 command -v turnutils_uclient >/dev/null || need_apt+=(coturn)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ss >/dev/null || need_apt+=(iproute2)
+command -v ethtool >/dev/null || need_apt+=(ethtool)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -155,16 +155,17 @@ pub async fn start(
     let kernel = if args.turn_kernel_relay.is_empty() {
         None
     } else {
-        let external = match (relay_ip, args.turn_external_ip) {
-            (IpAddr::V4(relay), Some(IpAddr::V4(external))) if relay != external => {
-                Some((relay, external))
-            }
-            _ => None,
-        };
         Some(Arc::new(KernelRelay::attach(&KernelRelayConfig {
             interfaces: args.turn_kernel_relay.clone(),
             max_allocations: args.turn_max_allocations,
-            external,
+            relay_ip: match relay_ip {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            },
+            external_ip: match args.turn_external_ip {
+                Some(IpAddr::V4(ip)) => Some(ip),
+                _ => None,
+            },
         })?))
     };
     let service = TurnService::start(listen, relay, shared, tls, kernel)

@@ -826,8 +826,10 @@ fn uclient_through_the_kernel_relay() {
         "client to client, through the kernel",
         uclient(server.turn_port, free_udp_port(), &["-y"], "user", "pass"),
     );
-    // Send indications go through the sockets; the peer's answers, with
-    // no channel, come back as Data indications the kernel builds.
+    // Send indications to a peer on our own relay IP, 127.0.0.1, go
+    // through the sockets (only the server knows which of its ports are
+    // live relays); the peer's answers, with no channel, come back as Data
+    // indications the kernel builds.
     assert_lossless(
         "to a peer with Send indications, Data indications from the kernel",
         uclient(server.turn_port, peer_port, &["-s"], "user", "pass"),
@@ -971,6 +973,24 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
         all.extend_from_slice(args);
         ip(&all);
     }
+    // Full UDP checksums, as from other machines: with the veth's checksum
+    // offload, senders on this host leave only the pseudo-header's sum in
+    // them (CHECKSUM_PARTIAL), which receivers here do not check. So every
+    // datagram the program sends is checked by the kernel that receives it.
+    for (netns, device) in [(None, "relay0"), (Some(hosts.0.as_str()), "hosts0")] {
+        let status = match netns {
+            Some(netns) => Command::new("ip")
+                .args(["netns", "exec", netns, "ethtool", "-K", device, "tx", "off"])
+                .status(),
+            None => Command::new("ethtool")
+                .args(["-K", device, "tx", "off"])
+                .status(),
+        };
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "ethtool -K {device} tx off (apt-get install ethtool)"
+        );
+    }
     let server = callisto_on(
         "turn",
         "10.77.0.1:0",
@@ -1013,6 +1033,26 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
     // program, so at most one per client goes through the sockets.
     assert!(in_kernel(&m, "to_peer") >= 1990.0, "{m}");
 
+    // With Send indications (as Firefox sends all its media): relayed by
+    // the kernel, and the peer's answers come back as the kernel's Data
+    // indications.
+    assert_lossless(
+        "to a peer with Send indications, through the kernel, on a veth",
+        uclient_in(
+            Some(&hosts.0),
+            "10.77.0.1",
+            "10.77.0.3",
+            server.turn_port,
+            3480,
+            &["-s"],
+            ("user", "pass"),
+        ),
+    );
+    let m = metrics_once(&server, |m| in_kernel(m, "to_client") >= 4000.0);
+    assert_relayed_packets(&m, &["udp"], 4000.0);
+    assert_eq!(in_kernel(&m, "to_client"), 4000.0, "{m}");
+    assert!(in_kernel(&m, "to_peer") >= 3990.0, "{m}");
+
     // Client to client: the peer is another of our relayed addresses, which
     // the card would not loop back; the program hands the data to the other
     // client directly.
@@ -1028,10 +1068,10 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
             ("user", "pass"),
         ),
     );
-    let m = metrics_once(&server, |m| in_kernel(m, "to_client") >= 4000.0);
-    assert_relayed_packets(&m, &["udp"], 4000.0);
-    assert_eq!(in_kernel(&m, "to_client"), 4000.0, "{m}");
-    assert!(in_kernel(&m, "to_peer") >= 3990.0, "{m}");
+    let m = metrics_once(&server, |m| in_kernel(m, "to_client") >= 6000.0);
+    assert_relayed_packets(&m, &["udp"], 6000.0);
+    assert_eq!(in_kernel(&m, "to_client"), 6000.0, "{m}");
+    assert!(in_kernel(&m, "to_peer") >= 5990.0, "{m}");
     assert_eq!(
         metric(&m, "callisto_turn_relayed_in_place_packets_total"),
         0.0,
