@@ -781,14 +781,8 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 		return -1;
 	if (bpf_ntohs(*(__u16 *)(p + 2)) + 20 != len)
 		return -1;
-	// FINGERPRINT, if the message ends with one, and the UDP checksum, if
-	// the datagram has one: both are checked before anything is relayed.
-	// The checksum because one that does not hold, or that only the
-	// sender's offload would complete (CHECKSUM_PARTIAL, from a sender on
-	// this host), cannot be updated into one that holds, and after this
-	// program has moved the headers the receiver would check it, and drop
-	// the datagram; the sockets take such ones, as the server drops or
-	// relays them.
+	// Whether it ends with FINGERPRINT; what it holds is checked last,
+	// below, as that reads the whole message.
 	__u32 body = len;
 	__u32 at = len - FINGERPRINT_ATTRIBUTE;
 	same_register(at);
@@ -801,32 +795,6 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 	int fingerprint = *(__u16 *)f == bpf_htons(0x8028) && *(__u16 *)(f + 2) == bpf_htons(4);
 	if (fingerprint)
 		body = len - FINGERPRINT_ATTRIBUTE;
-	if (fingerprint || h->udp.check) {
-		struct message_pass c = {
-			.p = p, .end = end, .len = len, .crc_len = fingerprint ? body : 0, .crc = 0xffffffff,
-		};
-		if (bpf_loop((len + 15) / 16, message_step, &c, 0) < 0 || c.bad)
-			return -1;
-		if (fingerprint &&
-		    (c.crc ^ 0xffffffff ^ FINGERPRINT_XOR) != bpf_ntohl(*(__u32 *)(f + 4)))
-			return -1;
-		if (h->udp.check) {
-			__u32 sum = 0;
-			sum = add32(sum, h->ip.saddr);
-			sum = add32(sum, h->ip.daddr);
-			sum = add16(sum, bpf_htons(IPPROTO_UDP));
-			sum = add16(sum, h->udp.len);
-			sum = add16(sum, h->udp.source);
-			sum = add16(sum, h->udp.dest);
-			sum = add16(sum, h->udp.len);
-			sum = add16(sum, h->udp.check);
-			__u64 all = c.sum + sum;
-			all = (all & 0xffffffff) + (all >> 32);
-			all = (all & 0xffffffff) + (all >> 32);
-			if (fold((__u32)all) != 0xffff)
-				return -1;
-		}
-	}
 	// Where the data starts, how long it is, where XOR-PEER-ADDRESS is.
 	__u32 start, d, xpa;
 	if (*(__u16 *)(p + 20) == bpf_htons(0x0012)) {
@@ -870,6 +838,39 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 	struct to_peer *r = bpf_map_lookup_elem(&send_routes, &k);
 	if (!r || r->expires_ns <= now)
 		return -1;
+	// FINGERPRINT, if there is one, and the UDP checksum, if the datagram
+	// has one, in one pass over the message. The checksum because one that
+	// does not hold, or that only the sender's offload would complete
+	// (CHECKSUM_PARTIAL, from a sender on this host), cannot be updated
+	// into one that holds, and once the headers have moved the receiver
+	// checks it, and drops the datagram; the sockets take such ones, as
+	// the server drops or relays them.
+	if (fingerprint || h->udp.check) {
+		struct message_pass c = {
+			.p = p, .end = end, .len = len, .crc_len = fingerprint ? body : 0, .crc = 0xffffffff,
+		};
+		if (bpf_loop((len + 15) / 16, message_step, &c, 0) < 0 || c.bad)
+			return -1;
+		if (fingerprint &&
+		    (c.crc ^ 0xffffffff ^ FINGERPRINT_XOR) != bpf_ntohl(*(__u32 *)(f + 4)))
+			return -1;
+		if (h->udp.check) {
+			__u32 sum = 0;
+			sum = add32(sum, h->ip.saddr);
+			sum = add32(sum, h->ip.daddr);
+			sum = add16(sum, bpf_htons(IPPROTO_UDP));
+			sum = add16(sum, h->udp.len);
+			sum = add16(sum, h->udp.source);
+			sum = add16(sum, h->udp.dest);
+			sum = add16(sum, h->udp.len);
+			sum = add16(sum, h->udp.check);
+			__u64 all = c.sum + sum;
+			all = (all & 0xffffffff) + (all >> 32);
+			all = (all & 0xffffffff) + (all >> 32);
+			if (fold((__u32)all) != 0xffff)
+				return -1;
+		}
+	}
 	// What leaves the payload: the words before the data, and every byte
 	// after it (padding, which may be anything, XOR-PEER-ADDRESS when it
 	// comes last, FINGERPRINT).
