@@ -516,10 +516,22 @@ static __always_inline int next_hop(struct xdp_md *ctx, struct headers *n,
 	return 1;
 }
 
-static __always_inline struct stats *counters(void)
+// Counts a packet of `bytes` of data relayed toward a peer, toward a
+// client, or both (in place, between two of our allocations).
+static __always_inline void count(int to_peer, int to_client, __u32 bytes)
 {
 	__u32 zero = 0;
-	return bpf_map_lookup_elem(&stats, &zero);
+	struct stats *s = bpf_map_lookup_elem(&stats, &zero);
+	if (!s)
+		return;
+	if (to_peer) {
+		s->to_peer_packets++;
+		s->to_peer_bytes += bytes;
+	}
+	if (to_client) {
+		s->to_client_packets++;
+		s->to_client_bytes += bytes;
+	}
 }
 
 // Client -> peer: drop the 4-byte channel header, send from the relayed
@@ -540,11 +552,7 @@ static __always_inline int relay_to_peer(struct xdp_md *ctx, const struct header
 	if (data + sizeof(n) > end)
 		return XDP_DROP; // cannot happen: the packet was longer
 	__builtin_memcpy(data, &n, sizeof(n));
-	struct stats *s = counters();
-	if (s) {
-		s->to_peer_packets++;
-		s->to_peer_bytes += len;
-	}
+	count(1, 0, len);
 	return XDP_TX;
 }
 
@@ -572,11 +580,7 @@ static __always_inline int relay_to_client(struct xdp_md *ctx, const struct head
 	__u16 *cd = data + sizeof(n);
 	cd[0] = cd0;
 	cd[1] = cd1;
-	struct stats *s = counters();
-	if (s) {
-		s->to_client_packets++;
-		s->to_client_bytes += len;
-	}
+	count(0, 1, len);
 	return XDP_TX;
 }
 
@@ -632,15 +636,7 @@ static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct 
 		return XDP_DROP; // cannot happen: the packet grew
 	__builtin_memcpy(data, &n, sizeof(n));
 	__builtin_memcpy(data + sizeof(n), &ind, sizeof(ind));
-	struct stats *s = counters();
-	if (s) {
-		s->to_client_packets++;
-		s->to_client_bytes += len;
-		if (strip) { // relayed in place: it left one allocation too
-			s->to_peer_packets++;
-			s->to_peer_bytes += len;
-		}
-	}
+	count(strip != 0, 1, len); // with a header stripped, in place: it left an allocation too
 	return XDP_TX;
 }
 
@@ -684,13 +680,7 @@ static __always_inline int relay_in_place(struct xdp_md *ctx, const struct heade
 			return XDP_PASS;
 		__builtin_memcpy(data, &n, sizeof(n));
 		*(__u16 *)(data + sizeof(n)) = c->channel;
-		struct stats *s = counters();
-		if (s) {
-			s->to_peer_packets++;
-			s->to_peer_bytes += len;
-			s->to_client_packets++;
-			s->to_client_bytes += len;
-		}
+		count(1, 1, len);
 		return XDP_TX;
 	}
 	struct permission_key ik = {
@@ -889,9 +879,7 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 	for (__u32 i = 0; i < 3 + 12 + FINGERPRINT_ATTRIBUTE; i++) {
 		if (i >= after)
 			break;
-		__u32 off = i;
-		same_register(off);
-		__u8 *b = t + (off & 0x1f);
+		__u8 *b = t + i;
 		same_register(b);
 		if ((void *)b >= end)
 			return -1;
@@ -913,11 +901,7 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 	// still be right: IP's length ends the datagram, the rest is padding.
 	if (after)
 		bpf_xdp_adjust_tail(ctx, -(int)after);
-	struct stats *s = counters();
-	if (s) {
-		s->to_peer_packets++;
-		s->to_peer_bytes += d;
-	}
+	count(1, 0, d);
 	return XDP_TX;
 }
 
