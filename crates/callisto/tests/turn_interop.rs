@@ -235,6 +235,16 @@ fn metric(text: &str, line_prefix: &str) -> f64 {
         .unwrap()
 }
 
+/// A counter, or 0 before anything counted it (it is not in the metrics
+/// until then).
+fn counter(text: &str, line_prefix: &str) -> f64 {
+    if text.lines().any(|l| l.starts_with(line_prefix)) {
+        metric(text, line_prefix)
+    } else {
+        0.0
+    }
+}
+
 /// Each of `transports` relayed exactly `each` packets in both directions.
 fn assert_relayed_packets(metrics: &str, transports: &[&str], each: f64) {
     for transport in transports {
@@ -944,6 +954,62 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {args:?}");
 }
 
+/// `ip -n netns ...`, once per command in `commands`.
+fn ip_in(netns: &NamedNetns, commands: &[&[&str]]) {
+    for args in commands {
+        let mut all = vec!["-n", netns.0.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+}
+
+/// A network namespace of the test's own, named after the test process.
+fn named_netns(suffix: &str) -> NamedNetns {
+    let netns = NamedNetns(format!("callisto-test-{}-{suffix}", std::process::id()));
+    ip(&["netns", "add", &netns.0]);
+    ip_in(&netns, &[&["link", "set", "lo", "up"]]);
+    netns
+}
+
+/// Turns off `device`'s transmit checksum offload, so that the datagrams it
+/// sends carry full UDP checksums, or get them in software when forwarded.
+/// Without it, senders on this host leave only the pseudo-header's sum in
+/// them (CHECKSUM_PARTIAL), and receivers here trust them unchecked.
+fn checksums_in_full(netns: Option<&NamedNetns>, device: &str) {
+    let mut cmd = match netns {
+        Some(netns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &netns.0, "ethtool"]);
+            cmd
+        }
+        None => Command::new("ethtool"),
+    };
+    let status = cmd.args(["-K", device, "tx", "off"]).status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "ethtool -K {device} tx off (apt-get install ethtool)"
+    );
+}
+
+/// A veth pair from this namespace (relay0, 10.77.0.1/24) to a new one
+/// (hosts0, 10.77.0.2/24), both up.
+fn veth_to_hosts() -> NamedNetns {
+    let hosts = named_netns("hosts");
+    ip(&[
+        "link", "add", "relay0", "type", "veth", "peer", "name", "hosts0", "netns", &hosts.0,
+    ]);
+    ip(&["addr", "add", "10.77.0.1/24", "dev", "relay0"]);
+    ip(&["link", "set", "relay0", "up"]);
+    ip_in(
+        &hosts,
+        &[
+            &["addr", "add", "10.77.0.2/24", "dev", "hosts0"],
+            &["link", "set", "hosts0", "up"],
+        ],
+    );
+    hosts
+}
+
 /// The kernel relay on a network interface rather than loopback: the
 /// server's namespace reaches the client and the peer over a veth pair,
 /// whose other end, in a second namespace, holds both their addresses. The
@@ -956,41 +1022,12 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
     if !own_network_namespace() {
         return;
     }
-    let hosts = NamedNetns(format!("callisto-test-{}-hosts", std::process::id()));
-    ip(&["netns", "add", &hosts.0]);
-    ip(&[
-        "link", "add", "relay0", "type", "veth", "peer", "name", "hosts0", "netns", &hosts.0,
-    ]);
-    ip(&["addr", "add", "10.77.0.1/24", "dev", "relay0"]);
-    ip(&["link", "set", "relay0", "up"]);
-    for args in [
-        &["addr", "add", "10.77.0.2/24", "dev", "hosts0"][..],
-        &["addr", "add", "10.77.0.3/24", "dev", "hosts0"],
-        &["link", "set", "hosts0", "up"],
-        &["link", "set", "lo", "up"],
-    ] {
-        let mut all = vec!["-n", hosts.0.as_str()];
-        all.extend_from_slice(args);
-        ip(&all);
-    }
-    // Full UDP checksums, as from other machines: with the veth's checksum
-    // offload, senders on this host leave only the pseudo-header's sum in
-    // them (CHECKSUM_PARTIAL), which receivers here do not check. So every
-    // datagram the program sends is checked by the kernel that receives it.
-    for (netns, device) in [(None, "relay0"), (Some(hosts.0.as_str()), "hosts0")] {
-        let status = match netns {
-            Some(netns) => Command::new("ip")
-                .args(["netns", "exec", netns, "ethtool", "-K", device, "tx", "off"])
-                .status(),
-            None => Command::new("ethtool")
-                .args(["-K", device, "tx", "off"])
-                .status(),
-        };
-        assert!(
-            status.is_ok_and(|s| s.success()),
-            "ethtool -K {device} tx off (apt-get install ethtool)"
-        );
-    }
+    let hosts = veth_to_hosts();
+    ip_in(&hosts, &[&["addr", "add", "10.77.0.3/24", "dev", "hosts0"]]);
+    // Full UDP checksums, as from other machines, so that every datagram
+    // the program sends is checked by the kernel that receives it.
+    checksums_in_full(None, "relay0");
+    checksums_in_full(Some(&hosts), "hosts0");
     let server = callisto_on(
         "turn",
         "10.77.0.1:0",
@@ -1106,4 +1143,149 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
         &["-y"],
         2000.0,
     );
+}
+
+/// What the kernel relay must leave to the sockets, since it cannot send it
+/// right, with the relay on a veth and on loopback at once:
+/// - Datagrams from a sender on this host, through the veth, whose UDP
+///   checksum the sending device would complete (CHECKSUM_PARTIAL). Relayed
+///   by the program, they reached the peer behind a router with the
+///   checksum written into the wrong bytes, and 99.95 % were dropped.
+/// - Data from a client on loopback for a peer on another host: a frame
+///   sent back into loopback is not forwarded anywhere (100 % lost).
+///
+/// And what it still relays on loopback: data between addresses of this
+/// host that are not 127.0.0.0/8, once it has seen them there.
+#[test]
+fn the_kernel_relay_leaves_to_the_sockets_what_it_cannot_send_right() {
+    if !own_network_namespace() {
+        return;
+    }
+    // Clients on the far end of a veth; peers behind them, through a
+    // router (the hosts' namespace) whose interface to them computes
+    // checksums in software, as a card without offload does.
+    let hosts = veth_to_hosts();
+    let peers = named_netns("peers");
+    ip(&[
+        "-n", &hosts.0, "link", "add", "fwd0", "type", "veth", "peer", "name", "peer0", "netns",
+        &peers.0,
+    ]);
+    ip_in(
+        &hosts,
+        &[
+            &["addr", "add", "10.88.0.1/24", "dev", "fwd0"],
+            &["link", "set", "fwd0", "up"],
+        ],
+    );
+    ip_in(
+        &peers,
+        &[
+            &["addr", "add", "10.88.0.2/24", "dev", "peer0"],
+            &["link", "set", "peer0", "up"],
+            &["route", "add", "default", "via", "10.88.0.1"],
+        ],
+    );
+    let forwarding = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.0,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])
+        .status();
+    assert!(forwarding.is_ok_and(|s| s.success()));
+    checksums_in_full(Some(&hosts), "fwd0");
+    ip(&["route", "add", "10.88.0.0/24", "via", "10.77.0.2"]);
+    // An address of this host's beyond 127.0.0.0/8, for a local peer.
+    ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"]);
+
+    let server = callisto_on(
+        "turn",
+        "10.77.0.1:0",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            "10.88.0.0/24",
+            "--turn-allow-peer",
+            "10.99.0.0/24",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--turn-kernel-relay",
+            "relay0",
+            "--turn-kernel-relay",
+            "lo",
+        ],
+    );
+    let _far_peer = echo_peer_at(Some(&peers.0), "10.88.0.2", 3480);
+    let _near_peer = echo_peer_at(None, "10.99.0.1", 3481);
+    let in_kernel = |m: &str| {
+        ["to_peer", "to_client"].map(|dir| {
+            counter(
+                m,
+                &format!("callisto_turn_relayed_in_kernel_packets_total{{direction=\"{dir}\"}}"),
+            )
+        })
+    };
+    let relayed = |m: &str| {
+        ["to_peer", "to_client"].map(|dir| {
+            metric(
+                m,
+                &format!(
+                    "callisto_turn_relayed_packets_total{{direction=\"{dir}\",transport=\"udp\"}}"
+                ),
+            )
+        })
+    };
+    // Runs uclient (2,000 packets each way) from `netns` to `peer`, lossless;
+    // returns how many the kernel relayed each way.
+    let mut total = 0.0;
+    let mut run = |what: &str, netns: Option<&NamedNetns>, peer: &str, port: u16| {
+        let before = in_kernel(&server.metrics());
+        assert_lossless(
+            what,
+            uclient_in(
+                netns.map(|n| n.0.as_str()),
+                "10.77.0.1",
+                peer,
+                server.turn_port,
+                port,
+                &[],
+                ("user", "pass"),
+            ),
+        );
+        total += 2000.0;
+        let m = metrics_once(&server, |m| relayed(m).iter().all(|&n| n >= total));
+        assert_relayed_packets(&m, &["udp"], total);
+        let after = in_kernel(&m);
+        [after[0] - before[0], after[1] - before[1]]
+    };
+
+    let kernel = run(
+        "partial checksums, to a peer behind a router",
+        Some(&hosts),
+        "10.88.0.2",
+        3480,
+    );
+    assert_eq!(kernel, [0.0, 0.0], "partial checksums go to the sockets");
+    let kernel = run(
+        "from loopback to a peer on another host",
+        None,
+        "10.88.0.2",
+        3480,
+    );
+    assert_eq!(kernel[0], 0.0, "toward the peer, the sockets");
+    let kernel = run(
+        "from loopback to a peer on this host",
+        None,
+        "10.99.0.1",
+        3481,
+    );
+    // All but the first datagram to the peer, before its answer showed the
+    // program that its address is this host's.
+    for (dir, n) in ["to_peer", "to_client"].iter().zip(kernel) {
+        assert!(n >= 1990.0, "{dir}: {n} of 2000 in the kernel");
+    }
 }

@@ -995,6 +995,34 @@ mod tests {
         );
     }
 
+    /// A frame sent back into loopback reaches only this host: the program
+    /// sends one there only to 127.0.0.0/8 or to an address it has seen
+    /// packets come from on loopback (one of this host's). Anything else
+    /// goes to the sockets, which route it.
+    #[test]
+    fn on_loopback_relays_only_to_addresses_of_this_host() {
+        let Some(relay) = loaded() else { return };
+        let r = KernelRoute {
+            client: addr("10.99.0.2:40000"),
+            peer: addr("10.99.0.3:7000"),
+            ..a_route(Instant::now() + Duration::from_secs(60))
+        };
+        relay.apply([RouteChange::Set(r)]);
+        let to_peer = frame(r.client, r.server, &channel_data(0x4001, b"hi"), true);
+        assert_eq!(run(&relay, &to_peer), (XDP_PASS, to_peer.clone()));
+        // The client's packets came in on loopback: its address is ours.
+        let (verdict, out) = run(&relay, &frame(r.peer, r.relay, b"back", true));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            sent(&out, r.server, r.client, true),
+            channel_data(0x4001, b"back")
+        );
+        // And now so did the peer's.
+        let (verdict, out) = run(&relay, &to_peer);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(sent(&out, r.relay, r.peer, true), b"hi");
+    }
+
     #[test]
     fn relays_data_from_a_peer_without_a_channel_as_a_data_indication() {
         let Some(relay) = loaded() else { return };
