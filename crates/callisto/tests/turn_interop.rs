@@ -1117,6 +1117,15 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
         &["-y"],
         6000.0,
     );
+    // Client to client with Send indications (Firefox binds no channels):
+    // handed to the other client in one pass too.
+    through_the_kernel(
+        &server,
+        "client to client with Send indications",
+        free_udp_port(),
+        &["-y", "-s"],
+        8000.0,
+    );
 
     // The same behind a 1:1 NAT (--turn-external-ip): the clients know
     // each other's relayed addresses by the external IP, a TEST-NET address
@@ -1142,6 +1151,13 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
         free_udp_port(),
         &["-y"],
         2000.0,
+    );
+    through_the_kernel(
+        &server,
+        "client to client with Send indications, with an external IP",
+        free_udp_port(),
+        &["-y", "-s"],
+        4000.0,
     );
 }
 

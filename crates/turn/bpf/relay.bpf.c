@@ -400,6 +400,10 @@ static const __u32 crc32_table[4][256] = {
 	},
 };
 
+// Keeps the compiler from recomputing a packet pointer after its bounds
+// check: the verifier only trusts the register it checked.
+#define same_register(x) asm volatile("" : "+r"(x))
+
 // One's-complement arithmetic for incremental checksum updates (RFC 1624).
 // The sum does not depend on byte order, so fields are taken as stored.
 static __always_inline __u32 add16(__u32 sum, __u16 v) { return sum + v; }
@@ -620,15 +624,19 @@ static __always_inline int relay_to_client(struct xdp_md *ctx, const struct head
 // Peer -> client without a channel: put a Data indication in front of the
 // `len` bytes of data, pad them, send from the TURN port to the client.
 // The data comes from `peer_ip`:`peer_port`, after a header of `strip`
-// bytes (0, or a channel header whose words sum to `removed`) that goes.
+// bytes that goes (none; a channel header; a Send indication's), and
+// before `after` bytes (none; a Send indication's padding and attributes)
+// of which the first `pad` stay as the padding, zeroed as the server's
+// are, and the rest go; `removed` is the sum of the words that go or are
+// zeroed.
 static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct headers *h,
 					       const struct to_client *c, __u32 peer_ip,
 					       __u16 peer_port, __u16 len, int strip,
-					       __u32 removed)
+					       __u32 removed, int after)
 {
-	__u32 pad = (4 - (len & 3)) & 3;
-	__u32 grow = INDICATION_HEADER - strip + pad;
-	if (len > 0xffff - grow - sizeof(struct iphdr) - sizeof(struct udphdr))
+	int pad = (4 - (len & 3)) & 3;
+	int grow = INDICATION_HEADER - strip + pad - after;
+	if (len > 0xffff - INDICATION_HEADER - pad - sizeof(struct iphdr) - sizeof(struct udphdr))
 		return XDP_PASS;
 	struct indication ind = {
 		.type = bpf_htons(0x0017), // Data, an indication
@@ -656,11 +664,12 @@ static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct 
 	if (!next_hop(ctx, &n, h, grow))
 		return XDP_PASS;
 	// The kernel zeroes what the tail grows by: that is the padding.
-	if (pad && bpf_xdp_adjust_tail(ctx, pad))
+	int tail = pad - after;
+	if (tail > 0 && bpf_xdp_adjust_tail(ctx, tail))
 		return XDP_PASS;
 	if (bpf_xdp_adjust_head(ctx, -(INDICATION_HEADER - strip))) {
-		if (pad)
-			bpf_xdp_adjust_tail(ctx, -(int)pad);
+		if (tail > 0)
+			bpf_xdp_adjust_tail(ctx, -tail);
 		return XDP_PASS;
 	}
 	void *data = (void *)(long)ctx->data;
@@ -669,6 +678,22 @@ static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct 
 		return XDP_DROP; // cannot happen: the packet grew
 	__builtin_memcpy(data, &n, sizeof(n));
 	__builtin_memcpy(data + sizeof(n), &ind, sizeof(ind));
+	if (after) {
+		__u8 *z = data + sizeof(n) + sizeof(ind) + len;
+		for (int i = 0; i < 3; i++) {
+			if (i >= pad)
+				break;
+			__u8 *b = z + i;
+			same_register(b);
+			if ((void *)(b + 1) > end)
+				return XDP_DROP; // cannot happen: the padding was there
+			*b = 0;
+		}
+	}
+	// Were this refused, the frame would still be right: IP's length ends
+	// the datagram, the rest is padding.
+	if (tail < 0)
+		bpf_xdp_adjust_tail(ctx, tail);
 	count(strip != 0, 1, len); // with a header stripped, in place: it left an allocation too
 	return XDP_TX;
 }
@@ -724,13 +749,9 @@ static __always_inline int relay_in_place(struct xdp_md *ctx, const struct heade
 	c = bpf_map_lookup_elem(&permission_routes, &ik);
 	if (c && c->expires_ns > now)
 		return relay_as_indication(ctx, h, c, me, r->relay_port, len,
-					   CHANNEL_HEADER, (__u32)cd0 + cd1);
+					   CHANNEL_HEADER, (__u32)cd0 + cd1, 0);
 	return -1; // not one of ours, or not open to the sender
 }
-
-// Keeps the compiler from recomputing a packet pointer after its bounds
-// check: the verifier only trusts the register it checked.
-#define same_register(x) asm volatile("" : "+r"(x))
 
 // One pass over a Send indication of `len` bytes (a multiple of 4): the
 // CRC of its first `crc_len` bytes, for FINGERPRINT, and the sum of all of
@@ -785,12 +806,79 @@ static __always_inline __u32 byte_word(__u8 b, __u32 at)
 	return at & 1 ? (__u32)b << 8 : b;
 }
 
+// A Send indication's `d` bytes of data, after `start` bytes and before
+// `after`, from the relayed address of `r` to another of ours,
+// `peer_ip`:`peer_port`: to the client of that allocation, along its routes
+// for data from the sender's relayed address, as ChannelData (the words
+// summing to `removed` go) or as a Data indication (the same words go;
+// the padding stays in place, zeroed). -1 if there is no such route:
+// the server alone knows whether the port is a live relay at all.
+static __always_inline int send_in_place(struct xdp_md *ctx, const struct headers *h,
+					 const struct to_peer *r, const struct addresses *a,
+					 __u32 peer_ip, __u16 peer_port, __u32 start, __u32 d,
+					 __u32 after, __u32 removed,
+					 __u64 now)
+{
+	__u32 me = r->relay_ip, them = peer_ip;
+	if (a->external_ip) {
+		if (me == a->relay_ip)
+			me = a->external_ip;
+		if (them == a->external_ip)
+			them = a->relay_ip;
+	}
+	struct peer_key pk = {
+		.peer_ip = me,
+		.relay_ip = them,
+		.peer_port = r->relay_port,
+		.relay_port = peer_port,
+	};
+	struct to_client *c = bpf_map_lookup_elem(&peer_routes, &pk);
+	if (c && c->expires_ns > now) {
+		__u16 cd1 = bpf_htons(d);
+		int grow = CHANNEL_HEADER - (int)start - (int)after;
+		struct headers n = *h;
+		readdress(&n, h, c->server_ip, c->server_port, c->client_ip, c->client_port,
+			  grow, (__u32)c->channel + cd1, removed);
+		if (!next_hop(ctx, &n, h, grow))
+			return XDP_PASS;
+		if (bpf_xdp_adjust_head(ctx, (int)start - CHANNEL_HEADER))
+			return XDP_PASS;
+		void *data = (void *)(long)ctx->data;
+		void *end = (void *)(long)ctx->data_end;
+		if (data + sizeof(n) + CHANNEL_HEADER > end)
+			return XDP_DROP; // cannot happen: the message was longer
+		__builtin_memcpy(data, &n, sizeof(n));
+		__u16 *cd = data + sizeof(n);
+		cd[0] = c->channel;
+		cd[1] = cd1;
+		// Were this refused, the frame would still be right: IP's length
+		// ends the datagram, the rest is padding.
+		if (after)
+			bpf_xdp_adjust_tail(ctx, -(int)after);
+		count(1, 1, d);
+		return XDP_TX;
+	}
+	struct permission_key ik = {
+		.peer_ip = me,
+		.relay_ip = them,
+		.relay_port = peer_port,
+	};
+	c = bpf_map_lookup_elem(&permission_routes, &ik);
+	if (c && c->expires_ns > now)
+		return relay_as_indication(ctx, h, c, me, r->relay_port, d, start,
+					   removed, after);
+	return -1;
+}
+
 // Client -> peer, a Send indication laid out as clients send it:
 // XOR-PEER-ADDRESS (IPv4) then DATA (browsers), or DATA then
 // XOR-PEER-ADDRESS (coturn's clients), and FINGERPRINT or not. Its data
-// leaves the relayed address for the peer, the rest goes. Returns -1 for
-// anything else, and for a peer on one of our own relay addresses, which
-// only the server can tell a live relay from a port it must not open.
+// leaves the relayed address for the peer, the rest goes; to another of
+// our relayed addresses, it goes to that allocation's client (as
+// relay_in_place does for ChannelData). Returns -1 for anything else, and
+// for a port on our relay IP that no route shows to be a live relay open
+// to the sender: only the server can tell those from ports it must keep
+// closed.
 static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *h,
 				      __u16 len, __u64 now)
 {
@@ -849,8 +937,9 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 	__u16 peer_port = *(__u16 *)(x + 6) ^ bpf_htons(MAGIC_COOKIE >> 16);
 	__u32 zero = 0;
 	struct addresses *a = bpf_map_lookup_elem(&addresses, &zero);
-	if (!a || !a->relay_ip || peer_ip == a->relay_ip || peer_ip == a->external_ip)
+	if (!a || !a->relay_ip)
 		return -1;
+	int ours = peer_ip == a->relay_ip || peer_ip == a->external_ip;
 	struct send_key k = {
 		.client_ip = h->ip.saddr,
 		.server_ip = h->ip.daddr,
@@ -919,6 +1008,9 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 			return -1;
 		removed += byte_word(*b, start + d + i);
 	}
+	if (ours)
+		return send_in_place(ctx, h, r, a, peer_ip, peer_port, start, d, after, removed,
+				     now);
 	struct headers n = *h;
 	int shrink = start + after;
 	readdress(&n, h, r->relay_ip, r->relay_port, peer_ip, peer_port, -shrink, 0, removed);
@@ -997,8 +1089,11 @@ int callisto_turn_relay(struct xdp_md *ctx)
 	if (len >= INDICATION_HEADER && (void *)(p + 2) <= end && p[0] == 0x00 && p[1] == 0x16) {
 		int verdict = relay_send(ctx, &copy, len, now);
 		if (verdict >= 0) {
-			if (verdict == XDP_TX)
-				learn(ifindex, copy.ip.saddr, &copy.eth);
+			// A valid Send on a live route, even one that goes to the
+			// sockets for want of its next hop: a client that sends
+			// nothing else (Firefox) must be learned from these, or
+			// nothing relayed in place could ever reach it.
+			learn(ifindex, copy.ip.saddr, &copy.eth);
 			return verdict;
 		}
 	}
@@ -1024,7 +1119,7 @@ int callisto_turn_relay(struct xdp_md *ctx)
 	c = bpf_map_lookup_elem(&permission_routes, &ik);
 	if (c && c->expires_ns > now) {
 		learn(ifindex, copy.ip.saddr, &copy.eth);
-		return relay_as_indication(ctx, &copy, c, copy.ip.saddr, copy.udp.source, len, 0, 0);
+		return relay_as_indication(ctx, &copy, c, copy.ip.saddr, copy.udp.source, len, 0, 0, 0);
 	}
 	return XDP_PASS;
 }

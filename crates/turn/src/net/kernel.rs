@@ -638,6 +638,11 @@ mod tests {
     /// The program, told of the relay IP 127.0.0.1 and `external_ip`, if
     /// root.
     fn loaded_with(external_ip: Option<Ipv4Addr>) -> Option<KernelRelay> {
+        loaded_as(Ipv4Addr::LOCALHOST, external_ip)
+    }
+
+    /// The program, told of `relay_ip` and `external_ip`, if root.
+    fn loaded_as(relay_ip: Ipv4Addr, external_ip: Option<Ipv4Addr>) -> Option<KernelRelay> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             assert!(
@@ -651,7 +656,7 @@ mod tests {
             interfaces: Vec::new(),
             // Small maps: one test fills one.
             max_allocations: 128,
-            relay_ip: Some(Ipv4Addr::LOCALHOST),
+            relay_ip: Some(relay_ip),
             external_ip,
         };
         Some(KernelRelay::attach(&config).expect("the program loads"))
@@ -1294,6 +1299,101 @@ mod tests {
         assert_eq!(sent(&out, a.relay, a.peer, true), b"x");
     }
 
+    /// Send indications from one client of this server to another's relayed
+    /// address (relay/relay from a client that binds no channels, as
+    /// Firefox): handed to the other client in one pass, as ChannelData on
+    /// its channel or as a Data indication from the sender's relayed
+    /// address, whatever the sender's layout, FINGERPRINT, padding and
+    /// checksum.
+    #[test]
+    fn relays_send_indications_between_two_of_our_allocations_in_one_pass() {
+        let Some(relay) = loaded() else { return };
+        let later = Instant::now() + Duration::from_secs(60);
+        let a = a_route(later);
+        let a_permission = IndicationRoute {
+            peer: *a.relay.ip(),
+            ..an_indication_route(later)
+        };
+        let b = KernelRoute {
+            client: addr("127.0.0.4:40001"),
+            channel: 0x4005,
+            relay: addr("127.0.0.1:50001"),
+            peer: a.relay,
+            ..a
+        };
+        let b_permission = IndicationRoute {
+            client: b.client,
+            server: b.server,
+            relay: b.relay,
+            peer: *a.relay.ip(),
+            expires: later,
+        };
+        let mut bytes = 0;
+        let mut packets = 0;
+        for b_has_a_channel in [true, false] {
+            let b_routes = if b_has_a_channel {
+                vec![
+                    RouteChange::Set(b),
+                    RouteChange::SetIndications(b_permission),
+                ]
+            } else {
+                vec![
+                    RouteChange::Remove(b),
+                    RouteChange::SetIndications(b_permission),
+                ]
+            };
+            relay.apply([RouteChange::SetIndications(a_permission)]);
+            relay.apply(b_routes);
+            for udp_checksum in [true, false] {
+                for (fingerprint, data_first) in
+                    [(false, false), (true, false), (false, true), (true, true)]
+                {
+                    for data in [&b""[..], b"a", b"ab", b"abc", b"abcd", b"hello"] {
+                        let m =
+                            send_indication_in_order(b.relay, data, fingerprint, 0xa5, data_first);
+                        let (verdict, out) =
+                            run(&relay, &frame(a.client, a.server, &m, udp_checksum));
+                        let case = format!(
+                            "{data:?}, FINGERPRINT {fingerprint}, DATA first {data_first}, channel {b_has_a_channel}"
+                        );
+                        assert_eq!(verdict, XDP_TX, "{case}");
+                        let payload = sent(&out, b.server, b.client, udp_checksum);
+                        if b_has_a_channel {
+                            assert_eq!(payload, channel_data(0x4005, data), "{case}");
+                        } else {
+                            assert_eq!(payload, data_indication(a.relay, data, &payload), "{case}");
+                            assert!(crate::stun::Message::parse(&payload).is_ok(), "{case}");
+                        }
+                        bytes += data.len() as u64;
+                        packets += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            relay.stats(),
+            KernelStats {
+                to_peer_packets: packets,
+                to_peer_bytes: bytes,
+                to_client_packets: packets,
+                to_client_bytes: bytes,
+            }
+        );
+        // Without B's routes the server decides: it alone knows whether the
+        // port is a live relay open to A.
+        relay.apply([
+            RouteChange::Remove(b),
+            RouteChange::RemoveIndications(b_permission),
+        ]);
+        let packet = frame(
+            a.client,
+            a.server,
+            &send_indication(b.relay, b"x", true, 0),
+            true,
+        );
+        assert_eq!(run(&relay, &packet), (XDP_PASS, packet));
+    }
+
     #[test]
     fn relays_between_two_of_our_allocations_known_by_the_external_ip() {
         let external: Ipv4Addr = "198.51.100.1".parse().expect("an address");
@@ -1490,10 +1590,20 @@ mod tests {
                     Just(*r.peer.ip()),
                     any::<[u8; 4]>().prop_map(std::net::Ipv4Addr::from)
                 ],
+                // The port `b` relays on, when the peer's IP is ours.
+                prop_oneof![Just(r.peer.port()), any::<u16>()],
             ),
         )
             .prop_map(
-                move |(from, data, check, channel, len, port, (fingerprint, padding, peer_ip))| {
+                move |(
+                    from,
+                    data,
+                    check,
+                    channel,
+                    len,
+                    port,
+                    (fingerprint, padding, peer_ip, send_port),
+                )| {
                     match from {
                         0 => {
                             let mut cd = channel_data(channel, &data);
@@ -1505,7 +1615,7 @@ mod tests {
                         1 => frame(r.peer, r.relay, &data, check),
                         2 => frame(SocketAddrV4::new(*r.peer.ip(), port), r.relay, &data, check),
                         _ => {
-                            let to = SocketAddrV4::new(peer_ip, port);
+                            let to = SocketAddrV4::new(peer_ip, send_port);
                             frame(
                                 r.client,
                                 r.server,
@@ -1545,17 +1655,27 @@ mod tests {
         /// on, and checksums that still hold where they held. The route's
         /// peer is sometimes another allocation of ours (`peer_is_ours`:
         /// with a channel back, or only a permission), whose client then
-        /// gets the data directly.
+        /// gets the data directly; so do Send indications to it when the
+        /// program knows the peer's IP as our relay IP (`send_to_ours`).
         #[test]
         fn any_frame_is_relayed_along_its_route_or_left_alone(
             packet in arb_frame(),
             peer_is_ours in 0..3u8,
+            send_to_ours in proptest::prelude::any::<bool>(),
         ) {
-            // Loaded once: the verifier takes tens of milliseconds.
+            // Loaded once: the verifier takes tens of milliseconds. With
+            // `send_to_ours`, the program takes the peer's IP for our relay
+            // IP, so Send indications to it go to our own allocation `b`.
             static RELAY: std::sync::OnceLock<Option<KernelRelay>> = std::sync::OnceLock::new();
-            let Some(relay) = RELAY.get_or_init(loaded) else { return Ok(()) };
+            static RELAY_OURS: std::sync::OnceLock<Option<KernelRelay>> = std::sync::OnceLock::new();
             let later = Instant::now() + Duration::from_secs(60);
             let r = a_route(later);
+            let loaded = if send_to_ours {
+                RELAY_OURS.get_or_init(|| loaded_as(*r.peer.ip(), None))
+            } else {
+                RELAY.get_or_init(loaded)
+            };
+            let Some(relay) = loaded else { return Ok(()) };
             // The peer's side, were it one of ours.
             let b = KernelRoute {
                 client: addr("127.0.0.4:40001"),
@@ -1606,7 +1726,6 @@ mod tests {
                 // A Send indication: relayed only if the server's own parser
                 // takes it (FINGERPRINT included) as one to a permitted peer.
                 use crate::stun::{attr, method, Class, Message};
-                let out_payload = sent_loosely(&out, r.relay, sent_to(&out), checked, ip_ok);
                 let m = Message::parse(payload_in);
                 proptest::prop_assert!(m.is_ok(), "relayed what the server would drop: {:?}", m.err());
                 let m = m.unwrap();
@@ -1616,9 +1735,23 @@ mod tests {
                     m.get(attr::XOR_PEER_ADDRESS).unwrap_or_default(),
                     m.transaction_id(),
                 );
-                proptest::prop_assert_eq!(peer.ok(), Some(SocketAddr::V4(sent_to(&out))));
-                proptest::prop_assert_eq!(*sent_to(&out).ip(), *r.peer.ip());
-                proptest::prop_assert_eq!(m.get(attr::DATA), Some(&out_payload[..]));
+                let data = m.get(attr::DATA).unwrap_or_default();
+                if send_to_ours {
+                    // To `b`'s relayed address, along `b`'s routes.
+                    proptest::prop_assert_eq!(peer.ok(), Some(SocketAddr::V4(b.relay)));
+                    let out_payload = sent_loosely(&out, b.server, b.client, checked, ip_ok);
+                    let expected = match peer_is_ours {
+                        1 => channel_data(0x4005, data),
+                        2 => data_indication(r.relay, data, &out_payload),
+                        _ => Vec::new(), // no route of b's: nothing may leave
+                    };
+                    proptest::prop_assert_eq!(out_payload, expected);
+                } else {
+                    let out_payload = sent_loosely(&out, r.relay, sent_to(&out), checked, ip_ok);
+                    proptest::prop_assert_eq!(peer.ok(), Some(SocketAddr::V4(sent_to(&out))));
+                    proptest::prop_assert_eq!(*sent_to(&out).ip(), *r.peer.ip());
+                    proptest::prop_assert_eq!(data, &out_payload[..]);
+                }
             } else if (from, to) == (r.client, r.server) {
                 let data = &payload_in[4..];
                 match peer_is_ours {
