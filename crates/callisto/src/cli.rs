@@ -447,9 +447,10 @@ pub struct TurnArgs {
     #[arg(long, env = "CALLISTO_TURN_THREADS")]
     pub turn_threads: Option<usize>,
 
-    /// Relay ChannelData between UDP clients and peers inside the kernel
+    /// Relay UDP clients' data to and from their peers inside the kernel
     /// (XDP) on this network interface: the interface clients and peers
-    /// reach this server through (repeatable; `lo` for loopback). Needs
+    /// reach this server through (repeatable; `lo` for loopback; `auto`
+    /// for the ones holding the listening and relay addresses). Needs
     /// root, IPv4, and no --turn-bps-per-allocation. Everything else is
     /// still relayed by the server.
     #[arg(

@@ -156,7 +156,11 @@ pub async fn start(
         None
     } else {
         Some(Arc::new(KernelRelay::attach(&KernelRelayConfig {
-            interfaces: args.turn_kernel_relay.clone(),
+            interfaces: kernel_relay_interfaces(
+                &args.turn_kernel_relay,
+                args.turn_listen.ip(),
+                relay_ip,
+            )?,
             max_allocations: args.turn_max_allocations,
             relay_ip: match relay_ip {
                 IpAddr::V4(ip) => Some(ip),
@@ -221,4 +225,40 @@ impl RunningTurn {
             tls: self.service.tls_addr,
         }
     }
+}
+
+/// The interfaces `--turn-kernel-relay` names, with `auto` standing for
+/// those that hold the listening address and the relay address: where
+/// clients' and peers' packets to them arrive.
+fn kernel_relay_interfaces(
+    named: &[String],
+    listen: IpAddr,
+    relay: IpAddr,
+) -> anyhow::Result<Vec<String>> {
+    let mut interfaces: Vec<String> = Vec::new();
+    for name in named {
+        let found = if name == "auto" {
+            let mut found = Vec::new();
+            for ip in [listen, relay] {
+                let IpAddr::V4(ip) = ip else { continue };
+                match callisto_turn::net::interface_holding(ip)
+                    .context("listing the network interfaces")?
+                {
+                    Some(interface) => found.push(interface),
+                    None => bail!(
+                        "--turn-kernel-relay auto: no network interface holds {ip}; name the interface instead"
+                    ),
+                }
+            }
+            found
+        } else {
+            vec![name.clone()]
+        };
+        for interface in found {
+            if !interfaces.contains(&interface) {
+                interfaces.push(interface);
+            }
+        }
+    }
+    Ok(interfaces)
 }

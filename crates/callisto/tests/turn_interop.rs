@@ -893,7 +893,7 @@ fn uclient_through_the_kernel_relay() {
 /// with options it cannot honour: `callisto turn` says what to fix.
 #[test]
 fn the_kernel_relay_refuses_what_it_cannot_do() {
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (
             &[
                 "--turn-listen",
@@ -917,6 +917,16 @@ fn the_kernel_relay_refuses_what_it_cannot_do() {
                 "no-such-interface0",
             ],
             "no-such-interface0",
+        ),
+        (
+            // TEST-NET-1: held by no interface.
+            &[
+                "--turn-listen",
+                "192.0.2.77:0",
+                "--turn-kernel-relay",
+                "auto",
+            ],
+            "no network interface holds 192.0.2.77",
         ),
     ];
     for (args, expected) in cases {
@@ -984,7 +994,10 @@ fn checksums_in_full(netns: Option<&NamedNetns>, device: &str) {
         }
         None => Command::new("ethtool"),
     };
-    let status = cmd.args(["-K", device, "tx", "off"]).status();
+    let status = cmd
+        .args(["-K", device, "tx", "off"])
+        .stdout(Stdio::null())
+        .status();
     assert!(
         status.is_ok_and(|s| s.success()),
         "ethtool -K {device} tx off (apt-get install ethtool)"
@@ -1141,8 +1154,9 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
             "198.51.100.1",
             "--metrics-listen",
             "127.0.0.1:0",
+            // The interface that holds the listening address: relay0.
             "--turn-kernel-relay",
-            "relay0",
+            "auto",
         ],
     );
     through_the_kernel(

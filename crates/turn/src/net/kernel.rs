@@ -295,6 +295,40 @@ fn attach_mode(interface: &str) -> XdpFlags {
     }
 }
 
+/// The network interface that holds `ip`, if one does: where clients and
+/// peers sending to it arrive (`--turn-kernel-relay auto`).
+pub fn interface_holding(ip: Ipv4Addr) -> std::io::Result<Option<String>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes the head of a list it allocated into
+    // `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut node = list;
+    while !node.is_null() {
+        // SAFETY: `node` is an element of the list, which stays allocated
+        // until freeifaddrs; its address, when present, is a sockaddr of
+        // the family it names, and its name a C string.
+        unsafe {
+            let ifa = &*node;
+            let addr = ifa.ifa_addr;
+            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
+                let sin = &*(addr as *const libc::sockaddr_in);
+                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == ip {
+                    let name = std::ffi::CStr::from_ptr(ifa.ifa_name);
+                    found = Some(name.to_string_lossy().into_owned());
+                    break;
+                }
+            }
+            node = ifa.ifa_next;
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(found)
+}
+
 /// Nanoseconds on `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns` (and
 /// of `Instant` on Linux).
 fn monotonic_ns() -> u64 {
@@ -660,6 +694,17 @@ mod tests {
             external_ip,
         };
         Some(KernelRelay::attach(&config).expect("the program loads"))
+    }
+
+    #[test]
+    fn finds_the_interface_holding_an_address() {
+        assert_eq!(
+            interface_holding(Ipv4Addr::LOCALHOST).expect("getifaddrs"),
+            Some("lo".to_string())
+        );
+        // TEST-NET-1: documentation only, held by no interface here.
+        let nobody = Ipv4Addr::new(192, 0, 2, 77);
+        assert_eq!(interface_holding(nobody).expect("getifaddrs"), None);
     }
 
     /// `bpf_attr` for `BPF_PROG_TEST_RUN`, zero-padded.

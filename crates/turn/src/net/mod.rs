@@ -16,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::Shared;
-pub use kernel::{KernelRelay, KernelRelayConfig};
+pub use kernel::{KernelRelay, KernelRelayConfig, interface_holding};
 pub use udp::RelayConfig;
 
 /// What to listen on.
