@@ -783,7 +783,24 @@ mod tests {
         let Some(relay) = loaded() else { return };
         let later = Instant::now() + Duration::from_secs(3600);
         let (r, i) = (a_route(later), an_indication_route(later));
-        relay.apply([RouteChange::Set(r), RouteChange::SetIndications(i)]);
+        // Another allocation of ours, open to r's relayed address, which
+        // r's client may send to.
+        let ours = addr("127.0.0.1:50001");
+        let to_ours = IndicationRoute {
+            peer: *r.relay.ip(),
+            ..i
+        };
+        let theirs = IndicationRoute {
+            client: addr("127.0.0.4:40001"),
+            relay: ours,
+            ..to_ours
+        };
+        relay.apply([
+            RouteChange::Set(r),
+            RouteChange::SetIndications(i),
+            RouteChange::SetIndications(to_ours),
+            RouteChange::SetIndications(theirs),
+        ]);
         let to = SocketAddrV4::new(*r.peer.ip(), 7001);
         let stranger = addr("127.0.0.9:7000");
         for size in [100usize, 1200] {
@@ -825,6 +842,16 @@ mod tests {
                         r.client,
                         r.server,
                         &send_indication(to, &data, true, 0),
+                        true,
+                    ),
+                    XDP_TX,
+                ),
+                (
+                    "Send indication with FINGERPRINT to our own allocation",
+                    frame(
+                        r.client,
+                        r.server,
+                        &send_indication(ours, &data, true, 0),
                         true,
                     ),
                     XDP_TX,
