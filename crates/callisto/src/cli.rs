@@ -127,6 +127,11 @@ pub struct BenchTurnArgs {
     /// Messages each uclient client sends (`-n`), with `--generator uclient`.
     #[arg(long, default_value_t = 2000)]
     pub uclient_messages: u64,
+    /// Our generator's clients send Send indications (with FINGERPRINT, as
+    /// Firefox sends all its media) to permitted peers and receive Data
+    /// indications, instead of ChannelData on bound channels.
+    #[arg(long)]
+    pub send_indications: bool,
     /// With `--generator uclient`: clients reach the servers over TCP
     /// (`-t`), relaying to UDP peers as browsers behind a firewall do.
     /// Only Callisto and coturn run (turn-rs is installed for UDP only).

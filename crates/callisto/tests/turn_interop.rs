@@ -1097,9 +1097,9 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
             for dir in ["to_peer", "to_client"] {
                 assert!(in_kernel(&m, dir) >= total - 10.0, "{what}, {dir}: {m}");
             }
-            assert_eq!(
-                metric(&m, "callisto_turn_relayed_in_place_packets_total"),
-                0.0,
+            // Nor by the workers in place, but for the same few.
+            assert!(
+                metric(&m, "callisto_turn_relayed_in_place_packets_total") <= 10.0,
                 "{what}: {m}"
             );
         };

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use callisto_turn::client::{Client, Event};
 use callisto_turn::net::batch::{self, RecvBatch, SendBatch};
-use callisto_turn::stun::ChannelData;
+use callisto_turn::stun::{ChannelData, Class, Message, MessageBuilder, attr, method};
 use mio::{Events, Interest, Poll, Token};
 
 use crate::cli::{BenchGenerator, BenchPattern, BenchPin, BenchTarget, BenchTurnArgs};
@@ -361,14 +361,57 @@ struct Lane {
     sock: UdpSocket,
     client: Option<Client>,
     relayed: SocketAddr,
-    channel: u16,
+    framing: Framing,
 }
 
-impl Lane {
-    fn header(&self, len: usize) -> Option<[u8; 4]> {
-        self.client
-            .as_ref()
-            .map(|_| ChannelData::header(self.channel, len as u16))
+/// How a lane wraps what it sends to the server.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// As it is (the forwarder, the direct target).
+    Raw,
+    /// ChannelData on this channel.
+    Channel(u16),
+    /// A Send indication with FINGERPRINT to this peer.
+    Send(SocketAddr),
+}
+
+impl Framing {
+    /// `body`, framed, into `out` (cleared first).
+    fn frame(self, body: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        match self {
+            Framing::Raw => out.extend_from_slice(body),
+            Framing::Channel(channel) => {
+                out.extend_from_slice(&ChannelData::header(channel, body.len() as u16));
+                out.extend_from_slice(body);
+            }
+            Framing::Send(peer) => {
+                // The transaction id is the same for all: indications get
+                // no answer, and servers keep no state for them.
+                let mut m = MessageBuilder::new(method::SEND, Class::Indication, &[0x5e; 12]);
+                m.xor_address(attr::XOR_PEER_ADDRESS, peer)
+                    .attr(attr::DATA, body)
+                    .fingerprint();
+                out.extend_from_slice(&m.finish());
+            }
+        }
+    }
+
+    /// The data in `datagram` from the server: ChannelData's or a Data
+    /// indication's; `None` for anything else (a Refresh answer, say).
+    fn unframe(self, datagram: &[u8]) -> Option<&[u8]> {
+        match self {
+            Framing::Raw => Some(datagram),
+            Framing::Channel(_) | Framing::Send(_) => {
+                if let Some(cd) = ChannelData::parse(datagram) {
+                    return Some(&datagram[4..4 + cd.len]);
+                }
+                let m = Message::parse(datagram).ok()?;
+                ((m.method(), m.class()) == (method::DATA, Class::Indication))
+                    .then(|| m.get(attr::DATA))
+                    .flatten()
+            }
+        }
     }
 }
 
@@ -413,7 +456,7 @@ fn new_lane(target: &Target, seed: u64) -> anyhow::Result<Lane> {
         sock,
         client: None,
         relayed: target.addr,
-        channel: 0,
+        framing: Framing::Raw,
     };
     if target.name != "forwarder" && target.name != "direct" {
         let mut c = Client::new(USER, PASS, false, seed);
@@ -426,10 +469,24 @@ fn new_lane(target: &Target, seed: u64) -> anyhow::Result<Lane> {
     Ok(lane)
 }
 
-fn connect(lane: &mut Lane, target: &Target, peer: SocketAddr) -> anyhow::Result<()> {
+/// Opens `lane` to `peer`: a channel, or only a permission when clients
+/// send Send indications.
+fn connect(
+    lane: &mut Lane,
+    target: &Target,
+    peer: SocketAddr,
+    send_indications: bool,
+) -> anyhow::Result<()> {
     match lane.client.as_mut() {
+        Some(c) if send_indications => {
+            c.create_permission(Instant::now(), peer.ip());
+            lane.framing = Framing::Send(peer);
+            drive(lane, target.addr, |e| {
+                matches!(e, Event::PermissionCreated(_))
+            })
+        }
         Some(c) => {
-            lane.channel = c.bind_channel(Instant::now(), peer);
+            lane.framing = Framing::Channel(c.bind_channel(Instant::now(), peer));
             drive(lane, target.addr, |e| {
                 matches!(e, Event::ChannelBound { .. })
             })
@@ -528,14 +585,14 @@ fn run_one(
         }
         BenchPattern::A => {
             for lane in &mut a {
-                connect(lane, target, peer)?;
+                connect(lane, target, peer, args.send_indications)?;
             }
         }
         BenchPattern::B => {
             for i in 0..n {
                 let (ra, rb) = (a[i].relayed, b[i].relayed);
-                connect(&mut a[i], target, rb)?;
-                connect(&mut b[i], target, ra)?;
+                connect(&mut a[i], target, rb, args.send_indications)?;
+                connect(&mut b[i], target, ra, args.send_indications)?;
             }
         }
     }
@@ -549,24 +606,20 @@ fn run_one(
     let closed_loop = args.rate == 0;
     let duration = Duration::from_secs_f64(args.duration);
     let server = if direct { peer } else { target.addr };
-    // Framing headers never change during a run.
-    let a_headers: Vec<Option<[u8; 4]>> = a.iter().map(|l| l.header(payload)).collect();
-    let b_headers: Vec<Option<[u8; 4]>> = b.iter().map(|l| l.header(payload)).collect();
+    let a_framing: Vec<Framing> = a.iter().map(|l| l.framing).collect();
+    let b_framing: Vec<Framing> = b.iter().map(|l| l.framing).collect();
     let a_socks: Vec<UdpSocket> = a
         .iter()
         .map(|l| l.sock.try_clone())
         .collect::<io::Result<_>>()?;
-    let send_probe =
-        move |sock: &UdpSocket, header: Option<[u8; 4]>, seq: u64, buf: &mut Vec<u8>| {
-            buf.clear();
-            if let Some(h) = header {
-                buf.extend_from_slice(&h);
-            }
-            buf.extend_from_slice(&seq.to_le_bytes());
-            buf.extend_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
-            buf.resize(buf.len() + payload.saturating_sub(16), 0);
-            let _ = sock.send_to(buf, server);
-        };
+    let send_probe = move |sock: &UdpSocket, framing: Framing, seq: u64, buf: &mut Vec<u8>| {
+        let mut body = [0u8; 2048];
+        let body = &mut body[..payload.clamp(16, 2048)];
+        body[..8].copy_from_slice(&seq.to_le_bytes());
+        body[8..16].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
+        framing.frame(body, buf);
+        let _ = sock.send_to(buf, server);
+    };
 
     let cpu_before = target.cpu_seconds();
     let others_before = own_cpu_seconds() + softirq_threads_cpu_seconds();
@@ -575,12 +628,12 @@ fn run_one(
     let pacer = if closed_loop {
         None
     } else {
-        let (socks, headers, sent, rate) = (
+        let (socks, framing, sent, rate) = (
             a_socks
                 .iter()
                 .map(UdpSocket::try_clone)
                 .collect::<io::Result<Vec<_>>>()?,
-            a_headers.clone(),
+            a_framing.clone(),
             sent.clone(),
             args.rate,
         );
@@ -591,7 +644,7 @@ fn run_one(
                 let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
                 while seq < due {
                     let i = (seq % socks.len() as u64) as usize;
-                    send_probe(&socks[i], headers[i], seq, &mut buf);
+                    send_probe(&socks[i], framing[i], seq, &mut buf);
                     seq += 1;
                 }
                 std::thread::sleep(Duration::from_micros(100));
@@ -622,7 +675,7 @@ fn run_one(
     if closed_loop {
         for i in 0..n {
             for _ in 0..WINDOW {
-                send_probe(&a_socks[i], a_headers[i], seq, &mut buf);
+                send_probe(&a_socks[i], a_framing[i], seq, &mut buf);
                 seq += 1;
             }
             in_flight[i] = WINDOW;
@@ -642,14 +695,13 @@ fn run_one(
                 for k in 0..count {
                     let len = rx.lens[k];
                     let data = &rx.slot(k)[..len];
-                    let is_turn = a_headers[0].is_some();
-                    let body = if is_turn {
-                        match ChannelData::parse(data) {
-                            Some(cd) => &data[4..4 + cd.len],
-                            None => continue, // a STUN message (refresh answer, say)
-                        }
+                    let framing = if idx < n {
+                        a_framing[idx]
                     } else {
-                        data
+                        b_framing[idx - n]
+                    };
+                    let Some(body) = framing.unframe(data) else {
+                        continue; // a STUN answer (to a Refresh, say)
                     };
                     if idx >= n {
                         // Pattern (b): the second client echoes to the first.
@@ -668,7 +720,7 @@ fn run_one(
                     if closed_loop {
                         last_progress[idx] = Instant::now();
                         if started.elapsed() < duration {
-                            send_probe(&a_socks[idx], a_headers[idx], seq, &mut buf);
+                            send_probe(&a_socks[idx], a_framing[idx], seq, &mut buf);
                             seq += 1;
                         } else {
                             in_flight[idx] = in_flight[idx].saturating_sub(1);
@@ -676,11 +728,7 @@ fn run_one(
                     }
                 }
                 while let Some((i, body)) = echo.pop_front() {
-                    buf.clear();
-                    if let Some(h) = b_headers[i] {
-                        buf.extend_from_slice(&h);
-                    }
-                    buf.extend_from_slice(&body);
+                    b_framing[i].frame(&body, &mut buf);
                     let _ = b[i].sock.send_to(&buf, server);
                 }
             }
@@ -690,7 +738,7 @@ fn run_one(
             for i in 0..n {
                 if last_progress[i].elapsed() > Duration::from_millis(200) {
                     last_progress[i] = Instant::now();
-                    send_probe(&a_socks[i], a_headers[i], seq, &mut buf);
+                    send_probe(&a_socks[i], a_framing[i], seq, &mut buf);
                     seq += 1;
                 }
             }
@@ -770,7 +818,7 @@ fn measure(
 /// (this machine is shared with the generator) moves no column.
 fn row(
     name: &str,
-    pattern: BenchPattern,
+    pattern: &str,
     n: usize,
     payload: usize,
     runs: &[Result<Figures, String>],
@@ -781,10 +829,7 @@ fn row(
             .iter()
             .find_map(|r| r.as_ref().err())
             .map_or("no run", String::as_str);
-        return format!(
-            "| {name} | {} | {n} | {payload} | failed: {why} |",
-            pattern.label()
-        );
+        return format!("| {name} | {pattern} | {n} | {payload} | failed: {why} |");
     }
     let median = |i: usize, decimals: usize| {
         let mut v: Vec<f64> = ok.iter().map(|f| f[i]).collect();
@@ -797,8 +842,7 @@ fn row(
         }
     };
     format!(
-        "| {name} | {} | {n} | {payload} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-        pattern.label(),
+        "| {name} | {pattern} | {n} | {payload} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         median(0, 0),
         median(1, 0),
         median(2, 0),
@@ -1012,11 +1056,16 @@ pub fn run(mut args: BenchTurnArgs) -> anyhow::Result<()> {
                         });
                     }
                 }
+                let label = if args.send_indications && !uclient {
+                    format!("{}, Send/Data", pattern.label())
+                } else {
+                    pattern.label().to_string()
+                };
                 for (index, runs) in runs.iter().enumerate() {
                     if !runs.is_empty() {
                         println!(
                             "{}",
-                            row(target_name(args.servers[index]), pattern, n, payload, runs)
+                            row(target_name(args.servers[index]), &label, n, payload, runs)
                         );
                         let _ = io::stdout().flush();
                     }

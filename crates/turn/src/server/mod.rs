@@ -568,17 +568,40 @@ struct PeerAccess {
     closed: bool,
 }
 
-/// What becomes of ChannelData from one of our allocations to another
+/// What becomes of data from one of our allocations to another
 /// allocation's relayed address, if it is relayed in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InPlace {
     /// Straight to the receiving client, on this channel of its.
     Deliver(u16),
+    /// Straight to the receiving client, as a Data indication: it permits
+    /// the sender but has no channel for it. Only where the data has room
+    /// for the indication's header before it (a Send indication's does).
+    Indicate,
     /// The receiver does not permit the sender: dropped, as the kernel path
     /// would drop it at the receiving relay.
     Drop,
-    /// The receiver takes it only as a Data indication, or not at all: the
-    /// kernel path decides, through the receiving relay socket.
+    /// Not at all, or not here: the kernel path decides, through the
+    /// receiving relay socket.
     Kernel,
+}
+
+impl InPlace {
+    /// Whether `buf[data]` can be framed this way where it lies, for a
+    /// receiver on a stream (`to_stream`) or not; the data is from `from`.
+    fn fits(self, to_stream: bool, from: SocketAddr, data: &Range<usize>, buf_len: usize) -> bool {
+        match self {
+            InPlace::Deliver(_) => data.start >= 4,
+            // A stream's inbox takes ChannelData only.
+            InPlace::Indicate => {
+                let header = if from.is_ipv4() { 36 } else { 48 };
+                !to_stream
+                    && data.start >= header
+                    && data.end + stun::padding(data.len()) <= buf_len
+            }
+            InPlace::Drop | InPlace::Kernel => true,
+        }
+    }
 }
 
 impl PeerAccess {
@@ -613,12 +636,25 @@ impl PeerAccess {
         if self.expires <= now {
             return InPlace::Kernel;
         }
+        let permitted = self.permitted(from.ip(), now);
         match self.channel_by_peer(from, now) {
+            None if permitted => InPlace::Indicate,
             None => InPlace::Kernel,
-            Some(_) if !self.permitted(from.ip(), now) => InPlace::Drop,
+            Some(_) if !permitted => InPlace::Drop,
             Some(channel) => InPlace::Deliver(channel),
         }
     }
+}
+
+/// A Send indication's peer, and where its data lies in `buf` (the bytes
+/// `msg` was parsed from); `None` without either.
+fn send_indication_parts(msg: &Message<'_>, buf: &[u8]) -> Option<(SocketAddr, Range<usize>)> {
+    let peer = msg.get(attr::XOR_PEER_ADDRESS).and_then(|v| {
+        stun::decode_xor_address(attr::XOR_PEER_ADDRESS, v, msg.transaction_id()).ok()
+    })?;
+    let data = msg.get(attr::DATA)?;
+    let offset = data.as_ptr() as usize - buf.as_ptr() as usize;
+    Some((peer, offset..offset + data.len()))
 }
 
 /// A worker's memory of a lookup in `Shared`'s relay views.
@@ -851,7 +887,6 @@ impl<A: RelayAllocator> Server<A> {
         if let Some(cd) = ChannelData::parse(buf) {
             return self.client_channel_data(now, five, cd, buf);
         }
-        let buf = &*buf;
         let msg = match Message::parse(buf) {
             Ok(m) => m,
             Err(e) => {
@@ -863,7 +898,10 @@ impl<A: RelayAllocator> Server<A> {
         match msg.class() {
             Class::Request => self.on_request(now, five, &msg),
             Class::Indication if msg.method() == method::SEND => {
-                self.on_send_indication(now, five, &msg, buf)
+                let Some((peer, data)) = send_indication_parts(&msg, buf) else {
+                    return Output::None;
+                };
+                self.on_send_indication(now, five, peer, data, buf)
             }
             // Responses and other indications mean nothing to a server.
             _ => Output::None,
@@ -1015,9 +1053,10 @@ impl<A: RelayAllocator> Server<A> {
         let relay = alloc.relay;
         let from = alloc.advertised;
         self.counters.count(TO_PEER, five.transport, cd.len);
+        let data = 4..4 + cd.len;
         if let Some(out) = self
-            .relay_locally(now, from, peer, cd.len, buf)
-            .or_else(|| self.relay_across(now, five, from, peer, cd.len, buf))
+            .relay_locally(now, from, peer, data.clone(), buf)
+            .or_else(|| self.relay_across(now, five, from, peer, data, buf))
         {
             return out;
         }
@@ -1029,18 +1068,21 @@ impl<A: RelayAllocator> Server<A> {
     }
 
     /// When the peer is another allocation of this same server (the common
-    /// relay/relay case of WebRTC), hands the data straight to that
-    /// allocation's client instead of sending it through two relay sockets
-    /// and the kernel: the 4-byte ChannelData header in `buf` is rewritten
-    /// with the receiver's channel for `from`. Only when the receiver is on
-    /// UDP and has a channel for the sender; otherwise the kernel path runs,
-    /// with identical results.
+    /// relay/relay case of WebRTC), hands the data `buf[data]` straight to
+    /// that allocation's client instead of sending it through two relay
+    /// sockets and the kernel: a header for the receiver is written in
+    /// front of the data, where the sender's was. ChannelData on the
+    /// receiver's channel for `from`; without a channel, a Data indication,
+    /// when the data has room for its header before it (after a Send
+    /// indication's, not after ChannelData's 4 bytes). Only when the
+    /// receiver is on UDP; otherwise the kernel path runs, with identical
+    /// results.
     fn relay_locally(
         &mut self,
         now: Instant,
         from: SocketAddr,
         peer: SocketAddr,
-        len: usize,
+        data: Range<usize>,
         buf: &mut [u8],
     ) -> Option<Output> {
         if !self.shared.config.relay_in_place {
@@ -1051,16 +1093,18 @@ impl<A: RelayAllocator> Server<A> {
         if target.five.transport != Transport::Udp {
             return None;
         }
-        let channel = match target.access.in_place(from, now) {
+        let how = target.access.in_place(from, now);
+        match how {
             InPlace::Kernel => return None,
             InPlace::Drop => return Some(Output::None),
-            InPlace::Deliver(channel) => channel,
-        };
-        if !target.view.take_to_client(len, now) {
+            _ if !how.fits(false, from, &data, buf.len()) => return None,
+            _ => {}
+        }
+        if !target.view.take_to_client(data.len(), now) {
             return Some(Output::None);
         }
         let to = target.five;
-        Some(self.deliver(to, None, channel, len, buf))
+        Some(self.deliver(to, None, how, from, data, buf))
     }
 
     /// Like [`Server::relay_locally`], when the peer is an allocation of
@@ -1082,7 +1126,7 @@ impl<A: RelayAllocator> Server<A> {
         sender: FiveTuple,
         from: SocketAddr,
         peer: SocketAddr,
-        len: usize,
+        data: Range<usize>,
         buf: &mut [u8],
     ) -> Option<Output> {
         if !self.shared.config.relay_in_place {
@@ -1115,16 +1159,18 @@ impl<A: RelayAllocator> Server<A> {
             self.views.remove(&peer);
             return None;
         }
-        let channel = match access.in_place(from, now) {
+        let how = access.in_place(from, now);
+        drop(access);
+        match how {
             InPlace::Kernel => return None,
             InPlace::Drop => return Some(Output::None),
-            InPlace::Deliver(channel) => channel,
-        };
-        drop(access);
-        if !view.take_to_client(len, now) {
+            _ if !how.fits(view.inbox.is_some(), from, &data, buf.len()) => return None,
+            _ => {}
+        }
+        if !view.take_to_client(data.len(), now) {
             return Some(Output::None);
         }
-        Some(self.deliver(view.to, view.inbox.as_ref(), channel, len, buf))
+        Some(self.deliver(view.to, view.inbox.as_ref(), how, from, data, buf))
     }
 
     /// Another worker's allocation at `peer`, from this worker's cache or
@@ -1150,20 +1196,36 @@ impl<A: RelayAllocator> Server<A> {
         found
     }
 
-    /// Re-frames ChannelData in `buf` for `to`'s `channel`, for its
-    /// stream's `inbox` if it has one.
+    /// Frames `buf[data]` from `from` for `to`, as `how` says (which
+    /// [`InPlace::fits`] it), for its stream's `inbox` if it has one.
     fn deliver(
         &mut self,
         to: FiveTuple,
         inbox: Option<&Inbox>,
-        channel: u16,
-        len: usize,
+        how: InPlace,
+        from: SocketAddr,
+        data: Range<usize>,
         buf: &mut [u8],
     ) -> Output {
-        buf[..4].copy_from_slice(&ChannelData::header(channel, len as u16));
+        let len = data.len();
+        let range = match how {
+            InPlace::Deliver(channel) => {
+                buf[data.start - 4..data.start]
+                    .copy_from_slice(&ChannelData::header(channel, len as u16));
+                data.start - 4..data.end
+            }
+            InPlace::Indicate => {
+                let tid = self.indication_tid();
+                let (prefix, plen) = stun::data_indication_prefix(from, len, &tid);
+                let end = data.end + stun::padding(len);
+                buf[data.start - plen..data.start].copy_from_slice(&prefix[..plen]);
+                buf[data.end..end].fill(0);
+                data.start - plen..end
+            }
+            InPlace::Drop | InPlace::Kernel => return Output::None,
+        };
         self.counters.count(TO_CLIENT, to.transport, len);
         self.counters.in_place.increment(1);
-        let range = 0..4 + len;
         match inbox {
             Some(inbox) => Output::ToStream {
                 inbox: inbox.clone(),
@@ -1173,22 +1235,18 @@ impl<A: RelayAllocator> Server<A> {
         }
     }
 
+    /// `buf[data]` from `five`'s client for `peer`. To another of our
+    /// allocations it is relayed in place, as ChannelData does: a Send
+    /// indication has room before its data for either header.
     fn on_send_indication(
         &mut self,
         now: Instant,
         five: FiveTuple,
-        msg: &Message<'_>,
-        buf: &[u8],
+        peer: SocketAddr,
+        data: Range<usize>,
+        buf: &mut [u8],
     ) -> Output {
         let Some(&slot) = self.by_five.get(&five) else {
-            return Output::None;
-        };
-        let (Some(peer), Some(data)) = (
-            msg.get(attr::XOR_PEER_ADDRESS).and_then(|v| {
-                stun::decode_xor_address(attr::XOR_PEER_ADDRESS, v, msg.transaction_id()).ok()
-            }),
-            msg.get(attr::DATA),
-        ) else {
             return Output::None;
         };
         if !self.shared_port_ok(peer) {
@@ -1203,12 +1261,19 @@ impl<A: RelayAllocator> Server<A> {
         if !alloc.to_peer_budget.take(data.len(), now) {
             return Output::None;
         }
-        let offset = data.as_ptr() as usize - buf.as_ptr() as usize;
+        let relay = alloc.relay;
+        let from = alloc.advertised;
         self.counters.count(TO_PEER, five.transport, data.len());
+        if let Some(out) = self
+            .relay_locally(now, from, peer, data.clone(), buf)
+            .or_else(|| self.relay_across(now, five, from, peer, data.clone(), buf))
+        {
+            return out;
+        }
         Output::ToPeer {
-            relay: alloc.relay,
+            relay,
             peer,
-            range: offset..offset + data.len(),
+            range: data,
         }
     }
 

@@ -1207,6 +1207,65 @@ fn relay_between_own_allocations_skips_the_kernel() {
     assert_eq!(s[0].on_client(late, five(1), &mut framed), Output::None);
 }
 
+/// Send indications (Firefox sends all its media so) from one of our
+/// allocations to another are relayed in place too: as a Data indication
+/// while the receiver only permits the sender, written where the Send
+/// indication's header was, and as ChannelData once it has a channel. A
+/// layout with no room for the Data indication's header before the data
+/// takes the kernel path.
+#[test]
+fn send_indications_between_own_allocations_skip_the_kernel() {
+    let t0 = Instant::now();
+    let (_, mut s) = setup(config(), t0);
+    let (mut a, relay_a) = allocated(&mut s, five(1), t0);
+    let (mut b, relay_b) = allocated(&mut s, five(2), t0);
+    a.create_permission(t0, relay_b.ip());
+    pump(&mut s, &mut a, five(1), t0);
+    // B permits nobody yet: the kernel path, whose relay socket drops it.
+    let mut framed = a.send_to(relay_b, b"early");
+    assert!(
+        matches!(s.on_client(t0, five(1), &mut framed), Output::ToPeer { peer, .. } if peer == relay_b)
+    );
+
+    b.create_permission(t0, relay_a.ip());
+    pump(&mut s, &mut b, five(2), t0);
+    for data in [&b"odd"[..], b"four", b"hello"] {
+        let mut framed = a.send_to(relay_b, data);
+        let Output::ToClient { to, range } = s.on_client(t0, five(1), &mut framed) else {
+            panic!("expected delivery in place")
+        };
+        assert_eq!(to, five(2));
+        assert_eq!(
+            &framed[range.clone()][..2],
+            &[0x00, 0x17],
+            "a Data indication"
+        );
+        assert!(Message::parse(&framed[range.clone()]).is_ok());
+        assert_receives(&mut b, t0, &framed[range], relay_a, data);
+    }
+
+    // DATA before XOR-PEER-ADDRESS (as coturn's clients send): 24 bytes
+    // before the data, too few for the indication's 36.
+    let mut m = MessageBuilder::new(method::SEND, Class::Indication, &[3; 12]);
+    m.attr(attr::DATA, b"data first")
+        .xor_address(attr::XOR_PEER_ADDRESS, relay_b);
+    let mut framed = m.finish();
+    assert!(
+        matches!(s.on_client(t0, five(1), &mut framed), Output::ToPeer { peer, .. } if peer == relay_b)
+    );
+
+    // With B's channel: ChannelData.
+    let ch_b = b.bind_channel(t0, relay_a);
+    pump(&mut s, &mut b, five(2), t0);
+    let mut framed = a.send_to(relay_b, b"world");
+    let Output::ToClient { to, range } = s.on_client(t0, five(1), &mut framed) else {
+        panic!("expected delivery in place")
+    };
+    assert_eq!(to, five(2));
+    assert_eq!(&framed[range.clone()][..2], &ch_b.to_be_bytes());
+    assert_receives(&mut b, t0, &framed[range], relay_a, b"world");
+}
+
 /// An authenticated Allocate from `five` (tid `id`), with a nonce for that
 /// 5-tuple learnt from a 401 first.
 fn signed_allocate(
