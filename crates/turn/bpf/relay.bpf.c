@@ -880,7 +880,7 @@ static __always_inline int send_in_place(struct xdp_md *ctx, const struct header
 // to the sender: only the server can tell those from ports it must keep
 // closed.
 static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *h,
-				      __u16 len, __u64 now)
+				      __u16 len, __u64 now, int loopback)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -952,13 +952,13 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 		return -1;
 	// FINGERPRINT, if there is one, and the UDP checksum, if the datagram
 	// has one, in one pass over the message. The checksum because one that
-	// does not hold cannot be updated into one that holds. That includes
-	// the partial ones of loopback (see partial_checksum; elsewhere those
-	// never get here): with the trailer cut as well as the headers moved,
-	// their receiver on a veth dropped every one in a test before
-	// partial_checksum existed. The sockets take such ones, as the server
-	// drops or relays them.
-	if (fingerprint || h->udp.check) {
+	// does not hold cannot be updated into one that holds; the sockets take
+	// such datagrams, as the server drops or relays them. Not the partial
+	// ones of loopback (see partial_checksum; elsewhere those never get
+	// here): there every checksum is partial, and nobody completes or checks
+	// it, as the frame stays on this host (see next_hop).
+	int check = h->udp.check && !(loopback && partial_checksum(h));
+	if (fingerprint || check) {
 		struct message_pass c = {
 			.p = p, .end = end, .len = len, .crc_len = fingerprint ? body : 0, .crc = 0xffffffff,
 		};
@@ -967,7 +967,7 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 		if (fingerprint &&
 		    (c.crc ^ 0xffffffff ^ FINGERPRINT_XOR) != bpf_ntohl(*(__u32 *)(f + 4)))
 			return -1;
-		if (h->udp.check) {
+		if (check) {
 			__u32 sum = 0;
 			sum = add32(sum, h->ip.saddr);
 			sum = add32(sum, h->ip.daddr);
@@ -1087,7 +1087,7 @@ int callisto_turn_relay(struct xdp_md *ctx)
 	}
 
 	if (len >= INDICATION_HEADER && (void *)(p + 2) <= end && p[0] == 0x00 && p[1] == 0x16) {
-		int verdict = relay_send(ctx, &copy, len, now);
+		int verdict = relay_send(ctx, &copy, len, now, ifindex == LOOPBACK_IFINDEX);
 		if (verdict >= 0) {
 			// A valid Send on a live route, even one that goes to the
 			// sockets for want of its next hop: a client that sends
