@@ -206,8 +206,11 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                     REALM,
                 ])
                 .args([
+                    // The echo peers: uclient's, and ours (see echo_peer).
                     "--turn-allow-peer",
                     "127.0.0.1/32",
+                    "--turn-allow-peer",
+                    "127.0.0.2/32",
                     "--turn-port-range",
                     &format!("{lo}-{hi}"),
                 ])
@@ -521,7 +524,10 @@ struct Outcome {
 }
 
 fn echo_peer(stop: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
-    let std = UdpSocket::bind("127.0.0.1:0")?;
+    // Not on 127.0.0.1, the servers' relay IP: a peer there is one of
+    // their own relayed addresses as far as an address can tell, which
+    // Callisto's kernel relay leaves to the workers for Send indications.
+    let std = UdpSocket::bind("127.0.0.2:0")?;
     std.set_nonblocking(true)?;
     let _ = socket2::SockRef::from(&std).set_recv_buffer_size(4 << 20);
     let addr = std.local_addr()?;
