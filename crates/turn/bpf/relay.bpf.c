@@ -698,6 +698,44 @@ static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct 
 	return XDP_TX;
 }
 
+// The route of our allocation at `them`:`port` for data from `r`'s
+// relayed address: its channel's (*channel set) or else its permission's,
+// if live; NULL if there is none (not one of ours, or not open to the
+// sender). `*me` is the sender's relayed IP as the receiver knows it: with
+// an external IP, the clients know each other's relayed addresses by it,
+// while the routes hold the relay IP.
+static __always_inline struct to_client *receiver_route(const struct to_peer *r, __u32 them,
+							__u16 port, __u64 now, __u32 *me,
+							int *channel)
+{
+	*me = r->relay_ip;
+	__u32 zero = 0;
+	struct addresses *a = bpf_map_lookup_elem(&addresses, &zero);
+	if (a && a->external_ip) {
+		if (*me == a->relay_ip)
+			*me = a->external_ip;
+		if (them == a->external_ip)
+			them = a->relay_ip;
+	}
+	struct peer_key pk = {
+		.peer_ip = *me,
+		.relay_ip = them,
+		.peer_port = r->relay_port,
+		.relay_port = port,
+	};
+	struct to_client *c = bpf_map_lookup_elem(&peer_routes, &pk);
+	*channel = c && c->expires_ns > now;
+	if (*channel)
+		return c;
+	struct permission_key ik = {
+		.peer_ip = *me,
+		.relay_ip = them,
+		.relay_port = port,
+	};
+	c = bpf_map_lookup_elem(&permission_routes, &ik);
+	return c && c->expires_ns > now ? c : NULL;
+}
+
 // Client -> one of our own relayed addresses (relay/relay, both clients
 // on this server): what the receiving allocation would get from the
 // sender's relayed address goes straight to its client, as ChannelData on
@@ -708,25 +746,12 @@ static __always_inline int relay_in_place(struct xdp_md *ctx, const struct heade
 					  const struct to_peer *r, __u16 cd0, __u16 cd1,
 					  __u16 len, __u64 now)
 {
-	// The sender's relayed address as the receiver knows it, and the
-	// receiver's as its routes hold it.
-	__u32 me = r->relay_ip, them = r->peer_ip;
-	__u32 zero = 0;
-	struct addresses *a = bpf_map_lookup_elem(&addresses, &zero);
-	if (a && a->external_ip) {
-		if (me == a->relay_ip)
-			me = a->external_ip;
-		if (them == a->external_ip)
-			them = a->relay_ip;
-	}
-	struct peer_key pk = {
-		.peer_ip = me,
-		.relay_ip = them,
-		.peer_port = r->relay_port,
-		.relay_port = r->peer_port,
-	};
-	struct to_client *c = bpf_map_lookup_elem(&peer_routes, &pk);
-	if (c && c->expires_ns > now) {
+	__u32 me;
+	int channel;
+	struct to_client *c = receiver_route(r, r->peer_ip, r->peer_port, now, &me, &channel);
+	if (!c)
+		return -1; // not one of ours, or not open to the sender
+	if (channel) {
 		struct headers n = *h;
 		readdress(&n, h, c->server_ip, c->server_port, c->client_ip, c->client_port,
 			  0, c->channel, cd0);
@@ -741,16 +766,8 @@ static __always_inline int relay_in_place(struct xdp_md *ctx, const struct heade
 		count(1, 1, len);
 		return XDP_TX;
 	}
-	struct permission_key ik = {
-		.peer_ip = me,
-		.relay_ip = them,
-		.relay_port = r->peer_port,
-	};
-	c = bpf_map_lookup_elem(&permission_routes, &ik);
-	if (c && c->expires_ns > now)
-		return relay_as_indication(ctx, h, c, me, r->relay_port, len,
-					   CHANNEL_HEADER, (__u32)cd0 + cd1, 0);
-	return -1; // not one of ours, or not open to the sender
+	return relay_as_indication(ctx, h, c, me, r->relay_port, len, CHANNEL_HEADER,
+				   (__u32)cd0 + cd1, 0);
 }
 
 // One pass over a Send indication of `len` bytes (a multiple of 4): the
@@ -814,26 +831,16 @@ static __always_inline __u32 byte_word(__u8 b, __u32 at)
 // the padding stays in place, zeroed). -1 if there is no such route:
 // the server alone knows whether the port is a live relay at all.
 static __always_inline int send_in_place(struct xdp_md *ctx, const struct headers *h,
-					 const struct to_peer *r, const struct addresses *a,
-					 __u32 peer_ip, __u16 peer_port, __u32 start, __u32 d,
-					 __u32 after, __u32 removed,
+					 const struct to_peer *r, __u32 peer_ip, __u16 peer_port,
+					 __u32 start, __u32 d, __u32 after, __u32 removed,
 					 __u64 now)
 {
-	__u32 me = r->relay_ip, them = peer_ip;
-	if (a->external_ip) {
-		if (me == a->relay_ip)
-			me = a->external_ip;
-		if (them == a->external_ip)
-			them = a->relay_ip;
-	}
-	struct peer_key pk = {
-		.peer_ip = me,
-		.relay_ip = them,
-		.peer_port = r->relay_port,
-		.relay_port = peer_port,
-	};
-	struct to_client *c = bpf_map_lookup_elem(&peer_routes, &pk);
-	if (c && c->expires_ns > now) {
+	__u32 me;
+	int channel;
+	struct to_client *c = receiver_route(r, peer_ip, peer_port, now, &me, &channel);
+	if (!c)
+		return -1;
+	if (channel) {
 		__u16 cd1 = bpf_htons(d);
 		int grow = CHANNEL_HEADER - (int)start - (int)after;
 		struct headers n = *h;
@@ -858,16 +865,7 @@ static __always_inline int send_in_place(struct xdp_md *ctx, const struct header
 		count(1, 1, d);
 		return XDP_TX;
 	}
-	struct permission_key ik = {
-		.peer_ip = me,
-		.relay_ip = them,
-		.relay_port = peer_port,
-	};
-	c = bpf_map_lookup_elem(&permission_routes, &ik);
-	if (c && c->expires_ns > now)
-		return relay_as_indication(ctx, h, c, me, r->relay_port, d, start,
-					   removed, after);
-	return -1;
+	return relay_as_indication(ctx, h, c, me, r->relay_port, d, start, removed, after);
 }
 
 // Client -> peer, a Send indication laid out as clients send it:
@@ -1009,8 +1007,7 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 		removed += byte_word(*b, start + d + i);
 	}
 	if (ours)
-		return send_in_place(ctx, h, r, a, peer_ip, peer_port, start, d, after, removed,
-				     now);
+		return send_in_place(ctx, h, r, peer_ip, peer_port, start, d, after, removed, now);
 	struct headers n = *h;
 	int shrink = start + after;
 	readdress(&n, h, r->relay_ip, r->relay_port, peer_ip, peer_port, -shrink, 0, removed);

@@ -983,6 +983,27 @@ mod tests {
         }
     }
 
+    /// Another allocation of ours, relayed at `relay`, open to `a`'s
+    /// relayed address: its route for a channel (0x4005) to it, and its
+    /// permission route for it.
+    fn allocation_open_to(a: KernelRoute, relay: SocketAddrV4) -> (KernelRoute, IndicationRoute) {
+        let b = KernelRoute {
+            client: addr("127.0.0.4:40001"),
+            channel: 0x4005,
+            relay,
+            peer: a.relay,
+            ..a
+        };
+        let permission = IndicationRoute {
+            client: b.client,
+            server: b.server,
+            relay: b.relay,
+            peer: *a.relay.ip(),
+            expires: a.expires,
+        };
+        (b, permission)
+    }
+
     /// The Data indication the server would send for `data` from `peer`,
     /// with the transaction id of `sent` (any value will do there).
     fn data_indication(peer: SocketAddrV4, data: &[u8], sent: &[u8]) -> Vec<u8> {
@@ -1387,20 +1408,7 @@ mod tests {
             peer: *a.relay.ip(),
             ..an_indication_route(later)
         };
-        let b = KernelRoute {
-            client: addr("127.0.0.4:40001"),
-            channel: 0x4005,
-            relay: addr("127.0.0.1:50001"),
-            peer: a.relay,
-            ..a
-        };
-        let b_permission = IndicationRoute {
-            client: b.client,
-            server: b.server,
-            relay: b.relay,
-            peer: *a.relay.ip(),
-            expires: later,
-        };
+        let (b, b_permission) = allocation_open_to(a, addr("127.0.0.1:50001"));
         let mut bytes = 0;
         let mut packets = 0;
         for b_has_a_channel in [true, false] {
@@ -1750,20 +1758,7 @@ mod tests {
             };
             let Some(relay) = loaded else { return Ok(()) };
             // The peer's side, were it one of ours.
-            let b = KernelRoute {
-                client: addr("127.0.0.4:40001"),
-                channel: 0x4005,
-                relay: r.peer,
-                peer: r.relay,
-                ..r
-            };
-            let b_permission = IndicationRoute {
-                client: b.client,
-                server: b.server,
-                relay: b.relay,
-                peer: *r.relay.ip(),
-                expires: later,
-            };
+            let (b, b_permission) = allocation_open_to(r, r.peer);
             relay.apply([
                 RouteChange::Set(r),
                 RouteChange::SetIndications(an_indication_route(later)),
