@@ -26,7 +26,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::batch::{self, ReadRamp, RecvBatch, SendBatch};
 use super::kernel::KernelRelay;
 use crate::server::{
-    FiveTuple, HEADROOM, HeldPort, Output, RelayAllocator, RelayId, Server, Shared, Transport,
+    FiveTuple, HEADROOM, HeldPort, Output, RelayAllocator, RelayId, Server, Shared, TAILROOM,
+    Transport,
 };
 
 const LISTENER: Token = Token(0);
@@ -404,7 +405,10 @@ impl Worker {
     fn drain_listener(&mut self, budget: usize, first: usize) -> bool {
         let mut ramp = ReadRamp::new(budget, first);
         while let Some(want) = ramp.next() {
-            let n = match self.rx.recv_up_to(&self.listener, 0, want) {
+            // With room around each datagram: ChannelData relayed in place
+            // to a client without a channel goes as a Data indication,
+            // whose header is written in front of the data.
+            let n = match self.rx.recv_up_to(&self.listener, HEADROOM, want) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
@@ -428,9 +432,12 @@ impl Worker {
                     server: self.local,
                     transport: Transport::Udp,
                 };
-                let buf = &mut self.rx.slot(i)[..len];
+                let buf = &mut self.rx.slot(i)[..HEADROOM + len + TAILROOM];
                 let base = i * batch::SLOT;
-                match self.server.on_client(now, five, buf) {
+                match self
+                    .server
+                    .on_client_in(now, five, buf, HEADROOM..HEADROOM + len)
+                {
                     Output::ToPeer { relay, peer, range } => {
                         self.to_peer
                             .push((relay, peer, base + range.start..base + range.end));

@@ -884,10 +884,31 @@ impl<A: RelayAllocator> Server<A> {
     /// this server is relayed in place: the header is rewritten for the
     /// receiving client and the result comes back as [`Output::ToClient`].
     pub fn on_client(&mut self, now: Instant, five: FiveTuple, buf: &mut [u8]) -> Output {
-        if let Some(cd) = ChannelData::parse(buf) {
-            return self.client_channel_data(now, five, cd, buf);
+        let all = 0..buf.len();
+        self.on_client_in(now, five, buf, all)
+    }
+
+    /// [`Server::on_client`] for the datagram `buf[datagram]`, which a
+    /// driver received with free bytes around it ([`HEADROOM`] before,
+    /// [`TAILROOM`] after): then ChannelData relayed in place to a receiver
+    /// that has no channel for the sender can go as a Data indication,
+    /// written in front of the data, instead of through two relay sockets.
+    /// Ranges in the output are into `buf`.
+    pub fn on_client_in(
+        &mut self,
+        now: Instant,
+        five: FiveTuple,
+        buf: &mut [u8],
+        datagram: Range<usize>,
+    ) -> Output {
+        let Some(bytes) = buf.get(datagram.clone()) else {
+            return Output::None;
+        };
+        if let Some(cd) = ChannelData::parse(bytes) {
+            let data = datagram.start + 4..datagram.start + 4 + cd.len;
+            return self.client_channel_data(now, five, cd.channel, data, buf);
         }
-        let msg = match Message::parse(buf) {
+        let msg = match Message::parse(bytes) {
             Ok(m) => m,
             Err(e) => {
                 tracing::trace!(client = %five.client, error = %e, "dropped a malformed message");
@@ -1026,11 +1047,14 @@ impl<A: RelayAllocator> Server<A> {
         }
     }
 
+    /// ChannelData on `channel` from `five`'s client, whose data is
+    /// `buf[data]`.
     fn client_channel_data(
         &mut self,
         now: Instant,
         five: FiveTuple,
-        cd: ChannelData,
+        channel: u16,
+        data: Range<usize>,
         buf: &mut [u8],
     ) -> Output {
         let Some(&slot) = self.by_five.get(&five) else {
@@ -1040,30 +1064,29 @@ impl<A: RelayAllocator> Server<A> {
             return Output::None;
         };
         let access = &alloc.access;
-        let Some(channel) = access.channel_by_number(cd.channel) else {
+        let Some(bound) = access.channel_by_number(channel) else {
             return Output::None;
         };
-        let peer = channel.peer;
-        if channel.expires <= now || access.expires <= now || !access.permitted(peer.ip(), now) {
+        let peer = bound.peer;
+        if bound.expires <= now || access.expires <= now || !access.permitted(peer.ip(), now) {
             return Output::None;
         }
-        if !alloc.to_peer_budget.take(cd.len, now) {
+        if !alloc.to_peer_budget.take(data.len(), now) {
             return Output::None;
         }
         let relay = alloc.relay;
         let from = alloc.advertised;
-        self.counters.count(TO_PEER, five.transport, cd.len);
-        let data = 4..4 + cd.len;
+        self.counters.count(TO_PEER, five.transport, data.len());
         if let Some(out) = self
             .relay_locally(now, from, peer, data.clone(), buf)
-            .or_else(|| self.relay_across(now, five, from, peer, data, buf))
+            .or_else(|| self.relay_across(now, five, from, peer, data.clone(), buf))
         {
             return out;
         }
         Output::ToPeer {
             relay,
             peer,
-            range: 4..4 + cd.len,
+            range: data,
         }
     }
 

@@ -1207,6 +1207,43 @@ fn relay_between_own_allocations_skips_the_kernel() {
     assert_eq!(s[0].on_client(late, five(1), &mut framed), Output::None);
 }
 
+/// ChannelData to another of our allocations that has no channel for the
+/// sender, only a permission (a browser that binds none, as Firefox): in
+/// place as a Data indication when the driver left room for its header in
+/// front of the data, as the UDP workers do; through the kernel path when
+/// it did not.
+#[test]
+fn channel_data_between_own_allocations_goes_as_a_data_indication_in_place() {
+    let t0 = Instant::now();
+    let (_, mut s) = setup(config(), t0);
+    let (mut a, relay_a) = allocated(&mut s, five(1), t0);
+    let (mut b, relay_b) = allocated(&mut s, five(2), t0);
+    a.bind_channel(t0, relay_b);
+    pump(&mut s, &mut a, five(1), t0);
+    b.create_permission(t0, relay_a.ip());
+    pump(&mut s, &mut b, five(2), t0);
+    for data in [&b"odd"[..], b"four", b"hello"] {
+        let message = a.send_to(relay_b, data);
+        let mut buf = vec![0xeeu8; HEADROOM + message.len() + TAILROOM];
+        buf[HEADROOM..HEADROOM + message.len()].copy_from_slice(&message);
+        let datagram = HEADROOM..HEADROOM + message.len();
+        let Output::ToClient { to, range } = s.on_client_in(t0, five(1), &mut buf, datagram) else {
+            panic!("expected delivery in place")
+        };
+        assert_eq!(to, five(2));
+        let padding = stun::padding(data.len());
+        assert!(
+            buf[range.end - padding..range.end].iter().all(|&b| b == 0),
+            "padded with zeros"
+        );
+        assert_receives(&mut b, t0, &buf[range], relay_a, data);
+    }
+    let mut no_room = a.send_to(relay_b, b"tight");
+    assert!(
+        matches!(s.on_client(t0, five(1), &mut no_room), Output::ToPeer { peer, range, .. } if peer == relay_b && range == (4..9))
+    );
+}
+
 /// Send indications (Firefox sends all its media so) from one of our
 /// allocations to another are relayed in place too: as a Data indication
 /// while the receiver only permits the sender, written where the Send
@@ -1520,8 +1557,13 @@ fn play(cfg: Config, tcp: (bool, bool), steps: &[Step]) -> Vec<(bool, Event)> {
                 } else {
                     (&b, &mut w2, &mut w1, fb, fa, relay_b, relay_a, &inbox_a)
                 };
-                let mut framed = sender.send_to(to, &[byte; 9]);
-                let delivered = match ws.on_client(now, fs, &mut framed) {
+                // With the room a UDP worker leaves around a datagram, so
+                // that ChannelData can go in place as a Data indication.
+                let message = sender.send_to(to, &[byte; 9]);
+                let mut framed = vec![0u8; HEADROOM + message.len() + TAILROOM];
+                framed[HEADROOM..HEADROOM + message.len()].copy_from_slice(&message);
+                let datagram = HEADROOM..HEADROOM + message.len();
+                let delivered = match ws.on_client_in(now, fs, &mut framed, datagram) {
                     Output::ToClient { to: t, range } => {
                         assert_eq!(t, fr, "in place to the wrong client");
                         Some(framed[range].to_vec())
