@@ -576,7 +576,9 @@ enum InPlace {
     Deliver(u16),
     /// Straight to the receiving client, as a Data indication: it permits
     /// the sender but has no channel for it. Only where the data has room
-    /// for the indication's header before it (a Send indication's does).
+    /// for the indication's header before it: a Send indication's data
+    /// does, and ChannelData's when the driver left headroom
+    /// ([`Server::on_client_in`]).
     Indicate,
     /// The receiver does not permit the sender: dropped, as the kernel path
     /// would drop it at the receiving relay.
@@ -594,7 +596,12 @@ impl InPlace {
             InPlace::Deliver(_) => data.start >= 4,
             // A stream's inbox takes ChannelData only.
             InPlace::Indicate => {
-                let header = if from.is_ipv4() { 36 } else { 48 };
+                // STUN header, XOR-PEER-ADDRESS, DATA's header.
+                let header = if from.is_ipv4() {
+                    20 + 12 + 4
+                } else {
+                    20 + 24 + 4
+                };
                 !to_stream
                     && data.start >= header
                     && data.end + stun::padding(data.len()) <= buf_len
@@ -1096,10 +1103,9 @@ impl<A: RelayAllocator> Server<A> {
     /// sockets and the kernel: a header for the receiver is written in
     /// front of the data, where the sender's was. ChannelData on the
     /// receiver's channel for `from`; without a channel, a Data indication,
-    /// when the data has room for its header before it (after a Send
-    /// indication's, not after ChannelData's 4 bytes). Only when the
-    /// receiver is on UDP; otherwise the kernel path runs, with identical
-    /// results.
+    /// when the data has room for its header before it ([`InPlace::fits`]).
+    /// Only when the receiver is on UDP; otherwise the kernel path runs,
+    /// with identical results.
     fn relay_locally(
         &mut self,
         now: Instant,
