@@ -64,6 +64,32 @@ async function counter(page, name, via = server) {
 /** The server's count of packets relayed in place between two allocations. */
 const inPlacePackets = (page) => counter(page, 'callisto_turn_relayed_in_place_packets_total');
 
+test('a call relayed through TURN over UDP goes in place, channel or not', async () => {
+  const [a, b] = await relayedCall(`relay-in-place-${Date.now()}`, 'udp', 'udp');
+  // Both browsers are clients of this server: everything between them is
+  // relayed in place by the workers, as ChannelData where the receiver
+  // bound a channel and as Data indications where it did not. (Here, with
+  // one interface per browser, the runs so far had channels both ways; a
+  // browser with more interfaces often receives on an allocation without a
+  // channel to the sender. The server's unit tests and its across-workers
+  // property cover that case.)
+  const toClient = 'callisto_turn_relayed_packets_total{direction="to_client",transport="udp"}';
+  const window = async () => {
+    const text = await (await a.request.get(`${server.url}/metrics`)).text();
+    const value = (name) => Number(text.split('\n').find((l) => l.startsWith(`${name} `))?.split(' ')[1] ?? 0);
+    return { inPlace: value('callisto_turn_relayed_in_place_packets_total'), relayed: value(toClient) };
+  };
+  const start = await window();
+  await eventually(async () => (await counter(a, toClient)) > start.relayed + 1000, 15000, 'media relayed');
+  const end = await window();
+  const inPlace = end.inPlace - start.inPlace;
+  const relayed = end.relayed - start.relayed;
+  console.log(`# report: relayed over UDP: ${inPlace} of ${relayed} packets to the browsers in place`);
+  assert.ok(inPlace * 10 >= relayed * 9, `only ${inPlace} of ${relayed} packets relayed in place`);
+  assertOnlyTestAddresses();
+  for (const p of [a, b]) await p.context().close();
+});
+
 test('a call relayed between TURN over TCP and TURN over UDP goes in place', async () => {
   const [a, b] = await relayedCall(`relay-mixed-${Date.now()}`, 'tcp', 'udp');
   // The media between a TCP connection's allocation and a UDP client's
