@@ -418,6 +418,16 @@ static __always_inline __u16 fold(__u32 sum)
 	return (__u16)sum;
 }
 
+// The UDP pseudo-header's words, summed (unfolded).
+static __always_inline __u32 pseudo_header_sum(const struct headers *h)
+{
+	__u32 sum = 0;
+	sum = add32(sum, h->ip.saddr);
+	sum = add32(sum, h->ip.daddr);
+	sum = add16(sum, bpf_htons(IPPROTO_UDP));
+	return add16(sum, h->udp.len);
+}
+
 // Whether the UDP checksum field holds only the pseudo-header's sum: the
 // datagram is CHECKSUM_PARTIAL, from a sender on this host (through a
 // veth, say) or a virtual card's host (virtio-net), whose checksum the
@@ -430,12 +440,7 @@ static __always_inline __u16 fold(__u32 sum)
 // datagrams, which then go to the sockets too: slower, never wrong.
 static __always_inline int partial_checksum(const struct headers *h)
 {
-	__u32 sum = 0;
-	sum = add32(sum, h->ip.saddr);
-	sum = add32(sum, h->ip.daddr);
-	sum = add16(sum, bpf_htons(IPPROTO_UDP));
-	sum = add16(sum, h->udp.len);
-	return h->udp.check == fold(sum);
+	return h->udp.check == fold(pseudo_header_sum(h));
 }
 
 static __always_inline __u16 ip_checksum(const struct headers *n)
@@ -966,11 +971,7 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 		    (c.crc ^ 0xffffffff ^ FINGERPRINT_XOR) != bpf_ntohl(*(__u32 *)(f + 4)))
 			return -1;
 		if (check) {
-			__u32 sum = 0;
-			sum = add32(sum, h->ip.saddr);
-			sum = add32(sum, h->ip.daddr);
-			sum = add16(sum, bpf_htons(IPPROTO_UDP));
-			sum = add16(sum, h->udp.len);
+			__u32 sum = pseudo_header_sum(h);
 			sum = add16(sum, h->udp.source);
 			sum = add16(sum, h->udp.dest);
 			sum = add16(sum, h->udp.len);
