@@ -379,23 +379,22 @@ enum Framing {
 }
 
 impl Framing {
-    /// `body`, framed, into `out` (cleared first).
-    fn frame(self, body: &[u8], out: &mut Vec<u8>) {
-        out.clear();
+    /// Frames the body in `buf` where it is.
+    fn frame(self, buf: &mut Vec<u8>) {
         match self {
-            Framing::Raw => out.extend_from_slice(body),
+            Framing::Raw => {}
             Framing::Channel(channel) => {
-                out.extend_from_slice(&ChannelData::header(channel, body.len() as u16));
-                out.extend_from_slice(body);
+                let header = ChannelData::header(channel, buf.len() as u16);
+                buf.splice(0..0, header);
             }
             Framing::Send(peer) => {
                 // The transaction id is the same for all: indications get
                 // no answer, and servers keep no state for them.
                 let mut m = MessageBuilder::new(method::SEND, Class::Indication, &[0x5e; 12]);
                 m.xor_address(attr::XOR_PEER_ADDRESS, peer)
-                    .attr(attr::DATA, body)
+                    .attr(attr::DATA, buf)
                     .fingerprint();
-                out.extend_from_slice(&m.finish());
+                *buf = m.finish();
             }
         }
     }
@@ -619,11 +618,11 @@ fn run_one(
         .map(|l| l.sock.try_clone())
         .collect::<io::Result<_>>()?;
     let send_probe = move |sock: &UdpSocket, framing: Framing, seq: u64, buf: &mut Vec<u8>| {
-        let mut body = [0u8; 2048];
-        let body = &mut body[..payload.clamp(16, 2048)];
-        body[..8].copy_from_slice(&seq.to_le_bytes());
-        body[8..16].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
-        framing.frame(body, buf);
+        buf.clear();
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.extend_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
+        buf.resize(payload.max(16), 0);
+        framing.frame(buf);
         let _ = sock.send_to(buf, server);
     };
 
@@ -734,7 +733,9 @@ fn run_one(
                     }
                 }
                 while let Some((i, body)) = echo.pop_front() {
-                    b_framing[i].frame(&body, &mut buf);
+                    buf.clear();
+                    buf.extend_from_slice(&body);
+                    b_framing[i].frame(&mut buf);
                     let _ = b[i].sock.send_to(&buf, server);
                 }
             }
