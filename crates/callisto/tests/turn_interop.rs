@@ -404,14 +404,20 @@ fn uclient_rtp_and_rtcp_pairs_through_port_reservations() {
 
 /// Client to client (`-y`: the relay/relay case of WebRTC) with two
 /// workers, so that clients land on both: data between two of our
-/// allocations skips the kernel whichever workers they are on.
+/// allocations skips the kernel whichever workers they are on, on
+/// channels and as Send indications (`-s`, DATA first).
 #[test]
 fn uclient_client_to_client_skips_the_kernel_across_workers() {
     let server = two_worker_turn(&[]);
-    assert_lossless(
-        "client to client",
-        uclient(server.turn_port, free_udp_port(), &["-y"], "user", "pass"),
-    );
+    for (label, flags) in [
+        ("client to client", vec!["-y"]),
+        ("client to client, send indications", vec!["-y", "-s"]),
+    ] {
+        assert_lossless(
+            label,
+            uclient(server.turn_port, free_udp_port(), &flags, "user", "pass"),
+        );
+    }
     let m = server.metrics();
     let to_client = metric(
         &m,
@@ -424,7 +430,8 @@ fn uclient_client_to_client_skips_the_kernel_across_workers() {
 
 /// Client to client over TCP and over TLS: what one connection's client
 /// sends to another's allocation goes into that connection's inbox, not
-/// through two relay sockets and the kernel.
+/// through two relay sockets and the kernel: ChannelData, and Send
+/// indications (`-s`, DATA first) as Data indications.
 #[test]
 fn uclient_client_to_client_over_tcp_and_tls_skips_the_kernel() {
     let server = callisto(
@@ -443,6 +450,12 @@ fn uclient_client_to_client_over_tcp_and_tls_skips_the_kernel() {
     for (label, port, flags) in [
         ("tcp client to client", server.turn_port, vec!["-y", "-t"]),
         ("tls client to client", tls, vec!["-y", "-t", "-S"]),
+        (
+            "tcp send indications",
+            server.turn_port,
+            vec!["-y", "-t", "-s"],
+        ),
+        ("tls send indications", tls, vec!["-y", "-t", "-S", "-s"]),
     ] {
         assert_lossless(
             label,

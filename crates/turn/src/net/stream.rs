@@ -126,8 +126,8 @@ const INBOX_LIMIT: usize = 64 * 1024;
 /// large messages' worth. A burst may take up to [`INBOX_LIMIT`] more.
 const KEPT: usize = 4 * 1024;
 
-/// A connection's inbox: ChannelData relayed in place by other workers and
-/// connections, padded for the stream, until the connection's task writes
+/// A connection's inbox: ChannelData and Data indications relayed in place
+/// by other workers and connections, padded for the stream, until the connection's task writes
 /// it. Only that task writes to the stream, so everyone else queues here.
 #[derive(Default)]
 struct ConnectionInbox {

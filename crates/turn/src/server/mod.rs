@@ -402,7 +402,8 @@ pub enum Output {
     /// Send `buf[range]` (the caller's buffer) to the client.
     ToClient { to: FiveTuple, range: Range<usize> },
     /// Hand `buf[range]`, one ChannelData message without its stream
-    /// padding, to a TCP or TLS client's connection through its inbox.
+    /// padding or one Data indication, to a TCP or TLS client's
+    /// connection through its inbox.
     ToStream { inbox: Inbox, range: Range<usize> },
     /// Send `buf[range]` from relay socket `relay` to `peer`.
     ToPeer {
@@ -419,7 +420,8 @@ pub enum Output {
 /// there. The stream driver implements it; UDP workers and other
 /// connections push into it.
 pub trait StreamInbox: Send + Sync {
-    /// Queues one message (ChannelData, unpadded) for the client; false
+    /// Queues one message (ChannelData, unpadded, or a Data indication)
+    /// for the client; false
     /// when the inbox is full and the message was dropped.
     fn push(&self, message: &[u8]) -> bool;
 }
@@ -575,10 +577,10 @@ enum InPlace {
     /// Straight to the receiving client, on this channel of its.
     Deliver(u16),
     /// Straight to the receiving client, as a Data indication: it permits
-    /// the sender but has no channel for it. Only where the data has room
-    /// for the indication's header before it: a Send indication's data
-    /// does, and ChannelData's when the driver left headroom
-    /// ([`Server::on_client_in`]).
+    /// the sender but has no channel for it. Only where the buffer has room
+    /// for the indication's header before the data, or after it to move
+    /// the data there ([`indication_shift`]): a Send indication does, and
+    /// ChannelData when the driver left headroom ([`Server::on_client_in`]).
     Indicate,
     /// The receiver does not permit the sender: dropped, as the kernel path
     /// would drop it at the receiving relay.
@@ -589,26 +591,34 @@ enum InPlace {
 }
 
 impl InPlace {
-    /// Whether `buf[data]` can be framed this way where it lies, for a
-    /// receiver on a stream (`to_stream`) or not; the data is from `from`.
-    fn fits(self, to_stream: bool, from: SocketAddr, data: &Range<usize>, buf_len: usize) -> bool {
+    /// Whether `buf[data]` can be framed this way where it lies; the data
+    /// is from `from`.
+    fn fits(self, from: SocketAddr, data: &Range<usize>, buf_len: usize) -> bool {
         match self {
             InPlace::Deliver(_) => data.start >= 4,
-            // A stream's inbox takes ChannelData only.
             InPlace::Indicate => {
-                // STUN header, XOR-PEER-ADDRESS, DATA's header.
-                let header = if from.is_ipv4() {
-                    20 + 12 + 4
-                } else {
-                    20 + 24 + 4
-                };
-                !to_stream
-                    && data.start >= header
-                    && data.end + stun::padding(data.len()) <= buf_len
+                let shift = indication_shift(from, data);
+                data.end + shift + stun::padding(data.len()) <= buf_len
             }
             InPlace::Drop | InPlace::Kernel => true,
         }
     }
+}
+
+/// How far `data` must move toward the end of its buffer to leave room
+/// before it for a Data indication's header from `from`: the STUN header,
+/// XOR-PEER-ADDRESS and DATA's own header. Nothing for a Send indication
+/// with XOR-PEER-ADDRESS first (as browsers send them) or for a datagram
+/// received with headroom; 12 or 24 bytes for one with DATA first (as
+/// coturn's and Pion's clients send them), which its XOR-PEER-ADDRESS
+/// after the data makes room for.
+fn indication_shift(from: SocketAddr, data: &Range<usize>) -> usize {
+    let header: usize = if from.is_ipv4() {
+        20 + 12 + 4
+    } else {
+        20 + 24 + 4
+    };
+    header.saturating_sub(data.start)
 }
 
 impl PeerAccess {
@@ -1126,7 +1136,7 @@ impl<A: RelayAllocator> Server<A> {
         match how {
             InPlace::Kernel => return None,
             InPlace::Drop => return Some(Output::None),
-            _ if !how.fits(false, from, &data, buf.len()) => return None,
+            _ if !how.fits(from, &data, buf.len()) => return None,
             _ => {}
         }
         if !target.view.take_to_client(data.len(), now) {
@@ -1193,7 +1203,7 @@ impl<A: RelayAllocator> Server<A> {
         match how {
             InPlace::Kernel => return None,
             InPlace::Drop => return Some(Output::None),
-            _ if !how.fits(view.inbox.is_some(), from, &data, buf.len()) => return None,
+            _ if !how.fits(from, &data, buf.len()) => return None,
             _ => {}
         }
         if !view.take_to_client(data.len(), now) {
@@ -1244,6 +1254,15 @@ impl<A: RelayAllocator> Server<A> {
                 data.start - 4..data.end
             }
             InPlace::Indicate => {
+                // Everything after the data was parsed already: moving the
+                // data over it loses nothing.
+                let shift = indication_shift(from, &data);
+                let data = if shift > 0 {
+                    buf.copy_within(data.clone(), data.start + shift);
+                    data.start + shift..data.end + shift
+                } else {
+                    data
+                };
                 let tid = self.indication_tid();
                 let (prefix, plen) = stun::data_indication_prefix(from, len, &tid);
                 let end = data.end + stun::padding(len);

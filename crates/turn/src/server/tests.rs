@@ -1281,15 +1281,26 @@ fn send_indications_between_own_allocations_skip_the_kernel() {
         assert_receives(&mut b, t0, &framed[range], relay_a, data);
     }
 
-    // DATA before XOR-PEER-ADDRESS (as coturn's clients send): 24 bytes
-    // before the data, too few for the indication's 36.
-    let mut m = MessageBuilder::new(method::SEND, Class::Indication, &[3; 12]);
-    m.attr(attr::DATA, b"data first")
-        .xor_address(attr::XOR_PEER_ADDRESS, relay_b);
-    let mut framed = m.finish();
-    assert!(
-        matches!(s.on_client(t0, five(1), &mut framed), Output::ToPeer { peer, .. } if peer == relay_b)
-    );
+    // DATA before XOR-PEER-ADDRESS (as coturn's and Pion's clients send),
+    // with or without FINGERPRINT: 24 bytes before the data, too few for
+    // the indication's 36, but the address after it leaves room to move
+    // the data 12 bytes on, even with no byte of the buffer to spare.
+    for data in [&b"data first"[..], b"odd", b"four"] {
+        for fingerprint in [false, true] {
+            let mut m = MessageBuilder::new(method::SEND, Class::Indication, &[3; 12]);
+            m.attr(attr::DATA, data)
+                .xor_address(attr::XOR_PEER_ADDRESS, relay_b);
+            if fingerprint {
+                m.fingerprint();
+            }
+            let mut framed = m.finish();
+            let Output::ToClient { to, range } = s.on_client(t0, five(1), &mut framed) else {
+                panic!("expected delivery in place")
+            };
+            assert_eq!(to, five(2));
+            assert_receives(&mut b, t0, &framed[range], relay_a, data);
+        }
+    }
 
     // With B's channel: ChannelData.
     let ch_b = b.bind_channel(t0, relay_a);
@@ -1472,9 +1483,14 @@ enum Step {
     Permit {
         a: bool,
     },
+    /// `room`: received with a UDP worker's headroom, or in a buffer of
+    /// its own size (as a stream frame); `data_first`: a Send indication
+    /// with DATA before XOR-PEER-ADDRESS.
     Send {
         a: bool,
         byte: u8,
+        room: bool,
+        data_first: bool,
     },
     Wait {
         secs: u16,
@@ -1496,12 +1512,27 @@ fn arb_step() -> impl proptest::strategy::Strategy<Value = Step> {
     prop_oneof![
         1 => any::<bool>().prop_map(|a| Step::Bind { a }),
         1 => any::<bool>().prop_map(|a| Step::Permit { a }),
-        4 => (any::<bool>(), any::<u8>()).prop_map(|(a, byte)| Step::Send { a, byte }),
+        4 => (any::<bool>(), any::<u8>(), any::<bool>(), any::<bool>())
+            .prop_map(|(a, byte, room, data_first)| Step::Send { a, byte, room, data_first }),
         1 => any::<bool>().prop_map(|a| Step::Stray { a }),
         1 => prop_oneof![0u16..5, 250u16..350, 550u16..650].prop_map(|secs| Step::Wait { secs }),
         1 => (any::<bool>(), prop_oneof![Just(0u16), 1u16..700])
             .prop_map(|(a, secs)| Step::Refresh { a, secs }),
     ]
+}
+
+/// `message` again with DATA before XOR-PEER-ADDRESS, if it is a Send
+/// indication, as coturn's and Pion's clients lay them out.
+fn with_data_first(message: &[u8]) -> Vec<u8> {
+    let Ok(msg) = Message::parse(message) else {
+        return message.to_vec();
+    };
+    let (Some(data), Some(peer)) = (msg.get(attr::DATA), msg.get(attr::XOR_PEER_ADDRESS)) else {
+        return message.to_vec();
+    };
+    let mut b = MessageBuilder::new(method::SEND, Class::Indication, msg.transaction_id());
+    b.attr(attr::DATA, data).attr(attr::XOR_PEER_ADDRESS, peer);
+    b.finish()
 }
 
 /// Plays `steps` with A on one worker and B on another, each on UDP or on
@@ -1551,18 +1582,27 @@ fn play(cfg: Config, tcp: (bool, bool), steps: &[Step]) -> Vec<(bool, Event)> {
                     client.handle_input(now, &buf[range]);
                 }
             }
-            Step::Send { a: from_a, byte } => {
+            Step::Send {
+                a: from_a,
+                byte,
+                room,
+                data_first,
+            } => {
                 let (sender, ws, wr, fs, fr, from, to, inbox) = if from_a {
                     (&a, &mut w1, &mut w2, fa, fb, relay_a, relay_b, &inbox_b)
                 } else {
                     (&b, &mut w2, &mut w1, fb, fa, relay_b, relay_a, &inbox_a)
                 };
+                let mut message = sender.send_to(to, &[byte; 9]);
+                if data_first {
+                    message = with_data_first(&message);
+                }
                 // With the room a UDP worker leaves around a datagram, so
                 // that ChannelData can go in place as a Data indication.
-                let message = sender.send_to(to, &[byte; 9]);
-                let mut framed = vec![0u8; HEADROOM + message.len() + TAILROOM];
-                framed[HEADROOM..HEADROOM + message.len()].copy_from_slice(&message);
-                let datagram = HEADROOM..HEADROOM + message.len();
+                let (head, tail) = if room { (HEADROOM, TAILROOM) } else { (0, 0) };
+                let mut framed = vec![0u8; head + message.len() + tail];
+                framed[head..head + message.len()].copy_from_slice(&message);
+                let datagram = head..head + message.len();
                 let delivered = match ws.on_client_in(now, fs, &mut framed, datagram) {
                     Output::ToClient { to: t, range } => {
                         assert_eq!(t, fr, "in place to the wrong client");
