@@ -1344,3 +1344,115 @@ fn the_kernel_relay_leaves_to_the_sockets_what_it_cannot_send_right() {
         assert!(n >= 1990.0, "{dir}: {n} of 2000 in the kernel");
     }
 }
+
+/// `UDP_SEGMENT` (linux/udp.h): the socket option that makes one `send`
+/// of several datagrams' worth leave as UDP GSO.
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// A program on the server's own host that answers through loopback with
+/// UDP GSO (`UDP_SEGMENT`, as some QUIC stacks send) hands loopback one
+/// buffer of several datagrams. Generic XDP would show it to the kernel
+/// relay as a single datagram, to be relayed whole; the relay has loopback
+/// cut such buffers into their datagrams before the program sees them.
+/// Each datagram arrives as its own Data indication, then its own
+/// ChannelData, none lost or merged, most of them relayed by the kernel.
+#[test]
+fn a_local_peer_sending_udp_gso_over_loopback_loses_nothing() {
+    if !own_network_namespace() {
+        return;
+    }
+    let server = two_worker_turn(&["--turn-kernel-relay", "lo"]);
+    let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let segment: libc::c_int = 100;
+    // SAFETY: a plain integer option on a socket this test owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&peer),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&raw const segment).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+
+    let mut client = Client::new("user", "pass", false, 7);
+    client.allocate(Instant::now());
+    let events = drive(&sock, turn, &mut client, |e| {
+        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+    });
+    let Some(&Event::Allocated { relayed, .. }) = events.last() else {
+        panic!("{events:?}")
+    };
+    let from = peer.local_addr().unwrap();
+    client.create_permission(Instant::now(), from.ip());
+    drive(&sock, turn, &mut client, |e| {
+        matches!(e, Event::PermissionCreated(_))
+    });
+
+    let mut sent = 0;
+    for channel in [false, true] {
+        if channel {
+            client.bind_channel(Instant::now(), from);
+            drive(&sock, turn, &mut client, |e| {
+                matches!(e, Event::ChannelBound { .. })
+            });
+        }
+        // Three datagrams per send, every one of them different.
+        let mut expected = Vec::new();
+        for batch in 0..30u8 {
+            let mut buf = Vec::new();
+            for i in 0..3u8 {
+                let datagram: Vec<u8> = [u8::from(channel) * 128 + batch, i]
+                    .into_iter()
+                    .cycle()
+                    .take(100)
+                    .collect();
+                buf.extend_from_slice(&datagram);
+                expected.push(datagram);
+            }
+            assert_eq!(peer.send_to(&buf, relayed).unwrap(), 300);
+            sent += 3;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut buf = [0u8; 2048];
+        while got.len() < expected.len() && Instant::now() < deadline {
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                client.handle_input(Instant::now(), &buf[..n]);
+            }
+            while let Some(e) = client.poll_event() {
+                if let Event::Data { peer, data } = e {
+                    assert_eq!(peer, from);
+                    got.push(data);
+                }
+            }
+        }
+        got.sort();
+        expected.sort();
+        let lens: Vec<usize> = got.iter().map(Vec::len).filter(|&n| n != 100).collect();
+        assert!(lens.is_empty(), "merged datagrams of {lens:?} bytes");
+        assert!(
+            got == expected,
+            "channel: {channel}: {} of {} datagrams arrived intact",
+            got.iter().filter(|d| expected.contains(d)).count(),
+            expected.len()
+        );
+    }
+    let m = metrics_once(&server, |m| {
+        counter(
+            m,
+            "callisto_turn_relayed_in_kernel_packets_total{direction=\"to_client\"}",
+        ) >= f64::from(sent / 2)
+    });
+    let in_kernel = counter(
+        &m,
+        "callisto_turn_relayed_in_kernel_packets_total{direction=\"to_client\"}",
+    );
+    assert!(in_kernel >= f64::from(sent / 2), "most in the kernel: {m}");
+}

@@ -25,6 +25,7 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{Xdp, XdpFlags};
 use aya::{Ebpf, EbpfLoader};
 
+use super::offload::{self, UdpSegmentationOff};
 use crate::server::{IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange};
 
 /// The compiled program, built from `bpf/relay.bpf.c` by
@@ -258,6 +259,9 @@ pub struct KernelRelay {
 struct Inner {
     /// Owns the program and its links.
     _ebpf: Ebpf,
+    /// Loopback's UDP segmentation offload, off while the program runs
+    /// there; back on when dropped, after the program is detached.
+    _udp_segmentation_off: Vec<UdpSegmentationOff>,
     client_routes: HashMap<MapData, ClientKey, ToPeer>,
     peer_routes: HashMap<MapData, PeerKey, ToClient>,
     permission_routes: HashMap<MapData, PermissionKey, ToClient>,
@@ -410,6 +414,22 @@ impl KernelRelay {
             .try_into()
             .map_err(load_error)?;
         program.load().map_err(load_error)?;
+        let mut udp_segmentation_off = Vec::new();
+        for interface in interfaces.iter().filter(|i| offload::is_loopback(i)) {
+            match UdpSegmentationOff::switch_off(interface) {
+                Ok(Some(off)) => {
+                    tracing::info!(
+                        interface,
+                        "switched UDP segmentation offload off while the kernel relay runs there, so that the program sees each datagram of a local UDP GSO sender"
+                    );
+                    udp_segmentation_off.push(off);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(interface, error = %e, "could not switch UDP segmentation offload off: data from local programs that send UDP GSO over it to a relayed address will be lost");
+                }
+            }
+        }
         for interface in interfaces {
             let mode = attach_mode(interface);
             program
@@ -450,6 +470,7 @@ impl KernelRelay {
         Ok(KernelRelay {
             inner: Mutex::new(Inner {
                 _ebpf: ebpf,
+                _udp_segmentation_off: udp_segmentation_off,
                 client_routes,
                 peer_routes,
                 permission_routes,

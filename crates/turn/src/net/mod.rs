@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod kernel;
+pub mod offload;
 pub mod stream;
 pub mod udp;
 
