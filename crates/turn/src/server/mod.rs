@@ -148,7 +148,7 @@ pub struct Config {
     /// Relayed bytes per second per allocation, each direction; 0 = unlimited.
     pub bps_per_allocation: u64,
     /// Data between two of our allocations goes from one client straight
-    /// to the other (see [`Server::relay_across`]); off, it crosses the two
+    /// to the other (see `Server::relay_across`); off, it crosses the two
     /// relay sockets. Off only to compare the two, as the tests do.
     pub relay_in_place: bool,
     /// Keep routes for the kernel relay (see [`Server::route_changes`]).
@@ -158,7 +158,7 @@ pub struct Config {
     pub unauth_rate: u32,
     /// Bytes a UDP source may be sent in answers to unauthenticated requests
     /// beyond the bytes of those requests (refilled over 8 s); 0 = never
-    /// more than it sent. See [`Server::unauth_answer`].
+    /// more than it sent. See `Server::unauth_answer`.
     pub unauth_allowance: u32,
     pub software: Option<String>,
 }
