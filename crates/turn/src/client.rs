@@ -59,7 +59,8 @@ struct Pending {
 enum Request {
     Allocate,
     Refresh(u32),
-    Permission(IpAddr),
+    /// For the peer's IP; its port goes into the request (0: none given).
+    Permission(SocketAddr),
     Channel(SocketAddr, u16),
 }
 
@@ -123,6 +124,14 @@ impl Client {
     }
 
     pub fn create_permission(&mut self, now: Instant, peer: IpAddr) {
+        self.request(now, Request::Permission(SocketAddr::new(peer, 0)));
+    }
+
+    /// [`Client::create_permission`] for `peer`'s IP, naming its port in
+    /// the request as browsers do (the port means nothing to the
+    /// permission, but some servers, turn-rs among them, refuse a
+    /// permission for port 0 of one of their own relayed addresses).
+    pub fn create_permission_for(&mut self, now: Instant, peer: SocketAddr) {
         self.request(now, Request::Permission(peer));
     }
 
@@ -333,9 +342,10 @@ impl Client {
                 }
                 self.events.push_back(Event::Refreshed { lifetime });
             }
-            Request::Permission(ip) => {
-                self.permissions.insert(*ip, now + Duration::from_secs(300));
-                self.events.push_back(Event::PermissionCreated(*ip));
+            Request::Permission(peer) => {
+                let ip = peer.ip();
+                self.permissions.insert(ip, now + Duration::from_secs(300));
+                self.events.push_back(Event::PermissionCreated(ip));
             }
             Request::Channel(peer, channel) => {
                 self.channels
@@ -401,8 +411,8 @@ impl Client {
             Request::Refresh(secs) => {
                 b.u32(attr::LIFETIME, *secs);
             }
-            Request::Permission(ip) => {
-                b.xor_address(attr::XOR_PEER_ADDRESS, SocketAddr::new(*ip, 0));
+            Request::Permission(peer) => {
+                b.xor_address(attr::XOR_PEER_ADDRESS, *peer);
             }
             Request::Channel(peer, channel) => {
                 let c = channel.to_be_bytes();

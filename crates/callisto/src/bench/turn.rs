@@ -481,7 +481,8 @@ fn connect(
 ) -> anyhow::Result<()> {
     match lane.client.as_mut() {
         Some(c) if send_indications => {
-            c.create_permission(Instant::now(), peer.ip());
+            // With the port, as browsers ask for it.
+            c.create_permission_for(Instant::now(), peer);
             lane.framing = Framing::Send(peer);
             drive(lane, target.addr, |e| {
                 matches!(e, Event::PermissionCreated(_))

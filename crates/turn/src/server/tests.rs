@@ -368,6 +368,39 @@ fn permissions_and_send_indications_and_data_indications() {
     assert_eq!(s.on_peer(late, relay, peer(), &mut buf, 3), Output::None);
 }
 
+/// A CreatePermission may name the peer's port (browsers' do; so does our
+/// client's `create_permission_for`): the permission is for the IP all
+/// the same, whatever port answers.
+#[test]
+fn a_permission_naming_a_port_is_for_the_whole_ip() {
+    let t0 = Instant::now();
+    let (_, mut s) = setup(config(), t0);
+    let (mut c, relayed) = allocated(&mut s, five(1), t0);
+    let relay = RelayId(u32::from(relayed.port() - 50000));
+    c.create_permission_for(t0, peer());
+    let request = c.poll_transmit().expect("a CreatePermission");
+    let msg = Message::parse(&request).unwrap();
+    let named = stun::decode_xor_address(
+        attr::XOR_PEER_ADDRESS,
+        msg.get(attr::XOR_PEER_ADDRESS).unwrap(),
+        msg.transaction_id(),
+    )
+    .unwrap();
+    assert_eq!(named, peer(), "the request names the port");
+    c.handle_timeout(t0 + Duration::from_secs(1));
+    assert_eq!(
+        pump(&mut s, &mut c, five(1), t0 + Duration::from_secs(1)),
+        vec![Event::PermissionCreated(peer().ip())]
+    );
+    let other_port = SocketAddr::new(peer().ip(), peer().port() + 1);
+    let mut buf = vec![0u8; HEADROOM + 64];
+    buf[HEADROOM..HEADROOM + 3].copy_from_slice(b"hey");
+    let Output::ToClient { to, .. } = s.on_peer(t0, relay, other_port, &mut buf, 3) else {
+        panic!("another port of the permitted IP is let through")
+    };
+    assert_eq!(to, five(1));
+}
+
 #[test]
 fn channels_both_ways_and_their_rules() {
     let t0 = Instant::now();
