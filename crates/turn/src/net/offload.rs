@@ -37,32 +37,43 @@ struct Device {
     features: Vec<String>,
 }
 
+/// `interface` as `struct ifreq` names it.
+fn ifreq_name(interface: &str) -> io::Result<[libc::c_char; libc::IFNAMSIZ]> {
+    let c = CString::new(interface)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
+    let bytes = c.as_bytes_with_nul();
+    if bytes.len() > libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    let mut name = [0 as libc::c_char; libc::IFNAMSIZ];
+    for (d, s) in name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    Ok(name)
+}
+
+/// A socket to address interface ioctls to, in this thread's network
+/// namespace (unlike `/sys/class/net`, which shows the namespace sysfs was
+/// mounted in).
+fn control_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket() has no preconditions; the descriptor it returns
+    // is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl Device {
     fn open(interface: &str) -> io::Result<Device> {
-        let c = CString::new(interface)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in interface name"))?;
-        let bytes = c.as_bytes_with_nul();
-        if bytes.len() > libc::IFNAMSIZ {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "interface name too long",
-            ));
-        }
-        let mut name = [0 as libc::c_char; libc::IFNAMSIZ];
-        for (d, s) in name.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
-        // SAFETY: socket() has no preconditions; the descriptor it returns
-        // is owned from here on.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut device = Device {
-            socket,
-            name,
+            socket: control_socket()?,
+            name: ifreq_name(interface)?,
             features: Vec::new(),
         };
         device.features = device.feature_names()?;
@@ -222,12 +233,27 @@ impl Drop for UdpSegmentationOff {
     }
 }
 
-/// Whether `interface` is a loopback device.
+/// `struct ifreq` with `ifr_flags`, as `SIOCGIFFLAGS` fills it.
+#[repr(C)]
+struct IfreqFlags {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Whether `interface` is a loopback device (false if there is none).
 pub fn is_loopback(interface: &str) -> bool {
-    std::fs::read_to_string(format!("/sys/class/net/{interface}/flags"))
-        .ok()
-        .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
-        .is_some_and(|flags| flags & libc::IFF_LOOPBACK as u32 != 0)
+    let (Ok(name), Ok(socket)) = (ifreq_name(interface), control_socket()) else {
+        return false;
+    };
+    let mut ifr = IfreqFlags {
+        name,
+        flags: 0,
+        _pad: [0; 22],
+    };
+    // SAFETY: `ifr` is a whole `struct ifreq` naming the interface.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) };
+    rc == 0 && i32::from(ifr.flags) & libc::IFF_LOOPBACK != 0
 }
 
 #[cfg(test)]
@@ -265,6 +291,23 @@ mod tests {
         // SAFETY: unshare affects only the calling thread, this test's own.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         assert_eq!(rc, 0, "unshare: {}", io::Error::last_os_error());
+        // A device of this namespace only, and not a loopback one.
+        let veth = std::process::Command::new("ip")
+            .args([
+                "link",
+                "add",
+                "callisto-v0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "callisto-v1",
+            ])
+            .status()
+            .expect("ip (iproute2)");
+        assert!(veth.success());
+        assert!(is_loopback("lo"));
+        assert!(!is_loopback("callisto-v0"));
         let lo = Device::open("lo").unwrap();
         let bit = lo
             .features
