@@ -129,7 +129,9 @@ pub struct BenchTurnArgs {
     pub uclient_messages: u64,
     /// Our generator's clients send Send indications (with FINGERPRINT, as
     /// Firefox sends all its media) to permitted peers and receive Data
-    /// indications, instead of ChannelData on bound channels.
+    /// indications, instead of ChannelData on bound channels. With
+    /// `--generator uclient`, uclient's `-s`: its own layout, DATA before
+    /// XOR-PEER-ADDRESS.
     #[arg(long)]
     pub send_indications: bool,
     /// With `--generator uclient`: clients reach the servers over TCP

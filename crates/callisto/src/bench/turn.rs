@@ -1064,7 +1064,7 @@ pub fn run(mut args: BenchTurnArgs) -> anyhow::Result<()> {
                         });
                     }
                 }
-                let label = if args.send_indications && !uclient {
+                let label = if args.send_indications {
                     format!("{}, Send/Data", pattern.label())
                 } else {
                     pattern.label().to_string()

@@ -109,7 +109,8 @@ fn run(
         .args(["-n", &args.uclient_messages.to_string()])
         .args(["-l", &payload.to_string()])
         .args(args.uclient_tcp.then_some("-t"))
-        .args(args.uclient_tls.then_some("-S"));
+        .args(args.uclient_tls.then_some("-S"))
+        .args(args.send_indications.then_some("-s"));
     // Kept alive until uclient is done (pattern a only).
     let _peer = match pattern {
         BenchPattern::A => {
