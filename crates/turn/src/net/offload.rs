@@ -4,7 +4,7 @@
 //! it runs (see [`UdpSegmentationOff`]).
 //!
 //! Written by hand: the one crate that does this (`ethtool`, over netlink)
-//! brings an async netlink stack for what is four ioctls here.
+//! brings an async netlink stack for what is a handful of ioctls here.
 
 use std::ffi::CString;
 use std::io;
