@@ -77,7 +77,9 @@ pub struct Client {
     events: VecDeque<Event>,
     relayed: Option<SocketAddr>,
     expires: Option<Instant>,
-    permissions: HashMap<IpAddr, Instant>,
+    /// By IP: the address the request named (renewals name it again),
+    /// and when the permission ends.
+    permissions: HashMap<IpAddr, (SocketAddr, Instant)>,
     channels: HashMap<SocketAddr, (u16, Instant)>,
     next_channel: u16,
     tid_counter: u64,
@@ -194,7 +196,7 @@ impl Client {
             .map(|p| p.sent + p.rto);
         let early = |e: Instant| e.checked_sub(Duration::from_secs(60)).unwrap_or(e);
         let refresh = self.expires.map(early);
-        let perms = self.permissions.values().copied().map(early);
+        let perms = self.permissions.values().map(|(_, e)| early(*e));
         let chans = self.channels.values().map(|(_, e)| early(*e));
         retransmit.chain(refresh).chain(perms).chain(chans).min()
     }
@@ -234,15 +236,15 @@ impl Client {
             self.expires = None;
             self.refresh(now, 600);
         }
-        let perms: Vec<IpAddr> = self
+        let perms: Vec<SocketAddr> = self
             .permissions
-            .iter()
-            .filter(|(_, e)| **e <= now + margin)
-            .map(|(ip, _)| *ip)
+            .values()
+            .filter(|(_, e)| *e <= now + margin)
+            .map(|(named, _)| *named)
             .collect();
-        for ip in perms {
-            self.permissions.remove(&ip);
-            self.create_permission(now, ip);
+        for named in perms {
+            self.permissions.remove(&named.ip());
+            self.create_permission_for(now, named);
         }
         let chans: Vec<(SocketAddr, u16)> = self
             .channels
@@ -344,7 +346,8 @@ impl Client {
             }
             Request::Permission(peer) => {
                 let ip = peer.ip();
-                self.permissions.insert(ip, now + Duration::from_secs(300));
+                self.permissions
+                    .insert(ip, (*peer, now + Duration::from_secs(300)));
                 self.events.push_back(Event::PermissionCreated(ip));
             }
             Request::Channel(peer, channel) => {

@@ -399,6 +399,20 @@ fn a_permission_naming_a_port_is_for_the_whole_ip() {
         panic!("another port of the permitted IP is let through")
     };
     assert_eq!(to, five(1));
+
+    // Its renewal, a minute before it would end, names the port again.
+    let renewal_due = t0 + Duration::from_secs(1 + 300 - 60);
+    c.handle_timeout(renewal_due);
+    let renewal = c.poll_transmit().expect("a renewal");
+    let msg = Message::parse(&renewal).unwrap();
+    assert_eq!(msg.method(), method::CREATE_PERMISSION);
+    let named = stun::decode_xor_address(
+        attr::XOR_PEER_ADDRESS,
+        msg.get(attr::XOR_PEER_ADDRESS).unwrap(),
+        msg.transaction_id(),
+    )
+    .unwrap();
+    assert_eq!(named, peer(), "the renewal names the port too");
 }
 
 #[test]
