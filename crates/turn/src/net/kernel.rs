@@ -283,16 +283,12 @@ struct Inner {
 /// How to attach to `interface`: on a network card, natively where its
 /// driver runs XDP (before any socket buffer is built) and generically
 /// elsewhere; on a virtual device (no `device` in sysfs: loopback, veth,
-/// bridges, tunnels) always generically. A veth's native XDP_TX hands the
+/// bridges, tunnels), or one sysfs does not show, always generically. A veth's native XDP_TX hands the
 /// frame to the other end only if that end has NAPI (an XDP program, or
 /// GRO) enabled, which a container's end usually has not: the frames were
 /// dropped (seen in the namespace test).
 fn attach_mode(interface: &str) -> XdpFlags {
-    if std::path::Path::new("/sys/class/net")
-        .join(interface)
-        .join("device")
-        .exists()
-    {
+    if offload::is_on_a_bus(interface) {
         XdpFlags::default()
     } else {
         XdpFlags::SKB_MODE

@@ -1,7 +1,9 @@
-//! A network device's offload features, read and switched through the
-//! `SIOCETHTOOL` ioctl (what `ethtool -k` / `ethtool -K` do), for the
-//! kernel relay: on loopback it switches UDP segmentation offload off while
-//! it runs (see [`UdpSegmentationOff`]).
+//! What the kernel relay needs to know of, and change on, a network device:
+//! its offload features, read and switched through the `SIOCETHTOOL` ioctl
+//! (what `ethtool -k` / `ethtool -K` do; on loopback it switches UDP
+//! segmentation offload off while it runs, see [`UdpSegmentationOff`]),
+//! and whether it is loopback, or a card on a bus, in this thread's
+//! network namespace.
 //!
 //! Written by hand: the one crate that does this (`ethtool`, over netlink)
 //! brings an async netlink stack for what is a handful of ioctls here.
@@ -256,6 +258,56 @@ pub fn is_loopback(interface: &str) -> bool {
     rc == 0 && i32::from(ifr.flags) & libc::IFF_LOOPBACK != 0
 }
 
+/// `struct ifreq` with `ifr_hwaddr`, as `SIOCGIFHWADDR` fills it.
+#[repr(C)]
+struct IfreqHwaddr {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    family: libc::sa_family_t,
+    data: [u8; 14],
+    _pad: [u8; 8],
+}
+
+/// `interface`'s index and link-layer address in this thread's network
+/// namespace, as `/sys/class/net/IF/{ifindex,address}` write them; `None`
+/// if it has none here.
+fn identity(interface: &str) -> Option<(u32, String)> {
+    let name = ifreq_name(interface).ok()?;
+    let socket = control_socket().ok()?;
+    let mut ifr = IfreqHwaddr {
+        name,
+        family: 0,
+        data: [0; 14],
+        _pad: [0; 8],
+    };
+    // SAFETY: `ifr` is a whole `struct ifreq` naming the interface.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut ifr) } != 0 {
+        return None;
+    }
+    // SAFETY: `name` is NUL-terminated (ifreq_name).
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    let mac = ifr.data[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    (index != 0).then_some((index, mac))
+}
+
+/// Whether `interface` is a device on a bus (a network card, virtio-net
+/// included), not a virtual one (loopback, veth, bridge, tunnel), by
+/// whether sysfs gives it a `device`. Sysfs shows the network namespace it
+/// was mounted in, which need not be this thread's (a bare `unshare -n`
+/// keeps the machine's): it is believed only when it shows this very
+/// device, the same index and link-layer address. Otherwise: false.
+pub fn is_on_a_bus(interface: &str) -> bool {
+    let sys = std::path::Path::new("/sys/class/net").join(interface);
+    let read = |file: &str| std::fs::read_to_string(sys.join(file)).ok();
+    let seen = read("ifindex")
+        .and_then(|i| i.trim().parse::<u32>().ok())
+        .zip(read("address").map(|a| a.trim().to_owned()));
+    seen.is_some() && seen == identity(interface) && sys.join("device").exists()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +360,8 @@ mod tests {
         assert!(veth.success());
         assert!(is_loopback("lo"));
         assert!(!is_loopback("callisto-v0"));
+        assert!(!is_on_a_bus("lo"));
+        assert!(!is_on_a_bus("callisto-v0"));
         let lo = Device::open("lo").unwrap();
         let bit = lo
             .features
@@ -326,11 +380,64 @@ mod tests {
         assert!(lo.active(bit).unwrap());
     }
 
+    /// A veth of a network namespace of this test's own, named like one of
+    /// the machine's cards (which /sys, mounted for the machine's
+    /// namespace, still shows): not taken for that card. Needs root.
+    #[test]
+    fn a_namesake_of_a_card_in_another_namespace_is_not_on_a_bus() {
+        let card = std::fs::read_dir("/sys/class/net")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|name| is_on_a_bus(name));
+        let Some(card) = card else {
+            eprintln!("skipped: no network card on this machine");
+            return;
+        };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("CALLISTO_REQUIRE_ROOT_TESTS").is_none(),
+                "this test needs root"
+            );
+            eprintln!("skipped: needs root");
+            return;
+        }
+        // SAFETY: unshare affects only the calling thread, this test's own.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare: {}", io::Error::last_os_error());
+        assert!(!is_on_a_bus(&card), "{card} is not in this namespace yet");
+        let veth = std::process::Command::new("ip")
+            .args([
+                "link",
+                "add",
+                &card,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "callisto-v1",
+            ])
+            .status()
+            .expect("ip (iproute2)");
+        assert!(veth.success());
+        assert!(
+            std::path::Path::new("/sys/class/net")
+                .join(&card)
+                .join("device")
+                .exists(),
+            "/sys still shows the machine's {card}"
+        );
+        assert!(!is_on_a_bus(&card), "this namespace's {card} is a veth");
+    }
+
     #[test]
     fn no_such_interface_is_an_error_not_a_panic() {
         assert!(Device::open("no-such-if0").is_err());
         assert!(Device::open("a\0b").is_err());
         assert!(Device::open(&"x".repeat(40)).is_err());
         assert!(!is_loopback("no-such-if0"));
+        assert!(!is_on_a_bus("no-such-if0"));
     }
 }
