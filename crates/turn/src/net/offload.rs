@@ -326,11 +326,10 @@ mod tests {
         assert!(lo.features.iter().any(|f| f == "tx-checksum-ip-generic"));
     }
 
-    /// Off while the guard lives, on again after; in a network namespace
-    /// of this test's thread, never on the machine's loopback. Needs root;
-    /// skipped without it unless `CALLISTO_REQUIRE_ROOT_TESTS` is set.
-    #[test]
-    fn udp_segmentation_is_off_while_the_guard_lives() {
+    /// Moves this test's thread into a network namespace of its own, if
+    /// root; false (skipped) without root, unless
+    /// `CALLISTO_REQUIRE_ROOT_TESTS` is set.
+    fn own_network_namespace() -> bool {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             assert!(
@@ -338,11 +337,22 @@ mod tests {
                 "this test needs root"
             );
             eprintln!("skipped: needs root");
-            return;
+            return false;
         }
         // SAFETY: unshare affects only the calling thread, this test's own.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         assert_eq!(rc, 0, "unshare: {}", io::Error::last_os_error());
+        true
+    }
+
+    /// Off while the guard lives, on again after; in a network namespace
+    /// of this test's thread, never on the machine's loopback. Needs root;
+    /// skipped without it unless `CALLISTO_REQUIRE_ROOT_TESTS` is set.
+    #[test]
+    fn udp_segmentation_is_off_while_the_guard_lives() {
+        if !own_network_namespace() {
+            return;
+        }
         // A device of this namespace only, and not a loopback one.
         let veth = std::process::Command::new("ip")
             .args([
@@ -395,18 +405,9 @@ mod tests {
             eprintln!("skipped: no network card on this machine");
             return;
         };
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                std::env::var_os("CALLISTO_REQUIRE_ROOT_TESTS").is_none(),
-                "this test needs root"
-            );
-            eprintln!("skipped: needs root");
+        if !own_network_namespace() {
             return;
         }
-        // SAFETY: unshare affects only the calling thread, this test's own.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare: {}", io::Error::last_os_error());
         assert!(!is_on_a_bus(&card), "{card} is not in this namespace yet");
         let veth = std::process::Command::new("ip")
             .args([
