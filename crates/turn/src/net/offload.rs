@@ -345,6 +345,21 @@ mod tests {
         true
     }
 
+    /// A veth pair in this thread's network namespace, `name` and its peer.
+    fn add_veth(name: &str) {
+        let peer = format!("{name}-p");
+        let peer = if peer.len() < libc::IFNAMSIZ {
+            peer
+        } else {
+            "callisto-p".into()
+        };
+        let status = std::process::Command::new("ip")
+            .args(["link", "add", name, "type", "veth", "peer", "name", &peer])
+            .status()
+            .expect("ip (iproute2)");
+        assert!(status.success(), "ip link add {name}");
+    }
+
     /// Off while the guard lives, on again after; in a network namespace
     /// of this test's thread, never on the machine's loopback. Needs root;
     /// skipped without it unless `CALLISTO_REQUIRE_ROOT_TESTS` is set.
@@ -354,20 +369,7 @@ mod tests {
             return;
         }
         // A device of this namespace only, and not a loopback one.
-        let veth = std::process::Command::new("ip")
-            .args([
-                "link",
-                "add",
-                "callisto-v0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "callisto-v1",
-            ])
-            .status()
-            .expect("ip (iproute2)");
-        assert!(veth.success());
+        add_veth("callisto-v0");
         assert!(is_loopback("lo"));
         assert!(!is_loopback("callisto-v0"));
         assert!(!is_on_a_bus("lo"));
@@ -409,20 +411,7 @@ mod tests {
             return;
         }
         assert!(!is_on_a_bus(&card), "{card} is not in this namespace yet");
-        let veth = std::process::Command::new("ip")
-            .args([
-                "link",
-                "add",
-                &card,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "callisto-v1",
-            ])
-            .status()
-            .expect("ip (iproute2)");
-        assert!(veth.success());
+        add_veth(&card);
         assert!(
             std::path::Path::new("/sys/class/net")
                 .join(&card)
