@@ -368,6 +368,18 @@ fn permissions_and_send_indications_and_data_indications() {
     assert_eq!(s.on_peer(late, relay, peer(), &mut buf, 3), Output::None);
 }
 
+/// The address a CreatePermission request names.
+fn permission_names(request: &[u8]) -> SocketAddr {
+    let msg = Message::parse(request).unwrap();
+    assert_eq!(msg.method(), method::CREATE_PERMISSION);
+    stun::decode_xor_address(
+        attr::XOR_PEER_ADDRESS,
+        msg.get(attr::XOR_PEER_ADDRESS).unwrap(),
+        msg.transaction_id(),
+    )
+    .unwrap()
+}
+
 /// A CreatePermission may name the peer's port (browsers' do; so does our
 /// client's `create_permission_for`): the permission is for the IP all
 /// the same, whatever port answers.
@@ -379,14 +391,11 @@ fn a_permission_naming_a_port_is_for_the_whole_ip() {
     let relay = RelayId(u32::from(relayed.port() - 50000));
     c.create_permission_for(t0, peer());
     let request = c.poll_transmit().expect("a CreatePermission");
-    let msg = Message::parse(&request).unwrap();
-    let named = stun::decode_xor_address(
-        attr::XOR_PEER_ADDRESS,
-        msg.get(attr::XOR_PEER_ADDRESS).unwrap(),
-        msg.transaction_id(),
-    )
-    .unwrap();
-    assert_eq!(named, peer(), "the request names the port");
+    assert_eq!(
+        permission_names(&request),
+        peer(),
+        "the request names the port"
+    );
     c.handle_timeout(t0 + Duration::from_secs(1));
     assert_eq!(
         pump(&mut s, &mut c, five(1), t0 + Duration::from_secs(1)),
@@ -404,15 +413,11 @@ fn a_permission_naming_a_port_is_for_the_whole_ip() {
     let renewal_due = t0 + Duration::from_secs(1 + 300 - 60);
     c.handle_timeout(renewal_due);
     let renewal = c.poll_transmit().expect("a renewal");
-    let msg = Message::parse(&renewal).unwrap();
-    assert_eq!(msg.method(), method::CREATE_PERMISSION);
-    let named = stun::decode_xor_address(
-        attr::XOR_PEER_ADDRESS,
-        msg.get(attr::XOR_PEER_ADDRESS).unwrap(),
-        msg.transaction_id(),
-    )
-    .unwrap();
-    assert_eq!(named, peer(), "the renewal names the port too");
+    assert_eq!(
+        permission_names(&renewal),
+        peer(),
+        "the renewal names the port too"
+    );
 }
 
 #[test]
