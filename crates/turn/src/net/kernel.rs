@@ -694,13 +694,7 @@ mod tests {
 
     /// The program, told of `relay_ip` and `external_ip`, if root.
     fn loaded_as(relay_ip: Ipv4Addr, external_ip: Option<Ipv4Addr>) -> Option<KernelRelay> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                std::env::var_os("CALLISTO_REQUIRE_ROOT_TESTS").is_none(),
-                "the kernel relay tests need root"
-            );
-            eprintln!("skipped: the kernel relay tests need root");
+        if !super::super::root_or_skip("the kernel relay tests") {
             return None;
         }
         let config = KernelRelayConfig {

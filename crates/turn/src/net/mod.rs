@@ -129,3 +129,21 @@ async fn report_kernel_relay(kernel: Arc<KernelRelay>, stop: CancellationToken) 
     }
     kernel.report();
 }
+
+/// For tests that need root (XDP, network namespaces): true as root;
+/// without root, false (the test skips, saying why), unless
+/// `CALLISTO_REQUIRE_ROOT_TESTS` is set (scripts/test.sh sets it), which
+/// makes a skip a failure.
+#[cfg(test)]
+fn root_or_skip(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CALLISTO_REQUIRE_ROOT_TESTS").is_none(),
+        "{what} need root"
+    );
+    eprintln!("skipped: {what} need root");
+    false
+}

@@ -330,13 +330,7 @@ mod tests {
     /// root; false (skipped) without root, unless
     /// `CALLISTO_REQUIRE_ROOT_TESTS` is set.
     fn own_network_namespace() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                std::env::var_os("CALLISTO_REQUIRE_ROOT_TESTS").is_none(),
-                "this test needs root"
-            );
-            eprintln!("skipped: needs root");
+        if !super::super::root_or_skip("network namespace tests") {
             return false;
         }
         // SAFETY: unshare affects only the calling thread, this test's own.
