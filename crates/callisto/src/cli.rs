@@ -458,8 +458,8 @@ pub struct TurnArgs {
     /// (XDP) on this network interface: the interface clients and peers
     /// reach this server through (repeatable; `lo` for loopback; `auto`
     /// for the ones holding the listening and relay addresses). Needs
-    /// root, IPv4, and no --turn-bps-per-allocation. Everything else is
-    /// still relayed by the server.
+    /// root and IPv4; keeps to --turn-bps-per-allocation as the server
+    /// does. Everything else is still relayed by the server.
     #[arg(
         long = "turn-kernel-relay",
         env = "CALLISTO_TURN_KERNEL_RELAY",

@@ -106,21 +106,15 @@ pub async fn start(
             "nobody could use this TURN server: add --turn-user NAME:PASSWORD or --turn-secret SECRET"
         );
     }
-    if !args.turn_kernel_relay.is_empty() {
-        if args.turn_bps_per_allocation != 0 {
-            bail!(
-                "--turn-kernel-relay cannot be combined with --turn-bps-per-allocation: the kernel relay does not meter bandwidth. Drop one of the two"
-            );
-        }
-        if !args.turn_listen.is_ipv4()
+    if !args.turn_kernel_relay.is_empty()
+        && (!args.turn_listen.is_ipv4()
             || args.turn_listen.ip().is_unspecified()
-            || !relay_ip.is_ipv4()
-        {
-            bail!(
-                "--turn-kernel-relay needs --turn-listen and the relay address on one IPv4 address each (not {} and {relay_ip}): it matches packets by the address they were sent to",
-                args.turn_listen
-            );
-        }
+            || !relay_ip.is_ipv4())
+    {
+        bail!(
+            "--turn-kernel-relay needs --turn-listen and the relay address on one IPv4 address each (not {} and {relay_ip}): it matches packets by the address they were sent to",
+            args.turn_listen
+        );
     }
     let config = Config {
         credentials,
@@ -135,22 +129,6 @@ pub async fn start(
         unauth_allowance: args.turn_unauth_allowance,
         kernel_routes: !args.turn_kernel_relay.is_empty(),
         ..Config::default()
-    };
-    let mut nonce_secret = [0u8; 32];
-    getrandom::fill(&mut nonce_secret).context("reading the OS random source")?;
-    let shared = Arc::new(Shared::with_system_clock(config, &nonce_secret));
-    let relay = RelayConfig {
-        ipv4: relay_ip.is_ipv4().then_some(relay_ip),
-        ipv6: relay_ip.is_ipv6().then_some(relay_ip),
-        ports: args.turn_port_range.0..=args.turn_port_range.1,
-    };
-    let threads = args
-        .turn_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let listen = Listen {
-        addr: args.turn_listen,
-        tls_addr: args.turn_tls_listen,
-        threads,
     };
     let kernel = if args.turn_kernel_relay.is_empty() {
         None
@@ -170,7 +148,30 @@ pub async fn start(
                 Some(IpAddr::V4(ip)) => Some(ip),
                 _ => None,
             },
+            bytes_per_sec: args.turn_bps_per_allocation,
         })?))
+    };
+    let mut nonce_secret = [0u8; 32];
+    getrandom::fill(&mut nonce_secret).context("reading the OS random source")?;
+    let mut shared = Shared::with_system_clock(config, &nonce_secret);
+    // With a bandwidth limit, the workers take from the kernel's budgets,
+    // so that the two together keep to it.
+    if let Some(budgets) = kernel.as_ref().and_then(|k| k.budgets()) {
+        shared.share_budgets(budgets);
+    }
+    let shared = Arc::new(shared);
+    let relay = RelayConfig {
+        ipv4: relay_ip.is_ipv4().then_some(relay_ip),
+        ipv6: relay_ip.is_ipv6().then_some(relay_ip),
+        ports: args.turn_port_range.0..=args.turn_port_range.1,
+    };
+    let threads = args
+        .turn_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let listen = Listen {
+        addr: args.turn_listen,
+        tls_addr: args.turn_tls_listen,
+        threads,
     };
     let service = TurnService::start(listen, relay, shared, tls, kernel)
         .await

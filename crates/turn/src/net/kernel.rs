@@ -18,7 +18,8 @@
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
@@ -26,7 +27,9 @@ use aya::programs::{Xdp, XdpFlags};
 use aya::{Ebpf, EbpfLoader};
 
 use super::offload::{self, UdpSegmentationOff};
-use crate::server::{IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange};
+use crate::server::{
+    IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange, SharedBudgets,
+};
 
 /// The compiled program, built from `bpf/relay.bpf.c` by
 /// `scripts/build-bpf.sh`; committed, so that building needs no clang.
@@ -87,6 +90,7 @@ struct PermissionKey {
 }
 
 /// On a permission route, `channel` is zero: data goes as Data indications.
+/// `relay_port` is the receiving allocation's, for its bandwidth budget.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ToClient {
@@ -95,16 +99,18 @@ struct ToClient {
     server_port: u16,
     client_port: u16,
     channel: u16,
-    zero: u16,
+    relay_port: u16,
     expires_ns: u64,
 }
 
-/// The relay IP and the external IP it is advertised as (zero: none).
+/// The relay IP and the external IP it is advertised as (zero: none), and
+/// the bandwidth limit per allocation and direction (zero: none).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Addresses {
+struct Settings {
     relay_ip: u32,
     external_ip: u32,
+    bytes_per_sec: u64,
 }
 
 /// What the program relayed since it was loaded, summed over CPUs. Bytes
@@ -117,6 +123,9 @@ pub struct KernelStats {
     pub to_peer_bytes: u64,
     pub to_client_packets: u64,
     pub to_client_bytes: u64,
+    /// Packets dropped for a bandwidth budget spent, by its direction.
+    pub to_peer_over_budget: u64,
+    pub to_client_over_budget: u64,
 }
 
 // SAFETY: plain `repr(C)` integers whose padding is spelled out as fields,
@@ -128,7 +137,7 @@ unsafe impl aya::Pod for PermissionKey {}
 unsafe impl aya::Pod for SendKey {}
 unsafe impl aya::Pod for ToClient {}
 unsafe impl aya::Pod for KernelStats {}
-unsafe impl aya::Pod for Addresses {}
+unsafe impl aya::Pod for Settings {}
 
 fn ip(a: &SocketAddrV4) -> u32 {
     u32::from_ne_bytes(a.ip().octets())
@@ -211,26 +220,32 @@ impl ToPeer {
 }
 
 impl ToClient {
-    /// From `server` to `client`, on `channel`, or as Data indications if
-    /// it is zero.
-    fn new(server: &SocketAddrV4, client: &SocketAddrV4, channel: u16, expires_ns: u64) -> Self {
+    /// From `server` to `client` (of the allocation at `relay`), on
+    /// `channel`, or as Data indications if it is zero.
+    fn new(
+        server: &SocketAddrV4,
+        client: &SocketAddrV4,
+        relay: &SocketAddrV4,
+        channel: u16,
+        expires_ns: u64,
+    ) -> Self {
         ToClient {
             server_ip: ip(server),
             client_ip: ip(client),
             server_port: port(server),
             client_port: port(client),
             channel: channel.to_be(),
-            zero: 0,
+            relay_port: port(relay),
             expires_ns,
         }
     }
 
     fn of(r: &KernelRoute, expires_ns: u64) -> Self {
-        ToClient::new(&r.server, &r.client, r.channel, expires_ns)
+        ToClient::new(&r.server, &r.client, &r.relay, r.channel, expires_ns)
     }
 
     fn indications(r: &IndicationRoute, expires_ns: u64) -> Self {
-        ToClient::new(&r.server, &r.client, 0, expires_ns)
+        ToClient::new(&r.server, &r.client, &r.relay, 0, expires_ns)
     }
 }
 
@@ -254,6 +269,7 @@ pub enum KernelRelayError {
 /// when the process ends: the attachment is a BPF link, owned by us).
 pub struct KernelRelay {
     inner: Mutex<Inner>,
+    budgets: Option<SharedBudgets>,
 }
 
 struct Inner {
@@ -353,6 +369,69 @@ pub fn map_capacity(max_allocations: usize) -> usize {
         .clamp(1024, 1 << 22)
 }
 
+/// Words in the `budgets` map: two for every port with a limit (1 MiB),
+/// one unused without.
+fn budget_words(bytes_per_sec: u64) -> usize {
+    if bytes_per_sec == 0 {
+        1
+    } else {
+        2 * (usize::from(u16::MAX) + 1)
+    }
+}
+
+/// The `budgets` map's words, mapped into this process (it is made
+/// `BPF_F_MMAPABLE` for this), where the workers take from them with
+/// atomic instructions, as the program does.
+struct MappedWords {
+    words: std::ptr::NonNull<AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory that lives until dropped, and is
+// only ever accessed as atomics.
+unsafe impl Send for MappedWords {}
+unsafe impl Sync for MappedWords {}
+
+impl MappedWords {
+    fn map(map: &MapData, len: usize) -> std::io::Result<Self> {
+        use std::os::fd::{AsFd, AsRawFd};
+        // SAFETY: maps `len` words of an array map of 8-byte values (the
+        // kernel refuses a length beyond the map, and a map that is not
+        // mmapable); the mapping holds the map, whatever becomes of `map`.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let words = std::ptr::NonNull::new(at.cast::<AtomicU64>())
+            .ok_or_else(|| std::io::Error::other("mmap returned a null mapping"))?;
+        Ok(MappedWords { words, len })
+    }
+}
+
+impl AsRef<[AtomicU64]> for MappedWords {
+    fn as_ref(&self) -> &[AtomicU64] {
+        // SAFETY: `len` page-aligned, initialised words, mapped until drop.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped; no reference into it
+        // outlives `self`.
+        unsafe { libc::munmap(self.words.as_ptr().cast(), self.len * 8) };
+    }
+}
+
 fn load_error(e: impl std::error::Error + Send + Sync + 'static) -> KernelRelayError {
     KernelRelayError::Load(Box::new(e))
 }
@@ -372,6 +451,9 @@ pub struct KernelRelayConfig {
     /// The external IP the relay IP is advertised as (`--turn-external-ip`):
     /// clients relayed to each other know their relayed addresses by it.
     pub external_ip: Option<Ipv4Addr>,
+    /// `--turn-bps-per-allocation` (0: none). With a limit, the program
+    /// takes from the budgets the workers take from ([`KernelRelay::budgets`]).
+    pub bytes_per_sec: u64,
 }
 
 impl KernelRelay {
@@ -396,6 +478,7 @@ impl KernelRelay {
             .set_max_entries("peer_routes", capacity as u32)
             .set_max_entries("permission_routes", capacity as u32)
             .set_max_entries("send_routes", capacity as u32)
+            .set_max_entries("budgets", budget_words(config.bytes_per_sec) as u32)
             .load(PROGRAM)
             .map_err(load_error)?;
         // SAFETY: malloc_trim only returns free heap memory to the system.
@@ -454,14 +537,30 @@ impl KernelRelay {
             HashMap::try_from(take("permission_routes")?).map_err(load_error)?;
         let send_routes = HashMap::try_from(take("send_routes")?).map_err(load_error)?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(load_error)?;
-        let mut addresses: Array<MapData, Addresses> =
-            Array::try_from(take("addresses")?).map_err(load_error)?;
+        let budgets = if config.bytes_per_sec == 0 {
+            None
+        } else {
+            let aya::maps::Map::Array(map) = take("budgets")? else {
+                return Err(load_error(MapError::InvalidName {
+                    name: "budgets".into(),
+                }));
+            };
+            let words =
+                MappedWords::map(&map, budget_words(config.bytes_per_sec)).map_err(load_error)?;
+            Some(SharedBudgets {
+                words: Arc::new(words),
+                clock: (Instant::now(), monotonic_ns()),
+            })
+        };
+        let mut settings: Array<MapData, Settings> =
+            Array::try_from(take("settings")?).map_err(load_error)?;
         let octets = |ip: Option<Ipv4Addr>| ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
-        let a = Addresses {
+        let s = Settings {
             relay_ip: octets(config.relay_ip),
             external_ip: octets(config.external_ip.filter(|e| Some(*e) != config.relay_ip)),
+            bytes_per_sec: config.bytes_per_sec,
         };
-        addresses.set(0, a, 0).map_err(load_error)?;
+        settings.set(0, s, 0).map_err(load_error)?;
         tracing::info!(?interfaces, "kernel relay (XDP) attached");
         Ok(KernelRelay {
             inner: Mutex::new(Inner {
@@ -477,7 +576,15 @@ impl KernelRelay {
                 refused: HashSet::new(),
                 refused_by_ip: StdHashMap::new(),
             }),
+            budgets,
         })
+    }
+
+    /// The bandwidth budgets the program takes from, for the server to take
+    /// from too ([`crate::server::Shared::share_budgets`]); none without a
+    /// limit.
+    pub fn budgets(&self) -> Option<SharedBudgets> {
+        self.budgets.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -516,18 +623,24 @@ impl KernelRelay {
         let now = total(&inner.stats);
         let was = std::mem::replace(&mut inner.reported, now);
         drop(inner);
-        for (dir, packets, bytes) in [
+        for (dir, packets, bytes, over_budget) in [
             (
                 "to_peer",
                 now.to_peer_packets - was.to_peer_packets,
                 now.to_peer_bytes - was.to_peer_bytes,
+                now.to_peer_over_budget - was.to_peer_over_budget,
             ),
             (
                 "to_client",
                 now.to_client_packets - was.to_client_packets,
                 now.to_client_bytes - was.to_client_bytes,
+                now.to_client_over_budget - was.to_client_over_budget,
             ),
         ] {
+            if over_budget != 0 {
+                metrics::counter!("callisto_turn_over_budget_packets_total", "direction" => dir)
+                    .increment(over_budget);
+            }
             if packets == 0 {
                 continue;
             }
@@ -661,6 +774,8 @@ fn total(stats: &PerCpuArray<MapData, KernelStats>) -> KernelStats {
             sum.to_peer_bytes += s.to_peer_bytes;
             sum.to_client_packets += s.to_client_packets;
             sum.to_client_bytes += s.to_client_bytes;
+            sum.to_peer_over_budget += s.to_peer_over_budget;
+            sum.to_client_over_budget += s.to_client_over_budget;
         }
     }
     sum
@@ -675,6 +790,7 @@ mod tests {
 
     use std::net::SocketAddr;
     use std::os::fd::{AsFd, AsRawFd};
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     use super::*;
@@ -694,15 +810,23 @@ mod tests {
 
     /// The program, told of `relay_ip` and `external_ip`, if root.
     fn loaded_as(relay_ip: Ipv4Addr, external_ip: Option<Ipv4Addr>) -> Option<KernelRelay> {
+        loaded_by(KernelRelayConfig {
+            relay_ip: Some(relay_ip),
+            external_ip,
+            ..KernelRelayConfig::default()
+        })
+    }
+
+    /// The program, told of `config` and given small maps (one test fills
+    /// one), if root.
+    fn loaded_by(config: KernelRelayConfig) -> Option<KernelRelay> {
         if !super::super::root_or_skip("the kernel relay tests") {
             return None;
         }
         let config = KernelRelayConfig {
             interfaces: Vec::new(),
-            // Small maps: one test fills one.
             max_allocations: 128,
-            relay_ip: Some(relay_ip),
-            external_ip,
+            ..config
         };
         Some(KernelRelay::attach(&config).expect("the program loads"))
     }
@@ -1100,8 +1224,87 @@ mod tests {
                 to_peer_bytes: 10,
                 to_client_packets: 2,
                 to_client_bytes: 14,
+                ..KernelStats::default()
             }
         );
+    }
+
+    /// With a bandwidth limit, the program takes from the budgets the
+    /// workers take from (mapped into our memory, on the same clock):
+    /// each allocation's own, each direction's own, and in place both the
+    /// sender's and the receiver's; what a budget cannot pay for is
+    /// dropped, as the workers drop it, and counted.
+    #[test]
+    fn keeps_to_the_bandwidth_budgets_the_workers_take_from() {
+        let Some(relay) = loaded_by(KernelRelayConfig {
+            relay_ip: Some(Ipv4Addr::LOCALHOST),
+            bytes_per_sec: 1000,
+            ..KernelRelayConfig::default()
+        }) else {
+            return;
+        };
+        let budgets = relay.budgets().expect("a limit, so budgets");
+        let words = (*budgets.words).as_ref();
+        assert_eq!(words.len(), 2 * 65536);
+        let r = a_route(Instant::now() + Duration::from_secs(60));
+        // A's client also has a channel (0x4002) to B, another of ours.
+        let b_relay = addr("127.0.0.1:50002");
+        let a_to_b = KernelRoute {
+            channel: 0x4002,
+            peer: b_relay,
+            ..r
+        };
+        let (b, _) = allocation_open_to(r, b_relay);
+        relay.apply([
+            RouteChange::Set(r),
+            RouteChange::Set(a_to_b),
+            RouteChange::Set(b),
+        ]);
+        const XDP_DROP: u32 = 1;
+        let verdicts = |f: &[u8], n: usize| (0..n).map(|_| run(&relay, f).0).collect::<Vec<_>>();
+        // Half a second's bytes each: two go, the third waits half a second.
+        let half = [7u8; 500];
+        let to_peer = frame(r.client, r.server, &channel_data(0x4001, &half), true);
+        assert_eq!(verdicts(&to_peer, 3), [XDP_TX, XDP_TX, XDP_DROP]);
+        // The other direction has a budget of its own.
+        let to_client = frame(r.peer, r.relay, &half, true);
+        assert_eq!(verdicts(&to_client, 3), [XDP_TX, XDP_TX, XDP_DROP]);
+
+        // What the workers take, the program finds taken: B's budget toward
+        // its client nine-tenths spent (its word says paid up to 0.9 s from
+        // now) leaves room for 50 bytes from A, relayed in place, not 500.
+        let monotonic = |at: Instant| {
+            budgets.clock.1 + at.saturating_duration_since(budgets.clock.0).as_nanos() as u64
+        };
+        let b_to_client = &words[2 * usize::from(b_relay.port()) + 1];
+        let a_to_peer = &words[2 * usize::from(r.relay.port())];
+        a_to_peer.store(0, Ordering::Relaxed);
+        b_to_client.store(monotonic(Instant::now()) + 900_000_000, Ordering::Relaxed);
+        let in_place = |data: &[u8]| {
+            let packet = frame(r.client, r.server, &channel_data(0x4002, data), true);
+            run(&relay, &packet).0
+        };
+        assert_eq!(in_place(&half), XDP_DROP, "B's budget is spent");
+        assert_eq!(in_place(&half[..50]), XDP_TX, "but for 50 bytes");
+        // A's budget toward its peers paid for both: the one dropped for B's.
+        let ahead = a_to_peer
+            .load(Ordering::Relaxed)
+            .saturating_sub(monotonic(Instant::now()));
+        assert!(
+            (500_000_000..=550_000_000).contains(&ahead),
+            "A's budget is paid {ahead} ns ahead"
+        );
+        // A budget emptied again (a new allocation on the port) pays again.
+        a_to_peer.store(0, Ordering::Relaxed);
+        assert_eq!(run(&relay, &to_peer).0, XDP_TX);
+
+        let stats = relay.stats();
+        assert_eq!(
+            (stats.to_peer_over_budget, stats.to_client_over_budget),
+            (1, 2)
+        );
+        assert_eq!(stats.to_peer_packets, 2 + 1 + 1);
+        assert_eq!(stats.to_client_packets, 2 + 1);
     }
 
     /// A frame sent back into loopback reaches only this host: the program
@@ -1391,6 +1594,7 @@ mod tests {
                 to_peer_bytes: bytes,
                 to_client_packets: 6,
                 to_client_bytes: bytes,
+                ..KernelStats::default()
             }
         );
         // Without either, the packet leaves for B's relayed address, as for
@@ -1469,6 +1673,7 @@ mod tests {
                 to_peer_bytes: bytes,
                 to_client_packets: packets,
                 to_client_bytes: bytes,
+                ..KernelStats::default()
             }
         );
         // Without B's routes the server decides: it alone knows whether the

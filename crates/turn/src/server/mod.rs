@@ -31,7 +31,10 @@ use crate::auth::{AuthFailure, Credentials};
 use crate::policy::PeerPolicy;
 use crate::stun::{self, ChannelData, Class, Message, MessageBuilder, RawAttr, attr, method};
 
+mod budget;
 mod routes;
+use budget::{Budget, Direction};
+pub use budget::{BudgetWords, SharedBudgets};
 pub use routes::{IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange};
 
 /// Free bytes a driver must leave in front of a peer datagram, for the
@@ -152,7 +155,9 @@ pub struct Config {
     /// relay sockets. Off only to compare the two, as the tests do.
     pub relay_in_place: bool,
     /// Keep routes for the kernel relay (see [`Server::route_changes`]).
-    /// Never with a bandwidth limit: the kernel does not meter.
+    /// With a bandwidth limit, only once the kernel's budgets are shared
+    /// ([`Shared::share_budgets`]): a kernel and workers that each kept
+    /// their own would let twice the limit through.
     pub kernel_routes: bool,
     /// Unauthenticated requests per second per source IP (burst: twice that).
     pub unauth_rate: u32,
@@ -209,6 +214,9 @@ pub struct Shared {
     reservation_serial: AtomicU64,
     /// Maps `Instant`s to Unix time for REST credential expiry.
     epoch: (Instant, u64),
+    /// The kernel relay's bandwidth budgets, which allocations take from
+    /// instead of their own.
+    budgets: Option<SharedBudgets>,
 }
 
 impl Shared {
@@ -225,6 +233,21 @@ impl Shared {
             reservations: Mutex::new(HashMap::new()),
             reservation_serial: AtomicU64::new(0),
             epoch,
+            budgets: None,
+        }
+    }
+
+    /// Takes bandwidth from `budgets` (the kernel relay's), so that the
+    /// workers and the kernel spend the same budgets. Ignored unless they
+    /// hold every port's.
+    pub fn share_budgets(&mut self, budgets: SharedBudgets) {
+        if budgets.cover_every_port() {
+            self.budgets = Some(budgets);
+        } else {
+            tracing::warn!(
+                ?budgets,
+                "shared bandwidth budgets too short for every port: not used"
+            );
         }
     }
 
@@ -503,33 +526,6 @@ struct Channel {
 }
 
 #[derive(Debug)]
-struct ByteBucket {
-    rate: u64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl ByteBucket {
-    fn take(&mut self, n: usize, now: Instant) -> bool {
-        if self.rate == 0 {
-            return true;
-        }
-        // Workers read the clock at different moments: one that read it
-        // earlier refills nothing, and does not turn the clock back.
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = self.last.max(now);
-        let cap = self.rate as f64;
-        self.tokens = (self.tokens + dt * cap).min(cap);
-        if self.tokens >= n as f64 {
-            self.tokens -= n as f64;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-#[derive(Debug)]
 struct Allocation {
     five: FiveTuple,
     relay: RelayId,
@@ -543,9 +539,6 @@ struct Allocation {
     /// The Allocate request's transaction id and our answer, for retransmits.
     allocate_tid: [u8; 12],
     allocate_response: Vec<u8>,
-    /// What the client may send; what it may be sent is in `view`, where
-    /// other workers relaying in place take from it too.
-    to_peer_budget: ByteBucket,
     /// What the kernel relay was last told about this allocation.
     routes: routes::Routes,
 }
@@ -689,10 +682,10 @@ pub struct RelayView {
     /// For a TCP or TLS client: where data relayed in place goes.
     inbox: Option<Inbox>,
     access: Mutex<PeerAccess>,
-    /// Bytes per second the client may be sent, whoever relays them; no
-    /// lock is taken when unlimited.
-    limited: bool,
-    to_client_budget: Mutex<ByteBucket>,
+    /// Bytes per second the client may send and be sent, whoever relays
+    /// them (other workers relaying in place take from it too); none when
+    /// unlimited.
+    budget: Option<Budget>,
 }
 
 impl RelayView {
@@ -700,14 +693,19 @@ impl RelayView {
         self.access.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes `len` bytes from the client's budget; false: over it, drop.
+    /// Takes `len` bytes from the client's budget toward it; false: over
+    /// it, drop.
     fn take_to_client(&self, len: usize, now: Instant) -> bool {
-        !self.limited
-            || self
-                .to_client_budget
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(len, now)
+        self.budget
+            .as_ref()
+            .is_none_or(|b| b.take(Direction::ToClient, len, now))
+    }
+
+    /// Takes `len` bytes from the client's budget toward its peers.
+    fn take_to_peer(&self, len: usize, now: Instant) -> bool {
+        self.budget
+            .as_ref()
+            .is_none_or(|b| b.take(Direction::ToPeer, len, now))
     }
 }
 
@@ -843,7 +841,9 @@ impl<A: RelayAllocator> Server<A> {
     /// Brings an allocation's kernel routes in line with its access.
     fn sync_routes(&mut self, slot: u32, now: Instant) {
         let config = &self.shared.config;
-        if !config.kernel_routes || config.bps_per_allocation != 0 {
+        if !config.kernel_routes
+            || (config.bps_per_allocation != 0 && self.shared.budgets.is_none())
+        {
             return;
         }
         let Some(a) = self
@@ -1088,7 +1088,7 @@ impl<A: RelayAllocator> Server<A> {
         if bound.expires <= now || access.expires <= now || !access.permitted(peer.ip(), now) {
             return Output::None;
         }
-        if !alloc.to_peer_budget.take(data.len(), now) {
+        if !alloc.view.take_to_peer(data.len(), now) {
             return Output::None;
         }
         let relay = alloc.relay;
@@ -1306,7 +1306,7 @@ impl<A: RelayAllocator> Server<A> {
         if alloc.access.expires <= now || !alloc.access.permitted(peer.ip(), now) {
             return Output::None;
         }
-        if !alloc.to_peer_budget.take(data.len(), now) {
+        if !alloc.view.take_to_peer(data.len(), now) {
             return Output::None;
         }
         let relay = alloc.relay;
@@ -1677,17 +1677,18 @@ impl<A: RelayAllocator> Server<A> {
         }
         let response = self.sign(b, msg, Some(&authed.key));
         let bps = self.shared.config.bps_per_allocation;
-        let bucket = || ByteBucket {
-            rate: bps,
-            tokens: bps as f64,
-            last: now,
-        };
         let view = Arc::new(RelayView {
             to: five,
             inbox: self.inbox.clone().filter(|_| five.transport.is_stream()),
             access: Mutex::new(PeerAccess::new(now + lifetime)),
-            limited: bps != 0,
-            to_client_budget: Mutex::new(bucket()),
+            budget: (bps != 0).then(|| {
+                Budget::new(
+                    bps,
+                    self.shared.budgets.as_ref(),
+                    relay_addr.port(),
+                    self.shared.epoch.0,
+                )
+            }),
         });
         self.allocations[slot as usize] = Some(Allocation {
             five,
@@ -1699,7 +1700,6 @@ impl<A: RelayAllocator> Server<A> {
             view: view.clone(),
             allocate_tid: *tid,
             allocate_response: response.clone(),
-            to_peer_budget: bucket(),
             routes: routes::Routes::default(),
         });
         self.by_five.insert(five, slot);

@@ -1891,7 +1891,7 @@ fn kernel_routes_go_when_the_allocation_expires() {
 }
 
 #[test]
-fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_without_a_limit() {
+fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_and_limits_shared() {
     let t0 = Instant::now();
     let unspecified = FiveTuple {
         server: "0.0.0.0:3478".parse().unwrap(),
@@ -1900,7 +1900,7 @@ fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_without_a_l
     let cases = [
         ("not asked", config(), five(1)),
         (
-            "bandwidth limit",
+            "bandwidth limit, the kernel's budgets not shared",
             Config {
                 bps_per_allocation: 1000,
                 ..kernel_config()
@@ -1918,6 +1918,56 @@ fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_without_a_l
         pump(&mut s, &mut c, f, t0);
         assert_eq!(s.route_changes().count(), 0, "{case}");
     }
+}
+
+/// With a bandwidth limit and the kernel relay's budgets shared, the
+/// kernel gets routes, and the workers take from those very budgets (the
+/// words of the allocation's relay port, on the kernel's clock), so that
+/// what the kernel relays and what they relay count against one limit.
+#[test]
+fn with_shared_budgets_the_kernel_relays_and_the_workers_take_from_them() {
+    let t0 = Instant::now();
+    let words: Vec<AtomicU64> = (0..2 * 65536).map(|_| AtomicU64::new(0)).collect();
+    let budgets = SharedBudgets {
+        words: Arc::new(words),
+        clock: (t0, 7_000_000_000),
+    };
+    let mut shared = Shared::new(
+        Config {
+            bps_per_allocation: 1000,
+            ..kernel_config()
+        },
+        b"k",
+        (t0, 1_000),
+    );
+    shared.share_budgets(budgets.clone());
+    let mut s = Server::new(Arc::new(shared), FakeRelays::default());
+    let (mut c, relayed) = allocated(&mut s, five(1), t0);
+    c.bind_channel(t0, peer());
+    pump(&mut s, &mut c, five(1), t0);
+    assert_ne!(s.route_changes().count(), 0, "routes for the kernel");
+
+    let words = (*budgets.words).as_ref();
+    let to_peer = &words[2 * usize::from(relayed.port())];
+    let to_client = &words[2 * usize::from(relayed.port()) + 1];
+    // The workers relay 400 bytes: paid up to 0.4 s past now, on the
+    // kernel's clock.
+    let mut framed = c.send_to(peer(), &[0u8; 400]);
+    assert_ne!(s.on_client(t0, five(1), &mut framed), Output::None);
+    assert_eq!(to_peer.load(Ordering::Relaxed), 7_400_000_000);
+    // The kernel spends the rest (as its program would): the workers find
+    // nothing left.
+    to_peer.store(8_000_000_000, Ordering::Relaxed);
+    assert_eq!(s.on_client(t0, five(1), &mut framed), Output::None);
+    // Toward the client, the same: the kernel's spending counts.
+    to_client.store(8_000_000_000, Ordering::Relaxed);
+    let relay = s.relay_of(&five(1)).unwrap();
+    let mut buf = vec![0u8; HEADROOM + 5 + TAILROOM];
+    assert_eq!(s.on_peer(t0, relay, peer(), &mut buf, 5), Output::None);
+    // A second later both are paid for again.
+    let later = t0 + Duration::from_secs(1);
+    assert_ne!(s.on_peer(later, relay, peer(), &mut buf, 5), Output::None);
+    assert_ne!(s.on_client(later, five(1), &mut framed), Output::None);
 }
 
 #[test]
