@@ -209,6 +209,10 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
+        ))]
+
         /// Over any run of packets, what is let through never exceeds a
         /// second's bytes plus what the elapsed time pays for, and nothing
         /// is refused while the budget has room for it.
