@@ -916,6 +916,21 @@ mod tests {
     #[ignore]
     fn program_cost() {
         let Some(relay) = loaded() else { return };
+        costs(&relay, "none");
+        // A limit no packet reaches: every packet pays for its budget.
+        let limited = loaded_by(KernelRelayConfig {
+            relay_ip: Some(Ipv4Addr::LOCALHOST),
+            bytes_per_sec: 1 << 40,
+            ..KernelRelayConfig::default()
+        });
+        costs(
+            &limited.expect("loaded as the first was"),
+            "bytes per second",
+        );
+    }
+
+    /// [`program_cost`]'s table for one program, loaded with `limit`.
+    fn costs(relay: &KernelRelay, limit: &str) {
         let later = Instant::now() + Duration::from_secs(3600);
         let (r, i) = (a_route(later), an_indication_route(later));
         // Another allocation of ours, open to r's relayed address, which
@@ -997,14 +1012,14 @@ mod tests {
                 // the kernel's own repeats would see it changed.
                 let mut times: Vec<u32> = (0..20_001)
                     .map(|_| {
-                        let (verdict, _, ns) = run_repeated(&relay, &packet, 1);
+                        let (verdict, _, ns) = run_repeated(relay, &packet, 1);
                         assert_eq!(verdict, expected, "{name}");
                         ns
                     })
                     .collect();
                 times.sort_unstable();
                 println!(
-                    "| {name} | {size} | {} | {} |",
+                    "| {name} | {limit} | {size} | {} | {} |",
                     times[10_000], times[19_800]
                 );
             }
