@@ -42,6 +42,19 @@ impl SharedBudgets {
     }
 }
 
+#[cfg(test)]
+impl SharedBudgets {
+    /// Every port's budgets, as the kernel relay's, but on the heap, on a
+    /// clock that reads `clock.1` ns at `clock.0`.
+    pub(super) fn on_the_heap(clock: (Instant, u64)) -> Self {
+        let words: Vec<AtomicU64> = (0..2 * 65536).map(|_| AtomicU64::new(0)).collect();
+        SharedBudgets {
+            words: Arc::new(words),
+            clock,
+        }
+    }
+}
+
 impl std::fmt::Debug for SharedBudgets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedBudgets")
@@ -185,11 +198,7 @@ mod tests {
     #[test]
     fn shared_budgets_are_emptied_for_each_new_allocation_and_kept_apart() {
         let t0 = Instant::now();
-        let words: Vec<AtomicU64> = (0..2 * 65536).map(|_| AtomicU64::new(0)).collect();
-        let shared = SharedBudgets {
-            words: Arc::new(words),
-            clock: (t0, 5 * SECOND_NS),
-        };
+        let shared = SharedBudgets::on_the_heap((t0, 5 * SECOND_NS));
         assert!(shared.cover_every_port());
         let a = Budget::new(100, Some(&shared), 50000, t0);
         assert!(a.take(Direction::ToPeer, 100, t0));

@@ -1927,11 +1927,7 @@ fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_and_limits_
 #[test]
 fn with_shared_budgets_the_kernel_relays_and_the_workers_take_from_them() {
     let t0 = Instant::now();
-    let words: Vec<AtomicU64> = (0..2 * 65536).map(|_| AtomicU64::new(0)).collect();
-    let budgets = SharedBudgets {
-        words: Arc::new(words),
-        clock: (t0, 7_000_000_000),
-    };
+    let budgets = SharedBudgets::on_the_heap((t0, 7_000_000_000));
     let mut shared = Shared::new(
         Config {
             bps_per_allocation: 1000,
