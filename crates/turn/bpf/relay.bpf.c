@@ -194,6 +194,14 @@ struct {
 // sending back to that address reaches the host (through the router, for
 // a host off this link). Learned from packets that matched a route, so
 // only from the hosts of live flows. An LRU map: nobody needs to clean it.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32); // IPv4 address, network byte order
+	__type(value, struct mac);
+} hop_macs SEC(".maps");
+
+// What the packet being relayed on this CPU is to be charged (see `owe`).
 struct charge {
 	__u16 from;
 	__u16 to;
@@ -206,13 +214,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct charge);
 } charges SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u32); // IPv4 address, network byte order
-	__type(value, struct mac);
-} hop_macs SEC(".maps");
 
 struct headers {
 	struct ethhdr eth;
@@ -683,7 +684,7 @@ static __always_inline void owe(__u16 from, __u16 to, __u32 bytes)
 
 // Client -> peer: drop the 4-byte channel header, send from the relayed
 // address to the peer.
-static __always_inline long relay_to_peer(struct xdp_md *ctx, const struct headers *h,
+static __always_inline int relay_to_peer(struct xdp_md *ctx, const struct headers *h,
 					 const struct to_peer *r, __u16 cd0,
 					 __u16 cd1, __u16 len)
 {
@@ -705,7 +706,7 @@ static __always_inline long relay_to_peer(struct xdp_md *ctx, const struct heade
 
 // Peer -> client: prepend a channel header, send from the TURN port to
 // the client.
-static __always_inline long relay_to_client(struct xdp_md *ctx, const struct headers *h,
+static __always_inline int relay_to_client(struct xdp_md *ctx, const struct headers *h,
 					   const struct to_client *c, __u16 len)
 {
 	if (len > 0xffff - CHANNEL_HEADER - sizeof(struct iphdr) - sizeof(struct udphdr))
@@ -739,7 +740,7 @@ static __always_inline long relay_to_client(struct xdp_md *ctx, const struct hea
 // of which the first `pad` stay as the padding, zeroed as the server's
 // are, and the rest go; `removed` is the sum of the words that go or are
 // zeroed.
-static __always_inline long relay_as_indication(struct xdp_md *ctx, const struct headers *h,
+static __always_inline int relay_as_indication(struct xdp_md *ctx, const struct headers *h,
 					       const struct to_client *c, __u32 peer_ip,
 					       __u16 peer_port, __u16 len, int strip,
 					       __u32 removed, int after)
@@ -854,7 +855,7 @@ static __always_inline struct to_client *receiver_route(const struct to_peer *r,
 // its channel (the same size: only the channel number changes) or as a
 // Data indication. Without this the packet would leave for our own
 // address, which a network card does not loop back.
-static __always_inline long relay_in_place(struct xdp_md *ctx, const struct headers *h,
+static __always_inline int relay_in_place(struct xdp_md *ctx, const struct headers *h,
 					  const struct to_peer *r, __u16 cd0, __u16 cd1,
 					  __u16 len, __u64 now)
 {
@@ -942,7 +943,7 @@ static __always_inline __u32 byte_word(__u8 b, __u32 at)
 // summing to `removed` go) or as a Data indication (the same words go;
 // the padding stays in place, zeroed). -1 if there is no such route:
 // the server alone knows whether the port is a live relay at all.
-static __always_inline long send_in_place(struct xdp_md *ctx, const struct headers *h,
+static __always_inline int send_in_place(struct xdp_md *ctx, const struct headers *h,
 					 const struct to_peer *r, __u32 peer_ip, __u16 peer_port,
 					 __u32 start, __u32 d, __u32 after, __u32 removed,
 					 __u64 now)
@@ -989,7 +990,7 @@ static __always_inline long send_in_place(struct xdp_md *ctx, const struct heade
 // for a port on our relay IP that no route shows to be a live relay open
 // to the sender: only the server can tell those from ports it must keep
 // closed.
-static __always_inline long relay_send(struct xdp_md *ctx, const struct headers *h,
+static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *h,
 				      __u16 len, __u64 now, int loopback)
 {
 	void *data = (void *)(long)ctx->data;
@@ -1138,7 +1139,7 @@ static __always_inline long relay_send(struct xdp_md *ctx, const struct headers 
 
 // The packet, relayed if it can be (XDP_TX; see `owe`), or XDP_PASS,
 // untouched, for the sockets.
-static __always_inline long relay(struct xdp_md *ctx)
+static __always_inline int relay(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -1185,7 +1186,7 @@ static __always_inline long relay(struct xdp_md *ctx)
 			if (bpf_ntohs(cd1) + CHANNEL_HEADER != len || r->expires_ns <= now)
 				return XDP_PASS;
 			learn(ifindex, copy.ip.saddr, &copy.eth);
-			long verdict =
+			int verdict =
 				relay_in_place(ctx, &copy, r, cd0, cd1, len - CHANNEL_HEADER, now);
 			if (verdict >= 0)
 				return verdict;
@@ -1194,7 +1195,7 @@ static __always_inline long relay(struct xdp_md *ctx)
 	}
 
 	if (len >= INDICATION_HEADER && (void *)(p + 2) <= end && p[0] == 0x00 && p[1] == 0x16) {
-		long verdict = relay_send(ctx, &copy, len, now, ifindex == LOOPBACK_IFINDEX);
+		int verdict = relay_send(ctx, &copy, len, now, ifindex == LOOPBACK_IFINDEX);
 		if (verdict >= 0) {
 			// A valid Send on a live route, even one that goes to the
 			// sockets for want of its next hop: a client that sends
@@ -1235,7 +1236,7 @@ SEC("xdp")
 int callisto_turn_relay(struct xdp_md *ctx)
 {
 	// Charged in one place: its code, and the verifier's walk over it, once.
-	long verdict = relay(ctx);
+	int verdict = relay(ctx);
 	if (verdict != XDP_TX)
 		return verdict;
 	return relayed();
