@@ -467,6 +467,17 @@ pub struct TurnArgs {
         value_name = "INTERFACE"
     )]
     pub turn_kernel_relay: Vec<String>,
+
+    /// With --turn-kernel-relay: where the kernel relay cannot run (no
+    /// root or CAP_BPF, a kernel without BPF, an interface missing or held
+    /// by another XDP program), log why and relay everything in the
+    /// server, instead of refusing to start.
+    #[arg(
+        long = "turn-kernel-relay-optional",
+        env = "CALLISTO_TURN_KERNEL_RELAY_OPTIONAL",
+        requires = "turn_kernel_relay"
+    )]
+    pub turn_kernel_relay_optional: bool,
 }
 
 #[cfg(test)]

@@ -116,6 +116,7 @@ pub async fn start(
             args.turn_listen
         );
     }
+    let kernel = kernel_relay(args, relay_ip)?.map(Arc::new);
     let config = Config {
         credentials,
         policy: PeerPolicy::new(args.turn_allow_peers.clone(), args.turn_deny_peers.clone()),
@@ -127,29 +128,8 @@ pub async fn start(
         bps_per_allocation: args.turn_bps_per_allocation,
         unauth_rate: args.turn_unauth_rate,
         unauth_allowance: args.turn_unauth_allowance,
-        kernel_routes: !args.turn_kernel_relay.is_empty(),
+        kernel_routes: kernel.is_some(),
         ..Config::default()
-    };
-    let kernel = if args.turn_kernel_relay.is_empty() {
-        None
-    } else {
-        Some(Arc::new(KernelRelay::attach(&KernelRelayConfig {
-            interfaces: kernel_relay_interfaces(
-                &args.turn_kernel_relay,
-                args.turn_listen.ip(),
-                relay_ip,
-            )?,
-            max_allocations: args.turn_max_allocations,
-            relay_ip: match relay_ip {
-                IpAddr::V4(ip) => Some(ip),
-                IpAddr::V6(_) => None,
-            },
-            external_ip: match args.turn_external_ip {
-                Some(IpAddr::V4(ip)) => Some(ip),
-                _ => None,
-            },
-            bytes_per_sec: args.turn_bps_per_allocation,
-        })?))
     };
     let mut nonce_secret = [0u8; 32];
     getrandom::fill(&mut nonce_secret).context("reading the OS random source")?;
@@ -225,6 +205,44 @@ impl RunningTurn {
             tcp: self.service.tcp_addr,
             tls: self.service.tls_addr,
         }
+    }
+}
+
+/// The kernel relay, attached, if `--turn-kernel-relay` asks for it. Where
+/// it cannot run, an error, or with `--turn-kernel-relay-optional` a
+/// warning and none.
+fn kernel_relay(args: &TurnArgs, relay_ip: IpAddr) -> anyhow::Result<Option<KernelRelay>> {
+    if args.turn_kernel_relay.is_empty() {
+        return Ok(None);
+    }
+    let attached =
+        kernel_relay_interfaces(&args.turn_kernel_relay, args.turn_listen.ip(), relay_ip).and_then(
+            |interfaces| {
+                Ok(KernelRelay::attach(&KernelRelayConfig {
+                    interfaces,
+                    max_allocations: args.turn_max_allocations,
+                    relay_ip: match relay_ip {
+                        IpAddr::V4(ip) => Some(ip),
+                        IpAddr::V6(_) => None,
+                    },
+                    external_ip: match args.turn_external_ip {
+                        Some(IpAddr::V4(ip)) => Some(ip),
+                        _ => None,
+                    },
+                    bytes_per_sec: args.turn_bps_per_allocation,
+                })?)
+            },
+        );
+    match attached {
+        Ok(kernel) => Ok(Some(kernel)),
+        Err(e) if args.turn_kernel_relay_optional => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "the kernel relay cannot run here (--turn-kernel-relay-optional): the server relays everything itself"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -152,11 +152,14 @@ fn callisto_on(sub: &str, turn_listen: &str, extra: &[&str]) -> Callisto {
     let (mut turn_port, mut tls_port, mut http, mut https) = (None, None, None, false);
     let deadline = Instant::now() + Duration::from_secs(20);
     let has_http = sub == "serve" || extra.contains(&"--metrics-listen");
+    let mut startup = Vec::new();
     while turn_port.is_none() || (has_http && http.is_none()) {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("callisto starts");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+        let v = serde_json::from_str::<serde_json::Value>(&line);
+        startup.push(line);
+        let Ok(v) = v else {
             continue;
         };
         if let Some(udp) = v["udp"].as_str() {
@@ -182,7 +185,7 @@ fn callisto_on(sub: &str, turn_listen: &str, extra: &[&str]) -> Callisto {
             http = Some(hostport.parse().unwrap());
         }
     }
-    let logs = Arc::new(Mutex::new(Vec::new()));
+    let logs = Arc::new(Mutex::new(startup));
     let sink = logs.clone();
     std::thread::spawn(move || {
         for line in rx {
@@ -969,6 +972,40 @@ fn the_kernel_relay_keeps_to_the_bandwidth_limit() {
             "callisto_turn_over_budget_packets_total{direction=\"to_peer\"}"
         ) > 0.0,
         "{m}"
+    );
+}
+
+/// `--turn-kernel-relay-optional`: where the kernel relay cannot run (here:
+/// an interface that does not exist, which without the flag stops the
+/// server, below), the server says why and relays everything itself.
+#[test]
+fn an_optional_kernel_relay_that_cannot_run_leaves_the_relaying_to_the_server() {
+    let server = two_worker_turn(&[
+        "--turn-kernel-relay",
+        "no-such-interface0",
+        "--turn-kernel-relay-optional",
+    ]);
+    let (_peer, peer_port) = echo_peer();
+    assert_lossless(
+        "to a peer, without the kernel",
+        uclient(server.turn_port, peer_port, &[], "user", "pass"),
+    );
+    let m = metrics_once(&server, |m| {
+        m.contains("callisto_turn_relayed_packets_total")
+    });
+    assert_relayed_packets(&m, &["udp"], 2000.0);
+    assert_eq!(
+        counter(
+            &m,
+            "callisto_turn_relayed_in_kernel_packets_total{direction=\"to_peer\"}"
+        ),
+        0.0,
+        "{m}"
+    );
+    let logs = server.logs.lock().unwrap().join("\n");
+    assert!(
+        logs.contains("the kernel relay cannot run here") && logs.contains("no-such-interface0"),
+        "{logs}"
     );
 }
 
