@@ -820,6 +820,12 @@ mod tests {
     /// The program, told of `config` and given small maps (one test fills
     /// one), if root.
     fn loaded_by(config: KernelRelayConfig) -> Option<KernelRelay> {
+        try_loaded_by(config).map(|loaded| loaded.expect("the program loads"))
+    }
+
+    /// [`loaded_by`], with the loader's error (the verifier's log, when
+    /// it refuses the program) instead of a panic.
+    fn try_loaded_by(config: KernelRelayConfig) -> Option<Result<KernelRelay, String>> {
         if !super::super::root_or_skip("the kernel relay tests") {
             return None;
         }
@@ -828,7 +834,7 @@ mod tests {
             max_allocations: 128,
             ..config
         };
-        Some(KernelRelay::attach(&config).expect("the program loads"))
+        Some(KernelRelay::attach(&config).map_err(|e| format!("{e:?}")))
     }
 
     #[test]
@@ -1978,16 +1984,26 @@ mod tests {
             // Loaded once: the verifier takes tens of milliseconds. With
             // `send_to_ours`, the program takes the peer's IP for our relay
             // IP, so Send indications to it go to our own allocation `b`.
-            static RELAY: std::sync::OnceLock<Option<KernelRelay>> = std::sync::OnceLock::new();
-            static RELAY_OURS: std::sync::OnceLock<Option<KernelRelay>> = std::sync::OnceLock::new();
+            // A refusal is kept too: every case then fails at once, where
+            // loading again for each (the verifier taking half a minute to
+            // give up on a program too complex) kept the suite busy for a
+            // quarter of an hour.
+            type Loaded = Option<Result<KernelRelay, String>>;
+            static RELAY: std::sync::OnceLock<Loaded> = std::sync::OnceLock::new();
+            static RELAY_OURS: std::sync::OnceLock<Loaded> = std::sync::OnceLock::new();
             let later = Instant::now() + Duration::from_secs(60);
             let r = a_route(later);
-            let loaded = if send_to_ours {
-                RELAY_OURS.get_or_init(|| loaded_as(*r.peer.ip(), None))
-            } else {
-                RELAY.get_or_init(loaded)
+            let relay_ip = |ip: Ipv4Addr| KernelRelayConfig {
+                relay_ip: Some(ip),
+                ..KernelRelayConfig::default()
             };
-            let Some(relay) = loaded else { return Ok(()) };
+            let loaded = if send_to_ours {
+                RELAY_OURS.get_or_init(|| try_loaded_by(relay_ip(*r.peer.ip())))
+            } else {
+                RELAY.get_or_init(|| try_loaded_by(relay_ip(Ipv4Addr::LOCALHOST)))
+            };
+            let Some(loaded) = loaded else { return Ok(()) };
+            let relay = loaded.as_ref().expect("the program loads");
             // The peer's side, were it one of ours.
             let (b, b_permission) = allocation_open_to(r, r.peer);
             relay.apply([
