@@ -1307,12 +1307,14 @@ mod tests {
         };
         assert_eq!(in_place(&half), XDP_DROP, "B's budget is spent");
         assert_eq!(in_place(&half[..50]), XDP_TX, "but for 50 bytes");
-        // A's budget toward its peers paid for both: the one dropped for B's.
+        // A's budget toward its peers paid for both (0.55 s), the one
+        // dropped for B's too: more than the 50 bytes' 0.05 s is owed, even
+        // if this thread stalled for a while since.
         let ahead = a_to_peer
             .load(Ordering::Relaxed)
             .saturating_sub(monotonic(Instant::now()));
         assert!(
-            (500_000_000..=550_000_000).contains(&ahead),
+            (150_000_000..=550_000_000).contains(&ahead),
             "A's budget is paid {ahead} ns ahead"
         );
         // A budget emptied again (a new allocation on the port) pays again.
