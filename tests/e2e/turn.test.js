@@ -1,7 +1,7 @@
 // Calls forced through the built-in TURN server: relay candidates only,
 // over UDP, then TCP, then TLS, then one side over TCP and the other over
-// UDP, then over UDP through the kernel relay, with the iceServers from
-// `welcome`.
+// UDP, then over UDP through the kernel relay (also with a bandwidth
+// limit), with the iceServers from `welcome`.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -134,6 +134,54 @@ test('a call relayed through TURN over UDP goes through the kernel relay', async
       console.log(`# report: kernel relay, ${dir}: ${byKernel} bytes by the kernel, ${byWorkers} by the workers`);
       assert.ok(byWorkers * 10 < byKernel, `${dir}: the workers relayed ${byWorkers} bytes while the kernel relayed ${byKernel}`);
     }
+    assertOnlyTestAddresses();
+    for (const p of [a, b]) await p.context().close();
+  } finally {
+    assert.equal(await kernel.stop(), 0);
+  }
+});
+
+test('a call relayed through the kernel relay keeps to the bandwidth limit, and still plays', async () => {
+  // Per allocation and direction: room for audio and low-rate video (in
+  // the same window of an unlimited call, each browser sent about 45 kB/s,
+  // three times this, and rising).
+  const limit = 15000;
+  const kernel = await startServer(['--turn-kernel-relay', 'lo', '--turn-bps-per-allocation', String(limit)]);
+  try {
+    const [a, b] = await relayedCall(`relay-limited-${Date.now()}`, 'udp', 'udp', kernel);
+    const metric = (name) => counter(a, name, kernel);
+    const relayed = async () => {
+      const out = {};
+      for (const dir of ['to_peer', 'to_client']) {
+        out[dir] = {
+          all: await metric(`callisto_turn_relayed_bytes_total{direction="${dir}",transport="udp"}`),
+          kernel: await metric(`callisto_turn_relayed_in_kernel_bytes_total{direction="${dir}"}`),
+        };
+      }
+      return out;
+    };
+    const t0 = Date.now();
+    const start = await relayed();
+    await new Promise((r) => setTimeout(r, 6000));
+    const end = await relayed();
+    const seconds = (Date.now() - t0) / 1000;
+    // Two allocations carry the media each way (each browser sends from
+    // its selected pair's and receives on the one the other side chose);
+    // each of their budgets holds at most a second's bytes when the window
+    // opens, and the kernel's counts reach the metrics up to a second late
+    // at either end: two seconds' more at most.
+    const allowed = 2 * limit * (seconds + 2);
+    for (const dir of ['to_peer', 'to_client']) {
+      const bytes = end[dir].all - start[dir].all;
+      const byKernel = end[dir].kernel - start[dir].kernel;
+      console.log(`# report: limited to ${limit} B/s per allocation, ${dir}: ${bytes} bytes in ${seconds.toFixed(1)} s, ${byKernel} by the kernel`);
+      assert.ok(bytes <= allowed, `${dir}: ${bytes} bytes in ${seconds} s, at most ${allowed}`);
+      assert.ok(byKernel > 0, `${dir}: the kernel relays under the limit too`);
+    }
+    // And the call is still on: video keeps arriving at both ends.
+    for (const page of [a, b]) await waitForRemoteVideos(page, 1, 10000);
+    const over = await metric('callisto_turn_over_budget_packets_total{direction="to_peer"}');
+    console.log(`# report: ${over} packets to peers dropped over budget`);
     assertOnlyTestAddresses();
     for (const p of [a, b]) await p.context().close();
   } finally {
