@@ -670,7 +670,11 @@ static __always_inline int relayed(void)
 // peer), or both (in place, between two of our allocations). Taken if it
 // is relayed after all (see `relayed`). Noted here, in a per-CPU map,
 // rather than carried to the end: that took registers and stack the
-// program does not have (512 bytes, nearly all in use).
+// program does not have (512 bytes, nearly all in use). Per CPU is safe
+// where XDP runs with preemption off, as on every kernel but PREEMPT_RT;
+// there another packet's run could come between the note and its use,
+// and charge one packet's bytes to the other's budgets (as the per-CPU
+// counters could lose a count there).
 static __always_inline void owe(__u16 from, __u16 to, __u32 bytes)
 {
 	__u32 zero = 0;
