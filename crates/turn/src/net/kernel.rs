@@ -1321,13 +1321,31 @@ mod tests {
         a_to_peer.store(0, Ordering::Relaxed);
         assert_eq!(run(&relay, &to_peer).0, XDP_TX);
 
+        // Send indications and Data indications (A permits the peer's IP)
+        // take from the same budgets as ChannelData: half a second of A's
+        // budget toward peers is left, then none.
+        relay.apply([RouteChange::SetIndications(an_indication_route(r.expires))]);
+        let other_port = SocketAddrV4::new(*r.peer.ip(), 7001);
+        let send = frame(
+            r.client,
+            r.server,
+            &send_indication(other_port, &half, true, 0),
+            true,
+        );
+        assert_eq!(verdicts(&send, 2), [XDP_TX, XDP_DROP]);
+        // A's budget toward its client is spent (above); emptied, it pays.
+        let data_indication = frame(other_port, r.relay, &half, true);
+        assert_eq!(run(&relay, &data_indication).0, XDP_DROP);
+        words[2 * usize::from(r.relay.port()) + 1].store(0, Ordering::Relaxed);
+        assert_eq!(run(&relay, &data_indication).0, XDP_TX);
+
         let stats = relay.stats();
         assert_eq!(
             (stats.to_peer_over_budget, stats.to_client_over_budget),
-            (1, 2)
+            (1 + 1, 2 + 1)
         );
-        assert_eq!(stats.to_peer_packets, 2 + 1 + 1);
-        assert_eq!(stats.to_client_packets, 2 + 1);
+        assert_eq!(stats.to_peer_packets, 2 + 1 + 1 + 1);
+        assert_eq!(stats.to_client_packets, 2 + 1 + 1);
     }
 
     /// A frame sent back into loopback reaches only this host: the program
