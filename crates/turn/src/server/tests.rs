@@ -320,14 +320,14 @@ fn a_nonce_is_bound_to_its_five_tuple() {
 fn permissions_and_send_indications_and_data_indications() {
     let t0 = Instant::now();
     let (_, mut s) = setup(config(), t0);
-    let (mut c, relayed) = allocated(&mut s, five(1), t0);
+    let (mut c, _) = allocated(&mut s, five(1), t0);
 
     // Without a permission, data goes nowhere in either direction.
     let mut send = c.send_to(peer(), b"hello");
     assert_eq!(s.on_client(t0, five(1), &mut send), Output::None);
     let mut buf = vec![0u8; HEADROOM + 64];
     buf[HEADROOM..HEADROOM + 3].copy_from_slice(b"hey");
-    let relay = RelayId(u32::from(relayed.port() - 50000));
+    let relay = s.relay_of(&five(1)).expect("allocated");
     assert_eq!(s.on_peer(t0, relay, peer(), &mut buf, 3), Output::None);
 
     c.create_permission(t0, peer().ip());
@@ -387,8 +387,8 @@ fn permission_names(request: &[u8]) -> SocketAddr {
 fn a_permission_naming_a_port_is_for_the_whole_ip() {
     let t0 = Instant::now();
     let (_, mut s) = setup(config(), t0);
-    let (mut c, relayed) = allocated(&mut s, five(1), t0);
-    let relay = RelayId(u32::from(relayed.port() - 50000));
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    let relay = s.relay_of(&five(1)).expect("allocated");
     c.create_permission_for(t0, peer());
     let request = c.poll_transmit().expect("a CreatePermission");
     assert_eq!(
@@ -424,8 +424,8 @@ fn a_permission_naming_a_port_is_for_the_whole_ip() {
 fn channels_both_ways_and_their_rules() {
     let t0 = Instant::now();
     let (_, mut s) = setup(config(), t0);
-    let (mut c, relayed) = allocated(&mut s, five(1), t0);
-    let relay = RelayId(u32::from(relayed.port() - 50000));
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    let relay = s.relay_of(&five(1)).expect("allocated");
     let ch = c.bind_channel(t0, peer());
     assert_eq!(
         pump(&mut s, &mut c, five(1), t0),
@@ -490,13 +490,13 @@ fn stream_transports_pad_channel_data() {
     };
     let mut c = Client::new(USER, PASS, true, 4);
     c.allocate(t0);
-    let Event::Allocated { relayed, .. } = pump(&mut s, &mut c, tcp, t0).remove(0) else {
+    let Event::Allocated { .. } = pump(&mut s, &mut c, tcp, t0).remove(0) else {
         panic!()
     };
     c.bind_channel(t0, peer());
     pump(&mut s, &mut c, tcp, t0);
     let mut buf = vec![0xEEu8; HEADROOM + 64];
-    let relay = RelayId(u32::from(relayed.port() - 50000));
+    let relay = s.relay_of(&tcp).expect("allocated");
     let Output::ToClient { range, .. } = s.on_peer(t0, relay, peer(), &mut buf, 5) else {
         panic!()
     };
