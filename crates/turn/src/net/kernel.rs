@@ -28,7 +28,8 @@ use aya::{Ebpf, EbpfLoader};
 
 use super::offload::{self, UdpSegmentationOff};
 use crate::server::{
-    IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange, SharedBudgets,
+    IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange, SHARED_BUDGET_WORDS,
+    SharedBudgets,
 };
 
 /// The compiled program, built from `bpf/relay.bpf.c` by
@@ -375,7 +376,7 @@ fn budget_words(bytes_per_sec: u64) -> usize {
     if bytes_per_sec == 0 {
         1
     } else {
-        2 * (usize::from(u16::MAX) + 1)
+        SHARED_BUDGET_WORDS
     }
 }
 

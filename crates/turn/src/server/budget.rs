@@ -19,6 +19,9 @@ use std::time::Instant;
 /// What a budget holds: one second's bytes.
 const SECOND_NS: u64 = 1_000_000_000;
 
+/// Words of shared budgets ([`SharedBudgets`]): two for every port.
+pub const SHARED_BUDGET_WORDS: usize = 2 * (u16::MAX as usize + 1);
+
 /// Budget words, wherever they live: an allocation's own, or the kernel
 /// relay's map.
 pub type BudgetWords = Arc<dyn AsRef<[AtomicU64]> + Send + Sync>;
@@ -38,7 +41,7 @@ pub struct SharedBudgets {
 impl SharedBudgets {
     /// Whether they hold both budgets of every port.
     pub(super) fn cover_every_port(&self) -> bool {
-        (*self.words).as_ref().len() >= 2 * (usize::from(u16::MAX) + 1)
+        (*self.words).as_ref().len() >= SHARED_BUDGET_WORDS
     }
 }
 
@@ -47,7 +50,9 @@ impl SharedBudgets {
     /// Every port's budgets, as the kernel relay's, but on the heap, on a
     /// clock that reads `clock.1` ns at `clock.0`.
     pub(super) fn on_the_heap(clock: (Instant, u64)) -> Self {
-        let words: Vec<AtomicU64> = (0..2 * 65536).map(|_| AtomicU64::new(0)).collect();
+        let words: Vec<AtomicU64> = (0..SHARED_BUDGET_WORDS)
+            .map(|_| AtomicU64::new(0))
+            .collect();
         SharedBudgets {
             words: Arc::new(words),
             clock,

@@ -34,7 +34,7 @@ use crate::stun::{self, ChannelData, Class, Message, MessageBuilder, RawAttr, at
 mod budget;
 mod routes;
 use budget::{Budget, Direction};
-pub use budget::{BudgetWords, SharedBudgets};
+pub use budget::{BudgetWords, SHARED_BUDGET_WORDS, SharedBudgets};
 pub use routes::{IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange};
 
 /// Free bytes a driver must leave in front of a peer datagram, for the
