@@ -432,6 +432,18 @@ pub struct TurnArgs {
     #[arg(long, env = "CALLISTO_TURN_USER_QUOTA", default_value_t = 100)]
     pub turn_user_quota: usize,
 
+    /// Most TCP and TLS connections at once, together. Never more than a
+    /// quarter of the open-file limit, which the server raises to its hard
+    /// limit at start: the rest stays for relay sockets and the web server.
+    #[arg(long, env = "CALLISTO_TURN_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub turn_max_connections: u32,
+
+    /// Most TCP and TLS connections from one IPv4 address or IPv6 /64.
+    /// A browser behind a firewall that only lets TCP out holds one or two
+    /// per call it is in; raise it for large offices behind one address.
+    #[arg(long, env = "CALLISTO_TURN_MAX_CONNECTIONS_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub turn_max_connections_per_ip: u32,
+
     /// Relayed bytes per second per allocation and direction (0: unlimited).
     #[arg(long, env = "CALLISTO_TURN_BPS_PER_ALLOCATION", default_value_t = 0)]
     pub turn_bps_per_allocation: u64,

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod http;
 pub mod logging;
+pub mod open_files;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

@@ -17,6 +17,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Turn(args) => {
             callisto::logging::init(&args.logging.log, args.logging.log_format)?;
+            raise_open_file_limit();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async move {
                 let signals = StopSignals::install()?;
@@ -41,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             callisto::logging::init(&args.logging.log, args.logging.log_format)?;
+            raise_open_file_limit();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async move {
                 let signals = StopSignals::install()?;
@@ -53,6 +55,15 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+    }
+}
+
+/// Every connection and relay socket is a descriptor: take all the
+/// kernel lets this process have (see `callisto::open_files`).
+fn raise_open_file_limit() {
+    match callisto::open_files::raise_to_hard_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
 }
 

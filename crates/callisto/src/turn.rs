@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use callisto_protocol::IceServer;
 use callisto_turn::auth::{Credentials, rest_credentials};
-use callisto_turn::net::{KernelRelay, KernelRelayConfig, Listen, RelayConfig, TurnService};
+use callisto_turn::net::{
+    ConnectionLimits, KernelRelay, KernelRelayConfig, Listen, RelayConfig, TurnService,
+};
 use callisto_turn::policy::PeerPolicy;
 use callisto_turn::server::{Config, Shared};
 
@@ -152,6 +154,7 @@ pub async fn start(
         addr: args.turn_listen,
         tls_addr: args.turn_tls_listen,
         threads,
+        connections: connection_limits(args),
     };
     let service = TurnService::start(listen, relay, shared, tls, kernel)
         .await
@@ -188,6 +191,48 @@ pub async fn start(
         },
         service,
     })
+}
+
+/// The flags' connection limits, with the total held to what the
+/// open-file limit leaves room for (see [`connections_for_open_files`]).
+fn connection_limits(args: &TurnArgs) -> ConnectionLimits {
+    let wanted = args.turn_max_connections as usize;
+    let open_files = match crate::open_files::limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit; TURN TCP/TLS connections are limited by --turn-max-connections alone");
+            u64::MAX
+        }
+    };
+    let room = connections_for_open_files(open_files);
+    if room < wanted {
+        tracing::warn!(
+            open_file_limit = open_files,
+            connections = room,
+            "the open-file limit leaves room for fewer TURN TCP/TLS connections than --turn-max-connections {wanted}: raise it (systemd: LimitNOFILE=, shell: ulimit -n) to serve more"
+        );
+    }
+    let needed = (args.turn_max_allocations as u64).saturating_add(wanted.min(room) as u64);
+    if open_files < needed {
+        tracing::warn!(
+            open_file_limit = open_files,
+            "the open-file limit is below what --turn-max-allocations {} and the connections may use ({needed}): allocations past it will get 508 (Insufficient Capacity); raise it (systemd: LimitNOFILE=, shell: ulimit -n)",
+            args.turn_max_allocations
+        );
+    }
+    ConnectionLimits {
+        total: wanted.min(room),
+        per_source: args.turn_max_connections_per_ip as usize,
+    }
+}
+
+/// TCP and TLS connections that `open_files` descriptors leave room for:
+/// a quarter of them. Each connection takes one, and a second for its
+/// relay socket once it allocates, so connections take at most half, and
+/// the other half stays for UDP clients' relay sockets, the listening
+/// sockets and the web server, whatever the connections do.
+fn connections_for_open_files(open_files: u64) -> usize {
+    usize::try_from(open_files / 4).unwrap_or(usize::MAX).max(1)
 }
 
 /// The addresses a running TURN service listens on.

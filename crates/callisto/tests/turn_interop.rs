@@ -124,7 +124,35 @@ fn callisto(sub: &str, extra: &[&str]) -> Callisto {
 }
 
 fn callisto_on(sub: &str, turn_listen: &str, extra: &[&str]) -> Callisto {
+    callisto_with_open_files(sub, turn_listen, extra, None)
+}
+
+/// [`callisto_on`], with the open-file limit (soft and hard) at
+/// `open_files`, if given.
+fn callisto_with_open_files(
+    sub: &str,
+    turn_listen: &str,
+    extra: &[&str],
+    open_files: Option<u64>,
+) -> Callisto {
     let mut cmd = Command::new(BIN);
+    if let Some(n) = open_files {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches
+        // nothing else of the parent's.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.arg(sub);
     if sub == "serve" {
         cmd.args(["--listen", "127.0.0.1:0"]);
@@ -792,6 +820,143 @@ fn secrets_never_reach_the_logs() {
     {
         assert!(!logs.contains(needle), "{needle} is in the logs");
     }
+}
+
+/// A TCP connection from `source` (a loopback address) to the server.
+/// On loopback, a server that resets it at once can do so before
+/// `connect` returns, which then fails.
+fn try_connect_from(source: &str, port: u16) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(source.parse().unwrap(), 0).into())?;
+    s.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    Ok(s.into())
+}
+
+fn connect_from(source: &str, port: u16) -> TcpStream {
+    try_connect_from(source, port).unwrap()
+}
+
+/// Whether the server answers a STUN Binding request on `tcp`, rather
+/// than having reset or closed the connection.
+fn answered(tcp: &mut TcpStream) -> bool {
+    let mut request = [0u8; 20];
+    request[..2].copy_from_slice(&1u16.to_be_bytes());
+    request[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+    request[8..].fill(0x5a);
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut header = [0u8; 20];
+    tcp.write_all(&request).is_ok()
+        && tcp.read_exact(&mut header).is_ok()
+        && header[..2] == 0x0101u16.to_be_bytes()
+}
+
+/// The stream connections the server holds, TCP and TLS.
+fn stream_connections(metrics: &str) -> f64 {
+    ["tcp", "tls"]
+        .iter()
+        .map(|t| {
+            counter(
+                metrics,
+                &format!("callisto_turn_stream_connections{{transport=\"{t}\"}}"),
+            )
+        })
+        .sum()
+}
+
+/// With 256 descriptors, the server keeps 64 TCP connections (a quarter)
+/// and resets the rest, so that a host opening connections in a loop
+/// cannot take the descriptors UDP clients' relay sockets need: before
+/// the limit, 300 idle connections got every later allocation a 508.
+/// Once the flood is gone, TCP clients are served again.
+#[test]
+fn a_flood_of_tcp_connections_leaves_the_others_served() {
+    let server = callisto_with_open_files(
+        "turn",
+        "127.0.0.1:0",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            "127.0.0.0/8",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        Some(256),
+    );
+    let (_peer, peer_port) = echo_peer();
+    // From five addresses, so that the total holds them back, not the
+    // limit per address (256).
+    let flood: Vec<TcpStream> = (0..300)
+        .filter_map(|i| try_connect_from(&format!("127.0.0.{}", 2 + i % 5), server.turn_port).ok())
+        .collect();
+    assert!(flood.len() >= 64);
+    let refused = "callisto_turn_stream_refused_total{reason=\"total\"}";
+    let m = metrics_once(&server, |m| counter(m, refused) >= 236.0);
+    assert_eq!(counter(&m, refused), 236.0, "{m}");
+    assert_eq!(stream_connections(&m), 64.0, "{m}");
+
+    assert_lossless(
+        "udp, during the flood",
+        uclient(server.turn_port, peer_port, &[], "user", "pass"),
+    );
+    let logs = server.logs.lock().unwrap().join("\n");
+    assert!(
+        logs.contains("open-file limit leaves room for fewer TURN TCP/TLS connections")
+            && logs.contains("turned TURN tcp connections away")
+            && logs.contains("\"total_limit\":64"),
+        "{logs}"
+    );
+
+    drop(flood);
+    let m = metrics_once(&server, |m| stream_connections(m) == 0.0);
+    assert_eq!(stream_connections(&m), 0.0, "{m}");
+    assert_lossless(
+        "tcp, after the flood",
+        uclient(server.turn_port, peer_port, &["-t"], "user", "pass"),
+    );
+}
+
+/// One address gets `--turn-max-connections-per-ip` connections and no
+/// more; another address is still served, and a place given back is
+/// taken again.
+#[test]
+fn one_address_gets_its_share_of_connections() {
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-max-connections-per-ip",
+            "8",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut held: Vec<TcpStream> = (0..8)
+        .map(|_| connect_from("127.0.0.2", server.turn_port))
+        .collect();
+    for tcp in &mut held {
+        assert!(answered(tcp), "one of the first 8 was refused");
+    }
+    if let Ok(mut ninth) = try_connect_from("127.0.0.2", server.turn_port) {
+        assert!(!answered(&mut ninth), "the 9th was served");
+    }
+    let mut other = connect_from("127.0.0.3", server.turn_port);
+    assert!(answered(&mut other), "another address was refused");
+
+    drop(held.pop());
+    let m = metrics_once(&server, |m| stream_connections(m) == 8.0);
+    assert_eq!(stream_connections(&m), 8.0, "{m}");
+    assert_eq!(
+        counter(
+            &m,
+            "callisto_turn_stream_refused_total{reason=\"per_source\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    let mut again = connect_from("127.0.0.2", server.turn_port);
+    assert!(answered(&mut again), "the place given back was not taken");
 }
 
 /// Moves this test's thread into a network namespace of its own with only

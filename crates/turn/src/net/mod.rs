@@ -1,6 +1,7 @@
 //! Socket drivers for the sans-IO server: [`udp`] worker threads and
 //! [`stream`] (TCP/TLS) tasks, and [`TurnService`] which starts them all.
 
+pub mod admission;
 pub mod batch;
 pub mod kernel;
 pub mod offload;
@@ -17,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::Shared;
+pub use admission::{Admission, ConnectionLimits};
 pub use kernel::{KernelRelay, KernelRelayConfig, interface_holding};
 pub use udp::RelayConfig;
 
@@ -28,6 +30,8 @@ pub struct Listen {
     /// TLS over TCP, if any.
     pub tls_addr: Option<SocketAddr>,
     pub threads: usize,
+    /// TCP and TLS connections, together.
+    pub connections: ConnectionLimits,
 }
 
 /// A running STUN/TURN service.
@@ -81,9 +85,11 @@ impl TurnService {
         if let Some(kernel) = kernel {
             tokio::spawn(report_kernel_relay(kernel, stop.clone()));
         }
+        let admission = Admission::new(listen.connections);
         tokio::spawn(stream::serve(
             tcp_listener,
             None,
+            admission.clone(),
             relay.clone(),
             shared.clone(),
             udp.sender.clone(),
@@ -96,6 +102,7 @@ impl TurnService {
             tokio::spawn(stream::serve(
                 l,
                 Some(TlsAcceptor::from(cfg)),
+                admission,
                 relay,
                 shared,
                 udp.sender.clone(),

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::admission::Admission;
 use super::udp::{RelayConfig, RelaySockets};
 use crate::server::{
     FiveTuple, HEADROOM, Inbox, Output, RelayId, Server, Shared, StreamInbox, TAILROOM, Transport,
@@ -33,12 +34,14 @@ const MAX_FRAME: usize = 65_535 + 20 + 3;
 /// A connection that has not allocated within this time is closed.
 const IDLE_WITHOUT_ALLOCATION: Duration = Duration::from_secs(30);
 
-/// Accepts connections on `listener` until `stop`; with `tls`, each
-/// connection does a TLS handshake first. From `udp`, a UDP listening
-/// socket, connections relay in place to allocations of UDP clients.
+/// Accepts connections on `listener` until `stop`, as many as
+/// `admission` lets in; with `tls`, each connection does a TLS handshake
+/// first. From `udp`, a UDP listening socket, connections relay in place
+/// to allocations of UDP clients.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    admission: Arc<Admission>,
     relay: RelayConfig,
     shared: Arc<Shared>,
     udp: Arc<StdUdpSocket>,
@@ -69,6 +72,29 @@ pub async fn serve(
                 }
             },
         };
+        let admitted = match admission.admit(client.ip(), Instant::now()) {
+            Ok(a) => a,
+            Err((why, summary)) => {
+                metrics::counter!("callisto_turn_stream_refused_total", "reason" => why.as_str())
+                    .increment(1);
+                if let Some(s) = summary {
+                    let limits = admission.limits();
+                    tracing::warn!(
+                        over_total = s.total,
+                        over_per_source = s.per_source,
+                        last_from = %s.last_from,
+                        total_limit = limits.total,
+                        per_source_limit = limits.per_source,
+                        "turned TURN {transport} connections away, too many were open; if they are legitimate, raise --turn-max-connections or --turn-max-connections-per-ip",
+                        transport = transport.as_str(),
+                    );
+                }
+                // A reset: the refused connection leaves nothing behind,
+                // not even TIME_WAIT.
+                let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let five = FiveTuple {
             client,
@@ -86,6 +112,7 @@ pub async fn serve(
         let tls = tls.clone();
         seed = seed.wrapping_add(7919);
         tokio::spawn(async move {
+            let _admitted = admitted;
             metrics::gauge!("callisto_turn_stream_connections", "transport" => transport.as_str())
                 .increment(1.0);
             match tls {
@@ -229,7 +256,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     // one message, and loses the others of a record holding several.
     let record_per_message = five.transport == Transport::Tls;
     let mut relay: Option<(RelayId, UdpSocket)> = None;
-    let mut peer_buf = vec![0u8; HEADROOM + 65_536 + TAILROOM];
+    // Sized once the connection has a relay: until it has allocated, a
+    // connection holds no more than what it reads.
+    let mut peer_buf: Vec<u8> = Vec::new();
     let started = Instant::now();
     // Made once, not per wake-up: each `cancelled()` registers with a
     // Notify and each `sleep_until` with the timer wheel, which cost more
@@ -242,6 +271,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     tokio::pin!(delivered);
     let result: io::Result<()> = async {
         loop {
+            if relay.is_some() && peer_buf.is_empty() {
+                peer_buf = vec![0u8; HEADROOM + 65_536 + TAILROOM];
+            }
             let wake = server
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
