@@ -212,6 +212,19 @@ pub struct ServeArgs {
     #[arg(long, env = "CALLISTO_MAX_MESSAGE_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_message_burst: u32,
 
+    /// Most HTTP and WebSocket connections at once. Never more than a
+    /// quarter of the open-file limit, which the server raises to its hard
+    /// limit at start. A connection that sends nothing for twice the
+    /// heartbeat timeout is closed.
+    #[arg(long, env = "CALLISTO_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Most HTTP and WebSocket connections from one IPv4 address or IPv6
+    /// /64. Each browser tab holds one WebSocket and a few HTTP connections
+    /// while it loads; raise it for large offices behind one address.
+    #[arg(long, env = "CALLISTO_MAX_CONNECTIONS_PER_IP", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: u32,
+
     /// STUN or TURN URL handed to browsers in `welcome.iceServers`, e.g.
     /// stun:stun.example.org:3478 or turn:turn.example.org:3478?transport=udp
     /// (repeatable).

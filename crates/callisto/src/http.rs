@@ -22,8 +22,8 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
-impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for ClientAddr {
-    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+impl Connected<IncomingStream<'_, crate::connections::LimitedListener>> for ClientAddr {
+    fn connect_info(stream: IncomingStream<'_, crate::connections::LimitedListener>) -> Self {
         ClientAddr(*stream.remote_addr())
     }
 }

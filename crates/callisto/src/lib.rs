@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod connections;
 pub mod http;
 pub mod logging;
 pub mod open_files;

@@ -8,12 +8,14 @@ use std::time::Duration;
 use anyhow::Context;
 use callisto_protocol::IceServer;
 use callisto_signal::{ConnectionConfig, Hub, HubLimits, random_peer_id};
+use callisto_turn::net::ConnectionLimits;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cli::ServeArgs;
+use crate::connections::LimitedListener;
 use crate::http::{AppState, ClientAddr, router};
 use crate::tls;
 
@@ -111,6 +113,19 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         )
     })?;
     let local_addr = tcp.local_addr()?;
+    let tcp = LimitedListener::new(
+        tcp,
+        ConnectionLimits {
+            total: crate::open_files::connections_within_limit(
+                args.max_connections as usize,
+                "--max-connections",
+            ),
+            per_source: args.max_connections_per_ip as usize,
+        },
+        // Past the heartbeat timeout, so that the hub closes a silent
+        // WebSocket client itself, with a close frame.
+        2 * Duration::from_secs(u64::from(args.heartbeat_timeout)),
+    );
     let scheme = if tls.is_some() { "https" } else { "http" };
     let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
 

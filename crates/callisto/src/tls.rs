@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
+
+use crate::connections::{Guarded, LimitedListener};
 use tokio_rustls::server::TlsStream;
 
 /// Why TLS could not be set up; every variant says what to fix.
@@ -125,25 +127,19 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An `axum::serve` listener that yields TLS streams whose handshake is done.
 pub struct TlsListener {
     local: SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsStream<Guarded<TcpStream>>, SocketAddr)>,
 }
 
 impl TlsListener {
-    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
-        let local = tcp.local_addr()?;
+    /// Does the handshakes of `tcp`'s connections, which hold their places
+    /// in its limits from the first byte.
+    pub fn new(mut tcp: LimitedListener, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+        let local = axum::serve::Listener::local_addr(&tcp)?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
             loop {
-                let (stream, addr) = match tcp.accept().await {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off rather than spin.
-                        tracing::warn!(error = %e, "accepting a TCP connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+                let (stream, addr) = tcp.accept().await;
                 if tx.is_closed() {
                     break;
                 }
@@ -165,7 +161,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<Guarded<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -193,46 +193,27 @@ pub async fn start(
     })
 }
 
-/// The flags' connection limits, with the total held to what the
-/// open-file limit leaves room for (see [`connections_for_open_files`]).
+/// The flags' connection limits, the total held to what the open-file
+/// limit leaves room for (see `open_files::connections_within_limit`).
 fn connection_limits(args: &TurnArgs) -> ConnectionLimits {
-    let wanted = args.turn_max_connections as usize;
-    let open_files = match crate::open_files::limit() {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the open-file limit; TURN TCP/TLS connections are limited by --turn-max-connections alone");
-            u64::MAX
+    let total = crate::open_files::connections_within_limit(
+        args.turn_max_connections as usize,
+        "--turn-max-connections",
+    );
+    if let Ok(open_files) = crate::open_files::limit() {
+        let needed = (args.turn_max_allocations as u64).saturating_add(total as u64);
+        if open_files < needed {
+            tracing::warn!(
+                open_file_limit = open_files,
+                "the open-file limit is below what --turn-max-allocations {} and the connections may use ({needed}): allocations past it will get 508 (Insufficient Capacity); raise it (systemd: LimitNOFILE=, shell: ulimit -n)",
+                args.turn_max_allocations
+            );
         }
-    };
-    let room = connections_for_open_files(open_files);
-    if room < wanted {
-        tracing::warn!(
-            open_file_limit = open_files,
-            connections = room,
-            "the open-file limit leaves room for fewer TURN TCP/TLS connections than --turn-max-connections {wanted}: raise it (systemd: LimitNOFILE=, shell: ulimit -n) to serve more"
-        );
-    }
-    let needed = (args.turn_max_allocations as u64).saturating_add(wanted.min(room) as u64);
-    if open_files < needed {
-        tracing::warn!(
-            open_file_limit = open_files,
-            "the open-file limit is below what --turn-max-allocations {} and the connections may use ({needed}): allocations past it will get 508 (Insufficient Capacity); raise it (systemd: LimitNOFILE=, shell: ulimit -n)",
-            args.turn_max_allocations
-        );
     }
     ConnectionLimits {
-        total: wanted.min(room),
+        total,
         per_source: args.turn_max_connections_per_ip as usize,
     }
-}
-
-/// TCP and TLS connections that `open_files` descriptors leave room for:
-/// a quarter of them. Each connection takes one, and a second for its
-/// relay socket once it allocates, so connections take at most half, and
-/// the other half stays for UDP clients' relay sockets, the listening
-/// sockets and the web server, whatever the connections do.
-fn connections_for_open_files(open_files: u64) -> usize {
-    usize::try_from(open_files / 4).unwrap_or(usize::MAX).max(1)
 }
 
 /// The addresses a running TURN service listens on.

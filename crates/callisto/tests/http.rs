@@ -2,8 +2,12 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::Server;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn serves_the_app_with_security_headers() {
@@ -70,4 +74,83 @@ async fn healthz_and_metrics() {
         assert!(body.contains(needle), "missing {needle} in\n{body}");
     }
     assert!(server.metric("callisto_rooms").await >= 1.0);
+}
+
+/// A TCP connection from `source` (a loopback address), or the error when
+/// the server reset it before `connect` returned.
+async fn connect_from(source: &str, to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))?;
+    socket.connect(to).await
+}
+
+/// Whether the server answers `GET /healthz` on `tcp`.
+async fn healthy(mut tcp: TcpStream) -> bool {
+    let req = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    if tcp.write_all(req).await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(common::TIMEOUT, tcp.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200")
+}
+
+/// Whether the server closes `tcp`, silent on our side, within `within`.
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// One address gets `--max-connections-per-ip` connections and no more,
+/// while others are still served; a connection that says nothing is closed
+/// after twice the heartbeat timeout, which gives its place back, and a
+/// WebSocket client that keeps talking stays.
+#[tokio::test]
+async fn connections_are_limited_per_address_and_silent_ones_closed() {
+    let server =
+        Server::start(&["--max-connections-per-ip", "4", "--heartbeat-timeout", "1"]).await;
+    // A WebSocket client that keeps talking, for 3 s (past the 2 s).
+    let mut ws = server.client().await;
+    ws.join("limits", "L").await;
+    let talking = tokio::spawn(async move {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(3) {
+            ws.ping().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ws.ping().await;
+    });
+
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(connect_from("127.0.0.2", server.addr).await.unwrap());
+    }
+    if let Ok(fifth) = connect_from("127.0.0.2", server.addr).await {
+        assert!(!healthy(fifth).await, "a 5th connection was served");
+    }
+    let other = connect_from("127.0.0.3", server.addr).await.unwrap();
+    assert!(healthy(other).await, "another address was refused");
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("callisto_http_connections_refused_total{reason=\"per_source\"}"),
+        "{metrics}"
+    );
+
+    // The silent four go after 2 s.
+    let started = Instant::now();
+    for tcp in &mut silent {
+        assert!(
+            closed_within(tcp, Duration::from_secs(10)).await,
+            "a silent connection stayed"
+        );
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    talking
+        .await
+        .expect("the WebSocket client stayed connected");
+    let again = connect_from("127.0.0.2", server.addr).await.unwrap();
+    assert!(healthy(again).await, "the places were not given back");
 }

@@ -901,8 +901,9 @@ fn a_flood_of_tcp_connections_leaves_the_others_served() {
     );
     let logs = server.logs.lock().unwrap().join("\n");
     assert!(
-        logs.contains("open-file limit leaves room for fewer TURN TCP/TLS connections")
-            && logs.contains("turned TURN tcp connections away")
+        logs.contains(
+            "open-file limit leaves room for fewer connections than --turn-max-connections"
+        ) && logs.contains("turned TURN tcp connections away")
             && logs.contains("\"total_limit\":64"),
         "{logs}"
     );

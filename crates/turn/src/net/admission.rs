@@ -9,7 +9,8 @@
 //!
 //! No I/O and no clock of its own: the listeners ask [`Admission::admit`]
 //! before they do anything with a new connection, and the [`Admitted`]
-//! ticket gives the place back when the connection ends.
+//! ticket gives the place back when the connection ends. The `callisto`
+//! binary's web server admits its connections with it too.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

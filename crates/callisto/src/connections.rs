@@ -1,0 +1,162 @@
+//! Which connections the web server takes, and when it lets a silent one
+//! go. Each connection is a file descriptor and a task, and without bounds
+//! one host opening connections and sending nothing held them all, for
+//! good: hyper times out request headers only with a timer, which
+//! `axum::serve` does not give it. Bounded here as the TURN listeners are
+//! ([`Admission`]): in total and per address, with the connection reset at
+//! once when over; and a connection that sends nothing for `idle` is closed
+//! (a WebSocket client answers the server's pings, so a live one is never
+//! silent that long).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use callisto_turn::net::admission::{Admission, Admitted, ConnectionLimits};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
+
+/// A TCP listener that admits connections within `limits`.
+pub struct LimitedListener {
+    tcp: TcpListener,
+    admission: Arc<Admission>,
+    idle: Duration,
+}
+
+impl LimitedListener {
+    pub fn new(tcp: TcpListener, limits: ConnectionLimits, idle: Duration) -> Self {
+        LimitedListener {
+            tcp,
+            admission: Admission::new(limits),
+            idle,
+        }
+    }
+
+    /// The next connection within the limits; those over them are reset.
+    pub async fn accept(&mut self) -> (Guarded<TcpStream>, SocketAddr) {
+        loop {
+            let (tcp, from) = match self.tcp.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accepting a TCP connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match self.admission.admit(from.ip(), Instant::now()) {
+                Ok(admitted) => return (Guarded::new(tcp, admitted, self.idle), from),
+                Err((why, summary)) => {
+                    metrics::counter!("callisto_http_connections_refused_total", "reason" => why.as_str())
+                        .increment(1);
+                    if let Some(s) = summary {
+                        let limits = self.admission.limits();
+                        tracing::warn!(
+                            over_total = s.total,
+                            over_per_source = s.per_source,
+                            last_from = %s.last_from,
+                            total_limit = limits.total,
+                            per_source_limit = limits.per_source,
+                            "turned web connections away, too many were open; if they are legitimate, raise --max-connections or --max-connections-per-ip"
+                        );
+                    }
+                    // A reset: nothing is left behind, not even TIME_WAIT.
+                    let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                }
+            }
+        }
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = Guarded<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        LimitedListener::accept(self).await
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// An admitted connection: holds its place until dropped, and fails a read
+/// that has waited `idle` for the client.
+pub struct Guarded<S> {
+    io: S,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+    _admitted: Admitted,
+}
+
+impl<S> Guarded<S> {
+    fn new(io: S, admitted: Admitted, idle: Duration) -> Self {
+        Guarded {
+            io,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+            _admitted: admitted,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(read) => {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.deadline.as_mut().reset(next);
+                Poll::Ready(read)
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client sent nothing for too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
