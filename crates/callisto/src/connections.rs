@@ -50,23 +50,16 @@ impl LimitedListener {
                     continue;
                 }
             };
-            match self.admission.admit(from.ip(), Instant::now()) {
-                Ok(admitted) => return (Guarded::new(tcp, admitted, self.idle), from),
-                Err((why, summary)) => {
-                    metrics::counter!("callisto_http_connections_refused_total", "reason" => why.as_str())
-                        .increment(1);
-                    if let Some(s) = summary {
-                        let limits = self.admission.limits();
-                        tracing::warn!(
-                            over_total = s.total,
-                            over_per_source = s.per_source,
-                            last_from = %s.last_from,
-                            total_limit = limits.total,
-                            per_source_limit = limits.per_source,
-                            "turned web connections away, too many were open; if they are legitimate, raise --max-connections or --max-connections-per-ip"
-                        );
-                    }
-                    // A reset: nothing is left behind, not even TIME_WAIT.
+            match self.admission.admit_or_count(
+                from.ip(),
+                Instant::now(),
+                "callisto_http_connections_refused_total",
+                "web",
+                "--max-connections or --max-connections-per-ip",
+            ) {
+                Some(admitted) => return (Guarded::new(tcp, admitted, self.idle), from),
+                // A reset: nothing is left behind, not even TIME_WAIT.
+                None => {
                     let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                 }
             }

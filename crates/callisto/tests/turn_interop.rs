@@ -903,7 +903,7 @@ fn a_flood_of_tcp_connections_leaves_the_others_served() {
     assert!(
         logs.contains(
             "open-file limit leaves room for fewer connections than --turn-max-connections"
-        ) && logs.contains("turned TURN tcp connections away")
+        ) && logs.contains("turned TURN TCP/TLS connections away")
             && logs.contains("\"total_limit\":64"),
         "{logs}"
     );

@@ -177,6 +177,37 @@ impl Admission {
         Err((refused, summary))
     }
 
+    /// [`Admission::admit`] for a listener: a refusal is counted in the
+    /// counter `metric` by reason, and the refusals are summed up in the
+    /// log at most every [`SUMMARY_EVERY`], naming `what` was refused and
+    /// the `flags` that would let more in.
+    pub fn admit_or_count(
+        self: &Arc<Self>,
+        from: IpAddr,
+        now: Instant,
+        metric: &'static str,
+        what: &str,
+        flags: &str,
+    ) -> Option<Admitted> {
+        match self.admit(from, now) {
+            Ok(admitted) => Some(admitted),
+            Err((why, summary)) => {
+                metrics::counter!(metric, "reason" => why.as_str()).increment(1);
+                if let Some(s) = summary {
+                    tracing::warn!(
+                        over_total = s.total,
+                        over_per_source = s.per_source,
+                        last_from = %s.last_from,
+                        total_limit = self.limits.total,
+                        per_source_limit = self.limits.per_source,
+                        "turned {what} connections away, too many were open; if they are legitimate, raise {flags}"
+                    );
+                }
+                None
+            }
+        }
+    }
+
     /// Connections open now, in total.
     pub fn open(&self) -> usize {
         self.lock().open

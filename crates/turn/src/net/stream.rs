@@ -72,28 +72,17 @@ pub async fn serve(
                 }
             },
         };
-        let admitted = match admission.admit(client.ip(), Instant::now()) {
-            Ok(a) => a,
-            Err((why, summary)) => {
-                metrics::counter!("callisto_turn_stream_refused_total", "reason" => why.as_str())
-                    .increment(1);
-                if let Some(s) = summary {
-                    let limits = admission.limits();
-                    tracing::warn!(
-                        over_total = s.total,
-                        over_per_source = s.per_source,
-                        last_from = %s.last_from,
-                        total_limit = limits.total,
-                        per_source_limit = limits.per_source,
-                        "turned TURN {transport} connections away, too many were open; if they are legitimate, raise --turn-max-connections or --turn-max-connections-per-ip",
-                        transport = transport.as_str(),
-                    );
-                }
-                // A reset: the refused connection leaves nothing behind,
-                // not even TIME_WAIT.
-                let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                continue;
-            }
+        let Some(admitted) = admission.admit_or_count(
+            client.ip(),
+            Instant::now(),
+            "callisto_turn_stream_refused_total",
+            "TURN TCP/TLS",
+            "--turn-max-connections or --turn-max-connections-per-ip",
+        ) else {
+            // A reset: the refused connection leaves nothing behind, not
+            // even TIME_WAIT.
+            let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let five = FiveTuple {
