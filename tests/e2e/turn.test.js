@@ -1,5 +1,6 @@
 // Calls forced through the built-in TURN server: relay candidates only,
-// over UDP, then TCP, then TLS, then one side over TCP and the other over
+// over UDP, then TCP, then TLS (on a port of its own, and on the web
+// server's HTTPS port), then one side over TCP and the other over
 // UDP, then over UDP through the kernel relay (also with a bandwidth
 // limit), with the iceServers from `welcome`.
 
@@ -53,6 +54,27 @@ for (const transport of ['udp', 'tcp', 'tls']) {
     for (const p of pages) await p.context().close();
   });
 }
+
+test('a call relayed through TURN over TLS on the web server\'s HTTPS port', async () => {
+  // TLS, and no TURN listener for TLS of its own: TURN over TLS shares the
+  // HTTPS port, for browsers that may reach nothing else.
+  const shared = await startServer(['--tls-self-signed', '--tls-name', 'localhost']);
+  try {
+    const room = `relay-web-port-${Date.now()}`;
+    const pages = await relayedCall(room, 'tls', 'tls', shared);
+    const port = new URL(shared.url).port;
+    for (const page of pages) {
+      const [c] = await connectionReport(page);
+      assert.equal(c.pair.local.url, `turns:localhost:${port}?transport=tcp`);
+    }
+    const relayed = await counter(pages[0], 'callisto_turn_relayed_packets_total{direction="to_peer",transport="tls"}', shared);
+    assert.ok(relayed > 0, `TURN over TLS relayed ${relayed} packets`);
+    assertOnlyTestAddresses();
+    for (const p of pages) await p.context().close();
+  } finally {
+    assert.equal(await shared.stop(), 0);
+  }
+});
 
 /** A counter from the server's metrics (`name` with its labels), or 0. */
 async function counter(page, name, via = server) {

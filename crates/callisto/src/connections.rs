@@ -84,7 +84,8 @@ impl axum::serve::Listener for LimitedListener {
 /// that has waited `idle` for the client.
 pub struct Guarded<S> {
     io: S,
-    idle: Duration,
+    /// None: reads wait as long as they must.
+    idle: Option<Duration>,
     deadline: Pin<Box<Sleep>>,
     _admitted: Admitted,
 }
@@ -93,10 +94,16 @@ impl<S> Guarded<S> {
     fn new(io: S, admitted: Admitted, idle: Duration) -> Self {
         Guarded {
             io,
-            idle,
+            idle: Some(idle),
             deadline: Box::pin(tokio::time::sleep(idle)),
             _admitted: admitted,
         }
+    }
+
+    /// Lets reads wait as long as they must, for a connection that keeps
+    /// its own time (a TURN client's, whose allocation expires).
+    pub fn wait_for_the_client(&mut self) {
+        self.idle = None;
     }
 }
 
@@ -107,9 +114,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let Some(idle) = this.idle else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(read) => {
-                let next = tokio::time::Instant::now() + this.idle;
+                let next = tokio::time::Instant::now() + idle;
                 this.deadline.as_mut().reset(next);
                 Poll::Ready(read)
             }
@@ -124,32 +134,114 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
-    fn poll_write(
+/// A stream whose first byte was read to tell what it carries, and is
+/// given back to whoever reads it next.
+pub struct FirstByteBack<S> {
+    first: Option<u8>,
+    io: S,
+}
+
+impl<S: AsyncRead + Unpin> FirstByteBack<S> {
+    /// Reads the first byte of `io`; None if it ends (or fails) first.
+    pub async fn read(mut io: S) -> Option<(u8, FirstByteBack<S>)> {
+        let mut first = [0u8; 1];
+        match tokio::io::AsyncReadExt::read(&mut io, &mut first).await {
+            Ok(1) => Some((
+                first[0],
+                FirstByteBack {
+                    first: Some(first[0]),
+                    io,
+                },
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl<S> FirstByteBack<S> {
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstByteBack<S> {
+    fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() > 0
+            && let Some(b) = this.first.take()
+        {
+            buf.put_slice(&[b]);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
+}
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, data)
-    }
+/// Writes go straight to the wrapped stream (field `io`): these wrappers
+/// only change how it is read.
+macro_rules! write_through {
+    ($wrapper:ident) => {
+        impl<S: AsyncWrite + Unpin> AsyncWrite for $wrapper<S> {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                data: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+            }
 
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                data: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, data)
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
+            fn is_write_vectored(&self) -> bool {
+                self.io.is_write_vectored()
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.get_mut().io).poll_flush(cx)
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
+write_through!(Guarded);
+write_through!(FirstByteBack);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn the_first_byte_is_read_again() {
+        let (mut near, far) = tokio::io::duplex(64);
+        near.write_all(b"GET / HTTP/1.1").await.unwrap();
+        let (first, mut back) = FirstByteBack::read(far).await.unwrap();
+        assert_eq!(first, b'G');
+        let mut text = [0u8; 14];
+        back.read_exact(&mut text).await.unwrap();
+        assert_eq!(&text, b"GET / HTTP/1.1");
+        // Writes go through untouched.
+        back.write_all(b"ok").await.unwrap();
+        let mut reply = [0u8; 2];
+        near.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"ok");
+        // A stream that ends before its first byte gives nothing.
+        let (near, far) = tokio::io::duplex(64);
+        drop(near);
+        assert!(FirstByteBack::read(far).await.is_none());
     }
 }

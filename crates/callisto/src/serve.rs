@@ -55,7 +55,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Before anything that records metrics: handles taken earlier are no-ops.
     let metrics = crate::telemetry::install();
     let tls = tls::from_args(&args.tls)?;
-    let turn = if args.no_turn {
+    let mut turn = if args.no_turn {
         None
     } else {
         let tls_host = args.tls.tls_names.first().map(String::as_str);
@@ -69,6 +69,37 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             )
             .await?,
         )
+    };
+
+    let tcp = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is another program using that port? Choose another with --listen",
+            args.listen
+        )
+    })?;
+    let local_addr = tcp.local_addr()?;
+    let tcp = LimitedListener::new(
+        tcp,
+        ConnectionLimits {
+            total: crate::open_files::connections_within_limit(
+                args.max_connections as usize,
+                "--max-connections",
+            ),
+            per_source: args.max_connections_per_ip as usize,
+        },
+        // Past the heartbeat timeout, so that the hub closes a silent
+        // WebSocket client itself, with a close frame.
+        2 * Duration::from_secs(u64::from(args.heartbeat_timeout)),
+    );
+    // With TLS and no TURN listener of its own for it, TURN over TLS
+    // shares the HTTPS port: a browser that may reach only that port
+    // (behind a firewall that lets nothing else out) still gets a relay.
+    let turn_on_web_port = match turn.as_mut() {
+        Some(t) if tls.is_some() && args.turn.turn_tls_listen.is_none() => {
+            t.offer_tls_on_web_port(local_addr.port());
+            Some(t.service.stream_connections())
+        }
+        _ => None,
     };
 
     let hub = Arc::new(Mutex::new(Hub::new(
@@ -106,26 +137,6 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     })
     .into_make_service_with_connect_info::<ClientAddr>();
 
-    let tcp = TcpListener::bind(args.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {}: is another program using that port? Choose another with --listen",
-            args.listen
-        )
-    })?;
-    let local_addr = tcp.local_addr()?;
-    let tcp = LimitedListener::new(
-        tcp,
-        ConnectionLimits {
-            total: crate::open_files::connections_within_limit(
-                args.max_connections as usize,
-                "--max-connections",
-            ),
-            per_source: args.max_connections_per_ip as usize,
-        },
-        // Past the heartbeat timeout, so that the hub closes a silent
-        // WebSocket client itself, with a close frame.
-        2 * Duration::from_secs(u64::from(args.heartbeat_timeout)),
-    );
     let scheme = if tls.is_some() { "https" } else { "http" };
     let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
 
@@ -134,7 +145,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let turn_service = turn.map(|t| t.service);
     let task = match tls {
         Some(setup) => {
-            let listener = tls::TlsListener::new(tcp, setup.config)?;
+            let listener = tls::TlsListener::new(tcp, setup.config, turn_on_web_port)?;
             tokio::spawn(async move {
                 let served = axum::serve(listener, app)
                     .with_graceful_shutdown(stop.cancelled_owned())

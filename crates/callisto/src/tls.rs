@@ -1,6 +1,7 @@
 //! TLS for the web server: certificates from PEM files or generated at start,
 //! and a listener that does handshakes off the accept path so that one slow
-//! or silent client cannot stall everyone else's connections.
+//! or silent client cannot stall everyone else's connections, and hands
+//! TURN over TLS on the same port to the TURN server.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,13 +9,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use callisto_turn::net::StreamConnections;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-
-use crate::connections::{Guarded, LimitedListener};
 use tokio_rustls::server::TlsStream;
+
+use crate::connections::{FirstByteBack, Guarded, LimitedListener};
 
 /// Why TLS could not be set up; every variant says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -124,16 +126,27 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An `axum::serve` listener that yields TLS streams whose handshake is done.
+/// An `axum::serve` listener that yields TLS streams whose handshake is
+/// done; with TURN beside it, those whose first bytes are TURN's (a STUN
+/// message: first byte below 0x40, where every HTTP request starts with a
+/// letter) go to TURN instead, so that browsers that may only reach this
+/// port get TURN over TLS through it.
 pub struct TlsListener {
     local: SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<Guarded<TcpStream>>, SocketAddr)>,
+    ready: mpsc::Receiver<(WebStream, SocketAddr)>,
 }
+
+/// What the web server reads: the TLS stream, its first byte given back.
+pub type WebStream = FirstByteBack<TlsStream<Guarded<TcpStream>>>;
 
 impl TlsListener {
     /// Does the handshakes of `tcp`'s connections, which hold their places
-    /// in its limits from the first byte.
-    pub fn new(mut tcp: LimitedListener, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+    /// in its limits from the first byte; hands TURN's to `turn`.
+    pub fn new(
+        mut tcp: LimitedListener,
+        config: Arc<rustls::ServerConfig>,
+        turn: Option<StreamConnections>,
+    ) -> io::Result<Self> {
         let local = axum::serve::Listener::local_addr(&tcp)?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
@@ -145,13 +158,36 @@ impl TlsListener {
                 }
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
+                let turn = turn.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, addr)).await;
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                            return;
                         }
-                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                        Err(_) => {
+                            tracing::debug!(%addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    // A browser may open a connection ahead of its first
+                    // request: the wait for that is the idle limit's.
+                    let Some((first, mut stream)) = FirstByteBack::read(tls).await else {
+                        return;
+                    };
+                    match turn {
+                        Some(turn) if first < 0x40 => {
+                            // Its allocation's lifetime bounds a TURN
+                            // client's silence, not the web's idle limit.
+                            stream.get_mut().get_mut().0.wait_for_the_client();
+                            turn.serve_tls(stream, addr, local).await;
+                        }
+                        _ => {
+                            let _ = tx.send((stream, addr)).await;
+                        }
                     }
                 });
             }
@@ -161,7 +197,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<Guarded<TcpStream>>;
+    type Io = WebStream;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

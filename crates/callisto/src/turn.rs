@@ -28,6 +28,8 @@ pub struct RunningTurn {
 pub struct IceCredentials {
     stun_url: String,
     turn_urls: Vec<String>,
+    /// The host name in `turns:` URLs.
+    tls_name: String,
     secret: Vec<u8>,
     ttl: Duration,
 }
@@ -170,9 +172,12 @@ pub async fn start(
         format!("turn:{}?transport=udp", public(service.udp_addr.port())),
         format!("turn:{}?transport=tcp", public(service.tcp_addr.port())),
     ];
+    let tls_name = tls_host.map_or_else(|| host(advertised), str::to_owned);
     if let Some(tls_addr) = service.tls_addr {
-        let name = tls_host.map_or_else(|| host(advertised), str::to_owned);
-        turn_urls.push(format!("turns:{name}:{}?transport=tcp", tls_addr.port()));
+        turn_urls.push(format!(
+            "turns:{tls_name}:{}?transport=tcp",
+            tls_addr.port()
+        ));
     }
     tracing::info!(
         udp = %service.udp_addr,
@@ -186,6 +191,7 @@ pub async fn start(
         ice: IceCredentials {
             stun_url: format!("stun:{}", public(service.udp_addr.port())),
             turn_urls,
+            tls_name,
             secret,
             ttl: credential_ttl,
         },
@@ -213,6 +219,17 @@ fn connection_limits(args: &TurnArgs) -> ConnectionLimits {
     ConnectionLimits {
         total,
         per_source: args.turn_max_connections_per_ip as usize,
+    }
+}
+
+impl RunningTurn {
+    /// Offers TURN over TLS on the web server's HTTPS `port` too (the web
+    /// server hands TURN's connections to this service), for browsers that
+    /// may reach nothing else.
+    pub fn offer_tls_on_web_port(&mut self, port: u16) {
+        self.ice
+            .turn_urls
+            .push(format!("turns:{}:{port}?transport=tcp", self.ice.tls_name));
     }
 }
 

@@ -960,6 +960,35 @@ fn one_address_gets_its_share_of_connections() {
     assert!(answered(&mut again), "the place given back was not taken");
 }
 
+/// With TLS and no `--turn-tls-listen`, TURN over TLS shares the HTTPS
+/// port: coturn's client relays through it losslessly, with channels and
+/// with Send indications, while the same port serves HTTPS (the metrics
+/// below are read through it).
+#[test]
+fn uclient_over_tls_on_the_https_port() {
+    let server = callisto(
+        "serve",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            "127.0.0.1/32",
+            "--tls-self-signed",
+        ],
+    );
+    assert!(server.https && server.tls_port.is_none());
+    let https = server.http.expect("an HTTPS listener").port();
+    let (_peer, peer_port) = echo_peer();
+    for (label, flags) in [
+        ("tls channels", vec!["-t", "-S"]),
+        ("tls send indications", vec!["-t", "-S", "-s"]),
+    ] {
+        assert_lossless(label, uclient(https, peer_port, &flags, "user", "pass"));
+    }
+    let m = server.metrics();
+    assert_relayed_packets(&m, &["tls"], 4000.0);
+}
+
 /// Moves this test's thread into a network namespace of its own with only
 /// loopback, up: the kernel relay attaches to that loopback, never to the
 /// machine's, and whatever the test starts inherits the namespace. Needs

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::server::Shared;
 pub use admission::{Admission, ConnectionLimits};
 pub use kernel::{KernelRelay, KernelRelayConfig, interface_holding};
+pub use stream::StreamConnections;
 pub use udp::RelayConfig;
 
 /// What to listen on.
@@ -40,6 +41,7 @@ pub struct TurnService {
     pub tcp_addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
     udp: udp::UdpWorkers,
+    connections: stream::StreamConnections,
     stop: CancellationToken,
 }
 
@@ -86,14 +88,13 @@ impl TurnService {
             tokio::spawn(report_kernel_relay(kernel, stop.clone()));
         }
         let admission = Admission::new(listen.connections);
+        let connections =
+            stream::StreamConnections::new(relay, shared, udp.sender.clone(), stop.clone());
         tokio::spawn(stream::serve(
             tcp_listener,
             None,
             admission.clone(),
-            relay.clone(),
-            shared.clone(),
-            udp.sender.clone(),
-            stop.clone(),
+            connections.clone(),
         ));
         let mut tls_addr = None;
         if let (Some(addr), Some(cfg)) = (listen.tls_addr, tls) {
@@ -103,10 +104,7 @@ impl TurnService {
                 l,
                 Some(TlsAcceptor::from(cfg)),
                 admission,
-                relay,
-                shared,
-                udp.sender.clone(),
-                stop.clone(),
+                connections.clone(),
             ));
         }
         Ok(TurnService {
@@ -114,8 +112,15 @@ impl TurnService {
             tcp_addr,
             tls_addr,
             udp,
+            connections,
             stop,
         })
+    }
+
+    /// For a listener elsewhere that serves TURN over TLS on some of its
+    /// connections (the web server's, on its HTTPS port).
+    pub fn stream_connections(&self) -> stream::StreamConnections {
+        self.connections.clone()
     }
 
     /// Stops accepting, closes every connection and joins the UDP workers.

@@ -11,6 +11,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,18 +35,81 @@ const MAX_FRAME: usize = 65_535 + 20 + 3;
 /// A connection that has not allocated within this time is closed.
 const IDLE_WITHOUT_ALLOCATION: Duration = Duration::from_secs(30);
 
-/// Accepts connections on `listener` until `stop`, as many as
-/// `admission` lets in; with `tls`, each connection does a TLS handshake
-/// first. From `udp`, a UDP listening socket, connections relay in place
-/// to allocations of UDP clients.
+/// What every stream connection needs besides its stream. The listeners
+/// here hold one; so may a listener elsewhere that finds TURN on some of
+/// its connections (the web server's, sharing its HTTPS port with TURN
+/// over TLS).
+#[derive(Clone)]
+pub struct StreamConnections {
+    relay: RelayConfig,
+    shared: Arc<Shared>,
+    /// The UDP listening socket: connections relay in place to
+    /// allocations of UDP clients from it.
+    udp: Arc<StdUdpSocket>,
+    stop: CancellationToken,
+    seed: Arc<AtomicU32>,
+}
+
+impl StreamConnections {
+    pub(crate) fn new(
+        relay: RelayConfig,
+        shared: Arc<Shared>,
+        udp: Arc<StdUdpSocket>,
+        stop: CancellationToken,
+    ) -> Self {
+        StreamConnections {
+            relay,
+            shared,
+            udp,
+            stop,
+            seed: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    /// Serves one connection until it ends or the service stops.
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S, five: FiveTuple) {
+        let setup = Setup {
+            five,
+            relay: self.relay.clone(),
+            shared: self.shared.clone(),
+            udp: self.udp.clone(),
+            stop: self.stop.clone(),
+            seed: self.seed.fetch_add(7919, Ordering::Relaxed),
+        };
+        let transport = five.transport.as_str();
+        metrics::gauge!("callisto_turn_stream_connections", "transport" => transport)
+            .increment(1.0);
+        connection(stream, setup).await;
+        metrics::gauge!("callisto_turn_stream_connections", "transport" => transport)
+            .decrement(1.0);
+    }
+
+    /// Serves a TLS connection that another listener accepted, admitted,
+    /// and did the handshake of, from `client` to that listener's `local`
+    /// address, until it ends or the service stops.
+    pub async fn serve_tls<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) {
+        let five = FiveTuple {
+            client,
+            server: local,
+            transport: Transport::Tls,
+        };
+        self.serve(stream, five).await;
+    }
+}
+
+/// Accepts connections on `listener` until the service stops, as many as
+/// `admission` lets in, and serves them with `connections`; with `tls`,
+/// each connection does a TLS handshake first.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     admission: Arc<Admission>,
-    relay: RelayConfig,
-    shared: Arc<Shared>,
-    udp: Arc<StdUdpSocket>,
-    stop: CancellationToken,
+    connections: StreamConnections,
 ) {
     let local = match listener.local_addr() {
         Ok(a) => a,
@@ -59,10 +123,9 @@ pub async fn serve(
     } else {
         Transport::Tcp
     };
-    let mut seed = 0u32;
     loop {
         let (tcp, client) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = connections.stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -90,35 +153,23 @@ pub async fn serve(
             server: local,
             transport,
         };
-        let setup = Setup {
-            five,
-            relay: relay.clone(),
-            shared: shared.clone(),
-            udp: udp.clone(),
-            stop: stop.clone(),
-            seed,
-        };
         let tls = tls.clone();
-        seed = seed.wrapping_add(7919);
+        let connections = connections.clone();
         tokio::spawn(async move {
             let _admitted = admitted;
-            metrics::gauge!("callisto_turn_stream_connections", "transport" => transport.as_str())
-                .increment(1.0);
             match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
                     {
-                        Ok(Ok(stream)) => connection(stream, setup).await,
+                        Ok(Ok(stream)) => connections.serve(stream, five).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%client, error = %e, "TURN TLS handshake failed")
                         }
                         Err(_) => tracing::debug!(%client, "TURN TLS handshake timed out"),
                     }
                 }
-                None => connection(tcp, setup).await,
+                None => connections.serve(tcp, five).await,
             }
-            metrics::gauge!("callisto_turn_stream_connections", "transport" => transport.as_str())
-                .decrement(1.0);
         });
     }
 }
