@@ -104,7 +104,10 @@ fn build(
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The same configuration serves TURN over TLS, whose clients may offer
+    // "stun.turn" alone (RFC 7443): without it in the list, the handshake
+    // of such a client would fail for want of a common protocol.
+    config.alpn_protocols = vec![b"http/1.1".to_vec(), b"stun.turn".to_vec()];
     Ok(TlsSetup {
         config: Arc::new(config),
         fingerprint,

@@ -119,6 +119,21 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 }
 
+/// A TLS client configuration that takes any certificate (the servers
+/// under test have self-signed ones) and offers `alpn`.
+fn trusting_any_certificate(alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyCert))
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
 fn callisto(sub: &str, extra: &[&str]) -> Callisto {
     callisto_on(sub, "127.0.0.1:0", extra)
 }
@@ -236,17 +251,11 @@ impl Callisto {
         let request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
         let mut out = Vec::new();
         if self.https {
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert))
-            .with_no_client_auth();
-            let conn =
-                rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap())
-                    .unwrap();
+            let conn = rustls::ClientConnection::new(
+                trusting_any_certificate(&[]),
+                "localhost".try_into().unwrap(),
+            )
+            .unwrap();
             let mut tls = rustls::StreamOwned::new(conn, tcp);
             tls.write_all(request).unwrap();
             let _ = tls.read_to_end(&mut out);
@@ -839,14 +848,20 @@ fn connect_from(source: &str, port: u16) -> TcpStream {
 /// Whether the server answers a STUN Binding request on `tcp`, rather
 /// than having reset or closed the connection.
 fn answered(tcp: &mut TcpStream) -> bool {
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    binding_answered(tcp)
+}
+
+/// Sends a STUN Binding request on `stream`; whether a Binding success
+/// comes back.
+fn binding_answered(mut stream: impl Read + Write) -> bool {
     let mut request = [0u8; 20];
     request[..2].copy_from_slice(&1u16.to_be_bytes());
     request[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
     request[8..].fill(0x5a);
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut header = [0u8; 20];
-    tcp.write_all(&request).is_ok()
-        && tcp.read_exact(&mut header).is_ok()
+    stream.write_all(&request).is_ok()
+        && stream.read_exact(&mut header).is_ok()
         && header[..2] == 0x0101u16.to_be_bytes()
 }
 
@@ -987,6 +1002,22 @@ fn uclient_over_tls_on_the_https_port() {
     }
     let m = server.metrics();
     assert_relayed_packets(&m, &["tls"], 4000.0);
+    // A client offering ALPN "stun.turn" alone (RFC 7443) is served too.
+    assert!(tls_binding_answered(https, &[b"stun.turn"]));
+    assert!(tls_binding_answered(https, &[]));
+}
+
+/// Whether a STUN Binding request over TLS to 127.0.0.1:`port`, with
+/// `alpn` offered, is answered.
+fn tls_binding_answered(port: u16, alpn: &[&[u8]]) -> bool {
+    let conn = rustls::ClientConnection::new(
+        trusting_any_certificate(alpn),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    binding_answered(rustls::StreamOwned::new(conn, tcp))
 }
 
 /// Moves this test's thread into a network namespace of its own with only
