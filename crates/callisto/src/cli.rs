@@ -445,6 +445,13 @@ pub struct TurnArgs {
     #[arg(long, env = "CALLISTO_TURN_USER_QUOTA", default_value_t = 100)]
     pub turn_user_quota: usize,
 
+    /// Most allocations from one IPv4 address or IPv6 /64, whatever the
+    /// usernames (`serve` hands fresh credentials to everyone who joins a
+    /// room). A browser takes one per TURN URL and network interface for
+    /// each peer it calls; raise it for large offices behind one address.
+    #[arg(long, env = "CALLISTO_TURN_MAX_ALLOCATIONS_PER_IP", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub turn_max_allocations_per_ip: u32,
+
     /// Most TCP and TLS connections at once, together. Never more than a
     /// quarter of the open-file limit, which the server raises to its hard
     /// limit at start: the rest stays for relay sockets and the web server.

@@ -129,6 +129,7 @@ pub async fn start(
         external_ip: args.turn_external_ip,
         max_allocations: args.turn_max_allocations,
         user_quota: args.turn_user_quota,
+        source_quota: args.turn_max_allocations_per_ip as usize,
         bps_per_allocation: args.turn_bps_per_allocation,
         unauth_rate: args.turn_unauth_rate,
         unauth_allowance: args.turn_unauth_allowance,

@@ -19,4 +19,5 @@ pub mod client;
 pub mod net;
 pub mod policy;
 pub mod server;
+pub mod source;
 pub mod stun;

@@ -219,6 +219,8 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                     "100000",
                     "--turn-max-allocations",
                     "100000",
+                    "--turn-max-allocations-per-ip",
+                    "100000",
                     "--log",
                     "warn",
                 ])

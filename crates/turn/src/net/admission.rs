@@ -17,6 +17,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::source::Source;
+
 /// How many stream connections may be open at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
@@ -80,26 +82,6 @@ struct State {
     refused_total: u64,
     refused_per_source: u64,
     last_summary: Option<Instant>,
-}
-
-/// An IPv4 address, or the /64 of an IPv6 one. IPv4-mapped IPv6 addresses
-/// (a dual-stack listener's IPv4 clients) count as the IPv4 address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
-    V4(u32),
-    V6(u64),
-}
-
-impl Source {
-    fn of(ip: IpAddr) -> Source {
-        match ip {
-            IpAddr::V4(v4) => Source::V4(v4.to_bits()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Source::V4(v4.to_bits()),
-                None => Source::V6((v6.to_bits() >> 64) as u64),
-            },
-        }
-    }
 }
 
 /// A place taken by one open connection; dropping it gives the place back.

@@ -29,6 +29,7 @@ use ring::hmac;
 
 use crate::auth::{AuthFailure, Credentials};
 use crate::policy::PeerPolicy;
+use crate::source::Source;
 use crate::stun::{self, ChannelData, Class, Message, MessageBuilder, RawAttr, attr, method};
 
 mod budget;
@@ -124,8 +125,10 @@ pub trait RelayAllocator {
 struct Reservation {
     held: HeldPort,
     expires: Instant,
-    /// Who asked: each user may hold as many ports as allocations.
+    /// Who asked: each user, and each source, may hold as many ports as
+    /// allocations.
     username: String,
+    source: Source,
 }
 
 /// Server settings.
@@ -143,6 +146,11 @@ pub struct Config {
     pub nonce_lifetime: Duration,
     pub max_allocations: usize,
     pub user_quota: usize,
+    /// Allocations from one client source (an IPv4 address or an IPv6
+    /// /64), whatever the usernames: `callisto serve` hands fresh
+    /// credentials to everyone who joins a room, so the user quota alone
+    /// does not keep one host from taking every allocation.
+    pub source_quota: usize,
     pub max_permissions: usize,
     /// Channels per allocation, expired ones still reserved included: each
     /// costs the server a little memory and, with the kernel relay, a
@@ -180,6 +188,7 @@ impl Default for Config {
             nonce_lifetime: Duration::from_secs(600),
             max_allocations: 10_000,
             user_quota: 100,
+            source_quota: 1000,
             max_permissions: 64,
             max_channels: 64,
             bps_per_allocation: 0,
@@ -192,13 +201,33 @@ impl Default for Config {
     }
 }
 
+/// Allocations held, by user and by source, for the quotas.
+#[derive(Default)]
+struct Held {
+    by_user: HashMap<String, usize>,
+    by_source: HashMap<Source, usize>,
+}
+
+/// Takes one off `key`'s count, forgetting it at zero.
+fn give_back<K: std::hash::Hash + Eq + ?Sized, Q: std::hash::Hash + Eq + std::borrow::Borrow<K>>(
+    counts: &mut HashMap<Q, usize>,
+    key: &K,
+) {
+    if let Some(n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
 /// State shared by every `Server` of one process: configuration, the nonce
 /// key, and the allocation quotas.
 pub struct Shared {
     pub config: Config,
     nonce_key: hmac::Key,
     allocations: AtomicUsize,
-    per_user: Mutex<HashMap<String, usize>>,
+    held: Mutex<Held>,
     /// Every live relay address of every worker (bound and advertised).
     /// Peers that are our own relays are allowed even on a loopback or
     /// private relay IP, but only the exact addresses, so other services on
@@ -227,7 +256,7 @@ impl Shared {
             config,
             nonce_key: hmac::Key::new(hmac::HMAC_SHA256, nonce_secret),
             allocations: AtomicUsize::new(0),
-            per_user: Mutex::new(HashMap::new()),
+            held: Mutex::new(Held::default()),
             relays: RwLock::new(HashMap::new()),
             relays_version: AtomicU64::new(0),
             reservations: Mutex::new(HashMap::new()),
@@ -267,11 +296,16 @@ impl Shared {
         self.allocations.load(Ordering::Relaxed)
     }
 
-    fn reserve(&self, user: &str) -> Result<(), u16> {
+    /// Takes a place for an allocation of `user` from `source`: 486 over
+    /// the user's or the source's quota, 508 over the server's.
+    fn reserve(&self, user: &str, source: Source) -> Result<(), u16> {
         let c = &self.config;
-        let mut users = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
-        let n = users.entry(user.to_owned()).or_insert(0);
-        if *n >= c.user_quota {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.by_user.get(user).copied().unwrap_or(0) >= c.user_quota {
+            return Err(486);
+        }
+        if held.by_source.get(&source).copied().unwrap_or(0) >= c.source_quota {
+            metrics::counter!("callisto_turn_source_quota_refusals_total").increment(1);
             return Err(486);
         }
         if self
@@ -283,19 +317,16 @@ impl Shared {
         {
             return Err(508);
         }
-        *n += 1;
+        *held.by_user.entry(user.to_owned()).or_insert(0) += 1;
+        *held.by_source.entry(source).or_insert(0) += 1;
         Ok(())
     }
 
-    fn unreserve(&self, user: &str) {
+    fn unreserve(&self, user: &str, source: Source) {
         self.allocations.fetch_sub(1, Ordering::Relaxed);
-        let mut users = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = users.get_mut(user) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                users.remove(user);
-            }
-        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        give_back(&mut held.by_user, user);
+        give_back(&mut held.by_source, &source);
     }
 
     fn is_live_relay(&self, addr: SocketAddr) -> bool {
@@ -355,11 +386,21 @@ impl Shared {
     /// refuses when as many ports are held as allocations may exist, in
     /// all or for this user (else allocating and deleting in a loop would
     /// hold the whole port range).
-    fn hold(&self, held: HeldPort, username: &str, now: Instant) -> Option<[u8; 8]> {
+    fn hold(
+        &self,
+        held: HeldPort,
+        username: &str,
+        source: Source,
+        now: Instant,
+    ) -> Option<[u8; 8]> {
         self.expire_reservations(now);
         let mut r = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
         let mine = r.values().filter(|v| v.username == username).count();
-        if r.len() >= self.config.max_allocations || mine >= self.config.user_quota {
+        let from_source = r.values().filter(|v| v.source == source).count();
+        if r.len() >= self.config.max_allocations
+            || mine >= self.config.user_quota
+            || from_source >= self.config.source_quota
+        {
             return None;
         }
         // A MAC of a serial number: unique, and unguessable to anyone
@@ -376,6 +417,7 @@ impl Shared {
                 held,
                 expires: now + RESERVATION_LIFETIME,
                 username: username.to_owned(),
+                source,
             },
         );
         Some(token)
@@ -1618,13 +1660,16 @@ impl<A: RelayAllocator> Server<A> {
             ));
         }
         let lifetime = self.lifetime(msg)?;
-        self.shared.reserve(&authed.username).map_err(|code| {
-            if code == 486 {
-                refuse(486, "Allocation Quota Reached")
-            } else {
-                refuse(508, "Insufficient Capacity")
-            }
-        })?;
+        let source = Source::of(five.client.ip());
+        self.shared
+            .reserve(&authed.username, source)
+            .map_err(|code| {
+                if code == 486 {
+                    refuse(486, "Allocation Quota Reached")
+                } else {
+                    refuse(508, "Insufficient Capacity")
+                }
+            })?;
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.allocations.push(None);
             (self.allocations.len() - 1) as u32
@@ -1635,21 +1680,21 @@ impl<A: RelayAllocator> Server<A> {
                 Some(held) => self.relays.allocate_held(relay, held).map(|a| (a, None)),
                 None => {
                     self.free_slots.push(slot);
-                    self.shared.unreserve(&authed.username);
+                    self.shared.unreserve(&authed.username, source);
                     return Err(refuse(
                         508,
                         "Insufficient Capacity: unknown or expired RESERVATION-TOKEN",
                     ));
                 }
             },
-            None if reserve => self.allocate_pair(relay, ipv6, &authed.username, now),
+            None if reserve => self.allocate_pair(relay, ipv6, &authed.username, source, now),
             None => self.relays.allocate(relay, ipv6, even).map(|a| (a, None)),
         };
         let (relay_addr, reservation) = match bound {
             Ok(a) => a,
             Err(e) => {
                 self.free_slots.push(slot);
-                self.shared.unreserve(&authed.username);
+                self.shared.unreserve(&authed.username, source);
                 tracing::warn!(error = %e, ipv6, reserve, "no relay socket available");
                 return Err(if ipv6 && e.kind() == io::ErrorKind::Unsupported {
                     refuse(440, "Address Family not Supported")
@@ -1724,6 +1769,7 @@ impl<A: RelayAllocator> Server<A> {
         relay: RelayId,
         ipv6: bool,
         username: &str,
+        source: Source,
         now: Instant,
     ) -> io::Result<(SocketAddr, Option<[u8; 8]>)> {
         let mut last = io::Error::new(io::ErrorKind::AddrInUse, "no free pair of ports");
@@ -1731,7 +1777,7 @@ impl<A: RelayAllocator> Server<A> {
             let addr = self.relays.allocate(relay, ipv6, true)?;
             match self.relays.hold_next(addr) {
                 Ok(held) => {
-                    return match self.shared.hold(held, username, now) {
+                    return match self.shared.hold(held, username, source, now) {
                         Some(token) => Ok((addr, Some(token))),
                         None => {
                             self.relays.release(relay);
@@ -1937,7 +1983,8 @@ impl<A: RelayAllocator> Server<A> {
         };
         self.shared.set_relay([a.relay_addr, a.advertised], None);
         self.relays.release(a.relay);
-        self.shared.unreserve(&a.username);
+        self.shared
+            .unreserve(&a.username, Source::of(a.five.client.ip()));
         self.free_slots.push(slot);
         self.route_changes.extend(a.routes.removals());
         metrics::gauge!("callisto_turn_allocations").decrement(1.0);

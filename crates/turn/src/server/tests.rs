@@ -653,6 +653,76 @@ fn quotas() {
     );
 }
 
+/// One client host gets `source_quota` allocations, whatever usernames
+/// it has credentials for (a web page hands out fresh ones to anyone who
+/// joins a room); another host still gets its own, and a deleted
+/// allocation gives its place back.
+#[test]
+fn a_source_gets_no_more_allocations_than_its_quota() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.source_quota = 2;
+    let (shared, mut s) = setup(cfg, t0);
+    allocated(&mut s, five(1), t0);
+    let mut bob = Client::new("bob", "builder", false, 2);
+    bob.allocate(t0);
+    assert!(matches!(
+        pump(&mut s, &mut bob, five(2), t0)[..],
+        [Event::Allocated { .. }]
+    ));
+    // A third, under a REST username of its own: still the same host.
+    let rest_user = format!("{}:mallory", 1_000 + 3_600);
+    let rest_pass = crate::auth::rest_password(b"rest-secret", &rest_user);
+    let mut mallory = Client::new(&rest_user, &rest_pass, false, 3);
+    mallory.allocate(t0);
+    assert_eq!(failed_code(&pump(&mut s, &mut mallory, five(3), t0)), 486);
+    assert_eq!(shared.allocation_count(), 2);
+
+    // Another host is not held back by the first.
+    let elsewhere = FiveTuple {
+        client: "198.51.100.8:4".parse().unwrap(),
+        ..five(4)
+    };
+    let mut other = Client::new(&rest_user, &rest_pass, false, 4);
+    other.allocate(t0);
+    assert!(matches!(
+        pump(&mut s, &mut other, elsewhere, t0)[..],
+        [Event::Allocated { .. }]
+    ));
+
+    // Deleting one gives its place back.
+    bob.refresh(t0, 0);
+    pump(&mut s, &mut bob, five(2), t0);
+    let mut mallory = Client::new(&rest_user, &rest_pass, false, 5);
+    mallory.allocate(t0);
+    assert!(matches!(
+        pump(&mut s, &mut mallory, five(5), t0)[..],
+        [Event::Allocated { .. }]
+    ));
+}
+
+/// Ports held for RESERVATION-TOKENs count against the source's quota
+/// too, or allocating with the R bit and deleting, again and again, would
+/// hold the port range from one host under ever new usernames.
+#[test]
+fn a_source_holds_no_more_ports_than_allocations() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.source_quota = 2;
+    let (shared, mut s) = setup(cfg, t0);
+    for round in 0..3u8 {
+        let out = signed_allocate(&mut s, five(1), round, &[(attr::EVEN_PORT, &[0x80])], t0);
+        if round < 2 {
+            assert!(relayed_and_token(&out).1.is_some(), "round {round}");
+            let slot = s.by_five[&five(1)];
+            s.remove_allocation(slot);
+        } else {
+            assert_eq!(error_code(&out), 508, "round {round}");
+        }
+    }
+    assert_eq!(shared.reservation_count(), 2);
+}
+
 #[test]
 fn channels_per_allocation_are_limited() {
     let t0 = Instant::now();
