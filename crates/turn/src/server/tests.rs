@@ -706,21 +706,9 @@ fn a_source_gets_no_more_allocations_than_its_quota() {
 /// hold the port range from one host under ever new usernames.
 #[test]
 fn a_source_holds_no_more_ports_than_allocations() {
-    let t0 = Instant::now();
     let mut cfg = config();
     cfg.source_quota = 2;
-    let (shared, mut s) = setup(cfg, t0);
-    for round in 0..3u8 {
-        let out = signed_allocate(&mut s, five(1), round, &[(attr::EVEN_PORT, &[0x80])], t0);
-        if round < 2 {
-            assert!(relayed_and_token(&out).1.is_some(), "round {round}");
-            let slot = s.by_five[&five(1)];
-            s.remove_allocation(slot);
-        } else {
-            assert_eq!(error_code(&out), 508, "round {round}");
-        }
-    }
-    assert_eq!(shared.reservation_count(), 2);
+    two_ports_held_then_refused(cfg);
 }
 
 #[test]
@@ -1569,12 +1557,17 @@ fn no_free_pair_of_ports_is_508_and_leaves_nothing_behind() {
 
 #[test]
 fn a_user_holds_no_more_ports_than_allocations() {
-    let t0 = Instant::now();
     let mut cfg = config();
     cfg.user_quota = 2;
+    two_ports_held_then_refused(cfg);
+}
+
+/// Allocates with the R bit and deletes, again and again, from one client
+/// with one username: each round leaves a held port behind, up to a quota
+/// of 2 in `cfg`, and then the allocation is refused.
+fn two_ports_held_then_refused(cfg: Config) {
+    let t0 = Instant::now();
     let (shared, mut s) = setup(cfg, t0);
-    // Allocate with the R bit and delete, again and again: each round
-    // leaves a held port behind, up to the user's quota.
     for round in 0..4u8 {
         let out = signed_allocate(&mut s, five(1), round, &[(attr::EVEN_PORT, &[0x80])], t0);
         if round < 2 {
