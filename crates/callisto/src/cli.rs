@@ -392,12 +392,23 @@ pub struct TurnArgs {
     pub turn_tls_listen: Option<SocketAddr>,
 
     /// Address relay sockets bind to (default: the --turn-listen address).
-    #[arg(long, env = "CALLISTO_TURN_RELAY_IP")]
-    pub turn_relay_ip: Option<std::net::IpAddr>,
+    /// Give an IPv4 and an IPv6 address (repeat the flag) to relay both:
+    /// each client gets the family it asks for, IPv4 unless it asks.
+    #[arg(
+        long = "turn-relay-ip",
+        env = "CALLISTO_TURN_RELAY_IP",
+        value_delimiter = ','
+    )]
+    pub turn_relay_ips: Vec<std::net::IpAddr>,
 
-    /// Public address to advertise for relays, when the server is behind a 1:1 NAT.
-    #[arg(long, env = "CALLISTO_TURN_EXTERNAL_IP")]
-    pub turn_external_ip: Option<std::net::IpAddr>,
+    /// Public address to advertise for relays, when the server is behind a
+    /// 1:1 NAT; one per family, for the relay address of that family.
+    #[arg(
+        long = "turn-external-ip",
+        env = "CALLISTO_TURN_EXTERNAL_IP",
+        value_delimiter = ','
+    )]
+    pub turn_external_ips: Vec<std::net::IpAddr>,
 
     /// UDP ports for relays.
     #[arg(long, env = "CALLISTO_TURN_PORT_RANGE", default_value = "49152-65535")]

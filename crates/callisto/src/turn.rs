@@ -80,14 +80,30 @@ pub async fn start(
     generate_secret: bool,
     credential_ttl: Duration,
 ) -> anyhow::Result<RunningTurn> {
-    let relay_ip = match args.turn_relay_ip {
-        Some(ip) => ip,
-        None if !args.turn_listen.ip().is_unspecified() => args.turn_listen.ip(),
-        None => bail!(
+    let relay_ips = match one_per_family(&args.turn_relay_ips, "--turn-relay-ip")? {
+        ips if !ips.is_empty() => ips,
+        _ if !args.turn_listen.ip().is_unspecified() => vec![args.turn_listen.ip()],
+        _ => bail!(
             "--turn-listen {} listens on every interface, so it cannot tell which address relays should use: add --turn-relay-ip with this machine's address",
             args.turn_listen
         ),
     };
+    let external_ips = one_per_family(&args.turn_external_ips, "--turn-external-ip")?;
+    if let Some(e) = external_ips
+        .iter()
+        .find(|e| !relay_ips.iter().any(|r| r.is_ipv4() == e.is_ipv4()))
+    {
+        bail!(
+            "--turn-external-ip {e} stands for no relay address: add a --turn-relay-ip of its family"
+        );
+    }
+    // The relay address of the listening address's family: the one the
+    // URLs name (or its external address), and the kernel relay's.
+    let relay_ip = relay_ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == args.turn_listen.is_ipv4())
+        .unwrap_or(relay_ips[0]);
     if args.turn_tls_listen.is_some() && tls.is_none() {
         bail!(
             "--turn-tls-listen needs a certificate: add --tls-cert and --tls-key, or --tls-self-signed"
@@ -124,9 +140,9 @@ pub async fn start(
     let config = Config {
         credentials,
         policy: PeerPolicy::new(args.turn_allow_peers.clone(), args.turn_deny_peers.clone()),
-        relay_ips: vec![relay_ip],
+        relay_ips: relay_ips.clone(),
         relay_ports: args.turn_port_range.0..=args.turn_port_range.1,
-        external_ip: args.turn_external_ip,
+        external_ips,
         max_allocations: args.turn_max_allocations,
         user_quota: args.turn_user_quota,
         source_quota: args.turn_max_allocations_per_ip as usize,
@@ -145,9 +161,10 @@ pub async fn start(
         shared.share_budgets(budgets);
     }
     let shared = Arc::new(shared);
+    let advertised = shared.config.advertised_ip(relay_ip);
     let relay = RelayConfig {
-        ipv4: relay_ip.is_ipv4().then_some(relay_ip),
-        ipv6: relay_ip.is_ipv6().then_some(relay_ip),
+        ipv4: relay_ips.iter().copied().find(IpAddr::is_ipv4),
+        ipv6: relay_ips.iter().copied().find(IpAddr::is_ipv6),
         ports: args.turn_port_range.0..=args.turn_port_range.1,
     };
     let threads = args
@@ -167,7 +184,6 @@ pub async fn start(
                 args.turn_listen
             )
         })?;
-    let advertised = args.turn_external_ip.unwrap_or(relay_ip);
     let public = |port: u16| format!("{}:{port}", host(advertised));
     let mut turn_urls = vec![
         format!("turn:{}?transport=udp", public(service.udp_addr.port())),
@@ -184,7 +200,7 @@ pub async fn start(
         udp = %service.udp_addr,
         tcp = %service.tcp_addr,
         tls = ?service.tls_addr,
-        relay = %relay_ip,
+        relay = ?relay_ips,
         threads,
         "STUN/TURN is serving"
     );
@@ -198,6 +214,17 @@ pub async fn start(
         },
         service,
     })
+}
+
+/// `ips` (the values of `flag`), which may hold one address per family.
+fn one_per_family(ips: &[IpAddr], flag: &str) -> anyhow::Result<Vec<IpAddr>> {
+    for family in [IpAddr::is_ipv4, IpAddr::is_ipv6] {
+        let of_family: Vec<_> = ips.iter().filter(|ip| family(ip)).collect();
+        if of_family.len() > 1 {
+            bail!("{flag} takes one address per family, not {of_family:?}");
+        }
+    }
+    Ok(ips.to_vec())
 }
 
 /// The flags' connection limits, the total held to what the open-file
@@ -269,10 +296,10 @@ fn kernel_relay(args: &TurnArgs, relay_ip: IpAddr) -> anyhow::Result<Option<Kern
                         IpAddr::V4(ip) => Some(ip),
                         IpAddr::V6(_) => None,
                     },
-                    external_ip: match args.turn_external_ip {
-                        Some(IpAddr::V4(ip)) => Some(ip),
-                        _ => None,
-                    },
+                    external_ip: args.turn_external_ips.iter().find_map(|ip| match ip {
+                        IpAddr::V4(ip) => Some(*ip),
+                        IpAddr::V6(_) => None,
+                    }),
                     bytes_per_sec: args.turn_bps_per_allocation,
                 })?)
             },
@@ -324,4 +351,25 @@ fn kernel_relay_interfaces(
         }
     }
     Ok(interfaces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_per_family() {
+        let ips =
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|s| s.parse().unwrap()).collect() };
+        let both = ips(&["192.0.2.1", "2001:db8::1"]);
+        assert_eq!(one_per_family(&both, "--turn-relay-ip").unwrap(), both);
+        let err = one_per_family(&ips(&["192.0.2.1", "192.0.2.2"]), "--turn-relay-ip")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--turn-relay-ip takes one address per family"),
+            "{err}"
+        );
+        assert!(one_per_family(&ips(&["::1", "2001:db8::1"]), "--turn-external-ip").is_err());
+    }
 }

@@ -622,6 +622,74 @@ fn ipv6_relays_for_uclient_over_udp_and_tcp() {
     assert_relayed_packets(&server.metrics(), &["udp", "tcp"], 2000.0);
 }
 
+/// With an IPv4 and an IPv6 relay address, a client gets an IPv4 relay
+/// unless it asks for IPv6 (REQUESTED-ADDRESS-FAMILY, RFC 6156), and then
+/// relays to an IPv6 peer (which an IPv4 relay refuses with 443). Without
+/// an IPv6 relay address, asking for one gets 440.
+#[test]
+fn relays_of_both_families_as_clients_ask() {
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-relay-ip",
+            "127.0.0.1",
+            "--turn-relay-ip",
+            "::1",
+            "--turn-allow-peer",
+            "127.0.0.1/32",
+            "--turn-allow-peer",
+            "::1/128",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (_peer4, peer4) = echo_peer_on("127.0.0.1");
+    let (_peer6, peer6) = echo_peer_on("::1");
+    assert_lossless(
+        "ipv4 relay by default",
+        uclient_in(
+            None,
+            "127.0.0.1",
+            "127.0.0.1",
+            server.turn_port,
+            peer4,
+            &[],
+            ("user", "pass"),
+        ),
+    );
+    assert_lossless(
+        "ipv6 relay asked for",
+        uclient_in(
+            None,
+            "127.0.0.1",
+            "::1",
+            server.turn_port,
+            peer6,
+            &["-x"],
+            ("user", "pass"),
+        ),
+    );
+    let v4_only = callisto(
+        "turn",
+        &["--turn-user", "user:pass", "--turn-allow-peer", "::1/128"],
+    );
+    let (sent, received, text) = uclient_in(
+        None,
+        "127.0.0.1",
+        "::1",
+        v4_only.turn_port,
+        peer6,
+        &["-x"],
+        ("user", "pass"),
+    );
+    assert_eq!((sent, received), (0, 0), "{text}");
+    assert!(text.contains("440"), "{text}");
+    // Each family's packets were relayed through its own relay sockets.
+    assert_relayed_packets(&server.metrics(), &["udp"], 4000.0);
+}
+
 #[test]
 fn loopback_peers_are_refused_by_default() {
     let server = callisto("serve", &["--turn-user", "user:pass"]);

@@ -140,8 +140,9 @@ pub struct Config {
     /// peers there are other allocations of this server, always allowed.
     pub relay_ips: Vec<IpAddr>,
     pub relay_ports: RangeInclusive<u16>,
-    /// Advertised in XOR-RELAYED-ADDRESS instead of the bound IP (behind 1:1 NAT).
-    pub external_ip: Option<IpAddr>,
+    /// Advertised in XOR-RELAYED-ADDRESS instead of the bound IP of the
+    /// same family (behind 1:1 NAT); at most one per family.
+    pub external_ips: Vec<IpAddr>,
     pub max_lifetime: Duration,
     pub nonce_lifetime: Duration,
     pub max_allocations: usize,
@@ -183,7 +184,7 @@ impl Default for Config {
             policy: PeerPolicy::default(),
             relay_ips: Vec::new(),
             relay_ports: 49152..=65535,
-            external_ip: None,
+            external_ips: Vec::new(),
             max_lifetime: Duration::from_secs(3600),
             nonce_lifetime: Duration::from_secs(600),
             max_allocations: 10_000,
@@ -198,6 +199,18 @@ impl Default for Config {
             unauth_allowance: 512,
             software: None,
         }
+    }
+}
+
+impl Config {
+    /// What clients and peers know a relay bound on `bound` by: the
+    /// external address of its family, if any.
+    pub fn advertised_ip(&self, bound: IpAddr) -> IpAddr {
+        self.external_ips
+            .iter()
+            .copied()
+            .find(|e| e.is_ipv4() == bound.is_ipv4())
+            .unwrap_or(bound)
     }
 }
 
@@ -1376,7 +1389,7 @@ impl<A: RelayAllocator> Server<A> {
 
     fn is_own_relay_ip(&self, ip: IpAddr) -> bool {
         let c = &self.shared.config;
-        c.relay_ips.contains(&ip) || c.external_ip == Some(ip)
+        c.relay_ips.contains(&ip) || c.external_ips.contains(&ip)
     }
 
     /// Permissions name an IP only; channels (`check_port`) a whole address.
@@ -1704,7 +1717,7 @@ impl<A: RelayAllocator> Server<A> {
             }
         };
         let advertised = SocketAddr::new(
-            self.shared.config.external_ip.unwrap_or(relay_addr.ip()),
+            self.shared.config.advertised_ip(relay_addr.ip()),
             relay_addr.port(),
         );
         let mut b = self.response(msg, Class::Success);
