@@ -27,14 +27,23 @@ pub struct LimitedListener {
     tcp: TcpListener,
     admission: Arc<Admission>,
     idle: Duration,
+    /// What the log tells an operator when it refuses.
+    advice: &'static str,
 }
 
 impl LimitedListener {
-    pub fn new(tcp: TcpListener, limits: ConnectionLimits, idle: Duration) -> Self {
+    /// `advice`: what to do if refusals are legitimate, for the log.
+    pub fn new(
+        tcp: TcpListener,
+        limits: ConnectionLimits,
+        idle: Duration,
+        advice: &'static str,
+    ) -> Self {
         LimitedListener {
             tcp,
             admission: Admission::new(limits),
             idle,
+            advice,
         }
     }
 
@@ -55,7 +64,7 @@ impl LimitedListener {
                 Instant::now(),
                 "callisto_http_connections_refused_total",
                 "web",
-                "--max-connections or --max-connections-per-ip",
+                self.advice,
             ) {
                 Some(admitted) => return (Guarded::new(tcp, admitted, self.idle), from),
                 // A reset: nothing is left behind, not even TIME_WAIT.

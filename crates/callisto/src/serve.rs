@@ -90,6 +90,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         // Past the heartbeat timeout, so that the hub closes a silent
         // WebSocket client itself, with a close frame.
         2 * Duration::from_secs(u64::from(args.heartbeat_timeout)),
+        "if they are legitimate, raise --max-connections or --max-connections-per-ip",
     );
     // With TLS and no TURN listener of its own for it, TURN over TLS
     // shares the HTTPS port: a browser that may reach only that port

@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -104,6 +105,17 @@ pub async fn serve_standalone(listen: SocketAddr) -> anyhow::Result<SocketAddr> 
         .await
         .with_context(|| format!("binding --metrics-listen {listen}"))?;
     let bound = listener.local_addr()?;
+    // Scrapers hold a connection or two; the limits keep a mistakenly
+    // public port from taking the TURN server's file descriptors.
+    let listener = crate::connections::LimitedListener::new(
+        listener,
+        callisto_turn::net::ConnectionLimits {
+            total: 64,
+            per_source: 16,
+        },
+        Duration::from_secs(60),
+        "the metrics listener takes 64, 16 from one address, which is plenty for scrapers: keep it off the public internet",
+    );
     let app = Router::new()
         .route(
             "/metrics",

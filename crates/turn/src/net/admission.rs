@@ -161,15 +161,15 @@ impl Admission {
 
     /// [`Admission::admit`] for a listener: a refusal is counted in the
     /// counter `metric` by reason, and the refusals are summed up in the
-    /// log at most every [`SUMMARY_EVERY`], naming `what` was refused and
-    /// the `flags` that would let more in.
+    /// log at most every [`SUMMARY_EVERY`], naming `what` was refused, with
+    /// `advice` (what would let more in).
     pub fn admit_or_count(
         self: &Arc<Self>,
         from: IpAddr,
         now: Instant,
         metric: &'static str,
         what: &str,
-        flags: &str,
+        advice: &str,
     ) -> Option<Admitted> {
         match self.admit(from, now) {
             Ok(admitted) => Some(admitted),
@@ -182,7 +182,7 @@ impl Admission {
                         last_from = %s.last_from,
                         total_limit = self.limits.total,
                         per_source_limit = self.limits.per_source,
-                        "turned {what} connections away, too many were open; if they are legitimate, raise {flags}"
+                        "turned {what} connections away, too many were open; {advice}"
                     );
                 }
                 None

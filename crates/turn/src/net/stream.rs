@@ -140,7 +140,7 @@ pub async fn serve(
             Instant::now(),
             "callisto_turn_stream_refused_total",
             "TURN TCP/TLS",
-            "--turn-max-connections or --turn-max-connections-per-ip",
+            "if they are legitimate, raise --turn-max-connections or --turn-max-connections-per-ip",
         ) else {
             // A reset: the refused connection leaves nothing behind, not
             // even TIME_WAIT.
