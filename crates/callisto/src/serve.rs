@@ -96,10 +96,9 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // shares the HTTPS port: a browser that may reach only that port
     // (behind a firewall that lets nothing else out) still gets a relay.
     let turn_on_web_port = match turn.as_mut() {
-        Some(t) if tls.is_some() && args.turn.turn_tls_listen.is_none() => {
-            t.offer_tls_on_web_port(local_addr.port());
-            Some(t.service.stream_connections())
-        }
+        Some(t) if tls.is_some() && args.turn.turn_tls_listen.is_none() => t
+            .offer_tls_on_web_port(local_addr)
+            .then(|| t.service.stream_connections()),
         _ => None,
     };
 

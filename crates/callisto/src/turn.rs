@@ -21,6 +21,9 @@ use crate::cli::TurnArgs;
 pub struct RunningTurn {
     pub service: TurnService,
     pub ice: IceCredentials,
+    /// Whether every relay address is a loopback one: such relays serve
+    /// this machine's clients only.
+    loopback_relays: bool,
 }
 
 /// Builds `iceServers` entries with credentials valid for `ttl`.
@@ -213,7 +216,14 @@ pub async fn start(
             ttl: credential_ttl,
         },
         service,
+        loopback_relays: relay_ips.iter().all(IpAddr::is_loopback),
     })
+}
+
+/// Whether relays, loopback ones or not, are of use to the clients of a
+/// listener on `listening`: loopback relays serve only this machine.
+fn relays_serve_clients_of(loopback_relays: bool, listening: IpAddr) -> bool {
+    !loopback_relays || listening.is_loopback()
 }
 
 /// `ips` (the values of `flag`), which may hold one address per family.
@@ -251,13 +261,21 @@ fn connection_limits(args: &TurnArgs) -> ConnectionLimits {
 }
 
 impl RunningTurn {
-    /// Offers TURN over TLS on the web server's HTTPS `port` too (the web
-    /// server hands TURN's connections to this service), for browsers that
-    /// may reach nothing else.
-    pub fn offer_tls_on_web_port(&mut self, port: u16) {
-        self.ice
-            .turn_urls
-            .push(format!("turns:{}:{port}?transport=tcp", self.ice.tls_name));
+    /// Offers TURN over TLS on the web server's HTTPS port, `web`, too
+    /// (the web server hands TURN's connections to this service), for
+    /// browsers that may reach nothing else; false, offering nothing, when
+    /// the web server serves other machines and the relays only this one,
+    /// whose clients would get relays they cannot use.
+    pub fn offer_tls_on_web_port(&mut self, web: SocketAddr) -> bool {
+        if !relays_serve_clients_of(self.loopback_relays, web.ip()) {
+            return false;
+        }
+        self.ice.turn_urls.push(format!(
+            "turns:{}:{}?transport=tcp",
+            self.ice.tls_name,
+            web.port()
+        ));
+        true
     }
 }
 
@@ -356,6 +374,16 @@ fn kernel_relay_interfaces(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_relays_serve_loopback_listeners_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(relays_serve_clients_of(true, ip("127.0.0.1")));
+        assert!(relays_serve_clients_of(true, ip("::1")));
+        assert!(!relays_serve_clients_of(true, ip("0.0.0.0")));
+        assert!(!relays_serve_clients_of(true, ip("192.0.2.1")));
+        assert!(relays_serve_clients_of(false, ip("0.0.0.0")));
+    }
 
     #[test]
     fn one_address_per_family() {
