@@ -222,10 +222,11 @@ struct Held {
 }
 
 /// Takes one off `key`'s count, forgetting it at zero.
-fn give_back<K: std::hash::Hash + Eq + ?Sized, Q: std::hash::Hash + Eq + std::borrow::Borrow<K>>(
-    counts: &mut HashMap<Q, usize>,
-    key: &K,
-) {
+fn give_back<K, Q>(counts: &mut HashMap<K, usize>, key: &Q)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
     if let Some(n) = counts.get_mut(key) {
         *n = n.saturating_sub(1);
         if *n == 0 {
@@ -397,8 +398,8 @@ impl Shared {
 
     /// Keeps `held` for [`RESERVATION_LIFETIME`] under a new token, or
     /// refuses when as many ports are held as allocations may exist, in
-    /// all or for this user (else allocating and deleting in a loop would
-    /// hold the whole port range).
+    /// all, for this user or from this source (else allocating and
+    /// deleting in a loop would hold the whole port range).
     fn hold(
         &self,
         held: HeldPort,
