@@ -8,7 +8,10 @@
 //! - [`client`]: a TURN client state machine, for tests and the native peer.
 //! - [`auth`]: long-term credentials and the TURN REST shared-secret scheme.
 //! - [`net`]: the drivers: UDP worker threads (one socket per core,
-//!   batched with recvmmsg/sendmmsg) and TCP/TLS connection tasks.
+//!   batched with recvmmsg/sendmmsg) and TCP/TLS connection tasks, and
+//!   the admission of those connections.
+//! - [`policy`]: which peers relays may talk to; [`source`]: how the
+//!   limits per client source group addresses.
 //!
 //! The codec is written by hand rather than taken from a crate because it is
 //! the relay's hot path: ChannelData and Send/Data indications are parsed in
