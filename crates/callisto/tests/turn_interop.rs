@@ -921,16 +921,23 @@ fn answered(tcp: &mut TcpStream) -> bool {
 }
 
 /// Sends a STUN Binding request on `stream`; whether a Binding success
-/// comes back.
+/// for it comes back.
 fn binding_answered(mut stream: impl Read + Write) -> bool {
-    let mut request = [0u8; 20];
-    request[..2].copy_from_slice(&1u16.to_be_bytes());
-    request[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
-    request[8..].fill(0x5a);
-    let mut header = [0u8; 20];
-    stream.write_all(&request).is_ok()
-        && stream.read_exact(&mut header).is_ok()
-        && header[..2] == 0x0101u16.to_be_bytes()
+    use callisto_turn::stun::{Class, Message, MessageBuilder, method};
+    let tid = [0x5a; 12];
+    let request = MessageBuilder::new(method::BINDING, Class::Request, &tid).finish();
+    let mut answer = vec![0u8; 20];
+    if stream.write_all(&request).is_err() || stream.read_exact(&mut answer).is_err() {
+        return false;
+    }
+    let len = usize::from(u16::from_be_bytes([answer[2], answer[3]]));
+    answer.resize(20 + len, 0);
+    stream.read_exact(&mut answer[20..]).is_ok()
+        && Message::parse(&answer).is_ok_and(|m| {
+            m.method() == method::BINDING
+                && m.class() == Class::Success
+                && *m.transaction_id() == tid
+        })
 }
 
 /// The stream connections the server holds, TCP and TLS.
