@@ -212,6 +212,13 @@ pub struct ServeArgs {
     #[arg(long, env = "CALLISTO_MAX_MESSAGE_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_message_burst: u32,
 
+    /// Seconds a client has to send a request's headers, counted from when
+    /// the server is ready to read them: also how long an idle kept-alive
+    /// HTTP connection stays open. Browsers send theirs at once; a client
+    /// that trickles them in is cut off.
+    #[arg(long, env = "CALLISTO_REQUEST_HEADER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub request_header_timeout: u32,
+
     /// Most HTTP and WebSocket connections at once. Never more than a
     /// quarter of the open-file limit, which the server raises to its hard
     /// limit at start. A connection that sends nothing for twice the

@@ -1,12 +1,14 @@
-//! Which connections the web server takes, and when it lets a silent one
+//! Which connections the web server takes, and when it lets a stuck one
 //! go. Each connection is a file descriptor and a task, and without bounds
 //! one host opening connections and sending nothing held them all, for
-//! good: hyper times out request headers only with a timer, which
-//! `axum::serve` does not give it. Bounded here as the TURN listeners are
-//! ([`Admission`]): in total and per address, with the connection reset at
-//! once when over; and a connection that sends nothing for `idle` is closed
-//! (a WebSocket client answers the server's pings, so a live one is never
-//! silent that long).
+//! good. Bounded here as the TURN listeners are ([`Admission`]): in total
+//! and per address, with the connection reset at once when over. And a
+//! connection is closed when it sends nothing for `idle` (a WebSocket
+//! client answers the server's pings, so a live one is never silent that
+//! long), or takes nothing of what it is sent for as long: a client that
+//! asks and never reads would otherwise hold its place for good.
+//! (How long a request's head may take is hyper's to enforce: see
+//! [`crate::http_server`].)
 
 use std::future::Future;
 use std::io;
@@ -90,12 +92,16 @@ impl axum::serve::Listener for LimitedListener {
 }
 
 /// An admitted connection: holds its place until dropped, and fails a read
-/// that has waited `idle` for the client.
+/// that has waited `idle` for the client, or a write that has waited as
+/// long for it to take something.
 pub struct Guarded<S> {
     io: S,
     /// None: reads wait as long as they must.
     idle: Option<Duration>,
     deadline: Pin<Box<Sleep>>,
+    /// Armed when a write finds the client's window full; disarmed when
+    /// one makes progress.
+    stalled: Option<Pin<Box<Sleep>>>,
     _admitted: Admitted,
 }
 
@@ -105,7 +111,31 @@ impl<S> Guarded<S> {
             io,
             idle: Some(idle),
             deadline: Box::pin(tokio::time::sleep(idle)),
+            stalled: None,
             _admitted: admitted,
+        }
+    }
+
+    /// Passes on a write's (or flush's) progress; once writes have made
+    /// none for `idle`, fails them.
+    fn bound_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let (Poll::Pending, Some(idle)) = (&polled, self.idle) else {
+            self.stalled = None;
+            return polled;
+        };
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing it was sent for too long",
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -190,44 +220,74 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstByteBack<S> {
     }
 }
 
-/// Writes go straight to the wrapped stream (field `io`): these wrappers
-/// only change how it is read.
-macro_rules! write_through {
-    ($wrapper:ident) => {
-        impl<S: AsyncWrite + Unpin> AsyncWrite for $wrapper<S> {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                data: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.get_mut().io).poll_write(cx, data)
-            }
+/// Writes go straight through: the wrapper only changes how it is read.
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByteBack<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
 
-            fn poll_write_vectored(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                data: &[io::IoSlice<'_>],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, data)
-            }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, data)
+    }
 
-            fn is_write_vectored(&self) -> bool {
-                self.io.is_write_vectored()
-            }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 
-            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.get_mut().io).poll_flush(cx)
-            }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
 
-            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-            }
-        }
-    };
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
-write_through!(Guarded);
-write_through!(FirstByteBack);
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        this.bound_write(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, data);
+        this.bound_write(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.bound_write(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.bound_write(cx, polled)
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod connections;
 pub mod http;
+pub mod http_server;
 pub mod logging;
 pub mod open_files;
 pub mod serve;

@@ -16,8 +16,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::ServeArgs;
 use crate::connections::LimitedListener;
-use crate::http::{AppState, ClientAddr, router};
-use crate::tls;
+use crate::http::{AppState, router};
+use crate::{http_server, tls};
 
 /// How long shutdown waits for WebSocket close handshakes.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -134,8 +134,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         metrics,
         shutdown: shutdown.clone(),
         sockets: sockets.clone(),
-    })
-    .into_make_service_with_connect_info::<ClientAddr>();
+    });
+    let head_timeout = Duration::from_secs(u64::from(args.request_header_timeout));
 
     let scheme = if tls.is_some() { "https" } else { "http" };
     let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
@@ -145,19 +145,16 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let turn_service = turn.map(|t| t.service);
     let task = match tls {
         Some(setup) => {
-            let listener = tls::TlsListener::new(tcp, setup.config, turn_on_web_port)?;
+            let listener =
+                tls::TlsListener::new(tcp, setup.config, head_timeout, turn_on_web_port)?;
             tokio::spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                finish(served, sockets, turn_service).await;
+                http_server::serve(listener, app, head_timeout, stop).await;
+                finish(sockets, turn_service).await;
             })
         }
         None => tokio::spawn(async move {
-            let served = axum::serve(tcp, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            finish(served, sockets, turn_service).await;
+            http_server::serve(tcp, app, head_timeout, stop).await;
+            finish(sockets, turn_service).await;
         }),
     };
 
@@ -172,14 +169,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     Ok(running)
 }
 
-async fn finish(
-    served: std::io::Result<()>,
-    sockets: TaskTracker,
-    turn: Option<callisto_turn::net::TurnService>,
-) {
-    if let Err(e) = served {
-        tracing::error!(error = %e, "HTTP server stopped with an error");
-    }
+async fn finish(sockets: TaskTracker, turn: Option<callisto_turn::net::TurnService>) {
     sockets.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, sockets.wait())
         .await

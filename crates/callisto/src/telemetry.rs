@@ -15,6 +15,7 @@ use axum::routing::get;
 
 use callisto_signal::HubStats;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -125,11 +126,12 @@ pub async fn serve_standalone(listen: SocketAddr) -> anyhow::Result<SocketAddr> 
             }),
         )
         .route("/healthz", get(crate::http::healthz));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the metrics listener failed");
-        }
-    });
+    tokio::spawn(crate::http_server::serve(
+        listener,
+        app,
+        Duration::from_secs(10),
+        CancellationToken::new(),
+    ));
     tracing::info!(metrics = %bound, "metrics are served at /metrics");
     Ok(bound)
 }

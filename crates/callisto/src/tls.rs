@@ -129,7 +129,7 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An `axum::serve` listener that yields TLS streams whose handshake is
+/// A listener that yields TLS streams whose handshake is
 /// done; with TURN beside it, those whose first bytes are TURN's (a STUN
 /// message: first byte below 0x40, where every HTTP request starts with a
 /// letter) go to TURN instead, so that browsers that may only reach this
@@ -144,10 +144,12 @@ pub type WebStream = FirstByteBack<TlsStream<Guarded<TcpStream>>>;
 
 impl TlsListener {
     /// Does the handshakes of `tcp`'s connections, which hold their places
-    /// in its limits from the first byte; hands TURN's to `turn`.
+    /// in its limits from the first byte, and waits up to
+    /// `first_byte_timeout` for what follows; hands TURN's to `turn`.
     pub fn new(
         mut tcp: LimitedListener,
         config: Arc<rustls::ServerConfig>,
+        first_byte_timeout: Duration,
         turn: Option<StreamConnections>,
     ) -> io::Result<Self> {
         let local = axum::serve::Listener::local_addr(&tcp)?;
@@ -176,9 +178,11 @@ impl TlsListener {
                             return;
                         }
                     };
-                    // A browser may open a connection ahead of its first
-                    // request: the wait for that is the idle limit's.
-                    let Some((first, mut stream)) = FirstByteBack::read(tls).await else {
+                    // As long as a request head may take: a browser may
+                    // open a connection ahead of its first request, and a
+                    // TURN client sends its first request at once.
+                    let first = tokio::time::timeout(first_byte_timeout, FirstByteBack::read(tls));
+                    let Ok(Some((first, mut stream))) = first.await else {
                         return;
                     };
                     match turn {

@@ -154,3 +154,87 @@ async fn connections_are_limited_per_address_and_silent_ones_closed() {
     let again = connect_from("127.0.0.2", server.addr).await.unwrap();
     assert!(healthy(again).await, "the places were not given back");
 }
+
+/// A request's head must arrive within `--request-header-timeout`, however
+/// steadily it trickles in (before, each byte renewed the idle limit, so a
+/// byte a minute held a connection for good); a kept-alive connection
+/// waits as long for its next request. Others are served meanwhile.
+#[tokio::test]
+async fn a_request_head_must_come_in_time() {
+    let server = Server::start(&["--request-header-timeout", "1"]).await;
+    let tcp = connect_from("127.0.0.2", server.addr).await.unwrap();
+    let (mut rx, mut tx) = tcp.into_split();
+    let trickle = tokio::spawn(async move {
+        tx.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            .await?;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.write_all(b"a").await?;
+        }
+        std::io::Result::Ok(())
+    });
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(4), rx.read_to_end(&mut reply)).await;
+    assert!(
+        matches!(read, Ok(Ok(_) | Err(_))),
+        "a trickling request head held its connection"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    assert!(!String::from_utf8_lossy(&reply).contains("200 OK"));
+    trickle.abort();
+    assert!(healthy(connect_from("127.0.0.3", server.addr).await.unwrap()).await);
+
+    // Kept alive after an answer, then closed when no request follows.
+    let mut tcp = connect_from("127.0.0.4", server.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let mut rest = Vec::new();
+    let drained = tokio::time::timeout(Duration::from_secs(4), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        drained.is_ok(),
+        "an idle kept-alive connection outlived the header timeout"
+    );
+}
+
+/// A client that asks and never reads what it is sent is let go after the
+/// idle limit (twice the heartbeat timeout), with its place.
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_let_go() {
+    const REQUESTS: usize = 3000;
+    let server =
+        Server::start(&["--heartbeat-timeout", "1", "--max-connections-per-ip", "1"]).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let (mut rx, mut tx) = tcp.into_split();
+    // Pipelined: far more answers (10 KB each) than the socket buffers
+    // hold, so the server's writes stall until we read.
+    let asking = tokio::spawn(async move {
+        let request = b"GET /js/app.js HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        for _ in 0..REQUESTS {
+            if tx.write_all(request).await.is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), rx.read_to_end(&mut got)).await;
+    let answers = String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(
+        read.is_ok() && answers < REQUESTS,
+        "the stalled connection stayed: {answers} answers of {REQUESTS}"
+    );
+    drop(asking.await);
+    // Its place is free again.
+    assert!(healthy(connect_from("127.0.0.2", server.addr).await.unwrap()).await);
+}

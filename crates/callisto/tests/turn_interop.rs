@@ -3,7 +3,7 @@
 //!
 //! Needs the Debian package `coturn` (scripts/test.sh installs it).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -1064,6 +1064,8 @@ fn uclient_over_tls_on_the_https_port() {
             "--turn-allow-peer",
             "127.0.0.1/32",
             "--tls-self-signed",
+            "--request-header-timeout",
+            "2",
         ],
     );
     assert!(server.https && server.tls_port.is_none());
@@ -1080,6 +1082,33 @@ fn uclient_over_tls_on_the_https_port() {
     // A client offering ALPN "stun.turn" alone (RFC 7443) is served too.
     assert!(tls_binding_answered(https, &[b"stun.turn"]));
     assert!(tls_binding_answered(https, &[]));
+    // A connection that says nothing after its handshake, neither HTTP
+    // nor TURN, is closed once a request head would have had to be in.
+    let started = Instant::now();
+    assert!(silent_after_handshake_closed(https, Duration::from_secs(8)));
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+}
+
+/// Whether the server at 127.0.0.1:`port` closes a TLS connection that,
+/// once its handshake is done, sends nothing, within `within`.
+fn silent_after_handshake_closed(port: u16, within: Duration) -> bool {
+    let mut conn = rustls::ClientConnection::new(
+        trusting_any_certificate(&[]),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(within)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut byte = [0u8; 1];
+    match tls.read(&mut byte) {
+        Ok(0) => true,
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        Ok(_) => false,
+    }
 }
 
 /// Whether a STUN Binding request over TLS to 127.0.0.1:`port`, with
