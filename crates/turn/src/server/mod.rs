@@ -1647,6 +1647,14 @@ impl<A: RelayAllocator> Server<A> {
         if requested.is_some() && additional.is_some() {
             return Err(refuse(400, "Bad Request: both address family attributes"));
         }
+        // A pair of ports is held in one family: RFC 8656 §7.2 refuses
+        // asking for it with two families.
+        if reserve && additional.is_some() {
+            return Err(refuse(
+                400,
+                "Bad Request: EVEN-PORT with the R bit and ADDITIONAL-ADDRESS-FAMILY",
+            ));
+        }
         if let Some(token) = token {
             // The reserved port decides the family and the parity.
             if token.len() != 8 {

@@ -875,6 +875,31 @@ fn allocate_attribute_errors() {
                 (attr::REQUESTED_ADDRESS_FAMILY, &[1u8, 0, 0, 0][..]),
             ],
         ),
+        (
+            "a token with ADDITIONAL-ADDRESS-FAMILY",
+            vec![
+                (attr::RESERVATION_TOKEN, &[1u8; 8][..]),
+                (attr::ADDITIONAL_ADDRESS_FAMILY, &[2u8, 0, 0, 0][..]),
+            ],
+        ),
+        (
+            "both address family attributes",
+            vec![
+                (attr::REQUESTED_ADDRESS_FAMILY, &[1u8, 0, 0, 0][..]),
+                (attr::ADDITIONAL_ADDRESS_FAMILY, &[2u8, 0, 0, 0][..]),
+            ],
+        ),
+        (
+            "ADDITIONAL-ADDRESS-FAMILY asking for IPv4",
+            vec![(attr::ADDITIONAL_ADDRESS_FAMILY, &[1u8, 0, 0, 0][..])],
+        ),
+        (
+            "a pair of ports in two families (RFC 8656 §7.2)",
+            vec![
+                (attr::EVEN_PORT, &[0x80u8][..]),
+                (attr::ADDITIONAL_ADDRESS_FAMILY, &[2u8, 0, 0, 0][..]),
+            ],
+        ),
     ] {
         let mut attrs = attrs;
         attrs.push((attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
@@ -1475,6 +1500,37 @@ fn relayed_and_token(out: &Output) -> (SocketAddr, Option<Vec<u8>>) {
         relayed,
         msg.get(attr::RESERVATION_TOKEN).map(<[u8]>::to_vec),
     )
+}
+
+/// A dual allocation (RFC 8656 §7.2) is not offered: the client gets its
+/// IPv4 relay, and ADDRESS-ERROR-CODE says why there is no IPv6 one.
+#[test]
+fn a_dual_allocation_gets_ipv4_and_says_why_not_ipv6() {
+    let t0 = Instant::now();
+    let (_, mut s) = setup(config(), t0);
+    let out = signed_allocate(
+        &mut s,
+        five(1),
+        1,
+        &[(
+            attr::ADDITIONAL_ADDRESS_FAMILY,
+            &[attr::FAMILY_IPV6, 0, 0, 0],
+        )],
+        t0,
+    );
+    let (relayed, _) = relayed_and_token(&out);
+    assert!(relayed.is_ipv4(), "{relayed}");
+    let Output::Reply { data, .. } = &out else {
+        unreachable!()
+    };
+    let msg = Message::parse(data).unwrap();
+    let address_error = msg
+        .get(attr::ADDRESS_ERROR_CODE)
+        .expect("ADDRESS-ERROR-CODE");
+    // Family, reserved, then an ERROR-CODE value: class 4, number 40.
+    assert_eq!(address_error[0], attr::FAMILY_IPV6);
+    assert_eq!(&address_error[6..8], &[4, 40]);
+    assert_eq!(s.allocation_count(), 1);
 }
 
 #[test]
