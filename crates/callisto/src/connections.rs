@@ -131,8 +131,8 @@ impl<S> Guarded<S> {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
         match stalled.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
+            Poll::Ready(()) => Poll::Ready(Err(timed_out(
+                "not_reading",
                 "the client took nothing it was sent for too long",
             ))),
             Poll::Pending => Poll::Pending,
@@ -163,14 +163,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                 Poll::Ready(read)
             }
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
+                Poll::Ready(()) => Poll::Ready(Err(timed_out(
+                    "silent",
                     "the client sent nothing for too long",
                 ))),
                 Poll::Pending => Poll::Pending,
             },
         }
     }
+}
+
+/// Counts a web connection closed for taking too long, by `reason`.
+pub fn count_timeout(reason: &'static str) {
+    metrics::counter!("callisto_http_connections_timed_out_total", "reason" => reason).increment(1);
+}
+
+/// Counts a timeout and gives the error that closes the connection.
+fn timed_out(reason: &'static str, why: &'static str) -> io::Error {
+    count_timeout(reason);
+    io::Error::new(io::ErrorKind::TimedOut, why)
 }
 
 /// A stream whose first byte was read to tell what it carries, and is

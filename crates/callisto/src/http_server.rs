@@ -7,7 +7,12 @@
 //! head of every request, and the wait for the next one on a kept-alive
 //! connection, must be done within `head_timeout`.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,6 +23,7 @@ use axum::serve::Listener;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
@@ -51,6 +57,8 @@ where
             let mut http = http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(head_timeout);
+            let io = Asking::new(io);
+            let asking = io.asking.clone();
             let conn = http
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
@@ -63,6 +71,15 @@ where
                 }
             };
             if let Err(e) = served {
+                if e.is_timeout() {
+                    // hyper's own, the head's deadline: a request trickled
+                    // in, or none came (a kept-alive connection left idle).
+                    crate::connections::count_timeout(if asking.load(Ordering::Relaxed) {
+                        "request_head"
+                    } else {
+                        "idle"
+                    });
+                }
                 // Timeouts, resets and malformed requests: the client's
                 // doing, and hyper has answered what it could.
                 tracing::debug!(client = %addr, error = %e, "HTTP connection ended");
@@ -71,4 +88,77 @@ where
     }
     connections.close();
     connections.wait().await;
+}
+
+/// A connection that tells whether its client is in the middle of asking:
+/// it has sent something since it was last answered.
+struct Asking<S> {
+    io: S,
+    asking: Arc<AtomicBool>,
+}
+
+impl<S> Asking<S> {
+    fn new(io: S) -> Self {
+        Asking {
+            io,
+            asking: Arc::default(),
+        }
+    }
+
+    fn answered<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.asking.store(false, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Asking<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.asking.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Asking<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        this.answered(polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, data);
+        this.answered(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }

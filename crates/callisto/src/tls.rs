@@ -182,8 +182,13 @@ impl TlsListener {
                     // open a connection ahead of its first request, and a
                     // TURN client sends its first request at once.
                     let first = tokio::time::timeout(first_byte_timeout, FirstByteBack::read(tls));
-                    let Ok(Some((first, mut stream))) = first.await else {
-                        return;
+                    let (first, mut stream) = match first.await {
+                        Ok(Some(read)) => read,
+                        Ok(None) => return,
+                        Err(_) => {
+                            crate::connections::count_timeout("idle");
+                            return;
+                        }
                     };
                     match turn {
                         Some(turn) if first < 0x40 => {

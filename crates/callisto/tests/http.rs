@@ -184,6 +184,9 @@ async fn a_request_head_must_come_in_time() {
     assert!(!String::from_utf8_lossy(&reply).contains("200 OK"));
     trickle.abort();
     assert!(healthy(connect_from("127.0.0.3", server.addr).await.unwrap()).await);
+    let timed_out =
+        |reason: &str| format!("callisto_http_connections_timed_out_total{{reason=\"{reason}\"}}");
+    assert!(server.metric(&timed_out("request_head")).await >= 1.0);
 
     // Kept alive after an answer, then closed when no request follows.
     let mut tcp = connect_from("127.0.0.4", server.addr).await.unwrap();
@@ -199,6 +202,7 @@ async fn a_request_head_must_come_in_time() {
         drained.is_ok(),
         "an idle kept-alive connection outlived the header timeout"
     );
+    assert!(server.metric(&timed_out("idle")).await >= 1.0);
 }
 
 /// A client that asks and never reads what it is sent is let go after the
@@ -237,4 +241,6 @@ async fn a_client_that_reads_nothing_is_let_go() {
     drop(asking.await);
     // Its place is free again.
     assert!(healthy(connect_from("127.0.0.2", server.addr).await.unwrap()).await);
+    let not_reading = "callisto_http_connections_timed_out_total{reason=\"not_reading\"}";
+    assert!(server.metric(not_reading).await >= 1.0);
 }
