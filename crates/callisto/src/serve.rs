@@ -118,6 +118,9 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         rate_burst: args.max_message_burst,
         rate_strikes: 20,
         send_queue: 1024,
+        // Signaling is small (an offer is a few KiB): 1 MiB is many
+        // offers, and a client that lets more pile up is not reading.
+        send_queue_bytes: (2 * args.max_message_bytes as usize).max(1 << 20),
         ice_servers: Arc::new(move || {
             let mut all = turn_ice
                 .as_ref()

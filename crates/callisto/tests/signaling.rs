@@ -409,3 +409,51 @@ async fn subprotocol_v1_is_accepted() {
     let mut c = Client { ws };
     c.ping().await;
 }
+
+/// A client that reads nothing is evicted once what waits for it passes the
+/// send queue's byte bound (1 MiB by default), long before its 1,024
+/// frames: a room could otherwise park 64 MiB at each such client.
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_evicted_by_the_bytes_waiting() {
+    let server = Server::start(&[]).await;
+    let mut a = server.client().await;
+    a.join("flood", "Ada").await;
+    // Bob's socket takes little, and he reads nothing after his welcome.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        server.ws_url(),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    let mut b = Client { ws };
+    let idb = id(&b.join("flood", "Bob").await["id"]);
+    a.expect("peer-joined").await;
+
+    // 150 signals of 60 kB (9 MB, within the default burst of 200).
+    let data = "x".repeat(60_000);
+    for _ in 0..150 {
+        a.send(json!({"type": "signal", "to": idb, "data": data}))
+            .await;
+    }
+    // Signals sent after the eviction are answered with errors: skipped.
+    let left = past_errors(&mut a).await;
+    assert_eq!(left["type"], "peer-left", "{left}");
+    assert_eq!(left["id"], idb.as_str());
+    assert!(server.metric("callisto_signaling_evictions_total").await >= 1.0);
+    // Ada, who read what she was sent, is still served.
+    a.send(json!({"type": "ping"})).await;
+    assert_eq!(past_errors(&mut a).await["type"], "pong");
+}
+
+/// The next message that is not an error.
+async fn past_errors(c: &mut Client) -> Value {
+    loop {
+        let v = c.recv().await;
+        if v["type"] != "error" {
+            return v;
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //! heartbeat timeout, and closes with a close frame on shutdown.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +43,11 @@ pub struct ConnectionConfig {
     pub rate_strikes: u32,
     /// Frames queued for a client before it counts as not reading.
     pub send_queue: usize,
+    /// Bytes queued for a client before it counts as not reading (one
+    /// frame always fits into an empty queue). Without it, a room could park
+    /// `send_queue` frames of `max_message_bytes` each (64 MiB by default)
+    /// at a client that does not read.
+    pub send_queue_bytes: usize,
     pub ice_servers: IceServerSource,
 }
 
@@ -52,21 +58,58 @@ impl std::fmt::Debug for ConnectionConfig {
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("rate_per_sec", &self.rate_per_sec)
             .field("rate_burst", &self.rate_burst)
+            .field("send_queue", &self.send_queue)
+            .field("send_queue_bytes", &self.send_queue_bytes)
             .finish_non_exhaustive()
     }
 }
 
-/// The driver's [`PeerSink`]: a bounded queue to the connection task, and a
-/// token the hub cancels to evict.
+/// The driver's [`PeerSink`]: a queue to the connection task, bounded in
+/// frames and in bytes, and a token the hub cancels to evict.
 #[derive(Clone)]
 pub struct ChannelSink {
     tx: mpsc::Sender<Frame>,
     evicted: CancellationToken,
+    /// Bytes in the queue: added by senders, taken off by the task.
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+impl ChannelSink {
+    fn new(frames: usize, max_bytes: usize) -> (Self, mpsc::Receiver<Frame>) {
+        let (tx, rx) = mpsc::channel(frames.max(4));
+        let sink = ChannelSink {
+            tx,
+            evicted: CancellationToken::new(),
+            queued: Arc::default(),
+            max_bytes,
+        };
+        (sink, rx)
+    }
+
+    /// Queues `frame` unless that would pass either bound.
+    fn push(&self, frame: Frame) -> Result<(), SinkFull> {
+        let len = frame.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before > 0 && before + len > self.max_bytes {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return Err(SinkFull);
+        }
+        self.tx.try_send(frame).map_err(|_| {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            SinkFull
+        })
+    }
+
+    /// Accounts for a frame the task took off the queue.
+    fn taken(&self, frame: &Frame) {
+        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+    }
 }
 
 impl PeerSink for ChannelSink {
     fn send(&self, frame: Frame) -> Result<(), SinkFull> {
-        self.tx.try_send(frame).map_err(|_| SinkFull)
+        self.push(frame)
     }
 
     fn evict(&self, _reason: &'static str) {
@@ -94,11 +137,7 @@ pub async fn handle_socket(
     remote: SocketAddr,
 ) {
     metrics::gauge!("callisto_signaling_connections").increment(1.0);
-    let (tx, mut rx) = mpsc::channel(cfg.send_queue.max(4));
-    let sink = ChannelSink {
-        tx,
-        evicted: CancellationToken::new(),
-    };
+    let (sink, mut rx) = ChannelSink::new(cfg.send_queue, cfg.send_queue_bytes);
     let mut conn = Conn {
         hub,
         cfg: cfg.clone(),
@@ -123,6 +162,7 @@ pub async fn handle_socket(
             _ = shutdown.cancelled() => break Some(Closing { code: GOING_AWAY, reason: "server shutting down" }),
             _ = sink.evicted.cancelled() => break Some(Closing { code: POLICY, reason: "too slow: send queue full" }),
             Some(frame) = rx.recv() => {
+                sink.taken(&frame);
                 if socket.send(Message::Text(text_frame(frame))).await.is_err() {
                     break None;
                 }
@@ -168,6 +208,7 @@ pub async fn handle_socket(
     if let Some(Closing { code, reason }) = closing {
         // Flush what is already queued (an error explaining the close, say).
         while let Ok(frame) = rx.try_recv() {
+            sink.taken(&frame);
             if socket.send(Message::Text(text_frame(frame))).await.is_err() {
                 break;
             }
@@ -332,7 +373,7 @@ impl Conn {
     }
 
     fn reply(&mut self, frame: Frame) -> Option<Closing> {
-        match self.sink.tx.try_send(frame) {
+        match self.sink.push(frame) {
             Ok(()) => None,
             Err(_) => Some(Closing {
                 code: POLICY,
@@ -354,5 +395,49 @@ fn explain(code: ErrorCode) -> &'static str {
         ErrorCode::BadName => "bad display name",
         ErrorCode::TooLarge => "message too large",
         ErrorCode::RateLimited => "too many messages",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use callisto_protocol::ServerMessage;
+
+    fn frame(bytes: usize) -> Frame {
+        // A pong is 15 bytes; an error's message pads it to the size wanted.
+        let message = "x".repeat(bytes.saturating_sub(48));
+        Frame::new(&ServerMessage::Error {
+            code: ErrorCode::BadMessage,
+            message: &message,
+        })
+    }
+
+    #[test]
+    fn the_send_queue_is_bounded_in_bytes_as_well_as_frames() {
+        let big = frame(600);
+        let (sink, mut rx) = ChannelSink::new(8, 1000);
+        assert!(sink.push(big.clone()).is_ok());
+        assert_eq!(sink.push(big.clone()), Err(SinkFull), "over the bytes");
+        // Small frames still fit beside it.
+        assert!(sink.push(frame(100)).is_ok());
+        // Taking one off makes room again.
+        let first = rx.try_recv().unwrap();
+        sink.taken(&first);
+        assert!(sink.push(big.clone()).is_ok());
+
+        // One frame larger than the whole bound goes into an empty queue.
+        let (sink, mut rx) = ChannelSink::new(8, 100);
+        assert!(sink.push(big.clone()).is_ok());
+        assert_eq!(sink.push(frame(60)), Err(SinkFull));
+        sink.taken(&rx.try_recv().unwrap());
+        assert!(sink.push(frame(60)).is_ok());
+
+        // And the frame count still holds (the channel's least is 4).
+        let (sink, _rx) = ChannelSink::new(4, usize::MAX);
+        for _ in 0..4 {
+            assert!(sink.push(frame(60)).is_ok());
+        }
+        assert_eq!(sink.push(frame(60)), Err(SinkFull));
+        assert_eq!(sink.queued.load(Ordering::Relaxed), 4 * frame(60).len());
     }
 }

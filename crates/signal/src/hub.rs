@@ -28,6 +28,11 @@ impl Frame {
         Frame(Bytes::from(msg.to_json()))
     }
 
+    /// Its size in bytes, as queued for a client.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The JSON text of the frame.
     pub fn as_str(&self) -> &str {
         // Built only from `String`s in `new`, so always UTF-8.
