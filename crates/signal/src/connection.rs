@@ -206,8 +206,11 @@ pub async fn handle_socket(
 
     conn.leave("disconnected");
     if let Some(Closing { code, reason }) = closing {
-        // Flush what is already queued (an error explaining the close, say).
-        while let Ok(frame) = rx.try_recv() {
+        // Flush what is already queued (an error explaining the close,
+        // say), unless the client was evicted for not reading it.
+        while !sink.evicted.is_cancelled()
+            && let Ok(frame) = rx.try_recv()
+        {
             sink.taken(&frame);
             if socket.send(Message::Text(text_frame(frame))).await.is_err() {
                 break;
