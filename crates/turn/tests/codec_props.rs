@@ -64,6 +64,8 @@ fn arb_attr() -> impl Strategy<Value = Attr> {
         arb_text(100).prop_map(Attr::Nonce),
         arb_text(100).prop_map(Attr::Software),
         (300u16..700, arb_text(60)).prop_map(|(c, r)| Attr::ErrorCode(c, r)),
+        (any::<u8>(), 300u16..700, arb_text(60))
+            .prop_map(|(f, c, r)| Attr::AddressErrorCode(f, c, r)),
         prop::collection::vec(any::<u16>(), 0..6).prop_map(Attr::UnknownAttributes),
         any::<u16>().prop_map(Attr::ChannelNumber),
         any::<u32>().prop_map(Attr::Lifetime),

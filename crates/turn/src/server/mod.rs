@@ -1738,9 +1738,7 @@ impl<A: RelayAllocator> Server<A> {
         }
         if additional.is_some() {
             // Dual allocation is not offered: say so for the IPv6 half.
-            let mut v = vec![attr::FAMILY_IPV6, 0, 0, 0, 0, 0, 4, 40];
-            v.extend_from_slice(b"Address Family not Supported");
-            b.attr(attr::ADDRESS_ERROR_CODE, &v);
+            b.address_error(attr::FAMILY_IPV6, 440, "Address Family not Supported");
         }
         let response = self.sign(b, msg, Some(&authed.key));
         let bps = self.shared.config.bps_per_allocation;

@@ -1527,9 +1527,13 @@ fn a_dual_allocation_gets_ipv4_and_says_why_not_ipv6() {
     let address_error = msg
         .get(attr::ADDRESS_ERROR_CODE)
         .expect("ADDRESS-ERROR-CODE");
-    // Family, reserved, then an ERROR-CODE value: class 4, number 40.
-    assert_eq!(address_error[0], attr::FAMILY_IPV6);
-    assert_eq!(&address_error[6..8], &[4, 40]);
+    // As RFC 8656 §18.12 lays it out, and coturn writes it: the family,
+    // a reserved byte, then class and number.
+    assert_eq!(&address_error[..4], &[attr::FAMILY_IPV6, 0, 4, 40]);
+    assert_eq!(
+        stun::decode_address_error(address_error).unwrap(),
+        (attr::FAMILY_IPV6, 440, "Address Family not Supported")
+    );
     assert_eq!(s.allocation_count(), 1);
 }
 

@@ -160,6 +160,12 @@ pub fn decode_error(v: &[u8]) -> Result<(u16, &str), StunError> {
     Ok((class * 100 + number, reason))
 }
 
+/// Decodes ADDRESS-ERROR-CODE into (family, code, reason).
+pub fn decode_address_error(v: &[u8]) -> Result<(u8, u16, &str), StunError> {
+    let (code, reason) = decode_error(v).map_err(|_| StunError::BadAttr(ADDRESS_ERROR_CODE))?;
+    Ok((v[0], code, reason))
+}
+
 /// Decodes a 4-byte big-endian value (LIFETIME, PRIORITY, ...).
 pub fn decode_u32(typ: u16, v: &[u8]) -> Result<u32, StunError> {
     let b: [u8; 4] = v.try_into().map_err(|_| StunError::BadAttr(typ))?;
@@ -208,6 +214,8 @@ pub enum Attr {
     Software(String),
     AlternateDomain(String),
     ErrorCode(u16, String),
+    /// The family, the code and the reason.
+    AddressErrorCode(u8, u16, String),
     UnknownAttributes(Vec<u16>),
     ChannelNumber(u16),
     Lifetime(u32),
@@ -253,6 +261,10 @@ impl Attr {
             ERROR_CODE => {
                 let (code, reason) = decode_error(v)?;
                 Attr::ErrorCode(code, reason.to_owned())
+            }
+            ADDRESS_ERROR_CODE => {
+                let (family, code, reason) = decode_address_error(v)?;
+                Attr::AddressErrorCode(family, code, reason.to_owned())
             }
             UNKNOWN_ATTRIBUTES => Attr::UnknownAttributes(decode_unknown(v)?),
             CHANNEL_NUMBER => Attr::ChannelNumber(decode_channel(v)?),
@@ -311,6 +323,7 @@ impl Attr {
             Attr::Software(_) => SOFTWARE,
             Attr::AlternateDomain(_) => ALTERNATE_DOMAIN,
             Attr::ErrorCode(..) => ERROR_CODE,
+            Attr::AddressErrorCode(..) => ADDRESS_ERROR_CODE,
             Attr::UnknownAttributes(_) => UNKNOWN_ATTRIBUTES,
             Attr::ChannelNumber(_) => CHANNEL_NUMBER,
             Attr::Lifetime(_) => LIFETIME,
@@ -351,6 +364,9 @@ impl Attr {
             }
             Attr::ErrorCode(code, reason) => {
                 b.error(*code, reason);
+            }
+            Attr::AddressErrorCode(family, code, reason) => {
+                b.address_error(*family, *code, reason);
             }
             Attr::UnknownAttributes(list) => {
                 let v: Vec<u8> = list.iter().flat_map(|t| t.to_be_bytes()).collect();

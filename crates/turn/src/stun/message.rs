@@ -331,6 +331,16 @@ impl MessageBuilder {
         self.attr(attr::ERROR_CODE, &v)
     }
 
+    /// ADDRESS-ERROR-CODE (RFC 8656 §18.12): why the relayed address of
+    /// `family` (`attr::FAMILY_IPV4` or `FAMILY_IPV6`) was not allocated.
+    /// ERROR-CODE's layout, with the family in its first byte.
+    pub fn address_error(&mut self, family: u8, code: u16, reason: &str) -> &mut Self {
+        let mut v = Vec::with_capacity(4 + reason.len());
+        v.extend_from_slice(&[family, 0, (code / 100) as u8, (code % 100) as u8]);
+        v.extend_from_slice(reason.as_bytes());
+        self.attr(attr::ADDRESS_ERROR_CODE, &v)
+    }
+
     /// MESSAGE-INTEGRITY (HMAC-SHA1).
     pub fn integrity(&mut self, key: &[u8]) -> &mut Self {
         let len = self.buf.len() - HEADER_LEN + 24;
