@@ -22,6 +22,10 @@ pub enum Event {
         mapped: SocketAddr,
         lifetime: Duration,
     },
+    /// After `Allocated`, for [`Client::allocate_dual`]: the IPv6 relay
+    /// of the dual allocation, or the code of the ADDRESS-ERROR-CODE that
+    /// says why there is none (RFC 8656 §7.2).
+    Ipv6Relay(Result<SocketAddr, u16>),
     PermissionCreated(IpAddr),
     ChannelBound {
         peer: SocketAddr,
@@ -57,7 +61,10 @@ struct Pending {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Request {
-    Allocate,
+    /// `dual`: with ADDITIONAL-ADDRESS-FAMILY, for an IPv6 relay as well.
+    Allocate {
+        dual: bool,
+    },
     Refresh(u32),
     /// For the peer's IP; its port goes into the request (0: none given).
     Permission(SocketAddr),
@@ -117,7 +124,14 @@ impl Client {
     }
 
     pub fn allocate(&mut self, now: Instant) {
-        self.request(now, Request::Allocate);
+        self.request(now, Request::Allocate { dual: false });
+    }
+
+    /// Allocates an IPv4 relay and an IPv6 one at once (a dual
+    /// allocation): [`Event::Allocated`] for the first, then
+    /// [`Event::Ipv6Relay`].
+    pub fn allocate_dual(&mut self, now: Instant) {
+        self.request(now, Request::Allocate { dual: true });
     }
 
     /// Refreshes the allocation; `0` deletes it.
@@ -315,16 +329,19 @@ impl Client {
             .and_then(|v| stun::decode_u32(attr::LIFETIME, v).ok())
             .map(|s| Duration::from_secs(u64::from(s)));
         match &pending.kind {
-            Request::Allocate => {
+            Request::Allocate { dual } => {
                 let addr = |t| {
                     msg.get(t)
                         .and_then(|v| stun::decode_xor_address(t, v, tid).ok())
                 };
-                if let (Some(relayed), Some(mapped), Some(lifetime)) = (
-                    addr(attr::XOR_RELAYED_ADDRESS),
-                    addr(attr::XOR_MAPPED_ADDRESS),
-                    lifetime,
-                ) {
+                // A dual allocation's two relays: two XOR-RELAYED-ADDRESS.
+                let mut relays = msg
+                    .attrs()
+                    .filter(|a| a.typ == attr::XOR_RELAYED_ADDRESS)
+                    .filter_map(|a| stun::decode_xor_address(a.typ, a.value, tid).ok());
+                if let (Some(relayed), Some(mapped), Some(lifetime)) =
+                    (relays.next(), addr(attr::XOR_MAPPED_ADDRESS), lifetime)
+                {
                     self.relayed = Some(relayed);
                     self.expires = Some(now + lifetime);
                     self.events.push_back(Event::Allocated {
@@ -332,6 +349,14 @@ impl Client {
                         mapped,
                         lifetime,
                     });
+                    if *dual {
+                        let refused = msg
+                            .get(attr::ADDRESS_ERROR_CODE)
+                            .and_then(|v| stun::decode_address_error(v).ok())
+                            .map_or(500, |(_, code, _)| code);
+                        let ipv6 = relays.find(SocketAddr::is_ipv6).ok_or(refused);
+                        self.events.push_back(Event::Ipv6Relay(ipv6));
+                    }
                 }
             }
             Request::Refresh(_) => {
@@ -401,15 +426,21 @@ impl Client {
     fn send_request(&mut self, now: Instant, kind: Request, tries: u32) {
         let tid = self.next_tid();
         let m = match kind {
-            Request::Allocate => method::ALLOCATE,
+            Request::Allocate { .. } => method::ALLOCATE,
             Request::Refresh(_) => method::REFRESH,
             Request::Permission(_) => method::CREATE_PERMISSION,
             Request::Channel(..) => method::CHANNEL_BIND,
         };
         let mut b = MessageBuilder::new(m, Class::Request, &tid);
         match &kind {
-            Request::Allocate => {
+            Request::Allocate { dual } => {
                 b.attr(attr::REQUESTED_TRANSPORT, &[attr::TRANSPORT_UDP, 0, 0, 0]);
+                if *dual {
+                    b.attr(
+                        attr::ADDITIONAL_ADDRESS_FAMILY,
+                        &[attr::FAMILY_IPV6, 0, 0, 0],
+                    );
+                }
             }
             Request::Refresh(secs) => {
                 b.u32(attr::LIFETIME, *secs);

@@ -597,6 +597,11 @@ struct Allocation {
     allocate_response: Vec<u8>,
     /// What the kernel relay was last told about this allocation.
     routes: routes::Routes,
+    /// The other half of a dual allocation (RFC 8656 §7.2: one relay of
+    /// each family for one client): a slot of its own, with its own relay,
+    /// permissions, channels and lifetime, found from the half in
+    /// `by_five` (the IPv4 one, until it goes).
+    sibling: Option<u32>,
 }
 
 impl Allocation {
@@ -606,6 +611,15 @@ impl Allocation {
     fn publish(&self) {
         *self.view.lock() = self.access.clone();
     }
+}
+
+/// What the halves of one allocation share when put into service.
+struct Installed<'a> {
+    five: FiveTuple,
+    username: &'a str,
+    expires: Instant,
+    allocate_tid: [u8; 12],
+    allocate_response: &'a [u8],
 }
 
 /// What decides whether data from a peer reaches an allocation's client:
@@ -945,6 +959,17 @@ impl<A: RelayAllocator> Server<A> {
         self.allocations[slot as usize].as_ref().map(|a| a.relay)
     }
 
+    /// The relays of `five`'s allocation: one, or two for a dual one.
+    pub fn relays_of(&self, five: &FiveTuple) -> [Option<RelayId>; 2] {
+        let Some(&slot) = self.by_five.get(five) else {
+            return [None, None];
+        };
+        let other = self.allocations[slot as usize]
+            .as_ref()
+            .and_then(|a| a.sibling);
+        [Some(RelayId(slot)), other.map(RelayId)]
+    }
+
     /// When to call [`Server::on_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.next_sweep
@@ -1081,7 +1106,8 @@ impl<A: RelayAllocator> Server<A> {
             .collect();
         for slot in expired {
             tracing::debug!(slot, "allocation expired");
-            self.remove_allocation(slot);
+            // Each half of a dual allocation has a lifetime of its own.
+            self.remove_half(slot);
         }
         let mut shrunk = Vec::new();
         for (slot, a) in self.allocations.iter_mut().enumerate() {
@@ -1133,9 +1159,16 @@ impl<A: RelayAllocator> Server<A> {
         let Some(&slot) = self.by_five.get(&five) else {
             return Output::None;
         };
-        let Some(alloc) = self.allocations[slot as usize].as_mut() else {
+        let Some(mut alloc) = self.allocations[slot as usize].as_ref() else {
             return Output::None;
         };
+        // On the other half of a dual allocation, if not on this one.
+        if alloc.access.channel_by_number(channel).is_none()
+            && let Some(other) = alloc.sibling
+            && let Some(b) = self.allocations[other as usize].as_ref()
+        {
+            alloc = b;
+        }
         let access = &alloc.access;
         let Some(bound) = access.channel_by_number(channel) else {
             return Output::None;
@@ -1350,13 +1383,17 @@ impl<A: RelayAllocator> Server<A> {
         data: Range<usize>,
         buf: &mut [u8],
     ) -> Output {
-        let Some(&slot) = self.by_five.get(&five) else {
+        let Some(slot) = self
+            .by_five
+            .get(&five)
+            .and_then(|&slot| self.half_of_family(slot, peer.is_ipv6()))
+        else {
             return Output::None;
         };
         if !self.shared_port_ok(peer) {
             return Output::None;
         }
-        let Some(alloc) = self.allocations[slot as usize].as_mut() else {
+        let Some(alloc) = self.allocations[slot as usize].as_ref() else {
             return Output::None;
         };
         if alloc.access.expires <= now || !alloc.access.permitted(peer.ip(), now) {
@@ -1725,27 +1762,63 @@ impl<A: RelayAllocator> Server<A> {
                 });
             }
         };
-        let advertised = SocketAddr::new(
-            self.shared.config.advertised_ip(relay_addr.ip()),
-            relay_addr.port(),
-        );
+        // A dual allocation's IPv6 half; when it cannot be had, the IPv4
+        // one is still given, with ADDRESS-ERROR-CODE saying why not.
+        let second = additional.map(|_| self.bind_ipv6_half(&authed.username, source));
+        let advertise = |addr: SocketAddr| {
+            SocketAddr::new(self.shared.config.advertised_ip(addr.ip()), addr.port())
+        };
+        let advertised = advertise(relay_addr);
         let mut b = self.response(msg, Class::Success);
-        b.xor_address(attr::XOR_RELAYED_ADDRESS, advertised)
-            .u32(attr::LIFETIME, lifetime.as_secs() as u32)
+        b.xor_address(attr::XOR_RELAYED_ADDRESS, advertised);
+        if let Some(Ok((_, addr))) = second {
+            b.xor_address(attr::XOR_RELAYED_ADDRESS, advertise(addr));
+        }
+        b.u32(attr::LIFETIME, lifetime.as_secs() as u32)
             .xor_address(attr::XOR_MAPPED_ADDRESS, five.client);
         if let Some(token) = reservation {
             b.attr(attr::RESERVATION_TOKEN, &token);
         }
-        if additional.is_some() {
-            // Dual allocation is not offered: say so for the IPv6 half.
-            b.address_error(attr::FAMILY_IPV6, 440, "Address Family not Supported");
+        if let Some(Err(why)) = &second {
+            b.address_error(attr::FAMILY_IPV6, why.code, why.reason);
         }
         let response = self.sign(b, msg, Some(&authed.key));
+        let installed = Installed {
+            five,
+            username: &authed.username,
+            expires: now + lifetime,
+            allocate_tid: *tid,
+            allocate_response: &response,
+        };
+        self.install(slot, relay_addr, &installed, now);
+        self.by_five.insert(five, slot);
+        if let Some(Ok((half, addr))) = second {
+            self.install(half, addr, &installed, now);
+            for (one, other) in [(slot, half), (half, slot)] {
+                if let Some(a) = self.allocations[one as usize].as_mut() {
+                    a.sibling = Some(other);
+                }
+            }
+        }
+        Ok(Output::Reply {
+            to: five,
+            data: response,
+        })
+    }
+
+    /// Puts a relay bound at `relay_addr` into service as slot `slot`: an
+    /// allocation, or half of a dual one.
+    fn install(&mut self, slot: u32, relay_addr: SocketAddr, how: &Installed<'_>, now: Instant) {
+        let five = how.five;
+        let advertised = SocketAddr::new(
+            self.shared.config.advertised_ip(relay_addr.ip()),
+            relay_addr.port(),
+        );
         let bps = self.shared.config.bps_per_allocation;
         let view = Arc::new(RelayView {
             to: five,
             inbox: self.inbox.clone().filter(|_| five.transport.is_stream()),
-            access: Mutex::new(PeerAccess::new(now + lifetime)),
+            access: Mutex::new(PeerAccess::new(how.expires)),
             budget: (bps != 0).then(|| {
                 Budget::new(
                     bps,
@@ -1757,17 +1830,17 @@ impl<A: RelayAllocator> Server<A> {
         });
         self.allocations[slot as usize] = Some(Allocation {
             five,
-            relay,
+            relay: RelayId(slot),
             relay_addr,
             advertised,
-            username: authed.username.clone(),
-            access: PeerAccess::new(now + lifetime),
+            username: how.username.to_owned(),
+            access: PeerAccess::new(how.expires),
             view: view.clone(),
-            allocate_tid: *tid,
-            allocate_response: response.clone(),
+            allocate_tid: how.allocate_tid,
+            allocate_response: how.allocate_response.to_vec(),
             routes: routes::Routes::default(),
+            sibling: None,
         });
-        self.by_five.insert(five, slot);
         self.by_relay_addr.insert(relay_addr, slot);
         self.by_relay_addr.insert(advertised, slot);
         self.shared.set_relay([relay_addr, advertised], Some(&view));
@@ -1776,9 +1849,35 @@ impl<A: RelayAllocator> Server<A> {
             .increment(1);
         metrics::gauge!("callisto_turn_allocations").increment(1.0);
         tracing::debug!(client = %five.client, relay = %relay_addr, transport = five.transport.as_str(), "allocated");
-        Ok(Output::Reply {
-            to: five,
-            data: response,
+    }
+
+    /// Binds the IPv6 relay of a dual allocation, in a slot of its own and
+    /// under the quotas like any allocation.
+    fn bind_ipv6_half(
+        &mut self,
+        username: &str,
+        source: Source,
+    ) -> Result<(u32, SocketAddr), Refusal> {
+        self.shared.reserve(username, source).map_err(|code| {
+            if code == 486 {
+                refuse(486, "Allocation Quota Reached")
+            } else {
+                refuse(508, "Insufficient Capacity")
+            }
+        })?;
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
+            self.allocations.push(None);
+            (self.allocations.len() - 1) as u32
+        });
+        self.relays.allocate(RelayId(slot), true, false).map(|addr| (slot, addr)).map_err(|e| {
+            self.free_slots.push(slot);
+            self.shared.unreserve(username, source);
+            if e.kind() == io::ErrorKind::Unsupported {
+                refuse(440, "Address Family not Supported")
+            } else {
+                tracing::warn!(error = %e, "no IPv6 relay socket available for a dual allocation");
+                refuse(508, "Insufficient Capacity")
+            }
         })
     }
 
@@ -1852,37 +1951,62 @@ impl<A: RelayAllocator> Server<A> {
     ) -> Result<Output, Refusal> {
         let slot = self.own_allocation(five, authed)?;
         let lifetime = self.lifetime(msg)?;
-        if let Some(v) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
-            let asked_v6 = v.first() == Some(&attr::FAMILY_IPV6);
-            if asked_v6 != self.relay_is_v6(slot) {
-                return Err(refuse(443, "Peer Address Family Mismatch"));
+        // With REQUESTED-ADDRESS-FAMILY, only the relay of that family is
+        // refreshed or deleted (RFC 8656 §7.3): one half of a dual
+        // allocation.
+        let halves: Vec<u32> = match msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            Some(v) => {
+                let ipv6 = v.first() == Some(&attr::FAMILY_IPV6);
+                let half = self
+                    .half_of_family(slot, ipv6)
+                    .ok_or(refuse(443, "Peer Address Family Mismatch"))?;
+                vec![half]
             }
-        }
-        if lifetime.is_zero() {
-            self.remove_allocation(slot);
-        } else if let Some(a) = self.allocations[slot as usize].as_mut() {
-            a.access.expires = now + lifetime;
-            self.access_changed(slot, now);
+            None => self.halves(slot).collect(),
+        };
+        for half in halves {
+            if lifetime.is_zero() {
+                self.remove_half(half);
+            } else if let Some(a) = self.allocations[half as usize].as_mut() {
+                a.access.expires = now + lifetime;
+                self.access_changed(half, now);
+            }
         }
         let mut b = self.response(msg, Class::Success);
         b.u32(attr::LIFETIME, lifetime.as_secs() as u32);
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
 
-    fn relay_is_v6(&self, slot: u32) -> bool {
-        self.allocations[slot as usize]
-            .as_ref()
-            .is_some_and(|a| a.relay_addr.is_ipv6())
+    /// Of `slot`'s allocation, the half whose relay is IPv6 if `ipv6`, or
+    /// IPv4: `slot` itself, or the other half of a dual allocation.
+    fn half_of_family(&self, slot: u32, ipv6: bool) -> Option<u32> {
+        let a = self.allocations.get(slot as usize)?.as_ref()?;
+        if a.relay_addr.is_ipv6() == ipv6 {
+            return Some(slot);
+        }
+        let other = a.sibling?;
+        let b = self.allocations.get(other as usize)?.as_ref()?;
+        (b.relay_addr.is_ipv6() == ipv6).then_some(other)
     }
 
-    /// The XOR-PEER-ADDRESS values of a request, each checked.
+    /// `slot`, and the other half of its allocation if it is dual.
+    fn halves(&self, slot: u32) -> impl Iterator<Item = u32> + use<A> {
+        let other = self
+            .allocations
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .and_then(|a| a.sibling);
+        std::iter::once(slot).chain(other)
+    }
+
+    /// The XOR-PEER-ADDRESS values of a request, each checked, with the
+    /// half of the allocation whose relay serves it.
     fn peers(
         &self,
         msg: &Message<'_>,
         slot: u32,
         check_port: bool,
-    ) -> Result<Vec<SocketAddr>, Refusal> {
-        let relay_v6 = self.relay_is_v6(slot);
+    ) -> Result<Vec<(SocketAddr, u32)>, Refusal> {
         let mut peers = Vec::new();
         for RawAttr { typ, value } in msg.attrs() {
             if typ != attr::XOR_PEER_ADDRESS {
@@ -1890,15 +2014,15 @@ impl<A: RelayAllocator> Server<A> {
             }
             let peer = stun::decode_xor_address(typ, value, msg.transaction_id())
                 .map_err(|_| refuse(400, "Bad Request: malformed XOR-PEER-ADDRESS"))?;
-            if peer.is_ipv6() != relay_v6 {
+            let Some(half) = self.half_of_family(slot, peer.is_ipv6()) else {
                 return Err(refuse(443, "Peer Address Family Mismatch"));
-            }
+            };
             if !self.peer_allowed(peer, check_port) {
                 metrics::counter!("callisto_turn_forbidden_peers_total").increment(1);
                 tracing::info!(peer = %peer.ip(), "refused a forbidden peer address");
                 return Err(refuse(403, "Forbidden: peer address not allowed"));
             }
-            peers.push(peer);
+            peers.push((peer, half));
         }
         if peers.is_empty() {
             return Err(refuse(400, "Bad Request: XOR-PEER-ADDRESS missing"));
@@ -1916,20 +2040,32 @@ impl<A: RelayAllocator> Server<A> {
         let slot = self.own_allocation(five, authed)?;
         let peers = self.peers(msg, slot, false)?;
         let max = self.shared.config.max_permissions;
-        let Some(a) = self.allocations[slot as usize].as_mut() else {
-            return Err(refuse(437, "Allocation Mismatch"));
-        };
-        let new = peers
-            .iter()
-            .filter(|p| !a.access.permissions.iter().any(|(ip, _)| *ip == p.ip()))
-            .count();
-        if a.access.permissions.len() + new > max {
-            return Err(refuse(508, "Insufficient Capacity: too many permissions"));
+        // All or nothing: each half's room is checked before any is used.
+        let halves: Vec<u32> = self.halves(slot).collect();
+        for &half in &halves {
+            let Some(a) = self.allocations[half as usize].as_ref() else {
+                return Err(refuse(437, "Allocation Mismatch"));
+            };
+            let permitted = |ip: IpAddr| a.access.permissions.iter().any(|(p, _)| *p == ip);
+            let mut new: Vec<IpAddr> = peers
+                .iter()
+                .filter(|(p, h)| *h == half && !permitted(p.ip()))
+                .map(|(p, _)| p.ip())
+                .collect();
+            new.sort_unstable();
+            new.dedup();
+            if a.access.permissions.len() + new.len() > max {
+                return Err(refuse(508, "Insufficient Capacity: too many permissions"));
+            }
         }
-        for p in peers {
-            install_permission(&mut a.access, p.ip(), now);
+        for (p, half) in peers {
+            if let Some(a) = self.allocations[half as usize].as_mut() {
+                install_permission(&mut a.access, p.ip(), now);
+            }
         }
-        self.access_changed(slot, now);
+        for half in halves {
+            self.access_changed(half, now);
+        }
         let b = self.response(msg, Class::Success);
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
@@ -1950,10 +2086,19 @@ impl<A: RelayAllocator> Server<A> {
             return Err(refuse(400, "Bad Request: channel number out of range"));
         }
         let peers = self.peers(msg, slot, true)?;
-        if peers.len() != 1 {
+        let &[(peer, half)] = peers.as_slice() else {
             return Err(refuse(400, "Bad Request: one XOR-PEER-ADDRESS expected"));
+        };
+        // A channel number names one peer in the whole allocation, both
+        // halves of a dual one included.
+        if self.halves(slot).filter(|&h| h != half).any(|h| {
+            self.allocations[h as usize]
+                .as_ref()
+                .is_some_and(|a| a.access.channel_by_number(number).is_some())
+        }) {
+            return Err(refuse(400, "Bad Request: channel or peer bound otherwise"));
         }
-        let peer = peers[0];
+        let slot = half;
         let max = self.shared.config.max_permissions;
         let max_channels = self.shared.config.max_channels;
         let Some(a) = self.allocations[slot as usize].as_mut() else {
@@ -1989,11 +2134,33 @@ impl<A: RelayAllocator> Server<A> {
         Ok(self.reply(five, msg, b, Some(&authed.key)))
     }
 
+    /// Removes `slot`'s allocation, both halves if it is dual.
     fn remove_allocation(&mut self, slot: u32) {
+        let halves: Vec<u32> = self.halves(slot).collect();
+        for half in halves {
+            self.remove_half(half);
+        }
+    }
+
+    /// Removes one relay: an allocation, or one half of a dual one, whose
+    /// other half then stands alone.
+    fn remove_half(&mut self, slot: u32) {
         let Some(a) = self.allocations[slot as usize].take() else {
             return;
         };
-        self.by_five.remove(&a.five);
+        let other = a.sibling.filter(|&s| {
+            self.allocations
+                .get_mut(s as usize)
+                .and_then(Option::as_mut)
+                .map(|b| b.sibling = None)
+                .is_some()
+        });
+        if self.by_five.get(&a.five) == Some(&slot) {
+            match other {
+                Some(s) => self.by_five.insert(a.five, s),
+                None => self.by_five.remove(&a.five),
+            };
+        }
         self.by_relay_addr.remove(&a.relay_addr);
         self.by_relay_addr.remove(&a.advertised);
         // A worker that still holds the view relays nothing more through it.

@@ -24,11 +24,13 @@ struct FakeRelays {
     /// Added to every port, so that two servers (two workers) get
     /// different ones.
     base: u16,
+    /// IPv6 relays are had (at [`relay_ip6`]), not refused.
+    ipv6: bool,
 }
 
 impl RelayAllocator for FakeRelays {
     fn allocate(&mut self, id: RelayId, ipv6: bool, even: bool) -> io::Result<SocketAddr> {
-        if ipv6 {
+        if ipv6 && !self.ipv6 {
             return Err(io::Error::new(io::ErrorKind::Unsupported, "no IPv6 relay"));
         }
         if *self.fail.borrow() {
@@ -40,7 +42,8 @@ impl RelayAllocator for FakeRelays {
             !even || port % 2 == 0 || id.0 % 2 == 1,
             "test relays are even for even ids"
         );
-        Ok(SocketAddr::new(relay_ip(), port))
+        let ip = if ipv6 { relay_ip6() } else { relay_ip() };
+        Ok(SocketAddr::new(ip, port))
     }
 
     fn release(&mut self, id: RelayId) {
@@ -64,6 +67,11 @@ impl RelayAllocator for FakeRelays {
 /// A private address: peers there are refused unless they are our relays.
 fn relay_ip() -> IpAddr {
     "10.9.9.9".parse().unwrap()
+}
+
+/// The IPv6 relay address of [`FakeRelays`] with `ipv6`.
+fn relay_ip6() -> IpAddr {
+    "fd00::9".parse().unwrap()
 }
 
 fn config() -> Config {
@@ -1458,6 +1466,21 @@ fn signed_allocate(
     attrs: &[(u16, &[u8])],
     now: Instant,
 ) -> Output {
+    let mut all: Vec<(u16, &[u8])> = vec![(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])];
+    all.extend_from_slice(attrs);
+    signed_request(s, five, method::ALLOCATE, id, &all, now)
+}
+
+/// A request of `method` with `attrs`, signed with a nonce the server
+/// gave in a 401 just before.
+fn signed_request(
+    s: &mut Server<FakeRelays>,
+    five: FiveTuple,
+    method: u16,
+    id: u8,
+    attrs: &[(u16, &[u8])],
+    now: Instant,
+) -> Output {
     let mut unauthenticated = request_with(
         method::ALLOCATE,
         &[(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])],
@@ -1471,8 +1494,7 @@ fn signed_allocate(
         .unwrap()
         .to_vec();
     let key = crate::auth::long_term_key(USER, "test.realm", PASS);
-    let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, &[id; 12]);
-    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    let mut b = MessageBuilder::new(method, Class::Request, &[id; 12]);
     for (t, v) in attrs {
         b.attr(*t, v);
     }
@@ -1535,6 +1557,240 @@ fn a_dual_allocation_gets_ipv4_and_says_why_not_ipv6() {
         (attr::FAMILY_IPV6, 440, "Address Family not Supported")
     );
     assert_eq!(s.allocation_count(), 1);
+}
+
+/// A server whose relays come in both families.
+fn dual_setup(cfg: Config, t0: Instant) -> Server<FakeRelays> {
+    let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));
+    Server::new(
+        shared,
+        FakeRelays {
+            ipv6: true,
+            ..FakeRelays::default()
+        },
+    )
+}
+
+fn peer6() -> SocketAddr {
+    "[2001:db8:1::9]:4000".parse().unwrap()
+}
+
+/// A dual allocation (RFC 8656 §7.2) from `five`: both relays.
+fn dual_allocated(
+    s: &mut Server<FakeRelays>,
+    five: FiveTuple,
+    t0: Instant,
+) -> (Client, SocketAddr, SocketAddr) {
+    let mut c = Client::new(USER, PASS, false, five.client.port().into());
+    c.allocate_dual(t0);
+    match pump(s, &mut c, five, t0).as_slice() {
+        [
+            Event::Allocated { relayed, .. },
+            Event::Ipv6Relay(Ok(relayed6)),
+        ] => {
+            assert!(
+                relayed.is_ipv4() && relayed6.is_ipv6(),
+                "{relayed} {relayed6}"
+            );
+            let (r, r6) = (*relayed, *relayed6);
+            (c, r, r6)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// What a Send indication or ChannelData from the client goes out of.
+fn sent_from(
+    s: &mut Server<FakeRelays>,
+    five: FiveTuple,
+    mut data: Vec<u8>,
+    t0: Instant,
+) -> Option<(RelayId, SocketAddr)> {
+    match s.on_client(t0, five, &mut data) {
+        Output::ToPeer { relay, peer, .. } => Some((relay, peer)),
+        _ => None,
+    }
+}
+
+/// Data from `from` to `relay`, relayed to the client or not.
+fn reaches_client(
+    s: &mut Server<FakeRelays>,
+    relay: RelayId,
+    from: SocketAddr,
+    t0: Instant,
+) -> bool {
+    let mut buf = vec![0u8; HEADROOM + 64];
+    buf[HEADROOM..HEADROOM + 3].copy_from_slice(b"hey");
+    matches!(
+        s.on_peer(t0, relay, from, &mut buf, 3),
+        Output::ToClient { .. }
+    )
+}
+
+/// One allocation, two relays: each family's peers are reached through the
+/// relay of their family, with permissions and channels of their own, and
+/// one channel number names one peer across both.
+#[test]
+fn a_dual_allocation_relays_each_family_through_its_own_relay() {
+    let t0 = Instant::now();
+    let mut s = dual_setup(config(), t0);
+    let (mut c, _, relayed6) = dual_allocated(&mut s, five(1), t0);
+    assert_eq!(relayed6.ip(), relay_ip6());
+    assert_eq!(s.allocation_count(), 1);
+    let [Some(r4), Some(r6)] = s.relays_of(&five(1)) else {
+        panic!("two relays")
+    };
+
+    c.create_permission(t0, peer().ip());
+    c.create_permission(t0, peer6().ip());
+    assert_eq!(
+        pump(&mut s, &mut c, five(1), t0),
+        vec![
+            Event::PermissionCreated(peer().ip()),
+            Event::PermissionCreated(peer6().ip())
+        ]
+    );
+    assert_eq!(
+        sent_from(&mut s, five(1), c.send_to(peer(), b"4"), t0),
+        Some((r4, peer()))
+    );
+    assert_eq!(
+        sent_from(&mut s, five(1), c.send_to(peer6(), b"6"), t0),
+        Some((r6, peer6()))
+    );
+    assert!(reaches_client(&mut s, r6, peer6(), t0));
+    assert!(reaches_client(&mut s, r4, peer(), t0));
+    // Each relay has its own permissions.
+    assert!(!reaches_client(
+        &mut s,
+        r4,
+        SocketAddr::new(peer6().ip(), 1),
+        t0
+    ));
+
+    let n6 = c.bind_channel(t0, peer6());
+    let n4 = c.bind_channel(t0, peer());
+    let bound = pump(&mut s, &mut c, five(1), t0);
+    assert_eq!(bound.len(), 2, "{bound:?}");
+    assert!(
+        bound
+            .iter()
+            .all(|e| matches!(e, Event::ChannelBound { .. }))
+    );
+    assert_eq!(
+        sent_from(&mut s, five(1), c.send_to(peer6(), b"6"), t0),
+        Some((r6, peer6()))
+    );
+    assert_eq!(
+        sent_from(&mut s, five(1), c.send_to(peer(), b"4"), t0),
+        Some((r4, peer()))
+    );
+    // Another IPv4 peer may not take the number of the IPv6 one.
+    let other4: SocketAddr = "203.0.113.10:4000".parse().unwrap();
+    c.bind_channel_number(t0, other4, n6);
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(1), t0)), 400);
+    assert_ne!(n4, n6);
+}
+
+/// Refresh with REQUESTED-ADDRESS-FAMILY refreshes or deletes the relay of
+/// that family only (RFC 8656 §7.3); without it, both. A half left alone
+/// still serves, whichever it is.
+#[test]
+fn a_dual_allocation_loses_one_half_at_a_time() {
+    let t0 = Instant::now();
+    let mut s = dual_setup(config(), t0);
+    let lifetime_zero = 0u32.to_be_bytes();
+    let family = |f: u8| [f, 0, 0, 0];
+    let (six, four) = (family(attr::FAMILY_IPV6), family(attr::FAMILY_IPV4));
+    let refresh = |s: &mut Server<FakeRelays>, five, id, fam: &[u8; 4]| {
+        let attrs: &[(u16, &[u8])] = &[
+            (attr::LIFETIME, &lifetime_zero),
+            (attr::REQUESTED_ADDRESS_FAMILY, fam),
+        ];
+        signed_request(s, five, method::REFRESH, id, attrs, t0)
+    };
+
+    // The IPv6 half goes; the IPv4 one stays.
+    let (mut c, _, _) = dual_allocated(&mut s, five(1), t0);
+    c.create_permission(t0, peer().ip());
+    c.create_permission(t0, peer6().ip());
+    pump(&mut s, &mut c, five(1), t0);
+    let [Some(r4), Some(_)] = s.relays_of(&five(1)) else {
+        panic!()
+    };
+    assert!(matches!(
+        refresh(&mut s, five(1), 1, &six),
+        Output::Reply { .. }
+    ));
+    assert_eq!(s.relays_of(&five(1)), [Some(r4), None]);
+    assert_eq!(
+        sent_from(&mut s, five(1), c.send_to(peer6(), b"6"), t0),
+        None
+    );
+    assert_eq!(
+        sent_from(&mut s, five(1), c.send_to(peer(), b"4"), t0),
+        Some((r4, peer()))
+    );
+    assert_eq!(
+        error_code(&refresh(&mut s, five(1), 2, &six)),
+        443,
+        "no IPv6 relay left"
+    );
+
+    // The IPv4 half goes; the IPv6 one stands alone, found as before.
+    let (mut c, _, _) = dual_allocated(&mut s, five(2), t0);
+    c.create_permission(t0, peer6().ip());
+    pump(&mut s, &mut c, five(2), t0);
+    let [Some(_), Some(r6)] = s.relays_of(&five(2)) else {
+        panic!()
+    };
+    assert!(matches!(
+        refresh(&mut s, five(2), 3, &four),
+        Output::Reply { .. }
+    ));
+    assert_eq!(s.relays_of(&five(2)), [Some(r6), None]);
+    assert_eq!(
+        sent_from(&mut s, five(2), c.send_to(peer6(), b"6"), t0),
+        Some((r6, peer6()))
+    );
+    assert!(reaches_client(&mut s, r6, peer6(), t0));
+    assert_eq!(s.allocation_count(), 2);
+
+    // Without a family, a Refresh deletes both halves; expiry takes both.
+    let (_c, _, _) = dual_allocated(&mut s, five(3), t0);
+    let zero: &[(u16, &[u8])] = &[(attr::LIFETIME, &lifetime_zero)];
+    assert!(matches!(
+        signed_request(&mut s, five(3), method::REFRESH, 4, zero, t0),
+        Output::Reply { .. }
+    ));
+    assert_eq!(s.relays_of(&five(3)), [None, None]);
+    s.on_timeout(t0 + DEFAULT_LIFETIME + Duration::from_secs(1));
+    assert_eq!(s.allocation_count(), 0);
+    assert!(s.relays().live.borrow().is_empty(), "every relay released");
+    assert_eq!(s.shared().allocation_count(), 0, "every quota given back");
+}
+
+/// The IPv6 half counts against the quotas as an allocation: over them,
+/// the client keeps its IPv4 relay and is told why there is no other.
+#[test]
+fn a_dual_allocation_over_the_quota_gets_its_ipv4_half() {
+    let t0 = Instant::now();
+    let mut s = dual_setup(
+        Config {
+            user_quota: 1,
+            ..config()
+        },
+        t0,
+    );
+    let mut c = Client::new(USER, PASS, false, 1);
+    c.allocate_dual(t0);
+    match pump(&mut s, &mut c, five(1), t0).as_slice() {
+        [Event::Allocated { relayed, .. }, Event::Ipv6Relay(Err(486))] => {
+            assert!(relayed.is_ipv4())
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.relays_of(&five(1))[1], None);
 }
 
 #[test]
