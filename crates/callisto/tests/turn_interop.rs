@@ -705,14 +705,62 @@ fn drive(
     sock: &UdpSocket,
     server: SocketAddr,
     client: &mut Client,
+    done: impl FnMut(&Event) -> bool,
+) -> Vec<Event> {
+    drive_over(&mut Link::Udp(sock, server), client, done)
+}
+
+/// How a test's client reaches a TURN server: a UDP socket (reading with a
+/// timeout set), or a TCP connection and what it has read of a message.
+enum Link<'a> {
+    Udp(&'a UdpSocket, SocketAddr),
+    Tcp(TcpStream, Vec<u8>),
+}
+
+impl Link<'_> {
+    fn send(&mut self, data: &[u8]) {
+        match self {
+            Link::Udp(sock, server) => {
+                sock.send_to(data, *server).unwrap();
+            }
+            Link::Tcp(tcp, _) => tcp.write_all(data).unwrap(),
+        }
+    }
+
+    /// The next message from the server, if one comes within the socket's
+    /// read timeout.
+    fn recv(&mut self) -> Option<Vec<u8>> {
+        match self {
+            Link::Udp(sock, server) => {
+                let mut buf = [0u8; 2048];
+                let (n, from) = sock.recv_from(&mut buf).ok()?;
+                (from == *server).then(|| buf[..n].to_vec())
+            }
+            Link::Tcp(tcp, got) => loop {
+                if let Ok(Some(len)) = callisto_turn::stun::stream_frame_len(got)
+                    && got.len() >= len
+                {
+                    return Some(got.drain(..len).collect());
+                }
+                let mut buf = [0u8; 2048];
+                let n = tcp.read(&mut buf).ok().filter(|&n| n > 0)?;
+                got.extend_from_slice(&buf[..n]);
+            },
+        }
+    }
+}
+
+/// Our client, driven over `link` until `done` says so.
+fn drive_over(
+    link: &mut Link<'_>,
+    client: &mut Client,
     mut done: impl FnMut(&Event) -> bool,
 ) -> Vec<Event> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut events = Vec::new();
-    let mut buf = [0u8; 2048];
     loop {
         while let Some(t) = client.poll_transmit() {
-            sock.send_to(&t, server).unwrap();
+            link.send(&t);
         }
         while let Some(e) = client.poll_event() {
             let finished = done(&e);
@@ -725,13 +773,154 @@ fn drive(
             Instant::now() < deadline,
             "timed out; events so far: {events:?}"
         );
-        if let Ok((n, from)) = sock.recv_from(&mut buf)
-            && from == server
-        {
-            client.handle_input(Instant::now(), &buf[..n]);
+        if let Some(message) = link.recv() {
+            client.handle_input(Instant::now(), &message);
         }
         client.handle_timeout(Instant::now());
     }
+}
+
+/// A dual allocation (RFC 8656 §7.2) over `link`, for `user`: an IPv4
+/// relay and, if `ipv6` is given, an IPv6 one as well; each relays to the
+/// echo peers of its family through a Send indication and a channel.
+fn dual_allocation_relays_both_families(
+    link: &mut Link<'_>,
+    reliable: bool,
+    user: (&str, &str),
+    peers: &[SocketAddr],
+    ipv6: Result<&str, Option<u16>>,
+) {
+    let mut client = Client::new(user.0, user.1, reliable, 7);
+    client.allocate_dual(Instant::now());
+    let events = drive_over(link, &mut client, |e| {
+        matches!(e, Event::Ipv6Relay(_) | Event::Failed { .. })
+    });
+    let [
+        ..,
+        Event::Allocated { relayed, .. },
+        Event::Ipv6Relay(relayed6),
+    ] = events.as_slice()
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(relayed.ip().to_string(), "127.0.0.1");
+    assert_eq!(
+        relayed6.map(|a| a.ip().to_string()),
+        ipv6.map(str::to_owned),
+        "{events:?}"
+    );
+    for &peer in peers {
+        client.create_permission(Instant::now(), peer.ip());
+        drive_over(link, &mut client, |e| {
+            matches!(e, Event::PermissionCreated(_))
+        });
+        echoed(link, &mut client, peer, b"by Send indication");
+        client.bind_channel(Instant::now(), peer);
+        drive_over(link, &mut client, |e| {
+            matches!(e, Event::ChannelBound { .. })
+        });
+        echoed(link, &mut client, peer, b"by ChannelData");
+    }
+}
+
+/// Sends `payload` to the echo `peer` and checks that it comes back.
+fn echoed(link: &mut Link<'_>, client: &mut Client, peer: SocketAddr, payload: &[u8]) {
+    link.send(&client.send_to(peer, payload));
+    let events = drive_over(link, client, |e| matches!(e, Event::Data { .. }));
+    assert_eq!(
+        events.last(),
+        Some(&Event::Data {
+            peer,
+            data: payload.to_vec()
+        }),
+        "through the relay of {peer}'s family"
+    );
+}
+
+/// Our client's dual allocations from our server, over UDP and over TCP
+/// (whose connection reads both relay sockets): both relays, data through
+/// each to a peer of its family. And what coturn makes of the same request.
+#[test]
+fn dual_allocations_from_ours_and_from_coturn() {
+    let (_peer4, port4) = echo_peer_on("127.0.0.1");
+    let (_peer6, port6) = echo_peer_on("::1");
+    let peers = [
+        SocketAddr::from(([127, 0, 0, 1], port4)),
+        SocketAddr::new("::1".parse().unwrap(), port6),
+    ];
+    let ours = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-relay-ip",
+            "127.0.0.1,::1",
+            "--turn-allow-peer",
+            "127.0.0.1/32",
+            "--turn-allow-peer",
+            "::1/128",
+        ],
+    );
+    let server = SocketAddr::from(([127, 0, 0, 1], ours.turn_port));
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    dual_allocation_relays_both_families(
+        &mut Link::Udp(&sock, server),
+        false,
+        ("user", "pass"),
+        &peers,
+        Ok("::1"),
+    );
+    let tcp = TcpStream::connect(server).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    dual_allocation_relays_both_families(
+        &mut Link::Tcp(tcp, Vec::new()),
+        true,
+        ("user", "pass"),
+        &peers,
+        Ok("::1"),
+    );
+
+    let port = free_udp_port();
+    let relay_lo = 40000 + (port % 1000) * 20;
+    let _coturn = Proc(
+        tool("turnserver")
+            .args([
+                "-n",
+                "--listening-ip=127.0.0.1",
+                "--relay-ip=127.0.0.1",
+                "--relay-ip=::1",
+            ])
+            .arg(format!("--listening-port={port}"))
+            .args([
+                "--lt-cred-mech",
+                "--user=alice:secret",
+                "--realm=coturn.test",
+                "--allow-loopback-peers",
+            ])
+            .args(["--no-cli", "--no-tls", "--no-dtls", "--no-tcp"])
+            .arg(format!("--min-port={relay_lo}"))
+            .arg(format!("--max-port={}", relay_lo + 19))
+            .args(["--log-file=stdout", "--pidfile=/dev/null"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let coturn = SocketAddr::from(([127, 0, 0, 1], port));
+    // coturn 4.6.1 knows ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE
+    // only by the codepoints of the draft before RFC 8656 (0x8032, 0x8033,
+    // not 0x8000, 0x8001): it takes ours for an unknown optional attribute
+    // and gives an IPv4 relay alone, saying nothing of the other.
+    dual_allocation_relays_both_families(
+        &mut Link::Udp(&sock, coturn),
+        false,
+        ("alice", "secret"),
+        &peers[..1],
+        Err(None),
+    );
 }
 
 #[test]

@@ -24,8 +24,9 @@ pub enum Event {
     },
     /// After `Allocated`, for [`Client::allocate_dual`]: the IPv6 relay
     /// of the dual allocation, or the code of the ADDRESS-ERROR-CODE that
-    /// says why there is none (RFC 8656 §7.2).
-    Ipv6Relay(Result<SocketAddr, u16>),
+    /// says why there is none (RFC 8656 §7.2); `None` when the server said
+    /// nothing of it (it ignored ADDITIONAL-ADDRESS-FAMILY).
+    Ipv6Relay(Result<SocketAddr, Option<u16>>),
     PermissionCreated(IpAddr),
     ChannelBound {
         peer: SocketAddr,
@@ -353,7 +354,7 @@ impl Client {
                         let refused = msg
                             .get(attr::ADDRESS_ERROR_CODE)
                             .and_then(|v| stun::decode_address_error(v).ok())
-                            .map_or(500, |(_, code, _)| code);
+                            .map(|(_, code, _)| code);
                         let ipv6 = relays.find(SocketAddr::is_ipv6).ok_or(refused);
                         self.events.push_back(Event::Ipv6Relay(ipv6));
                     }

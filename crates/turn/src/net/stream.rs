@@ -13,10 +13,11 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
@@ -295,7 +296,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     // them: coturn's own client (turnutils_uclient) takes each TLS read for
     // one message, and loses the others of a record holding several.
     let record_per_message = five.transport == Transport::Tls;
-    let mut relay: Option<(RelayId, UdpSocket)> = None;
+    // The allocation's relay sockets: one, or two for a dual allocation.
+    let mut relays: Vec<(RelayId, UdpSocket)> = Vec::new();
+    // Which of them is read first, in turns, so one cannot starve the other.
+    let mut first_relay = 0;
     // Sized once the connection has a relay: until it has allocated, a
     // connection holds no more than what it reads.
     let mut peer_buf: Vec<u8> = Vec::new();
@@ -311,7 +315,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     tokio::pin!(delivered);
     let result: io::Result<()> = async {
         loop {
-            if relay.is_some() && peer_buf.is_empty() {
+            if !relays.is_empty() && peer_buf.is_empty() {
                 peer_buf = vec![0u8; HEADROOM + 65_536 + TAILROOM];
             }
             let wake = server
@@ -344,8 +348,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                                 out.extend_from_slice(&data);
                                 ends.push(out.len());
                             }
-                            Output::ToPeer { peer, range, .. } => {
-                                if let Some((_, sock)) = &relay {
+                            Output::ToPeer { relay, peer, range } => {
+                                if let Some((_, sock)) = relays.iter().find(|(id, _)| *id == relay) {
                                     send_datagram(SockRef::from(sock), &frame[range], peer);
                                 }
                             }
@@ -357,21 +361,22 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                             Output::None => {}
                         }
                         used += len;
-                        sync_relay(&mut server, five, &mut relay)?;
+                        sync_relays(&mut server, five, &mut relays)?;
                     }
                     inbuf.drain(..used);
                     if inbuf.len() > MAX_FRAME {
                         return Err(io::Error::new(io::ErrorKind::InvalidData, "frame too large"));
                     }
                 }
-                recv = recv_relay(&relay, &mut peer_buf) => {
+                (which, recv) = recv_relay(&relays, first_relay, &mut peer_buf) => {
+                    first_relay = which + 1;
                     // An error concerns one call or one datagram (EINTR,
                     // an ICMP error), not the socket.
                     let mut got = recv
                         .inspect_err(|e| tracing::trace!(error = %e, "relay receive error"))
                         .ok();
                     let mut taken = 0;
-                    while let (Some((len, from)), Some((id, sock))) = (got, &relay) {
+                    while let (Some((len, from)), Some((id, sock))) = (got, relays.get(which)) {
                         if let Output::ToClient { range, .. } =
                             server.on_peer(Instant::now(), *id, from, &mut peer_buf, len)
                         {
@@ -392,8 +397,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                 }
                 _ = &mut timer => {
                     server.on_timeout(Instant::now());
-                    sync_relay(&mut server, five, &mut relay)?;
-                    if relay.is_none() && started.elapsed() > IDLE_WITHOUT_ALLOCATION {
+                    sync_relays(&mut server, five, &mut relays)?;
+                    if relays.is_empty() && started.elapsed() > IDLE_WITHOUT_ALLOCATION {
                         return Ok(());
                     }
                 }
@@ -435,36 +440,49 @@ fn send_datagram(sock: SockRef<'_>, data: &[u8], to: SocketAddr) {
     }
 }
 
-/// Picks up the relay socket the state machine bound for this connection's
-/// allocation, or drops ours when the allocation went away.
-fn sync_relay(
+/// Picks up the relay sockets the state machine bound for this
+/// connection's allocation (two for a dual one), and drops ours that it no
+/// longer has.
+fn sync_relays(
     server: &mut Server<RelaySockets<std::net::UdpSocket>>,
     five: FiveTuple,
-    relay: &mut Option<(RelayId, UdpSocket)>,
+    relays: &mut Vec<(RelayId, UdpSocket)>,
 ) -> io::Result<()> {
-    let current = server.relay_of(&five);
-    if relay.as_ref().map(|(id, _)| *id) != current {
-        *relay = None;
-        if let Some(id) = current
+    let current = server.relays_of(&five);
+    relays.retain(|(id, _)| current.contains(&Some(*id)));
+    for id in current.into_iter().flatten() {
+        if !relays.iter().any(|(held, _)| *held == id)
             && let Some(std) = server.relays().take(id)
         {
-            *relay = Some((id, UdpSocket::from_std(std)?));
+            relays.push((id, UdpSocket::from_std(std)?));
         }
     }
     Ok(())
 }
 
+/// The next datagram on any of `relays`, trying them from `first` on;
+/// with which one it came from.
 async fn recv_relay(
-    relay: &Option<(RelayId, UdpSocket)>,
+    relays: &[(RelayId, UdpSocket)],
+    first: usize,
     buf: &mut [u8],
-) -> io::Result<(usize, SocketAddr)> {
-    match relay {
-        Some((_, sock)) => {
-            let end = buf.len() - TAILROOM;
-            sock.recv_from(&mut buf[HEADROOM..end]).await
-        }
-        None => std::future::pending().await,
+) -> (usize, io::Result<(usize, SocketAddr)>) {
+    if relays.is_empty() {
+        return std::future::pending().await;
     }
+    let end = buf.len() - TAILROOM;
+    std::future::poll_fn(|cx| {
+        for k in 0..relays.len() {
+            let i = (first + k) % relays.len();
+            let mut read = ReadBuf::new(&mut buf[HEADROOM..end]);
+            if let Poll::Ready(got) = relays[i].1.poll_recv_from(cx, &mut read) {
+                let len = read.filled().len();
+                return Poll::Ready((i, got.map(|from| (len, from))));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -1785,7 +1785,10 @@ fn a_dual_allocation_over_the_quota_gets_its_ipv4_half() {
     let mut c = Client::new(USER, PASS, false, 1);
     c.allocate_dual(t0);
     match pump(&mut s, &mut c, five(1), t0).as_slice() {
-        [Event::Allocated { relayed, .. }, Event::Ipv6Relay(Err(486))] => {
+        [
+            Event::Allocated { relayed, .. },
+            Event::Ipv6Relay(Err(Some(486))),
+        ] => {
             assert!(relayed.is_ipv4())
         }
         other => panic!("{other:?}"),
