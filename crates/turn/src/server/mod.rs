@@ -1815,18 +1815,20 @@ impl<A: RelayAllocator> Server<A> {
             relay_addr.port(),
         );
         let bps = self.shared.config.bps_per_allocation;
+        // The kernel relay's budgets are by port, for its IPv4 relay
+        // address: an IPv6 relay on the same port number is another
+        // allocation, and keeps a budget of its own.
+        let shared_budgets = self
+            .shared
+            .budgets
+            .as_ref()
+            .filter(|_| relay_addr.is_ipv4());
         let view = Arc::new(RelayView {
             to: five,
             inbox: self.inbox.clone().filter(|_| five.transport.is_stream()),
             access: Mutex::new(PeerAccess::new(how.expires)),
-            budget: (bps != 0).then(|| {
-                Budget::new(
-                    bps,
-                    self.shared.budgets.as_ref(),
-                    relay_addr.port(),
-                    self.shared.epoch.0,
-                )
-            }),
+            budget: (bps != 0)
+                .then(|| Budget::new(bps, shared_budgets, relay_addr.port(), self.shared.epoch.0)),
         });
         self.allocations[slot as usize] = Some(Allocation {
             five,
@@ -2148,13 +2150,10 @@ impl<A: RelayAllocator> Server<A> {
         let Some(a) = self.allocations[slot as usize].take() else {
             return;
         };
-        let other = a.sibling.filter(|&s| {
-            self.allocations
-                .get_mut(s as usize)
-                .and_then(Option::as_mut)
-                .map(|b| b.sibling = None)
-                .is_some()
-        });
+        let other = a.sibling;
+        if let Some(b) = other.and_then(|s| self.allocations[s as usize].as_mut()) {
+            b.sibling = None;
+        }
         if self.by_five.get(&a.five) == Some(&slot) {
             match other {
                 Some(s) => self.by_five.insert(a.five, s),

@@ -26,6 +26,9 @@ struct FakeRelays {
     base: u16,
     /// IPv6 relays are had (at [`relay_ip6`]), not refused.
     ipv6: bool,
+    /// An IPv6 relay gets the port of the slot below it: the same port as
+    /// the IPv4 half of a dual allocation, on another address.
+    ipv6_reuses_ports: bool,
 }
 
 impl RelayAllocator for FakeRelays {
@@ -37,7 +40,12 @@ impl RelayAllocator for FakeRelays {
             return Err(io::Error::other("no ports"));
         }
         self.live.borrow_mut().insert(id.0);
-        let port = 50000 + self.base + id.0 as u16;
+        let slot = if ipv6 && self.ipv6_reuses_ports {
+            id.0.saturating_sub(1)
+        } else {
+            id.0
+        };
+        let port = 50000 + self.base + slot as u16;
         assert!(
             !even || port % 2 == 0 || id.0 % 2 == 1,
             "test relays are even for even ids"
@@ -2346,6 +2354,43 @@ fn with_shared_budgets_the_kernel_relays_and_the_workers_take_from_them() {
     let later = t0 + Duration::from_secs(1);
     assert_ne!(s.on_peer(later, relay, peer(), &mut buf, 5), Output::None);
     assert_ne!(s.on_client(later, five(1), &mut framed), Output::None);
+}
+
+/// The kernel relays IPv4 only, and its budgets are by port: an IPv6
+/// relay on the same port number as an IPv4 one keeps a budget of its own
+/// (before, the two drew from one, and each new allocation refilled it).
+#[test]
+fn an_ipv6_relay_does_not_share_the_kernels_budget_of_its_port() {
+    let t0 = Instant::now();
+    let budgets = SharedBudgets::on_the_heap((t0, 7_000_000_000));
+    let mut shared = Shared::new(
+        Config {
+            bps_per_allocation: 1000,
+            ..kernel_config()
+        },
+        b"k",
+        (t0, 1_000),
+    );
+    shared.share_budgets(budgets.clone());
+    let relays = FakeRelays {
+        ipv6: true,
+        ipv6_reuses_ports: true,
+        ..FakeRelays::default()
+    };
+    let mut s = Server::new(Arc::new(shared), relays);
+    let (mut c, relayed, relayed6) = dual_allocated(&mut s, five(1), t0);
+    assert_eq!(relayed.port(), relayed6.port());
+    c.create_permission(t0, peer().ip());
+    c.create_permission(t0, peer6().ip());
+    pump(&mut s, &mut c, five(1), t0);
+    // The kernel spends the whole of the port's budget toward peers.
+    let words = (*budgets.words).as_ref();
+    words[2 * usize::from(relayed.port())].store(8_000_000_000, Ordering::Relaxed);
+    assert_eq!(
+        sent_from(&mut s, five(1), c.send_to(peer(), &[0; 400]), t0),
+        None
+    );
+    assert!(sent_from(&mut s, five(1), c.send_to(peer6(), &[0; 400]), t0).is_some());
 }
 
 #[test]
