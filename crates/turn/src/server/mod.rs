@@ -1720,19 +1720,7 @@ impl<A: RelayAllocator> Server<A> {
         }
         let lifetime = self.lifetime(msg)?;
         let source = Source::of(five.client.ip());
-        self.shared
-            .reserve(&authed.username, source)
-            .map_err(|code| {
-                if code == 486 {
-                    refuse(486, "Allocation Quota Reached")
-                } else {
-                    refuse(508, "Insufficient Capacity")
-                }
-            })?;
-        let slot = self.free_slots.pop().unwrap_or_else(|| {
-            self.allocations.push(None);
-            (self.allocations.len() - 1) as u32
-        });
+        let slot = self.take_slot(&authed.username, source)?;
         let relay = RelayId(slot);
         let bound = match token {
             Some(token) => match self.shared.redeem(token, now) {
@@ -1853,13 +1841,10 @@ impl<A: RelayAllocator> Server<A> {
         tracing::debug!(client = %five.client, relay = %relay_addr, transport = five.transport.as_str(), "allocated");
     }
 
-    /// Binds the IPv6 relay of a dual allocation, in a slot of its own and
-    /// under the quotas like any allocation.
-    fn bind_ipv6_half(
-        &mut self,
-        username: &str,
-        source: Source,
-    ) -> Result<(u32, SocketAddr), Refusal> {
+    /// A free slot for a new allocation (or half of one) of `username`
+    /// from `source`, within the quotas; the caller fills it, or gives the
+    /// slot and the quota back.
+    fn take_slot(&mut self, username: &str, source: Source) -> Result<u32, Refusal> {
         self.shared.reserve(username, source).map_err(|code| {
             if code == 486 {
                 refuse(486, "Allocation Quota Reached")
@@ -1867,10 +1852,20 @@ impl<A: RelayAllocator> Server<A> {
                 refuse(508, "Insufficient Capacity")
             }
         })?;
-        let slot = self.free_slots.pop().unwrap_or_else(|| {
+        Ok(self.free_slots.pop().unwrap_or_else(|| {
             self.allocations.push(None);
             (self.allocations.len() - 1) as u32
-        });
+        }))
+    }
+
+    /// Binds the IPv6 relay of a dual allocation, in a slot of its own and
+    /// under the quotas like any allocation.
+    fn bind_ipv6_half(
+        &mut self,
+        username: &str,
+        source: Source,
+    ) -> Result<(u32, SocketAddr), Refusal> {
+        let slot = self.take_slot(username, source)?;
         self.relays.allocate(RelayId(slot), true, false).map(|addr| (slot, addr)).map_err(|e| {
             self.free_slots.push(slot);
             self.shared.unreserve(username, source);
