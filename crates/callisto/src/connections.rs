@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use callisto_turn::net::admission::{Admission, Admitted, ConnectionLimits};
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
@@ -231,74 +231,72 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstByteBack<S> {
     }
 }
 
-/// Writes go straight through: the wrapper only changes how it is read.
-impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByteBack<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
-    }
+/// Implements `AsyncWrite` for a wrapper `$wrapper<S>` whose stream is its
+/// field `io`: each call goes to `io`, and what it returns through the
+/// wrapper's `$hook(&mut self, cx, polled)` for writes, `$flush_hook` for
+/// flushes and shutdowns.
+macro_rules! write_through {
+    ($wrapper:ident, $hook:ident, $flush_hook:ident) => {
+        impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $wrapper<S> {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                data: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                let this = self.get_mut();
+                let polled = std::pin::Pin::new(&mut this.io).poll_write(cx, data);
+                this.$hook(cx, polled)
+            }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, data)
-    }
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                data: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                let this = self.get_mut();
+                let polled = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, data);
+                this.$hook(cx, polled)
+            }
 
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
+            fn is_write_vectored(&self) -> bool {
+                self.io.is_write_vectored()
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                let this = self.get_mut();
+                let polled = std::pin::Pin::new(&mut this.io).poll_flush(cx);
+                this.$flush_hook(cx, polled)
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                let this = self.get_mut();
+                let polled = std::pin::Pin::new(&mut this.io).poll_shutdown(cx);
+                this.$flush_hook(cx, polled)
+            }
+        }
+    };
+}
+pub(crate) use write_through;
+
+impl<S> FirstByteBack<S> {
+    /// Writes go straight through: the wrapper only changes how it is read.
+    fn written<T>(
+        &mut self,
+        _: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        polled
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, data);
-        this.bound_write(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, data);
-        this.bound_write(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_flush(cx);
-        this.bound_write(cx, polled)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
-        this.bound_write(cx, polled)
-    }
-}
+write_through!(FirstByteBack, written, written);
+write_through!(Guarded, bound_write, bound_write);
 
 #[cfg(test)]
 mod tests {

@@ -23,7 +23,7 @@ use axum::serve::Listener;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
@@ -105,7 +105,22 @@ impl<S> Asking<S> {
         }
     }
 
-    fn answered<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    /// A flush says nothing of an answer: hyper flushes whether it has
+    /// written or not.
+    fn flushed<T>(
+        &mut self,
+        _: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        polled
+    }
+
+    /// Whatever it was, the server has written: the client is answered.
+    fn answered<T>(
+        &mut self,
+        _: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
             self.asking.store(false, Ordering::Relaxed);
         }
@@ -129,36 +144,4 @@ impl<S: AsyncRead + Unpin> AsyncRead for Asking<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Asking<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, data);
-        this.answered(polled)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, data);
-        this.answered(polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
+crate::connections::write_through!(Asking, answered, flushed);

@@ -883,32 +883,7 @@ fn dual_allocations_from_ours_and_from_coturn() {
         Ok("::1"),
     );
 
-    let port = free_udp_port();
-    let relay_lo = 40000 + (port % 1000) * 20;
-    let _coturn = Proc(
-        tool("turnserver")
-            .args([
-                "-n",
-                "--listening-ip=127.0.0.1",
-                "--relay-ip=127.0.0.1",
-                "--relay-ip=::1",
-            ])
-            .arg(format!("--listening-port={port}"))
-            .args([
-                "--lt-cred-mech",
-                "--user=alice:secret",
-                "--realm=coturn.test",
-                "--allow-loopback-peers",
-            ])
-            .args(["--no-cli", "--no-tls", "--no-dtls", "--no-tcp"])
-            .arg(format!("--min-port={relay_lo}"))
-            .arg(format!("--max-port={}", relay_lo + 19))
-            .args(["--log-file=stdout", "--pidfile=/dev/null"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_coturn, port) = coturn_over_udp(&["127.0.0.1", "::1"]);
     let coturn = SocketAddr::from(([127, 0, 0, 1], port));
     // coturn 4.6.1 knows ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE
     // only by the codepoints of the draft before RFC 8656 (0x8032, 0x8033,
@@ -923,29 +898,35 @@ fn dual_allocations_from_ours_and_from_coturn() {
     );
 }
 
-#[test]
-fn our_client_against_coturn() {
+/// coturn's `turnserver` on 127.0.0.1 over UDP only, with user
+/// alice:secret, relaying on `relay_ips`; and its port.
+fn coturn_over_udp(relay_ips: &[&str]) -> (Proc, u16) {
     let port = free_udp_port();
     let relay_lo = 40000 + (port % 1000) * 20;
-    let _coturn = Proc(
-        tool("turnserver")
-            .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
-            .arg(format!("--listening-port={port}"))
-            .args([
-                "--lt-cred-mech",
-                "--user=alice:secret",
-                "--realm=coturn.test",
-                "--allow-loopback-peers",
-            ])
-            .args(["--no-cli", "--no-tls", "--no-dtls", "--no-tcp"])
-            .arg(format!("--min-port={relay_lo}"))
-            .arg(format!("--max-port={}", relay_lo + 19))
-            .args(["--log-file=stdout", "--pidfile=/dev/null"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let coturn = tool("turnserver")
+        .args(["-n", "--listening-ip=127.0.0.1"])
+        .args(relay_ips.iter().map(|ip| format!("--relay-ip={ip}")))
+        .arg(format!("--listening-port={port}"))
+        .args([
+            "--lt-cred-mech",
+            "--user=alice:secret",
+            "--realm=coturn.test",
+            "--allow-loopback-peers",
+        ])
+        .args(["--no-cli", "--no-tls", "--no-dtls", "--no-tcp"])
+        .arg(format!("--min-port={relay_lo}"))
+        .arg(format!("--max-port={}", relay_lo + 19))
+        .args(["--log-file=stdout", "--pidfile=/dev/null"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Proc(coturn), port)
+}
+
+#[test]
+fn our_client_against_coturn() {
+    let (_coturn, port) = coturn_over_udp(&["127.0.0.1"]);
     let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
     let echo_addr = echo.local_addr().unwrap();

@@ -2310,13 +2310,9 @@ fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_and_limits_
     }
 }
 
-/// With a bandwidth limit and the kernel relay's budgets shared, the
-/// kernel gets routes, and the workers take from those very budgets (the
-/// words of the allocation's relay port, on the kernel's clock), so that
-/// what the kernel relays and what they relay count against one limit.
-#[test]
-fn with_shared_budgets_the_kernel_relays_and_the_workers_take_from_them() {
-    let t0 = Instant::now();
+/// A server limited to 1,000 B/s per allocation, taking from budgets
+/// shared as the kernel relay's are (on a clock at 7 s at `t0`).
+fn with_kernel_budgets(t0: Instant, relays: FakeRelays) -> (SharedBudgets, Server<FakeRelays>) {
     let budgets = SharedBudgets::on_the_heap((t0, 7_000_000_000));
     let mut shared = Shared::new(
         Config {
@@ -2327,7 +2323,17 @@ fn with_shared_budgets_the_kernel_relays_and_the_workers_take_from_them() {
         (t0, 1_000),
     );
     shared.share_budgets(budgets.clone());
-    let mut s = Server::new(Arc::new(shared), FakeRelays::default());
+    (budgets, Server::new(Arc::new(shared), relays))
+}
+
+/// With a bandwidth limit and the kernel relay's budgets shared, the
+/// kernel gets routes, and the workers take from those very budgets (the
+/// words of the allocation's relay port, on the kernel's clock), so that
+/// what the kernel relays and what they relay count against one limit.
+#[test]
+fn with_shared_budgets_the_kernel_relays_and_the_workers_take_from_them() {
+    let t0 = Instant::now();
+    let (budgets, mut s) = with_kernel_budgets(t0, FakeRelays::default());
     let (mut c, relayed) = allocated(&mut s, five(1), t0);
     c.bind_channel(t0, peer());
     pump(&mut s, &mut c, five(1), t0);
@@ -2362,22 +2368,12 @@ fn with_shared_budgets_the_kernel_relays_and_the_workers_take_from_them() {
 #[test]
 fn an_ipv6_relay_does_not_share_the_kernels_budget_of_its_port() {
     let t0 = Instant::now();
-    let budgets = SharedBudgets::on_the_heap((t0, 7_000_000_000));
-    let mut shared = Shared::new(
-        Config {
-            bps_per_allocation: 1000,
-            ..kernel_config()
-        },
-        b"k",
-        (t0, 1_000),
-    );
-    shared.share_budgets(budgets.clone());
     let relays = FakeRelays {
         ipv6: true,
         ipv6_reuses_ports: true,
         ..FakeRelays::default()
     };
-    let mut s = Server::new(Arc::new(shared), relays);
+    let (budgets, mut s) = with_kernel_budgets(t0, relays);
     let (mut c, relayed, relayed6) = dual_allocated(&mut s, five(1), t0);
     assert_eq!(relayed.port(), relayed6.port());
     c.create_permission(t0, peer().ip());
