@@ -1159,20 +1159,21 @@ impl<A: RelayAllocator> Server<A> {
         let Some(&slot) = self.by_five.get(&five) else {
             return Output::None;
         };
-        let Some(mut alloc) = self.allocations[slot as usize].as_ref() else {
+        let Some(first) = self.allocations[slot as usize].as_ref() else {
             return Output::None;
         };
-        // On the other half of a dual allocation, if not on this one.
-        if alloc.access.channel_by_number(channel).is_none()
-            && let Some(other) = alloc.sibling
-            && let Some(b) = self.allocations[other as usize].as_ref()
-        {
-            alloc = b;
-        }
+        // On this half, else on the other half of a dual allocation.
+        let found = match first.access.channel_by_number(channel) {
+            Some(bound) => Some((first, bound)),
+            None => first
+                .sibling
+                .and_then(|other| self.allocations[other as usize].as_ref())
+                .and_then(|a| Some((a, a.access.channel_by_number(channel)?))),
+        };
+        let Some((alloc, bound)) = found else {
+            return Output::None;
+        };
         let access = &alloc.access;
-        let Some(bound) = access.channel_by_number(channel) else {
-            return Output::None;
-        };
         let peer = bound.peer;
         if bound.expires <= now || access.expires <= now || !access.permitted(peer.ip(), now) {
             return Output::None;
