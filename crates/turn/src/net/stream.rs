@@ -35,6 +35,9 @@ use crate::stun;
 const MAX_FRAME: usize = 65_535 + 20 + 3;
 /// A connection that has not allocated within this time is closed.
 const IDLE_WITHOUT_ALLOCATION: Duration = Duration::from_secs(30);
+/// A connection whose client takes nothing of what it is sent for this
+/// long is closed, and its allocation with it.
+const WRITE_STALL: Duration = Duration::from_secs(30);
 
 /// What every stream connection needs besides its stream. The listeners
 /// here hold one; so may a listener elsewhere that finds TURN on some of
@@ -49,6 +52,7 @@ pub struct StreamConnections {
     udp: Arc<StdUdpSocket>,
     stop: CancellationToken,
     seed: Arc<AtomicU32>,
+    write_stall: Duration,
 }
 
 impl StreamConnections {
@@ -64,6 +68,7 @@ impl StreamConnections {
             udp,
             stop,
             seed: Arc::new(AtomicU32::new(0)),
+            write_stall: WRITE_STALL,
         }
     }
 
@@ -76,6 +81,7 @@ impl StreamConnections {
             udp: self.udp.clone(),
             stop: self.stop.clone(),
             seed: self.seed.fetch_add(7919, Ordering::Relaxed),
+            write_stall: self.write_stall,
         };
         let transport = five.transport.as_str();
         metrics::gauge!("callisto_turn_stream_connections", "transport" => transport)
@@ -269,6 +275,7 @@ struct Setup {
     udp: Arc<StdUdpSocket>,
     stop: CancellationToken,
     seed: u32,
+    write_stall: Duration,
 }
 
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Setup) {
@@ -279,6 +286,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
         udp,
         stop,
         seed,
+        write_stall,
     } = setup;
     let relays = RelaySockets::new(relay_cfg, seed, |s| s, Box::new(|_, _| Ok(())));
     let mut server = Server::new(shared, relays);
@@ -404,17 +412,32 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                 }
             }
             if !out.is_empty() {
-                if record_per_message {
-                    let mut start = 0;
-                    for &end in &ends {
-                        stream.write_all(&out[start..end]).await?;
-                        start = end;
+                let written = async {
+                    if record_per_message {
+                        let mut start = 0;
+                        for &end in &ends {
+                            stream.write_all(&out[start..end]).await?;
+                            start = end;
+                        }
+                    } else {
+                        stream.write_all(&out).await?;
                     }
-                } else {
-                    stream.write_all(&out).await?;
+                    // TLS may keep part of a record back until flushed.
+                    stream.flush().await
+                };
+                // While this task waits to write, it runs no timer: a
+                // client that stops reading would hold its allocation,
+                // which could then never expire, and its connection.
+                match tokio::time::timeout(write_stall, written).await {
+                    Ok(done) => done?,
+                    Err(_) => {
+                        metrics::counter!("callisto_turn_stream_stalled_total").increment(1);
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client took nothing it was sent for too long",
+                        ));
+                    }
                 }
-                // TLS may keep part of a record back until flushed.
-                stream.flush().await?;
                 out.clear();
                 out.shrink_to(KEPT);
                 ends.clear();
@@ -488,6 +511,107 @@ async fn recv_relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Credentials;
+    use crate::client::{Client, Event};
+    use crate::policy::PeerPolicy;
+    use crate::server::Config;
+
+    const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    /// Runs our client over `near` until it reports what `done` wants.
+    async fn exchange(
+        near: &mut tokio::io::DuplexStream,
+        client: &mut Client,
+        done: impl Fn(&Event) -> bool,
+    ) {
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            while let Some(t) = client.poll_transmit() {
+                near.write_all(&t).await.unwrap();
+            }
+            while let Ok(Some(len)) = stun::stream_frame_len(&got) {
+                if got.len() < len {
+                    break;
+                }
+                let frame: Vec<u8> = got.drain(..len).collect();
+                client.handle_input(Instant::now(), &frame);
+            }
+            while let Some(e) = client.poll_event() {
+                assert!(!matches!(e, Event::Failed { .. }), "{e:?}");
+                if done(&e) {
+                    return;
+                }
+            }
+            let mut buf = [0u8; 2048];
+            let read = tokio::time::timeout(Duration::from_millis(100), near.read(&mut buf));
+            if let Ok(Ok(n)) = read.await {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        panic!("no answer from the connection");
+    }
+
+    /// A client that stops reading while a peer sends to it is let go once
+    /// it has taken nothing for the write-stall limit, and its allocation
+    /// with it: while the task waits to write it runs no timer, so the
+    /// allocation would otherwise never expire.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_loses_its_connection_and_allocation() {
+        let mut credentials = Credentials::new("turns");
+        credentials.add_user("u", "p");
+        let config = Config {
+            credentials,
+            policy: PeerPolicy::new(vec!["127.0.0.1/32".parse().unwrap()], vec![]),
+            relay_ips: vec![LOOPBACK],
+            relay_ports: 20000..=60999,
+            ..Config::default()
+        };
+        let shared = Arc::new(Shared::with_system_clock(config, b"stream nonce key"));
+        let relay = RelayConfig {
+            ipv4: Some(LOOPBACK),
+            ipv6: None,
+            ports: 20000..=60999,
+        };
+        let udp = Arc::new(StdUdpSocket::bind((LOOPBACK, 0)).unwrap());
+        let mut connections =
+            StreamConnections::new(relay, shared.clone(), udp, CancellationToken::new());
+        connections.write_stall = Duration::from_millis(500);
+        // A small pipe: what the client does not read soon fills it.
+        let (mut near, far) = tokio::io::duplex(4096);
+        let five = FiveTuple {
+            client: (LOOPBACK, 5).into(),
+            server: (LOOPBACK, 3478).into(),
+            transport: Transport::Tcp,
+        };
+        let served = tokio::spawn(async move { connections.serve(far, five).await });
+
+        let peer = StdUdpSocket::bind((LOOPBACK, 0)).unwrap();
+        let peer_addr = peer.local_addr().unwrap();
+        let mut client = Client::new("u", "p", true, 7);
+        client.allocate(Instant::now());
+        exchange(&mut near, &mut client, |e| {
+            matches!(e, Event::Allocated { .. })
+        })
+        .await;
+        let relayed = client.relayed_address().unwrap();
+        client.bind_channel(Instant::now(), peer_addr);
+        exchange(&mut near, &mut client, |e| {
+            matches!(e, Event::ChannelBound { .. })
+        })
+        .await;
+        assert_eq!(shared.allocation_count(), 1);
+
+        // The client reads no more; the peer sends far more than fits.
+        for _ in 0..200 {
+            peer.send_to(&[7; 1000], relayed).unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the connection was let go")
+            .unwrap();
+        assert_eq!(shared.allocation_count(), 0, "and its allocation");
+        drop(near);
+    }
 
     #[test]
     fn an_inbox_pads_each_message_and_refuses_when_full_or_closed() {
