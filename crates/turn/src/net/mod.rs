@@ -159,3 +159,26 @@ fn root_or_skip(what: &str) -> bool {
     eprintln!("skipped: {what} need root");
     false
 }
+
+/// For the drivers' tests: a server's shared state with the user `u:p`,
+/// relaying on loopback, to loopback peers too.
+#[cfg(test)]
+pub(crate) fn loopback_test_server() -> (Arc<crate::server::Shared>, udp::RelayConfig) {
+    let loopback = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let mut credentials = crate::auth::Credentials::new("turns");
+    credentials.add_user("u", "p");
+    let config = crate::server::Config {
+        credentials,
+        policy: crate::policy::PeerPolicy::new(vec!["127.0.0.1/32".parse().unwrap()], vec![]),
+        relay_ips: vec![loopback],
+        relay_ports: 20000..=60999,
+        ..crate::server::Config::default()
+    };
+    let shared = crate::server::Shared::with_system_clock(config, b"turns nonce key");
+    let relay = udp::RelayConfig {
+        ipv4: Some(loopback),
+        ipv6: None,
+        ports: 20000..=60999,
+    };
+    (Arc::new(shared), relay)
+}

@@ -511,10 +511,7 @@ async fn recv_relay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Credentials;
     use crate::client::{Client, Event};
-    use crate::policy::PeerPolicy;
-    use crate::server::Config;
 
     const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
@@ -557,21 +554,7 @@ mod tests {
     /// allocation would otherwise never expire.
     #[tokio::test]
     async fn a_client_that_stops_reading_loses_its_connection_and_allocation() {
-        let mut credentials = Credentials::new("turns");
-        credentials.add_user("u", "p");
-        let config = Config {
-            credentials,
-            policy: PeerPolicy::new(vec!["127.0.0.1/32".parse().unwrap()], vec![]),
-            relay_ips: vec![LOOPBACK],
-            relay_ports: 20000..=60999,
-            ..Config::default()
-        };
-        let shared = Arc::new(Shared::with_system_clock(config, b"stream nonce key"));
-        let relay = RelayConfig {
-            ipv4: Some(LOOPBACK),
-            ipv6: None,
-            ports: 20000..=60999,
-        };
+        let (shared, relay) = crate::net::loopback_test_server();
         let udp = Arc::new(StdUdpSocket::bind((LOOPBACK, 0)).unwrap());
         let mut connections =
             StreamConnections::new(relay, shared.clone(), udp, CancellationToken::new());

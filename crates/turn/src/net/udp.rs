@@ -540,10 +540,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::auth::Credentials;
     use crate::client::{Client, Event};
-    use crate::policy::PeerPolicy;
-    use crate::server::Config;
 
     const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -640,21 +637,7 @@ mod tests {
 
     #[test]
     fn a_flooded_listener_does_not_hold_up_the_relay_sockets() {
-        let mut credentials = Credentials::new("turns");
-        credentials.add_user("u", "p");
-        let config = Config {
-            credentials,
-            policy: PeerPolicy::new(vec!["127.0.0.1/32".parse().unwrap()], vec![]),
-            relay_ips: vec![LOOPBACK],
-            relay_ports: 20000..=60999,
-            ..Config::default()
-        };
-        let shared = Arc::new(Shared::with_system_clock(config, b"turns nonce key"));
-        let relay = RelayConfig {
-            ipv4: Some(LOOPBACK),
-            ipv6: None,
-            ports: 20000..=60999,
-        };
+        let (shared, relay) = crate::net::loopback_test_server();
         let listener = reuseport_socket((LOOPBACK, 0).into()).unwrap();
         let local = listener.local_addr().unwrap();
         let (mut worker, _waker) = Worker::new(listener, local, &relay, shared, 0, 1).unwrap();
