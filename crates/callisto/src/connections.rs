@@ -233,10 +233,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstByteBack<S> {
 
 /// Implements `AsyncWrite` for a wrapper `$wrapper<S>` whose stream is its
 /// field `io`: each call goes to `io`, and what it returns through the
-/// wrapper's `$hook(&mut self, cx, polled)` for writes, `$flush_hook` for
+/// function `$hook(&mut wrapper, cx, polled)` for writes, `$flush_hook` for
 /// flushes and shutdowns.
 macro_rules! write_through {
-    ($wrapper:ident, $hook:ident, $flush_hook:ident) => {
+    ($wrapper:ident, $hook:path, $flush_hook:path) => {
         impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $wrapper<S> {
             fn poll_write(
                 self: std::pin::Pin<&mut Self>,
@@ -245,7 +245,7 @@ macro_rules! write_through {
             ) -> std::task::Poll<std::io::Result<usize>> {
                 let this = self.get_mut();
                 let polled = std::pin::Pin::new(&mut this.io).poll_write(cx, data);
-                this.$hook(cx, polled)
+                $hook(this, cx, polled)
             }
 
             fn poll_write_vectored(
@@ -255,7 +255,7 @@ macro_rules! write_through {
             ) -> std::task::Poll<std::io::Result<usize>> {
                 let this = self.get_mut();
                 let polled = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, data);
-                this.$hook(cx, polled)
+                $hook(this, cx, polled)
             }
 
             fn is_write_vectored(&self) -> bool {
@@ -268,7 +268,7 @@ macro_rules! write_through {
             ) -> std::task::Poll<std::io::Result<()>> {
                 let this = self.get_mut();
                 let polled = std::pin::Pin::new(&mut this.io).poll_flush(cx);
-                this.$flush_hook(cx, polled)
+                $flush_hook(this, cx, polled)
             }
 
             fn poll_shutdown(
@@ -277,26 +277,26 @@ macro_rules! write_through {
             ) -> std::task::Poll<std::io::Result<()>> {
                 let this = self.get_mut();
                 let polled = std::pin::Pin::new(&mut this.io).poll_shutdown(cx);
-                this.$flush_hook(cx, polled)
+                $flush_hook(this, cx, polled)
             }
         }
     };
 }
 pub(crate) use write_through;
 
-impl<S> FirstByteBack<S> {
-    /// Writes go straight through: the wrapper only changes how it is read.
-    fn written<T>(
-        &mut self,
-        _: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        polled
-    }
+/// A hook for [`write_through!`] that passes what it is given: for writes
+/// a wrapper lets through untouched.
+pub(crate) fn passed<W, T>(
+    _: &mut W,
+    _: &mut Context<'_>,
+    polled: Poll<io::Result<T>>,
+) -> Poll<io::Result<T>> {
+    polled
 }
 
-write_through!(FirstByteBack, written, written);
-write_through!(Guarded, bound_write, bound_write);
+// FirstByteBack only changes how its stream is read.
+write_through!(FirstByteBack, passed, passed);
+write_through!(Guarded, Guarded::bound_write, Guarded::bound_write);
 
 #[cfg(test)]
 mod tests {

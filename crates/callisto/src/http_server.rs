@@ -105,16 +105,6 @@ impl<S> Asking<S> {
         }
     }
 
-    /// A flush says nothing of an answer: hyper flushes whether it has
-    /// written or not.
-    fn flushed<T>(
-        &mut self,
-        _: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        polled
-    }
-
     /// Whatever it was, the server has written: the client is answered.
     fn answered<T>(
         &mut self,
@@ -144,4 +134,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Asking<S> {
     }
 }
 
-crate::connections::write_through!(Asking, answered, flushed);
+// A flush says nothing of an answer: hyper flushes whether it has
+// written or not.
+crate::connections::write_through!(Asking, Asking::answered, crate::connections::passed);
