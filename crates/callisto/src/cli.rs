@@ -199,6 +199,14 @@ pub struct ServeArgs {
     #[arg(long, env = "CALLISTO_MAX_MESSAGE_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
     pub max_message_bytes: u32,
 
+    /// Most bytes of signaling waiting, across all clients, to be sent to
+    /// clients slower to read than others send to them (each client may
+    /// have 1 MiB waiting, or twice --max-message-bytes). Past it, a client
+    /// that already has messages waiting is disconnected rather than sent
+    /// more; one whose queue is empty still gets its next message.
+    #[arg(long, env = "CALLISTO_MAX_QUEUED_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(65_536..))]
+    pub max_queued_bytes: u64,
+
     /// Seconds of silence (no message, no pong) before a client is dropped.
     /// The server pings every third of this.
     #[arg(long, env = "CALLISTO_HEARTBEAT_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3600))]

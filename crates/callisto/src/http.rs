@@ -103,7 +103,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.hub.lock().unwrap_or_else(|p| p.into_inner()).stats();
     (
         [(header::CONTENT_TYPE, crate::telemetry::CONTENT_TYPE)],
-        crate::telemetry::render(&state.metrics, &stats),
+        crate::telemetry::render(
+            &state.metrics,
+            &stats,
+            state.connection.send_budget.queued(),
+        ),
     )
         .into_response()
 }

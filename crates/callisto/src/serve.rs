@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use callisto_protocol::IceServer;
-use callisto_signal::{ConnectionConfig, Hub, HubLimits, random_peer_id};
+use callisto_signal::{ConnectionConfig, Hub, HubLimits, SendBudget, random_peer_id};
 use callisto_turn::net::ConnectionLimits;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -121,6 +121,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         // Signaling is small (an offer is a few KiB): 1 MiB is many
         // offers, and a client that lets more pile up is not reading.
         send_queue_bytes: (2 * args.max_message_bytes as usize).max(1 << 20),
+        send_budget: SendBudget::new(usize::try_from(args.max_queued_bytes).unwrap_or(usize::MAX)),
         ice_servers: Arc::new(move || {
             let mut all = turn_ice
                 .as_ref()

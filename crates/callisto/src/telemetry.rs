@@ -63,9 +63,14 @@ fn describe() {
 /// Upper bounds of the room-size histogram's buckets.
 const ROOM_SIZE_BUCKETS: [usize; 9] = [1, 2, 3, 4, 6, 8, 12, 16, 32];
 
-/// The full `/metrics` text: recorded counters plus the hub snapshot.
-pub fn render(handle: &PrometheusHandle, stats: &HubStats) -> String {
+/// The full `/metrics` text: recorded counters, the hub snapshot and the
+/// bytes waiting in the signaling clients' send queues.
+pub fn render(handle: &PrometheusHandle, stats: &HubStats, queued_bytes: usize) -> String {
     let mut out = handle.render();
+    let _ = writeln!(
+        out,
+        "# HELP callisto_signaling_queued_bytes Bytes waiting in all signaling clients' send queues (bounded by --max-queued-bytes).\n# TYPE callisto_signaling_queued_bytes gauge\ncallisto_signaling_queued_bytes {queued_bytes}"
+    );
     let _ = writeln!(
         out,
         "# HELP callisto_clients Peers currently joined to a room.\n# TYPE callisto_clients gauge\ncallisto_clients {}",
@@ -148,7 +153,7 @@ mod tests {
             rooms: 3,
             room_sizes: vec![1, 2, 4],
         };
-        let text = render(&handle, &stats);
+        let text = render(&handle, &stats, 0);
         assert!(text.contains("callisto_clients 7\n"));
         assert!(text.contains("callisto_rooms 3\n"));
         assert!(text.contains("callisto_room_size_bucket{le=\"1\"} 1\n"));

@@ -1,11 +1,13 @@
 //! The WebSocket driver: one task per connection, from socket to hub.
 //!
-//! The task owns the socket and a bounded queue of outgoing frames. Inbound
-//! text frames are size- and rate-checked, decoded, and applied to the hub
-//! under its lock; everything the client is sent (hub frames, errors,
-//! pongs) goes through the one queue, so replies keep their order. The task
-//! also sends WebSocket pings and drops a client that stays silent past the
-//! heartbeat timeout, and closes with a close frame on shutdown.
+//! The task reads the socket and owns a queue of outgoing frames, bounded per
+//! client and across all clients together. Inbound text frames are size-
+//! and rate-checked, decoded, and applied to the hub under its lock;
+//! everything the client is sent (hub frames, errors, pongs) goes through the
+//! one queue, so replies keep their order. A writer future, polled beside the
+//! reads, drains the queue and pings: a client that stops reading stalls only
+//! the writer, so eviction, the heartbeat and shutdown still act at once.
+//! Closing sends a close frame.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +16,8 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use callisto_protocol::{ClientMessage, ErrorCode, IceServer, ServerMessage, decode_client};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +52,8 @@ pub struct ConnectionConfig {
     /// `send_queue` frames of `max_message_bytes` each (64 MiB by default)
     /// at a client that does not read.
     pub send_queue_bytes: usize,
+    /// Bytes queued across all clients: shared by every connection.
+    pub send_budget: Arc<SendBudget>,
     pub ice_servers: IceServerSource,
 }
 
@@ -60,7 +66,34 @@ impl std::fmt::Debug for ConnectionConfig {
             .field("rate_burst", &self.rate_burst)
             .field("send_queue", &self.send_queue)
             .field("send_queue_bytes", &self.send_queue_bytes)
+            .field("send_budget", &self.send_budget)
             .finish_non_exhaustive()
+    }
+}
+
+/// The bytes waiting in every client's send queue together, and their
+/// bound. The per-client bound stops one client that does not read; this
+/// one stops many (10,000 connections at 1 MiB each would be 10 GiB).
+/// Past it, a client that already has frames waiting is evicted rather than
+/// queued more; a client whose queue is empty still gets its next frame, so
+/// clients that keep up are served however much the others owe.
+#[derive(Debug)]
+pub struct SendBudget {
+    queued: AtomicUsize,
+    max: usize,
+}
+
+impl SendBudget {
+    pub fn new(max_bytes: usize) -> Arc<Self> {
+        Arc::new(SendBudget {
+            queued: AtomicUsize::new(0),
+            max: max_bytes,
+        })
+    }
+
+    /// Bytes waiting now, across all clients.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -73,37 +106,79 @@ pub struct ChannelSink {
     /// Bytes in the queue: added by senders, taken off by the task.
     queued: Arc<AtomicUsize>,
     max_bytes: usize,
+    budget: Arc<SendBudget>,
+}
+
+/// The receiving end of a client's queue. Frames still in it when it drops
+/// are taken off the counts, so a closed connection owes nothing.
+struct SendQueue {
+    rx: mpsc::Receiver<Frame>,
+    sink: ChannelSink,
+}
+
+impl SendQueue {
+    async fn next(&mut self) -> Option<Frame> {
+        let frame = self.rx.recv().await?;
+        self.sink.taken(&frame);
+        Some(frame)
+    }
+
+    fn try_next(&mut self) -> Option<Frame> {
+        let frame = self.rx.try_recv().ok()?;
+        self.sink.taken(&frame);
+        Some(frame)
+    }
+}
+
+impl Drop for SendQueue {
+    fn drop(&mut self) {
+        // Closed first, so that no sender adds a frame after the drain.
+        self.rx.close();
+        while self.try_next().is_some() {}
+    }
 }
 
 impl ChannelSink {
-    fn new(frames: usize, max_bytes: usize) -> (Self, mpsc::Receiver<Frame>) {
+    fn new(frames: usize, max_bytes: usize, budget: Arc<SendBudget>) -> (Self, SendQueue) {
         let (tx, rx) = mpsc::channel(frames.max(4));
         let sink = ChannelSink {
             tx,
             evicted: CancellationToken::new(),
             queued: Arc::default(),
             max_bytes,
+            budget,
         };
-        (sink, rx)
+        let queue = SendQueue {
+            rx,
+            sink: sink.clone(),
+        };
+        (sink, queue)
     }
 
-    /// Queues `frame` unless that would pass either bound.
+    /// Queues `frame` unless that would pass a bound.
     fn push(&self, frame: Frame) -> Result<(), SinkFull> {
         let len = frame.len();
         let before = self.queued.fetch_add(len, Ordering::Relaxed);
-        if before > 0 && before + len > self.max_bytes {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
+        let all_before = self.budget.queued.fetch_add(len, Ordering::Relaxed);
+        let over = before + len > self.max_bytes || all_before + len > self.budget.max;
+        if before > 0 && over {
+            self.untake(len);
             return Err(SinkFull);
         }
         self.tx.try_send(frame).map_err(|_| {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.untake(len);
             SinkFull
         })
     }
 
     /// Accounts for a frame the task took off the queue.
     fn taken(&self, frame: &Frame) {
-        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        self.untake(frame.len());
+    }
+
+    fn untake(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::Relaxed);
+        self.budget.queued.fetch_sub(len, Ordering::Relaxed);
     }
 }
 
@@ -127,17 +202,31 @@ const GOING_AWAY: u16 = 1001;
 const POLICY: u16 = 1008;
 const TOO_BIG: u16 = 1009;
 
+/// How long a closing connection has to take what is still queued for it
+/// (the error that explains the close, say), and then the close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Frames written before one flush: a fan-out burst goes out in a few
+/// writes, not one per frame.
+const FRAMES_PER_FLUSH: usize = 64;
+
+type WsWriter = SplitSink<WebSocket, Message>;
+
 /// Runs one client connection until it closes, times out, misbehaves past
 /// the limits, or the server shuts down.
 pub async fn handle_socket(
-    mut socket: WebSocket,
+    socket: WebSocket,
     hub: SharedHub,
     cfg: Arc<ConnectionConfig>,
     shutdown: CancellationToken,
     remote: SocketAddr,
 ) {
     metrics::gauge!("callisto_signaling_connections").increment(1.0);
-    let (sink, mut rx) = ChannelSink::new(cfg.send_queue, cfg.send_queue_bytes);
+    let (sink, mut queue) = ChannelSink::new(
+        cfg.send_queue,
+        cfg.send_queue_bytes,
+        cfg.send_budget.clone(),
+    );
     let mut conn = Conn {
         hub,
         cfg: cfg.clone(),
@@ -152,73 +241,111 @@ pub async fn handle_socket(
         ),
         remote,
     };
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let every = ping_interval(cfg.heartbeat_timeout);
+    let finish = CancellationToken::new();
     let mut last_seen = Instant::now();
-    let mut heartbeat = tokio::time::interval(ping_interval(cfg.heartbeat_timeout));
+    let mut heartbeat = tokio::time::interval(every);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     heartbeat.tick().await;
 
-    let closing: Option<Closing> = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break Some(Closing { code: GOING_AWAY, reason: "server shutting down" }),
-            _ = sink.evicted.cancelled() => break Some(Closing { code: POLICY, reason: "too slow: send queue full" }),
-            Some(frame) = rx.recv() => {
-                sink.taken(&frame);
-                if socket.send(Message::Text(text_frame(frame))).await.is_err() {
-                    break None;
+    let closing = {
+        let writer = write_queue(&mut ws_tx, &mut queue, every, &finish);
+        tokio::pin!(writer);
+        let closing: Option<Closing> = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Some(Closing { code: GOING_AWAY, reason: "server shutting down" }),
+                _ = sink.evicted.cancelled() => break Some(Closing { code: POLICY, reason: "too slow: send queue full" }),
+                // It ends only when a write fails: the connection is gone.
+                _ = &mut writer => break None,
+                _ = heartbeat.tick() => {
+                    if last_seen.elapsed() > cfg.heartbeat_timeout {
+                        info!(%remote, peer = conn.peer_id(), "heartbeat timeout");
+                        break Some(Closing { code: GOING_AWAY, reason: "heartbeat timeout" });
+                    }
+                }
+                incoming = ws_rx.next() => {
+                    last_seen = Instant::now();
+                    match incoming {
+                        None | Some(Ok(Message::Close(_))) => break None,
+                        Some(Err(e)) => {
+                            // tungstenite reports frames over its size limit as errors.
+                            if is_capacity_error(&e) {
+                                break conn.too_large();
+                            }
+                            debug!(%remote, error = %e, "websocket read error");
+                            break None;
+                        }
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(closing) = conn.on_text(text.as_str()) {
+                                break Some(closing);
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            if let Some(closing) = conn.reply_error(ErrorCode::BadMessage, "binary frames are not supported; send JSON text frames") {
+                                break Some(closing);
+                            }
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    }
                 }
             }
-            _ = heartbeat.tick() => {
-                if last_seen.elapsed() > cfg.heartbeat_timeout {
-                    info!(%remote, peer = conn.peer_id(), "heartbeat timeout");
-                    break Some(Closing { code: GOING_AWAY, reason: "heartbeat timeout" });
-                }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    break None;
-                }
-            }
-            incoming = socket.recv() => {
-                last_seen = Instant::now();
-                match incoming {
-                    None | Some(Ok(Message::Close(_))) => break None,
-                    Some(Err(e)) => {
-                        // tungstenite reports frames over its size limit as errors.
-                        if is_capacity_error(&e) {
-                            break conn.too_large();
-                        }
-                        debug!(%remote, error = %e, "websocket read error");
-                        break None;
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(closing) = conn.on_text(text.as_str()) {
-                            break Some(closing);
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        if let Some(closing) = conn.reply_error(ErrorCode::BadMessage, "binary frames are not supported; send JSON text frames") {
-                            break Some(closing);
-                        }
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                }
-            }
-        }
-    };
-
-    conn.leave("disconnected");
-    if let Some(Closing { code, reason }) = closing {
+        };
+        conn.leave("disconnected");
         // Flush what is already queued (an error explaining the close,
         // say), unless the client was evicted for not reading it.
-        while !sink.evicted.is_cancelled()
-            && let Ok(frame) = rx.try_recv()
-        {
-            sink.taken(&frame);
-            if socket.send(Message::Text(text_frame(frame))).await.is_err() {
-                break;
-            }
+        if closing.is_some() && !sink.evicted.is_cancelled() {
+            finish.cancel();
+            let _ = tokio::time::timeout(CLOSE_WAIT, writer).await;
         }
+        closing
+    };
+    drop(queue);
+    if let Some(Closing { code, reason }) = closing
+        && let Ok(mut socket) = ws_tx.reunite(ws_rx)
+    {
         close_gracefully(&mut socket, code, reason).await;
     }
     metrics::gauge!("callisto_signaling_connections").decrement(1.0);
+}
+
+/// Writes queued frames and pings until a write fails, or until `finish`
+/// is cancelled and the queue is empty.
+async fn write_queue(
+    ws: &mut WsWriter,
+    queue: &mut SendQueue,
+    ping_every: Duration,
+    finish: &CancellationToken,
+) {
+    let mut ping = tokio::time::interval(ping_every);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ping.tick().await;
+    loop {
+        let written = tokio::select! {
+            // Frames first: `finish` ends the loop only once they are out.
+            biased;
+            Some(frame) = queue.next() => write_frames(ws, queue, frame).await,
+            _ = finish.cancelled() => return,
+            _ = ping.tick() => ws.send(Message::Ping(Default::default())).await,
+        };
+        if written.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes `first` and whatever else is waiting (up to a bound), then flushes.
+async fn write_frames(
+    ws: &mut WsWriter,
+    queue: &mut SendQueue,
+    first: Frame,
+) -> Result<(), axum::Error> {
+    ws.feed(Message::Text(text_frame(first))).await?;
+    for _ in 1..FRAMES_PER_FLUSH {
+        let Some(frame) = queue.try_next() else { break };
+        ws.feed(Message::Text(text_frame(frame))).await?;
+    }
+    ws.flush().await
 }
 
 fn ping_interval(timeout: Duration) -> Duration {
@@ -241,14 +368,13 @@ async fn close_gracefully(socket: &mut WebSocket, code: u16, reason: &'static st
         code,
         reason: Utf8Bytes::from_static(reason),
     };
-    let wait = Duration::from_secs(2);
-    if tokio::time::timeout(wait, socket.send(Message::Close(Some(frame))))
+    if tokio::time::timeout(CLOSE_WAIT, socket.send(Message::Close(Some(frame))))
         .await
         .is_err()
     {
         return;
     }
-    let _ = tokio::time::timeout(wait, async {
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
         while let Some(Ok(msg)) = socket.recv().await {
             if matches!(msg, Message::Close(_)) {
                 break;
@@ -415,32 +541,66 @@ mod tests {
         })
     }
 
+    fn unbounded() -> Arc<SendBudget> {
+        SendBudget::new(usize::MAX)
+    }
+
     #[test]
     fn the_send_queue_is_bounded_in_bytes_as_well_as_frames() {
         let big = frame(600);
-        let (sink, mut rx) = ChannelSink::new(8, 1000);
+        let (sink, mut queue) = ChannelSink::new(8, 1000, unbounded());
         assert!(sink.push(big.clone()).is_ok());
         assert_eq!(sink.push(big.clone()), Err(SinkFull), "over the bytes");
         // Small frames still fit beside it.
         assert!(sink.push(frame(100)).is_ok());
         // Taking one off makes room again.
-        let first = rx.try_recv().unwrap();
-        sink.taken(&first);
+        assert!(queue.try_next().is_some());
         assert!(sink.push(big.clone()).is_ok());
 
         // One frame larger than the whole bound goes into an empty queue.
-        let (sink, mut rx) = ChannelSink::new(8, 100);
+        let (sink, mut queue) = ChannelSink::new(8, 100, unbounded());
         assert!(sink.push(big.clone()).is_ok());
         assert_eq!(sink.push(frame(60)), Err(SinkFull));
-        sink.taken(&rx.try_recv().unwrap());
+        assert!(queue.try_next().is_some());
         assert!(sink.push(frame(60)).is_ok());
 
         // And the frame count still holds (the channel's least is 4).
-        let (sink, _rx) = ChannelSink::new(4, usize::MAX);
+        let (sink, _queue) = ChannelSink::new(4, usize::MAX, unbounded());
         for _ in 0..4 {
             assert!(sink.push(frame(60)).is_ok());
         }
         assert_eq!(sink.push(frame(60)), Err(SinkFull));
         assert_eq!(sink.queued.load(Ordering::Relaxed), 4 * frame(60).len());
+    }
+
+    #[test]
+    fn the_bytes_waiting_across_all_clients_are_bounded() {
+        let len = frame(300).len();
+        let budget = SendBudget::new(4 * len);
+        let (first, mut first_queue) = ChannelSink::new(64, usize::MAX, budget.clone());
+        let (second, _second_queue) = ChannelSink::new(64, usize::MAX, budget.clone());
+        let (third, _third_queue) = ChannelSink::new(64, usize::MAX, budget.clone());
+        // Two frames each for the first two clients fill the budget.
+        for sink in [&first, &second] {
+            assert!(sink.push(frame(300)).is_ok());
+            assert!(sink.push(frame(300)).is_ok());
+        }
+        assert_eq!(budget.queued(), 4 * len);
+        // A client with a backlog gets no more...
+        assert_eq!(first.push(frame(300)), Err(SinkFull));
+        // ...but one whose queue is empty still gets its frame.
+        assert!(third.push(frame(300)).is_ok());
+        assert_eq!(third.push(frame(300)), Err(SinkFull));
+        assert_eq!(budget.queued(), 5 * len);
+
+        // Frames taken off, and frames left in a queue that is dropped,
+        // are given back.
+        assert!(first_queue.try_next().is_some());
+        assert_eq!(budget.queued(), 4 * len);
+        drop(first_queue);
+        assert_eq!(budget.queued(), 3 * len);
+        // A dropped queue takes no more frames, and owes none.
+        assert_eq!(first.push(frame(300)), Err(SinkFull));
+        assert_eq!(budget.queued(), 3 * len);
     }
 }

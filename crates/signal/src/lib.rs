@@ -12,6 +12,6 @@ pub mod connection;
 pub mod hub;
 pub mod rate;
 
-pub use connection::{ConnectionConfig, SharedHub, handle_socket};
+pub use connection::{ConnectionConfig, SendBudget, SharedHub, handle_socket};
 pub use hub::{Frame, Hub, HubLimits, HubStats, PeerSink, SinkFull, random_peer_id};
 pub use rate::RateLimiter;
