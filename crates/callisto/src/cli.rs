@@ -263,6 +263,12 @@ pub struct ServeArgs {
     )]
     pub ice_credential: Option<String>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP), e.g.
+    /// 127.0.0.1:9090, instead of on the web port, where anyone who can
+    /// load the app can read them.
+    #[arg(long, env = "CALLISTO_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Do not run the built-in STUN/TURN server (browsers then get only
     /// the --ice-server URLs).
     #[arg(long, env = "CALLISTO_NO_TURN")]

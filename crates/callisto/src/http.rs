@@ -31,13 +31,20 @@ pub struct AppState {
     pub sockets: TaskTracker,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The web port's routes; `/metrics` among them unless `metrics_here` is
+/// false (they are served on a port of their own).
+pub fn router(state: AppState, metrics_here: bool) -> Router {
+    let routes = Router::new()
         .route("/", get(app_page))
         .route("/r/{room}", get(app_page))
         .route("/ws", get(websocket))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz));
+    let routes = if metrics_here {
+        routes.route("/metrics", get(metrics))
+    } else {
+        routes
+    };
+    routes
         .fallback(get(static_asset))
         .layer(middleware::from_fn(security_headers))
         .with_state(state)
@@ -100,16 +107,21 @@ pub(crate) async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let stats = state.hub.lock().unwrap_or_else(|p| p.into_inner()).stats();
     (
         [(header::CONTENT_TYPE, crate::telemetry::CONTENT_TYPE)],
-        crate::telemetry::render(
-            &state.metrics,
-            &stats,
-            state.connection.send_budget.queued(),
-        ),
+        metrics_text(&state),
     )
         .into_response()
+}
+
+/// All of `/metrics`: what was recorded, and the hub's state now.
+pub(crate) fn metrics_text(state: &AppState) -> String {
+    let stats = state.hub.lock().unwrap_or_else(|p| p.into_inner()).stats();
+    crate::telemetry::render(
+        &state.metrics,
+        &stats,
+        state.connection.send_budget.queued(),
+    )
 }
 
 /// The page loads only its own scripts and styles; media and WebSocket

@@ -32,6 +32,9 @@ pub struct Running {
     pub fingerprint: Option<String>,
     /// The built-in STUN/TURN server's addresses, unless --no-turn.
     pub turn: Option<crate::turn::TurnAddrs>,
+    /// Where `/metrics` is served, with --metrics-listen (otherwise on the
+    /// web port).
+    pub metrics_addr: Option<SocketAddr>,
     task: JoinHandle<()>,
 }
 
@@ -132,13 +135,22 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         }),
     });
     let sockets = TaskTracker::new();
-    let app = router(AppState {
+    let state = AppState {
         hub,
         connection,
         metrics,
         shutdown: shutdown.clone(),
         sockets: sockets.clone(),
-    });
+    };
+    let metrics_addr = match args.metrics_listen {
+        Some(listen) => {
+            let state = state.clone();
+            let text = Arc::new(move || crate::http::metrics_text(&state));
+            Some(crate::telemetry::serve_on_own_port(listen, text, shutdown.clone()).await?)
+        }
+        None => None,
+    };
+    let app = router(state, metrics_addr.is_none());
     let head_timeout = Duration::from_secs(u64::from(args.request_header_timeout));
 
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -167,6 +179,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         scheme,
         fingerprint,
         turn: turn_addrs,
+        metrics_addr,
         task,
     };
     announce(&running, &args);

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -107,6 +107,24 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// address. Runs until the process ends.
 pub async fn serve_standalone(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
     let handle = install();
+    serve_on_own_port(
+        listen,
+        Arc::new(move || handle.render()),
+        CancellationToken::new(),
+    )
+    .await
+}
+
+/// The text `/metrics` answers with, made at each scrape.
+pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `/metrics` (with `text`) and `/healthz` over plain HTTP on
+/// `listen` until `stop`; returns the bound address.
+pub async fn serve_on_own_port(
+    listen: SocketAddr,
+    text: MetricsText,
+    stop: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding --metrics-listen {listen}"))?;
@@ -126,7 +144,7 @@ pub async fn serve_standalone(listen: SocketAddr) -> anyhow::Result<SocketAddr> 
         .route(
             "/metrics",
             get(move || {
-                let text = handle.render();
+                let text = text();
                 async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], text) }
             }),
         )
@@ -135,7 +153,7 @@ pub async fn serve_standalone(listen: SocketAddr) -> anyhow::Result<SocketAddr> 
         listener,
         app,
         Duration::from_secs(10),
-        CancellationToken::new(),
+        stop,
     ));
     tracing::info!(metrics = %bound, "metrics are served at /metrics");
     Ok(bound)

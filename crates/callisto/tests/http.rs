@@ -76,6 +76,38 @@ async fn healthz_and_metrics() {
     assert!(server.metric("callisto_rooms").await >= 1.0);
 }
 
+/// With `--metrics-listen`, `/metrics` (the hub's gauges too) is served
+/// there only: not on the web port, where anyone who loads the app could
+/// read it.
+#[tokio::test]
+async fn metrics_on_a_port_of_their_own() {
+    let server = Server::start(&["--metrics-listen", "127.0.0.1:0"]).await;
+    let metrics = server.running.metrics_addr.expect("a metrics port");
+    let mut c = server.client().await;
+    c.join("counted", "M").await;
+
+    let (head, _) = server.get("/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let (head, body) = common::get_at(metrics, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for needle in [
+        "callisto_signaling_messages_sent_total{type=\"welcome\"}",
+        "callisto_signaling_queued_bytes ",
+        "callisto_rooms ",
+        "callisto_clients ",
+    ] {
+        assert!(body.contains(needle), "missing {needle} in\n{body}");
+    }
+    let (head, body) = common::get_at(metrics, "/healthz").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "ok\n");
+
+    // It stops with the server.
+    server.shutdown.cancel();
+    server.running.wait().await;
+    assert!(TcpStream::connect(metrics).await.is_err());
+}
+
 /// A TCP connection from `source` (a loopback address), or the error when
 /// the server reset it before `connect` returned.
 async fn connect_from(source: &str, to: std::net::SocketAddr) -> std::io::Result<TcpStream> {

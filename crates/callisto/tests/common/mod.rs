@@ -62,17 +62,7 @@ impl Server {
 
     /// A plain HTTP/1.1 GET; returns (status line + headers, body).
     pub async fn get(&self, path: &str) -> (String, String) {
-        let mut tcp = TcpStream::connect(self.addr).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        tokio::time::timeout(TIMEOUT, tcp.read_to_end(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        (head.to_owned(), body.to_owned())
+        get_at(self.addr, path).await
     }
 
     /// The value of one unlabelled metric line, e.g. `callisto_rooms`.
@@ -85,6 +75,21 @@ impl Server {
             .parse()
             .unwrap()
     }
+}
+
+/// A plain HTTP/1.1 GET to `addr`; returns (status line + headers, body).
+pub async fn get_at(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(TIMEOUT, tcp.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_owned(), body.to_owned())
 }
 
 pub struct Client {
