@@ -590,4 +590,43 @@ mod tests {
             .is_err()
         );
     }
+
+    proptest::proptest! {
+        /// Whatever an operator types, the flag parsers answer with a value
+        /// or a message, never a panic; and what they accept means what
+        /// was typed.
+        #[test]
+        fn port_ranges_parse_or_explain(text in "[ 0-9]{0,7}-?[ 0-9]{0,7}|\\PC{0,24}") {
+            match text.parse::<PortRange>() {
+                Ok(PortRange(lo, hi)) => {
+                    proptest::prop_assert!(lo >= 1 && lo <= hi);
+                    let (l, h) = text.split_once('-').unwrap();
+                    proptest::prop_assert_eq!(l.trim().parse::<u16>().ok(), Some(lo));
+                    proptest::prop_assert_eq!(h.trim().parse::<u16>().ok(), Some(hi));
+                }
+                Err(message) => proptest::prop_assert!(!message.is_empty()),
+            }
+        }
+
+        #[test]
+        fn port_ranges_round_trip(lo in 1u16.., span in 0u16..) {
+            let hi = lo.saturating_add(span);
+            proptest::prop_assert_eq!(format!("{lo}-{hi}").parse::<PortRange>(), Ok(PortRange(lo, hi)));
+        }
+
+        #[test]
+        fn turn_users_parse_or_explain(text in "[a-z:]{0,12}|\\PC{0,24}") {
+            match text.parse::<TurnUser>() {
+                Ok(user) => {
+                    proptest::prop_assert!(!user.name.is_empty() && !user.password.is_empty());
+                    proptest::prop_assert!(!user.name.contains(':'));
+                    proptest::prop_assert_eq!(format!("{}:{}", user.name, user.password), text);
+                    // The password never shows in logs.
+                    let shown = format!("{user:?}");
+                    proptest::prop_assert!(shown.ends_with(":***)"), "{}", shown);
+                }
+                Err(message) => proptest::prop_assert!(!message.is_empty()),
+            }
+        }
+    }
 }
