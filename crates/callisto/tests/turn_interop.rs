@@ -882,13 +882,30 @@ fn dual_allocations_from_ours_and_from_coturn() {
         &peers,
         Ok("::1"),
     );
+    // coturn's own client asks in the draft's numbering (`-Z`): it gets
+    // both relays too, and reaches peers of either family without loss.
+    for (peer_host, port) in [("127.0.0.1", port4), ("::1", port6)] {
+        assert_lossless(
+            &format!("uclient -Z, peer {peer_host}"),
+            uclient_in(
+                None,
+                "127.0.0.1",
+                peer_host,
+                ours.turn_port,
+                port,
+                &["-Z"],
+                ("user", "pass"),
+            ),
+        );
+    }
 
     let (_coturn, port) = coturn_over_udp(&["127.0.0.1", "::1"]);
     let coturn = SocketAddr::from(([127, 0, 0, 1], port));
     // coturn 4.6.1 knows ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE
     // only by the codepoints of the draft before RFC 8656 (0x8032, 0x8033,
-    // not 0x8000, 0x8001): it takes ours for an unknown optional attribute
-    // and gives an IPv4 relay alone, saying nothing of the other.
+    // not 0x8000, 0x8001): it takes ours (our client asks as the RFC says)
+    // for an unknown optional attribute and gives an IPv4 relay alone,
+    // saying nothing of the other.
     dual_allocation_relays_both_families(
         &mut Link::Udp(&sock, coturn),
         false,

@@ -1681,7 +1681,15 @@ impl<A: RelayAllocator> Server<A> {
         };
         let token = msg.get(attr::RESERVATION_TOKEN);
         let requested = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
-        let additional = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
+        // A dual allocation, asked for in the RFC's numbering or in the
+        // draft's (coturn's clients); answered in the same.
+        let (additional, address_error_kind) = match msg.get(attr::ADDITIONAL_ADDRESS_FAMILY) {
+            Some(v) => (Some(v), attr::ADDRESS_ERROR_CODE),
+            None => (
+                msg.get(attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT),
+                attr::ADDRESS_ERROR_CODE_DRAFT,
+            ),
+        };
         if requested.is_some() && additional.is_some() {
             return Err(refuse(400, "Bad Request: both address family attributes"));
         }
@@ -1769,7 +1777,7 @@ impl<A: RelayAllocator> Server<A> {
             b.attr(attr::RESERVATION_TOKEN, &token);
         }
         if let Some(Err(why)) = &second {
-            b.address_error(attr::FAMILY_IPV6, why.code, why.reason);
+            b.address_error_as(address_error_kind, attr::FAMILY_IPV6, why.code, why.reason);
         }
         let response = self.sign(b, msg, Some(&authed.key));
         let installed = Installed {

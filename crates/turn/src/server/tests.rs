@@ -1567,6 +1567,52 @@ fn a_dual_allocation_gets_ipv4_and_says_why_not_ipv6() {
     assert_eq!(s.allocation_count(), 1);
 }
 
+/// coturn and its clients number ADDITIONAL-ADDRESS-FAMILY and
+/// ADDRESS-ERROR-CODE as the draft before RFC 8656 did (0x8032, 0x8033).
+/// A dual allocation asked for that way is served, and answered in the
+/// numbering it was asked in.
+#[test]
+fn a_dual_allocation_in_the_drafts_numbering_is_answered_in_it() {
+    let t0 = Instant::now();
+    let draft = [(
+        attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT,
+        &[attr::FAMILY_IPV6, 0, 0, 0][..],
+    )];
+    let relayed = |out: &Output| -> Vec<SocketAddr> {
+        let Output::Reply { data, .. } = out else {
+            panic!("{out:?}")
+        };
+        let msg = Message::parse(data).unwrap();
+        msg.attrs()
+            .filter(|a| a.typ == attr::XOR_RELAYED_ADDRESS)
+            .map(|a| stun::decode_xor_address(a.typ, a.value, msg.transaction_id()).unwrap())
+            .collect()
+    };
+
+    let mut s = dual_setup(config(), t0);
+    let both = relayed(&signed_allocate(&mut s, five(1), 1, &draft, t0));
+    assert!(
+        matches!(both.as_slice(), [a, b] if a.is_ipv4() && b.is_ipv6()),
+        "{both:?}"
+    );
+    assert_eq!(s.relays_of(&five(1)).iter().flatten().count(), 2);
+
+    // No IPv6 relays: the IPv4 one, and why not in the draft's numbering.
+    let (_, mut s) = setup(config(), t0);
+    let out = signed_allocate(&mut s, five(1), 1, &draft, t0);
+    assert_eq!(relayed(&out).len(), 1);
+    let Output::Reply { data, .. } = &out else {
+        unreachable!()
+    };
+    let msg = Message::parse(data).unwrap();
+    assert_eq!(msg.get(attr::ADDRESS_ERROR_CODE), None);
+    let why = msg.get(attr::ADDRESS_ERROR_CODE_DRAFT).expect("0x8033");
+    assert_eq!(
+        stun::decode_address_error(why).unwrap(),
+        (attr::FAMILY_IPV6, 440, "Address Family not Supported")
+    );
+}
+
 /// A server whose relays come in both families.
 fn dual_setup(cfg: Config, t0: Instant) -> Server<FakeRelays> {
     let shared = Arc::new(Shared::new(cfg, b"k", (t0, 1_000)));

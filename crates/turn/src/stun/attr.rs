@@ -29,6 +29,13 @@ pub const PRIORITY: u16 = 0x0024;
 pub const USE_CANDIDATE: u16 = 0x0025;
 pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
 pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
+/// ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE as the draft before
+/// RFC 8656 numbered them, and as coturn (4.6 and its clients, such as
+/// `turnutils_uclient -Z`) still does. Unassigned by IANA; the server
+/// takes a dual-allocation request in either numbering and answers in the
+/// one it was asked in.
+pub const ADDITIONAL_ADDRESS_FAMILY_DRAFT: u16 = 0x8032;
+pub const ADDRESS_ERROR_CODE_DRAFT: u16 = 0x8033;
 pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
 pub const ALTERNATE_DOMAIN: u16 = 0x8003;
 pub const ICMP: u16 = 0x8004;

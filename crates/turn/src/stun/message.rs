@@ -335,10 +335,23 @@ impl MessageBuilder {
     /// `family` (`attr::FAMILY_IPV4` or `FAMILY_IPV6`) was not allocated.
     /// ERROR-CODE's layout, with the family in its first byte.
     pub fn address_error(&mut self, family: u8, code: u16, reason: &str) -> &mut Self {
+        self.address_error_as(attr::ADDRESS_ERROR_CODE, family, code, reason)
+    }
+
+    /// ADDRESS-ERROR-CODE under the attribute type `kind`: the RFC's, or
+    /// the draft's (`attr::ADDRESS_ERROR_CODE_DRAFT`) for a client that
+    /// asked in the draft's numbering.
+    pub fn address_error_as(
+        &mut self,
+        kind: u16,
+        family: u8,
+        code: u16,
+        reason: &str,
+    ) -> &mut Self {
         let mut v = Vec::with_capacity(4 + reason.len());
         v.extend_from_slice(&[family, 0, (code / 100) as u8, (code % 100) as u8]);
         v.extend_from_slice(reason.as_bytes());
-        self.attr(attr::ADDRESS_ERROR_CODE, &v)
+        self.attr(kind, &v)
     }
 
     /// MESSAGE-INTEGRITY (HMAC-SHA1).
