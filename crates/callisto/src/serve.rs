@@ -58,6 +58,18 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Before anything that records metrics: handles taken earlier are no-ops.
     let metrics = crate::telemetry::install();
     let tls = tls::from_args(&args.tls)?;
+    // The web and metrics ports first: if one is taken, nothing else has
+    // started.
+    let tcp = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is another program using that port? Choose another with --listen",
+            args.listen
+        )
+    })?;
+    let metrics_listener = match args.metrics_listen {
+        Some(listen) => Some(crate::telemetry::bind_own_port(listen).await?),
+        None => None,
+    };
     let mut turn = if args.no_turn {
         None
     } else {
@@ -74,12 +86,6 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         )
     };
 
-    let tcp = TcpListener::bind(args.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {}: is another program using that port? Choose another with --listen",
-            args.listen
-        )
-    })?;
     let local_addr = tcp.local_addr()?;
     let tcp = LimitedListener::new(
         tcp,
@@ -142,11 +148,15 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         shutdown: shutdown.clone(),
         sockets: sockets.clone(),
     };
-    let metrics_addr = match args.metrics_listen {
-        Some(listen) => {
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
             let state = state.clone();
             let text = Arc::new(move || crate::http::metrics_text(&state));
-            Some(crate::telemetry::serve_on_own_port(listen, text, shutdown.clone()).await?)
+            Some(crate::telemetry::serve_on_own_port(
+                listener,
+                text,
+                shutdown.clone(),
+            )?)
         }
         None => None,
     };

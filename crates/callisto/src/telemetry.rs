@@ -107,27 +107,33 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// address. Runs until the process ends.
 pub async fn serve_standalone(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
     let handle = install();
+    let listener = bind_own_port(listen).await?;
     serve_on_own_port(
-        listen,
+        listener,
         Arc::new(move || handle.render()),
         CancellationToken::new(),
     )
-    .await
 }
 
 /// The text `/metrics` answers with, made at each scrape.
 pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Binds `--metrics-listen`.
+pub async fn bind_own_port(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await.with_context(|| {
+        format!(
+            "cannot listen on {listen}: is another program using that port? Choose another with --metrics-listen"
+        )
+    })
+}
+
 /// Serves `/metrics` (with `text`) and `/healthz` over plain HTTP on
-/// `listen` until `stop`; returns the bound address.
-pub async fn serve_on_own_port(
-    listen: SocketAddr,
+/// `listener` until `stop`; returns its address.
+pub fn serve_on_own_port(
+    listener: tokio::net::TcpListener,
     text: MetricsText,
     stop: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding --metrics-listen {listen}"))?;
     let bound = listener.local_addr()?;
     // Scrapers hold a connection or two; the limits keep a mistakenly
     // public port from taking the TURN server's file descriptors.

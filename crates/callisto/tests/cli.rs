@@ -38,6 +38,8 @@ fn help_lists_every_flag_with_its_environment_variable() {
         ("--log-format", "CALLISTO_LOG_FORMAT"),
         ("--log", "CALLISTO_LOG"),
         ("--ice-server", "CALLISTO_ICE_SERVERS"),
+        ("--max-queued-bytes", "CALLISTO_MAX_QUEUED_BYTES"),
+        ("--metrics-listen", "CALLISTO_METRICS_LISTEN"),
     ] {
         assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         assert!(help.contains(env), "{env} missing from help:\n{help}");
@@ -69,6 +71,35 @@ fn bad_flags_say_what_to_fix() {
     let out = callisto(&["serve", "--log", "info,[[["]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--log"));
+
+    // A port in use: which flag to change, and nothing started before.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    for (flag, args) in [
+        ("--listen", vec!["serve", "--listen", &port]),
+        (
+            "--metrics-listen",
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                &port,
+            ],
+        ),
+    ] {
+        let out = callisto(&args).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("Choose another with {flag}\n")),
+            "{err}"
+        );
+        assert!(
+            !err.contains("is serving"),
+            "started before failing:\n{err}"
+        );
+    }
 }
 
 /// Starts the binary with JSON logs and waits for its "serving" line.
