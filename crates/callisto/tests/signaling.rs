@@ -529,3 +529,131 @@ async fn past_errors(c: &mut Client) -> Value {
         }
     }
 }
+
+/// Many clients doing everything at once, well and badly: joining and
+/// leaving, signaling and broadcasting, sending garbage, binary and
+/// oversized frames, reading nothing, vanishing without a close. Every
+/// message the server sends is well-formed; it keeps serving; and once the
+/// crowd is gone it holds nothing: no peer, no room, no byte queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_misbehaving_at_once_leaves_nothing_behind() {
+    let server = Server::start(&[
+        "--max-message-bytes",
+        "4096",
+        "--max-queued-bytes",
+        "65536",
+        "--heartbeat-timeout",
+        "3600",
+    ])
+    .await;
+    let tasks: Vec<_> = (1..=48u64)
+        .map(|seed| tokio::spawn(chaotic_client(server.addr, server.ws_url(), seed)))
+        .collect();
+    for task in tasks {
+        task.await.expect("a client's script ran to its end");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = [
+            server.metric("callisto_clients").await,
+            server.metric("callisto_rooms").await,
+            server.metric("callisto_signaling_queued_bytes").await,
+        ];
+        if left == [0.0; 3] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "clients, rooms, queued bytes left: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = server.client().await;
+    c.join("after-the-crowd", "Z").await;
+    c.ping().await;
+}
+
+/// One member of the crowd: 60 random steps from `seed`. A third of the
+/// clients never read (through a small socket); the others read what has
+/// come between steps and learn peer ids from it.
+async fn chaotic_client(addr: std::net::SocketAddr, url: String, seed: u64) {
+    use futures_util::{FutureExt, StreamExt};
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let reads = seed % 3 != 0;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if !reads {
+        socket.set_recv_buffer_size(4096).unwrap();
+    }
+    let tcp = socket.connect(addr).await.unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+    let mut peers: Vec<String> = Vec::new();
+    for _ in 0..60 {
+        let text = match next(10) {
+            0 | 1 => json!({"type": "join", "room": format!("crowd-{}", next(4)), "name": format!("C{seed}")}).to_string(),
+            2 | 3 => {
+                let to = match peers.len() {
+                    0 => "nobody".to_owned(),
+                    n => peers[next(n as u64) as usize].clone(),
+                };
+                json!({"type": "signal", "to": to, "data": {"sdp": "x".repeat(next(3000) as usize)}}).to_string()
+            }
+            4 => json!({"type": "broadcast", "data": {"chat": "y".repeat(next(2000) as usize)}}).to_string(),
+            5 => "{not json".to_owned(),
+            6 => json!({"type": "leave"}).to_string(),
+            7 => json!({"type": "ping"}).to_string(),
+            8 => match next(4) {
+                // Over --max-message-bytes: the server closes.
+                0 => "z".repeat(5000),
+                _ => json!({"type": "nonsense", "at": next(100)}).to_string(),
+            },
+            _ => {
+                if ws.send(Message::binary(vec![0u8; 16])).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if ws.send(Message::text(text)).await.is_err() {
+            // Closed by the server (too large, evicted, rate-limited).
+            return;
+        }
+        while let Some(Some(Ok(msg))) = reads.then(|| ws.next().now_or_never()).flatten() {
+            let Message::Text(text) = msg else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(text.as_str()).expect("JSON from the server");
+            match v["type"].as_str().expect("every message has a type") {
+                "welcome" => {
+                    peers = v["peers"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| p["id"].as_str().unwrap().to_owned())
+                        .collect();
+                }
+                "peer-joined" => peers.push(v["peer"]["id"].as_str().unwrap().to_owned()),
+                "error" => assert!(
+                    v["message"].as_str().is_some_and(|m| !m.is_empty()),
+                    "an error says why: {v}"
+                ),
+                _ => {}
+            }
+        }
+        if next(8) == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // Half leave politely, half just vanish.
+    if next(2) == 0 {
+        let _ = ws.close(None).await;
+    }
+}
