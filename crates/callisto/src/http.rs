@@ -73,6 +73,10 @@ fn asset_response(asset: callisto_web::Asset) -> Response {
         .into_response()
 }
 
+/// Each WebSocket connection's read buffer, and how much it writes at once.
+const READ_BUFFER: usize = 2048;
+const WRITE_BUFFER: usize = 16 * 1024;
+
 async fn websocket(
     State(state): State<AppState>,
     ConnectInfo(ClientAddr(remote)): ConnectInfo<ClientAddr>,
@@ -90,6 +94,13 @@ async fn websocket(
         // without being buffered.
         .max_message_size(limit + 1024)
         .max_frame_size(limit + 1024)
+        // tungstenite zero-fills its whole read buffer on the first read
+        // (128 KiB by default: 10,000 clients would hold 1.3 GB). Signaling
+        // messages are small, and the buffer grows for a large one.
+        .read_buffer_size(READ_BUFFER)
+        // Frames are written through once this much is waiting: small
+        // ones (ICE candidates) are batched, and the buffer stays small.
+        .write_buffer_size(WRITE_BUFFER)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
             state.sockets.track_future(handle_socket(
