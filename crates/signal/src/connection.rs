@@ -249,13 +249,19 @@ pub async fn handle_socket(
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     heartbeat.tick().await;
 
+    // Made once, not per message: each `cancelled()` registers with its
+    // token (the shutdown token is shared by every connection) and
+    // deregisters when dropped.
+    let shutting_down = shutdown.cancelled();
+    let evicted = sink.evicted.cancelled();
+    tokio::pin!(shutting_down, evicted);
     let closing = {
         let writer = write_queue(&mut ws_tx, &mut queue, every, &finish);
         tokio::pin!(writer);
         let closing: Option<Closing> = loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break Some(Closing { code: GOING_AWAY, reason: "server shutting down" }),
-                _ = sink.evicted.cancelled() => break Some(Closing { code: POLICY, reason: "too slow: send queue full" }),
+                _ = &mut shutting_down => break Some(Closing { code: GOING_AWAY, reason: "server shutting down" }),
+                _ = &mut evicted => break Some(Closing { code: POLICY, reason: "too slow: send queue full" }),
                 // It ends only when a write fails: the connection is gone.
                 _ = &mut writer => break None,
                 _ = heartbeat.tick() => {
@@ -320,12 +326,14 @@ async fn write_queue(
     let mut ping = tokio::time::interval(ping_every);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ping.tick().await;
+    let finished = finish.cancelled();
+    tokio::pin!(finished);
     loop {
         let written = tokio::select! {
             // Frames first: `finish` ends the loop only once they are out.
             biased;
             Some(frame) = queue.next() => write_frames(ws, queue, frame).await,
-            _ = finish.cancelled() => return,
+            _ = &mut finished => return,
             _ = ping.tick() => ws.send(Message::Ping(Default::default())).await,
         };
         if written.is_err() {
