@@ -264,6 +264,22 @@ pub enum KernelRelayError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error(
+        "the kernel relay cannot keep to --turn-bps-per-allocation on a PREEMPT_RT kernel, where its program can be preempted between noting a packet's charge and taking it (one packet could be charged to another's allocation): run without the kernel relay, or without the limit"
+    )]
+    PreemptRt,
+}
+
+/// Whether the running kernel is PREEMPT_RT, from `/sys/kernel/realtime`
+/// (present, and "1", only there) or the version string (`uname -v`).
+fn preempt_rt(realtime: Option<&str>, version: &str) -> bool {
+    realtime.is_some_and(|r| r.trim() == "1") || version.contains("PREEMPT_RT")
+}
+
+fn running_preempt_rt() -> bool {
+    let realtime = std::fs::read_to_string("/sys/kernel/realtime").ok();
+    let version = std::fs::read_to_string("/proc/sys/kernel/version").unwrap_or_default();
+    preempt_rt(realtime.as_deref(), &version)
 }
 
 /// The loaded and attached program and its maps. Detached when dropped (and
@@ -461,6 +477,17 @@ impl KernelRelay {
     /// Loads the program, tells it `config`, and attaches it to the
     /// interfaces.
     pub fn attach(config: &KernelRelayConfig) -> Result<KernelRelay, KernelRelayError> {
+        // The program notes each packet's charge in a per-CPU map before
+        // taking it (see `owe` in relay.bpf.c), which is safe only where
+        // XDP runs with preemption off: everywhere but PREEMPT_RT.
+        if running_preempt_rt() {
+            if config.bytes_per_sec != 0 {
+                return Err(KernelRelayError::PreemptRt);
+            }
+            tracing::warn!(
+                "PREEMPT_RT kernel: the kernel relay's per-CPU packet counts may come out a little low"
+            );
+        }
         let (interfaces, max_allocations) = (&config.interfaces, config.max_allocations);
         let capacity = map_capacity(max_allocations);
         if capacity < max_allocations.saturating_mul(KERNEL_ROUTES_PER_ALLOCATION) {
@@ -795,6 +822,17 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn preempt_rt_kernels_are_told_apart() {
+        let stock = "#1 SMP PREEMPT_DYNAMIC Debian 6.1.153-1 (2025-09-20)";
+        assert!(!preempt_rt(None, stock));
+        assert!(!preempt_rt(Some("0\n"), stock));
+        assert!(preempt_rt(Some("1\n"), stock));
+        assert!(preempt_rt(None, "#1 SMP PREEMPT_RT Debian 6.1.153-1"));
+        // This machine's, which the tests' kernel relay runs on.
+        assert!(!running_preempt_rt());
+    }
 
     const XDP_PASS: u32 = 2;
     const XDP_TX: u32 = 3;
