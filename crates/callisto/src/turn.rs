@@ -130,16 +130,15 @@ pub async fn start(
         );
     }
     if !args.turn_kernel_relay.is_empty()
-        && (!args.turn_listen.is_ipv4()
-            || args.turn_listen.ip().is_unspecified()
-            || !relay_ip.is_ipv4())
+        && (args.turn_listen.ip().is_unspecified()
+            || relay_ip.is_ipv4() != args.turn_listen.is_ipv4())
     {
         bail!(
-            "--turn-kernel-relay needs --turn-listen and the relay address on one IPv4 address each (not {} and {relay_ip}): it matches packets by the address they were sent to",
+            "--turn-kernel-relay needs --turn-listen on one address, and a --turn-relay-ip of its family (not {} and {relay_ip}): it matches packets by the address they were sent to",
             args.turn_listen
         );
     }
-    let kernel = kernel_relay(args, relay_ip)?.map(Arc::new);
+    let kernel = kernel_relay(args, &relay_ips, relay_ip)?.map(Arc::new);
     let config = Config {
         credentials,
         policy: PeerPolicy::new(args.turn_allow_peers.clone(), args.turn_deny_peers.clone()),
@@ -297,10 +296,15 @@ impl RunningTurn {
     }
 }
 
-/// The kernel relay, attached, if `--turn-kernel-relay` asks for it. Where
-/// it cannot run, an error, or with `--turn-kernel-relay-optional` a
-/// warning and none.
-fn kernel_relay(args: &TurnArgs, relay_ip: IpAddr) -> anyhow::Result<Option<KernelRelay>> {
+/// The kernel relay, attached, if `--turn-kernel-relay` asks for it, for
+/// the relay addresses `relay_ips` (`relay_ip`: the listening address's
+/// family's). Where it cannot run, an error, or with
+/// `--turn-kernel-relay-optional` a warning and none.
+fn kernel_relay(
+    args: &TurnArgs,
+    relay_ips: &[IpAddr],
+    relay_ip: IpAddr,
+) -> anyhow::Result<Option<KernelRelay>> {
     if args.turn_kernel_relay.is_empty() {
         return Ok(None);
     }
@@ -310,13 +314,21 @@ fn kernel_relay(args: &TurnArgs, relay_ip: IpAddr) -> anyhow::Result<Option<Kern
                 Ok(KernelRelay::attach(&KernelRelayConfig {
                     interfaces,
                     max_allocations: args.turn_max_allocations,
-                    relay_ip: match relay_ip {
-                        IpAddr::V4(ip) => Some(ip),
+                    relay_ip: relay_ips.iter().find_map(|ip| match ip {
+                        IpAddr::V4(ip) => Some(*ip),
                         IpAddr::V6(_) => None,
-                    },
+                    }),
                     external_ip: args.turn_external_ips.iter().find_map(|ip| match ip {
                         IpAddr::V4(ip) => Some(*ip),
                         IpAddr::V6(_) => None,
+                    }),
+                    relay_ip6: relay_ips.iter().find_map(|ip| match ip {
+                        IpAddr::V6(ip) => Some(*ip),
+                        IpAddr::V4(_) => None,
+                    }),
+                    external_ip6: args.turn_external_ips.iter().find_map(|ip| match ip {
+                        IpAddr::V6(ip) => Some(*ip),
+                        IpAddr::V4(_) => None,
                     }),
                     bytes_per_sec: args.turn_bps_per_allocation,
                 })?)
@@ -348,7 +360,6 @@ fn kernel_relay_interfaces(
         let found = if name == "auto" {
             let mut found = Vec::new();
             for ip in [listen, relay] {
-                let IpAddr::V4(ip) = ip else { continue };
                 match callisto_turn::net::interface_holding(ip)
                     .context("listing the network interfaces")?
                 {

@@ -1389,16 +1389,8 @@ fn uclient_through_the_kernel_relay() {
             "pass",
         ),
     );
-    let in_kernel = |m: &str, dir: &str| {
-        metric(
-            m,
-            &format!("callisto_turn_relayed_in_kernel_packets_total{{direction=\"{dir}\"}}"),
-        )
-    };
     let m = metrics_once(&server, |m| {
-        m.contains("in_kernel")
-            && in_kernel(m, "to_peer") >= 6000.0
-            && in_kernel(m, "to_client") >= 8000.0
+        in_kernel(m, "to_peer") >= 6000.0 && in_kernel(m, "to_client") >= 8000.0
     });
     for (dir, in_sockets) in [("to_peer", 2000.0), ("to_client", 0.0)] {
         let all = metric(
@@ -1431,6 +1423,234 @@ fn uclient_through_the_kernel_relay() {
     assert!(
         !link.contains("xdp"),
         "still attached after the server was killed:\n{link}"
+    );
+}
+
+/// `callisto turn` on `listen` (IPv6), relaying on it through the kernel
+/// relay attached to `interface`, with two workers, user `user:pass`,
+/// peers in `allowed` allowed.
+fn ipv6_kernel_turn(listen: &str, allowed: &str, interface: &str) -> Callisto {
+    callisto_on(
+        "turn",
+        listen,
+        &[
+            "--turn-user",
+            "user:pass",
+            "--turn-allow-peer",
+            allowed,
+            "--turn-threads",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--turn-kernel-relay",
+            interface,
+        ],
+    )
+}
+
+/// Our client over IPv6, through `turn`: two clients (on sockets `a` and
+/// `b`, whose read timeouts are set) each allocate an IPv6 relay and bind
+/// a channel to the other's relayed address (relay/relay, as browsers),
+/// and the first one to the echo peer `echo` too; then `rounds` datagrams
+/// go from `a` to `b`, back, and to the echo peer and back, of every
+/// length mod 4, and each arrives.
+fn our_ipv6_clients(
+    turn: SocketAddr,
+    (sa, sb): (&UdpSocket, &UdpSocket),
+    echo: SocketAddr,
+    rounds: u32,
+) {
+    let (mut a, mut b) = (
+        Client::new("user", "pass", false, 1),
+        Client::new("user", "pass", false, 2),
+    );
+    let mut relayed = Vec::new();
+    for (sock, client) in [(sa, &mut a), (sb, &mut b)] {
+        client.allocate_ipv6(Instant::now());
+        let events = drive(sock, turn, client, |e| {
+            matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+        });
+        let Some(Event::Allocated { relayed: r, .. }) = events.last() else {
+            panic!("{events:?}")
+        };
+        assert!(r.is_ipv6(), "{r}");
+        relayed.push(*r);
+    }
+    let bind = |sock: &UdpSocket, client: &mut Client, peer: SocketAddr| {
+        client.bind_channel(Instant::now(), peer);
+        drive(sock, turn, client, |e| {
+            matches!(e, Event::ChannelBound { .. })
+        });
+    };
+    bind(sa, &mut a, relayed[1]);
+    bind(sa, &mut a, echo);
+    bind(sb, &mut b, relayed[0]);
+    let arrives = |sock: &UdpSocket, client: &mut Client, from: SocketAddr, data: &[u8]| {
+        let events = drive(sock, turn, client, |e| matches!(e, Event::Data { .. }));
+        assert_eq!(
+            events.last(),
+            Some(&Event::Data {
+                peer: from,
+                data: data.to_vec()
+            })
+        );
+    };
+    for i in 0..rounds {
+        let data = vec![i as u8; 100 + (i % 4) as usize];
+        sa.send_to(&a.send_to(relayed[1], &data), turn).unwrap();
+        arrives(sb, &mut b, relayed[0], &data);
+        sb.send_to(&b.send_to(relayed[0], &data), turn).unwrap();
+        arrives(sa, &mut a, relayed[1], &data);
+        sa.send_to(&a.send_to(echo, &data), turn).unwrap();
+        arrives(sa, &mut a, echo, &data);
+    }
+}
+
+fn udp_socket(addr: &str) -> UdpSocket {
+    let s = UdpSocket::bind(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    s
+}
+
+/// The packets the kernel relay relayed toward `dir` (0 until it reports
+/// some).
+fn in_kernel(m: &str, dir: &str) -> f64 {
+    counter(
+        m,
+        &format!("callisto_turn_relayed_in_kernel_packets_total{{direction=\"{dir}\"}}"),
+    )
+}
+
+/// The packets relayed toward `dir` over UDP, by the kernel or the workers.
+fn relayed_udp(m: &str, dir: &str) -> f64 {
+    metric(
+        m,
+        &format!("callisto_turn_relayed_packets_total{{direction=\"{dir}\",transport=\"udp\"}}"),
+    )
+}
+
+/// IPv6 through the kernel relay on loopback (RFC 6156: an IPv6 listener
+/// relays on IPv6), in a network namespace of the test's own: coturn's
+/// client to an echo peer on ::1, with channels and with Send indications,
+/// and our clients relay/relay and to the echo peer; no loss. On loopback
+/// every checksum is partial, and toward a peer the sockets take those
+/// (see relay_to_peer6 in relay.bpf.c); the rest of the channels' traffic
+/// is the kernel's. Send indications over IPv6 are the sockets'.
+#[test]
+fn ipv6_through_the_kernel_relay_on_loopback() {
+    if !own_network_namespace() {
+        return;
+    }
+    let server = ipv6_kernel_turn("[::1]:0", "::1/128", "lo");
+    let (_peer, peer_port) = echo_peer_on("::1");
+    let v6 = |flags: &[&str]| uclient_on("::1", server.turn_port, peer_port, flags, "user", "pass");
+    assert_lossless("IPv6, to a peer, with channels", v6(&[]));
+    assert_lossless("IPv6, to a peer, with Send indications", v6(&["-s"]));
+    let turn: SocketAddr = format!("[::1]:{}", server.turn_port).parse().unwrap();
+    let echo: SocketAddr = format!("[::1]:{peer_port}").parse().unwrap();
+    our_ipv6_clients(
+        turn,
+        (&udp_socket("[::1]:0"), &udp_socket("[::1]:0")),
+        echo,
+        100,
+    );
+    // uclient: 2000 each way, twice; ours: 100 each way relay/relay, both
+    // ways, and 100 each way to the echo peer.
+    let m = metrics_once(&server, |m| {
+        in_kernel(m, "to_peer") >= 200.0 && in_kernel(m, "to_client") >= 2300.0
+    });
+    for (dir, kernel) in [("to_peer", 200.0), ("to_client", 2300.0)] {
+        assert_eq!(relayed_udp(&m, dir), 4300.0, "{dir}\n{m}");
+        assert_eq!(in_kernel(&m, dir), kernel, "{dir}\n{m}");
+    }
+    assert_eq!(
+        metric(&m, "callisto_turn_relayed_in_place_packets_total"),
+        0.0,
+        "{m}"
+    );
+    // uclient deleted its allocations; ours are still there: 3 channels.
+    assert_eq!(metric(&m, "callisto_turn_kernel_routes"), 3.0, "{m}");
+}
+
+/// A UDP socket bound to `addr` in the named network namespace `netns`.
+fn udp_socket_in(netns: &NamedNetns, addr: &str) -> UdpSocket {
+    let path = format!("/var/run/netns/{}", netns.0);
+    let addr = addr.to_owned();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns moves only this short-lived thread.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        udp_socket(&addr)
+    })
+    .join()
+    .unwrap()
+}
+
+/// IPv6 through the kernel relay on a network interface: as
+/// `uclient_through_the_kernel_relay_on_a_network_interface`, over a veth
+/// pair with IPv6 addresses (fd00:77::1 here; the clients' fd00:77::2 and
+/// the peer's fd00:77::3 beyond), full checksums, `--turn-kernel-relay
+/// auto`. coturn's client to the echo peer, and our clients relay/relay
+/// and to the echo peer: all through the kernel, but for the first
+/// datagram to each host (its link-layer address is learned from its
+/// answer) and Send indications.
+#[test]
+fn ipv6_through_the_kernel_relay_on_a_network_interface() {
+    if !own_network_namespace() {
+        return;
+    }
+    let hosts = named_netns("hosts6");
+    ip(&[
+        "link", "add", "relay0", "type", "veth", "peer", "name", "hosts0", "netns", &hosts.0,
+    ]);
+    ip(&["addr", "add", "fd00:77::1/64", "dev", "relay0", "nodad"]);
+    ip(&["link", "set", "relay0", "up"]);
+    ip_in(
+        &hosts,
+        &[
+            &["addr", "add", "fd00:77::2/64", "dev", "hosts0", "nodad"],
+            &["addr", "add", "fd00:77::3/64", "dev", "hosts0", "nodad"],
+            &["link", "set", "hosts0", "up"],
+        ],
+    );
+    checksums_in_full(None, "relay0");
+    checksums_in_full(Some(&hosts), "hosts0");
+    let server = ipv6_kernel_turn("[fd00:77::1]:0", "fd00:77::/64", "auto");
+    let _peer = echo_peer_at(Some(&hosts.0), "fd00:77::3", 3480);
+    assert_lossless(
+        "IPv6 on a veth, to a peer, with channels",
+        uclient_in(
+            Some(&hosts.0),
+            "fd00:77::1",
+            "fd00:77::3",
+            server.turn_port,
+            3480,
+            &[],
+            ("user", "pass"),
+        ),
+    );
+    let turn: SocketAddr = format!("[fd00:77::1]:{}", server.turn_port)
+        .parse()
+        .unwrap();
+    let echo: SocketAddr = "[fd00:77::3]:3480".parse().unwrap();
+    let (sa, sb) = (
+        udp_socket_in(&hosts, "[fd00:77::2]:0"),
+        udp_socket_in(&hosts, "[fd00:77::2]:0"),
+    );
+    our_ipv6_clients(turn, (&sa, &sb), echo, 100);
+    let m = metrics_once(&server, |m| {
+        in_kernel(m, "to_peer") >= 2300.0 - 10.0 && in_kernel(m, "to_client") >= 2300.0 - 10.0
+    });
+    for dir in ["to_peer", "to_client"] {
+        assert_eq!(relayed_udp(&m, dir), 2300.0, "{dir}\n{m}");
+        assert!(in_kernel(&m, dir) >= 2300.0 - 10.0, "{dir}\n{m}");
+    }
+    assert!(
+        metric(&m, "callisto_turn_relayed_in_place_packets_total") <= 10.0,
+        "{m}"
     );
 }
 
@@ -1532,8 +1752,15 @@ fn an_optional_kernel_relay_that_cannot_run_leaves_the_relaying_to_the_server() 
 fn the_kernel_relay_refuses_what_it_cannot_do() {
     let cases: [(&[&str], &str); 3] = [
         (
-            &["--turn-listen", "[::1]:0", "--turn-kernel-relay", "lo"],
-            "on one IPv4 address",
+            &[
+                "--turn-listen",
+                "[::1]:0",
+                "--turn-relay-ip",
+                "127.0.0.1",
+                "--turn-kernel-relay",
+                "lo",
+            ],
+            "a --turn-relay-ip of its family",
         ),
         (
             &[
@@ -1682,20 +1909,6 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
         ],
     );
     let _peer = echo_peer_at(Some(&hosts.0), "10.77.0.3", 3480);
-    let in_kernel = |m: &str, dir: &str| {
-        metric(
-            m,
-            &format!("callisto_turn_relayed_in_kernel_packets_total{{direction=\"{dir}\"}}"),
-        )
-    };
-    let relayed = |m: &str, dir: &str| {
-        metric(
-            m,
-            &format!(
-                "callisto_turn_relayed_packets_total{{direction=\"{dir}\",transport=\"udp\"}}"
-            ),
-        )
-    };
     // uclient from the hosts' side, lossless; afterwards `server` has
     // relayed `total` packets each way, all in the kernel but for at most
     // one per client each way: the first datagram to a host the program
@@ -1717,7 +1930,7 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
                 ),
             );
             let m = metrics_once(server, |m| {
-                relayed(m, "to_peer") >= total && relayed(m, "to_client") >= total
+                relayed_udp(m, "to_peer") >= total && relayed_udp(m, "to_client") >= total
             });
             assert_relayed_packets(&m, &["udp"], total);
             for dir in ["to_peer", "to_client"] {

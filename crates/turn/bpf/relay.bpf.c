@@ -28,6 +28,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
@@ -158,10 +159,18 @@ struct {
 // relayed addresses by the external IP (the port is the same), while routes
 // hold the address the relay is bound to. Zero: unknown, or no external IP.
 // And --turn-bps-per-allocation (zero: no limit).
+// An IPv6 address, in network byte order.
+struct ip6 {
+	__u32 w[4];
+};
+
 struct settings {
 	__u32 relay_ip;
 	__u32 external_ip;
 	__u64 bytes_per_sec;
+	// The same for IPv6 (all zero: none).
+	struct ip6 relay_ip6;
+	struct ip6 external_ip6;
 };
 
 struct {
@@ -200,6 +209,67 @@ struct {
 	__type(key, __u32); // IPv4 address, network byte order
 	__type(value, struct mac);
 } hop_macs SEC(".maps");
+
+// IPv6: channels only, both ways and in place, as for IPv4 above, in maps
+// of their own. Permissions and Send indications over IPv6 are left to
+// the sockets (the server sends no permission routes for IPv6).
+struct client_key6 {
+	struct ip6 client_ip;
+	struct ip6 server_ip;
+	__u16 client_port;
+	__u16 server_port;
+	__u16 channel;
+	__u16 zero;
+};
+
+struct to_peer6 {
+	struct ip6 relay_ip;
+	struct ip6 peer_ip;
+	__u16 relay_port;
+	__u16 peer_port;
+	__u32 zero;
+	__u64 expires_ns;
+};
+
+struct peer_key6 {
+	struct ip6 peer_ip;
+	struct ip6 relay_ip;
+	__u16 peer_port;
+	__u16 relay_port;
+};
+
+struct to_client6 {
+	struct ip6 server_ip;
+	struct ip6 client_ip;
+	__u16 server_port;
+	__u16 client_port;
+	__u16 channel;
+	__u16 relay_port;
+	__u64 expires_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct client_key6);
+	__type(value, struct to_peer6);
+} client_routes6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct peer_key6);
+	__type(value, struct to_client6);
+} peer_routes6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ip6);
+	__type(value, struct mac);
+} hop_macs6 SEC(".maps");
 
 // What the packet being relayed on this CPU is to be charged (see `owe`).
 struct charge {
@@ -629,7 +699,7 @@ static __always_inline int over_budget(__u64 rate, __u16 port, int dir, __u32 by
 // XDP_DROP, as the server drops it. Taken only here, once nothing can
 // send the packet to the sockets any more, where the server would take
 // it again.
-static __always_inline int relayed(void)
+static __noinline int relayed(void)
 {
 	__u32 zero = 0;
 	struct charge *ch = bpf_map_lookup_elem(&charges, &zero);
@@ -1236,11 +1306,338 @@ static __always_inline int relay(struct xdp_md *ctx)
 	return XDP_PASS;
 }
 
+// IPv6. What differs from IPv4: the UDP checksum is not optional (a
+// datagram without one is the stack's to drop), the IP header has none,
+// addresses are four words, and loopback is ::1 alone.
+struct headers6 {
+	struct ethhdr eth;
+	struct ipv6hdr ip;
+	struct udphdr udp;
+} __attribute__((packed));
+
+static __always_inline __u32 add_ip6(__u32 sum, const struct ip6 *a)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		sum = add32(sum, a->w[i]);
+	return sum;
+}
+
+static __always_inline __u32 sub_ip6(__u32 sum, const struct ip6 *a)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		sum = sub32(sum, a->w[i]);
+	return sum;
+}
+
+static __always_inline int same_ip6(const struct ip6 *a, const struct ip6 *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] &&
+	       a->w[3] == b->w[3];
+}
+
+static __always_inline int zero_ip6(const struct ip6 *a)
+{
+	return !(a->w[0] | a->w[1] | a->w[2] | a->w[3]);
+}
+
+static __always_inline int loopback_ip6(const struct ip6 *a)
+{
+	return !(a->w[0] | a->w[1] | a->w[2]) && a->w[3] == bpf_htonl(1);
+}
+
+static __always_inline void source6(struct ip6 *a, const struct headers6 *h)
+{
+	__builtin_memcpy(a, &h->ip.saddr, sizeof(*a));
+}
+
+static __always_inline void destination6(struct ip6 *a, const struct headers6 *h)
+{
+	__builtin_memcpy(a, &h->ip.daddr, sizeof(*a));
+}
+
+// As partial_checksum, with IPv6's pseudo-header (its 32-bit length sums
+// as the 16-bit one).
+static __always_inline int partial_checksum6(const struct headers6 *h)
+{
+	struct ip6 s, d;
+	source6(&s, h);
+	destination6(&d, h);
+	__u32 sum = add_ip6(add_ip6(0, &s), &d);
+	sum = add16(sum, bpf_htons(IPPROTO_UDP));
+	sum = add16(sum, h->udp.len);
+	return h->udp.check == fold(sum);
+}
+
+// As readdress. The flow label goes: it named the sender's flow, not this
+// one (zero: none).
+static __always_inline void readdress6(struct headers6 *n, const struct headers6 *h,
+				       const struct ip6 *saddr, __u16 sport,
+				       const struct ip6 *daddr, __u16 dport, int grow,
+				       __u32 added, __u32 removed)
+{
+	__u16 ulen = bpf_htons(bpf_ntohs(h->udp.len) + grow);
+	struct ip6 was_s, was_d;
+	source6(&was_s, h);
+	destination6(&was_d, h);
+
+	n->ip.payload_len = ulen;
+	n->ip.hop_limit = 64;
+	n->ip.flow_lbl[0] &= 0xf0; // the low half is the traffic class's
+	n->ip.flow_lbl[1] = 0;
+	n->ip.flow_lbl[2] = 0;
+	__builtin_memcpy(&n->ip.saddr, saddr, sizeof(*saddr));
+	__builtin_memcpy(&n->ip.daddr, daddr, sizeof(*daddr));
+	n->udp.source = sport;
+	n->udp.dest = dport;
+	n->udp.len = ulen;
+
+	__u32 sum = (__u16)~h->udp.check;
+	sum = sub_ip6(sum, &was_s);
+	sum = sub_ip6(sum, &was_d);
+	sum = add_ip6(sum, saddr);
+	sum = add_ip6(sum, daddr);
+	sum = sub16(sum, h->udp.source);
+	sum = sub16(sum, h->udp.dest);
+	sum = add16(sum, sport);
+	sum = add16(sum, dport);
+	sum = sub16(sum, h->udp.len);
+	sum = sub16(sum, h->udp.len);
+	sum = add16(sum, ulen);
+	sum = add16(sum, ulen);
+	sum = add16(sum, fold(added));
+	sum = sub16(sum, fold(removed));
+	__u16 check = ~fold(sum);
+	n->udp.check = check ? check : 0xffff;
+}
+
+// As learn.
+static __always_inline void learn6(__u32 ifindex, const struct ip6 *ip, const struct ethhdr *eth)
+{
+	if (ifindex == LOOPBACK_IFINDEX && loopback_ip6(ip))
+		return;
+	struct mac *known = bpf_map_lookup_elem(&hop_macs6, ip);
+	if (known && known->ifindex == ifindex && same_mac(known->addr, eth->h_source))
+		return;
+	struct mac m = { .ifindex = ifindex };
+	__builtin_memcpy(m.addr, eth->h_source, ETH_ALEN);
+	bpf_map_update_elem(&hop_macs6, ip, &m, BPF_ANY);
+}
+
+// As next_hop.
+static __always_inline int next_hop6(struct xdp_md *ctx, struct headers6 *n,
+				     const struct headers6 *h, int grow)
+{
+	struct ip6 dst;
+	destination6(&dst, n);
+	__u32 ifindex = ctx->ingress_ifindex;
+	if (ifindex == LOOPBACK_IFINDEX && loopback_ip6(&dst))
+		return 1;
+	struct mac *to = bpf_map_lookup_elem(&hop_macs6, &dst);
+	if (!to || to->ifindex != ifindex)
+		return 0;
+	if (ifindex == LOOPBACK_IFINDEX)
+		return 1;
+	__u32 mtu = 0;
+	if (grow > 0 && bpf_check_mtu(ctx, 0, &mtu, grow, 0) != BPF_MTU_CHK_RET_SUCCESS)
+		return 0;
+	__builtin_memcpy(n->eth.h_source, h->eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(n->eth.h_dest, to->addr, ETH_ALEN);
+	return 1;
+}
+
+// Writes `n`, and after it `channel` (if not zero) and `length`, at the
+// front of the packet once its head has moved by `shift` bytes.
+static __always_inline int put6(struct xdp_md *ctx, const struct headers6 *n, int shift,
+				__u16 channel, __u16 length)
+{
+	if (shift && bpf_xdp_adjust_head(ctx, shift))
+		return XDP_PASS;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (data + sizeof(*n) + (channel ? CHANNEL_HEADER : 0) > end)
+		return XDP_DROP; // cannot happen: the packet was, or grew, this long
+	__builtin_memcpy(data, n, sizeof(*n));
+	if (channel) {
+		__u16 *cd = data + sizeof(*n);
+		cd[0] = channel;
+		cd[1] = length;
+	}
+	return XDP_TX;
+}
+
+// As relay_to_peer. Not a datagram with a partial checksum (on loopback):
+// IPv6 takes the headers it pulls off out of such a datagram's checksum,
+// and once those reach past where the checksum was to start (as here,
+// where the headers move up over the channel header), it checks the whole
+// checksum, which the partial one is not. (IPv4 does not; nor does IPv6
+// where the headers stay or move down: there nobody checks it.)
+static __always_inline int relay_to_peer6(struct xdp_md *ctx, const struct headers6 *h,
+					  const struct to_peer6 *r, __u16 cd0, __u16 cd1,
+					  __u16 len, int partial)
+{
+	if (partial)
+		return XDP_PASS;
+	owe(r->relay_port, 0, len);
+	struct headers6 n = *h;
+	readdress6(&n, h, &r->relay_ip, r->relay_port, &r->peer_ip, r->peer_port,
+		   -CHANNEL_HEADER, 0, (__u32)cd0 + cd1);
+	if (!next_hop6(ctx, &n, h, -CHANNEL_HEADER))
+		return XDP_PASS;
+	return put6(ctx, &n, CHANNEL_HEADER, 0, 0);
+}
+
+// As relay_to_client.
+static __always_inline int relay_to_client6(struct xdp_md *ctx, const struct headers6 *h,
+					    const struct to_client6 *c, __u16 len)
+{
+	if (len > 0xffff - CHANNEL_HEADER - sizeof(struct udphdr))
+		return XDP_PASS;
+	__u16 cd0 = c->channel;
+	__u16 cd1 = bpf_htons(len);
+	owe(0, c->relay_port, len);
+	struct headers6 n = *h;
+	readdress6(&n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port,
+		   CHANNEL_HEADER, (__u32)cd0 + cd1, 0);
+	if (!next_hop6(ctx, &n, h, CHANNEL_HEADER))
+		return XDP_PASS;
+	return put6(ctx, &n, -CHANNEL_HEADER, cd0, cd1);
+}
+
+// As relay_in_place, for a receiver with a channel to the sender's relayed
+// address; -1 for any other (not one of ours, or open to the sender
+// without a channel: the sockets send that one its Data indications).
+static __always_inline int relay_in_place6(struct xdp_md *ctx, const struct headers6 *h,
+					   const struct to_peer6 *r, __u16 cd0, __u16 cd1,
+					   __u16 len, __u64 now)
+{
+	struct peer_key6 pk = {
+		.peer_ip = r->relay_ip,
+		.relay_ip = r->peer_ip,
+		.peer_port = r->relay_port,
+		.relay_port = r->peer_port,
+	};
+	__u32 zero = 0;
+	struct settings *a = bpf_map_lookup_elem(&settings, &zero);
+	if (a && !zero_ip6(&a->external_ip6)) {
+		if (same_ip6(&pk.peer_ip, &a->relay_ip6))
+			pk.peer_ip = a->external_ip6;
+		if (same_ip6(&pk.relay_ip, &a->external_ip6))
+			pk.relay_ip = a->relay_ip6;
+	}
+	struct to_client6 *c = bpf_map_lookup_elem(&peer_routes6, &pk);
+	if (!c || c->expires_ns <= now)
+		return -1;
+	owe(r->relay_port, c->relay_port, len);
+	struct headers6 n = *h;
+	readdress6(&n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port, 0,
+		   c->channel, cd0);
+	if (!next_hop6(ctx, &n, h, 0))
+		return XDP_PASS;
+	return put6(ctx, &n, 0, c->channel, cd1);
+}
+
+// The IPv6 packet, relayed if it can be (XDP_TX; see `owe`), or XDP_PASS,
+// untouched, for the sockets: ChannelData on a channel route, and data
+// from a channel's peer.
+static __noinline int relay6(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct headers6 *h = data;
+
+	if ((void *)(h + 1) > end)
+		return XDP_PASS;
+	// No extension headers (nor fragments, which come with one).
+	if (h->eth.h_proto != bpf_htons(ETH_P_IPV6) || h->ip.version != 6 ||
+	    h->ip.nexthdr != IPPROTO_UDP)
+		return XDP_PASS;
+	__u16 ulen = bpf_ntohs(h->udp.len);
+	if (ulen < sizeof(struct udphdr) || bpf_ntohs(h->ip.payload_len) != ulen)
+		return XDP_PASS;
+	__u16 len = ulen - sizeof(struct udphdr);
+	if (data + sizeof(*h) + len > end)
+		return XDP_PASS;
+	if (!h->udp.check)
+		return XDP_PASS;
+	int partial = partial_checksum6(h);
+	if (ifindex != LOOPBACK_IFINDEX && partial)
+		return XDP_PASS;
+	// The budgets are by port, for the IPv4 relay: under a limit the
+	// server sends no IPv6 routes, and should one be in the maps anyway,
+	// the sockets still take its packets.
+	__u32 zero = 0;
+	struct settings *set = bpf_map_lookup_elem(&settings, &zero);
+	if (!set || set->bytes_per_sec)
+		return XDP_PASS;
+
+	struct headers6 copy = *h;
+	struct ip6 src, dst;
+	source6(&src, &copy);
+	destination6(&dst, &copy);
+	__u64 now = bpf_ktime_get_ns();
+
+	__u8 *p = data + sizeof(*h);
+	if (len >= CHANNEL_HEADER && (void *)(p + CHANNEL_HEADER) <= end &&
+	    (p[0] & 0xc0) == 0x40) {
+		__u16 cd0 = *(__u16 *)p;
+		__u16 cd1 = *(__u16 *)(p + 2);
+		struct client_key6 k = {
+			.client_ip = src,
+			.server_ip = dst,
+			.client_port = copy.udp.source,
+			.server_port = copy.udp.dest,
+			.channel = cd0,
+		};
+		struct to_peer6 *r = bpf_map_lookup_elem(&client_routes6, &k);
+		if (r) {
+			if (bpf_ntohs(cd1) + CHANNEL_HEADER != len || r->expires_ns <= now)
+				return XDP_PASS;
+			learn6(ifindex, &src, &copy.eth);
+			int verdict =
+				relay_in_place6(ctx, &copy, r, cd0, cd1, len - CHANNEL_HEADER, now);
+			if (verdict >= 0)
+				return verdict;
+			return relay_to_peer6(ctx, &copy, r, cd0, cd1, len - CHANNEL_HEADER,
+					      partial);
+		}
+	}
+
+	struct peer_key6 pk = {
+		.peer_ip = src,
+		.relay_ip = dst,
+		.peer_port = copy.udp.source,
+		.relay_port = copy.udp.dest,
+	};
+	struct to_client6 *c = bpf_map_lookup_elem(&peer_routes6, &pk);
+	if (c && c->expires_ns > now) {
+		learn6(ifindex, &src, &copy.eth);
+		return relay_to_client6(ctx, &copy, c, len);
+	}
+	return XDP_PASS;
+}
+
+// IPv4 (and whatever is neither): a function of its own, with its own
+// stack, as are relay6 and relayed: the verifier counts the deepest chain
+// of frames against its 512 bytes (relay4's, with the bpf_loop callback
+// of relay_send, is most of them), not the sum over both families.
+static __noinline int relay4(struct xdp_md *ctx)
+{
+	return relay(ctx);
+}
+
 SEC("xdp")
 int callisto_turn_relay(struct xdp_md *ctx)
 {
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+	int verdict = eth->h_proto == bpf_htons(ETH_P_IPV6) ? relay6(ctx) : relay4(ctx);
 	// Charged in one place: its code, and the verifier's walk over it, once.
-	int verdict = relay(ctx);
 	if (verdict != XDP_TX)
 		return verdict;
 	return relayed();

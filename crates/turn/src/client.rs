@@ -62,9 +62,11 @@ struct Pending {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Request {
-    /// `dual`: with ADDITIONAL-ADDRESS-FAMILY, for an IPv6 relay as well.
+    /// `dual`: with ADDITIONAL-ADDRESS-FAMILY, for an IPv6 relay as well;
+    /// `ipv6`: with REQUESTED-ADDRESS-FAMILY, for an IPv6 relay alone.
     Allocate {
         dual: bool,
+        ipv6: bool,
     },
     Refresh(u32),
     /// For the peer's IP; its port goes into the request (0: none given).
@@ -125,14 +127,38 @@ impl Client {
     }
 
     pub fn allocate(&mut self, now: Instant) {
-        self.request(now, Request::Allocate { dual: false });
+        self.request(
+            now,
+            Request::Allocate {
+                dual: false,
+                ipv6: false,
+            },
+        );
+    }
+
+    /// Allocates an IPv6 relay (REQUESTED-ADDRESS-FAMILY, RFC 8656 §7.1);
+    /// without it a server relays on IPv4, whatever the client's family.
+    pub fn allocate_ipv6(&mut self, now: Instant) {
+        self.request(
+            now,
+            Request::Allocate {
+                dual: false,
+                ipv6: true,
+            },
+        );
     }
 
     /// Allocates an IPv4 relay and an IPv6 one at once (a dual
     /// allocation): [`Event::Allocated`] for the first, then
     /// [`Event::Ipv6Relay`].
     pub fn allocate_dual(&mut self, now: Instant) {
-        self.request(now, Request::Allocate { dual: true });
+        self.request(
+            now,
+            Request::Allocate {
+                dual: true,
+                ipv6: false,
+            },
+        );
     }
 
     /// Refreshes the allocation; `0` deletes it.
@@ -330,7 +356,7 @@ impl Client {
             .and_then(|v| stun::decode_u32(attr::LIFETIME, v).ok())
             .map(|s| Duration::from_secs(u64::from(s)));
         match &pending.kind {
-            Request::Allocate { dual } => {
+            Request::Allocate { dual, .. } => {
                 let addr = |t| {
                     msg.get(t)
                         .and_then(|v| stun::decode_xor_address(t, v, tid).ok())
@@ -434,8 +460,14 @@ impl Client {
         };
         let mut b = MessageBuilder::new(m, Class::Request, &tid);
         match &kind {
-            Request::Allocate { dual } => {
+            Request::Allocate { dual, ipv6 } => {
                 b.attr(attr::REQUESTED_TRANSPORT, &[attr::TRANSPORT_UDP, 0, 0, 0]);
+                if *ipv6 {
+                    b.attr(
+                        attr::REQUESTED_ADDRESS_FAMILY,
+                        &[attr::FAMILY_IPV6, 0, 0, 0],
+                    );
+                }
                 if *dual {
                     b.attr(
                         attr::ADDITIONAL_ADDRESS_FAMILY,

@@ -1,7 +1,8 @@
 //! The kernel relay: an XDP program (`bpf/relay.bpf.c`) that relays
 //! between UDP clients and their peers inside the kernel (ChannelData both
-//! ways, Send indications, Data indications from peers without a channel),
-//! so that a relayed packet wakes no worker and crosses no socket.
+//! ways, Send indications, Data indications from peers without a channel;
+//! over IPv6, ChannelData both ways), so that a relayed packet wakes no
+//! worker and crosses no socket.
 //!
 //! Why: below saturation, nearly all of what a relayed packet costs a
 //! user-space relay is the kernel's: receiving it, waking the worker, and
@@ -17,7 +18,7 @@
 //! the relay metrics.
 
 use std::collections::{HashMap as StdHashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -28,8 +29,8 @@ use aya::{Ebpf, EbpfLoader};
 
 use super::offload::{self, UdpSegmentationOff};
 use crate::server::{
-    IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange, SHARED_BUDGET_WORDS,
-    SharedBudgets,
+    IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, KernelRoute6, RouteChange,
+    SHARED_BUDGET_WORDS, SharedBudgets,
 };
 
 /// The compiled program, built from `bpf/relay.bpf.c` by
@@ -104,14 +105,62 @@ struct ToClient {
     expires_ns: u64,
 }
 
+/// The IPv6 maps' layouts: those above with four-word addresses
+/// (`struct ip6`, network byte order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClientKey6 {
+    client_ip: [u32; 4],
+    server_ip: [u32; 4],
+    client_port: u16,
+    server_port: u16,
+    channel: u16,
+    zero: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ToPeer6 {
+    relay_ip: [u32; 4],
+    peer_ip: [u32; 4],
+    relay_port: u16,
+    peer_port: u16,
+    zero: u32,
+    expires_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PeerKey6 {
+    peer_ip: [u32; 4],
+    relay_ip: [u32; 4],
+    peer_port: u16,
+    relay_port: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ToClient6 {
+    server_ip: [u32; 4],
+    client_ip: [u32; 4],
+    server_port: u16,
+    client_port: u16,
+    channel: u16,
+    relay_port: u16,
+    expires_ns: u64,
+}
+
 /// The relay IP and the external IP it is advertised as (zero: none), and
-/// the bandwidth limit per allocation and direction (zero: none).
+/// the bandwidth limit per allocation and direction (zero: none); then the
+/// relay and external IPv6 addresses (all zero: none).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Settings {
     relay_ip: u32,
     external_ip: u32,
     bytes_per_sec: u64,
+    relay_ip6: [u32; 4],
+    external_ip6: [u32; 4],
 }
 
 /// What the program relayed since it was loaded, summed over CPUs. Bytes
@@ -137,6 +186,10 @@ unsafe impl aya::Pod for PeerKey {}
 unsafe impl aya::Pod for PermissionKey {}
 unsafe impl aya::Pod for SendKey {}
 unsafe impl aya::Pod for ToClient {}
+unsafe impl aya::Pod for ClientKey6 {}
+unsafe impl aya::Pod for ToPeer6 {}
+unsafe impl aya::Pod for PeerKey6 {}
+unsafe impl aya::Pod for ToClient6 {}
 unsafe impl aya::Pod for KernelStats {}
 unsafe impl aya::Pod for Settings {}
 
@@ -146,6 +199,68 @@ fn ip(a: &SocketAddrV4) -> u32 {
 
 fn port(a: &SocketAddrV4) -> u16 {
     a.port().to_be()
+}
+
+fn ip6(ip: &Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+fn port6(a: &SocketAddrV6) -> u16 {
+    a.port().to_be()
+}
+
+impl ClientKey6 {
+    fn of(r: &KernelRoute6) -> Self {
+        ClientKey6 {
+            client_ip: ip6(r.client.ip()),
+            server_ip: ip6(r.server.ip()),
+            client_port: port6(&r.client),
+            server_port: port6(&r.server),
+            channel: r.channel.to_be(),
+            zero: 0,
+        }
+    }
+}
+
+impl PeerKey6 {
+    fn of(r: &KernelRoute6) -> Self {
+        PeerKey6 {
+            peer_ip: ip6(r.peer.ip()),
+            relay_ip: ip6(r.relay.ip()),
+            peer_port: port6(&r.peer),
+            relay_port: port6(&r.relay),
+        }
+    }
+}
+
+impl ToPeer6 {
+    fn of(r: &KernelRoute6, expires_ns: u64) -> Self {
+        ToPeer6 {
+            relay_ip: ip6(r.relay.ip()),
+            peer_ip: ip6(r.peer.ip()),
+            relay_port: port6(&r.relay),
+            peer_port: port6(&r.peer),
+            zero: 0,
+            expires_ns,
+        }
+    }
+}
+
+impl ToClient6 {
+    fn of(r: &KernelRoute6, expires_ns: u64) -> Self {
+        ToClient6 {
+            server_ip: ip6(r.server.ip()),
+            client_ip: ip6(r.client.ip()),
+            server_port: port6(&r.server),
+            client_port: port6(&r.client),
+            channel: r.channel.to_be(),
+            relay_port: port6(&r.relay),
+            expires_ns,
+        }
+    }
 }
 
 impl ClientKey {
@@ -299,6 +414,8 @@ struct Inner {
     peer_routes: HashMap<MapData, PeerKey, ToClient>,
     permission_routes: HashMap<MapData, PermissionKey, ToClient>,
     send_routes: HashMap<MapData, SendKey, ToPeer>,
+    client_routes6: HashMap<MapData, ClientKey6, ToPeer6>,
+    peer_routes6: HashMap<MapData, PeerKey6, ToClient6>,
     stats: PerCpuArray<MapData, KernelStats>,
     /// What [`KernelRelay::report`] has already added to the metrics.
     reported: KernelStats,
@@ -330,7 +447,7 @@ fn attach_mode(interface: &str) -> XdpFlags {
 
 /// The network interface that holds `ip`, if one does: where clients and
 /// peers sending to it arrive (`--turn-kernel-relay auto`).
-pub fn interface_holding(ip: Ipv4Addr) -> std::io::Result<Option<String>> {
+pub fn interface_holding(ip: IpAddr) -> std::io::Result<Option<String>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes the head of a list it allocated into
     // `list`, freed below with freeifaddrs.
@@ -346,13 +463,27 @@ pub fn interface_holding(ip: Ipv4Addr) -> std::io::Result<Option<String>> {
         unsafe {
             let ifa = &*node;
             let addr = ifa.ifa_addr;
-            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
-                let sin = &*(addr as *const libc::sockaddr_in);
-                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == ip {
-                    let name = std::ffi::CStr::from_ptr(ifa.ifa_name);
-                    found = Some(name.to_string_lossy().into_owned());
-                    break;
+            let held = if addr.is_null() {
+                None
+            } else {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        Some(IpAddr::from(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        Some(IpAddr::from(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+                    }
+                    _ => None,
                 }
+            };
+            if held == Some(ip) {
+                let name = std::ffi::CStr::from_ptr(ifa.ifa_name);
+                found = Some(name.to_string_lossy().into_owned());
+                break;
             }
             node = ifa.ifa_next;
         }
@@ -468,6 +599,10 @@ pub struct KernelRelayConfig {
     /// The external IP the relay IP is advertised as (`--turn-external-ip`):
     /// clients relayed to each other know their relayed addresses by it.
     pub external_ip: Option<Ipv4Addr>,
+    /// The IPv6 relay address, and the external address it is advertised
+    /// as: for channels between two of our IPv6 allocations.
+    pub relay_ip6: Option<Ipv6Addr>,
+    pub external_ip6: Option<Ipv6Addr>,
     /// `--turn-bps-per-allocation` (0: none). With a limit, the program
     /// takes from the budgets the workers take from ([`KernelRelay::budgets`]).
     pub bytes_per_sec: u64,
@@ -506,6 +641,8 @@ impl KernelRelay {
             .set_max_entries("peer_routes", capacity as u32)
             .set_max_entries("permission_routes", capacity as u32)
             .set_max_entries("send_routes", capacity as u32)
+            .set_max_entries("client_routes6", capacity as u32)
+            .set_max_entries("peer_routes6", capacity as u32)
             .set_max_entries("budgets", budget_words(config.bytes_per_sec) as u32)
             .load(PROGRAM)
             .map_err(load_error)?;
@@ -564,6 +701,8 @@ impl KernelRelay {
         let permission_routes =
             HashMap::try_from(take("permission_routes")?).map_err(load_error)?;
         let send_routes = HashMap::try_from(take("send_routes")?).map_err(load_error)?;
+        let client_routes6 = HashMap::try_from(take("client_routes6")?).map_err(load_error)?;
+        let peer_routes6 = HashMap::try_from(take("peer_routes6")?).map_err(load_error)?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(load_error)?;
         let budgets = if config.bytes_per_sec == 0 {
             None
@@ -587,6 +726,11 @@ impl KernelRelay {
             relay_ip: octets(config.relay_ip),
             external_ip: octets(config.external_ip.filter(|e| Some(*e) != config.relay_ip)),
             bytes_per_sec: config.bytes_per_sec,
+            relay_ip6: config.relay_ip6.map_or([0; 4], |ip| ip6(&ip)),
+            external_ip6: config
+                .external_ip6
+                .filter(|e| Some(*e) != config.relay_ip6)
+                .map_or([0; 4], |ip| ip6(&ip)),
         };
         settings.set(0, s, 0).map_err(load_error)?;
         tracing::info!(?interfaces, "kernel relay (XDP) attached");
@@ -598,6 +742,8 @@ impl KernelRelay {
                 peer_routes,
                 permission_routes,
                 send_routes,
+                client_routes6,
+                peer_routes6,
                 stats,
                 reported: KernelStats::default(),
                 routes: 0,
@@ -634,6 +780,8 @@ impl KernelRelay {
                 RouteChange::Remove(r) => inner.remove_channel(&r),
                 RouteChange::SetIndications(r) => inner.set_indications(&r, expires_ns(r.expires)),
                 RouteChange::RemoveIndications(r) => inner.remove_indications(&r),
+                RouteChange::Set6(r) => inner.set_channel6(&r, expires_ns(r.expires)),
+                RouteChange::Remove6(r) => inner.remove_channel6(&r),
             }
         }
         metrics::gauge!("callisto_turn_kernel_routes").set(inner.routes as f64);
@@ -732,6 +880,44 @@ impl Inner {
         let mine = |v: ToClient| ToClient { expires_ns: 0, ..v } == ToClient::of(r, 0);
         if self.peer_routes.get(&pk, 0).is_ok_and(mine) {
             let _ = self.peer_routes.remove(&pk);
+        }
+    }
+
+    /// As [`Inner::set_channel`]; over IPv6 there are no permission routes
+    /// to keep out for a refused one.
+    fn set_channel6(&mut self, r: &KernelRoute6, expires_ns: u64) {
+        let (ck, pk) = (ClientKey6::of(r), PeerKey6::of(r));
+        let fresh = self.client_routes6.get(&ck, 0).is_err();
+        let set = self
+            .client_routes6
+            .insert(ck, ToPeer6::of(r, expires_ns), 0)
+            .and_then(|()| {
+                self.peer_routes6
+                    .insert(pk, ToClient6::of(r, expires_ns), 0)
+            });
+        match set {
+            Ok(()) => self.routes += usize::from(fresh),
+            Err(e) => {
+                let _ = self.client_routes6.remove(&ck);
+                let _ = self.peer_routes6.remove(&pk);
+                self.routes = self.routes.saturating_sub(usize::from(!fresh));
+                metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
+                tracing::debug!(error = %e, channel = r.channel, "kernel route not installed; the sockets relay this flow");
+            }
+        }
+    }
+
+    /// As [`Inner::remove_channel`].
+    fn remove_channel6(&mut self, r: &KernelRoute6) {
+        let (ck, pk) = (ClientKey6::of(r), PeerKey6::of(r));
+        let mine = |v: ToPeer6| ToPeer6 { expires_ns: 0, ..v } == ToPeer6::of(r, 0);
+        if self.client_routes6.get(&ck, 0).is_ok_and(mine) {
+            let _ = self.client_routes6.remove(&ck);
+            self.routes = self.routes.saturating_sub(1);
+        }
+        let mine = |v: ToClient6| ToClient6 { expires_ns: 0, ..v } == ToClient6::of(r, 0);
+        if self.peer_routes6.get(&pk, 0).is_ok_and(mine) {
+            let _ = self.peer_routes6.remove(&pk);
         }
     }
 
@@ -879,12 +1065,16 @@ mod tests {
     #[test]
     fn finds_the_interface_holding_an_address() {
         assert_eq!(
-            interface_holding(Ipv4Addr::LOCALHOST).expect("getifaddrs"),
+            interface_holding(Ipv4Addr::LOCALHOST.into()).expect("getifaddrs"),
+            Some("lo".to_string())
+        );
+        assert_eq!(
+            interface_holding(Ipv6Addr::LOCALHOST.into()).expect("getifaddrs"),
             Some("lo".to_string())
         );
         // TEST-NET-1: documentation only, held by no interface here.
         let nobody = Ipv4Addr::new(192, 0, 2, 77);
-        assert_eq!(interface_holding(nobody).expect("getifaddrs"), None);
+        assert_eq!(interface_holding(nobody.into()).expect("getifaddrs"), None);
     }
 
     /// `bpf_attr` for `BPF_PROG_TEST_RUN`, zero-padded.
@@ -2207,5 +2397,453 @@ mod tests {
             sent(&out, new.server, new.client, true),
             channel_data(0x4005, b"x")
         );
+    }
+
+    // IPv6.
+
+    fn addr6(s: &str) -> SocketAddrV6 {
+        s.parse().expect("an IPv6 address")
+    }
+
+    /// The program, told of the relay IPs 127.0.0.1 and ::1 and `config`'s
+    /// IPv6 external address and limit, if root.
+    fn loaded6(external_ip6: Option<Ipv6Addr>, bytes_per_sec: u64) -> Option<KernelRelay> {
+        loaded_by(KernelRelayConfig {
+            relay_ip: Some(Ipv4Addr::LOCALHOST),
+            relay_ip6: Some(Ipv6Addr::LOCALHOST),
+            external_ip6,
+            bytes_per_sec,
+            ..KernelRelayConfig::default()
+        })
+    }
+
+    fn a_route6(expires: Instant) -> KernelRoute6 {
+        KernelRoute6 {
+            client: addr6("[::1]:40000"),
+            server: addr6("[::1]:3478"),
+            channel: 0x4001,
+            relay: addr6("[::1]:50000"),
+            peer: addr6("[::1]:7000"),
+            expires,
+        }
+    }
+
+    fn udp6_checksum_of(from: &SocketAddrV6, to: &SocketAddrV6, udp: &[u8]) -> u16 {
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&from.ip().octets());
+        pseudo.extend_from_slice(&to.ip().octets());
+        pseudo.extend_from_slice(&(udp.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 17]);
+        checksum(&[&pseudo, udp])
+    }
+
+    /// An Ethernet frame (loopback: zero addresses) with an IPv6 UDP
+    /// datagram, its checksum right, traffic class 0xab, flow label
+    /// 0xcdef0 and hop limit 33.
+    fn frame6(from: SocketAddrV6, to: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
+        let udp_len = 8 + payload.len() as u16;
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&from.port().to_be_bytes());
+        udp.extend_from_slice(&to.port().to_be_bytes());
+        udp.extend_from_slice(&udp_len.to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        let check = match udp6_checksum_of(&from, &to, &udp) {
+            0 => 0xffff,
+            c => c,
+        };
+        udp[6..8].copy_from_slice(&check.to_be_bytes());
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x86, 0xdd, 0x6a, 0xbc, 0xde, 0xf0]);
+        f.extend_from_slice(&udp_len.to_be_bytes());
+        f.extend_from_slice(&[17, 33]);
+        f.extend_from_slice(&from.ip().octets());
+        f.extend_from_slice(&to.ip().octets());
+        f.extend_from_slice(&udp);
+        f
+    }
+
+    /// Checks a frame the program sent over IPv6: addresses, lengths, hop
+    /// limit, the traffic class kept and the flow label gone, and (if
+    /// `udp_checksum`) the checksum; returns the UDP payload.
+    fn sent6(frame: &[u8], from: SocketAddrV6, to: SocketAddrV6, udp_checksum: bool) -> Vec<u8> {
+        sent6_of_class(frame, from, to, udp_checksum, 0xab)
+    }
+
+    /// [`sent6`], for a frame that came in with traffic class `class`.
+    fn sent6_of_class(
+        frame: &[u8],
+        from: SocketAddrV6,
+        to: SocketAddrV6,
+        udp_checksum: bool,
+        class: u8,
+    ) -> Vec<u8> {
+        assert_eq!(&frame[12..14], &[0x86, 0xdd]);
+        let ip = &frame[14..54];
+        assert_eq!(
+            &ip[..4],
+            &[0x60 | class >> 4, class << 4, 0, 0],
+            "version, class, label"
+        );
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+            frame.len() - 54
+        );
+        assert_eq!((ip[6], ip[7]), (17, 64), "UDP, hop limit");
+        assert_eq!(&ip[8..24], &from.ip().octets());
+        assert_eq!(&ip[24..40], &to.ip().octets());
+        let udp = &frame[54..];
+        assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), from.port());
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), to.port());
+        assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), udp.len());
+        assert_ne!(&udp[6..8], &[0, 0], "IPv6 UDP always has a checksum");
+        if udp_checksum {
+            assert_eq!(udp6_checksum_of(&from, &to, udp), 0, "UDP checksum");
+        }
+        udp[8..].to_vec()
+    }
+
+    /// A Send indication to `peer` as browsers lay it out.
+    fn send_indication6(peer: SocketAddr, data: &[u8]) -> Vec<u8> {
+        use crate::stun::{Class, MessageBuilder, attr, method};
+        let mut b = MessageBuilder::new(method::SEND, Class::Indication, &[7; 12]);
+        b.xor_address(attr::XOR_PEER_ADDRESS, peer)
+            .attr(attr::DATA, data);
+        b.finish()
+    }
+
+    #[test]
+    fn relays_channel_data_over_ipv6_both_ways_with_correct_headers() {
+        let Some(relay) = loaded6(None, 0) else {
+            return;
+        };
+        let r = a_route6(Instant::now() + Duration::from_secs(60));
+        relay.apply([RouteChange::Set6(r)]);
+        for data in [&b"hello"[..], b"odd", b""] {
+            let (verdict, out) = run(
+                &relay,
+                &frame6(r.client, r.server, &channel_data(0x4001, data)),
+            );
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(sent6(&out, r.relay, r.peer, true), data);
+
+            let (verdict, out) = run(&relay, &frame6(r.peer, r.relay, data));
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(
+                sent6(&out, r.server, r.client, true),
+                channel_data(0x4001, data)
+            );
+        }
+        assert_eq!(
+            relay.stats(),
+            KernelStats {
+                to_peer_packets: 3,
+                to_peer_bytes: 8,
+                to_client_packets: 3,
+                to_client_bytes: 8,
+                ..KernelStats::default()
+            }
+        );
+        // Removed, it is the sockets' again.
+        relay.apply([RouteChange::Remove6(r)]);
+        let to_peer = frame6(r.client, r.server, &channel_data(0x4001, b"x"));
+        assert_eq!(run(&relay, &to_peer), (XDP_PASS, to_peer));
+        assert_eq!(relay.lock().routes, 0);
+    }
+
+    /// Two IPv6 clients of this server with channels to each other's
+    /// relayed addresses, known by the relay IP or by an external one:
+    /// handed over in one pass. Without the receiver's channel the packet
+    /// leaves for its relayed address, where the sockets take it (they
+    /// send Data indications over IPv6).
+    #[test]
+    fn relays_over_ipv6_between_two_of_our_allocations_in_one_pass() {
+        let external: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        for external_ip6 in [None, Some(external)] {
+            let Some(relay) = loaded6(external_ip6, 0) else {
+                return;
+            };
+            let known =
+                |port| SocketAddrV6::new(external_ip6.unwrap_or(Ipv6Addr::LOCALHOST), port, 0, 0);
+            let a = KernelRoute6 {
+                peer: known(50001),
+                ..a_route6(Instant::now() + Duration::from_secs(60))
+            };
+            let b = KernelRoute6 {
+                client: addr6("[::1]:40001"),
+                channel: 0x4005,
+                relay: addr6("[::1]:50001"),
+                peer: known(50000),
+                ..a
+            };
+            relay.apply([RouteChange::Set6(a), RouteChange::Set6(b)]);
+            let (verdict, out) = run(
+                &relay,
+                &frame6(a.client, a.server, &channel_data(0x4001, b"hello")),
+            );
+            assert_eq!(verdict, XDP_TX, "{external_ip6:?}");
+            assert_eq!(
+                sent6(&out, b.server, b.client, true),
+                channel_data(0x4005, b"hello")
+            );
+            assert_eq!(relay.stats().to_peer_packets, 1);
+            assert_eq!(relay.stats().to_client_packets, 1);
+
+            relay.apply([RouteChange::Remove6(b)]);
+            let to_b = frame6(a.client, a.server, &channel_data(0x4001, b"hi"));
+            let (verdict, out) = run(&relay, &to_b);
+            if external_ip6.is_some() {
+                // Not this host's on loopback, nor seen there: the sockets'.
+                assert_eq!((verdict, out), (XDP_PASS, to_b));
+            } else {
+                assert_eq!(verdict, XDP_TX);
+                assert_eq!(sent6(&out, a.relay, a.peer, true), b"hi");
+            }
+        }
+    }
+
+    /// As over IPv4: on loopback, only to addresses of this host, ::1 or
+    /// one a packet came from there.
+    #[test]
+    fn over_ipv6_on_loopback_relays_only_to_addresses_of_this_host() {
+        let Some(relay) = loaded6(None, 0) else {
+            return;
+        };
+        let r = KernelRoute6 {
+            client: addr6("[2001:db8::2]:40000"),
+            peer: addr6("[2001:db8::3]:7000"),
+            ..a_route6(Instant::now() + Duration::from_secs(60))
+        };
+        relay.apply([RouteChange::Set6(r)]);
+        let to_peer = frame6(r.client, r.server, &channel_data(0x4001, b"hi"));
+        assert_eq!(run(&relay, &to_peer), (XDP_PASS, to_peer.clone()));
+        let (verdict, out) = run(&relay, &frame6(r.peer, r.relay, b"back"));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            sent6(&out, r.server, r.client, true),
+            channel_data(0x4001, b"back")
+        );
+        let (verdict, out) = run(&relay, &to_peer);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(sent6(&out, r.relay, r.peer, true), b"hi");
+    }
+
+    #[test]
+    fn over_ipv6_leaves_everything_else_to_the_sockets() {
+        let Some(relay) = loaded6(None, 0) else {
+            return;
+        };
+        let later = Instant::now() + Duration::from_secs(60);
+        let r = a_route6(later);
+        let expired = KernelRoute6 {
+            client: addr6("[::1]:40009"),
+            expires: Instant::now(),
+            ..r
+        };
+        relay.apply([RouteChange::Set6(r), RouteChange::Set6(expired)]);
+        let cd = |data: &[u8]| frame6(r.client, r.server, &channel_data(0x4001, data));
+        let mut no_checksum = cd(b"x");
+        no_checksum[60..62].copy_from_slice(&[0, 0]);
+        let mut extension_header = cd(b"x");
+        extension_header[20] = 0; // hop-by-hop options
+        let mut padded = cd(b"abc");
+        padded.push(0);
+        padded[18..20].copy_from_slice(&16u16.to_be_bytes());
+        padded[58..60].copy_from_slice(&16u16.to_be_bytes());
+        let mut short = cd(b"abcdef");
+        short.truncate(short.len() - 2);
+        let mut too_long = cd(b"x");
+        too_long[57] = 9; // the ChannelData length says 9 bytes
+        let a_send = frame6(
+            r.client,
+            r.server,
+            &send_indication6(SocketAddr::V6(r.peer), b"x"),
+        );
+        let cases = [
+            ("no UDP checksum", no_checksum),
+            ("an extension header", extension_header),
+            ("padded ChannelData", padded),
+            ("short frame", short),
+            ("ChannelData longer than the datagram", too_long),
+            (
+                "another channel",
+                frame6(r.client, r.server, &channel_data(0x4002, b"x")),
+            ),
+            (
+                "another client port",
+                frame6(addr6("[::1]:40001"), r.server, &channel_data(0x4001, b"x")),
+            ),
+            (
+                "an expired route",
+                frame6(expired.client, r.server, &channel_data(0x4001, b"x")),
+            ),
+            ("a Send indication", a_send),
+            (
+                "another port of the peer",
+                frame6(addr6("[::1]:7001"), r.relay, b"x"),
+            ),
+            (
+                "another relay port",
+                frame6(r.peer, addr6("[::1]:50001"), b"x"),
+            ),
+            (
+                "a STUN request",
+                frame6(r.client, r.server, &[0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42]),
+            ),
+        ];
+        for (case, packet) in cases {
+            assert_eq!(run(&relay, &packet), (XDP_PASS, packet.clone()), "{case}");
+        }
+        assert_eq!(relay.stats(), KernelStats::default());
+
+        // Under a bandwidth limit the budgets are by port, for IPv4: the
+        // sockets take IPv6, should a route be there at all.
+        let Some(limited) = loaded6(None, 1 << 20) else {
+            return;
+        };
+        limited.apply([RouteChange::Set6(r)]);
+        for packet in [cd(b"x"), frame6(r.peer, r.relay, b"x")] {
+            assert_eq!(run(&limited, &packet), (XDP_PASS, packet.clone()));
+        }
+    }
+
+    /// On loopback, senders leave only the pseudo-header's sum in the UDP
+    /// checksum (CHECKSUM_PARTIAL): toward the client (the headers move
+    /// down) the kernel relays it, as nobody checks it there; toward the
+    /// peer (they move up) IPv6 would check it in full, so the sockets
+    /// take it.
+    #[test]
+    fn over_ipv6_partial_checksums_go_to_a_peer_through_the_sockets() {
+        let Some(relay) = loaded6(None, 0) else {
+            return;
+        };
+        let r = a_route6(Instant::now() + Duration::from_secs(60));
+        relay.apply([RouteChange::Set6(r)]);
+        let partial = |mut f: Vec<u8>| {
+            let mut pseudo = f[22..54].to_vec();
+            pseudo.extend_from_slice(&[0, 0, f[58], f[59], 0, 0, 0, 17]);
+            f[60..62].copy_from_slice(&(!checksum(&[&pseudo])).to_be_bytes());
+            f
+        };
+        let to_peer = partial(frame6(r.client, r.server, &channel_data(0x4001, b"hi")));
+        assert_eq!(run(&relay, &to_peer), (XDP_PASS, to_peer.clone()));
+        let (verdict, out) = run(&relay, &partial(frame6(r.peer, r.relay, b"back")));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            sent6(&out, r.server, r.client, false),
+            channel_data(0x4001, b"back")
+        );
+    }
+
+    /// A frame for the property below, over IPv6: ChannelData from the
+    /// client (any channel, any declared length), data from the channel's
+    /// peer or another port of its, or random bytes after an IPv6
+    /// Ethernet type; then some bytes overwritten.
+    fn arb_frame6() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let r = a_route6(Instant::now());
+        let valid = (
+            0..3,
+            proptest::collection::vec(any::<u8>(), 0..64),
+            prop_oneof![Just(0x4001u16), any::<u16>()],
+            prop_oneof![Just(None), any::<u16>().prop_map(Some)],
+            any::<u16>(),
+        )
+            .prop_map(move |(from, data, channel, len, port)| match from {
+                0 => {
+                    let mut cd = channel_data(channel, &data);
+                    if let Some(len) = len {
+                        cd[2..4].copy_from_slice(&len.to_be_bytes());
+                    }
+                    frame6(r.client, r.server, &cd)
+                }
+                1 => frame6(r.peer, r.relay, &data),
+                _ => frame6(SocketAddrV6::new(*r.peer.ip(), port, 0, 0), r.relay, &data),
+            });
+        let any_bytes = proptest::collection::vec(any::<u8>(), 0..120).prop_map(|b| {
+            let mut f = vec![0u8; 12];
+            f.extend_from_slice(&[0x86, 0xdd]);
+            f.extend_from_slice(&b);
+            f
+        });
+        (
+            prop_oneof![3 => valid, 1 => any_bytes],
+            proptest::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+        )
+            .prop_map(|(mut f, flips)| {
+                for (at, byte) in flips {
+                    let i = at % f.len();
+                    f[i] = byte;
+                }
+                f
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+        ))]
+
+        /// As `any_frame_is_relayed_along_its_route_or_left_alone`, over
+        /// IPv6: left untouched, or relayed exactly along the route, to
+        /// the peer or (`peer_is_ours`) to the client of our allocation
+        /// there, with a checksum that holds where it held.
+        #[test]
+        fn any_ipv6_frame_is_relayed_along_its_route_or_left_alone(
+            packet in arb_frame6(),
+            peer_is_ours in proptest::prelude::any::<bool>(),
+        ) {
+            type Loaded = Option<Result<KernelRelay, String>>;
+            static RELAY: std::sync::OnceLock<Loaded> = std::sync::OnceLock::new();
+            let loaded = RELAY.get_or_init(|| try_loaded_by(KernelRelayConfig {
+                relay_ip6: Some(Ipv6Addr::LOCALHOST),
+                ..KernelRelayConfig::default()
+            }));
+            let Some(loaded) = loaded else { return Ok(()) };
+            let relay = loaded.as_ref().expect("the program loads");
+            let r = a_route6(Instant::now() + Duration::from_secs(60));
+            // The peer's side, were it one of ours.
+            let b = KernelRoute6 {
+                client: addr6("[::1]:40001"),
+                channel: 0x4005,
+                relay: r.peer,
+                peer: r.relay,
+                ..r
+            };
+            relay.apply([RouteChange::Set6(r), RouteChange::Remove6(b)]);
+            if peer_is_ours {
+                relay.apply([RouteChange::Set6(b)]);
+            }
+            let (verdict, out) = run(relay, &packet);
+            if verdict == XDP_PASS {
+                proptest::prop_assert_eq!(&out, &packet);
+                return Ok(());
+            }
+            proptest::prop_assert_eq!(verdict, XDP_TX);
+            let ip = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&packet[at..at + 16]).unwrap());
+            let udp_in = &packet[54..];
+            let from = SocketAddrV6::new(ip(22), u16::from_be_bytes([udp_in[0], udp_in[1]]), 0, 0);
+            let to = SocketAddrV6::new(ip(38), u16::from_be_bytes([udp_in[2], udp_in[3]]), 0, 0);
+            let checked = udp6_checksum_of(&from, &to, udp_in) == 0;
+            let class = packet[14] << 4 | packet[15] >> 4;
+            let sent6 = |out: &[u8], from, to, checked| sent6_of_class(out, from, to, checked, class);
+            let payload_in = &udp_in[8..];
+            if (from, to) == (r.client, r.server) {
+                proptest::prop_assert_eq!(&payload_in[..2], &0x4001u16.to_be_bytes());
+                let declared = u16::from_be_bytes([payload_in[2], payload_in[3]]);
+                proptest::prop_assert_eq!(usize::from(declared), payload_in.len() - 4);
+                let data = &payload_in[4..];
+                if peer_is_ours {
+                    let out_payload = sent6(&out, b.server, b.client, checked);
+                    proptest::prop_assert_eq!(out_payload, channel_data(0x4005, data));
+                } else {
+                    proptest::prop_assert_eq!(sent6(&out, r.relay, r.peer, checked), data);
+                }
+            } else {
+                proptest::prop_assert_eq!((from, to), (r.peer, r.relay));
+                let out_payload = sent6(&out, r.server, r.client, checked);
+                proptest::prop_assert_eq!(out_payload, channel_data(0x4001, payload_in));
+            }
+        }
     }
 }

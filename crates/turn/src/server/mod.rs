@@ -36,7 +36,9 @@ mod budget;
 mod routes;
 use budget::{Budget, Direction};
 pub use budget::{BudgetWords, SHARED_BUDGET_WORDS, SharedBudgets};
-pub use routes::{IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange};
+pub use routes::{
+    IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, KernelRoute6, RouteChange,
+};
 
 /// Free bytes a driver must leave in front of a peer datagram, for the
 /// largest header the server may write there (a Data indication to an
@@ -923,7 +925,10 @@ impl<A: RelayAllocator> Server<A> {
         else {
             return;
         };
-        let want = routes::wanted(&a.five, a.relay_addr, &a.access, now);
+        // The kernel's budgets are by port, for its IPv4 relay (see
+        // `install`): under a limit, IPv6 flows stay with the workers.
+        let ipv6 = config.bps_per_allocation == 0;
+        let want = routes::wanted(&a.five, a.relay_addr, &a.access, now, ipv6);
         routes::update(&mut a.routes, want, &mut self.route_changes);
     }
 

@@ -13,7 +13,7 @@
 //! server stays the one authority: a flow without a route only takes the
 //! slower path through the sockets.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Instant;
 
 use super::{FiveTuple, PeerAccess, Transport};
@@ -26,18 +26,22 @@ use super::{FiveTuple, PeerAccess, Transport};
 /// by a client binding all the channels the server lets it bind.
 pub const KERNEL_ROUTES_PER_ALLOCATION: usize = 8;
 
-/// One channel of one UDP client over IPv4, both ways: ChannelData from
-/// `client` to `server` on `channel` leaves `relay` for `peer`, and
-/// datagrams from `peer` to `relay` reach `client` from `server` on it.
+/// One channel of one UDP client, both ways: ChannelData from `client` to
+/// `server` on `channel` leaves `relay` for `peer`, and datagrams from
+/// `peer` to `relay` reach `client` from `server` on it. Over IPv4, or
+/// over IPv6 ([`KernelRoute6`]); all four addresses of one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelRoute {
-    pub client: SocketAddrV4,
-    pub server: SocketAddrV4,
+pub struct KernelRoute<A = SocketAddrV4> {
+    pub client: A,
+    pub server: A,
     pub channel: u16,
-    pub relay: SocketAddrV4,
-    pub peer: SocketAddrV4,
+    pub relay: A,
+    pub peer: A,
     pub expires: Instant,
 }
+
+/// A channel route over IPv6.
+pub type KernelRoute6 = KernelRoute<SocketAddrV6>;
 
 /// One permission of one UDP client over IPv4, toward the client only:
 /// datagrams from any port of `peer` to `relay` that no channel route
@@ -68,6 +72,10 @@ pub enum RouteChange {
     SetIndications(IndicationRoute),
     /// Stop following it: the permission or allocation is gone.
     RemoveIndications(IndicationRoute),
+    /// [`RouteChange::Set`] over IPv6.
+    Set6(KernelRoute6),
+    /// [`RouteChange::Remove`] over IPv6.
+    Remove6(KernelRoute6),
 }
 
 /// What the kernel relay was last told about one allocation.
@@ -75,6 +83,7 @@ pub enum RouteChange {
 pub(super) struct Routes {
     channels: Vec<KernelRoute>,
     indications: Vec<IndicationRoute>,
+    channels6: Vec<KernelRoute6>,
 }
 
 impl Routes {
@@ -85,7 +94,8 @@ impl Routes {
             .indications
             .iter()
             .map(|r| RouteChange::RemoveIndications(*r));
-        indications.chain(channels)
+        let channels6 = self.channels6.iter().map(|r| RouteChange::Remove6(*r));
+        indications.chain(channels).chain(channels6)
     }
 }
 
@@ -96,8 +106,21 @@ fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
     }
 }
 
-/// The routes an allocation's access allows at `now`: only for UDP clients
-/// on IPv4, with the listening and relay addresses known.
+/// An IPv6 address as it is on the wire: not unspecified, and not an IPv4
+/// one in IPv6's clothes (those travel as IPv4).
+fn v6(addr: SocketAddr) -> Option<SocketAddrV6> {
+    match addr {
+        SocketAddr::V6(a) if !a.ip().is_unspecified() && a.ip().to_ipv4_mapped().is_none() => {
+            Some(a)
+        }
+        _ => None,
+    }
+}
+
+/// The routes an allocation's access allows at `now`: only for UDP clients,
+/// with the listening and relay addresses known and of the client's
+/// family. Over IPv6, channels only, and only if `ipv6`: permissions'
+/// Data indications, and Send indications, stay with the sockets.
 ///
 /// A peer may be another of our allocations. The kernel then hands the
 /// data to that allocation's client along the receiver's own routes for
@@ -110,51 +133,39 @@ pub(super) fn wanted(
     relay: SocketAddr,
     access: &PeerAccess,
     now: Instant,
+    ipv6: bool,
 ) -> Routes {
-    let (Transport::Udp, Some(client), Some(server), Some(relay)) =
-        (five.transport, v4(five.client), v4(five.server), v4(relay))
+    if !matches!(five.transport, Transport::Udp) || access.closed || access.expires <= now {
+        return Routes::default();
+    }
+    if let (Some(client), Some(server), Some(relay)) = (v6(five.client), v6(five.server), v6(relay))
+    {
+        if !ipv6 {
+            return Routes::default();
+        }
+        let (channels6, _) = channel_routes([client, server, relay], access, now, v6);
+        return Routes {
+            channels6,
+            ..Routes::default()
+        };
+    }
+    let (Some(client), Some(server), Some(relay)) = (v4(five.client), v4(five.server), v4(relay))
     else {
         return Routes::default();
     };
-    if access.closed || access.expires <= now {
-        return Routes::default();
-    }
-    let permitted_until = |ip: Ipv4Addr| {
-        access
-            .permissions
-            .iter()
-            .find(|(p, _)| *p == ip)
-            .map(|(_, expires)| access.expires.min(*expires))
-    };
-    let mut live_channels = access.channels.iter().filter_map(|c| {
-        let peer = v4(c.peer)?;
-        let expires = permitted_until(*peer.ip())?.min(c.expires);
-        (expires > now).then_some(KernelRoute {
-            client,
-            server,
-            channel: c.number,
-            relay,
-            peer,
-            expires,
-        })
-    });
-    let channels: Vec<KernelRoute> = live_channels
-        .by_ref()
-        .take(KERNEL_ROUTES_PER_ALLOCATION)
-        .collect();
+    let (channels, unrouted) = channel_routes([client, server, relay], access, now, v4);
     // The peers of channels left without a route get no permission route
     // either: the kernel would send them Data indications where the server
     // sends ChannelData.
-    let unrouted: Vec<Ipv4Addr> = live_channels.map(|r| *r.peer.ip()).collect();
     let indications = access
         .permissions
         .iter()
         .filter_map(|(ip, _)| {
-            let std::net::IpAddr::V4(peer) = *ip else {
+            let IpAddr::V4(peer) = *ip else {
                 return None;
             };
-            let expires = permitted_until(peer)?;
-            (expires > now && !unrouted.contains(&peer)).then_some(IndicationRoute {
+            let expires = permitted_until(access, *ip)?;
+            (expires > now && !unrouted.contains(ip)).then_some(IndicationRoute {
                 client,
                 server,
                 relay,
@@ -167,7 +178,44 @@ pub(super) fn wanted(
     Routes {
         channels,
         indications,
+        channels6: Vec::new(),
     }
+}
+
+/// Until when `access` lets `ip` in: its permission's expiry, or the
+/// allocation's if that comes first.
+fn permitted_until(access: &PeerAccess, ip: IpAddr) -> Option<Instant> {
+    access
+        .permissions
+        .iter()
+        .find(|(p, _)| *p == ip)
+        .map(|(_, expires)| access.expires.min(*expires))
+}
+
+/// The live channels' routes of `[client, server, relay]`, at most
+/// [`KERNEL_ROUTES_PER_ALLOCATION`], for peers that `family` takes; and
+/// the IPs of the live channels' peers left without one.
+fn channel_routes<A: Copy + Into<SocketAddr>>(
+    [client, server, relay]: [A; 3],
+    access: &PeerAccess,
+    now: Instant,
+    family: fn(SocketAddr) -> Option<A>,
+) -> (Vec<KernelRoute<A>>, Vec<IpAddr>) {
+    let mut live = access.channels.iter().filter_map(|c| {
+        let peer = family(c.peer)?;
+        let expires = permitted_until(access, c.peer.ip())?.min(c.expires);
+        (expires > now).then_some(KernelRoute {
+            client,
+            server,
+            channel: c.number,
+            relay,
+            peer,
+            expires,
+        })
+    });
+    let routes = live.by_ref().take(KERNEL_ROUTES_PER_ALLOCATION).collect();
+    let unrouted = live.map(|r| r.peer.into().ip()).collect();
+    (routes, unrouted)
 }
 
 /// Queues onto `out` what turns `have` into `want`, and keeps `want`:
@@ -178,6 +226,8 @@ pub(super) fn update(have: &mut Routes, want: Routes, out: &mut Vec<RouteChange>
     out.extend(gone(&have.channels, &want.channels).map(RouteChange::Remove));
     out.extend(new(&have.channels, &want.channels).map(RouteChange::Set));
     out.extend(new(&have.indications, &want.indications).map(RouteChange::SetIndications));
+    out.extend(gone(&have.channels6, &want.channels6).map(RouteChange::Remove6));
+    out.extend(new(&have.channels6, &want.channels6).map(RouteChange::Set6));
     *have = want;
 }
 
@@ -186,7 +236,7 @@ pub(super) trait Flow: Copy + PartialEq {
     fn same_flow(&self, other: &Self) -> bool;
 }
 
-impl Flow for KernelRoute {
+impl<A: Copy + PartialEq> Flow for KernelRoute<A> {
     fn same_flow(&self, other: &Self) -> bool {
         KernelRoute {
             expires: other.expires,

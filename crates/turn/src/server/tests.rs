@@ -103,6 +103,15 @@ fn five(port: u16) -> FiveTuple {
     }
 }
 
+/// [`five`] over IPv6.
+fn five6(port: u16) -> FiveTuple {
+    FiveTuple {
+        client: SocketAddr::new("2001:db8:5::7".parse().unwrap(), port),
+        server: "[2001:db8::1]:3478".parse().unwrap(),
+        transport: Transport::Udp,
+    }
+}
+
 /// A server with a fake relay allocator, sharing `Shared` with the test.
 fn setup(cfg: Config, epoch: Instant) -> (Arc<Shared>, Server<FakeRelays>) {
     let shared = Arc::new(Shared::new(cfg, b"k", (epoch, 1_000)));
@@ -134,8 +143,22 @@ fn allocated(
     five: FiveTuple,
     now: Instant,
 ) -> (Client, SocketAddr) {
+    allocated_in(server, five, now, false)
+}
+
+/// [`allocated`], of an IPv6 relay if `ipv6`.
+fn allocated_in(
+    server: &mut Server<FakeRelays>,
+    five: FiveTuple,
+    now: Instant,
+    ipv6: bool,
+) -> (Client, SocketAddr) {
     let mut client = Client::new(USER, PASS, false, five.client.port().into());
-    client.allocate(now);
+    if ipv6 {
+        client.allocate_ipv6(now);
+    } else {
+        client.allocate(now);
+    }
     let events = pump(server, &mut client, five, now);
     match events.as_slice() {
         [
@@ -2356,6 +2379,74 @@ fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_and_limits_
     }
 }
 
+/// Over IPv6 the kernel relays channels alone: a channel's route comes
+/// and goes as over IPv4, a permission without a channel gets none. An
+/// IPv4 relay of an IPv6 client (the other half of a dual allocation)
+/// gets none, as the kernel relays within one family; nor does an IPv6
+/// relay under a bandwidth limit, as the kernel's budgets are by port, for
+/// its IPv4 relay.
+#[test]
+fn kernel_routes_over_ipv6_are_for_channels_alone() {
+    let t0 = Instant::now();
+    let secs = |n| t0 + Duration::from_secs(n);
+    let mut cfg = kernel_config();
+    cfg.relay_ips = vec![relay_ip(), relay_ip6()];
+    let mut s = dual_setup(cfg.clone(), t0);
+    let f = five6(1);
+    let (mut c, relayed) = allocated_in(&mut s, f, t0, true);
+    assert!(relayed.is_ipv6());
+    let ch = c.bind_channel(t0, peer6());
+    c.create_permission(t0, "2001:db8:1::77".parse().unwrap());
+    pump(&mut s, &mut c, f, t0);
+    let v6 = |a: SocketAddr| match a {
+        SocketAddr::V6(a) => a,
+        SocketAddr::V4(_) => panic!("IPv6 only"),
+    };
+    let r = |expires| KernelRoute6 {
+        client: v6(f.client),
+        server: v6(f.server),
+        channel: ch,
+        relay: v6(relayed),
+        peer: v6(peer6()),
+        expires,
+    };
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [RouteChange::Set6(r(secs(300)))]
+    );
+    c.refresh(secs(10), 0);
+    pump(&mut s, &mut c, f, secs(10));
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [RouteChange::Remove6(r(secs(300)))]
+    );
+
+    // Both halves of a dual allocation from an IPv6 client: routes for the
+    // IPv6 one alone.
+    let (mut c, relayed, relayed6) = dual_allocated(&mut s, five6(2), t0);
+    assert!(relayed.is_ipv4() && relayed6.is_ipv6());
+    c.bind_channel(t0, peer());
+    c.bind_channel(t0, peer6());
+    pump(&mut s, &mut c, five6(2), t0);
+    let changes: Vec<_> = s.route_changes().collect();
+    assert!(
+        matches!(changes.as_slice(), [RouteChange::Set6(r)] if SocketAddr::from(r.relay) == relayed6),
+        "{changes:?}"
+    );
+
+    // Under a bandwidth limit, with the kernel's budgets shared.
+    let relays = FakeRelays {
+        ipv6: true,
+        ..FakeRelays::default()
+    };
+    let (_budgets, mut s) = with_kernel_budgets(t0, relays);
+    let (mut c, relayed) = allocated_in(&mut s, f, t0, true);
+    assert!(relayed.is_ipv6());
+    c.bind_channel(t0, peer6());
+    pump(&mut s, &mut c, f, t0);
+    assert_eq!(s.route_changes().count(), 0);
+}
+
 /// A server limited to 1,000 B/s per allocation, taking from budgets
 /// shared as the kernel relay's are (on a clock at 7 s at `t0`).
 fn with_kernel_budgets(t0: Instant, relays: FakeRelays) -> (SharedBudgets, Server<FakeRelays>) {
@@ -2509,35 +2600,46 @@ fn arb_route_step() -> impl proptest::strategy::Strategy<Value = RouteStep> {
 /// and channel, one per permission, removed only for the flow that set it.
 #[derive(Default)]
 struct KernelMaps {
-    from_client: HashMap<(SocketAddr, u16), KernelRoute>,
-    from_peer: HashMap<(SocketAddr, SocketAddr), KernelRoute>,
+    from_client: HashMap<(SocketAddr, u16), KernelRoute<SocketAddr>>,
+    from_peer: HashMap<(SocketAddr, SocketAddr), KernelRoute<SocketAddr>>,
     from_permitted: HashMap<(IpAddr, SocketAddr), IndicationRoute>,
 }
 
+/// A channel route of either family, with its addresses as `SocketAddr`s.
+fn any_family<A: Into<SocketAddr>>(r: KernelRoute<A>) -> KernelRoute<SocketAddr> {
+    KernelRoute {
+        client: r.client.into(),
+        server: r.server.into(),
+        channel: r.channel,
+        relay: r.relay.into(),
+        peer: r.peer.into(),
+        expires: r.expires,
+    }
+}
+
 impl KernelMaps {
+    fn set(&mut self, r: KernelRoute<SocketAddr>) {
+        self.from_client.insert((r.client, r.channel), r);
+        self.from_peer.insert((r.peer, r.relay), r);
+    }
+
+    fn remove(&mut self, r: KernelRoute<SocketAddr>) {
+        let (c, p) = ((r.client, r.channel), (r.peer, r.relay));
+        let same = |o: &KernelRoute<SocketAddr>| o.same_flow(&r);
+        if self.from_client.get(&c).is_some_and(same) {
+            self.from_client.remove(&c);
+        }
+        if self.from_peer.get(&p).is_some_and(same) {
+            self.from_peer.remove(&p);
+        }
+    }
+
     fn apply(&mut self, change: RouteChange) {
-        let keys = |r: &KernelRoute| {
-            (
-                (r.client.into(), r.channel),
-                (r.peer.into(), r.relay.into()),
-            )
-        };
         match change {
-            RouteChange::Set(r) => {
-                let (c, p) = keys(&r);
-                self.from_client.insert(c, r);
-                self.from_peer.insert(p, r);
-            }
-            RouteChange::Remove(r) => {
-                let (c, p) = keys(&r);
-                let same = |o: &KernelRoute| o.same_flow(&r);
-                if self.from_client.get(&c).is_some_and(same) {
-                    self.from_client.remove(&c);
-                }
-                if self.from_peer.get(&p).is_some_and(same) {
-                    self.from_peer.remove(&p);
-                }
-            }
+            RouteChange::Set(r) => self.set(any_family(r)),
+            RouteChange::Set6(r) => self.set(any_family(r)),
+            RouteChange::Remove(r) => self.remove(any_family(r)),
+            RouteChange::Remove6(r) => self.remove(any_family(r)),
             RouteChange::SetIndications(r) => {
                 self.from_permitted
                     .insert((r.peer.into(), r.relay.into()), r);
@@ -2565,7 +2667,7 @@ impl KernelMaps {
             .get(&(peer, relay))
             .filter(|r| r.expires > now)
         {
-            return Some((r.client.into(), Some(r.channel)));
+            return Some((r.client, Some(r.channel)));
         }
         self.from_permitted
             .get(&(peer.ip(), relay))
@@ -2589,12 +2691,12 @@ fn check_routes(s: &mut Server<FakeRelays>, maps: &KernelMaps, f: FiveTuple, now
             out,
             Output::ToPeer {
                 relay,
-                peer: r.peer.into(),
+                peer: r.peer,
                 range: 4..7
             },
             "kernel route {r:?} relays what the server would not"
         );
-        assert_eq!(SocketAddr::from(r.relay).port(), 50000 + relay.0 as u16);
+        assert_eq!(r.relay.port(), 50000 + relay.0 as u16);
     }
     assert!(
         relay.is_some()
@@ -2644,6 +2746,8 @@ fn check_routes(s: &mut Server<FakeRelays>, maps: &KernelMaps, f: FiveTuple, now
                 s,
                 "from {from}: the kernel relays what the server would not"
             ),
+            // Over IPv6 the kernel relays channels alone.
+            (None, Some((_, None))) if f.client.is_ipv6() => {}
             (None, Some(s)) if complete => {
                 panic!("from {from}: the server relays {s:?} but the kernel has no live route")
             }
@@ -2656,7 +2760,7 @@ fn check_routes(s: &mut Server<FakeRelays>, maps: &KernelMaps, f: FiveTuple, now
         if let (Output::ToPeer { .. }, true) = (s.on_client(now, f, &mut framed), complete) {
             let r = maps.from_client.get(&(f.client, number));
             assert!(
-                r.is_some_and(|r| r.expires > now && SocketAddr::from(r.peer) == peer),
+                r.is_some_and(|r| r.expires > now && r.peer == peer),
                 "channel {number:#x} to {peer} is relayed by the server but has no live route: {r:?}"
             );
         }
@@ -2676,18 +2780,35 @@ proptest::proptest! {
     #[test]
     fn kernel_routes_match_what_the_server_relays(
         steps in proptest::collection::vec(arb_route_step(), 1..40),
+        ipv6 in proptest::prelude::any::<bool>(),
     ) {
         let t0 = Instant::now();
         let mut now = t0;
-        let (_, mut s) = setup(kernel_config(), t0);
-        let f = five(1);
-        let peers: [SocketAddr; 3] = [
-            "203.0.113.9:4000".parse().unwrap(),
-            "203.0.113.9:4001".parse().unwrap(),
-            "203.0.113.10:4000".parse().unwrap(),
-        ];
+        let (f, peers, mut s): (_, [SocketAddr; 3], _) = if ipv6 {
+            let mut cfg = kernel_config();
+            cfg.relay_ips = vec![relay_ip(), relay_ip6()];
+            (
+                five6(1),
+                [
+                    "[2001:db8::9]:4000".parse().unwrap(),
+                    "[2001:db8::9]:4001".parse().unwrap(),
+                    "[2001:db8::10]:4000".parse().unwrap(),
+                ],
+                dual_setup(cfg, t0),
+            )
+        } else {
+            (
+                five(1),
+                [
+                    "203.0.113.9:4000".parse().unwrap(),
+                    "203.0.113.9:4001".parse().unwrap(),
+                    "203.0.113.10:4000".parse().unwrap(),
+                ],
+                setup(kernel_config(), t0).1,
+            )
+        };
         let mut maps = KernelMaps::default();
-        let (mut c, _) = allocated(&mut s, f, t0);
+        let (mut c, _) = allocated_in(&mut s, f, t0, ipv6);
         for step in &steps {
             match *step {
                 RouteStep::Bind { peer } => {
@@ -2703,7 +2824,7 @@ proptest::proptest! {
                 }
                 RouteStep::Allocate => {
                     if s.relay_of(&f).is_none() {
-                        c = allocated(&mut s, f, now).0;
+                        c = allocated_in(&mut s, f, now, ipv6).0;
                     }
                 }
             }
