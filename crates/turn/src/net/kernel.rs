@@ -600,7 +600,8 @@ pub struct KernelRelayConfig {
     /// clients relayed to each other know their relayed addresses by it.
     pub external_ip: Option<Ipv4Addr>,
     /// The IPv6 relay address, and the external address it is advertised
-    /// as: for channels between two of our IPv6 allocations.
+    /// as: for channels between two of our IPv6 allocations. Without it the
+    /// maps for IPv6 routes get no room (the server has no IPv6 relays).
     pub relay_ip6: Option<Ipv6Addr>,
     pub external_ip6: Option<Ipv6Addr>,
     /// `--turn-bps-per-allocation` (0: none). With a limit, the program
@@ -632,6 +633,10 @@ impl KernelRelay {
                 "the kernel relay's maps cannot hold every route this many allocations may have; routes beyond them are relayed by the sockets"
             );
         }
+        // Without an IPv6 relay there are no IPv6 routes: the maps for
+        // them take next to nothing.
+        let ipv6 = config.relay_ip6.is_some();
+        let capacity6 = if ipv6 { capacity } else { 1 };
         // The program reads no kernel structures, so it needs no
         // relocation against the kernel's BTF, which the loader has parsed
         // by now (megabytes): drop it, and give the memory back.
@@ -641,8 +646,10 @@ impl KernelRelay {
             .set_max_entries("peer_routes", capacity as u32)
             .set_max_entries("permission_routes", capacity as u32)
             .set_max_entries("send_routes", capacity as u32)
-            .set_max_entries("client_routes6", capacity as u32)
-            .set_max_entries("peer_routes6", capacity as u32)
+            .set_max_entries("client_routes6", capacity6 as u32)
+            .set_max_entries("peer_routes6", capacity6 as u32)
+            // An LRU map is allocated whole, up front (about 6 MB).
+            .set_max_entries("hop_macs6", if ipv6 { 65536 } else { 1 })
             .set_max_entries("budgets", budget_words(config.bytes_per_sec) as u32)
             .load(PROGRAM)
             .map_err(load_error)?;
@@ -1162,6 +1169,7 @@ mod tests {
             &limited.expect("loaded as the first was"),
             "bytes per second",
         );
+        costs6(&loaded6(None, 0).expect("loaded as the first was"));
     }
 
     /// [`program_cost`]'s table for one program, loaded with `limit`.
@@ -1243,20 +1251,85 @@ mod tests {
                 ),
             ];
             for (name, packet, expected) in cases {
-                // One run per call: a relayed frame is changed in place, so
-                // the kernel's own repeats would see it changed.
-                let mut times: Vec<u32> = (0..20_001)
-                    .map(|_| {
-                        let (verdict, _, ns) = run_repeated(relay, &packet, 1);
-                        assert_eq!(verdict, expected, "{name}");
-                        ns
-                    })
-                    .collect();
-                times.sort_unstable();
-                println!(
-                    "| {name} | {limit} | {size} | {} | {} |",
-                    times[10_000], times[19_800]
-                );
+                cost_row(relay, name, limit, size, &packet, expected);
+            }
+        }
+    }
+
+    /// One row of [`program_cost`]'s table: `packet`'s median and 99th
+    /// percentile.
+    fn cost_row(
+        relay: &KernelRelay,
+        name: &str,
+        limit: &str,
+        size: usize,
+        packet: &[u8],
+        expected: u32,
+    ) {
+        // One run per call: a relayed frame is changed in place, so the
+        // kernel's own repeats would see it changed.
+        let mut times: Vec<u32> = (0..20_001)
+            .map(|_| {
+                let (verdict, _, ns) = run_repeated(relay, packet, 1);
+                assert_eq!(verdict, expected, "{name}");
+                ns
+            })
+            .collect();
+        times.sort_unstable();
+        println!(
+            "| {name} | {limit} | {size} | {} | {} |",
+            times[10_000], times[19_800]
+        );
+    }
+
+    /// [`program_cost`]'s rows for IPv6 (no limit: under one the sockets
+    /// take IPv6).
+    fn costs6(relay: &KernelRelay) {
+        let r = a_route6(Instant::now() + Duration::from_secs(3600));
+        let a = KernelRoute6 {
+            client: addr6("[::1]:40002"),
+            channel: 0x4002,
+            peer: addr6("[::1]:50001"),
+            ..r
+        };
+        let b = KernelRoute6 {
+            client: addr6("[::1]:40001"),
+            channel: 0x4005,
+            relay: a.peer,
+            peer: a.relay,
+            ..a
+        };
+        relay.apply([
+            RouteChange::Set6(r),
+            RouteChange::Set6(a),
+            RouteChange::Set6(b),
+        ]);
+        for size in [100usize, 1200] {
+            let data = vec![0x5au8; size];
+            let cases = [
+                (
+                    "IPv6: not ours (passed on)",
+                    frame6(addr6("[::1]:7009"), addr6("[::1]:9"), &data),
+                    XDP_PASS,
+                ),
+                (
+                    "IPv6: ChannelData to the peer",
+                    frame6(r.client, r.server, &channel_data(0x4001, &data)),
+                    XDP_TX,
+                ),
+                (
+                    "IPv6: peer to ChannelData",
+                    frame6(r.peer, r.relay, &data),
+                    XDP_TX,
+                ),
+                (
+                    "IPv6: ChannelData to our own allocation",
+                    frame6(a.client, a.server, &channel_data(0x4002, &data)),
+                    XDP_TX,
+                ),
+            ];
+            for (name, packet, expected) in cases {
+                cost_row(relay, name, "none", size, &packet, expected);
             }
         }
     }
