@@ -524,7 +524,7 @@ pub struct TurnArgs {
     /// for the ones holding the listening and relay addresses). Needs
     /// root, and --turn-listen on one address; over IPv6 it relays
     /// channels only. Keeps to --turn-bps-per-allocation as the server
-    /// does (over IPv4). Everything else is still relayed by the server.
+    /// does. Everything else is still relayed by the server.
     #[arg(
         long = "turn-kernel-relay",
         env = "CALLISTO_TURN_KERNEL_RELAY",

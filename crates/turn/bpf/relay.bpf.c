@@ -185,6 +185,8 @@ struct {
 // this array into their memory and take from the very same budgets
 // (crates/turn/src/server/budget.rs), so a limit holds however an
 // allocation's packets are split between the kernel and the sockets.
+// IPv6 relays' budgets follow IPv4's (from IPV6_BUDGETS on): a port
+// number may be relaying in both families at once.
 // Each holds the moment (ns, CLOCK_MONOTONIC) by which all the bytes let
 // through so far are paid for at the allowed rate; a packet may go if,
 // with its own bytes added, that moment stays within a second of now: a
@@ -276,6 +278,7 @@ struct charge {
 	__u16 from;
 	__u16 to;
 	__u32 bytes;
+	__u32 base; // where the ports' budgets start: 0, or IPV6_BUDGETS
 };
 
 struct {
@@ -322,6 +325,8 @@ struct indication {
 // needs a bound. Larger ones go to the sockets.
 #define MAX_SEND_DATA 1500
 #define BUDGET_NS 1000000000ull
+// The first of the IPv6 relays' budgets: after two for each IPv4 port.
+#define IPV6_BUDGETS (2 * 65536)
 
 // CRC-32 (ISO-HDLC, reflected 0xEDB88320), for FINGERPRINT (RFC 8489
 // section 14.7); there is no helper for it in XDP. Four tables, to take
@@ -669,11 +674,13 @@ static __always_inline int next_hop(struct xdp_md *ctx, struct headers *n,
 }
 
 // Takes `bytes` from the budget of relay port `port` (network order) in
-// direction `dir` (0: toward the peer, 1: toward the client), as the
-// workers do (server::budget::Budget::take); true if there are not enough.
-static __always_inline int over_budget(__u64 rate, __u16 port, int dir, __u32 bytes, __u64 now)
+// direction `dir` (0: toward the peer, 1: toward the client), of the
+// family whose budgets start at `base`, as the workers do
+// (server::budget::Budget::take); true if there are not enough.
+static __always_inline int over_budget(__u64 rate, __u32 base, __u16 port, int dir,
+				       __u32 bytes, __u64 now)
 {
-	__u32 i = (__u32)bpf_ntohs(port) * 2 + dir;
+	__u32 i = base + (__u32)bpf_ntohs(port) * 2 + dir;
 	__u64 *paid = bpf_map_lookup_elem(&budgets, &i);
 	if (!paid)
 		return 1; // cannot happen: with a limit, every port has its budgets
@@ -706,17 +713,17 @@ static __noinline int relayed(void)
 	if (!ch)
 		return XDP_DROP; // cannot happen: an array has its element
 	__u16 from = ch->from, to = ch->to;
-	__u32 bytes = ch->bytes;
+	__u32 bytes = ch->bytes, base = ch->base;
 	struct stats *s = bpf_map_lookup_elem(&stats, &zero);
 	struct settings *set = bpf_map_lookup_elem(&settings, &zero);
 	__u64 rate = set ? set->bytes_per_sec : 0;
 	__u64 now = rate ? bpf_ktime_get_ns() : 0;
-	if (rate && from && over_budget(rate, from, 0, bytes, now)) {
+	if (rate && from && over_budget(rate, base, from, 0, bytes, now)) {
 		if (s)
 			s->to_peer_over_budget++;
 		return XDP_DROP;
 	}
-	if (rate && to && over_budget(rate, to, 1, bytes, now)) {
+	if (rate && to && over_budget(rate, base, to, 1, bytes, now)) {
 		if (s)
 			s->to_client_over_budget++;
 		return XDP_DROP;
@@ -744,16 +751,24 @@ static __noinline int relayed(void)
 // where XDP runs with preemption off, as on every kernel but PREEMPT_RT;
 // there another packet's run could come between the note and its use,
 // and charge one packet's bytes to the other's budgets (as the per-CPU
-// counters could lose a count there).
-static __always_inline void owe(__u16 from, __u16 to, __u32 bytes)
+// counters could lose a count there). The ports' budgets start at `base`:
+// 0 for IPv4 relays, IPV6_BUDGETS for IPv6 ones.
+static __always_inline void owe_at(__u32 base, __u16 from, __u16 to, __u32 bytes)
 {
 	__u32 zero = 0;
 	struct charge *ch = bpf_map_lookup_elem(&charges, &zero);
 	if (ch) {
+		ch->base = base;
 		ch->from = from;
 		ch->to = to;
 		ch->bytes = bytes;
 	}
+}
+
+// `owe_at` for IPv4 relays.
+static __always_inline void owe(__u16 from, __u16 to, __u32 bytes)
+{
+	owe_at(0, from, to, bytes);
 }
 
 // Client -> peer: drop the 4-byte channel header, send from the relayed
@@ -1479,7 +1494,7 @@ static __always_inline int relay_to_peer6(struct xdp_md *ctx, const struct heade
 {
 	if (partial)
 		return XDP_PASS;
-	owe(r->relay_port, 0, len);
+	owe_at(IPV6_BUDGETS, r->relay_port, 0, len);
 	struct headers6 n = *h;
 	readdress6(&n, h, &r->relay_ip, r->relay_port, &r->peer_ip, r->peer_port,
 		   -CHANNEL_HEADER, 0, (__u32)cd0 + cd1);
@@ -1496,7 +1511,7 @@ static __always_inline int relay_to_client6(struct xdp_md *ctx, const struct hea
 		return XDP_PASS;
 	__u16 cd0 = c->channel;
 	__u16 cd1 = bpf_htons(len);
-	owe(0, c->relay_port, len);
+	owe_at(IPV6_BUDGETS, 0, c->relay_port, len);
 	struct headers6 n = *h;
 	readdress6(&n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port,
 		   CHANNEL_HEADER, (__u32)cd0 + cd1, 0);
@@ -1529,7 +1544,7 @@ static __always_inline int relay_in_place6(struct xdp_md *ctx, const struct head
 	struct to_client6 *c = bpf_map_lookup_elem(&peer_routes6, &pk);
 	if (!c || c->expires_ns <= now)
 		return -1;
-	owe(r->relay_port, c->relay_port, len);
+	owe_at(IPV6_BUDGETS, r->relay_port, c->relay_port, len);
 	struct headers6 n = *h;
 	readdress6(&n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port, 0,
 		   c->channel, cd0);
@@ -1564,13 +1579,6 @@ static __noinline int relay6(struct xdp_md *ctx)
 		return XDP_PASS;
 	int partial = partial_checksum6(h);
 	if (ifindex != LOOPBACK_IFINDEX && partial)
-		return XDP_PASS;
-	// The budgets are by port, for the IPv4 relay: under a limit the
-	// server sends no IPv6 routes, and should one be in the maps anyway,
-	// the sockets still take its packets.
-	__u32 zero = 0;
-	struct settings *set = bpf_map_lookup_elem(&settings, &zero);
-	if (!set || set->bytes_per_sec)
 		return XDP_PASS;
 
 	struct headers6 copy = *h;

@@ -517,8 +517,8 @@ pub fn map_capacity(max_allocations: usize) -> usize {
         .clamp(1024, 1 << 22)
 }
 
-/// Words in the `budgets` map: two for every port with a limit (1 MiB),
-/// one unused without.
+/// Words in the `budgets` map: two for every port of each family with a
+/// limit (2 MiB), one unused without.
 fn budget_words(bytes_per_sec: u64) -> usize {
     if bytes_per_sec == 0 {
         1
@@ -1568,7 +1568,7 @@ mod tests {
         };
         let budgets = relay.budgets().expect("a limit, so budgets");
         let words = (*budgets.words).as_ref();
-        assert_eq!(words.len(), 2 * 65536);
+        assert_eq!(words.len(), SHARED_BUDGET_WORDS);
         let r = a_route(Instant::now() + Duration::from_secs(60));
         // A's client also has a channel (0x4002) to B, another of ours.
         let b_relay = addr("127.0.0.1:50002");
@@ -2768,16 +2768,65 @@ mod tests {
             assert_eq!(run(&relay, &packet), (XDP_PASS, packet.clone()), "{case}");
         }
         assert_eq!(relay.stats(), KernelStats::default());
+    }
 
-        // Under a bandwidth limit the budgets are by port, for IPv4: the
-        // sockets take IPv6, should a route be there at all.
-        let Some(limited) = loaded6(None, 1 << 20) else {
+    /// Over IPv6 the program takes from the IPv6 relays' budgets, which
+    /// follow the IPv4 ones': an IPv6 relay on a port number an IPv4 relay
+    /// also has keeps to a limit of its own, each direction, directly and
+    /// in place.
+    #[test]
+    fn over_ipv6_keeps_to_budgets_of_its_own() {
+        let Some(relay) = loaded6(None, 1000) else {
             return;
         };
-        limited.apply([RouteChange::Set6(r)]);
-        for packet in [cd(b"x"), frame6(r.peer, r.relay, b"x")] {
-            assert_eq!(run(&limited, &packet), (XDP_PASS, packet.clone()));
-        }
+        let budgets = relay.budgets().expect("a limit, so budgets");
+        let words = (*budgets.words).as_ref();
+        let r = a_route6(Instant::now() + Duration::from_secs(60));
+        // A second allocation of ours, with channels both ways to r's.
+        let a_to_b = KernelRoute6 {
+            channel: 0x4002,
+            peer: addr6("[::1]:50002"),
+            ..r
+        };
+        let b = KernelRoute6 {
+            client: addr6("[::1]:40001"),
+            channel: 0x4005,
+            relay: a_to_b.peer,
+            peer: r.relay,
+            ..r
+        };
+        relay.apply([
+            RouteChange::Set6(r),
+            RouteChange::Set6(a_to_b),
+            RouteChange::Set6(b),
+        ]);
+        const XDP_DROP: u32 = 1;
+        let verdicts = |f: &[u8], n: usize| (0..n).map(|_| run(&relay, f).0).collect::<Vec<_>>();
+        let half = [7u8; 500];
+        let to_peer = frame6(r.client, r.server, &channel_data(0x4001, &half));
+        assert_eq!(verdicts(&to_peer, 3), [XDP_TX, XDP_TX, XDP_DROP]);
+        let to_client = frame6(r.peer, r.relay, &half);
+        assert_eq!(verdicts(&to_client, 3), [XDP_TX, XDP_TX, XDP_DROP]);
+        // The IPv6 words of r's port, not the IPv4 ones.
+        let port = usize::from(r.relay.port());
+        let v6 = SHARED_BUDGET_WORDS / 2;
+        assert!(words[v6 + 2 * port].load(Ordering::Relaxed) > 0);
+        assert!(words[v6 + 2 * port + 1].load(Ordering::Relaxed) > 0);
+        assert_eq!(words[2 * port].load(Ordering::Relaxed), 0);
+        assert_eq!(words[2 * port + 1].load(Ordering::Relaxed), 0);
+        // In place: from the sender's budget toward peers (spent above)...
+        let in_place = frame6(r.client, r.server, &channel_data(0x4002, &half[..50]));
+        assert_eq!(run(&relay, &in_place).0, XDP_DROP);
+        words[v6 + 2 * port].store(0, Ordering::Relaxed);
+        assert_eq!(run(&relay, &in_place).0, XDP_TX);
+        // ...and the receiver's toward its client.
+        let b_port = usize::from(b.relay.port());
+        assert!(words[v6 + 2 * b_port + 1].load(Ordering::Relaxed) > 0);
+        let stats = relay.stats();
+        assert_eq!(
+            (stats.to_peer_over_budget, stats.to_client_over_budget),
+            (2, 1)
+        );
     }
 
     /// On loopback, senders leave only the pseudo-header's sum in the UDP

@@ -12,6 +12,7 @@
 //! allocation's packets are split between the kernel and the workers; the
 //! program's `over_budget` is this module's [`take`] in C.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -19,8 +20,13 @@ use std::time::Instant;
 /// What a budget holds: one second's bytes.
 const SECOND_NS: u64 = 1_000_000_000;
 
-/// Words of shared budgets ([`SharedBudgets`]): two for every port.
-pub const SHARED_BUDGET_WORDS: usize = 2 * (u16::MAX as usize + 1);
+/// Words of shared budgets ([`SharedBudgets`]): two for every port of an
+/// IPv4 relay, then two for every port of an IPv6 one (a port number may
+/// relay in both families at once).
+pub const SHARED_BUDGET_WORDS: usize = 2 * IPV6_BUDGETS;
+
+/// Where the IPv6 relays' budgets start (`IPV6_BUDGETS` in relay.bpf.c).
+const IPV6_BUDGETS: usize = 2 * (u16::MAX as usize + 1);
 
 /// Budget words, wherever they live: an allocation's own, or the kernel
 /// relay's map.
@@ -30,8 +36,9 @@ pub type BudgetWords = Arc<dyn AsRef<[AtomicU64]> + Send + Sync>;
 /// its own: the kernel relay's (see `KernelRelay::budgets`).
 #[derive(Clone)]
 pub struct SharedBudgets {
-    /// Two words per relay port: toward the peer at twice the port, toward
-    /// the client after it. Shorter than that: not used.
+    /// Two words per relay port and family: toward the peer at twice the
+    /// port (plus [`SHARED_BUDGET_WORDS`] / 2 for IPv6), toward the client
+    /// after it. Shorter than that: not used.
     pub words: BudgetWords,
     /// An `Instant` and the same moment on the words' clock, in ns (the
     /// kernel's: `CLOCK_MONOTONIC`).
@@ -103,19 +110,20 @@ impl std::fmt::Debug for Budget {
 }
 
 impl Budget {
-    /// The budgets of the allocation on relay port `port`, full: in
-    /// `shared` if given (which an earlier allocation on that port may have
-    /// spent), else its own, on `clock` (an `Instant` and 0).
+    /// The budgets of the allocation relayed at `relay`, full: in `shared`
+    /// if given (which an earlier allocation on that port and family may
+    /// have spent), else its own, on `clock` (an `Instant` and 0).
     pub(super) fn new(
         bytes_per_sec: u64,
         shared: Option<&SharedBudgets>,
-        port: u16,
+        relay: SocketAddr,
         clock: Instant,
     ) -> Self {
+        let family = if relay.is_ipv6() { IPV6_BUDGETS } else { 0 };
         let budget = match shared {
             Some(s) => Budget {
                 words: s.words.clone(),
-                at: 2 * usize::from(port),
+                at: family + 2 * usize::from(relay.port()),
                 bytes_per_sec,
                 clock: s.clock,
             },
@@ -205,7 +213,7 @@ mod tests {
         let t0 = Instant::now();
         let shared = SharedBudgets::on_the_heap((t0, 5 * SECOND_NS));
         assert!(shared.cover_every_port());
-        let a = Budget::new(100, Some(&shared), 50000, t0);
+        let a = Budget::new(100, Some(&shared), relay(50000), t0);
         assert!(a.take(Direction::ToPeer, 100, t0));
         assert!(!a.take(Direction::ToPeer, 1, t0));
         // The words are the shared ones, and on their clock.
@@ -215,11 +223,25 @@ mod tests {
         );
         // The other direction, and the other ports, are untouched.
         assert!(a.take(Direction::ToClient, 100, t0));
-        let b = Budget::new(100, Some(&shared), 50001, t0);
+        let b = Budget::new(100, Some(&shared), relay(50001), t0);
         assert!(b.take(Direction::ToPeer, 100, t0));
         // A new allocation on the port starts full.
-        let again = Budget::new(100, Some(&shared), 50000, t0);
+        let again = Budget::new(100, Some(&shared), relay(50000), t0);
         assert!(again.take(Direction::ToPeer, 100, t0 + Duration::from_millis(1)));
+        // An IPv6 relay on the same port number has budgets of its own,
+        // after every IPv4 port's.
+        let v6: SocketAddr = "[2001:db8::1]:50000".parse().unwrap();
+        let c = Budget::new(100, Some(&shared), v6, t0);
+        assert!(c.take(Direction::ToPeer, 100, t0));
+        assert_eq!(
+            (*shared.words).as_ref()[2 * 65536 + 100000].load(Ordering::Relaxed),
+            6 * SECOND_NS
+        );
+        assert!(!again.take(Direction::ToPeer, 100, t0 + Duration::from_millis(2)));
+    }
+
+    fn relay(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 9, 9, 9], port))
     }
 
     proptest::proptest! {

@@ -925,10 +925,7 @@ impl<A: RelayAllocator> Server<A> {
         else {
             return;
         };
-        // The kernel's budgets are by port, for its IPv4 relay (see
-        // `install`): under a limit, IPv6 flows stay with the workers.
-        let ipv6 = config.bps_per_allocation == 0;
-        let want = routes::wanted(&a.five, a.relay_addr, &a.access, now, ipv6);
+        let want = routes::wanted(&a.five, a.relay_addr, &a.access, now);
         routes::update(&mut a.routes, want, &mut self.route_changes);
     }
 
@@ -1817,20 +1814,13 @@ impl<A: RelayAllocator> Server<A> {
             relay_addr.port(),
         );
         let bps = self.shared.config.bps_per_allocation;
-        // The kernel relay's budgets are by port, for its IPv4 relay
-        // address: an IPv6 relay on the same port number is another
-        // allocation, and keeps a budget of its own.
-        let shared_budgets = self
-            .shared
-            .budgets
-            .as_ref()
-            .filter(|_| relay_addr.is_ipv4());
+        let shared_budgets = self.shared.budgets.as_ref();
         let view = Arc::new(RelayView {
             to: five,
             inbox: self.inbox.clone().filter(|_| five.transport.is_stream()),
             access: Mutex::new(PeerAccess::new(how.expires)),
             budget: (bps != 0)
-                .then(|| Budget::new(bps, shared_budgets, relay_addr.port(), self.shared.epoch.0)),
+                .then(|| Budget::new(bps, shared_budgets, relay_addr, self.shared.epoch.0)),
         });
         self.allocations[slot as usize] = Some(Allocation {
             five,

@@ -119,8 +119,8 @@ fn v6(addr: SocketAddr) -> Option<SocketAddrV6> {
 
 /// The routes an allocation's access allows at `now`: only for UDP clients,
 /// with the listening and relay addresses known and of the client's
-/// family. Over IPv6, channels only, and only if `ipv6`: permissions'
-/// Data indications, and Send indications, stay with the sockets.
+/// family. Over IPv6, channels only: permissions' Data indications, and
+/// Send indications, stay with the sockets.
 ///
 /// A peer may be another of our allocations. The kernel then hands the
 /// data to that allocation's client along the receiver's own routes for
@@ -133,16 +133,12 @@ pub(super) fn wanted(
     relay: SocketAddr,
     access: &PeerAccess,
     now: Instant,
-    ipv6: bool,
 ) -> Routes {
     if !matches!(five.transport, Transport::Udp) || access.closed || access.expires <= now {
         return Routes::default();
     }
     if let (Some(client), Some(server), Some(relay)) = (v6(five.client), v6(five.server), v6(relay))
     {
-        if !ipv6 {
-            return Routes::default();
-        }
         let (channels6, _) = channel_routes([client, server, relay], access, now, v6);
         return Routes {
             channels6,
