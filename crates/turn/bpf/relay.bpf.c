@@ -3,7 +3,7 @@
 // Callisto's kernel relay: an XDP program that relays between a TURN
 // client and its peers without waking the server process: ChannelData both
 // ways, clients' Send indications, and peers' data without a channel as
-// Data indications.
+// Data indications; over IPv6 all but Send indications (relay6, below).
 //
 // User space (crates/turn/src/net/kernel.rs) owns every decision: when a
 // UDP client's channel is bound and its peer permitted, it writes one route
@@ -14,8 +14,8 @@
 // program only follows routes that have not expired. Everything else --
 // STUN requests, Send indications laid out otherwise than browsers and
 // coturn lay them out, padded or malformed ChannelData, data
-// from peers without a permission, fragments, IP options, IPv6, hosts
-// whose link-layer address this interface has not seen yet, and frames
+// from peers without a permission, fragments, IP options, IPv6 extension
+// headers and Send indications, hosts whose link-layer address this interface has not seen yet, and frames
 // that would outgrow the MTU -- is passed on untouched to the sockets,
 // where the server handles it as it always does. So the server stays the
 // one authority, and a missing route only costs speed.
@@ -212,9 +212,10 @@ struct {
 	__type(value, struct mac);
 } hop_macs SEC(".maps");
 
-// IPv6: channels only, both ways and in place, as for IPv4 above, in maps
-// of their own. Permissions and Send indications over IPv6 are left to
-// the sockets (the server sends no permission routes for IPv6).
+// IPv6: channels, both ways and in place, and permissions' Data
+// indications, as for IPv4 above, in maps of their own. Send indications
+// over IPv6 are left to the sockets (the server's permission routes for
+// IPv6 carry none).
 struct client_key6 {
 	struct ip6 client_ip;
 	struct ip6 server_ip;
@@ -238,6 +239,13 @@ struct peer_key6 {
 	struct ip6 relay_ip;
 	__u16 peer_port;
 	__u16 relay_port;
+};
+
+struct permission_key6 {
+	struct ip6 peer_ip;
+	struct ip6 relay_ip;
+	__u16 relay_port;
+	__u16 zero;
 };
 
 struct to_client6 {
@@ -265,6 +273,14 @@ struct {
 	__type(key, struct peer_key6);
 	__type(value, struct to_client6);
 } peer_routes6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct permission_key6);
+	__type(value, struct to_client6);
+} permission_routes6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -1330,6 +1346,77 @@ struct headers6 {
 	struct udphdr udp;
 } __attribute__((packed));
 
+// Where a Data indication's `len` bytes of data come from (`ip`:`port`),
+// and the header of `strip` bytes before them that goes (none, or a
+// channel header whose words sum to `removed`).
+struct data_from6 {
+	struct ip6 ip;
+	__u16 port;
+	__u16 len;
+	__u16 strip;
+	__u16 zero;
+	__u32 removed;
+};
+
+// A Data indication from an IPv6 peer up to its data: as `struct
+// indication`, with XOR-PEER-ADDRESS's 16-byte address XORed with the
+// magic cookie and the transaction id (RFC 8489 section 14.2).
+struct indication6 {
+	__u16 type;
+	__u16 length;
+	__u32 cookie;
+	__u32 tid[3];
+	__u16 peer_type;
+	__u16 peer_length;
+	__u8 reserved;
+	__u8 family;
+	__u16 xport;
+	__u32 xaddr[4];
+	__u16 data_type;
+	__u16 data_length;
+} __attribute__((packed));
+
+#define INDICATION6_HEADER 48
+
+// What relay6 decided for the packet, for act6 to do.
+enum action6 {
+	TO_PEER6 = 1,	// ChannelData along `from`, to its peer
+	TO_CLIENT6,	// a channel's peer's data along `to`, as ChannelData
+	IN_PLACE6,	// ChannelData along `from`, to `to`'s client on its channel
+	INDICATION6,	// `data` along `to`, as a Data indication
+};
+
+// relay6's decision, and act6's workspace: per CPU rather than on the
+// stack. The two run one after the other from the program's entry, each
+// with 512 bytes of stack; the IPv6 rewrites (four-word addresses, their
+// checksum arithmetic) took more than a function that also looks routes
+// up could spare. (Per CPU is safe as for `charges`: XDP runs with
+// preemption off.)
+struct scratch6 {
+	struct headers6 h;	// as received
+	struct headers6 n;	// as it leaves
+	struct indication6 ind;
+	struct to_peer6 from;	// copies of the routes: a worker may change
+	struct to_client6 to;	// them while the packet is on its way
+	struct data_from6 data;
+	__u16 cd0, cd1;		// the channel header, as received
+	__u16 len;		// the data's length
+	__u16 action;		// enum action6
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch6);
+} scratch6 SEC(".maps");
+
+static __always_inline struct scratch6 *scratch6_here(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&scratch6, &zero);
+}
+
 static __always_inline __u32 add_ip6(__u32 sum, const struct ip6 *a)
 {
 #pragma unroll
@@ -1482,80 +1569,129 @@ static __always_inline int put6(struct xdp_md *ctx, const struct headers6 *n, in
 	return XDP_TX;
 }
 
-// As relay_to_peer. Not a datagram with a partial checksum (on loopback):
+// Rewrites the packet as relay6 decided (see `struct scratch6`): XDP_TX
+// (see `owe`), or XDP_PASS if it cannot leave after all (no next hop yet,
+// no room), untouched but for the tail a Data indication may have grown.
+static __noinline int act6(struct xdp_md *ctx)
+{
+	struct scratch6 *sc = scratch6_here();
+	if (!sc)
+		return XDP_PASS;
+	const struct headers6 *h = &sc->h;
+	struct headers6 *n = &sc->n;
+	const struct to_peer6 *r = &sc->from;
+	const struct to_client6 *c = &sc->to;
+	__u16 cd0 = sc->cd0, cd1 = sc->cd1, len = sc->len;
+	*n = *h;
+	switch (sc->action) {
+	case TO_PEER6: // as relay_to_peer
+		owe_at(IPV6_BUDGETS, r->relay_port, 0, len);
+		readdress6(n, h, &r->relay_ip, r->relay_port, &r->peer_ip, r->peer_port,
+			   -CHANNEL_HEADER, 0, (__u32)cd0 + cd1);
+		if (!next_hop6(ctx, n, h, -CHANNEL_HEADER))
+			return XDP_PASS;
+		return put6(ctx, n, CHANNEL_HEADER, 0, 0);
+	case TO_CLIENT6: // as relay_to_client
+		if (len > 0xffff - CHANNEL_HEADER - sizeof(struct udphdr))
+			return XDP_PASS;
+		cd0 = c->channel;
+		cd1 = bpf_htons(len);
+		owe_at(IPV6_BUDGETS, 0, c->relay_port, len);
+		readdress6(n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port,
+			   CHANNEL_HEADER, (__u32)cd0 + cd1, 0);
+		if (!next_hop6(ctx, n, h, CHANNEL_HEADER))
+			return XDP_PASS;
+		return put6(ctx, n, -CHANNEL_HEADER, cd0, cd1);
+	case IN_PLACE6: // as relay_in_place, on the receiver's channel
+		owe_at(IPV6_BUDGETS, r->relay_port, c->relay_port, len);
+		readdress6(n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port, 0,
+			   c->channel, cd0);
+		if (!next_hop6(ctx, n, h, 0))
+			return XDP_PASS;
+		return put6(ctx, n, 0, c->channel, cd1);
+	case INDICATION6:
+		break;
+	default:
+		return XDP_PASS;
+	}
+	// As relay_as_indication.
+	const struct data_from6 *from = &sc->data;
+	len = from->len;
+	int strip = from->strip;
+	int pad = (4 - (len & 3)) & 3;
+	int grow = INDICATION6_HEADER - strip + pad;
+	if (len > 0xffff - INDICATION6_HEADER - pad - sizeof(struct udphdr))
+		return XDP_PASS;
+	struct indication6 *ind = &sc->ind;
+	ind->type = bpf_htons(0x0017); // Data, an indication
+	ind->length = bpf_htons(24 + 4 + len + pad);
+	ind->cookie = bpf_htonl(MAGIC_COOKIE);
+	ind->tid[0] = bpf_get_prandom_u32();
+	ind->tid[1] = bpf_get_prandom_u32();
+	ind->tid[2] = bpf_get_prandom_u32();
+	ind->peer_type = bpf_htons(0x0012); // XOR-PEER-ADDRESS
+	ind->peer_length = bpf_htons(20);
+	ind->reserved = 0;
+	ind->family = 2; // IPv6
+	ind->xport = from->port ^ bpf_htons(MAGIC_COOKIE >> 16);
+	ind->xaddr[0] = from->ip.w[0] ^ bpf_htonl(MAGIC_COOKIE);
+	ind->xaddr[1] = from->ip.w[1] ^ ind->tid[0];
+	ind->xaddr[2] = from->ip.w[2] ^ ind->tid[1];
+	ind->xaddr[3] = from->ip.w[3] ^ ind->tid[2];
+	ind->data_type = bpf_htons(0x0013); // DATA
+	ind->data_length = bpf_htons(len);
+	__u32 added = 0;
+	const __u16 *w = (const __u16 *)ind;
+#pragma unroll
+	for (int i = 0; i < INDICATION6_HEADER / 2; i++)
+		added += w[i];
+	// In place, its channel header stripped: it left an allocation too.
+	owe_at(IPV6_BUDGETS, strip ? from->port : 0, c->relay_port, len);
+	readdress6(n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port, grow,
+		   added, from->removed);
+	if (!next_hop6(ctx, n, h, grow))
+		return XDP_PASS;
+	// The kernel zeroes what the tail grows by: that is the padding.
+	if (pad && bpf_xdp_adjust_tail(ctx, pad))
+		return XDP_PASS;
+	if (bpf_xdp_adjust_head(ctx, -(INDICATION6_HEADER - strip))) {
+		if (pad)
+			bpf_xdp_adjust_tail(ctx, -pad);
+		return XDP_PASS;
+	}
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (data + sizeof(*n) + sizeof(*ind) > end)
+		return XDP_DROP; // cannot happen: the packet grew
+	__builtin_memcpy(data, n, sizeof(*n));
+	__builtin_memcpy(data + sizeof(*n), ind, sizeof(*ind));
+	return XDP_TX;
+}
+
+// relay6's answer when act6 is to relay the packet.
+#define ACT6 -1
+
+// Hands the packet with headers `h` to act6, to do `action`. The headers
+// are copied only here, for packets that are to be relayed.
+static __always_inline int decided6(struct scratch6 *sc, const struct headers6 *h,
+				    enum action6 action)
+{
+	sc->h = *h;
+	sc->action = action;
+	return ACT6;
+}
+
+// Decides what becomes of an IPv6 packet: XDP_PASS, untouched, for the
+// sockets, or ACT6, with the decision in `struct scratch6`: ChannelData on
+// a channel route (to its peer, or in place to another of our
+// allocations' clients, on their channel or as a Data indication), data
+// from a channel's peer, and data from a permitted peer without a channel.
+// Not a datagram with a partial checksum (on loopback) toward a peer:
 // IPv6 takes the headers it pulls off out of such a datagram's checksum,
-// and once those reach past where the checksum was to start (as here,
+// and once those reach past where the checksum was to start (as there,
 // where the headers move up over the channel header), it checks the whole
 // checksum, which the partial one is not. (IPv4 does not; nor does IPv6
 // where the headers stay or move down: there nobody checks it.)
-static __always_inline int relay_to_peer6(struct xdp_md *ctx, const struct headers6 *h,
-					  const struct to_peer6 *r, __u16 cd0, __u16 cd1,
-					  __u16 len, int partial)
-{
-	if (partial)
-		return XDP_PASS;
-	owe_at(IPV6_BUDGETS, r->relay_port, 0, len);
-	struct headers6 n = *h;
-	readdress6(&n, h, &r->relay_ip, r->relay_port, &r->peer_ip, r->peer_port,
-		   -CHANNEL_HEADER, 0, (__u32)cd0 + cd1);
-	if (!next_hop6(ctx, &n, h, -CHANNEL_HEADER))
-		return XDP_PASS;
-	return put6(ctx, &n, CHANNEL_HEADER, 0, 0);
-}
-
-// As relay_to_client.
-static __always_inline int relay_to_client6(struct xdp_md *ctx, const struct headers6 *h,
-					    const struct to_client6 *c, __u16 len)
-{
-	if (len > 0xffff - CHANNEL_HEADER - sizeof(struct udphdr))
-		return XDP_PASS;
-	__u16 cd0 = c->channel;
-	__u16 cd1 = bpf_htons(len);
-	owe_at(IPV6_BUDGETS, 0, c->relay_port, len);
-	struct headers6 n = *h;
-	readdress6(&n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port,
-		   CHANNEL_HEADER, (__u32)cd0 + cd1, 0);
-	if (!next_hop6(ctx, &n, h, CHANNEL_HEADER))
-		return XDP_PASS;
-	return put6(ctx, &n, -CHANNEL_HEADER, cd0, cd1);
-}
-
-// As relay_in_place, for a receiver with a channel to the sender's relayed
-// address; -1 for any other (not one of ours, or open to the sender
-// without a channel: the sockets send that one its Data indications).
-static __always_inline int relay_in_place6(struct xdp_md *ctx, const struct headers6 *h,
-					   const struct to_peer6 *r, __u16 cd0, __u16 cd1,
-					   __u16 len, __u64 now)
-{
-	struct peer_key6 pk = {
-		.peer_ip = r->relay_ip,
-		.relay_ip = r->peer_ip,
-		.peer_port = r->relay_port,
-		.relay_port = r->peer_port,
-	};
-	__u32 zero = 0;
-	struct settings *a = bpf_map_lookup_elem(&settings, &zero);
-	if (a && !zero_ip6(&a->external_ip6)) {
-		if (same_ip6(&pk.peer_ip, &a->relay_ip6))
-			pk.peer_ip = a->external_ip6;
-		if (same_ip6(&pk.relay_ip, &a->external_ip6))
-			pk.relay_ip = a->relay_ip6;
-	}
-	struct to_client6 *c = bpf_map_lookup_elem(&peer_routes6, &pk);
-	if (!c || c->expires_ns <= now)
-		return -1;
-	owe_at(IPV6_BUDGETS, r->relay_port, c->relay_port, len);
-	struct headers6 n = *h;
-	readdress6(&n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port, 0,
-		   c->channel, cd0);
-	if (!next_hop6(ctx, &n, h, 0))
-		return XDP_PASS;
-	return put6(ctx, &n, 0, c->channel, cd1);
-}
-
-// The IPv6 packet, relayed if it can be (XDP_TX; see `owe`), or XDP_PASS,
-// untouched, for the sockets: ChannelData on a channel route, and data
-// from a channel's peer.
 static __noinline int relay6(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -1580,11 +1716,13 @@ static __noinline int relay6(struct xdp_md *ctx)
 	int partial = partial_checksum6(h);
 	if (ifindex != LOOPBACK_IFINDEX && partial)
 		return XDP_PASS;
-
-	struct headers6 copy = *h;
+	struct scratch6 *sc = scratch6_here();
+	if (!sc)
+		return XDP_PASS;
 	struct ip6 src, dst;
-	source6(&src, &copy);
-	destination6(&dst, &copy);
+	source6(&src, h);
+	destination6(&dst, h);
+	__u16 sport = h->udp.source, dport = h->udp.dest;
 	__u64 now = bpf_ktime_get_ns();
 
 	__u8 *p = data + sizeof(*h);
@@ -1595,34 +1733,91 @@ static __noinline int relay6(struct xdp_md *ctx)
 		struct client_key6 k = {
 			.client_ip = src,
 			.server_ip = dst,
-			.client_port = copy.udp.source,
-			.server_port = copy.udp.dest,
+			.client_port = sport,
+			.server_port = dport,
 			.channel = cd0,
 		};
 		struct to_peer6 *r = bpf_map_lookup_elem(&client_routes6, &k);
 		if (r) {
 			if (bpf_ntohs(cd1) + CHANNEL_HEADER != len || r->expires_ns <= now)
 				return XDP_PASS;
-			learn6(ifindex, &src, &copy.eth);
-			int verdict =
-				relay_in_place6(ctx, &copy, r, cd0, cd1, len - CHANNEL_HEADER, now);
-			if (verdict >= 0)
-				return verdict;
-			return relay_to_peer6(ctx, &copy, r, cd0, cd1, len - CHANNEL_HEADER,
-					      partial);
+			learn6(ifindex, &src, &h->eth);
+			sc->from = *r;
+			sc->cd0 = cd0;
+			sc->cd1 = cd1;
+			sc->len = len - CHANNEL_HEADER;
+			// To another of our allocations? Along its route for data
+			// from the sender's relayed address, as relay_in_place.
+			struct peer_key6 pk = {
+				.peer_ip = r->relay_ip,
+				.relay_ip = r->peer_ip,
+				.peer_port = r->relay_port,
+				.relay_port = r->peer_port,
+			};
+			__u32 zero = 0;
+			struct settings *a = bpf_map_lookup_elem(&settings, &zero);
+			if (a && !zero_ip6(&a->external_ip6)) {
+				if (same_ip6(&pk.peer_ip, &a->relay_ip6))
+					pk.peer_ip = a->external_ip6;
+				if (same_ip6(&pk.relay_ip, &a->external_ip6))
+					pk.relay_ip = a->relay_ip6;
+			}
+			struct to_client6 *c = bpf_map_lookup_elem(&peer_routes6, &pk);
+			if (c && c->expires_ns > now) {
+				sc->to = *c;
+				return decided6(sc, h, IN_PLACE6);
+			}
+			struct permission_key6 ik = {
+				.peer_ip = pk.peer_ip,
+				.relay_ip = pk.relay_ip,
+				.relay_port = pk.relay_port,
+			};
+			c = bpf_map_lookup_elem(&permission_routes6, &ik);
+			if (c && c->expires_ns > now) {
+				sc->to = *c;
+				sc->data.ip = pk.peer_ip;
+				sc->data.port = pk.peer_port;
+				sc->data.len = len - CHANNEL_HEADER;
+				sc->data.strip = CHANNEL_HEADER;
+				sc->data.removed = (__u32)cd0 + cd1;
+				return decided6(sc, h, INDICATION6);
+			}
+			if (partial)
+				return XDP_PASS;
+			return decided6(sc, h, TO_PEER6);
 		}
 	}
 
 	struct peer_key6 pk = {
 		.peer_ip = src,
 		.relay_ip = dst,
-		.peer_port = copy.udp.source,
-		.relay_port = copy.udp.dest,
+		.peer_port = sport,
+		.relay_port = dport,
 	};
 	struct to_client6 *c = bpf_map_lookup_elem(&peer_routes6, &pk);
 	if (c && c->expires_ns > now) {
-		learn6(ifindex, &src, &copy.eth);
-		return relay_to_client6(ctx, &copy, c, len);
+		learn6(ifindex, &src, &h->eth);
+		sc->to = *c;
+		sc->len = len;
+		return decided6(sc, h, TO_CLIENT6);
+	}
+	// No live channel (an expired one means the channel, the permission
+	// or the allocation ended; the permission route says which).
+	struct permission_key6 ik = {
+		.peer_ip = src,
+		.relay_ip = dst,
+		.relay_port = dport,
+	};
+	c = bpf_map_lookup_elem(&permission_routes6, &ik);
+	if (c && c->expires_ns > now) {
+		learn6(ifindex, &src, &h->eth);
+		sc->to = *c;
+		sc->data.ip = src;
+		sc->data.port = sport;
+		sc->data.len = len;
+		sc->data.strip = 0;
+		sc->data.removed = 0;
+		return decided6(sc, h, INDICATION6);
 	}
 	return XDP_PASS;
 }
@@ -1645,6 +1840,8 @@ int callisto_turn_relay(struct xdp_md *ctx)
 	if ((void *)(eth + 1) > end)
 		return XDP_PASS;
 	int verdict = eth->h_proto == bpf_htons(ETH_P_IPV6) ? relay6(ctx) : relay4(ctx);
+	if (verdict == ACT6)
+		verdict = act6(ctx);
 	// Charged in one place: its code, and the verifier's walk over it, once.
 	if (verdict != XDP_TX)
 		return verdict;

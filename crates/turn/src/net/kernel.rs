@@ -1,8 +1,8 @@
 //! The kernel relay: an XDP program (`bpf/relay.bpf.c`) that relays
 //! between UDP clients and their peers inside the kernel (ChannelData both
 //! ways, Send indications, Data indications from peers without a channel;
-//! over IPv6, ChannelData both ways), so that a relayed packet wakes no
-//! worker and crosses no socket.
+//! over IPv6, ChannelData both ways and Data indications), so that a
+//! relayed packet wakes no worker and crosses no socket.
 //!
 //! Why: below saturation, nearly all of what a relayed packet costs a
 //! user-space relay is the kernel's: receiving it, waking the worker, and
@@ -18,7 +18,7 @@
 //! the relay metrics.
 
 use std::collections::{HashMap as StdHashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -29,8 +29,8 @@ use aya::{Ebpf, EbpfLoader};
 
 use super::offload::{self, UdpSegmentationOff};
 use crate::server::{
-    IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, KernelRoute6, RouteChange,
-    SHARED_BUDGET_WORDS, SharedBudgets,
+    IndicationRoute, IndicationRoute6, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, KernelRoute6,
+    RouteChange, SHARED_BUDGET_WORDS, SharedBudgets,
 };
 
 /// The compiled program, built from `bpf/relay.bpf.c` by
@@ -140,6 +140,15 @@ struct PeerKey6 {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PermissionKey6 {
+    peer_ip: [u32; 4],
+    relay_ip: [u32; 4],
+    relay_port: u16,
+    zero: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ToClient6 {
     server_ip: [u32; 4],
     client_ip: [u32; 4],
@@ -190,6 +199,7 @@ unsafe impl aya::Pod for ClientKey6 {}
 unsafe impl aya::Pod for ToPeer6 {}
 unsafe impl aya::Pod for PeerKey6 {}
 unsafe impl aya::Pod for ToClient6 {}
+unsafe impl aya::Pod for PermissionKey6 {}
 unsafe impl aya::Pod for KernelStats {}
 unsafe impl aya::Pod for Settings {}
 
@@ -249,17 +259,43 @@ impl ToPeer6 {
     }
 }
 
-impl ToClient6 {
-    fn of(r: &KernelRoute6, expires_ns: u64) -> Self {
-        ToClient6 {
-            server_ip: ip6(r.server.ip()),
-            client_ip: ip6(r.client.ip()),
-            server_port: port6(&r.server),
-            client_port: port6(&r.client),
-            channel: r.channel.to_be(),
+impl PermissionKey6 {
+    fn of(r: &IndicationRoute6) -> Self {
+        PermissionKey6 {
+            peer_ip: ip6(&r.peer),
+            relay_ip: ip6(r.relay.ip()),
             relay_port: port6(&r.relay),
+            zero: 0,
+        }
+    }
+}
+
+impl ToClient6 {
+    /// As [`ToClient::new`].
+    fn new(
+        server: &SocketAddrV6,
+        client: &SocketAddrV6,
+        relay: &SocketAddrV6,
+        channel: u16,
+        expires_ns: u64,
+    ) -> Self {
+        ToClient6 {
+            server_ip: ip6(server.ip()),
+            client_ip: ip6(client.ip()),
+            server_port: port6(server),
+            client_port: port6(client),
+            channel: channel.to_be(),
+            relay_port: port6(relay),
             expires_ns,
         }
+    }
+
+    fn of(r: &KernelRoute6, expires_ns: u64) -> Self {
+        ToClient6::new(&r.server, &r.client, &r.relay, r.channel, expires_ns)
+    }
+
+    fn indications(r: &IndicationRoute6, expires_ns: u64) -> Self {
+        ToClient6::new(&r.server, &r.client, &r.relay, 0, expires_ns)
     }
 }
 
@@ -416,6 +452,7 @@ struct Inner {
     send_routes: HashMap<MapData, SendKey, ToPeer>,
     client_routes6: HashMap<MapData, ClientKey6, ToPeer6>,
     peer_routes6: HashMap<MapData, PeerKey6, ToClient6>,
+    permission_routes6: HashMap<MapData, PermissionKey6, ToClient6>,
     stats: PerCpuArray<MapData, KernelStats>,
     /// What [`KernelRelay::report`] has already added to the metrics.
     reported: KernelStats,
@@ -426,8 +463,8 @@ struct Inner {
     /// stays out of the maps too, or the kernel would send Data
     /// indications where the server sends ChannelData; it comes back with
     /// its next renewal after that.
-    refused: HashSet<(SocketAddrV4, SocketAddrV4)>,
-    refused_by_ip: StdHashMap<(SocketAddrV4, Ipv4Addr), usize>,
+    refused: HashSet<(SocketAddr, SocketAddr)>,
+    refused_by_ip: StdHashMap<(SocketAddr, IpAddr), usize>,
 }
 
 /// How to attach to `interface`: on a network card, natively where its
@@ -648,6 +685,7 @@ impl KernelRelay {
             .set_max_entries("send_routes", capacity as u32)
             .set_max_entries("client_routes6", capacity6 as u32)
             .set_max_entries("peer_routes6", capacity6 as u32)
+            .set_max_entries("permission_routes6", capacity6 as u32)
             // An LRU map is allocated whole, up front (about 6 MB).
             .set_max_entries("hop_macs6", if ipv6 { 65536 } else { 1 })
             .set_max_entries("budgets", budget_words(config.bytes_per_sec) as u32)
@@ -710,6 +748,8 @@ impl KernelRelay {
         let send_routes = HashMap::try_from(take("send_routes")?).map_err(load_error)?;
         let client_routes6 = HashMap::try_from(take("client_routes6")?).map_err(load_error)?;
         let peer_routes6 = HashMap::try_from(take("peer_routes6")?).map_err(load_error)?;
+        let permission_routes6 =
+            HashMap::try_from(take("permission_routes6")?).map_err(load_error)?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(load_error)?;
         let budgets = if config.bytes_per_sec == 0 {
             None
@@ -751,6 +791,7 @@ impl KernelRelay {
                 send_routes,
                 client_routes6,
                 peer_routes6,
+                permission_routes6,
                 stats,
                 reported: KernelStats::default(),
                 routes: 0,
@@ -789,6 +830,10 @@ impl KernelRelay {
                 RouteChange::RemoveIndications(r) => inner.remove_indications(&r),
                 RouteChange::Set6(r) => inner.set_channel6(&r, expires_ns(r.expires)),
                 RouteChange::Remove6(r) => inner.remove_channel6(&r),
+                RouteChange::SetIndications6(r) => {
+                    inner.set_indications6(&r, expires_ns(r.expires))
+                }
+                RouteChange::RemoveIndications6(r) => inner.remove_indications6(&r),
             }
         }
         metrics::gauge!("callisto_turn_kernel_routes").set(inner.routes as f64);
@@ -849,18 +894,13 @@ impl Inner {
         match set {
             Ok(()) => {
                 self.routes += usize::from(fresh);
-                self.unrefuse(r);
+                self.unrefuse(r.relay.into(), r.peer.into());
             }
             Err(e) => {
                 let _ = self.client_routes.remove(&ck);
                 let _ = self.peer_routes.remove(&pk);
                 self.routes = self.routes.saturating_sub(usize::from(!fresh));
-                if self.refused.insert((r.relay, r.peer)) {
-                    *self
-                        .refused_by_ip
-                        .entry((r.relay, *r.peer.ip()))
-                        .or_default() += 1;
-                }
+                self.refuse(r.relay.into(), r.peer.into());
                 self.remove_indications(&IndicationRoute {
                     client: r.client,
                     server: r.server,
@@ -875,7 +915,7 @@ impl Inner {
     }
 
     fn remove_channel(&mut self, r: &KernelRoute) {
-        self.unrefuse(r);
+        self.unrefuse(r.relay.into(), r.peer.into());
         // Only this flow's entries: another worker may since have given
         // the same relay port, or channel, to a new flow, and set it first.
         let (ck, pk) = (ClientKey::of(r), PeerKey::of(r));
@@ -890,8 +930,7 @@ impl Inner {
         }
     }
 
-    /// As [`Inner::set_channel`]; over IPv6 there are no permission routes
-    /// to keep out for a refused one.
+    /// As [`Inner::set_channel`].
     fn set_channel6(&mut self, r: &KernelRoute6, expires_ns: u64) {
         let (ck, pk) = (ClientKey6::of(r), PeerKey6::of(r));
         let fresh = self.client_routes6.get(&ck, 0).is_err();
@@ -903,11 +942,22 @@ impl Inner {
                     .insert(pk, ToClient6::of(r, expires_ns), 0)
             });
         match set {
-            Ok(()) => self.routes += usize::from(fresh),
+            Ok(()) => {
+                self.routes += usize::from(fresh);
+                self.unrefuse(r.relay.into(), r.peer.into());
+            }
             Err(e) => {
                 let _ = self.client_routes6.remove(&ck);
                 let _ = self.peer_routes6.remove(&pk);
                 self.routes = self.routes.saturating_sub(usize::from(!fresh));
+                self.refuse(r.relay.into(), r.peer.into());
+                self.remove_indications6(&IndicationRoute6 {
+                    client: r.client,
+                    server: r.server,
+                    relay: r.relay,
+                    peer: *r.peer.ip(),
+                    expires: r.expires,
+                });
                 metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
                 tracing::debug!(error = %e, channel = r.channel, "kernel route not installed; the sockets relay this flow");
             }
@@ -916,6 +966,7 @@ impl Inner {
 
     /// As [`Inner::remove_channel`].
     fn remove_channel6(&mut self, r: &KernelRoute6) {
+        self.unrefuse(r.relay.into(), r.peer.into());
         let (ck, pk) = (ClientKey6::of(r), PeerKey6::of(r));
         let mine = |v: ToPeer6| ToPeer6 { expires_ns: 0, ..v } == ToPeer6::of(r, 0);
         if self.client_routes6.get(&ck, 0).is_ok_and(mine) {
@@ -928,9 +979,17 @@ impl Inner {
         }
     }
 
-    fn unrefuse(&mut self, r: &KernelRoute) {
-        if self.refused.remove(&(r.relay, r.peer)) {
-            let key = (r.relay, *r.peer.ip());
+    /// Notes a channel whose route the maps refused: its peer's IP gets no
+    /// permission route while it lasts.
+    fn refuse(&mut self, relay: SocketAddr, peer: SocketAddr) {
+        if self.refused.insert((relay, peer)) {
+            *self.refused_by_ip.entry((relay, peer.ip())).or_default() += 1;
+        }
+    }
+
+    fn unrefuse(&mut self, relay: SocketAddr, peer: SocketAddr) {
+        if self.refused.remove(&(relay, peer)) {
+            let key = (relay, peer.ip());
             if let Some(n) = self.refused_by_ip.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
@@ -941,7 +1000,10 @@ impl Inner {
     }
 
     fn set_indications(&mut self, r: &IndicationRoute, expires_ns: u64) {
-        if self.refused_by_ip.contains_key(&(r.relay, r.peer)) {
+        if self
+            .refused_by_ip
+            .contains_key(&(r.relay.into(), r.peer.into()))
+        {
             self.remove_indications(r);
             return;
         }
@@ -982,6 +1044,43 @@ impl Inner {
         let mine = |v: ToClient| ToClient { expires_ns: 0, ..v } == ToClient::indications(r, 0);
         if self.permission_routes.get(&key, 0).is_ok_and(mine) {
             let _ = self.permission_routes.remove(&key);
+            self.routes = self.routes.saturating_sub(1);
+        }
+    }
+
+    /// As [`Inner::set_indications`]; over IPv6 a permission carries no
+    /// Send indications (the program leaves those to the sockets).
+    fn set_indications6(&mut self, r: &IndicationRoute6, expires_ns: u64) {
+        if self
+            .refused_by_ip
+            .contains_key(&(r.relay.into(), r.peer.into()))
+        {
+            self.remove_indications6(r);
+            return;
+        }
+        let key = PermissionKey6::of(r);
+        let fresh = self.permission_routes6.get(&key, 0).is_err();
+        match self
+            .permission_routes6
+            .insert(key, ToClient6::indications(r, expires_ns), 0)
+        {
+            Ok(()) => self.routes += usize::from(fresh),
+            Err(e) => {
+                if !fresh && self.permission_routes6.remove(&key).is_ok() {
+                    self.routes = self.routes.saturating_sub(1);
+                }
+                metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
+                tracing::debug!(error = %e, "kernel route not installed; the sockets relay this peer's Data indications");
+            }
+        }
+    }
+
+    /// Only this flow's entry, as for channels.
+    fn remove_indications6(&mut self, r: &IndicationRoute6) {
+        let key = PermissionKey6::of(r);
+        let mine = |v: ToClient6| ToClient6 { expires_ns: 0, ..v } == ToClient6::indications(r, 0);
+        if self.permission_routes6.get(&key, 0).is_ok_and(mine) {
+            let _ = self.permission_routes6.remove(&key);
             self.routes = self.routes.saturating_sub(1);
         }
     }
@@ -1301,6 +1400,7 @@ mod tests {
         };
         relay.apply([
             RouteChange::Set6(r),
+            RouteChange::SetIndications6(an_indication_route6(r.expires)),
             RouteChange::Set6(a),
             RouteChange::Set6(b),
         ]);
@@ -1320,6 +1420,11 @@ mod tests {
                 (
                     "IPv6: peer to ChannelData",
                     frame6(r.peer, r.relay, &data),
+                    XDP_TX,
+                ),
+                (
+                    "IPv6: peer to Data indication",
+                    frame6(SocketAddrV6::new(*r.peer.ip(), 7001, 0, 0), r.relay, &data),
                     XDP_TX,
                 ),
                 (
@@ -1464,7 +1569,7 @@ mod tests {
 
     /// The Data indication the server would send for `data` from `peer`,
     /// with the transaction id of `sent` (any value will do there).
-    fn data_indication(peer: SocketAddrV4, data: &[u8], sent: &[u8]) -> Vec<u8> {
+    fn data_indication(peer: impl Into<SocketAddr>, data: &[u8], sent: &[u8]) -> Vec<u8> {
         let tid: [u8; 12] = sent
             .get(8..20)
             .and_then(|t| t.try_into().ok())
@@ -2829,6 +2934,91 @@ mod tests {
         );
     }
 
+    /// The permission route beside [`a_route6`].
+    fn an_indication_route6(expires: Instant) -> IndicationRoute6 {
+        let r = a_route6(expires);
+        IndicationRoute6 {
+            client: r.client,
+            server: r.server,
+            relay: r.relay,
+            peer: *r.peer.ip(),
+            expires,
+        }
+    }
+
+    /// Data from a permitted IPv6 peer without a channel (another port of
+    /// the channel's peer) reaches the client as the Data indication the
+    /// server would send, XOR-PEER-ADDRESS of 20 bytes, data padded.
+    #[test]
+    fn relays_data_from_a_permitted_ipv6_peer_as_a_data_indication() {
+        let Some(relay) = loaded6(None, 0) else {
+            return;
+        };
+        let later = Instant::now() + Duration::from_secs(60);
+        let r = a_route6(later);
+        relay.apply([
+            RouteChange::Set6(r),
+            RouteChange::SetIndications6(an_indication_route6(later)),
+        ]);
+        let other = SocketAddrV6::new(*r.peer.ip(), 7001, 0, 0);
+        for data in [&b"abc"[..], b"abcd", b"abcdefg", b""] {
+            let (verdict, out) = run(&relay, &frame6(other, r.relay, data));
+            assert_eq!(verdict, XDP_TX);
+            let payload = sent6(&out, r.server, r.client, true);
+            assert_eq!(payload, data_indication(other, data, &payload));
+            // The channel's own port still gets ChannelData.
+            let (verdict, out) = run(&relay, &frame6(r.peer, r.relay, data));
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(
+                sent6(&out, r.server, r.client, true),
+                channel_data(0x4001, data)
+            );
+        }
+        assert_eq!(relay.stats().to_client_packets, 8);
+        assert_eq!(relay.stats().to_client_bytes, 2 * (3 + 4 + 7));
+        // Removed, it is the sockets' again.
+        relay.apply([RouteChange::RemoveIndications6(an_indication_route6(later))]);
+        let packet = frame6(other, r.relay, b"x");
+        assert_eq!(run(&relay, &packet), (XDP_PASS, packet.clone()));
+    }
+
+    /// Between two of our IPv6 allocations, the receiver open to the
+    /// sender's relayed address without a channel: a Data indication from
+    /// that address, in one pass.
+    #[test]
+    fn relays_over_ipv6_in_place_as_a_data_indication() {
+        let Some(relay) = loaded6(None, 0) else {
+            return;
+        };
+        let later = Instant::now() + Duration::from_secs(60);
+        let a = KernelRoute6 {
+            peer: addr6("[::1]:50001"),
+            ..a_route6(later)
+        };
+        let b_permission = IndicationRoute6 {
+            client: addr6("[::1]:40001"),
+            server: a.server,
+            relay: a.peer,
+            peer: *a.relay.ip(),
+            expires: later,
+        };
+        relay.apply([
+            RouteChange::Set6(a),
+            RouteChange::SetIndications6(b_permission),
+        ]);
+        for data in [&b"abc"[..], b"abcd", b"abcdefg"] {
+            let (verdict, out) = run(
+                &relay,
+                &frame6(a.client, a.server, &channel_data(0x4001, data)),
+            );
+            assert_eq!(verdict, XDP_TX);
+            let payload = sent6(&out, b_permission.server, b_permission.client, true);
+            assert_eq!(payload, data_indication(a.relay, data, &payload));
+        }
+        let stats = relay.stats();
+        assert_eq!((stats.to_peer_packets, stats.to_client_packets), (3, 3));
+    }
+
     /// On loopback, senders leave only the pseudo-header's sum in the UDP
     /// checksum (CHECKSUM_PARTIAL): toward the client (the headers move
     /// down) the kernel relays it, as nobody checks it there; toward the
@@ -2908,12 +3098,14 @@ mod tests {
 
         /// As `any_frame_is_relayed_along_its_route_or_left_alone`, over
         /// IPv6: left untouched, or relayed exactly along the route, to
-        /// the peer or (`peer_is_ours`) to the client of our allocation
-        /// there, with a checksum that holds where it held.
+        /// the peer or (`peer_is_ours`: with a channel back, or only a
+        /// permission) to the client of our allocation there, with a
+        /// checksum that holds where it held; data from another port of
+        /// the peer as a Data indication.
         #[test]
         fn any_ipv6_frame_is_relayed_along_its_route_or_left_alone(
             packet in arb_frame6(),
-            peer_is_ours in proptest::prelude::any::<bool>(),
+            peer_is_ours in 0..3u8,
         ) {
             type Loaded = Option<Result<KernelRelay, String>>;
             static RELAY: std::sync::OnceLock<Loaded> = std::sync::OnceLock::new();
@@ -2932,9 +3124,23 @@ mod tests {
                 peer: r.relay,
                 ..r
             };
-            relay.apply([RouteChange::Set6(r), RouteChange::Remove6(b)]);
-            if peer_is_ours {
-                relay.apply([RouteChange::Set6(b)]);
+            let b_permission = IndicationRoute6 {
+                client: b.client,
+                server: b.server,
+                relay: b.relay,
+                peer: *r.relay.ip(),
+                expires: r.expires,
+            };
+            relay.apply([
+                RouteChange::Set6(r),
+                RouteChange::SetIndications6(an_indication_route6(r.expires)),
+                RouteChange::Remove6(b),
+                RouteChange::RemoveIndications6(b_permission),
+            ]);
+            match peer_is_ours {
+                1 => relay.apply([RouteChange::Set6(b)]),
+                2 => relay.apply([RouteChange::SetIndications6(b_permission)]),
+                _ => {}
             }
             let (verdict, out) = run(relay, &packet);
             if verdict == XDP_PASS {
@@ -2955,16 +3161,27 @@ mod tests {
                 let declared = u16::from_be_bytes([payload_in[2], payload_in[3]]);
                 proptest::prop_assert_eq!(usize::from(declared), payload_in.len() - 4);
                 let data = &payload_in[4..];
-                if peer_is_ours {
-                    let out_payload = sent6(&out, b.server, b.client, checked);
-                    proptest::prop_assert_eq!(out_payload, channel_data(0x4005, data));
-                } else {
-                    proptest::prop_assert_eq!(sent6(&out, r.relay, r.peer, checked), data);
+                match peer_is_ours {
+                    1 => {
+                        let out_payload = sent6(&out, b.server, b.client, checked);
+                        proptest::prop_assert_eq!(out_payload, channel_data(0x4005, data));
+                    }
+                    2 => {
+                        let out_payload = sent6(&out, b.server, b.client, checked);
+                        let expected = data_indication(r.relay, data, &out_payload);
+                        proptest::prop_assert_eq!(out_payload, expected);
+                    }
+                    _ => proptest::prop_assert_eq!(sent6(&out, r.relay, r.peer, checked), data),
                 }
-            } else {
-                proptest::prop_assert_eq!((from, to), (r.peer, r.relay));
+            } else if from == r.peer {
+                proptest::prop_assert_eq!(to, r.relay);
                 let out_payload = sent6(&out, r.server, r.client, checked);
                 proptest::prop_assert_eq!(out_payload, channel_data(0x4001, payload_in));
+            } else {
+                proptest::prop_assert_eq!((from.ip(), to), (r.peer.ip(), r.relay));
+                let out_payload = sent6(&out, r.server, r.client, checked);
+                let expected = data_indication(from, payload_in, &out_payload);
+                proptest::prop_assert_eq!(out_payload, expected);
             }
         }
     }

@@ -37,7 +37,8 @@ mod routes;
 use budget::{Budget, Direction};
 pub use budget::{BudgetWords, SHARED_BUDGET_WORDS, SharedBudgets};
 pub use routes::{
-    IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, KernelRoute6, RouteChange,
+    IndicationRoute, IndicationRoute6, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, KernelRoute6,
+    RouteChange,
 };
 
 /// Free bytes a driver must leave in front of a peer datagram, for the

@@ -13,7 +13,7 @@
 //! server stays the one authority: a flow without a route only takes the
 //! slower path through the sockets.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Instant;
 
 use super::{FiveTuple, PeerAccess, Transport};
@@ -43,7 +43,7 @@ pub struct KernelRoute<A = SocketAddrV4> {
 /// A channel route over IPv6.
 pub type KernelRoute6 = KernelRoute<SocketAddrV6>;
 
-/// One permission of one UDP client over IPv4, toward the client only:
+/// One permission of one UDP client, toward the client only:
 /// datagrams from any port of `peer` to `relay` that no channel route
 /// takes reach `client` from `server` as Data indications, as the server
 /// sends them to a peer without a channel.
@@ -53,14 +53,19 @@ pub type KernelRoute6 = KernelRoute<SocketAddrV6>;
 /// peer may answer on another allocation than the one it sends from).
 /// Without these, that media went through the sockets (seen in the
 /// browser test: up to three quarters of it).
+///
+/// Over IPv4, or over IPv6 ([`IndicationRoute6`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IndicationRoute {
-    pub client: SocketAddrV4,
-    pub server: SocketAddrV4,
-    pub relay: SocketAddrV4,
-    pub peer: Ipv4Addr,
+pub struct IndicationRoute<A = SocketAddrV4, I = Ipv4Addr> {
+    pub client: A,
+    pub server: A,
+    pub relay: A,
+    pub peer: I,
     pub expires: Instant,
 }
+
+/// A permission's route over IPv6.
+pub type IndicationRoute6 = IndicationRoute<SocketAddrV6, Ipv6Addr>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteChange {
@@ -76,6 +81,10 @@ pub enum RouteChange {
     Set6(KernelRoute6),
     /// [`RouteChange::Remove`] over IPv6.
     Remove6(KernelRoute6),
+    /// [`RouteChange::SetIndications`] over IPv6.
+    SetIndications6(IndicationRoute6),
+    /// [`RouteChange::RemoveIndications`] over IPv6.
+    RemoveIndications6(IndicationRoute6),
 }
 
 /// What the kernel relay was last told about one allocation.
@@ -84,6 +93,7 @@ pub(super) struct Routes {
     channels: Vec<KernelRoute>,
     indications: Vec<IndicationRoute>,
     channels6: Vec<KernelRoute6>,
+    indications6: Vec<IndicationRoute6>,
 }
 
 impl Routes {
@@ -95,7 +105,14 @@ impl Routes {
             .iter()
             .map(|r| RouteChange::RemoveIndications(*r));
         let channels6 = self.channels6.iter().map(|r| RouteChange::Remove6(*r));
-        indications.chain(channels).chain(channels6)
+        let indications6 = self
+            .indications6
+            .iter()
+            .map(|r| RouteChange::RemoveIndications6(*r));
+        indications
+            .chain(channels)
+            .chain(indications6)
+            .chain(channels6)
     }
 }
 
@@ -119,8 +136,7 @@ fn v6(addr: SocketAddr) -> Option<SocketAddrV6> {
 
 /// The routes an allocation's access allows at `now`: only for UDP clients,
 /// with the listening and relay addresses known and of the client's
-/// family. Over IPv6, channels only: permissions' Data indications, and
-/// Send indications, stay with the sockets.
+/// family.
 ///
 /// A peer may be another of our allocations. The kernel then hands the
 /// data to that allocation's client along the receiver's own routes for
@@ -139,9 +155,15 @@ pub(super) fn wanted(
     }
     if let (Some(client), Some(server), Some(relay)) = (v6(five.client), v6(five.server), v6(relay))
     {
-        let (channels6, _) = channel_routes([client, server, relay], access, now, v6);
+        let ends = [client, server, relay];
+        let (channels6, unrouted) = channel_routes(ends, access, now, v6);
+        let indications6 = indication_routes(ends, access, now, &unrouted, |ip| match ip {
+            IpAddr::V6(ip) if ip.to_ipv4_mapped().is_none() => Some(ip),
+            _ => None,
+        });
         return Routes {
             channels6,
+            indications6,
             ..Routes::default()
         };
     }
@@ -149,17 +171,36 @@ pub(super) fn wanted(
     else {
         return Routes::default();
     };
-    let (channels, unrouted) = channel_routes([client, server, relay], access, now, v4);
-    // The peers of channels left without a route get no permission route
-    // either: the kernel would send them Data indications where the server
-    // sends ChannelData.
-    let indications = access
+    let ends = [client, server, relay];
+    let (channels, unrouted) = channel_routes(ends, access, now, v4);
+    let indications = indication_routes(ends, access, now, &unrouted, |ip| match ip {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    });
+    Routes {
+        channels,
+        indications,
+        ..Routes::default()
+    }
+}
+
+/// The live permissions' routes of `[client, server, relay]`, at most
+/// [`KERNEL_ROUTES_PER_ALLOCATION`], for peers that `family` takes. The
+/// peers of channels left without a route (`unrouted`) get no permission
+/// route either: the kernel would send them Data indications where the
+/// server sends ChannelData.
+fn indication_routes<A: Copy, I: Copy>(
+    [client, server, relay]: [A; 3],
+    access: &PeerAccess,
+    now: Instant,
+    unrouted: &[IpAddr],
+    family: fn(IpAddr) -> Option<I>,
+) -> Vec<IndicationRoute<A, I>> {
+    access
         .permissions
         .iter()
         .filter_map(|(ip, _)| {
-            let IpAddr::V4(peer) = *ip else {
-                return None;
-            };
+            let peer = family(*ip)?;
             let expires = permitted_until(access, *ip)?;
             (expires > now && !unrouted.contains(ip)).then_some(IndicationRoute {
                 client,
@@ -170,12 +211,7 @@ pub(super) fn wanted(
             })
         })
         .take(KERNEL_ROUTES_PER_ALLOCATION)
-        .collect();
-    Routes {
-        channels,
-        indications,
-        channels6: Vec::new(),
-    }
+        .collect()
 }
 
 /// Until when `access` lets `ip` in: its permission's expiry, or the
@@ -222,8 +258,10 @@ pub(super) fn update(have: &mut Routes, want: Routes, out: &mut Vec<RouteChange>
     out.extend(gone(&have.channels, &want.channels).map(RouteChange::Remove));
     out.extend(new(&have.channels, &want.channels).map(RouteChange::Set));
     out.extend(new(&have.indications, &want.indications).map(RouteChange::SetIndications));
+    out.extend(gone(&have.indications6, &want.indications6).map(RouteChange::RemoveIndications6));
     out.extend(gone(&have.channels6, &want.channels6).map(RouteChange::Remove6));
     out.extend(new(&have.channels6, &want.channels6).map(RouteChange::Set6));
+    out.extend(new(&have.indications6, &want.indications6).map(RouteChange::SetIndications6));
     *have = want;
 }
 
@@ -241,7 +279,7 @@ impl<A: Copy + PartialEq> Flow for KernelRoute<A> {
     }
 }
 
-impl Flow for IndicationRoute {
+impl<A: Copy + PartialEq, I: Copy + PartialEq> Flow for IndicationRoute<A, I> {
     fn same_flow(&self, other: &Self) -> bool {
         IndicationRoute {
             expires: other.expires,

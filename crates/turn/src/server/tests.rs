@@ -2379,13 +2379,12 @@ fn no_kernel_routes_unless_asked_for_a_udp_client_on_a_known_address_and_limits_
     }
 }
 
-/// Over IPv6 the kernel relays channels alone: a channel's route comes
-/// and goes as over IPv4, a permission without a channel gets none. An
+/// Over IPv6 the routes follow channels and permissions as over IPv4. An
 /// IPv4 relay of an IPv6 client (the other half of a dual allocation)
 /// gets none, as the kernel relays within one family. Under a bandwidth
 /// limit, with the kernel's budgets shared, IPv6 relays get routes too.
 #[test]
-fn kernel_routes_over_ipv6_are_for_channels_alone() {
+fn kernel_routes_over_ipv6_follow_channels_and_permissions() {
     let t0 = Instant::now();
     let secs = |n| t0 + Duration::from_secs(n);
     let mut cfg = kernel_config();
@@ -2395,29 +2394,45 @@ fn kernel_routes_over_ipv6_are_for_channels_alone() {
     let (mut c, relayed) = allocated_in(&mut s, f, t0, true);
     assert!(relayed.is_ipv6());
     let ch = c.bind_channel(t0, peer6());
-    c.create_permission(t0, "2001:db8:1::77".parse().unwrap());
+    let other: std::net::Ipv6Addr = "2001:db8:1::77".parse().unwrap();
+    c.create_permission(t0, other.into());
     pump(&mut s, &mut c, f, t0);
     let v6 = |a: SocketAddr| match a {
         SocketAddr::V6(a) => a,
         SocketAddr::V4(_) => panic!("IPv6 only"),
     };
-    let r = |expires| KernelRoute6 {
+    let r = KernelRoute6 {
         client: v6(f.client),
         server: v6(f.server),
         channel: ch,
         relay: v6(relayed),
         peer: v6(peer6()),
-        expires,
+        expires: secs(300),
+    };
+    let i = |peer| IndicationRoute6 {
+        client: r.client,
+        server: r.server,
+        relay: r.relay,
+        peer,
+        expires: secs(300),
     };
     assert_eq!(
         s.route_changes().collect::<Vec<_>>(),
-        [RouteChange::Set6(r(secs(300)))]
+        [
+            RouteChange::Set6(r),
+            RouteChange::SetIndications6(i(*r.peer.ip())),
+            RouteChange::SetIndications6(i(other)),
+        ]
     );
     c.refresh(secs(10), 0);
     pump(&mut s, &mut c, f, secs(10));
     assert_eq!(
         s.route_changes().collect::<Vec<_>>(),
-        [RouteChange::Remove6(r(secs(300)))]
+        [
+            RouteChange::RemoveIndications6(i(*r.peer.ip())),
+            RouteChange::RemoveIndications6(i(other)),
+            RouteChange::Remove6(r),
+        ]
     );
 
     // Both halves of a dual allocation from an IPv6 client: routes for the
@@ -2429,7 +2444,11 @@ fn kernel_routes_over_ipv6_are_for_channels_alone() {
     pump(&mut s, &mut c, five6(2), t0);
     let changes: Vec<_> = s.route_changes().collect();
     assert!(
-        matches!(changes.as_slice(), [RouteChange::Set6(r)] if SocketAddr::from(r.relay) == relayed6),
+        matches!(
+            changes.as_slice(),
+            [RouteChange::Set6(r), RouteChange::SetIndications6(i)]
+                if SocketAddr::from(r.relay) == relayed6 && SocketAddr::from(i.relay) == relayed6
+        ),
         "{changes:?}"
     );
 
@@ -2445,7 +2464,11 @@ fn kernel_routes_over_ipv6_are_for_channels_alone() {
     pump(&mut s, &mut c, f, t0);
     let changes: Vec<_> = s.route_changes().collect();
     assert!(
-        matches!(changes.as_slice(), [RouteChange::Set6(r)] if SocketAddr::from(r.relay) == relayed),
+        matches!(
+            changes.as_slice(),
+            [RouteChange::Set6(r), RouteChange::SetIndications6(_)]
+                if SocketAddr::from(r.relay) == relayed
+        ),
         "{changes:?}"
     );
 }
@@ -2605,7 +2628,23 @@ fn arb_route_step() -> impl proptest::strategy::Strategy<Value = RouteStep> {
 struct KernelMaps {
     from_client: HashMap<(SocketAddr, u16), KernelRoute<SocketAddr>>,
     from_peer: HashMap<(SocketAddr, SocketAddr), KernelRoute<SocketAddr>>,
-    from_permitted: HashMap<(IpAddr, SocketAddr), IndicationRoute>,
+    from_permitted: HashMap<(IpAddr, SocketAddr), AnyIndicationRoute>,
+}
+
+type AnyIndicationRoute = IndicationRoute<SocketAddr, IpAddr>;
+
+/// A permission's route of either family, with its addresses as
+/// `SocketAddr`s and `IpAddr`s.
+fn any_family_indication<A: Into<SocketAddr>, I: Into<IpAddr>>(
+    r: IndicationRoute<A, I>,
+) -> AnyIndicationRoute {
+    IndicationRoute {
+        client: r.client.into(),
+        server: r.server.into(),
+        relay: r.relay.into(),
+        peer: r.peer.into(),
+        expires: r.expires,
+    }
 }
 
 /// A channel route of either family, with its addresses as `SocketAddr`s.
@@ -2643,17 +2682,25 @@ impl KernelMaps {
             RouteChange::Set6(r) => self.set(any_family(r)),
             RouteChange::Remove(r) => self.remove(any_family(r)),
             RouteChange::Remove6(r) => self.remove(any_family(r)),
-            RouteChange::SetIndications(r) => {
-                self.from_permitted
-                    .insert((r.peer.into(), r.relay.into()), r);
-            }
-            RouteChange::RemoveIndications(r) => {
-                let key = (r.peer.into(), r.relay.into());
-                let same = |o: &IndicationRoute| o.same_flow(&r);
-                if self.from_permitted.get(&key).is_some_and(same) {
-                    self.from_permitted.remove(&key);
-                }
-            }
+            RouteChange::SetIndications(r) => self.permit(any_family_indication(r)),
+            RouteChange::SetIndications6(r) => self.permit(any_family_indication(r)),
+            RouteChange::RemoveIndications(r) => self.unpermit(any_family_indication(r)),
+            RouteChange::RemoveIndications6(r) => self.unpermit(any_family_indication(r)),
+        }
+    }
+
+    fn permit(&mut self, r: AnyIndicationRoute) {
+        self.from_permitted.insert((r.peer, r.relay), r);
+    }
+
+    fn unpermit(&mut self, r: AnyIndicationRoute) {
+        let key = (r.peer, r.relay);
+        if self
+            .from_permitted
+            .get(&key)
+            .is_some_and(|o| o.same_flow(&r))
+        {
+            self.from_permitted.remove(&key);
         }
     }
 
@@ -2675,7 +2722,7 @@ impl KernelMaps {
         self.from_permitted
             .get(&(peer.ip(), relay))
             .filter(|r| r.expires > now)
-            .map(|r| (r.client.into(), None))
+            .map(|r| (r.client, None))
     }
 }
 
@@ -2749,8 +2796,6 @@ fn check_routes(s: &mut Server<FakeRelays>, maps: &KernelMaps, f: FiveTuple, now
                 s,
                 "from {from}: the kernel relays what the server would not"
             ),
-            // Over IPv6 the kernel relays channels alone.
-            (None, Some((_, None))) if f.client.is_ipv6() => {}
             (None, Some(s)) if complete => {
                 panic!("from {from}: the server relays {s:?} but the kernel has no live route")
             }
