@@ -17,8 +17,8 @@ mkdirSync(ARTIFACTS, { recursive: true });
 const BIN = process.env.CALLISTO_BIN ?? path.join(here, '../../target/debug/callisto');
 
 /** Starts `callisto serve` on an ephemeral port; resolves once it listens. */
-export function startServer(extraArgs = []) {
-  const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--turn-listen', '127.0.0.1:0', '--log-format', 'json', '--log', process.env.E2E_LOG ?? 'info', ...extraArgs], {
+export function startServer(extraArgs = [], { turnListen = '127.0.0.1:0' } = {}) {
+  const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--turn-listen', turnListen, '--log-format', 'json', '--log', process.env.E2E_LOG ?? 'info', ...extraArgs], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   const logs = [];
@@ -170,10 +170,10 @@ export async function connectionReport(page) {
 
 /**
  * Whether an address is one the tests may use: loopback, or the namespace-only
- * 198.18.0.0/15 range that run.sh sets up.
+ * 198.18.0.0/15 and fd00:18::/64 ranges that run.sh sets up.
  */
 export function isTestAddress(address) {
-  return /^127\./.test(address) || address === '::1' || /^198\.1[89]\./.test(address);
+  return /^127\./.test(address) || address === '::1' || /^198\.1[89]\./.test(address) || /^fd00:18::/.test(address);
 }
 
 /**

@@ -2,7 +2,7 @@
 // over UDP, then TCP, then TLS (on a port of its own, and on the web
 // server's HTTPS port), then one side over TCP and the other over
 // UDP, then over UDP through the kernel relay (also with a bandwidth
-// limit), with the iceServers from `welcome`.
+// limit, and over IPv6), with the iceServers from `welcome`.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -27,7 +27,7 @@ after(async () => {
  * 'tls'): both see the other's video over a relay/relay candidate pair
  * with those protocols. Returns their pages.
  */
-async function relayedCall(room, overA, overB, via = server) {
+async function relayedCall(room, overA, overB, via = server, relayAddress = '127.0.0.1') {
   const contextOptions = { ignoreHTTPSErrors: true };
   const a = await joinCall(browser, via.url, room, 'A', { relayOver: overA, contextOptions });
   const b = await joinCall(browser, via.url, room, 'B', { relayOver: overB, contextOptions });
@@ -41,7 +41,7 @@ async function relayedCall(room, overA, overB, via = server) {
     assert.equal(c.pair.local.type, 'relay', `${who}: local candidate is a relay`);
     assert.equal(c.pair.remote.type, 'relay', `${who}: remote candidate is a relay`);
     assert.equal(c.pair.local.relayProtocol, transport, `${who}: relayed over ${transport}`);
-    assert.equal(c.pair.local.address, '127.0.0.1');
+    assert.equal(c.pair.local.address, relayAddress);
     assert.ok(c.audio?.packets > 0, `${who}: audio arrives`);
   }
   return [a, b];
@@ -123,41 +123,61 @@ test('a call relayed between TURN over TCP and TURN over UDP goes in place', asy
   for (const p of [a, b]) await p.context().close();
 });
 
+/**
+ * A relay/relay call over UDP through `kernel`, a server of its own with
+ * the XDP program on this namespace's loopback, its relays on
+ * `relayAddress`: once the kernel is relaying, the workers relay under a
+ * tenth of what it does, each way.
+ */
+async function callThroughTheKernel(kernel, room, relayAddress) {
+  const [a, b] = await relayedCall(room, 'udp', 'udp', kernel, relayAddress);
+  // The media leaves through the kernel both ways: on the browsers'
+  // channels toward the peers, and toward the browsers as ChannelData or,
+  // from an allocation the receiver has no channel for (each browser
+  // allocates once per network interface), as Data indications. The
+  // window starts once the kernel is relaying: Chromium sends its first
+  // media as Send indications, before its channel is bound, and those
+  // the workers relay.
+  const bytes = async (dir) => {
+    const all = await counter(a, `callisto_turn_relayed_bytes_total{direction="${dir}",transport="udp"}`, kernel);
+    const inKernelBytes = await counter(a, `callisto_turn_relayed_in_kernel_bytes_total{direction="${dir}"}`, kernel);
+    return { kernel: inKernelBytes, workers: all - inKernelBytes };
+  };
+  const both = async () => ({ to_peer: await bytes('to_peer'), to_client: await bytes('to_client') });
+  const start = await both();
+  const grew = (from, by) => async () => {
+    const now = await both();
+    return ['to_peer', 'to_client'].every((d) => now[d].kernel > from[d].kernel + by);
+  };
+  await eventually(grew(start, 20000), 15000, 'media relayed in the kernel both ways');
+  const before = await both();
+  await eventually(grew(before, 100000), 15000, 'more media relayed in the kernel both ways');
+  const after = await both();
+  for (const dir of ['to_peer', 'to_client']) {
+    const byWorkers = after[dir].workers - before[dir].workers;
+    const byKernel = after[dir].kernel - before[dir].kernel;
+    console.log(`# report: kernel relay (${relayAddress}), ${dir}: ${byKernel} bytes by the kernel, ${byWorkers} by the workers`);
+    assert.ok(byWorkers * 10 < byKernel, `${dir}: the workers relayed ${byWorkers} bytes while the kernel relayed ${byKernel}`);
+  }
+  assertOnlyTestAddresses();
+  for (const p of [a, b]) await p.context().close();
+}
+
 test('a call relayed through TURN over UDP goes through the kernel relay', async () => {
-  // A server of its own, with the XDP program on this namespace's loopback.
   const kernel = await startServer(['--turn-kernel-relay', 'lo']);
   try {
-    const [a, b] = await relayedCall(`relay-kernel-${Date.now()}`, 'udp', 'udp', kernel);
-    // The media leaves through the kernel both ways: on the browsers'
-    // channels toward the peers, and toward the browsers as ChannelData or,
-    // from an allocation the receiver has no channel for (each browser
-    // allocates once per network interface), as Data indications. The
-    // window starts once the kernel is relaying: Chromium sends its first
-    // media as Send indications, before its channel is bound, and those
-    // the workers relay.
-    const bytes = async (dir) => {
-      const all = await counter(a, `callisto_turn_relayed_bytes_total{direction="${dir}",transport="udp"}`, kernel);
-      const inKernelBytes = await counter(a, `callisto_turn_relayed_in_kernel_bytes_total{direction="${dir}"}`, kernel);
-      return { kernel: inKernelBytes, workers: all - inKernelBytes };
-    };
-    const both = async () => ({ to_peer: await bytes('to_peer'), to_client: await bytes('to_client') });
-    const start = await both();
-    const grew = (from, by) => async () => {
-      const now = await both();
-      return ['to_peer', 'to_client'].every((d) => now[d].kernel > from[d].kernel + by);
-    };
-    await eventually(grew(start, 20000), 15000, 'media relayed in the kernel both ways');
-    const before = await both();
-    await eventually(grew(before, 100000), 15000, 'more media relayed in the kernel both ways');
-    const after = await both();
-    for (const dir of ['to_peer', 'to_client']) {
-      const byWorkers = after[dir].workers - before[dir].workers;
-      const byKernel = after[dir].kernel - before[dir].kernel;
-      console.log(`# report: kernel relay, ${dir}: ${byKernel} bytes by the kernel, ${byWorkers} by the workers`);
-      assert.ok(byWorkers * 10 < byKernel, `${dir}: the workers relayed ${byWorkers} bytes while the kernel relayed ${byKernel}`);
-    }
-    assertOnlyTestAddresses();
-    for (const p of [a, b]) await p.context().close();
+    await callThroughTheKernel(kernel, `relay-kernel-${Date.now()}`, '127.0.0.1');
+  } finally {
+    assert.equal(await kernel.stop(), 0);
+  }
+});
+
+test('a call relayed through TURN over UDP and IPv6 goes through the kernel relay', async () => {
+  // RFC 6156: a TURN server listening on IPv6 relays on IPv6.
+  // Browsers ask for no family: they get their own.
+  const kernel = await startServer(['--turn-kernel-relay', 'lo', '--turn-allocation-family', 'client'], { turnListen: '[::1]:0' });
+  try {
+    await callThroughTheKernel(kernel, `relay-kernel6-${Date.now()}`, '::1');
   } finally {
     assert.equal(await kernel.stop(), 0);
   }

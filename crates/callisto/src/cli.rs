@@ -62,6 +62,14 @@ pub enum BenchTarget {
     Direct,
 }
 
+/// `--turn-allocation-family`: see [`callisto_turn::server::DefaultFamily`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AllocationFamily {
+    Ipv4,
+    Ipv6,
+    Client,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchPattern {
     /// Client ↔ external UDP echo peer through one allocation.
@@ -421,6 +429,18 @@ pub struct TurnArgs {
         value_delimiter = ','
     )]
     pub turn_relay_ips: Vec<std::net::IpAddr>,
+
+    /// The relay family of a client that asks for none (browsers do not
+    /// ask): ipv4, as RFC 8656 has it; ipv6; or client, that of the
+    /// client's own address. An IPv6-only server needs client or ipv6, or
+    /// browsers get no relay (440, Address Family not Supported).
+    #[arg(
+        long = "turn-allocation-family",
+        env = "CALLISTO_TURN_ALLOCATION_FAMILY",
+        value_enum,
+        default_value = "ipv4"
+    )]
+    pub turn_allocation_family: AllocationFamily,
 
     /// Public address to advertise for relays, when the server is behind a
     /// 1:1 NAT; one per family, for the relay address of that family.

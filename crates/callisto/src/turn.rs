@@ -13,9 +13,9 @@ use callisto_turn::net::{
     ConnectionLimits, KernelRelay, KernelRelayConfig, Listen, RelayConfig, TurnService,
 };
 use callisto_turn::policy::PeerPolicy;
-use callisto_turn::server::{Config, Shared};
+use callisto_turn::server::{Config, DefaultFamily, Shared};
 
-use crate::cli::TurnArgs;
+use crate::cli::{AllocationFamily, TurnArgs};
 
 /// A running TURN service and what browsers need to use it.
 pub struct RunningTurn {
@@ -138,12 +138,24 @@ pub async fn start(
             args.turn_listen
         );
     }
+    if args.turn_allocation_family == AllocationFamily::Ipv4
+        && !relay_ips.iter().any(IpAddr::is_ipv4)
+    {
+        tracing::warn!(
+            "no IPv4 relay address, and --turn-allocation-family ipv4: clients that ask for no family, browsers among them, get none (440); add --turn-allocation-family client, or an IPv4 --turn-relay-ip"
+        );
+    }
     let kernel = kernel_relay(args, &relay_ips, relay_ip)?.map(Arc::new);
     let config = Config {
         credentials,
         policy: PeerPolicy::new(args.turn_allow_peers.clone(), args.turn_deny_peers.clone()),
         relay_ips: relay_ips.clone(),
         relay_ports: args.turn_port_range.0..=args.turn_port_range.1,
+        default_family: match args.turn_allocation_family {
+            AllocationFamily::Ipv4 => DefaultFamily::Ipv4,
+            AllocationFamily::Ipv6 => DefaultFamily::Ipv6,
+            AllocationFamily::Client => DefaultFamily::Client,
+        },
         external_ips,
         max_allocations: args.turn_max_allocations,
         user_quota: args.turn_user_quota,

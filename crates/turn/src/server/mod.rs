@@ -134,6 +134,19 @@ struct Reservation {
     source: Source,
 }
 
+/// The family of the relay a client gets when it asks for none
+/// (REQUESTED-ADDRESS-FAMILY, RFC 8656 section 7.2): browsers ask for none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DefaultFamily {
+    /// IPv4, as the RFC has it (without an IPv4 relay address: 440).
+    #[default]
+    Ipv4,
+    Ipv6,
+    /// That of the client's own address (coturn's `keep`): an IPv6-only
+    /// server can serve browsers, which ask for no family.
+    Client,
+}
+
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -143,6 +156,8 @@ pub struct Config {
     /// peers there are other allocations of this server, always allowed.
     pub relay_ips: Vec<IpAddr>,
     pub relay_ports: RangeInclusive<u16>,
+    /// The relay family of a client that asks for none.
+    pub default_family: DefaultFamily,
     /// Advertised in XOR-RELAYED-ADDRESS instead of the bound IP of the
     /// same family (behind 1:1 NAT); at most one per family.
     pub external_ips: Vec<IpAddr>,
@@ -187,6 +202,7 @@ impl Default for Config {
             policy: PeerPolicy::default(),
             relay_ips: Vec::new(),
             relay_ports: 49152..=65535,
+            default_family: DefaultFamily::Ipv4,
             external_ips: Vec::new(),
             max_lifetime: Duration::from_secs(3600),
             nonce_lifetime: Duration::from_secs(600),
@@ -1717,7 +1733,16 @@ impl<A: RelayAllocator> Server<A> {
             }
         }
         let ipv6 = match requested.map(|v| v.first().copied()) {
-            None => false,
+            None => match self.shared.config.default_family {
+                DefaultFamily::Ipv4 => false,
+                DefaultFamily::Ipv6 => true,
+                // An IPv4 address in IPv6's clothes (a dual-stack socket)
+                // is an IPv4 client.
+                DefaultFamily::Client => match five.client.ip() {
+                    IpAddr::V6(ip) => ip.to_ipv4_mapped().is_none(),
+                    IpAddr::V4(_) => false,
+                },
+            },
             Some(Some(attr::FAMILY_IPV4)) => false,
             Some(Some(attr::FAMILY_IPV6)) => true,
             Some(_) => return Err(refuse(440, "Address Family not Supported")),
@@ -1755,7 +1780,10 @@ impl<A: RelayAllocator> Server<A> {
                 self.free_slots.push(slot);
                 self.shared.unreserve(&authed.username, source);
                 tracing::warn!(error = %e, ipv6, reserve, "no relay socket available");
-                return Err(if ipv6 && e.kind() == io::ErrorKind::Unsupported {
+                // No relay address of the family, asked for or not: 440
+                // (RFC 8656 section 7.2), which says so; 508 would say to
+                // try again later.
+                return Err(if e.kind() == io::ErrorKind::Unsupported {
                     refuse(440, "Address Family not Supported")
                 } else {
                     refuse(508, "Insufficient Capacity")

@@ -29,12 +29,17 @@ struct FakeRelays {
     /// An IPv6 relay gets the port of the slot below it: the same port as
     /// the IPv4 half of a dual allocation, on another address.
     ipv6_reuses_ports: bool,
+    /// IPv4 relays are refused: an IPv6-only server.
+    no_ipv4: bool,
 }
 
 impl RelayAllocator for FakeRelays {
     fn allocate(&mut self, id: RelayId, ipv6: bool, even: bool) -> io::Result<SocketAddr> {
         if ipv6 && !self.ipv6 {
             return Err(io::Error::new(io::ErrorKind::Unsupported, "no IPv6 relay"));
+        }
+        if !ipv6 && self.no_ipv4 {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "no IPv4 relay"));
         }
         if *self.fail.borrow() {
             return Err(io::Error::other("no ports"));
@@ -1634,6 +1639,55 @@ fn a_dual_allocation_in_the_drafts_numbering_is_answered_in_it() {
         stun::decode_address_error(why).unwrap(),
         (attr::FAMILY_IPV6, 440, "Address Family not Supported")
     );
+}
+
+/// A client that asks for no family (as browsers) gets an IPv4 relay, as
+/// RFC 8656 has it; from a server without IPv4 relays, 440, which says so
+/// (it was 508, "try again later"). With `DefaultFamily::Client` it gets
+/// its own family's; with `Ipv6`, IPv6.
+#[test]
+fn a_client_that_asks_for_no_family_gets_the_default_one() {
+    let t0 = Instant::now();
+    let cases = [
+        (DefaultFamily::Ipv4, five6(1), false),
+        (DefaultFamily::Client, five6(2), true),
+        (DefaultFamily::Client, five(3), false),
+        (DefaultFamily::Ipv6, five(4), true),
+    ];
+    for (family, f, ipv6) in cases {
+        let mut cfg = config();
+        cfg.default_family = family;
+        let mut s = dual_setup(cfg, t0);
+        let (_, relayed) = allocated(&mut s, f, t0);
+        assert_eq!(relayed.is_ipv6(), ipv6, "{family:?} for {}", f.client);
+    }
+    // An IPv6-only server.
+    let relays = FakeRelays {
+        ipv6: true,
+        no_ipv4: true,
+        ..FakeRelays::default()
+    };
+    for (family, code) in [
+        (DefaultFamily::Ipv4, Some(440)),
+        (DefaultFamily::Client, None),
+    ] {
+        let mut cfg = config();
+        cfg.default_family = family;
+        let mut s = Server::new(
+            Arc::new(Shared::new(cfg, b"k", (t0, 1_000))),
+            relays.clone(),
+        );
+        let mut c = Client::new(USER, PASS, false, 5);
+        c.allocate(t0);
+        let events = pump(&mut s, &mut c, five6(5), t0);
+        match code {
+            Some(code) => assert_eq!(failed_code(&events), code, "{family:?}"),
+            None => assert!(
+                matches!(events.as_slice(), [Event::Allocated { relayed, .. }] if relayed.is_ipv6()),
+                "{family:?}: {events:?}"
+            ),
+        }
+    }
 }
 
 /// A server whose relays come in both families.
