@@ -326,22 +326,10 @@ fn kernel_relay(
                 Ok(KernelRelay::attach(&KernelRelayConfig {
                     interfaces,
                     max_allocations: args.turn_max_allocations,
-                    relay_ip: relay_ips.iter().find_map(|ip| match ip {
-                        IpAddr::V4(ip) => Some(*ip),
-                        IpAddr::V6(_) => None,
-                    }),
-                    external_ip: args.turn_external_ips.iter().find_map(|ip| match ip {
-                        IpAddr::V4(ip) => Some(*ip),
-                        IpAddr::V6(_) => None,
-                    }),
-                    relay_ip6: relay_ips.iter().find_map(|ip| match ip {
-                        IpAddr::V6(ip) => Some(*ip),
-                        IpAddr::V4(_) => None,
-                    }),
-                    external_ip6: args.turn_external_ips.iter().find_map(|ip| match ip {
-                        IpAddr::V6(ip) => Some(*ip),
-                        IpAddr::V4(_) => None,
-                    }),
+                    relay_ip: ipv4_of(relay_ips),
+                    external_ip: ipv4_of(&args.turn_external_ips),
+                    relay_ip6: ipv6_of(relay_ips),
+                    external_ip6: ipv6_of(&args.turn_external_ips),
                     bytes_per_sec: args.turn_bps_per_allocation,
                 })?)
             },
@@ -357,6 +345,22 @@ fn kernel_relay(
         }
         Err(e) => Err(e),
     }
+}
+
+/// The IPv4 address among `ips` (one per family).
+fn ipv4_of(ips: &[IpAddr]) -> Option<std::net::Ipv4Addr> {
+    ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(ip) => Some(*ip),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// The IPv6 address among `ips` (one per family).
+fn ipv6_of(ips: &[IpAddr]) -> Option<std::net::Ipv6Addr> {
+    ips.iter().find_map(|ip| match ip {
+        IpAddr::V6(ip) => Some(*ip),
+        IpAddr::V4(_) => None,
+    })
 }
 
 /// The interfaces `--turn-kernel-relay` names, with `auto` standing for

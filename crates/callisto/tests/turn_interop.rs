@@ -1622,30 +1622,20 @@ fn ipv6_through_the_kernel_relay_on_a_network_interface() {
     checksums_in_full(Some(&hosts), "hosts0");
     let server = ipv6_kernel_turn("[fd00:77::1]:0", "fd00:77::/64", "auto");
     let _peer = echo_peer_at(Some(&hosts.0), "fd00:77::3", 3480);
-    assert_lossless(
-        "IPv6 on a veth, to a peer, with channels",
-        uclient_in(
-            Some(&hosts.0),
-            "fd00:77::1",
-            "fd00:77::3",
-            server.turn_port,
-            3480,
-            &[],
-            ("user", "pass"),
-        ),
-    );
-    assert_lossless(
-        "IPv6 on a veth, to a peer, with Send indications",
-        uclient_in(
-            Some(&hosts.0),
-            "fd00:77::1",
-            "fd00:77::3",
-            server.turn_port,
-            3480,
-            &["-s"],
-            ("user", "pass"),
-        ),
-    );
+    for (how, flags) in [("channels", &[][..]), ("Send indications", &["-s"])] {
+        assert_lossless(
+            &format!("IPv6 on a veth, to a peer, with {how}"),
+            uclient_in(
+                Some(&hosts.0),
+                "fd00:77::1",
+                "fd00:77::3",
+                server.turn_port,
+                3480,
+                flags,
+                ("user", "pass"),
+            ),
+        );
+    }
     let turn: SocketAddr = format!("[fd00:77::1]:{}", server.turn_port)
         .parse()
         .unwrap();

@@ -883,100 +883,138 @@ impl KernelRelay {
     }
 }
 
+/// A route's map value: until when it holds.
+trait Expiring: aya::Pod + PartialEq {
+    fn expires_ns(&self) -> u64;
+}
+
+macro_rules! expiring {
+    ($($t:ty),*) => {
+        $(impl Expiring for $t {
+            fn expires_ns(&self) -> u64 {
+                self.expires_ns
+            }
+        })*
+    };
+}
+expiring!(ToPeer, ToClient, ToPeer6, ToClient6);
+
+/// Writes a channel route's two entries, one per direction; if the maps
+/// refuse either, takes both out. Whether the first was new, and the
+/// maps' answer.
+fn set_pair<K1: aya::Pod, V1: aya::Pod, K2: aya::Pod, V2: aya::Pod>(
+    first: &mut HashMap<MapData, K1, V1>,
+    (k1, v1): (K1, V1),
+    second: &mut HashMap<MapData, K2, V2>,
+    (k2, v2): (K2, V2),
+) -> (bool, Result<(), MapError>) {
+    let fresh = first.get(&k1, 0).is_err();
+    let set = first
+        .insert(k1, v1, 0)
+        .and_then(|()| second.insert(k2, v2, 0));
+    if set.is_err() {
+        let _ = first.remove(&k1);
+        let _ = second.remove(&k2);
+    }
+    (fresh, set)
+}
+
+/// Takes `key` out if it still holds the flow whose value, at any expiry,
+/// is `value(expiry)`: another worker may since have given the same relay
+/// port, or channel, to a new flow, and set it first. Whether it did.
+fn remove_mine<K: aya::Pod, V: Expiring>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    value: impl Fn(u64) -> V,
+) -> bool {
+    map.get(key, 0).is_ok_and(|v| v == value(v.expires_ns())) && map.remove(key).is_ok()
+}
+
 impl Inner {
-    fn set_channel(&mut self, r: &KernelRoute, expires_ns: u64) {
-        let (ck, pk) = (ClientKey::of(r), PeerKey::of(r));
-        let fresh = self.client_routes.get(&ck, 0).is_err();
-        let set = self
-            .client_routes
-            .insert(ck, ToPeer::of(r, expires_ns), 0)
-            .and_then(|()| self.peer_routes.insert(pk, ToClient::of(r, expires_ns), 0));
+    /// Counts a channel route [`set_pair`] wrote, or the failure, for the
+    /// flow from `relay` to `peer`; whether it is in.
+    fn channel_set(
+        &mut self,
+        (relay, peer): (SocketAddr, SocketAddr),
+        channel: u16,
+        (fresh, set): (bool, Result<(), MapError>),
+    ) -> bool {
         match set {
             Ok(()) => {
                 self.routes += usize::from(fresh);
-                self.unrefuse(r.relay.into(), r.peer.into());
+                self.unrefuse(relay, peer);
+                true
             }
             Err(e) => {
-                let _ = self.client_routes.remove(&ck);
-                let _ = self.peer_routes.remove(&pk);
                 self.routes = self.routes.saturating_sub(usize::from(!fresh));
-                self.refuse(r.relay.into(), r.peer.into());
-                self.remove_indications(&IndicationRoute {
-                    client: r.client,
-                    server: r.server,
-                    relay: r.relay,
-                    peer: *r.peer.ip(),
-                    expires: r.expires,
-                });
+                self.refuse(relay, peer);
                 metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
-                tracing::debug!(error = %e, channel = r.channel, "kernel route not installed; the sockets relay this flow");
+                tracing::debug!(error = %e, channel, "kernel route not installed; the sockets relay this flow");
+                false
             }
+        }
+    }
+
+    /// A channel route refused takes its peer's permission route out with
+    /// it (see `refused`).
+    fn set_channel(&mut self, r: &KernelRoute, expires_ns: u64) {
+        let set = set_pair(
+            &mut self.client_routes,
+            (ClientKey::of(r), ToPeer::of(r, expires_ns)),
+            &mut self.peer_routes,
+            (PeerKey::of(r), ToClient::of(r, expires_ns)),
+        );
+        if !self.channel_set((r.relay.into(), r.peer.into()), r.channel, set) {
+            self.remove_indications(&IndicationRoute {
+                client: r.client,
+                server: r.server,
+                relay: r.relay,
+                peer: *r.peer.ip(),
+                expires: r.expires,
+            });
         }
     }
 
     fn remove_channel(&mut self, r: &KernelRoute) {
         self.unrefuse(r.relay.into(), r.peer.into());
-        // Only this flow's entries: another worker may since have given
-        // the same relay port, or channel, to a new flow, and set it first.
-        let (ck, pk) = (ClientKey::of(r), PeerKey::of(r));
-        let mine = |v: ToPeer| ToPeer { expires_ns: 0, ..v } == ToPeer::of(r, 0);
-        if self.client_routes.get(&ck, 0).is_ok_and(mine) {
-            let _ = self.client_routes.remove(&ck);
+        if remove_mine(&mut self.client_routes, &ClientKey::of(r), |e| {
+            ToPeer::of(r, e)
+        }) {
             self.routes = self.routes.saturating_sub(1);
         }
-        let mine = |v: ToClient| ToClient { expires_ns: 0, ..v } == ToClient::of(r, 0);
-        if self.peer_routes.get(&pk, 0).is_ok_and(mine) {
-            let _ = self.peer_routes.remove(&pk);
-        }
+        remove_mine(&mut self.peer_routes, &PeerKey::of(r), |e| {
+            ToClient::of(r, e)
+        });
     }
 
-    /// As [`Inner::set_channel`].
     fn set_channel6(&mut self, r: &KernelRoute6, expires_ns: u64) {
-        let (ck, pk) = (ClientKey6::of(r), PeerKey6::of(r));
-        let fresh = self.client_routes6.get(&ck, 0).is_err();
-        let set = self
-            .client_routes6
-            .insert(ck, ToPeer6::of(r, expires_ns), 0)
-            .and_then(|()| {
-                self.peer_routes6
-                    .insert(pk, ToClient6::of(r, expires_ns), 0)
+        let set = set_pair(
+            &mut self.client_routes6,
+            (ClientKey6::of(r), ToPeer6::of(r, expires_ns)),
+            &mut self.peer_routes6,
+            (PeerKey6::of(r), ToClient6::of(r, expires_ns)),
+        );
+        if !self.channel_set((r.relay.into(), r.peer.into()), r.channel, set) {
+            self.remove_indications6(&IndicationRoute6 {
+                client: r.client,
+                server: r.server,
+                relay: r.relay,
+                peer: *r.peer.ip(),
+                expires: r.expires,
             });
-        match set {
-            Ok(()) => {
-                self.routes += usize::from(fresh);
-                self.unrefuse(r.relay.into(), r.peer.into());
-            }
-            Err(e) => {
-                let _ = self.client_routes6.remove(&ck);
-                let _ = self.peer_routes6.remove(&pk);
-                self.routes = self.routes.saturating_sub(usize::from(!fresh));
-                self.refuse(r.relay.into(), r.peer.into());
-                self.remove_indications6(&IndicationRoute6 {
-                    client: r.client,
-                    server: r.server,
-                    relay: r.relay,
-                    peer: *r.peer.ip(),
-                    expires: r.expires,
-                });
-                metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
-                tracing::debug!(error = %e, channel = r.channel, "kernel route not installed; the sockets relay this flow");
-            }
         }
     }
 
-    /// As [`Inner::remove_channel`].
     fn remove_channel6(&mut self, r: &KernelRoute6) {
         self.unrefuse(r.relay.into(), r.peer.into());
-        let (ck, pk) = (ClientKey6::of(r), PeerKey6::of(r));
-        let mine = |v: ToPeer6| ToPeer6 { expires_ns: 0, ..v } == ToPeer6::of(r, 0);
-        if self.client_routes6.get(&ck, 0).is_ok_and(mine) {
-            let _ = self.client_routes6.remove(&ck);
+        if remove_mine(&mut self.client_routes6, &ClientKey6::of(r), |e| {
+            ToPeer6::of(r, e)
+        }) {
             self.routes = self.routes.saturating_sub(1);
         }
-        let mine = |v: ToClient6| ToClient6 { expires_ns: 0, ..v } == ToClient6::of(r, 0);
-        if self.peer_routes6.get(&pk, 0).is_ok_and(mine) {
-            let _ = self.peer_routes6.remove(&pk);
-        }
+        remove_mine(&mut self.peer_routes6, &PeerKey6::of(r), |e| {
+            ToClient6::of(r, e)
+        });
     }
 
     /// Notes a channel whose route the maps refused: its peer's IP gets no
@@ -1007,8 +1045,6 @@ impl Inner {
             self.remove_indications(r);
             return;
         }
-        let key = PermissionKey::of(r);
-        let fresh = self.permission_routes.get(&key, 0).is_err();
         // The client's Send indications to the peer go with it (held back
         // with it too, which only costs speed); a failure here as well.
         if let Err(e) = self
@@ -1018,32 +1054,24 @@ impl Inner {
             metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
             tracing::debug!(error = %e, "kernel route not installed; the sockets relay this client's Send indications");
         }
-        match self
-            .permission_routes
-            .insert(key, ToClient::indications(r, expires_ns), 0)
-        {
-            Ok(()) => self.routes += usize::from(fresh),
-            Err(e) => {
-                if !fresh && self.permission_routes.remove(&key).is_ok() {
-                    self.routes = self.routes.saturating_sub(1);
-                }
-                metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
-                tracing::debug!(error = %e, "kernel route not installed; the sockets relay this peer's Data indications");
-            }
-        }
+        let value = ToClient::indications(r, expires_ns);
+        set_permission(
+            &mut self.routes,
+            &mut self.permission_routes,
+            PermissionKey::of(r),
+            value,
+        );
     }
 
     /// Only this flow's entries, as for channels.
     fn remove_indications(&mut self, r: &IndicationRoute) {
-        let key = SendKey::of(r);
-        let mine = |v: ToPeer| ToPeer { expires_ns: 0, ..v } == ToPeer::sends(r, 0);
-        if self.send_routes.get(&key, 0).is_ok_and(mine) {
-            let _ = self.send_routes.remove(&key);
-        }
+        remove_mine(&mut self.send_routes, &SendKey::of(r), |e| {
+            ToPeer::sends(r, e)
+        });
         let key = PermissionKey::of(r);
-        let mine = |v: ToClient| ToClient { expires_ns: 0, ..v } == ToClient::indications(r, 0);
-        if self.permission_routes.get(&key, 0).is_ok_and(mine) {
-            let _ = self.permission_routes.remove(&key);
+        if remove_mine(&mut self.permission_routes, &key, |e| {
+            ToClient::indications(r, e)
+        }) {
             self.routes = self.routes.saturating_sub(1);
         }
     }
@@ -1058,30 +1086,43 @@ impl Inner {
             self.remove_indications6(r);
             return;
         }
-        let key = PermissionKey6::of(r);
-        let fresh = self.permission_routes6.get(&key, 0).is_err();
-        match self
-            .permission_routes6
-            .insert(key, ToClient6::indications(r, expires_ns), 0)
-        {
-            Ok(()) => self.routes += usize::from(fresh),
-            Err(e) => {
-                if !fresh && self.permission_routes6.remove(&key).is_ok() {
-                    self.routes = self.routes.saturating_sub(1);
-                }
-                metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
-                tracing::debug!(error = %e, "kernel route not installed; the sockets relay this peer's Data indications");
-            }
-        }
+        let value = ToClient6::indications(r, expires_ns);
+        set_permission(
+            &mut self.routes,
+            &mut self.permission_routes6,
+            PermissionKey6::of(r),
+            value,
+        );
     }
 
-    /// Only this flow's entry, as for channels.
     fn remove_indications6(&mut self, r: &IndicationRoute6) {
         let key = PermissionKey6::of(r);
-        let mine = |v: ToClient6| ToClient6 { expires_ns: 0, ..v } == ToClient6::indications(r, 0);
-        if self.permission_routes6.get(&key, 0).is_ok_and(mine) {
-            let _ = self.permission_routes6.remove(&key);
+        if remove_mine(&mut self.permission_routes6, &key, |e| {
+            ToClient6::indications(r, e)
+        }) {
             self.routes = self.routes.saturating_sub(1);
+        }
+    }
+}
+
+/// Writes a permission route, counting it in `routes` if new. If the maps
+/// refuse it, what the key held before goes too: it may be another flow's
+/// (an earlier allocation on the same relay port, with another client).
+fn set_permission<K: aya::Pod, V: aya::Pod>(
+    routes: &mut usize,
+    map: &mut HashMap<MapData, K, V>,
+    key: K,
+    value: V,
+) {
+    let fresh = map.get(&key, 0).is_err();
+    match map.insert(key, value, 0) {
+        Ok(()) => *routes += usize::from(fresh),
+        Err(e) => {
+            if !fresh && map.remove(&key).is_ok() {
+                *routes = routes.saturating_sub(1);
+            }
+            metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
+            tracing::debug!(error = %e, "kernel route not installed; the sockets relay this peer's Data indications");
         }
     }
 }
