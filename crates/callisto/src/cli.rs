@@ -542,9 +542,8 @@ pub struct TurnArgs {
     /// (XDP) on this network interface: the interface clients and peers
     /// reach this server through (repeatable; `lo` for loopback; `auto`
     /// for the ones holding the listening and relay addresses). Needs
-    /// root, and --turn-listen on one address; over IPv6 it leaves Send
-    /// indications to the server. Keeps to --turn-bps-per-allocation as
-    /// the server does. Everything else is still relayed by the server.
+    /// root, and --turn-listen on one address. Keeps to
+    /// --turn-bps-per-allocation as the server does. Everything else is still relayed by the server.
     #[arg(
         long = "turn-kernel-relay",
         env = "CALLISTO_TURN_KERNEL_RELAY",

@@ -3,7 +3,7 @@
 // Callisto's kernel relay: an XDP program that relays between a TURN
 // client and its peers without waking the server process: ChannelData both
 // ways, clients' Send indications, and peers' data without a channel as
-// Data indications; over IPv6 all but Send indications (relay6, below).
+// Data indications; over IPv4 and over IPv6 (relay6, below).
 //
 // User space (crates/turn/src/net/kernel.rs) owns every decision: when a
 // UDP client's channel is bound and its peer permitted, it writes one route
@@ -15,7 +15,7 @@
 // STUN requests, Send indications laid out otherwise than browsers and
 // coturn lay them out, padded or malformed ChannelData, data
 // from peers without a permission, fragments, IP options, IPv6 extension
-// headers and Send indications, hosts whose link-layer address this interface has not seen yet, and frames
+// headers, hosts whose link-layer address this interface has not seen yet, and frames
 // that would outgrow the MTU -- is passed on untouched to the sockets,
 // where the server handles it as it always does. So the server stays the
 // one authority, and a missing route only costs speed.
@@ -212,10 +212,8 @@ struct {
 	__type(value, struct mac);
 } hop_macs SEC(".maps");
 
-// IPv6: channels, both ways and in place, and permissions' Data
-// indications, as for IPv4 above, in maps of their own. Send indications
-// over IPv6 are left to the sockets (the server's permission routes for
-// IPv6 carry none).
+// IPv6: channels, both ways and in place, permissions' Data indications
+// and clients' Send indications, as for IPv4 above, in maps of their own.
 struct client_key6 {
 	struct ip6 client_ip;
 	struct ip6 server_ip;
@@ -281,6 +279,23 @@ struct {
 	__type(key, struct permission_key6);
 	__type(value, struct to_client6);
 } permission_routes6 SEC(".maps");
+
+// A client's Send indication to any port of `peer_ip`: a permission.
+struct send_key6 {
+	struct ip6 client_ip;
+	struct ip6 server_ip;
+	__u16 client_port;
+	__u16 server_port;
+	struct ip6 peer_ip;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct send_key6);
+	__type(value, struct to_peer6);
+} send_routes6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -1347,14 +1362,16 @@ struct headers6 {
 } __attribute__((packed));
 
 // Where a Data indication's `len` bytes of data come from (`ip`:`port`),
-// and the header of `strip` bytes before them that goes (none, or a
-// channel header whose words sum to `removed`).
+// the header of `strip` bytes before them that goes (none, a channel
+// header, a Send indication's), and the `after` bytes after them (none, or
+// a Send indication's padding and attributes) of which the padding stays,
+// zeroed; `removed` is the sum of the words that go or are zeroed.
 struct data_from6 {
 	struct ip6 ip;
 	__u16 port;
 	__u16 len;
 	__u16 strip;
-	__u16 zero;
+	__u16 after;
 	__u32 removed;
 };
 
@@ -1384,10 +1401,13 @@ enum action6 {
 	TO_CLIENT6,	// a channel's peer's data along `to`, as ChannelData
 	IN_PLACE6,	// ChannelData along `from`, to `to`'s client on its channel
 	INDICATION6,	// `data` along `to`, as a Data indication
+	SEND_TO_PEER6,	// a Send indication's `data` along `from`, to its peer
+	SEND_IN_PLACE6,	// a Send indication's `data` to `to`'s client on its channel
 };
 
 // relay6's decision, and act6's workspace: per CPU rather than on the
-// stack. The two run one after the other from the program's entry, each
+// stack. What one packet leaves here the next finds: every decision sets
+// all the fields its action reads. The two run one after the other from the program's entry, each
 // with 512 bytes of stack; the IPv6 rewrites (four-word addresses, their
 // checksum arithmetic) took more than a function that also looks routes
 // up could spare. (Per CPU is safe as for `charges`: XDP runs with
@@ -1400,8 +1420,9 @@ struct scratch6 {
 	struct to_client6 to;	// them while the packet is on its way
 	struct data_from6 data;
 	__u16 cd0, cd1;		// the channel header, as received
-	__u16 len;		// the data's length
+	__u16 len;		// the data's length (for decide_send6: the datagram's)
 	__u16 action;		// enum action6
+	__u32 partial;		// for decide_send6: whether its checksum is partial
 };
 
 struct {
@@ -1609,6 +1630,35 @@ static __noinline int act6(struct xdp_md *ctx)
 		if (!next_hop6(ctx, n, h, 0))
 			return XDP_PASS;
 		return put6(ctx, n, 0, c->channel, cd1);
+	case SEND_TO_PEER6: { // as relay_send, to a peer elsewhere
+		const struct data_from6 *d = &sc->data;
+		int shrink = d->strip + d->after;
+		owe_at(IPV6_BUDGETS, r->relay_port, 0, d->len);
+		readdress6(n, h, &r->relay_ip, r->relay_port, &r->peer_ip, r->peer_port, -shrink,
+			   0, d->removed);
+		if (!next_hop6(ctx, n, h, -shrink))
+			return XDP_PASS;
+		int verdict = put6(ctx, n, d->strip, 0, 0);
+		// Were this refused, the frame would still be right: IP's length
+		// ends the datagram, the rest is padding.
+		if (verdict == XDP_TX && d->after)
+			bpf_xdp_adjust_tail(ctx, -(int)d->after);
+		return verdict;
+	}
+	case SEND_IN_PLACE6: { // as send_in_place, on the receiver's channel
+		const struct data_from6 *d = &sc->data;
+		__u16 length = bpf_htons(d->len);
+		int grow = CHANNEL_HEADER - (int)d->strip - (int)d->after;
+		owe_at(IPV6_BUDGETS, r->relay_port, c->relay_port, d->len);
+		readdress6(n, h, &c->server_ip, c->server_port, &c->client_ip, c->client_port, grow,
+			   (__u32)c->channel + length, d->removed);
+		if (!next_hop6(ctx, n, h, grow))
+			return XDP_PASS;
+		int verdict = put6(ctx, n, (int)d->strip - CHANNEL_HEADER, c->channel, length);
+		if (verdict == XDP_TX && d->after)
+			bpf_xdp_adjust_tail(ctx, -(int)d->after);
+		return verdict;
+	}
 	case INDICATION6:
 		break;
 	default:
@@ -1618,8 +1668,9 @@ static __noinline int act6(struct xdp_md *ctx)
 	const struct data_from6 *from = &sc->data;
 	len = from->len;
 	int strip = from->strip;
+	int after = from->after;
 	int pad = (4 - (len & 3)) & 3;
-	int grow = INDICATION6_HEADER - strip + pad;
+	int grow = INDICATION6_HEADER - strip + pad - after;
 	if (len > 0xffff - INDICATION6_HEADER - pad - sizeof(struct udphdr))
 		return XDP_PASS;
 	struct indication6 *ind = &sc->ind;
@@ -1652,11 +1703,12 @@ static __noinline int act6(struct xdp_md *ctx)
 	if (!next_hop6(ctx, n, h, grow))
 		return XDP_PASS;
 	// The kernel zeroes what the tail grows by: that is the padding.
-	if (pad && bpf_xdp_adjust_tail(ctx, pad))
+	int tail = pad - after;
+	if (tail > 0 && bpf_xdp_adjust_tail(ctx, tail))
 		return XDP_PASS;
 	if (bpf_xdp_adjust_head(ctx, -(INDICATION6_HEADER - strip))) {
-		if (pad)
-			bpf_xdp_adjust_tail(ctx, -pad);
+		if (tail > 0)
+			bpf_xdp_adjust_tail(ctx, -tail);
 		return XDP_PASS;
 	}
 	void *data = (void *)(long)ctx->data;
@@ -1665,11 +1717,30 @@ static __noinline int act6(struct xdp_md *ctx)
 		return XDP_DROP; // cannot happen: the packet grew
 	__builtin_memcpy(data, n, sizeof(*n));
 	__builtin_memcpy(data + sizeof(*n), ind, sizeof(*ind));
+	if (after) {
+		// A Send indication's padding stays where it was, zeroed.
+		__u8 *z = data + sizeof(*n) + sizeof(*ind) + (len & 0x7ff);
+		for (int i = 0; i < 3; i++) {
+			if (i >= pad)
+				break;
+			__u8 *b = z + i;
+			same_register(b);
+			if ((void *)(b + 1) > end)
+				return XDP_DROP; // cannot happen: the padding was there
+			*b = 0;
+		}
+	}
+	// Were this refused, the frame would still be right: IP's length ends
+	// the datagram, the rest is padding.
+	if (tail < 0)
+		bpf_xdp_adjust_tail(ctx, tail);
 	return XDP_TX;
 }
 
-// relay6's answer when act6 is to relay the packet.
+// relay6's answers when act6 is to relay the packet, and when
+// decide_send6 is to look at it first.
 #define ACT6 -1
+#define SEND6 -2
 
 // Hands the packet with headers `h` to act6, to do `action`. The headers
 // are copied only here, for packets that are to be relayed.
@@ -1679,6 +1750,196 @@ static __always_inline int decided6(struct scratch6 *sc, const struct headers6 *
 	sc->h = *h;
 	sc->action = action;
 	return ACT6;
+}
+
+// What relay6 hands on (SEND6) for a datagram that looks like a Send
+// indication: ACT6, decided, for one from a client as relay_send takes them
+// (XOR-PEER-ADDRESS of 20 bytes, IPv6): to the peer, or in place to
+// another of our allocations' client, on its channel or as a Data
+// indication; XDP_PASS for anything else. On loopback with a partial
+// checksum, only what keeps the headers where they are or moves them down
+// (see relay6). Called from the program's entry, not from relay6: the
+// two, and the bpf_loop callback, would not fit one stack.
+static __noinline int decide_send6(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct headers6 *h = data;
+	if ((void *)(h + 1) > end)
+		return XDP_PASS;
+	struct scratch6 *sc = scratch6_here();
+	if (!sc)
+		return XDP_PASS;
+	// As relay6 found them.
+	__u32 len = sc->len;
+	int partial = sc->partial;
+	__u8 *p = data + sizeof(*h);
+	if ((void *)(p + INDICATION6_HEADER) > end || len < INDICATION6_HEADER ||
+	    len > INDICATION6_HEADER + MAX_SEND_DATA + 3 + FINGERPRINT_ATTRIBUTE)
+		return XDP_PASS;
+	if (p[0] != 0x00 || p[1] != 0x16 || *(__u32 *)(p + 4) != bpf_htonl(MAGIC_COOKIE))
+		return XDP_PASS;
+	if (bpf_ntohs(*(__u16 *)(p + 2)) + 20 != len)
+		return XDP_PASS;
+	__u32 body = len;
+	__u32 at = len - FINGERPRINT_ATTRIBUTE;
+	same_register(at);
+	if (at > INDICATION6_HEADER + MAX_SEND_DATA + 3)
+		return XDP_PASS;
+	__u8 *f = p + at;
+	same_register(f);
+	if ((void *)(f + FINGERPRINT_ATTRIBUTE) > end)
+		return XDP_PASS;
+	int fingerprint = *(__u16 *)f == bpf_htons(0x8028) && *(__u16 *)(f + 2) == bpf_htons(4);
+	if (fingerprint)
+		body = len - FINGERPRINT_ATTRIBUTE;
+	__u32 start, d, xpa;
+	if (*(__u16 *)(p + 20) == bpf_htons(0x0012)) {
+		if (*(__u16 *)(p + 44) != bpf_htons(0x0013))
+			return XDP_PASS;
+		start = INDICATION6_HEADER;
+		d = bpf_ntohs(*(__u16 *)(p + 46));
+		xpa = 20;
+	} else if (*(__u16 *)(p + 20) == bpf_htons(0x0013)) {
+		start = 24;
+		d = bpf_ntohs(*(__u16 *)(p + 22));
+		xpa = start + d + ((4 - (d & 3)) & 3);
+	} else {
+		return XDP_PASS;
+	}
+	__u32 pad = (4 - (d & 3)) & 3;
+	if (d > MAX_SEND_DATA || body != 20 + 24 + 4 + d + pad)
+		return XDP_PASS;
+	if (xpa > 24 + MAX_SEND_DATA + 3)
+		return XDP_PASS;
+	__u8 *x = p + xpa;
+	same_register(x);
+	if ((void *)(x + 24) > end)
+		return XDP_PASS;
+	if (*(__u16 *)x != bpf_htons(0x0012) || *(__u16 *)(x + 2) != bpf_htons(20) || x[5] != 2)
+		return XDP_PASS;
+	struct send_key6 k;
+	source6(&k.client_ip, h);
+	destination6(&k.server_ip, h);
+	k.client_port = h->udp.source;
+	k.server_port = h->udp.dest;
+	// XOR-PEER-ADDRESS: XORed with the cookie and the transaction id.
+	k.peer_ip.w[0] = *(__u32 *)(x + 8) ^ bpf_htonl(MAGIC_COOKIE);
+	k.peer_ip.w[1] = *(__u32 *)(x + 12) ^ *(__u32 *)(p + 8);
+	k.peer_ip.w[2] = *(__u32 *)(x + 16) ^ *(__u32 *)(p + 12);
+	k.peer_ip.w[3] = *(__u32 *)(x + 20) ^ *(__u32 *)(p + 16);
+	__u16 peer_port = *(__u16 *)(x + 6) ^ bpf_htons(MAGIC_COOKIE >> 16);
+	__u64 now = bpf_ktime_get_ns();
+	struct to_peer6 *r = bpf_map_lookup_elem(&send_routes6, &k);
+	if (!r || r->expires_ns <= now)
+		return XDP_PASS;
+	// FINGERPRINT and the UDP checksum (always there over IPv6), as
+	// relay_send checks them; not a partial checksum of loopback's.
+	if (fingerprint || !partial) {
+		struct message_pass c = {
+			.p = p, .end = end, .len = len, .crc_len = fingerprint ? body : 0, .crc = 0xffffffff,
+		};
+		if (bpf_loop((len + 15) / 16, message_step, &c, 0) < 0 || c.bad)
+			return XDP_PASS;
+		if (fingerprint &&
+		    (c.crc ^ 0xffffffff ^ FINGERPRINT_XOR) != bpf_ntohl(*(__u32 *)(f + 4)))
+			return XDP_PASS;
+		if (!partial) {
+			struct ip6 s6, d6;
+			source6(&s6, h);
+			destination6(&d6, h);
+			__u32 sum = add_ip6(add_ip6(0, &s6), &d6);
+			sum = add16(sum, bpf_htons(IPPROTO_UDP));
+			sum = add16(sum, h->udp.len);
+			sum = add16(sum, h->udp.source);
+			sum = add16(sum, h->udp.dest);
+			sum = add16(sum, h->udp.len);
+			sum = add16(sum, h->udp.check);
+			__u64 all = c.sum + sum;
+			all = (all & 0xffffffff) + (all >> 32);
+			all = (all & 0xffffffff) + (all >> 32);
+			if (fold((__u32)all) != 0xffff)
+				return XDP_PASS;
+		}
+	}
+	// A valid Send on a live route: its sender is learned even if the
+	// sockets take it (a client that sends nothing else must be).
+	learn6(ctx->ingress_ifindex, &k.client_ip, &h->eth);
+	// What leaves the payload: the words before the data, and every byte
+	// after it.
+	__u32 removed = 0;
+	const __u16 *w = (const __u16 *)p;
+#pragma unroll
+	for (int i = 0; i < 12; i++) // the header and the first attribute's
+		removed += w[i];
+	if (start == INDICATION6_HEADER) {
+#pragma unroll
+		for (int i = 12; i < INDICATION6_HEADER / 2; i++)
+			removed += w[i];
+	}
+	__u8 *t = p + start + d;
+	__u32 after = len - start - d;
+	for (__u32 i = 0; i < 3 + 24 + FINGERPRINT_ATTRIBUTE; i++) {
+		if (i >= after)
+			break;
+		__u8 *b = t + i;
+		same_register(b);
+		if ((void *)b >= end)
+			return XDP_PASS;
+		removed += byte_word(*b, start + d + i);
+	}
+	sc->from = *r;
+	sc->from.peer_ip = k.peer_ip;
+	sc->from.peer_port = peer_port;
+	sc->data.ip = r->relay_ip;
+	sc->data.port = r->relay_port;
+	sc->data.len = d;
+	sc->data.strip = start;
+	sc->data.after = after;
+	sc->data.removed = removed;
+	__u32 zero = 0;
+	struct settings *a = bpf_map_lookup_elem(&settings, &zero);
+	if (!a)
+		return XDP_PASS;
+	int ours = same_ip6(&k.peer_ip, &a->relay_ip6) ||
+		   (!zero_ip6(&a->external_ip6) && same_ip6(&k.peer_ip, &a->external_ip6));
+	if (!ours) {
+		if (partial)
+			return XDP_PASS;
+		return decided6(sc, h, SEND_TO_PEER6);
+	}
+	// To another of our allocations, along its route for data from the
+	// sender's relayed address (known by the external address, if any).
+	struct peer_key6 pk = {
+		.peer_ip = r->relay_ip,
+		.relay_ip = k.peer_ip,
+		.peer_port = r->relay_port,
+		.relay_port = peer_port,
+	};
+	if (!zero_ip6(&a->external_ip6)) {
+		if (same_ip6(&pk.peer_ip, &a->relay_ip6))
+			pk.peer_ip = a->external_ip6;
+		if (same_ip6(&pk.relay_ip, &a->external_ip6))
+			pk.relay_ip = a->relay_ip6;
+	}
+	sc->data.ip = pk.peer_ip;
+	struct to_client6 *c = bpf_map_lookup_elem(&peer_routes6, &pk);
+	if (c && c->expires_ns > now) {
+		if (partial)
+			return XDP_PASS;
+		sc->to = *c;
+		return decided6(sc, h, SEND_IN_PLACE6);
+	}
+	struct permission_key6 ik = {
+		.peer_ip = pk.peer_ip,
+		.relay_ip = pk.relay_ip,
+		.relay_port = pk.relay_port,
+	};
+	c = bpf_map_lookup_elem(&permission_routes6, &ik);
+	if (!c || c->expires_ns <= now)
+		return XDP_PASS; // only the server knows which of its ports are live relays
+	sc->to = *c;
+	return decided6(sc, h, INDICATION6);
 }
 
 // Decides what becomes of an IPv6 packet: XDP_PASS, untouched, for the
@@ -1779,6 +2040,7 @@ static __noinline int relay6(struct xdp_md *ctx)
 				sc->data.port = pk.peer_port;
 				sc->data.len = len - CHANNEL_HEADER;
 				sc->data.strip = CHANNEL_HEADER;
+				sc->data.after = 0;
 				sc->data.removed = (__u32)cd0 + cd1;
 				return decided6(sc, h, INDICATION6);
 			}
@@ -1816,8 +2078,16 @@ static __noinline int relay6(struct xdp_md *ctx)
 		sc->data.port = sport;
 		sc->data.len = len;
 		sc->data.strip = 0;
+		sc->data.after = 0;
 		sc->data.removed = 0;
 		return decided6(sc, h, INDICATION6);
+	}
+	// A Send indication, perhaps (a peer's datagram to a relay port would
+	// have matched above): decide_send6's.
+	if (len >= INDICATION6_HEADER && (void *)(p + 2) <= end && p[0] == 0x00 && p[1] == 0x16) {
+		sc->len = len;
+		sc->partial = partial;
+		return SEND6;
 	}
 	return XDP_PASS;
 }
@@ -1840,6 +2110,8 @@ int callisto_turn_relay(struct xdp_md *ctx)
 	if ((void *)(eth + 1) > end)
 		return XDP_PASS;
 	int verdict = eth->h_proto == bpf_htons(ETH_P_IPV6) ? relay6(ctx) : relay4(ctx);
+	if (verdict == SEND6)
+		verdict = decide_send6(ctx);
 	if (verdict == ACT6)
 		verdict = act6(ctx);
 	// Charged in one place: its code, and the verifier's walk over it, once.

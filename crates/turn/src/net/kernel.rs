@@ -1,8 +1,8 @@
 //! The kernel relay: an XDP program (`bpf/relay.bpf.c`) that relays
 //! between UDP clients and their peers inside the kernel (ChannelData both
 //! ways, Send indications, Data indications from peers without a channel;
-//! over IPv6, ChannelData both ways and Data indications), so that a
-//! relayed packet wakes no worker and crosses no socket.
+//! over IPv4 and IPv6), so that a relayed packet wakes no worker and
+//! crosses no socket.
 //!
 //! Why: below saturation, nearly all of what a relayed packet costs a
 //! user-space relay is the kernel's: receiving it, waking the worker, and
@@ -140,6 +140,16 @@ struct PeerKey6 {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SendKey6 {
+    client_ip: [u32; 4],
+    server_ip: [u32; 4],
+    client_port: u16,
+    server_port: u16,
+    peer_ip: [u32; 4],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PermissionKey6 {
     peer_ip: [u32; 4],
     relay_ip: [u32; 4],
@@ -200,6 +210,7 @@ unsafe impl aya::Pod for ToPeer6 {}
 unsafe impl aya::Pod for PeerKey6 {}
 unsafe impl aya::Pod for ToClient6 {}
 unsafe impl aya::Pod for PermissionKey6 {}
+unsafe impl aya::Pod for SendKey6 {}
 unsafe impl aya::Pod for KernelStats {}
 unsafe impl aya::Pod for Settings {}
 
@@ -255,6 +266,30 @@ impl ToPeer6 {
             peer_port: port6(&r.peer),
             zero: 0,
             expires_ns,
+        }
+    }
+
+    /// As [`ToPeer::sends`].
+    fn sends(r: &IndicationRoute6, expires_ns: u64) -> Self {
+        ToPeer6 {
+            relay_ip: ip6(r.relay.ip()),
+            peer_ip: ip6(&r.peer),
+            relay_port: port6(&r.relay),
+            peer_port: 0,
+            zero: 0,
+            expires_ns,
+        }
+    }
+}
+
+impl SendKey6 {
+    fn of(r: &IndicationRoute6) -> Self {
+        SendKey6 {
+            client_ip: ip6(r.client.ip()),
+            server_ip: ip6(r.server.ip()),
+            client_port: port6(&r.client),
+            server_port: port6(&r.server),
+            peer_ip: ip6(&r.peer),
         }
     }
 }
@@ -453,6 +488,7 @@ struct Inner {
     client_routes6: HashMap<MapData, ClientKey6, ToPeer6>,
     peer_routes6: HashMap<MapData, PeerKey6, ToClient6>,
     permission_routes6: HashMap<MapData, PermissionKey6, ToClient6>,
+    send_routes6: HashMap<MapData, SendKey6, ToPeer6>,
     stats: PerCpuArray<MapData, KernelStats>,
     /// What [`KernelRelay::report`] has already added to the metrics.
     reported: KernelStats,
@@ -686,6 +722,7 @@ impl KernelRelay {
             .set_max_entries("client_routes6", capacity6 as u32)
             .set_max_entries("peer_routes6", capacity6 as u32)
             .set_max_entries("permission_routes6", capacity6 as u32)
+            .set_max_entries("send_routes6", capacity6 as u32)
             // An LRU map is allocated whole, up front (about 6 MB).
             .set_max_entries("hop_macs6", if ipv6 { 65536 } else { 1 })
             .set_max_entries("budgets", budget_words(config.bytes_per_sec) as u32)
@@ -750,6 +787,7 @@ impl KernelRelay {
         let peer_routes6 = HashMap::try_from(take("peer_routes6")?).map_err(load_error)?;
         let permission_routes6 =
             HashMap::try_from(take("permission_routes6")?).map_err(load_error)?;
+        let send_routes6 = HashMap::try_from(take("send_routes6")?).map_err(load_error)?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(load_error)?;
         let budgets = if config.bytes_per_sec == 0 {
             None
@@ -792,6 +830,7 @@ impl KernelRelay {
                 client_routes6,
                 peer_routes6,
                 permission_routes6,
+                send_routes6,
                 stats,
                 reported: KernelStats::default(),
                 routes: 0,
@@ -1046,14 +1085,12 @@ impl Inner {
             return;
         }
         // The client's Send indications to the peer go with it (held back
-        // with it too, which only costs speed); a failure here as well.
-        if let Err(e) = self
-            .send_routes
-            .insert(SendKey::of(r), ToPeer::sends(r, expires_ns), 0)
-        {
-            metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
-            tracing::debug!(error = %e, "kernel route not installed; the sockets relay this client's Send indications");
-        }
+        // with it too, which only costs speed).
+        set_sends(
+            &mut self.send_routes,
+            SendKey::of(r),
+            ToPeer::sends(r, expires_ns),
+        );
         let value = ToClient::indications(r, expires_ns);
         set_permission(
             &mut self.routes,
@@ -1076,8 +1113,6 @@ impl Inner {
         }
     }
 
-    /// As [`Inner::set_indications`]; over IPv6 a permission carries no
-    /// Send indications (the program leaves those to the sockets).
     fn set_indications6(&mut self, r: &IndicationRoute6, expires_ns: u64) {
         if self
             .refused_by_ip
@@ -1086,6 +1121,11 @@ impl Inner {
             self.remove_indications6(r);
             return;
         }
+        set_sends(
+            &mut self.send_routes6,
+            SendKey6::of(r),
+            ToPeer6::sends(r, expires_ns),
+        );
         let value = ToClient6::indications(r, expires_ns);
         set_permission(
             &mut self.routes,
@@ -1096,12 +1136,24 @@ impl Inner {
     }
 
     fn remove_indications6(&mut self, r: &IndicationRoute6) {
+        remove_mine(&mut self.send_routes6, &SendKey6::of(r), |e| {
+            ToPeer6::sends(r, e)
+        });
         let key = PermissionKey6::of(r);
         if remove_mine(&mut self.permission_routes6, &key, |e| {
             ToClient6::indications(r, e)
         }) {
             self.routes = self.routes.saturating_sub(1);
         }
+    }
+}
+
+/// Writes the route of a client's Send indications to a permitted peer;
+/// one the maps refuse leaves them to the sockets.
+fn set_sends<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: K, value: V) {
+    if let Err(e) = map.insert(key, value, 0) {
+        metrics::counter!("callisto_turn_kernel_route_failures_total").increment(1);
+        tracing::debug!(error = %e, "kernel route not installed; the sockets relay this client's Send indications");
     }
 }
 
@@ -1624,27 +1676,33 @@ mod tests {
 
     /// A Send indication as browsers lay it out (XOR-PEER-ADDRESS first),
     /// its padding bytes `padding` (any value is allowed).
-    fn send_indication(peer: SocketAddrV4, data: &[u8], fingerprint: bool, padding: u8) -> Vec<u8> {
+    fn send_indication(
+        peer: impl Into<SocketAddr>,
+        data: &[u8],
+        fingerprint: bool,
+        padding: u8,
+    ) -> Vec<u8> {
         send_indication_in_order(peer, data, fingerprint, padding, false)
     }
 
     /// [`send_indication`], with DATA first if `data_first` (as coturn's
     /// clients lay it out).
     fn send_indication_in_order(
-        peer: SocketAddrV4,
+        peer: impl Into<SocketAddr>,
         data: &[u8],
         fingerprint: bool,
         padding: u8,
         data_first: bool,
     ) -> Vec<u8> {
         use crate::stun::{Class, MessageBuilder, attr, method};
+        let peer = peer.into();
         let mut b = MessageBuilder::new(method::SEND, Class::Indication, &[7; 12]);
         b.padding_byte(padding);
         if data_first {
             b.attr(attr::DATA, data)
-                .xor_address(attr::XOR_PEER_ADDRESS, peer.into());
+                .xor_address(attr::XOR_PEER_ADDRESS, peer);
         } else {
-            b.xor_address(attr::XOR_PEER_ADDRESS, peer.into())
+            b.xor_address(attr::XOR_PEER_ADDRESS, peer)
                 .attr(attr::DATA, data);
         }
         if fingerprint {
@@ -2722,15 +2780,6 @@ mod tests {
         udp[8..].to_vec()
     }
 
-    /// A Send indication to `peer` as browsers lay it out.
-    fn send_indication6(peer: SocketAddr, data: &[u8]) -> Vec<u8> {
-        use crate::stun::{Class, MessageBuilder, attr, method};
-        let mut b = MessageBuilder::new(method::SEND, Class::Indication, &[7; 12]);
-        b.xor_address(attr::XOR_PEER_ADDRESS, peer)
-            .attr(attr::DATA, data);
-        b.finish()
-    }
-
     #[test]
     fn relays_channel_data_over_ipv6_both_ways_with_correct_headers() {
         let Some(relay) = loaded6(None, 0) else {
@@ -2873,11 +2922,7 @@ mod tests {
         short.truncate(short.len() - 2);
         let mut too_long = cd(b"x");
         too_long[57] = 9; // the ChannelData length says 9 bytes
-        let a_send = frame6(
-            r.client,
-            r.server,
-            &send_indication6(SocketAddr::V6(r.peer), b"x"),
-        );
+        let a_send = frame6(r.client, r.server, &send_indication(r.peer, b"x", false, 0));
         let cases = [
             ("no UDP checksum", no_checksum),
             ("an extension header", extension_header),
@@ -3060,6 +3105,127 @@ mod tests {
         assert_eq!((stats.to_peer_packets, stats.to_client_packets), (3, 3));
     }
 
+    /// A client's Send indications over IPv6, in both layouts, with
+    /// FINGERPRINT or not, any padding: to a permitted peer as the bare
+    /// data, from the relayed address; to another of our allocations along
+    /// its routes, as ChannelData or a Data indication; a wrong FINGERPRINT
+    /// or checksum, or a peer not permitted, to the sockets.
+    #[test]
+    fn relays_ipv6_send_indications() {
+        let Some(relay) = loaded6(None, 0) else {
+            return;
+        };
+        let later = Instant::now() + Duration::from_secs(60);
+        // A peer elsewhere than our relay IP (::1), which the program has
+        // seen on loopback: its data to the relayed address came in there.
+        let r = KernelRoute6 {
+            peer: addr6("[2001:db8::3]:7000"),
+            ..a_route6(later)
+        };
+        let permission = IndicationRoute6 {
+            client: r.client,
+            server: r.server,
+            relay: r.relay,
+            peer: *r.peer.ip(),
+            expires: later,
+        };
+        relay.apply([RouteChange::SetIndications6(permission)]);
+        assert_eq!(run(&relay, &frame6(r.peer, r.relay, b"hi")).0, XDP_TX);
+        let to = SocketAddrV6::new(*r.peer.ip(), 7001, 0, 0);
+        let mut relayed = 0;
+        for data in [&b""[..], b"a", b"ab", b"abc", b"abcd", &[9u8; 1200]] {
+            for (fingerprint, padding, data_first) in [
+                (false, 0, false),
+                (true, 0xee, false),
+                (true, 0, true),
+                (false, 7, true),
+            ] {
+                let send = send_indication_in_order(to, data, fingerprint, padding, data_first);
+                let (verdict, out) = run(&relay, &frame6(r.client, r.server, &send));
+                assert_eq!(
+                    verdict,
+                    XDP_TX,
+                    "{} bytes, {fingerprint} {data_first}",
+                    data.len()
+                );
+                assert_eq!(sent6(&out, r.relay, to, true), data);
+                relayed += 1;
+            }
+        }
+        assert_eq!(relay.stats().to_peer_packets, relayed);
+        // The program keeps what it decided for a packet in a per-CPU map;
+        // a Data indication after a Send indication with attributes after
+        // its data (coturn's layout, FINGERPRINT) finds nothing of it.
+        let other = SocketAddrV6::new(*r.peer.ip(), 7002, 0, 0);
+        let (verdict, out) = run(&relay, &frame6(other, r.relay, b"after a Send"));
+        assert_eq!(verdict, XDP_TX);
+        let payload = sent6(&out, r.server, r.client, true);
+        assert_eq!(payload, data_indication(other, b"after a Send", &payload));
+        // A wrong FINGERPRINT, a wrong checksum, a peer not permitted.
+        let mut bad_fingerprint = send_indication(to, b"data", true, 0);
+        let n = bad_fingerprint.len();
+        bad_fingerprint[n - 1] ^= 1;
+        let mut bad_checksum = frame6(r.client, r.server, &send_indication(to, b"data", false, 0));
+        bad_checksum[60] ^= 1;
+        let stranger = addr6("[2001:db8::99]:7000");
+        for packet in [
+            frame6(r.client, r.server, &bad_fingerprint),
+            bad_checksum,
+            frame6(
+                r.client,
+                r.server,
+                &send_indication(stranger, b"data", false, 0),
+            ),
+        ] {
+            assert_eq!(run(&relay, &packet), (XDP_PASS, packet.clone()));
+        }
+
+        // To another of ours: b, relayed at [::1]:50001.
+        let b_relay = addr6("[::1]:50001");
+        let b = KernelRoute6 {
+            client: addr6("[::1]:40001"),
+            channel: 0x4005,
+            relay: b_relay,
+            peer: r.relay,
+            ..r
+        };
+        let b_permission = IndicationRoute6 {
+            client: b.client,
+            server: b.server,
+            relay: b.relay,
+            peer: *r.relay.ip(),
+            expires: later,
+        };
+        relay.apply([RouteChange::SetIndications6(IndicationRoute6 {
+            peer: *b_relay.ip(),
+            ..permission
+        })]);
+        let to_b = |data: &[u8], data_first| {
+            let send = send_indication_in_order(b_relay, data, true, 0x55, data_first);
+            run(&relay, &frame6(r.client, r.server, &send))
+        };
+        // Without a route of b's for r's relayed address: the sockets'.
+        assert_eq!(to_b(b"x", false).0, XDP_PASS);
+        relay.apply([RouteChange::SetIndications6(b_permission)]);
+        for data_first in [false, true] {
+            for data in [&b"abc"[..], b"abcd", b"abcdefg"] {
+                let (verdict, out) = to_b(data, data_first);
+                assert_eq!(verdict, XDP_TX);
+                let payload = sent6(&out, b.server, b.client, true);
+                assert_eq!(payload, data_indication(r.relay, data, &payload));
+            }
+        }
+        relay.apply([RouteChange::Set6(b)]);
+        for data_first in [false, true] {
+            let (verdict, out) = to_b(b"hello", data_first);
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(
+                sent6(&out, b.server, b.client, true),
+                channel_data(0x4005, b"hello")
+            );
+        }
+    }
+
     /// On loopback, senders leave only the pseudo-header's sum in the UDP
     /// checksum (CHECKSUM_PARTIAL): toward the client (the headers move
     /// down) the kernel relays it, as nobody checks it there; toward the
@@ -3080,6 +3246,16 @@ mod tests {
         };
         let to_peer = partial(frame6(r.client, r.server, &channel_data(0x4001, b"hi")));
         assert_eq!(run(&relay, &to_peer), (XDP_PASS, to_peer.clone()));
+        // A Send indication to it too.
+        relay.apply([RouteChange::SetIndications6(an_indication_route6(
+            r.expires,
+        ))]);
+        let send = partial(frame6(
+            r.client,
+            r.server,
+            &send_indication(r.peer, b"hi", true, 0),
+        ));
+        assert_eq!(run(&relay, &send), (XDP_PASS, send.clone()));
         let (verdict, out) = run(&relay, &partial(frame6(r.peer, r.relay, b"back")));
         assert_eq!(verdict, XDP_TX);
         assert_eq!(
