@@ -328,8 +328,12 @@ fn kernel_relay(
                     max_allocations: args.turn_max_allocations,
                     relay_ip: ipv4_of(relay_ips),
                     external_ip: ipv4_of(&args.turn_external_ips),
-                    relay_ip6: ipv6_of(relay_ips),
-                    external_ip6: ipv6_of(&args.turn_external_ips),
+                    // IPv6 routes come only for clients on IPv6, which an
+                    // IPv4 listener has none of: without them the program's
+                    // IPv6 maps take next to no kernel memory.
+                    relay_ip6: ipv6_of(relay_ips).filter(|_| args.turn_listen.is_ipv6()),
+                    external_ip6: ipv6_of(&args.turn_external_ips)
+                        .filter(|_| args.turn_listen.is_ipv6()),
                     bytes_per_sec: args.turn_bps_per_allocation,
                 })?)
             },
