@@ -589,6 +589,22 @@ static __always_inline int partial_checksum(const struct headers *h)
 	return h->udp.check == fold(pseudo_header_sum(h));
 }
 
+// Whether a UDP checksum holds: `pseudo` is the pseudo-header's sum,
+// `payload` the payload's (as message_step sums it, in 32-bit words).
+static __always_inline int checksum_holds(__u32 pseudo, struct udphdr udp,
+					  __u64 payload)
+{
+	__u32 sum = pseudo;
+	sum = add16(sum, udp.source);
+	sum = add16(sum, udp.dest);
+	sum = add16(sum, udp.len);
+	sum = add16(sum, udp.check);
+	__u64 all = payload + sum;
+	all = (all & 0xffffffff) + (all >> 32);
+	all = (all & 0xffffffff) + (all >> 32);
+	return fold((__u32)all) == 0xffff;
+}
+
 static __always_inline __u16 ip_checksum(const struct headers *n)
 {
 	const __u16 *w = (const __u16 *)((const __u8 *)n + sizeof(struct ethhdr));
@@ -1198,18 +1214,8 @@ static __always_inline int relay_send(struct xdp_md *ctx, const struct headers *
 		if (fingerprint &&
 		    (c.crc ^ 0xffffffff ^ FINGERPRINT_XOR) != bpf_ntohl(*(__u32 *)(f + 4)))
 			return -1;
-		if (check) {
-			__u32 sum = pseudo_header_sum(h);
-			sum = add16(sum, h->udp.source);
-			sum = add16(sum, h->udp.dest);
-			sum = add16(sum, h->udp.len);
-			sum = add16(sum, h->udp.check);
-			__u64 all = c.sum + sum;
-			all = (all & 0xffffffff) + (all >> 32);
-			all = (all & 0xffffffff) + (all >> 32);
-			if (fold((__u32)all) != 0xffff)
-				return -1;
-		}
+		if (check && !checksum_holds(pseudo_header_sum(h), h->udp, c.sum))
+			return -1;
 	}
 	// What leaves the payload: the words before the data, and every byte
 	// after it (padding, which may be anything, XOR-PEER-ADDRESS when it
@@ -1480,17 +1486,22 @@ static __always_inline void destination6(struct ip6 *a, const struct headers6 *h
 	__builtin_memcpy(a, &h->ip.daddr, sizeof(*a));
 }
 
-// As partial_checksum, with IPv6's pseudo-header (its 32-bit length sums
+// As pseudo_header_sum, for IPv6's pseudo-header (its 32-bit length sums
 // as the 16-bit one).
-static __always_inline int partial_checksum6(const struct headers6 *h)
+static __always_inline __u32 pseudo_header_sum6(const struct headers6 *h)
 {
 	struct ip6 s, d;
 	source6(&s, h);
 	destination6(&d, h);
 	__u32 sum = add_ip6(add_ip6(0, &s), &d);
 	sum = add16(sum, bpf_htons(IPPROTO_UDP));
-	sum = add16(sum, h->udp.len);
-	return h->udp.check == fold(sum);
+	return add16(sum, h->udp.len);
+}
+
+// As partial_checksum.
+static __always_inline int partial_checksum6(const struct headers6 *h)
+{
+	return h->udp.check == fold(pseudo_header_sum6(h));
 }
 
 // As readdress. The flow label goes: it named the sender's flow, not this
@@ -1844,23 +1855,8 @@ static __noinline int decide_send6(struct xdp_md *ctx)
 		if (fingerprint &&
 		    (c.crc ^ 0xffffffff ^ FINGERPRINT_XOR) != bpf_ntohl(*(__u32 *)(f + 4)))
 			return XDP_PASS;
-		if (!partial) {
-			struct ip6 s6, d6;
-			source6(&s6, h);
-			destination6(&d6, h);
-			__u32 sum = add_ip6(add_ip6(0, &s6), &d6);
-			sum = add16(sum, bpf_htons(IPPROTO_UDP));
-			sum = add16(sum, h->udp.len);
-			sum = add16(sum, h->udp.source);
-			sum = add16(sum, h->udp.dest);
-			sum = add16(sum, h->udp.len);
-			sum = add16(sum, h->udp.check);
-			__u64 all = c.sum + sum;
-			all = (all & 0xffffffff) + (all >> 32);
-			all = (all & 0xffffffff) + (all >> 32);
-			if (fold((__u32)all) != 0xffff)
-				return XDP_PASS;
-		}
+		if (!partial && !checksum_holds(pseudo_header_sum6(h), h->udp, c.sum))
+			return XDP_PASS;
 	}
 	// A valid Send on a live route: its sender is learned even if the
 	// sockets take it (a client that sends nothing else must be).
