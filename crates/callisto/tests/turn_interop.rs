@@ -1574,6 +1574,122 @@ fn ipv6_through_the_kernel_relay_on_loopback() {
     assert_eq!(metric(&m, "callisto_turn_kernel_routes"), 5.0, "{m}");
 }
 
+/// RFC 8656 §11.5: our client on `sock` allocates on `turn` (in the
+/// family of `closed`) and sends over a channel to `closed`, a port
+/// nobody listens on; the ICMP port unreachable that comes back reaches
+/// it as a Data indication with an ICMP attribute naming `closed`.
+fn icmp_comes_back(sock: &UdpSocket, turn: SocketAddr, closed: SocketAddr) {
+    let mut client = Client::new("user", "pass", false, 1);
+    if closed.is_ipv6() {
+        client.allocate_ipv6(Instant::now());
+    } else {
+        client.allocate(Instant::now());
+    }
+    drive(sock, turn, &mut client, |e| {
+        matches!(e, Event::Allocated { .. })
+    });
+    client.bind_channel(Instant::now(), closed);
+    drive(sock, turn, &mut client, |e| {
+        matches!(e, Event::ChannelBound { .. })
+    });
+    sock.send_to(&client.send_to(closed, b"anyone there?"), turn)
+        .unwrap();
+    let events = drive(sock, turn, &mut client, |e| matches!(e, Event::Icmp { .. }));
+    // Port unreachable: ICMPv4 3/3, ICMPv6 1/4.
+    let (icmp_type, code) = if closed.is_ipv6() { (1, 4) } else { (3, 3) };
+    assert_eq!(
+        events.last(),
+        Some(&Event::Icmp {
+            peer: closed,
+            icmp: callisto_turn::stun::Icmp {
+                icmp_type,
+                code,
+                error_data: 0
+            }
+        })
+    );
+}
+
+/// ICMP errors reach our client over IPv4 and IPv6 on loopback, and are
+/// counted.
+#[test]
+fn icmp_errors_reach_our_client() {
+    for (listen, allowed) in [("127.0.0.1", "127.0.0.1/32"), ("::1", "::1/128")] {
+        let ip: std::net::IpAddr = listen.parse().unwrap();
+        let server = callisto_on(
+            "turn",
+            &SocketAddr::new(ip, 0).to_string(),
+            &[
+                "--turn-user",
+                "user:pass",
+                "--turn-allow-peer",
+                allowed,
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+        );
+        let closed = SocketAddr::new(ip, free_udp_port_on(ip));
+        let sock = udp_socket(&SocketAddr::new(ip, 0).to_string());
+        icmp_comes_back(&sock, SocketAddr::new(ip, server.turn_port), closed);
+        let m = server.metrics();
+        assert_eq!(counter(&m, "callisto_turn_icmp_relayed_total"), 1.0, "{m}");
+    }
+}
+
+/// The same through the kernel relay on a network interface (a veth pair
+/// into a namespace of the test's own, with full checksums), over both
+/// families: the datagram toward the peer is relayed by the kernel and
+/// never reaches the server, yet the kernel files the ICMP error that
+/// answers it with the relay socket, whose worker tells the client. (On
+/// loopback no error comes back: the kernel checks the partial checksum
+/// of a datagram for a closed port in full, and drops it.)
+#[test]
+fn icmp_errors_through_the_kernel_relay_on_a_network_interface() {
+    if !own_network_namespace() {
+        return;
+    }
+    let hosts = named_netns("icmp");
+    ip(&[
+        "link", "add", "relay1", "type", "veth", "peer", "name", "hosts1", "netns", &hosts.0,
+    ]);
+    ip(&["addr", "add", "10.77.0.1/24", "dev", "relay1"]);
+    ip(&["addr", "add", "fd00:78::1/64", "dev", "relay1", "nodad"]);
+    ip(&["link", "set", "relay1", "up"]);
+    ip_in(
+        &hosts,
+        &[
+            &["addr", "add", "10.77.0.2/24", "dev", "hosts1"],
+            &["addr", "add", "fd00:78::2/64", "dev", "hosts1", "nodad"],
+            &["link", "set", "hosts1", "up"],
+        ],
+    );
+    checksums_in_full(None, "relay1");
+    checksums_in_full(Some(&hosts), "hosts1");
+    for (server_ip, allowed, host_ip) in [
+        ("10.77.0.1", "10.77.0.0/24", "10.77.0.2"),
+        ("fd00:78::1", "fd00:78::/64", "fd00:78::2"),
+    ] {
+        let server_ip: std::net::IpAddr = server_ip.parse().unwrap();
+        let host_ip: std::net::IpAddr = host_ip.parse().unwrap();
+        let server = ipv6_kernel_turn(&SocketAddr::new(server_ip, 0).to_string(), allowed, "auto");
+        let sock = udp_socket_in(&hosts, &SocketAddr::new(host_ip, 0).to_string());
+        let turn = SocketAddr::new(server_ip, server.turn_port);
+        icmp_comes_back(&sock, turn, SocketAddr::new(host_ip, 3999));
+        let m = metrics_once(&server, |m| in_kernel(m, "to_peer") >= 1.0);
+        assert_eq!(counter(&m, "callisto_turn_icmp_relayed_total"), 1.0, "{m}");
+        assert_eq!(
+            in_kernel(&m, "to_peer"),
+            1.0,
+            "{server_ip}: by the kernel\n{m}"
+        );
+        assert_eq!(
+            relayed_udp(&m, "to_peer"),
+            1.0,
+            "{server_ip}: only that\n{m}"
+        );
+    }
+}
+
 /// A UDP socket bound to `addr` in the named network namespace `netns`.
 fn udp_socket_in(netns: &NamedNetns, addr: &str) -> UdpSocket {
     let path = format!("/var/run/netns/{}", netns.0);

@@ -40,6 +40,12 @@ pub enum Event {
         peer: SocketAddr,
         data: Vec<u8>,
     },
+    /// An ICMP error that data sent toward `peer` met past the server
+    /// (RFC 8656 §11.5); the port is 0 when the server did not know it.
+    Icmp {
+        peer: SocketAddr,
+        icmp: stun::Icmp,
+    },
     /// A request failed for good (error response or no answer).
     Failed {
         method: u16,
@@ -319,15 +325,19 @@ impl Client {
         let Ok(msg) = Message::parse(buf) else { return };
         if msg.class() == Class::Indication && msg.method() == method::DATA {
             let tid = msg.transaction_id();
-            if let (Some(peer), Some(data)) = (
-                msg.get(attr::XOR_PEER_ADDRESS)
-                    .and_then(|v| stun::decode_xor_address(attr::XOR_PEER_ADDRESS, v, tid).ok()),
-                msg.get(attr::DATA),
-            ) {
+            let Some(peer) = msg
+                .get(attr::XOR_PEER_ADDRESS)
+                .and_then(|v| stun::decode_xor_address(attr::XOR_PEER_ADDRESS, v, tid).ok())
+            else {
+                return;
+            };
+            if let Some(data) = msg.get(attr::DATA) {
                 self.events.push_back(Event::Data {
                     peer,
                     data: data.to_vec(),
                 });
+            } else if let Some(icmp) = msg.get(attr::ICMP).and_then(stun::Icmp::decode) {
+                self.events.push_back(Event::Icmp { peer, icmp });
             }
             return;
         }

@@ -14,7 +14,7 @@ use callisto_turn::client::Client;
 use callisto_turn::server::{
     self, Config, FiveTuple, HeldPort, RelayAllocator, RelayId, Server, Shared, Transport,
 };
-use callisto_turn::stun::{self, Attr, ChannelData, Class, Message, MessageBuilder};
+use callisto_turn::stun::{self, Attr, ChannelData, Class, Icmp, Message, MessageBuilder};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
@@ -87,6 +87,13 @@ fn arb_attr() -> impl Strategy<Value = Attr> {
         Just(Attr::UseCandidate),
         any::<u64>().prop_map(Attr::IceControlled),
         any::<u64>().prop_map(Attr::IceControlling),
+        (0u8..128, 0u16..512, any::<u32>()).prop_map(|(icmp_type, code, error_data)| {
+            Attr::Icmp(Icmp {
+                icmp_type,
+                code,
+                error_data,
+            })
+        }),
     ]
 }
 
@@ -119,13 +126,57 @@ impl RelayAllocator for NoRelays {
     }
 }
 
+/// An attribute type: half the time one the codec decodes, so that each
+/// decoder sees arbitrary values (a uniform u16 would rarely name one).
+fn attr_type() -> impl Strategy<Value = u16> {
+    use stun::attr::*;
+    prop_oneof![
+        any::<u16>(),
+        prop::sample::select(vec![
+            MAPPED_ADDRESS,
+            XOR_MAPPED_ADDRESS,
+            XOR_PEER_ADDRESS,
+            XOR_RELAYED_ADDRESS,
+            ALTERNATE_SERVER,
+            USERNAME,
+            REALM,
+            NONCE,
+            SOFTWARE,
+            ALTERNATE_DOMAIN,
+            ERROR_CODE,
+            ADDRESS_ERROR_CODE,
+            UNKNOWN_ATTRIBUTES,
+            CHANNEL_NUMBER,
+            LIFETIME,
+            PRIORITY,
+            DATA,
+            REQUESTED_TRANSPORT,
+            REQUESTED_ADDRESS_FAMILY,
+            ADDITIONAL_ADDRESS_FAMILY,
+            EVEN_PORT,
+            DONT_FRAGMENT,
+            USE_CANDIDATE,
+            RESERVATION_TOKEN,
+            USERHASH,
+            ICE_CONTROLLED,
+            ICE_CONTROLLING,
+            PASSWORD_ALGORITHM,
+            PASSWORD_ALGORITHMS,
+            ICMP,
+            MESSAGE_INTEGRITY,
+            MESSAGE_INTEGRITY_SHA256,
+            FINGERPRINT,
+        ]),
+    ]
+}
+
 /// Mostly-valid STUN shapes with random attribute bytes, so the fuzz gets
 /// past the header check more often than uniform bytes would.
 fn stunish() -> impl Strategy<Value = Vec<u8>> {
     (
         0u16..0x3FFF,
         prop::collection::vec(
-            (any::<u16>(), prop::collection::vec(any::<u8>(), 0..40)),
+            (attr_type(), prop::collection::vec(any::<u8>(), 0..40)),
             0..6,
         ),
         any::<[u8; 12]>(),

@@ -236,7 +236,7 @@ impl ReadRamp {
 }
 
 #[cfg(target_os = "linux")]
-fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+pub(crate) fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
     match i32::from(s.ss_family) {
         libc::AF_INET => {

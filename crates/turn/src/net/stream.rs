@@ -17,6 +17,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
@@ -24,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::Admission;
+use super::icmp;
 use super::udp::{RelayConfig, RelaySockets};
 use crate::server::{
     FiveTuple, HEADROOM, Inbox, Output, RelayId, Server, Shared, StreamInbox, TAILROOM, Transport,
@@ -185,6 +187,8 @@ pub async fn serve(
 /// a burst from the peer leaves in one write to the client rather than one
 /// write each.
 const RELAY_BURST: usize = 64;
+/// ICMP errors handled per wake-up (see the UDP workers' `ICMP_TURN`).
+const ICMP_BURST: usize = 64;
 /// Bytes gathered for the client before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -411,6 +415,25 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                         });
                     }
                 }
+                which = relay_error(&relays) => {
+                    if let Some((id, sock)) = relays.get(which) {
+                        let mut buf = [0u8; 64];
+                        for _ in 0..ICMP_BURST {
+                            // A WouldBlock clears the error readiness.
+                            let error = match sock.try_io(Interest::ERROR, || icmp::next_error(sock)) {
+                                Ok(Some(error)) => error,
+                                Ok(None) => continue,
+                                Err(_) => break,
+                            };
+                            if let Output::ToClient { range, .. } =
+                                server.on_icmp(Instant::now(), *id, error, &mut buf)
+                            {
+                                out.extend_from_slice(&buf[range]);
+                                ends.push(out.len());
+                            }
+                        }
+                    }
+                }
                 _ = &mut delivered => {
                     delivered.set(inbox.notify.notified());
                     inbox.take_into(&mut out, &mut ends);
@@ -516,6 +539,23 @@ async fn ready_relay(relays: &[(RelayId, UdpSocket)], first: usize) -> usize {
     .await
 }
 
+/// Which of `relays` has ICMP errors queued; pending while none has.
+/// (tokio offers no poll for error readiness, only this future, which
+/// registers a waiter per call: a few tens of nanoseconds a wake-up.)
+async fn relay_error(relays: &[(RelayId, UdpSocket)]) -> usize {
+    match relays {
+        [] => std::future::pending().await,
+        [(_, only)] => {
+            let _ = only.ready(Interest::ERROR).await;
+            0
+        }
+        [(_, a), (_, b), ..] => tokio::select! {
+            _ = a.ready(Interest::ERROR) => 0,
+            _ = b.ready(Interest::ERROR) => 1,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,7 +568,7 @@ mod tests {
         near: &mut tokio::io::DuplexStream,
         client: &mut Client,
         done: impl Fn(&Event) -> bool,
-    ) {
+    ) -> Event {
         let mut got = Vec::new();
         for _ in 0..50 {
             while let Some(t) = client.poll_transmit() {
@@ -544,7 +584,7 @@ mod tests {
             while let Some(e) = client.poll_event() {
                 assert!(!matches!(e, Event::Failed { .. }), "{e:?}");
                 if done(&e) {
-                    return;
+                    return e;
                 }
             }
             let mut buf = [0u8; 2048];
@@ -602,6 +642,53 @@ mod tests {
             .unwrap();
         assert_eq!(shared.allocation_count(), 0, "and its allocation");
         drop(near);
+    }
+
+    /// Data over a channel to a port nobody listens on: the ICMP port
+    /// unreachable that comes back reaches the TCP client.
+    #[tokio::test]
+    async fn an_icmp_error_reaches_a_tcp_client() {
+        let (shared, relay) = crate::net::loopback_test_server();
+        let udp = Arc::new(StdUdpSocket::bind((LOOPBACK, 0)).unwrap());
+        let connections = StreamConnections::new(relay, shared, udp, CancellationToken::new());
+        let (mut near, far) = tokio::io::duplex(4096);
+        let five = FiveTuple {
+            client: (LOOPBACK, 5).into(),
+            server: (LOOPBACK, 3478).into(),
+            transport: Transport::Tcp,
+        };
+        tokio::spawn(async move { connections.serve(far, five).await });
+
+        let closed = StdUdpSocket::bind((LOOPBACK, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut client = Client::new("u", "p", true, 7);
+        client.allocate(Instant::now());
+        exchange(&mut near, &mut client, |e| {
+            matches!(e, Event::Allocated { .. })
+        })
+        .await;
+        client.bind_channel(Instant::now(), closed);
+        exchange(&mut near, &mut client, |e| {
+            matches!(e, Event::ChannelBound { .. })
+        })
+        .await;
+        near.write_all(&client.send_to(closed, b"anyone there?"))
+            .await
+            .unwrap();
+        let heard = exchange(&mut near, &mut client, |e| matches!(e, Event::Icmp { .. })).await;
+        assert_eq!(
+            heard,
+            Event::Icmp {
+                peer: closed,
+                icmp: stun::Icmp {
+                    icmp_type: 3,
+                    code: 3,
+                    error_data: 0
+                }
+            }
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::batch::{self, ReadRamp, RecvBatch, SendBatch};
+use super::icmp;
 use super::kernel::KernelRelay;
 use crate::server::{
     FiveTuple, HEADROOM, HeldPort, Output, RelayAllocator, RelayId, Server, Shared, TAILROOM,
@@ -124,6 +125,10 @@ fn open_relay(addr: SocketAddr) -> io::Result<Option<StdUdpSocket>> {
     let _ = socket.set_send_buffer_size(1 << 20);
     if socket.bind(&addr.into()).is_err() {
         return Ok(None);
+    }
+    // Relaying still works without: clients then hear of no ICMP errors.
+    if let Err(e) = icmp::enable(&socket, addr.is_ipv6()) {
+        tracing::debug!(error = %e, "relay socket: ICMP errors will not be reported");
     }
     socket.set_nonblocking(true)?;
     Ok(Some(socket.into()))
@@ -271,6 +276,11 @@ struct Worker {
 /// fewer round trips; 4 batches a turn cost 15 % of them.)
 const TURN_DATAGRAMS: usize = 16 * batch::BATCH;
 
+/// ICMP errors one relay socket may hand in per round: they arrive no
+/// faster than the datagrams that caused them, but a peer's network could
+/// forge them.
+const ICMP_TURN: usize = 64;
+
 /// Events taken per poll.
 const EVENTS: usize = 256;
 /// Room for one poll's events plus as many sockets left over from the round
@@ -286,6 +296,10 @@ struct Rounds {
     /// edge-triggered polling no new event comes for what is already
     /// queued, so they are carried over to the next round.
     again: Vec<Token>,
+    /// Relay sockets with ICMP errors queued, and those whose turn at
+    /// them ended before the queue did.
+    errors: Vec<Token>,
+    errors_again: Vec<Token>,
 }
 
 impl Rounds {
@@ -294,6 +308,8 @@ impl Rounds {
             events: Events::with_capacity(EVENTS),
             ready: Vec::with_capacity(MAX_READY),
             again: Vec::with_capacity(MAX_READY),
+            errors: Vec::new(),
+            errors_again: Vec::new(),
         }
     }
 }
@@ -353,7 +369,7 @@ impl Worker {
     /// the state machine's timers.
     fn round(&mut self, r: &mut Rounds) -> io::Result<()> {
         let now = Instant::now();
-        let timeout = if r.ready.is_empty() {
+        let timeout = if r.ready.is_empty() && r.errors.is_empty() {
             self.server
                 .poll_timeout()
                 .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(now))
@@ -367,7 +383,14 @@ impl Worker {
         // convoy. One that found work waiting reads full batches at once.
         let first = batch::first_read(now.elapsed());
         match polled {
-            Ok(()) => r.ready.extend(r.events.iter().map(|e| e.token())),
+            Ok(()) => {
+                for event in r.events.iter() {
+                    r.ready.push(event.token());
+                    if event.is_error() && event.token().0 >= RELAY_BASE {
+                        r.errors.push(event.token());
+                    }
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -385,6 +408,15 @@ impl Worker {
         }
         r.ready.clear();
         std::mem::swap(&mut r.ready, &mut r.again);
+        r.errors.sort_unstable();
+        r.errors.dedup();
+        for &token in &r.errors {
+            if self.drain_errors(RelayId((token.0 - RELAY_BASE) as u32)) {
+                r.errors_again.push(token);
+            }
+        }
+        r.errors.clear();
+        std::mem::swap(&mut r.errors, &mut r.errors_again);
         self.server.on_timeout(Instant::now());
         self.apply_routes();
         Ok(())
@@ -484,6 +516,33 @@ impl Worker {
                 // recvmmsg took all there was: the next datagram raises a
                 // new edge, so the call that would only say EAGAIN is saved.
                 return false;
+            }
+        }
+        true
+    }
+
+    /// Tells clients of the ICMP errors queued on a relay socket, up to a
+    /// turn's worth; true when it may hold more.
+    fn drain_errors(&mut self, relay: RelayId) -> bool {
+        for _ in 0..ICMP_TURN {
+            let Some(sock) = self.server.relays().get(relay) else {
+                return false;
+            };
+            let error = match icmp::next_error(sock) {
+                Ok(Some(error)) => error,
+                Ok(None) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "relay socket: reading its ICMP errors failed");
+                    return false;
+                }
+            };
+            let mut buf = [0u8; 64];
+            if let Output::ToClient { to, range } =
+                self.server.on_icmp(Instant::now(), relay, error, &mut buf)
+            {
+                self.tx
+                    .send(&self.listener, std::iter::once((to.client, &buf[range])));
             }
         }
         true
@@ -615,7 +674,7 @@ mod tests {
         sock: &StdUdpSocket,
         client: &mut Client,
         done: impl Fn(&Event) -> bool,
-    ) {
+    ) -> Event {
         let mut buf = [0u8; 2048];
         for _ in 0..50 {
             while let Some(t) = client.poll_transmit() {
@@ -628,11 +687,51 @@ mod tests {
             while let Some(e) = client.poll_event() {
                 assert!(!matches!(e, Event::Failed { .. }), "{e:?}");
                 if done(&e) {
-                    return;
+                    return e;
                 }
             }
         }
         panic!("no answer from the worker");
+    }
+
+    /// Data to a port nobody listens on: the ICMP port unreachable that
+    /// comes back reaches the client as a Data indication with an ICMP
+    /// attribute, naming the peer and its port (RFC 8656 §11.5).
+    #[test]
+    fn an_icmp_error_reaches_the_client() {
+        let (shared, relay) = crate::net::loopback_test_server();
+        let listener = reuseport_socket((LOOPBACK, 0).into()).unwrap();
+        let local = listener.local_addr().unwrap();
+        let (mut worker, _waker) = Worker::new(listener, local, &relay, shared, 0, 1).unwrap();
+        let mut rounds = Rounds::new();
+        let sock = socket();
+        let closed = socket().local_addr().unwrap();
+        let mut client = Client::new("u", "p", false, 7);
+        client.allocate(Instant::now());
+        exchange(&mut worker, &mut rounds, &sock, &mut client, |e| {
+            matches!(e, Event::Allocated { .. })
+        });
+        client.create_permission(Instant::now(), closed.ip());
+        exchange(&mut worker, &mut rounds, &sock, &mut client, |e| {
+            matches!(e, Event::PermissionCreated(_))
+        });
+        sock.send_to(&client.send_to(closed, b"anyone there?"), local)
+            .unwrap();
+        let heard = exchange(&mut worker, &mut rounds, &sock, &mut client, |e| {
+            matches!(e, Event::Icmp { .. })
+        });
+        assert_eq!(
+            heard,
+            Event::Icmp {
+                peer: closed,
+                icmp: crate::stun::Icmp {
+                    icmp_type: 3,
+                    code: 3,
+                    error_data: 0
+                }
+            }
+        );
+        assert!(rounds.errors.is_empty(), "the error queue was drained");
     }
 
     #[test]

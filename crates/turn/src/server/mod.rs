@@ -492,6 +492,19 @@ impl Shared {
     }
 }
 
+/// An ICMP error met by a datagram a relay socket sent, as the driver
+/// reads it from the socket's error queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpError {
+    /// Where the datagram was going: the peer, with port 0 if the
+    /// operating system did not say.
+    pub peer: SocketAddr,
+    pub icmp_type: u8,
+    pub code: u8,
+    /// The next hop's MTU, for the errors that carry one.
+    pub mtu: u32,
+}
+
 /// What to send after handling one input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
@@ -1093,6 +1106,65 @@ impl<A: RelayAllocator> Server<A> {
         };
         self.counters.count(TO_CLIENT, five.transport, len);
         Output::ToClient { to: five, range }
+    }
+
+    /// Handles an ICMP error that a datagram sent from relay `relay` met on
+    /// its way to a peer (RFC 8656 §11.5): the client hears of it in a Data
+    /// indication with an ICMP attribute instead of DATA, written at the
+    /// start of `buf`. Only destination unreachable and time exceeded
+    /// (ICMPv4 3 and 11), and destination unreachable, packet too big and
+    /// time exceeded (ICMPv6 1, 2 and 3), and only for a peer the
+    /// allocation has a permission for (by address; ports are not
+    /// compared), as for data.
+    pub fn on_icmp(
+        &mut self,
+        now: Instant,
+        relay: RelayId,
+        error: IcmpError,
+        buf: &mut [u8],
+    ) -> Output {
+        let relayed = match error.peer {
+            SocketAddr::V4(_) => matches!(error.icmp_type, 3 | 11),
+            SocketAddr::V6(_) => matches!(error.icmp_type, 1..=3),
+        };
+        if !relayed {
+            return Output::None;
+        }
+        // Header, XOR-PEER-ADDRESS and ICMP.
+        let len = 20 + 4 + if error.peer.is_ipv4() { 8 } else { 20 } + 4 + 8;
+        let Some(Some(alloc)) = self.allocations.get_mut(relay.0 as usize) else {
+            return Output::None;
+        };
+        if alloc.access.expires <= now
+            || !alloc.access.permitted(error.peer.ip(), now)
+            || buf.len() < len
+            || !alloc.view.take_to_client(len, now)
+        {
+            return Output::None;
+        }
+        let five = alloc.five;
+        let mtu_carried = match error.peer {
+            SocketAddr::V4(_) => error.icmp_type == 3 && error.code == 4,
+            SocketAddr::V6(_) => error.icmp_type == 2,
+        };
+        let icmp = stun::Icmp {
+            icmp_type: error.icmp_type,
+            code: u16::from(error.code),
+            error_data: if mtu_carried { error.mtu } else { 0 },
+        };
+        let tid = self.indication_tid();
+        let mut message = MessageBuilder::new(method::DATA, Class::Indication, &tid);
+        message
+            .xor_address(attr::XOR_PEER_ADDRESS, error.peer)
+            .attr(attr::ICMP, &icmp.encode());
+        let message = message.finish();
+        debug_assert_eq!(message.len(), len);
+        buf[..len].copy_from_slice(&message);
+        metrics::counter!("callisto_turn_icmp_relayed_total").increment(1);
+        Output::ToClient {
+            to: five,
+            range: 0..len,
+        }
     }
 
     /// Data indications need a transaction id, and any value will do

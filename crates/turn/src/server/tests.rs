@@ -11,6 +11,7 @@ use super::routes::Flow;
 use super::*;
 use crate::auth::rest_credentials;
 use crate::client::{Client, Event};
+use crate::stun::Icmp;
 
 const USER: &str = "alice";
 const PASS: &str = "wonderland";
@@ -410,6 +411,190 @@ fn permissions_and_send_indications_and_data_indications() {
     let late = t0 + Duration::from_secs(301);
     assert_eq!(s.on_client(late, five(1), &mut send), Output::None);
     assert_eq!(s.on_peer(late, relay, peer(), &mut buf, 3), Output::None);
+}
+
+/// The Data indication (with ICMP) `error` becomes on `relay`, as the
+/// client reads it; `None` when the server drops the error.
+fn icmp_heard(
+    s: &mut Server<FakeRelays>,
+    c: &mut Client,
+    now: Instant,
+    relay: RelayId,
+    error: IcmpError,
+) -> Option<Event> {
+    let mut buf = [0u8; 64];
+    match s.on_icmp(now, relay, error, &mut buf) {
+        Output::ToClient { to, range } => {
+            assert_eq!(to, five(1));
+            let msg = Message::parse(&buf[range.clone()]).unwrap();
+            assert_eq!(
+                (msg.class(), msg.method()),
+                (Class::Indication, method::DATA)
+            );
+            assert!(
+                msg.get(attr::DATA).is_none(),
+                "an ICMP indication has no DATA"
+            );
+            c.handle_input(now, &buf[range]);
+            c.poll_event()
+        }
+        Output::None => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn icmp_errors_reach_the_client_for_permitted_peers_only() {
+    let t0 = Instant::now();
+    let (_, mut s) = setup(config(), t0);
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    let relay = s.relay_of(&five(1)).expect("allocated");
+    let unreachable = |peer, icmp_type, code| IcmpError {
+        peer,
+        icmp_type,
+        code,
+        mtu: 1400,
+    };
+    // Port unreachable, without a permission: dropped.
+    let port_unreachable = unreachable(peer(), 3, 3);
+    assert_eq!(
+        icmp_heard(&mut s, &mut c, t0, relay, port_unreachable),
+        None
+    );
+
+    c.create_permission(t0, peer().ip());
+    pump(&mut s, &mut c, five(1), t0);
+    // Now heard, with the peer's port, and no MTU (only "fragmentation
+    // needed" carries one).
+    assert_eq!(
+        icmp_heard(&mut s, &mut c, t0, relay, port_unreachable),
+        Some(Event::Icmp {
+            peer: peer(),
+            icmp: Icmp {
+                icmp_type: 3,
+                code: 3,
+                error_data: 0
+            }
+        })
+    );
+    // Permissions are by address: another port of the peer is covered.
+    let other_port = SocketAddr::new(peer().ip(), 9);
+    assert_eq!(
+        icmp_heard(&mut s, &mut c, t0, relay, unreachable(other_port, 11, 0)),
+        Some(Event::Icmp {
+            peer: other_port,
+            icmp: Icmp {
+                icmp_type: 11,
+                code: 0,
+                error_data: 0
+            }
+        })
+    );
+    assert_eq!(
+        icmp_heard(&mut s, &mut c, t0, relay, unreachable(peer(), 3, 4)),
+        Some(Event::Icmp {
+            peer: peer(),
+            icmp: Icmp {
+                icmp_type: 3,
+                code: 4,
+                error_data: 1400
+            }
+        })
+    );
+    // Other types (a redirect, a source quench, an echo reply) are not
+    // relayed, nor are ICMPv6 numbers on an IPv4 relay.
+    for icmp_type in [0, 1, 2, 4, 5, 8, 12] {
+        assert_eq!(
+            icmp_heard(&mut s, &mut c, t0, relay, unreachable(peer(), icmp_type, 0)),
+            None,
+            "type {icmp_type}"
+        );
+    }
+    // Nor anything once the permission has expired, or for a relay
+    // without an allocation.
+    let late = t0 + Duration::from_secs(301);
+    assert_eq!(
+        icmp_heard(&mut s, &mut c, late, relay, port_unreachable),
+        None
+    );
+    assert_eq!(
+        icmp_heard(&mut s, &mut c, t0, RelayId(relay.0 + 1), port_unreachable),
+        None
+    );
+}
+
+#[test]
+fn icmpv6_errors_reach_the_client_with_their_own_types() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.relay_ips.push(relay_ip6());
+    let mut s = dual_setup(cfg, t0);
+    let (mut c, _) = allocated_in(&mut s, five(1), t0, true);
+    let relay = s.relay_of(&five(1)).expect("allocated");
+    let peer6 = peer6();
+    c.create_permission(t0, peer6.ip());
+    pump(&mut s, &mut c, five(1), t0);
+    let error = |icmp_type, code| IcmpError {
+        peer: peer6,
+        icmp_type,
+        code,
+        mtu: 1280,
+    };
+    let heard = |icmp_type, code, error_data| {
+        Some(Event::Icmp {
+            peer: peer6,
+            icmp: Icmp {
+                icmp_type,
+                code,
+                error_data,
+            },
+        })
+    };
+    // Destination unreachable (port), packet too big (with its MTU), time
+    // exceeded.
+    assert_eq!(
+        icmp_heard(&mut s, &mut c, t0, relay, error(1, 4)),
+        heard(1, 4, 0)
+    );
+    assert_eq!(
+        icmp_heard(&mut s, &mut c, t0, relay, error(2, 0)),
+        heard(2, 0, 1280)
+    );
+    assert_eq!(
+        icmp_heard(&mut s, &mut c, t0, relay, error(3, 0)),
+        heard(3, 0, 0)
+    );
+    // Parameter problem, echo request and reply: not relayed; nor IPv4's
+    // time exceeded (11) on an IPv6 relay.
+    for icmp_type in [4, 11, 128, 129] {
+        assert_eq!(
+            icmp_heard(&mut s, &mut c, t0, relay, error(icmp_type, 0)),
+            None
+        );
+    }
+}
+
+#[test]
+fn icmp_errors_count_against_the_bandwidth_limit() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    // Room for two ICMP indications of 44 bytes in the first second.
+    cfg.bps_per_allocation = 100;
+    let (_, mut s) = setup(cfg, t0);
+    let (mut c, _) = allocated(&mut s, five(1), t0);
+    let relay = s.relay_of(&five(1)).expect("allocated");
+    c.create_permission(t0, peer().ip());
+    pump(&mut s, &mut c, five(1), t0);
+    let error = IcmpError {
+        peer: peer(),
+        icmp_type: 3,
+        code: 3,
+        mtu: 0,
+    };
+    let heard = (0..5)
+        .filter(|_| icmp_heard(&mut s, &mut c, t0, relay, error).is_some())
+        .count();
+    assert_eq!(heard, 2);
 }
 
 /// The address a CreatePermission request names.

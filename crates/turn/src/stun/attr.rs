@@ -240,7 +240,47 @@ pub enum Attr {
     UseCandidate,
     IceControlled(u64),
     IceControlling(u64),
+    Icmp(Icmp),
     Other(u16, Vec<u8>),
+}
+
+/// The value of an ICMP attribute (RFC 8656 §18.13): the ICMP error a
+/// datagram sent toward a peer met, carried to the client in a Data
+/// indication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Icmp {
+    /// 7 bits on the wire.
+    pub icmp_type: u8,
+    /// 9 bits on the wire.
+    pub code: u16,
+    /// The next hop's MTU for "fragmentation needed" (ICMPv4 3/4) and
+    /// "packet too big" (ICMPv6 2); zero otherwise.
+    pub error_data: u32,
+}
+
+impl Icmp {
+    /// The attribute's 8 bytes. The RFC's figure gives the type 7 bits and
+    /// the code 9 bits of the second 16-bit word, after 16 reserved bits.
+    /// (Some libraries read a byte each instead, which changes the type
+    /// they see; no browser reads this attribute.)
+    pub fn encode(self) -> [u8; 8] {
+        let word = (u16::from(self.icmp_type & 0x7F) << 9) | (self.code & 0x1FF);
+        let mut v = [0u8; 8];
+        v[2..4].copy_from_slice(&word.to_be_bytes());
+        v[4..8].copy_from_slice(&self.error_data.to_be_bytes());
+        v
+    }
+
+    /// Reads the attribute's value; the reserved bits are ignored.
+    pub fn decode(v: &[u8]) -> Option<Icmp> {
+        let v: &[u8; 8] = v.try_into().ok()?;
+        let word = u16::from_be_bytes([v[2], v[3]]);
+        Some(Icmp {
+            icmp_type: (word >> 9) as u8,
+            code: word & 0x1FF,
+            error_data: u32::from_be_bytes([v[4], v[5], v[6], v[7]]),
+        })
+    }
 }
 
 impl Attr {
@@ -291,6 +331,7 @@ impl Attr {
             USERHASH => Attr::Userhash(v.try_into().map_err(|_| bad())?),
             ICE_CONTROLLED => Attr::IceControlled(u64v()?),
             ICE_CONTROLLING => Attr::IceControlling(u64v()?),
+            ICMP => Attr::Icmp(Icmp::decode(v).ok_or_else(bad)?),
             PASSWORD_ALGORITHM => {
                 let (alg, rest) = decode_algorithm(v).ok_or_else(bad)?;
                 if !rest.is_empty() {
@@ -348,6 +389,7 @@ impl Attr {
             Attr::UseCandidate => USE_CANDIDATE,
             Attr::IceControlled(_) => ICE_CONTROLLED,
             Attr::IceControlling(_) => ICE_CONTROLLING,
+            Attr::Icmp(_) => ICMP,
             Attr::Other(t, _) => *t,
         }
     }
@@ -418,6 +460,9 @@ impl Attr {
             }
             Attr::IceControlled(v) | Attr::IceControlling(v) => {
                 b.attr(typ, &v.to_be_bytes());
+            }
+            Attr::Icmp(icmp) => {
+                b.attr(typ, &icmp.encode());
             }
         }
     }
