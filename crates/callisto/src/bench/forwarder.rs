@@ -30,6 +30,8 @@ pub fn run(
     let mut poll = Poll::new()?;
     let std = StdUdpSocket::bind(listen)?;
     std.set_nonblocking(true)?;
+    // As the TURN workers do: each datagram's TOS is read and passed on.
+    batch::receive_tos(&std, listen.is_ipv6())?;
     let _ = ready.send(std.local_addr()?);
     let mut main = UdpSocket::from_std(std);
     poll.registry()
@@ -39,7 +41,7 @@ pub fn run(
     let mut lanes: Vec<(UdpSocket, SocketAddr, SocketAddr)> = Vec::new(); // (socket, client, dest)
     let mut rx: Box<RecvBatch> = Box::default();
     let mut tx = SendBatch::default();
-    let mut out: Vec<(usize, SocketAddr, std::ops::Range<usize>)> = Vec::new();
+    let mut out: Vec<(usize, SocketAddr, u8, std::ops::Range<usize>)> = Vec::new();
     let mut events = Events::with_capacity(1024);
     while !stop.load(Ordering::Relaxed) {
         let polled = std::time::Instant::now();
@@ -64,7 +66,8 @@ pub fn run(
                             continue;
                         };
                         if let Some(&lane) = by_client.get(&from) {
-                            out.push((lane, lanes[lane].2, i * batch::SLOT..i * batch::SLOT + len));
+                            let range = i * batch::SLOT..i * batch::SLOT + len;
+                            out.push((lane, lanes[lane].2, rx.tos[i], range));
                         } else if let Some(dest) = std::str::from_utf8(&rx.slot(i)[..len])
                             .ok()
                             .and_then(|t| t.strip_prefix("LANE "))
@@ -72,6 +75,7 @@ pub fn run(
                         {
                             let s = StdUdpSocket::bind("127.0.0.1:0")?;
                             s.set_nonblocking(true)?;
+                            batch::receive_tos(&s, false)?;
                             let addr = s.local_addr()?;
                             let mut s = UdpSocket::from_std(s);
                             poll.registry().register(
@@ -88,7 +92,8 @@ pub fn run(
                     for run in out.chunk_by(|a, b| a.0 == b.0) {
                         tx.send_coalescing(
                             &lanes[run[0].0].0,
-                            run.iter().map(|(_, dest, r)| (*dest, &all[r.clone()])),
+                            run.iter()
+                                .map(|(_, dest, tos, r)| (*dest, *tos, &all[r.clone()])),
                             n == batch::BATCH,
                         );
                     }
@@ -112,8 +117,10 @@ pub fn run(
                     let all = rx.slot_all();
                     tx.send_coalescing(
                         &main,
-                        (0..n)
-                            .map(|i| (client, &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]])),
+                        (0..n).map(|i| {
+                            let range = i * batch::SLOT..i * batch::SLOT + rx.lens[i];
+                            (client, rx.tos[i], &all[range])
+                        }),
                         n == batch::BATCH,
                     );
                     if !ramp.got(want, n) {

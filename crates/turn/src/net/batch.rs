@@ -4,6 +4,10 @@
 //! (one destination per send), while a TURN server sends each datagram of a
 //! batch to a different client. Under load, runs of same-size datagrams to
 //! one destination within a batch go out as one UDP GSO send each.
+//!
+//! Each datagram's TOS byte (IPv4) or traffic class (IPv6), its DSCP and
+//! ECN bits, is read with it and can be given to what is sent, so the
+//! relay passes them on (RFC 8656 §14's preferred behaviour).
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,6 +28,9 @@ struct MsgHeaders {
     storage: Box<[libc::sockaddr_storage; BATCH]>,
     iovs: Box<[libc::iovec; BATCH]>,
     hdrs: Box<[libc::mmsghdr; BATCH]>,
+    /// Per header, room for its control messages: the TOS received, or
+    /// the GSO segment size and the TOS sent.
+    controls: Box<[Control; BATCH]>,
 }
 
 // SAFETY: the raw pointers inside point only into the struct's own heap
@@ -40,6 +47,7 @@ impl MsgHeaders {
                 storage: Box::new(std::mem::zeroed()),
                 iovs: Box::new(std::mem::zeroed()),
                 hdrs: Box::new(std::mem::zeroed()),
+                controls: Box::new([Control::new(); BATCH]),
             }
         };
         for i in 0..BATCH {
@@ -51,6 +59,78 @@ impl MsgHeaders {
         }
         h
     }
+
+    /// Points header `i` at its whole control buffer, for a receive.
+    fn control_for_receive(&mut self, i: usize) {
+        let m = &mut self.hdrs[i].msg_hdr;
+        m.msg_control = (&mut self.controls[i] as *mut Control).cast();
+        m.msg_controllen = std::mem::size_of::<Control>() as _;
+    }
+}
+
+/// Asks the kernel to hand each datagram's TOS byte (traffic class over
+/// IPv6) to reads of `socket`, for [`RecvBatch::tos`].
+#[cfg(target_os = "linux")]
+pub fn receive_tos(socket: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
+    let (level, name) = if ipv6 {
+        (libc::SOL_IPV6, libc::IPV6_RECVTCLASS)
+    } else {
+        (libc::SOL_IP, libc::IP_RECVTOS)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid descriptor, and a c_int option of its size.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn receive_tos<S>(_socket: &S, _ipv6: bool) -> io::Result<()> {
+    Ok(())
+}
+
+/// The TOS byte (or traffic class) among the control messages a receive
+/// filled into `m`; 0 without one.
+#[cfg(target_os = "linux")]
+fn received_tos(m: &libc::msghdr) -> u8 {
+    // SAFETY: the kernel filled msg_controllen bytes of the buffer
+    // msg_control points at; CMSG_* stay within them.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(m) };
+    while !c.is_null() {
+        // SAFETY: non-null, from CMSG_FIRSTHDR/CMSG_NXTHDR.
+        let h = unsafe { &*c };
+        // SAFETY: CMSG_LEN has no preconditions.
+        let data_len = h.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+        // IP_TOS comes as one byte, IPV6_TCLASS as an int.
+        let ours = (h.cmsg_level == libc::SOL_IP && h.cmsg_type == libc::IP_TOS && data_len >= 1)
+            || (h.cmsg_level == libc::SOL_IPV6
+                && h.cmsg_type == libc::IPV6_TCLASS
+                && data_len >= 4);
+        if ours {
+            // SAFETY: at least the bytes read are in the message (checked).
+            return unsafe {
+                if h.cmsg_level == libc::SOL_IP {
+                    *libc::CMSG_DATA(c)
+                } else {
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as u8
+                }
+            };
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(m, c) };
+    }
+    0
 }
 
 /// Receive buffers for up to [`BATCH`] datagrams.
@@ -62,17 +142,27 @@ pub struct RecvBatch {
     offset: Option<usize>,
     pub lens: [usize; BATCH],
     pub addrs: [Option<SocketAddr>; BATCH],
+    /// Each datagram's TOS byte or traffic class, from sockets that
+    /// [`receive_tos`]; 0 from others.
+    pub tos: [u8; BATCH],
 }
 
 impl Default for RecvBatch {
     fn default() -> Self {
+        #[cfg(target_os = "linux")]
+        let mut h = MsgHeaders::new();
+        #[cfg(target_os = "linux")]
+        for i in 0..BATCH {
+            h.control_for_receive(i);
+        }
         RecvBatch {
             bufs: vec![0u8; BATCH * SLOT],
             #[cfg(target_os = "linux")]
-            h: MsgHeaders::new(),
+            h,
             offset: None,
             lens: [0; BATCH],
             addrs: [None; BATCH],
+            tos: [0; BATCH],
         }
     }
 }
@@ -137,9 +227,15 @@ impl RecvBatch {
         for i in 0..n {
             self.lens[i] = self.h.hdrs[i].msg_len as usize;
             self.addrs[i] = to_socket_addr(&self.h.storage[i]);
-            // The kernel shrank it to the address it wrote.
-            self.h.hdrs[i].msg_hdr.msg_namelen =
-                std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            let m = &mut self.h.hdrs[i].msg_hdr;
+            self.tos[i] = if m.msg_controllen > 0 {
+                received_tos(m)
+            } else {
+                0
+            };
+            // The kernel shrank these to what it wrote.
+            m.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            m.msg_controllen = std::mem::size_of::<Control>() as _;
         }
         Ok(n)
     }
@@ -154,6 +250,7 @@ impl RecvBatch {
         let (len, addr) = socket.recv_from(&mut self.slot(0)[offset..SLOT - 8])?;
         self.lens[0] = len;
         self.addrs[0] = Some(addr);
+        self.tos[0] = 0;
         Ok(1)
     }
 }
@@ -306,19 +403,21 @@ pub const GSO_MAX_BYTES: usize = 60_000;
 pub const GSO_MAX_SEGMENT: usize = 1472;
 
 /// Where the run of datagrams starting at `i` ends: consecutive datagrams to
-/// one destination, all of one size but the last, which may be shorter. The
-/// kernel sends such a run with one pass through its stack (UDP GSO) and
-/// splits it into datagrams again; the receiver sees no difference.
-pub fn gso_run(dests: &[SocketAddr], lens: &[usize], i: usize) -> usize {
+/// one destination with one TOS, all of one size but the last, which may be
+/// shorter. The kernel sends such a run with one pass through its stack
+/// (UDP GSO) and splits it into datagrams again; the receiver sees no
+/// difference.
+pub fn gso_run(dests: &[SocketAddr], lens: &[usize], tos: &[u8], i: usize) -> usize {
     let size = lens[i];
     let mut j = i + 1;
     if size == 0 || size > GSO_MAX_SEGMENT {
         return j;
     }
     let mut total = size;
-    while j < dests.len().min(lens.len())
+    while j < dests.len().min(lens.len()).min(tos.len())
         && j - i < GSO_MAX_SEGMENTS
         && dests[j] == dests[i]
+        && tos[j] == tos[i]
         && lens[j - 1] == size
         && lens[j] > 0
         && lens[j] <= size
@@ -347,6 +446,67 @@ struct GsoCmsg {
     _pad: [u8; 6],
 }
 
+/// A control message carrying IP_TOS or IPV6_TCLASS, laid out as
+/// CMSG_SPACE(4).
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TosCmsg {
+    hdr: libc::cmsghdr,
+    tos: libc::c_int,
+    _pad: [u8; 4],
+}
+
+/// One header's control messages when sending: the GSO one, the TOS one,
+/// or both in a row (each is its own CMSG_SPACE, so the second sits where
+/// CMSG_NXTHDR looks for it). When receiving, room for what the kernel
+/// writes.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Control {
+    gso: GsoCmsg,
+    tos: TosCmsg,
+}
+
+#[cfg(target_os = "linux")]
+impl Control {
+    fn new() -> Self {
+        // SAFETY: all-zero is a valid cmsghdr.
+        let mut c: Control = unsafe { std::mem::zeroed() };
+        c.gso.hdr.cmsg_len = (std::mem::offset_of!(GsoCmsg, size) + 2) as _;
+        c.gso.hdr.cmsg_level = SOL_UDP;
+        c.gso.hdr.cmsg_type = UDP_SEGMENT;
+        c.tos.hdr.cmsg_len = (std::mem::offset_of!(TosCmsg, tos) + 4) as _;
+        c
+    }
+
+    /// Fills in what header `hdr` sends a run with: a GSO segment size when
+    /// `segment` is given, a TOS when `tos` is not 0 (the socket's
+    /// default), for a destination of family `ipv6`.
+    fn attach(&mut self, hdr: &mut libc::msghdr, segment: Option<u16>, tos: u8, ipv6: bool) {
+        if tos != 0 {
+            (self.tos.hdr.cmsg_level, self.tos.hdr.cmsg_type) = if ipv6 {
+                (libc::SOL_IPV6, libc::IPV6_TCLASS)
+            } else {
+                (libc::SOL_IP, libc::IP_TOS)
+            };
+            self.tos.tos = libc::c_int::from(tos);
+        }
+        if let Some(size) = segment {
+            self.gso.size = size;
+        }
+        let (start, len): (*mut libc::c_void, usize) = match (segment.is_some(), tos != 0) {
+            (false, false) => (std::ptr::null_mut(), 0),
+            (true, false) => ((&mut self.gso as *mut GsoCmsg).cast(), size_of::<GsoCmsg>()),
+            (false, true) => ((&mut self.tos as *mut TosCmsg).cast(), size_of::<TosCmsg>()),
+            (true, true) => ((self as *mut Control).cast(), size_of::<Control>()),
+        };
+        hdr.msg_control = start;
+        hdr.msg_controllen = len as _;
+    }
+}
+
 /// Whether this kernel takes UDP_SEGMENT (Linux 4.18 and later).
 #[cfg(target_os = "linux")]
 fn gso_supported() -> bool {
@@ -366,20 +526,25 @@ fn gso_supported() -> bool {
     }
 }
 
+/// One datagram to send: where to, its TOS byte or traffic class (DSCP and
+/// ECN; 0 leaves the socket's default), and its bytes.
+pub type Datagram<'a> = (SocketAddr, u8, &'a [u8]);
+
 /// Sends datagrams with as few system calls, and as few passes through the
 /// kernel's stack, as possible: one `sendmmsg` per batch, and runs of
 /// same-size datagrams to one destination as one GSO send.
 pub struct SendBatch {
     #[cfg(target_os = "linux")]
     h: MsgHeaders,
-    #[cfg(target_os = "linux")]
-    cmsgs: Box<[GsoCmsg; BATCH]>,
     /// Per datagram of the batch: its destination.
     #[cfg(target_os = "linux")]
     dests: Vec<SocketAddr>,
     /// Per datagram of the batch: its length.
     #[cfg(target_os = "linux")]
     lens: [usize; BATCH],
+    /// Per datagram of the batch: its TOS.
+    #[cfg(target_os = "linux")]
+    tos: [u8; BATCH],
     /// Per header: its first datagram and how many it carries.
     #[cfg(target_os = "linux")]
     runs: [(usize, usize); BATCH],
@@ -390,16 +555,11 @@ impl Default for SendBatch {
     fn default() -> Self {
         #[cfg(target_os = "linux")]
         {
-            // SAFETY: all-zero is a valid cmsghdr.
-            let mut cmsg: GsoCmsg = unsafe { std::mem::zeroed() };
-            cmsg.hdr.cmsg_len = (std::mem::offset_of!(GsoCmsg, size) + 2) as _;
-            cmsg.hdr.cmsg_level = SOL_UDP;
-            cmsg.hdr.cmsg_type = UDP_SEGMENT;
             SendBatch {
                 h: MsgHeaders::new(),
-                cmsgs: Box::new([cmsg; BATCH]),
                 dests: Vec::with_capacity(BATCH),
                 lens: [0; BATCH],
+                tos: [0; BATCH],
                 runs: [(0, 0); BATCH],
                 gso: gso_supported(),
             }
@@ -420,7 +580,7 @@ impl SendBatch {
         socket: &impl AsRawFd,
         msgs: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
     ) -> usize {
-        self.send_coalescing(socket, msgs, false)
+        self.send_coalescing(socket, msgs.into_iter().map(|(to, d)| (to, 0, d)), false)
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -429,11 +589,12 @@ impl SendBatch {
         socket: &std::net::UdpSocket,
         msgs: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
     ) -> usize {
-        self.send_coalescing(socket, msgs, false)
+        self.send_coalescing(socket, msgs.into_iter().map(|(to, d)| (to, 0, d)), false)
     }
 
-    /// [`send`](Self::send), and with `coalesce` runs of same-size datagrams
-    /// to one destination go through the kernel's stack once (UDP GSO).
+    /// [`send`](Self::send) of [`Datagram`]s, each with its TOS, and with
+    /// `coalesce` runs of same-size datagrams to one destination go
+    /// through the kernel's stack once (UDP GSO).
     ///
     /// Worth it only when behind: GSO cuts the CPU per datagram by a fifth
     /// to a half under load, but the first datagram of a run reaches its
@@ -445,7 +606,7 @@ impl SendBatch {
     pub fn send_coalescing<'a>(
         &mut self,
         socket: &impl AsRawFd,
-        msgs: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
+        msgs: impl IntoIterator<Item = Datagram<'a>>,
         coalesce: bool,
     ) -> usize {
         let coalesce = coalesce && self.gso;
@@ -453,9 +614,10 @@ impl SendBatch {
         let mut sent = 0;
         loop {
             self.dests.clear();
-            for (k, (addr, data)) in msgs.by_ref().take(BATCH).enumerate() {
+            for (k, (addr, tos, data)) in msgs.by_ref().take(BATCH).enumerate() {
                 self.dests.push(addr);
                 self.lens[k] = data.len();
+                self.tos[k] = tos;
                 self.h.iovs[k].iov_base = data.as_ptr() as *mut libc::c_void;
                 self.h.iovs[k].iov_len = data.len();
             }
@@ -467,7 +629,7 @@ impl SendBatch {
             let (mut m, mut i) = (0, 0);
             while i < k {
                 let j = if coalesce {
-                    gso_run(&self.dests, &self.lens[..k], i)
+                    gso_run(&self.dests, &self.lens[..k], &self.tos[..k], i)
                 } else {
                     i + 1
                 };
@@ -475,14 +637,8 @@ impl SendBatch {
                 hdr.msg_namelen = from_socket_addr(self.dests[i], &mut self.h.storage[m]);
                 hdr.msg_iov = &mut self.h.iovs[i];
                 hdr.msg_iovlen = j - i;
-                if j - i > 1 {
-                    self.cmsgs[m].size = self.lens[i] as u16;
-                    hdr.msg_control = (&mut self.cmsgs[m] as *mut GsoCmsg).cast();
-                    hdr.msg_controllen = std::mem::size_of::<GsoCmsg>() as _;
-                } else {
-                    hdr.msg_control = std::ptr::null_mut();
-                    hdr.msg_controllen = 0;
-                }
+                let segment = (j - i > 1).then_some(self.lens[i] as u16);
+                self.h.controls[m].attach(hdr, segment, self.tos[i], self.dests[i].is_ipv6());
                 self.runs[m] = (i, j - i);
                 m += 1;
                 i = j;
@@ -580,11 +736,11 @@ impl SendBatch {
     pub fn send_coalescing<'a>(
         &mut self,
         socket: &std::net::UdpSocket,
-        msgs: impl IntoIterator<Item = (SocketAddr, &'a [u8])>,
+        msgs: impl IntoIterator<Item = Datagram<'a>>,
         _coalesce: bool,
     ) -> usize {
         msgs.into_iter()
-            .filter(|(a, d)| socket.send_to(d, a).is_ok())
+            .filter(|(a, _, d)| socket.send_to(d, a).is_ok())
             .count()
     }
 }
@@ -661,7 +817,8 @@ mod tests {
     }
 
     /// Runs of one size to one destination go out as one GSO send each; the
-    /// receivers must get exactly the datagrams, in order, that went in.
+    /// receivers must get exactly the datagrams, in order, that went in,
+    /// each with its TOS.
     #[test]
     fn gso_runs_arrive_as_the_datagrams_they_were() {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -669,37 +826,50 @@ mod tests {
             std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
             std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
         );
+        receive_tos(&b, false).unwrap();
+        receive_tos(&c, false).unwrap();
         let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
-        let mut msgs: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
-        let mut push = |to, count: usize, len: usize| {
+        let mut msgs: Vec<(SocketAddr, u8, Vec<u8>)> = Vec::new();
+        let mut push = |to, count: usize, len: usize, tos: u8| {
             for _ in 0..count {
                 let n = msgs.len();
-                msgs.push((to, (0..len).map(|x| (x + n) as u8).collect()));
+                msgs.push((to, tos, (0..len).map(|x| (x + n) as u8).collect()));
             }
         };
-        push(to_b, 10, 100); // a run
-        push(to_b, 1, 60); // its shorter last datagram
-        push(to_b, 5, 100); // a new run
-        push(to_c, 3, 100); // another destination
-        push(to_b, 1, 2000); // too large for GSO
-        push(to_b, 70, 50); // more than one GSO send takes
-        push(to_c, 1, GSO_MAX_SEGMENT); // the largest one grouped
-        push(to_c, 1, GSO_MAX_SEGMENT);
+        push(to_b, 10, 100, 0); // a run
+        push(to_b, 1, 60, 0); // its shorter last datagram
+        push(to_b, 5, 100, 0); // a new run
+        push(to_c, 3, 100, 0); // another destination
+        push(to_b, 1, 2000, 0); // too large for GSO
+        push(to_b, 70, 50, 0); // more than one GSO send takes
+        push(to_c, 1, GSO_MAX_SEGMENT, 0); // the largest one grouped
+        push(to_c, 1, GSO_MAX_SEGMENT, 0);
+        push(to_c, 4, 100, 0xb9); // a run with a TOS (EF, ECT(1))
+        push(to_c, 4, 100, 0x2a); // another TOS (AF11, ECT(0)): a new run
         let mut tx = SendBatch::default();
-        let sent = tx.send_coalescing(&a, msgs.iter().map(|(to, d)| (*to, d.as_slice())), true);
+        let sent = tx.send_coalescing(
+            &a,
+            msgs.iter().map(|(to, tos, d)| (*to, *tos, d.as_slice())),
+            true,
+        );
         assert_eq!(sent, msgs.len());
         let mut rx = RecvBatch::default();
         for (sock, to) in [(&b, to_b), (&c, to_c)] {
-            let want: Vec<&Vec<u8>> = msgs.iter().filter(|m| m.0 == to).map(|m| &m.1).collect();
+            let want: Vec<(u8, &[u8])> = msgs
+                .iter()
+                .filter(|m| m.0 == to)
+                .map(|m| (m.1, m.2.as_slice()))
+                .collect();
             let mut got = Vec::new();
             while got.len() < want.len() {
                 let n = rx.recv(sock, 0).unwrap();
                 for i in 0..n {
                     let len = rx.lens[i];
-                    got.push(rx.slot(i)[..len].to_vec());
+                    got.push((rx.tos[i], rx.slot(i)[..len].to_vec()));
                 }
             }
-            assert_eq!(got.iter().collect::<Vec<_>>(), want);
+            let got: Vec<(u8, &[u8])> = got.iter().map(|(t, d)| (*t, d.as_slice())).collect();
+            assert_eq!(got, want);
             assert_eq!(
                 rx.recv(sock, 0).unwrap_err().kind(),
                 io::ErrorKind::WouldBlock
@@ -709,6 +879,33 @@ mod tests {
             tx.gso,
             "this kernel takes UDP_SEGMENT, and no send was refused"
         );
+    }
+
+    /// The TOS byte (traffic class over IPv6), DSCP and ECN bits both,
+    /// goes out with each datagram and is read with it, over both
+    /// families; 0 leaves the socket's default, and a socket that did not
+    /// ask for TOS reads 0.
+    #[test]
+    fn each_datagram_keeps_its_tos() {
+        let mut tx = SendBatch::default();
+        let mut rx = RecvBatch::default();
+        for ip in ["127.0.0.1", "[::1]"] {
+            let a = std::net::UdpSocket::bind(format!("{ip}:0")).unwrap();
+            let b = std::net::UdpSocket::bind(format!("{ip}:0")).unwrap();
+            let to = b.local_addr().unwrap();
+            let tos = [0xb9u8, 0, 0x2a, 0x01, 0xff, 0x03];
+            let sent = tx.send_coalescing(&a, tos.iter().map(|t| (to, *t, &b"x"[..])), false);
+            assert_eq!(sent, tos.len());
+            // Not asked for yet: 0 for all.
+            let n = rx.recv(&b, 0).unwrap();
+            assert_eq!(n, tos.len());
+            assert!(rx.tos[..n].iter().all(|&t| t == 0), "{ip}");
+
+            receive_tos(&b, to.is_ipv6()).unwrap();
+            tx.send_coalescing(&a, tos.iter().map(|t| (to, *t, &b"x"[..])), false);
+            let n = rx.recv(&b, 0).unwrap();
+            assert_eq!(rx.tos[..n], tos, "{ip}");
+        }
     }
 
     /// A turn over a socket with `queued` datagrams: the reads asked for,
@@ -801,20 +998,22 @@ mod tests {
         fn gso_runs_follow_the_rules(
             msgs in proptest::collection::vec((0u8..3, proptest::prop_oneof![
                 Just(0usize), 1usize..64, Just(100usize), Just(1200usize), Just(1472usize), 1473usize..2000,
-            ]), 1..BATCH),
+            ], proptest::prop_oneof![Just(0u8), Just(0xb9u8)]), 1..BATCH),
         ) {
             let dests: Vec<SocketAddr> = msgs
                 .iter()
-                .map(|(d, _)| SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(*d))))
+                .map(|(d, _, _)| SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(*d))))
                 .collect();
             let lens: Vec<usize> = msgs.iter().map(|m| m.1).collect();
+            let tos: Vec<u8> = msgs.iter().map(|m| m.2).collect();
             let mut i = 0;
             while i < lens.len() {
-                let j = gso_run(&dests, &lens, i);
+                let j = gso_run(&dests, &lens, &tos, i);
                 proptest::prop_assert!(j > i && j <= lens.len());
                 let run = &lens[i..j];
                 proptest::prop_assert!(j - i <= GSO_MAX_SEGMENTS);
                 proptest::prop_assert!(dests[i..j].iter().all(|d| *d == dests[i]));
+                proptest::prop_assert!(tos[i..j].iter().all(|t| *t == tos[i]));
                 proptest::prop_assert!(run[..run.len() - 1].iter().all(|&l| l == run[0]));
                 if j - i > 1 {
                     proptest::prop_assert!(run[0] > 0 && run[0] <= GSO_MAX_SEGMENT);
@@ -824,6 +1023,7 @@ mod tests {
                 // As long as allowed: the next datagram could not join.
                 if j < lens.len() && run[0] > 0 && run[0] <= GSO_MAX_SEGMENT {
                     let joins = dests[j] == dests[i]
+                        && tos[j] == tos[i]
                         && lens[j - 1] == run[0]
                         && lens[j] > 0
                         && lens[j] <= run[0]

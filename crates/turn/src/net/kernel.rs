@@ -1756,6 +1756,39 @@ mod tests {
         );
     }
 
+    /// RFC 8656 §14: the TOS byte (DSCP and ECN) goes on with the data,
+    /// both ways, as the workers pass it on.
+    #[test]
+    fn relays_keep_the_tos_byte() {
+        let Some(relay) = loaded() else { return };
+        let r = a_route(Instant::now() + Duration::from_secs(60));
+        relay.apply([RouteChange::Set(r)]);
+        let with_tos = |mut f: Vec<u8>, tos: u8| {
+            f[15] = tos;
+            f[24..26].fill(0);
+            let check = checksum(&[&f[14..34]]);
+            f[24..26].copy_from_slice(&check.to_be_bytes());
+            f
+        };
+        for tos in [0xb9, 0x2b, 0x01] {
+            let to_peer = with_tos(
+                frame(r.client, r.server, &channel_data(0x4001, b"hi"), true),
+                tos,
+            );
+            let (verdict, out) = run(&relay, &to_peer);
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(sent(&out, r.relay, r.peer, true), b"hi");
+            assert_eq!(out[15], tos, "toward the peer");
+            let (verdict, out) = run(&relay, &with_tos(frame(r.peer, r.relay, b"yo", true), tos));
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(
+                sent(&out, r.server, r.client, true),
+                channel_data(0x4001, b"yo")
+            );
+            assert_eq!(out[15], tos, "toward the client");
+        }
+    }
+
     /// With a bandwidth limit, the program takes from the budgets the
     /// workers take from (mapped into our memory, on the same clock):
     /// each allocation's own, each direction's own, and in place both the

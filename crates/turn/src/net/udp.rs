@@ -126,9 +126,13 @@ fn open_relay(addr: SocketAddr) -> io::Result<Option<StdUdpSocket>> {
     if socket.bind(&addr.into()).is_err() {
         return Ok(None);
     }
-    // Relaying still works without: clients then hear of no ICMP errors.
+    // Relaying still works without: clients then hear of no ICMP errors,
+    // and the datagrams from peers reach them with the default TOS.
     if let Err(e) = icmp::enable(&socket, addr.is_ipv6()) {
         tracing::debug!(error = %e, "relay socket: ICMP errors will not be reported");
+    }
+    if let Err(e) = batch::receive_tos(&socket, addr.is_ipv6()) {
+        tracing::debug!(error = %e, "relay socket: DSCP and ECN will not be passed on");
     }
     socket.set_nonblocking(true)?;
     Ok(Some(socket.into()))
@@ -248,6 +252,9 @@ fn reuseport_socket(addr: SocketAddr) -> io::Result<StdUdpSocket> {
     let _ = socket.set_send_buffer_size(4 << 20);
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
+    if let Err(e) = batch::receive_tos(&socket, addr.is_ipv6()) {
+        tracing::debug!(error = %e, "TURN listener: DSCP and ECN will not be passed on");
+    }
     Ok(socket.into())
 }
 
@@ -260,9 +267,9 @@ struct Worker {
     tx: SendBatch,
     /// Per batch: datagrams for peers (relay, peer, bytes in `rx`), kept in
     /// the receive buffers and sent in runs that share a relay socket.
-    to_peer: Vec<(RelayId, SocketAddr, Range<usize>)>,
-    /// Per batch: datagrams for clients (client, bytes in `rx`).
-    to_client: Vec<(SocketAddr, Range<usize>)>,
+    to_peer: Vec<(RelayId, SocketAddr, u8, Range<usize>)>,
+    /// Per batch: datagrams for clients (client, TOS, bytes in `rx`).
+    to_client: Vec<(SocketAddr, u8, Range<usize>)>,
     /// Datagrams per socket per round ([`TURN_DATAGRAMS`]).
     turn: usize,
     kernel: Option<Arc<KernelRelay>>,
@@ -464,6 +471,7 @@ impl Worker {
                     server: self.local,
                     transport: Transport::Udp,
                 };
+                let tos = self.rx.tos[i];
                 let buf = &mut self.rx.slot(i)[..HEADROOM + len + TAILROOM];
                 let base = i * batch::SLOT;
                 match self
@@ -472,11 +480,11 @@ impl Worker {
                 {
                     Output::ToPeer { relay, peer, range } => {
                         self.to_peer
-                            .push((relay, peer, base + range.start..base + range.end));
+                            .push((relay, peer, tos, base + range.start..base + range.end));
                     }
                     Output::ToClient { to, range } => {
                         self.to_client
-                            .push((to.client, base + range.start..base + range.end));
+                            .push((to.client, tos, base + range.start..base + range.end));
                     }
                     Output::Reply { to, data } => replies.push((to.client, data)),
                     Output::ToStream { inbox, range } => inbox.hand_over(&buf[range]),
@@ -491,7 +499,8 @@ impl Worker {
                 if let Some(sock) = self.server.relays().get(run[0].0) {
                     self.tx.send_coalescing(
                         sock,
-                        run.iter().map(|(_, peer, r)| (*peer, &all[r.clone()])),
+                        run.iter()
+                            .map(|(_, peer, tos, r)| (*peer, *tos, &all[r.clone()])),
                         behind,
                     );
                 }
@@ -499,7 +508,9 @@ impl Worker {
             // Relayed in place between two allocations of this worker.
             self.tx.send_coalescing(
                 &self.listener,
-                self.to_client.iter().map(|(to, r)| (*to, &all[r.clone()])),
+                self.to_client
+                    .iter()
+                    .map(|(to, tos, r)| (*to, *tos, &all[r.clone()])),
                 behind,
             );
             // Before the answers: a client that hears its channel is bound
@@ -576,14 +587,19 @@ impl Worker {
                     self.server.on_peer(now, relay, from, slot, len)
                 {
                     let base = i * batch::SLOT;
-                    self.to_client
-                        .push((to.client, base + range.start..base + range.end));
+                    self.to_client.push((
+                        to.client,
+                        self.rx.tos[i],
+                        base + range.start..base + range.end,
+                    ));
                 }
             }
             let all = self.rx.slot_all();
             self.tx.send_coalescing(
                 &self.listener,
-                self.to_client.iter().map(|(to, r)| (*to, &all[r.clone()])),
+                self.to_client
+                    .iter()
+                    .map(|(to, tos, r)| (*to, *tos, &all[r.clone()])),
                 n == batch::BATCH,
             );
             if !ramp.got(want, n) {
@@ -692,6 +708,85 @@ mod tests {
             }
         }
         panic!("no answer from the worker");
+    }
+
+    /// The next datagram on `sock` (asked to report TOS) with its TOS.
+    fn recv_with_tos(sock: &StdUdpSocket) -> (Vec<u8>, u8) {
+        let mut rx = RecvBatch::default();
+        let n = rx.recv_up_to(sock, 0, 1).expect("a datagram waiting");
+        assert_eq!(n, 1);
+        let len = rx.lens[0];
+        (rx.slot(0)[..len].to_vec(), rx.tos[0])
+    }
+
+    /// RFC 8656 §14: DSCP and ECN (the whole TOS byte) go on with the data,
+    /// from client to peer, from peer to client, and from client to client
+    /// relayed in place.
+    #[test]
+    fn dscp_and_ecn_go_with_the_data() {
+        let (shared, relay) = crate::net::loopback_test_server();
+        let listener = reuseport_socket((LOOPBACK, 0).into()).unwrap();
+        let local = listener.local_addr().unwrap();
+        let (mut worker, _waker) = Worker::new(listener, local, &relay, shared, 0, 1).unwrap();
+        let mut rounds = Rounds::new();
+        let (sa, sb, peer) = (socket(), socket(), socket());
+        for s in [&sa, &sb, &peer] {
+            batch::receive_tos(s, false).unwrap();
+        }
+        let peer_addr = peer.local_addr().unwrap();
+        let mut a = Client::new("u", "p", false, 7);
+        let mut b = Client::new("u", "p", false, 8);
+        for (sock, client) in [(&sa, &mut a), (&sb, &mut b)] {
+            client.allocate(Instant::now());
+            exchange(&mut worker, &mut rounds, sock, client, |e| {
+                matches!(e, Event::Allocated { .. })
+            });
+        }
+        let (ra, rb) = (a.relayed_address().unwrap(), b.relayed_address().unwrap());
+        let mut bind = |sock: &StdUdpSocket, client: &mut Client, to| {
+            client.bind_channel(Instant::now(), to);
+            exchange(&mut worker, &mut rounds, sock, client, |e| {
+                matches!(e, Event::ChannelBound { .. })
+            });
+        };
+        bind(&sa, &mut a, peer_addr);
+        bind(&sa, &mut a, rb);
+        bind(&sb, &mut b, ra);
+        let set_tos = |sock: &StdUdpSocket, tos: u8| {
+            socket2::SockRef::from(sock)
+                .set_tos_v4(u32::from(tos))
+                .unwrap();
+        };
+
+        // Client to peer: EF with ECT(1), as an L4S sender marks it.
+        set_tos(&sa, 0xb9);
+        sa.send_to(&a.send_to(peer_addr, b"to the peer"), local)
+            .unwrap();
+        worker.round(&mut rounds).unwrap();
+        assert_eq!(recv_with_tos(&peer), (b"to the peer".to_vec(), 0xb9));
+
+        // Peer to client: AF11 with CE (congestion experienced).
+        set_tos(&peer, 0x2b);
+        peer.send_to(b"to the client", ra).unwrap();
+        worker.round(&mut rounds).unwrap();
+        let (got, tos) = recv_with_tos(&sa);
+        assert_eq!(tos, 0x2b);
+        a.handle_input(Instant::now(), &got);
+        assert_eq!(
+            a.poll_event(),
+            Some(Event::Data {
+                peer: peer_addr,
+                data: b"to the client".to_vec()
+            })
+        );
+
+        // Client to client, relayed in place; then the default again.
+        for tos in [0xb9, 0] {
+            set_tos(&sa, tos);
+            sa.send_to(&a.send_to(rb, b"to b"), local).unwrap();
+            worker.round(&mut rounds).unwrap();
+            assert_eq!(recv_with_tos(&sb).1, tos);
+        }
     }
 
     /// Data to a port nobody listens on: the ICMP port unreachable that
