@@ -152,6 +152,21 @@ pub struct BenchTurnArgs {
     /// `--uclient-tcp`.
     #[arg(long)]
     pub uclient_tls: bool,
+    /// Our generator's clients mark what they send with this TOS byte
+    /// (DSCP and ECN, e.g. 0xb9: EF with ECT(1)), and the echo peer
+    /// answers with the TOS it received; servers that pass TOS on pay for
+    /// it per packet. 0: unmarked, as browsers send by default.
+    #[arg(long, default_value = "0", value_parser = parse_tos)]
+    pub tos: u8,
+}
+
+/// A TOS byte, in decimal or as 0x.. hex.
+fn parse_tos(s: &str) -> Result<u8, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u8::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not a TOS byte: give 0 to 255, or 0x00 to 0xff"))
 }
 
 /// Who generates the load in `callisto bench turn`.

@@ -452,10 +452,13 @@ fn drive(
     }
 }
 
-fn new_lane(target: &Target, seed: u64) -> anyhow::Result<Lane> {
+fn new_lane(target: &Target, seed: u64, tos: u8) -> anyhow::Result<Lane> {
     let sock = UdpSocket::bind("127.0.0.1:0")?;
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
     let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(1 << 20);
+    if tos != 0 {
+        socket2::SockRef::from(&sock).set_tos_v4(u32::from(tos))?;
+    }
     let mut lane = Lane {
         sock,
         client: None,
@@ -532,6 +535,7 @@ fn echo_peer(stop: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
     let std = UdpSocket::bind("127.0.0.2:0")?;
     std.set_nonblocking(true)?;
     let _ = socket2::SockRef::from(&std).set_recv_buffer_size(4 << 20);
+    batch::receive_tos(&std, false)?;
     let addr = std.local_addr()?;
     let mut sock = mio::net::UdpSocket::from_std(std);
     std::thread::spawn(move || -> io::Result<()> {
@@ -550,12 +554,14 @@ fn echo_peer(stop: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
                     Err(_) => continue,
                 };
                 let all = rx.slot_all();
-                tx.send(
+                // With the TOS each came with (see --tos).
+                tx.send_coalescing(
                     &sock,
                     (0..n).filter_map(|i| {
-                        rx.addrs[i]
-                            .map(|a| (a, &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]]))
+                        let data = &all[i * batch::SLOT..i * batch::SLOT + rx.lens[i]];
+                        rx.addrs[i].map(|a| (a, rx.tos[i], data))
                     }),
+                    false,
                 );
             }
         }
@@ -578,9 +584,9 @@ fn run_one(
     let mut a: Vec<Lane> = Vec::with_capacity(n);
     let mut b: Vec<Lane> = Vec::new();
     for i in 0..n {
-        a.push(new_lane(target, i as u64 * 2 + 1)?);
+        a.push(new_lane(target, i as u64 * 2 + 1, args.tos)?);
         if pattern == BenchPattern::B {
-            b.push(new_lane(target, i as u64 * 2 + 2)?);
+            b.push(new_lane(target, i as u64 * 2 + 2, args.tos)?);
         }
     }
     let allocations = a.len() + b.len();
