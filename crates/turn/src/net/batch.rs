@@ -72,19 +72,28 @@ impl MsgHeaders {
 /// IPv6) to reads of `socket`, for [`RecvBatch::tos`].
 #[cfg(target_os = "linux")]
 pub fn receive_tos(socket: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
-    let (level, name) = if ipv6 {
-        (libc::SOL_IPV6, libc::IPV6_RECVTCLASS)
+    if ipv6 {
+        set_int_option(socket, libc::SOL_IPV6, libc::IPV6_RECVTCLASS, 1)
     } else {
-        (libc::SOL_IP, libc::IP_RECVTOS)
-    };
-    let on: libc::c_int = 1;
+        set_int_option(socket, libc::SOL_IP, libc::IP_RECVTOS, 1)
+    }
+}
+
+/// `setsockopt` of an int-valued option.
+#[cfg(target_os = "linux")]
+pub(crate) fn set_int_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: a valid descriptor, and a c_int option of its size.
     let r = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             level,
             name,
-            (&on as *const libc::c_int).cast(),
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -513,17 +522,7 @@ fn gso_supported() -> bool {
     let Ok(probe) = std::net::UdpSocket::bind("127.0.0.1:0") else {
         return false;
     };
-    let size: libc::c_int = 1200;
-    // SAFETY: a valid socket, and a pointer to a c_int with its size.
-    unsafe {
-        libc::setsockopt(
-            probe.as_raw_fd(),
-            SOL_UDP,
-            UDP_SEGMENT,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ) == 0
-    }
+    set_int_option(&probe, SOL_UDP, UDP_SEGMENT, 1200).is_ok()
 }
 
 /// One datagram to send: where to, its TOS byte or traffic class (DSCP and

@@ -15,31 +15,17 @@ use std::io;
 #[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
 
+#[cfg(target_os = "linux")]
+use super::batch::set_int_option;
 use crate::server::IcmpError;
 
 /// Asks the kernel to queue the ICMP errors `socket`'s datagrams meet.
 #[cfg(target_os = "linux")]
 pub fn enable(socket: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
-    let (level, name) = if ipv6 {
-        (libc::SOL_IPV6, libc::IPV6_RECVERR)
+    if ipv6 {
+        set_int_option(socket, libc::SOL_IPV6, libc::IPV6_RECVERR, 1)
     } else {
-        (libc::SOL_IP, libc::IP_RECVERR)
-    };
-    let on: libc::c_int = 1;
-    // SAFETY: a valid descriptor, and a c_int option of its size.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        set_int_option(socket, libc::SOL_IP, libc::IP_RECVERR, 1)
     }
 }
 

@@ -710,6 +710,16 @@ mod tests {
         panic!("no answer from the worker");
     }
 
+    /// A lone worker of [`crate::net::loopback_test_server`], turned by
+    /// hand, and its waker (kept alive).
+    fn test_worker() -> (Worker, Rounds, Arc<Waker>) {
+        let (shared, relay) = crate::net::loopback_test_server();
+        let listener = reuseport_socket((LOOPBACK, 0).into()).unwrap();
+        let local = listener.local_addr().unwrap();
+        let (worker, waker) = Worker::new(listener, local, &relay, shared, 0, 1).unwrap();
+        (worker, Rounds::new(), waker)
+    }
+
     /// The next datagram on `sock` (asked to report TOS) with its TOS.
     fn recv_with_tos(sock: &StdUdpSocket) -> (Vec<u8>, u8) {
         let mut rx = RecvBatch::default();
@@ -724,11 +734,8 @@ mod tests {
     /// relayed in place.
     #[test]
     fn dscp_and_ecn_go_with_the_data() {
-        let (shared, relay) = crate::net::loopback_test_server();
-        let listener = reuseport_socket((LOOPBACK, 0).into()).unwrap();
-        let local = listener.local_addr().unwrap();
-        let (mut worker, _waker) = Worker::new(listener, local, &relay, shared, 0, 1).unwrap();
-        let mut rounds = Rounds::new();
+        let (mut worker, mut rounds, _waker) = test_worker();
+        let local = worker.local;
         let (sa, sb, peer) = (socket(), socket(), socket());
         for s in [&sa, &sb, &peer] {
             batch::receive_tos(s, false).unwrap();
@@ -794,11 +801,8 @@ mod tests {
     /// attribute, naming the peer and its port (RFC 8656 §11.5).
     #[test]
     fn an_icmp_error_reaches_the_client() {
-        let (shared, relay) = crate::net::loopback_test_server();
-        let listener = reuseport_socket((LOOPBACK, 0).into()).unwrap();
-        let local = listener.local_addr().unwrap();
-        let (mut worker, _waker) = Worker::new(listener, local, &relay, shared, 0, 1).unwrap();
-        let mut rounds = Rounds::new();
+        let (mut worker, mut rounds, _waker) = test_worker();
+        let local = worker.local;
         let sock = socket();
         let closed = socket().local_addr().unwrap();
         let mut client = Client::new("u", "p", false, 7);
@@ -831,11 +835,8 @@ mod tests {
 
     #[test]
     fn a_flooded_listener_does_not_hold_up_the_relay_sockets() {
-        let (shared, relay) = crate::net::loopback_test_server();
-        let listener = reuseport_socket((LOOPBACK, 0).into()).unwrap();
-        let local = listener.local_addr().unwrap();
-        let (mut worker, _waker) = Worker::new(listener, local, &relay, shared, 0, 1).unwrap();
-        let mut rounds = Rounds::new();
+        let (mut worker, mut rounds, _waker) = test_worker();
+        let local = worker.local;
         // A short turn, so the flood below fits any receive buffer. (Its
         // reads are two full batches, or 2, 4, 8, 16, 32 and 2 should the
         // poll take long enough to count as a wait: 64 datagrams either way.)
