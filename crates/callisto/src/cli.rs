@@ -158,6 +158,12 @@ pub struct BenchTurnArgs {
     /// it per packet. 0: unmarked, as browsers send by default.
     #[arg(long, default_value = "0", value_parser = parse_tos)]
     pub tos: u8,
+    /// Everything over IPv6 on ::1 (RFC 6156): servers listen and relay
+    /// there, clients ask for IPv6 relays, and the echo peer is there too
+    /// (beside the relays: loopback has one IPv6 address). Our generator
+    /// only.
+    #[arg(long)]
+    pub ipv6: bool,
 }
 
 /// A TOS byte, in decimal or as 0x.. hex.

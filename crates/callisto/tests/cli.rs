@@ -1,5 +1,6 @@
 //! The real binary: help text, environment variables, bad flags, TLS
-//! fingerprint, and a clean exit on SIGTERM and SIGINT.
+//! fingerprint, a clean exit on SIGTERM and SIGINT, and a short run of
+//! the TURN benchmark.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -184,4 +185,47 @@ fn self_signed_tls_prints_the_fingerprint_and_sigint_exits_cleanly() {
         .expect("the fingerprint is printed before serving starts");
     assert_eq!(fingerprint.len(), 95, "{fingerprint}");
     stop(child, "-INT");
+}
+
+/// The benchmark still runs, over both families and with marked
+/// datagrams: a short run against our own server, no figures judged
+/// (those are for docs/benchmarks.md), only that each pattern reports.
+#[test]
+fn the_turn_benchmark_runs_over_both_families() {
+    for extra in [&[][..], &["--ipv6", "--tos", "0xb9"][..]] {
+        let out = callisto(&[
+            "bench",
+            "turn",
+            "--servers",
+            "callisto",
+            "--allocations",
+            "1",
+        ])
+        .args([
+            "--payloads",
+            "100",
+            "--duration",
+            "0.2",
+            "--repeat",
+            "1",
+            "--rate",
+            "1000",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for pattern in ["a: client↔peer", "b: client↔client"] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with("| callisto |") && l.contains(pattern)),
+                "{extra:?}: no row for {pattern}\n{text}"
+            );
+        }
+    }
 }

@@ -73,9 +73,9 @@ pub fn run(
                             .and_then(|t| t.strip_prefix("LANE "))
                             .and_then(|d| d.trim().parse::<SocketAddr>().ok())
                         {
-                            let s = StdUdpSocket::bind("127.0.0.1:0")?;
+                            let s = StdUdpSocket::bind(SocketAddr::new(listen.ip(), 0))?;
                             s.set_nonblocking(true)?;
-                            batch::receive_tos(&s, false)?;
+                            batch::receive_tos(&s, listen.is_ipv6())?;
                             let addr = s.local_addr()?;
                             let mut s = UdpSocket::from_std(s);
                             poll.registry().register(

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write as _};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -172,9 +172,25 @@ fn free_tcp_port() -> io::Result<u16> {
         .port())
 }
 
+/// Where everything runs: 127.0.0.1, or ::1 with `--ipv6`.
+fn loopback(args: &BenchTurnArgs) -> IpAddr {
+    if args.ipv6 {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    }
+}
+
 fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyhow::Result<Target> {
     let port = free_port()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let addr = SocketAddr::new(loopback(args), port);
+    // The echo peers: uclient's and ours on 127.0.0.1 and 127.0.0.2 (see
+    // echo_peer), or ours on ::1.
+    let peers: &[&str] = if args.ipv6 {
+        &["::1/128"]
+    } else {
+        &["127.0.0.1/32", "127.0.0.2/32"]
+    };
     let threads = args.threads.to_string();
     // Disjoint relay port ranges, so targets never collide.
     let lo = 20000 + index as u32 * 4000;
@@ -205,15 +221,8 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                     "--turn-realm",
                     REALM,
                 ])
-                .args([
-                    // The echo peers: uclient's, and ours (see echo_peer).
-                    "--turn-allow-peer",
-                    "127.0.0.1/32",
-                    "--turn-allow-peer",
-                    "127.0.0.2/32",
-                    "--turn-port-range",
-                    &format!("{lo}-{hi}"),
-                ])
+                .args(peers.iter().flat_map(|p| ["--turn-allow-peer", p]))
+                .args(["--turn-port-range", &format!("{lo}-{hi}")])
                 .args([
                     "--turn-user-quota",
                     "100000",
@@ -269,7 +278,9 @@ fn start_target(which: BenchTarget, args: &BenchTurnArgs, index: usize) -> anyho
                 ];
             }
             let child = server_command("turnserver", args.pin)?
-                .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
+                .arg("-n")
+                .arg(format!("--listening-ip={}", addr.ip()))
+                .arg(format!("--relay-ip={}", addr.ip()))
                 .arg(format!("--listening-port={port}"))
                 .args([
                     "--lt-cred-mech",
@@ -453,10 +464,13 @@ fn drive(
 }
 
 fn new_lane(target: &Target, seed: u64, tos: u8) -> anyhow::Result<Lane> {
-    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    let ipv6 = target.addr.is_ipv6();
+    let sock = UdpSocket::bind(SocketAddr::new(target.addr.ip(), 0))?;
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
     let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(1 << 20);
-    if tos != 0 {
+    if tos != 0 && ipv6 {
+        socket2::SockRef::from(&sock).set_tclass_v6(u32::from(tos))?;
+    } else if tos != 0 {
         socket2::SockRef::from(&sock).set_tos_v4(u32::from(tos))?;
     }
     let mut lane = Lane {
@@ -467,7 +481,11 @@ fn new_lane(target: &Target, seed: u64, tos: u8) -> anyhow::Result<Lane> {
     };
     if target.name != "forwarder" && target.name != "direct" {
         let mut c = Client::new(USER, PASS, false, seed);
-        c.allocate(Instant::now());
+        if ipv6 {
+            c.allocate_ipv6(Instant::now());
+        } else {
+            c.allocate(Instant::now());
+        }
         lane.client = Some(c);
         drive(&mut lane, target.addr, |e| {
             matches!(e, Event::Allocated { .. })
@@ -528,14 +546,16 @@ struct Outcome {
     rss_mib: f64,
 }
 
-fn echo_peer(stop: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
+fn echo_peer(stop: Arc<AtomicBool>, ipv6: bool) -> anyhow::Result<SocketAddr> {
     // Not on 127.0.0.1, the servers' relay IP: a peer there is one of
     // their own relayed addresses as far as an address can tell, which
     // Callisto's kernel relay leaves to the workers for Send indications.
-    let std = UdpSocket::bind("127.0.0.2:0")?;
+    // Over IPv6 loopback has no other address: there, Callisto's kernel
+    // relay leaves Send indications to the peer to the workers.
+    let std = UdpSocket::bind(if ipv6 { "[::1]:0" } else { "127.0.0.2:0" })?;
     std.set_nonblocking(true)?;
     let _ = socket2::SockRef::from(&std).set_recv_buffer_size(4 << 20);
-    batch::receive_tos(&std, false)?;
+    batch::receive_tos(&std, ipv6)?;
     let addr = std.local_addr()?;
     let mut sock = mio::net::UdpSocket::from_std(std);
     std::thread::spawn(move || -> io::Result<()> {
@@ -578,7 +598,7 @@ fn run_one(
     args: &BenchTurnArgs,
 ) -> anyhow::Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
-    let peer = echo_peer(stop.clone())?;
+    let peer = echo_peer(stop.clone(), args.ipv6)?;
     let direct = target.name == "direct";
     let t0 = Instant::now();
     let mut a: Vec<Lane> = Vec::with_capacity(n);
@@ -992,6 +1012,9 @@ pub fn run(mut args: BenchTurnArgs) -> anyhow::Result<()> {
         set_affinity(generator).context("pinning the load generator")?;
     }
     let uclient = args.generator == BenchGenerator::Uclient;
+    if args.ipv6 && uclient {
+        bail!("--ipv6 needs our generator (--generator ours)");
+    }
     if args.uclient_tcp && !uclient {
         bail!(
             "--uclient-tcp and --uclient-tls need --generator uclient (our generator speaks UDP only)"
@@ -1020,7 +1043,7 @@ pub fn run(mut args: BenchTurnArgs) -> anyhow::Result<()> {
         format!("{} s per run, ", args.duration)
     };
     println!(
-        "callisto bench turn: {mode}, {length}median of {} alternating runs, {} server thread(s), loopback{}\n",
+        "callisto bench turn: {mode}, {length}median of {} alternating runs, {} server thread(s), loopback{}{}\n",
         args.repeat,
         args.threads,
         match args.pin {
@@ -1028,7 +1051,8 @@ pub fn run(mut args: BenchTurnArgs) -> anyhow::Result<()> {
                 ", servers pinned to the last CPU and the generator to the others",
             Some(BenchPin::OneCpu) => ", servers and generator all pinned to the first CPU",
             None => "",
-        }
+        },
+        if args.ipv6 { " (IPv6, ::1)" } else { "" }
     );
     println!(
         "| server | pattern | {} | payload B | alloc/s | round trips/s | relayed pkt/s | server CPU µs/pkt | total CPU µs/pkt | p50 RTT µs | p99 RTT µs | loss % | RSS MiB |",
