@@ -120,7 +120,7 @@ fn received_tos(m: &libc::msghdr) -> u8 {
         // SAFETY: non-null, from CMSG_FIRSTHDR/CMSG_NXTHDR.
         let h = unsafe { &*c };
         // SAFETY: CMSG_LEN has no preconditions.
-        let data_len = h.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+        let data_len = (h.cmsg_len as usize).saturating_sub(unsafe { libc::CMSG_LEN(0) } as usize);
         // IP_TOS comes as one byte, IPV6_TCLASS as an int.
         let ours = (h.cmsg_level == libc::SOL_IP && h.cmsg_type == libc::IP_TOS && data_len >= 1)
             || (h.cmsg_level == libc::SOL_IPV6

@@ -265,7 +265,7 @@ struct Worker {
     server: Server<RelaySockets<UdpSocket>>,
     rx: Box<RecvBatch>,
     tx: SendBatch,
-    /// Per batch: datagrams for peers (relay, peer, bytes in `rx`), kept in
+    /// Per batch: datagrams for peers (relay, peer, TOS, bytes in `rx`), kept in
     /// the receive buffers and sent in runs that share a relay socket.
     to_peer: Vec<(RelayId, SocketAddr, u8, Range<usize>)>,
     /// Per batch: datagrams for clients (client, TOS, bytes in `rx`).
