@@ -13,6 +13,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
+#[cfg(target_os = "linux")]
+use super::cmsg;
+
 /// Datagrams per batch.
 pub const BATCH: usize = 32;
 /// Bytes per slot: the largest datagram plus headroom and tailroom.
@@ -113,33 +116,16 @@ pub fn receive_tos<S>(_socket: &S, _ipv6: bool) -> io::Result<()> {
 /// filled into `m`; 0 without one.
 #[cfg(target_os = "linux")]
 fn received_tos(m: &libc::msghdr) -> u8 {
-    // SAFETY: the kernel filled msg_controllen bytes of the buffer
-    // msg_control points at; CMSG_* stay within them.
-    let mut c = unsafe { libc::CMSG_FIRSTHDR(m) };
-    while !c.is_null() {
-        // SAFETY: non-null, from CMSG_FIRSTHDR/CMSG_NXTHDR.
-        let h = unsafe { &*c };
-        // SAFETY: CMSG_LEN has no preconditions.
-        let data_len = (h.cmsg_len as usize).saturating_sub(unsafe { libc::CMSG_LEN(0) } as usize);
-        // IP_TOS comes as one byte, IPV6_TCLASS as an int.
-        let ours = (h.cmsg_level == libc::SOL_IP && h.cmsg_type == libc::IP_TOS && data_len >= 1)
-            || (h.cmsg_level == libc::SOL_IPV6
-                && h.cmsg_type == libc::IPV6_TCLASS
-                && data_len >= 4);
-        if ours {
-            // SAFETY: at least the bytes read are in the message (checked).
-            return unsafe {
-                if h.cmsg_level == libc::SOL_IP {
-                    *libc::CMSG_DATA(c)
-                } else {
-                    std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as u8
-                }
-            };
-        }
-        // SAFETY: as for CMSG_FIRSTHDR.
-        c = unsafe { libc::CMSG_NXTHDR(m, c) };
+    // SAFETY: a receive just filled msg_controllen bytes of our buffer.
+    let control = unsafe { cmsg::filled(m) };
+    // IP_TOS comes as one byte, IPV6_TCLASS as an int.
+    if let Some(&tos) = cmsg::find(control, libc::SOL_IP, libc::IP_TOS).and_then(|d| d.first()) {
+        return tos;
     }
-    0
+    cmsg::find(control, libc::SOL_IPV6, libc::IPV6_TCLASS)
+        .and_then(|d| d.get(..4))
+        .and_then(|d| d.try_into().ok())
+        .map_or(0, |d| libc::c_int::from_ne_bytes(d) as u8)
 }
 
 /// Receive buffers for up to [`BATCH`] datagrams.

@@ -17,6 +17,8 @@ use std::os::fd::AsRawFd;
 
 #[cfg(target_os = "linux")]
 use super::batch::set_int_option;
+#[cfg(target_os = "linux")]
+use super::cmsg;
 use crate::server::IcmpError;
 
 /// Asks the kernel to queue the ICMP errors `socket`'s datagrams meet.
@@ -69,40 +71,31 @@ pub fn next_error(socket: &impl AsRawFd) -> io::Result<Option<IcmpError>> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let want = std::mem::size_of::<libc::sock_extended_err>();
-    // SAFETY: msg is the header recvmsg filled; CMSG_* walk its control
-    // buffer within msg_controllen.
-    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    while !cmsg.is_null() {
-        // SAFETY: non-null, from CMSG_FIRSTHDR/CMSG_NXTHDR.
-        let header = unsafe { &*cmsg };
-        let ours = (header.cmsg_level == libc::SOL_IP && header.cmsg_type == libc::IP_RECVERR)
-            || (header.cmsg_level == libc::SOL_IPV6 && header.cmsg_type == libc::IPV6_RECVERR);
-        // SAFETY: CMSG_LEN has no preconditions.
-        if ours && header.cmsg_len as usize >= unsafe { libc::CMSG_LEN(want as u32) } as usize {
-            // SAFETY: the message holds a whole sock_extended_err (checked
-            // just above); read unaligned, as nothing promises alignment.
-            let error: libc::sock_extended_err =
-                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
-            let icmp = matches!(
-                error.ee_origin,
-                libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
-            );
-            let peer = super::batch::to_socket_addr(&name);
-            return Ok(match (icmp, peer) {
-                (true, Some(peer)) => Some(IcmpError {
-                    peer,
-                    icmp_type: error.ee_type,
-                    code: error.ee_code,
-                    mtu: error.ee_info,
-                }),
-                _ => None,
-            });
-        }
-        // SAFETY: as for CMSG_FIRSTHDR.
-        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
-    }
-    Ok(None)
+    // SAFETY: recvmsg just filled msg_controllen bytes of `control`.
+    let filled = unsafe { cmsg::filled(&msg) };
+    let error = cmsg::find(filled, libc::SOL_IP, libc::IP_RECVERR)
+        .or_else(|| cmsg::find(filled, libc::SOL_IPV6, libc::IPV6_RECVERR))
+        .and_then(|d| d.get(..std::mem::size_of::<libc::sock_extended_err>()));
+    let Some(error) = error else {
+        return Ok(None);
+    };
+    // SAFETY: `error` holds a whole sock_extended_err, a plain C struct
+    // for which any bits are a value; read unaligned, as a slice promises
+    // no alignment.
+    let error: libc::sock_extended_err = unsafe { std::ptr::read_unaligned(error.as_ptr().cast()) };
+    let icmp = matches!(
+        error.ee_origin,
+        libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
+    );
+    Ok(match (icmp, super::batch::to_socket_addr(&name)) {
+        (true, Some(peer)) => Some(IcmpError {
+            peer,
+            icmp_type: error.ee_type,
+            code: error.ee_code,
+            mtu: error.ee_info,
+        }),
+        _ => None,
+    })
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod batch;
+pub mod cmsg;
 pub mod icmp;
 pub mod kernel;
 pub mod offload;
