@@ -29,8 +29,8 @@ use aya::{Ebpf, EbpfLoader};
 
 use super::offload::{self, UdpSegmentationOff};
 use crate::server::{
-    IndicationRoute, IndicationRoute6, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, KernelRoute6,
-    RouteChange, SHARED_BUDGET_WORDS, SharedBudgets,
+    IndicationRoute, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, RouteChange, SHARED_BUDGET_WORDS,
+    SharedBudgets,
 };
 
 /// The compiled program, built from `bpf/relay.bpf.c` by
@@ -38,14 +38,16 @@ use crate::server::{
 static PROGRAM: &[u8] = aya::include_bytes_aligned!("../../bpf/relay.bpf.o");
 const PROGRAM_NAME: &str = "callisto_turn_relay";
 
-/// The map layouts of `relay.bpf.c`. Addresses and ports in network byte
-/// order, as the program reads them off the wire; padding zeroed, as keys
-/// are compared bytewise.
+/// The map layouts of `relay.bpf.c`, for both families: `I` is an
+/// address as the maps hold it, one word for IPv4 and four for IPv6
+/// (`struct ip6`). Addresses and ports in network byte order, as the
+/// program reads them off the wire; padding zeroed, as keys are compared
+/// bytewise.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ClientKey {
-    client_ip: u32,
-    server_ip: u32,
+struct ClientKey<I> {
+    client_ip: I,
+    server_ip: I,
     client_port: u16,
     server_port: u16,
     channel: u16,
@@ -54,9 +56,9 @@ struct ClientKey {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ToPeer {
-    relay_ip: u32,
-    peer_ip: u32,
+struct ToPeer<I> {
+    relay_ip: I,
+    peer_ip: I,
     relay_port: u16,
     peer_port: u16,
     zero: u32,
@@ -65,28 +67,28 @@ struct ToPeer {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PeerKey {
-    peer_ip: u32,
-    relay_ip: u32,
+struct PeerKey<I> {
+    peer_ip: I,
+    relay_ip: I,
     peer_port: u16,
     relay_port: u16,
 }
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SendKey {
-    client_ip: u32,
-    server_ip: u32,
+struct SendKey<I> {
+    client_ip: I,
+    server_ip: I,
     client_port: u16,
     server_port: u16,
-    peer_ip: u32,
+    peer_ip: I,
 }
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PermissionKey {
-    peer_ip: u32,
-    relay_ip: u32,
+struct PermissionKey<I> {
+    peer_ip: I,
+    relay_ip: I,
     relay_port: u16,
     zero: u16,
 }
@@ -95,73 +97,9 @@ struct PermissionKey {
 /// `relay_port` is the receiving allocation's, for its bandwidth budget.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ToClient {
-    server_ip: u32,
-    client_ip: u32,
-    server_port: u16,
-    client_port: u16,
-    channel: u16,
-    relay_port: u16,
-    expires_ns: u64,
-}
-
-/// The IPv6 maps' layouts: those above with four-word addresses
-/// (`struct ip6`, network byte order).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ClientKey6 {
-    client_ip: [u32; 4],
-    server_ip: [u32; 4],
-    client_port: u16,
-    server_port: u16,
-    channel: u16,
-    zero: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ToPeer6 {
-    relay_ip: [u32; 4],
-    peer_ip: [u32; 4],
-    relay_port: u16,
-    peer_port: u16,
-    zero: u32,
-    expires_ns: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PeerKey6 {
-    peer_ip: [u32; 4],
-    relay_ip: [u32; 4],
-    peer_port: u16,
-    relay_port: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SendKey6 {
-    client_ip: [u32; 4],
-    server_ip: [u32; 4],
-    client_port: u16,
-    server_port: u16,
-    peer_ip: [u32; 4],
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PermissionKey6 {
-    peer_ip: [u32; 4],
-    relay_ip: [u32; 4],
-    relay_port: u16,
-    zero: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ToClient6 {
-    server_ip: [u32; 4],
-    client_ip: [u32; 4],
+struct ToClient<I> {
+    server_ip: I,
+    client_ip: I,
     server_port: u16,
     client_port: u16,
     channel: u16,
@@ -197,30 +135,23 @@ pub struct KernelStats {
     pub to_client_over_budget: u64,
 }
 
-// SAFETY: plain `repr(C)` integers whose padding is spelled out as fields,
-// so every byte is initialised and any bit pattern is valid.
-unsafe impl aya::Pod for ClientKey {}
-unsafe impl aya::Pod for ToPeer {}
-unsafe impl aya::Pod for PeerKey {}
-unsafe impl aya::Pod for PermissionKey {}
-unsafe impl aya::Pod for SendKey {}
-unsafe impl aya::Pod for ToClient {}
-unsafe impl aya::Pod for ClientKey6 {}
-unsafe impl aya::Pod for ToPeer6 {}
-unsafe impl aya::Pod for PeerKey6 {}
-unsafe impl aya::Pod for ToClient6 {}
-unsafe impl aya::Pod for PermissionKey6 {}
-unsafe impl aya::Pod for SendKey6 {}
+/// An address as the maps hold it: `u32` (IPv4) or `[u32; 4]` (IPv6).
+/// Only those two: with them, the layouts above have no implicit padding.
+trait MapIp: aya::Pod + Copy + Eq + std::fmt::Debug {}
+impl MapIp for u32 {}
+impl MapIp for [u32; 4] {}
+
+// SAFETY: plain `repr(C)` integers whose padding is spelled out as fields
+// (for either `MapIp`), so every byte is initialised and any bit pattern
+// is valid.
+unsafe impl<I: MapIp> aya::Pod for ClientKey<I> {}
+unsafe impl<I: MapIp> aya::Pod for ToPeer<I> {}
+unsafe impl<I: MapIp> aya::Pod for PeerKey<I> {}
+unsafe impl<I: MapIp> aya::Pod for PermissionKey<I> {}
+unsafe impl<I: MapIp> aya::Pod for SendKey<I> {}
+unsafe impl<I: MapIp> aya::Pod for ToClient<I> {}
 unsafe impl aya::Pod for KernelStats {}
 unsafe impl aya::Pod for Settings {}
-
-fn ip(a: &SocketAddrV4) -> u32 {
-    u32::from_ne_bytes(a.ip().octets())
-}
-
-fn port(a: &SocketAddrV4) -> u16 {
-    a.port().to_be()
-}
 
 fn ip6(ip: &Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();
@@ -229,113 +160,67 @@ fn ip6(ip: &Ipv6Addr) -> [u32; 4] {
     })
 }
 
-fn port6(a: &SocketAddrV6) -> u16 {
+/// One address family's routes, as its maps hold them.
+trait MapFamily: Copy + Into<SocketAddr> {
+    type Ip: MapIp;
+    /// A permission's peer: an address without a port.
+    type PeerIp: Copy + Into<IpAddr>;
+    fn map_ip(ip: &Self::PeerIp) -> Self::Ip;
+    fn bare_ip(&self) -> Self::PeerIp;
+    fn port(&self) -> u16;
+    /// The family's maps.
+    fn maps(inner: &mut Inner) -> &mut FamilyMaps<Self::Ip>;
+}
+
+impl MapFamily for SocketAddrV4 {
+    type Ip = u32;
+    type PeerIp = Ipv4Addr;
+    fn map_ip(ip: &Ipv4Addr) -> u32 {
+        u32::from_ne_bytes(ip.octets())
+    }
+    fn bare_ip(&self) -> Ipv4Addr {
+        *self.ip()
+    }
+    fn port(&self) -> u16 {
+        SocketAddrV4::port(self)
+    }
+    fn maps(inner: &mut Inner) -> &mut FamilyMaps<u32> {
+        &mut inner.v4
+    }
+}
+
+impl MapFamily for SocketAddrV6 {
+    type Ip = [u32; 4];
+    type PeerIp = Ipv6Addr;
+    fn map_ip(ip: &Ipv6Addr) -> [u32; 4] {
+        ip6(ip)
+    }
+    fn bare_ip(&self) -> Ipv6Addr {
+        *self.ip()
+    }
+    fn port(&self) -> u16 {
+        SocketAddrV6::port(self)
+    }
+    fn maps(inner: &mut Inner) -> &mut FamilyMaps<[u32; 4]> {
+        &mut inner.v6
+    }
+}
+
+/// `a`'s address as the maps hold it.
+fn ip<A: MapFamily>(a: &A) -> A::Ip {
+    A::map_ip(&a.bare_ip())
+}
+
+/// `a`'s port as the maps hold it.
+fn port<A: MapFamily>(a: &A) -> u16 {
     a.port().to_be()
 }
 
-impl ClientKey6 {
-    fn of(r: &KernelRoute6) -> Self {
-        ClientKey6 {
-            client_ip: ip6(r.client.ip()),
-            server_ip: ip6(r.server.ip()),
-            client_port: port6(&r.client),
-            server_port: port6(&r.server),
-            channel: r.channel.to_be(),
-            zero: 0,
-        }
-    }
-}
+/// A permission's route, for one family.
+type PermissionRoute<A> = IndicationRoute<A, <A as MapFamily>::PeerIp>;
 
-impl PeerKey6 {
-    fn of(r: &KernelRoute6) -> Self {
-        PeerKey6 {
-            peer_ip: ip6(r.peer.ip()),
-            relay_ip: ip6(r.relay.ip()),
-            peer_port: port6(&r.peer),
-            relay_port: port6(&r.relay),
-        }
-    }
-}
-
-impl ToPeer6 {
-    fn of(r: &KernelRoute6, expires_ns: u64) -> Self {
-        ToPeer6 {
-            relay_ip: ip6(r.relay.ip()),
-            peer_ip: ip6(r.peer.ip()),
-            relay_port: port6(&r.relay),
-            peer_port: port6(&r.peer),
-            zero: 0,
-            expires_ns,
-        }
-    }
-
-    /// As [`ToPeer::sends`].
-    fn sends(r: &IndicationRoute6, expires_ns: u64) -> Self {
-        ToPeer6 {
-            relay_ip: ip6(r.relay.ip()),
-            peer_ip: ip6(&r.peer),
-            relay_port: port6(&r.relay),
-            peer_port: 0,
-            zero: 0,
-            expires_ns,
-        }
-    }
-}
-
-impl SendKey6 {
-    fn of(r: &IndicationRoute6) -> Self {
-        SendKey6 {
-            client_ip: ip6(r.client.ip()),
-            server_ip: ip6(r.server.ip()),
-            client_port: port6(&r.client),
-            server_port: port6(&r.server),
-            peer_ip: ip6(&r.peer),
-        }
-    }
-}
-
-impl PermissionKey6 {
-    fn of(r: &IndicationRoute6) -> Self {
-        PermissionKey6 {
-            peer_ip: ip6(&r.peer),
-            relay_ip: ip6(r.relay.ip()),
-            relay_port: port6(&r.relay),
-            zero: 0,
-        }
-    }
-}
-
-impl ToClient6 {
-    /// As [`ToClient::new`].
-    fn new(
-        server: &SocketAddrV6,
-        client: &SocketAddrV6,
-        relay: &SocketAddrV6,
-        channel: u16,
-        expires_ns: u64,
-    ) -> Self {
-        ToClient6 {
-            server_ip: ip6(server.ip()),
-            client_ip: ip6(client.ip()),
-            server_port: port6(server),
-            client_port: port6(client),
-            channel: channel.to_be(),
-            relay_port: port6(relay),
-            expires_ns,
-        }
-    }
-
-    fn of(r: &KernelRoute6, expires_ns: u64) -> Self {
-        ToClient6::new(&r.server, &r.client, &r.relay, r.channel, expires_ns)
-    }
-
-    fn indications(r: &IndicationRoute6, expires_ns: u64) -> Self {
-        ToClient6::new(&r.server, &r.client, &r.relay, 0, expires_ns)
-    }
-}
-
-impl ClientKey {
-    fn of(r: &KernelRoute) -> Self {
+impl<I: MapIp> ClientKey<I> {
+    fn of<A: MapFamily<Ip = I>>(r: &KernelRoute<A>) -> Self {
         ClientKey {
             client_ip: ip(&r.client),
             server_ip: ip(&r.server),
@@ -347,8 +232,8 @@ impl ClientKey {
     }
 }
 
-impl PeerKey {
-    fn of(r: &KernelRoute) -> Self {
+impl<I: MapIp> PeerKey<I> {
+    fn of<A: MapFamily<Ip = I>>(r: &KernelRoute<A>) -> Self {
         PeerKey {
             peer_ip: ip(&r.peer),
             relay_ip: ip(&r.relay),
@@ -358,10 +243,10 @@ impl PeerKey {
     }
 }
 
-impl PermissionKey {
-    fn of(r: &IndicationRoute) -> Self {
+impl<I: MapIp> PermissionKey<I> {
+    fn of<A: MapFamily<Ip = I>>(r: &PermissionRoute<A>) -> Self {
         PermissionKey {
-            peer_ip: u32::from_ne_bytes(r.peer.octets()),
+            peer_ip: A::map_ip(&r.peer),
             relay_ip: ip(&r.relay),
             relay_port: port(&r.relay),
             zero: 0,
@@ -369,20 +254,20 @@ impl PermissionKey {
     }
 }
 
-impl SendKey {
-    fn of(r: &IndicationRoute) -> Self {
+impl<I: MapIp> SendKey<I> {
+    fn of<A: MapFamily<Ip = I>>(r: &PermissionRoute<A>) -> Self {
         SendKey {
             client_ip: ip(&r.client),
             server_ip: ip(&r.server),
             client_port: port(&r.client),
             server_port: port(&r.server),
-            peer_ip: u32::from_ne_bytes(r.peer.octets()),
+            peer_ip: A::map_ip(&r.peer),
         }
     }
 }
 
-impl ToPeer {
-    fn of(r: &KernelRoute, expires_ns: u64) -> Self {
+impl<I: MapIp> ToPeer<I> {
+    fn of<A: MapFamily<Ip = I>>(r: &KernelRoute<A>, expires_ns: u64) -> Self {
         ToPeer {
             relay_ip: ip(&r.relay),
             peer_ip: ip(&r.peer),
@@ -394,10 +279,10 @@ impl ToPeer {
     }
 
     /// For Send indications to any port of the permitted peer.
-    fn sends(r: &IndicationRoute, expires_ns: u64) -> Self {
+    fn sends<A: MapFamily<Ip = I>>(r: &PermissionRoute<A>, expires_ns: u64) -> Self {
         ToPeer {
             relay_ip: ip(&r.relay),
-            peer_ip: u32::from_ne_bytes(r.peer.octets()),
+            peer_ip: A::map_ip(&r.peer),
             relay_port: port(&r.relay),
             peer_port: 0,
             zero: 0,
@@ -406,13 +291,13 @@ impl ToPeer {
     }
 }
 
-impl ToClient {
+impl<I: MapIp> ToClient<I> {
     /// From `server` to `client` (of the allocation at `relay`), on
     /// `channel`, or as Data indications if it is zero.
-    fn new(
-        server: &SocketAddrV4,
-        client: &SocketAddrV4,
-        relay: &SocketAddrV4,
+    fn new<A: MapFamily<Ip = I>>(
+        server: &A,
+        client: &A,
+        relay: &A,
         channel: u16,
         expires_ns: u64,
     ) -> Self {
@@ -427,11 +312,11 @@ impl ToClient {
         }
     }
 
-    fn of(r: &KernelRoute, expires_ns: u64) -> Self {
+    fn of<A: MapFamily<Ip = I>>(r: &KernelRoute<A>, expires_ns: u64) -> Self {
         ToClient::new(&r.server, &r.client, &r.relay, r.channel, expires_ns)
     }
 
-    fn indications(r: &IndicationRoute, expires_ns: u64) -> Self {
+    fn indications<A: MapFamily<Ip = I>>(r: &PermissionRoute<A>, expires_ns: u64) -> Self {
         ToClient::new(&r.server, &r.client, &r.relay, 0, expires_ns)
     }
 }
@@ -475,20 +360,41 @@ pub struct KernelRelay {
     budgets: Option<SharedBudgets>,
 }
 
+/// One family's route maps.
+struct FamilyMaps<I: MapIp> {
+    client_routes: HashMap<MapData, ClientKey<I>, ToPeer<I>>,
+    peer_routes: HashMap<MapData, PeerKey<I>, ToClient<I>>,
+    permission_routes: HashMap<MapData, PermissionKey<I>, ToClient<I>>,
+    send_routes: HashMap<MapData, SendKey<I>, ToPeer<I>>,
+}
+
+impl<I: MapIp> FamilyMaps<I> {
+    /// The maps named with `suffix` ("6" for IPv6), out of the program.
+    fn take(
+        take: &mut impl FnMut(&str) -> Result<aya::maps::Map, KernelRelayError>,
+        suffix: &str,
+    ) -> Result<Self, KernelRelayError> {
+        Ok(FamilyMaps {
+            client_routes: HashMap::try_from(take(&format!("client_routes{suffix}"))?)
+                .map_err(load_error)?,
+            peer_routes: HashMap::try_from(take(&format!("peer_routes{suffix}"))?)
+                .map_err(load_error)?,
+            permission_routes: HashMap::try_from(take(&format!("permission_routes{suffix}"))?)
+                .map_err(load_error)?,
+            send_routes: HashMap::try_from(take(&format!("send_routes{suffix}"))?)
+                .map_err(load_error)?,
+        })
+    }
+}
+
 struct Inner {
     /// Owns the program and its links.
     _ebpf: Ebpf,
     /// Loopback's UDP segmentation offload, off while the program runs
     /// there; back on when dropped, after the program is detached.
     _udp_segmentation_off: Vec<UdpSegmentationOff>,
-    client_routes: HashMap<MapData, ClientKey, ToPeer>,
-    peer_routes: HashMap<MapData, PeerKey, ToClient>,
-    permission_routes: HashMap<MapData, PermissionKey, ToClient>,
-    send_routes: HashMap<MapData, SendKey, ToPeer>,
-    client_routes6: HashMap<MapData, ClientKey6, ToPeer6>,
-    peer_routes6: HashMap<MapData, PeerKey6, ToClient6>,
-    permission_routes6: HashMap<MapData, PermissionKey6, ToClient6>,
-    send_routes6: HashMap<MapData, SendKey6, ToPeer6>,
+    v4: FamilyMaps<u32>,
+    v6: FamilyMaps<[u32; 4]>,
     stats: PerCpuArray<MapData, KernelStats>,
     /// What [`KernelRelay::report`] has already added to the metrics.
     reported: KernelStats,
@@ -778,16 +684,8 @@ impl KernelRelay {
             ebpf.take_map(name)
                 .ok_or_else(|| load_error(MapError::InvalidName { name: name.into() }))
         };
-        let client_routes = HashMap::try_from(take("client_routes")?).map_err(load_error)?;
-        let peer_routes = HashMap::try_from(take("peer_routes")?).map_err(load_error)?;
-        let permission_routes =
-            HashMap::try_from(take("permission_routes")?).map_err(load_error)?;
-        let send_routes = HashMap::try_from(take("send_routes")?).map_err(load_error)?;
-        let client_routes6 = HashMap::try_from(take("client_routes6")?).map_err(load_error)?;
-        let peer_routes6 = HashMap::try_from(take("peer_routes6")?).map_err(load_error)?;
-        let permission_routes6 =
-            HashMap::try_from(take("permission_routes6")?).map_err(load_error)?;
-        let send_routes6 = HashMap::try_from(take("send_routes6")?).map_err(load_error)?;
+        let v4 = FamilyMaps::take(&mut take, "")?;
+        let v6 = FamilyMaps::take(&mut take, "6")?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(load_error)?;
         let budgets = if config.bytes_per_sec == 0 {
             None
@@ -823,14 +721,8 @@ impl KernelRelay {
             inner: Mutex::new(Inner {
                 _ebpf: ebpf,
                 _udp_segmentation_off: udp_segmentation_off,
-                client_routes,
-                peer_routes,
-                permission_routes,
-                send_routes,
-                client_routes6,
-                peer_routes6,
-                permission_routes6,
-                send_routes6,
+                v4,
+                v6,
                 stats,
                 reported: KernelStats::default(),
                 routes: 0,
@@ -867,12 +759,10 @@ impl KernelRelay {
                 RouteChange::Remove(r) => inner.remove_channel(&r),
                 RouteChange::SetIndications(r) => inner.set_indications(&r, expires_ns(r.expires)),
                 RouteChange::RemoveIndications(r) => inner.remove_indications(&r),
-                RouteChange::Set6(r) => inner.set_channel6(&r, expires_ns(r.expires)),
-                RouteChange::Remove6(r) => inner.remove_channel6(&r),
-                RouteChange::SetIndications6(r) => {
-                    inner.set_indications6(&r, expires_ns(r.expires))
-                }
-                RouteChange::RemoveIndications6(r) => inner.remove_indications6(&r),
+                RouteChange::Set6(r) => inner.set_channel(&r, expires_ns(r.expires)),
+                RouteChange::Remove6(r) => inner.remove_channel(&r),
+                RouteChange::SetIndications6(r) => inner.set_indications(&r, expires_ns(r.expires)),
+                RouteChange::RemoveIndications6(r) => inner.remove_indications(&r),
             }
         }
         metrics::gauge!("callisto_turn_kernel_routes").set(inner.routes as f64);
@@ -927,16 +817,17 @@ trait Expiring: aya::Pod + PartialEq {
     fn expires_ns(&self) -> u64;
 }
 
-macro_rules! expiring {
-    ($($t:ty),*) => {
-        $(impl Expiring for $t {
-            fn expires_ns(&self) -> u64 {
-                self.expires_ns
-            }
-        })*
-    };
+impl<I: MapIp> Expiring for ToPeer<I> {
+    fn expires_ns(&self) -> u64 {
+        self.expires_ns
+    }
 }
-expiring!(ToPeer, ToClient, ToPeer6, ToClient6);
+
+impl<I: MapIp> Expiring for ToClient<I> {
+    fn expires_ns(&self) -> u64 {
+        self.expires_ns
+    }
+}
 
 /// Writes a channel route's two entries, one per direction; if the maps
 /// refuse either, takes both out. Whether the first was new, and the
@@ -996,11 +887,12 @@ impl Inner {
 
     /// A channel route refused takes its peer's permission route out with
     /// it (see `refused`).
-    fn set_channel(&mut self, r: &KernelRoute, expires_ns: u64) {
+    fn set_channel<A: MapFamily>(&mut self, r: &KernelRoute<A>, expires_ns: u64) {
+        let maps = A::maps(self);
         let set = set_pair(
-            &mut self.client_routes,
+            &mut maps.client_routes,
             (ClientKey::of(r), ToPeer::of(r, expires_ns)),
-            &mut self.peer_routes,
+            &mut maps.peer_routes,
             (PeerKey::of(r), ToClient::of(r, expires_ns)),
         );
         if !self.channel_set((r.relay.into(), r.peer.into()), r.channel, set) {
@@ -1008,52 +900,24 @@ impl Inner {
                 client: r.client,
                 server: r.server,
                 relay: r.relay,
-                peer: *r.peer.ip(),
+                peer: r.peer.bare_ip(),
                 expires: r.expires,
             });
         }
     }
 
-    fn remove_channel(&mut self, r: &KernelRoute) {
+    fn remove_channel<A: MapFamily>(&mut self, r: &KernelRoute<A>) {
         self.unrefuse(r.relay.into(), r.peer.into());
-        if remove_mine(&mut self.client_routes, &ClientKey::of(r), |e| {
+        let maps = A::maps(self);
+        let mine = remove_mine(&mut maps.client_routes, &ClientKey::of(r), |e| {
             ToPeer::of(r, e)
-        }) {
-            self.routes = self.routes.saturating_sub(1);
-        }
-        remove_mine(&mut self.peer_routes, &PeerKey::of(r), |e| {
+        });
+        remove_mine(&mut maps.peer_routes, &PeerKey::of(r), |e| {
             ToClient::of(r, e)
         });
-    }
-
-    fn set_channel6(&mut self, r: &KernelRoute6, expires_ns: u64) {
-        let set = set_pair(
-            &mut self.client_routes6,
-            (ClientKey6::of(r), ToPeer6::of(r, expires_ns)),
-            &mut self.peer_routes6,
-            (PeerKey6::of(r), ToClient6::of(r, expires_ns)),
-        );
-        if !self.channel_set((r.relay.into(), r.peer.into()), r.channel, set) {
-            self.remove_indications6(&IndicationRoute6 {
-                client: r.client,
-                server: r.server,
-                relay: r.relay,
-                peer: *r.peer.ip(),
-                expires: r.expires,
-            });
-        }
-    }
-
-    fn remove_channel6(&mut self, r: &KernelRoute6) {
-        self.unrefuse(r.relay.into(), r.peer.into());
-        if remove_mine(&mut self.client_routes6, &ClientKey6::of(r), |e| {
-            ToPeer6::of(r, e)
-        }) {
+        if mine {
             self.routes = self.routes.saturating_sub(1);
         }
-        remove_mine(&mut self.peer_routes6, &PeerKey6::of(r), |e| {
-            ToClient6::of(r, e)
-        });
     }
 
     /// Notes a channel whose route the maps refused: its peer's IP gets no
@@ -1076,7 +940,7 @@ impl Inner {
         }
     }
 
-    fn set_indications(&mut self, r: &IndicationRoute, expires_ns: u64) {
+    fn set_indications<A: MapFamily>(&mut self, r: &PermissionRoute<A>, expires_ns: u64) {
         if self
             .refused_by_ip
             .contains_key(&(r.relay.into(), r.peer.into()))
@@ -1084,64 +948,34 @@ impl Inner {
             self.remove_indications(r);
             return;
         }
+        let mut routes = self.routes;
+        let maps = A::maps(self);
         // The client's Send indications to the peer go with it (held back
         // with it too, which only costs speed).
         set_sends(
-            &mut self.send_routes,
+            &mut maps.send_routes,
             SendKey::of(r),
             ToPeer::sends(r, expires_ns),
         );
         let value = ToClient::indications(r, expires_ns);
         set_permission(
-            &mut self.routes,
-            &mut self.permission_routes,
+            &mut routes,
+            &mut maps.permission_routes,
             PermissionKey::of(r),
             value,
         );
+        self.routes = routes;
     }
 
     /// Only this flow's entries, as for channels.
-    fn remove_indications(&mut self, r: &IndicationRoute) {
-        remove_mine(&mut self.send_routes, &SendKey::of(r), |e| {
+    fn remove_indications<A: MapFamily>(&mut self, r: &PermissionRoute<A>) {
+        let maps = A::maps(self);
+        remove_mine(&mut maps.send_routes, &SendKey::of(r), |e| {
             ToPeer::sends(r, e)
         });
         let key = PermissionKey::of(r);
-        if remove_mine(&mut self.permission_routes, &key, |e| {
+        if remove_mine(&mut maps.permission_routes, &key, |e| {
             ToClient::indications(r, e)
-        }) {
-            self.routes = self.routes.saturating_sub(1);
-        }
-    }
-
-    fn set_indications6(&mut self, r: &IndicationRoute6, expires_ns: u64) {
-        if self
-            .refused_by_ip
-            .contains_key(&(r.relay.into(), r.peer.into()))
-        {
-            self.remove_indications6(r);
-            return;
-        }
-        set_sends(
-            &mut self.send_routes6,
-            SendKey6::of(r),
-            ToPeer6::sends(r, expires_ns),
-        );
-        let value = ToClient6::indications(r, expires_ns);
-        set_permission(
-            &mut self.routes,
-            &mut self.permission_routes6,
-            PermissionKey6::of(r),
-            value,
-        );
-    }
-
-    fn remove_indications6(&mut self, r: &IndicationRoute6) {
-        remove_mine(&mut self.send_routes6, &SendKey6::of(r), |e| {
-            ToPeer6::sends(r, e)
-        });
-        let key = PermissionKey6::of(r);
-        if remove_mine(&mut self.permission_routes6, &key, |e| {
-            ToClient6::indications(r, e)
         }) {
             self.routes = self.routes.saturating_sub(1);
         }
@@ -1207,6 +1041,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::server::{IndicationRoute6, KernelRoute6};
 
     #[test]
     fn preempt_rt_kernels_are_told_apart() {
@@ -2337,7 +2172,7 @@ mod tests {
                     client_ip: n,
                     ..ClientKey::of(&r)
                 };
-                if inner.client_routes.insert(key, other, 0).is_err() {
+                if inner.v4.client_routes.insert(key, other, 0).is_err() {
                     break;
                 }
             }
