@@ -1648,23 +1648,13 @@ fn icmp_errors_through_the_kernel_relay_on_a_network_interface() {
     if !own_network_namespace() {
         return;
     }
-    let hosts = named_netns("icmp");
-    ip(&[
-        "link", "add", "relay1", "type", "veth", "peer", "name", "hosts1", "netns", &hosts.0,
-    ]);
-    ip(&["addr", "add", "10.77.0.1/24", "dev", "relay1"]);
-    ip(&["addr", "add", "fd00:78::1/64", "dev", "relay1", "nodad"]);
-    ip(&["link", "set", "relay1", "up"]);
-    ip_in(
-        &hosts,
-        &[
-            &["addr", "add", "10.77.0.2/24", "dev", "hosts1"],
-            &["addr", "add", "fd00:78::2/64", "dev", "hosts1", "nodad"],
-            &["link", "set", "hosts1", "up"],
-        ],
+    let hosts = veth_to(
+        "icmp",
+        &["10.77.0.1/24", "fd00:78::1/64"],
+        &["10.77.0.2/24", "fd00:78::2/64"],
     );
-    checksums_in_full(None, "relay1");
-    checksums_in_full(Some(&hosts), "hosts1");
+    checksums_in_full(None, "relay0");
+    checksums_in_full(Some(&hosts), "hosts0");
     for (server_ip, allowed, host_ip) in [
         ("10.77.0.1", "10.77.0.0/24", "10.77.0.2"),
         ("fd00:78::1", "fd00:78::/64", "fd00:78::2"),
@@ -1719,19 +1709,10 @@ fn ipv6_through_the_kernel_relay_on_a_network_interface() {
     if !own_network_namespace() {
         return;
     }
-    let hosts = named_netns("hosts6");
-    ip(&[
-        "link", "add", "relay0", "type", "veth", "peer", "name", "hosts0", "netns", &hosts.0,
-    ]);
-    ip(&["addr", "add", "fd00:77::1/64", "dev", "relay0", "nodad"]);
-    ip(&["link", "set", "relay0", "up"]);
-    ip_in(
-        &hosts,
-        &[
-            &["addr", "add", "fd00:77::2/64", "dev", "hosts0", "nodad"],
-            &["addr", "add", "fd00:77::3/64", "dev", "hosts0", "nodad"],
-            &["link", "set", "hosts0", "up"],
-        ],
+    let hosts = veth_to(
+        "hosts6",
+        &["fd00:77::1/64"],
+        &["fd00:77::2/64", "fd00:77::3/64"],
     );
     checksums_in_full(None, "relay0");
     checksums_in_full(Some(&hosts), "hosts0");
@@ -1980,20 +1961,36 @@ fn checksums_in_full(netns: Option<&NamedNetns>, device: &str) {
 /// A veth pair from this namespace (relay0, 10.77.0.1/24) to a new one
 /// (hosts0, 10.77.0.2/24), both up.
 fn veth_to_hosts() -> NamedNetns {
-    let hosts = named_netns("hosts");
+    veth_to("hosts", &["10.77.0.1/24"], &["10.77.0.2/24"])
+}
+
+/// A veth pair from the test's namespace (`relay0`, with `ours`) into a
+/// new namespace named after `suffix` (`hosts0`, with `theirs`), both
+/// ends up.
+fn veth_to(suffix: &str, ours: &[&str], theirs: &[&str]) -> NamedNetns {
+    let hosts = named_netns(suffix);
     ip(&[
         "link", "add", "relay0", "type", "veth", "peer", "name", "hosts0", "netns", &hosts.0,
     ]);
-    ip(&["addr", "add", "10.77.0.1/24", "dev", "relay0"]);
+    for addr in ours {
+        ip(&add_address(addr, "relay0"));
+    }
     ip(&["link", "set", "relay0", "up"]);
-    ip_in(
-        &hosts,
-        &[
-            &["addr", "add", "10.77.0.2/24", "dev", "hosts0"],
-            &["link", "set", "hosts0", "up"],
-        ],
-    );
+    let mut commands: Vec<Vec<&str>> = theirs.iter().map(|a| add_address(a, "hosts0")).collect();
+    commands.push(vec!["link", "set", "hosts0", "up"]);
+    let commands: Vec<&[&str]> = commands.iter().map(Vec::as_slice).collect();
+    ip_in(&hosts, &commands);
     hosts
+}
+
+/// `ip addr add ADDR dev DEV`, without duplicate address detection for
+/// IPv6, so the address serves at once.
+fn add_address<'a>(addr: &'a str, dev: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["addr", "add", addr, "dev", dev];
+    if addr.contains(':') {
+        args.push("nodad");
+    }
+    args
 }
 
 /// The kernel relay on a network interface rather than loopback: the
