@@ -2341,8 +2341,16 @@ mod tests {
         // The kernel hands XDP no frame shorter than an Ethernet header
         // (and its test runner takes none).
         let any_bytes = proptest::collection::vec(any::<u8>(), 14..120);
+        with_bytes_overwritten(prop_oneof![3 => valid, 1 => any_bytes])
+    }
+
+    /// `frames`, with up to two bytes of each overwritten anywhere.
+    fn with_bytes_overwritten(
+        frames: impl proptest::strategy::Strategy<Value = Vec<u8>>,
+    ) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
         (
-            prop_oneof![3 => valid, 1 => any_bytes],
+            frames,
             proptest::collection::vec((any::<usize>(), any::<u8>()), 0..3),
         )
             .prop_map(|(mut f, flips)| {
@@ -3163,17 +3171,7 @@ mod tests {
             f.extend_from_slice(&b);
             f
         });
-        (
-            prop_oneof![3 => valid, 1 => any_bytes],
-            proptest::collection::vec((any::<usize>(), any::<u8>()), 0..3),
-        )
-            .prop_map(|(mut f, flips)| {
-                for (at, byte) in flips {
-                    let i = at % f.len();
-                    f[i] = byte;
-                }
-                f
-            })
+        with_bytes_overwritten(prop_oneof![3 => valid, 1 => any_bytes])
     }
 
     proptest::proptest! {
