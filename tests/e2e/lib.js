@@ -191,7 +191,7 @@ export async function connectionReport(page) {
         liveAudio,
         audio,
         pair: pair && {
-          local: local && { address: local.address, type: local.candidateType, protocol: local.protocol, relayProtocol: local.relayProtocol, url: local.url },
+          local: local && { address: local.address, port: local.port, type: local.candidateType, protocol: local.protocol, relayProtocol: local.relayProtocol, url: local.url },
           remote: remote && { address: remote.address, type: remote.candidateType, protocol: remote.protocol },
         },
       });

@@ -2,7 +2,8 @@
 // over UDP, then TCP, then TLS (on a port of its own, and on the web
 // server's HTTPS port), then one side over TCP and the other over
 // UDP, then over UDP through the kernel relay (also with a bandwidth
-// limit, and over IPv6), with the iceServers from `welcome`.
+// limit, and over IPv6), and through a server's alternate, with the
+// iceServers from `welcome`.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -73,6 +74,37 @@ test('a call relayed through TURN over TLS on the web server\'s HTTPS port', asy
     for (const p of pages) await p.context().close();
   } finally {
     assert.equal(await shared.stop(), 0);
+  }
+});
+
+test('a TURN server sends browsers to its alternate, and the call is relayed there', async () => {
+  // Two servers with one secret: the first sends every Allocate to the
+  // second (300 Try Alternate), and the browsers, given the first's TURN
+  // URLs, follow. Chromium follows no redirection to a loopback address,
+  // so the second listens and relays on the namespace's 198.18.0.1
+  // (run.sh); its relay ports tell its relays apart too.
+  const secret = 'shared-by-both-servers';
+  const alternate = await startServer(['--turn-secret', secret, '--turn-port-range', '40000-40999'], { turnListen: '198.18.0.1:0' });
+  const first = await startServer(['--turn-secret', secret, '--turn-alternate-server', alternate.turn.udp]);
+  try {
+    for (const transport of ['udp', 'tcp']) {
+      const [a, b] = await relayedCall(`relay-alternate-${transport}-${Date.now()}`, transport, transport, first, '198.18.0.1');
+      for (const page of [a, b]) {
+        const [c] = await connectionReport(page);
+        assert.ok(c.pair.local.port >= 40000 && c.pair.local.port <= 40999, `relayed by the alternate (relay port ${c.pair.local.port})`);
+        assert.ok(c.pair.local.url.includes(new URL(`turn://${first.turn.udp}`).port), `the browser was given the first server (${c.pair.local.url})`);
+      }
+      const redirected = await counter(a, `callisto_turn_redirected_total{transport="${transport}"}`, first);
+      const allocatedHere = await counter(a, 'callisto_turn_allocations', first);
+      console.log(`# report: over ${transport}: ${redirected} Allocate requests sent to the alternate, ${allocatedHere} allocations on the first server`);
+      assert.ok(redirected >= 2, `both browsers were sent on (${redirected})`);
+      assert.equal(allocatedHere, 0);
+      for (const p of [a, b]) await p.context().close();
+    }
+    assertOnlyTestAddresses();
+  } finally {
+    assert.equal(await first.stop(), 0);
+    assert.equal(await alternate.stop(), 0);
   }
 });
 

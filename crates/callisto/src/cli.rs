@@ -510,6 +510,27 @@ pub struct TurnArgs {
     )]
     pub turn_deny_peers: Vec<ipnet::IpNet>,
 
+    /// Send UDP and TCP clients that ask for an allocation to these TURN
+    /// servers instead, in turn (IP:PORT, repeatable; 300 Try Alternate):
+    /// to spread clients over several servers behind one TURN URL. They
+    /// must take the same credentials (the same --turn-secret and realm).
+    /// A client goes only to one of its own address family.
+    #[arg(
+        long = "turn-alternate-server",
+        env = "CALLISTO_TURN_ALTERNATE_SERVERS",
+        value_delimiter = ','
+    )]
+    pub turn_alternate_servers: Vec<SocketAddr>,
+
+    /// The same for TLS clients: TLS listeners of other servers, whose
+    /// certificate is valid for the name the clients used for this one.
+    #[arg(
+        long = "turn-tls-alternate-server",
+        env = "CALLISTO_TURN_TLS_ALTERNATE_SERVERS",
+        value_delimiter = ','
+    )]
+    pub turn_tls_alternate_servers: Vec<SocketAddr>,
+
     /// Most allocations at once, all users together.
     #[arg(long, env = "CALLISTO_TURN_MAX_ALLOCATIONS", default_value_t = 10_000)]
     pub turn_max_allocations: usize,

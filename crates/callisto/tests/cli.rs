@@ -41,6 +41,11 @@ fn help_lists_every_flag_with_its_environment_variable() {
         ("--ice-server", "CALLISTO_ICE_SERVERS"),
         ("--max-queued-bytes", "CALLISTO_MAX_QUEUED_BYTES"),
         ("--metrics-listen", "CALLISTO_METRICS_LISTEN"),
+        ("--turn-alternate-server", "CALLISTO_TURN_ALTERNATE_SERVERS"),
+        (
+            "--turn-tls-alternate-server",
+            "CALLISTO_TURN_TLS_ALTERNATE_SERVERS",
+        ),
     ] {
         assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         assert!(help.contains(env), "{env} missing from help:\n{help}");
@@ -72,6 +77,33 @@ fn bad_flags_say_what_to_fix() {
     let out = callisto(&["serve", "--log", "info,[[["]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--log"));
+
+    // Alternate TURN servers a client could not go to, or this one.
+    for (alternate, says) in [
+        ("0.0.0.0:3478", "clients need an address and a port"),
+        ("192.0.2.10:0", "clients need an address and a port"),
+        ("127.0.0.1:34781", "this server's own listening address"),
+        ("turn.example.org", "--turn-alternate-server"),
+    ] {
+        let out = callisto(&[
+            "turn",
+            "--turn-listen",
+            "127.0.0.1:34781",
+            "--turn-secret",
+            "s",
+            "--turn-alternate-server",
+            alternate,
+        ])
+        .output()
+        .unwrap();
+        assert!(!out.status.success(), "{alternate} was taken");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{alternate}: {err}");
+        assert!(
+            !err.contains("is serving"),
+            "started before failing:\n{err}"
+        );
+    }
 
     // A port in use: which flag to change, and nothing started before.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

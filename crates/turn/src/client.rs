@@ -46,6 +46,14 @@ pub enum Event {
         peer: SocketAddr,
         icmp: stun::Icmp,
     },
+    /// The server sent this Allocate to another server (300 Try
+    /// Alternate, RFC 8489 §10): allocate there instead, over the same
+    /// transport and with the same credentials. Once the client has
+    /// authenticated, only a signed redirection is believed; an unsigned
+    /// one is `Failed`.
+    Redirected {
+        alternate: SocketAddr,
+    },
     /// A request failed for good (error response or no answer).
     Failed {
         method: u16,
@@ -434,6 +442,16 @@ impl Client {
         let nonce = msg
             .get(attr::NONCE)
             .and_then(|v| std::str::from_utf8(v).ok());
+        if code == 300
+            && pending.method == method::ALLOCATE
+            && (!pending.authed || msg.has_integrity())
+            && let Some(alternate) = msg
+                .get(attr::ALTERNATE_SERVER)
+                .and_then(|v| stun::decode_address(attr::ALTERNATE_SERVER, v).ok())
+        {
+            self.events.push_back(Event::Redirected { alternate });
+            return;
+        }
         let retry = match code {
             // A first challenge, or a stale nonce: answer it once.
             401 if !pending.authed => true,

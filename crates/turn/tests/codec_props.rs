@@ -27,6 +27,14 @@ fn config() -> ProptestConfig {
     }
 }
 
+/// Alternate servers of both families, for a server that redirects.
+fn alternates() -> Vec<SocketAddr> {
+    vec![
+        "192.0.2.10:3478".parse().unwrap(),
+        "[2001:db8::10]:3478".parse().unwrap(),
+    ]
+}
+
 fn arb_addr() -> impl Strategy<Value = SocketAddr> {
     prop_oneof![
         (any::<[u8; 4]>(), any::<u16>())
@@ -275,11 +283,14 @@ proptest! {
     }
 
     #[test]
-    fn the_server_survives_anything(inputs in prop::collection::vec(any_input(), 1..20), peer_junk in prop::collection::vec(any::<u8>(), 0..100)) {
+    fn the_server_survives_anything(inputs in prop::collection::vec(any_input(), 1..20), peer_junk in prop::collection::vec(any::<u8>(), 0..100), redirecting in any::<bool>()) {
         let mut cfg = Config::default();
         let mut creds = Credentials::new("r");
         creds.add_user("u", "p");
         cfg.credentials = creds;
+        if redirecting {
+            cfg.alternate_servers = alternates();
+        }
         let shared = std::sync::Arc::new(Shared::new(cfg, b"k", (Instant::now(), 1_000)));
         let mut s = Server::new(shared, NoRelays);
         let five = FiveTuple {
@@ -308,11 +319,17 @@ proptest! {
     fn answers_to_one_source_never_exceed_its_requests_plus_the_allowance(
         allowance in prop_oneof![Just(0u32), Just(512), 0u32..4096],
         inputs in prop::collection::vec((0u64..3000, prop_oneof![3 => unauthenticated_request(), 1 => any_input()]), 1..60),
+        redirecting in any::<bool>(),
     ) {
         let mut cfg = Config::default();
         let mut creds = Credentials::new("r");
         creds.add_user("u", "p");
         cfg.credentials = creds;
+        // A server with alternates answers a first Allocate with one of
+        // them instead of a challenge: an unauthenticated answer too.
+        if redirecting {
+            cfg.alternate_servers = alternates();
+        }
         cfg.unauth_rate = 1_000_000;
         cfg.unauth_allowance = allowance;
         let t0 = Instant::now();

@@ -192,6 +192,14 @@ pub struct Config {
     /// beyond the bytes of those requests (refilled over 8 s); 0 = never
     /// more than it sent. See `Server::unauth_answer`.
     pub unauth_allowance: u32,
+    /// Servers that UDP and TCP clients are sent to with 300 (Try
+    /// Alternate) instead of getting an allocation here, in turn (RFC 8489
+    /// §10, coturn's `alternate-server`): to spread clients over several
+    /// servers behind one address. Only those of the client's family are
+    /// used; with none, it stays.
+    pub alternate_servers: Vec<SocketAddr>,
+    /// The same for TLS clients, whom a server must answer over TLS.
+    pub tls_alternate_servers: Vec<SocketAddr>,
     pub software: Option<String>,
 }
 
@@ -216,6 +224,8 @@ impl Default for Config {
             kernel_routes: false,
             unauth_rate: 50,
             unauth_allowance: 512,
+            alternate_servers: Vec::new(),
+            tls_alternate_servers: Vec::new(),
             software: None,
         }
     }
@@ -279,6 +289,8 @@ pub struct Shared {
     /// The kernel relay's bandwidth budgets, which allocations take from
     /// instead of their own.
     budgets: Option<SharedBudgets>,
+    /// Counts redirections, to take the alternate servers in turn.
+    redirected: AtomicUsize,
 }
 
 impl Shared {
@@ -296,7 +308,29 @@ impl Shared {
             reservation_serial: AtomicU64::new(0),
             epoch,
             budgets: None,
+            redirected: AtomicUsize::new(0),
         }
+    }
+
+    /// Where to send a client that asks this server for an allocation,
+    /// if anywhere: the next alternate server of its family for its
+    /// transport (ALTERNATE-SERVER must be of the request's family, RFC
+    /// 8489 §14.15).
+    fn alternate_for(&self, five: &FiveTuple) -> Option<SocketAddr> {
+        let list = match five.transport {
+            Transport::Tls => &self.config.tls_alternate_servers,
+            Transport::Udp | Transport::Tcp => &self.config.alternate_servers,
+        };
+        let ipv4 = five.client.ip().to_canonical().is_ipv4();
+        let count = list.iter().filter(|a| a.is_ipv4() == ipv4).count();
+        if count == 0 {
+            return None;
+        }
+        let turn = self.redirected.fetch_add(1, Ordering::Relaxed) % count;
+        list.iter()
+            .filter(|a| a.is_ipv4() == ipv4)
+            .nth(turn)
+            .copied()
     }
 
     /// Takes bandwidth from `budgets` (the kernel relay's), so that the
@@ -1575,10 +1609,45 @@ impl<A: RelayAllocator> Server<A> {
                 data: a.allocate_response.clone(),
             };
         }
+        // A client sent to an alternate server (RFC 8489 §10) is sent
+        // there at its first Allocate, before any challenge: a browser
+        // goes on with the realm and nonce it has (none yet, so it is
+        // challenged there by the alternate's own), while one that had
+        // authenticated here would go with this server's nonce, which the
+        // alternate refuses; Chromium then gives up. The unsigned answer
+        // goes through `unauth_answer` like a challenge. A request that
+        // comes signed gets a signed answer, below.
+        let alternate = (msg.method() == method::ALLOCATE && !self.by_five.contains_key(&five))
+            .then(|| self.shared.alternate_for(&five))
+            .flatten();
+        let redirect = |this: &Self, alternate: SocketAddr| {
+            let mut b = this.response(msg, Class::Error);
+            b.error(300, "Try Alternate");
+            b.address(attr::ALTERNATE_SERVER, alternate);
+            b
+        };
+        let sent = |out: Output, alternate: SocketAddr| {
+            if matches!(out, Output::Reply { .. }) {
+                metrics::counter!("callisto_turn_redirected_total", "transport" => five.transport.as_str())
+                    .increment(1);
+                tracing::debug!(client = %five.client, %alternate, "sent a client to an alternate server");
+            }
+            out
+        };
+        if let Some(alternate) = alternate
+            && !msg.has_integrity()
+        {
+            let out = self.unauth_answer(now, five, msg, |this| redirect(this, alternate));
+            return sent(out, alternate);
+        }
         let authed = match self.authenticate(now, five, msg) {
             Ok(a) => a,
             Err(out) => return out,
         };
+        if let Some(alternate) = alternate {
+            let b = redirect(self, alternate);
+            return sent(self.reply(five, msg, b, Some(&authed.key)), alternate);
+        }
         let result = match msg.method() {
             method::ALLOCATE => self.allocate(now, five, msg, &authed),
             method::REFRESH => self.refresh(now, five, msg, &authed),

@@ -264,6 +264,166 @@ fn allocate_challenge_then_success_and_retransmission() {
     assert_eq!(failed_code(&pump(&mut s, &mut c2, five(1), now)), 437);
 }
 
+/// A server with alternates: IPv4 and IPv6 ones for UDP and TCP
+/// clients, one IPv4 one for TLS clients.
+fn redirecting() -> Config {
+    Config {
+        alternate_servers: vec![
+            "192.0.2.10:3478".parse().unwrap(),
+            "[2001:db8::10]:3478".parse().unwrap(),
+            "192.0.2.11:3479".parse().unwrap(),
+        ],
+        tls_alternate_servers: vec!["192.0.2.20:5349".parse().unwrap()],
+        ..config()
+    }
+}
+
+/// What a client that asks `s` for an allocation over `five` hears.
+fn allocate_events(s: &mut Server<FakeRelays>, five: FiveTuple, now: Instant) -> Vec<Event> {
+    let mut c = Client::new(USER, PASS, false, five.client.port().into());
+    c.allocate(now);
+    pump(s, &mut c, five, now)
+}
+
+#[test]
+fn allocations_are_sent_to_the_alternate_servers_in_turn() {
+    let (shared, mut s) = setup(redirecting(), Instant::now());
+    let now = Instant::now();
+    let redirected = |events: Vec<Event>| match events.as_slice() {
+        [Event::Redirected { alternate }] => *alternate,
+        other => panic!("expected a redirection, got {other:?}"),
+    };
+    // In turn, and only to those of the client's family.
+    let seen: Vec<SocketAddr> = (1..=4)
+        .map(|port| redirected(allocate_events(&mut s, five(port), now)))
+        .collect();
+    let v4 = |a: &str| a.parse::<SocketAddr>().unwrap();
+    assert_eq!(
+        seen,
+        [
+            v4("192.0.2.10:3478"),
+            v4("192.0.2.11:3479"),
+            v4("192.0.2.10:3478"),
+            v4("192.0.2.11:3479")
+        ]
+    );
+    assert_eq!(
+        redirected(allocate_events(&mut s, five6(1), now)),
+        v4("[2001:db8::10]:3478")
+    );
+    // An IPv4 client of a dual-stack socket is an IPv4 client.
+    let mapped = FiveTuple {
+        client: "[::ffff:198.51.100.8]:1000".parse().unwrap(),
+        ..five6(1)
+    };
+    assert!(redirected(allocate_events(&mut s, mapped, now)).is_ipv4());
+    // TLS clients go to the TLS alternates; TCP ones to the others.
+    let over = |transport, port| FiveTuple {
+        transport,
+        ..five(port)
+    };
+    assert_eq!(
+        redirected(allocate_events(&mut s, over(Transport::Tls, 10), now)),
+        v4("192.0.2.20:5349")
+    );
+    assert!(redirected(allocate_events(&mut s, over(Transport::Tcp, 11), now)).port() != 5349);
+    assert_eq!(shared.allocation_count(), 0, "nothing was allocated here");
+
+    // No IPv6 TLS alternate: an IPv6 TLS client is served here.
+    let tls6 = FiveTuple {
+        transport: Transport::Tls,
+        ..five6(2)
+    };
+    assert!(matches!(
+        allocate_events(&mut s, tls6, now).as_slice(),
+        [Event::Allocated { .. }]
+    ));
+}
+
+#[test]
+fn a_redirection_comes_before_the_challenge_and_is_signed_when_the_request_is() {
+    let (shared, mut s) = setup(redirecting(), Instant::now());
+    let now = Instant::now();
+    let alternate_of = |out: &Output| {
+        assert_eq!(error_code(out), 300);
+        let Output::Reply { data, .. } = out else {
+            unreachable!()
+        };
+        let msg = Message::parse(data).unwrap();
+        let to = stun::decode_address(
+            attr::ALTERNATE_SERVER,
+            msg.get(attr::ALTERNATE_SERVER).unwrap(),
+        )
+        .unwrap();
+        (to, msg.has_integrity(), msg.get(attr::NONCE).is_some())
+    };
+    // The first Allocate, unauthenticated: sent on at once, unsigned, with
+    // no nonce (the alternate challenges with its own).
+    let mut bare = request_with(
+        method::ALLOCATE,
+        &[(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])],
+    );
+    let (to, signed, nonce) = alternate_of(&s.on_client(now, five(1), &mut bare));
+    assert_eq!(to, "192.0.2.10:3478".parse().unwrap());
+    assert!(!signed && !nonce);
+
+    // A signed one (the client had a nonce): signed with the user's key.
+    let out = signed_allocate(&mut s, five(2), 9, &[], now);
+    let Output::Reply { data, .. } = &out else {
+        panic!("{out:?}")
+    };
+    let (to, signed, _) = alternate_of(&out);
+    assert_eq!(to, "192.0.2.11:3479".parse().unwrap());
+    assert!(signed);
+    let key = crate::auth::long_term_key(USER, "test.realm", PASS);
+    assert!(Message::parse(data).unwrap().verify_integrity(&key));
+    // Signed with a wrong password: 401, not an address.
+    let mut refresh = request_with(method::REFRESH, &[]);
+    let Output::Reply { data, .. } = s.on_client(now, five(3), &mut refresh) else {
+        panic!()
+    };
+    let nonce = Message::parse(&data)
+        .unwrap()
+        .get(attr::NONCE)
+        .unwrap()
+        .to_vec();
+    let mut b = MessageBuilder::new(method::ALLOCATE, Class::Request, &[3; 12]);
+    b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .attr(attr::USERNAME, USER.as_bytes())
+        .attr(attr::REALM, b"test.realm")
+        .attr(attr::NONCE, &nonce)
+        .integrity(&crate::auth::long_term_key(USER, "test.realm", "wrong"));
+    let out = s.on_client(now, five(3), &mut b.finish());
+    assert_eq!(error_code(&out), 401);
+    assert_eq!(shared.allocation_count(), 0);
+
+    // Other requests are answered here: a Refresh without an allocation
+    // is challenged.
+    let mut refresh = request_with(method::REFRESH, &[]);
+    assert_eq!(error_code(&s.on_client(now, five(4), &mut refresh)), 401);
+
+    // An unsigned redirection answers an unauthenticated request only:
+    // once our client has authenticated, a forged one fails the Allocate.
+    let (_, mut plain) = setup(config(), now);
+    let mut c = Client::new(USER, PASS, false, 5);
+    c.allocate(now);
+    let mut first = c.poll_transmit().unwrap();
+    let Output::Reply { data, .. } = plain.on_client(now, five(5), &mut first) else {
+        panic!()
+    };
+    c.handle_input(now, &data);
+    let authed = c.poll_transmit().unwrap();
+    let tid = *Message::parse(&authed).unwrap().transaction_id();
+    let mut forged = MessageBuilder::new(method::ALLOCATE, Class::Error, &tid);
+    forged.error(300, "Try Alternate");
+    forged.address(attr::ALTERNATE_SERVER, "192.0.2.66:3478".parse().unwrap());
+    c.handle_input(now, &forged.finish());
+    assert_eq!(
+        failed_code(&std::iter::from_fn(|| c.poll_event()).collect::<Vec<_>>()),
+        300
+    );
+}
+
 #[test]
 fn retransmitted_allocate_gets_the_same_answer() {
     let (_, mut s) = setup(config(), Instant::now());
@@ -1702,10 +1862,9 @@ fn signed_request(
     attrs: &[(u16, &[u8])],
     now: Instant,
 ) -> Output {
-    let mut unauthenticated = request_with(
-        method::ALLOCATE,
-        &[(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])],
-    );
+    // A Refresh, not an Allocate, which a server with alternates answers
+    // with one of them rather than a challenge.
+    let mut unauthenticated = request_with(method::REFRESH, &[]);
     let Output::Reply { data, .. } = s.on_client(now, five, &mut unauthenticated) else {
         panic!("no 401")
     };
