@@ -1680,6 +1680,101 @@ fn icmp_errors_through_the_kernel_relay_on_a_network_interface() {
     }
 }
 
+/// DONT-FRAGMENT on a real path, over both families: the server's end of
+/// a veth pair has an MTU of 1280, and a client in the server's namespace
+/// sends 1,300 bytes to a peer beyond it. Without DF they reach the peer
+/// (fragmented by the relay's kernel, IPv4 and IPv6 alike); with DF, asked
+/// for in the Allocate, they are not sent, and the client is told
+/// "fragmentation needed" (ICMPv4 3/4) or "packet too big" (ICMPv6 2)
+/// with the MTU, 1280.
+#[test]
+fn dont_fragment_keeps_datagrams_whole_and_tells_the_client_the_mtu() {
+    if !own_network_namespace() {
+        return;
+    }
+    let hosts = veth_to(
+        "df",
+        &["10.77.0.1/24", "fd00:78::1/64"],
+        &["10.77.0.2/24", "fd00:78::2/64"],
+    );
+    ip(&["link", "set", "relay0", "mtu", "1280"]);
+    let big = [7u8; 1300];
+    for (server_ip, allowed, peer_ip) in [
+        ("10.77.0.1", "10.77.0.0/24", "10.77.0.2"),
+        ("fd00:78::1", "fd00:78::/64", "fd00:78::2"),
+    ] {
+        let server_ip: std::net::IpAddr = server_ip.parse().unwrap();
+        let server = callisto_on(
+            "turn",
+            &SocketAddr::new(server_ip, 0).to_string(),
+            &["--turn-user", "user:pass", "--turn-allow-peer", allowed],
+        );
+        let turn = SocketAddr::new(server_ip, server.turn_port);
+        let peer_ip: std::net::IpAddr = peer_ip.parse().unwrap();
+        let peer_sock = udp_socket_in(&hosts, &SocketAddr::new(peer_ip, 0).to_string());
+        // The first datagram to a new neighbour may wait for its
+        // link-layer address.
+        peer_sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let peer = peer_sock.local_addr().unwrap();
+        for (seed, dont_fragment) in [(1, false), (2, true)] {
+            let sock = udp_socket(&SocketAddr::new(server_ip, 0).to_string());
+            let mut client = Client::new("user", "pass", false, seed);
+            client.set_dont_fragment(dont_fragment);
+            if server_ip.is_ipv6() {
+                client.allocate_ipv6(Instant::now());
+            } else {
+                client.allocate(Instant::now());
+            }
+            drive(&sock, turn, &mut client, |e| {
+                matches!(e, Event::Allocated { .. })
+            });
+            client.bind_channel(Instant::now(), peer);
+            drive(&sock, turn, &mut client, |e| {
+                matches!(e, Event::ChannelBound { .. })
+            });
+            sock.send_to(&client.send_to(peer, &big), turn).unwrap();
+            let mut buf = [0u8; 2048];
+            if dont_fragment {
+                let events = drive(&sock, turn, &mut client, |e| {
+                    matches!(e, Event::Icmp { .. })
+                });
+                let (icmp_type, code) = if server_ip.is_ipv6() { (2, 0) } else { (3, 4) };
+                assert_eq!(
+                    events.last(),
+                    Some(&Event::Icmp {
+                        // Linux names the port for IPv6 only (an
+                        // unconnected IPv4 socket has no port of its own
+                        // to put in a local error).
+                        peer: SocketAddr::new(
+                            peer.ip(),
+                            if server_ip.is_ipv6() { peer.port() } else { 0 }
+                        ),
+                        icmp: callisto_turn::stun::Icmp {
+                            icmp_type,
+                            code,
+                            error_data: 1280
+                        }
+                    }),
+                    "{server_ip}"
+                );
+                // The error came back when the kernel refused to send.
+                peer_sock
+                    .set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                assert!(
+                    peer_sock.recv_from(&mut buf).is_err(),
+                    "{server_ip}: nothing reached the peer"
+                );
+            } else {
+                let (n, _) = peer_sock.recv_from(&mut buf).expect("the datagram, whole");
+                assert_eq!(n, big.len(), "{server_ip}");
+            }
+        }
+    }
+}
+
 /// A UDP socket bound to `addr` in the named network namespace `netns`.
 fn udp_socket_in(netns: &NamedNetns, addr: &str) -> UdpSocket {
     let path = format!("/var/run/netns/{}", netns.0);

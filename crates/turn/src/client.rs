@@ -108,6 +108,8 @@ pub struct Client {
     next_channel: u16,
     tid_counter: u64,
     tid_seed: u64,
+    /// Allocate requests and Send indications carry DONT-FRAGMENT.
+    dont_fragment: bool,
 }
 
 const RTO: Duration = Duration::from_millis(500);
@@ -133,7 +135,16 @@ impl Client {
             next_channel: stun::CHANNEL_MIN,
             tid_counter: 0,
             tid_seed: seed,
+            dont_fragment: false,
         }
+    }
+
+    /// Asks that what the relay sends to peers never be fragmented
+    /// (DONT-FRAGMENT in Allocate requests and Send indications, RFC 8656
+    /// §7.1, §11.1): a datagram too big for the path is dropped, and
+    /// [`Event::Icmp`] says which MTU it met.
+    pub fn set_dont_fragment(&mut self, on: bool) {
+        self.dont_fragment = on;
     }
 
     pub fn relayed_address(&self) -> Option<SocketAddr> {
@@ -231,6 +242,9 @@ impl Client {
         let mut b = MessageBuilder::new(method::SEND, Class::Indication, &tid);
         b.xor_address(attr::XOR_PEER_ADDRESS, peer)
             .attr(attr::DATA, data);
+        if self.dont_fragment {
+            b.attr(attr::DONT_FRAGMENT, &[]);
+        }
         b.finish()
     }
 
@@ -490,6 +504,9 @@ impl Client {
         match &kind {
             Request::Allocate { dual, ipv6 } => {
                 b.attr(attr::REQUESTED_TRANSPORT, &[attr::TRANSPORT_UDP, 0, 0, 0]);
+                if self.dont_fragment {
+                    b.attr(attr::DONT_FRAGMENT, &[]);
+                }
                 if *ipv6 {
                     b.attr(
                         attr::REQUESTED_ADDRESS_FAMILY,

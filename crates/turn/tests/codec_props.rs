@@ -132,6 +132,9 @@ impl RelayAllocator for NoRelays {
             .map(|a| *a)
             .map_err(|_| io::Error::other("not ours"))
     }
+    fn dont_fragment(&mut self, _id: RelayId, _ipv6: bool) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// An attribute type: half the time one the codec decodes, so that each

@@ -1,4 +1,5 @@
-//! ICMP errors met by what relay sockets send (RFC 8656 §11.5).
+//! ICMP errors met by what relay sockets send (RFC 8656 §11.5), and the
+//! DF bit they send with (DONT-FRAGMENT).
 //!
 //! A relay socket asks the kernel to queue the ICMP errors its datagrams
 //! meet (`IP_RECVERR`, `IPV6_RECVERR`); without that, Linux drops them for
@@ -36,9 +37,40 @@ pub fn enable<S>(_socket: &S, _ipv6: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// From now on `socket`'s datagrams leave with DF set (IPv4) and are never
+/// fragmented here (both families), as a client's DONT-FRAGMENT asks
+/// (RFC 8656 §7.2, §11.2). One too big for the path's MTU, as the kernel
+/// knows it, is refused with `EMSGSIZE`, and [`next_error`] then reports
+/// it with the MTU. Linux's default instead sets DF only on datagrams that
+/// fit, and fragments the others.
+#[cfg(target_os = "linux")]
+pub fn dont_fragment(socket: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_int_option(
+            socket,
+            libc::SOL_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+        )
+    } else {
+        set_int_option(
+            socket,
+            libc::SOL_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn dont_fragment<S>(_socket: &S, _ipv6: bool) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 /// Takes the next entry off `socket`'s error queue: `Some` for an ICMP
-/// error, `None` for another kind (a local error, such as a datagram too
-/// large for the path). `WouldBlock` when the queue is empty.
+/// error or a datagram refused as too big for the path (see
+/// [`dont_fragment`]), `None` for another kind. `WouldBlock` when the
+/// queue is empty.
 #[cfg(target_os = "linux")]
 pub fn next_error(socket: &impl AsRawFd) -> io::Result<Option<IcmpError>> {
     // The quoted datagram is not needed, only the control message: one
@@ -83,17 +115,29 @@ pub fn next_error(socket: &impl AsRawFd) -> io::Result<Option<IcmpError>> {
     // for which any bits are a value; read unaligned, as a slice promises
     // no alignment.
     let error: libc::sock_extended_err = unsafe { std::ptr::read_unaligned(error.as_ptr().cast()) };
-    let icmp = matches!(
-        error.ee_origin,
-        libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
-    );
-    Ok(match (icmp, super::batch::to_socket_addr(&name)) {
-        (true, Some(peer)) => Some(IcmpError {
+    let Some(peer) = super::batch::to_socket_addr(&name) else {
+        return Ok(None);
+    };
+    Ok(match error.ee_origin {
+        libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6 => Some(IcmpError {
             peer,
             icmp_type: error.ee_type,
             code: error.ee_code,
             mtu: error.ee_info,
         }),
+        // A datagram the kernel would not send: too big for the path's
+        // MTU on a socket that may not fragment (DONT-FRAGMENT). Told as
+        // the error a router would have sent, with the MTU, so the client
+        // learns it as from any hop on the path.
+        libc::SO_EE_ORIGIN_LOCAL if error.ee_errno == libc::EMSGSIZE as u32 => {
+            let (icmp_type, code) = if peer.is_ipv6() { (2, 0) } else { (3, 4) };
+            Some(IcmpError {
+                peer,
+                icmp_type,
+                code,
+                mtu: error.ee_info,
+            })
+        }
         _ => None,
     })
 }

@@ -138,7 +138,7 @@ fn open_relay(addr: SocketAddr) -> io::Result<Option<StdUdpSocket>> {
     Ok(Some(socket.into()))
 }
 
-impl<S> RelayAllocator for RelaySockets<S> {
+impl<S: std::os::fd::AsRawFd> RelayAllocator for RelaySockets<S> {
     fn allocate(&mut self, id: RelayId, ipv6: bool, even: bool) -> io::Result<SocketAddr> {
         let ip = if ipv6 { self.cfg.ipv6 } else { self.cfg.ipv4 }.ok_or_else(|| {
             io::Error::new(
@@ -172,6 +172,13 @@ impl<S> RelayAllocator for RelaySockets<S> {
             .downcast::<StdUdpSocket>()
             .map_err(|_| io::Error::other("a held port of another kind"))?;
         self.install(id, *std)
+    }
+
+    fn dont_fragment(&mut self, id: RelayId, ipv6: bool) -> io::Result<()> {
+        let socket = self
+            .get(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such relay"))?;
+        icmp::dont_fragment(socket, ipv6)
     }
 }
 

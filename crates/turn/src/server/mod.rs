@@ -122,6 +122,10 @@ pub trait RelayAllocator {
     /// Puts a port from [`RelayAllocator::hold_next`], possibly another
     /// worker's, into service as `id`'s relay socket.
     fn allocate_held(&mut self, id: RelayId, held: HeldPort) -> io::Result<SocketAddr>;
+    /// From now on, what `id`'s relay socket (of IPv6 if `ipv6`) sends
+    /// goes with the DF bit and is never fragmented (DONT-FRAGMENT); one
+    /// too big for the path is refused and reported as an ICMP error.
+    fn dont_fragment(&mut self, id: RelayId, ipv6: bool) -> io::Result<()>;
 }
 
 /// A port held for a RESERVATION-TOKEN.
@@ -668,6 +672,9 @@ struct Allocation {
     /// permissions, channels and lifetime, found from the half in
     /// `by_five` (the IPv4 one, until it goes).
     sibling: Option<u32>,
+    /// The client asked for DONT-FRAGMENT, in its Allocate or in a Send
+    /// indication since: its relay socket sends with DF from then on.
+    dont_fragment: bool,
 }
 
 impl Allocation {
@@ -989,7 +996,14 @@ impl<A: RelayAllocator> Server<A> {
         else {
             return;
         };
-        let want = routes::wanted(&a.five, a.relay_addr, &a.access, now);
+        // The kernel relay keeps the DF bit a datagram came with, and the
+        // client's may have none: DONT-FRAGMENT traffic stays with the
+        // workers, whose relay socket sets it.
+        let want = if a.dont_fragment {
+            routes::Routes::default()
+        } else {
+            routes::wanted(&a.five, a.relay_addr, &a.access, now)
+        };
         routes::update(&mut a.routes, want, &mut self.route_changes);
     }
 
@@ -1086,7 +1100,8 @@ impl<A: RelayAllocator> Server<A> {
                 let Some((peer, data)) = send_indication_parts(&msg, buf) else {
                     return Output::None;
                 };
-                self.on_send_indication(now, five, peer, data, buf)
+                let dont_fragment = msg.get(attr::DONT_FRAGMENT).is_some();
+                self.on_send_indication(now, five, peer, data, dont_fragment, buf)
             }
             // Responses and other indications mean nothing to a server.
             _ => Output::None,
@@ -1501,12 +1516,17 @@ impl<A: RelayAllocator> Server<A> {
     /// `buf[data]` from `five`'s client for `peer`. To another of our
     /// allocations it is relayed in place, as ChannelData does: a Send
     /// indication has room before its data for either header.
+    /// With `dont_fragment` (the indication's DONT-FRAGMENT), the relay
+    /// sends with DF from then on: the socket option is the relay's, not
+    /// the datagram's, and keeping it costs nothing but fragmentation by
+    /// this server, which a client that asked once does not want.
     fn on_send_indication(
         &mut self,
         now: Instant,
         five: FiveTuple,
         peer: SocketAddr,
         data: Range<usize>,
+        dont_fragment: bool,
         buf: &mut [u8],
     ) -> Output {
         let Some(slot) = self
@@ -1530,6 +1550,11 @@ impl<A: RelayAllocator> Server<A> {
         }
         let relay = alloc.relay;
         let from = alloc.advertised;
+        if dont_fragment && let Err(e) = self.set_dont_fragment(slot, now) {
+            // RFC 8656 §11.2: a server that cannot set DF discards it.
+            tracing::debug!(error = %e, "dropped a Send indication with DONT-FRAGMENT: cannot set DF");
+            return Output::None;
+        }
         self.counters.count(TO_PEER, five.transport, data.len());
         if let Some(out) = self
             .relay_locally(now, from, peer, data.clone(), buf)
@@ -1969,10 +1994,40 @@ impl<A: RelayAllocator> Server<A> {
                 }
             }
         }
+        if msg.get(attr::DONT_FRAGMENT).is_some() {
+            let halves: Vec<u32> = self.halves(slot).collect();
+            for half in halves {
+                if let Err(e) = self.set_dont_fragment(half, now) {
+                    // Not on Linux, where the socket option always takes.
+                    tracing::warn!(error = %e, "cannot send with DF: the Allocate that asked for it is refused");
+                    self.remove_allocation(slot);
+                    return Err(refuse(508, "Insufficient Capacity: cannot set DF"));
+                }
+            }
+        }
         Ok(Output::Reply {
             to: five,
             data: response,
         })
+    }
+
+    /// Makes relay `slot` send with DF from now on (DONT-FRAGMENT), and
+    /// takes its routes out of the kernel relay.
+    fn set_dont_fragment(&mut self, slot: u32, now: Instant) -> io::Result<()> {
+        let Some(a) = self
+            .allocations
+            .get_mut(slot as usize)
+            .and_then(Option::as_mut)
+        else {
+            return Ok(());
+        };
+        if a.dont_fragment {
+            return Ok(());
+        }
+        self.relays.dont_fragment(a.relay, a.relay_addr.is_ipv6())?;
+        a.dont_fragment = true;
+        self.sync_routes(slot, now);
+        Ok(())
     }
 
     /// Puts a relay bound at `relay_addr` into service as slot `slot`: an
@@ -2004,6 +2059,7 @@ impl<A: RelayAllocator> Server<A> {
             allocate_response: how.allocate_response.to_vec(),
             routes: routes::Routes::default(),
             sibling: None,
+            dont_fragment: false,
         });
         self.by_relay_addr.insert(relay_addr, slot);
         self.by_relay_addr.insert(advertised, slot);

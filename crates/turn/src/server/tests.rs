@@ -32,6 +32,10 @@ struct FakeRelays {
     ipv6_reuses_ports: bool,
     /// IPv4 relays are refused: an IPv6-only server.
     no_ipv4: bool,
+    /// The relays told to send with DF, and their family.
+    dont_fragment: Rc<RefCell<BTreeSet<(u32, bool)>>>,
+    /// Setting DF fails.
+    no_dont_fragment: bool,
 }
 
 impl RelayAllocator for FakeRelays {
@@ -75,6 +79,15 @@ impl RelayAllocator for FakeRelays {
     fn allocate_held(&mut self, id: RelayId, held: HeldPort) -> io::Result<SocketAddr> {
         self.live.borrow_mut().insert(id.0);
         Ok(*held.downcast::<SocketAddr>().expect("a held address"))
+    }
+
+    fn dont_fragment(&mut self, id: RelayId, ipv6: bool) -> io::Result<()> {
+        if self.no_dont_fragment {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "no DF here"));
+        }
+        assert!(self.live.borrow().contains(&id.0), "DF on a live relay");
+        self.dont_fragment.borrow_mut().insert((id.0, ipv6));
+        Ok(())
     }
 }
 
@@ -3281,4 +3294,167 @@ proptest::proptest! {
             check_routes(&mut s, &maps, f, now);
         }
     }
+}
+
+/// A server whose relays record DF, and their record.
+fn setup_df(cfg: Config, now: Instant) -> (Server<FakeRelays>, FakeRelays) {
+    let relays = FakeRelays {
+        ipv6: true,
+        ..FakeRelays::default()
+    };
+    let shared = Arc::new(Shared::new(cfg, b"k", (now, 1_000)));
+    (Server::new(shared, relays.clone()), relays)
+}
+
+#[test]
+fn dont_fragment_in_an_allocate_sets_df_on_each_of_its_relays() {
+    let now = Instant::now();
+    let mut cfg = config();
+    cfg.relay_ips = vec![relay_ip(), relay_ip6()];
+    let (mut s, relays) = setup_df(cfg, now);
+    // Without the attribute, the system's default.
+    allocated(&mut s, five(1), now);
+    assert!(relays.dont_fragment.borrow().is_empty());
+
+    // With it, on a dual allocation: both relays, each in its family.
+    let mut c = Client::new(USER, PASS, false, 2);
+    c.set_dont_fragment(true);
+    c.allocate_dual(now);
+    let events = pump(&mut s, &mut c, five(2), now);
+    assert!(
+        matches!(
+            events.as_slice(),
+            [Event::Allocated { .. }, Event::Ipv6Relay(Ok(_))]
+        ),
+        "{events:?}"
+    );
+    let [Some(v4), Some(v6)] = s.relays_of(&five(2)) else {
+        panic!("a dual allocation")
+    };
+    assert_eq!(
+        *relays.dont_fragment.borrow(),
+        BTreeSet::from([(v4.0, false), (v6.0, true)])
+    );
+
+    // A server that cannot set DF refuses the Allocate, and keeps nothing.
+    let mut relays = FakeRelays {
+        no_dont_fragment: true,
+        ..FakeRelays::default()
+    };
+    let shared = Arc::new(Shared::new(config(), b"k", (now, 1_000)));
+    let mut s = Server::new(shared.clone(), relays.clone());
+    let mut c = Client::new(USER, PASS, false, 3);
+    c.set_dont_fragment(true);
+    c.allocate(now);
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(3), now)), 508);
+    assert_eq!(shared.allocation_count(), 0);
+    assert!(
+        relays.live.borrow().is_empty(),
+        "the relay socket is closed"
+    );
+    relays.no_dont_fragment = false;
+}
+
+#[test]
+fn a_send_indication_with_dont_fragment_sets_df_from_then_on() {
+    let now = Instant::now();
+    let (mut s, relays) = setup_df(config(), now);
+    let (mut c, _) = allocated(&mut s, five(1), now);
+    let relay = s.relay_of(&five(1)).unwrap();
+    // Not for a peer without a permission: that indication is dropped.
+    c.set_dont_fragment(true);
+    let mut unpermitted = c.send_to(peer(), b"x");
+    assert_eq!(s.on_client(now, five(1), &mut unpermitted), Output::None);
+    assert!(relays.dont_fragment.borrow().is_empty());
+
+    c.create_permission(now, peer().ip());
+    pump(&mut s, &mut c, five(1), now);
+    c.set_dont_fragment(false);
+    let mut plain = c.send_to(peer(), b"plain");
+    assert!(matches!(
+        s.on_client(now, five(1), &mut plain),
+        Output::ToPeer { .. }
+    ));
+    assert!(relays.dont_fragment.borrow().is_empty());
+    c.set_dont_fragment(true);
+    let mut df = c.send_to(peer(), b"df");
+    assert!(matches!(
+        s.on_client(now, five(1), &mut df),
+        Output::ToPeer { .. }
+    ));
+    assert_eq!(
+        *relays.dont_fragment.borrow(),
+        BTreeSet::from([(relay.0, false)])
+    );
+
+    // Where DF cannot be set, the indication is discarded (RFC 8656 §11.2).
+    let relays = FakeRelays {
+        no_dont_fragment: true,
+        ..FakeRelays::default()
+    };
+    let shared = Arc::new(Shared::new(config(), b"k", (now, 1_000)));
+    let mut s = Server::new(shared, relays);
+    let (mut c, _) = allocated(&mut s, five(2), now);
+    c.create_permission(now, peer().ip());
+    pump(&mut s, &mut c, five(2), now);
+    let mut plain = c.send_to(peer(), b"plain");
+    assert!(matches!(
+        s.on_client(now, five(2), &mut plain),
+        Output::ToPeer { .. }
+    ));
+    c.set_dont_fragment(true);
+    let mut df = c.send_to(peer(), b"df");
+    assert_eq!(s.on_client(now, five(2), &mut df), Output::None);
+}
+
+#[test]
+fn dont_fragment_takes_an_allocation_out_of_the_kernel_relay() {
+    let t0 = Instant::now();
+    let (mut s, _) = setup_df(kernel_config(), t0);
+    let (mut c, relayed) = allocated(&mut s, five(1), t0);
+    let ch = c.bind_channel(t0, peer());
+    pump(&mut s, &mut c, five(1), t0);
+    let expires = t0 + Duration::from_secs(300);
+    assert_eq!(
+        s.route_changes().count(),
+        2,
+        "a channel route and an indication route"
+    );
+    // DF from a Send indication: the kernel forgets both routes, since it
+    // keeps the DF bit the client's datagram came with.
+    c.set_dont_fragment(true);
+    let mut tid_only = MessageBuilder::new(method::SEND, Class::Indication, &[9; 12]);
+    tid_only
+        .xor_address(attr::XOR_PEER_ADDRESS, peer())
+        .attr(attr::DATA, b"df")
+        .attr(attr::DONT_FRAGMENT, &[]);
+    assert!(matches!(
+        s.on_client(t0, five(1), &mut tid_only.finish()),
+        Output::ToPeer { .. }
+    ));
+    assert_eq!(
+        s.route_changes().collect::<Vec<_>>(),
+        [
+            RouteChange::RemoveIndications(indication_route(
+                five(1),
+                relayed,
+                peer().ip(),
+                expires
+            )),
+            RouteChange::Remove(route(five(1), ch, relayed, peer(), expires)),
+        ]
+    );
+    // And learns none after.
+    c.create_permission(t0 + Duration::from_secs(60), peer().ip());
+    pump(&mut s, &mut c, five(1), t0 + Duration::from_secs(60));
+    assert_eq!(s.route_changes().count(), 0);
+
+    // An allocation that asks in its Allocate never gets routes.
+    let mut c = Client::new(USER, PASS, false, 2);
+    c.set_dont_fragment(true);
+    c.allocate(t0);
+    pump(&mut s, &mut c, five(2), t0);
+    c.bind_channel(t0, peer());
+    pump(&mut s, &mut c, five(2), t0);
+    assert_eq!(s.route_changes().count(), 0);
 }
