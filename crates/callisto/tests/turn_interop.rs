@@ -918,6 +918,11 @@ fn dual_allocations_from_ours_and_from_coturn() {
 /// coturn's `turnserver` on 127.0.0.1 over UDP only, with user
 /// alice:secret, relaying on `relay_ips`; and its port.
 fn coturn_over_udp(relay_ips: &[&str]) -> (Proc, u16) {
+    coturn_over_udp_with(relay_ips, &[])
+}
+
+/// [`coturn_over_udp`], with `extra` flags.
+fn coturn_over_udp_with(relay_ips: &[&str], extra: &[&str]) -> (Proc, u16) {
     let port = free_udp_port();
     let relay_lo = 40000 + (port % 1000) * 20;
     let coturn = tool("turnserver")
@@ -934,11 +939,79 @@ fn coturn_over_udp(relay_ips: &[&str]) -> (Proc, u16) {
         .arg(format!("--min-port={relay_lo}"))
         .arg(format!("--max-port={}", relay_lo + 19))
         .args(["--log-file=stdout", "--pidfile=/dev/null"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     (Proc(coturn), port)
+}
+
+/// Redirection between coturn and us, both ways, with our client: coturn
+/// sends it on after authenticating it (a signed 300), we at its first
+/// Allocate (an unsigned one); either way it allocates at the other (whose
+/// realm differs: a client learns it from each server's challenge).
+#[test]
+fn redirections_between_coturn_and_us() {
+    let ours = callisto_on("turn", "127.0.0.1:0", &["--turn-user", "alice:secret"]);
+    let ours_addr: SocketAddr = format!("127.0.0.1:{}", ours.turn_port).parse().unwrap();
+    let (_coturn, port) = coturn_over_udp_with(
+        &["127.0.0.1"],
+        &[&format!("--alternate-server={ours_addr}")],
+    );
+    let coturn_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // coturn's plain sibling, and ours sending everyone to it.
+    let (_target, target_port) = coturn_over_udp(&["127.0.0.1"]);
+    let target: SocketAddr = format!("127.0.0.1:{target_port}").parse().unwrap();
+    let redirecting = callisto_on(
+        "turn",
+        "127.0.0.1:0",
+        &[
+            "--turn-user",
+            "alice:secret",
+            "--turn-alternate-server",
+            &target.to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let redirecting_addr: SocketAddr = format!("127.0.0.1:{}", redirecting.turn_port)
+        .parse()
+        .unwrap();
+    for (seed, first, then) in [(1, coturn_addr, ours_addr), (2, redirecting_addr, target)] {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        // coturn needs a moment to bind; our client retransmits until it answers.
+        let mut client = Client::new("alice", "secret", false, seed);
+        client.allocate(Instant::now());
+        let events = drive(&sock, first, &mut client, |e| {
+            matches!(
+                e,
+                Event::Redirected { .. } | Event::Allocated { .. } | Event::Failed { .. }
+            )
+        });
+        assert_eq!(
+            events.last(),
+            Some(&Event::Redirected { alternate: then }),
+            "from {first}"
+        );
+        let mut client = Client::new("alice", "secret", false, seed + 10);
+        client.allocate(Instant::now());
+        let events = drive(&sock, then, &mut client, |e| {
+            matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+        });
+        assert!(
+            matches!(events.last(), Some(Event::Allocated { .. })),
+            "at {then}: {events:?}"
+        );
+    }
+    let m = redirecting.metrics();
+    assert_eq!(
+        counter(&m, "callisto_turn_redirected_total{transport=\"udp\"}"),
+        1.0,
+        "{m}"
+    );
 }
 
 #[test]

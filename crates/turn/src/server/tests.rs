@@ -195,6 +195,22 @@ fn allocated_in(
     }
 }
 
+/// `c`'s next request, sent to `s` from `five`, answered with a
+/// challenge; returns the request `c` sends again in answer.
+fn after_the_challenge(
+    s: &mut Server<FakeRelays>,
+    c: &mut Client,
+    five: FiveTuple,
+    now: Instant,
+) -> Vec<u8> {
+    let mut first = c.poll_transmit().unwrap();
+    let Output::Reply { data, .. } = s.on_client(now, five, &mut first) else {
+        panic!("no challenge")
+    };
+    c.handle_input(now, &data);
+    c.poll_transmit().expect("the request again, signed")
+}
+
 fn failed_code(events: &[Event]) -> u16 {
     match events {
         [Event::Failed { code, .. }] => *code,
@@ -420,12 +436,7 @@ fn a_redirection_comes_before_the_challenge_and_is_signed_when_the_request_is() 
     let (_, mut plain) = setup(config(), now);
     let mut c = Client::new(USER, PASS, false, 5);
     c.allocate(now);
-    let mut first = c.poll_transmit().unwrap();
-    let Output::Reply { data, .. } = plain.on_client(now, five(5), &mut first) else {
-        panic!()
-    };
-    c.handle_input(now, &data);
-    let authed = c.poll_transmit().unwrap();
+    let authed = after_the_challenge(&mut plain, &mut c, five(5), now);
     let tid = *Message::parse(&authed).unwrap().transaction_id();
     let mut forged = MessageBuilder::new(method::ALLOCATE, Class::Error, &tid);
     forged.error(300, "Try Alternate");
@@ -443,15 +454,7 @@ fn retransmitted_allocate_gets_the_same_answer() {
     let now = Instant::now();
     let mut c = Client::new(USER, PASS, false, 5);
     c.allocate(now);
-    let mut first = c.poll_transmit().unwrap();
-    let Output::Reply {
-        data: challenge, ..
-    } = s.on_client(now, five(1), &mut first)
-    else {
-        panic!()
-    };
-    c.handle_input(now, &challenge);
-    let mut authed = c.poll_transmit().unwrap();
+    let mut authed = after_the_challenge(&mut s, &mut c, five(1), now);
     let Output::Reply { data: a, .. } = s.on_client(now, five(1), &mut authed) else {
         panic!()
     };
@@ -524,13 +527,8 @@ fn a_nonce_is_bound_to_its_five_tuple() {
     let (_, mut s) = setup(config(), t0);
     let mut c = Client::new(USER, PASS, false, 1);
     c.allocate(t0);
-    let mut first = c.poll_transmit().unwrap();
-    let Output::Reply { data, .. } = s.on_client(t0, five(1), &mut first) else {
-        panic!()
-    };
-    c.handle_input(t0, &data);
     // The authenticated retry arrives from another port: its nonce is foreign.
-    let mut retry = c.poll_transmit().unwrap();
+    let mut retry = after_the_challenge(&mut s, &mut c, five(1), t0);
     assert_eq!(error_code(&s.on_client(t0, five(2), &mut retry)), 401);
 }
 
