@@ -531,6 +531,19 @@ pub struct TurnArgs {
     )]
     pub turn_tls_alternate_servers: Vec<SocketAddr>,
 
+    /// Alternate TURN servers from a file instead, read at start and again
+    /// on SIGHUP: one IP:PORT per line, or tls IP:PORT for TLS clients (#
+    /// comments). Write other servers into it and send SIGHUP to drain
+    /// this one of new clients while its calls go on; empty it to serve
+    /// them here again.
+    #[arg(
+        long = "turn-alternate-servers-file",
+        env = "CALLISTO_TURN_ALTERNATE_SERVERS_FILE",
+        value_name = "PATH",
+        conflicts_with_all = ["turn_alternate_servers", "turn_tls_alternate_servers"]
+    )]
+    pub turn_alternate_servers_file: Option<PathBuf>,
+
     /// Most allocations at once, all users together.
     #[arg(long, env = "CALLISTO_TURN_MAX_ALLOCATIONS", default_value_t = 10_000)]
     pub turn_max_allocations: usize,

@@ -112,7 +112,7 @@ pub async fn start(
             "--turn-tls-listen needs a certificate: add --tls-cert and --tls-key, or --tls-self-signed"
         );
     }
-    check_alternates(args)?;
+    let alternates = crate::alternates::at_start(args)?;
     let mut credentials = Credentials::new(args.turn_realm.clone());
     for user in &args.turn_users {
         credentials.add_user(&user.name, &user.password);
@@ -164,8 +164,7 @@ pub async fn start(
         bps_per_allocation: args.turn_bps_per_allocation,
         unauth_rate: args.turn_unauth_rate,
         unauth_allowance: args.turn_unauth_allowance,
-        alternate_servers: args.turn_alternate_servers.clone(),
-        tls_alternate_servers: args.turn_tls_alternate_servers.clone(),
+        alternates,
         kernel_routes: kernel.is_some(),
         ..Config::default()
     };
@@ -178,6 +177,7 @@ pub async fn start(
         shared.share_budgets(budgets);
     }
     let shared = Arc::new(shared);
+    crate::alternates::reload_on_hangup(args, shared.clone())?;
     let advertised = shared.config.advertised_ip(relay_ip);
     let relay = RelayConfig {
         ipv4: relay_ips.iter().copied().find(IpAddr::is_ipv4),
@@ -238,41 +238,6 @@ pub async fn start(
 /// listener on `listening`: loopback relays serve only this machine.
 fn relays_serve_clients_of(loopback_relays: bool, listening: IpAddr) -> bool {
     !loopback_relays || listening.is_loopback()
-}
-
-/// Refuses alternate servers a client could not reach, or that are this
-/// server itself (each client would come back to be sent away again).
-fn check_alternates(args: &TurnArgs) -> anyhow::Result<()> {
-    let lists = [
-        (
-            "--turn-alternate-server",
-            &args.turn_alternate_servers,
-            Some(args.turn_listen),
-        ),
-        (
-            "--turn-tls-alternate-server",
-            &args.turn_tls_alternate_servers,
-            args.turn_tls_listen,
-        ),
-    ];
-    for (flag, list, own) in lists {
-        for a in list {
-            if a.ip().is_unspecified() || a.port() == 0 {
-                bail!(
-                    "{flag} {a}: clients need an address and a port to go to, such as 192.0.2.10:3478"
-                );
-            }
-            if Some(*a) == own {
-                bail!(
-                    "{flag} {a} is this server's own listening address: clients would be sent back here"
-                );
-            }
-        }
-        if !list.is_empty() {
-            tracing::info!(alternates = ?list, "TURN clients that ask for an allocation are sent to {flag}, in turn");
-        }
-    }
-    Ok(())
 }
 
 /// `ips` (the values of `flag`), which may hold one address per family.

@@ -104,6 +104,37 @@ fn bad_flags_say_what_to_fix() {
             "started before failing:\n{err}"
         );
     }
+    // A file of alternates that is missing, or wrong, or given with the flags.
+    let wrong =
+        std::env::temp_dir().join(format!("callisto-cli-alternates-{}", std::process::id()));
+    std::fs::write(&wrong, "192.0.2.10:3478\ntls nowhere\n").unwrap();
+    for (file, also, says) in [
+        ("/nonexistent/alternates", None, "create it"),
+        (wrong.to_str().unwrap(), None, "line 2: \"tls nowhere\""),
+        (
+            wrong.to_str().unwrap(),
+            Some("192.0.2.10:3478"),
+            "cannot be used with",
+        ),
+    ] {
+        let mut args = vec![
+            "turn",
+            "--turn-listen",
+            "127.0.0.1:0",
+            "--turn-secret",
+            "s",
+            "--turn-alternate-servers-file",
+            file,
+        ];
+        if let Some(a) = also {
+            args.extend(["--turn-alternate-server", a]);
+        }
+        let out = callisto(&args).output().unwrap();
+        assert!(!out.status.success(), "{file} was taken");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{file}: {err}");
+    }
+    let _ = std::fs::remove_file(&wrong);
 
     // A port in use: which flag to change, and nothing started before.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

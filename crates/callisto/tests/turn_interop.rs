@@ -947,6 +947,96 @@ fn coturn_over_udp_with(relay_ips: &[&str], extra: &[&str]) -> (Proc, u16) {
     (Proc(coturn), port)
 }
 
+/// Draining a running server: with `--turn-alternate-servers-file`, a
+/// SIGHUP after writing another server into the file sends new clients
+/// there while the allocation made before keeps being served; a file that
+/// says something wrong changes nothing (and the log says which line); an
+/// empty one serves everyone here again.
+#[test]
+fn a_server_is_drained_on_sighup_without_a_restart() {
+    let file = std::env::temp_dir().join(format!("callisto-alternates-{}", std::process::id()));
+    std::fs::write(&file, "# nobody is sent away yet\n").unwrap();
+    let server = callisto_on(
+        "turn",
+        "127.0.0.1:0",
+        &[
+            "--turn-user",
+            "alice:secret",
+            "--turn-alternate-servers-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
+    let sock = udp_socket("127.0.0.1:0");
+    let allocate = |seed: u64| {
+        let sock = udp_socket("127.0.0.1:0");
+        let mut client = Client::new("alice", "secret", false, seed);
+        client.allocate(Instant::now());
+        let events = drive(&sock, turn, &mut client, |e| {
+            matches!(
+                e,
+                Event::Redirected { .. } | Event::Allocated { .. } | Event::Failed { .. }
+            )
+        });
+        events.last().cloned()
+    };
+    let mut kept = Client::new("alice", "secret", false, 1);
+    kept.allocate(Instant::now());
+    drive(&sock, turn, &mut kept, |e| {
+        matches!(e, Event::Allocated { .. })
+    });
+
+    let elsewhere: SocketAddr = "127.0.0.1:3999".parse().unwrap();
+    let hang_up = |text: &str, logged: &str| {
+        std::fs::write(&file, text).unwrap();
+        let seen = server.logs.lock().unwrap().len();
+        // SAFETY: kill has no memory effects; the pid is our child's.
+        let rc = unsafe { libc::kill(server.proc.0.id() as i32, libc::SIGHUP) };
+        assert_eq!(rc, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = server.logs.lock().unwrap();
+            if let Some(line) = logs[seen..].iter().find(|l| l.contains(logged)) {
+                return line.clone();
+            }
+            drop(logs);
+            assert!(Instant::now() < deadline, "no log line with {logged:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    hang_up(&format!("{elsewhere}\n"), "sent to alternate servers");
+    assert_eq!(
+        allocate(2),
+        Some(Event::Redirected {
+            alternate: elsewhere
+        })
+    );
+    kept.refresh(Instant::now(), 600);
+    let events = drive(&sock, turn, &mut kept, |e| {
+        matches!(e, Event::Refreshed { .. } | Event::Failed { .. })
+    });
+    assert!(
+        matches!(events.last(), Some(Event::Refreshed { .. })),
+        "{events:?}"
+    );
+
+    let error = hang_up(
+        "127.0.0.1:3999\nnot an address\n",
+        "alternate TURN servers unchanged",
+    );
+    assert!(error.contains("line 2"), "{error}");
+    assert_eq!(
+        allocate(3),
+        Some(Event::Redirected {
+            alternate: elsewhere
+        })
+    );
+
+    hang_up("", "served here");
+    assert!(matches!(allocate(4), Some(Event::Allocated { .. })));
+    let _ = std::fs::remove_file(&file);
+}
+
 /// Redirection between coturn and us, both ways, with our client: coturn
 /// sends it on after authenticating it (a signed 300), we at its first
 /// Allocate (an unsigned one); either way it allocates at the other (whose

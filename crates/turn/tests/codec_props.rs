@@ -292,7 +292,7 @@ proptest! {
         creds.add_user("u", "p");
         cfg.credentials = creds;
         if redirecting {
-            cfg.alternate_servers = alternates();
+            cfg.alternates.udp_tcp = alternates();
         }
         let shared = std::sync::Arc::new(Shared::new(cfg, b"k", (Instant::now(), 1_000)));
         let mut s = Server::new(shared, NoRelays);
@@ -331,7 +331,7 @@ proptest! {
         // A server with alternates answers a first Allocate with one of
         // them instead of a challenge: an unauthenticated answer too.
         if redirecting {
-            cfg.alternate_servers = alternates();
+            cfg.alternates.udp_tcp = alternates();
         }
         cfg.unauth_rate = 1_000_000;
         cfg.unauth_allowance = allowance;

@@ -196,14 +196,9 @@ pub struct Config {
     /// beyond the bytes of those requests (refilled over 8 s); 0 = never
     /// more than it sent. See `Server::unauth_answer`.
     pub unauth_allowance: u32,
-    /// Servers that UDP and TCP clients are sent to with 300 (Try
-    /// Alternate) instead of getting an allocation here, in turn (RFC 8489
-    /// §10, coturn's `alternate-server`): to spread clients over several
-    /// servers behind one address. Only those of the client's family are
-    /// used; with none, it stays.
-    pub alternate_servers: Vec<SocketAddr>,
-    /// The same for TLS clients, whom a server must answer over TLS.
-    pub tls_alternate_servers: Vec<SocketAddr>,
+    /// Where clients are sent instead of getting an allocation here, at
+    /// start (see [`Shared::set_alternates`] for later).
+    pub alternates: Alternates,
     pub software: Option<String>,
 }
 
@@ -228,10 +223,28 @@ impl Default for Config {
             kernel_routes: false,
             unauth_rate: 50,
             unauth_allowance: 512,
-            alternate_servers: Vec::new(),
-            tls_alternate_servers: Vec::new(),
+            alternates: Alternates::default(),
             software: None,
         }
+    }
+}
+
+/// Servers that clients asking for an allocation are sent to with 300
+/// (Try Alternate) instead, in turn (RFC 8489 §10, coturn's
+/// `alternate-server`): to spread clients over several servers behind one
+/// address, or to drain one of new clients while its calls go on. Only
+/// those of the client's family are used; with none, it stays.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Alternates {
+    /// For UDP and TCP clients.
+    pub udp_tcp: Vec<SocketAddr>,
+    /// For TLS clients, whom a server must answer over TLS.
+    pub tls: Vec<SocketAddr>,
+}
+
+impl Alternates {
+    pub fn is_empty(&self) -> bool {
+        self.udp_tcp.is_empty() && self.tls.is_empty()
     }
 }
 
@@ -293,6 +306,8 @@ pub struct Shared {
     /// The kernel relay's bandwidth budgets, which allocations take from
     /// instead of their own.
     budgets: Option<SharedBudgets>,
+    /// Where clients are sent now: `Config::alternates` until changed.
+    alternates: RwLock<Alternates>,
     /// Counts redirections, to take the alternate servers in turn.
     redirected: AtomicUsize,
 }
@@ -302,6 +317,7 @@ impl Shared {
     /// Unix time at that instant.
     pub fn new(config: Config, nonce_secret: &[u8], epoch: (Instant, u64)) -> Self {
         Shared {
+            alternates: RwLock::new(config.alternates.clone()),
             config,
             nonce_key: hmac::Key::new(hmac::HMAC_SHA256, nonce_secret),
             allocations: AtomicUsize::new(0),
@@ -316,14 +332,29 @@ impl Shared {
         }
     }
 
+    /// Sends clients to `alternates` from now on (none: serves them all
+    /// here again); allocations already made stay.
+    pub fn set_alternates(&self, alternates: Alternates) {
+        *self.alternates.write().unwrap_or_else(|e| e.into_inner()) = alternates;
+    }
+
+    /// Where clients are sent now.
+    pub fn alternates(&self) -> Alternates {
+        self.alternates
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Where to send a client that asks this server for an allocation,
     /// if anywhere: the next alternate server of its family for its
     /// transport (ALTERNATE-SERVER must be of the request's family, RFC
     /// 8489 §14.15).
     fn alternate_for(&self, five: &FiveTuple) -> Option<SocketAddr> {
+        let alternates = self.alternates.read().unwrap_or_else(|e| e.into_inner());
         let list = match five.transport {
-            Transport::Tls => &self.config.tls_alternate_servers,
-            Transport::Udp | Transport::Tcp => &self.config.alternate_servers,
+            Transport::Tls => &alternates.tls,
+            Transport::Udp | Transport::Tcp => &alternates.udp_tcp,
         };
         let ipv4 = five.client.ip().to_canonical().is_ipv4();
         let count = list.iter().filter(|a| a.is_ipv4() == ipv4).count();

@@ -297,12 +297,14 @@ fn allocate_challenge_then_success_and_retransmission() {
 /// clients, one IPv4 one for TLS clients.
 fn redirecting() -> Config {
     Config {
-        alternate_servers: vec![
-            "192.0.2.10:3478".parse().unwrap(),
-            "[2001:db8::10]:3478".parse().unwrap(),
-            "192.0.2.11:3479".parse().unwrap(),
-        ],
-        tls_alternate_servers: vec!["192.0.2.20:5349".parse().unwrap()],
+        alternates: Alternates {
+            udp_tcp: vec![
+                "192.0.2.10:3478".parse().unwrap(),
+                "[2001:db8::10]:3478".parse().unwrap(),
+                "192.0.2.11:3479".parse().unwrap(),
+            ],
+            tls: vec!["192.0.2.20:5349".parse().unwrap()],
+        },
         ..config()
     }
 }
@@ -367,6 +369,37 @@ fn allocations_are_sent_to_the_alternate_servers_in_turn() {
         allocate_events(&mut s, tls6, now).as_slice(),
         [Event::Allocated { .. }]
     ));
+}
+
+#[test]
+fn alternates_changed_while_running_apply_to_the_next_allocate_only() {
+    let (shared, mut s) = setup(config(), Instant::now());
+    let now = Instant::now();
+    let (mut kept, _) = allocated(&mut s, five(1), now);
+    let elsewhere: SocketAddr = "192.0.2.10:3478".parse().unwrap();
+    shared.set_alternates(Alternates {
+        udp_tcp: vec![elsewhere],
+        tls: Vec::new(),
+    });
+    assert_eq!(
+        allocate_events(&mut s, five(2), now),
+        [Event::Redirected {
+            alternate: elsewhere
+        }]
+    );
+    // The allocation made before is served as before.
+    kept.refresh(now, 600);
+    assert!(matches!(
+        pump(&mut s, &mut kept, five(1), now).as_slice(),
+        [Event::Refreshed { .. }]
+    ));
+    // None again: served here.
+    shared.set_alternates(Alternates::default());
+    assert!(matches!(
+        allocate_events(&mut s, five(3), now).as_slice(),
+        [Event::Allocated { .. }]
+    ));
+    assert_eq!(shared.allocation_count(), 2);
 }
 
 #[test]
