@@ -964,8 +964,17 @@ fn a_server_is_drained_on_sighup_without_a_restart() {
             "alice:secret",
             "--turn-alternate-servers-file",
             file.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
     );
+    let alternates = || {
+        counter(
+            &server.metrics(),
+            "callisto_turn_alternate_servers{transport=\"udp_tcp\"}",
+        )
+    };
+    assert_eq!(alternates(), 0.0);
     let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
     let sock = udp_socket("127.0.0.1:0");
     let allocate = |seed: u64| {
@@ -1005,6 +1014,7 @@ fn a_server_is_drained_on_sighup_without_a_restart() {
         }
     };
     hang_up(&format!("{elsewhere}\n"), "sent to alternate servers");
+    assert_eq!(alternates(), 1.0);
     assert_eq!(
         allocate(2),
         Some(Event::Redirected {
@@ -1034,6 +1044,7 @@ fn a_server_is_drained_on_sighup_without_a_restart() {
 
     hang_up("", "served here");
     assert!(matches!(allocate(4), Some(Event::Allocated { .. })));
+    assert_eq!(alternates(), 0.0);
     let _ = std::fs::remove_file(&file);
 }
 

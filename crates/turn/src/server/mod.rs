@@ -316,6 +316,7 @@ impl Shared {
     /// `nonce_secret` should be random; `epoch` pairs an `Instant` with the
     /// Unix time at that instant.
     pub fn new(config: Config, nonce_secret: &[u8], epoch: (Instant, u64)) -> Self {
+        count_alternates(&config.alternates);
         Shared {
             alternates: RwLock::new(config.alternates.clone()),
             config,
@@ -335,15 +336,8 @@ impl Shared {
     /// Sends clients to `alternates` from now on (none: serves them all
     /// here again); allocations already made stay.
     pub fn set_alternates(&self, alternates: Alternates) {
+        count_alternates(&alternates);
         *self.alternates.write().unwrap_or_else(|e| e.into_inner()) = alternates;
-    }
-
-    /// Where clients are sent now.
-    pub fn alternates(&self) -> Alternates {
-        self.alternates
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 
     /// Where to send a client that asks this server for an allocation,
@@ -2476,6 +2470,15 @@ fn install_permission(a: &mut PeerAccess, ip: IpAddr, now: Instant) {
             metrics::gauge!("callisto_turn_permissions").increment(1.0);
         }
     }
+}
+
+/// How many alternate servers clients are sent to, by transport: above 0
+/// while a server is being drained, say.
+fn count_alternates(alternates: &Alternates) {
+    metrics::gauge!("callisto_turn_alternate_servers", "transport" => "udp_tcp")
+        .set(alternates.udp_tcp.len() as f64);
+    metrics::gauge!("callisto_turn_alternate_servers", "transport" => "tls")
+        .set(alternates.tls.len() as f64);
 }
 
 fn unauth_dropped(reason: &'static str) {
