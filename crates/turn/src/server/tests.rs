@@ -133,8 +133,17 @@ fn five6(port: u16) -> FiveTuple {
 
 /// A server with a fake relay allocator, sharing `Shared` with the test.
 fn setup(cfg: Config, epoch: Instant) -> (Arc<Shared>, Server<FakeRelays>) {
+    setup_with(cfg, &FakeRelays::default(), epoch)
+}
+
+/// [`setup`] with `relays`, which the test keeps to look at or steer.
+fn setup_with(
+    cfg: Config,
+    relays: &FakeRelays,
+    epoch: Instant,
+) -> (Arc<Shared>, Server<FakeRelays>) {
     let shared = Arc::new(Shared::new(cfg, b"k", (epoch, 1_000)));
-    let server = Server::new(shared.clone(), FakeRelays::default());
+    let server = Server::new(shared.clone(), relays.clone());
     (shared, server)
 }
 
@@ -262,9 +271,8 @@ fn binding_returns_the_mapped_address() {
 
 #[test]
 fn allocate_challenge_then_success_and_retransmission() {
-    let shared = Arc::new(Shared::new(config(), b"k", (Instant::now(), 1_000)));
     let relays = FakeRelays::default();
-    let mut s = Server::new(shared.clone(), relays.clone());
+    let (shared, mut s) = setup_with(config(), &relays, Instant::now());
     let now = Instant::now();
 
     // A bare Allocate gets 401 with REALM and NONCE, and no integrity.
@@ -994,9 +1002,8 @@ fn explicitly_allowed_peers() {
 #[test]
 fn lifetimes_refresh_and_delete() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
     let relays = FakeRelays::default();
-    let mut s = Server::new(shared.clone(), relays.clone());
+    let (shared, mut s) = setup_with(config(), &relays, t0);
     let (mut c, _) = allocated(&mut s, five(1), t0);
     assert!(s.poll_timeout().is_some());
 
@@ -1043,9 +1050,8 @@ fn lifetimes_refresh_and_delete() {
 #[test]
 fn allocations_expire_by_themselves() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
     let relays = FakeRelays::default();
-    let mut s = Server::new(shared.clone(), relays.clone());
+    let (shared, mut s) = setup_with(config(), &relays, t0);
     allocated(&mut s, five(1), t0);
     s.on_timeout(t0 + Duration::from_secs(599));
     assert_eq!(s.allocation_count(), 1);
@@ -1173,10 +1179,9 @@ fn channels_per_allocation_are_limited() {
 #[test]
 fn relay_exhaustion_is_508() {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::new(config(), b"k", (t0, 1_000)));
     let relays = FakeRelays::default();
     *relays.fail.borrow_mut() = true;
-    let mut s = Server::new(shared.clone(), relays);
+    let (shared, mut s) = setup_with(config(), &relays, t0);
     let mut c = Client::new(USER, PASS, false, 3);
     c.allocate(t0);
     assert_eq!(failed_code(&pump(&mut s, &mut c, five(3), t0)), 508);
@@ -3327,14 +3332,21 @@ proptest::proptest! {
     }
 }
 
-/// A server whose relays record DF, and their record.
+/// A server whose relays record DF (IPv6 ones too), and their record.
 fn setup_df(cfg: Config, now: Instant) -> (Server<FakeRelays>, FakeRelays) {
     let relays = FakeRelays {
         ipv6: true,
         ..FakeRelays::default()
     };
-    let shared = Arc::new(Shared::new(cfg, b"k", (now, 1_000)));
-    (Server::new(shared, relays.clone()), relays)
+    (setup_with(cfg, &relays, now).1, relays)
+}
+
+/// Relays on which DF cannot be set.
+fn without_dont_fragment() -> FakeRelays {
+    FakeRelays {
+        no_dont_fragment: true,
+        ..FakeRelays::default()
+    }
 }
 
 #[test]
@@ -3368,12 +3380,8 @@ fn dont_fragment_in_an_allocate_sets_df_on_each_of_its_relays() {
     );
 
     // A server that cannot set DF refuses the Allocate, and keeps nothing.
-    let mut relays = FakeRelays {
-        no_dont_fragment: true,
-        ..FakeRelays::default()
-    };
-    let shared = Arc::new(Shared::new(config(), b"k", (now, 1_000)));
-    let mut s = Server::new(shared.clone(), relays.clone());
+    let relays = without_dont_fragment();
+    let (shared, mut s) = setup_with(config(), &relays, now);
     let mut c = Client::new(USER, PASS, false, 3);
     c.set_dont_fragment(true);
     c.allocate(now);
@@ -3383,7 +3391,6 @@ fn dont_fragment_in_an_allocate_sets_df_on_each_of_its_relays() {
         relays.live.borrow().is_empty(),
         "the relay socket is closed"
     );
-    relays.no_dont_fragment = false;
 }
 
 #[test]
@@ -3419,12 +3426,7 @@ fn a_send_indication_with_dont_fragment_sets_df_from_then_on() {
     );
 
     // Where DF cannot be set, the indication is discarded (RFC 8656 §11.2).
-    let relays = FakeRelays {
-        no_dont_fragment: true,
-        ..FakeRelays::default()
-    };
-    let shared = Arc::new(Shared::new(config(), b"k", (now, 1_000)));
-    let mut s = Server::new(shared, relays);
+    let (_, mut s) = setup_with(config(), &without_dont_fragment(), now);
     let (mut c, _) = allocated(&mut s, five(2), now);
     c.create_permission(now, peer().ip());
     pump(&mut s, &mut c, five(2), now);
