@@ -108,9 +108,10 @@ export async function joinCall(browser, baseUrl, room, name, { contextOptions = 
   });
   await page.goto(`${baseUrl}/r/${room}`);
   const nameInput = page.getByLabel('Name', { exact: true });
-  // Once (1 run in 6 on a fresh CI machine, cause unknown) the pre-join
-  // screen never showed. A person would reload; so does the test, once,
-  // and says so in the output with what the page had loaded.
+  // Once in CI (2026-11-27, the first test on a fresh machine; cause
+  // unknown) the pre-join screen never showed. A person would reload; so
+  // does the test, once, and says so in the output with what the page had
+  // loaded.
   for (let attempt = 1; ; attempt++) {
     try {
       await nameInput.waitFor({ state: 'visible', timeout: 15000 });
