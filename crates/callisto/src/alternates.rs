@@ -10,7 +10,7 @@
 //! ignored. An empty file sends nobody away.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -59,7 +59,7 @@ pub fn reload_on_hangup(args: &TurnArgs, shared: Arc<Shared>) -> anyhow::Result<
     Ok(())
 }
 
-fn read(path: &PathBuf) -> anyhow::Result<Alternates> {
+fn read(path: &Path) -> anyhow::Result<Alternates> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "cannot read --turn-alternate-servers-file {} (create it, empty to send nobody away)",
