@@ -1,4 +1,5 @@
-// Calls between real headless Chromium pages through the real server.
+// Calls between real headless Chromium pages through the real server, and
+// what a page says when the app cannot load.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -169,4 +170,21 @@ test('camera permission denied: joins receive-only, says why, still sees the oth
   } finally {
     await denyingBrowser.close();
   }
+});
+
+test('a page whose app cannot load says so instead of staying blank', async () => {
+  const context = await browser.newContext();
+  // One of the app's modules fails, as on a connection that drops mid-load.
+  await context.route('**/js/ui.js', (route) => route.abort());
+  const page = await context.newPage();
+  await page.goto(`${server.url}/r/loading-${Date.now()}`);
+  await page.getByRole('status').filter({ hasText: 'Loading…' }).waitFor({ state: 'visible' });
+  assert.ok(await page.getByText('If this stays, the app could not load').isVisible(), 'it says what to do');
+  assert.equal(await page.getByLabel('Name', { exact: true }).isVisible(), false, 'no pre-join screen without the app');
+  // Once the module loads, a reload brings the app, and the notice goes.
+  await context.unroute('**/js/ui.js');
+  await page.reload();
+  await page.getByLabel('Name', { exact: true }).waitFor({ state: 'visible' });
+  assert.equal(await page.locator('#loading').isVisible(), false);
+  await context.close();
 });
