@@ -354,11 +354,27 @@ pub struct TlsArgs {
         default_value = "localhost"
     )]
     pub tls_names: Vec<String>,
+
+    /// How often to look at --tls-cert and --tls-key for a renewed
+    /// certificate, in seconds; 0 looks only on SIGHUP. New connections get
+    /// the new certificate, open ones go on.
+    #[arg(
+        long,
+        env = "CALLISTO_TLS_RECHECK",
+        value_name = "SECONDS",
+        default_value_t = 10
+    )]
+    pub tls_recheck: u64,
 }
 
 impl TlsArgs {
     pub fn enabled(&self) -> bool {
         self.tls_self_signed || self.tls_cert.is_some()
+    }
+
+    /// How often to look at the certificate files, if at all.
+    pub fn recheck(&self) -> Option<std::time::Duration> {
+        (self.tls_recheck > 0).then(|| std::time::Duration::from_secs(self.tls_recheck))
     }
 }
 

@@ -25,6 +25,13 @@ fn main() -> anyhow::Result<()> {
                     callisto::telemetry::serve_standalone(listen).await?;
                 }
                 let tls = callisto::tls::from_args(&args.tls)?;
+                if let Some(setup) = &tls {
+                    callisto::tls::keep_fresh(
+                        setup.certificate.clone(),
+                        args.tls.recheck(),
+                        CancellationToken::new(),
+                    )?;
+                }
                 let host = args.tls.tls_names.first().cloned();
                 let turn = callisto::turn::start(
                     &args.turn,
@@ -68,12 +75,16 @@ fn raise_open_file_limit() {
 }
 
 /// SIGINT and SIGTERM handlers, installed before the server announces itself
-/// so that a signal sent right after start-up is never missed.
+/// so that a signal sent right after start-up is never missed; and SIGHUP's,
+/// which never stops the server: it asks it to re-read its files (the TLS
+/// certificate and the alternate TURN servers, whose own handlers do that).
 struct StopSignals {
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
@@ -84,6 +95,7 @@ impl StopSignals {
             Ok(StopSignals {
                 int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
                 term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+                hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
             })
         }
         #[cfg(not(unix))]
@@ -92,9 +104,14 @@ impl StopSignals {
 
     async fn wait(mut self) {
         #[cfg(unix)]
-        tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => return,
+                _ = self.term.recv() => return,
+                _ = self.hup.recv() => tracing::info!(
+                    "SIGHUP: re-reading the TLS certificate files and the alternate TURN servers file, those given"
+                ),
+            }
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;

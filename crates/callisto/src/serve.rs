@@ -58,6 +58,13 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Before anything that records metrics: handles taken earlier are no-ops.
     let metrics = crate::telemetry::install();
     let tls = tls::from_args(&args.tls)?;
+    if let Some(setup) = &tls {
+        tls::keep_fresh(
+            setup.certificate.clone(),
+            args.tls.recheck(),
+            shutdown.clone(),
+        )?;
+    }
     // The web and metrics ports first: if one is taken, nothing else has
     // started.
     let tcp = TcpListener::bind(args.listen).await.with_context(|| {
@@ -164,7 +171,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let head_timeout = Duration::from_secs(u64::from(args.request_header_timeout));
 
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+    let fingerprint = tls.as_ref().map(|t| t.certificate.fingerprint());
 
     let stop = shutdown.clone();
     let turn_addrs = turn.as_ref().map(|t| t.addrs());

@@ -54,6 +54,10 @@ fn describe() {
         "callisto_signaling_evictions_total",
         "Peers dropped because they did not read their messages."
     );
+    metrics::describe_counter!(
+        "callisto_tls_certificate_reloads_total",
+        "Times the TLS certificate files were read again (SIGHUP, or seen to change), by result: replaced, unchanged, failed (the served certificate stays)."
+    );
     metrics::describe_gauge!(
         "callisto_signaling_connections",
         "Open signaling WebSocket connections, joined or not."

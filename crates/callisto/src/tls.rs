@@ -1,20 +1,26 @@
-//! TLS for the web server: certificates from PEM files or generated at start,
-//! and a listener that does handshakes off the accept path so that one slow
-//! or silent client cannot stall everyone else's connections, and hands
-//! TURN over TLS on the same port to the TURN server.
+//! TLS for the web server and TURN: certificates from PEM files or
+//! generated at start, replaced while the server runs when the files change
+//! (a renewal), and a listener that does handshakes off the accept path so
+//! that one slow or silent client cannot stall everyone else's connections,
+//! and hands TURN over TLS on the same port to the TURN server.
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use callisto_turn::net::StreamConnections;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::connections::{FirstByteBack, Guarded, LimitedListener};
 
@@ -27,6 +33,10 @@ pub enum TlsError {
     NoCertificate { path: String },
     #[error("{path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
     NoKey { path: String },
+    #[error(
+        "the key in {key} is not the certificate's in {cert}: give the key the certificate was issued for"
+    )]
+    KeyMismatch { cert: String, key: String },
     #[error("the certificate and key do not form a usable TLS configuration: {0}")]
     Config(#[from] rustls::Error),
     #[error("generating a self-signed certificate for {names:?}: {source}")]
@@ -36,11 +46,10 @@ pub enum TlsError {
     },
 }
 
-/// A ready server configuration and the leaf certificate's SHA-256
-/// fingerprint, for users to compare with what their browser shows.
+/// A ready server configuration, and the certificate it hands out.
 pub struct TlsSetup {
     pub config: Arc<rustls::ServerConfig>,
-    pub fingerprint: String,
+    pub certificate: Arc<Certificate>,
 }
 
 /// The TLS setup the `--tls-*` flags ask for, if any.
@@ -54,31 +63,16 @@ pub fn from_args(args: &crate::cli::TlsArgs) -> Result<Option<TlsSetup>, TlsErro
     }
 }
 
-/// Loads a certificate chain and key from PEM files.
+/// Loads a certificate chain and key from PEM files, which
+/// [`Certificate::reload`] reads again later.
 pub fn from_pem_files(cert: &Path, key: &Path) -> Result<TlsSetup, TlsError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|source| TlsError::Read {
-            path: p.display().to_string(),
-            source,
-        })
+    let files = PemFiles {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
     };
-    let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .filter_map(Result::ok)
-        .collect();
-    if chain.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: cert.display().to_string(),
-        });
-    }
-    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsError::NoKey {
-            path: key.display().to_string(),
-        })?;
-    build(chain, key_der)
+    let provider = provider();
+    let loaded = files.load(&provider)?;
+    build(provider, loaded, Some(files))
 }
 
 /// Generates a self-signed certificate for `names` (DNS names or IPs).
@@ -91,27 +85,269 @@ pub fn self_signed(names: &[String]) -> Result<TlsSetup, TlsError> {
     })?;
     let cert = generated.cert.der().clone();
     let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
-    build(vec![cert], key)
+    let provider = provider();
+    let loaded = Loaded::new(CertifiedKey::from_der(vec![cert], key, &provider)?);
+    build(provider, loaded, None)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn build(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    provider: Arc<CryptoProvider>,
+    loaded: Loaded,
+    files: Option<PemFiles>,
 ) -> Result<TlsSetup, TlsError> {
-    let fingerprint = fingerprint(&chain[0]);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certificate = Arc::new(Certificate {
+        current: RwLock::new(loaded),
+        files,
+        provider: provider.clone(),
+    });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(certificate.clone());
     // The same configuration serves TURN over TLS, whose clients may offer
     // "stun.turn" alone (RFC 7443): without it in the list, the handshake
     // of such a client would fail for want of a common protocol.
     config.alpn_protocols = vec![b"http/1.1".to_vec(), b"stun.turn".to_vec()];
     Ok(TlsSetup {
         config: Arc::new(config),
-        fingerprint,
+        certificate,
     })
+}
+
+/// The certificate every handshake gets, web and TURN alike. One read from
+/// PEM files can be replaced while the server runs: certificates are
+/// renewed every few weeks, and a restart to pick the new one up would end
+/// every call. Handshakes from then on get the new certificate; connections
+/// already open keep the one they started with.
+#[derive(Debug)]
+pub struct Certificate {
+    current: RwLock<Loaded>,
+    files: Option<PemFiles>,
+    provider: Arc<CryptoProvider>,
+}
+
+#[derive(Debug, Clone)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    fingerprint: String,
+}
+
+impl Loaded {
+    fn new(key: CertifiedKey) -> Loaded {
+        let fingerprint = key.cert.first().map(fingerprint).unwrap_or_default();
+        Loaded {
+            key: Arc::new(key),
+            fingerprint,
+        }
+    }
+}
+
+/// Where a certificate chain and its key are read from.
+#[derive(Debug, Clone)]
+pub struct PemFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What [`Certificate::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The files hold the certificate already served (or there are no files).
+    Unchanged,
+    /// From now on handshakes get this one, by its SHA-256 fingerprint.
+    Replaced { fingerprint: String },
+}
+
+impl PemFiles {
+    fn load(&self, provider: &CryptoProvider) -> Result<Loaded, TlsError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| TlsError::Read {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let cert_pem = read(&self.cert)?;
+        let key_pem = read(&self.key)?;
+        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+            .filter_map(Result::ok)
+            .collect();
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate {
+                path: self.cert.display().to_string(),
+            });
+        }
+        let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .ok()
+            .flatten()
+            .ok_or_else(|| TlsError::NoKey {
+                path: self.key.display().to_string(),
+            })?;
+        match CertifiedKey::from_der(chain, key_der, provider) {
+            Ok(key) => Ok(Loaded::new(key)),
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                Err(TlsError::KeyMismatch {
+                    cert: self.cert.display().to_string(),
+                    key: self.key.display().to_string(),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What identifies both files' current contents without reading them:
+    /// a renewal writes new files or renames new ones into place, and
+    /// either changes this. `None` for a file that cannot be looked at.
+    fn stamp(&self) -> [Option<FileStamp>; 2] {
+        [FileStamp::of(&self.cert), FileStamp::of(&self.key)]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        // Follows symbolic links, so that certbot's live/ links, which
+        // change their targets on renewal, are seen to change.
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
+    }
+}
+
+impl Certificate {
+    /// The SHA-256 fingerprint of the certificate served now.
+    pub fn fingerprint(&self) -> String {
+        self.loaded().fingerprint
+    }
+
+    /// The PEM files it is read from, unless it was generated at start.
+    pub fn files(&self) -> Option<&PemFiles> {
+        self.files.as_ref()
+    }
+
+    fn loaded(&self) -> Loaded {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the PEM files again. A certificate that is the same as the one
+    /// served changes nothing; one that cannot be used (unreadable, not PEM,
+    /// a key of another certificate: a renewal half written) is an error,
+    /// and the one served stays.
+    pub fn reload(&self) -> Result<Reloaded, TlsError> {
+        let Some(files) = &self.files else {
+            return Ok(Reloaded::Unchanged);
+        };
+        let loaded = files.load(&self.provider)?;
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if current.key.cert == loaded.key.cert {
+            return Ok(Reloaded::Unchanged);
+        }
+        let fingerprint = loaded.fingerprint.clone();
+        *current = loaded;
+        Ok(Reloaded::Replaced { fingerprint })
+    }
+
+    /// [`Certificate::reload`], with the outcome counted, then logged.
+    fn reload_and_log(&self, why: &str) {
+        let Some(files) = &self.files else { return };
+        let outcome = self.reload();
+        let result = match &outcome {
+            Ok(Reloaded::Replaced { .. }) => "replaced",
+            Ok(Reloaded::Unchanged) => "unchanged",
+            Err(_) => "failed",
+        };
+        metrics::counter!("callisto_tls_certificate_reloads_total", "result" => result)
+            .increment(1);
+        match outcome {
+            Ok(Reloaded::Replaced { fingerprint }) => {
+                tracing::info!(
+                    cert = %files.cert.display(),
+                    sha256 = %fingerprint,
+                    why,
+                    "TLS certificate replaced: new connections get it"
+                );
+            }
+            Ok(Reloaded::Unchanged) => {
+                tracing::debug!(cert = %files.cert.display(), why, "TLS certificate unchanged");
+            }
+            Err(e) => tracing::error!(
+                why,
+                sha256 = %self.fingerprint(),
+                "TLS certificate kept, its files cannot be used: {e}"
+            ),
+        }
+    }
+}
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.loaded().key)
+    }
+}
+
+/// Keeps a certificate read from files fresh: reads them again on every
+/// SIGHUP, and whenever they are seen to change (looked at every
+/// `recheck`, if given), until `stop`. Nothing for a generated one.
+pub fn keep_fresh(
+    certificate: Arc<Certificate>,
+    recheck: Option<Duration>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(files) = certificate.files().cloned() else {
+        return Ok(());
+    };
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        let mut recheck = recheck.map(|every| {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        });
+        let mut seen = files.stamp();
+        loop {
+            let tick = async {
+                match recheck.as_mut() {
+                    Some(interval) => {
+                        interval.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let why = tokio::select! {
+                _ = stop.cancelled() => return,
+                Some(()) = hangups.recv() => "SIGHUP",
+                () = tick => "the files changed",
+            };
+            let now = files.stamp();
+            if why != "SIGHUP" && now == seen {
+                continue;
+            }
+            seen = now;
+            certificate.reload_and_log(why);
+        }
+    });
+    Ok(())
 }
 
 /// SHA-256 of the DER certificate, as colon-separated upper-case hex, the
@@ -229,21 +465,39 @@ impl axum::serve::Listener for TlsListener {
 mod tests {
     use super::*;
 
+    fn served(setup: &TlsSetup) -> CertificateDer<'static> {
+        setup.certificate.loaded().key.cert[0].clone()
+    }
+
+    /// A fresh self-signed pair as PEM: (certificate, key).
+    fn pem_pair(name: &str) -> (String, String) {
+        let generated = rcgen::generate_simple_self_signed(vec![name.into()]).unwrap();
+        (generated.cert.pem(), generated.signing_key.serialize_pem())
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("callisto-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn self_signed_has_a_fingerprint() {
         let setup = self_signed(&["localhost".into(), "127.0.0.1".into()]).unwrap();
-        assert_eq!(setup.fingerprint.len(), 32 * 3 - 1);
-        assert!(setup.fingerprint.split(':').all(|h| h.len() == 2));
+        let fp = setup.certificate.fingerprint();
+        assert_eq!(fp.len(), 32 * 3 - 1);
+        assert!(fp.split(':').all(|h| h.len() == 2));
+        assert_eq!(fp, fingerprint(&served(&setup)));
+        assert_eq!(setup.certificate.reload().unwrap(), Reloaded::Unchanged);
     }
 
     #[test]
     fn pem_files_round_trip_and_errors_name_the_file() {
-        let dir = std::env::temp_dir().join(format!("callisto-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let generated = rcgen::generate_simple_self_signed(vec!["example.test".into()]).unwrap();
+        let dir = temp_dir("tls");
+        let (cert_pem, key_pem) = pem_pair("example.test");
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        std::fs::write(&cert, generated.cert.pem()).unwrap();
-        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
         assert!(from_pem_files(&cert, &key).is_ok());
 
         let err = from_pem_files(&key, &key).err().unwrap();
@@ -254,6 +508,82 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("missing.pem"), "{err}");
+
+        let (_, other_key) = pem_pair("example.test");
+        std::fs::write(&key, other_key).unwrap();
+        let err = from_pem_files(&cert, &key).err().unwrap();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("key.pem"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A renewal is served from the next handshake on; files that cannot
+    /// be used (half written, or the key of another certificate) leave the
+    /// certificate served as it was.
+    #[test]
+    fn a_renewed_certificate_replaces_the_served_one_and_a_broken_one_does_not() {
+        let dir = temp_dir("tls-reload");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let (first_cert, first_key) = pem_pair("example.test");
+        std::fs::write(&cert, &first_cert).unwrap();
+        std::fs::write(&key, &first_key).unwrap();
+        let setup = from_pem_files(&cert, &key).unwrap();
+        let first = served(&setup);
+        assert_eq!(setup.certificate.reload().unwrap(), Reloaded::Unchanged);
+
+        let (second_cert, second_key) = pem_pair("example.test");
+        std::fs::write(&cert, &second_cert).unwrap();
+        let err = setup.certificate.reload().unwrap_err();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+        assert_eq!(served(&setup), first, "half a renewal changes nothing");
+
+        std::fs::write(&key, &second_key).unwrap();
+        let Reloaded::Replaced { fingerprint: fp } = setup.certificate.reload().unwrap() else {
+            panic!("the renewal is taken")
+        };
+        let second = served(&setup);
+        assert_ne!(second, first);
+        assert_eq!(fp, fingerprint(&second));
+        assert_eq!(setup.certificate.fingerprint(), fp);
+
+        for (broken_cert, broken_key) in [
+            ("", second_key.as_str()),
+            (&second_cert[..second_cert.len() / 2], second_key.as_str()),
+            (second_cert.as_str(), "-----BEGIN PRIVATE KEY-----\nAAAA\n"),
+        ] {
+            std::fs::write(&cert, broken_cert).unwrap();
+            std::fs::write(&key, broken_key).unwrap();
+            assert!(setup.certificate.reload().is_err());
+            assert_eq!(served(&setup), second);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(
+            setup.certificate.reload(),
+            Err(TlsError::Read { .. })
+        ));
+        assert_eq!(served(&setup), second);
+    }
+
+    #[test]
+    fn a_file_stamp_changes_with_a_rewrite_or_a_rename_into_place() {
+        let dir = temp_dir("tls-stamp");
+        let files = PemFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        assert_eq!(files.stamp(), [None, None]);
+        std::fs::write(&files.cert, "a").unwrap();
+        std::fs::write(&files.key, "b").unwrap();
+        let first = files.stamp();
+        assert!(first.iter().all(Option::is_some));
+        assert_eq!(files.stamp(), first);
+        std::fs::write(&files.cert, "longer").unwrap();
+        let rewritten = files.stamp();
+        assert_ne!(rewritten, first);
+        let renewed = dir.join("key.pem.new");
+        std::fs::write(&renewed, "b").unwrap();
+        std::fs::rename(&renewed, &files.key).unwrap();
+        assert_ne!(files.stamp(), rewritten);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

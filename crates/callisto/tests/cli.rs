@@ -33,6 +33,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
         ("--tls-key", "CALLISTO_TLS_KEY"),
         ("--tls-self-signed", "CALLISTO_TLS_SELF_SIGNED"),
         ("--tls-name", "CALLISTO_TLS_NAME"),
+        ("--tls-recheck", "CALLISTO_TLS_RECHECK"),
         ("--max-room-size", "CALLISTO_MAX_ROOM_SIZE"),
         ("--max-message-bytes", "CALLISTO_MAX_MESSAGE_BYTES"),
         ("--heartbeat-timeout", "CALLISTO_HEARTBEAT_TIMEOUT"),
@@ -223,7 +224,23 @@ fn environment_variables_configure_serve_and_sigterm_exits_cleanly() {
             .starts_with("http://127.0.0.1:"),
         "{line}"
     );
-    stop(child, "-TERM");
+    hang_up_goes_on_serving(child, "-TERM");
+}
+
+/// SIGHUP asks the server to re-read its files (here there are none): it
+/// goes on serving, and then `signal` stops it.
+fn hang_up_goes_on_serving(mut child: Child, signal: &str) {
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the server"
+    );
+    stop(child, signal);
 }
 
 #[test]
@@ -247,7 +264,7 @@ fn self_signed_tls_prints_the_fingerprint_and_sigint_exits_cleanly() {
         .find_map(|l| l.strip_prefix("Self-signed certificate SHA-256 fingerprint: "))
         .expect("the fingerprint is printed before serving starts");
     assert_eq!(fingerprint.len(), 95, "{fingerprint}");
-    stop(child, "-INT");
+    hang_up_goes_on_serving(child, "-INT");
 }
 
 /// The benchmark still runs, over both families and with marked

@@ -246,6 +246,31 @@ fn callisto_with_open_files(
 }
 
 impl Callisto {
+    /// Sends SIGHUP, and returns the first log line after it that contains
+    /// `logged`.
+    fn hang_up(&self, logged: &str) -> String {
+        let seen = self.logs.lock().unwrap().len();
+        // SAFETY: kill has no memory effects; the pid is our child's.
+        let rc = unsafe { libc::kill(self.proc.0.id() as i32, libc::SIGHUP) };
+        assert_eq!(rc, 0);
+        self.wait_for_log(seen, logged)
+    }
+
+    /// The first log line after the first `seen` that contains `logged`,
+    /// waited for up to 10 s.
+    fn wait_for_log(&self, seen: usize, logged: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs.lock().unwrap();
+            if let Some(line) = logs[seen..].iter().find(|l| l.contains(logged)) {
+                return line.clone();
+            }
+            drop(logs);
+            assert!(Instant::now() < deadline, "no log line with {logged:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn metrics(&self) -> String {
         let mut tcp = TcpStream::connect(self.http.expect("an HTTP listener")).unwrap();
         let request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
@@ -998,20 +1023,7 @@ fn a_server_is_drained_on_sighup_without_a_restart() {
     let elsewhere: SocketAddr = "127.0.0.1:3999".parse().unwrap();
     let hang_up = |text: &str, logged: &str| {
         std::fs::write(&file, text).unwrap();
-        let seen = server.logs.lock().unwrap().len();
-        // SAFETY: kill has no memory effects; the pid is our child's.
-        let rc = unsafe { libc::kill(server.proc.0.id() as i32, libc::SIGHUP) };
-        assert_eq!(rc, 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let logs = server.logs.lock().unwrap();
-            if let Some(line) = logs[seen..].iter().find(|l| l.contains(logged)) {
-                return line.clone();
-            }
-            drop(logs);
-            assert!(Instant::now() < deadline, "no log line with {logged:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        server.hang_up(logged)
     };
     hang_up(&format!("{elsewhere}\n"), "sent to alternate servers");
     assert_eq!(alternates(), 1.0);
@@ -2655,4 +2667,136 @@ fn a_local_peer_sending_udp_gso_over_loopback_loses_nothing() {
         "callisto_turn_relayed_in_kernel_packets_total{direction=\"to_client\"}",
     );
     assert!(in_kernel >= f64::from(sent / 2), "most in the kernel: {m}");
+}
+
+/// The certificate handed out by the TLS server at `addr`.
+fn presented_certificate(addr: SocketAddr) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    let mut conn = rustls::ClientConnection::new(
+        trusting_any_certificate(&[b"stun.turn"]),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    conn.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+/// A fresh self-signed certificate and key, written to `cert` and `key`;
+/// returns the certificate (DER).
+fn write_certificate(cert: &std::path::Path, key: &std::path::Path) -> Vec<u8> {
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(cert, generated.cert.pem()).unwrap();
+    std::fs::write(key, generated.signing_key.serialize_pem()).unwrap();
+    generated.cert.der().to_vec()
+}
+
+/// Waits up to 10 s for the TLS server at `addr` to hand out `expected`.
+fn wait_for_certificate(addr: SocketAddr, expected: &[u8], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while presented_certificate(addr) != expected {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still the old certificate"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A STUN Binding request over an open TLS connection gets its answer.
+fn binding_over(tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>, n: u8) {
+    let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    request.extend_from_slice(&[n; 12]);
+    tls.write_all(&request).unwrap();
+    let mut head = [0u8; 20];
+    tls.read_exact(&mut head).unwrap();
+    assert_eq!(&head[..2], &[0x01, 0x01], "a Binding success response");
+    assert_eq!(&head[8..], &request[8..], "to our transaction");
+    let mut attrs = vec![0u8; usize::from(u16::from_be_bytes([head[2], head[3]]))];
+    tls.read_exact(&mut attrs).unwrap();
+}
+
+/// A renewed certificate is served without a restart, by TURN over TLS and
+/// by HTTPS: on SIGHUP, and by itself once the files change; connections
+/// already open go on, and files that cannot be used (a key of another
+/// certificate) leave the served certificate as it was.
+#[test]
+fn a_renewed_certificate_is_served_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("callisto-renewal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("fullchain.pem"), dir.join("privkey.pem"));
+    let first = write_certificate(&cert, &key);
+    let (cert_arg, key_arg) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--tls-cert",
+            cert_arg,
+            "--tls-key",
+            key_arg,
+            "--tls-recheck",
+            "0",
+            "--turn-tls-listen",
+            &format!("127.0.0.1:{}", free_tcp_port()),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let tls: SocketAddr = format!("127.0.0.1:{}", server.tls_port.expect("TLS listener"))
+        .parse()
+        .unwrap();
+    assert_eq!(presented_certificate(tls), first);
+    let conn = rustls::ClientConnection::new(
+        trusting_any_certificate(&[b"stun.turn"]),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    let mut open = rustls::StreamOwned::new(conn, TcpStream::connect(tls).unwrap());
+    binding_over(&mut open, 1);
+
+    let second = write_certificate(&cert, &key);
+    server.hang_up("TLS certificate replaced");
+    assert_eq!(presented_certificate(tls), second);
+    binding_over(&mut open, 2);
+
+    // A renewal half done: the new certificate, the old key.
+    let unchanged = std::fs::read(&key).unwrap();
+    write_certificate(&cert, &key);
+    std::fs::write(&key, unchanged).unwrap();
+    let line = server.hang_up("TLS certificate kept");
+    assert!(line.contains("privkey.pem"), "{line}");
+    assert_eq!(presented_certificate(tls), second);
+    binding_over(&mut open, 3);
+    let metrics = server.metrics();
+    for (result, n) in [("replaced", 1.0), ("failed", 1.0)] {
+        let name = format!("callisto_tls_certificate_reloads_total{{result=\"{result}\"}}");
+        assert_eq!(counter(&metrics, &name), n, "{name}");
+    }
+    drop(server);
+
+    // `serve`, looking at the files every second, needs no signal.
+    let served = write_certificate(&cert, &key);
+    let server = callisto(
+        "serve",
+        &[
+            "--tls-cert",
+            cert_arg,
+            "--tls-key",
+            key_arg,
+            "--tls-recheck",
+            "1",
+        ],
+    );
+    let https = server.http.expect("the HTTPS listener");
+    assert_eq!(presented_certificate(https), served);
+    let third = write_certificate(&cert, &key);
+    wait_for_certificate(https, &third, "HTTPS after the files changed");
+    server.wait_for_log(0, "TLS certificate replaced");
+    let metrics = server.metrics();
+    let replaced = "callisto_tls_certificate_reloads_total{result=\"replaced\"}";
+    assert_eq!(counter(&metrics, replaced), 1.0, "{metrics}");
+    std::fs::remove_dir_all(&dir).ok();
 }
