@@ -87,6 +87,13 @@ test('a TURN server sends browsers to its alternate, and the call is relayed the
   const alternate = await startServer(['--turn-secret', secret, '--turn-port-range', '40000-40999'], { turnListen: '198.18.0.1:0' });
   const first = await startServer(['--turn-secret', secret, '--turn-alternate-server', alternate.turn.udp]);
   try {
+    // The first server sends clients only to an alternate it has seen answer.
+    const inForce = 'callisto_turn_alternate_servers{transport="udp_tcp"}';
+    const deadline = Date.now() + 10_000;
+    while (await metric(first, inForce) !== 1) {
+      assert.ok(Date.now() < deadline, 'the first server never saw its alternate answer');
+      await new Promise((r) => setTimeout(r, 100));
+    }
     for (const transport of ['udp', 'tcp']) {
       const [a, b] = await relayedCall(`relay-alternate-${transport}-${Date.now()}`, transport, transport, first, '198.18.0.1');
       for (const page of [a, b]) {
@@ -108,6 +115,13 @@ test('a TURN server sends browsers to its alternate, and the call is relayed the
     assert.equal(await alternate.stop(), 0);
   }
 });
+
+/** A metric of `via` (`name` with its labels), or 0, read without a page. */
+async function metric(via, name) {
+  const text = await (await fetch(`${via.url}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+  return line ? Number(line.split(' ')[1]) : 0;
+}
 
 /** A counter from the server's metrics (`name` with its labels), or 0. */
 async function counter(page, name, via = server) {

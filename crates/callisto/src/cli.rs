@@ -560,6 +560,18 @@ pub struct TurnArgs {
     )]
     pub turn_alternate_servers_file: Option<PathBuf>,
 
+    /// How often to check that each alternate TURN server answers, in
+    /// seconds: clients are sent only to those that do (one that has not
+    /// answered yet, or missed three checks in a row, is skipped). 0 sends
+    /// clients to every alternate, unchecked.
+    #[arg(
+        long,
+        env = "CALLISTO_TURN_ALTERNATE_CHECK",
+        value_name = "SECONDS",
+        default_value_t = 5
+    )]
+    pub turn_alternate_check: u64,
+
     /// Most allocations at once, all users together.
     #[arg(long, env = "CALLISTO_TURN_MAX_ALLOCATIONS", default_value_t = 10_000)]
     pub turn_max_allocations: usize,

@@ -13,7 +13,7 @@ use callisto_turn::net::{
     ConnectionLimits, KernelRelay, KernelRelayConfig, Listen, RelayConfig, TurnService,
 };
 use callisto_turn::policy::PeerPolicy;
-use callisto_turn::server::{Config, DefaultFamily, Shared};
+use callisto_turn::server::{Alternates, Config, DefaultFamily, Shared};
 
 use crate::cli::{AllocationFamily, TurnArgs};
 
@@ -164,7 +164,12 @@ pub async fn start(
         bps_per_allocation: args.turn_bps_per_allocation,
         unauth_rate: args.turn_unauth_rate,
         unauth_allowance: args.turn_unauth_allowance,
-        alternates,
+        // In force once they answer (crate::alternates::checks), unless
+        // unchecked.
+        alternates: match crate::alternates::checking(args) {
+            Some(_) => Alternates::default(),
+            None => alternates.clone(),
+        },
         kernel_routes: kernel.is_some(),
         ..Config::default()
     };
@@ -177,7 +182,7 @@ pub async fn start(
         shared.share_budgets(budgets);
     }
     let shared = Arc::new(shared);
-    crate::alternates::reload_on_hangup(args, shared.clone())?;
+    crate::alternates::keep_in_force(args, alternates, shared.clone())?;
     let advertised = shared.config.advertised_ip(relay_ip);
     let relay = RelayConfig {
         ipv4: relay_ips.iter().copied().find(IpAddr::is_ipv4),

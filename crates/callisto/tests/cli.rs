@@ -47,6 +47,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
             "--turn-tls-alternate-server",
             "CALLISTO_TURN_TLS_ALTERNATE_SERVERS",
         ),
+        ("--turn-alternate-check", "CALLISTO_TURN_ALTERNATE_CHECK"),
     ] {
         assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         assert!(help.contains(env), "{env} missing from help:\n{help}");

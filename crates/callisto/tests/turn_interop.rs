@@ -271,6 +271,15 @@ impl Callisto {
         }
     }
 
+    /// Waits up to 10 s for the metric `name` (with its labels) to be `value`.
+    fn wait_for_metric(&self, name: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counter(&self.metrics(), name) != value {
+            assert!(Instant::now() < deadline, "{name} is not {value}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn metrics(&self) -> String {
         let mut tcp = TcpStream::connect(self.http.expect("an HTTP listener")).unwrap();
         let request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
@@ -974,9 +983,10 @@ fn coturn_over_udp_with(relay_ips: &[&str], extra: &[&str]) -> (Proc, u16) {
 
 /// Draining a running server: with `--turn-alternate-servers-file`, a
 /// SIGHUP after writing another server into the file sends new clients
-/// there while the allocation made before keeps being served; a file that
-/// says something wrong changes nothing (and the log says which line); an
-/// empty one serves everyone here again.
+/// there while the allocation made before keeps being served; an alternate
+/// that does not answer gets nobody, and one that stops answering is taken
+/// out of use; a file that says something wrong changes nothing (and the
+/// log says which line); an empty one serves everyone here again.
 #[test]
 fn a_server_is_drained_on_sighup_without_a_restart() {
     let file = std::env::temp_dir().join(format!("callisto-alternates-{}", std::process::id()));
@@ -989,16 +999,24 @@ fn a_server_is_drained_on_sighup_without_a_restart() {
             "alice:secret",
             "--turn-alternate-servers-file",
             file.to_str().unwrap(),
+            "--turn-alternate-check",
+            "1",
             "--metrics-listen",
             "127.0.0.1:0",
         ],
     );
-    let alternates = || {
+    let alternate = callisto_on("turn", "127.0.0.1:0", &["--turn-user", "alice:secret"]);
+    let elsewhere: SocketAddr = format!("127.0.0.1:{}", alternate.turn_port)
+        .parse()
+        .unwrap();
+    let silent: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let gauge = |name: &str| {
         counter(
             &server.metrics(),
-            "callisto_turn_alternate_servers{transport=\"udp_tcp\"}",
+            &format!("{name}{{transport=\"udp_tcp\"}}"),
         )
     };
+    let alternates = || gauge("callisto_turn_alternate_servers");
     assert_eq!(alternates(), 0.0);
     let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
     let sock = udp_socket("127.0.0.1:0");
@@ -1020,19 +1038,26 @@ fn a_server_is_drained_on_sighup_without_a_restart() {
         matches!(e, Event::Allocated { .. })
     });
 
-    let elsewhere: SocketAddr = "127.0.0.1:3999".parse().unwrap();
     let hang_up = |text: &str, logged: &str| {
         std::fs::write(&file, text).unwrap();
         server.hang_up(logged)
     };
-    hang_up(&format!("{elsewhere}\n"), "sent to alternate servers");
-    assert_eq!(alternates(), 1.0);
-    assert_eq!(
-        allocate(2),
-        Some(Event::Redirected {
-            alternate: elsewhere
-        })
+    let line = hang_up(
+        &format!("{silent}\n{elsewhere}\n"),
+        "alternate TURN server answers",
     );
+    assert!(line.contains(&elsewhere.to_string()), "{line}");
+    assert_eq!(alternates(), 1.0);
+    assert_eq!(gauge("callisto_turn_alternate_servers_unreachable"), 1.0);
+    for seed in [2, 3] {
+        assert_eq!(
+            allocate(seed),
+            Some(Event::Redirected {
+                alternate: elsewhere
+            }),
+            "only the alternate that answers gets clients"
+        );
+    }
     kept.refresh(Instant::now(), 600);
     let events = drive(&sock, turn, &mut kept, |e| {
         matches!(e, Event::Refreshed { .. } | Event::Failed { .. })
@@ -1043,20 +1068,31 @@ fn a_server_is_drained_on_sighup_without_a_restart() {
     );
 
     let error = hang_up(
-        "127.0.0.1:3999\nnot an address\n",
+        &format!("{elsewhere}\nnot an address\n"),
         "alternate TURN servers unchanged",
     );
     assert!(error.contains("line 2"), "{error}");
     assert_eq!(
-        allocate(3),
+        allocate(4),
         Some(Event::Redirected {
             alternate: elsewhere
         })
     );
 
-    hang_up("", "served here");
-    assert!(matches!(allocate(4), Some(Event::Allocated { .. })));
+    // The alternate goes away: after a few checks, clients are served here.
+    let seen = server.logs.lock().unwrap().len();
+    drop(alternate);
+    let line = server.wait_for_log(seen, "alternate TURN server does not answer");
+    assert!(line.contains(&elsewhere.to_string()), "{line}");
     assert_eq!(alternates(), 0.0);
+    assert!(matches!(allocate(5), Some(Event::Allocated { .. })));
+
+    hang_up("", "served here");
+    server.wait_for_metric(
+        "callisto_turn_alternate_servers_unreachable{transport=\"udp_tcp\"}",
+        0.0,
+    );
+    assert!(matches!(allocate(6), Some(Event::Allocated { .. })));
     let _ = std::fs::remove_file(&file);
 }
 
@@ -1084,6 +1120,8 @@ fn redirections_between_coturn_and_us() {
             "alice:secret",
             "--turn-alternate-server",
             &target.to_string(),
+            "--turn-alternate-check",
+            "1",
             "--metrics-listen",
             "127.0.0.1:0",
         ],
@@ -1091,6 +1129,11 @@ fn redirections_between_coturn_and_us() {
     let redirecting_addr: SocketAddr = format!("127.0.0.1:{}", redirecting.turn_port)
         .parse()
         .unwrap();
+    // Once the check has seen coturn answer.
+    redirecting.wait_for_metric(
+        "callisto_turn_alternate_servers{transport=\"udp_tcp\"}",
+        1.0,
+    );
     for (seed, first, then) in [(1, coturn_addr, ours_addr), (2, redirecting_addr, target)] {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))

@@ -3,7 +3,8 @@
 //! of the process, or `--turn-alternate-servers-file`, read at start and
 //! again on SIGHUP. The file is what lets an operator drain a server: point
 //! it at others, and new clients go there while the calls it relays go on,
-//! which a restart (ending them) cannot do.
+//! which a restart (ending them) cannot do. Clients are sent only to
+//! alternates that answer ([`checks`]).
 //!
 //! The file holds one server per line, `IP:PORT` for UDP and TCP clients or
 //! `tls IP:PORT` for TLS ones; `#` starts a comment, blank lines are
@@ -12,11 +13,14 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use callisto_turn::server::{Alternates, Shared};
 
 use crate::cli::TurnArgs;
+
+pub mod checks;
 
 /// The alternates to start with, checked; fails with what to fix.
 pub fn at_start(args: &TurnArgs) -> anyhow::Result<Alternates> {
@@ -28,26 +32,37 @@ pub fn at_start(args: &TurnArgs) -> anyhow::Result<Alternates> {
         },
     };
     check(&alternates, Own::of(args))?;
-    announce(&alternates);
+    announce(&alternates, checking(args).is_some());
     Ok(alternates)
 }
 
-/// With `--turn-alternate-servers-file`: re-reads it on every SIGHUP and
-/// hands the server what it says. A file that cannot be read, or says
-/// something wrong, is logged and changes nothing.
-pub fn reload_on_hangup(args: &TurnArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
+/// Keeps the server's alternates in force from here on: those configured,
+/// less those that do not answer (see [`checks`]), and with
+/// `--turn-alternate-servers-file`, what the file says after each SIGHUP.
+/// A file that cannot be read, or says something wrong, is logged and
+/// changes nothing.
+pub fn keep_in_force(
+    args: &TurnArgs,
+    configured: Alternates,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(configured);
+    checks::spawn(shared, rx, checking(args));
     let Some(path) = args.turn_alternate_servers_file.clone() else {
         return Ok(());
     };
     let own = Own::of(args);
+    let checked = checking(args).is_some();
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             match read(&path).and_then(|a| check(&a, own).map(|()| a)) {
                 Ok(alternates) => {
-                    announce(&alternates);
-                    shared.set_alternates(alternates);
+                    announce(&alternates, checked);
+                    if tx.send(alternates).is_err() {
+                        return;
+                    }
                 }
                 Err(e) => tracing::error!(
                     file = %path.display(),
@@ -57,6 +72,11 @@ pub fn reload_on_hangup(args: &TurnArgs, shared: Arc<Shared>) -> anyhow::Result<
         }
     });
     Ok(())
+}
+
+/// How often to check the alternates, if at all.
+pub fn checking(args: &TurnArgs) -> Option<Duration> {
+    (args.turn_alternate_check > 0).then(|| Duration::from_secs(args.turn_alternate_check))
 }
 
 fn read(path: &Path) -> anyhow::Result<Alternates> {
@@ -128,14 +148,20 @@ fn check(alternates: &Alternates, own: Own) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn announce(alternates: &Alternates) {
+fn announce(alternates: &Alternates, checked: bool) {
     if alternates.is_empty() {
         tracing::info!("TURN clients are served here: no alternate servers");
+    } else if checked {
+        tracing::info!(
+            udp_tcp = ?alternates.udp_tcp,
+            tls = ?alternates.tls,
+            "TURN clients that ask for an allocation are sent to alternate servers, in turn, to those that answer"
+        );
     } else {
         tracing::info!(
             udp_tcp = ?alternates.udp_tcp,
             tls = ?alternates.tls,
-            "TURN clients that ask for an allocation are sent to alternate servers, in turn"
+            "TURN clients that ask for an allocation are sent to alternate servers, in turn, unchecked"
         );
     }
 }
