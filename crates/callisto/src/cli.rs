@@ -510,6 +510,19 @@ pub struct TurnArgs {
     #[arg(long, env = "CALLISTO_TURN_SECRET", hide_env_values = true)]
     pub turn_secret: Option<String>,
 
+    /// Shared secrets from a file instead, read at start and again on
+    /// SIGHUP: one per line (lines starting with # are comments). All are
+    /// accepted; the first signs the credentials `serve` hands out. To
+    /// rotate, put the new one first, and remove the old one once the
+    /// credentials made with it have expired.
+    #[arg(
+        long = "turn-secrets-file",
+        env = "CALLISTO_TURN_SECRETS_FILE",
+        value_name = "PATH",
+        conflicts_with = "turn_secret"
+    )]
+    pub turn_secrets_file: Option<PathBuf>,
+
     /// Allow relaying to these peers even if private or loopback (CIDR, repeatable).
     #[arg(
         long = "turn-allow-peer",

@@ -77,7 +77,8 @@ fn raise_open_file_limit() {
 /// SIGINT and SIGTERM handlers, installed before the server announces itself
 /// so that a signal sent right after start-up is never missed; and SIGHUP's,
 /// which never stops the server: it asks it to re-read its files (the TLS
-/// certificate and the alternate TURN servers, whose own handlers do that).
+/// certificate, the TURN secrets and the alternate TURN servers, whose own
+/// handlers do that).
 struct StopSignals {
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
@@ -109,7 +110,7 @@ impl StopSignals {
                 _ = self.int.recv() => return,
                 _ = self.term.recv() => return,
                 _ = self.hup.recv() => tracing::info!(
-                    "SIGHUP: re-reading the TLS certificate files and the alternate TURN servers file, those given"
+                    "SIGHUP: re-reading the files given: TLS certificate, TURN secrets, alternate TURN servers"
                 ),
             }
         }

@@ -58,6 +58,10 @@ fn describe() {
         "callisto_tls_certificate_reloads_total",
         "Times the TLS certificate files were read again (SIGHUP, or seen to change), by result: replaced, unchanged, failed (the served certificate stays)."
     );
+    metrics::describe_counter!(
+        "callisto_turn_secret_reloads_total",
+        "Times --turn-secrets-file was read again on SIGHUP, by result: replaced, failed (the secrets stay)."
+    );
     metrics::describe_gauge!(
         "callisto_signaling_connections",
         "Open signaling WebSocket connections, joined or not."

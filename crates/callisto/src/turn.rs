@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use callisto_protocol::IceServer;
-use callisto_turn::auth::{Credentials, rest_credentials};
+use callisto_turn::auth::{Credentials, Secrets, rest_credentials};
 use callisto_turn::net::{
     ConnectionLimits, KernelRelay, KernelRelayConfig, Listen, RelayConfig, TurnService,
 };
@@ -33,7 +33,8 @@ pub struct IceCredentials {
     turn_urls: Vec<String>,
     /// The host name in `turns:` URLs.
     tls_name: String,
-    secret: Vec<u8>,
+    /// The first signs; it may change while the server runs.
+    secrets: Secrets,
     ttl: Duration,
 }
 
@@ -43,14 +44,19 @@ impl IceCredentials {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
             + self.ttl.as_secs();
+        let stun = IceServer {
+            urls: vec![self.stun_url.clone()],
+            username: None,
+            credential: None,
+        };
+        let Some(secret) = self.secrets.signing() else {
+            // Static users only: the browsers have no credentials to use.
+            return vec![stun];
+        };
         // A random user part keeps per-username quotas per browser.
-        let (username, credential) = rest_credentials(&self.secret, &random_hex(8), expires);
+        let (username, credential) = rest_credentials(&secret, &random_hex(8), expires);
         vec![
-            IceServer {
-                urls: vec![self.stun_url.clone()],
-                username: None,
-                credential: None,
-            },
+            stun,
             IceServer {
                 urls: self.turn_urls.clone(),
                 username: Some(username),
@@ -117,13 +123,15 @@ pub async fn start(
     for user in &args.turn_users {
         credentials.add_user(&user.name, &user.password);
     }
-    let secret = match &args.turn_secret {
-        Some(s) => s.as_bytes().to_vec(),
-        None if generate_secret => random_hex(32).into_bytes(),
-        None => Vec::new(),
+    let secrets = match (&args.turn_secrets_file, &args.turn_secret) {
+        (Some(path), _) => crate::secrets::read(path)?,
+        (None, Some(s)) => vec![s.as_bytes().to_vec()],
+        (None, None) if generate_secret => vec![random_hex(32).into_bytes()],
+        (None, None) => Vec::new(),
     };
-    if !secret.is_empty() {
-        credentials.add_secret(&secret);
+    credentials.secrets().set(secrets);
+    if let Some(path) = &args.turn_secrets_file {
+        crate::secrets::reload_on_hangup(path.clone(), credentials.secrets().clone())?;
     }
     if !credentials.has_any() {
         bail!(
@@ -147,6 +155,7 @@ pub async fn start(
         );
     }
     let kernel = kernel_relay(args, &relay_ips, relay_ip)?.map(Arc::new);
+    let secrets = credentials.secrets().clone();
     let config = Config {
         credentials,
         policy: PeerPolicy::new(args.turn_allow_peers.clone(), args.turn_deny_peers.clone()),
@@ -231,7 +240,7 @@ pub async fn start(
             stun_url: format!("stun:{}", public(service.udp_addr.port())),
             turn_urls,
             tls_name,
-            secret,
+            secrets,
             ttl: credential_ttl,
         },
         service,

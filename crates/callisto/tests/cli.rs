@@ -48,6 +48,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
             "CALLISTO_TURN_TLS_ALTERNATE_SERVERS",
         ),
         ("--turn-alternate-check", "CALLISTO_TURN_ALTERNATE_CHECK"),
+        ("--turn-secrets-file", "CALLISTO_TURN_SECRETS_FILE"),
     ] {
         assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         assert!(help.contains(env), "{env} missing from help:\n{help}");

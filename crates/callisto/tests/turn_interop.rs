@@ -2843,3 +2843,101 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     assert_eq!(counter(&metrics, replaced), 1.0, "{metrics}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The credentials `serve` hands out in `welcome`: (username, password).
+fn handed_out_credentials(server: &Callisto) -> (String, String) {
+    let welcome = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let url = format!("ws://{}/ws", server.http.expect("serve has HTTP"));
+        common::Client::connect(&url)
+            .await
+            .join("credentials", "C")
+            .await
+    });
+    let turn = welcome["iceServers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["credential"].is_string())
+        .unwrap_or_else(|| panic!("no TURN credentials in {welcome}"));
+    (
+        turn["username"].as_str().unwrap().to_owned(),
+        turn["credential"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Rotating the shared secret without a restart (`--turn-secrets-file`
+/// and SIGHUP): the new secret signs what `serve` hands out from then on,
+/// the old one is accepted for as long as the file lists it, allocations
+/// made with it go on meanwhile, and once it is removed its credentials are
+/// refused. A file with no secret changes nothing; no secret is logged.
+#[test]
+fn the_shared_secret_is_rotated_without_a_restart() {
+    use callisto_turn::auth::{rest_credentials, rest_password};
+    let file = std::env::temp_dir().join(format!("callisto-secrets-{}", std::process::id()));
+    let (old, new) = ("0ld-Shared-Secret", "n3w-Shared-Secret");
+    std::fs::write(&file, format!("{old}\n")).unwrap();
+    let server = callisto("serve", &["--turn-secrets-file", file.to_str().unwrap()]);
+    let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3_600;
+    let signed_with = |secret: &str| {
+        let (username, password) = handed_out_credentials(&server);
+        assert_eq!(rest_password(secret.as_bytes(), &username), password);
+    };
+    // Each allocation from a socket of its own: one 5-tuple, one allocation.
+    let allocate = |secret: &str, seed: u64| {
+        let sock = udp_socket("127.0.0.1:0");
+        let (username, password) = rest_credentials(secret.as_bytes(), "rotation", expires);
+        let mut client = Client::new(&username, &password, false, seed);
+        client.allocate(Instant::now());
+        let events = drive(&sock, turn, &mut client, |e| {
+            matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+        });
+        let allocated = matches!(events.last(), Some(Event::Allocated { .. }));
+        (allocated, (client, sock))
+    };
+    let refreshes = |(client, sock): &mut (Client, UdpSocket)| {
+        client.refresh(Instant::now(), 600);
+        let events = drive(sock, turn, client, |e| {
+            matches!(e, Event::Refreshed { .. } | Event::Failed { .. })
+        });
+        matches!(events.last(), Some(Event::Refreshed { .. }))
+    };
+    let rewrite = |text: String, logged: &str| {
+        std::fs::write(&file, text).unwrap();
+        server.hang_up(logged)
+    };
+
+    signed_with(old);
+    let (allocated, mut made_with_old) = allocate(old, 1);
+    assert!(allocated);
+
+    let line = rewrite(format!("# rotating\n{new}\n{old}\n"), "secrets replaced");
+    assert!(line.contains("\"count\":2"), "{line}");
+    signed_with(new);
+    assert!(allocate(new, 2).0);
+    assert!(allocate(old, 3).0, "the old secret is still accepted");
+    assert!(refreshes(&mut made_with_old));
+
+    rewrite(format!("{new}\n"), "secrets replaced");
+    assert!(
+        !allocate(old, 4).0,
+        "the old secret is refused once removed"
+    );
+    assert!(!refreshes(&mut made_with_old));
+    assert!(allocate(new, 5).0);
+
+    let line = rewrite("# emptied by mistake\n".into(), "secrets unchanged");
+    assert!(line.contains("no secret"), "{line}");
+    assert!(allocate(new, 6).0);
+    signed_with(new);
+
+    let logs = server.logs.lock().unwrap().join("\n");
+    for secret in [old, new] {
+        assert!(!logs.contains(secret), "{secret} is in the logs");
+    }
+    let _ = std::fs::remove_file(&file);
+}

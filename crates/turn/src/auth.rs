@@ -4,6 +4,7 @@
 //! `base64(HMAC-SHA1(secret, username))`).
 
 use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use base64::Engine;
 use md5::{Digest, Md5};
@@ -41,8 +42,9 @@ pub struct Credentials {
     realm: String,
     /// Static users: name → long-term key (the password itself is not kept).
     users: HashMap<String, Vec<u8>>,
-    /// Shared secrets for the REST scheme (several, so a secret can be rotated).
-    secrets: Vec<Vec<u8>>,
+    /// Shared secrets for the REST scheme, which can change while the
+    /// server runs.
+    secrets: Secrets,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -53,6 +55,46 @@ impl std::fmt::Debug for Credentials {
             .field("users", &self.users.len())
             .field("secrets", &self.secrets.len())
             .finish()
+    }
+}
+
+/// The REST scheme's shared secrets: several, so that a secret can be
+/// rotated (the new one signs, the old one is still accepted until the
+/// credentials made with it have expired). A handle: its clones share one
+/// list, so the list can be changed while the server runs, and the server
+/// and whoever hands out credentials see the change at once. A restart to
+/// change it would end every relayed call.
+#[derive(Clone, Default)]
+pub struct Secrets(Arc<RwLock<Vec<Vec<u8>>>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets.
+        write!(f, "Secrets({})", self.len())
+    }
+}
+
+impl Secrets {
+    /// Replaces the list; the first signs new credentials.
+    pub fn set(&self, secrets: Vec<Vec<u8>>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = secrets;
+    }
+
+    /// The secret new credentials are made with: the first.
+    pub fn signing(&self) -> Option<Vec<u8>> {
+        self.read().first().cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Vec<u8>>> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -81,11 +123,24 @@ impl Credentials {
     }
 
     pub fn add_secret(&mut self, secret: &[u8]) {
-        self.secrets.push(secret.to_vec());
+        self.secrets
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(secret.to_vec());
+    }
+
+    /// The shared secrets, to change them while the server runs.
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+
+    pub fn has_users(&self) -> bool {
+        !self.users.is_empty()
     }
 
     pub fn has_any(&self) -> bool {
-        !self.users.is_empty() || !self.secrets.is_empty()
+        self.has_users() || !self.secrets.is_empty()
     }
 
     /// The candidate long-term keys for `username` at `now_unix`: a static
@@ -95,7 +150,8 @@ impl Credentials {
         if let Some(key) = self.users.get(username) {
             return Ok(vec![key.clone()]);
         }
-        if self.secrets.is_empty() {
+        let secrets = self.secrets.read();
+        if secrets.is_empty() {
             return Err(AuthFailure::UnknownUser);
         }
         let expiry = username
@@ -106,8 +162,7 @@ impl Credentials {
         if expiry <= now_unix {
             return Err(AuthFailure::Expired);
         }
-        Ok(self
-            .secrets
+        Ok(secrets
             .iter()
             .map(|s| long_term_key(username, &self.realm, &rest_password(s, username)))
             .collect())
@@ -146,5 +201,37 @@ mod tests {
         assert_eq!(c.keys("mallory", 0), Err(AuthFailure::UnknownUser));
         assert_eq!(c.keys("12x:bob", 0), Err(AuthFailure::UnknownUser));
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    /// Rotation: the list changes through any handle, and what the server
+    /// accepts and what new credentials are signed with follow at once.
+    #[test]
+    fn secrets_rotate_through_a_shared_handle() {
+        let mut c = Credentials::new("callisto");
+        c.add_secret(b"old");
+        let handle = c.secrets().clone();
+        let server = c.clone();
+        let key = |secret: &[u8], now| {
+            let (u, p) = rest_credentials(secret, "bob", 2_000);
+            (server.keys(&u, now), long_term_key(&u, "callisto", &p))
+        };
+        let (keys, old_key) = key(b"old", 1_000);
+        assert_eq!(keys.unwrap(), vec![old_key.clone()]);
+        assert_eq!(handle.signing().as_deref(), Some(&b"old"[..]));
+
+        handle.set(vec![b"new".to_vec(), b"old".to_vec()]);
+        assert_eq!(c.secrets().signing().as_deref(), Some(&b"new"[..]));
+        let (keys, new_key) = key(b"new", 1_000);
+        assert_eq!(keys.unwrap(), vec![new_key.clone(), old_key.clone()]);
+
+        handle.set(vec![b"new".to_vec()]);
+        let (keys, _) = key(b"old", 1_000);
+        assert_eq!(keys.unwrap(), vec![new_key], "the old one is refused now");
+        assert_eq!(format!("{handle:?}"), "Secrets(1)");
+
+        handle.set(Vec::new());
+        assert_eq!(key(b"new", 1_000).0, Err(AuthFailure::UnknownUser));
+        assert_eq!(handle.signing(), None);
+        assert!(!server.has_any());
     }
 }

@@ -1,0 +1,118 @@
+//! TURN's shared secrets from `--turn-secrets-file`, read at start and
+//! again on SIGHUP, so that a secret can be rotated, or a leaked one
+//! revoked, without a restart (which would end every relayed call).
+//!
+//! The file holds one secret per line; blank lines and lines starting with
+//! `#` are ignored, and so is the whitespace around a secret (a `#` inside
+//! one is part of it). The first signs the credentials `serve` hands out;
+//! every one is accepted. Secrets never reach the log, only their count.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use callisto_turn::auth::Secrets;
+
+/// The secrets in the file; fails with what to fix.
+pub fn read(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read --turn-secrets-file {} (one secret per line)",
+            path.display()
+        )
+    })?;
+    parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The secrets in `text`, in order, or why there are none.
+pub fn parse(text: &str) -> Result<Vec<Vec<u8>>, String> {
+    let secrets: Vec<Vec<u8>> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.as_bytes().to_vec())
+        .collect();
+    if secrets.is_empty() {
+        return Err("holds no secret: write one per line".into());
+    }
+    Ok(secrets)
+}
+
+/// Re-reads `path` into `secrets` on every SIGHUP. A file that cannot be
+/// read, or holds no secret, is logged and changes nothing.
+pub fn reload_on_hangup(path: PathBuf, secrets: Secrets) -> anyhow::Result<()> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let result = match read(&path) {
+                Ok(list) => {
+                    let count = list.len();
+                    secrets.set(list);
+                    tracing::info!(
+                        file = %path.display(),
+                        count,
+                        "TURN shared secrets replaced: the first signs new credentials, all are accepted"
+                    );
+                    "replaced"
+                }
+                Err(e) => {
+                    tracing::error!(
+                        count = secrets.len(),
+                        "TURN shared secrets unchanged: {e:#}"
+                    );
+                    "failed"
+                }
+            };
+            metrics::counter!("callisto_turn_secret_reloads_total", "result" => result)
+                .increment(1);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn one_secret_per_line_with_comments() {
+        let text = "# rotated on 2026-11-27\n  new-secret \n\nold#secret\r\n# gone: older\n";
+        assert_eq!(
+            parse(text),
+            Ok(vec![b"new-secret".to_vec(), b"old#secret".to_vec()])
+        );
+        for none in ["", "\n\n", "# only a comment\n", "   \t\n"] {
+            assert!(parse(none).unwrap_err().contains("no secret"), "{none:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_gives_its_secrets_or_says_there_are_none(text in "(?s).{0,400}") {
+            match parse(&text) {
+                Ok(secrets) => {
+                    prop_assert!(!secrets.is_empty());
+                    for s in &secrets {
+                        let s = std::str::from_utf8(s).unwrap();
+                        prop_assert!(!s.is_empty() && s.trim() == s && !s.starts_with('#'));
+                        prop_assert!(text.contains(s));
+                    }
+                }
+                Err(e) => prop_assert!(e.contains("no secret")),
+            }
+        }
+
+        #[test]
+        fn written_secrets_read_back(
+            secrets in prop::collection::vec("[!-~&&[^#]][!-~]{0,40}", 1..6),
+        ) {
+            let mut text = String::from("# secrets\n");
+            for s in &secrets {
+                text.push_str(&format!("  {s}\t\r\n\n"));
+            }
+            let expected: Vec<Vec<u8>> = secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
+            prop_assert_eq!(parse(&text), Ok(expected));
+        }
+    }
+}
