@@ -1760,7 +1760,24 @@ impl<A: RelayAllocator> Server<A> {
             auth_failure("bad-username");
             return Err(challenge(self, 401, "Unauthorized"));
         };
-        let keys = match creds.keys(username, shared.unix(now)) {
+        // Credentials that have expired since they made this 5-tuple's
+        // allocation still sign for it, as in coturn: an allocation lives
+        // as long as it is refreshed, so a call outlasts the credentials'
+        // lifetime (applications hand out credentials for an hour or
+        // less). Their secret must still be one in use: removing it cuts
+        // the allocation off at its next request.
+        let holds_allocation = msg.method() != method::ALLOCATE
+            && self
+                .by_five
+                .get(&five)
+                .and_then(|&slot| self.allocations[slot as usize].as_ref())
+                .is_some_and(|a| a.username == username);
+        let keys = if holds_allocation {
+            creds.keys_ignoring_expiry(username)
+        } else {
+            creds.keys(username, shared.unix(now))
+        };
+        let keys = match keys {
             Ok(k) => k,
             Err(failure) => {
                 auth_failure(match failure {

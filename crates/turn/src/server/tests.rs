@@ -520,10 +520,15 @@ fn wrong_password_and_unknown_user_fail_with_401() {
     assert_eq!(s.allocation_count(), 0);
 }
 
+/// REST credentials make allocations until they expire; an allocation they
+/// made before goes on being refreshed after (as in coturn), as long as
+/// their secret is still in use.
 #[test]
 fn rest_credentials_work_until_they_expire() {
     let t0 = Instant::now();
-    let (_, mut s) = setup(config(), t0);
+    let cfg = config();
+    let secrets = cfg.credentials.secrets().clone();
+    let (_, mut s) = setup(cfg, t0);
     let (u, p) = rest_credentials(b"rest-secret", "carol", 2_000);
     let mut c = Client::new(&u, &p, false, 1);
     c.allocate(t0);
@@ -536,6 +541,33 @@ fn rest_credentials_work_until_they_expire() {
     let t1 = t0 + Duration::from_secs(1_000);
     late.allocate(t1);
     assert_eq!(failed_code(&pump(&mut s, &mut late, five(4), t1)), 401);
+
+    // The allocation made in time lives on past the expiry.
+    for after in [1_000, 5_000] {
+        let t = t0 + Duration::from_secs(after);
+        c.refresh(t, 600);
+        assert!(
+            matches!(
+                pump(&mut s, &mut c, five(3), t)[..],
+                [Event::Refreshed { .. }]
+            ),
+            "{after} s on"
+        );
+        c.create_permission(t, peer().ip());
+        assert!(matches!(
+            pump(&mut s, &mut c, five(3), t)[..],
+            [Event::PermissionCreated(_)]
+        ));
+    }
+    // Its credentials do not sign for another 5-tuple's allocation.
+    let t2 = t0 + Duration::from_secs(5_000);
+    let mut elsewhere = Client::new(&u, &p, false, 4);
+    elsewhere.allocate(t2);
+    assert_eq!(failed_code(&pump(&mut s, &mut elsewhere, five(6), t2)), 401);
+    // Its secret taken out of use: refused at its next request.
+    secrets.set(vec![b"another-secret".to_vec()]);
+    c.refresh(t2, 600);
+    assert_eq!(failed_code(&pump(&mut s, &mut c, five(3), t2)), 401);
 
     let (u, _) = rest_credentials(b"rest-secret", "carol", 5_000);
     let mut forged = Client::new(&u, "not-the-hmac", false, 3);
