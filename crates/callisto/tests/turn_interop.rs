@@ -2941,3 +2941,55 @@ fn the_shared_secret_is_rotated_without_a_restart() {
     }
     let _ = std::fs::remove_file(&file);
 }
+
+/// Credentials handed out for a short time (applications use an hour or
+/// less) make no allocation once expired, but the allocation they made in
+/// time goes on being refreshed: the call it relays outlasts them.
+#[test]
+fn an_allocation_outlives_its_credentials() {
+    use callisto_turn::auth::rest_credentials;
+    let secret = "Sh0rt-Lived";
+    let server = callisto("turn", &["--turn-secret", secret]);
+    let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let expires = unix_now() + 2;
+    let (username, password) = rest_credentials(secret.as_bytes(), "brief", expires);
+    let sock = udp_socket("127.0.0.1:0");
+    let mut client = Client::new(&username, &password, false, 1);
+    client.allocate(Instant::now());
+    let events = drive(&sock, turn, &mut client, |e| {
+        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+    });
+    assert!(
+        matches!(events.last(), Some(Event::Allocated { .. })),
+        "{events:?}"
+    );
+
+    while unix_now() <= expires {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    client.refresh(Instant::now(), 600);
+    let events = drive(&sock, turn, &mut client, |e| {
+        matches!(e, Event::Refreshed { .. } | Event::Failed { .. })
+    });
+    assert!(
+        matches!(events.last(), Some(Event::Refreshed { .. })),
+        "{events:?}"
+    );
+
+    let other = udp_socket("127.0.0.1:0");
+    let mut late = Client::new(&username, &password, false, 2);
+    late.allocate(Instant::now());
+    let events = drive(&other, turn, &mut late, |e| {
+        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+    });
+    assert!(
+        matches!(events.last(), Some(Event::Failed { .. })),
+        "{events:?}"
+    );
+}
