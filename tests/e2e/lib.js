@@ -42,6 +42,10 @@ export function startServer(extraArgs = [], { turnListen = '127.0.0.1:0' } = {})
             url: entry.url,
             turn,
             logs,
+            /** Sends the server `signal` (such as 'SIGHUP'). */
+            signal(signal) {
+              proc.kill(signal);
+            },
             async stop() {
               if (proc.exitCode !== null) return proc.exitCode;
               proc.kill('SIGTERM');
