@@ -5,6 +5,7 @@ pub mod alternates;
 pub mod bench;
 pub mod cli;
 pub mod connections;
+pub mod flag_files;
 pub mod http;
 pub mod http_server;
 pub mod logging;

@@ -14,13 +14,7 @@ use callisto_turn::auth::Secrets;
 
 /// The secrets in the file; fails with what to fix.
 pub fn read(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "cannot read --turn-secrets-file {} (one secret per line)",
-            path.display()
-        )
-    })?;
-    parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    crate::flag_files::read(path, "--turn-secrets-file", "one secret per line", parse)
 }
 
 /// The secrets in `text`, in order, or why there are none.

@@ -1283,13 +1283,7 @@ fn secrets_never_reach_the_logs() {
     );
     let (_, received, _) = uclient(server.turn_port, peer_port, &[], "user", wrong);
     assert_eq!(received, 0);
-    let welcome = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let url = format!("ws://{}/ws", server.http.expect("serve has HTTP"));
-        common::Client::connect(&url)
-            .await
-            .join("secrets", "S")
-            .await
-    });
+    let welcome = welcome_from(&server);
     let handed_out: Vec<String> = welcome["iceServers"]
         .as_array()
         .unwrap()
@@ -2844,15 +2838,20 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The credentials `serve` hands out in `welcome`: (username, password).
-fn handed_out_credentials(server: &Callisto) -> (String, String) {
-    let welcome = tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// The `welcome` of a client that joins a room of `serve`.
+fn welcome_from(server: &Callisto) -> serde_json::Value {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
         let url = format!("ws://{}/ws", server.http.expect("serve has HTTP"));
         common::Client::connect(&url)
             .await
-            .join("credentials", "C")
+            .join("welcome", "W")
             .await
-    });
+    })
+}
+
+/// The credentials `serve` hands out in `welcome`: (username, password).
+fn handed_out_credentials(server: &Callisto) -> (String, String) {
+    let welcome = welcome_from(server);
     let turn = welcome["iceServers"]
         .as_array()
         .unwrap()
@@ -2893,18 +2892,14 @@ fn the_shared_secret_is_rotated_without_a_restart() {
         let (username, password) = rest_credentials(secret.as_bytes(), "rotation", expires);
         let mut client = Client::new(&username, &password, false, seed);
         client.allocate(Instant::now());
-        let events = drive(&sock, turn, &mut client, |e| {
-            matches!(e, Event::Allocated { .. } | Event::Failed { .. })
-        });
-        let allocated = matches!(events.last(), Some(Event::Allocated { .. }));
+        let event = outcome(&sock, turn, &mut client, allocated_or_failed);
+        let allocated = matches!(event, Some(Event::Allocated { .. }));
         (allocated, (client, sock))
     };
     let refreshes = |(client, sock): &mut (Client, UdpSocket)| {
         client.refresh(Instant::now(), 600);
-        let events = drive(sock, turn, client, |e| {
-            matches!(e, Event::Refreshed { .. } | Event::Failed { .. })
-        });
-        matches!(events.last(), Some(Event::Refreshed { .. }))
+        let event = outcome(sock, turn, client, refreshed_or_failed);
+        matches!(event, Some(Event::Refreshed { .. }))
     };
     let rewrite = |text: String, logged: &str| {
         std::fs::write(&file, text).unwrap();
@@ -2942,6 +2937,24 @@ fn the_shared_secret_is_rotated_without_a_restart() {
     let _ = std::fs::remove_file(&file);
 }
 
+/// Drives `client` until `done` says an event ends it; that event.
+fn outcome(
+    sock: &UdpSocket,
+    turn: SocketAddr,
+    client: &mut Client,
+    done: impl FnMut(&Event) -> bool,
+) -> Option<Event> {
+    drive(sock, turn, client, done).last().cloned()
+}
+
+fn allocated_or_failed(e: &Event) -> bool {
+    matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+}
+
+fn refreshed_or_failed(e: &Event) -> bool {
+    matches!(e, Event::Refreshed { .. } | Event::Failed { .. })
+}
+
 /// Credentials handed out for a short time (applications use an hour or
 /// less) make no allocation once expired, but the allocation they made in
 /// time goes on being refreshed: the call it relays outlasts them.
@@ -2962,34 +2975,19 @@ fn an_allocation_outlives_its_credentials() {
     let sock = udp_socket("127.0.0.1:0");
     let mut client = Client::new(&username, &password, false, 1);
     client.allocate(Instant::now());
-    let events = drive(&sock, turn, &mut client, |e| {
-        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
-    });
-    assert!(
-        matches!(events.last(), Some(Event::Allocated { .. })),
-        "{events:?}"
-    );
+    let event = outcome(&sock, turn, &mut client, allocated_or_failed);
+    assert!(matches!(event, Some(Event::Allocated { .. })), "{event:?}");
 
     while unix_now() <= expires {
         std::thread::sleep(Duration::from_millis(100));
     }
     client.refresh(Instant::now(), 600);
-    let events = drive(&sock, turn, &mut client, |e| {
-        matches!(e, Event::Refreshed { .. } | Event::Failed { .. })
-    });
-    assert!(
-        matches!(events.last(), Some(Event::Refreshed { .. })),
-        "{events:?}"
-    );
+    let event = outcome(&sock, turn, &mut client, refreshed_or_failed);
+    assert!(matches!(event, Some(Event::Refreshed { .. })), "{event:?}");
 
     let other = udp_socket("127.0.0.1:0");
     let mut late = Client::new(&username, &password, false, 2);
     late.allocate(Instant::now());
-    let events = drive(&other, turn, &mut late, |e| {
-        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
-    });
-    assert!(
-        matches!(events.last(), Some(Event::Failed { .. })),
-        "{events:?}"
-    );
+    let event = outcome(&other, turn, &mut late, allocated_or_failed);
+    assert!(matches!(event, Some(Event::Failed { .. })), "{event:?}");
 }

@@ -80,13 +80,12 @@ pub fn checking(args: &TurnArgs) -> Option<Duration> {
 }
 
 fn read(path: &Path) -> anyhow::Result<Alternates> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "cannot read --turn-alternate-servers-file {} (create it, empty to send nobody away)",
-            path.display()
-        )
-    })?;
-    parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    crate::flag_files::read(
+        path,
+        "--turn-alternate-servers-file",
+        "create it, empty to send nobody away",
+        parse,
+    )
 }
 
 /// The file's servers, or which line is wrong and why.
