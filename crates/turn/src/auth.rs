@@ -36,6 +36,21 @@ pub fn rest_credentials(secret: &[u8], user: &str, expires_unix: u64) -> (String
     (username, password)
 }
 
+/// The expiry in a REST username: `"<expiry>:<user>"`, as the scheme has
+/// it, or `"<user>:<expiry>"`, which coturn also takes (the expiry is the
+/// part before the first colon if that is a number, else the part after
+/// it), or a bare `"<expiry>"`.
+fn rest_expiry(username: &str) -> Option<u64> {
+    let is_number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let expiry = match username.split_once(':') {
+        Some((before, _)) if is_number(before) => before,
+        Some((_, after)) if is_number(after) => after,
+        None if is_number(username) => username,
+        _ => return None,
+    };
+    expiry.parse().ok()
+}
+
 /// Where passwords come from.
 #[derive(Clone, Default)]
 pub struct Credentials {
@@ -165,11 +180,7 @@ impl Credentials {
         if secrets.is_empty() {
             return Err(AuthFailure::UnknownUser);
         }
-        let expiry = username
-            .split_once(':')
-            .map_or(username, |(e, _)| e)
-            .parse::<u64>()
-            .map_err(|_| AuthFailure::UnknownUser)?;
+        let expiry = rest_expiry(username).ok_or(AuthFailure::UnknownUser)?;
         if now_unix.is_some_and(|now| expiry <= now) {
             return Err(AuthFailure::Expired);
         }
@@ -220,6 +231,48 @@ mod tests {
         assert_eq!(c.keys("mallory", 0), Err(AuthFailure::UnknownUser));
         assert_eq!(c.keys("12x:bob", 0), Err(AuthFailure::UnknownUser));
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_expiry_comes_first_or_last_as_coturn_takes_it() {
+        assert_eq!(rest_expiry("1700000000:alice"), Some(1_700_000_000));
+        assert_eq!(rest_expiry("alice:1700000000"), Some(1_700_000_000));
+        assert_eq!(rest_expiry("1700000000"), Some(1_700_000_000));
+        assert_eq!(rest_expiry("1700000000:12"), Some(1_700_000_000));
+        assert_eq!(rest_expiry(":1700"), Some(1_700));
+        assert_eq!(rest_expiry("1700:"), Some(1_700));
+        for none in [
+            "alice",
+            "alice:bob",
+            "17x:alice",
+            "alice:17x",
+            "",
+            ":",
+            "a:b:1700",
+        ] {
+            assert_eq!(rest_expiry(none), None, "{none:?}");
+        }
+        // Hyphenated and other users with a trailing expiry authenticate.
+        let mut c = Credentials::new("callisto");
+        c.add_secret(b"s3cret");
+        let username = "carol-7:2000";
+        let key = long_term_key(username, "callisto", &rest_password(b"s3cret", username));
+        assert_eq!(c.keys(username, 1_000).unwrap(), vec![key]);
+        assert_eq!(c.keys(username, 2_000), Err(AuthFailure::Expired));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_username_gives_an_expiry_or_none(username in "(?s).{0,60}") {
+            let _ = rest_expiry(&username);
+        }
+
+        #[test]
+        fn the_expiry_reads_back_on_either_side(user in "[^:0-9][^:]{0,20}", expiry in proptest::prelude::any::<u64>()) {
+            proptest::prop_assert_eq!(rest_expiry(&format!("{expiry}:{user}")), Some(expiry));
+            proptest::prop_assert_eq!(rest_expiry(&format!("{user}:{expiry}")), Some(expiry));
+            proptest::prop_assert_eq!(rest_expiry(&user), None);
+        }
     }
 
     /// Rotation: the list changes through any handle, and what the server
