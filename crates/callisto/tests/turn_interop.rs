@@ -2991,3 +2991,62 @@ fn an_allocation_outlives_its_credentials() {
     let event = outcome(&other, turn, &mut late, allocated_or_failed);
     assert!(matches!(event, Some(Event::Failed { .. })), "{event:?}");
 }
+
+/// The log says who held which relay, from when to when and why it ended:
+/// what an abuse report about a relayed address needs. One line when an
+/// allocation is made, one when it ends (deleted; its TCP connection
+/// closed), each with the client, transport, relay and username.
+#[test]
+fn the_log_says_who_held_which_relay_and_why_it_ended() {
+    let server = callisto("turn", &["--turn-user", "alice:Pa55word"]);
+    let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
+    let logged = |message: &str, client: SocketAddr| -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = server.logs.lock().unwrap().iter().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["message"] == message && v["client"] == client.to_string()).then_some(v)
+            });
+            if let Some(v) = found {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no {message:?} for {client}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let relayed = |events: &[Event]| match events.last() {
+        Some(Event::Allocated { relayed, .. }) => *relayed,
+        other => panic!("not allocated: {other:?}"),
+    };
+
+    let sock = udp_socket("127.0.0.1:0");
+    let mut client = Client::new("alice", "Pa55word", false, 1);
+    client.allocate(Instant::now());
+    let relay = relayed(&drive(&sock, turn, &mut client, allocated_or_failed));
+    let created = logged("allocation created", sock.local_addr().unwrap());
+    assert_eq!(created["transport"], "udp");
+    assert_eq!(created["relay"], relay.to_string());
+    assert_eq!(created["username"], "alice");
+    client.refresh(Instant::now(), 0);
+    drive(&sock, turn, &mut client, refreshed_or_failed);
+    let ended = logged("allocation ended", sock.local_addr().unwrap());
+    assert_eq!(ended["reason"], "deleted");
+    assert_eq!(ended["relay"], relay.to_string());
+
+    let tcp = TcpStream::connect(turn).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let local = tcp.local_addr().unwrap();
+    let mut client = Client::new("alice", "Pa55word", true, 2);
+    client.allocate(Instant::now());
+    let mut link = Link::Tcp(tcp, Vec::new());
+    let relay = relayed(&drive_over(&mut link, &mut client, allocated_or_failed));
+    assert_eq!(logged("allocation created", local)["transport"], "tcp");
+    drop(link);
+    let ended = logged("allocation ended", local);
+    assert_eq!(ended["reason"], "connection closed");
+    assert_eq!(ended["relay"], relay.to_string());
+
+    let logs = server.logs.lock().unwrap().join("\n");
+    assert!(!logs.contains("Pa55word"), "the password is in the logs");
+}

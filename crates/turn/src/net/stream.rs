@@ -483,7 +483,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     if let Err(e) = result {
         tracing::debug!(client = %five.client, error = %e, "TURN stream connection ended");
     }
-    server.on_client_closed(five);
+    server.on_client_closed(Instant::now(), five);
     inbox.close();
 }
 

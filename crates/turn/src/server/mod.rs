@@ -700,6 +700,32 @@ struct Allocation {
     /// The client asked for DONT-FRAGMENT, in its Allocate or in a Send
     /// indication since: its relay socket sends with DF from then on.
     dont_fragment: bool,
+    /// When it was made, for the log line that says it ended.
+    created: Instant,
+}
+
+/// Why an allocation (or half of one) ended, as the log says it.
+#[derive(Debug, Clone, Copy)]
+enum Ended {
+    /// Its client deleted it (a Refresh with lifetime 0).
+    Deleted,
+    /// Its client did not refresh it in time.
+    Expired,
+    /// Its client's TCP or TLS connection closed.
+    ConnectionClosed,
+    /// Its Allocate asked for what could not be done after all.
+    Refused,
+}
+
+impl Ended {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ended::Deleted => "deleted",
+            Ended::Expired => "expired",
+            Ended::ConnectionClosed => "connection closed",
+            Ended::Refused => "refused",
+        }
+    }
 }
 
 impl Allocation {
@@ -1270,9 +1296,8 @@ impl<A: RelayAllocator> Server<A> {
             })
             .collect();
         for slot in expired {
-            tracing::debug!(slot, "allocation expired");
             // Each half of a dual allocation has a lifetime of its own.
-            self.remove_half(slot);
+            self.remove_half(slot, Ended::Expired, now);
         }
         let mut shrunk = Vec::new();
         for (slot, a) in self.allocations.iter_mut().enumerate() {
@@ -1305,9 +1330,9 @@ impl<A: RelayAllocator> Server<A> {
     }
 
     /// Drops every allocation of a client whose stream connection closed.
-    pub fn on_client_closed(&mut self, five: FiveTuple) {
+    pub fn on_client_closed(&mut self, now: Instant, five: FiveTuple) {
         if let Some(slot) = self.by_five.get(&five).copied() {
-            self.remove_allocation(slot);
+            self.remove_allocation(slot, Ended::ConnectionClosed, now);
         }
     }
 
@@ -2042,7 +2067,7 @@ impl<A: RelayAllocator> Server<A> {
                 if let Err(e) = self.set_dont_fragment(half, now) {
                     // Not on Linux, where the socket option always takes.
                     tracing::warn!(error = %e, "cannot send with DF: the Allocate that asked for it is refused");
-                    self.remove_allocation(slot);
+                    self.remove_allocation(slot, Ended::Refused, now);
                     return Err(refuse(508, "Insufficient Capacity: cannot set DF"));
                 }
             }
@@ -2102,6 +2127,7 @@ impl<A: RelayAllocator> Server<A> {
             routes: routes::Routes::default(),
             sibling: None,
             dont_fragment: false,
+            created: now,
         });
         self.by_relay_addr.insert(relay_addr, slot);
         self.by_relay_addr.insert(advertised, slot);
@@ -2110,7 +2136,16 @@ impl<A: RelayAllocator> Server<A> {
         metrics::counter!("callisto_turn_allocations_total", "transport" => five.transport.as_str())
             .increment(1);
         metrics::gauge!("callisto_turn_allocations").increment(1.0);
-        tracing::debug!(client = %five.client, relay = %relay_addr, transport = five.transport.as_str(), "allocated");
+        // Who held which relay when: what an abuse report about a relayed
+        // address needs. Usernames are not secret; passwords never come here.
+        tracing::info!(
+            client = %five.client,
+            transport = five.transport.as_str(),
+            relay = %advertised,
+            username = how.username,
+            lifetime_s = how.expires.saturating_duration_since(now).as_secs(),
+            "allocation created"
+        );
     }
 
     /// A free slot for a new allocation (or half of one) of `username`
@@ -2235,7 +2270,7 @@ impl<A: RelayAllocator> Server<A> {
         };
         for half in halves {
             if lifetime.is_zero() {
-                self.remove_half(half);
+                self.remove_half(half, Ended::Deleted, now);
             } else if let Some(a) = self.allocations[half as usize].as_mut() {
                 a.access.expires = now + lifetime;
                 self.access_changed(half, now);
@@ -2404,19 +2439,28 @@ impl<A: RelayAllocator> Server<A> {
     }
 
     /// Removes `slot`'s allocation, both halves if it is dual.
-    fn remove_allocation(&mut self, slot: u32) {
+    fn remove_allocation(&mut self, slot: u32, why: Ended, now: Instant) {
         let halves: Vec<u32> = self.halves(slot).collect();
         for half in halves {
-            self.remove_half(half);
+            self.remove_half(half, why, now);
         }
     }
 
     /// Removes one relay: an allocation, or one half of a dual one, whose
     /// other half then stands alone.
-    fn remove_half(&mut self, slot: u32) {
+    fn remove_half(&mut self, slot: u32, why: Ended, now: Instant) {
         let Some(a) = self.allocations[slot as usize].take() else {
             return;
         };
+        tracing::info!(
+            client = %a.five.client,
+            transport = a.five.transport.as_str(),
+            relay = %a.advertised,
+            username = a.username,
+            reason = why.as_str(),
+            duration_s = now.saturating_duration_since(a.created).as_secs(),
+            "allocation ended"
+        );
         let other = a.sibling;
         if let Some(b) = other.and_then(|s| self.allocations[s as usize].as_mut()) {
             b.sibling = None;

@@ -976,7 +976,7 @@ fn stream_transports_pad_channel_data() {
     assert_eq!(range.len(), 12, "4-byte header + 5 bytes + 3 padding");
     assert_eq!(&buf[range.end - 3..range.end], &[0, 0, 0]);
     // Closing the connection frees the allocation.
-    s.on_client_closed(tcp);
+    s.on_client_closed(Instant::now(), tcp);
     assert_eq!(s.allocation_count(), 0);
     assert_eq!(shared.allocation_count(), 0);
 }
@@ -2448,7 +2448,7 @@ fn two_ports_held_then_refused(cfg: Config) {
         if round < 2 {
             assert!(relayed_and_token(&out).1.is_some(), "round {round}");
             let slot = s.by_five[&five(1)];
-            s.remove_allocation(slot);
+            s.remove_allocation(slot, Ended::Deleted, t0);
         } else {
             assert_eq!(error_code(&out), 508, "round {round}");
         }
