@@ -469,15 +469,14 @@ pub struct TurnArgs {
 
     /// The relay family of a client that asks for none (browsers do not
     /// ask): ipv4, as RFC 8656 has it; ipv6; or client, that of the
-    /// client's own address. An IPv6-only server needs client or ipv6, or
-    /// browsers get no relay (440, Address Family not Supported).
+    /// client's own address. Default: ipv4, or client on a server with no
+    /// IPv4 relay address (with ipv4 there, browsers would get no relay).
     #[arg(
         long = "turn-allocation-family",
         env = "CALLISTO_TURN_ALLOCATION_FAMILY",
-        value_enum,
-        default_value = "ipv4"
+        value_enum
     )]
-    pub turn_allocation_family: AllocationFamily,
+    pub turn_allocation_family: Option<AllocationFamily>,
 
     /// Public address to advertise for relays, when the server is behind a
     /// 1:1 NAT; one per family, for the relay address of that family.

@@ -147,11 +147,17 @@ pub async fn start(
             args.turn_listen
         );
     }
-    if args.turn_allocation_family == AllocationFamily::Ipv4
-        && !relay_ips.iter().any(IpAddr::is_ipv4)
-    {
+    let has_ipv4_relay = relay_ips.iter().any(IpAddr::is_ipv4);
+    let allocation_family = args.turn_allocation_family.unwrap_or(if has_ipv4_relay {
+        AllocationFamily::Ipv4
+    } else {
+        // RFC 8656's default (IPv4) would give browsers, which ask for no
+        // family, no relay at all on an IPv6-only server.
+        AllocationFamily::Client
+    });
+    if allocation_family == AllocationFamily::Ipv4 && !has_ipv4_relay {
         tracing::warn!(
-            "no IPv4 relay address, and --turn-allocation-family ipv4: clients that ask for no family, browsers among them, get none (440); add --turn-allocation-family client, or an IPv4 --turn-relay-ip"
+            "no IPv4 relay address, and --turn-allocation-family ipv4: clients that ask for no family, browsers among them, get none (440); drop the flag, or add an IPv4 --turn-relay-ip"
         );
     }
     let kernel = kernel_relay(args, &relay_ips, relay_ip)?.map(Arc::new);
@@ -161,7 +167,7 @@ pub async fn start(
         policy: PeerPolicy::new(args.turn_allow_peers.clone(), args.turn_deny_peers.clone()),
         relay_ips: relay_ips.clone(),
         relay_ports: args.turn_port_range.0..=args.turn_port_range.1,
-        default_family: match args.turn_allocation_family {
+        default_family: match allocation_family {
             AllocationFamily::Ipv4 => DefaultFamily::Ipv4,
             AllocationFamily::Ipv6 => DefaultFamily::Ipv6,
             AllocationFamily::Client => DefaultFamily::Client,

@@ -3050,3 +3050,19 @@ fn the_log_says_who_held_which_relay_and_why_it_ended() {
     let logs = server.logs.lock().unwrap().join("\n");
     assert!(!logs.contains("Pa55word"), "the password is in the logs");
 }
+
+/// A server with no IPv4 relay address gives a client that asks for no
+/// family (as browsers do) a relay of its own family, unasked: RFC 8656's
+/// IPv4 default would give it none.
+#[test]
+fn an_ipv6_only_server_relays_clients_that_ask_for_no_family() {
+    let server = callisto_on("turn", "[::1]:0", &["--turn-user", "user:pass"]);
+    let turn: SocketAddr = format!("[::1]:{}", server.turn_port).parse().unwrap();
+    let sock = udp_socket("[::1]:0");
+    let mut client = Client::new("user", "pass", false, 1);
+    client.allocate(Instant::now());
+    match outcome(&sock, turn, &mut client, allocated_or_failed) {
+        Some(Event::Allocated { relayed, .. }) => assert!(relayed.is_ipv6(), "{relayed}"),
+        other => panic!("no relay: {other:?}"),
+    }
+}
