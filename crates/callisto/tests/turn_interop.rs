@@ -2995,10 +2995,21 @@ fn an_allocation_outlives_its_credentials() {
 /// The log says who held which relay, from when to when and why it ended:
 /// what an abuse report about a relayed address needs. One line when an
 /// allocation is made, one when it ends (deleted; its TCP connection
-/// closed), each with the client, transport, relay and username.
+/// closed), each with the client, transport, relay and username, and at
+/// the end what was relayed each way.
 #[test]
 fn the_log_says_who_held_which_relay_and_why_it_ended() {
-    let server = callisto("turn", &["--turn-user", "alice:Pa55word"]);
+    let (_peer, peer_port) = echo_peer();
+    let peer = SocketAddr::from(([127, 0, 0, 1], peer_port));
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "alice:Pa55word",
+            "--turn-allow-peer",
+            "127.0.0.1/32",
+        ],
+    );
     let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
     let logged = |message: &str, client: SocketAddr| -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -3027,11 +3038,28 @@ fn the_log_says_who_held_which_relay_and_why_it_ended() {
     assert_eq!(created["transport"], "udp");
     assert_eq!(created["relay"], relay.to_string());
     assert_eq!(created["username"], "alice");
+    client.create_permission(Instant::now(), peer.ip());
+    drive(&sock, turn, &mut client, |e| {
+        matches!(e, Event::PermissionCreated(_))
+    });
+    let mut link = Link::Udp(&sock, turn);
+    for n in 0..3u8 {
+        echoed(&mut link, &mut client, peer, &[n; 100]);
+    }
     client.refresh(Instant::now(), 0);
     drive(&sock, turn, &mut client, refreshed_or_failed);
     let ended = logged("allocation ended", sock.local_addr().unwrap());
     assert_eq!(ended["reason"], "deleted");
     assert_eq!(ended["relay"], relay.to_string());
+    // Payload bytes, each way, as the metrics count them.
+    for (field, n) in [
+        ("to_peer_packets", 3),
+        ("to_peer_bytes", 300),
+        ("to_client_packets", 3),
+        ("to_client_bytes", 300),
+    ] {
+        assert_eq!(ended[field], n, "{field}: {ended}");
+    }
 
     let tcp = TcpStream::connect(turn).unwrap();
     tcp.set_read_timeout(Some(Duration::from_millis(50)))

@@ -880,6 +880,30 @@ pub struct RelayView {
     /// them (other workers relaying in place take from it too); none when
     /// unlimited.
     budget: Option<Budget>,
+    /// What the workers relayed for it, whichever did, for the log line
+    /// that says it ended.
+    relayed: [Tally; 2],
+}
+
+/// Packets and payload bytes relayed one way for one allocation.
+#[derive(Debug, Default)]
+struct Tally {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Tally {
+    fn add(&self, len: usize) {
+        self.packets.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (u64, u64) {
+        (
+            self.packets.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl RelayView {
@@ -887,19 +911,26 @@ impl RelayView {
         self.access.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes `len` bytes from the client's budget toward it; false: over
-    /// it, drop.
+    /// Takes `len` bytes from the client's budget toward it, and counts
+    /// them relayed; false: over it, drop.
     fn take_to_client(&self, len: usize, now: Instant) -> bool {
-        self.budget
-            .as_ref()
-            .is_none_or(|b| b.take(Direction::ToClient, len, now))
+        self.take(Direction::ToClient, TO_CLIENT, len, now)
     }
 
     /// Takes `len` bytes from the client's budget toward its peers.
     fn take_to_peer(&self, len: usize, now: Instant) -> bool {
-        self.budget
+        self.take(Direction::ToPeer, TO_PEER, len, now)
+    }
+
+    fn take(&self, direction: Direction, tally: usize, len: usize, now: Instant) -> bool {
+        let within = self
+            .budget
             .as_ref()
-            .is_none_or(|b| b.take(Direction::ToPeer, len, now))
+            .is_none_or(|b| b.take(direction, len, now));
+        if within {
+            self.relayed[tally].add(len);
+        }
+        within
     }
 }
 
@@ -2113,6 +2144,7 @@ impl<A: RelayAllocator> Server<A> {
             access: Mutex::new(PeerAccess::new(how.expires)),
             budget: (bps != 0)
                 .then(|| Budget::new(bps, shared_budgets, relay_addr, self.shared.epoch.0)),
+            relayed: Default::default(),
         });
         self.allocations[slot as usize] = Some(Allocation {
             five,
@@ -2452,15 +2484,31 @@ impl<A: RelayAllocator> Server<A> {
         let Some(a) = self.allocations[slot as usize].take() else {
             return;
         };
-        tracing::info!(
-            client = %a.five.client,
-            transport = a.five.transport.as_str(),
-            relay = %a.advertised,
-            username = a.username,
-            reason = why.as_str(),
-            duration_s = now.saturating_duration_since(a.created).as_secs(),
-            "allocation ended"
-        );
+        let duration_s = now.saturating_duration_since(a.created).as_secs();
+        let client = a.five.client;
+        let transport = a.five.transport.as_str();
+        let (reason, relay, username) = (why.as_str(), a.advertised, &a.username);
+        if self.shared.config.kernel_routes {
+            // The kernel relay counts only totals: a tally of the workers'
+            // part alone would mislead.
+            tracing::info!(%client, transport, %relay, username, reason, duration_s, "allocation ended");
+        } else {
+            let (to_peer_packets, to_peer_bytes) = a.view.relayed[TO_PEER].get();
+            let (to_client_packets, to_client_bytes) = a.view.relayed[TO_CLIENT].get();
+            tracing::info!(
+                %client,
+                transport,
+                %relay,
+                username,
+                reason,
+                duration_s,
+                to_peer_packets,
+                to_peer_bytes,
+                to_client_packets,
+                to_client_bytes,
+                "allocation ended"
+            );
+        }
         let other = a.sibling;
         if let Some(b) = other.and_then(|s| self.allocations[s as usize].as_mut()) {
             b.sibling = None;

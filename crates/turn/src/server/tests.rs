@@ -1522,6 +1522,11 @@ fn bandwidth_limit_drops_the_excess() {
         s.on_client(t0 + Duration::from_secs(1), five(1), &mut framed),
         Output::None
     );
+    // What the log will say was relayed: the packets let through only.
+    let slot = s.by_five[&five(1)] as usize;
+    let view = &s.allocations[slot].as_ref().unwrap().view;
+    assert_eq!(view.relayed[TO_PEER].get(), (3, 1200));
+    assert_eq!(view.relayed[TO_CLIENT].get(), (0, 0));
 }
 
 #[test]
