@@ -14,6 +14,7 @@ use callisto_turn::auth::Secrets;
 
 /// The secrets in the file; fails with what to fix.
 pub fn read(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    crate::flag_files::warn_if_world_readable(path, "--turn-secrets-file");
     crate::flag_files::read(path, "--turn-secrets-file", "one secret per line", parse)
 }
 

@@ -172,6 +172,7 @@ impl PemFiles {
         };
         let cert_pem = read(&self.cert)?;
         let key_pem = read(&self.key)?;
+        crate::flag_files::warn_if_world_readable(&self.key, "the TLS private key (--tls-key)");
         let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
             .filter_map(Result::ok)
             .collect();

@@ -2934,6 +2934,10 @@ fn the_shared_secret_is_rotated_without_a_restart() {
     for secret in [old, new] {
         assert!(!logs.contains(secret), "{secret} is in the logs");
     }
+    assert!(
+        logs.contains("can be read by every user of this machine"),
+        "a secrets file others can read (0644 here) is warned of:\n{logs}"
+    );
     let _ = std::fs::remove_file(&file);
 }
 
