@@ -20,6 +20,16 @@ pub fn read<T>(
     parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// Runs `read` on a blocking thread, so that a slow filesystem (NFS, a
+/// sleeping disk) stalls no task of the runtime while a file is read again.
+pub async fn off_the_runtime<T: Send + 'static>(
+    read: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .context("the thread reading the file failed")?
+}
+
 /// Warns when `path`, which holds a secret (`what`), can be read by every
 /// user of the machine. Only a warning: a container may mount it so with
 /// nobody else there to read it.

@@ -39,7 +39,8 @@ pub fn reload_on_hangup(path: PathBuf, secrets: Secrets) -> anyhow::Result<()> {
         .context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            let result = match read(&path) {
+            let file = path.clone();
+            let result = match crate::flag_files::off_the_runtime(move || read(&file)).await {
                 Ok(list) => {
                     let count = list.len();
                     secrets.set(list);

@@ -340,12 +340,18 @@ pub fn keep_fresh(
                 Some(()) = hangups.recv() => "SIGHUP",
                 () = tick => "the files changed",
             };
-            let now = files.stamp();
+            // Off the runtime's threads, as every file read here: a slow
+            // filesystem must stall no connection.
+            let stamped = files.clone();
+            let Ok(now) = tokio::task::spawn_blocking(move || stamped.stamp()).await else {
+                continue;
+            };
             if why != "SIGHUP" && now == seen {
                 continue;
             }
             seen = now;
-            certificate.reload_and_log(why);
+            let certificate = certificate.clone();
+            let _ = tokio::task::spawn_blocking(move || certificate.reload_and_log(why)).await;
         }
     });
     Ok(())

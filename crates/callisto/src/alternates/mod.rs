@@ -57,7 +57,9 @@ pub fn keep_in_force(
         .context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            match read(&path).and_then(|a| check(&a, own).map(|()| a)) {
+            let file = path.clone();
+            let read = crate::flag_files::off_the_runtime(move || read(&file)).await;
+            match read.and_then(|a| check(&a, own).map(|()| a)) {
                 Ok(alternates) => {
                     announce(&alternates, checked);
                     if tx.send(alternates).is_err() {
