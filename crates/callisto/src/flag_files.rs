@@ -3,7 +3,7 @@
 //! flag, the file and what to do; and a warning when a file that holds a
 //! secret can be read by every user of the machine.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
@@ -20,14 +20,27 @@ pub fn read<T>(
     parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// Runs `read` on a blocking thread, so that a slow filesystem (NFS, a
-/// sleeping disk) stalls no task of the runtime while a file is read again.
-pub async fn off_the_runtime<T: Send + 'static>(
-    read: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(read)
-        .await
-        .context("the thread reading the file failed")?
+/// Reads `path` again with `read` on every SIGHUP and hands `apply` what
+/// came of it. The read runs on a blocking thread, so that a slow
+/// filesystem (NFS, a sleeping disk) stalls no task of the runtime.
+pub fn reread_on_hangup<T: Send + 'static>(
+    path: PathBuf,
+    read: fn(&Path) -> anyhow::Result<T>,
+    mut apply: impl FnMut(anyhow::Result<T>) + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let file = path.clone();
+            let read = tokio::task::spawn_blocking(move || read(&file)).await;
+            apply(
+                read.context("the thread reading the file failed")
+                    .and_then(|r| r),
+            );
+        }
+    });
+    Ok(())
 }
 
 /// Warns when `path`, which holds a secret (`what`), can be read by every

@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use callisto_turn::auth::Secrets;
 
 /// The secrets in the file; fails with what to fix.
@@ -35,35 +34,29 @@ pub fn parse(text: &str) -> Result<Vec<Vec<u8>>, String> {
 /// Re-reads `path` into `secrets` on every SIGHUP. A file that cannot be
 /// read, or holds no secret, is logged and changes nothing.
 pub fn reload_on_hangup(path: PathBuf, secrets: Secrets) -> anyhow::Result<()> {
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
-            let file = path.clone();
-            let result = match crate::flag_files::off_the_runtime(move || read(&file)).await {
-                Ok(list) => {
-                    let count = list.len();
-                    secrets.set(list);
-                    tracing::info!(
-                        file = %path.display(),
-                        count,
-                        "TURN shared secrets replaced: the first signs new credentials, all are accepted"
-                    );
-                    "replaced"
-                }
-                Err(e) => {
-                    tracing::error!(
-                        count = secrets.len(),
-                        "TURN shared secrets unchanged: {e:#}"
-                    );
-                    "failed"
-                }
-            };
-            metrics::counter!("callisto_turn_secret_reloads_total", "result" => result)
-                .increment(1);
-        }
-    });
-    Ok(())
+    let file = path.clone();
+    crate::flag_files::reread_on_hangup(path, read, move |read| {
+        let result = match read {
+            Ok(list) => {
+                let count = list.len();
+                secrets.set(list);
+                tracing::info!(
+                    file = %file.display(),
+                    count,
+                    "TURN shared secrets replaced: the first signs new credentials, all are accepted"
+                );
+                "replaced"
+            }
+            Err(e) => {
+                tracing::error!(
+                    count = secrets.len(),
+                    "TURN shared secrets unchanged: {e:#}"
+                );
+                "failed"
+            }
+        };
+        metrics::counter!("callisto_turn_secret_reloads_total", "result" => result).increment(1);
+    })
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use callisto_turn::server::{Alternates, Shared};
 
 use crate::cli::TurnArgs;
@@ -53,27 +53,20 @@ pub fn keep_in_force(
     };
     let own = Own::of(args);
     let checked = checking(args).is_some();
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
-            let file = path.clone();
-            let read = crate::flag_files::off_the_runtime(move || read(&file)).await;
-            match read.and_then(|a| check(&a, own).map(|()| a)) {
-                Ok(alternates) => {
-                    announce(&alternates, checked);
-                    if tx.send(alternates).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => tracing::error!(
-                    file = %path.display(),
-                    "alternate TURN servers unchanged: {e:#}"
-                ),
+    let file = path.clone();
+    crate::flag_files::reread_on_hangup(path, read, move |read| {
+        match read.and_then(|a| check(&a, own).map(|()| a)) {
+            Ok(alternates) => {
+                announce(&alternates, checked);
+                // Fails only once the checks have ended, with the server.
+                let _ = tx.send(alternates);
             }
+            Err(e) => tracing::error!(
+                file = %file.display(),
+                "alternate TURN servers unchanged: {e:#}"
+            ),
         }
-    });
-    Ok(())
+    })
 }
 
 /// How often to check the alternates, if at all.
