@@ -302,7 +302,9 @@ impl Certificate {
 
 impl ResolvesServerCert for Certificate {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.loaded().key)
+        // The key alone, once per handshake: not the fingerprint's copy.
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        Some(current.key.clone())
     }
 }
 
