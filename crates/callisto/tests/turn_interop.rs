@@ -2723,10 +2723,26 @@ fn presented_certificate(addr: SocketAddr) -> Vec<u8> {
 /// A fresh self-signed certificate and key, written to `cert` and `key`;
 /// returns the certificate (DER).
 fn write_certificate(cert: &std::path::Path, key: &std::path::Path) -> Vec<u8> {
-    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(cert, generated.cert.pem()).unwrap();
-    std::fs::write(key, generated.signing_key.serialize_pem()).unwrap();
-    generated.cert.der().to_vec()
+    write_certificate_valid(cert, key, None)
+}
+
+/// [`write_certificate`], valid over `(from, until)` in Unix seconds if
+/// given (rcgen's defaults otherwise: 1975 to 4096).
+fn write_certificate_valid(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    validity: Option<(i64, i64)>,
+) -> Vec<u8> {
+    let signing_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    if let Some((from, until)) = validity {
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
+    }
+    let generated = params.self_signed(&signing_key).unwrap();
+    std::fs::write(cert, generated.pem()).unwrap();
+    std::fs::write(key, signing_key.serialize_pem()).unwrap();
+    generated.der().to_vec()
 }
 
 /// Waits up to 10 s for the TLS server at `addr` to hand out `expected`.
@@ -2835,6 +2851,76 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     let metrics = server.metrics();
     let replaced = "callisto_tls_certificate_reloads_total{result=\"replaced\"}";
     assert_eq!(counter(&metrics, replaced), 1.0, "{metrics}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The served certificate's expiry is a metric to alert on, and the log
+/// warns while there is time to renew; a renewal moves both, and an expired
+/// certificate copied back does not replace a working one.
+#[test]
+fn an_expiring_certificate_is_warned_of_and_exported() {
+    use callisto::tls::validity::rfc3339;
+    let dir = std::env::temp_dir().join(format!("callisto-expiry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("fullchain.pem"), dir.join("privkey.pem"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    const DAY: i64 = 86_400;
+    let expiry = "callisto_tls_certificate_expiry_timestamp_seconds";
+    let start = |cert: &std::path::Path, key: &std::path::Path| {
+        callisto(
+            "turn",
+            &[
+                "--turn-user",
+                "user:pass",
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+                "--tls-recheck",
+                "0",
+                "--turn-tls-listen",
+                &format!("127.0.0.1:{}", free_tcp_port()),
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+        )
+    };
+
+    // 10 days left of 90: certbot would have renewed it 20 days ago.
+    let overdue_until = now + 10 * DAY;
+    write_certificate_valid(&cert, &key, Some((now - 80 * DAY, overdue_until)));
+    let server = start(&cert, &key);
+    let line = server.wait_for_log(0, "should have been renewed");
+    assert!(line.contains(&rfc3339(overdue_until)), "{line}");
+    server.wait_for_metric(expiry, overdue_until as f64);
+
+    let renewed_until = now + 90 * DAY;
+    let renewed = write_certificate_valid(&cert, &key, Some((now - 60, renewed_until)));
+    let line = server.hang_up("TLS certificate replaced");
+    assert!(line.contains(&rfc3339(renewed_until)), "{line}");
+    server.wait_for_metric(expiry, renewed_until as f64);
+
+    let expired_until = now - 10 * DAY;
+    write_certificate_valid(&cert, &key, Some((now - 100 * DAY, expired_until)));
+    let line = server.hang_up("TLS certificate kept");
+    assert!(
+        line.contains("expired at") && line.contains(&rfc3339(expired_until)),
+        "{line}"
+    );
+    let tls: SocketAddr = format!("127.0.0.1:{}", server.tls_port.expect("TLS listener"))
+        .parse()
+        .unwrap();
+    assert_eq!(presented_certificate(tls), renewed);
+    assert_eq!(metric(&server.metrics(), expiry), renewed_until as f64);
+    drop(server);
+
+    // Started with nothing better, it serves the expired one, and says so.
+    let server = start(&cert, &key);
+    server.wait_for_log(0, "the TLS certificate has expired");
+    server.wait_for_metric(expiry, expired_until as f64);
     std::fs::remove_dir_all(&dir).ok();
 }
 

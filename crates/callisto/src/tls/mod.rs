@@ -4,6 +4,8 @@
 //! that one slow or silent client cannot stall everyone else's connections,
 //! and hands TURN over TLS on the same port to the TURN server.
 
+pub mod validity;
+
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::{FirstByteBack, Guarded, LimitedListener};
+use validity::{ExpiryWarnings, Standing, Validity, rfc3339};
 
 /// Why TLS could not be set up; every variant says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,16 @@ pub enum TlsError {
         "the key in {key} is not the certificate's in {cert}: give the key the certificate was issued for"
     )]
     KeyMismatch { cert: String, key: String },
+    #[error(
+        "the certificate in {path} expired at {}, and clients refuse it: the one served, valid until {}, stays",
+        rfc3339(*not_after),
+        rfc3339(*served_until)
+    )]
+    Expired {
+        path: String,
+        not_after: i64,
+        served_until: i64,
+    },
     #[error("the certificate and key do not form a usable TLS configuration: {0}")]
     Config(#[from] rustls::Error),
     #[error("generating a self-signed certificate for {names:?}: {source}")]
@@ -134,14 +147,27 @@ pub struct Certificate {
 struct Loaded {
     key: Arc<CertifiedKey>,
     fingerprint: String,
+    /// `None` if the dates cannot be read (then logged, and not watched).
+    validity: Option<Validity>,
 }
 
 impl Loaded {
     fn new(key: CertifiedKey) -> Loaded {
-        let fingerprint = key.cert.first().map(fingerprint).unwrap_or_default();
+        let leaf = key.cert.first();
+        let fingerprint = leaf.map(fingerprint).unwrap_or_default();
+        let validity = leaf.map(|c| Validity::of_der(c.as_ref()));
+        let validity = match validity {
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                tracing::warn!(sha256 = %fingerprint, "cannot read the TLS certificate's validity dates, so its expiry is not watched: {e}");
+                None
+            }
+            None => None,
+        };
         Loaded {
             key: Arc::new(key),
             fingerprint,
+            validity,
         }
     }
 }
@@ -263,9 +289,28 @@ impl Certificate {
         if current.key.cert == loaded.key.cert {
             return Ok(Reloaded::Unchanged);
         }
+        // Never a certificate that works for one that clients refuse (an old
+        // file copied back, a renewal that went wrong).
+        let now = unix_now();
+        if let (Some(new), Some(served)) = (loaded.validity, current.validity)
+            && new.standing(now) == Standing::Expired
+            && served.standing(now) != Standing::Expired
+        {
+            return Err(TlsError::Expired {
+                path: files.cert.display().to_string(),
+                not_after: new.not_after,
+                served_until: served.not_after,
+            });
+        }
         let fingerprint = loaded.fingerprint.clone();
+        publish_expiry(loaded.validity);
         *current = loaded;
         Ok(Reloaded::Replaced { fingerprint })
+    }
+
+    /// The validity period of the certificate served now, if readable.
+    pub fn validity(&self) -> Option<Validity> {
+        self.loaded().validity
     }
 
     /// [`Certificate::reload`], with the outcome counted, then logged.
@@ -284,6 +329,7 @@ impl Certificate {
                 tracing::info!(
                     cert = %files.cert.display(),
                     sha256 = %fingerprint,
+                    valid_until = %self.validity().map(|v| rfc3339(v.not_after)).unwrap_or_default(),
                     why,
                     "TLS certificate replaced: new connections get it"
                 );
@@ -308,14 +354,24 @@ impl ResolvesServerCert for Certificate {
     }
 }
 
-/// Keeps a certificate read from files fresh: reads them again on every
-/// SIGHUP, and whenever they are seen to change (looked at every
-/// `recheck`, if given), until `stop`. Nothing for a generated one.
+/// Keeps a certificate fresh until `stop`. One read from files is read
+/// again on every SIGHUP, and whenever they are seen to change (looked at
+/// every `recheck`, if given). Any certificate's expiry is exported and
+/// watched ([`watch_expiry`]).
 pub fn keep_fresh(
     certificate: Arc<Certificate>,
     recheck: Option<Duration>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    if let Some(v) = certificate.validity() {
+        tracing::info!(
+            sha256 = %certificate.fingerprint(),
+            valid_from = %rfc3339(v.not_before),
+            valid_until = %rfc3339(v.not_after),
+            "serving a TLS certificate"
+        );
+    }
+    tokio::spawn(watch_expiry(certificate.clone(), stop.clone()));
     let Some(files) = certificate.files().cloned() else {
         return Ok(());
     };
@@ -357,6 +413,62 @@ pub fn keep_fresh(
         }
     });
     Ok(())
+}
+
+/// How often the served certificate's dates are looked at: warnings come
+/// days ahead, so an hour late is soon enough.
+const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
+
+/// Exports the served certificate's expiry as a gauge, and warns in the log
+/// when its renewal is overdue, when it has expired or is not yet valid
+/// (then once a day), until `stop`.
+async fn watch_expiry(certificate: Arc<Certificate>, stop: CancellationToken) {
+    let mut warnings = ExpiryWarnings::default();
+    let mut interval = tokio::time::interval(EXPIRY_CHECK);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let Some(v) = certificate.validity() else {
+            continue;
+        };
+        publish_expiry(Some(v));
+        let now = unix_now();
+        let (from, until) = (rfc3339(v.not_before), rfc3339(v.not_after));
+        let sha256 = certificate.fingerprint();
+        let days_left = (v.not_after - now) / 86_400;
+        match warnings.check(v, now) {
+            None | Some(Standing::Valid) => {}
+            Some(Standing::RenewalOverdue) => tracing::warn!(
+                %sha256, valid_until = %until, days_left,
+                "the TLS certificate should have been renewed by now: check the renewal (certbot renew --dry-run), or clients will refuse it when it expires"
+            ),
+            Some(Standing::Expired) => tracing::error!(
+                %sha256, valid_until = %until,
+                "the TLS certificate has expired: browsers refuse the web app and TURN over TLS until it is renewed"
+            ),
+            Some(Standing::NotYetValid) => tracing::error!(
+                %sha256, valid_from = %from,
+                "the TLS certificate is not valid yet: clients refuse it until then (is this machine's clock right?)"
+            ),
+        }
+    }
+}
+
+/// The gauge alerts are written on: the served certificate's expiry, in
+/// Unix seconds, as blackbox exporter's `probe_ssl_earliest_cert_expiry`.
+fn publish_expiry(validity: Option<Validity>) {
+    if let Some(v) = validity {
+        metrics::gauge!("callisto_tls_certificate_expiry_timestamp_seconds")
+            .set(v.not_after as f64);
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// SHA-256 of the DER certificate, as colon-separated upper-case hex, the
@@ -571,6 +683,59 @@ mod tests {
             Err(TlsError::Read { .. })
         ));
         assert_eq!(served(&setup), second);
+    }
+
+    /// A self-signed pair as PEM, valid over `[from, until]` (Unix seconds).
+    fn pem_pair_valid(from: i64, until: i64) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["example.test".into()]).unwrap();
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    /// An expired certificate does not replace one that works (an old file
+    /// copied back); it is served when there is nothing better, and its
+    /// dates are known either way.
+    #[test]
+    fn an_expired_certificate_does_not_replace_a_valid_one() {
+        let dir = temp_dir("tls-expired");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let now = unix_now();
+        let write = |(c, k): (String, String)| {
+            std::fs::write(&cert, c).unwrap();
+            std::fs::write(&key, k).unwrap();
+        };
+        let (expired_from, expired_until) = (now - 100 * 86_400, now - 10 * 86_400);
+        write(pem_pair_valid(expired_from, expired_until));
+        let setup = from_pem_files(&cert, &key).unwrap();
+        assert_eq!(
+            setup.certificate.validity(),
+            Some(Validity {
+                not_before: expired_from,
+                not_after: expired_until
+            })
+        );
+
+        let until = now + 80 * 86_400;
+        write(pem_pair_valid(now - 10 * 86_400, until));
+        assert!(matches!(
+            setup.certificate.reload(),
+            Ok(Reloaded::Replaced { .. })
+        ));
+        assert_eq!(setup.certificate.validity().unwrap().not_after, until);
+        let working = served(&setup);
+
+        write(pem_pair_valid(expired_from, expired_until));
+        let err = setup.certificate.reload().unwrap_err();
+        assert!(matches!(err, TlsError::Expired { .. }), "{err}");
+        let said = err.to_string();
+        assert!(
+            said.contains("cert.pem") && said.contains(&validity::rfc3339(expired_until)),
+            "{said}"
+        );
+        assert_eq!(served(&setup), working);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
