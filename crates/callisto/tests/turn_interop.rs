@@ -4,7 +4,7 @@
 //! Needs the Debian package `coturn` (scripts/test.sh installs it).
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -1094,6 +1094,55 @@ fn a_server_is_drained_on_sighup_without_a_restart() {
     );
     assert!(matches!(allocate(6), Some(Event::Allocated { .. })));
     let _ = std::fs::remove_file(&file);
+}
+
+/// TLS alternates are checked as clients would use them: our own server's
+/// TLS port (a handshake, then a Binding over it) is taken for up; a port
+/// that accepts connections but speaks no TLS is not.
+#[test]
+fn tls_alternates_are_checked_with_a_handshake_and_a_binding() {
+    let alternate = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "alice:secret",
+            "--tls-self-signed",
+            "--turn-tls-listen",
+            &format!("127.0.0.1:{}", free_tcp_port()),
+        ],
+    );
+    let serving = format!("127.0.0.1:{}", alternate.tls_port.expect("TLS listener"));
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_addr = mute.local_addr().unwrap().to_string();
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "alice:secret",
+            "--turn-tls-alternate-server",
+            &serving,
+            "--turn-tls-alternate-server",
+            &mute_addr,
+            "--turn-alternate-check",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let line = server.wait_for_log(0, "alternate TURN server answers");
+    assert!(line.contains(&serving), "{line}");
+    server.wait_for_metric("callisto_turn_alternate_servers{transport=\"tls\"}", 1.0);
+    server.wait_for_metric(
+        "callisto_turn_alternate_servers_unreachable{transport=\"tls\"}",
+        1.0,
+    );
+    let logs = server.logs.lock().unwrap();
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.contains("answers") && l.contains(&mute_addr)),
+        "{logs:?}"
+    );
 }
 
 /// Redirection between coturn and us, both ways, with our client: coturn

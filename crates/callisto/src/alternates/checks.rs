@@ -4,12 +4,15 @@
 //! Chromium does not come back to the server that sent it away.
 //!
 //! Every `--turn-alternate-check` seconds each alternate gets one probe: a
-//! STUN Binding request over UDP for a UDP/TCP alternate, which only a
-//! serving STUN/TURN server answers; a TCP connection for a TLS one (a
-//! handshake would need a certificate check, and there is no name here to
-//! check it against). An alternate is used from its first answer on, and
-//! no longer once [`MISSES_FOR_DOWN`] probes in a row go unanswered: one
-//! lost datagram must not take a server out of use.
+//! STUN Binding request, which only a serving STUN/TURN server answers.
+//! Over UDP for a UDP/TCP alternate; for a TLS one, over TLS after a
+//! handshake in which the alternate proves it holds the key of a
+//! certificate in its validity period (an expired one, every client
+//! refuses). Its name and issuer are not checked: an alternate is an
+//! address, and clients check those against the name they were given. An
+//! alternate is used from its first answer on, and no longer once
+//! [`MISSES_FOR_DOWN`] probes in a row go unanswered: one lost datagram
+//! must not take a server out of use.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -17,10 +20,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callisto_turn::server::{Alternates, Shared};
-use callisto_turn::stun::{Class, Message, MessageBuilder, method};
+use callisto_turn::stun::{Class, HEADER_LEN, Message, MessageBuilder, method};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+use crate::tls::validity::Standing;
 
 /// Probes in a row without an answer that take an alternate in use out.
 pub const MISSES_FOR_DOWN: u32 = 3;
@@ -195,12 +205,28 @@ async fn probe_all(
 async fn probe((kind, to): (Kind, SocketAddr)) -> bool {
     match kind {
         Kind::UdpTcp => binding(to).await,
-        Kind::Tls => TcpStream::connect(to).await.is_ok(),
+        Kind::Tls => binding_over_tls(to).await,
     }
 }
 
-/// Whether `to` answers a STUN Binding request: any response to this
-/// transaction, success or error, comes from a STUN server that serves.
+/// A Binding request with a fresh transaction id: (the id, the message).
+fn binding_request() -> Option<([u8; 12], Vec<u8>)> {
+    let mut tid = [0u8; 12];
+    getrandom::fill(&mut tid).ok()?;
+    let mut request = MessageBuilder::new(method::BINDING, Class::Request, &tid);
+    request.fingerprint();
+    Some((tid, request.finish()))
+}
+
+/// Whether `message` answers transaction `tid`: any response, success or
+/// error, comes from a STUN server that serves.
+fn answers(message: &[u8], tid: &[u8; 12]) -> bool {
+    Message::parse(message).is_ok_and(|answer| {
+        answer.transaction_id() == tid && matches!(answer.class(), Class::Success | Class::Error)
+    })
+}
+
+/// Whether `to` answers a STUN Binding request over UDP.
 async fn binding(to: SocketAddr) -> bool {
     let local: SocketAddr = if to.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -213,13 +239,10 @@ async fn binding(to: SocketAddr) -> bool {
     if socket.connect(to).await.is_err() {
         return false;
     }
-    let mut tid = [0u8; 12];
-    if getrandom::fill(&mut tid).is_err() {
+    let Some((tid, request)) = binding_request() else {
         return false;
-    }
-    let mut request = MessageBuilder::new(method::BINDING, Class::Request, &tid);
-    request.fingerprint();
-    if socket.send(&request.finish()).await.is_err() {
+    };
+    if socket.send(&request).await.is_err() {
         return false;
     }
     let mut buf = [0u8; 1500];
@@ -229,12 +252,118 @@ async fn binding(to: SocketAddr) -> bool {
             // ICMP port unreachable: nothing listens there.
             return false;
         };
-        if let Ok(answer) = Message::parse(&buf[..n])
-            && answer.transaction_id() == &tid
-            && matches!(answer.class(), Class::Success | Class::Error)
-        {
+        if answers(&buf[..n], &tid) {
             return true;
         }
+    }
+}
+
+/// Whether `to` completes a TLS handshake (see [`DatesOnly`]) and then
+/// answers a STUN Binding request over it (RFC 8656 framing: one message
+/// after another on the stream).
+async fn binding_over_tls(to: SocketAddr) -> bool {
+    let Ok(tcp) = TcpStream::connect(to).await else {
+        return false;
+    };
+    let Some(config) = probe_client_config() else {
+        return false;
+    };
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let Ok(mut tls) = connector
+        .connect(ServerName::IpAddress(to.ip().into()), tcp)
+        .await
+    else {
+        return false;
+    };
+    let Some((tid, request)) = binding_request() else {
+        return false;
+    };
+    if tls.write_all(&request).await.is_err() || tls.flush().await.is_err() {
+        return false;
+    }
+    let mut answer = vec![0u8; HEADER_LEN];
+    if tls.read_exact(&mut answer).await.is_err() {
+        return false;
+    }
+    let len = usize::from(u16::from_be_bytes([answer[2], answer[3]]));
+    answer.resize(HEADER_LEN + len, 0);
+    tls.read_exact(&mut answer[HEADER_LEN..]).await.is_ok() && answers(&answer, &tid)
+}
+
+/// How TLS alternates are probed: offering TURN's ALPN (RFC 7443),
+/// checking certificates with [`DatesOnly`]. Built once; `None` (logged)
+/// if it cannot be, and then no TLS alternate is taken for up.
+fn probe_client_config() -> Option<Arc<rustls::ClientConfig>> {
+    static CONFIG: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>> =
+        std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let algorithms = provider.signature_verification_algorithms;
+            let built = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions();
+            let mut config = match built {
+                Ok(b) => b
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(DatesOnly { algorithms }))
+                    .with_no_client_auth(),
+                Err(e) => {
+                    tracing::error!("cannot probe TLS alternates, so none is used: {e}");
+                    return None;
+                }
+            };
+            config.alpn_protocols = vec![b"stun.turn".to_vec()];
+            Some(Arc::new(config))
+        })
+        .clone()
+}
+
+/// Takes a certificate in its validity period, from a server that proves
+/// it holds its key. Its name and issuer are left to the clients.
+#[derive(Debug)]
+struct DatesOnly {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for DatesOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let validity = crate::tls::validity::Validity::of_der(end_entity.as_ref())
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        match validity.standing(now) {
+            Standing::Expired => Err(CertificateError::Expired.into()),
+            Standing::NotYetValid => Err(CertificateError::NotValidYet.into()),
+            Standing::Valid | Standing::RenewalOverdue => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -336,11 +465,82 @@ mod tests {
             assert_eq!(answered, target.1 == addr, "{target:?}");
         }
         drop(silent);
+    }
 
+    /// A TLS server that answers every STUN message with a Binding success,
+    /// serving a certificate valid over `[from, until]` (Unix seconds).
+    async fn stun_over_tls(from: i64, until: i64) -> SocketAddr {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["alternate.test".into()]).unwrap();
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
+        let cert = params.self_signed(&key).unwrap().der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        assert!(probe((Kind::Tls, listener.local_addr().unwrap())).await);
-        let gone = listener.local_addr().unwrap();
-        drop(listener);
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, from)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut request = [0u8; HEADER_LEN + 8];
+                if tls.read_exact(&mut request).await.is_err() {
+                    continue;
+                }
+                let tid: [u8; 12] = request[8..20].try_into().unwrap();
+                let mut answer = MessageBuilder::new(method::BINDING, Class::Success, &tid);
+                answer.xor_address(callisto_turn::stun::attr::XOR_MAPPED_ADDRESS, from);
+                let _ = tls.write_all(&answer.finish()).await;
+            }
+        });
+        addr
+    }
+
+    /// A TLS alternate is up when it completes a handshake with a
+    /// certificate in date and answers a Binding over it; not when its
+    /// certificate has expired or is not valid yet, when it does not speak
+    /// TLS, or when nothing listens.
+    #[tokio::test]
+    async fn a_tls_alternate_answers_over_tls_with_a_certificate_in_date() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        const DAY: i64 = 86_400;
+        let serving = stun_over_tls(now - DAY, now + 89 * DAY).await;
+        assert!(probe((Kind::Tls, serving)).await);
+        // Overdue for renewal, but clients still take it.
+        let overdue = stun_over_tls(now - 89 * DAY, now + DAY).await;
+        assert!(probe((Kind::Tls, overdue)).await);
+        let expired = stun_over_tls(now - 90 * DAY, now - DAY).await;
+        assert!(!probe((Kind::Tls, expired)).await);
+        let early = stun_over_tls(now + DAY, now + 90 * DAY).await;
+        assert!(!probe((Kind::Tls, early)).await);
+
+        // Accepts connections, never says a word: the probe's time runs out.
+        let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let outcomes = probe_all(
+            vec![
+                (Kind::Tls, mute.local_addr().unwrap()),
+                (Kind::Tls, serving),
+            ],
+            Duration::from_millis(500),
+        )
+        .await;
+        for (target, answered) in outcomes {
+            assert_eq!(answered, target.1 == serving, "{target:?}");
+        }
+        let gone = mute.local_addr().unwrap();
+        drop(mute);
         assert!(!probe((Kind::Tls, gone)).await);
     }
 }
