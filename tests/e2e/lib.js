@@ -76,24 +76,40 @@ export function launchBrowser({ grantMedia = true, extraArgs = [] } = {}) {
   return chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args });
 }
 
-// Records every RTCPeerConnection a page creates, so tests can read stats.
-// With `relayOver` ('udp', 'tcp' or 'tls') it also forces the connection
+// Records every RTCPeerConnection a page creates, so tests can read stats,
+// and every signaling message it receives (`window.__received`). With
+// `relayOver` ('udp', 'tcp' or 'tls') it also forces the connection
 // through TURN over that transport: relay candidates only, and only the
-// matching TURN URL.
+// matching TURN URL, also in ICE servers set later.
 const RECORD_PCS = (relayOver) => {
   const Native = window.RTCPeerConnection;
   window.__pcs = [];
   const matches = (url) => (relayOver === 'tls' ? url.startsWith('turns:') : url.startsWith('turn:') && url.endsWith(`transport=${relayOver}`));
+  const forced = (config) => {
+    if (!relayOver) return config;
+    const iceServers = (config.iceServers ?? [])
+      .map((s) => ({ ...s, urls: [].concat(s.urls).filter(matches) }))
+      .filter((s) => s.urls.length > 0);
+    return { ...config, iceServers, iceTransportPolicy: 'relay' };
+  };
   window.RTCPeerConnection = class extends Native {
     constructor(config = {}, ...rest) {
-      if (relayOver) {
-        const iceServers = (config.iceServers ?? [])
-          .map((s) => ({ ...s, urls: [].concat(s.urls).filter(matches) }))
-          .filter((s) => s.urls.length > 0);
-        config = { ...config, iceServers, iceTransportPolicy: 'relay' };
-      }
-      super(config, ...rest);
+      super(forced(config), ...rest);
       window.__pcs.push(this);
+    }
+
+    setConfiguration(config) {
+      super.setConfiguration(forced(config));
+    }
+  };
+  const NativeSocket = window.WebSocket;
+  window.__received = [];
+  window.WebSocket = class extends NativeSocket {
+    constructor(...args) {
+      super(...args);
+      this.addEventListener('message', (e) => {
+        try { window.__received.push(JSON.parse(e.data)); } catch { /* not JSON: not ours to record */ }
+      });
     }
   };
 };

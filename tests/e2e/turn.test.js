@@ -28,9 +28,10 @@ after(async () => {
  * 'tls'): both see the other's video over a relay/relay candidate pair
  * with those protocols. Returns their pages.
  */
-async function relayedCall(room, overA, overB, via = server, relayAddress = '127.0.0.1') {
+async function relayedCall(room, overA, overB, via = server, relayAddress = '127.0.0.1', beforeB = async () => {}) {
   const contextOptions = { ignoreHTTPSErrors: true };
   const a = await joinCall(browser, via.url, room, 'A', { relayOver: overA, contextOptions });
+  await beforeB(a);
   const b = await joinCall(browser, via.url, room, 'B', { relayOver: overB, contextOptions });
   await waitForRemoteVideos(a, 1, 30000);
   await waitForRemoteVideos(b, 1, 30000);
@@ -113,6 +114,31 @@ test('a TURN server sends browsers to its alternate, and the call is relayed the
   } finally {
     assert.equal(await first.stop(), 0);
     assert.equal(await alternate.stop(), 0);
+  }
+});
+
+test('a page in a room longer than its TURN credentials last gets new ones, and relays a newcomer\'s call', async () => {
+  // Credentials valid for 10 s, renewed every 5 s. A's from `welcome`
+  // have expired by the time B joins: A's connection to B allocates with
+  // renewed ones, or it gets no relay candidate at all.
+  const short = await startServer(['--turn-credential-ttl', '10']);
+  try {
+    const expiry = (servers) => Number(servers.find((s) => s.username)?.username.split(':')[0]);
+    let welcomed;
+    const [a, b] = await relayedCall(`relay-renewed-${Date.now()}`, 'udp', 'udp', short, '127.0.0.1', async (page) => {
+      welcomed = expiry((await page.evaluate(() => window.__received.find((m) => m.type === 'welcome'))).iceServers);
+      assert.ok(welcomed > Date.now() / 1000, 'welcome has credentials that have not expired yet');
+      await eventually(async () => {
+        const renewed = await page.evaluate(() => window.__received.filter((m) => m.type === 'ice-servers').map((m) => m.iceServers));
+        return Date.now() / 1000 > welcomed + 1 && renewed.some((s) => expiry(s) > Date.now() / 1000 + 2);
+      }, 20000, 'A holds renewed credentials, and those from welcome have expired');
+    });
+    const [used] = await a.evaluate(() => window.__pcs.map((pc) => pc.getConfiguration().iceServers));
+    assert.ok(expiry(used) > welcomed, `A's connection to B used renewed credentials (expiry ${expiry(used)}, welcome's ${welcomed})`);
+    assertOnlyTestAddresses();
+    for (const p of [a, b]) await p.context().close();
+  } finally {
+    assert.equal(await short.stop(), 0);
   }
 });
 

@@ -303,8 +303,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CALLISTO_NO_TURN")]
     pub no_turn: bool,
 
-    /// How long the TURN credentials handed to each browser stay valid, in seconds.
-    #[arg(long, env = "CALLISTO_TURN_CREDENTIAL_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..))]
+    /// How long the TURN credentials handed to each browser stay valid, in
+    /// seconds. A browser in a room gets fresh ones every half of this, so
+    /// a shorter lifetime costs only a small message per browser that often.
+    #[arg(long, env = "CALLISTO_TURN_CREDENTIAL_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(10..))]
     pub turn_credential_ttl: u64,
 
     #[command(flatten)]

@@ -127,6 +127,11 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     )));
     let configured = ice_servers(&args);
     let turn_ice = turn.as_ref().map(|t| t.ice.clone());
+    // The built-in TURN server's credentials expire; the --ice-server ones
+    // are as given, and never change.
+    let ice_renewal = turn
+        .is_some()
+        .then(|| Duration::from_secs(args.turn_credential_ttl) / 2);
     let connection = Arc::new(ConnectionConfig {
         max_message_bytes: args.max_message_bytes as usize,
         heartbeat_timeout: Duration::from_secs(u64::from(args.heartbeat_timeout)),
@@ -146,6 +151,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             all.extend(configured.iter().cloned());
             all
         }),
+        ice_renewal,
     });
     let sockets = TaskTracker::new();
     let state = AppState {

@@ -657,3 +657,42 @@ async fn chaotic_client(addr: std::net::SocketAddr, url: String, seed: u64) {
         let _ = ws.close(None).await;
     }
 }
+
+/// A joined client gets fresh `iceServers` every half of the credentials'
+/// lifetime, so those it holds never expire while it stays; one that has
+/// not joined gets none.
+#[tokio::test]
+async fn a_joined_client_gets_fresh_credentials_before_its_own_expire() {
+    let server = Server::start(&["--turn-credential-ttl", "10"]).await;
+    let mut a = server.client().await;
+    let mut idle = server.client().await;
+    let expiry = |servers: &Value| -> u64 {
+        let username = servers[1]["username"].as_str().unwrap();
+        username.split_once(':').unwrap().0.parse().unwrap()
+    };
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let welcome = a.join("renewals", "Ada").await;
+    let first = expiry(&welcome["iceServers"]);
+    assert!(first >= now() + 9 && first <= now() + 10, "{first}");
+    let mut last = first;
+    for _ in 0..2 {
+        let renewed = a.expect("ice-servers").await;
+        let ice = &renewed["iceServers"];
+        assert_eq!(ice[0], welcome["iceServers"][0], "the same STUN URL");
+        assert_eq!(ice[1]["urls"], welcome["iceServers"][1]["urls"]);
+        assert_eq!(ice[1]["credential"].as_str().unwrap().len(), 28);
+        let expires = expiry(ice);
+        // Renewed with half the lifetime left (give or take a second).
+        assert!(expires >= last + 4, "{expires} after {last}");
+        assert!(expires >= now() + 9, "{expires}");
+        last = expires;
+    }
+    // The idle connection was sent nothing meanwhile: its next message is
+    // the answer to its ping.
+    idle.ping().await;
+}

@@ -48,6 +48,13 @@ pub enum ServerMessage<'a> {
         from: &'a str,
         data: &'a RawValue,
     },
+    /// Fresh `iceServers` for a joined client, before the TURN credentials
+    /// of the last ones expire: for the peer connections it makes from now
+    /// on (a newcomer, an ICE restart).
+    IceServers {
+        #[serde(rename = "iceServers")]
+        ice_servers: &'a [IceServer],
+    },
     Pong,
     Error {
         code: ErrorCode,
@@ -64,6 +71,7 @@ impl ServerMessage<'_> {
             ServerMessage::PeerLeft { .. } => "peer-left",
             ServerMessage::Signal { .. } => "signal",
             ServerMessage::Broadcast { .. } => "broadcast",
+            ServerMessage::IceServers { .. } => "ice-servers",
             ServerMessage::Pong => "pong",
             ServerMessage::Error { .. } => "error",
         }
@@ -116,6 +124,10 @@ mod tests {
             r#"{"type":"signal","from":"p0","data":{"a": [1, 2]}}"#
         );
         assert_eq!(ServerMessage::Pong.to_json(), r#"{"type":"pong"}"#);
+        assert_eq!(
+            ServerMessage::IceServers { ice_servers: &ice }.to_json(),
+            r#"{"type":"ice-servers","iceServers":[{"urls":["stun:127.0.0.1:3478"]}]}"#
+        );
         assert_eq!(
             ServerMessage::Error {
                 code: ErrorCode::RoomFull,

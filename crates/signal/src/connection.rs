@@ -55,6 +55,12 @@ pub struct ConnectionConfig {
     /// Bytes queued across all clients: shared by every connection.
     pub send_budget: Arc<SendBudget>,
     pub ice_servers: IceServerSource,
+    /// How often a joined client gets fresh `iceServers` (`ice-servers`),
+    /// if they carry credentials that expire: half their lifetime, so the
+    /// ones it holds always have at least half of theirs left. Without
+    /// this, a page that stays in a room longer than the credentials last
+    /// can no longer reach TURN for a newcomer or an ICE restart.
+    pub ice_renewal: Option<Duration>,
 }
 
 impl std::fmt::Debug for ConnectionConfig {
@@ -67,6 +73,7 @@ impl std::fmt::Debug for ConnectionConfig {
             .field("send_queue", &self.send_queue)
             .field("send_queue_bytes", &self.send_queue_bytes)
             .field("send_budget", &self.send_budget)
+            .field("ice_renewal", &self.ice_renewal)
             .finish_non_exhaustive()
     }
 }
@@ -248,6 +255,11 @@ pub async fn handle_socket(
     let mut heartbeat = tokio::time::interval(every);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     heartbeat.tick().await;
+    let mut ice_renewal = cfg.ice_renewal.map(|every| {
+        let mut interval = tokio::time::interval_at(Instant::now() + every, every);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        interval
+    });
 
     // Made once, not per message: each `cancelled()` registers with its
     // token (the shutdown token is shared by every connection) and
@@ -268,6 +280,11 @@ pub async fn handle_socket(
                     if last_seen.elapsed() > cfg.heartbeat_timeout {
                         info!(%remote, peer = conn.peer_id(), "heartbeat timeout");
                         break Some(Closing { code: GOING_AWAY, reason: "heartbeat timeout" });
+                    }
+                }
+                _ = tick_if_some(ice_renewal.as_mut()) => {
+                    if let Some(closing) = conn.renew_ice_servers() {
+                        break Some(closing);
                     }
                 }
                 incoming = ws_rx.next() => {
@@ -354,6 +371,16 @@ async fn write_frames(
         ws.feed(Message::Text(text_frame(frame))).await?;
     }
     ws.flush().await
+}
+
+/// The next tick of `interval`; never, without one.
+async fn tick_if_some(interval: Option<&mut tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 fn ping_interval(timeout: Duration) -> Duration {
@@ -476,6 +503,14 @@ impl Conn {
         self.peer = Some(id);
         self.room = room.to_owned();
         Ok(())
+    }
+
+    /// Sends a joined client fresh `iceServers`.
+    fn renew_ice_servers(&mut self) -> Option<Closing> {
+        self.peer.as_ref()?;
+        let ice = (self.cfg.ice_servers)();
+        debug!(remote = %self.remote, peer = self.peer_id(), "renewed the ICE servers' credentials");
+        self.reply(Frame::new(&ServerMessage::IceServers { ice_servers: &ice }))
     }
 
     /// Leaves the room if in one; returns whether it was.

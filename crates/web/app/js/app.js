@@ -137,6 +137,12 @@ async function connectAndJoin() {
   signaling.addEventListener('peer-left', ({ detail }) => removeLink(detail.id));
   signaling.addEventListener('signal', ({ detail }) => onSignal(detail.from, detail.data));
   signaling.addEventListener('broadcast', ({ detail }) => onState(detail.from, detail.data));
+  // Renewed TURN credentials, before the last ones expire: for whoever
+  // joins from now on, and for ICE restarts of the calls already up.
+  signaling.addEventListener('ice-servers', ({ detail }) => {
+    call.iceServers = detail.iceServers ?? [];
+    for (const link of call.links.values()) link.setIceServers(call.iceServers);
+  });
   signaling.addEventListener('error', ({ detail }) => console.warn('signaling error', detail.code, detail.message));
   signaling.addEventListener('close', ({ detail }) => onSignalingClosed(detail));
   for (const peer of welcome.peers) addLink(peer, true);

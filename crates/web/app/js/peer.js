@@ -89,6 +89,20 @@ export class PeerLink extends EventTarget {
     else this.pc.restartIce();
   }
 
+  /**
+   * Takes fresh ICE servers (renewed TURN credentials) for what this
+   * connection gathers from now on: an ICE restart. Candidates already
+   * gathered keep their own.
+   * @param {RTCIceServer[]} iceServers
+   */
+  setIceServers(iceServers) {
+    try {
+      this.pc.setConfiguration({ ...this.pc.getConfiguration(), iceServers });
+    } catch (err) {
+      console.warn(`peer ${this.id}: could not take the renewed ICE servers`, err);
+    }
+  }
+
   close() {
     clearTimeout(this.#restartTimer);
     this.pc.close();

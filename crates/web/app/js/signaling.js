@@ -97,6 +97,7 @@ export class SignalingClient extends EventTarget {
       case 'peer-left':
       case 'signal':
       case 'broadcast':
+      case 'ice-servers':
       case 'pong':
         this.dispatchEvent(new CustomEvent(msg.type, { detail: msg }));
         break;
