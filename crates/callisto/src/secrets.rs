@@ -31,15 +31,25 @@ pub fn parse(text: &str) -> Result<Vec<Vec<u8>>, String> {
     Ok(secrets)
 }
 
-/// Re-reads `path` into `secrets` on every SIGHUP. A file that cannot be
-/// read, or holds no secret, is logged and changes nothing.
-pub fn reload_on_hangup(path: PathBuf, secrets: Secrets) -> anyhow::Result<()> {
+/// Re-reads `path` into `secrets` on every SIGHUP, and calls
+/// `new_signer` when the first secret, which signs new credentials, has
+/// changed. A file that cannot be read, or holds no secret, is logged and
+/// changes nothing.
+pub fn reload_on_hangup(
+    path: PathBuf,
+    secrets: Secrets,
+    new_signer: impl Fn() + Send + 'static,
+) -> anyhow::Result<()> {
     let file = path.clone();
     crate::flag_files::reread_on_hangup(path, read, move |read| {
         let result = match read {
             Ok(list) => {
                 let count = list.len();
+                let signer_changed = secrets.signing().as_ref() != list.first();
                 secrets.set(list);
+                if signer_changed {
+                    new_signer();
+                }
                 tracing::info!(
                     file = %file.display(),
                     count,

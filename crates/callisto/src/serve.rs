@@ -132,6 +132,9 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let ice_renewal = turn
         .is_some()
         .then(|| Duration::from_secs(args.turn_credential_ttl) / 2);
+    let ice_changes = turn_ice
+        .as_ref()
+        .map(crate::turn::IceCredentials::signer_changes);
     let connection = Arc::new(ConnectionConfig {
         max_message_bytes: args.max_message_bytes as usize,
         heartbeat_timeout: Duration::from_secs(u64::from(args.heartbeat_timeout)),
@@ -152,6 +155,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             all
         }),
         ice_renewal,
+        ice_changes,
     });
     let sockets = TaskTracker::new();
     let state = AppState {

@@ -36,9 +36,18 @@ pub struct IceCredentials {
     /// The first signs; it may change while the server runs.
     secrets: Secrets,
     ttl: Duration,
+    /// Marked when another secret signs (`--turn-secrets-file`, SIGHUP):
+    /// credentials handed out before may be refused soon, so browsers in
+    /// rooms get new ones at once.
+    signer_changes: tokio::sync::watch::Receiver<()>,
 }
 
 impl IceCredentials {
+    /// Changes when another secret signs new credentials.
+    pub fn signer_changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.signer_changes.clone()
+    }
+
     pub fn ice_servers(&self) -> Vec<IceServer> {
         let expires = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -130,8 +139,11 @@ pub async fn start(
         (None, None) => Vec::new(),
     };
     credentials.secrets().set(secrets);
+    let (new_signer, signer_changes) = tokio::sync::watch::channel(());
     if let Some(path) = &args.turn_secrets_file {
-        crate::secrets::reload_on_hangup(path.clone(), credentials.secrets().clone())?;
+        crate::secrets::reload_on_hangup(path.clone(), credentials.secrets().clone(), move || {
+            new_signer.send_replace(())
+        })?;
     }
     if !credentials.has_any() {
         bail!(
@@ -248,6 +260,7 @@ pub async fn start(
             tls_name,
             secrets,
             ttl: credential_ttl,
+            signer_changes,
         },
         service,
         loopback_relays: relay_ips.iter().all(IpAddr::is_loopback),

@@ -3003,7 +3003,8 @@ fn handed_out_credentials(server: &Callisto) -> (String, String) {
 /// and SIGHUP): the new secret signs what `serve` hands out from then on,
 /// the old one is accepted for as long as the file lists it, allocations
 /// made with it go on meanwhile, and once it is removed its credentials are
-/// refused. A file with no secret changes nothing; no secret is logged.
+/// refused. A browser in a room gets credentials from the new secret at
+/// once. A file with no secret changes nothing; no secret is logged.
 #[test]
 fn the_shared_secret_is_rotated_without_a_restart() {
     use callisto_turn::auth::{rest_credentials, rest_password};
@@ -3044,10 +3045,25 @@ fn the_shared_secret_is_rotated_without_a_restart() {
     signed_with(old);
     let (allocated, mut made_with_old) = allocate(old, 1);
     assert!(allocated);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("ws://{}/ws", server.http.expect("serve has HTTP"));
+    let mut in_a_room = runtime.block_on(async {
+        let mut client = common::Client::connect(&url).await;
+        client.join("rotation", "R").await;
+        client
+    });
 
     let line = rewrite(format!("# rotating\n{new}\n{old}\n"), "secrets replaced");
     assert!(line.contains("\"count\":2"), "{line}");
     signed_with(new);
+    let renewed = runtime.block_on(in_a_room.expect("ice-servers"));
+    let turn = &renewed["iceServers"][1];
+    let username = turn["username"].as_str().unwrap();
+    assert_eq!(
+        rest_password(new.as_bytes(), username),
+        turn["credential"].as_str().unwrap(),
+        "the browser in the room was sent credentials from the new secret"
+    );
     assert!(allocate(new, 2).0);
     assert!(allocate(old, 3).0, "the old secret is still accepted");
     assert!(refreshes(&mut made_with_old));
@@ -3064,6 +3080,8 @@ fn the_shared_secret_is_rotated_without_a_restart() {
     assert!(line.contains("no secret"), "{line}");
     assert!(allocate(new, 6).0);
     signed_with(new);
+    // Removing the old secret left the new one signing: nothing to renew.
+    runtime.block_on(in_a_room.ping());
 
     let logs = server.logs.lock().unwrap().join("\n");
     for secret in [old, new] {

@@ -18,7 +18,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use callisto_protocol::{ClientMessage, ErrorCode, IceServer, ServerMessage, decode_client};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -61,6 +61,9 @@ pub struct ConnectionConfig {
     /// this, a page that stays in a room longer than the credentials last
     /// can no longer reach TURN for a newcomer or an ICE restart.
     pub ice_renewal: Option<Duration>,
+    /// Changes when the `iceServers` handed out before may soon be refused
+    /// (another TURN secret signs): joined clients get fresh ones at once.
+    pub ice_changes: Option<watch::Receiver<()>>,
 }
 
 impl std::fmt::Debug for ConnectionConfig {
@@ -260,6 +263,11 @@ pub async fn handle_socket(
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         interval
     });
+    let mut ice_changes = cfg.ice_changes.clone();
+    if let Some(changes) = ice_changes.as_mut() {
+        // Only changes from now on: this client's credentials are new.
+        changes.mark_unchanged();
+    }
 
     // Made once, not per message: each `cancelled()` registers with its
     // token (the shutdown token is shared by every connection) and
@@ -283,6 +291,11 @@ pub async fn handle_socket(
                     }
                 }
                 _ = tick_if_some(ice_renewal.as_mut()) => {
+                    if let Some(closing) = conn.renew_ice_servers() {
+                        break Some(closing);
+                    }
+                }
+                () = changed_if_some(&mut ice_changes) => {
                     if let Some(closing) = conn.renew_ice_servers() {
                         break Some(closing);
                     }
@@ -381,6 +394,18 @@ async fn tick_if_some(interval: Option<&mut tokio::time::Interval>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// The next change to `changes`; never, without one or once its sender
+/// is gone (then it is dropped).
+async fn changed_if_some(changes: &mut Option<watch::Receiver<()>>) {
+    if let Some(rx) = changes.as_mut()
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    *changes = None;
+    std::future::pending().await
 }
 
 fn ping_interval(timeout: Duration) -> Duration {
