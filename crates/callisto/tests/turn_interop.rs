@@ -2830,23 +2830,7 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     let (cert, key) = (dir.join("fullchain.pem"), dir.join("privkey.pem"));
     let first = write_certificate(&cert, &key);
     let (cert_arg, key_arg) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    let server = callisto(
-        "turn",
-        &[
-            "--turn-user",
-            "user:pass",
-            "--tls-cert",
-            cert_arg,
-            "--tls-key",
-            key_arg,
-            "--tls-recheck",
-            "0",
-            "--turn-tls-listen",
-            &format!("127.0.0.1:{}", free_tcp_port()),
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let server = turn_over_tls_from_files(&cert, &key);
     let tls: SocketAddr = format!("127.0.0.1:{}", server.tls_port.expect("TLS listener"))
         .parse()
         .unwrap();
@@ -2903,6 +2887,28 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `callisto turn` with TURN over TLS on the certificate in `cert` and
+/// `key`, read again on SIGHUP only, and metrics.
+fn turn_over_tls_from_files(cert: &std::path::Path, key: &std::path::Path) -> Callisto {
+    callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "user:pass",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--tls-recheck",
+            "0",
+            "--turn-tls-listen",
+            &format!("127.0.0.1:{}", free_tcp_port()),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+}
+
 /// The served certificate's expiry is a metric to alert on, and the log
 /// warns while there is time to renew; a renewal moves both, and an expired
 /// certificate copied back does not replace a working one.
@@ -2918,25 +2924,7 @@ fn an_expiring_certificate_is_warned_of_and_exported() {
         .as_secs() as i64;
     const DAY: i64 = 86_400;
     let expiry = "callisto_tls_certificate_expiry_timestamp_seconds";
-    let start = |cert: &std::path::Path, key: &std::path::Path| {
-        callisto(
-            "turn",
-            &[
-                "--turn-user",
-                "user:pass",
-                "--tls-cert",
-                cert.to_str().unwrap(),
-                "--tls-key",
-                key.to_str().unwrap(),
-                "--tls-recheck",
-                "0",
-                "--turn-tls-listen",
-                &format!("127.0.0.1:{}", free_tcp_port()),
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ],
-        )
-    };
+    let start = turn_over_tls_from_files;
 
     // 10 days left of 90: certbot would have renewed it 20 days ago.
     let overdue_until = now + 10 * DAY;

@@ -471,10 +471,9 @@ mod tests {
     /// serving a certificate valid over `[from, until]` (Unix seconds).
     async fn stun_over_tls(from: i64, until: i64) -> SocketAddr {
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["alternate.test".into()]).unwrap();
-        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
-        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
-        let cert = params.self_signed(&key).unwrap().der().clone();
+        let cert = crate::tls::validity::test_certificate(&key, from, until)
+            .der()
+            .clone();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),

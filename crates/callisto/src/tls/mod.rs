@@ -688,10 +688,8 @@ mod tests {
     /// A self-signed pair as PEM, valid over `[from, until]` (Unix seconds).
     fn pem_pair_valid(from: i64, until: i64) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["example.test".into()]).unwrap();
-        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
-        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
-        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+        let cert = validity::test_certificate(&key, from, until);
+        (cert.pem(), key.serialize_pem())
     }
 
     /// An expired certificate does not replace one that works (an old file

@@ -229,6 +229,16 @@ pub fn rfc3339(unix: i64) -> String {
     }
 }
 
+/// A self-signed certificate for example.test, signed with `key`, valid
+/// over `[from, until]` (Unix seconds): for tests of whatever reads dates.
+#[cfg(test)]
+pub(crate) fn test_certificate(key: &rcgen::KeyPair, from: i64, until: i64) -> rcgen::Certificate {
+    let mut params = rcgen::CertificateParams::new(vec!["example.test".into()]).unwrap();
+    params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
+    params.self_signed(key).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,10 +280,7 @@ vjSsA28tKoSx7q1Udmzl2NL1AGvyMAIgBz4YGf1+9YmbtOhe7ZgcOqfPE8KgZpeG
 
     /// A certificate rcgen signs, valid over `[from, until]` (Unix seconds).
     fn rcgen_certificate(key: &rcgen::KeyPair, from: i64, until: i64) -> Vec<u8> {
-        let mut params = rcgen::CertificateParams::new(vec!["example.test".into()]).unwrap();
-        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
-        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
-        params.self_signed(key).unwrap().der().to_vec()
+        test_certificate(key, from, until).der().to_vec()
     }
 
     fn key() -> rcgen::KeyPair {
