@@ -1136,6 +1136,11 @@ fn tls_alternates_are_checked_with_a_handshake_and_a_binding() {
         "callisto_turn_alternate_servers_unreachable{transport=\"tls\"}",
         1.0,
     );
+    let line = server.wait_for_log(0, "does not answer");
+    assert!(
+        line.contains(&mute_addr) && line.contains("no answer within"),
+        "the log says which alternate, and why: {line}"
+    );
     let logs = server.logs.lock().unwrap();
     assert!(
         !logs

@@ -128,9 +128,10 @@ pub fn spawn(
                 Some(every) => {
                     let targets = targets(&current);
                     seen.retain(|t, _| targets.contains(t));
-                    for (target, answered) in probe_all(targets, every.min(PROBE_TIMEOUT)).await {
-                        if let Some(change) = seen.entry(target).or_default().record(answered) {
-                            changes.push((target, change));
+                    for (target, outcome) in probe_all(targets, every.min(PROBE_TIMEOUT)).await {
+                        let liveness = seen.entry(target).or_default();
+                        if let Some(change) = liveness.record(outcome.is_ok()) {
+                            changes.push((target, change, outcome.err()));
                         }
                     }
                     let up =
@@ -147,8 +148,8 @@ pub fn spawn(
                 in_force = Some(effective);
             }
             // Once in force, so that what the log says already holds.
-            for (target, change) in changes {
-                log(target, change);
+            for (target, change, why) in changes {
+                log(target, change, why);
             }
             let wait = async {
                 match every {
@@ -179,18 +180,36 @@ fn keep(list: &[SocketAddr], up: impl Fn(&SocketAddr) -> bool) -> Vec<SocketAddr
     list.iter().copied().filter(|a| up(a)).collect()
 }
 
+/// Why a probe went unanswered, for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum Miss {
+    #[error("no answer within {0:?}")]
+    Silent(Duration),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("what came back is not a STUN answer")]
+    NotStun,
+    #[error("cannot probe: {0}")]
+    Local(&'static str),
+}
+
+/// What one probe showed.
+pub type Outcome = Result<(), Miss>;
+
 /// Probes every target at once; each outcome, in no particular order.
 async fn probe_all(
     targets: Vec<(Kind, SocketAddr)>,
     timeout: Duration,
-) -> Vec<((Kind, SocketAddr), bool)> {
+) -> Vec<((Kind, SocketAddr), Outcome)> {
     let mut probes = JoinSet::new();
     for target in targets {
         probes.spawn(async move {
-            let answered = tokio::time::timeout(timeout, probe(target))
+            let outcome = tokio::time::timeout(timeout, probe(target))
                 .await
-                .unwrap_or(false);
-            (target, answered)
+                .unwrap_or(Err(Miss::Silent(timeout)));
+            (target, outcome)
         });
     }
     let mut outcomes = Vec::new();
@@ -202,7 +221,7 @@ async fn probe_all(
     outcomes
 }
 
-async fn probe((kind, to): (Kind, SocketAddr)) -> bool {
+async fn probe((kind, to): (Kind, SocketAddr)) -> Outcome {
     match kind {
         Kind::UdpTcp => binding(to).await,
         Kind::Tls => binding_over_tls(to).await,
@@ -210,12 +229,12 @@ async fn probe((kind, to): (Kind, SocketAddr)) -> bool {
 }
 
 /// A Binding request with a fresh transaction id: (the id, the message).
-fn binding_request() -> Option<([u8; 12], Vec<u8>)> {
+fn binding_request() -> Result<([u8; 12], Vec<u8>), Miss> {
     let mut tid = [0u8; 12];
-    getrandom::fill(&mut tid).ok()?;
+    getrandom::fill(&mut tid).map_err(|_| Miss::Local("the random source failed"))?;
     let mut request = MessageBuilder::new(method::BINDING, Class::Request, &tid);
     request.fingerprint();
-    Some((tid, request.finish()))
+    Ok((tid, request.finish()))
 }
 
 /// Whether `message` answers transaction `tid`: any response, success or
@@ -227,33 +246,23 @@ fn answers(message: &[u8], tid: &[u8; 12]) -> bool {
 }
 
 /// Whether `to` answers a STUN Binding request over UDP.
-async fn binding(to: SocketAddr) -> bool {
+async fn binding(to: SocketAddr) -> Outcome {
     let local: SocketAddr = if to.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let Ok(socket) = UdpSocket::bind(local).await else {
-        return false;
-    };
-    if socket.connect(to).await.is_err() {
-        return false;
-    }
-    let Some((tid, request)) = binding_request() else {
-        return false;
-    };
-    if socket.send(&request).await.is_err() {
-        return false;
-    }
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(to).await?;
+    let (tid, request) = binding_request()?;
+    socket.send(&request).await?;
     let mut buf = [0u8; 1500];
-    // Until the caller's timeout: a stray datagram is not the answer.
+    // Until the caller's timeout: a stray datagram is not the answer. An
+    // error is ICMP's port unreachable: nothing listens there.
     loop {
-        let Ok(n) = socket.recv(&mut buf).await else {
-            // ICMP port unreachable: nothing listens there.
-            return false;
-        };
+        let n = socket.recv(&mut buf).await?;
         if answers(&buf[..n], &tid) {
-            return true;
+            return Ok(());
         }
     }
 }
@@ -261,33 +270,27 @@ async fn binding(to: SocketAddr) -> bool {
 /// Whether `to` completes a TLS handshake (see [`DatesOnly`]) and then
 /// answers a STUN Binding request over it (RFC 8656 framing: one message
 /// after another on the stream).
-async fn binding_over_tls(to: SocketAddr) -> bool {
-    let Ok(tcp) = TcpStream::connect(to).await else {
-        return false;
-    };
-    let Some(config) = probe_client_config() else {
-        return false;
-    };
+async fn binding_over_tls(to: SocketAddr) -> Outcome {
+    let tcp = TcpStream::connect(to).await?;
+    let config = probe_client_config().ok_or(Miss::Local("no TLS client configuration"))?;
     let connector = tokio_rustls::TlsConnector::from(config);
-    let Ok(mut tls) = connector
+    let mut tls = connector
         .connect(ServerName::IpAddress(to.ip().into()), tcp)
         .await
-    else {
-        return false;
-    };
-    let Some((tid, request)) = binding_request() else {
-        return false;
-    };
-    if tls.write_all(&request).await.is_err() || tls.flush().await.is_err() {
-        return false;
-    }
+        .map_err(Miss::Handshake)?;
+    let (tid, request) = binding_request()?;
+    tls.write_all(&request).await?;
+    tls.flush().await?;
     let mut answer = vec![0u8; HEADER_LEN];
-    if tls.read_exact(&mut answer).await.is_err() {
-        return false;
-    }
+    tls.read_exact(&mut answer).await?;
     let len = usize::from(u16::from_be_bytes([answer[2], answer[3]]));
     answer.resize(HEADER_LEN + len, 0);
-    tls.read_exact(&mut answer[HEADER_LEN..]).await.is_ok() && answers(&answer, &tid)
+    tls.read_exact(&mut answer[HEADER_LEN..]).await?;
+    if answers(&answer, &tid) {
+        Ok(())
+    } else {
+        Err(Miss::NotStun)
+    }
 }
 
 /// How TLS alternates are probed: offering TURN's ALPN (RFC 7443),
@@ -367,7 +370,8 @@ impl ServerCertVerifier for DatesOnly {
     }
 }
 
-fn log((kind, addr): (Kind, SocketAddr), change: Change) {
+/// `why`: what the probe that made the change met, if it missed.
+fn log((kind, addr): (Kind, SocketAddr), change: Change, why: Option<Miss>) {
     let transport = kind.transport();
     match change {
         Change::Up => tracing::info!(
@@ -378,6 +382,7 @@ fn log((kind, addr): (Kind, SocketAddr), change: Change) {
         Change::Down => tracing::warn!(
             %addr,
             transport,
+            why = %why.map(|w| w.to_string()).unwrap_or_default(),
             "alternate TURN server does not answer: no client is sent there until it does"
         ),
     }
@@ -446,12 +451,13 @@ mod tests {
                 let _ = server.send_to(&answer.finish(), from).await;
             }
         });
-        assert!(probe((Kind::UdpTcp, addr)).await);
+        assert!(probe((Kind::UdpTcp, addr)).await.is_ok());
 
         let closed = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let closed_addr = closed.local_addr().unwrap();
         drop(closed);
-        assert!(!probe((Kind::UdpTcp, closed_addr)).await);
+        let miss = probe((Kind::UdpTcp, closed_addr)).await.unwrap_err();
+        assert!(miss.to_string().contains("refused"), "{miss}");
 
         let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let silent_addr = silent.local_addr().unwrap();
@@ -461,8 +467,14 @@ mod tests {
         )
         .await;
         assert_eq!(outcomes.len(), 2);
-        for (target, answered) in outcomes {
-            assert_eq!(answered, target.1 == addr, "{target:?}");
+        for (target, outcome) in outcomes {
+            match outcome {
+                Ok(()) => assert_eq!(target.1, addr),
+                Err(miss) => {
+                    assert_eq!(target.1, silent_addr);
+                    assert!(matches!(miss, Miss::Silent(_)), "{miss}");
+                }
+            }
         }
         drop(silent);
     }
@@ -516,14 +528,20 @@ mod tests {
             .as_secs() as i64;
         const DAY: i64 = 86_400;
         let serving = stun_over_tls(now - DAY, now + 89 * DAY).await;
-        assert!(probe((Kind::Tls, serving)).await);
+        assert!(probe((Kind::Tls, serving)).await.is_ok());
         // Overdue for renewal, but clients still take it.
         let overdue = stun_over_tls(now - 89 * DAY, now + DAY).await;
-        assert!(probe((Kind::Tls, overdue)).await);
-        let expired = stun_over_tls(now - 90 * DAY, now - DAY).await;
-        assert!(!probe((Kind::Tls, expired)).await);
-        let early = stun_over_tls(now + DAY, now + 90 * DAY).await;
-        assert!(!probe((Kind::Tls, early)).await);
+        assert!(probe((Kind::Tls, overdue)).await.is_ok());
+        // The log says why the others are not used.
+        for (from, until, why) in [
+            (now - 90 * DAY, now - DAY, "Expired"),
+            (now + DAY, now + 90 * DAY, "NotValidYet"),
+        ] {
+            let out_of_date = stun_over_tls(from, until).await;
+            let miss = probe((Kind::Tls, out_of_date)).await.unwrap_err();
+            assert!(matches!(miss, Miss::Handshake(_)), "{miss}");
+            assert!(miss.to_string().contains(why), "{miss}");
+        }
 
         // Accepts connections, never says a word: the probe's time runs out.
         let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -535,11 +553,12 @@ mod tests {
             Duration::from_millis(500),
         )
         .await;
-        for (target, answered) in outcomes {
-            assert_eq!(answered, target.1 == serving, "{target:?}");
+        for (target, outcome) in outcomes {
+            assert_eq!(outcome.is_ok(), target.1 == serving, "{target:?}");
         }
         let gone = mute.local_addr().unwrap();
         drop(mute);
-        assert!(!probe((Kind::Tls, gone)).await);
+        let miss = probe((Kind::Tls, gone)).await.unwrap_err();
+        assert!(miss.to_string().contains("refused"), "{miss}");
     }
 }
