@@ -1150,6 +1150,67 @@ fn tls_alternates_are_checked_with_a_handshake_and_a_binding() {
     );
 }
 
+/// Each authentication failure is logged with who failed, as whom and why
+/// (what tells expired credentials from a wrong password, and what
+/// fail2ban reads), the username escaped, and never a password.
+#[test]
+fn authentication_failures_are_logged_with_who_and_why() {
+    use callisto_turn::auth::rest_credentials;
+    let server = callisto(
+        "turn",
+        &[
+            "--turn-user",
+            "alice:secret",
+            "--turn-secret",
+            "the-shared-secret",
+        ],
+    );
+    let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
+    let fail = |username: &str, password: &str, seed: u64| {
+        let sock = udp_socket("127.0.0.1:0");
+        let mut client = Client::new(username, password, false, seed);
+        client.allocate(Instant::now());
+        let event = outcome(&sock, turn, &mut client, allocated_or_failed);
+        assert!(
+            matches!(event, Some(Event::Failed { code: 401, .. })),
+            "{event:?}"
+        );
+        sock.local_addr().unwrap()
+    };
+    let logged = |seen: usize, client: SocketAddr, reason: &str| {
+        let line = server.wait_for_log(seen, &format!("\"reason\":\"{reason}\""));
+        assert!(line.contains("TURN authentication failed"), "{line}");
+        assert!(line.contains(&client.to_string()), "{line}");
+        assert!(line.contains("\"request\":\"Allocate\""), "{line}");
+        line
+    };
+
+    let seen = server.logs.lock().unwrap().len();
+    let client = fail("alice", "not-her-password", 1);
+    let line = logged(seen, client, "bad-integrity");
+    assert!(line.contains("\"username\":\"alice\""), "{line}");
+
+    let (expired, password) = rest_credentials(b"the-shared-secret", "bob", 1_000);
+    let client = fail(&expired, &password, 2);
+    let line = logged(seen, client, "expired");
+    assert!(
+        line.contains(&format!("\"username\":\"{expired}\"")),
+        "{line}"
+    );
+
+    let client = fail("mallory\n2026-11-27 INFO forged line", "x", 3);
+    let line = logged(seen, client, "unknown-user");
+    assert!(
+        line.contains("mallory\\\\n2026"),
+        "the newline is escaped: {line}"
+    );
+
+    let logs = server.logs.lock().unwrap().join("\n");
+    for secret in ["not-her-password", "the-shared-secret", &password] {
+        assert!(!logs.contains(secret), "{secret} is in the log");
+    }
+}
+
 /// Redirection between coturn and us, both ways, with our client: coturn
 /// sends it on after authenticating it (a signed 300), we at its first
 /// Allocate (an unsigned one); either way it allocates at the other (whose

@@ -33,6 +33,7 @@ use crate::source::Source;
 use crate::stun::{self, ChannelData, Class, Message, MessageBuilder, RawAttr, attr, method};
 
 mod budget;
+mod failure_log;
 mod routes;
 use budget::{Budget, Direction};
 pub use budget::{BudgetWords, SHARED_BUDGET_WORDS, SharedBudgets};
@@ -310,6 +311,8 @@ pub struct Shared {
     alternates: RwLock<Alternates>,
     /// Counts redirections, to take the alternate servers in turn.
     redirected: AtomicUsize,
+    /// Bounds the log lines about authentication failures, process-wide.
+    failure_log: Mutex<failure_log::FailureLog>,
 }
 
 impl Shared {
@@ -330,6 +333,7 @@ impl Shared {
             epoch,
             budgets: None,
             redirected: AtomicUsize::new(0),
+            failure_log: Mutex::default(),
         }
     }
 
@@ -1804,16 +1808,19 @@ impl<A: RelayAllocator> Server<A> {
                 b
             }));
         };
+        let failed = |reason: &'static str| {
+            shared.auth_failed(now, &five, msg.method(), username, reason);
+        };
         match shared.check_nonce(&five, nonce, now) {
             Ok(()) => {}
             Err(true) => return Err(challenge(self, 438, "Stale Nonce")),
             Err(false) => {
-                auth_failure("bad-nonce");
+                failed("bad-nonce");
                 return Err(challenge(self, 401, "Unauthorized"));
             }
         }
         let Ok(username) = std::str::from_utf8(username) else {
-            auth_failure("bad-username");
+            failed("bad-username");
             return Err(challenge(self, 401, "Unauthorized"));
         };
         // Credentials that have expired since they made this 5-tuple's
@@ -1836,11 +1843,10 @@ impl<A: RelayAllocator> Server<A> {
         let keys = match keys {
             Ok(k) => k,
             Err(failure) => {
-                auth_failure(match failure {
+                failed(match failure {
                     AuthFailure::UnknownUser => "unknown-user",
                     AuthFailure::Expired => "expired",
                 });
-                tracing::debug!(client = %five.client, ?failure, "authentication failed");
                 return Err(challenge(self, 401, "Unauthorized"));
             }
         };
@@ -1850,8 +1856,7 @@ impl<A: RelayAllocator> Server<A> {
                 key,
             }),
             None => {
-                auth_failure("bad-integrity");
-                tracing::debug!(client = %five.client, "authentication failed: wrong password");
+                failed("bad-integrity");
                 Err(challenge(self, 401, "Unauthorized"))
             }
         }
@@ -2595,8 +2600,52 @@ fn unauth_dropped(reason: &'static str) {
         .increment(1);
 }
 
-fn auth_failure(reason: &'static str) {
-    metrics::counter!("callisto_turn_auth_failures_total", "reason" => reason).increment(1);
+/// A request's method, for the log.
+fn method_name(method: u16) -> &'static str {
+    match method {
+        method::ALLOCATE => "Allocate",
+        method::REFRESH => "Refresh",
+        method::CREATE_PERMISSION => "CreatePermission",
+        method::CHANNEL_BIND => "ChannelBind",
+        _ => "other",
+    }
+}
+
+impl Shared {
+    /// Counts an authentication failure, and logs it within the process's
+    /// budget of such lines ([`failure_log`]). The username is the
+    /// client's to choose: it is cut short and logged escaped, so that it
+    /// cannot forge a line. No key or password is logged.
+    fn auth_failed(
+        &self,
+        now: Instant,
+        five: &FiveTuple,
+        method: u16,
+        username: &[u8],
+        reason: &'static str,
+    ) {
+        metrics::counter!("callisto_turn_auth_failures_total", "reason" => reason).increment(1);
+        let admitted = self
+            .failure_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(now);
+        let Some(left_out) = admitted else { return };
+        let lossy = String::from_utf8_lossy(username);
+        let mut name: String = lossy.chars().take(64).collect();
+        if lossy.chars().nth(64).is_some() {
+            name.push('…');
+        }
+        tracing::info!(
+            client = %five.client,
+            transport = five.transport.as_str(),
+            request = method_name(method),
+            username = %name.escape_debug(),
+            reason,
+            left_out,
+            "TURN authentication failed"
+        );
+    }
 }
 
 #[cfg(test)]
