@@ -280,7 +280,12 @@ pub struct ServeArgs {
     pub ice_servers: Vec<String>,
 
     /// Username for the turn: and turns: URLs of --ice-server.
-    #[arg(long, env = "CALLISTO_ICE_USERNAME", requires = "ice_credential")]
+    #[arg(
+        long,
+        env = "CALLISTO_ICE_USERNAME",
+        requires = "ice_credential",
+        conflicts_with = "ice_secret"
+    )]
     pub ice_username: Option<String>,
 
     /// Credential for the turn: and turns: URLs of --ice-server.
@@ -291,6 +296,14 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub ice_credential: Option<String>,
+
+    /// The shared secret of the TURN server of the turn: and turns: URLs of
+    /// --ice-server (coturn: static-auth-secret, with use-auth-secret):
+    /// each browser gets time-limited credentials signed with it, valid for
+    /// --turn-credential-ttl and renewed while it stays, rather than a
+    /// password that never expires.
+    #[arg(long, env = "CALLISTO_ICE_SECRET", hide_env_values = true)]
+    pub ice_secret: Option<String>,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP), e.g.
     /// 127.0.0.1:9090, instead of on the web port, where anyone who can

@@ -57,6 +57,7 @@ impl Running {
 pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
     // Before anything that records metrics: handles taken earlier are no-ops.
     let metrics = crate::telemetry::install();
+    let external = external_turn(&args)?;
     let tls = tls::from_args(&args.tls)?;
     if let Some(setup) = &tls {
         tls::keep_fresh(
@@ -127,11 +128,10 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     )));
     let configured = ice_servers(&args);
     let turn_ice = turn.as_ref().map(|t| t.ice.clone());
-    // The built-in TURN server's credentials expire; the --ice-server ones
-    // are as given, and never change.
-    let ice_renewal = turn
-        .is_some()
-        .then(|| Duration::from_secs(args.turn_credential_ttl) / 2);
+    let ttl = Duration::from_secs(args.turn_credential_ttl);
+    // Credentials of the built-in TURN server expire, and so do those
+    // signed with --ice-secret; --ice-credential never changes.
+    let ice_renewal = (turn.is_some() || external.is_some()).then_some(ttl / 2);
     let ice_changes = turn_ice
         .as_ref()
         .map(crate::turn::IceCredentials::signer_changes);
@@ -152,6 +152,9 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 .map(|t| t.ice_servers())
                 .unwrap_or_default();
             all.extend(configured.iter().cloned());
+            if let Some((urls, secret)) = &external {
+                all.push(crate::turn::minted_ice_server(urls.clone(), secret, ttl));
+            }
             all
         }),
         ice_renewal,
@@ -227,11 +230,13 @@ async fn finish(sockets: TaskTracker, turn: Option<callisto_turn::net::TurnServi
 }
 
 fn announce(running: &Running, args: &ServeArgs) {
-    if let Some(fp) = &running.fingerprint {
-        tracing::info!(names = ?args.tls.tls_names, sha256 = %fp, "TLS certificate");
-        if args.tls.tls_self_signed {
-            eprintln!("Self-signed certificate SHA-256 fingerprint: {fp}");
-        }
+    // The certificate's fingerprint and dates are logged as it is loaded
+    // (tls::keep_fresh); a generated one's is also printed plainly, for
+    // people to compare with what their browser shows.
+    if let Some(fp) = &running.fingerprint
+        && args.tls.tls_self_signed
+    {
+        eprintln!("Self-signed certificate SHA-256 fingerprint: {fp}");
     }
     let url = running.url();
     tracing::info!(%url, "Callisto is serving; open it in a browser");
@@ -242,16 +247,41 @@ fn announce(running: &Running, args: &ServeArgs) {
     }
 }
 
+/// The `--ice-server` entries that never change: STUN URLs, and TURN ones
+/// with `--ice-username` and `--ice-credential` (or none). With
+/// `--ice-secret`, the TURN URLs are left to [`external_turn`].
 fn ice_servers(args: &ServeArgs) -> Vec<IceServer> {
     args.ice_servers
         .iter()
-        .map(|url| {
-            let is_turn = url.starts_with("turn:") || url.starts_with("turns:");
-            IceServer {
-                urls: vec![url.clone()],
-                username: args.ice_username.clone().filter(|_| is_turn),
-                credential: args.ice_credential.clone().filter(|_| is_turn),
-            }
+        .filter(|url| args.ice_secret.is_none() || !is_turn(url))
+        .map(|url| IceServer {
+            urls: vec![url.clone()],
+            username: args.ice_username.clone().filter(|_| is_turn(url)),
+            credential: args.ice_credential.clone().filter(|_| is_turn(url)),
         })
         .collect()
+}
+
+fn is_turn(url: &str) -> bool {
+    url.starts_with("turn:") || url.starts_with("turns:")
+}
+
+/// With `--ice-secret`: the TURN URLs of `--ice-server`, which get
+/// credentials signed with it in every `welcome` and renewal.
+fn external_turn(args: &ServeArgs) -> anyhow::Result<Option<(Vec<String>, Vec<u8>)>> {
+    let Some(secret) = &args.ice_secret else {
+        return Ok(None);
+    };
+    let urls: Vec<String> = args
+        .ice_servers
+        .iter()
+        .filter(|url| is_turn(url))
+        .cloned()
+        .collect();
+    if urls.is_empty() {
+        anyhow::bail!(
+            "--ice-secret signs credentials for the turn: and turns: URLs of --ice-server, and there are none: add --ice-server turn:HOST:PORT"
+        );
+    }
+    Ok(Some((urls, secret.as_bytes().to_vec())))
 }

@@ -49,10 +49,6 @@ impl IceCredentials {
     }
 
     pub fn ice_servers(&self) -> Vec<IceServer> {
-        let expires = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            + self.ttl.as_secs();
         let stun = IceServer {
             urls: vec![self.stun_url.clone()],
             username: None,
@@ -62,16 +58,26 @@ impl IceCredentials {
             // Static users only: the browsers have no credentials to use.
             return vec![stun];
         };
-        // A random user part keeps per-username quotas per browser.
-        let (username, credential) = rest_credentials(&secret, &random_hex(8), expires);
         vec![
             stun,
-            IceServer {
-                urls: self.turn_urls.clone(),
-                username: Some(username),
-                credential: Some(credential),
-            },
+            minted_ice_server(self.turn_urls.clone(), &secret, self.ttl),
         ]
+    }
+}
+
+/// One `iceServers` entry for `urls` with TURN REST credentials (coturn's
+/// `use-auth-secret`) signed with `secret`, valid for `ttl` from now. The
+/// user part is random, so that per-username quotas apply per browser.
+pub fn minted_ice_server(urls: Vec<String>, secret: &[u8], ttl: Duration) -> IceServer {
+    let expires = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + ttl.as_secs();
+    let (username, credential) = rest_credentials(secret, &random_hex(8), expires);
+    IceServer {
+        urls,
+        username: Some(username),
+        credential: Some(credential),
     }
 }
 

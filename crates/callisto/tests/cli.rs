@@ -81,6 +81,33 @@ fn bad_flags_say_what_to_fix() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--log"));
 
+    // A secret with nothing to sign, or beside a fixed password.
+    for (extra, says) in [
+        (
+            &["--ice-server", "stun:stun.example.test:3478"][..],
+            "add --ice-server turn:HOST:PORT",
+        ),
+        (
+            &[
+                "--ice-server",
+                "turn:turn.example.test:3478",
+                "--ice-username",
+                "u",
+                "--ice-credential",
+                "p",
+            ][..],
+            "cannot be used with",
+        ),
+    ] {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--ice-secret", "s"];
+        args.extend_from_slice(extra);
+        let out = callisto(&args).output().unwrap();
+        assert!(!out.status.success(), "{extra:?} was taken");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("serving"), "started before failing:\n{err}");
+    }
+
     // Alternate TURN servers a client could not go to, or this one.
     for (alternate, says) in [
         ("0.0.0.0:3478", "clients need an address and a port"),

@@ -696,3 +696,55 @@ async fn a_joined_client_gets_fresh_credentials_before_its_own_expire() {
     // the answer to its ping.
     idle.ping().await;
 }
+
+/// With `--ice-secret`, the TURN URLs of `--ice-server` come with
+/// time-limited credentials signed with it (TURN REST, as coturn's
+/// `use-auth-secret` takes them), fresh in each `welcome` and renewed while
+/// the client stays; STUN URLs come as given.
+#[tokio::test]
+async fn an_external_turn_server_gets_time_limited_credentials() {
+    let server = Server::start(&[
+        "--no-turn",
+        "--ice-server",
+        "stun:stun.example.test:3478",
+        "--ice-server",
+        "turn:turn.example.test:3478?transport=udp",
+        "--ice-server",
+        "turns:turn.example.test:5349?transport=tcp",
+        "--ice-secret",
+        "coturn-secret",
+        "--turn-credential-ttl",
+        "10",
+    ])
+    .await;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let signed = |servers: &Value| -> u64 {
+        assert_eq!(servers.as_array().unwrap().len(), 2, "{servers}");
+        assert_eq!(servers[0], json!({"urls": ["stun:stun.example.test:3478"]}));
+        let turn = &servers[1];
+        assert_eq!(
+            turn["urls"],
+            json!([
+                "turn:turn.example.test:3478?transport=udp",
+                "turns:turn.example.test:5349?transport=tcp"
+            ])
+        );
+        let username = turn["username"].as_str().unwrap();
+        assert_eq!(
+            turn["credential"].as_str().unwrap(),
+            callisto_turn::auth::rest_password(b"coturn-secret", username)
+        );
+        username.split_once(':').unwrap().0.parse().unwrap()
+    };
+    let mut a = server.client().await;
+    let welcome = a.join("external", "Ada").await;
+    let first = signed(&welcome["iceServers"]);
+    assert!(first >= now() + 9 && first <= now() + 10, "{first}");
+    let renewed = a.expect("ice-servers").await;
+    assert!(signed(&renewed["iceServers"]) >= first + 4);
+}

@@ -3038,6 +3038,42 @@ fn welcome_from(server: &Callisto) -> serde_json::Value {
     })
 }
 
+/// `serve` in front of a coturn that takes time-limited credentials
+/// (`use-auth-secret`): with `--ice-secret`, the browsers get credentials
+/// signed with coturn's secret for its URLs, and coturn takes them; signed
+/// with another secret, it does not.
+#[test]
+fn a_coturn_server_takes_the_credentials_serve_mints_for_it() {
+    let (_coturn, port) = coturn_over_udp_with(
+        &["127.0.0.1"],
+        &["--use-auth-secret", "--static-auth-secret=coturn-secret"],
+    );
+    let coturn: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let url = format!("turn:{coturn}?transport=udp");
+    let allocates_with = |secret: &str, seed: u64| {
+        let server = callisto("serve", &["--ice-server", &url, "--ice-secret", secret]);
+        let welcome = welcome_from(&server);
+        let entry = welcome["iceServers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["urls"] == serde_json::json!([url]))
+            .unwrap_or_else(|| panic!("no entry for coturn in {welcome}"))
+            .clone();
+        let (username, password) = (
+            entry["username"].as_str().unwrap(),
+            entry["credential"].as_str().unwrap(),
+        );
+        let sock = udp_socket("127.0.0.1:0");
+        let mut client = Client::new(username, password, false, seed);
+        client.allocate(Instant::now());
+        let event = outcome(&sock, coturn, &mut client, allocated_or_failed);
+        matches!(event, Some(Event::Allocated { .. }))
+    };
+    assert!(allocates_with("coturn-secret", 1), "coturn takes them");
+    assert!(!allocates_with("another-secret", 2), "coturn checks them");
+}
+
 /// The credentials `serve` hands out in `welcome`: (username, password).
 fn handed_out_credentials(server: &Callisto) -> (String, String) {
     let welcome = welcome_from(server);
