@@ -133,8 +133,12 @@ test('a page in a room longer than its TURN credentials last gets new ones, and 
         return Date.now() / 1000 > welcomed + 1 && renewed.some((s) => expiry(s) > Date.now() / 1000 + 2);
       }, 20000, 'A holds renewed credentials, and those from welcome have expired');
     });
-    const [used] = await a.evaluate(() => window.__pcs.map((pc) => pc.getConfiguration().iceServers));
+    const configured = () => a.evaluate(() => window.__pcs.map((pc) => pc.getConfiguration().iceServers)[0]);
+    const used = await configured();
     assert.ok(expiry(used) > welcomed, `A's connection to B used renewed credentials (expiry ${expiry(used)}, welcome's ${welcomed})`);
+    // The next renewal reaches the open connection too (setConfiguration),
+    // for its next ICE restart.
+    await eventually(async () => expiry(await configured()) > expiry(used), 12000, 'the open connection takes the next renewal');
     assertOnlyTestAddresses();
     for (const p of [a, b]) await p.context().close();
   } finally {
