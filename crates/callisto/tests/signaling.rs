@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Client, Ended, Server};
+use common::{Client, Ended, Server, unix_now};
 use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -42,10 +42,7 @@ async fn join_signal_broadcast_leave() {
     );
     let username = ice[1]["username"].as_str().unwrap();
     let (expiry, _) = username.split_once(':').unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = unix_now();
     assert!(
         expiry.parse::<u64>().unwrap() > now + 3600,
         "credentials last long enough"
@@ -670,15 +667,12 @@ async fn a_joined_client_gets_fresh_credentials_before_its_own_expire() {
         let username = servers[1]["username"].as_str().unwrap();
         username.split_once(':').unwrap().0.parse().unwrap()
     };
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
     let welcome = a.join("renewals", "Ada").await;
     let first = expiry(&welcome["iceServers"]);
-    assert!(first >= now() + 9 && first <= now() + 10, "{first}");
+    assert!(
+        first >= unix_now() + 9 && first <= unix_now() + 10,
+        "{first}"
+    );
     let mut last = first;
     for _ in 0..2 {
         let renewed = a.expect("ice-servers").await;
@@ -689,7 +683,7 @@ async fn a_joined_client_gets_fresh_credentials_before_its_own_expire() {
         let expires = expiry(ice);
         // Renewed with half the lifetime left (give or take a second).
         assert!(expires >= last + 4, "{expires} after {last}");
-        assert!(expires >= now() + 9, "{expires}");
+        assert!(expires >= unix_now() + 9, "{expires}");
         last = expires;
     }
     // The idle connection was sent nothing meanwhile: its next message is
@@ -717,12 +711,6 @@ async fn an_external_turn_server_gets_time_limited_credentials() {
         "10",
     ])
     .await;
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
     let signed = |servers: &Value| -> u64 {
         assert_eq!(servers.as_array().unwrap().len(), 2, "{servers}");
         assert_eq!(servers[0], json!({"urls": ["stun:stun.example.test:3478"]}));
@@ -744,7 +732,10 @@ async fn an_external_turn_server_gets_time_limited_credentials() {
     let mut a = server.client().await;
     let welcome = a.join("external", "Ada").await;
     let first = signed(&welcome["iceServers"]);
-    assert!(first >= now() + 9 && first <= now() + 10, "{first}");
+    assert!(
+        first >= unix_now() + 9 && first <= unix_now() + 10,
+        "{first}"
+    );
     let renewed = a.expect("ice-servers").await;
     assert!(signed(&renewed["iceServers"]) >= first + 4);
 }

@@ -2984,10 +2984,7 @@ fn an_expiring_certificate_is_warned_of_and_exported() {
     let dir = std::env::temp_dir().join(format!("callisto-expiry-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("fullchain.pem"), dir.join("privkey.pem"));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = common::unix_now() as i64;
     const DAY: i64 = 86_400;
     let expiry = "callisto_tls_certificate_expiry_timestamp_seconds";
     let start = turn_over_tls_from_files;
@@ -3103,11 +3100,7 @@ fn the_shared_secret_is_rotated_without_a_restart() {
     std::fs::write(&file, format!("{old}\n")).unwrap();
     let server = callisto("serve", &["--turn-secrets-file", file.to_str().unwrap()]);
     let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
-    let expires = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3_600;
+    let expires = common::unix_now() + 3_600;
     let signed_with = |secret: &str| {
         let (username, password) = handed_out_credentials(&server);
         assert_eq!(rest_password(secret.as_bytes(), &username), password);
@@ -3211,13 +3204,7 @@ fn an_allocation_outlives_its_credentials() {
     let secret = "Sh0rt-Lived";
     let server = callisto("turn", &["--turn-secret", secret]);
     let turn: SocketAddr = format!("127.0.0.1:{}", server.turn_port).parse().unwrap();
-    let unix_now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
-    let expires = unix_now() + 2;
+    let expires = common::unix_now() + 2;
     let (username, password) = rest_credentials(secret.as_bytes(), "brief", expires);
     let sock = udp_socket("127.0.0.1:0");
     let mut client = Client::new(&username, &password, false, 1);
@@ -3225,7 +3212,7 @@ fn an_allocation_outlives_its_credentials() {
     let event = outcome(&sock, turn, &mut client, allocated_or_failed);
     assert!(matches!(event, Some(Event::Allocated { .. })), "{event:?}");
 
-    while unix_now() <= expires {
+    while common::unix_now() <= expires {
         std::thread::sleep(Duration::from_millis(100));
     }
     client.refresh(Instant::now(), 600);

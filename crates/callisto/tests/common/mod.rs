@@ -18,6 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Seconds since the Unix epoch, as TURN credentials and certificates count.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 pub struct Server {
     pub running: Running,
     pub shutdown: CancellationToken,
