@@ -18,6 +18,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the web app, signaling server and STUN/TURN server. With no
@@ -268,6 +270,25 @@ pub struct ServeArgs {
     /// while it loads; raise it for large offices behind one address.
     #[arg(long, env = "CALLISTO_MAX_CONNECTIONS_PER_IP", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_ip: u32,
+
+    /// Reverse proxies (address or CIDR, repeatable; `none` for none)
+    /// whose X-Forwarded-For header names the client: in logs, and for
+    /// --max-connections-per-ip, which then counts each client's
+    /// WebSockets rather than the proxy's connections. The default,
+    /// loopback, fits a proxy on this machine and gives little away (a
+    /// program here can connect from any of 127.0.0.0/8 anyway); set it
+    /// to your proxy's address if something here forwards other hosts'
+    /// connections without writing X-Forwarded-For (an SSH tunnel).
+    /// Giving the flag replaces the default.
+    #[arg(
+        long = "trusted-proxy",
+        value_name = "CIDR",
+        env = "CALLISTO_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,::1",
+        value_parser = crate::trusted_proxies::parse_flag,
+    )]
+    pub trusted_proxies: Vec<Option<ipnet::IpNet>>,
 
     /// STUN or TURN URL handed to browsers in `welcome.iceServers`, e.g.
     /// stun:stun.example.org:3478 or turn:turn.example.org:3478?transport=udp

@@ -8,7 +8,9 @@
 //! long), or takes nothing of what it is sent for as long: a client that
 //! asks and never reads would otherwise hold its place for good.
 //! (How long a request's head may take is hyper's to enforce: see
-//! [`crate::http_server`].)
+//! [`crate::http_server`].) A trusted reverse proxy's connections carry
+//! many clients, so they are held to the total only; [`crate::http`]
+//! holds each client behind it to its share of WebSockets.
 
 use std::future::Future;
 use std::io;
@@ -24,6 +26,8 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
+use crate::trusted_proxies::TrustedProxies;
+
 /// A TCP listener that admits connections within `limits`.
 pub struct LimitedListener {
     tcp: TcpListener,
@@ -31,6 +35,9 @@ pub struct LimitedListener {
     idle: Duration,
     /// What the log tells an operator when it refuses.
     advice: &'static str,
+    /// Sources held to the total only: each carries many clients, whose
+    /// WebSockets [`crate::http`] holds to their share instead.
+    proxies: TrustedProxies,
 }
 
 impl LimitedListener {
@@ -46,7 +53,14 @@ impl LimitedListener {
             admission: Admission::new(limits),
             idle,
             advice,
+            proxies: TrustedProxies::default(),
         }
+    }
+
+    /// Holds connections from `proxies` to the total only.
+    pub fn with_proxies(mut self, proxies: TrustedProxies) -> Self {
+        self.proxies = proxies;
+        self
     }
 
     /// The next connection within the limits; those over them are reset.
@@ -61,16 +75,22 @@ impl LimitedListener {
                     continue;
                 }
             };
-            match self.admission.admit_or_count(
-                from.ip(),
-                Instant::now(),
-                "callisto_http_connections_refused_total",
-                "web",
-                self.advice,
-            ) {
-                Some(admitted) => return (Guarded::new(tcp, admitted, self.idle), from),
-                // A reset: nothing is left behind, not even TIME_WAIT.
-                None => {
+            let now = Instant::now();
+            let admitted = if self.proxies.trusts(from.ip()) {
+                self.admission.admit_in_total(from.ip(), now)
+            } else {
+                self.admission.admit(from.ip(), now)
+            };
+            match admitted {
+                Ok(admitted) => return (Guarded::new(tcp, admitted, self.idle), from),
+                Err(refusal) => {
+                    self.admission.count(
+                        refusal,
+                        "callisto_http_connections_refused_total",
+                        "web",
+                        self.advice,
+                    );
+                    // A reset: nothing is left behind, not even TIME_WAIT.
                     let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                 }
             }

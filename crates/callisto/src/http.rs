@@ -3,17 +3,21 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State, WebSocketUpgrade};
-use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use callisto_signal::{ConnectionConfig, SharedHub, handle_socket};
+use callisto_turn::net::admission::Admission;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::trusted_proxies::{TrustedProxies, X_FORWARDED_FOR};
 
 /// The client's address, for logs: put into each request by
 /// [`crate::http_server::serve`], whatever the listener.
@@ -29,6 +33,12 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Tracks WebSocket tasks so shutdown can wait for their close frames.
     pub sockets: TaskTracker,
+    /// Whose X-Forwarded-For names the client.
+    pub proxies: TrustedProxies,
+    /// The WebSockets that came through those proxies, by client: their
+    /// connections were held to the total only when accepted, so each
+    /// client is held to its share here.
+    pub proxied_clients: Arc<Admission>,
 }
 
 /// The web port's routes; `/metrics` among them unless `metrics_here` is
@@ -79,12 +89,40 @@ const WRITE_BUFFER: usize = 16 * 1024;
 
 async fn websocket(
     State(state): State<AppState>,
-    ConnectInfo(ClientAddr(remote)): ConnectInfo<ClientAddr>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let forwarded_for = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .map(|v| v.as_bytes());
+    let remote = state.proxies.client(peer, forwarded_for);
+    // A page holds one WebSocket for as long as it is open: the connection
+    // worth holding a client to its share of.
+    let place = if state.proxies.trusts(peer.ip()) {
+        match state.proxied_clients.admit(remote.ip(), Instant::now()) {
+            Ok(place) => Some(place),
+            Err(refusal) => {
+                state.proxied_clients.count(
+                    refusal,
+                    "callisto_http_connections_refused_total",
+                    "proxied WebSocket",
+                    "if they are legitimate, raise --max-connections-per-ip",
+                );
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from your address\n",
+                )
+                    .into_response();
+            }
+        }
+    } else {
+        None
+    };
     let limit = state.connection.max_message_bytes;
     upgrade
         .protocols([callisto_protocol::SUBPROTOCOL_V1])
@@ -103,13 +141,10 @@ async fn websocket(
         .write_buffer_size(WRITE_BUFFER)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
-            state.sockets.track_future(handle_socket(
-                socket,
-                state.hub,
-                state.connection,
-                state.shutdown,
-                remote,
-            ))
+            state.sockets.track_future(async move {
+                handle_socket(socket, state.hub, state.connection, state.shutdown, remote).await;
+                drop(place);
+            })
         })
 }
 

@@ -14,4 +14,5 @@ pub mod secrets;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;
+pub mod trusted_proxies;
 pub mod turn;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use callisto_protocol::IceServer;
 use callisto_signal::{ConnectionConfig, Hub, HubLimits, SendBudget, random_peer_id};
 use callisto_turn::net::ConnectionLimits;
+use callisto_turn::net::admission::Admission;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::cli::ServeArgs;
 use crate::connections::LimitedListener;
 use crate::http::{AppState, router};
+use crate::trusted_proxies::TrustedProxies;
 use crate::{http_server, tls};
 
 /// How long shutdown waits for WebSocket close handshakes.
@@ -95,20 +97,23 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     };
 
     let local_addr = tcp.local_addr()?;
+    let proxies = TrustedProxies::new(args.trusted_proxies.iter().flatten().copied().collect());
+    let web_limits = ConnectionLimits {
+        total: crate::open_files::connections_within_limit(
+            args.max_connections as usize,
+            "--max-connections",
+        ),
+        per_source: args.max_connections_per_ip as usize,
+    };
     let tcp = LimitedListener::new(
         tcp,
-        ConnectionLimits {
-            total: crate::open_files::connections_within_limit(
-                args.max_connections as usize,
-                "--max-connections",
-            ),
-            per_source: args.max_connections_per_ip as usize,
-        },
+        web_limits,
         // Past the heartbeat timeout, so that the hub closes a silent
         // WebSocket client itself, with a close frame.
         2 * Duration::from_secs(u64::from(args.heartbeat_timeout)),
         "if they are legitimate, raise --max-connections or --max-connections-per-ip",
-    );
+    )
+    .with_proxies(proxies.clone());
     // With TLS and no TURN listener of its own for it, TURN over TLS
     // shares the HTTPS port: a browser that may reach only that port
     // (behind a firewall that lets nothing else out) still gets a relay.
@@ -167,6 +172,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         metrics,
         shutdown: shutdown.clone(),
         sockets: sockets.clone(),
+        proxies,
+        proxied_clients: Admission::new(web_limits),
     };
     let metrics_addr = match metrics_listener {
         Some(listener) => {

@@ -142,8 +142,16 @@ async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
 /// WebSocket client that keeps talking stays.
 #[tokio::test]
 async fn connections_are_limited_per_address_and_silent_ones_closed() {
-    let server =
-        Server::start(&["--max-connections-per-ip", "4", "--heartbeat-timeout", "1"]).await;
+    // The test's clients are on loopback, trusted as proxies by default.
+    let server = Server::start(&[
+        "--max-connections-per-ip",
+        "4",
+        "--heartbeat-timeout",
+        "1",
+        "--trusted-proxy",
+        "127.0.0.1",
+    ])
+    .await;
     // A WebSocket client that keeps talking, for 3 s (past the 2 s).
     let mut ws = server.client().await;
     ws.join("limits", "L").await;

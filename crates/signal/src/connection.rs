@@ -9,7 +9,6 @@
 //! the writer, so eviction, the heartbeat and shutdown still act at once.
 //! Closing sends a close frame.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::hub::{Frame, Hub, PeerSink, SinkFull};
 use crate::rate::{RateLimiter, Verdict};
+use crate::remote::Remote;
 
 /// The hub as shared by all connection tasks.
 pub type SharedHub = Arc<Mutex<Hub<ChannelSink>>>;
@@ -229,7 +229,7 @@ pub async fn handle_socket(
     hub: SharedHub,
     cfg: Arc<ConnectionConfig>,
     shutdown: CancellationToken,
-    remote: SocketAddr,
+    remote: Remote,
 ) {
     metrics::gauge!("callisto_signaling_connections").increment(1.0);
     let (sink, mut queue) = ChannelSink::new(
@@ -452,7 +452,7 @@ struct Conn {
     peer: Option<String>,
     room: String,
     limiter: RateLimiter,
-    remote: SocketAddr,
+    remote: Remote,
 }
 
 impl Conn {

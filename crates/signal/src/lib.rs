@@ -7,11 +7,14 @@
 //! - [`rate`] is the per-connection token bucket, with time injected.
 //! - [`connection`] is the thin driver: one task per WebSocket that decodes
 //!   frames, applies limits and heartbeats, and calls into the hub.
+//! - [`remote`] names the client of a connection, direct or proxied.
 
 pub mod connection;
 pub mod hub;
 pub mod rate;
+pub mod remote;
 
 pub use connection::{ConnectionConfig, SendBudget, SharedHub, handle_socket};
 pub use hub::{Frame, Hub, HubLimits, HubStats, PeerSink, SinkFull, random_peer_id};
 pub use rate::RateLimiter;
+pub use remote::Remote;

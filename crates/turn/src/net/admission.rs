@@ -88,17 +88,21 @@ struct State {
 #[derive(Debug)]
 pub struct Admitted {
     admission: Arc<Admission>,
-    source: Source,
+    /// None for a connection counted in the total only.
+    source: Option<Source>,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         let mut s = self.admission.lock();
         s.open = s.open.saturating_sub(1);
-        if let Some(n) = s.by_source.get_mut(&self.source) {
+        let Some(source) = self.source else {
+            return;
+        };
+        if let Some(n) = s.by_source.get_mut(&source) {
             *n -= 1;
             if *n == 0 {
-                s.by_source.remove(&self.source);
+                s.by_source.remove(&source);
             }
         }
     }
@@ -128,18 +132,41 @@ impl Admission {
         from: IpAddr,
         now: Instant,
     ) -> Result<Admitted, (Refused, Option<RefusalSummary>)> {
-        let source = Source::of(from);
+        self.take(from, Some(Source::of(from)), now)
+    }
+
+    /// [`Admission::admit`] for a connection that carries many clients (a
+    /// reverse proxy's), so that only the total bounds it: its clients
+    /// are told apart, and held to their share, further in.
+    pub fn admit_in_total(
+        self: &Arc<Self>,
+        from: IpAddr,
+        now: Instant,
+    ) -> Result<Admitted, (Refused, Option<RefusalSummary>)> {
+        self.take(from, None, now)
+    }
+
+    fn take(
+        self: &Arc<Self>,
+        from: IpAddr,
+        source: Option<Source>,
+        now: Instant,
+    ) -> Result<Admitted, (Refused, Option<RefusalSummary>)> {
         let mut s = self.lock();
-        let from_source = s.by_source.get(&source).copied().unwrap_or(0);
+        let from_source = source
+            .and_then(|source| s.by_source.get(&source).copied())
+            .unwrap_or(0);
         let refused = if s.open >= self.limits.total {
             s.refused_total += 1;
             Refused::Total
-        } else if from_source >= self.limits.per_source {
+        } else if source.is_some() && from_source >= self.limits.per_source {
             s.refused_per_source += 1;
             Refused::PerSource
         } else {
             s.open += 1;
-            *s.by_source.entry(source).or_insert(0) += 1;
+            if let Some(source) = source {
+                *s.by_source.entry(source).or_insert(0) += 1;
+            }
             return Ok(Admitted {
                 admission: self.clone(),
                 source,
@@ -171,22 +198,30 @@ impl Admission {
         what: &str,
         advice: &str,
     ) -> Option<Admitted> {
-        match self.admit(from, now) {
-            Ok(admitted) => Some(admitted),
-            Err((why, summary)) => {
-                metrics::counter!(metric, "reason" => why.as_str()).increment(1);
-                if let Some(s) = summary {
-                    tracing::warn!(
-                        over_total = s.total,
-                        over_per_source = s.per_source,
-                        last_from = %s.last_from,
-                        total_limit = self.limits.total,
-                        per_source_limit = self.limits.per_source,
-                        "turned {what} connections away, too many were open; {advice}"
-                    );
-                }
-                None
-            }
+        self.admit(from, now)
+            .map_err(|refusal| self.count(refusal, metric, what, advice))
+            .ok()
+    }
+
+    /// Counts a refusal in the counter `metric` by reason, and logs the
+    /// summary if one came with it: see [`Admission::admit_or_count`].
+    pub fn count(
+        &self,
+        (why, summary): (Refused, Option<RefusalSummary>),
+        metric: &'static str,
+        what: &str,
+        advice: &str,
+    ) {
+        metrics::counter!(metric, "reason" => why.as_str()).increment(1);
+        if let Some(s) = summary {
+            tracing::warn!(
+                over_total = s.total,
+                over_per_source = s.per_source,
+                last_from = %s.last_from,
+                total_limit = self.limits.total,
+                per_source_limit = self.limits.per_source,
+                "turned {what} connections away, too many were open; {advice}"
+            );
         }
     }
 
@@ -223,6 +258,25 @@ mod tests {
         drop(first);
         let _third = a.admit(v4(1), now).unwrap();
         assert_eq!(a.open(), 3);
+    }
+
+    #[test]
+    fn a_connection_for_many_clients_counts_in_the_total_only() {
+        let a = Admission::new(ConnectionLimits {
+            total: 3,
+            per_source: 1,
+        });
+        let now = Instant::now();
+        let proxy = v4(1);
+        let first = a.admit_in_total(proxy, now).unwrap();
+        let _second = a.admit_in_total(proxy, now).unwrap();
+        // Its address's own share is untouched,
+        let direct = a.admit(proxy, now).unwrap();
+        // and the total holds.
+        assert_eq!(a.admit_in_total(v4(2), now).unwrap_err().0, Refused::Total);
+        drop((first, direct));
+        assert_eq!(a.open(), 1);
+        assert!(a.lock().by_source.is_empty());
     }
 
     #[test]

@@ -1,0 +1,268 @@
+//! Callisto behind a real nginx, configured as docs/operators.md says, with
+//! clients on distinct loopback addresses: each is told apart and held to
+//! its own share, and what a client says about itself is not believed.
+//!
+//! Needs the Debian package nginx (scripts/test.sh installs it).
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Client, Server, TIMEOUT};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::MaybeTlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, http::HeaderValue};
+
+/// nginx, as a reverse proxy in front of `upstream`; killed when dropped.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The proxy part of the configuration in docs/operators.md.
+const LOCATION: &str = r#"
+        location / {
+            proxy_pass http://UPSTREAM;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_read_timeout 1h;
+        }
+"#;
+
+impl Nginx {
+    async fn start(upstream: SocketAddr) -> Nginx {
+        let path = "/usr/sbin/nginx";
+        assert!(
+            std::path::Path::new(path).exists(),
+            "{path} is missing: install the Debian package nginx (bash scripts/test.sh does)"
+        );
+        let dir = std::env::temp_dir().join(format!("callisto-nginx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir(dir);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let d = dir.0.display();
+        let conf = format!(
+            r#"
+daemon off;
+master_process off;
+worker_processes 1;
+# Ignored unless run as root, which otherwise would hand the work to nobody.
+user root;
+error_log stderr warn;
+pid {d}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        '' close;
+    }}
+    server {{
+        listen {addr};
+        {location}
+    }}
+}}
+"#,
+            location = LOCATION.replace("UPSTREAM", &upstream.to_string()),
+        );
+        let conf_path = dir.0.join("nginx.conf");
+        std::fs::File::create(&conf_path)
+            .unwrap()
+            .write_all(conf.as_bytes())
+            .unwrap();
+        let child = Command::new(path)
+            .args(["-e", "stderr", "-p"])
+            .arg(&dir.0)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let nginx = Nginx {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        nginx
+    }
+}
+
+/// A WebSocket to `to` from the loopback address `source`, with an
+/// X-Forwarded-For of its own if given; the HTTP status if refused.
+async fn websocket_from(
+    source: &str,
+    to: SocketAddr,
+    claimed: Option<&str>,
+) -> Result<Client, u16> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    let tcp = socket.connect(to).await.unwrap();
+    let mut request = format!("ws://{to}/ws").into_client_request().unwrap();
+    if let Some(claimed) = claimed {
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", HeaderValue::from_str(claimed).unwrap());
+    }
+    let handshake = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp));
+    match tokio::time::timeout(TIMEOUT, handshake).await.unwrap() {
+        Ok((ws, _)) => Ok(Client { ws }),
+        Err(WsError::Http(response)) => Err(response.status().as_u16()),
+        Err(e) => panic!("websocket handshake from {source}: {e}"),
+    }
+}
+
+/// Log lines, captured from this test's thread (its runtime has only that
+/// one, so the server's tasks log there too).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn behind_nginx_each_client_is_told_apart_and_held_to_its_share() {
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+
+    // The clients are on loopback too, so only nginx's address is trusted.
+    let server = Server::start(&[
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--max-connections-per-ip",
+        "2",
+    ])
+    .await;
+    let nginx = Nginx::start(server.addr).await;
+
+    // Two pages from one address; the second claims to be someone else,
+    // which nginx passes on, left of the address it saw.
+    let mut a1 = websocket_from("127.0.0.2", nginx.addr, None).await.unwrap();
+    a1.join("proxied", "A1").await;
+    let mut a2 = websocket_from("127.0.0.2", nginx.addr, Some("198.51.100.9"))
+        .await
+        .unwrap();
+    a2.join("proxied", "A2").await;
+    // A third from that address is over its share, and is told so.
+    assert_eq!(
+        websocket_from("127.0.0.2", nginx.addr, Some("198.51.100.10"))
+            .await
+            .err(),
+        Some(429)
+    );
+    // Another address has its own share, though all come from nginx.
+    let mut b = websocket_from("127.0.0.3", nginx.addr, None).await.unwrap();
+    b.join("proxied", "B").await;
+    let mut b2 = websocket_from("127.0.0.3", nginx.addr, None).await.unwrap();
+    b2.ping().await;
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("callisto_http_connections_refused_total{reason=\"per_source\"} 1"),
+        "{metrics}"
+    );
+
+    // Straight to the server, a claimed address means nothing.
+    let mut direct = websocket_from("127.0.0.4", server.addr, Some("198.51.100.11"))
+        .await
+        .unwrap();
+    direct.join("proxied", "D").await;
+
+    let text = logs.text();
+    let joined: Vec<&str> = text.lines().filter(|l| l.contains("joined")).collect();
+    assert_eq!(joined.len(), 4, "{text}");
+    assert_eq!(
+        joined
+            .iter()
+            .filter(|l| l.contains("remote=127.0.0.2 (via 127.0.0.1:"))
+            .count(),
+        2,
+        "{text}"
+    );
+    assert!(
+        joined[2].contains("remote=127.0.0.3 (via 127.0.0.1:"),
+        "{text}"
+    );
+    assert!(joined[3].contains("remote=127.0.0.4:"), "{text}");
+    assert!(
+        !text.contains("198.51.100."),
+        "a claimed address was believed: {text}"
+    );
+    assert!(
+        text.contains("turned proxied WebSocket connections away"),
+        "{text}"
+    );
+
+    // A page that leaves gives its place back.
+    drop(a1);
+    let deadline = Instant::now() + TIMEOUT;
+    let mut again = loop {
+        match websocket_from("127.0.0.2", nginx.addr, None).await {
+            Ok(client) => break client,
+            Err(429) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("no place came back: {status}"),
+        }
+    };
+    again.ping().await;
+    drop(nginx);
+}
