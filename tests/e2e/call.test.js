@@ -3,6 +3,7 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import http from 'node:http';
 import path from 'node:path';
 import {
   ARTIFACTS, startServer, launchBrowser, joinCall, waitForRemoteVideos, playingRemotes,
@@ -187,4 +188,40 @@ test('a page whose app cannot load says so instead of staying blank', async () =
   await page.getByLabel('Name', { exact: true }).waitFor({ state: 'visible' });
   assert.equal(await page.locator('#loading').isVisible(), false);
   await context.close();
+});
+
+test('a page of another site cannot open the signaling WebSocket; the app\'s own page can', async () => {
+  // Another site, on another loopback address of this namespace. (A page
+  // from a public address would not get as far: Chromium keeps public
+  // sites from reaching loopback at all, and the server's check matters
+  // when it is on a public address itself.)
+  const site = http.createServer((_req, res) => {
+    res.setHeader('content-type', 'text/html');
+    res.end('<!doctype html><title>elsewhere</title><p>another site</p>');
+  });
+  await new Promise((resolve) => site.listen(0, '127.0.0.2', resolve));
+  const elsewhereUrl = `http://127.0.0.2:${site.address().port}`;
+  const context = await browser.newContext();
+  const opens = (page) => page.evaluate((url) => new Promise((resolve) => {
+    const ws = new WebSocket(url, 'callisto.v1');
+    ws.onopen = () => { ws.close(); resolve('open'); };
+    ws.onclose = (e) => resolve(`closed ${e.code}`);
+  }), `${server.url.replace(/^http/, 'ws')}/ws`);
+  try {
+    const elsewhere = await context.newPage();
+    await elsewhere.goto(elsewhereUrl);
+    assert.equal(await opens(elsewhere), 'closed 1006', 'the handshake is refused');
+    // It was the server that refused it, having read the page's origin.
+    const refused = await eventually(
+      () => server.logs.find((l) => l.includes('another site') && l.includes(elsewhereUrl)),
+      5000, 'the refusal in the server log');
+    assert.match(refused, /"host":"127\.0\.0\.1:\d+"/);
+
+    const own = await context.newPage();
+    await own.goto(server.url);
+    assert.equal(await opens(own), 'open', 'the app\'s own page connects');
+  } finally {
+    await context.close();
+    site.close();
+  }
 });

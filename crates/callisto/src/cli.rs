@@ -290,6 +290,20 @@ pub struct ServeArgs {
     )]
     pub trusted_proxies: Vec<Option<ipnet::IpNet>>,
 
+    /// Pages of another site allowed to open the signaling WebSocket, as
+    /// origins (https://app.example.org, repeatable; `*` for any). Pages
+    /// of this server's own host always may; browsers' WebSockets from
+    /// anywhere else are refused (403), so that other sites cannot use
+    /// this server, and its TURN relay, through their visitors' browsers.
+    #[arg(
+        long = "allowed-origin",
+        value_name = "ORIGIN",
+        env = "CALLISTO_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_parser = crate::origins::parse_flag,
+    )]
+    pub allowed_origins: Vec<crate::origins::AllowedOrigin>,
+
     /// STUN or TURN URL handed to browsers in `welcome.iceServers`, e.g.
     /// stun:stun.example.org:3478 or turn:turn.example.org:3478?transport=udp
     /// (repeatable).

@@ -2,7 +2,7 @@
 //! `/healthz` and `/metrics`, with security headers on every response.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::Router;
@@ -11,12 +11,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use callisto_signal::{ConnectionConfig, SharedHub, handle_socket};
+use callisto_signal::{ConnectionConfig, Remote, SharedHub, handle_socket};
 use callisto_turn::net::admission::Admission;
+use callisto_turn::server::FailureLog;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::origins::{ForeignOrigin, OriginPolicy};
 use crate::trusted_proxies::{TrustedProxies, X_FORWARDED_FOR};
 
 /// The client's address, for logs: put into each request by
@@ -39,6 +41,10 @@ pub struct AppState {
     /// connections were held to the total only when accepted, so each
     /// client is held to its share here.
     pub proxied_clients: Arc<Admission>,
+    /// Which other sites' pages may open WebSockets.
+    pub origins: Arc<OriginPolicy>,
+    /// Bounds the log lines about refused origins.
+    pub origin_log: Arc<Mutex<FailureLog>>,
 }
 
 /// The web port's routes; `/metrics` among them unless `metrics_here` is
@@ -101,6 +107,11 @@ async fn websocket(
         .iter()
         .map(|v| v.as_bytes());
     let remote = state.proxies.client(peer, forwarded_for);
+    let origin = headers.get(header::ORIGIN).map(|v| v.as_bytes());
+    let host = headers.get(header::HOST).map(|v| v.as_bytes());
+    if let Err(foreign) = state.origins.check(origin, host) {
+        return refuse_origin(&state, remote, foreign);
+    }
     // A page holds one WebSocket for as long as it is open: the connection
     // worth holding a client to its share of.
     let place = if state.proxies.trusts(peer.ip()) {
@@ -146,6 +157,32 @@ async fn websocket(
                 drop(place);
             })
         })
+}
+
+/// Answers a WebSocket request from another site's page: 403, a count,
+/// and a line in the log (at most [`FailureLog`]'s).
+fn refuse_origin(state: &AppState, remote: Remote, foreign: ForeignOrigin) -> Response {
+    metrics::counter!("callisto_http_websockets_refused_total", "reason" => "foreign_origin")
+        .increment(1);
+    let logged = state
+        .origin_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(Instant::now());
+    if let Some(left_out) = logged {
+        tracing::info!(
+            %remote,
+            origin = %foreign.origin,
+            host = %foreign.host,
+            left_out,
+            "refused a WebSocket from another site's page; if that page is yours, add --allowed-origin, and behind a proxy, pass the Host header on"
+        );
+    }
+    (
+        StatusCode::FORBIDDEN,
+        format!("{foreign}: pages of other sites need --allowed-origin\n"),
+    )
+        .into_response()
 }
 
 pub(crate) async fn healthz() -> &'static str {

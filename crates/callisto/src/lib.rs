@@ -10,6 +10,7 @@ pub mod http;
 pub mod http_server;
 pub mod logging;
 pub mod open_files;
+pub mod origins;
 pub mod secrets;
 pub mod serve;
 pub mod telemetry;

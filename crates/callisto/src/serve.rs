@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::cli::ServeArgs;
 use crate::connections::LimitedListener;
 use crate::http::{AppState, router};
+use crate::origins::OriginPolicy;
 use crate::trusted_proxies::TrustedProxies;
 use crate::{http_server, tls};
 
@@ -174,6 +175,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         sockets: sockets.clone(),
         proxies,
         proxied_clients: Admission::new(web_limits),
+        origins: Arc::new(OriginPolicy::new(args.allowed_origins.clone())),
+        origin_log: Arc::default(),
     };
     let metrics_addr = match metrics_listener {
         Some(listener) => {

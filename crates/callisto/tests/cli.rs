@@ -50,6 +50,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
         ("--turn-alternate-check", "CALLISTO_TURN_ALTERNATE_CHECK"),
         ("--turn-secrets-file", "CALLISTO_TURN_SECRETS_FILE"),
         ("--trusted-proxy", "CALLISTO_TRUSTED_PROXIES"),
+        ("--allowed-origin", "CALLISTO_ALLOWED_ORIGINS"),
     ] {
         assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         assert!(help.contains(env), "{env} missing from help:\n{help}");

@@ -284,3 +284,50 @@ async fn a_client_that_reads_nothing_is_let_go() {
     let not_reading = "callisto_http_connections_timed_out_total{reason=\"not_reading\"}";
     assert!(server.metric(not_reading).await >= 1.0);
 }
+
+/// A browser's WebSocket must come from a page of this server's host, or
+/// of an origin given with --allowed-origin; other sites' pages are
+/// refused (403), counted and logged. Clients that send no Origin are not
+/// browsers, and are let through.
+#[tokio::test]
+async fn pages_of_other_sites_may_not_open_websockets() {
+    let (logs, _logging) = common::Logs::capture();
+    let server = Server::start(&["--allowed-origin", "https://app.example.org"]).await;
+    let url = server.ws_url();
+    let open = |origin: Option<String>| {
+        let url = url.clone();
+        let addr = server.addr;
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let headers: Vec<(&str, &str)> =
+                origin.iter().map(|o| ("origin", o.as_str())).collect();
+            common::Client::handshake(tcp, &url, &headers).await
+        }
+    };
+    let own = format!("http://{}", server.addr);
+    for origin in [Some(own), Some("https://app.example.org".into()), None] {
+        let mut client = open(origin.clone())
+            .await
+            .unwrap_or_else(|status| panic!("{origin:?} refused: {status}"));
+        client.ping().await;
+    }
+    for origin in ["https://elsewhere.example", "null", "http://127.0.0.2:1"] {
+        assert_eq!(open(Some(origin.into())).await.err(), Some(403), "{origin}");
+    }
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains("callisto_http_websockets_refused_total{reason=\"foreign_origin\"} 3"),
+        "{metrics}"
+    );
+    let text = logs.text();
+    let refusals: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("refused a WebSocket from another site's page"))
+        .collect();
+    assert_eq!(refusals.len(), 3, "{text}");
+    assert!(
+        refusals[0].contains("origin=https://elsewhere.example")
+            && refusals[0].contains(&format!("host={}", server.addr)),
+        "{text}"
+    );
+}

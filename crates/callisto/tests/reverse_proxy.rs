@@ -1,6 +1,7 @@
 //! Callisto behind a real nginx, configured as docs/operators.md says, with
 //! clients on distinct loopback addresses: each is told apart and held to
-//! its own share, and what a client says about itself is not believed.
+//! its own share, what a client says about itself is not believed, and
+//! the site's pages may open WebSockets through it while others' may not.
 //!
 //! Needs the Debian package nginx (scripts/test.sh installs it).
 
@@ -9,14 +10,10 @@ mod common;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Client, Server, TIMEOUT};
+use common::{Client, Logs, Server, TIMEOUT};
 use tokio::net::TcpSocket;
-use tokio_tungstenite::MaybeTlsStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{Error as WsError, http::HeaderValue};
 
 /// nginx, as a reverse proxy in front of `upstream`; killed when dropped.
 struct Nginx {
@@ -127,62 +124,24 @@ http {{
     }
 }
 
-/// A WebSocket to `to` from the loopback address `source`, with an
-/// X-Forwarded-For of its own if given; the HTTP status if refused.
+/// A WebSocket to `to` from the loopback address `source`, with these
+/// headers added; the HTTP status if refused.
 async fn websocket_from(
     source: &str,
     to: SocketAddr,
-    claimed: Option<&str>,
+    headers: &[(&str, &str)],
 ) -> Result<Client, u16> {
     let socket = TcpSocket::new_v4().unwrap();
     socket
         .bind(SocketAddr::new(source.parse().unwrap(), 0))
         .unwrap();
     let tcp = socket.connect(to).await.unwrap();
-    let mut request = format!("ws://{to}/ws").into_client_request().unwrap();
-    if let Some(claimed) = claimed {
-        request
-            .headers_mut()
-            .insert("x-forwarded-for", HeaderValue::from_str(claimed).unwrap());
-    }
-    let handshake = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp));
-    match tokio::time::timeout(TIMEOUT, handshake).await.unwrap() {
-        Ok((ws, _)) => Ok(Client { ws }),
-        Err(WsError::Http(response)) => Err(response.status().as_u16()),
-        Err(e) => panic!("websocket handshake from {source}: {e}"),
-    }
-}
-
-/// Log lines, captured from this test's thread (its runtime has only that
-/// one, so the server's tasks log there too).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
+    Client::handshake(tcp, &format!("ws://{to}/ws"), headers).await
 }
 
 #[tokio::test]
 async fn behind_nginx_each_client_is_told_apart_and_held_to_its_share() {
-    let logs = Logs::default();
-    let sink = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
-    let _logging = tracing::subscriber::set_default(subscriber);
+    let (logs, _logging) = Logs::capture();
 
     // The clients are on loopback too, so only nginx's address is trusted.
     let server = Server::start(&[
@@ -196,24 +155,47 @@ async fn behind_nginx_each_client_is_told_apart_and_held_to_its_share() {
 
     // Two pages from one address; the second claims to be someone else,
     // which nginx passes on, left of the address it saw.
-    let mut a1 = websocket_from("127.0.0.2", nginx.addr, None).await.unwrap();
+    let mut a1 = websocket_from("127.0.0.2", nginx.addr, &[]).await.unwrap();
     a1.join("proxied", "A1").await;
-    let mut a2 = websocket_from("127.0.0.2", nginx.addr, Some("198.51.100.9"))
-        .await
-        .unwrap();
+    let mut a2 = websocket_from(
+        "127.0.0.2",
+        nginx.addr,
+        &[("x-forwarded-for", "198.51.100.9")],
+    )
+    .await
+    .unwrap();
     a2.join("proxied", "A2").await;
     // A third from that address is over its share, and is told so.
     assert_eq!(
-        websocket_from("127.0.0.2", nginx.addr, Some("198.51.100.10"))
-            .await
-            .err(),
+        websocket_from(
+            "127.0.0.2",
+            nginx.addr,
+            &[("x-forwarded-for", "198.51.100.10")]
+        )
+        .await
+        .err(),
         Some(429)
     );
     // Another address has its own share, though all come from nginx.
-    let mut b = websocket_from("127.0.0.3", nginx.addr, None).await.unwrap();
+    let mut b = websocket_from("127.0.0.3", nginx.addr, &[]).await.unwrap();
     b.join("proxied", "B").await;
-    let mut b2 = websocket_from("127.0.0.3", nginx.addr, None).await.unwrap();
+    let mut b2 = websocket_from("127.0.0.3", nginx.addr, &[]).await.unwrap();
     b2.ping().await;
+
+    // A page of the site nginx serves may connect, though nginx passes
+    // the host on without its port; another site's page may not.
+    let site = format!("http://{}", nginx.addr);
+    let mut page = websocket_from("127.0.0.5", nginx.addr, &[("origin", &site)])
+        .await
+        .unwrap();
+    page.ping().await;
+    let foreign = [("origin", "https://elsewhere.example")];
+    assert_eq!(
+        websocket_from("127.0.0.5", nginx.addr, &foreign)
+            .await
+            .err(),
+        Some(403)
+    );
     let (_, metrics) = server.get("/metrics").await;
     assert!(
         metrics.contains("callisto_http_connections_refused_total{reason=\"per_source\"} 1"),
@@ -221,9 +203,13 @@ async fn behind_nginx_each_client_is_told_apart_and_held_to_its_share() {
     );
 
     // Straight to the server, a claimed address means nothing.
-    let mut direct = websocket_from("127.0.0.4", server.addr, Some("198.51.100.11"))
-        .await
-        .unwrap();
+    let mut direct = websocket_from(
+        "127.0.0.4",
+        server.addr,
+        &[("x-forwarded-for", "198.51.100.11")],
+    )
+    .await
+    .unwrap();
     direct.join("proxied", "D").await;
 
     let text = logs.text();
@@ -250,12 +236,21 @@ async fn behind_nginx_each_client_is_told_apart_and_held_to_its_share() {
         text.contains("turned proxied WebSocket connections away"),
         "{text}"
     );
+    let refused = text
+        .lines()
+        .find(|l| l.contains("refused a WebSocket from another site's page"))
+        .unwrap_or_else(|| panic!("no refusal logged: {text}"));
+    assert!(
+        refused.contains("remote=127.0.0.5 (via 127.0.0.1:")
+            && refused.contains("origin=https://elsewhere.example"),
+        "{refused}"
+    );
 
     // A page that leaves gives its place back.
     drop(a1);
     let deadline = Instant::now() + TIMEOUT;
     let mut again = loop {
-        match websocket_from("127.0.0.2", nginx.addr, None).await {
+        match websocket_from("127.0.0.2", nginx.addr, &[]).await {
             Ok(client) => break client,
             Err(429) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -112,6 +112,35 @@ pub enum Ended {
 }
 
 impl Client {
+    /// A WebSocket handshake for `url` over `tcp`, with these headers
+    /// added; the HTTP status if the server refuses.
+    pub async fn handshake(
+        tcp: TcpStream,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+        let mut request = url.into_client_request().unwrap();
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let handshake = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp));
+        match tokio::time::timeout(TIMEOUT, handshake)
+            .await
+            .expect("handshake in time")
+        {
+            Ok((ws, _)) => Ok(Client { ws }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(e) => panic!("websocket handshake for {url}: {e}"),
+        }
+    }
+
     pub async fn connect(url: &str) -> Client {
         let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(url))
             .await
@@ -189,5 +218,37 @@ impl Client {
                 Some(Err(_)) | None => return Ended::Gone,
             }
         }
+    }
+}
+
+/// Log lines, captured from the current thread: a `#[tokio::test]`'s
+/// runtime has only that one, so the server's tasks log there too.
+#[derive(Clone, Default)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures what this thread logs until the guard is dropped.
+    pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }

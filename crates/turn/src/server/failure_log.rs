@@ -4,6 +4,7 @@
 //! anyone can send failures as fast as the network carries them, from as
 //! many spoofed addresses as they like, so the lines are bounded across
 //! the whole process; the failures left out are counted in the next line.
+//! (The web server bounds its lines about refused WebSockets with it too.)
 
 use std::time::{Duration, Instant};
 

@@ -37,6 +37,7 @@ mod failure_log;
 mod routes;
 use budget::{Budget, Direction};
 pub use budget::{BudgetWords, SHARED_BUDGET_WORDS, SharedBudgets};
+pub use failure_log::FailureLog;
 pub use routes::{
     IndicationRoute, IndicationRoute6, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, KernelRoute6,
     RouteChange,
