@@ -109,7 +109,11 @@ async fn websocket(
     let remote = state.proxies.client(peer, forwarded_for);
     let origin = headers.get(header::ORIGIN).map(|v| v.as_bytes());
     let host = headers.get(header::HOST).map(|v| v.as_bytes());
-    if let Err(foreign) = state.origins.check(origin, host) {
+    let forwarded_host = headers
+        .get("x-forwarded-host")
+        .filter(|_| state.proxies.trusts(peer.ip()))
+        .map(|v| v.as_bytes());
+    if let Err(foreign) = state.origins.check(origin, host, forwarded_host) {
         return refuse_origin(&state, remote, foreign);
     }
     // A page holds one WebSocket for as long as it is open: the connection

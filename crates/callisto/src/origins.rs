@@ -69,8 +69,16 @@ impl OriginPolicy {
     }
 
     /// Whether a WebSocket request with these Origin and Host headers may
-    /// go on.
-    pub fn check(&self, origin: Option<&[u8]>, host: Option<&[u8]>) -> Result<(), ForeignOrigin> {
+    /// go on. `forwarded_host` is the X-Forwarded-Host of a request from a
+    /// trusted proxy: one that passes on a Host of its own (Apache's
+    /// default) says there which host the client asked for. (A page
+    /// cannot write that header, nor any other, on a WebSocket request.)
+    pub fn check(
+        &self,
+        origin: Option<&[u8]>,
+        host: Option<&[u8]>,
+        forwarded_host: Option<&[u8]>,
+    ) -> Result<(), ForeignOrigin> {
         let Some(origin) = origin else {
             return Ok(());
         };
@@ -78,10 +86,17 @@ impl OriginPolicy {
             return Ok(());
         }
         let text = std::str::from_utf8(origin).ok();
+        let forwarded = forwarded_host
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .into_iter()
+            .flat_map(|h| h.split(',').map(str::trim));
+        let mut hosts = host
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .into_iter()
+            .chain(forwarded);
         let same_host = text
             .and_then(origin_host)
-            .zip(host.and_then(|h| std::str::from_utf8(h).ok()))
-            .is_some_and(|(page, host)| page.eq_ignore_ascii_case(host_part(host)));
+            .is_some_and(|page| hosts.any(|host| page.eq_ignore_ascii_case(host_part(host))));
         let allowed = text.is_some_and(|o| {
             let o = o.trim_end_matches('/');
             self.allowed.iter().any(|a| a.eq_ignore_ascii_case(o))
@@ -151,8 +166,28 @@ mod tests {
 
     fn check(policy: &OriginPolicy, origin: Option<&str>, host: Option<&str>) -> bool {
         policy
-            .check(origin.map(str::as_bytes), host.map(str::as_bytes))
+            .check(origin.map(str::as_bytes), host.map(str::as_bytes), None)
             .is_ok()
+    }
+
+    #[test]
+    fn a_proxy_may_say_which_host_was_asked_for() {
+        let p = OriginPolicy::default();
+        let asked = |origin: &str, forwarded: &str| {
+            p.check(
+                Some(origin.as_bytes()),
+                Some(b"127.0.0.1:8080"),
+                Some(forwarded.as_bytes()),
+            )
+            .is_ok()
+        };
+        assert!(asked("https://call.example.org", "call.example.org"));
+        assert!(asked(
+            "https://call.example.org",
+            "call.example.org:443, inner.lan"
+        ));
+        assert!(!asked("https://elsewhere.example", "call.example.org"));
+        assert!(!asked("https://call.example.org", ""));
     }
 
     #[test]
@@ -227,7 +262,7 @@ mod tests {
         let p = OriginPolicy::default();
         let long = format!("https://{}\n.example", "a".repeat(200));
         let err = p
-            .check(Some(long.as_bytes()), Some(b"call.example.org"))
+            .check(Some(long.as_bytes()), Some(b"call.example.org"), None)
             .unwrap_err();
         assert!(
             !err.origin.contains('\n') && err.origin.ends_with('…'),
@@ -235,9 +270,13 @@ mod tests {
         );
         assert!(err.origin.chars().count() < 110, "{err:?}");
         assert_eq!(
-            p.check(Some(b"https://evil.example"), Some(b"call.example.org"))
-                .unwrap_err()
-                .to_string(),
+            p.check(
+                Some(b"https://evil.example"),
+                Some(b"call.example.org"),
+                None
+            )
+            .unwrap_err()
+            .to_string(),
             "a page from https://evil.example may not use the signaling of call.example.org"
         );
     }
@@ -253,7 +292,7 @@ mod tests {
             origin in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..120)),
             host in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..120)),
         ) {
-            let _ = OriginPolicy::default().check(origin.as_deref(), host.as_deref());
+            let _ = OriginPolicy::default().check(origin.as_deref(), host.as_deref(), host.as_deref());
         }
 
         /// A page is let through exactly when its host is the request's.
@@ -270,7 +309,7 @@ mod tests {
                 None => format!("{scheme}://{page}"),
             };
             let ok = OriginPolicy::default()
-                .check(Some(origin.as_bytes()), Some(host.as_bytes()))
+                .check(Some(origin.as_bytes()), Some(host.as_bytes()), None)
                 .is_ok();
             prop_assert_eq!(ok, page == host);
         }

@@ -314,9 +314,26 @@ async fn pages_of_other_sites_may_not_open_websockets() {
     for origin in ["https://elsewhere.example", "null", "http://127.0.0.2:1"] {
         assert_eq!(open(Some(origin.into())).await.err(), Some(403), "{origin}");
     }
+    // A proxy that passes a Host of its own (Apache's default) says in
+    // X-Forwarded-Host which host was asked for; only a trusted one is
+    // believed (loopback, by default).
+    let behind_proxy = [
+        ("origin", "https://call.example.org"),
+        ("x-forwarded-host", "call.example.org"),
+    ];
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut proxied = common::Client::handshake(tcp, &url, &behind_proxy)
+        .await
+        .expect("a trusted proxy's X-Forwarded-Host counts");
+    proxied.ping().await;
+    let untrusted = Server::start(&["--trusted-proxy", "127.0.0.2"]).await;
+    let tcp = TcpStream::connect(untrusted.addr).await.unwrap();
+    let refused = common::Client::handshake(tcp, &untrusted.ws_url(), &behind_proxy).await;
+    assert_eq!(refused.err(), Some(403), "anyone else's is not");
+
     let (_, metrics) = server.get("/metrics").await;
     assert!(
-        metrics.contains("callisto_http_websockets_refused_total{reason=\"foreign_origin\"} 3"),
+        metrics.contains("callisto_http_websockets_refused_total{reason=\"foreign_origin\"} 4"),
         "{metrics}"
     );
     let text = logs.text();
@@ -324,7 +341,7 @@ async fn pages_of_other_sites_may_not_open_websockets() {
         .lines()
         .filter(|l| l.contains("refused a WebSocket from another site's page"))
         .collect();
-    assert_eq!(refusals.len(), 3, "{text}");
+    assert_eq!(refusals.len(), 4, "{text}");
     assert!(
         refusals[0].contains("origin=https://elsewhere.example")
             && refusals[0].contains(&format!("host={}", server.addr)),
