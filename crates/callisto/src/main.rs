@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
                 .await?;
                 signals.wait().await;
                 tracing::info!("shutting down");
-                tokio::task::spawn_blocking(move || turn.service.stop()).await?;
+                turn.service.stop().await;
                 Ok(())
             })
         }

@@ -235,7 +235,7 @@ async fn finish(sockets: TaskTracker, turn: Option<callisto_turn::net::TurnServi
         tracing::warn!("some WebSocket connections did not close in time");
     }
     if let Some(turn) = turn {
-        let _ = tokio::task::spawn_blocking(move || turn.stop()).await;
+        turn.stop().await;
     }
 }
 

@@ -72,6 +72,8 @@ struct Callisto {
     proc: Proc,
     /// Every log line so far.
     logs: Arc<Mutex<Vec<String>>>,
+    /// Set once stderr has closed and every line is in `logs`.
+    log_ended: Arc<std::sync::atomic::AtomicBool>,
     turn_port: u16,
     tls_port: Option<u16>,
     http: Option<SocketAddr>,
@@ -230,14 +232,18 @@ fn callisto_with_open_files(
     }
     let logs = Arc::new(Mutex::new(startup));
     let sink = logs.clone();
+    let log_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended = log_ended.clone();
     std::thread::spawn(move || {
         for line in rx {
             sink.lock().unwrap().push(line);
         }
+        ended.store(true, std::sync::atomic::Ordering::Release);
     });
     Callisto {
         proc,
         logs,
+        log_ended,
         turn_port: turn_port.unwrap(),
         tls_port,
         http,
@@ -254,6 +260,20 @@ impl Callisto {
         let rc = unsafe { libc::kill(self.proc.0.id() as i32, libc::SIGHUP) };
         assert_eq!(rc, 0);
         self.wait_for_log(seen, logged)
+    }
+
+    /// Sends SIGTERM and waits up to 10 s for the process to end (its
+    /// stderr to close, every line read).
+    fn terminate(&self) {
+        // SAFETY: kill has no memory effects; the pid is our child's, not
+        // yet reaped (Proc does that when dropped).
+        let rc = unsafe { libc::kill(self.proc.0.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log_ended.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "callisto did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The first log line after the first `seen` that contains `logged`,
@@ -3308,6 +3328,30 @@ fn the_log_says_who_held_which_relay_and_why_it_ended() {
     let ended = logged("allocation ended", local);
     assert_eq!(ended["reason"], "connection closed");
     assert_eq!(ended["relay"], relay.to_string());
+
+    // Allocations still held when the server stops end then, each with
+    // its line, over UDP and TCP alike.
+    let sock = udp_socket("127.0.0.1:0");
+    let mut udp_client = Client::new("alice", "Pa55word", false, 3);
+    udp_client.allocate(Instant::now());
+    let udp_relay = relayed(&drive(&sock, turn, &mut udp_client, allocated_or_failed));
+    let tcp = TcpStream::connect(turn).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let tcp_local = tcp.local_addr().unwrap();
+    let mut tcp_client = Client::new("alice", "Pa55word", true, 4);
+    tcp_client.allocate(Instant::now());
+    let mut link = Link::Tcp(tcp, Vec::new());
+    let tcp_relay = relayed(&drive_over(&mut link, &mut tcp_client, allocated_or_failed));
+    server.terminate();
+    for (client, relay) in [
+        (sock.local_addr().unwrap(), udp_relay),
+        (tcp_local, tcp_relay),
+    ] {
+        let ended = logged("allocation ended", client);
+        assert_eq!(ended["reason"], "server stopped", "{ended}");
+        assert_eq!(ended["relay"], relay.to_string(), "{ended}");
+    }
 
     let logs = server.logs.lock().unwrap().join("\n");
     assert!(!logs.contains("Pa55word"), "the password is in the logs");

@@ -125,12 +125,26 @@ impl TurnService {
         self.connections.clone()
     }
 
-    /// Stops accepting, closes every connection and joins the UDP workers.
-    pub fn stop(self) {
+    /// Stops accepting, closes every connection and joins the UDP workers;
+    /// each ends its allocations, logging them, as it goes.
+    pub async fn stop(self) {
         self.stop.cancel();
-        self.udp.stop();
+        if !self.connections.ended_within(STOP_GRACE).await {
+            tracing::warn!("some TURN connections did not end in time");
+        }
+        let udp = self.udp;
+        if tokio::task::spawn_blocking(move || udp.stop())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a TURN UDP worker did not stop cleanly");
+        }
     }
 }
+
+/// How long stopping waits for stream connections to end their
+/// allocations: each does so at once, unless its runtime is starved.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Adds what the kernel relay relayed to the metrics, every second.
 async fn report_kernel_relay(kernel: Arc<KernelRelay>, stop: CancellationToken) {

@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::admission::Admission;
 use super::icmp;
@@ -53,6 +54,9 @@ pub struct StreamConnections {
     /// allocations of UDP clients from it.
     udp: Arc<StdUdpSocket>,
     stop: CancellationToken,
+    /// The connections being served, so that stopping can wait for each
+    /// to end its allocation.
+    tasks: TaskTracker,
     seed: Arc<AtomicU32>,
     write_stall: Duration,
 }
@@ -69,6 +73,7 @@ impl StreamConnections {
             shared,
             udp,
             stop,
+            tasks: TaskTracker::new(),
             seed: Arc::new(AtomicU32::new(0)),
             write_stall: WRITE_STALL,
         }
@@ -76,6 +81,7 @@ impl StreamConnections {
 
     /// Serves one connection until it ends or the service stops.
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S, five: FiveTuple) {
+        let _tracked = self.tasks.token();
         let setup = Setup {
             five,
             relay: self.relay.clone(),
@@ -91,6 +97,13 @@ impl StreamConnections {
         connection(stream, setup).await;
         metrics::gauge!("callisto_turn_stream_connections", "transport" => transport)
             .decrement(1.0);
+    }
+
+    /// Waits, up to `grace`, for the connections to end once the service
+    /// is stopping; false if some did not.
+    pub(crate) async fn ended_within(&self, grace: Duration) -> bool {
+        self.tasks.close();
+        tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
     }
 
     /// Serves a TLS connection that another listener accepted, admitted,
@@ -332,6 +345,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     tokio::pin!(timer);
     let delivered = inbox.notify.notified();
     tokio::pin!(delivered);
+    let mut stopping = false;
     let result: io::Result<()> = async {
         loop {
             let wake = server
@@ -342,7 +356,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                 timer.as_mut().reset(wake.into());
             }
             tokio::select! {
-                _ = &mut stopped => return Ok(()),
+                _ = &mut stopped => {
+                    stopping = true;
+                    return Ok(());
+                }
                 read = stream.read_buf(&mut inbuf) => {
                     if read? == 0 {
                         return Ok(());
@@ -483,7 +500,11 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     if let Err(e) = result {
         tracing::debug!(client = %five.client, error = %e, "TURN stream connection ended");
     }
-    server.on_client_closed(Instant::now(), five);
+    if stopping {
+        server.end_all(Instant::now());
+    } else {
+        server.on_client_closed(Instant::now(), five);
+    }
     inbox.close();
 }
 

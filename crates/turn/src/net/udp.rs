@@ -373,9 +373,10 @@ impl Worker {
         while !stop.load(Ordering::Relaxed) {
             if let Err(e) = self.round(&mut rounds) {
                 tracing::error!(error = %e, "TURN UDP worker: poll failed");
-                return;
+                break;
             }
         }
+        self.server.end_all(Instant::now());
     }
 
     /// Waits for sockets to become readable (not at all while some are left

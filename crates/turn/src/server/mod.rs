@@ -720,6 +720,8 @@ enum Ended {
     ConnectionClosed,
     /// Its Allocate asked for what could not be done after all.
     Refused,
+    /// The server (or the worker holding it) stopped.
+    ServerStopped,
 }
 
 impl Ended {
@@ -729,6 +731,7 @@ impl Ended {
             Ended::Expired => "expired",
             Ended::ConnectionClosed => "connection closed",
             Ended::Refused => "refused",
+            Ended::ServerStopped => "server stopped",
         }
     }
 }
@@ -1363,6 +1366,16 @@ impl<A: RelayAllocator> Server<A> {
             .retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(10));
         self.next_sweep = (!self.by_five.is_empty() || !self.unauth.is_empty())
             .then(|| now + Duration::from_secs(1));
+    }
+
+    /// Ends every allocation, as the server stops: each is logged as
+    /// ended, with what it relayed, so that the log says until when its
+    /// client held its relay, and its quota places are given back.
+    pub fn end_all(&mut self, now: Instant) {
+        let live: Vec<u32> = self.by_five.values().copied().collect();
+        for slot in live {
+            self.remove_allocation(slot, Ended::ServerStopped, now);
+        }
     }
 
     /// Drops every allocation of a client whose stream connection closed.

@@ -1093,6 +1093,33 @@ fn allocations_expire_by_themselves() {
     assert_eq!(shared.allocation_count(), 0);
 }
 
+/// A worker that stops ends its allocations (each logged as ended) and
+/// gives their places back; the other workers' stay.
+#[test]
+fn a_stopping_worker_ends_its_allocations_and_gives_their_places_back() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.max_allocations = 3;
+    let relays = FakeRelays::default();
+    let (shared, mut stopping) = setup_with(cfg, &relays, t0);
+    let other_relays = FakeRelays::default();
+    let mut other = Server::new(shared.clone(), other_relays.clone());
+    allocated(&mut stopping, five(1), t0);
+    allocated(&mut stopping, five(2), t0);
+    allocated(&mut other, five(3), t0);
+    assert_eq!(shared.allocation_count(), 3);
+
+    stopping.end_all(t0 + Duration::from_secs(5));
+    assert_eq!(stopping.allocation_count(), 0);
+    assert!(relays.live.borrow().is_empty());
+    assert_eq!(other.allocation_count(), 1);
+    assert_eq!(other_relays.live.borrow().len(), 1);
+    assert_eq!(shared.allocation_count(), 1);
+    // The places are free again: the server takes two more.
+    allocated(&mut other, five(4), t0);
+    allocated(&mut other, five(5), t0);
+}
+
 #[test]
 fn quotas() {
     let t0 = Instant::now();
