@@ -249,7 +249,11 @@ fn announce(running: &Running, args: &ServeArgs) {
         eprintln!("Self-signed certificate SHA-256 fingerprint: {fp}");
     }
     let url = running.url();
-    tracing::info!(%url, "Callisto is serving; open it in a browser");
+    tracing::info!(
+        %url,
+        version = env!("CARGO_PKG_VERSION"),
+        "Callisto is serving; open it in a browser"
+    );
     if running.scheme == "http" && !running.local_addr.ip().is_loopback() {
         tracing::warn!(
             "serving plain HTTP beyond this machine: browsers allow camera and microphone only on https:// or localhost; add --tls-self-signed or --tls-cert/--tls-key"

@@ -32,12 +32,22 @@ pub fn install() -> PrometheusHandle {
                 );
             }
             describe();
+            // Which build is running, in the form dashboards join on.
+            metrics::gauge!("callisto_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
 }
 
 fn describe() {
+    metrics::describe_gauge!(
+        "callisto_build_info",
+        "1, labelled with the version of Callisto running."
+    );
+    metrics::describe_counter!(
+        "callisto_panics_total",
+        "Panics (bugs), each logged at error with its thread and place."
+    );
     metrics::describe_counter!(
         "callisto_signaling_messages_received_total",
         "Valid signaling messages received, by type."

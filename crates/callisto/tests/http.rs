@@ -70,6 +70,11 @@ async fn healthz_and_metrics() {
         "# TYPE callisto_room_size histogram",
         "callisto_rooms ",
         "callisto_clients ",
+        format!(
+            "callisto_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )
+        .as_str(),
     ] {
         assert!(body.contains(needle), "missing {needle} in\n{body}");
     }
@@ -95,6 +100,11 @@ async fn metrics_on_a_port_of_their_own() {
         "callisto_signaling_queued_bytes ",
         "callisto_rooms ",
         "callisto_clients ",
+        format!(
+            "callisto_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )
+        .as_str(),
     ] {
         assert!(body.contains(needle), "missing {needle} in\n{body}");
     }
