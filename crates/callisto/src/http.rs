@@ -102,6 +102,7 @@ async fn websocket(
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let from_proxy = state.proxies.trusts(peer.ip());
     let forwarded_for = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
@@ -111,14 +112,14 @@ async fn websocket(
     let host = headers.get(header::HOST).map(|v| v.as_bytes());
     let forwarded_host = headers
         .get("x-forwarded-host")
-        .filter(|_| state.proxies.trusts(peer.ip()))
+        .filter(|_| from_proxy)
         .map(|v| v.as_bytes());
     if let Err(foreign) = state.origins.check(origin, host, forwarded_host) {
         return refuse_origin(&state, remote, foreign);
     }
     // A page holds one WebSocket for as long as it is open: the connection
     // worth holding a client to its share of.
-    let place = if state.proxies.trusts(peer.ip()) {
+    let place = if from_proxy {
         match state.proxied_clients.admit(remote.ip(), Instant::now()) {
             Ok(place) => Some(place),
             Err(refusal) => {

@@ -9,12 +9,8 @@ use common::Logs;
 #[test]
 fn a_panic_is_logged_as_an_error_with_its_thread_and_place() {
     let logs = Logs::default();
-    let sink = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).unwrap();
+    // Global: the panicking thread is not this one.
+    tracing::subscriber::set_global_default(logs.subscriber()).unwrap();
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .unwrap();

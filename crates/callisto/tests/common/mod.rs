@@ -240,12 +240,17 @@ impl Logs {
     /// Captures what this thread logs until the guard is dropped.
     pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
         let logs = Logs::default();
-        let sink = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
+        let guard = tracing::subscriber::set_default(logs.subscriber());
+        (logs, guard)
+    }
+
+    /// A subscriber that writes here, as text.
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        let sink = self.clone();
+        tracing_subscriber::fmt()
             .with_ansi(false)
             .with_writer(move || sink.clone())
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+            .finish()
     }
 
     pub fn text(&self) -> String {
