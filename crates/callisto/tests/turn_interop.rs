@@ -3315,14 +3315,19 @@ fn the_log_says_who_held_which_relay_and_why_it_ended() {
         assert_eq!(ended[field], n, "{field}: {ended}");
     }
 
-    let tcp = TcpStream::connect(turn).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let local = tcp.local_addr().unwrap();
-    let mut client = Client::new("alice", "Pa55word", true, 2);
-    client.allocate(Instant::now());
-    let mut link = Link::Tcp(tcp, Vec::new());
-    let relay = relayed(&drive_over(&mut link, &mut client, allocated_or_failed));
+    // An allocation over TCP: its link, the client's address, the relay.
+    let allocated_over_tcp = |seed: u64| {
+        let tcp = TcpStream::connect(turn).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let local = tcp.local_addr().unwrap();
+        let mut client = Client::new("alice", "Pa55word", true, seed);
+        client.allocate(Instant::now());
+        let mut link = Link::Tcp(tcp, Vec::new());
+        let relay = relayed(&drive_over(&mut link, &mut client, allocated_or_failed));
+        (link, local, relay)
+    };
+    let (link, local, relay) = allocated_over_tcp(2);
     assert_eq!(logged("allocation created", local)["transport"], "tcp");
     drop(link);
     let ended = logged("allocation ended", local);
@@ -3335,14 +3340,7 @@ fn the_log_says_who_held_which_relay_and_why_it_ended() {
     let mut udp_client = Client::new("alice", "Pa55word", false, 3);
     udp_client.allocate(Instant::now());
     let udp_relay = relayed(&drive(&sock, turn, &mut udp_client, allocated_or_failed));
-    let tcp = TcpStream::connect(turn).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let tcp_local = tcp.local_addr().unwrap();
-    let mut tcp_client = Client::new("alice", "Pa55word", true, 4);
-    tcp_client.allocate(Instant::now());
-    let mut link = Link::Tcp(tcp, Vec::new());
-    let tcp_relay = relayed(&drive_over(&mut link, &mut tcp_client, allocated_or_failed));
+    let (_link, tcp_local, tcp_relay) = allocated_over_tcp(4);
     server.terminate();
     for (client, relay) in [
         (sock.local_addr().unwrap(), udp_relay),
