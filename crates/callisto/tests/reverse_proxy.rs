@@ -1,4 +1,4 @@
-//! Callisto behind a real nginx, configured as docs/operators.md says, with
+//! Callisto behind a real nginx, configured by contrib/nginx-site.conf, with
 //! clients on distinct loopback addresses: each is told apart and held to
 //! its own share, what a client says about itself is not believed, and
 //! the site's pages may open WebSockets through it while others' may not.
@@ -37,18 +37,40 @@ impl Drop for TempDir {
     }
 }
 
-/// The proxy part of the configuration in docs/operators.md.
-const LOCATION: &str = r#"
-        location / {
-            proxy_pass http://UPSTREAM;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_read_timeout 1h;
-        }
-"#;
+/// The site configuration operators are given, and docs/operators.md shows.
+const SITE: &str = include_str!("../../../contrib/nginx-site.conf");
+
+/// [`SITE`], listening on `addr` without TLS and passing to `upstream`.
+fn site_for_test(addr: SocketAddr, upstream: SocketAddr) -> String {
+    let mut site = SITE.to_owned();
+    for (from, to) in [
+        ("listen 443 ssl;", format!("listen {addr};")),
+        ("http://127.0.0.1:8080;", format!("http://{upstream};")),
+    ] {
+        assert!(
+            site.contains(from),
+            "contrib/nginx-site.conf has no {from:?}"
+        );
+        site = site.replace(from, &to);
+    }
+    let lines = site.lines().count();
+    let site: String = site
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("ssl_certificate"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(site.lines().count(), lines - 2, "the two certificate lines");
+    site
+}
+
+#[test]
+fn the_operators_guide_shows_the_tested_site_configuration() {
+    let guide = include_str!("../../../docs/operators.md");
+    assert!(
+        guide.contains(&format!("```\n{SITE}```")),
+        "docs/operators.md must show contrib/nginx-site.conf as it is"
+    );
+}
 
 impl Nginx {
     async fn start(upstream: SocketAddr) -> Nginx {
@@ -84,17 +106,10 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    map $http_upgrade $connection_upgrade {{
-        default upgrade;
-        '' close;
-    }}
-    server {{
-        listen {addr};
-        {location}
-    }}
+{site}
 }}
 "#,
-            location = LOCATION.replace("UPSTREAM", &upstream.to_string()),
+            site = site_for_test(addr, upstream),
         );
         let conf_path = dir.0.join("nginx.conf");
         std::fs::File::create(&conf_path)
