@@ -134,14 +134,7 @@ fn host_part(authority: &str) -> &str {
 
 /// A header value fit for a log line: escaped, and cut at 100 characters.
 fn printable(value: &[u8]) -> String {
-    let text = String::from_utf8_lossy(value);
-    let cut: String = text.chars().take(100).collect();
-    let escaped = cut.escape_debug().to_string();
-    if text.chars().count() > 100 {
-        escaped + "…"
-    } else {
-        escaped
-    }
+    callisto_turn::server::loggable(value, 100)
 }
 
 /// Reads an `--allowed-origin` value.

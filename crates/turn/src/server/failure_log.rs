@@ -8,6 +8,18 @@
 
 use std::time::{Duration, Instant};
 
+/// What a client sent, fit for a log line: read as UTF-8 (lossily), cut
+/// at `max_chars` characters ("…" marking the cut), and escaped, so that
+/// it can neither flood a line nor forge another.
+pub fn loggable(bytes: &[u8], max_chars: usize) -> String {
+    let lossy = String::from_utf8_lossy(bytes);
+    let mut cut: String = lossy.chars().take(max_chars).collect();
+    if lossy.chars().nth(max_chars).is_some() {
+        cut.push('…');
+    }
+    cut.escape_debug().to_string()
+}
+
 /// Lines allowed per [`WINDOW`].
 pub const LINES_PER_WINDOW: u32 = 10;
 const WINDOW: Duration = Duration::from_secs(1);
@@ -42,6 +54,15 @@ impl FailureLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_client_sent_is_cut_and_escaped() {
+        assert_eq!(loggable(b"alice", 64), "alice");
+        assert_eq!(loggable(b"abcdef", 3), "abc…");
+        assert_eq!(loggable(b"abc", 3), "abc");
+        assert_eq!(loggable(b"a\nforged line", 64), "a\\nforged line");
+        assert_eq!(loggable(b"\xffok", 64), "\u{fffd}ok");
+    }
 
     #[test]
     fn ten_lines_a_second_and_the_rest_counted_in_the_next() {

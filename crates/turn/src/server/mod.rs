@@ -37,7 +37,7 @@ mod failure_log;
 mod routes;
 use budget::{Budget, Direction};
 pub use budget::{BudgetWords, SHARED_BUDGET_WORDS, SharedBudgets};
-pub use failure_log::FailureLog;
+pub use failure_log::{FailureLog, loggable};
 pub use routes::{
     IndicationRoute, IndicationRoute6, KERNEL_ROUTES_PER_ALLOCATION, KernelRoute, KernelRoute6,
     RouteChange,
@@ -2645,16 +2645,11 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .admit(now);
         let Some(left_out) = admitted else { return };
-        let lossy = String::from_utf8_lossy(username);
-        let mut name: String = lossy.chars().take(64).collect();
-        if lossy.chars().nth(64).is_some() {
-            name.push('…');
-        }
         tracing::info!(
             client = %five.client,
             transport = five.transport.as_str(),
             request = method_name(method),
-            username = %name.escape_debug(),
+            username = %loggable(username, 64),
             reason,
             left_out,
             "TURN authentication failed"
