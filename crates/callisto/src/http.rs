@@ -45,6 +45,8 @@ pub struct AppState {
     pub origins: Arc<OriginPolicy>,
     /// Bounds the log lines about refused origins.
     pub origin_log: Arc<Mutex<FailureLog>>,
+    /// What `/healthz` checks.
+    pub health: crate::health::Health,
 }
 
 /// The web port's routes; `/metrics` among them unless `metrics_here` is
@@ -190,8 +192,8 @@ fn refuse_origin(state: &AppState, remote: Remote, foreign: ForeignOrigin) -> Re
         .into_response()
 }
 
-pub(crate) async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(state): State<AppState>) -> Response {
+    state.health.response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod connections;
 pub mod flag_files;
+pub mod health;
 pub mod http;
 pub mod http_server;
 pub mod logging;

@@ -3,6 +3,8 @@
 
 use anyhow::Context;
 use callisto::cli::{BenchCommand, Cli, Command};
+use callisto::health::Health;
+use callisto::telemetry::StandaloneMetrics;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -21,9 +23,10 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async move {
                 let signals = StopSignals::install()?;
-                if let Some(listen) = args.metrics_listen {
-                    callisto::telemetry::serve_standalone(listen).await?;
-                }
+                let metrics = match args.metrics_listen {
+                    Some(listen) => Some(StandaloneMetrics::bind(listen).await?),
+                    None => None,
+                };
                 let tls = callisto::tls::from_args(&args.tls)?;
                 if let Some(setup) = &tls {
                     callisto::tls::keep_fresh(
@@ -41,6 +44,9 @@ fn main() -> anyhow::Result<()> {
                     std::time::Duration::from_secs(86_400),
                 )
                 .await?;
+                if let Some(metrics) = metrics {
+                    metrics.serve(Health::default().with_turn(turn.service.health()))?;
+                }
                 signals.wait().await;
                 tracing::info!("shutting down");
                 turn.service.stop().await;

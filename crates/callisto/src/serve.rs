@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::ServeArgs;
 use crate::connections::LimitedListener;
+use crate::health::Health;
 use crate::http::{AppState, router};
 use crate::origins::OriginPolicy;
 use crate::trusted_proxies::TrustedProxies;
@@ -177,14 +178,20 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         proxied_clients: Admission::new(web_limits),
         origins: Arc::new(OriginPolicy::new(args.allowed_origins.clone())),
         origin_log: Arc::default(),
+        health: match &turn {
+            Some(t) => Health::default().with_turn(t.service.health()),
+            None => Health::default(),
+        },
     };
     let metrics_addr = match metrics_listener {
         Some(listener) => {
+            let health = state.health.clone();
             let state = state.clone();
             let text = Arc::new(move || crate::http::metrics_text(&state));
             Some(crate::telemetry::serve_on_own_port(
                 listener,
                 text,
+                health,
                 shutdown.clone(),
             )?)
         }

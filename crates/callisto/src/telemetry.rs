@@ -17,6 +17,8 @@ use callisto_signal::HubStats;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Health;
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide recorder on first call; later calls (a second
@@ -120,17 +122,32 @@ pub fn render(handle: &PrometheusHandle, stats: &HubStats, queued_bytes: usize) 
 /// Content type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves `/metrics` and `/healthz` over plain HTTP on a listener of their
-/// own, for `callisto turn`, which has no web server; returns the bound
-/// address. Runs until the process ends.
-pub async fn serve_standalone(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let handle = install();
-    let listener = bind_own_port(listen).await?;
-    serve_on_own_port(
-        listener,
-        Arc::new(move || handle.render()),
-        CancellationToken::new(),
-    )
+/// `/metrics` and `/healthz` for `callisto turn`, which has no web
+/// server: bound before TURN starts, so that a taken port stops it first
+/// and the recorder is in place before anything records; served once
+/// TURN runs, for its health.
+pub struct StandaloneMetrics {
+    handle: PrometheusHandle,
+    listener: tokio::net::TcpListener,
+}
+
+impl StandaloneMetrics {
+    pub async fn bind(listen: SocketAddr) -> anyhow::Result<Self> {
+        let handle = install();
+        let listener = bind_own_port(listen).await?;
+        Ok(StandaloneMetrics { handle, listener })
+    }
+
+    /// Serves until the process ends; returns the bound address.
+    pub fn serve(self, health: Health) -> anyhow::Result<SocketAddr> {
+        let handle = self.handle;
+        serve_on_own_port(
+            self.listener,
+            Arc::new(move || handle.render()),
+            health,
+            CancellationToken::new(),
+        )
+    }
 }
 
 /// The text `/metrics` answers with, made at each scrape.
@@ -145,11 +162,12 @@ pub async fn bind_own_port(listen: SocketAddr) -> anyhow::Result<tokio::net::Tcp
     })
 }
 
-/// Serves `/metrics` (with `text`) and `/healthz` over plain HTTP on
-/// `listener` until `stop`; returns its address.
+/// Serves `/metrics` (with `text`) and `/healthz` (with `health`) over
+/// plain HTTP on `listener` until `stop`; returns its address.
 pub fn serve_on_own_port(
     listener: tokio::net::TcpListener,
     text: MetricsText,
+    health: Health,
     stop: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let bound = listener.local_addr()?;
@@ -172,7 +190,7 @@ pub fn serve_on_own_port(
                 async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], text) }
             }),
         )
-        .route("/healthz", get(crate::http::healthz));
+        .route("/healthz", get(move || async move { health.response() }));
     tokio::spawn(crate::http_server::serve(
         listener,
         app,

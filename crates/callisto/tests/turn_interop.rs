@@ -301,8 +301,15 @@ impl Callisto {
     }
 
     fn metrics(&self) -> String {
+        self.get("/metrics")
+    }
+
+    /// The whole HTTP response to `GET path`.
+    fn get(&self, path: &str) -> String {
         let mut tcp = TcpStream::connect(self.http.expect("an HTTP listener")).unwrap();
-        let request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let request = request.as_bytes();
         let mut out = Vec::new();
         if self.https {
             let conn = rustls::ClientConnection::new(
@@ -672,8 +679,13 @@ fn ipv6_relays_for_uclient_over_udp_and_tcp() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("IPv6. UDP reflexive addr: ::1:"), "{text}");
 
-    // Standalone, metrics come from --metrics-listen.
+    // Standalone, metrics come from --metrics-listen, and so does health.
     assert_relayed_packets(&server.metrics(), &["udp", "tcp"], 2000.0);
+    let health = server.get("/healthz");
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.ends_with("\r\n\r\nok\n"),
+        "{health}"
+    );
 }
 
 /// With an IPv4 and an IPv6 relay address, a client gets an IPv4 relay

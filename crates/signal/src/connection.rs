@@ -7,8 +7,10 @@
 //! one queue, so replies keep their order. A writer future, polled beside the
 //! reads, drains the queue and pings: a client that stops reading stalls only
 //! the writer, so eviction, the heartbeat and shutdown still act at once.
-//! Closing sends a close frame.
+//! Closing sends a close frame. A panic (a bug) ends only its connection,
+//! whose peer leaves its room as on any disconnect.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,11 +18,11 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use callisto_protocol::{ClientMessage, ErrorCode, IceServer, ServerMessage, decode_client};
 use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::hub::{Frame, Hub, PeerSink, SinkFull};
 use crate::rate::{RateLimiter, Verdict};
@@ -211,6 +213,7 @@ struct Closing {
 const GOING_AWAY: u16 = 1001;
 const POLICY: u16 = 1008;
 const TOO_BIG: u16 = 1009;
+const INTERNAL_ERROR: u16 = 1011;
 
 /// How long a closing connection has to take what is still queued for it
 /// (the error that explains the close, say), and then the close frame.
@@ -278,59 +281,78 @@ pub async fn handle_socket(
     let closing = {
         let writer = write_queue(&mut ws_tx, &mut queue, every, &finish);
         tokio::pin!(writer);
-        let closing: Option<Closing> = loop {
-            tokio::select! {
-                _ = &mut shutting_down => break Some(Closing { code: GOING_AWAY, reason: "server shutting down" }),
-                _ = &mut evicted => break Some(Closing { code: POLICY, reason: "too slow: send queue full" }),
-                // It ends only when a write fails: the connection is gone.
-                _ = &mut writer => break None,
-                _ = heartbeat.tick() => {
-                    if last_seen.elapsed() > cfg.heartbeat_timeout {
-                        info!(%remote, peer = conn.peer_id(), "heartbeat timeout");
-                        break Some(Closing { code: GOING_AWAY, reason: "heartbeat timeout" });
-                    }
-                }
-                _ = tick_if_some(ice_renewal.as_mut()) => {
-                    if let Some(closing) = conn.renew_ice_servers() {
-                        break Some(closing);
-                    }
-                }
-                () = changed_if_some(&mut ice_changes) => {
-                    if let Some(closing) = conn.renew_ice_servers() {
-                        break Some(closing);
-                    }
-                }
-                incoming = ws_rx.next() => {
-                    last_seen = Instant::now();
-                    match incoming {
-                        None | Some(Ok(Message::Close(_))) => break None,
-                        Some(Err(e)) => {
-                            // tungstenite reports frames over its size limit as errors.
-                            if is_capacity_error(&e) {
-                                break conn.too_large();
-                            }
-                            debug!(%remote, error = %e, "websocket read error");
-                            break None;
+        let served = AssertUnwindSafe(async {
+            loop {
+                tokio::select! {
+                    _ = &mut shutting_down => break Some(Closing { code: GOING_AWAY, reason: "server shutting down" }),
+                    _ = &mut evicted => break Some(Closing { code: POLICY, reason: "too slow: send queue full" }),
+                    // It ends only when a write fails: the connection is gone.
+                    _ = &mut writer => break None,
+                    _ = heartbeat.tick() => {
+                        if last_seen.elapsed() > cfg.heartbeat_timeout {
+                            info!(%remote, peer = conn.peer_id(), "heartbeat timeout");
+                            break Some(Closing { code: GOING_AWAY, reason: "heartbeat timeout" });
                         }
-                        Some(Ok(Message::Text(text))) => {
-                            if let Some(closing) = conn.on_text(text.as_str()) {
-                                break Some(closing);
-                            }
+                    }
+                    _ = tick_if_some(ice_renewal.as_mut()) => {
+                        if let Some(closing) = conn.renew_ice_servers() {
+                            break Some(closing);
                         }
-                        Some(Ok(Message::Binary(_))) => {
-                            if let Some(closing) = conn.reply_error(ErrorCode::BadMessage, "binary frames are not supported; send JSON text frames") {
-                                break Some(closing);
-                            }
+                    }
+                    () = changed_if_some(&mut ice_changes) => {
+                        if let Some(closing) = conn.renew_ice_servers() {
+                            break Some(closing);
                         }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    }
+                    incoming = ws_rx.next() => {
+                        last_seen = Instant::now();
+                        match incoming {
+                            None | Some(Ok(Message::Close(_))) => break None,
+                            Some(Err(e)) => {
+                                // tungstenite reports frames over its size limit as errors.
+                                if is_capacity_error(&e) {
+                                    break conn.too_large();
+                                }
+                                debug!(%remote, error = %e, "websocket read error");
+                                break None;
+                            }
+                            Some(Ok(Message::Text(text))) => {
+                                if let Some(closing) = conn.on_text(text.as_str()) {
+                                    break Some(closing);
+                                }
+                            }
+                            Some(Ok(Message::Binary(_))) => {
+                                if let Some(closing) = conn.reply_error(ErrorCode::BadMessage, "binary frames are not supported; send JSON text frames") {
+                                    break Some(closing);
+                                }
+                            }
+                            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        }
                     }
                 }
+            }
+        })
+        .catch_unwind()
+        .await;
+        let (closing, panicked) = match served {
+            Ok(closing) => (closing, false),
+            Err(_) => {
+                // The panic itself was logged by the panic hook.
+                error!(%remote, peer = conn.peer_id(), "signaling connection closed: a bug cut it short (report the panic above)");
+                (
+                    Some(Closing {
+                        code: INTERNAL_ERROR,
+                        reason: "server error",
+                    }),
+                    true,
+                )
             }
         };
         conn.leave("disconnected");
         // Flush what is already queued (an error explaining the close,
-        // say), unless the client was evicted for not reading it.
-        if closing.is_some() && !sink.evicted.is_cancelled() {
+        // say), unless the client was evicted for not reading it, or the
+        // writer may be what panicked.
+        if closing.is_some() && !panicked && !sink.evicted.is_cancelled() {
             finish.cancel();
             let _ = tokio::time::timeout(CLOSE_WAIT, writer).await;
         }
@@ -467,6 +489,10 @@ impl Conn {
     }
 
     fn on_text(&mut self, text: &str) -> Option<Closing> {
+        #[cfg(test)]
+        if text == tests::PANIC_TRIGGER {
+            panic!("the test's message");
+        }
         if text.len() > self.cfg.max_message_bytes {
             return self.too_large();
         }
@@ -599,6 +625,110 @@ fn explain(code: ErrorCode) -> &'static str {
 mod tests {
     use super::*;
     use callisto_protocol::ServerMessage;
+
+    /// A text frame that makes its connection panic, in these tests only.
+    pub(super) const PANIC_TRIGGER: &str = "the test's panic";
+
+    /// A panic in one connection (a bug) closes it with 1011, and its peer
+    /// leaves its room as on any disconnect: the others hear `peer-left`,
+    /// and go on.
+    #[tokio::test]
+    async fn a_panic_ends_only_its_connection_and_its_peer_leaves_the_room() {
+        use axum::extract::WebSocketUpgrade;
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+        let mut ids = 0;
+        let hub: SharedHub = Arc::new(Mutex::new(Hub::new(
+            crate::hub::HubLimits {
+                max_room_size: 8,
+                max_rooms: 8,
+            },
+            move || {
+                ids += 1;
+                format!("p{ids}")
+            },
+        )));
+        let cfg = Arc::new(ConnectionConfig {
+            max_message_bytes: 1 << 16,
+            heartbeat_timeout: Duration::from_secs(30),
+            rate_per_sec: 100,
+            rate_burst: 100,
+            rate_strikes: 20,
+            send_queue: 64,
+            send_queue_bytes: 1 << 20,
+            send_budget: unbounded(),
+            ice_servers: Arc::new(Vec::new),
+            ice_renewal: None,
+            ice_changes: None,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = hub.clone();
+        let app = axum::Router::new().route(
+            "/ws",
+            axum::routing::get(move |ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(move |socket| {
+                    handle_socket(
+                        socket,
+                        shared,
+                        cfg,
+                        CancellationToken::new(),
+                        Remote::Direct(addr),
+                    )
+                })
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let url = format!("ws://{addr}/ws");
+        let (mut a, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let (mut b, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let join = r#"{"type":"join","room":"r","name":"n"}"#;
+        // The next JSON message of `type`, skipping others.
+        async fn next_of(
+            ws: &mut tokio_tungstenite::WebSocketStream<
+                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+            >,
+            kind: &str,
+        ) -> serde_json::Value {
+            loop {
+                let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                    .await
+                    .expect("a message in time")
+                    .expect("open")
+                    .expect("no error");
+                if let WsMessage::Text(t) = msg {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["type"] == kind {
+                        return v;
+                    }
+                }
+            }
+        }
+        a.send(WsMessage::text(join)).await.unwrap();
+        let a_id = next_of(&mut a, "welcome").await["id"].clone();
+        b.send(WsMessage::text(join)).await.unwrap();
+        next_of(&mut b, "welcome").await;
+
+        a.send(WsMessage::text(PANIC_TRIGGER)).await.unwrap();
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(10), a.next())
+                .await
+                .expect("closed in time")
+            {
+                Some(Ok(WsMessage::Close(frame))) => break frame.expect("a close frame"),
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        };
+        assert_eq!(u16::from(close.code), INTERNAL_ERROR);
+        assert_eq!(close.reason.as_str(), "server error");
+        assert_eq!(next_of(&mut b, "peer-left").await["id"], a_id);
+        b.send(WsMessage::text(r#"{"type":"ping"}"#)).await.unwrap();
+        next_of(&mut b, "pong").await;
+        let stats = hub.lock().unwrap_or_else(|p| p.into_inner()).stats();
+        assert_eq!((stats.peers, stats.rooms), (1, 1));
+    }
 
     fn frame(bytes: usize) -> Frame {
         // A pong is 15 bytes; an error's message pads it to the size wanted.

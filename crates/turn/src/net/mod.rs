@@ -13,9 +13,11 @@ pub mod udp;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +47,38 @@ pub struct TurnService {
     udp: udp::UdpWorkers,
     connections: stream::StreamConnections,
     stop: CancellationToken,
+    health: TurnHealth,
+}
+
+/// Whether the parts of a [`TurnService`] that should be running are: its
+/// UDP workers and its TCP and TLS listeners. Cheap to clone and to ask,
+/// for `/healthz`.
+#[derive(Clone)]
+pub struct TurnHealth {
+    workers: Arc<[AtomicBool]>,
+    listeners: Arc<[(String, JoinHandle<()>)]>,
+    stop: CancellationToken,
+}
+
+impl TurnHealth {
+    /// What has stopped while it should not have, a line each; none when
+    /// all is well, or when the service is stopping.
+    pub fn problems(&self) -> Vec<String> {
+        if self.stop.is_cancelled() {
+            return Vec::new();
+        }
+        let workers = self.workers.len();
+        let mut problems: Vec<String> = (self.workers.iter().enumerate())
+            .filter(|(_, down)| down.load(Ordering::SeqCst))
+            .map(|(i, _)| format!("TURN UDP worker {i} (of {workers}) has stopped"))
+            .collect();
+        problems.extend(
+            (self.listeners.iter())
+                .filter(|(_, task)| task.is_finished())
+                .map(|(what, _)| format!("{what} has stopped")),
+        );
+        problems
+    }
 }
 
 impl TurnService {
@@ -92,23 +126,35 @@ impl TurnService {
         let admission = Admission::new(listen.connections);
         let connections =
             stream::StreamConnections::new(relay, shared, udp.sender.clone(), stop.clone());
-        tokio::spawn(stream::serve(
-            tcp_listener,
-            None,
-            admission.clone(),
-            connections.clone(),
-        ));
+        let mut listeners = vec![(
+            format!("the TURN TCP listener on {tcp_addr}"),
+            tokio::spawn(stream::serve(
+                tcp_listener,
+                None,
+                admission.clone(),
+                connections.clone(),
+            )),
+        )];
         let mut tls_addr = None;
         if let (Some(addr), Some(cfg)) = (listen.tls_addr, tls) {
             let l = TcpListener::bind(addr).await?;
-            tls_addr = Some(l.local_addr()?);
-            tokio::spawn(stream::serve(
-                l,
-                Some(TlsAcceptor::from(cfg)),
-                admission,
-                connections.clone(),
+            let bound = l.local_addr()?;
+            tls_addr = Some(bound);
+            listeners.push((
+                format!("the TURN TLS listener on {bound}"),
+                tokio::spawn(stream::serve(
+                    l,
+                    Some(TlsAcceptor::from(cfg)),
+                    admission,
+                    connections.clone(),
+                )),
             ));
         }
+        let health = TurnHealth {
+            workers: udp.down.clone(),
+            listeners: listeners.into(),
+            stop: stop.clone(),
+        };
         Ok(TurnService {
             udp_addr: udp.local_addr,
             tcp_addr,
@@ -116,7 +162,13 @@ impl TurnService {
             udp,
             connections,
             stop,
+            health,
         })
+    }
+
+    /// For `/healthz`.
+    pub fn health(&self) -> TurnHealth {
+        self.health.clone()
     }
 
     /// For a listener elsewhere that serves TURN over TLS on some of its
@@ -197,4 +249,35 @@ pub(crate) fn loopback_test_server() -> (Arc<crate::server::Shared>, udp::RelayC
         ports: 20000..=60999,
     };
     (Arc::new(shared), relay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The health names a worker that stopped, and says nothing once the
+    /// service is stopping.
+    #[tokio::test]
+    async fn health_names_a_stopped_worker() {
+        let (shared, relay) = loopback_test_server();
+        let listen = Listen {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            tls_addr: None,
+            threads: 2,
+            connections: ConnectionLimits::default(),
+        };
+        let service = TurnService::start(listen, relay, shared, None, None)
+            .await
+            .unwrap();
+        let health = service.health();
+        assert!(health.problems().is_empty());
+        // What the worker's thread does as it ends unasked.
+        service.udp.down[1].store(true, Ordering::SeqCst);
+        assert_eq!(
+            health.problems(),
+            vec!["TURN UDP worker 1 (of 2) has stopped".to_string()]
+        );
+        service.stop().await;
+        assert!(health.problems().is_empty());
+    }
 }

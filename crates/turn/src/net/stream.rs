@@ -11,11 +11,13 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -59,6 +61,9 @@ pub struct StreamConnections {
     tasks: TaskTracker,
     seed: Arc<AtomicU32>,
     write_stall: Duration,
+    /// Tests make a connection panic on this frame.
+    #[cfg(test)]
+    panic_on: Option<Vec<u8>>,
 }
 
 impl StreamConnections {
@@ -76,6 +81,8 @@ impl StreamConnections {
             tasks: TaskTracker::new(),
             seed: Arc::new(AtomicU32::new(0)),
             write_stall: WRITE_STALL,
+            #[cfg(test)]
+            panic_on: None,
         }
     }
 
@@ -90,6 +97,8 @@ impl StreamConnections {
             stop: self.stop.clone(),
             seed: self.seed.fetch_add(7919, Ordering::Relaxed),
             write_stall: self.write_stall,
+            #[cfg(test)]
+            panic_on: self.panic_on.clone(),
         };
         let transport = five.transport.as_str();
         metrics::gauge!("callisto_turn_stream_connections", "transport" => transport)
@@ -303,8 +312,12 @@ struct Setup {
     stop: CancellationToken,
     seed: u32,
     write_stall: Duration,
+    #[cfg(test)]
+    panic_on: Option<Vec<u8>>,
 }
 
+/// Serves one connection. A panic (a bug) ends it and its allocation,
+/// whose places are given back, and no other connection.
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Setup) {
     let Setup {
         five,
@@ -314,6 +327,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
         stop,
         seed,
         write_stall,
+        #[cfg(test)]
+        panic_on,
     } = setup;
     let relays = RelaySockets::new(relay_cfg, seed, |s| s, Box::new(|_, _| Ok(())));
     let mut server = Server::new(shared, relays);
@@ -346,7 +361,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
     let delivered = inbox.notify.notified();
     tokio::pin!(delivered);
     let mut stopping = false;
-    let result: io::Result<()> = async {
+    let outcome: std::thread::Result<io::Result<()>> = AssertUnwindSafe(async {
         loop {
             let wake = server
                 .poll_timeout()
@@ -375,6 +390,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                             break;
                         }
                         let frame = &mut inbuf[used..used + len];
+                        #[cfg(test)]
+                        if panic_on.as_deref() == Some(&*frame) {
+                            panic!("the test's frame");
+                        }
                         // ChannelData is parsed with its padding; STUN exactly.
                         match server.on_client(Instant::now(), five, frame) {
                             Output::Reply { data, .. } => {
@@ -495,8 +514,21 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, setup: Set
                 ends.clear();
             }
         }
-    }
+    })
+    .catch_unwind()
     .await;
+    let Ok(result) = outcome else {
+        // The panic itself was logged by the panic hook.
+        server.reset_after_panic(Instant::now());
+        metrics::counter!("callisto_turn_worker_resets_total").increment(1);
+        tracing::error!(
+            client = %five.client,
+            transport = five.transport.as_str(),
+            "TURN connection closed: a bug cut it short, and its allocation ended (report the panic above)"
+        );
+        inbox.close();
+        return;
+    };
     if let Err(e) = result {
         tracing::debug!(client = %five.client, error = %e, "TURN stream connection ended");
     }
@@ -663,6 +695,48 @@ mod tests {
             .unwrap();
         assert_eq!(shared.allocation_count(), 0, "and its allocation");
         drop(near);
+    }
+
+    /// A panic in a connection ends it and its allocation, whose place is
+    /// given back; the connection's task ends normally.
+    #[tokio::test]
+    async fn a_connection_that_panics_ends_and_gives_its_allocation_back() {
+        let (shared, relay) = crate::net::loopback_test_server();
+        let udp = Arc::new(StdUdpSocket::bind((LOOPBACK, 0)).unwrap());
+        let mut connections =
+            StreamConnections::new(relay, shared.clone(), udp, CancellationToken::new());
+        // ChannelData on channel 0x4000 with 4 bytes.
+        let trigger = [0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4];
+        connections.panic_on = Some(trigger.to_vec());
+        let (mut near, far) = tokio::io::duplex(4096);
+        let five = FiveTuple {
+            client: (LOOPBACK, 5).into(),
+            server: (LOOPBACK, 3478).into(),
+            transport: Transport::Tcp,
+        };
+        let served = tokio::spawn(async move { connections.serve(far, five).await });
+        let mut client = Client::new("u", "p", true, 7);
+        client.allocate(Instant::now());
+        exchange(&mut near, &mut client, |e| {
+            matches!(e, Event::Allocated { .. })
+        })
+        .await;
+        let relayed = client.relayed_address().unwrap();
+        assert_eq!(shared.allocation_count(), 1);
+
+        near.write_all(&trigger).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the connection ended")
+            .expect("without the panic reaching its task");
+        assert_eq!(shared.allocation_count(), 0, "its allocation ended");
+        assert!(
+            StdUdpSocket::bind(relayed).is_ok(),
+            "the relay socket is closed"
+        );
+        let mut rest = Vec::new();
+        near.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "and the stream closed");
     }
 
     /// Data over a channel to a port nobody listens on: the ICMP port

@@ -10,10 +10,15 @@
 //! `sendmmsg`, straight out of the receive buffers. Reads start small and
 //! grow while the socket has more ([`ReadRamp`]). Sockets take turns, a few
 //! hundred datagrams each, so a flooded one cannot hold up the others.
+//!
+//! A round that panics (a bug) costs the worker's own clients their
+//! allocations, not everyone their service: the worker resets its state
+//! and goes on ([`Worker::round_or_reset`]).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::ops::{Range, RangeInclusive};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -191,6 +196,8 @@ pub struct UdpWorkers {
     stop: Arc<AtomicBool>,
     wakers: Vec<Arc<Waker>>,
     threads: Vec<JoinHandle<()>>,
+    /// Per worker: whether it stopped serving while it should not have.
+    pub down: Arc<[AtomicBool]>,
 }
 
 impl UdpWorkers {
@@ -212,6 +219,7 @@ impl UdpWorkers {
             sockets.push(s);
         }
         let sender = Arc::new(sockets[0].try_clone()?);
+        let down: Arc<[AtomicBool]> = sockets.iter().map(|_| AtomicBool::new(false)).collect();
         let mut wakers = Vec::new();
         let mut handles = Vec::new();
         for (i, std_socket) in sockets.into_iter().enumerate() {
@@ -219,12 +227,7 @@ impl UdpWorkers {
                 Worker::new(std_socket, addr, &relay, shared.clone(), i, threads)?;
             worker.kernel = kernel.clone();
             wakers.push(waker);
-            let stop = stop.clone();
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("turn-udp-{i}"))
-                    .spawn(move || worker.run(&stop))?,
-            );
+            handles.push(spawn(worker, stop.clone(), down.clone())?);
         }
         Ok(UdpWorkers {
             local_addr: addr,
@@ -232,6 +235,7 @@ impl UdpWorkers {
             stop,
             wakers,
             threads: handles,
+            down,
         })
     }
 
@@ -245,6 +249,40 @@ impl UdpWorkers {
             let _ = t.join();
         }
     }
+}
+
+/// Runs `worker` on a thread of its own until `stop`; if it ends before,
+/// however it ends, its flag in `down` is raised.
+fn spawn(
+    mut worker: Worker,
+    stop: Arc<AtomicBool>,
+    down: Arc<[AtomicBool]>,
+) -> io::Result<JoinHandle<()>> {
+    /// Raises the flag as the thread ends, unwinding included: a store
+    /// cannot panic, so this never turns a panic into an abort.
+    struct Ended {
+        stop: Arc<AtomicBool>,
+        down: Arc<[AtomicBool]>,
+        index: usize,
+    }
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            if !self.stop.load(Ordering::SeqCst) {
+                self.down[self.index].store(true, Ordering::SeqCst);
+            }
+        }
+    }
+    let index = worker.index;
+    std::thread::Builder::new()
+        .name(format!("turn-udp-{index}"))
+        .spawn(move || {
+            let _ended = Ended {
+                stop: stop.clone(),
+                down,
+                index,
+            };
+            worker.run(&stop);
+        })
 }
 
 fn reuseport_socket(addr: SocketAddr) -> io::Result<StdUdpSocket> {
@@ -280,6 +318,40 @@ struct Worker {
     /// Datagrams per socket per round ([`TURN_DATAGRAMS`]).
     turn: usize,
     kernel: Option<Arc<KernelRelay>>,
+    /// Which worker this is, for logs.
+    index: usize,
+    resets: Resets,
+    /// Tests make the worker panic on this datagram.
+    #[cfg(test)]
+    panic_on: Option<Vec<u8>>,
+}
+
+/// Resets a worker may make in [`RESET_WINDOW`] before it gives up: a bug
+/// that strikes on every round would otherwise keep it busy resetting,
+/// and logging, while serving nobody.
+const MAX_RESETS: u32 = 10;
+const RESET_WINDOW: Duration = Duration::from_secs(60);
+
+/// A worker's recent resets.
+struct Resets {
+    since: Option<Instant>,
+    count: u32,
+}
+
+impl Resets {
+    /// Counts one at `now`; false past [`MAX_RESETS`] in the window.
+    fn allow(&mut self, now: Instant) -> bool {
+        match self.since {
+            Some(since) if now.saturating_duration_since(since) < RESET_WINDOW => {
+                self.count += 1;
+            }
+            _ => {
+                self.since = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count <= MAX_RESETS
+    }
 }
 
 /// Datagrams one socket may hand in before the others get their turn. Under
@@ -364,6 +436,13 @@ impl Worker {
             to_client: Vec::with_capacity(batch::BATCH),
             turn: TURN_DATAGRAMS,
             kernel: None,
+            index,
+            resets: Resets {
+                since: None,
+                count: 0,
+            },
+            #[cfg(test)]
+            panic_on: None,
         };
         Ok((worker, waker))
     }
@@ -371,12 +450,54 @@ impl Worker {
     fn run(&mut self, stop: &AtomicBool) {
         let mut rounds = Rounds::new();
         while !stop.load(Ordering::Relaxed) {
-            if let Err(e) = self.round(&mut rounds) {
-                tracing::error!(error = %e, "TURN UDP worker: poll failed");
+            if let Err(why) = self.round_or_reset(&mut rounds) {
+                tracing::error!(
+                    worker = self.index,
+                    "TURN UDP worker stopped: {why}; /healthz now fails: restart callisto"
+                );
+                // The others go on; this one's socket closes, and the
+                // kernel hands its clients to them.
                 break;
             }
         }
         self.server.end_all(Instant::now());
+    }
+
+    /// One round. After one that panicked, whatever it was doing is in
+    /// doubt: the worker ends its allocations (each logged) and goes on
+    /// from empty state on the same socket. Closing the socket instead
+    /// would make SO_REUSEPORT spread all clients anew, moving most of the
+    /// other workers' clients away from their allocations too. Err when
+    /// the worker must stop.
+    fn round_or_reset(&mut self, rounds: &mut Rounds) -> Result<(), String> {
+        match catch_unwind(AssertUnwindSafe(|| self.round(rounds))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("poll failed: {e}")),
+            Err(_) => {
+                // The panic itself was logged by the panic hook.
+                let now = Instant::now();
+                *rounds = Rounds::new();
+                *self.rx = RecvBatch::default();
+                self.tx = SendBatch::default();
+                self.to_peer.clear();
+                self.to_client.clear();
+                self.server.reset_after_panic(now);
+                self.apply_routes();
+                metrics::counter!("callisto_turn_worker_resets_total").increment(1);
+                if !self.resets.allow(now) {
+                    return Err(format!(
+                        "it panicked {} times within {} s",
+                        MAX_RESETS + 1,
+                        RESET_WINDOW.as_secs()
+                    ));
+                }
+                tracing::error!(
+                    worker = self.index,
+                    "TURN UDP worker: a bug cut a round short; it ended its allocations and serves on (report the panic above)"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// Waits for sockets to become readable (not at all while some are left
@@ -481,6 +602,10 @@ impl Worker {
                 };
                 let tos = self.rx.tos[i];
                 let buf = &mut self.rx.slot(i)[..HEADROOM + len + TAILROOM];
+                #[cfg(test)]
+                if self.panic_on.as_deref() == Some(&buf[HEADROOM..HEADROOM + len]) {
+                    panic!("the test's datagram");
+                }
                 let base = i * batch::SLOT;
                 match self
                     .server
@@ -839,6 +964,72 @@ mod tests {
             }
         );
         assert!(rounds.errors.is_empty(), "the error queue was drained");
+    }
+
+    /// A round that panics costs the worker's clients their allocations,
+    /// whose relay ports and places are given back, and nothing more: the
+    /// worker serves on, on the same socket, and the client allocates again.
+    #[test]
+    fn a_worker_that_panics_ends_its_allocations_and_serves_on() {
+        let (mut worker, mut rounds, _waker) = test_worker();
+        let local = worker.local;
+        let shared = worker.server.shared().clone();
+        let sock = socket();
+        let mut client = Client::new("u", "p", false, 7);
+        client.allocate(Instant::now());
+        exchange(&mut worker, &mut rounds, &sock, &mut client, |e| {
+            matches!(e, Event::Allocated { .. })
+        });
+        let relayed = client.relayed_address().unwrap();
+        assert_eq!(shared.allocation_count(), 1);
+
+        worker.panic_on = Some(b"a bug's trigger".to_vec());
+        sock.send_to(b"a bug's trigger", local).unwrap();
+        worker.round_or_reset(&mut rounds).unwrap();
+        assert_eq!(shared.allocation_count(), 0);
+        assert!(
+            StdUdpSocket::bind(relayed).is_ok(),
+            "the relay socket is closed"
+        );
+
+        let mut again = Client::new("u", "p", false, 8);
+        again.allocate(Instant::now());
+        exchange(&mut worker, &mut rounds, &sock, &mut again, |e| {
+            matches!(e, Event::Allocated { .. })
+        });
+        assert_eq!(shared.allocation_count(), 1);
+    }
+
+    /// A worker that panics round after round gives up: its thread ends
+    /// and raises its flag in `down`, for /healthz. One asked to stop
+    /// raises none.
+    #[test]
+    fn a_worker_that_keeps_panicking_stops_and_says_so() {
+        let (mut worker, _, _waker) = test_worker();
+        let local = worker.local;
+        worker.panic_on = Some(b"a bug's trigger".to_vec());
+        let stop = Arc::new(AtomicBool::new(false));
+        let down: Arc<[AtomicBool]> = Arc::new([AtomicBool::new(false)]);
+        let thread = spawn(worker, stop.clone(), down.clone()).unwrap();
+        let sock = socket();
+        for _ in 0..2000 {
+            if thread.is_finished() {
+                break;
+            }
+            sock.send_to(b"a bug's trigger", local).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(thread.is_finished(), "it gave up");
+        assert!(down[0].load(Ordering::SeqCst));
+
+        let (worker, _, waker) = test_worker();
+        let stop = Arc::new(AtomicBool::new(false));
+        let down: Arc<[AtomicBool]> = Arc::new([AtomicBool::new(false)]);
+        let thread = spawn(worker, stop.clone(), down.clone()).unwrap();
+        stop.store(true, Ordering::SeqCst);
+        waker.wake().unwrap();
+        thread.join().unwrap();
+        assert!(!down[0].load(Ordering::SeqCst));
     }
 
     #[test]

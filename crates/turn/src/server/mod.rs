@@ -722,6 +722,8 @@ enum Ended {
     Refused,
     /// The server (or the worker holding it) stopped.
     ServerStopped,
+    /// A bug (a panic) left its server's state in doubt.
+    Failed,
 }
 
 impl Ended {
@@ -732,6 +734,7 @@ impl Ended {
             Ended::ConnectionClosed => "connection closed",
             Ended::Refused => "refused",
             Ended::ServerStopped => "server stopped",
+            Ended::Failed => "server error",
         }
     }
 }
@@ -1376,6 +1379,30 @@ impl<A: RelayAllocator> Server<A> {
         for slot in live {
             self.remove_allocation(slot, Ended::ServerStopped, now);
         }
+    }
+
+    /// Ends every allocation after a panic (a bug) may have left this
+    /// server's state half-changed, and forgets what else it kept (views of
+    /// other workers' relays, budgets of unauthenticated sources), as a
+    /// new server would start. The slots themselves are walked, not the
+    /// indexes into them, which the panic may have left behind. Its clients
+    /// find their allocations gone (437) and allocate again; other
+    /// servers' clients are untouched. Route removals are left for the
+    /// driver to apply.
+    pub fn reset_after_panic(&mut self, now: Instant) {
+        for slot in 0..self.allocations.len() {
+            let slot = slot as u32;
+            self.remove_half(slot, Ended::Failed, now);
+            // A socket bound for an allocation that the panic cut short.
+            self.relays.release(RelayId(slot));
+        }
+        self.allocations.clear();
+        self.free_slots.clear();
+        self.by_five.clear();
+        self.by_relay_addr.clear();
+        self.views.clear();
+        self.unauth.clear();
+        self.next_sweep = None;
     }
 
     /// Drops every allocation of a client whose stream connection closed.

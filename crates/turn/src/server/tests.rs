@@ -1120,6 +1120,45 @@ fn a_stopping_worker_ends_its_allocations_and_gives_their_places_back() {
     allocated(&mut other, five(5), t0);
 }
 
+/// After a panic, a server ends every allocation it holds, even those its
+/// indexes lost, closes relay sockets no allocation holds, and serves
+/// again from empty; other servers' allocations stay.
+#[test]
+fn a_reset_after_a_panic_ends_everything_the_server_held_and_it_serves_again() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.max_allocations = 3;
+    let relays = FakeRelays::default();
+    let (shared, mut s) = setup_with(cfg, &relays, t0);
+    let other_relays = FakeRelays::default();
+    let mut other = Server::new(shared.clone(), other_relays.clone());
+    let (mut c1, _) = allocated(&mut s, five(1), t0);
+    allocated(&mut s, five(2), t0);
+    allocated(&mut other, five(3), t0);
+    // What a panic half-way could leave: an index that lost its entry,
+    // and a relay socket bound for an allocation never made.
+    s.by_five.remove(&five(2));
+    let orphan = RelayId(s.allocations.len() as u32);
+    s.allocations.push(None);
+    s.relays.allocate(orphan, false, false).unwrap();
+    assert_eq!(relays.live.borrow().len(), 3);
+
+    s.reset_after_panic(t0 + Duration::from_secs(5));
+    assert_eq!(s.allocation_count(), 0);
+    assert!(relays.live.borrow().is_empty(), "every relay socket closed");
+    assert_eq!(s.poll_timeout(), None);
+    assert_eq!(other.allocation_count(), 1);
+    assert_eq!(shared.allocation_count(), 1, "the places are given back");
+
+    // Its clients hear that their allocation is gone, and allocate again.
+    let t1 = t0 + Duration::from_secs(6);
+    c1.refresh(t1, 600);
+    assert_eq!(failed_code(&pump(&mut s, &mut c1, five(1), t1)), 437);
+    allocated(&mut s, five(1), t1);
+    allocated(&mut s, five(2), t1);
+    assert_eq!(shared.allocation_count(), 3);
+}
+
 #[test]
 fn quotas() {
     let t0 = Instant::now();
