@@ -15,13 +15,15 @@ command -v ss >/dev/null || need_apt+=(iproute2)
 command -v ethtool >/dev/null || need_apt+=(ethtool)
 command -v openssl >/dev/null || need_apt+=(openssl)
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+command -v fail2ban-regex >/dev/null || need_apt+=(fail2ban)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> apt-get install ${need_apt[*]}"
   apt-get update -qq
-  # The tests start nginx and coturn themselves: keep the packages from
-  # starting their system services (nginx on port 80) while installing.
+  # The tests start nginx and coturn themselves, and run fail2ban's tools:
+  # keep the packages from starting their system services (nginx on port
+  # 80, fail2ban's firewall rules) while installing.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d

@@ -1,0 +1,240 @@
+//! contrib/fail2ban's filter, run by fail2ban's own `fail2ban-regex` over
+//! what `callisto turn` logged, in both log formats, over IPv4 and IPv6,
+//! as written to a file and behind a syslog prefix: it finds every wrong
+//! password and unknown user with the client's address, and nothing else
+//! (not an expired credential, not a client that got in). And the jail
+//! beside it passes fail2ban's own configuration test.
+//!
+//! Needs the Debian package fail2ban (scripts/test.sh installs it).
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use callisto_turn::client::{Client, Event};
+
+const BIN: &str = env!("CARGO_BIN_EXE_callisto");
+const FILTER: &str = include_str!("../../../contrib/fail2ban/filter.d/callisto-turn.conf");
+const JAIL: &str = include_str!("../../../contrib/fail2ban/jail.d/callisto.conf");
+const FAIL2BAN_REGEX: &str = "/usr/bin/fail2ban-regex";
+const FAIL2BAN_CLIENT: &str = "/usr/bin/fail2ban-client";
+/// fail2ban's own definitions, which the filter includes.
+const COMMON: &str = "/etc/fail2ban/filter.d/common.conf";
+
+/// Removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("callisto-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+fn fail2ban_installed() {
+    assert!(
+        [FAIL2BAN_REGEX, FAIL2BAN_CLIENT, COMMON]
+            .iter()
+            .all(|p| Path::new(p).exists()),
+        "fail2ban is missing: install the Debian package fail2ban (bash scripts/test.sh does)"
+    );
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs our TURN client from `from` against `server` until it allocates
+/// or fails; true if it allocated.
+fn allocate(from: &UdpSocket, server: SocketAddr, username: &str, password: &str) -> bool {
+    let mut client = Client::new(username, password, false, 7);
+    client.allocate(Instant::now());
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        while let Some(t) = client.poll_transmit() {
+            from.send_to(&t, server).unwrap();
+        }
+        if let Ok(n) = from.recv(&mut buf) {
+            client.handle_input(Instant::now(), &buf[..n]);
+        }
+        while let Some(e) = client.poll_event() {
+            match e {
+                Event::Allocated { .. } => return true,
+                Event::Failed { .. } => return false,
+                _ => {}
+            }
+        }
+    }
+    panic!("no answer from the server");
+}
+
+/// What `callisto turn`, listening on `ip` and logging in `format`, logs
+/// while a client gets a wrong password, an unknown user and an expired
+/// credential refused, then allocates.
+fn logged(ip: &str, format: &str) -> Vec<String> {
+    let listen = SocketAddr::new(ip.parse().unwrap(), 0);
+    let mut child = Command::new(BIN)
+        .args(["turn", "--turn-listen", &listen.to_string()])
+        .args(["--turn-user", "user:pass", "--turn-secret", "s3cret"])
+        .args(["--log-format", format])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    // The port, from the start line (`udp=…` or `"udp":"…"`).
+    let port = loop {
+        let line = lines.next().expect("callisto starts").unwrap();
+        let found = line
+            .split(['=', '"', ' '])
+            .skip_while(|w| *w != "udp")
+            .find_map(|w| w.parse::<SocketAddr>().ok())
+            .map(|a| a.port());
+        log.push(line);
+        if let Some(port) = found {
+            break port;
+        }
+    };
+    let server = SocketAddr::new(listen.ip(), port);
+    let from = UdpSocket::bind(SocketAddr::new(listen.ip(), 0)).unwrap();
+    from.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    assert!(!allocate(&from, server, "user", "wrong"));
+    assert!(!allocate(&from, server, "mallory", "guess"));
+    assert!(!allocate(&from, server, "1:alice", "old"), "expired");
+    assert!(allocate(&from, server, "user", "pass"));
+    // Each line is written before its answer is sent: all are in the pipe.
+    let _ = child.kill();
+    let _ = child.wait();
+    log.extend(lines.map_while(Result::ok));
+    log
+}
+
+/// The addresses `fail2ban-regex` finds in `lines` with the filter in
+/// `dir`, one per match.
+fn matched(dir: &Path, name: &str, lines: &[String]) -> Vec<String> {
+    let log = dir.join(name);
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let out = Command::new(FAIL2BAN_REGEX)
+        .args(["-o", "ip"])
+        .arg(&log)
+        .arg(dir.join("filter.d/callisto-turn.conf"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fail2ban-regex failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_fail2ban_filter_finds_each_guess_and_whose_it_was() {
+    fail2ban_installed();
+    let dir = TempDir::new("fail2ban-filter");
+    std::fs::create_dir_all(dir.0.join("filter.d")).unwrap();
+    std::fs::write(dir.0.join("filter.d/callisto-turn.conf"), FILTER).unwrap();
+    std::fs::copy(COMMON, dir.0.join("filter.d/common.conf")).unwrap();
+
+    for (ip, format) in [
+        ("127.0.0.1", "text"),
+        ("127.0.0.1", "json"),
+        ("::1", "text"),
+        ("::1", "json"),
+    ] {
+        let lines = logged(ip, format);
+        let failed = |reason: &str| {
+            lines
+                .iter()
+                .filter(|l| l.contains("TURN authentication failed") && l.contains(reason))
+                .count()
+        };
+        let guesses = failed("bad-integrity") + failed("unknown-user");
+        assert!(failed("bad-integrity") > 0, "{format}: {lines:#?}");
+        assert!(failed("unknown-user") > 0, "{format}: {lines:#?}");
+        assert!(failed("expired") > 0, "{format}: {lines:#?}");
+        assert!(
+            lines.iter().any(|l| l.contains("allocation created")),
+            "{format}: {lines:#?}"
+        );
+        let syslog: Vec<String> = lines
+            .iter()
+            .map(|l| format!("Nov 27 13:27:48 testhost callisto[4242]: {l}"))
+            .collect();
+        for (name, lines) in [("plain", &lines), ("syslog", &syslog)] {
+            let found = matched(&dir.0, &format!("{format}-{name}.log"), lines);
+            assert_eq!(
+                found,
+                vec![ip.to_owned(); guesses],
+                "{ip}, {format}, {name}: each guess, none of the rest, in\n{}",
+                lines.join("\n")
+            );
+        }
+    }
+}
+
+/// The jail, in a copy of this machine's fail2ban configuration with no
+/// other jail: fail2ban's configuration test passes, and the jail reads
+/// the journal of contrib/callisto.service's unit and bans UDP and TCP on
+/// every port.
+#[test]
+fn the_jail_passes_fail2bans_configuration_test() {
+    fail2ban_installed();
+    let dir = TempDir::new("fail2ban-jail");
+    let copied = Command::new("cp")
+        .args(["-r", "/etc/fail2ban/."])
+        .arg(&dir.0)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    // Debian's own jails (sshd) want log files this machine may not have.
+    std::fs::remove_dir_all(dir.0.join("jail.d")).unwrap();
+    std::fs::create_dir(dir.0.join("jail.d")).unwrap();
+    std::fs::write(dir.0.join("jail.d/callisto.conf"), JAIL).unwrap();
+    std::fs::write(dir.0.join("filter.d/callisto-turn.conf"), FILTER).unwrap();
+    let client = |flag: &str| {
+        let out = Command::new(FAIL2BAN_CLIENT)
+            .arg("-c")
+            .arg(&dir.0)
+            .arg(flag)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "fail2ban-client {flag}: {text}");
+        text
+    };
+    let tested = client("-t");
+    assert!(
+        tested.contains("OK: configuration test is successful"),
+        "{tested}"
+    );
+    let dump = client("-d");
+    let unit = include_str!("../../../contrib/callisto.service");
+    assert!(
+        unit.contains("ExecStart="),
+        "contrib/callisto.service is the unit"
+    );
+    for needle in [
+        "['add', 'callisto-turn', 'systemd']",
+        "['set', 'callisto-turn', 'addjournalmatch', '_SYSTEMD_UNIT=callisto.service']",
+        "['set', 'callisto-turn', 'maxretry', 10]",
+        "['port', '0:65535']",
+        "['protocol', 'tcp,udp']",
+    ] {
+        assert!(dump.contains(needle), "no {needle} in\n{dump}");
+    }
+}
