@@ -14,6 +14,7 @@ pub mod open_files;
 pub mod origins;
 pub mod secrets;
 pub mod serve;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod trusted_proxies;

@@ -27,8 +27,9 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
 
 /// Sends panics to the log as errors, and counts them in
 /// `callisto_panics_total`. Nothing from outside should panic the server,
-/// and a panic ends only the connection or worker it happened in, so the
-/// server goes on, short of what it took: the default hook's plain text
+/// and a panic costs only the connection, or the TURN worker's
+/// allocations, it happened in, so the server goes on, short of what it
+/// took (see docs/architecture.md): the default hook's plain text
 /// on stderr would be all anyone learned of it, and a JSON log reader
 /// would skip it.
 pub fn log_panics() {

@@ -4,6 +4,7 @@
 use anyhow::Context;
 use callisto::cli::{BenchCommand, Cli, Command};
 use callisto::health::Health;
+use callisto::systemd;
 use callisto::telemetry::StandaloneMetrics;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -44,11 +45,17 @@ fn main() -> anyhow::Result<()> {
                     std::time::Duration::from_secs(86_400),
                 )
                 .await?;
+                let health = Health::default().with_turn(turn.service.health());
                 if let Some(metrics) = metrics {
-                    metrics.serve(Health::default().with_turn(turn.service.health()))?;
+                    metrics.serve(health.clone())?;
                 }
+                let stop = CancellationToken::new();
+                systemd::ready();
+                systemd::feed_watchdog(health, stop.clone());
                 signals.wait().await;
                 tracing::info!("shutting down");
+                systemd::stopping();
+                stop.cancel();
                 turn.service.stop().await;
                 Ok(())
             })
@@ -61,8 +68,11 @@ fn main() -> anyhow::Result<()> {
                 let signals = StopSignals::install()?;
                 let shutdown = CancellationToken::new();
                 let server = callisto::serve::start(args, shutdown.clone()).await?;
+                systemd::ready();
+                systemd::feed_watchdog(server.health.clone(), shutdown.clone());
                 signals.wait().await;
                 tracing::info!("shutting down");
+                systemd::stopping();
                 shutdown.cancel();
                 server.wait().await;
                 Ok(())

@@ -39,6 +39,8 @@ pub struct Running {
     /// Where `/metrics` is served, with --metrics-listen (otherwise on the
     /// web port).
     pub metrics_addr: Option<SocketAddr>,
+    /// What `/healthz` checks.
+    pub health: Health,
     task: JoinHandle<()>,
 }
 
@@ -197,6 +199,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         }
         None => None,
     };
+    let health = state.health.clone();
     let app = router(state, metrics_addr.is_none());
     let head_timeout = Duration::from_secs(u64::from(args.request_header_timeout));
 
@@ -227,6 +230,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         fingerprint,
         turn: turn_addrs,
         metrics_addr,
+        health,
         task,
     };
     announce(&running, &args);
