@@ -649,18 +649,25 @@ mod tests {
         panic!("no answer from the connection");
     }
 
-    /// A client that stops reading while a peer sends to it is let go once
-    /// it has taken nothing for the write-stall limit, and its allocation
-    /// with it: while the task waits to write it runs no timer, so the
-    /// allocation would otherwise never expire.
-    #[tokio::test]
-    async fn a_client_that_stops_reading_loses_its_connection_and_allocation() {
+    /// [`crate::net::loopback_test_server`]'s connections, as `tune` leaves
+    /// them, and its shared state.
+    fn test_connections(
+        tune: impl FnOnce(&mut StreamConnections),
+    ) -> (StreamConnections, Arc<Shared>) {
         let (shared, relay) = crate::net::loopback_test_server();
         let udp = Arc::new(StdUdpSocket::bind((LOOPBACK, 0)).unwrap());
         let mut connections =
             StreamConnections::new(relay, shared.clone(), udp, CancellationToken::new());
-        connections.write_stall = Duration::from_millis(500);
-        // A small pipe: what the client does not read soon fills it.
+        tune(&mut connections);
+        (connections, shared)
+    }
+
+    /// A TCP connection served by `connections` over a pipe of 4 KiB, and
+    /// our client, allocated through it: the pipe's near end, the client
+    /// and the connection's task.
+    async fn allocated_over_tcp(
+        connections: StreamConnections,
+    ) -> (tokio::io::DuplexStream, Client, tokio::task::JoinHandle<()>) {
         let (mut near, far) = tokio::io::duplex(4096);
         let five = FiveTuple {
             client: (LOOPBACK, 5).into(),
@@ -668,15 +675,27 @@ mod tests {
             transport: Transport::Tcp,
         };
         let served = tokio::spawn(async move { connections.serve(far, five).await });
-
-        let peer = StdUdpSocket::bind((LOOPBACK, 0)).unwrap();
-        let peer_addr = peer.local_addr().unwrap();
         let mut client = Client::new("u", "p", true, 7);
         client.allocate(Instant::now());
         exchange(&mut near, &mut client, |e| {
             matches!(e, Event::Allocated { .. })
         })
         .await;
+        (near, client, served)
+    }
+
+    /// A client that stops reading while a peer sends to it is let go once
+    /// it has taken nothing for the write-stall limit, and its allocation
+    /// with it: while the task waits to write it runs no timer, so the
+    /// allocation would otherwise never expire.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_loses_its_connection_and_allocation() {
+        let (connections, shared) =
+            test_connections(|c| c.write_stall = Duration::from_millis(500));
+        // The pipe is small: what the client does not read soon fills it.
+        let (mut near, mut client, served) = allocated_over_tcp(connections).await;
+        let peer = StdUdpSocket::bind((LOOPBACK, 0)).unwrap();
+        let peer_addr = peer.local_addr().unwrap();
         let relayed = client.relayed_address().unwrap();
         client.bind_channel(Instant::now(), peer_addr);
         exchange(&mut near, &mut client, |e| {
@@ -701,26 +720,10 @@ mod tests {
     /// given back; the connection's task ends normally.
     #[tokio::test]
     async fn a_connection_that_panics_ends_and_gives_its_allocation_back() {
-        let (shared, relay) = crate::net::loopback_test_server();
-        let udp = Arc::new(StdUdpSocket::bind((LOOPBACK, 0)).unwrap());
-        let mut connections =
-            StreamConnections::new(relay, shared.clone(), udp, CancellationToken::new());
         // ChannelData on channel 0x4000 with 4 bytes.
         let trigger = [0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4];
-        connections.panic_on = Some(trigger.to_vec());
-        let (mut near, far) = tokio::io::duplex(4096);
-        let five = FiveTuple {
-            client: (LOOPBACK, 5).into(),
-            server: (LOOPBACK, 3478).into(),
-            transport: Transport::Tcp,
-        };
-        let served = tokio::spawn(async move { connections.serve(far, five).await });
-        let mut client = Client::new("u", "p", true, 7);
-        client.allocate(Instant::now());
-        exchange(&mut near, &mut client, |e| {
-            matches!(e, Event::Allocated { .. })
-        })
-        .await;
+        let (connections, shared) = test_connections(|c| c.panic_on = Some(trigger.to_vec()));
+        let (mut near, client, served) = allocated_over_tcp(connections).await;
         let relayed = client.relayed_address().unwrap();
         assert_eq!(shared.allocation_count(), 1);
 
@@ -743,27 +746,12 @@ mod tests {
     /// unreachable that comes back reaches the TCP client.
     #[tokio::test]
     async fn an_icmp_error_reaches_a_tcp_client() {
-        let (shared, relay) = crate::net::loopback_test_server();
-        let udp = Arc::new(StdUdpSocket::bind((LOOPBACK, 0)).unwrap());
-        let connections = StreamConnections::new(relay, shared, udp, CancellationToken::new());
-        let (mut near, far) = tokio::io::duplex(4096);
-        let five = FiveTuple {
-            client: (LOOPBACK, 5).into(),
-            server: (LOOPBACK, 3478).into(),
-            transport: Transport::Tcp,
-        };
-        tokio::spawn(async move { connections.serve(far, five).await });
-
+        let (connections, _) = test_connections(|_| {});
+        let (mut near, mut client, _served) = allocated_over_tcp(connections).await;
         let closed = StdUdpSocket::bind((LOOPBACK, 0))
             .unwrap()
             .local_addr()
             .unwrap();
-        let mut client = Client::new("u", "p", true, 7);
-        client.allocate(Instant::now());
-        exchange(&mut near, &mut client, |e| {
-            matches!(e, Event::Allocated { .. })
-        })
-        .await;
         client.bind_channel(Instant::now(), closed);
         exchange(&mut near, &mut client, |e| {
             matches!(e, Event::ChannelBound { .. })
