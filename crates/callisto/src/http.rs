@@ -68,27 +68,15 @@ pub fn router(state: AppState, metrics_here: bool) -> Router {
         .with_state(state)
 }
 
-async fn app_page() -> Response {
-    asset_response(callisto_web::index())
+async fn app_page(headers: HeaderMap) -> Response {
+    crate::revalidation::respond(callisto_web::index(), &headers)
 }
 
-async fn static_asset(uri: Uri) -> Response {
+async fn static_asset(uri: Uri, headers: HeaderMap) -> Response {
     match callisto_web::asset(uri.path()) {
-        Some(asset) => asset_response(asset),
+        Some(asset) => crate::revalidation::respond(asset, &headers),
         None => (StatusCode::NOT_FOUND, "not found\n").into_response(),
     }
-}
-
-fn asset_response(asset: callisto_web::Asset) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, asset.content_type),
-            // Assets change only with the binary; revalidate so an upgrade shows at once.
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        asset.bytes,
-    )
-        .into_response()
 }
 
 /// Each WebSocket connection's read buffer, and how much it writes at once.

@@ -40,6 +40,48 @@ async fn serves_the_app_with_security_headers() {
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
 
+/// The app's files carry an ETag, the hash of what this binary serves: a
+/// browser that has a file gets 304 and no body, one with another version
+/// gets the file.
+#[tokio::test]
+async fn the_app_is_revalidated_by_its_etag() {
+    let server = Server::start(&[]).await;
+    let etag_of = |head: &str| {
+        head.lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("etag:")
+                    .then(|| l[5..].trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("no ETag in {head}"))
+    };
+    let mut tags = Vec::new();
+    for path in ["/", "/r/standup", "/js/app.js", "/css/app.css"] {
+        let (head, body) = server.get(path).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("cache-control: no-cache")
+        );
+        let tag = etag_of(&head);
+
+        let has_it = format!("If-None-Match: {tag}\r\n");
+        let (again, rest) = common::get_with(server.addr, path, &has_it).await;
+        assert!(again.starts_with("HTTP/1.1 304"), "{path}: {again}");
+        assert_eq!(etag_of(&again), tag);
+        assert!(rest.is_empty(), "{path}: no body with 304");
+
+        let older = "If-None-Match: \"0123456789abcdef\", W/\"x\"\r\n";
+        let (fresh, same) = common::get_with(server.addr, path, older).await;
+        assert!(fresh.starts_with("HTTP/1.1 200"), "{path}: {fresh}");
+        assert_eq!(same, body);
+        tags.push(tag);
+    }
+    assert_eq!(tags[0], tags[1], "every room serves the one page");
+    assert_ne!(tags[0], tags[2]);
+    assert_ne!(tags[2], tags[3]);
+}
+
 #[tokio::test]
 async fn healthz_and_metrics() {
     let server = Server::start(&[]).await;

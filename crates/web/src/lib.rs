@@ -8,13 +8,33 @@
 pub struct Asset {
     pub bytes: &'static [u8],
     pub content_type: &'static str,
+    /// A hash of `bytes`, made by the compiler: the asset's version, for
+    /// its ETag.
+    pub hash: u64,
+}
+
+/// 64-bit FNV-1a: small enough to run at compile time, and any change of
+/// an asset changes it (no adversary picks our assets).
+const fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
 }
 
 macro_rules! assets {
     ($($path:literal => $mime:literal),* $(,)?) => {
         /// Every embedded file by its URL path.
         pub const ASSETS: &[(&str, Asset)] = &[
-            $(($path, Asset { bytes: include_bytes!(concat!("../app", $path)), content_type: $mime }),)*
+            $(($path, Asset {
+                bytes: include_bytes!(concat!("../app", $path)),
+                content_type: $mime,
+                hash: fnv1a(include_bytes!(concat!("../app", $path))),
+            }),)*
         ];
     };
 }
@@ -35,6 +55,7 @@ pub fn index() -> Asset {
     asset("/index.html").unwrap_or(Asset {
         bytes: b"",
         content_type: "text/html; charset=utf-8",
+        hash: fnv1a(b""),
     })
 }
 
@@ -54,6 +75,20 @@ mod tests {
         }
         assert!(asset("/js/app.js").is_some());
         assert!(asset("/../Cargo.toml").is_none());
+    }
+
+    #[test]
+    fn each_asset_has_its_own_hash() {
+        // FNV-1a's published test vectors.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let mut hashes: Vec<u64> = ASSETS.iter().map(|(_, a)| a.hash).collect();
+        for (_, a) in ASSETS {
+            assert_eq!(a.hash, fnv1a(a.bytes));
+        }
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(hashes.len(), ASSETS.len());
     }
 
     #[test]

@@ -87,8 +87,14 @@ impl Server {
 
 /// A plain HTTP/1.1 GET to `addr`; returns (status line + headers, body).
 pub async fn get_at(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    get_with(addr, path, "").await
+}
+
+/// [`get_at`], with `headers` (whole lines, each ending in CRLF) added.
+pub async fn get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (String, String) {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n");
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     tokio::time::timeout(TIMEOUT, tcp.read_to_end(&mut buf))

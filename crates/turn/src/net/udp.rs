@@ -1000,6 +1000,22 @@ mod tests {
         assert_eq!(shared.allocation_count(), 1);
     }
 
+    /// Ten resets a minute; the eleventh within the minute is refused, and
+    /// a minute after the first, the count starts again.
+    #[test]
+    fn resets_are_bounded_per_minute() {
+        let t0 = Instant::now();
+        let mut resets = Resets {
+            since: None,
+            count: 0,
+        };
+        for i in 0..MAX_RESETS {
+            assert!(resets.allow(t0 + Duration::from_secs(u64::from(i))));
+        }
+        assert!(!resets.allow(t0 + Duration::from_secs(59)));
+        assert!(resets.allow(t0 + RESET_WINDOW));
+    }
+
     /// A worker that panics round after round gives up: its thread ends
     /// and raises its flag in `down`, for /healthz. One asked to stop
     /// raises none.
