@@ -319,7 +319,7 @@ pub struct ServeArgs {
         long,
         env = "CALLISTO_ICE_USERNAME",
         requires = "ice_credential",
-        conflicts_with = "ice_secret"
+        conflicts_with_all = ["ice_secret", "ice_secrets_file"]
     )]
     pub ice_username: Option<String>,
 
@@ -339,6 +339,19 @@ pub struct ServeArgs {
     /// password that never expires.
     #[arg(long, env = "CALLISTO_ICE_SECRET", hide_env_values = true)]
     pub ice_secret: Option<String>,
+
+    /// --ice-secret from a file instead, read at start and again on
+    /// SIGHUP, so that the TURN server's secret can change without a
+    /// restart: one per line (lines starting with # are comments), the
+    /// first signs. Browsers in rooms get credentials from a new one at
+    /// once.
+    #[arg(
+        long = "ice-secrets-file",
+        env = "CALLISTO_ICE_SECRETS_FILE",
+        value_name = "PATH",
+        conflicts_with = "ice_secret"
+    )]
+    pub ice_secrets_file: Option<PathBuf>,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP), e.g.
     /// 127.0.0.1:9090, instead of on the web port, where anyone who can

@@ -1,20 +1,42 @@
-//! TURN's shared secrets from `--turn-secrets-file`, read at start and
-//! again on SIGHUP, so that a secret can be rotated, or a leaked one
-//! revoked, without a restart (which would end every relayed call).
+//! TURN shared secrets from a file, read at start and again on SIGHUP,
+//! so that a secret can be rotated, or a leaked one revoked, without a
+//! restart (which would end every relayed call): `--turn-secrets-file`,
+//! the built-in TURN server's, and `--ice-secrets-file`, that of a TURN
+//! server of the operator's own (coturn) whose credentials `serve` hands
+//! out.
 //!
 //! The file holds one secret per line; blank lines and lines starting with
 //! `#` are ignored, and so is the whitespace around a secret (a `#` inside
 //! one is part of it). The first signs the credentials `serve` hands out;
-//! every one is accepted. Secrets never reach the log, only their count.
+//! every one is accepted (by the built-in server). Secrets never reach the
+//! log, only their count.
 
 use std::path::{Path, PathBuf};
 
 use callisto_turn::auth::Secrets;
 
+/// Which file: the flag that names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretsFile {
+    /// `--turn-secrets-file`.
+    Turn,
+    /// `--ice-secrets-file`.
+    Ice,
+}
+
+impl SecretsFile {
+    fn flag(self) -> &'static str {
+        match self {
+            SecretsFile::Turn => "--turn-secrets-file",
+            SecretsFile::Ice => "--ice-secrets-file",
+        }
+    }
+}
+
 /// The secrets in the file; fails with what to fix.
-pub fn read(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
-    crate::flag_files::warn_if_world_readable(path, "--turn-secrets-file");
-    crate::flag_files::read(path, "--turn-secrets-file", "one secret per line", parse)
+pub fn read(path: &Path, which: SecretsFile) -> anyhow::Result<Vec<Vec<u8>>> {
+    crate::flag_files::warn_if_world_readable(path, which.flag());
+    crate::flag_files::read(path, which.flag(), "one secret per line", parse)
 }
 
 /// The secrets in `text`, in order, or why there are none.
@@ -37,10 +59,16 @@ pub fn parse(text: &str) -> Result<Vec<Vec<u8>>, String> {
 /// changes nothing.
 pub fn reload_on_hangup(
     path: PathBuf,
+    which: SecretsFile,
     secrets: Secrets,
     new_signer: impl Fn() + Send + 'static,
 ) -> anyhow::Result<()> {
     let file = path.clone();
+    let flag = which.flag();
+    let read = match which {
+        SecretsFile::Turn => |path: &Path| read(path, SecretsFile::Turn),
+        SecretsFile::Ice => |path: &Path| read(path, SecretsFile::Ice),
+    };
     crate::flag_files::reread_on_hangup(path, read, move |read| {
         let result = match read {
             Ok(list) => {
@@ -53,19 +81,24 @@ pub fn reload_on_hangup(
                 tracing::info!(
                     file = %file.display(),
                     count,
-                    "TURN shared secrets replaced: the first signs new credentials, all are accepted"
+                    "{flag}: TURN shared secrets replaced; the first signs new credentials"
                 );
                 "replaced"
             }
             Err(e) => {
                 tracing::error!(
                     count = secrets.len(),
-                    "TURN shared secrets unchanged: {e:#}"
+                    "{flag}: TURN shared secrets unchanged: {e:#}"
                 );
                 "failed"
             }
         };
-        metrics::counter!("callisto_turn_secret_reloads_total", "result" => result).increment(1);
+        metrics::counter!(
+            "callisto_turn_secret_reloads_total",
+            "file" => flag.trim_start_matches('-'),
+            "result" => result
+        )
+        .increment(1);
     })
 }
 

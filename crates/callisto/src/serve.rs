@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use callisto_protocol::IceServer;
 use callisto_signal::{ConnectionConfig, Hub, HubLimits, SendBudget, random_peer_id};
+use callisto_turn::auth::Secrets;
 use callisto_turn::net::ConnectionLimits;
 use callisto_turn::net::admission::Admission;
 use tokio::net::TcpListener;
@@ -20,6 +21,7 @@ use crate::connections::LimitedListener;
 use crate::health::Health;
 use crate::http::{AppState, router};
 use crate::origins::OriginPolicy;
+use crate::secrets::SecretsFile;
 use crate::trusted_proxies::TrustedProxies;
 use crate::{http_server, tls};
 
@@ -63,7 +65,17 @@ impl Running {
 pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
     // Before anything that records metrics: handles taken earlier are no-ops.
     let metrics = crate::telemetry::install();
-    let external = external_turn(&args)?;
+    // Changes when credentials handed out before may soon be refused (the
+    // built-in TURN server's secret, or --ice-secrets-file's, changed):
+    // browsers in rooms then get new ones at once.
+    let (ice_changed, ice_changes) = tokio::sync::watch::channel(());
+    let ice_changed = Arc::new(ice_changed);
+    let external = {
+        let ice_changed = ice_changed.clone();
+        external_turn(&args, move || {
+            ice_changed.send_replace(());
+        })?
+    };
     let tls = tls::from_args(&args.tls)?;
     if let Some(setup) = &tls {
         tls::keep_fresh(
@@ -141,9 +153,19 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Credentials of the built-in TURN server expire, and so do those
     // signed with --ice-secret; --ice-credential never changes.
     let ice_renewal = (turn.is_some() || external.is_some()).then_some(ttl / 2);
-    let ice_changes = turn_ice
+    if let Some(mut signer_changes) = turn_ice
         .as_ref()
-        .map(crate::turn::IceCredentials::signer_changes);
+        .map(crate::turn::IceCredentials::signer_changes)
+    {
+        let ice_changed = ice_changed.clone();
+        tokio::spawn(async move {
+            while signer_changes.changed().await.is_ok() {
+                ice_changed.send_replace(());
+            }
+        });
+    }
+    let ice_changes =
+        (turn_ice.is_some() || args.ice_secrets_file.is_some()).then_some(ice_changes);
     let connection = Arc::new(ConnectionConfig {
         max_message_bytes: args.max_message_bytes as usize,
         heartbeat_timeout: Duration::from_secs(u64::from(args.heartbeat_timeout)),
@@ -161,8 +183,10 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 .map(|t| t.ice_servers())
                 .unwrap_or_default();
             all.extend(configured.iter().cloned());
-            if let Some((urls, secret)) = &external {
-                all.push(crate::turn::minted_ice_server(urls.clone(), secret, ttl));
+            if let Some(ExternalTurn { urls, secrets }) = &external
+                && let Some(secret) = secrets.signing()
+            {
+                all.push(crate::turn::minted_ice_server(urls.clone(), &secret, ttl));
             }
             all
         }),
@@ -278,7 +302,9 @@ fn announce(running: &Running, args: &ServeArgs) {
 fn ice_servers(args: &ServeArgs) -> Vec<IceServer> {
     args.ice_servers
         .iter()
-        .filter(|url| args.ice_secret.is_none() || !is_turn(url))
+        .filter(|url| {
+            (args.ice_secret.is_none() && args.ice_secrets_file.is_none()) || !is_turn(url)
+        })
         .map(|url| IceServer {
             urls: vec![url.clone()],
             username: args.ice_username.clone().filter(|_| is_turn(url)),
@@ -291,12 +317,36 @@ fn is_turn(url: &str) -> bool {
     url.starts_with("turn:") || url.starts_with("turns:")
 }
 
-/// With `--ice-secret`: the TURN URLs of `--ice-server`, which get
-/// credentials signed with it in every `welcome` and renewal.
-fn external_turn(args: &ServeArgs) -> anyhow::Result<Option<(Vec<String>, Vec<u8>)>> {
-    let Some(secret) = &args.ice_secret else {
-        return Ok(None);
-    };
+/// A TURN server of the operator's own (coturn) whose credentials `serve`
+/// signs: the TURN URLs of `--ice-server`, and the secret that signs, from
+/// `--ice-secret` or `--ice-secrets-file` (re-read on SIGHUP).
+struct ExternalTurn {
+    urls: Vec<String>,
+    secrets: Secrets,
+}
+
+/// With `--ice-secret` or `--ice-secrets-file`: the TURN URLs of
+/// `--ice-server`, which get credentials signed with it in every
+/// `welcome` and renewal. `new_signer` is called when the file's first
+/// secret changes.
+fn external_turn(
+    args: &ServeArgs,
+    new_signer: impl Fn() + Send + 'static,
+) -> anyhow::Result<Option<ExternalTurn>> {
+    let secrets = Secrets::default();
+    match (&args.ice_secret, &args.ice_secrets_file) {
+        (Some(secret), _) => secrets.set(vec![secret.as_bytes().to_vec()]),
+        (None, Some(path)) => {
+            secrets.set(crate::secrets::read(path, SecretsFile::Ice)?);
+            crate::secrets::reload_on_hangup(
+                path.clone(),
+                SecretsFile::Ice,
+                secrets.clone(),
+                new_signer,
+            )?;
+        }
+        (None, None) => return Ok(None),
+    }
     let urls: Vec<String> = args
         .ice_servers
         .iter()
@@ -305,8 +355,8 @@ fn external_turn(args: &ServeArgs) -> anyhow::Result<Option<(Vec<String>, Vec<u8
         .collect();
     if urls.is_empty() {
         anyhow::bail!(
-            "--ice-secret signs credentials for the turn: and turns: URLs of --ice-server, and there are none: add --ice-server turn:HOST:PORT"
+            "--ice-secret and --ice-secrets-file sign credentials for the turn: and turns: URLs of --ice-server, and there are none: add --ice-server turn:HOST:PORT"
         );
     }
-    Ok(Some((urls, secret.as_bytes().to_vec())))
+    Ok(Some(ExternalTurn { urls, secrets }))
 }

@@ -16,6 +16,7 @@ use callisto_turn::policy::PeerPolicy;
 use callisto_turn::server::{Alternates, Config, DefaultFamily, Shared};
 
 use crate::cli::{AllocationFamily, TurnArgs};
+use crate::secrets::SecretsFile;
 
 /// A running TURN service and what browsers need to use it.
 pub struct RunningTurn {
@@ -139,7 +140,7 @@ pub async fn start(
         credentials.add_user(&user.name, &user.password);
     }
     let secrets = match (&args.turn_secrets_file, &args.turn_secret) {
-        (Some(path), _) => crate::secrets::read(path)?,
+        (Some(path), _) => crate::secrets::read(path, SecretsFile::Turn)?,
         (None, Some(s)) => vec![s.as_bytes().to_vec()],
         (None, None) if generate_secret => vec![random_hex(32).into_bytes()],
         (None, None) => Vec::new(),
@@ -147,9 +148,12 @@ pub async fn start(
     credentials.secrets().set(secrets);
     let (new_signer, signer_changes) = tokio::sync::watch::channel(());
     if let Some(path) = &args.turn_secrets_file {
-        crate::secrets::reload_on_hangup(path.clone(), credentials.secrets().clone(), move || {
-            new_signer.send_replace(())
-        })?;
+        crate::secrets::reload_on_hangup(
+            path.clone(),
+            SecretsFile::Turn,
+            credentials.secrets().clone(),
+            move || new_signer.send_replace(()),
+        )?;
     }
     if !credentials.has_any() {
         bail!(

@@ -49,6 +49,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
         ),
         ("--turn-alternate-check", "CALLISTO_TURN_ALTERNATE_CHECK"),
         ("--turn-secrets-file", "CALLISTO_TURN_SECRETS_FILE"),
+        ("--ice-secrets-file", "CALLISTO_ICE_SECRETS_FILE"),
         ("--trusted-proxy", "CALLISTO_TRUSTED_PROXIES"),
         ("--allowed-origin", "CALLISTO_ALLOWED_ORIGINS"),
     ] {
@@ -109,6 +110,25 @@ fn bad_flags_say_what_to_fix() {
         assert!(err.contains(says), "{extra:?}: {err}");
         assert!(!err.contains("serving"), "started before failing:\n{err}");
     }
+
+    // A secrets file that cannot be read: named, with its flag.
+    let out = callisto(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--ice-server",
+        "turn:turn.example.test:3478",
+        "--ice-secrets-file",
+        "/nonexistent/ice-secrets",
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ice-secrets-file") && err.contains("/nonexistent/ice-secrets"),
+        "{err}"
+    );
 
     // Alternate TURN servers a client could not go to, or this one.
     for (alternate, says) in [

@@ -3103,6 +3103,87 @@ fn a_coturn_server_takes_the_credentials_serve_mints_for_it() {
     assert!(!allocates_with("another-secret", 2), "coturn checks them");
 }
 
+/// A coturn whose secret changes, and `serve` with `--ice-secrets-file`:
+/// once the file has the new secret and `serve` gets SIGHUP, a browser
+/// already in a room is sent credentials coturn takes, at once, and so is
+/// each newcomer; no restart.
+#[test]
+fn a_coturn_secret_change_reaches_browsers_without_a_restart() {
+    let (old, new) = ("0ld-coturn-secret", "n3w-coturn-secret");
+    let (_coturn, port) = coturn_over_udp_with(
+        &["127.0.0.1"],
+        &["--use-auth-secret", &format!("--static-auth-secret={new}")],
+    );
+    let coturn: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let url = format!("turn:{coturn}?transport=udp");
+    let file = std::env::temp_dir().join(format!("callisto-ice-secrets-{}", std::process::id()));
+    std::fs::write(&file, format!("# coturn's static-auth-secret\n{old}\n")).unwrap();
+    let server = callisto(
+        "serve",
+        &[
+            "--ice-server",
+            &url,
+            "--ice-secrets-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    let coturn_takes = |ice_servers: &serde_json::Value, seed: u64| {
+        let entry = ice_servers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["urls"] == serde_json::json!([url]))
+            .unwrap_or_else(|| panic!("no entry for coturn in {ice_servers}"));
+        let mut client = Client::new(
+            entry["username"].as_str().unwrap(),
+            entry["credential"].as_str().unwrap(),
+            false,
+            seed,
+        );
+        client.allocate(Instant::now());
+        let sock = udp_socket("127.0.0.1:0");
+        let event = outcome(&sock, coturn, &mut client, allocated_or_failed);
+        matches!(event, Some(Event::Allocated { .. }))
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ws = format!("ws://{}/ws", server.http.expect("serve has HTTP"));
+    let (mut in_room, welcome) = rt.block_on(async {
+        let mut c = common::Client::connect(&ws).await;
+        let welcome = c.join("rotation", "R").await;
+        (c, welcome)
+    });
+    assert!(
+        !coturn_takes(&welcome["iceServers"], 1),
+        "signed with the old secret"
+    );
+
+    std::fs::write(&file, format!("{new}\n{old}\n")).unwrap();
+    server.hang_up("--ice-secrets-file: TURN shared secrets replaced");
+    server.wait_for_metric(
+        "callisto_turn_secret_reloads_total{file=\"ice-secrets-file\",result=\"replaced\"}",
+        1.0,
+    );
+    let renewed = rt.block_on(in_room.expect("ice-servers"));
+    assert!(
+        coturn_takes(&renewed["iceServers"], 2),
+        "the browser in the room"
+    );
+    assert!(
+        coturn_takes(&welcome_from(&server)["iceServers"], 3),
+        "a newcomer"
+    );
+    assert!(
+        !server
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(new) || l.contains(old)),
+        "no secret in the log"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
 /// The credentials `serve` hands out in `welcome`: (username, password).
 fn handed_out_credentials(server: &Callisto) -> (String, String) {
     let welcome = welcome_from(server);
