@@ -27,10 +27,12 @@ pub fn reread_on_hangup<T: Send + 'static>(
     path: PathBuf,
     read: fn(&Path) -> anyhow::Result<T>,
     mut apply: impl FnMut(anyhow::Result<T>) + Send + 'static,
+    health: &crate::health::Health,
+    what: &'static str,
 ) -> anyhow::Result<()> {
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    tokio::spawn(async move {
+    health.spawn_vital(what, async move {
         while hangups.recv().await.is_some() {
             let file = path.clone();
             let read = tokio::task::spawn_blocking(move || read(&file)).await;

@@ -1,19 +1,28 @@
 //! What `GET /healthz` answers: `ok` while every part that should run
 //! does, else 503 with a line for each part that stopped, so that a
-//! supervisor (a load balancer, Kubernetes, a systemd watchdog script)
-//! restarts the server. The web server answering is itself the check of
-//! the web part.
+//! supervisor (a load balancer, Kubernetes, systemd's watchdog) restarts
+//! the server. The web server answering is itself the check of the web
+//! part; the background tasks that keep the server current (certificate
+//! reloads, files re-read on SIGHUP, alternate-server checks) are spawned
+//! here, so that one a bug ended is seen.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::FutureExt;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use callisto_turn::net::TurnHealth;
 
-/// The parts' checks: each says what of it has stopped.
+/// The parts' checks: each says what of it has stopped. Clones share the
+/// background tasks' fate.
 #[derive(Clone, Default)]
 pub struct Health {
     checks: Vec<Arc<dyn Fn() -> Vec<String> + Send + Sync>>,
+    /// Background tasks that a panic ended.
+    fallen: Arc<Mutex<Vec<&'static str>>>,
 }
 
 impl Health {
@@ -28,9 +37,28 @@ impl Health {
         self.with(move || turn.problems())
     }
 
+    /// Spawns `task`, `what` runs for as long as the server: if a panic
+    /// ends it, the health says so from then on.
+    pub fn spawn_vital(&self, what: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let fallen = self.fallen.clone();
+        tokio::spawn(async move {
+            if AssertUnwindSafe(task).catch_unwind().await.is_err() {
+                // The panic itself was logged by the panic hook.
+                tracing::error!("{what} stopped: a bug; /healthz now fails");
+                fallen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(what);
+            }
+        });
+    }
+
     /// What has stopped; none when all is well.
     pub fn problems(&self) -> Vec<String> {
-        self.checks.iter().flat_map(|check| check()).collect()
+        let fallen = self.fallen.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.checks.iter().flat_map(|check| check()))
+            .chain(fallen.iter().map(|what| format!("{what} has stopped")))
+            .collect()
     }
 
     /// The answer to `GET /healthz`.
@@ -56,6 +84,31 @@ mod tests {
             .await
             .unwrap();
         (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// A background task that a panic ends is named; one that ends by
+    /// itself (as at shutdown) is not.
+    #[tokio::test]
+    async fn a_background_task_a_panic_ended_is_named() {
+        let health = Health::default();
+        let done = tokio::sync::oneshot::channel::<()>();
+        health.spawn_vital("the quiet task", async move {
+            let _ = done.1.await;
+        });
+        health.spawn_vital("the certificate reloader", async {
+            panic!("the test's panic");
+        });
+        drop(done.0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while health.problems().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never named");
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            health.with(Vec::new).problems(),
+            ["the certificate reloader has stopped"]
+        );
     }
 
     #[tokio::test]

@@ -28,12 +28,14 @@ fn main() -> anyhow::Result<()> {
                     Some(listen) => Some(StandaloneMetrics::bind(listen).await?),
                     None => None,
                 };
+                let health = Health::default();
                 let tls = callisto::tls::from_args(&args.tls)?;
                 if let Some(setup) = &tls {
                     callisto::tls::keep_fresh(
                         setup.certificate.clone(),
                         args.tls.recheck(),
                         CancellationToken::new(),
+                        &health,
                     )?;
                 }
                 let host = args.tls.tls_names.first().cloned();
@@ -43,9 +45,10 @@ fn main() -> anyhow::Result<()> {
                     host.as_deref(),
                     false,
                     std::time::Duration::from_secs(86_400),
+                    &health,
                 )
                 .await?;
-                let health = Health::default().with_turn(turn.service.health());
+                let health = health.with_turn(turn.service.health());
                 if let Some(metrics) = metrics {
                     metrics.serve(health.clone())?;
                 }

@@ -31,6 +31,14 @@ impl SecretsFile {
             SecretsFile::Ice => "--ice-secrets-file",
         }
     }
+
+    /// The task that re-reads it, for `/healthz`.
+    fn rereader(self) -> &'static str {
+        match self {
+            SecretsFile::Turn => "the --turn-secrets-file re-reader",
+            SecretsFile::Ice => "the --ice-secrets-file re-reader",
+        }
+    }
 }
 
 /// The secrets in the file; fails with what to fix.
@@ -62,6 +70,7 @@ pub fn reload_on_hangup(
     which: SecretsFile,
     secrets: Secrets,
     new_signer: impl Fn() + Send + 'static,
+    health: &crate::health::Health,
 ) -> anyhow::Result<()> {
     let file = path.clone();
     let flag = which.flag();
@@ -69,37 +78,43 @@ pub fn reload_on_hangup(
         SecretsFile::Turn => |path: &Path| read(path, SecretsFile::Turn),
         SecretsFile::Ice => |path: &Path| read(path, SecretsFile::Ice),
     };
-    crate::flag_files::reread_on_hangup(path, read, move |read| {
-        let result = match read {
-            Ok(list) => {
-                let count = list.len();
-                let signer_changed = secrets.signing().as_ref() != list.first();
-                secrets.set(list);
-                if signer_changed {
-                    new_signer();
+    crate::flag_files::reread_on_hangup(
+        path,
+        read,
+        move |read| {
+            let result = match read {
+                Ok(list) => {
+                    let count = list.len();
+                    let signer_changed = secrets.signing().as_ref() != list.first();
+                    secrets.set(list);
+                    if signer_changed {
+                        new_signer();
+                    }
+                    tracing::info!(
+                        file = %file.display(),
+                        count,
+                        "{flag}: TURN shared secrets replaced; the first signs new credentials"
+                    );
+                    "replaced"
                 }
-                tracing::info!(
-                    file = %file.display(),
-                    count,
-                    "{flag}: TURN shared secrets replaced; the first signs new credentials"
-                );
-                "replaced"
-            }
-            Err(e) => {
-                tracing::error!(
-                    count = secrets.len(),
-                    "{flag}: TURN shared secrets unchanged: {e:#}"
-                );
-                "failed"
-            }
-        };
-        metrics::counter!(
-            "callisto_turn_secret_reloads_total",
-            "file" => flag.trim_start_matches('-'),
-            "result" => result
-        )
-        .increment(1);
-    })
+                Err(e) => {
+                    tracing::error!(
+                        count = secrets.len(),
+                        "{flag}: TURN shared secrets unchanged: {e:#}"
+                    );
+                    "failed"
+                }
+            };
+            metrics::counter!(
+                "callisto_turn_secret_reloads_total",
+                "file" => flag.trim_start_matches('-'),
+                "result" => result
+            )
+            .increment(1);
+        },
+        health,
+        which.rereader(),
+    )
 }
 
 #[cfg(test)]

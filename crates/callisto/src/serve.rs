@@ -65,6 +65,8 @@ impl Running {
 pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
     // Before anything that records metrics: handles taken earlier are no-ops.
     let metrics = crate::telemetry::install();
+    // What /healthz checks; background tasks are spawned through it.
+    let health = Health::default();
     // Changes when credentials handed out before may soon be refused (the
     // built-in TURN server's secret, or --ice-secrets-file's, changed):
     // browsers in rooms then get new ones at once.
@@ -72,9 +74,13 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let ice_changed = Arc::new(ice_changed);
     let external = {
         let ice_changed = ice_changed.clone();
-        external_turn(&args, move || {
-            ice_changed.send_replace(());
-        })?
+        external_turn(
+            &args,
+            move || {
+                ice_changed.send_replace(());
+            },
+            &health,
+        )?
     };
     let tls = tls::from_args(&args.tls)?;
     if let Some(setup) = &tls {
@@ -82,6 +88,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             setup.certificate.clone(),
             args.tls.recheck(),
             shutdown.clone(),
+            &health,
         )?;
     }
     // The web and metrics ports first: if one is taken, nothing else has
@@ -107,6 +114,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 tls_host.filter(|_| tls.is_some()),
                 true,
                 Duration::from_secs(args.turn_credential_ttl),
+                &health,
             )
             .await?,
         )
@@ -205,8 +213,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         origins: Arc::new(OriginPolicy::new(args.allowed_origins.clone())),
         origin_log: Arc::default(),
         health: match &turn {
-            Some(t) => Health::default().with_turn(t.service.health()),
-            None => Health::default(),
+            Some(t) => health.with_turn(t.service.health()),
+            None => health,
         },
     };
     let metrics_addr = match metrics_listener {
@@ -332,6 +340,7 @@ struct ExternalTurn {
 fn external_turn(
     args: &ServeArgs,
     new_signer: impl Fn() + Send + 'static,
+    health: &Health,
 ) -> anyhow::Result<Option<ExternalTurn>> {
     let secrets = Secrets::default();
     match (&args.ice_secret, &args.ice_secrets_file) {
@@ -343,6 +352,7 @@ fn external_turn(
                 SecretsFile::Ice,
                 secrets.clone(),
                 new_signer,
+                health,
             )?;
         }
         (None, None) => return Ok(None),

@@ -104,6 +104,7 @@ pub async fn start(
     tls_host: Option<&str>,
     generate_secret: bool,
     credential_ttl: Duration,
+    health: &crate::health::Health,
 ) -> anyhow::Result<RunningTurn> {
     let relay_ips = match one_per_family(&args.turn_relay_ips, "--turn-relay-ip")? {
         ips if !ips.is_empty() => ips,
@@ -153,6 +154,7 @@ pub async fn start(
             SecretsFile::Turn,
             credentials.secrets().clone(),
             move || new_signer.send_replace(()),
+            health,
         )?;
     }
     if !credentials.has_any() {
@@ -219,7 +221,7 @@ pub async fn start(
         shared.share_budgets(budgets);
     }
     let shared = Arc::new(shared);
-    crate::alternates::keep_in_force(args, alternates, shared.clone())?;
+    crate::alternates::keep_in_force(args, alternates, shared.clone(), health)?;
     let advertised = shared.config.advertised_ip(relay_ip);
     let relay = RelayConfig {
         ipv4: relay_ips.iter().copied().find(IpAddr::is_ipv4),

@@ -115,8 +115,9 @@ pub fn spawn(
     shared: Arc<Shared>,
     mut configured: watch::Receiver<Alternates>,
     every: Option<Duration>,
+    health: &crate::health::Health,
 ) {
-    tokio::spawn(async move {
+    health.spawn_vital("the alternate TURN server checks", async move {
         let mut seen: HashMap<(Kind, SocketAddr), Liveness> = HashMap::new();
         let mut in_force: Option<Alternates> = None;
         let mut more_changes = true;

@@ -45,28 +45,35 @@ pub fn keep_in_force(
     args: &TurnArgs,
     configured: Alternates,
     shared: Arc<Shared>,
+    health: &crate::health::Health,
 ) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(configured);
-    checks::spawn(shared, rx, checking(args));
+    checks::spawn(shared, rx, checking(args), health);
     let Some(path) = args.turn_alternate_servers_file.clone() else {
         return Ok(());
     };
     let own = Own::of(args);
     let checked = checking(args).is_some();
     let file = path.clone();
-    crate::flag_files::reread_on_hangup(path, read, move |read| {
-        match read.and_then(|a| check(&a, own).map(|()| a)) {
-            Ok(alternates) => {
-                announce(&alternates, checked);
-                // Fails only once the checks have ended, with the server.
-                let _ = tx.send(alternates);
+    crate::flag_files::reread_on_hangup(
+        path,
+        read,
+        move |read| {
+            match read.and_then(|a| check(&a, own).map(|()| a)) {
+                Ok(alternates) => {
+                    announce(&alternates, checked);
+                    // Fails only once the checks have ended, with the server.
+                    let _ = tx.send(alternates);
+                }
+                Err(e) => tracing::error!(
+                    file = %file.display(),
+                    "alternate TURN servers unchanged: {e:#}"
+                ),
             }
-            Err(e) => tracing::error!(
-                file = %file.display(),
-                "alternate TURN servers unchanged: {e:#}"
-            ),
-        }
-    })
+        },
+        health,
+        "the --turn-alternate-servers-file re-reader",
+    )
 }
 
 /// How often to check the alternates, if at all.

@@ -362,6 +362,7 @@ pub fn keep_fresh(
     certificate: Arc<Certificate>,
     recheck: Option<Duration>,
     stop: CancellationToken,
+    health: &crate::health::Health,
 ) -> anyhow::Result<()> {
     if let Some(v) = certificate.validity() {
         tracing::info!(
@@ -371,13 +372,16 @@ pub fn keep_fresh(
             "serving a TLS certificate"
         );
     }
-    tokio::spawn(watch_expiry(certificate.clone(), stop.clone()));
+    health.spawn_vital(
+        "the certificate expiry watch",
+        watch_expiry(certificate.clone(), stop.clone()),
+    );
     let Some(files) = certificate.files().cloned() else {
         return Ok(());
     };
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    tokio::spawn(async move {
+    health.spawn_vital("the certificate reloader", async move {
         let mut recheck = recheck.map(|every| {
             let mut interval = tokio::time::interval(every);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
