@@ -45,6 +45,8 @@ fn main() -> anyhow::Result<()> {
                     host.as_deref(),
                     false,
                     std::time::Duration::from_secs(86_400),
+                    // Nobody to tell: `turn` hands out no credentials.
+                    || {},
                     &health,
                 )
                 .await?;

@@ -71,17 +71,13 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // built-in TURN server's secret, or --ice-secrets-file's, changed):
     // browsers in rooms then get new ones at once.
     let (ice_changed, ice_changes) = tokio::sync::watch::channel(());
-    let ice_changed = Arc::new(ice_changed);
-    let external = {
-        let ice_changed = ice_changed.clone();
-        external_turn(
-            &args,
-            move || {
-                ice_changed.send_replace(());
-            },
-            &health,
-        )?
+    let new_signer = {
+        let ice_changed = Arc::new(ice_changed);
+        move || {
+            ice_changed.send_replace(());
+        }
     };
+    let external = external_turn(&args, new_signer.clone(), &health)?;
     let tls = tls::from_args(&args.tls)?;
     if let Some(setup) = &tls {
         tls::keep_fresh(
@@ -114,6 +110,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 tls_host.filter(|_| tls.is_some()),
                 true,
                 Duration::from_secs(args.turn_credential_ttl),
+                new_signer,
                 &health,
             )
             .await?,
@@ -161,19 +158,9 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Credentials of the built-in TURN server expire, and so do those
     // signed with --ice-secret; --ice-credential never changes.
     let ice_renewal = (turn.is_some() || external.is_some()).then_some(ttl / 2);
-    if let Some(mut signer_changes) = turn_ice
-        .as_ref()
-        .map(crate::turn::IceCredentials::signer_changes)
-    {
-        let ice_changed = ice_changed.clone();
-        tokio::spawn(async move {
-            while signer_changes.changed().await.is_ok() {
-                ice_changed.send_replace(());
-            }
-        });
-    }
-    let ice_changes =
-        (turn_ice.is_some() || args.ice_secrets_file.is_some()).then_some(ice_changes);
+    let ice_changes = (args.turn.turn_secrets_file.is_some() && turn_ice.is_some()
+        || args.ice_secrets_file.is_some())
+    .then_some(ice_changes);
     let connection = Arc::new(ConnectionConfig {
         max_message_bytes: args.max_message_bytes as usize,
         heartbeat_timeout: Duration::from_secs(u64::from(args.heartbeat_timeout)),

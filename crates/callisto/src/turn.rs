@@ -37,18 +37,9 @@ pub struct IceCredentials {
     /// The first signs; it may change while the server runs.
     secrets: Secrets,
     ttl: Duration,
-    /// Marked when another secret signs (`--turn-secrets-file`, SIGHUP):
-    /// credentials handed out before may be refused soon, so browsers in
-    /// rooms get new ones at once.
-    signer_changes: tokio::sync::watch::Receiver<()>,
 }
 
 impl IceCredentials {
-    /// Changes when another secret signs new credentials.
-    pub fn signer_changes(&self) -> tokio::sync::watch::Receiver<()> {
-        self.signer_changes.clone()
-    }
-
     pub fn ice_servers(&self) -> Vec<IceServer> {
         let stun = IceServer {
             urls: vec![self.stun_url.clone()],
@@ -98,12 +89,15 @@ fn host(ip: IpAddr) -> String {
 
 /// Starts the TURN server. `generate_secret`: create a random shared secret
 /// when none was configured (what `serve` does for its browsers).
+/// `new_signer` is called when another secret signs (`--turn-secrets-file`,
+/// SIGHUP): credentials handed out before may be refused soon.
 pub async fn start(
     args: &TurnArgs,
     tls: Option<Arc<rustls::ServerConfig>>,
     tls_host: Option<&str>,
     generate_secret: bool,
     credential_ttl: Duration,
+    new_signer: impl Fn() + Send + 'static,
     health: &crate::health::Health,
 ) -> anyhow::Result<RunningTurn> {
     let relay_ips = match one_per_family(&args.turn_relay_ips, "--turn-relay-ip")? {
@@ -147,13 +141,12 @@ pub async fn start(
         (None, None) => Vec::new(),
     };
     credentials.secrets().set(secrets);
-    let (new_signer, signer_changes) = tokio::sync::watch::channel(());
     if let Some(path) = &args.turn_secrets_file {
         crate::secrets::reload_on_hangup(
             path.clone(),
             SecretsFile::Turn,
             credentials.secrets().clone(),
-            move || new_signer.send_replace(()),
+            new_signer,
             health,
         )?;
     }
@@ -272,7 +265,6 @@ pub async fn start(
             tls_name,
             secrets,
             ttl: credential_ttl,
-            signer_changes,
         },
         service,
         loopback_relays: relay_ips.iter().all(IpAddr::is_loopback),
