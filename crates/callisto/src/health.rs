@@ -10,11 +10,10 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use futures_util::FutureExt;
-
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use callisto_turn::net::TurnHealth;
+use futures_util::FutureExt;
 
 /// The parts' checks: each says what of it has stopped. Clones share the
 /// background tasks' fate.
@@ -37,8 +36,9 @@ impl Health {
         self.with(move || turn.problems())
     }
 
-    /// Spawns `task`, `what` runs for as long as the server: if a panic
-    /// ends it, the health says so from then on.
+    /// Spawns `task`, the part called `what`, which runs for as long as
+    /// the server does: if a panic ends it, the health says so from then
+    /// on.
     pub fn spawn_vital(&self, what: &'static str, task: impl Future<Output = ()> + Send + 'static) {
         let fallen = self.fallen.clone();
         tokio::spawn(async move {

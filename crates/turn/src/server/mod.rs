@@ -466,21 +466,19 @@ impl Shared {
         format!("{expiry:016x}{}", self.nonce_mac(five, expiry))
     }
 
-    /// `Ok(())`, or `Err(true)` for a stale nonce, `Err(false)` for a forged one.
-    fn check_nonce(&self, five: &FiveTuple, nonce: &[u8], now: Instant) -> Result<(), bool> {
-        let text = std::str::from_utf8(nonce).map_err(|_| false)?;
+    /// Whether `nonce` is one this server gave `five` and has not expired.
+    fn nonce_is_valid(&self, five: &FiveTuple, nonce: &[u8], now: Instant) -> bool {
+        let Ok(text) = std::str::from_utf8(nonce) else {
+            return false;
+        };
         if text.len() != 32 {
-            return Err(false);
+            return false;
         }
-        let expiry = u64::from_str_radix(&text[..16], 16).map_err(|_| false)?;
+        let Ok(expiry) = u64::from_str_radix(&text[..16], 16) else {
+            return false;
+        };
         let mac = self.nonce_mac(five, expiry);
-        if !stun::ct_eq(mac.as_bytes(), &nonce[16..]) {
-            return Err(false);
-        }
-        if expiry <= self.unix(now) {
-            return Err(true);
-        }
-        Ok(())
+        stun::ct_eq(mac.as_bytes(), &nonce[16..]) && expiry > self.unix(now)
     }
 
     /// Keeps `held` for [`RESERVATION_LIFETIME`] under a new token, or
@@ -1852,13 +1850,15 @@ impl<A: RelayAllocator> Server<A> {
         let failed = |reason: &'static str| {
             shared.auth_failed(now, &five, msg.method(), username, reason);
         };
-        match shared.check_nonce(&five, nonce, now) {
-            Ok(()) => {}
-            Err(true) => return Err(challenge(self, 438, "Stale Nonce")),
-            Err(false) => {
-                failed("bad-nonce");
-                return Err(challenge(self, 401, "Unauthorized"));
-            }
+        if !shared.nonce_is_valid(&five, nonce, now) {
+            // Expired, or not one this server gave this 5-tuple: from
+            // before a restart (the nonce key is new at each start), from
+            // another server, or from before the client's NAT moved it.
+            // RFC 8489 §9.2.5 answers a nonce no longer valid with 438; the
+            // client retries with the fresh one, from where it really is,
+            // so a nonce captured elsewhere is still of no use. Not an
+            // authentication failure: nothing was guessed.
+            return Err(challenge(self, 438, "Stale Nonce"));
         }
         let Ok(username) = std::str::from_utf8(username) else {
             failed("bad-username");

@@ -594,15 +594,59 @@ fn stale_nonce_is_renewed_transparently() {
     assert_eq!(events, vec![Event::PermissionCreated(peer().ip())]);
 }
 
+/// A nonce given to one 5-tuple is of no use from another: the request
+/// gets 438 and a nonce for where it came from, which the client must
+/// then use (RFC 8489 §9.2.5, as after a restart or a NAT rebinding).
+/// Not counted as an authentication failure.
 #[test]
 fn a_nonce_is_bound_to_its_five_tuple() {
     let t0 = Instant::now();
-    let (_, mut s) = setup(config(), t0);
+    let (shared, mut s) = setup(config(), t0);
     let mut c = Client::new(USER, PASS, false, 1);
     c.allocate(t0);
     // The authenticated retry arrives from another port: its nonce is foreign.
     let mut retry = after_the_challenge(&mut s, &mut c, five(1), t0);
-    assert_eq!(error_code(&s.on_client(t0, five(2), &mut retry)), 401);
+    let mut replayed = retry.clone();
+    let out = s.on_client(t0, five(2), &mut retry);
+    assert_eq!(error_code(&out), 438);
+    assert_eq!(error_code(&s.on_client(t0, five(2), &mut replayed)), 438);
+    assert_eq!(
+        s.allocation_count(),
+        0,
+        "the foreign nonce allocated nothing"
+    );
+    // The client, told so, retries with the nonce given to five(2).
+    let Output::Reply { data, .. } = out else {
+        unreachable!()
+    };
+    c.handle_input(t0, &data);
+    assert!(matches!(
+        pump(&mut s, &mut c, five(2), t0)[..],
+        [Event::Allocated { .. }]
+    ));
+    assert_eq!(shared.allocation_count(), 1);
+}
+
+/// After a restart (another nonce key), a client's next request gets 438,
+/// and its retry with the new nonce reaches the request's real answer: its
+/// allocation is gone (437).
+#[test]
+fn a_nonce_from_before_a_restart_is_stale() {
+    let t0 = Instant::now();
+    let (_, mut before) = setup(config(), t0);
+    let (mut c, _) = allocated(&mut before, five(1), t0);
+    let restarted = Arc::new(Shared::new(config(), b"a new key", (t0, 1_000)));
+    let mut after = Server::new(restarted, FakeRelays::default());
+    let t1 = t0 + Duration::from_secs(30);
+    c.refresh(t1, 600);
+    let mut req = c.poll_transmit().unwrap();
+    let out = after.on_client(t1, five(1), &mut req);
+    assert_eq!(error_code(&out), 438);
+    let Output::Reply { data, .. } = out else {
+        unreachable!()
+    };
+    c.handle_input(t1, &data);
+    assert_eq!(failed_code(&pump(&mut after, &mut c, five(1), t1)), 437);
 }
 
 #[test]
