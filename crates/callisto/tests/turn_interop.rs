@@ -2594,6 +2594,9 @@ fn uclient_through_the_kernel_relay_on_a_network_interface() {
         &["-y", "-s"],
         4000.0,
     );
+    // Every part runs, the kernel relay's reporter among them.
+    let health = server.get("/healthz");
+    assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
 }
 
 /// What the kernel relay must leave to the sockets, since it cannot send it

@@ -51,11 +51,13 @@ pub struct TurnService {
 }
 
 /// Whether the parts of a [`TurnService`] that should be running are: its
-/// UDP workers and its TCP and TLS listeners. Cheap to clone and to ask,
+/// UDP workers, its TCP and TLS listeners, and the kernel relay's
+/// reporter. Cheap to clone and to ask,
 /// for `/healthz`.
 #[derive(Clone)]
 pub struct TurnHealth {
     workers: Arc<[AtomicBool]>,
+    /// Tasks that run until the service stops.
     listeners: Arc<[(String, JoinHandle<()>)]>,
     stop: CancellationToken,
 }
@@ -120,9 +122,12 @@ impl TurnService {
         };
         let tcp_addr = tcp_listener.local_addr()?;
         let stop = CancellationToken::new();
-        if let Some(kernel) = kernel {
-            tokio::spawn(report_kernel_relay(kernel, stop.clone()));
-        }
+        let reporter = kernel.map(|kernel| {
+            (
+                "the kernel relay's reporter (its counts in the metrics)".to_owned(),
+                tokio::spawn(report_kernel_relay(kernel, stop.clone())),
+            )
+        });
         let admission = Admission::new(listen.connections);
         let connections =
             stream::StreamConnections::new(relay, shared, udp.sender.clone(), stop.clone());
@@ -150,6 +155,7 @@ impl TurnService {
                 )),
             ));
         }
+        listeners.extend(reporter);
         let health = TurnHealth {
             workers: udp.down.clone(),
             listeners: listeners.into(),
