@@ -7,13 +7,16 @@
 //!
 //! Needs the Debian package fail2ban (scripts/test.sh installs it).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use callisto_turn::client::{Client, Event};
+use common::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_callisto");
 const FILTER: &str = include_str!("../../../contrib/fail2ban/filter.d/callisto-turn.conf");
@@ -23,18 +26,6 @@ const FAIL2BAN_CLIENT: &str = "/usr/bin/fail2ban-client";
 /// fail2ban's own definitions, which the filter includes.
 const COMMON: &str = "/etc/fail2ban/filter.d/common.conf";
 
-/// Removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("callisto-{what}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
 fn fail2ban_installed() {
     assert!(
         [FAIL2BAN_REGEX, FAIL2BAN_CLIENT, COMMON]
@@ -42,12 +33,6 @@ fn fail2ban_installed() {
             .all(|p| Path::new(p).exists()),
         "fail2ban is missing: install the Debian package fail2ban (bash scripts/test.sh does)"
     );
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Runs our TURN client from `from` against `server` until it allocates

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Client, Logs, Server, TIMEOUT};
+use common::{Client, Logs, Server, TIMEOUT, TempDir};
 use tokio::net::TcpSocket;
 
 /// nginx, as a reverse proxy in front of `upstream`; killed when dropped.
@@ -26,14 +26,6 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -79,9 +71,7 @@ impl Nginx {
             std::path::Path::new(path).exists(),
             "{path} is missing: install the Debian package nginx (bash scripts/test.sh does)"
         );
-        let dir = std::env::temp_dir().join(format!("callisto-nginx-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let dir = TempDir(dir);
+        let dir = TempDir::new("nginx");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

@@ -3,12 +3,16 @@
 //! SIGTERM. The notifications go to a socket of the test's own, as they
 //! would to systemd's.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use common::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_callisto");
 
@@ -21,10 +25,8 @@ fn next(sock: &UnixDatagram) -> String {
 
 #[test]
 fn tells_systemd_it_is_ready_feeds_the_watchdog_and_says_it_stops() {
-    let dir = std::env::temp_dir().join(format!("callisto-systemd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("notify");
+    let dir = TempDir::new("systemd");
+    let path = dir.0.join("notify");
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -81,5 +83,4 @@ fn tells_systemd_it_is_ready_feeds_the_watchdog_and_says_it_stops() {
     };
     assert_eq!(stopping, "STOPPING=1\n");
     assert!(child.wait().unwrap().success());
-    let _ = std::fs::remove_dir_all(&dir);
 }

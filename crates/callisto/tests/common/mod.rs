@@ -18,6 +18,26 @@ use tokio_util::sync::CancellationToken;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A fresh directory under the system's temporary one, removed when
+/// dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// `callisto-<what>-<pid>`, emptied first.
+    pub fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("callisto-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Seconds since the Unix epoch, as TURN credentials and certificates count.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
