@@ -49,14 +49,20 @@ fn tells_systemd_it_is_ready_feeds_the_watchdog_and_says_it_stops() {
 
     let ready = next(&sock);
     assert_eq!(ready, "READY=1\nSTATUS=serving\n");
-    // Ready means serving: the start line is out, and the port answers.
-    let url = rx
-        .try_iter()
-        .find_map(|line| {
-            let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-            Some(v["url"].as_str()?.to_owned())
-        })
-        .expect("the start line before READY=1");
+    // Ready means serving: the port answers. (The start line was written
+    // before READY=1, but the thread reading stderr may pass it on later
+    // than the socket delivers READY=1, so it is waited for.)
+    let url = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the start line");
+        let url = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| Some(v["url"].as_str()?.to_owned()));
+        if let Some(url) = url {
+            break url;
+        }
+    };
     let addr: SocketAddr = url
         .trim_start_matches("http://")
         .trim_end_matches('/')
