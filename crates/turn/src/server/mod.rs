@@ -1019,6 +1019,18 @@ pub struct Server<A> {
     udp_source: Option<SocketAddr>,
     /// Kernel routes to install or remove, in order.
     route_changes: Vec<RouteChange>,
+    /// Slots taken, with their quota places, for allocations not yet
+    /// installed: what a panic half-way through an Allocate would leave
+    /// held, since no slot says whose the places are.
+    unfilled: Vec<Unfilled>,
+}
+
+/// A slot taken by [`Server::take_slot`] and neither installed nor given
+/// back yet.
+struct Unfilled {
+    slot: u32,
+    username: String,
+    source: Source,
 }
 
 /// An error response in the making: code, reason, and whether to sign it.
@@ -1054,6 +1066,7 @@ impl<A: RelayAllocator> Server<A> {
             inbox: None,
             udp_source: None,
             route_changes: Vec::new(),
+            unfilled: Vec::new(),
         }
     }
 
@@ -1388,6 +1401,17 @@ impl<A: RelayAllocator> Server<A> {
     /// servers' clients are untouched. Route removals are left for the
     /// driver to apply.
     pub fn reset_after_panic(&mut self, now: Instant) {
+        // Places taken for allocations the panic cut short; those of
+        // installed ones are given back as they end, below.
+        for u in std::mem::take(&mut self.unfilled) {
+            if self
+                .allocations
+                .get(u.slot as usize)
+                .is_none_or(Option::is_none)
+            {
+                self.shared.unreserve(&u.username, u.source);
+            }
+        }
         for slot in 0..self.allocations.len() {
             let slot = slot as u32;
             self.remove_half(slot, Ended::Failed, now);
@@ -2073,8 +2097,7 @@ impl<A: RelayAllocator> Server<A> {
             Some(token) => match self.shared.redeem(token, now) {
                 Some(held) => self.relays.allocate_held(relay, held).map(|a| (a, None)),
                 None => {
-                    self.free_slots.push(slot);
-                    self.shared.unreserve(&authed.username, source);
+                    self.give_slot_back(slot);
                     return Err(refuse(
                         508,
                         "Insufficient Capacity: unknown or expired RESERVATION-TOKEN",
@@ -2087,8 +2110,7 @@ impl<A: RelayAllocator> Server<A> {
         let (relay_addr, reservation) = match bound {
             Ok(a) => a,
             Err(e) => {
-                self.free_slots.push(slot);
-                self.shared.unreserve(&authed.username, source);
+                self.give_slot_back(slot);
                 tracing::warn!(error = %e, ipv6, reserve, "no relay socket available");
                 // No relay address of the family, asked for or not: 440
                 // (RFC 8656 section 7.2), which says so; 508 would say to
@@ -2207,6 +2229,7 @@ impl<A: RelayAllocator> Server<A> {
             dont_fragment: false,
             created: now,
         });
+        self.unfilled.retain(|u| u.slot != slot);
         self.by_relay_addr.insert(relay_addr, slot);
         self.by_relay_addr.insert(advertised, slot);
         self.shared.set_relay([relay_addr, advertised], Some(&view));
@@ -2237,10 +2260,26 @@ impl<A: RelayAllocator> Server<A> {
                 refuse(508, "Insufficient Capacity")
             }
         })?;
-        Ok(self.free_slots.pop().unwrap_or_else(|| {
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.allocations.push(None);
             (self.allocations.len() - 1) as u32
-        }))
+        });
+        self.unfilled.push(Unfilled {
+            slot,
+            username: username.to_owned(),
+            source,
+        });
+        Ok(slot)
+    }
+
+    /// Frees a slot from [`Server::take_slot`] that was not installed, and
+    /// gives its quota places back.
+    fn give_slot_back(&mut self, slot: u32) {
+        if let Some(i) = self.unfilled.iter().position(|u| u.slot == slot) {
+            let u = self.unfilled.swap_remove(i);
+            self.free_slots.push(slot);
+            self.shared.unreserve(&u.username, u.source);
+        }
     }
 
     /// Binds the IPv6 relay of a dual allocation, in a slot of its own and
@@ -2252,8 +2291,7 @@ impl<A: RelayAllocator> Server<A> {
     ) -> Result<(u32, SocketAddr), Refusal> {
         let slot = self.take_slot(username, source)?;
         self.relays.allocate(RelayId(slot), true, false).map(|addr| (slot, addr)).map_err(|e| {
-            self.free_slots.push(slot);
-            self.shared.unreserve(username, source);
+            self.give_slot_back(slot);
             if e.kind() == io::ErrorKind::Unsupported {
                 refuse(440, "Address Family not Supported")
             } else {

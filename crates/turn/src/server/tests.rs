@@ -1171,7 +1171,8 @@ fn a_stopping_worker_ends_its_allocations_and_gives_their_places_back() {
 fn a_reset_after_a_panic_ends_everything_the_server_held_and_it_serves_again() {
     let t0 = Instant::now();
     let mut cfg = config();
-    cfg.max_allocations = 3;
+    cfg.max_allocations = 4;
+    cfg.user_quota = 4;
     let relays = FakeRelays::default();
     let (shared, mut s) = setup_with(cfg, &relays, t0);
     let other_relays = FakeRelays::default();
@@ -1180,12 +1181,15 @@ fn a_reset_after_a_panic_ends_everything_the_server_held_and_it_serves_again() {
     allocated(&mut s, five(2), t0);
     allocated(&mut other, five(3), t0);
     // What a panic half-way could leave: an index that lost its entry,
-    // and a relay socket bound for an allocation never made.
+    // and a slot taken (with its quota places) and a relay socket bound
+    // for an allocation never made.
     s.by_five.remove(&five(2));
-    let orphan = RelayId(s.allocations.len() as u32);
-    s.allocations.push(None);
-    s.relays.allocate(orphan, false, false).unwrap();
+    let Ok(orphan) = s.take_slot(USER, Source::of(five(4).client.ip())) else {
+        panic!("a place is free");
+    };
+    s.relays.allocate(RelayId(orphan), false, false).unwrap();
     assert_eq!(relays.live.borrow().len(), 3);
+    assert_eq!(shared.allocation_count(), 4, "every place taken");
 
     s.reset_after_panic(t0 + Duration::from_secs(5));
     assert_eq!(s.allocation_count(), 0);
@@ -1194,13 +1198,46 @@ fn a_reset_after_a_panic_ends_everything_the_server_held_and_it_serves_again() {
     assert_eq!(other.allocation_count(), 1);
     assert_eq!(shared.allocation_count(), 1, "the places are given back");
 
-    // Its clients hear that their allocation is gone, and allocate again.
+    // Its clients hear that their allocation is gone, and allocate again,
+    // up to the user's whole quota: no place stayed taken.
     let t1 = t0 + Duration::from_secs(6);
     c1.refresh(t1, 600);
     assert_eq!(failed_code(&pump(&mut s, &mut c1, five(1), t1)), 437);
     allocated(&mut s, five(1), t1);
     allocated(&mut s, five(2), t1);
-    assert_eq!(shared.allocation_count(), 3);
+    allocated(&mut s, five(4), t1);
+    assert_eq!(shared.allocation_count(), 4);
+}
+
+/// Slots given back on a refused Allocate, and slots installed, are no
+/// longer the server's to give back after a panic: a reset after both
+/// kinds leaves the places of other servers' allocations alone.
+#[test]
+fn a_reset_gives_back_only_places_nothing_else_accounts_for() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.max_allocations = 3;
+    let relays = FakeRelays::default();
+    let (shared, mut s) = setup_with(cfg, &relays, t0);
+    let mut other = Server::new(shared.clone(), FakeRelays::default());
+    allocated(&mut other, five(1), t0);
+    allocated(&mut s, five(2), t0);
+    // A refused Allocate (a RESERVATION-TOKEN nobody was given) takes a
+    // slot and gives it straight back.
+    let refused = signed_allocate(
+        &mut s,
+        five(3),
+        3,
+        &[(attr::RESERVATION_TOKEN, &[7; 8])],
+        t0,
+    );
+    assert_eq!(error_code(&refused), 508);
+    assert!(s.unfilled.is_empty());
+    assert_eq!(shared.allocation_count(), 2);
+
+    s.reset_after_panic(t0 + Duration::from_secs(1));
+    assert_eq!(shared.allocation_count(), 1, "only the other server's");
+    assert_eq!(other.allocation_count(), 1);
 }
 
 #[test]
