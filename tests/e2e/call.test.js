@@ -4,6 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import net from 'node:net';
 import path from 'node:path';
 import {
   ARTIFACTS, startServer, launchBrowser, joinCall, waitForRemoteVideos, playingRemotes,
@@ -144,6 +145,73 @@ test('both sides restart ICE at once: one offer, no glare, the call stays up', a
   await assertHealthyMedia(a, 1, 'A');
   await assertHealthyMedia(b, 1, 'B');
   for (const p of [a, b]) await p.context().close();
+});
+
+/**
+ * A TCP proxy on loopback to `target` (a URL) that can cut every connection
+ * through it at once, with a reset (what a network change or a dying proxy
+ * does to a WebSocket), and refuse new ones for a while.
+ */
+async function cuttableProxy(target) {
+  const { hostname, port } = new URL(target);
+  const sockets = new Set();
+  let refusing = false;
+  const proxy = net.createServer((client) => {
+    if (refusing) return client.resetAndDestroy();
+    const upstream = net.connect(Number(port), hostname);
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('close', () => sockets.delete(s));
+      s.on('error', () => {});
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((r) => proxy.listen(0, '127.0.0.1', r));
+  return {
+    url: `http://127.0.0.1:${proxy.address().port}`,
+    cut({ refuseFor = 0 } = {}) {
+      refusing = refuseFor > 0;
+      setTimeout(() => { refusing = false; }, refuseFor);
+      for (const s of sockets) s.resetAndDestroy();
+    },
+    close: () => new Promise((r) => proxy.close(r)),
+  };
+}
+
+test('a lost signaling connection resumes its place: the call goes on, and whoever came meanwhile is met', async () => {
+  const room = `resume-${Date.now()}`;
+  const proxy = await cuttableProxy(server.url);
+  const a = await joinCall(browser, proxy.url, room, 'A');
+  const b = await joinCall(browser, server.url, room, 'B');
+  await waitForRemoteVideos(a, 1);
+  await waitForRemoteVideos(b, 1);
+  const aId = await a.evaluate(() => window.__callisto.id);
+  const bId = await b.evaluate(() => window.__callisto.id);
+  await a.evaluate(() => { window.__before = [...window.__callisto.links.values()][0].pc; });
+
+  // A's WebSocket is reset, and A cannot reach the server for 2.5 s: C
+  // joins meanwhile (and offers to A, as newcomers do).
+  proxy.cut({ refuseFor: 2500 });
+  await a.getByText(/Lost the connection to the server/).waitFor({ timeout: 5000 });
+  const c = await joinCall(browser, server.url, room, 'C');
+  await a.getByText('Reconnected.').waitFor({ timeout: 15000 });
+
+  assert.equal(await a.evaluate(() => window.__callisto.id), aId, 'A has its id back');
+  assert.ok(
+    await a.evaluate((id) => window.__callisto.links.get(id)?.pc === window.__before, bId),
+    'A\'s connection to B is the one from before the cut: not torn down, not negotiated again',
+  );
+  const bHeard = await b.evaluate(() => window.__received.map((m) => m.type));
+  assert.ok(!bHeard.includes('peer-left'), `B never saw A leave (${bHeard})`);
+  for (const page of [a, b, c]) await waitForRemoteVideos(page, 2);
+  await assertHealthyMedia(a, 2, 'A');
+  await assertHealthyMedia(c, 2, 'C');
+  const resumed = await a.evaluate(() => window.__received.filter((m) => m.type === 'welcome').map((m) => m.resumed));
+  assert.deepEqual(resumed, [false, true], 'one welcome to join, one to resume');
+
+  for (const p of [a, b, c]) await p.context().close();
+  await proxy.close();
 });
 
 test('camera permission denied: joins receive-only, says why, still sees the others', async () => {

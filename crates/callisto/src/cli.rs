@@ -243,6 +243,14 @@ pub struct ServeArgs {
     #[arg(long, env = "CALLISTO_HEARTBEAT_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub heartbeat_timeout: u32,
 
+    /// Seconds a peer whose connection was lost (no leave, no close frame:
+    /// a network change, a dropped proxy connection) keeps its place in
+    /// the room, so that it can resume on a new connection with the same
+    /// id while its calls go on. The others see it leave only after this.
+    /// 0 removes it at once.
+    #[arg(long, env = "CALLISTO_RESUME_GRACE", value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u32).range(0..=3600))]
+    pub resume_grace: u32,
+
     /// Sustained signaling messages per second allowed per connection.
     #[arg(long, env = "CALLISTO_MAX_MESSAGES_PER_SECOND", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_messages_per_second: u32,
@@ -742,6 +750,7 @@ mod tests {
         assert_eq!(a.max_room_size, 16);
         assert_eq!(a.max_message_bytes, 65_536);
         assert_eq!(a.heartbeat_timeout, 30);
+        assert_eq!(a.resume_grace, 15);
         assert_eq!(a.tls.tls_names, ["localhost"]);
         assert!(!a.tls.tls_self_signed);
         assert_eq!(a.turn.turn_listen.to_string(), "127.0.0.1:3478");

@@ -147,11 +147,15 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
 
     let hub = Arc::new(Mutex::new(Hub::new(
         HubLimits {
-            max_room_size: args.max_room_size as usize,
-            max_rooms: args.max_rooms as usize,
+            resume_grace: Duration::from_secs(u64::from(args.resume_grace)),
+            ..HubLimits::new(args.max_room_size as usize, args.max_rooms as usize)
         },
         random_peer_id,
     )));
+    health.spawn_vital(
+        "the expiry of lost connections' places",
+        callisto_signal::connection::expire_lost_places(hub.clone()),
+    );
     let configured = ice_servers(&args);
     let turn_ice = turn.as_ref().map(|t| t.ice.clone());
     let ttl = Duration::from_secs(args.turn_credential_ttl);

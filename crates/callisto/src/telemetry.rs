@@ -98,6 +98,11 @@ pub fn render(handle: &PrometheusHandle, stats: &HubStats, queued_bytes: usize) 
     );
     let _ = writeln!(
         out,
+        "# HELP callisto_clients_away Joined peers whose connection was lost, their place kept for a resume (--resume-grace).\n# TYPE callisto_clients_away gauge\ncallisto_clients_away {}",
+        stats.away
+    );
+    let _ = writeln!(
+        out,
         "# HELP callisto_rooms Rooms currently open.\n# TYPE callisto_rooms gauge\ncallisto_rooms {}",
         stats.rooms
     );
@@ -210,11 +215,13 @@ mod tests {
         let handle = PrometheusBuilder::new().build_recorder().handle();
         let stats = HubStats {
             peers: 7,
+            away: 2,
             rooms: 3,
             room_sizes: vec![1, 2, 4],
         };
         let text = render(&handle, &stats, 0);
         assert!(text.contains("callisto_clients 7\n"));
+        assert!(text.contains("callisto_clients_away 2\n"));
         assert!(text.contains("callisto_rooms 3\n"));
         assert!(text.contains("callisto_room_size_bucket{le=\"1\"} 1\n"));
         assert!(text.contains("callisto_room_size_bucket{le=\"3\"} 2\n"));

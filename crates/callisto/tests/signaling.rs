@@ -91,7 +91,7 @@ async fn join_signal_broadcast_leave() {
 
 #[tokio::test]
 async fn closing_the_socket_leaves_the_room() {
-    let server = Server::start(&[]).await;
+    let server = Server::start(&["--resume-grace", "1"]).await;
     let mut a = server.client().await;
     let mut b = server.client().await;
     a.join("r", "A").await;
@@ -100,17 +100,23 @@ async fn closing_the_socket_leaves_the_room() {
     b.ws.close(None).await.unwrap();
     assert_eq!(a.expect("peer-left").await["id"], idb.as_str());
 
-    // Dropping the TCP connection without a close frame works the same.
+    // Dropping the TCP connection without a close frame is a lost
+    // connection: its place is kept for a resume, then given up.
     let mut c = server.client().await;
     let idc = id(&c.join("r", "C").await["id"]);
     a.expect("peer-joined").await;
+    let lost = tokio::time::Instant::now();
     drop(c);
     assert_eq!(a.expect("peer-left").await["id"], idc.as_str());
+    assert!(
+        lost.elapsed() >= Duration::from_secs(1),
+        "kept for the grace"
+    );
 }
 
 #[tokio::test]
 async fn heartbeat_timeout_drops_a_silent_client() {
-    let server = Server::start(&["--heartbeat-timeout", "1"]).await;
+    let server = Server::start(&["--heartbeat-timeout", "1", "--resume-grace", "0"]).await;
     let mut a = server.client().await;
     let mut silent = server.client().await;
     a.join("r", "A").await;
@@ -334,7 +340,8 @@ async fn fifty_concurrent_joins_agree_on_the_room() {
 async fn a_thousand_clients_in_a_hundred_rooms() {
     // All from 127.0.0.1: past the 512 connections one address gets by
     // default.
-    let server = Server::start(&["--max-connections-per-ip", "2000"]).await;
+    // Dropped below without close frames: no place is kept.
+    let server = Server::start(&["--max-connections-per-ip", "2000", "--resume-grace", "0"]).await;
     let url = server.ws_url();
     let mut tasks = Vec::new();
     for i in 0..1000 {

@@ -14,8 +14,14 @@ use crate::{ErrorCode, validate_name, validate_room};
 /// A decoded, validated client message. `data` borrows the original frame.
 #[derive(Debug, Clone)]
 pub enum ClientMessage<'a> {
-    /// `{"type":"join","room":R,"name":N}`; `name` is already trimmed.
-    Join { room: String, name: String },
+    /// `{"type":"join","room":R,"name":N}`, with `"resume":TOKEN` to take
+    /// back the place of a connection that was lost; `name` is already
+    /// trimmed.
+    Join {
+        room: String,
+        name: String,
+        resume: Option<String>,
+    },
     /// `{"type":"signal","to":ID,"data":ANY}`
     Signal { to: String, data: &'a RawValue },
     /// `{"type":"broadcast","data":ANY}`
@@ -30,7 +36,18 @@ impl PartialEq for ClientMessage<'_> {
     fn eq(&self, other: &Self) -> bool {
         use ClientMessage::*;
         match (self, other) {
-            (Join { room: r1, name: n1 }, Join { room: r2, name: n2 }) => r1 == r2 && n1 == n2,
+            (
+                Join {
+                    room: r1,
+                    name: n1,
+                    resume: t1,
+                },
+                Join {
+                    room: r2,
+                    name: n2,
+                    resume: t2,
+                },
+            ) => r1 == r2 && n1 == n2 && t1 == t2,
             (Signal { to: t1, data: d1 }, Signal { to: t2, data: d2 }) => {
                 t1 == t2 && d1.get() == d2.get()
             }
@@ -53,6 +70,9 @@ impl ClientMessage<'_> {
         }
     }
 }
+
+/// The longest `join.resume` taken; the server's tokens are 32 characters.
+pub const MAX_RESUME_TOKEN_BYTES: usize = 64;
 
 /// Why a frame was refused, ready to send back as an `error` message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +98,7 @@ struct Envelope<'a> {
     room: Option<String>,
     name: Option<String>,
     to: Option<String>,
+    resume: Option<String>,
     // `null` is a valid payload, so a present `data` must not collapse to None.
     #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
@@ -120,7 +141,20 @@ pub fn decode_client(text: &str) -> Result<ClientMessage<'_>, DecodeError> {
                             .into(),
                 })?
                 .to_owned();
-            Ok(ClientMessage::Join { room, name })
+            if env
+                .resume
+                .as_deref()
+                .is_some_and(|t| t.is_empty() || t.len() > MAX_RESUME_TOKEN_BYTES)
+            {
+                return Err(DecodeError::bad(format!(
+                    "resume must be the token from welcome (1-{MAX_RESUME_TOKEN_BYTES} characters)"
+                )));
+            }
+            Ok(ClientMessage::Join {
+                room,
+                name,
+                resume: env.resume,
+            })
         }
         "signal" => {
             let to = field(env.to, "to")?;
@@ -160,7 +194,16 @@ mod tests {
             decode_client(r#"{"type":"join","room":"r1","name":" Ada "}"#).unwrap(),
             ClientMessage::Join {
                 room: "r1".into(),
-                name: "Ada".into()
+                name: "Ada".into(),
+                resume: None,
+            }
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"join","room":"r1","name":"Ada","resume":"0f"}"#).unwrap(),
+            ClientMessage::Join {
+                room: "r1".into(),
+                name: "Ada".into(),
+                resume: Some("0f".into()),
             }
         );
         match decode_client(r#"{"type":"signal","to":"abc","data":{"sdp":"v=0\r\n"}}"#).unwrap() {
@@ -209,6 +252,21 @@ mod tests {
         assert_eq!(code(r#"{"type":"signal","to":"x"}"#), ErrorCode::BadMessage);
         assert_eq!(code(r#"{"type":"signal","data":1}"#), ErrorCode::BadMessage);
         assert_eq!(code(r#"{"type":"broadcast"}"#), ErrorCode::BadMessage);
+        assert_eq!(
+            code(r#"{"type":"join","room":"ab","name":"a","resume":""}"#),
+            ErrorCode::BadMessage
+        );
+        assert_eq!(
+            code(&format!(
+                r#"{{"type":"join","room":"ab","name":"a","resume":"{}"}}"#,
+                "f".repeat(65)
+            )),
+            ErrorCode::BadMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"ab","name":"a","resume":7}"#),
+            ErrorCode::BadMessage
+        );
     }
 
     #[test]

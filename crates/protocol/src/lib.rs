@@ -14,7 +14,7 @@ mod error;
 mod server;
 mod validate;
 
-pub use client::{ClientMessage, DecodeError, decode_client};
+pub use client::{ClientMessage, DecodeError, MAX_RESUME_TOKEN_BYTES, decode_client};
 pub use error::ErrorCode;
 pub use server::{IceServer, PeerInfo, ServerMessage};
 pub use validate::{MAX_NAME_CHARS, MAX_ROOM_CHARS, validate_name, validate_room};

@@ -33,6 +33,12 @@ pub enum ServerMessage<'a> {
         peers: Vec<PeerInfo>,
         #[serde(rename = "iceServers")]
         ice_servers: &'a [IceServer],
+        /// Sent back in `join.resume` after a lost connection, to take this
+        /// place in the room again. Known to this client alone.
+        resume: &'a str,
+        /// Whether this `welcome` resumed a lost connection's place (same
+        /// `id`, no `peer-left`/`peer-joined` for the others).
+        resumed: bool,
     },
     PeerJoined {
         peer: PeerInfo,
@@ -109,10 +115,12 @@ mod tests {
                 name: "Ada".into(),
             }],
             ice_servers: &ice,
+            resume: "t1",
+            resumed: false,
         };
         assert_eq!(
             welcome.to_json(),
-            r#"{"type":"welcome","id":"p1","room":"r","version":1,"peers":[{"id":"p0","name":"Ada"}],"iceServers":[{"urls":["stun:127.0.0.1:3478"]}]}"#
+            r#"{"type":"welcome","id":"p1","room":"r","version":1,"peers":[{"id":"p0","name":"Ada"}],"iceServers":[{"urls":["stun:127.0.0.1:3478"]}],"resume":"t1","resumed":false}"#
         );
         let data = RawValue::from_string(r#"{"a": [1, 2]}"#.into()).unwrap();
         assert_eq!(

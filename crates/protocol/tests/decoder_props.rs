@@ -92,12 +92,21 @@ proptest! {
     }
 
     #[test]
-    fn valid_joins_round_trip(room in "[A-Za-z0-9_-]{1,64}", name in "\\PC{1,64}") {
-        let text = serde_json::json!({"type": "join", "room": room, "name": name}).to_string();
+    fn valid_joins_round_trip(
+        room in "[A-Za-z0-9_-]{1,64}",
+        name in "\\PC{1,64}",
+        resume in proptest::option::of("\\PC{1,16}"),
+    ) {
+        let mut join = serde_json::json!({"type": "join", "room": room, "name": name});
+        if let Some(token) = &resume {
+            join["resume"] = Value::from(token.as_str());
+        }
+        let text = join.to_string();
         match decode_client(&text) {
-            Ok(ClientMessage::Join { room: r, name: n }) => {
+            Ok(ClientMessage::Join { room: r, name: n, resume: t }) => {
                 prop_assert_eq!(r, room);
                 prop_assert_eq!(n, name.trim());
+                prop_assert_eq!(t, resume);
             }
             Ok(other) => prop_assert!(false, "decoded as {:?}", other),
             Err(e) => prop_assert_eq!(e.code, ErrorCode::BadName, "{}", e.message),

@@ -24,7 +24,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::hub::{Frame, Hub, PeerSink, SinkFull};
+use crate::hub::{Frame, Hub, PeerSink, Seat, SinkFull};
 use crate::rate::{RateLimiter, Verdict};
 use crate::remote::Remote;
 
@@ -115,6 +115,8 @@ impl SendBudget {
 pub struct ChannelSink {
     tx: mpsc::Sender<Frame>,
     evicted: CancellationToken,
+    /// Why the hub evicted it: the reason its close frame gives.
+    eviction: Arc<std::sync::OnceLock<&'static str>>,
     /// Bytes in the queue: added by senders, taken off by the task.
     queued: Arc<AtomicUsize>,
     max_bytes: usize,
@@ -156,6 +158,7 @@ impl ChannelSink {
         let sink = ChannelSink {
             tx,
             evicted: CancellationToken::new(),
+            eviction: Arc::default(),
             queued: Arc::default(),
             max_bytes,
             budget,
@@ -199,7 +202,8 @@ impl PeerSink for ChannelSink {
         self.push(frame)
     }
 
-    fn evict(&self, _reason: &'static str) {
+    fn evict(&self, reason: &'static str) {
+        let _ = self.eviction.set(reason);
         self.evicted.cancel();
     }
 }
@@ -244,8 +248,7 @@ pub async fn handle_socket(
         hub,
         cfg: cfg.clone(),
         sink: sink.clone(),
-        peer: None,
-        room: String::new(),
+        seat: None,
         limiter: RateLimiter::new(
             cfg.rate_per_sec,
             cfg.rate_burst,
@@ -278,6 +281,9 @@ pub async fn handle_socket(
     let shutting_down = shutdown.cancelled();
     let evicted = sink.evicted.cancelled();
     tokio::pin!(shutting_down, evicted);
+    // Whether the connection was lost rather than closed (no close frame,
+    // no leave): its place in the room is then kept for a resume.
+    let mut lost = false;
     let closing = {
         let writer = write_queue(&mut ws_tx, &mut queue, every, &finish);
         tokio::pin!(writer);
@@ -285,12 +291,19 @@ pub async fn handle_socket(
             loop {
                 tokio::select! {
                     _ = &mut shutting_down => break Some(Closing { code: GOING_AWAY, reason: "server shutting down" }),
-                    _ = &mut evicted => break Some(Closing { code: POLICY, reason: "too slow: send queue full" }),
+                    _ = &mut evicted => break Some(Closing {
+                        code: POLICY,
+                        reason: sink.eviction.get().copied().unwrap_or("evicted"),
+                    }),
                     // It ends only when a write fails: the connection is gone.
-                    _ = &mut writer => break None,
+                    _ = &mut writer => {
+                        lost = true;
+                        break None;
+                    }
                     _ = heartbeat.tick() => {
                         if last_seen.elapsed() > cfg.heartbeat_timeout {
                             info!(%remote, peer = conn.peer_id(), "heartbeat timeout");
+                            lost = true;
                             break Some(Closing { code: GOING_AWAY, reason: "heartbeat timeout" });
                         }
                     }
@@ -307,13 +320,18 @@ pub async fn handle_socket(
                     incoming = ws_rx.next() => {
                         last_seen = Instant::now();
                         match incoming {
-                            None | Some(Ok(Message::Close(_))) => break None,
+                            Some(Ok(Message::Close(_))) => break None,
+                            None => {
+                                lost = true;
+                                break None;
+                            }
                             Some(Err(e)) => {
                                 // tungstenite reports frames over its size limit as errors.
                                 if is_capacity_error(&e) {
                                     break conn.too_large();
                                 }
                                 debug!(%remote, error = %e, "websocket read error");
+                                lost = true;
                                 break None;
                             }
                             Some(Ok(Message::Text(text))) => {
@@ -336,6 +354,8 @@ pub async fn handle_socket(
         .await;
         let (closing, panicked) = match served {
             Ok(closing) => (closing, false),
+            // A bug's panic is the server's loss, not the client's: it may
+            // resume on a new connection.
             Err(_) => {
                 // The panic itself was logged by the panic hook.
                 error!(%remote, peer = conn.peer_id(), "signaling connection closed: a bug cut it short (report the panic above)");
@@ -348,7 +368,11 @@ pub async fn handle_socket(
                 )
             }
         };
-        conn.leave("disconnected");
+        if lost || panicked {
+            conn.park();
+        } else {
+            conn.leave("disconnected");
+        }
         // Flush what is already queued (an error explaining the close,
         // say), unless the client was evicted for not reading it, or the
         // writer may be what panicked.
@@ -365,6 +389,23 @@ pub async fn handle_socket(
         close_gracefully(&mut socket, code, reason).await;
     }
     metrics::gauge!("callisto_signaling_connections").decrement(1.0);
+}
+
+/// How often lost connections' places are checked for expiry: a place is
+/// given up at most this much after its grace.
+const EXPIRY_CHECK: Duration = Duration::from_millis(500);
+
+/// Gives up the places of lost connections that did not resume in time
+/// (the others get `peer-left`). Runs until the process ends.
+pub async fn expire_lost_places(hub: SharedHub) {
+    let mut every = tokio::time::interval(EXPIRY_CHECK);
+    every.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        hub.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expire(Instant::now().into_std());
+    }
 }
 
 /// Writes queued frames and pings until a write fails, or until `finish`
@@ -471,15 +512,15 @@ struct Conn {
     hub: SharedHub,
     cfg: Arc<ConnectionConfig>,
     sink: ChannelSink,
-    peer: Option<String>,
-    room: String,
+    /// Its place in a room, once joined.
+    seat: Option<Seat>,
     limiter: RateLimiter,
     remote: Remote,
 }
 
 impl Conn {
     fn peer_id(&self) -> &str {
-        self.peer.as_deref().unwrap_or("-")
+        self.seat.as_ref().map_or("-", |s| s.id.as_str())
     }
 
     fn hub(&self) -> std::sync::MutexGuard<'_, Hub<ChannelSink>> {
@@ -520,13 +561,15 @@ impl Conn {
         metrics::counter!("callisto_signaling_messages_received_total", "type" => msg.kind())
             .increment(1);
         let result = match msg {
-            ClientMessage::Join { room, name } => self.join(&room, &name),
-            ClientMessage::Signal { to, data } => match &self.peer {
-                Some(id) => self.hub().signal(id, &to, data),
+            ClientMessage::Join { room, name, resume } => {
+                self.join(&room, &name, resume.as_deref())
+            }
+            ClientMessage::Signal { to, data } => match &self.seat {
+                Some(seat) => self.hub().signal(&seat.id, &to, data),
                 None => Err(ErrorCode::NotJoined),
             },
-            ClientMessage::Broadcast { data } => match &self.peer {
-                Some(id) => self.hub().broadcast(id, data),
+            ClientMessage::Broadcast { data } => match &self.seat {
+                Some(seat) => self.hub().broadcast(&seat.id, data),
                 None => Err(ErrorCode::NotJoined),
             },
             ClientMessage::Leave => {
@@ -544,21 +587,26 @@ impl Conn {
         }
     }
 
-    fn join(&mut self, room: &str, name: &str) -> Result<(), ErrorCode> {
-        if self.peer.is_some() {
+    fn join(&mut self, room: &str, name: &str, resume: Option<&str>) -> Result<(), ErrorCode> {
+        if self.seat.is_some() {
             return Err(ErrorCode::AlreadyJoined);
         }
         let ice = (self.cfg.ice_servers)();
-        let id = self.hub().join(room, name, self.sink.clone(), &ice)?;
-        info!(remote = %self.remote, room, peer = %id, "joined");
-        self.peer = Some(id);
-        self.room = room.to_owned();
+        let seat = self
+            .hub()
+            .join(room, name, resume, self.sink.clone(), &ice)?;
+        if seat.resumed {
+            info!(remote = %self.remote, room, peer = %seat.id, "resumed");
+        } else {
+            info!(remote = %self.remote, room, peer = %seat.id, "joined");
+        }
+        self.seat = Some(seat);
         Ok(())
     }
 
     /// Sends a joined client fresh `iceServers`.
     fn renew_ice_servers(&mut self) -> Option<Closing> {
-        self.peer.as_ref()?;
+        self.seat.as_ref()?;
         let ice = (self.cfg.ice_servers)();
         debug!(remote = %self.remote, peer = self.peer_id(), "renewed the ICE servers' credentials");
         self.reply(Frame::new(&ServerMessage::IceServers { ice_servers: &ice }))
@@ -566,14 +614,26 @@ impl Conn {
 
     /// Leaves the room if in one; returns whether it was.
     fn leave(&mut self, why: &'static str) -> bool {
-        let Some(id) = self.peer.take() else {
+        let Some(seat) = self.seat.take() else {
             return false;
         };
-        let was_in = self.hub().leave(&id);
-        info!(remote = %self.remote, room = %self.room, peer = %id, why, "left");
+        let was_in = self.hub().leave(&seat);
+        if was_in {
+            info!(remote = %self.remote, room = %seat.room, peer = %seat.id, why, "left");
+        }
         // An evicted peer was already removed, but it was joined as far as
         // this connection knew.
         was_in || self.sink.evicted.is_cancelled()
+    }
+
+    /// The connection was lost: keeps its place for a resume.
+    fn park(&mut self) {
+        let Some(seat) = self.seat.take() else {
+            return;
+        };
+        if self.hub().park(&seat, Instant::now().into_std()) {
+            info!(remote = %self.remote, room = %seat.room, peer = %seat.id, "connection lost; its place is kept for a resume");
+        }
     }
 
     fn too_large(&mut self) -> Option<Closing> {
@@ -629,25 +689,20 @@ mod tests {
     /// A text frame that makes its connection panic, in these tests only.
     pub(super) const PANIC_TRIGGER: &str = "the test's panic";
 
-    /// A panic in one connection (a bug) closes it with 1011, and its peer
-    /// leaves its room as on any disconnect: the others hear `peer-left`,
-    /// and go on.
-    #[tokio::test]
-    async fn a_panic_ends_only_its_connection_and_its_peer_leaves_the_room() {
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    /// A signaling server on loopback with a hub of `limits` (ids p1, p2,
+    /// ...), and the lost places' expiry running; its WebSocket URL.
+    async fn serve_hub(limits: crate::hub::HubLimits) -> (SharedHub, String) {
         use axum::extract::WebSocketUpgrade;
-        use tokio_tungstenite::tungstenite::Message as WsMessage;
 
         let mut ids = 0;
-        let hub: SharedHub = Arc::new(Mutex::new(Hub::new(
-            crate::hub::HubLimits {
-                max_room_size: 8,
-                max_rooms: 8,
-            },
-            move || {
-                ids += 1;
-                format!("p{ids}")
-            },
-        )));
+        let hub: SharedHub = Arc::new(Mutex::new(Hub::new(limits, move || {
+            ids += 1;
+            format!("p{ids}")
+        })));
         let cfg = Arc::new(ConnectionConfig {
             max_message_bytes: 1 << 16,
             heartbeat_timeout: Duration::from_secs(30),
@@ -679,35 +734,68 @@ mod tests {
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(expire_lost_places(hub.clone()));
+        (hub, format!("ws://{addr}/ws"))
+    }
 
-        let url = format!("ws://{addr}/ws");
-        let (mut a, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-        let (mut b, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-        let join = r#"{"type":"join","room":"r","name":"n"}"#;
-        // The next JSON message of `type`, skipping others.
-        async fn next_of(
-            ws: &mut tokio_tungstenite::WebSocketStream<
-                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-            >,
-            kind: &str,
-        ) -> serde_json::Value {
-            loop {
-                let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-                    .await
-                    .expect("a message in time")
-                    .expect("open")
-                    .expect("no error");
-                if let WsMessage::Text(t) = msg {
-                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
-                    if v["type"] == kind {
-                        return v;
-                    }
+    async fn connect(url: &str) -> Ws {
+        tokio_tungstenite::connect_async(url).await.unwrap().0
+    }
+
+    async fn send(ws: &mut Ws, text: &str) {
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+        ws.send(WsMessage::text(text)).await.unwrap();
+    }
+
+    /// The next JSON message of `type`, skipping others.
+    async fn next_of(ws: &mut Ws, kind: &str) -> serde_json::Value {
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("a message in time")
+                .expect("open")
+                .expect("no error");
+            if let WsMessage::Text(t) = msg {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == kind {
+                    return v;
                 }
             }
         }
-        a.send(WsMessage::text(join)).await.unwrap();
-        let a_id = next_of(&mut a, "welcome").await["id"].clone();
-        b.send(WsMessage::text(join)).await.unwrap();
+    }
+
+    /// Whatever JSON messages arrive within `wait`.
+    async fn messages_within(ws: &mut Ws, wait: Duration) -> Vec<serde_json::Value> {
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+        let mut got = Vec::new();
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(wait, ws.next()).await {
+            if let WsMessage::Text(t) = msg {
+                got.push(serde_json::from_str(t.as_str()).unwrap());
+            }
+        }
+        got
+    }
+
+    const JOIN: &str = r#"{"type":"join","room":"r","name":"n"}"#;
+
+    fn resume_join(token: &serde_json::Value) -> String {
+        serde_json::json!({"type": "join", "room": "r", "name": "n", "resume": token}).to_string()
+    }
+
+    /// A panic (a bug) closes its connection with 1011; the others are
+    /// served on, and the client resumes its place on a new connection,
+    /// as from any lost connection: same id, and the others see no
+    /// `peer-left`.
+    #[tokio::test]
+    async fn a_panic_ends_only_its_connection_which_resumes_its_place() {
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+        let (hub, url) = serve_hub(crate::hub::HubLimits::new(8, 8)).await;
+        let (mut a, mut b) = (connect(&url).await, connect(&url).await);
+        send(&mut a, JOIN).await;
+        let welcome = next_of(&mut a, "welcome").await;
+        send(&mut b, JOIN).await;
         next_of(&mut b, "welcome").await;
 
         a.send(WsMessage::text(PANIC_TRIGGER)).await.unwrap();
@@ -723,11 +811,132 @@ mod tests {
         };
         assert_eq!(u16::from(close.code), INTERNAL_ERROR);
         assert_eq!(close.reason.as_str(), "server error");
-        assert_eq!(next_of(&mut b, "peer-left").await["id"], a_id);
-        b.send(WsMessage::text(r#"{"type":"ping"}"#)).await.unwrap();
+        send(&mut b, r#"{"type":"ping"}"#).await;
         next_of(&mut b, "pong").await;
+        assert_eq!(hub.lock().unwrap().stats().away, 1);
+
+        let mut a = connect(&url).await;
+        send(&mut a, &resume_join(&welcome["resume"])).await;
+        let again = next_of(&mut a, "welcome").await;
+        assert_eq!(again["id"], welcome["id"]);
+        assert_eq!(again["resumed"], true);
         let stats = hub.lock().unwrap_or_else(|p| p.into_inner()).stats();
-        assert_eq!((stats.peers, stats.rooms), (1, 1));
+        assert_eq!((stats.peers, stats.away, stats.rooms), (2, 0, 1));
+        let seen = messages_within(&mut b, Duration::from_millis(300)).await;
+        assert!(seen.iter().all(|m| m["type"] != "peer-left"), "{seen:?}");
+    }
+
+    /// A connection lost without a word (its TCP connection just ends)
+    /// keeps its place: what others send meanwhile waits for it, and it
+    /// comes after the resumed `welcome`, which lists the room as it is
+    /// now. A connection that does not come back within the grace is
+    /// gone for the others; its token then joins as new. A client that
+    /// closes its WebSocket leaves at once.
+    #[tokio::test]
+    async fn a_lost_connection_resumes_within_the_grace_and_leaves_after_it() {
+        let limits = crate::hub::HubLimits {
+            resume_grace: Duration::from_millis(700),
+            ..crate::hub::HubLimits::new(8, 8)
+        };
+        let (hub, url) = serve_hub(limits).await;
+        let (mut a, mut b) = (connect(&url).await, connect(&url).await);
+        send(&mut a, JOIN).await;
+        let welcome = next_of(&mut a, "welcome").await;
+        let a_id = welcome["id"].as_str().unwrap().to_owned();
+        send(&mut b, JOIN).await;
+        let b_id = next_of(&mut b, "welcome").await["id"].clone();
+
+        // Lost: the socket is dropped with no close frame.
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send(
+            &mut b,
+            &format!(r#"{{"type":"signal","to":"{a_id}","data":{{"n":1}}}}"#),
+        )
+        .await;
+        send(&mut b, r#"{"type":"broadcast","data":{"n":2}}"#).await;
+        let mut c = connect(&url).await;
+        send(&mut c, JOIN).await;
+        let c_id = next_of(&mut c, "welcome").await["id"].clone();
+
+        let mut a = connect(&url).await;
+        send(&mut a, &resume_join(&welcome["resume"])).await;
+        let got = messages_within(&mut a, Duration::from_millis(300)).await;
+        assert_eq!(got[0]["type"], "welcome");
+        assert_eq!(got[0]["id"], a_id.as_str());
+        assert_eq!(got[0]["resumed"], true);
+        assert_eq!(
+            got[0]["peers"],
+            serde_json::json!([{"id": b_id, "name": "n"}, {"id": c_id, "name": "n"}]),
+            "the room as it is now"
+        );
+        assert_eq!(
+            got[1..],
+            [
+                serde_json::json!({"type": "signal", "from": b_id, "data": {"n": 1}}),
+                serde_json::json!({"type": "broadcast", "from": b_id, "data": {"n": 2}}),
+            ],
+            "what waited, in order, and no peer-joined the welcome already told"
+        );
+        let seen = messages_within(&mut b, Duration::from_millis(100)).await;
+        assert!(seen.iter().all(|m| m["type"] != "peer-left"), "{seen:?}");
+
+        // Lost again, and not back in time.
+        drop(a);
+        assert_eq!(next_of(&mut b, "peer-left").await["id"], a_id.as_str());
+        assert_eq!(next_of(&mut c, "peer-left").await["id"], a_id.as_str());
+        let mut late = connect(&url).await;
+        send(&mut late, &resume_join(&welcome["resume"])).await;
+        let fresh = next_of(&mut late, "welcome").await;
+        assert_ne!(fresh["id"], a_id.as_str());
+        assert_eq!(fresh["resumed"], false);
+
+        // A close frame is a leave: no grace.
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+        late.send(WsMessage::Close(None)).await.unwrap();
+        assert_eq!(next_of(&mut b, "peer-left").await["id"], fresh["id"]);
+        assert_eq!(hub.lock().unwrap().stats().away, 0);
+    }
+
+    /// A client that resumes before the server noticed its old connection
+    /// was lost takes its place from it: the old connection is closed, and
+    /// its end does not remove the place.
+    #[tokio::test]
+    async fn a_resume_takes_the_place_from_a_connection_not_yet_known_lost() {
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+        let (hub, url) = serve_hub(crate::hub::HubLimits::new(8, 8)).await;
+        let (mut old, mut b) = (connect(&url).await, connect(&url).await);
+        send(&mut old, JOIN).await;
+        let welcome = next_of(&mut old, "welcome").await;
+        send(&mut b, JOIN).await;
+        next_of(&mut b, "welcome").await;
+
+        let mut new = connect(&url).await;
+        send(&mut new, &resume_join(&welcome["resume"])).await;
+        assert_eq!(next_of(&mut new, "welcome").await["id"], welcome["id"]);
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(10), old.next())
+                .await
+                .expect("closed in time")
+            {
+                Some(Ok(WsMessage::Close(frame))) => break frame.expect("a close frame"),
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        };
+        assert_eq!(u16::from(close.code), POLICY);
+        assert_eq!(close.reason.as_str(), "resumed on another connection");
+        let id = welcome["id"].as_str().unwrap();
+        send(
+            &mut b,
+            &format!(r#"{{"type":"signal","to":"{id}","data":3}}"#),
+        )
+        .await;
+        assert_eq!(next_of(&mut new, "signal").await["data"], 3);
+        let seen = messages_within(&mut b, Duration::from_millis(300)).await;
+        assert!(seen.iter().all(|m| m["type"] != "peer-left"), "{seen:?}");
+        assert_eq!(hub.lock().unwrap().stats().peers, 2);
     }
 
     fn frame(bytes: usize) -> Frame {

@@ -10,8 +10,17 @@
 //! A sink that cannot take another frame (the peer's socket is not draining)
 //! gets the peer evicted instead of the hub buffering without bound: the peer
 //! is removed, the others see `peer-left`, and the sink is told to close.
+//!
+//! A peer whose connection was lost (not closed: no `leave`, no close frame)
+//! keeps its place for [`HubLimits::resume_grace`]: a new connection that
+//! brings the place's secret token takes it back, with the same id, and the
+//! others notice nothing. Media flows between the browsers, not through
+//! here, so a call survives a dropped WebSocket, a proxy's idle timeout or a
+//! network change, instead of every peer connection being torn down and
+//! negotiated again. What the others send it meanwhile waits, bounded.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callisto_protocol::{ErrorCode, IceServer, PROTOCOL_VERSION, PeerInfo, ServerMessage};
@@ -53,8 +62,9 @@ pub struct SinkFull;
 pub trait PeerSink {
     /// Queues a frame without waiting.
     fn send(&self, frame: Frame) -> Result<(), SinkFull>;
-    /// The hub removed this peer because its queue overflowed; the driver
-    /// should close the connection with this reason.
+    /// The hub took the peer's place from this sink (its queue overflowed,
+    /// or another connection resumed the place); the driver should close
+    /// the connection with this reason.
     fn evict(&self, reason: &'static str);
 }
 
@@ -63,12 +73,52 @@ pub trait PeerSink {
 pub struct HubLimits {
     pub max_room_size: usize,
     pub max_rooms: usize,
+    /// How long a lost connection's place is kept for it to resume; zero
+    /// removes the peer at once, as an explicit leave does.
+    pub resume_grace: Duration,
+    /// Frames, and bytes, kept for a peer whose connection is lost; past
+    /// either, its place is given up.
+    pub away_frames: usize,
+    pub away_bytes: usize,
+}
+
+impl HubLimits {
+    /// `max_room_size` and `max_rooms` with the default resume settings.
+    pub fn new(max_room_size: usize, max_rooms: usize) -> Self {
+        HubLimits {
+            max_room_size,
+            max_rooms,
+            resume_grace: DEFAULT_RESUME_GRACE,
+            away_frames: 256,
+            away_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// How long a lost connection's place is kept by default: long enough for
+/// the web app's first reconnection attempts (after 0.5, 1, 2 and 4 s) and
+/// a network change, short enough that the others are not left looking at
+/// someone who is gone.
+pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(15);
+
+/// A connection's hold on its place in a room: the peer id, and which
+/// connection holds it, so that a lost connection that ends late cannot
+/// remove the place another connection has resumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seat {
+    pub id: String,
+    pub room: String,
+    pub attachment: u64,
+    /// Whether the place was resumed, not newly taken.
+    pub resumed: bool,
 }
 
 /// A snapshot for metrics and health checks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HubStats {
     pub peers: usize,
+    /// Peers among them whose connection is lost, kept for a resume.
+    pub away: usize,
     pub rooms: usize,
     /// The size of every room, in no particular order.
     pub room_sizes: Vec<usize>,
@@ -77,7 +127,43 @@ pub struct HubStats {
 struct Peer<S> {
     name: String,
     room: String,
-    sink: S,
+    /// The secret that resumes this place (`welcome.resume`).
+    token: String,
+    attachment: u64,
+    link: Link<S>,
+}
+
+/// Where a peer's frames go.
+enum Link<S> {
+    Live(S),
+    /// The connection is lost: what others send it (`signal`, `broadcast`)
+    /// waits here, with its sender, until it resumes or `until` passes.
+    /// Room changes are not kept: the resumed `welcome` lists the room.
+    Away {
+        until: Instant,
+        missed: Vec<(Frame, String)>,
+        bytes: usize,
+    },
+}
+
+impl<S: PeerSink> Link<S> {
+    /// Passes `frame` on, or keeps it if it came `from` a peer while the
+    /// connection is away; `false` when it cannot be taken, and the peer
+    /// must be evicted.
+    fn take(&mut self, frame: &Frame, from: Option<&str>, limits: &HubLimits) -> bool {
+        match self {
+            Link::Live(sink) => sink.send(frame.clone()).is_ok(),
+            Link::Away { missed, bytes, .. } => {
+                let Some(from) = from else { return true };
+                if missed.len() >= limits.away_frames || *bytes + frame.len() > limits.away_bytes {
+                    return false;
+                }
+                *bytes += frame.len();
+                missed.push((frame.clone(), from.to_owned()));
+                true
+            }
+        }
+    }
 }
 
 /// The rooms and the peers in them.
@@ -86,6 +172,9 @@ pub struct Hub<S> {
     /// Peer ids in join order, per room.
     rooms: HashMap<String, Vec<String>>,
     peers: HashMap<String, Peer<S>>,
+    /// Peer ids by resume token.
+    tokens: HashMap<String, String>,
+    attachments: u64,
     new_id: Box<dyn FnMut() -> String + Send>,
     evicted: Vec<String>,
 }
@@ -106,20 +195,129 @@ impl<S: PeerSink> Hub<S> {
             limits,
             rooms: HashMap::new(),
             peers: HashMap::new(),
+            tokens: HashMap::new(),
+            attachments: 0,
             new_id: Box::new(new_id),
             evicted: Vec::new(),
         }
     }
 
     /// Adds a peer to `room` (created on first join), sends it `welcome` and
-    /// tells the others. Returns the new peer's id.
+    /// tells the others. With the `resume` token of a place in that room,
+    /// the new connection takes the place back instead (see the module
+    /// documentation); an unknown or expired token joins as new.
     pub fn join(
+        &mut self,
+        room: &str,
+        name: &str,
+        resume: Option<&str>,
+        sink: S,
+        ice_servers: &[IceServer],
+    ) -> Result<Seat, ErrorCode> {
+        if let Some(token) = resume {
+            match self.resume(token, room, sink, ice_servers) {
+                Ok(seat) => return Ok(seat),
+                Err(sink) => return self.join_new(room, name, sink, ice_servers),
+            }
+        }
+        self.join_new(room, name, sink, ice_servers)
+    }
+
+    fn next_attachment(&mut self) -> u64 {
+        self.attachments += 1;
+        self.attachments
+    }
+
+    /// The others in `room`, in join order, as `welcome` lists them.
+    fn members_but(&self, room: &str, except: Option<&str>) -> Vec<PeerInfo> {
+        self.rooms
+            .get(room)
+            .into_iter()
+            .flatten()
+            .filter(|pid| Some(pid.as_str()) != except)
+            .filter_map(|pid| {
+                self.peers.get(pid).map(|p| PeerInfo {
+                    id: pid.clone(),
+                    name: p.name.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Gives the place of `token` in `room` to a new connection's `sink`:
+    /// `welcome` (resumed, listing the room as it is now), then what was
+    /// kept for it from peers still there. A connection still holding the
+    /// place (its loss not noticed yet) is closed. Gives the sink back if
+    /// there is no such place.
+    fn resume(
+        &mut self,
+        token: &str,
+        room: &str,
+        sink: S,
+        ice_servers: &[IceServer],
+    ) -> Result<Seat, S> {
+        let Some(id) = self.tokens.get(token).cloned() else {
+            metrics::counter!("callisto_signaling_resumes_total", "result" => "unknown")
+                .increment(1);
+            return Err(sink);
+        };
+        if self.peers.get(&id).is_none_or(|p| p.room != room) {
+            metrics::counter!("callisto_signaling_resumes_total", "result" => "unknown")
+                .increment(1);
+            return Err(sink);
+        }
+        let attachment = self.next_attachment();
+        let peers = self.members_but(room, Some(&id));
+        let welcome = Frame::new(&ServerMessage::Welcome {
+            id: &id,
+            room,
+            version: PROTOCOL_VERSION,
+            peers,
+            ice_servers,
+            resume: token,
+            resumed: true,
+        });
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return Err(sink);
+        };
+        let old = std::mem::replace(&mut peer.link, Link::Live(sink));
+        peer.attachment = attachment;
+        let mut ok = true;
+        if let Some(Link::Live(sink)) = self.peers.get(&id).map(|p| &p.link) {
+            ok = sink.send(welcome).is_ok();
+            match old {
+                Link::Live(old) => old.evict("resumed on another connection"),
+                Link::Away { missed, .. } => {
+                    for (frame, from) in missed {
+                        // From a peer that has left since: the welcome
+                        // said it is gone.
+                        if ok && self.peers.contains_key(&from) {
+                            ok = sink.send(frame).is_ok();
+                        }
+                    }
+                }
+            }
+        }
+        metrics::counter!("callisto_signaling_resumes_total", "result" => "resumed").increment(1);
+        if !ok {
+            self.evicted.push(id.clone());
+        }
+        self.settle();
+        Ok(Seat {
+            id,
+            room: room.to_owned(),
+            attachment,
+            resumed: true,
+        })
+    }
+
+    fn join_new(
         &mut self,
         room: &str,
         name: &str,
         sink: S,
         ice_servers: &[IceServer],
-    ) -> Result<String, ErrorCode> {
+    ) -> Result<Seat, ErrorCode> {
         let members = self.rooms.get(room);
         match members {
             Some(m) if m.len() >= self.limits.max_room_size => return Err(ErrorCode::RoomFull),
@@ -134,22 +332,15 @@ impl<S: PeerSink> Hub<S> {
                 break id;
             }
         };
-        let existing: Vec<PeerInfo> = members
-            .into_iter()
-            .flatten()
-            .filter_map(|pid| {
-                self.peers.get(pid).map(|p| PeerInfo {
-                    id: pid.clone(),
-                    name: p.name.clone(),
-                })
-            })
-            .collect();
+        let token = random_peer_id();
         let welcome = Frame::new(&ServerMessage::Welcome {
             id: &id,
             room,
             version: PROTOCOL_VERSION,
-            peers: existing,
+            peers: self.members_but(room, None),
             ice_servers,
+            resume: &token,
+            resumed: false,
         });
         let joined = Frame::new(&ServerMessage::PeerJoined {
             peer: PeerInfo {
@@ -157,16 +348,20 @@ impl<S: PeerSink> Hub<S> {
                 name: name.to_owned(),
             },
         });
-        self.fan_out(room, None, &joined);
+        self.fan_out(room, None, &joined, None);
         if sink.send(welcome).is_err() {
             self.evicted.push(id.clone());
         }
+        let attachment = self.next_attachment();
+        self.tokens.insert(token.clone(), id.clone());
         self.peers.insert(
             id.clone(),
             Peer {
                 name: name.to_owned(),
                 room: room.to_owned(),
-                sink,
+                token,
+                attachment,
+                link: Link::Live(sink),
             },
         );
         self.rooms
@@ -174,27 +369,88 @@ impl<S: PeerSink> Hub<S> {
             .or_default()
             .push(id.clone());
         self.settle();
-        Ok(id)
+        Ok(Seat {
+            id,
+            room: room.to_owned(),
+            attachment,
+            resumed: false,
+        })
     }
 
-    /// Removes a peer and tells the others. Returns `false` if it was not
-    /// in a room (already left, or evicted).
-    pub fn leave(&mut self, id: &str) -> bool {
-        let removed = self.remove(id);
+    /// Whether `seat` is still its connection's: not evicted, resumed
+    /// elsewhere, or expired.
+    fn holds(&self, seat: &Seat) -> bool {
+        self.peers
+            .get(&seat.id)
+            .is_some_and(|p| p.attachment == seat.attachment)
+    }
+
+    /// Removes a peer and tells the others. Returns `false` if the seat
+    /// was no longer its connection's (already left, evicted, or resumed
+    /// on another connection).
+    pub fn leave(&mut self, seat: &Seat) -> bool {
+        if !self.holds(seat) {
+            return false;
+        }
+        let removed = self.remove(&seat.id);
         self.settle();
         removed
+    }
+
+    /// The connection of `seat` was lost: its place is kept until `now`
+    /// plus the resume grace, for a new connection with its token. With
+    /// no grace, this is [`Hub::leave`]. Returns whether the seat was still
+    /// the connection's.
+    pub fn park(&mut self, seat: &Seat, now: Instant) -> bool {
+        if self.limits.resume_grace.is_zero() {
+            return self.leave(seat);
+        }
+        if !self.holds(seat) {
+            return false;
+        }
+        let until = now + self.limits.resume_grace;
+        // No connection holds the place now; only its token takes it back.
+        let attachment = self.next_attachment();
+        if let Some(peer) = self.peers.get_mut(&seat.id) {
+            peer.attachment = attachment;
+            peer.link = Link::Away {
+                until,
+                missed: Vec::new(),
+                bytes: 0,
+            };
+        }
+        true
+    }
+
+    /// Removes the peers whose connection was lost longer than the resume
+    /// grace ago, and tells the others; returns how many.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let gone: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| matches!(p.link, Link::Away { until, .. } if until <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            if let Some(peer) = self.peers.get(id) {
+                tracing::info!(peer = %id, room = %peer.room, "left: lost connection not resumed in time");
+            }
+            self.remove(id);
+        }
+        self.settle();
+        gone.len()
     }
 
     /// Relays `data` from `from` to the peer `to` in the same room.
     pub fn signal(&mut self, from: &str, to: &str, data: &RawValue) -> Result<(), ErrorCode> {
         let room = &self.peers.get(from).ok_or(ErrorCode::NotJoined)?.room;
-        let target = self
-            .peers
-            .get(to)
-            .filter(|t| &t.room == room && to != from)
-            .ok_or(ErrorCode::UnknownPeer)?;
+        if to == from || self.peers.get(to).is_none_or(|t| &t.room != room) {
+            return Err(ErrorCode::UnknownPeer);
+        }
         let frame = Frame::new(&ServerMessage::Signal { from, data });
-        if target.sink.send(frame).is_err() {
+        if let Some(target) = self.peers.get_mut(to)
+            && !target.link.take(&frame, Some(from), &self.limits)
+        {
             self.evicted.push(to.to_owned());
         }
         self.settle();
@@ -210,7 +466,7 @@ impl<S: PeerSink> Hub<S> {
             .room
             .clone();
         let frame = Frame::new(&ServerMessage::Broadcast { from, data });
-        self.fan_out(&room, Some(from), &frame);
+        self.fan_out(&room, Some(from), &frame, Some(from));
         self.settle();
         Ok(())
     }
@@ -223,6 +479,11 @@ impl<S: PeerSink> Hub<S> {
     pub fn stats(&self) -> HubStats {
         HubStats {
             peers: self.peers.len(),
+            away: self
+                .peers
+                .values()
+                .filter(|p| matches!(p.link, Link::Away { .. }))
+                .count(),
             rooms: self.rooms.len(),
             room_sizes: self.rooms.values().map(Vec::len).collect(),
         }
@@ -232,6 +493,7 @@ impl<S: PeerSink> Hub<S> {
         let Some(peer) = self.peers.remove(id) else {
             return false;
         };
+        self.tokens.remove(&peer.token);
         if let Some(members) = self.rooms.get_mut(&peer.room) {
             members.retain(|m| m != id);
             if members.is_empty() {
@@ -239,11 +501,13 @@ impl<S: PeerSink> Hub<S> {
             }
         }
         let left = Frame::new(&ServerMessage::PeerLeft { id });
-        self.fan_out(&peer.room, None, &left);
+        self.fan_out(&peer.room, None, &left, None);
         true
     }
 
-    fn fan_out(&mut self, room: &str, except: Option<&str>, frame: &Frame) {
+    /// Sends `frame` to everyone in `room` but `except`; `from` is the
+    /// peer whose message it relays, if any (see [`Link::take`]).
+    fn fan_out(&mut self, room: &str, except: Option<&str>, frame: &Frame, from: Option<&str>) {
         let Some(members) = self.rooms.get(room) else {
             return;
         };
@@ -251,8 +515,8 @@ impl<S: PeerSink> Hub<S> {
             if Some(member.as_str()) == except {
                 continue;
             }
-            if let Some(peer) = self.peers.get(member)
-                && peer.sink.send(frame.clone()).is_err()
+            if let Some(peer) = self.peers.get_mut(member)
+                && !peer.link.take(frame, from, &self.limits)
             {
                 self.evicted.push(member.clone());
             }
@@ -263,11 +527,17 @@ impl<S: PeerSink> Hub<S> {
     /// another, so this loops until nothing is left.
     fn settle(&mut self) {
         while let Some(id) = self.evicted.pop() {
-            if let Some(peer) = self.peers.get(&id) {
-                peer.sink
-                    .evict("send queue full: the client is not reading");
-                tracing::warn!(peer = %id, room = %peer.room, "evicted a peer whose send queue overflowed");
-                metrics::counter!("callisto_signaling_evictions_total").increment(1);
+            match self.peers.get(&id).map(|p| (&p.link, &p.room)) {
+                Some((Link::Live(sink), room)) => {
+                    sink.evict("send queue full: the client is not reading");
+                    tracing::warn!(peer = %id, %room, "evicted a peer whose send queue overflowed");
+                    metrics::counter!("callisto_signaling_evictions_total").increment(1);
+                }
+                Some((Link::Away { .. }, room)) => {
+                    tracing::info!(peer = %id, %room, "left: too much waited for a lost connection to resume");
+                    metrics::counter!("callisto_signaling_evictions_total").increment(1);
+                }
+                None => {}
             }
             self.remove(&id);
         }
@@ -320,16 +590,10 @@ mod tests {
 
     fn hub(max_room_size: usize, max_rooms: usize) -> Hub<Recorder> {
         let mut n = 0;
-        Hub::new(
-            HubLimits {
-                max_room_size,
-                max_rooms,
-            },
-            move || {
-                n += 1;
-                format!("p{n}")
-            },
-        )
+        Hub::new(HubLimits::new(max_room_size, max_rooms), move || {
+            n += 1;
+            format!("p{n}")
+        })
     }
 
     fn raw(s: &str) -> Box<RawValue> {
@@ -345,14 +609,14 @@ mod tests {
             username: None,
             credential: None,
         }];
-        let ida = hub.join("r", "Ada", a.clone(), &ice).unwrap();
+        let ida = hub.join("r", "Ada", None, a.clone(), &ice).unwrap();
         let welcome = &a.take()[0];
         assert_eq!(welcome["type"], "welcome");
         assert_eq!(welcome["id"], "p1");
         assert_eq!(welcome["peers"], serde_json::json!([]));
         assert_eq!(welcome["iceServers"][0]["urls"][0], "stun:example.org");
 
-        let idb = hub.join("r", "Bob", b.clone(), &ice).unwrap();
+        let idb = hub.join("r", "Bob", None, b.clone(), &ice).unwrap();
         assert_eq!(
             b.take()[0]["peers"],
             serde_json::json!([{"id": "p1", "name": "Ada"}])
@@ -362,14 +626,15 @@ mod tests {
             vec![serde_json::json!({"type": "peer-joined", "peer": {"id": "p2", "name": "Bob"}})]
         );
 
-        hub.signal(&ida, &idb, &raw(r#"{"sdp":"x"}"#)).unwrap();
+        hub.signal(&ida.id, &idb.id, &raw(r#"{"sdp":"x"}"#))
+            .unwrap();
         assert_eq!(
             b.take(),
             vec![serde_json::json!({"type": "signal", "from": "p1", "data": {"sdp": "x"}})]
         );
         assert!(a.take().is_empty());
 
-        hub.broadcast(&idb, &raw("[1]")).unwrap();
+        hub.broadcast(&idb.id, &raw("[1]")).unwrap();
         assert_eq!(
             a.take(),
             vec![serde_json::json!({"type": "broadcast", "from": "p2", "data": [1]})]
@@ -393,8 +658,14 @@ mod tests {
     #[test]
     fn signal_errors() {
         let mut hub = hub(16, 10);
-        let a = hub.join("r1", "A", Recorder::new(10), &[]).unwrap();
-        let b = hub.join("r2", "B", Recorder::new(10), &[]).unwrap();
+        let a = hub
+            .join("r1", "A", None, Recorder::new(10), &[])
+            .unwrap()
+            .id;
+        let b = hub
+            .join("r2", "B", None, Recorder::new(10), &[])
+            .unwrap()
+            .id;
         let d = raw("1");
         assert_eq!(
             hub.signal(&a, &b, &d),
@@ -410,14 +681,14 @@ mod tests {
     #[test]
     fn room_full_and_server_full() {
         let mut hub = hub(2, 1);
-        hub.join("r", "A", Recorder::new(10), &[]).unwrap();
-        hub.join("r", "B", Recorder::new(10), &[]).unwrap();
+        hub.join("r", "A", None, Recorder::new(10), &[]).unwrap();
+        hub.join("r", "B", None, Recorder::new(10), &[]).unwrap();
         assert_eq!(
-            hub.join("r", "C", Recorder::new(10), &[]),
+            hub.join("r", "C", None, Recorder::new(10), &[]),
             Err(ErrorCode::RoomFull)
         );
         assert_eq!(
-            hub.join("other", "D", Recorder::new(10), &[]),
+            hub.join("other", "D", None, Recorder::new(10), &[]),
             Err(ErrorCode::ServerFull)
         );
         assert_eq!(hub.stats().peers, 2);
@@ -426,16 +697,10 @@ mod tests {
     #[test]
     fn ids_never_collide() {
         let mut ids = vec!["same".to_string(), "same".into(), "other".into()].into_iter();
-        let mut hub: Hub<Recorder> = Hub::new(
-            HubLimits {
-                max_room_size: 9,
-                max_rooms: 9,
-            },
-            move || ids.next().unwrap(),
-        );
-        let a = hub.join("r", "A", Recorder::new(10), &[]).unwrap();
-        let b = hub.join("r", "B", Recorder::new(10), &[]).unwrap();
-        assert_ne!(a, b);
+        let mut hub: Hub<Recorder> = Hub::new(HubLimits::new(9, 9), move || ids.next().unwrap());
+        let a = hub.join("r", "A", None, Recorder::new(10), &[]).unwrap();
+        let b = hub.join("r", "B", None, Recorder::new(10), &[]).unwrap();
+        assert_ne!(a.id, b.id);
     }
 
     #[test]
@@ -443,8 +708,8 @@ mod tests {
         let mut hub = hub(16, 10);
         let slow = Recorder::new(3); // welcome, peer-joined, one more
         let fast = Recorder::new(100);
-        let s = hub.join("r", "Slow", slow.clone(), &[]).unwrap();
-        let f = hub.join("r", "Fast", fast.clone(), &[]).unwrap();
+        let s = hub.join("r", "Slow", None, slow.clone(), &[]).unwrap().id;
+        let f = hub.join("r", "Fast", None, fast.clone(), &[]).unwrap().id;
         fast.take();
         hub.broadcast(&f, &raw("1")).unwrap();
         assert!(hub.contains(&s));
@@ -456,6 +721,121 @@ mod tests {
             fast.take(),
             vec![serde_json::json!({"type": "peer-left", "id": s})]
         );
+    }
+
+    /// The place of a lost connection: kept until the grace ends (not a
+    /// moment longer), resumed only with its token and in its room, even
+    /// when the room is full; what waits for it is bounded, and messages
+    /// from peers that left meanwhile are not handed over.
+    #[test]
+    fn a_lost_place_is_kept_for_the_grace_and_no_longer() {
+        let t0 = Instant::now();
+        let grace = DEFAULT_RESUME_GRACE;
+        let limits = HubLimits {
+            away_frames: 3,
+            ..HubLimits::new(3, 10)
+        };
+        let mut hub = Hub::new(limits, {
+            let mut n = 0;
+            move || {
+                n += 1;
+                format!("p{n}")
+            }
+        });
+        let (a, b, c) = (Recorder::new(100), Recorder::new(100), Recorder::new(100));
+        let sa = hub.join("r", "A", None, a.clone(), &[]).unwrap();
+        let token = a.take()[0]["resume"].as_str().unwrap().to_owned();
+        let sb = hub.join("r", "B", None, b.clone(), &[]).unwrap();
+        let sc = hub.join("r", "C", None, c.clone(), &[]).unwrap();
+        b.take();
+
+        assert!(hub.park(&sa, t0));
+        assert!(!hub.park(&sa, t0), "parked once");
+        assert!(!hub.leave(&sa), "the lost connection no longer holds it");
+        assert_eq!(hub.stats().away, 1);
+        hub.signal(&sb.id, &sa.id, &raw("1")).unwrap();
+        hub.broadcast(&sc.id, &raw("2")).unwrap();
+        hub.leave(&sc);
+        assert_eq!(hub.expire(t0 + grace - Duration::from_millis(1)), 0);
+        assert!(
+            b.take()
+                .iter()
+                .all(|m| m["type"] != "peer-left" || m["id"] != "p1")
+        );
+
+        // Another room's join cannot take it, and the full room still
+        // lets it back.
+        let other = Recorder::new(10);
+        let wrong = hub
+            .join("s", "X", Some(&token), other.clone(), &[])
+            .unwrap();
+        assert!(!wrong.resumed);
+        let d = Recorder::new(10);
+        hub.join("r", "D", None, d, &[]).unwrap();
+        let back = Recorder::new(100);
+        let seat = hub.join("r", "A", Some(&token), back.clone(), &[]).unwrap();
+        assert_eq!((seat.id.as_str(), seat.resumed), ("p1", true));
+        let got = back.take();
+        assert_eq!(got[0]["type"], "welcome");
+        assert_eq!(
+            got[0]["peers"],
+            serde_json::json!([{"id": "p2", "name": "B"}, {"id": "p5", "name": "D"}])
+        );
+        assert_eq!(
+            got[1..],
+            [serde_json::json!({"type": "signal", "from": "p2", "data": 1})],
+            "C's broadcast is not handed over: C has left"
+        );
+        assert!(!hub.leave(&sa), "the old seat is stale");
+        assert_eq!(hub.stats().away, 0);
+
+        // Lost again: too much waits for it, and it is given up.
+        assert!(hub.park(&seat, t0));
+        for n in 0..3 {
+            hub.broadcast(&sb.id, &raw(&n.to_string())).unwrap();
+        }
+        assert!(hub.contains("p1"));
+        hub.broadcast(&sb.id, &raw("3")).unwrap();
+        assert!(!hub.contains("p1"));
+        assert!(
+            b.take()
+                .contains(&serde_json::json!({"type": "peer-left", "id": "p1"}))
+        );
+
+        // And one whose grace passes is gone too, as is its token.
+        let e = Recorder::new(100);
+        let se = hub.join("r", "E", None, e.clone(), &[]).unwrap();
+        let e_token = e.take()[0]["resume"].as_str().unwrap().to_owned();
+        assert!(hub.park(&se, t0));
+        assert_eq!(hub.expire(t0 + grace), 1);
+        assert!(
+            b.take()
+                .contains(&serde_json::json!({"type": "peer-left", "id": se.id}))
+        );
+        let again = hub
+            .join("r", "E", Some(&e_token), Recorder::new(10), &[])
+            .unwrap();
+        assert!(!again.resumed);
+    }
+
+    #[test]
+    fn without_a_grace_a_lost_connection_leaves_at_once() {
+        let mut hub = Hub::new(
+            HubLimits {
+                resume_grace: Duration::ZERO,
+                ..HubLimits::new(3, 10)
+            },
+            random_peer_id,
+        );
+        let (a, b) = (Recorder::new(10), Recorder::new(10));
+        let sa = hub.join("r", "A", None, a, &[]).unwrap();
+        hub.join("r", "B", None, b.clone(), &[]).unwrap();
+        assert!(hub.park(&sa, Instant::now()));
+        assert!(
+            b.take()
+                .contains(&serde_json::json!({"type": "peer-left", "id": sa.id}))
+        );
+        assert_eq!(hub.stats().peers, 1);
     }
 
     #[test]

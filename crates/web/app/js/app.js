@@ -14,6 +14,7 @@ const call = {
   localStream: null,
   mediaMessage: null,
   signaling: null,
+  resume: null, // the token that takes our place back after a lost connection
   iceServers: [],
   links: new Map(),
   audioOn: true,
@@ -127,8 +128,9 @@ function joinErrorText(err) {
 async function connectAndJoin() {
   const signaling = new SignalingClient();
   await signaling.connect();
-  const welcome = await signaling.join(call.room, call.name);
+  const welcome = await signaling.join(call.room, call.name, call.resume);
   call.signaling = signaling;
+  call.resume = welcome.resume ?? null;
   call.iceServers = welcome.iceServers ?? [];
   signaling.addEventListener('peer-joined', ({ detail }) => {
     addLink(detail.peer, false);
@@ -145,7 +147,25 @@ async function connectAndJoin() {
   });
   signaling.addEventListener('error', ({ detail }) => console.warn('signaling error', detail.code, detail.message));
   signaling.addEventListener('close', ({ detail }) => onSignalingClosed(detail));
+  if (welcome.resumed) return resumeLinks(welcome.peers);
+  for (const id of [...call.links.keys()]) removeLink(id);
   for (const peer of welcome.peers) addLink(peer, true);
+}
+
+/**
+ * Back in our place after a lost connection, with the same id: the calls
+ * went on peer to peer, so their links stay. Those to peers who left
+ * meanwhile go; those who came meanwhile get a link that waits for their
+ * offer (newcomers offer), which the server kept for us. Signals lost with
+ * the old connection can leave a link half-negotiated: one not connected
+ * restarts ICE.
+ */
+function resumeLinks(peers) {
+  const here = new Set(peers.map((p) => p.id));
+  for (const id of [...call.links.keys()]) if (!here.has(id)) removeLink(id);
+  const stalled = [...call.links.values()].filter((l) => l.pc.connectionState !== 'connected');
+  for (const peer of peers) if (!call.links.has(peer.id)) addLink(peer, false);
+  for (const link of stalled) link.renegotiate();
 }
 
 // ---- In the call ---------------------------------------------------------
@@ -283,7 +303,8 @@ function measureFirstFrame(peerId) {
 
 async function onSignalingClosed({ code, reason }) {
   if (call.leaving) return;
-  for (const id of [...call.links.keys()]) removeLink(id);
+  // The links stay: media flows peer to peer, and the server keeps our
+  // place for a while (docs/protocol.md, "Resuming"). They go if it did not.
   call.signaling = null;
   const why = reason ? ` (${reason})` : code === 1006 ? ' (network)' : '';
   for (let attempt = 0; !call.leaving; attempt++) {

@@ -36,11 +36,15 @@ export class SignalingClient extends EventTarget {
     });
   }
 
-  /** Joins a room; resolves with the welcome message. */
-  join(room, name) {
+  /**
+   * Joins a room; resolves with the welcome message. With the `resume`
+   * token of an earlier welcome, takes back that place if the server still
+   * keeps it (welcome.resumed), else joins as new.
+   */
+  join(room, name, resume = null) {
     return new Promise((resolve, reject) => {
       this.#pendingJoin = { resolve, reject };
-      this.#send({ type: 'join', room, name });
+      this.#send(resume ? { type: 'join', room, name, resume } : { type: 'join', room, name });
     });
   }
 
