@@ -80,6 +80,10 @@ pub struct HubLimits {
     /// either, its place is given up.
     pub away_frames: usize,
     pub away_bytes: usize,
+    /// Bytes kept for all lost connections together: without it, a host
+    /// that opens and drops connections, and sends to the places they
+    /// leave, could hold `away_bytes` for each of thousands of them.
+    pub away_bytes_total: usize,
 }
 
 impl HubLimits {
@@ -91,6 +95,7 @@ impl HubLimits {
             resume_grace: DEFAULT_RESUME_GRACE,
             away_frames: 256,
             away_bytes: 256 * 1024,
+            away_bytes_total: 64 << 20,
         }
     }
 }
@@ -150,15 +155,26 @@ impl<S: PeerSink> Link<S> {
     /// Passes `frame` on, or keeps it if it came `from` a peer while the
     /// connection is away; `false` when it cannot be taken, and the peer
     /// must be evicted.
-    fn take(&mut self, frame: &Frame, from: Option<&str>, limits: &HubLimits) -> bool {
+    /// `away_total` counts what all lost connections hold.
+    fn take(
+        &mut self,
+        frame: &Frame,
+        from: Option<&str>,
+        limits: &HubLimits,
+        away_total: &mut usize,
+    ) -> bool {
         match self {
             Link::Live(sink) => sink.send(frame.clone()).is_ok(),
             Link::Away { missed, bytes, .. } => {
                 let Some(from) = from else { return true };
-                if missed.len() >= limits.away_frames || *bytes + frame.len() > limits.away_bytes {
+                if missed.len() >= limits.away_frames
+                    || *bytes + frame.len() > limits.away_bytes
+                    || *away_total + frame.len() > limits.away_bytes_total
+                {
                     return false;
                 }
                 *bytes += frame.len();
+                *away_total += frame.len();
                 missed.push((frame.clone(), from.to_owned()));
                 true
             }
@@ -174,6 +190,8 @@ pub struct Hub<S> {
     peers: HashMap<String, Peer<S>>,
     /// Peer ids by resume token.
     tokens: HashMap<String, String>,
+    /// Bytes kept for lost connections, all together.
+    away_total: usize,
     attachments: u64,
     new_id: Box<dyn FnMut() -> String + Send>,
     evicted: Vec<String>,
@@ -196,6 +214,7 @@ impl<S: PeerSink> Hub<S> {
             rooms: HashMap::new(),
             peers: HashMap::new(),
             tokens: HashMap::new(),
+            away_total: 0,
             attachments: 0,
             new_id: Box::new(new_id),
             evicted: Vec::new(),
@@ -283,6 +302,9 @@ impl<S: PeerSink> Hub<S> {
         let old = std::mem::replace(&mut peer.link, Link::Live(sink));
         peer.attachment = attachment;
         let mut ok = true;
+        if let Link::Away { bytes, .. } = &old {
+            self.away_total -= bytes;
+        }
         if let Some(Link::Live(sink)) = self.peers.get(&id).map(|p| &p.link) {
             ok = sink.send(welcome).is_ok();
             match old {
@@ -449,7 +471,9 @@ impl<S: PeerSink> Hub<S> {
         }
         let frame = Frame::new(&ServerMessage::Signal { from, data });
         if let Some(target) = self.peers.get_mut(to)
-            && !target.link.take(&frame, Some(from), &self.limits)
+            && !target
+                .link
+                .take(&frame, Some(from), &self.limits, &mut self.away_total)
         {
             self.evicted.push(to.to_owned());
         }
@@ -494,6 +518,9 @@ impl<S: PeerSink> Hub<S> {
             return false;
         };
         self.tokens.remove(&peer.token);
+        if let Link::Away { bytes, .. } = peer.link {
+            self.away_total -= bytes;
+        }
         if let Some(members) = self.rooms.get_mut(&peer.room) {
             members.retain(|m| m != id);
             if members.is_empty() {
@@ -516,7 +543,9 @@ impl<S: PeerSink> Hub<S> {
                 continue;
             }
             if let Some(peer) = self.peers.get_mut(member)
-                && !peer.link.take(frame, from, &self.limits)
+                && !peer
+                    .link
+                    .take(frame, from, &self.limits, &mut self.away_total)
             {
                 self.evicted.push(member.clone());
             }
@@ -816,6 +845,50 @@ mod tests {
             .join("r", "E", Some(&e_token), Recorder::new(10), &[])
             .unwrap();
         assert!(!again.resumed);
+    }
+
+    /// What all lost connections hold together is bounded too: past it,
+    /// the place something more is sent to is given up; a resume or a
+    /// place given up frees its share.
+    #[test]
+    fn what_lost_connections_hold_together_is_bounded() {
+        let one = Frame::new(&ServerMessage::Broadcast {
+            from: "p1",
+            data: &raw("1"),
+        })
+        .len();
+        let mut hub = Hub::new(
+            HubLimits {
+                away_bytes_total: 3 * one,
+                ..HubLimits::new(8, 10)
+            },
+            {
+                let mut n = 0;
+                move || {
+                    n += 1;
+                    format!("p{n}")
+                }
+            },
+        );
+        let t0 = Instant::now();
+        let sender = hub.join("r", "S", None, Recorder::new(100), &[]).unwrap();
+        let (x, y) = (Recorder::new(100), Recorder::new(100));
+        let sx = hub.join("r", "X", None, x.clone(), &[]).unwrap();
+        let x_token = x.take()[0]["resume"].as_str().unwrap().to_owned();
+        let sy = hub.join("r", "Y", None, y, &[]).unwrap();
+        assert!(hub.park(&sx, t0) && hub.park(&sy, t0));
+        hub.broadcast(&sender.id, &raw("1")).unwrap();
+        assert_eq!(hub.away_total, 2 * one);
+        // The next broadcast fits for X, not for Y: Y is given up.
+        hub.broadcast(&sender.id, &raw("2")).unwrap();
+        assert_eq!((hub.contains("p2"), hub.contains("p3")), (true, false));
+        assert_eq!(hub.away_total, 2 * one);
+        // X resumes: its share is free again.
+        let back = Recorder::new(100);
+        hub.join("r", "X", Some(&x_token), back.clone(), &[])
+            .unwrap();
+        assert_eq!(back.take().len(), 3, "welcome and both broadcasts");
+        assert_eq!(hub.away_total, 0);
     }
 
     #[test]
