@@ -911,6 +911,213 @@ mod tests {
         assert_eq!(hub.stats().peers, 1);
     }
 
+    /// What a client can do, in the property test below.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Joins room `room` as client `client`, with the token of the
+        /// place it last had if `resume`, on a connection whose queue
+        /// takes `capacity` frames.
+        Join {
+            client: usize,
+            room: u8,
+            resume: bool,
+            capacity: usize,
+        },
+        Leave(usize),
+        Lose(usize),
+        Signal(usize, usize),
+        Broadcast(usize),
+        Wait(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0..5usize, 0..2u8, any::<bool>(), prop_oneof![Just(1000usize), 2..12usize]).prop_map(
+                |(client, room, resume, capacity)| Op::Join {
+                    client,
+                    room,
+                    resume,
+                    capacity
+                }
+            ),
+            1 => (0..5usize).prop_map(Op::Leave),
+            2 => (0..5usize).prop_map(Op::Lose),
+            1 => (0..5usize, 0..5usize).prop_map(|(a, b)| Op::Signal(a, b)),
+            1 => (0..5usize).prop_map(Op::Broadcast),
+            1 => (0..1500u64).prop_map(Op::Wait),
+        ]
+    }
+
+    /// A client's connection: its seat, and what it was sent.
+    struct Connection {
+        seat: Seat,
+        sink: Recorder,
+    }
+
+    /// The room as a connection's messages describe it: `welcome.peers`,
+    /// then each `peer-joined` and `peer-left` (from the last welcome on);
+    /// and the first `signal` or `broadcast` from a peer not in it then.
+    fn room_as_told(frames: &[Value]) -> (Vec<String>, Option<Value>) {
+        let mut seen: Vec<String> = Vec::new();
+        let mut stranger = None;
+        for f in frames {
+            match f["type"].as_str() {
+                Some("signal" | "broadcast") if !seen.iter().any(|id| f["from"] == id.as_str()) => {
+                    stranger.get_or_insert_with(|| f.clone());
+                }
+                Some("welcome") => {
+                    seen = f["peers"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| p["id"].as_str().unwrap().to_owned())
+                        .collect();
+                }
+                Some("peer-joined") => seen.push(f["peer"]["id"].as_str().unwrap().to_owned()),
+                Some("peer-left") => seen.retain(|id| id != f["id"].as_str().unwrap()),
+                _ => {}
+            }
+        }
+        (seen, stranger)
+    }
+
+    proptest::proptest! {
+        /// Arbitrary joins, resumes, leaves, lost connections, signals,
+        /// broadcasts and waits by a few clients over two rooms, some with
+        /// queues that overflow: the rooms, the peers, the tokens and the
+        /// bytes kept for lost connections always agree; every connection
+        /// that holds its place was told exactly who else is in its room,
+        /// and heard from no one else; and every place lost longer than the
+        /// grace is gone.
+        #[test]
+        fn the_rooms_and_what_each_connection_was_told_always_agree(
+            ops in proptest::collection::vec(op(), 1..80),
+        ) {
+            let grace = Duration::from_secs(2);
+            let mut hub: Hub<Recorder> = Hub::new(
+                HubLimits {
+                    resume_grace: grace,
+                    away_frames: 4,
+                    away_bytes: 4096,
+                    away_bytes_total: 300,
+                    ..HubLimits::new(3, 10)
+                },
+                random_peer_id,
+            );
+            let mut now = Instant::now();
+            let mut live: Vec<Option<Connection>> = (0..5).map(|_| None).collect();
+            // Each client's last token, and when its place was lost.
+            let mut tokens: Vec<Option<String>> = vec![None; 5];
+            let mut lost: Vec<(String, Instant)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Join { client, room, resume, capacity } => {
+                        if live[client].is_some() {
+                            continue;
+                        }
+                        let sink = Recorder::new(capacity);
+                        let token = tokens[client].clone().filter(|_| resume);
+                        let room = format!("r{room}");
+                        if let Ok(seat) = hub.join(&room, "n", token.as_deref(), sink.clone(), &[]) {
+                            let frames = sink.frames.borrow();
+                            if let Some(welcome) = frames.first() {
+                                proptest::prop_assert_eq!(welcome["id"].as_str(), Some(seat.id.as_str()));
+                                tokens[client] = welcome["resume"].as_str().map(str::to_owned);
+                            }
+                            drop(frames);
+                            lost.retain(|(id, _)| *id != seat.id);
+                            live[client] = Some(Connection { seat, sink });
+                        }
+                    }
+                    Op::Leave(client) => {
+                        if let Some(c) = live[client].take() {
+                            hub.leave(&c.seat);
+                        }
+                    }
+                    Op::Lose(client) => {
+                        if let Some(c) = live[client].take()
+                            && hub.park(&c.seat, now)
+                        {
+                            lost.push((c.seat.id, now));
+                        }
+                    }
+                    Op::Signal(a, b) => {
+                        if let (Some(from), Some(to)) = (&live[a], &live[b]) {
+                            let (from, to) = (from.seat.id.clone(), to.seat.id.clone());
+                            let _ = hub.signal(&from, &to, &raw("1"));
+                        }
+                    }
+                    Op::Broadcast(a) => {
+                        if let Some(from) = &live[a] {
+                            let from = from.seat.id.clone();
+                            let _ = hub.broadcast(&from, &raw("2"));
+                        }
+                    }
+                    Op::Wait(ms) => {
+                        now += Duration::from_millis(ms);
+                        hub.expire(now);
+                    }
+                }
+                // A connection evicted (or whose place was resumed
+                // elsewhere) holds nothing any more.
+                for c in &mut live {
+                    if c.as_ref().is_some_and(|c| !hub.holds(&c.seat)) {
+                        *c = None;
+                    }
+                }
+
+                // The rooms and the peers agree.
+                let mut in_rooms = 0;
+                for (room, members) in &hub.rooms {
+                    proptest::prop_assert!(!members.is_empty());
+                    for m in members {
+                        proptest::prop_assert_eq!(&hub.peers[m].room, room);
+                    }
+                    in_rooms += members.len();
+                }
+                proptest::prop_assert_eq!(in_rooms, hub.peers.len());
+                proptest::prop_assert_eq!(hub.tokens.len(), hub.peers.len());
+                for (token, id) in &hub.tokens {
+                    proptest::prop_assert_eq!(&hub.peers[id].token, token);
+                }
+                let kept: usize = hub
+                    .peers
+                    .values()
+                    .map(|p| match &p.link {
+                        Link::Away { bytes, missed, .. } => {
+                            assert_eq!(*bytes, missed.iter().map(|(f, _)| f.len()).sum::<usize>());
+                            *bytes
+                        }
+                        Link::Live(_) => 0,
+                    })
+                    .sum();
+                proptest::prop_assert_eq!(kept, hub.away_total);
+                proptest::prop_assert!(kept <= hub.limits.away_bytes_total);
+
+                // Each connection holding its place knows its room exactly.
+                for c in live.iter().flatten() {
+                    let (mut told, stranger) = room_as_told(&c.sink.frames.borrow());
+                    proptest::prop_assert_eq!(stranger, None, "from someone not in the room");
+                    let mut actual: Vec<String> = hub.rooms[&c.seat.room]
+                        .iter()
+                        .filter(|id| **id != c.seat.id)
+                        .cloned()
+                        .collect();
+                    told.sort();
+                    actual.sort();
+                    proptest::prop_assert_eq!(told, actual);
+                }
+                // No place outlives its grace.
+                for (id, since) in &lost {
+                    if now >= *since + grace {
+                        proptest::prop_assert!(!hub.contains(id), "{} kept past its grace", id);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn random_ids_are_128_bit_hex() {
         let a = random_peer_id();
