@@ -765,6 +765,25 @@ mod tests {
         }
     }
 
+    /// The code and reason of the close frame that ends `ws`, skipping
+    /// what comes before it.
+    async fn close_of(ws: &mut Ws) -> (u16, String) {
+        use tokio_tungstenite::tungstenite::Message as WsMessage;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("closed in time")
+            {
+                Some(Ok(WsMessage::Close(frame))) => {
+                    let frame = frame.expect("a close frame");
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    }
+
     /// Whatever JSON messages arrive within `wait`.
     async fn messages_within(ws: &mut Ws, wait: Duration) -> Vec<serde_json::Value> {
         use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -799,18 +818,10 @@ mod tests {
         next_of(&mut b, "welcome").await;
 
         a.send(WsMessage::text(PANIC_TRIGGER)).await.unwrap();
-        let close = loop {
-            match tokio::time::timeout(Duration::from_secs(10), a.next())
-                .await
-                .expect("closed in time")
-            {
-                Some(Ok(WsMessage::Close(frame))) => break frame.expect("a close frame"),
-                Some(Ok(_)) => {}
-                other => panic!("no close frame: {other:?}"),
-            }
-        };
-        assert_eq!(u16::from(close.code), INTERNAL_ERROR);
-        assert_eq!(close.reason.as_str(), "server error");
+        assert_eq!(
+            close_of(&mut a).await,
+            (INTERNAL_ERROR, "server error".into())
+        );
         send(&mut b, r#"{"type":"ping"}"#).await;
         next_of(&mut b, "pong").await;
         assert_eq!(hub.lock().unwrap().stats().away, 1);
@@ -903,8 +914,6 @@ mod tests {
     /// its end does not remove the place.
     #[tokio::test]
     async fn a_resume_takes_the_place_from_a_connection_not_yet_known_lost() {
-        use tokio_tungstenite::tungstenite::Message as WsMessage;
-
         let (hub, url) = serve_hub(crate::hub::HubLimits::new(8, 8)).await;
         let (mut old, mut b) = (connect(&url).await, connect(&url).await);
         send(&mut old, JOIN).await;
@@ -915,18 +924,10 @@ mod tests {
         let mut new = connect(&url).await;
         send(&mut new, &resume_join(&welcome["resume"])).await;
         assert_eq!(next_of(&mut new, "welcome").await["id"], welcome["id"]);
-        let close = loop {
-            match tokio::time::timeout(Duration::from_secs(10), old.next())
-                .await
-                .expect("closed in time")
-            {
-                Some(Ok(WsMessage::Close(frame))) => break frame.expect("a close frame"),
-                Some(Ok(_)) => {}
-                other => panic!("no close frame: {other:?}"),
-            }
-        };
-        assert_eq!(u16::from(close.code), POLICY);
-        assert_eq!(close.reason.as_str(), "resumed on another connection");
+        assert_eq!(
+            close_of(&mut old).await,
+            (POLICY, "resumed on another connection".into())
+        );
         let id = welcome["id"].as_str().unwrap();
         send(
             &mut b,
