@@ -101,9 +101,9 @@ impl HubLimits {
 }
 
 /// How long a lost connection's place is kept by default: long enough for
-/// the web app's first reconnection attempts (after 0.5, 1, 2 and 4 s) and
-/// a network change, short enough that the others are not left looking at
-/// someone who is gone.
+/// a network change, and for several of the web app's reconnection
+/// attempts (0.5, 1.5 and 3.5 s after the loss, then every 2 s); short
+/// enough that the others are not left looking at someone who is gone.
 pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(15);
 
 /// A connection's hold on its place in a room: the peer id, and which
