@@ -209,6 +209,12 @@ test('a lost signaling connection resumes its place: the call goes on, and whoev
   await assertHealthyMedia(c, 2, 'C');
   const resumed = await a.evaluate(() => window.__received.filter((m) => m.type === 'welcome').map((m) => m.resumed));
   assert.deepEqual(resumed, [false, true], 'one welcome to join, one to resume');
+  const [heldByLink, fromResume] = await a.evaluate((id) => [
+    window.__callisto.links.get(id).pc.getConfiguration().iceServers.map((s) => s.username || null),
+    window.__received.filter((m) => m.type === 'welcome')[1].iceServers.map((s) => s.username || null),
+  ], bId);
+  assert.ok(fromResume.some(Boolean), `the resumed welcome has TURN credentials (${fromResume})`);
+  assert.deepEqual(heldByLink, fromResume, 'the kept link took the resumed welcome\'s fresh TURN credentials');
 
   for (const p of [a, b, c]) await p.context().close();
   await proxy.close();

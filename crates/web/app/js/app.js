@@ -163,6 +163,9 @@ async function connectAndJoin() {
 function resumeLinks(peers) {
   const here = new Set(peers.map((p) => p.id));
   for (const id of [...call.links.keys()]) if (!here.has(id)) removeLink(id);
+  // The welcome's credentials are the freshest, and the next renewal is
+  // half their lifetime away: the links take them now.
+  for (const link of call.links.values()) link.setIceServers(call.iceServers);
   const stalled = [...call.links.values()].filter((l) => l.pc.connectionState !== 'connected');
   for (const peer of peers) if (!call.links.has(peer.id)) addLink(peer, false);
   for (const link of stalled) link.renegotiate();
