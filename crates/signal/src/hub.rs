@@ -192,6 +192,9 @@ pub struct Hub<S> {
     tokens: HashMap<String, String>,
     /// Bytes kept for lost connections, all together.
     away_total: usize,
+    /// Places of lost connections: with none, the expiry has nothing to
+    /// look through.
+    away_count: usize,
     attachments: u64,
     new_id: Box<dyn FnMut() -> String + Send>,
     evicted: Vec<String>,
@@ -215,6 +218,7 @@ impl<S: PeerSink> Hub<S> {
             peers: HashMap::new(),
             tokens: HashMap::new(),
             away_total: 0,
+            away_count: 0,
             attachments: 0,
             new_id: Box::new(new_id),
             evicted: Vec::new(),
@@ -304,6 +308,7 @@ impl<S: PeerSink> Hub<S> {
         let mut ok = true;
         if let Link::Away { bytes, .. } = &old {
             self.away_total -= bytes;
+            self.away_count -= 1;
         }
         if let Some(Link::Live(sink)) = self.peers.get(&id).map(|p| &p.link) {
             ok = sink.send(welcome).is_ok();
@@ -434,6 +439,7 @@ impl<S: PeerSink> Hub<S> {
         // No connection holds the place now; only its token takes it back.
         let attachment = self.next_attachment();
         if let Some(peer) = self.peers.get_mut(&seat.id) {
+            self.away_count += 1;
             peer.attachment = attachment;
             peer.link = Link::Away {
                 until,
@@ -447,6 +453,9 @@ impl<S: PeerSink> Hub<S> {
     /// Removes the peers whose connection was lost longer than the resume
     /// grace ago, and tells the others; returns how many.
     pub fn expire(&mut self, now: Instant) -> usize {
+        if self.away_count == 0 {
+            return 0;
+        }
         let gone: Vec<String> = self
             .peers
             .iter()
@@ -503,11 +512,7 @@ impl<S: PeerSink> Hub<S> {
     pub fn stats(&self) -> HubStats {
         HubStats {
             peers: self.peers.len(),
-            away: self
-                .peers
-                .values()
-                .filter(|p| matches!(p.link, Link::Away { .. }))
-                .count(),
+            away: self.away_count,
             rooms: self.rooms.len(),
             room_sizes: self.rooms.values().map(Vec::len).collect(),
         }
@@ -520,6 +525,7 @@ impl<S: PeerSink> Hub<S> {
         self.tokens.remove(&peer.token);
         if let Link::Away { bytes, .. } = peer.link {
             self.away_total -= bytes;
+            self.away_count -= 1;
         }
         if let Some(members) = self.rooms.get_mut(&peer.room) {
             members.retain(|m| m != id);
@@ -1093,6 +1099,8 @@ mod tests {
                     })
                     .sum();
                 proptest::prop_assert_eq!(kept, hub.away_total);
+                let away = hub.peers.values().filter(|p| matches!(p.link, Link::Away { .. })).count();
+                proptest::prop_assert_eq!(away, hub.away_count);
                 proptest::prop_assert!(kept <= hub.limits.away_bytes_total);
 
                 // Each connection holding its place knows its room exactly.
