@@ -215,6 +215,11 @@ test('a lost signaling connection resumes its place: the call goes on, and whoev
   ], bId);
   assert.ok(fromResume.some(Boolean), `the resumed welcome has TURN credentials (${fromResume})`);
   assert.deepEqual(heldByLink, fromResume, 'the kept link took the resumed welcome\'s fresh TURN credentials');
+  // The token is a secret: the server's log says what happened without it.
+  const token = await a.evaluate(() => window.__received.find((m) => m.type === 'welcome').resume);
+  assert.ok(server.logs.some((l) => l.includes('its place is kept for a resume') && l.includes(aId)), 'the loss is logged');
+  assert.ok(server.logs.some((l) => l.includes('"resumed"') && l.includes(aId)), 'the resume is logged');
+  assert.ok(!server.logs.some((l) => l.includes(token)), 'no resume token in the log');
 
   for (const p of [a, b, c]) await p.context().close();
   await proxy.close();
