@@ -150,36 +150,59 @@ test('both sides restart ICE at once: one offer, no glare, the call stays up', a
 /**
  * A TCP proxy on loopback to `target` (a URL) that can cut every connection
  * through it at once, with a reset (what a network change or a dying proxy
- * does to a WebSocket), and refuse new ones for a while.
+ * does to a WebSocket), and refuse new ones for a while. With
+ * `serverNotices: false` only the browser's side is reset: the server's
+ * side stays open and what the server sends is dropped, as when a phone
+ * changes networks and the server hears nothing.
  */
 async function cuttableProxy(target) {
   const { hostname, port } = new URL(target);
-  const sockets = new Set();
+  const pairs = new Set();
   let refusing = false;
   const proxy = net.createServer((client) => {
     if (refusing) return client.resetAndDestroy();
     const upstream = net.connect(Number(port), hostname);
-    for (const s of [client, upstream]) {
-      sockets.add(s);
-      s.on('close', () => sockets.delete(s));
-      s.on('error', () => {});
-    }
+    const pair = { client, upstream };
+    pairs.add(pair);
+    for (const s of [client, upstream]) s.on('error', () => {});
+    client.on('close', () => pairs.delete(pair));
     client.pipe(upstream);
     upstream.pipe(client);
   });
   await new Promise((r) => proxy.listen(0, '127.0.0.1', r));
+  const held = [];
   return {
     url: `http://127.0.0.1:${proxy.address().port}`,
-    cut({ refuseFor = 0 } = {}) {
+    cut({ refuseFor = 0, serverNotices = true } = {}) {
       refusing = refuseFor > 0;
       setTimeout(() => { refusing = false; }, refuseFor);
-      for (const s of sockets) s.resetAndDestroy();
+      for (const { client, upstream } of pairs) {
+        if (serverNotices) {
+          upstream.resetAndDestroy();
+        } else {
+          client.unpipe(upstream);
+          upstream.unpipe(client);
+          upstream.on('data', () => {});
+          held.push(upstream);
+        }
+        client.resetAndDestroy();
+      }
     },
-    close: () => new Promise((r) => proxy.close(r)),
+    close() {
+      for (const s of held) s.destroy();
+      return new Promise((r) => proxy.close(r));
+    },
   };
 }
 
-test('a lost signaling connection resumes its place: the call goes on, and whoever came meanwhile is met', async () => {
+for (const serverNotices of [true, false]) {
+  const how = serverNotices ? '' : ', before the server notices';
+  test(`a lost signaling connection resumes its place${how}: the call goes on, and whoever came meanwhile is met`, async () => {
+    await resumeTest(serverNotices);
+  });
+}
+
+async function resumeTest(serverNotices) {
   const room = `resume-${Date.now()}`;
   const proxy = await cuttableProxy(server.url);
   const a = await joinCall(browser, proxy.url, room, 'A');
@@ -191,8 +214,9 @@ test('a lost signaling connection resumes its place: the call goes on, and whoev
   await a.evaluate(() => { window.__before = [...window.__callisto.links.values()][0].pc; });
 
   // A's WebSocket is reset, and A cannot reach the server for 2.5 s: C
-  // joins meanwhile (and offers to A, as newcomers do).
-  proxy.cut({ refuseFor: 2500 });
+  // joins meanwhile (and offers to A, as newcomers do). If the server has
+  // not noticed, that offer goes to A's old connection, and is lost.
+  proxy.cut({ refuseFor: 2500, serverNotices });
   await a.getByText(/Lost the connection to the server/).waitFor({ timeout: 5000 });
   const c = await joinCall(browser, server.url, room, 'C');
   await a.getByText('Reconnected.').waitFor({ timeout: 15000 });
@@ -217,13 +241,18 @@ test('a lost signaling connection resumes its place: the call goes on, and whoev
   assert.deepEqual(heldByLink, fromResume, 'the kept link took the resumed welcome\'s fresh TURN credentials');
   // The token is a secret: the server's log says what happened without it.
   const token = await a.evaluate(() => window.__received.find((m) => m.type === 'welcome').resume);
-  assert.ok(server.logs.some((l) => l.includes('its place is kept for a resume') && l.includes(aId)), 'the loss is logged');
+  if (serverNotices) {
+    assert.ok(server.logs.some((l) => l.includes('its place is kept for a resume') && l.includes(aId)), 'the loss is logged');
+  }
   assert.ok(server.logs.some((l) => l.includes('"resumed"') && l.includes(aId)), 'the resume is logged');
   assert.ok(!server.logs.some((l) => l.includes(token)), 'no resume token in the log');
+  if (!serverNotices) {
+    assert.ok(server.logs.some((l) => l.includes('"resumed"') && l.includes(aId)), 'resumed');
+  }
 
   for (const p of [a, b, c]) await p.context().close();
   await proxy.close();
-});
+}
 
 test('camera permission denied: joins receive-only, says why, still sees the others', async () => {
   const room = `denied-${Date.now()}`;

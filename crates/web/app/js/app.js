@@ -156,9 +156,10 @@ async function connectAndJoin() {
  * Back in our place after a lost connection, with the same id: the calls
  * went on peer to peer, so their links stay. Those to peers who left
  * meanwhile go; those who came meanwhile get a link that waits for their
- * offer (newcomers offer), which the server kept for us. Signals lost with
- * the old connection can leave a link half-negotiated: one not connected
- * restarts ICE.
+ * offer (newcomers offer), which the server kept for us, or asks for it
+ * again if it went to the old connection before the server noticed it was
+ * lost. Signals lost with the old connection can leave a link
+ * half-negotiated: one not connected restarts ICE.
  */
 function resumeLinks(peers) {
   const here = new Set(peers.map((p) => p.id));
@@ -167,7 +168,7 @@ function resumeLinks(peers) {
   // half their lifetime away: the links take them now.
   for (const link of call.links.values()) link.setIceServers(call.iceServers);
   const stalled = [...call.links.values()].filter((l) => l.pc.connectionState !== 'connected');
-  for (const peer of peers) if (!call.links.has(peer.id)) addLink(peer, false);
+  for (const peer of peers) if (!call.links.has(peer.id)) addLink(peer, false).expectOffer();
   for (const link of stalled) link.renegotiate();
 }
 

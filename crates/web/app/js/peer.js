@@ -11,8 +11,10 @@
 // { restart: true }. Both sides restarting at once then gives one offer.
 //
 // Signals on the wire: { description } (an SDP offer or answer),
-// { candidate } (a trickled ICE candidate) and { restart } (please restart
-// ICE); { state } carries mute state.
+// { candidate } (a trickled ICE candidate), { restart } (please restart
+// ICE) and { resend } (please send your outstanding offer again: it may
+// have been lost with a signaling connection); { state } carries mute
+// state.
 
 export class PeerLink extends EventTarget {
   #makingOffer = false;
@@ -20,6 +22,7 @@ export class PeerLink extends EventTarget {
   #settingRemoteAnswer = false;
   #localAttached = false;
   #restartTimer = null;
+  #resendTimer = null;
   glares = 0;
 
   /**
@@ -70,6 +73,10 @@ export class PeerLink extends EventTarget {
       await this.#onDescription(data.description);
     } else if (data.restart) {
       if (!this.polite) this.pc.restartIce();
+    } else if (data.resend) {
+      // The local description holds the candidates gathered so far, so
+      // the offer goes again whole, trickled candidates included.
+      if (this.pc.signalingState === 'have-local-offer') this.send({ description: this.pc.localDescription.toJSON() });
     } else if (data.candidate) {
       try {
         await this.pc.addIceCandidate(data.candidate);
@@ -90,6 +97,23 @@ export class PeerLink extends EventTarget {
   }
 
   /**
+   * Waits for the other side's first offer, and asks for it again if it
+   * has not come within a while: after a resumed signaling connection, an
+   * offer sent before the server noticed the old one was lost is gone.
+   * @param {number} ms how long to wait before each of three requests
+   */
+  expectOffer(ms = 1500) {
+    let asked = 0;
+    const check = () => {
+      if (this.pc.remoteDescription || this.pc.signalingState === 'closed' || asked === 3) return;
+      asked += 1;
+      this.send({ resend: true });
+      this.#resendTimer = setTimeout(check, ms);
+    };
+    this.#resendTimer = setTimeout(check, ms);
+  }
+
+  /**
    * Takes fresh ICE servers (renewed TURN credentials) for what this
    * connection gathers from now on: an ICE restart. Candidates already
    * gathered keep their own.
@@ -105,6 +129,7 @@ export class PeerLink extends EventTarget {
 
   close() {
     clearTimeout(this.#restartTimer);
+    clearTimeout(this.#resendTimer);
     this.pc.close();
     for (const t of this.remoteStream.getTracks()) t.stop();
   }
