@@ -59,14 +59,6 @@ fn free_udp_port_on(ip: std::net::IpAddr) -> u16 {
         .port()
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `callisto serve` (or `turn`) with JSON logs; returns once TURN listens.
 struct Callisto {
     proc: Proc,
@@ -201,7 +193,12 @@ fn callisto_with_open_files(
     while turn_port.is_none() || (has_http && http.is_none()) {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("callisto starts");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "callisto did not start ({e}); it said:\n{}",
+                    startup.join("\n")
+                )
+            });
         let v = serde_json::from_str::<serde_json::Value>(&line);
         startup.push(line);
         let Ok(v) = v else {
@@ -542,7 +539,7 @@ fn uclient_client_to_client_over_tcp_and_tls_skips_the_kernel() {
             "user:pass",
             "--tls-self-signed",
             "--turn-tls-listen",
-            &format!("127.0.0.1:{}", free_tcp_port()),
+            "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
         ],
@@ -601,7 +598,7 @@ fn uclient_over_udp_tcp_and_tls_with_channels_and_send_indications() {
             "127.0.0.1/32",
             "--tls-self-signed",
             "--turn-tls-listen",
-            &format!("127.0.0.1:{}", free_tcp_port()),
+            "127.0.0.1:0",
         ],
     );
     let (_peer, peer_port) = echo_peer();
@@ -1140,7 +1137,7 @@ fn tls_alternates_are_checked_with_a_handshake_and_a_binding() {
             "alice:secret",
             "--tls-self-signed",
             "--turn-tls-listen",
-            &format!("127.0.0.1:{}", free_tcp_port()),
+            "127.0.0.1:0",
         ],
     );
     let serving = format!("127.0.0.1:{}", alternate.tls_port.expect("TLS listener"));
@@ -3003,7 +3000,7 @@ fn turn_over_tls_from_files(cert: &std::path::Path, key: &std::path::Path) -> Ca
             "--tls-recheck",
             "0",
             "--turn-tls-listen",
-            &format!("127.0.0.1:{}", free_tcp_port()),
+            "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
         ],
