@@ -24,7 +24,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::hub::{Frame, Hub, PeerSink, Seat, SinkFull};
+use crate::hub::{Frame, Hub, Parked, PeerSink, Seat, SinkFull};
 use crate::rate::{RateLimiter, Verdict};
 use crate::remote::Remote;
 
@@ -626,13 +626,20 @@ impl Conn {
         was_in || self.sink.evicted.is_cancelled()
     }
 
-    /// The connection was lost: keeps its place for a resume.
+    /// The connection was lost: keeps its place for a resume (or, with
+    /// no grace, leaves).
     fn park(&mut self) {
         let Some(seat) = self.seat.take() else {
             return;
         };
-        if self.hub().park(&seat, Instant::now().into_std()) {
-            info!(remote = %self.remote, room = %seat.room, peer = %seat.id, "connection lost; its place is kept for a resume");
+        let parked = self.hub().park(&seat, Instant::now().into_std());
+        let (remote, room, peer) = (&self.remote, &seat.room, &seat.id);
+        match parked {
+            Parked::Kept => {
+                info!(%remote, %room, %peer, "connection lost; its place is kept for a resume");
+            }
+            Parked::Left => info!(%remote, %room, %peer, why = "disconnected", "left"),
+            Parked::NotHeld => {}
         }
     }
 

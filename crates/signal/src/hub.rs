@@ -106,6 +106,17 @@ impl HubLimits {
 /// enough that the others are not left looking at someone who is gone.
 pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(15);
 
+/// What [`Hub::park`] did with a lost connection's place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parked {
+    /// Kept for a resume, until the grace ends.
+    Kept,
+    /// Given up at once: there is no grace.
+    Left,
+    /// Nothing: the seat was no longer the connection's.
+    NotHeld,
+}
+
 /// A connection's hold on its place in a room: the peer id, and which
 /// connection holds it, so that a lost connection that ends late cannot
 /// remove the place another connection has resumed.
@@ -279,16 +290,15 @@ impl<S: PeerSink> Hub<S> {
         sink: S,
         ice_servers: &[IceServer],
     ) -> Result<Seat, S> {
-        let Some(id) = self.tokens.get(token).cloned() else {
+        let place = self
+            .tokens
+            .get(token)
+            .filter(|id| self.peers.get(id.as_str()).is_some_and(|p| p.room == room));
+        let Some(id) = place.cloned() else {
             metrics::counter!("callisto_signaling_resumes_total", "result" => "unknown")
                 .increment(1);
             return Err(sink);
         };
-        if self.peers.get(&id).is_none_or(|p| p.room != room) {
-            metrics::counter!("callisto_signaling_resumes_total", "result" => "unknown")
-                .increment(1);
-            return Err(sink);
-        }
         let attachment = self.next_attachment();
         let peers = self.members_but(room, Some(&id));
         let welcome = Frame::new(&ServerMessage::Welcome {
@@ -426,14 +436,14 @@ impl<S: PeerSink> Hub<S> {
 
     /// The connection of `seat` was lost: its place is kept until `now`
     /// plus the resume grace, for a new connection with its token. With
-    /// no grace, this is [`Hub::leave`]. Returns whether the seat was still
-    /// the connection's.
-    pub fn park(&mut self, seat: &Seat, now: Instant) -> bool {
-        if self.limits.resume_grace.is_zero() {
-            return self.leave(seat);
-        }
+    /// no grace, this is [`Hub::leave`].
+    pub fn park(&mut self, seat: &Seat, now: Instant) -> Parked {
         if !self.holds(seat) {
-            return false;
+            return Parked::NotHeld;
+        }
+        if self.limits.resume_grace.is_zero() {
+            self.leave(seat);
+            return Parked::Left;
         }
         let until = now + self.limits.resume_grace;
         // No connection holds the place now; only its token takes it back.
@@ -447,7 +457,7 @@ impl<S: PeerSink> Hub<S> {
                 bytes: 0,
             };
         }
-        true
+        Parked::Kept
     }
 
     /// Removes the peers whose connection was lost longer than the resume
@@ -784,8 +794,8 @@ mod tests {
         let sc = hub.join("r", "C", None, c.clone(), &[]).unwrap();
         b.take();
 
-        assert!(hub.park(&sa, t0));
-        assert!(!hub.park(&sa, t0), "parked once");
+        assert_eq!(hub.park(&sa, t0), Parked::Kept);
+        assert_eq!(hub.park(&sa, t0), Parked::NotHeld, "parked once");
         assert!(!hub.leave(&sa), "the lost connection no longer holds it");
         assert_eq!(hub.stats().away, 1);
         hub.signal(&sb.id, &sa.id, &raw("1")).unwrap();
@@ -825,7 +835,7 @@ mod tests {
         assert_eq!(hub.stats().away, 0);
 
         // Lost again: too much waits for it, and it is given up.
-        assert!(hub.park(&seat, t0));
+        assert_eq!(hub.park(&seat, t0), Parked::Kept);
         for n in 0..3 {
             hub.broadcast(&sb.id, &raw(&n.to_string())).unwrap();
         }
@@ -841,7 +851,7 @@ mod tests {
         let e = Recorder::new(100);
         let se = hub.join("r", "E", None, e.clone(), &[]).unwrap();
         let e_token = e.take()[0]["resume"].as_str().unwrap().to_owned();
-        assert!(hub.park(&se, t0));
+        assert_eq!(hub.park(&se, t0), Parked::Kept);
         assert_eq!(hub.expire(t0 + grace), 1);
         assert!(
             b.take()
@@ -882,7 +892,8 @@ mod tests {
         let sx = hub.join("r", "X", None, x.clone(), &[]).unwrap();
         let x_token = x.take()[0]["resume"].as_str().unwrap().to_owned();
         let sy = hub.join("r", "Y", None, y, &[]).unwrap();
-        assert!(hub.park(&sx, t0) && hub.park(&sy, t0));
+        assert_eq!(hub.park(&sx, t0), Parked::Kept);
+        assert_eq!(hub.park(&sy, t0), Parked::Kept);
         hub.broadcast(&sender.id, &raw("1")).unwrap();
         assert_eq!(hub.away_total, 2 * one);
         // The next broadcast fits for X, not for Y: Y is given up.
@@ -909,7 +920,7 @@ mod tests {
         let (a, b) = (Recorder::new(10), Recorder::new(10));
         let sa = hub.join("r", "A", None, a, &[]).unwrap();
         hub.join("r", "B", None, b.clone(), &[]).unwrap();
-        assert!(hub.park(&sa, Instant::now()));
+        assert_eq!(hub.park(&sa, Instant::now()), Parked::Left);
         assert!(
             b.take()
                 .contains(&serde_json::json!({"type": "peer-left", "id": sa.id}))
@@ -1043,7 +1054,7 @@ mod tests {
                     }
                     Op::Lose(client) => {
                         if let Some(c) = live[client].take()
-                            && hub.park(&c.seat, now)
+                            && hub.park(&c.seat, now) == Parked::Kept
                         {
                             lost.push((c.seat.id, now));
                         }
