@@ -248,12 +248,13 @@ impl<S: PeerSink> Hub<S> {
         sink: S,
         ice_servers: &[IceServer],
     ) -> Result<Seat, ErrorCode> {
-        if let Some(token) = resume {
-            match self.resume(token, room, sink, ice_servers) {
+        let sink = match resume {
+            Some(token) => match self.resume(token, room, sink, ice_servers) {
                 Ok(seat) => return Ok(seat),
-                Err(sink) => return self.join_new(room, name, sink, ice_servers),
-            }
-        }
+                Err(sink) => sink,
+            },
+            None => sink,
+        };
         self.join_new(room, name, sink, ice_servers)
     }
 
