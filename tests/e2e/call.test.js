@@ -231,6 +231,12 @@ async function resumeTest(serverNotices) {
   for (const page of [a, b, c]) await waitForRemoteVideos(page, 2);
   await assertHealthyMedia(a, 2, 'A');
   await assertHealthyMedia(c, 2, 'C');
+  // Chat goes on over the kept link, and reaches whoever came meanwhile.
+  await a.getByRole('button', { name: 'Chat', exact: true }).click();
+  const message = a.getByRole('textbox', { name: 'Message' });
+  await message.fill('after the cut');
+  await message.press('Enter');
+  for (const page of [b, c]) await page.getByRole('button', { name: 'Chat (1 new)', exact: true }).waitFor({ timeout: 5000 });
   const resumed = await a.evaluate(() => window.__received.filter((m) => m.type === 'welcome').map((m) => m.resumed));
   assert.deepEqual(resumed, [false, true], 'one welcome to join, one to resume');
   const [heldByLink, fromResume] = await a.evaluate((id) => [

@@ -47,6 +47,7 @@ assets! {
     "/js/peer.js" => "text/javascript; charset=utf-8",
     "/js/media.js" => "text/javascript; charset=utf-8",
     "/js/ui.js" => "text/javascript; charset=utf-8",
+    "/js/chat.js" => "text/javascript; charset=utf-8",
     "/favicon.svg" => "image/svg+xml",
 }
 
@@ -89,6 +90,49 @@ mod tests {
         hashes.sort_unstable();
         hashes.dedup();
         assert_eq!(hashes.len(), ASSETS.len());
+    }
+
+    /// A file left out of `assets!`, or a module importing one that is not
+    /// there, would otherwise show only in a browser, as a page that stays
+    /// on "Loading…".
+    #[test]
+    fn every_file_of_the_app_is_embedded_and_every_import_is_served() {
+        fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, root, out);
+                } else {
+                    let rel = path.strip_prefix(root).unwrap().to_str().unwrap();
+                    out.push(format!("/{rel}"));
+                }
+            }
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("app");
+        let mut files = Vec::new();
+        walk(&root, &root, &mut files);
+        for file in &files {
+            assert!(
+                asset(file).is_some(),
+                "{file} is in app/ but not in assets!"
+            );
+        }
+        for (path, a) in ASSETS.iter().filter(|(p, _)| p.ends_with(".js")) {
+            let text = std::str::from_utf8(a.bytes).unwrap();
+            for line in text.lines().filter(|l| l.starts_with("import ")) {
+                let module = line
+                    .split(" from './")
+                    .nth(1)
+                    .and_then(|rest| rest.split('\'').next())
+                    .unwrap_or_else(|| {
+                        panic!("{path}: an import not of the form from './x.js': {line}")
+                    });
+                assert!(
+                    asset(&format!("/js/{module}")).is_some(),
+                    "{path} imports {module}, which is not served"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ import { SignalingClient, ROOM_PATTERN } from './signaling.js';
 import { PeerLink } from './peer.js';
 import { getLocalMedia, stopStream } from './media.js';
 import { $, showView, setText, Grid } from './ui.js';
+import { ChatPanel, encodeChat } from './chat.js';
 
 const NAME_KEY = 'callisto.name';
 
@@ -24,6 +25,7 @@ const call = {
   joinToFirstFrameMs: null,
 };
 const grid = new Grid($('grid'));
+const chat = new ChatPanel(sendChat);
 
 // A handle for tests and for curious people at the console.
 window.__callisto = {
@@ -263,6 +265,7 @@ function addLink(peer, initiator) {
     if (detail.track.kind === 'video') measureFirstFrame(peer.id);
   });
   link.addEventListener('state', ({ detail }) => grid.setConnectionState(peer.id, detail.state));
+  link.addEventListener('chat', ({ detail }) => chat.add(link.name, detail.text));
   if (initiator) link.start();
   updateCount();
   return link;
@@ -290,6 +293,20 @@ function sendState(to = null) {
   const data = { state: { audio: call.audioOn, video: call.videoOn } };
   if (to) call.signaling?.signal(to, data);
   else call.signaling?.broadcast(data);
+}
+
+/**
+ * Sends a chat message to everyone in the call, peer to peer: to each link
+ * whose channel is open, or as soon as it opens. There is no history: who
+ * joins later sees what is written from then on.
+ */
+function sendChat(text) {
+  const wire = encodeChat(text);
+  chat.add(call.name, text, { mine: true });
+  const links = [...call.links.values()];
+  if (links.length === 0) return chat.note('Nobody else is here yet: nobody got that message.');
+  const missed = links.filter((link) => !link.sendChat(wire)).map((link) => link.name);
+  if (missed.length) chat.note(`Not delivered to ${missed.join(', ')}: no connection.`);
 }
 
 function updateCount() {

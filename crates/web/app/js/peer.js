@@ -15,6 +15,15 @@
 // ICE) and { resend } (please send your outstanding offer again: it may
 // have been lost with a signaling connection); { state } carries mute
 // state.
+//
+// The side that offers first also opens the chat data channel (chat.js),
+// so it is in the first offer and needs no renegotiation; the other side
+// takes it from the "datachannel" event.
+
+import { CHAT_LABEL, CHAT_PROTOCOL, ChatError, decodeChat } from './chat.js';
+
+// Chat messages held for a channel that is not open yet, at most.
+const MAX_CHAT_QUEUE = 100;
 
 export class PeerLink extends EventTarget {
   #makingOffer = false;
@@ -23,6 +32,8 @@ export class PeerLink extends EventTarget {
   #localAttached = false;
   #restartTimer = null;
   #resendTimer = null;
+  #chat = null;
+  #chatQueue = [];
   glares = 0;
 
   /**
@@ -54,6 +65,7 @@ export class PeerLink extends EventTarget {
       this.dispatchEvent(new CustomEvent('track', { detail: { track } }));
     });
     this.pc.addEventListener('connectionstatechange', () => this.#onState());
+    this.pc.addEventListener('datachannel', ({ channel }) => this.#takeChannel(channel));
   }
 
   /**
@@ -62,6 +74,7 @@ export class PeerLink extends EventTarget {
    */
   start() {
     this.#attachLocal();
+    this.#takeChannel(this.pc.createDataChannel(CHAT_LABEL, { protocol: CHAT_PROTOCOL }));
     const kinds = new Set(this.pc.getTransceivers().map((t) => t.receiver.track.kind));
     for (const kind of ['audio', 'video']) {
       if (!kinds.has(kind)) this.pc.addTransceiver(kind, { direction: 'recvonly' });
@@ -127,6 +140,32 @@ export class PeerLink extends EventTarget {
     }
   }
 
+  /** The chat data channel, once there is one (for stats and tests). */
+  get chatChannel() { return this.#chat; }
+
+  /**
+   * Sends a chat message (its wire form) now if the channel is open, or
+   * once it opens. False if it cannot go: the channel closed, or too many
+   * wait for it.
+   * @param {string} wire
+   */
+  sendChat(wire) {
+    const channel = this.#chat;
+    if (channel?.readyState === 'open') {
+      try {
+        channel.send(wire);
+        return true;
+      } catch (err) {
+        // The channel's send buffer is full, or it closed just now.
+        console.warn(`peer ${this.id}: a chat message could not be sent`, err);
+        return false;
+      }
+    }
+    if ((channel && channel.readyState !== 'connecting') || this.#chatQueue.length >= MAX_CHAT_QUEUE) return false;
+    this.#chatQueue.push(wire);
+    return true;
+  }
+
   close() {
     clearTimeout(this.#restartTimer);
     clearTimeout(this.#resendTimer);
@@ -184,6 +223,30 @@ export class PeerLink extends EventTarget {
         console.warn(`peer ${this.id}: re-attaching a track failed`, err);
       }
     }
+  }
+
+  #takeChannel(channel) {
+    if (channel.label !== CHAT_LABEL || channel.protocol !== CHAT_PROTOCOL || this.#chat) {
+      console.warn(`peer ${this.id}: closed a data channel this app does not use: "${channel.label}" (${channel.protocol || 'no subprotocol'})`);
+      channel.close();
+      return;
+    }
+    this.#chat = channel;
+    channel.addEventListener('open', () => {
+      const queued = this.#chatQueue.splice(0);
+      for (const wire of queued) this.sendChat(wire);
+    });
+    channel.addEventListener('message', ({ data }) => {
+      let text;
+      try {
+        text = decodeChat(data);
+      } catch (err) {
+        if (!(err instanceof ChatError)) throw err;
+        console.warn(`peer ${this.id} (${this.name}): ignored a chat message: ${err.message}`);
+        return;
+      }
+      this.dispatchEvent(new CustomEvent('chat', { detail: { text } }));
+    });
   }
 
   #attachLocal() {

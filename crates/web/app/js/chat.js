@@ -1,0 +1,140 @@
+// Text chat between the people in a call: what a message is on the wire,
+// and the chat panel. Messages travel peer to peer, over each link's data
+// channel (peer.js), never through the server, so the server cannot read
+// them and has nothing to keep. Who wrote a message is the name the server
+// gave the link it came over, not anything the message says: a peer cannot
+// pass itself off as someone else.
+//
+// On the wire (docs/protocol.md, "Chat"): one JSON object per data channel
+// message, { "type": "chat", "text": "…" }, on the channel labelled "chat"
+// with the subprotocol "callisto.chat.v1".
+
+import { $ } from './ui.js';
+
+export const CHAT_LABEL = 'chat';
+export const CHAT_PROTOCOL = 'callisto.chat.v1';
+/** The longest message, in characters (code points). */
+export const MAX_CHAT_CHARS = 4000;
+// Four UTF-8 bytes per code point at most, plus the JSON around it and its
+// escapes: anything bigger cannot be a message we would send.
+const MAX_CHAT_BYTES = 6 * MAX_CHAT_CHARS + 64;
+/** Messages the panel shows at most; older ones go, so a flood cannot fill memory. */
+export const MAX_CHAT_LOG = 500;
+
+export class ChatError extends Error {}
+
+/** The wire form of a message, or a ChatError saying what is wrong with it. */
+export function encodeChat(text) {
+  if (typeof text !== 'string' || text.trim().length === 0) throw new ChatError('the message is empty');
+  if ([...text].length > MAX_CHAT_CHARS) throw new ChatError(`the message is longer than ${MAX_CHAT_CHARS} characters`);
+  return JSON.stringify({ type: 'chat', text });
+}
+
+/**
+ * A received message's text. Throws a ChatError naming what is wrong with
+ * anything else: the other side may be another version, or not this app.
+ */
+export function decodeChat(data) {
+  if (typeof data !== 'string') throw new ChatError('a binary message');
+  if (data.length > MAX_CHAT_BYTES) throw new ChatError(`a message of ${data.length} characters`);
+  let msg;
+  try { msg = JSON.parse(data); } catch { throw new ChatError('not JSON'); }
+  if (msg?.type !== 'chat') throw new ChatError(`an unknown type ${JSON.stringify(msg?.type ?? null)}`);
+  if (typeof msg.text !== 'string' || msg.text.trim().length === 0) throw new ChatError('no text');
+  if ([...msg.text].length > MAX_CHAT_CHARS) throw new ChatError(`a text longer than ${MAX_CHAT_CHARS} characters`);
+  return msg.text;
+}
+
+/**
+ * The chat panel: a log of messages, a form to write one, and the button
+ * that opens and closes it and counts what came in while it was closed.
+ */
+export class ChatPanel {
+  #unread = 0;
+
+  /** @param {(text: string) => void} onSend called with each message the user sends */
+  constructor(onSend) {
+    this.panel = $('chat');
+    this.log = $('chat-log');
+    this.input = $('chat-input');
+    this.button = $('chat-btn');
+    this.input.maxLength = MAX_CHAT_CHARS;
+    this.button.addEventListener('click', () => this.toggle());
+    this.panel.addEventListener('keydown', (ev) => {
+      if (ev.key === 'Escape') {
+        this.toggle(false);
+        this.button.focus();
+      }
+    });
+    $('chat-form').addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      const text = this.input.value;
+      if (text.trim().length === 0) return;
+      try {
+        encodeChat(text); // says what is wrong before anything is shown
+      } catch (err) {
+        this.note(`Not sent: ${err.message}.`);
+        return;
+      }
+      this.input.value = '';
+      onSend(text);
+    });
+  }
+
+  get open() { return !this.panel.hidden; }
+
+  /** Opens (true), closes (false) or toggles the panel. */
+  toggle(open = !this.open) {
+    this.panel.hidden = !open;
+    this.button.setAttribute('aria-expanded', String(open));
+    if (open) {
+      this.#unread = 0;
+      this.input.focus();
+      this.log.lastElementChild?.scrollIntoView({ block: 'end' });
+    }
+    this.#label();
+  }
+
+  /** Adds a message to the log; `mine` for the user's own. */
+  add(name, text, { mine = false } = {}) {
+    const item = document.createElement('li');
+    item.className = mine ? 'message mine' : 'message';
+    const head = document.createElement('p');
+    head.className = 'meta';
+    const who = document.createElement('span');
+    who.className = 'author';
+    who.textContent = mine ? `${name} (you)` : name;
+    const when = document.createElement('time');
+    const now = new Date();
+    when.dateTime = now.toISOString();
+    when.textContent = now.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    head.append(who, ' ', when);
+    const body = document.createElement('p');
+    body.className = 'text';
+    body.textContent = text; // text, never markup
+    item.append(head, body);
+    this.#append(item);
+    if (!mine && !this.open) {
+      this.#unread += 1;
+      this.#label();
+    }
+  }
+
+  /** Adds a line from the app itself, such as why a message did not go. */
+  note(text) {
+    const item = document.createElement('li');
+    item.className = 'note';
+    item.textContent = text;
+    this.#append(item);
+  }
+
+  #append(item) {
+    this.log.append(item);
+    while (this.log.childElementCount > MAX_CHAT_LOG) this.log.firstElementChild.remove();
+    if (this.open) item.scrollIntoView({ block: 'end' });
+  }
+
+  #label() {
+    this.button.textContent = this.#unread ? `Chat (${this.#unread} new)` : 'Chat';
+  }
+}
