@@ -1,9 +1,11 @@
-// Chat in a call, between real headless Chromium pages: peer to peer over
-// data channels, never through the server.
+// Chat and file transfer in a call, between real headless Chromium pages:
+// peer to peer over data channels, never through the server.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { ARTIFACTS, startServer, launchBrowser, joinCall, waitForRemoteVideos, eventually } from './lib.js';
 
 let server;
@@ -167,5 +169,149 @@ test('what a peer sends on the chat channel that is not a message is ignored wit
   await log(bob).locator('.message', { hasText: 'after that' }).waitFor({ timeout: 5000 });
   assert.deepEqual(seen.errors, []);
 
+  for (const p of [alice, bob]) await p.context().close();
+});
+
+/** Waits until each of `pages` has its chat channel to every other page open. */
+async function channelsOpen(pages) {
+  for (const page of pages) {
+    await eventually(() => page.evaluate((n) => {
+      const links = [...window.__callisto.links.values()];
+      return links.length === n && links.every((l) => l.chatChannel?.readyState === 'open');
+    }, pages.length - 1), 15000, 'chat channels open');
+  }
+}
+
+const sha256 = (bytes) => createHash('sha256').update(bytes).digest('hex');
+
+test('a file goes whole to whoever accepts it, peer to peer; declined and cancelled ones go nowhere', async () => {
+  const room = `files-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  const carol = await joinCall(browser, server.url, room, 'Carol');
+  await channelsOpen([alice, bob, carol]);
+
+  // Random bytes, two blocks as the sender reads them and an odd tail,
+  // made in the page: Playwright's setInputFiles takes seconds to carry
+  // a file this size into it. The page picks it as the file input would.
+  const name = 'notes <1>.bin';
+  await chatButton(alice, 'Chat').click();
+  const expected = await alice.evaluate(async (name) => {
+    const bytes = new Uint8Array(1.5 * 1024 * 1024 + 123);
+    for (let i = 0; i < bytes.length; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
+    const picked = new DataTransfer();
+    picked.items.add(new File([bytes], name));
+    const input = document.getElementById('file-input');
+    input.files = picked.files;
+    input.dispatchEvent(new Event('change'));
+    const digest = await crypto.subtle.digest('SHA-256', bytes);
+    return { length: bytes.length, sha256: [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, '0')).join('') };
+  }, name);
+  const delivery = (who) => alice.locator('.deliveries li', { hasText: `${who}:` });
+  await delivery('Bob').getByText('waiting for them to accept').waitFor({ timeout: 10000 });
+
+  // Bob accepts, Carol declines; each saw only an offer until then.
+  for (const page of [bob, carol]) {
+    await chatButton(page, 'Chat (1 new)').click();
+    await lastMessage(page).getByText(`${name} (1.5 MB)`).waitFor();
+    assert.equal(await lastMessage(page).locator('.author').textContent(), 'Alice');
+  }
+  await bob.getByRole('button', { name: `Accept ${name}` }).click();
+  await carol.getByRole('button', { name: `Decline ${name}` }).click();
+  const save = bob.getByRole('link', { name: `Save ${name}` });
+  await save.waitFor({ timeout: 15000 });
+  const [download] = await Promise.all([bob.waitForEvent('download'), save.click()]);
+  // Chromium saves it as notes _1_.bin: '<' and '>' are not for file names.
+  assert.match(download.suggestedFilename(), /^notes .1.\.bin$/);
+  const got = readFileSync(await download.path());
+  assert.equal(got.length, expected.length);
+  assert.equal(sha256(got), expected.sha256, 'the file arrived whole');
+  await delivery('Bob').getByText('delivered').waitFor({ timeout: 5000 });
+  await delivery('Carol').getByText('declined').waitFor({ timeout: 5000 });
+  assert.equal(await carol.getByRole('link', { name: `Save ${name}` }).count(), 0);
+  assert.equal(await alice.getByRole('button', { name: `Cancel sending ${name}` }).isVisible(), false, 'nothing left to cancel');
+  for (const [who, page] of [['sender', alice], ['receiver', bob]]) {
+    const shot = path.join(ARTIFACTS, `file-${who}.png`);
+    await page.screenshot({ path: shot });
+    console.log(`# artifact: ${shot}`);
+  }
+
+  // Alice cancels a file before anyone accepts it: the offer says so, and
+  // can no longer be accepted.
+  await alice.locator('#file-input').setInputFiles({ name: 'second.txt', mimeType: 'text/plain', buffer: Buffer.from('two') });
+  await bob.getByRole('button', { name: 'Accept second.txt' }).waitFor({ timeout: 10000 });
+  await alice.getByRole('button', { name: 'Cancel sending second.txt' }).click();
+  await bob.locator('.message.file', { hasText: 'second.txt' }).getByText(/^stopped/).waitFor({ timeout: 5000 });
+  assert.equal(await bob.getByRole('button', { name: 'Accept second.txt' }).isVisible(), false);
+  await delivery('Bob').filter({ hasText: 'cancelled' }).waitFor();
+
+  // Neither file's name nor bytes went through the server.
+  for (const page of [alice, bob, carol]) {
+    const signaling = JSON.stringify(await page.evaluate(() => window.__received));
+    assert.ok(!signaling.includes('notes <1>') && !signaling.includes('second.txt'), 'no file in any signaling message');
+  }
+  for (const p of [alice, bob, carol]) await p.context().close();
+});
+
+test('what a peer sends on a file channel out of turn ends that transfer with a warning; it cannot pile up channels', async () => {
+  const room = `files-bad-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  const bobId = await bob.evaluate(() => window.__callisto.id);
+  await channelsOpen([alice, bob]);
+  const seen = watch(bob);
+  // Alice's page opens file channels to Bob itself, as another program could.
+  await alice.evaluate((id) => {
+    const link = window.__callisto.links.get(id);
+    window.__open = (first) => new Promise((resolve) => {
+      const channel = link.pc.createDataChannel('file', { protocol: 'callisto.file.v1' });
+      channel.binaryType = 'arraybuffer';
+      window.__closed = window.__closed ?? [];
+      channel.onclose = () => {
+        window.__closed.push(first ?? 'silent');
+        resolve(channel); // Bob may close it before it opens here
+      };
+      channel.onopen = () => {
+        if (first) channel.send(first);
+        resolve(channel);
+      };
+    });
+  }, bobId);
+
+  // More bytes than offered, under a name with folders and a NUL in it.
+  await alice.evaluate(async () => {
+    const channel = await window.__open(JSON.stringify({ type: 'offer', name: '../../evil\u0000.sh', size: 10 }));
+    channel.onmessage = () => channel.send(new Uint8Array(20)); // the accept
+  });
+  await chatButton(bob, 'Chat (1 new)').click();
+  const entry = lastMessage(bob);
+  await entry.getByText('__.._evil_.sh (10 B)').waitFor({ timeout: 5000 });
+  await bob.getByRole('button', { name: 'Accept __.._evil_.sh' }).click();
+  await entry.getByText('failed: it sent more than the 10 bytes offered').waitFor({ timeout: 5000 });
+  assert.equal(await bob.getByRole('link', { name: /^Save/ }).count(), 0);
+
+  // An offer over the size limit, and one that is not JSON: closed, with a
+  // warning, and no entry in the chat.
+  await alice.evaluate(() => window.__open(JSON.stringify({ type: 'offer', name: 'huge', size: 2 ** 40 })));
+  await alice.evaluate(() => window.__open('{"type":'));
+  await eventually(() => alice.evaluate(() => window.__closed.length >= 3), 5000, 'the channels closed by Bob');
+  assert.equal(await bob.locator('#chat-log .message').count(), 1, 'only the first offer is in the chat');
+
+  // Nine channels that say nothing: the ninth is closed at once, the
+  // others once they have sent no offer for 10 s.
+  await alice.evaluate(() => Promise.all(Array.from({ length: 9 }, () => window.__open(null))));
+  await eventually(() => seen.warnings.some((w) => w.includes('8 of its files are already under way')), 5000, 'the ninth refused');
+  await eventually(() => alice.evaluate(() => window.__closed.filter((c) => c === 'silent').length === 9), 15000, 'all nine closed');
+  const warned = (what) => seen.warnings.some((w) => w.includes('stopped a file transfer') && w.includes(what));
+  for (const what of ['more than the 10 bytes offered', 'over the 512 MB limit', 'not JSON', 'no offer within 10 s']) {
+    assert.ok(warned(what), `a warning says "${what}"`);
+  }
+  assert.deepEqual(seen.errors, []);
+
+  // A file sent properly goes through after all that.
+  await chatButton(alice, 'Chat').click();
+  await alice.locator('#file-input').setInputFiles({ name: 'fine.txt', mimeType: 'text/plain', buffer: Buffer.from('fine') });
+  await bob.getByRole('button', { name: 'Accept fine.txt' }).click({ timeout: 10000 });
+  await bob.getByRole('link', { name: 'Save fine.txt' }).waitFor({ timeout: 5000 });
   for (const p of [alice, bob]) await p.context().close();
 });

@@ -30,5 +30,7 @@ ip -n "$ns" route add default dev v0
 ip -n "$ns" addr add fd00:18::1/64 dev v0 nodad
 ip -n "$ns" -6 route add default dev v0
 cd "$here"
+# --test-timeout: a test file that hangs (a page promise that never
+# settles) fails after 5 minutes instead of taking CI's whole time.
 export CALLISTO_BIN="${CALLISTO_BIN:-$here/../../target/debug/callisto}"
-ip netns exec "$ns" node --test --test-concurrency=1 --test-reporter=spec ./*.test.js
+ip netns exec "$ns" node --test --test-concurrency=1 --test-timeout=300000 --test-reporter=spec ./*.test.js

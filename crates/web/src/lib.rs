@@ -48,6 +48,7 @@ assets! {
     "/js/media.js" => "text/javascript; charset=utf-8",
     "/js/ui.js" => "text/javascript; charset=utf-8",
     "/js/chat.js" => "text/javascript; charset=utf-8",
+    "/js/files.js" => "text/javascript; charset=utf-8",
     "/favicon.svg" => "image/svg+xml",
 }
 

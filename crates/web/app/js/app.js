@@ -6,6 +6,7 @@ import { PeerLink } from './peer.js';
 import { getLocalMedia, stopStream } from './media.js';
 import { $, showView, setText, Grid } from './ui.js';
 import { ChatPanel, encodeChat } from './chat.js';
+import { IncomingFile, MAX_FILE_BYTES, formatSize, offerFile, showIncoming } from './files.js';
 
 const NAME_KEY = 'callisto.name';
 
@@ -25,7 +26,7 @@ const call = {
   joinToFirstFrameMs: null,
 };
 const grid = new Grid($('grid'));
-const chat = new ChatPanel(sendChat);
+const chat = new ChatPanel(sendChat, sendFiles);
 
 // A handle for tests and for curious people at the console.
 window.__callisto = {
@@ -266,6 +267,10 @@ function addLink(peer, initiator) {
   });
   link.addEventListener('state', ({ detail }) => grid.setConnectionState(peer.id, detail.state));
   link.addEventListener('chat', ({ detail }) => chat.add(link.name, detail.text));
+  link.addEventListener('file', ({ detail }) => {
+    const incoming = new IncomingFile(detail.channel, `${link.id} (${link.name})`);
+    incoming.addEventListener('offer', () => showIncoming(chat.entry(link.name), incoming), { once: true });
+  });
   if (initiator) link.start();
   updateCount();
   return link;
@@ -307,6 +312,22 @@ function sendChat(text) {
   if (links.length === 0) return chat.note('Nobody else is here yet: nobody got that message.');
   const missed = links.filter((link) => !link.sendChat(wire)).map((link) => link.name);
   if (missed.length) chat.note(`Not delivered to ${missed.join(', ')}: no connection.`);
+}
+
+/** Offers each file to everyone in the call, peer to peer, as chat does messages. */
+function sendFiles(files) {
+  for (const file of files) {
+    if (file.size > MAX_FILE_BYTES) {
+      chat.note(`Not sent: ${file.name} is larger than ${formatSize(MAX_FILE_BYTES)}.`);
+      continue;
+    }
+    const links = [...call.links.values()];
+    if (links.length === 0) {
+      chat.note(`Nobody else is here yet: nobody got ${file.name}.`);
+      continue;
+    }
+    offerFile(chat.entry(call.name, { mine: true }), file, links);
+  }
 }
 
 function updateCount() {

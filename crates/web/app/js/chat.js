@@ -52,8 +52,11 @@ export function decodeChat(data) {
 export class ChatPanel {
   #unread = 0;
 
-  /** @param {(text: string) => void} onSend called with each message the user sends */
-  constructor(onSend) {
+  /**
+   * @param {(text: string) => void} onSend called with each message the user sends
+   * @param {(files: File[]) => void} onFiles called with the files the user picks to send
+   */
+  constructor(onSend, onFiles) {
     this.panel = $('chat');
     this.log = $('chat-log');
     this.input = $('chat-input');
@@ -65,6 +68,13 @@ export class ChatPanel {
         this.toggle(false);
         this.button.focus();
       }
+    });
+    const picker = $('file-input');
+    $('file-btn').addEventListener('click', () => picker.click());
+    picker.addEventListener('change', () => {
+      const files = [...picker.files];
+      picker.value = '';
+      if (files.length) onFiles(files);
     });
     $('chat-form').addEventListener('submit', (ev) => {
       ev.preventDefault();
@@ -97,6 +107,18 @@ export class ChatPanel {
 
   /** Adds a message to the log; `mine` for the user's own. */
   add(name, text, { mine = false } = {}) {
+    const body = document.createElement('p');
+    body.className = 'text';
+    body.textContent = text; // text, never markup
+    this.entry(name, { mine }).append(body);
+  }
+
+  /**
+   * Adds an entry from `name` to the log, with its author and time, and
+   * returns it for its content. One from someone else counts as unread
+   * while the panel is closed.
+   */
+  entry(name, { mine = false } = {}) {
     const item = document.createElement('li');
     item.className = mine ? 'message mine' : 'message';
     const head = document.createElement('p');
@@ -109,15 +131,13 @@ export class ChatPanel {
     when.dateTime = now.toISOString();
     when.textContent = now.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
     head.append(who, ' ', when);
-    const body = document.createElement('p');
-    body.className = 'text';
-    body.textContent = text; // text, never markup
-    item.append(head, body);
+    item.append(head);
     this.#append(item);
     if (!mine && !this.open) {
       this.#unread += 1;
       this.#label();
     }
+    return item;
   }
 
   /** Adds a line from the app itself, such as why a message did not go. */
@@ -130,7 +150,11 @@ export class ChatPanel {
 
   #append(item) {
     this.log.append(item);
-    while (this.log.childElementCount > MAX_CHAT_LOG) this.log.firstElementChild.remove();
+    while (this.log.childElementCount > MAX_CHAT_LOG) {
+      const gone = this.log.firstElementChild;
+      gone.remove();
+      gone.dispatchEvent(new Event('removed')); // a file entry lets its data go
+    }
     if (this.open) item.scrollIntoView({ block: 'end' });
   }
 

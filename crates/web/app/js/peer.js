@@ -18,12 +18,17 @@
 //
 // The side that offers first also opens the chat data channel (chat.js),
 // so it is in the first offer and needs no renegotiation; the other side
-// takes it from the "datachannel" event.
+// takes it from the "datachannel" event. Each file sent (files.js) gets a
+// channel of its own, opened by its sender.
 
 import { CHAT_LABEL, CHAT_PROTOCOL, ChatError, decodeChat } from './chat.js';
+import { FILE_LABEL, FILE_PROTOCOL } from './files.js';
 
 // Chat messages held for a channel that is not open yet, at most.
 const MAX_CHAT_QUEUE = 100;
+// Files a peer may offer us at once (each on a channel of its own); more
+// channels are closed, so a peer cannot pile them up.
+const MAX_INCOMING_FILES = 8;
 
 export class PeerLink extends EventTarget {
   #makingOffer = false;
@@ -34,6 +39,7 @@ export class PeerLink extends EventTarget {
   #resendTimer = null;
   #chat = null;
   #chatQueue = [];
+  #incomingFiles = new Set();
   glares = 0;
 
   /**
@@ -166,6 +172,16 @@ export class PeerLink extends EventTarget {
     return true;
   }
 
+  /**
+   * A new channel to send one file over (files.js), or null while the
+   * connection has no data channels up: a channel opened then would need
+   * a renegotiation.
+   */
+  openFileChannel() {
+    if (this.#chat?.readyState !== 'open') return null;
+    return this.pc.createDataChannel(FILE_LABEL, { protocol: FILE_PROTOCOL });
+  }
+
   close() {
     clearTimeout(this.#restartTimer);
     clearTimeout(this.#resendTimer);
@@ -226,6 +242,7 @@ export class PeerLink extends EventTarget {
   }
 
   #takeChannel(channel) {
+    if (channel.label === FILE_LABEL && channel.protocol === FILE_PROTOCOL) return this.#takeFileChannel(channel);
     if (channel.label !== CHAT_LABEL || channel.protocol !== CHAT_PROTOCOL || this.#chat) {
       console.warn(`peer ${this.id}: closed a data channel this app does not use: "${channel.label}" (${channel.protocol || 'no subprotocol'})`);
       channel.close();
@@ -247,6 +264,17 @@ export class PeerLink extends EventTarget {
       }
       this.dispatchEvent(new CustomEvent('chat', { detail: { text } }));
     });
+  }
+
+  #takeFileChannel(channel) {
+    if (this.#incomingFiles.size >= MAX_INCOMING_FILES) {
+      console.warn(`peer ${this.id} (${this.name}): closed a file channel: ${MAX_INCOMING_FILES} of its files are already under way`);
+      channel.close();
+      return;
+    }
+    this.#incomingFiles.add(channel);
+    channel.addEventListener('close', () => this.#incomingFiles.delete(channel));
+    this.dispatchEvent(new CustomEvent('file', { detail: { channel } }));
   }
 
   #attachLocal() {

@@ -1,0 +1,395 @@
+// File transfer between the people in a call, peer to peer: each file goes
+// to each peer over a data channel of its own (label "file", subprotocol
+// "callisto.file.v1"), so a big file neither holds up the chat nor waits
+// behind another file, and nothing goes through the server. Nobody
+// receives a file they did not accept.
+//
+// On a file's channel (docs/protocol.md, "Files"), opened by the sender:
+//   sender → receiver   { "type": "offer", "name": …, "size": … }
+//   receiver → sender   { "type": "accept" } or { "type": "decline" }
+//   sender → receiver   the bytes, in binary messages
+//   sender → receiver   { "type": "end" }
+//   the receiver closes the channel once it holds all `size` bytes: the
+//   sender's proof of delivery. Whoever closes it at any other point
+//   stops the transfer.
+
+export const FILE_LABEL = 'file';
+export const FILE_PROTOCOL = 'callisto.file.v1';
+/** The largest file sent or taken: a receiver holds it in memory until saved. */
+export const MAX_FILE_BYTES = 512 * 1024 * 1024;
+// 16 KiB messages go between every pair of browsers (Chromium and Firefox
+// take 256 KiB, older Safari less).
+const CHUNK_BYTES = 16 * 1024;
+const MAX_CHUNK_BYTES = 256 * 1024;
+const READ_BYTES = 1024 * 1024;
+// The sender stops reading the file while this much waits in the channel's
+// buffer, so a fast disk does not fill memory ahead of a slow network.
+const HIGH_WATER = 1024 * 1024;
+const LOW_WATER = 256 * 1024;
+const MAX_CONTROL_CHARS = 2048;
+const MAX_NAME_CHARS = 255;
+/** How long a receiver waits for a new channel's offer. */
+const OFFER_TIMEOUT_MS = 10000;
+
+export class FileError extends Error {}
+
+/** A control message: a JSON object with a known `type`, or a FileError. */
+export function decodeControl(data) {
+  if (typeof data !== 'string') throw new FileError('binary data out of turn');
+  if (data.length > MAX_CONTROL_CHARS) throw new FileError(`a control message of ${data.length} characters`);
+  let msg;
+  try { msg = JSON.parse(data); } catch { throw new FileError('not JSON'); }
+  if (!['offer', 'accept', 'decline', 'end'].includes(msg?.type)) throw new FileError(`an unknown type ${JSON.stringify(msg?.type ?? null)}`);
+  return msg;
+}
+
+/** An offer's name and size, checked, or a FileError. */
+export function checkOffer(msg) {
+  if (msg.type !== 'offer') throw new FileError(`"${msg.type}" before an offer`);
+  if (typeof msg.name !== 'string' || msg.name.length === 0 || [...msg.name].length > MAX_NAME_CHARS) throw new FileError('an offer without a usable name');
+  if (!Number.isSafeInteger(msg.size) || msg.size < 0) throw new FileError('an offer without a usable size');
+  if (msg.size > MAX_FILE_BYTES) throw new FileError(`an offer of ${formatSize(msg.size)}, over the ${formatSize(MAX_FILE_BYTES)} limit`);
+  return { name: safeName(msg.name), size: msg.size };
+}
+
+/** A name that is only a file name: no folders, no control characters. */
+export function safeName(name) {
+  // eslint-disable-next-line no-control-regex
+  const clean = name.replace(/[\u0000-\u001f\u007f/\\]/g, '_').replace(/^\.+/, '_').trim();
+  return clean || 'file';
+}
+
+export function formatSize(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ['KB', 'MB', 'GB'];
+  let n = bytes / 1024;
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
+}
+
+/** Resolves when the channel's buffer has drained below LOW_WATER, or it closed. */
+function drained(channel) {
+  return new Promise((resolve) => {
+    channel.addEventListener('bufferedamountlow', resolve, { once: true });
+    channel.addEventListener('close', resolve, { once: true });
+  });
+}
+
+/**
+ * Sends `file` over `channel`, a file channel just opened to one peer.
+ * `report(state, detail)` hears what becomes of it: "waiting" (for the
+ * peer to accept), "sending" (detail: the fraction sent), "delivering"
+ * (all sent, not yet confirmed), then one of "sent", "declined",
+ * "cancelled" or "failed" (detail: why).
+ * @returns {{ cancel: () => void }}
+ */
+export function sendFile(channel, file, report) {
+  channel.binaryType = 'arraybuffer';
+  channel.bufferedAmountLowThreshold = LOW_WATER;
+  let phase = 'opening'; // → waiting → sending → delivering → done
+  const finish = (state, detail) => {
+    if (phase === 'done') return;
+    phase = 'done';
+    report(state, detail);
+    channel.close();
+  };
+  // Sends, or ends the transfer if the channel has just closed under us.
+  const send = (data) => {
+    try {
+      channel.send(data);
+      return true;
+    } catch {
+      finish('failed', 'the connection closed');
+      return false;
+    }
+  };
+
+  channel.addEventListener('open', () => {
+    if (!send(JSON.stringify({ type: 'offer', name: file.name, size: file.size }))) return;
+    phase = 'waiting';
+    report('waiting');
+  });
+  channel.addEventListener('message', ({ data }) => {
+    let msg;
+    try {
+      msg = decodeControl(data);
+    } catch (err) {
+      return finish('failed', `the receiver sent ${err.message}`);
+    }
+    if (msg.type === 'accept' && phase === 'waiting') {
+      phase = 'sending';
+      pump();
+    } else if (msg.type === 'decline' && phase === 'waiting') {
+      finish('declined');
+    } else {
+      finish('failed', `the receiver sent "${msg.type}" out of turn`);
+    }
+  });
+  channel.addEventListener('close', () => {
+    if (phase === 'delivering') {
+      phase = 'done';
+      report('sent');
+    } else if (phase === 'waiting') {
+      // A decline comes as a message first: this is a peer that left, or a
+      // connection that failed.
+      finish('failed', 'the connection closed before they answered');
+    } else {
+      finish('failed', 'they cancelled, or the connection closed');
+    }
+  });
+
+  async function pump() {
+    let shown = -1;
+    // The file is read a block at a time: each read is a round trip to
+    // the browser's file store, too slow to make for every message.
+    for (let offset = 0; offset < file.size; offset += READ_BYTES) {
+      let block;
+      try {
+        block = new Uint8Array(await file.slice(offset, offset + READ_BYTES).arrayBuffer());
+      } catch (err) {
+        // Moved, deleted or changed on disk since it was picked.
+        return finish('failed', `could not read the file (${err.message})`);
+      }
+      for (let at = 0; at < block.length; at += CHUNK_BYTES) {
+        if (channel.bufferedAmount > HIGH_WATER) await drained(channel);
+        if (phase !== 'sending' || !send(block.subarray(at, at + CHUNK_BYTES))) return;
+      }
+      const percent = Math.floor((100 * (offset + block.length)) / file.size);
+      if (percent !== shown) report('sending', percent / 100);
+      shown = percent;
+    }
+    if (!send(JSON.stringify({ type: 'end' }))) return;
+    phase = 'delivering';
+    report('delivering');
+  }
+
+  return { cancel: () => finish('cancelled') };
+}
+
+/**
+ * A file a peer offers over a channel it opened. Dispatches "offer" once
+ * a valid offer has come (detail: { name, size }), then "state" events
+ * (detail: { state, detail }) with "receiving" (the fraction received),
+ * "received" (detail: a Blob of the file), "declined", "cancelled" or
+ * "failed" (why). Anything the peer sends out of turn ends the transfer
+ * and the channel, with a console warning.
+ */
+export class IncomingFile extends EventTarget {
+  #channel;
+  #phase = 'opening'; // → offered → receiving → done
+  #chunks = [];
+  #received = 0;
+  #timer;
+  offer = null;
+
+  /** @param {RTCDataChannel} channel @param {string} from who sent it, for warnings */
+  constructor(channel, from) {
+    super();
+    this.#channel = channel;
+    this.from = from;
+    channel.binaryType = 'arraybuffer';
+    this.#timer = setTimeout(() => this.#fail(`no offer within ${OFFER_TIMEOUT_MS / 1000} s`), OFFER_TIMEOUT_MS);
+    channel.addEventListener('message', ({ data }) => this.#onMessage(data));
+    channel.addEventListener('close', () => {
+      if (this.#phase === 'opening') this.#end('failed', 'closed before an offer');
+      else if (this.#phase !== 'done') this.#end('cancelled', 'the sender stopped, or the connection closed');
+    });
+  }
+
+  accept() {
+    if (this.#phase !== 'offered') return;
+    this.#phase = 'receiving';
+    this.#channel.send(JSON.stringify({ type: 'accept' }));
+    this.#state('receiving', 0);
+  }
+
+  decline() {
+    if (this.#phase !== 'offered') return;
+    if (this.#channel.readyState === 'open') this.#channel.send(JSON.stringify({ type: 'decline' }));
+    this.#end('declined');
+  }
+
+  /** Stops receiving (or declines): the sender sees the channel close. */
+  cancel() {
+    if (this.#phase === 'offered') return this.decline();
+    if (this.#phase !== 'done') this.#end('cancelled', 'you cancelled');
+  }
+
+  #onMessage(data) {
+    try {
+      if (this.#phase === 'receiving' && typeof data !== 'string') return this.#take(data);
+      const msg = decodeControl(data);
+      if (this.#phase === 'opening') {
+        this.offer = checkOffer(msg);
+        this.#phase = 'offered';
+        clearTimeout(this.#timer);
+        this.dispatchEvent(new CustomEvent('offer', { detail: this.offer }));
+      } else if (this.#phase === 'receiving' && msg.type === 'end') {
+        if (this.#received !== this.offer.size) throw new FileError(`the end after ${this.#received} of ${this.offer.size} bytes`);
+        const blob = new Blob(this.#chunks, { type: 'application/octet-stream' });
+        this.#chunks = [];
+        this.#end('received', blob);
+      } else {
+        throw new FileError(`"${msg.type}" out of turn`);
+      }
+    } catch (err) {
+      if (!(err instanceof FileError)) throw err;
+      this.#fail(`it sent ${err.message}`);
+    }
+  }
+
+  #take(chunk) {
+    if (chunk.byteLength > MAX_CHUNK_BYTES) throw new FileError(`a message of ${chunk.byteLength} bytes`);
+    this.#received += chunk.byteLength;
+    if (this.#received > this.offer.size) throw new FileError(`more than the ${this.offer.size} bytes offered`);
+    this.#chunks.push(chunk);
+    const before = Math.floor((100 * (this.#received - chunk.byteLength)) / this.offer.size);
+    const now = Math.floor((100 * this.#received) / this.offer.size);
+    if (now !== before) this.#state('receiving', now / 100);
+  }
+
+  #fail(why) {
+    console.warn(`peer ${this.from}: stopped a file transfer: ${why}`);
+    this.#end('failed', why);
+  }
+
+  #end(state, detail) {
+    if (this.#phase === 'done') return;
+    this.#phase = 'done';
+    clearTimeout(this.#timer);
+    this.#chunks = [];
+    this.#channel.close();
+    // An offer nobody saw (a bad one) needs no word in the chat.
+    if (this.offer) this.#state(state, detail);
+  }
+
+  #state(state, detail) {
+    this.dispatchEvent(new CustomEvent('state', { detail: { state, detail } }));
+  }
+}
+
+// ---- In the chat log ------------------------------------------------------
+
+const SENDING = {
+  waiting: () => 'waiting for them to accept',
+  sending: (fraction) => `sending, ${Math.round(fraction * 100)} %`,
+  delivering: () => 'sent, waiting for them to confirm',
+  sent: () => 'delivered',
+  declined: () => 'declined',
+  cancelled: () => 'cancelled',
+  failed: (why) => `failed: ${why}`,
+};
+const RECEIVING = {
+  receiving: (fraction) => `receiving, ${Math.round(fraction * 100)} %`,
+  received: () => 'received',
+  declined: () => 'declined',
+  cancelled: (why) => `stopped: ${why}`,
+  failed: (why) => `failed: ${why}`,
+};
+const FINAL = new Set(['sent', 'declined', 'cancelled', 'failed', 'received']);
+
+function button(text, label) {
+  const b = document.createElement('button');
+  b.type = 'button';
+  b.textContent = text;
+  b.setAttribute('aria-label', label);
+  return b;
+}
+
+function progressBar(label) {
+  const bar = document.createElement('progress');
+  bar.max = 1;
+  bar.value = 0;
+  bar.hidden = true;
+  bar.setAttribute('aria-label', label);
+  return bar;
+}
+
+function title(entry, name, size) {
+  entry.classList.add('file');
+  const p = document.createElement('p');
+  p.className = 'text file-name';
+  p.textContent = `${name} (${formatSize(size)})`;
+  entry.append(p);
+}
+
+/**
+ * Sends `file` to each of `links` (peer.js), each over a channel of its
+ * own, and shows in `entry` (a chat log entry) how it goes for each.
+ */
+export function offerFile(entry, file, links) {
+  title(entry, file.name, file.size);
+  const list = document.createElement('ul');
+  list.className = 'deliveries';
+  const cancel = button('Cancel', `Cancel sending ${file.name}`);
+  entry.append(list, cancel);
+  const transfers = [];
+  let going = 0;
+  for (const link of links) {
+    const line = document.createElement('li');
+    line.dataset.peerId = link.id;
+    const status = document.createElement('span');
+    status.className = 'status';
+    const bar = progressBar(`Sending ${file.name} to ${link.name}`);
+    line.append(`${link.name}: `, status, ' ', bar);
+    list.append(line);
+    const channel = link.openFileChannel();
+    if (!channel) {
+      status.textContent = 'not sent: no connection';
+      line.dataset.state = 'failed';
+      continue;
+    }
+    going += 1;
+    status.textContent = 'connecting';
+    transfers.push(sendFile(channel, file, (state, detail) => {
+      status.textContent = SENDING[state](detail);
+      line.dataset.state = state;
+      bar.hidden = state !== 'sending';
+      if (state === 'sending') bar.value = detail;
+      if (FINAL.has(state) && --going === 0) cancel.hidden = true;
+    }));
+  }
+  cancel.hidden = going === 0;
+  cancel.addEventListener('click', () => { for (const t of transfers) t.cancel(); });
+}
+
+/** Shows a file offered to the user in `entry`, with Accept and Decline. */
+export function showIncoming(entry, incoming) {
+  const { name, size } = incoming.offer;
+  title(entry, name, size);
+  const status = document.createElement('p');
+  status.className = 'status';
+  status.textContent = 'offered to you';
+  const bar = progressBar(`Receiving ${name}`);
+  const actions = document.createElement('div');
+  actions.className = 'row actions';
+  const accept = button('Accept', `Accept ${name}`);
+  const decline = button('Decline', `Decline ${name}`);
+  const cancel = button('Cancel', `Cancel receiving ${name}`);
+  cancel.hidden = true;
+  actions.append(accept, decline, cancel);
+  entry.append(status, bar, actions);
+  entry.dataset.state = 'offered';
+  accept.addEventListener('click', () => incoming.accept());
+  decline.addEventListener('click', () => incoming.decline());
+  cancel.addEventListener('click', () => incoming.cancel());
+  incoming.addEventListener('state', ({ detail: { state, detail } }) => {
+    entry.dataset.state = state;
+    status.textContent = RECEIVING[state](detail);
+    bar.hidden = state !== 'receiving';
+    if (state === 'receiving') bar.value = detail;
+    accept.hidden = true;
+    decline.hidden = true;
+    cancel.hidden = FINAL.has(state);
+    if (state !== 'received') return;
+    const url = URL.createObjectURL(detail);
+    const save = document.createElement('a');
+    save.className = 'link';
+    save.href = url;
+    save.download = name;
+    save.textContent = `Save ${name}`;
+    actions.append(save); // not focused: the person may be typing
+    entry.addEventListener('removed', () => URL.revokeObjectURL(url), { once: true });
+  });
+}
