@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need (idempotent) and runs every test:
-# formatting, lints, Rust unit/integration/property tests, and the browser
-# end-to-end tests in a private network namespace.
+# formatting, lints, Rust unit/integration/property tests, the web app's
+# property tests, and the browser end-to-end tests in a private network
+# namespace.
 #
 # Needs root (apt-get, ip netns) on a Debian machine with Rust installed.
 set -euo pipefail
@@ -35,6 +36,10 @@ if [ ! -d tests/e2e/node_modules/playwright-core ]; then
   echo "==> npm install (tests/e2e)"
   (cd tests/e2e && npm install --no-audit --no-fund --loglevel=error)
 fi
+if [ ! -d tests/app/node_modules/fast-check ]; then
+  echo "==> npm install (tests/app)"
+  (cd tests/app && npm install --no-audit --no-fund --loglevel=error)
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -44,6 +49,8 @@ echo "==> cargo test"
 # The kernel relay's tests (XDP, network namespaces) skip themselves
 # without root; here they must run.
 CALLISTO_REQUIRE_ROOT_TESTS=1 cargo test --workspace --locked
+echo "==> web app property tests (no browser)"
+(cd tests/app && node --test --test-reporter=spec)
 echo "==> browser end-to-end tests"
 cargo build -p callisto --locked
 bash tests/e2e/run.sh

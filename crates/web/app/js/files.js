@@ -55,7 +55,7 @@ export function checkOffer(msg) {
 /** A name that is only a file name: no folders, no control characters. */
 export function safeName(name) {
   // eslint-disable-next-line no-control-regex
-  const clean = name.replace(/[\u0000-\u001f\u007f/\\]/g, '_').replace(/^\.+/, '_').trim();
+  const clean = name.replace(/[\u0000-\u001f\u007f/\\]/g, '_').trim().replace(/^\.+/, '_');
   return clean || 'file';
 }
 

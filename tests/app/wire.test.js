@@ -1,0 +1,93 @@
+// Property tests of what the web app reads from other peers: chat messages
+// and file transfer control messages (docs/protocol.md, "Chat" and
+// "Files"). Whatever a peer sends, the decoders give a value that keeps to
+// the documented limits or a typed error, and never throw anything else.
+//
+// More cases: FC_RUNS=100000 node --test tests/app/
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { ChatError, MAX_CHAT_CHARS, decodeChat, encodeChat } from '../../crates/web/app/js/chat.js';
+import { FileError, MAX_FILE_BYTES, checkOffer, decodeControl, formatSize, safeName } from '../../crates/web/app/js/files.js';
+import { runs } from './props.js';
+
+/** Calls `f`; returns its value, or the error if it is a `Type`. Any other error fails. */
+function valueOr(Type, f) {
+  try {
+    return f();
+  } catch (err) {
+    if (err instanceof Type) return err;
+    throw err;
+  }
+}
+
+// Strings of every kind: any UTF-16 (lone surrogates too), and JSON-ish.
+const anyString = fc.oneof(fc.string({ unit: 'binary' }), fc.string({ unit: 'grapheme' }), fc.json());
+const anyJson = fc.jsonValue().map((v) => JSON.stringify(v));
+const chatish = fc.record({ type: fc.oneof(fc.constant('chat'), fc.string()), text: fc.oneof(fc.string({ unit: 'binary', maxLength: 5000 }), fc.jsonValue()) }, { requiredKeys: [] }).map((v) => JSON.stringify(v));
+const bytes = fc.uint8Array({ maxLength: 64 });
+
+test('a chat message from a peer is a non-blank text within the limit, or a ChatError', () => {
+  fc.assert(fc.property(fc.oneof(anyString, anyJson, chatish, bytes), (data) => {
+    const text = valueOr(ChatError, () => decodeChat(data));
+    if (text instanceof ChatError) return;
+    assert.equal(typeof text, 'string');
+    assert.ok(text.trim().length > 0);
+    assert.ok([...text].length <= MAX_CHAT_CHARS);
+  }), { numRuns: runs });
+});
+
+test('every message the app can send decodes to itself; what it cannot send is refused before it goes', () => {
+  fc.assert(fc.property(fc.string({ unit: 'grapheme', maxLength: MAX_CHAT_CHARS + 50 }), (text) => {
+    const wire = valueOr(ChatError, () => encodeChat(text));
+    const sendable = text.trim().length > 0 && [...text].length <= MAX_CHAT_CHARS;
+    assert.equal(!(wire instanceof ChatError), sendable);
+    if (sendable) assert.equal(decodeChat(wire), text);
+  }), { numRuns: runs });
+  // The edges, exactly.
+  assert.equal(decodeChat(encodeChat('😀'.repeat(MAX_CHAT_CHARS))), '😀'.repeat(MAX_CHAT_CHARS));
+  assert.throws(() => encodeChat('a'.repeat(MAX_CHAT_CHARS + 1)), ChatError);
+  assert.throws(() => encodeChat(' \n\t'), ChatError);
+});
+
+const offerish = fc.record({
+  type: fc.oneof(fc.constant('offer'), fc.constantFrom('accept', 'decline', 'end'), fc.string()),
+  name: fc.oneof(fc.string({ unit: 'binary', maxLength: 300 }), fc.constantFrom('../../etc/passwd', '..', '.', '\\\\server\\share', 'a\u0000b'), fc.jsonValue()),
+  size: fc.oneof(fc.integer({ min: -10, max: MAX_FILE_BYTES + 10 }), fc.constantFrom(2 ** 53, -0, 0.5, NaN, Infinity), fc.jsonValue()),
+}, { requiredKeys: [] }).map((v) => JSON.stringify(v));
+
+test('a control message on a file channel has a known type, and an offer a usable name and size, or a FileError', () => {
+  fc.assert(fc.property(fc.oneof(anyString, anyJson, offerish, bytes), (data) => {
+    const msg = valueOr(FileError, () => decodeControl(data));
+    if (msg instanceof FileError) return;
+    assert.ok(['offer', 'accept', 'decline', 'end'].includes(msg.type));
+    const offer = valueOr(FileError, () => checkOffer(msg));
+    if (offer instanceof FileError) return;
+    assert.equal(msg.type, 'offer');
+    assert.ok(Number.isSafeInteger(offer.size) && offer.size >= 0 && offer.size <= MAX_FILE_BYTES);
+    assert.equal(offer.name, safeName(offer.name), 'the name is already safe');
+  }), { numRuns: runs });
+});
+
+test('a safe name is only a file name: no folders, no control characters, no leading dot, never empty', () => {
+  // Names made of the characters that matter most, so their mixes come up.
+  const tricky = fc.string({ unit: fc.constantFrom(' ', '.', '/', '\\', '\u0000', '\t', '\u00a0', 'a', 'é') });
+  fc.assert(fc.property(fc.oneof(fc.string({ unit: 'binary' }), tricky), (name) => {
+    const safe = safeName(name);
+    assert.ok(safe.length > 0);
+    // eslint-disable-next-line no-control-regex
+    assert.doesNotMatch(safe, /[\u0000-\u001f\u007f/\\]/);
+    assert.ok(!safe.startsWith('.'));
+    assert.equal(safeName(safe), safe);
+  }), { numRuns: runs });
+});
+
+test('a size reads as a number and a unit', () => {
+  fc.assert(fc.property(fc.integer({ min: 0, max: MAX_FILE_BYTES * 4 }), (n) => {
+    assert.match(formatSize(n), /^\d+(\.\d)? (B|KB|MB|GB)$/);
+  }), { numRuns: runs });
+  assert.equal(formatSize(1023), '1023 B');
+  assert.equal(formatSize(1536 * 1024), '1.5 MB');
+  assert.equal(formatSize(MAX_FILE_BYTES), '512 MB');
+});
