@@ -114,10 +114,19 @@ const RECORD_PCS = (relayOver) => {
   };
 };
 
-/** Opens the room page in a fresh context, types a name and clicks Join. */
-export async function joinCall(browser, baseUrl, room, name, { contextOptions = {}, relayOver = null } = {}) {
+/**
+ * Opens the room page in a fresh context, types a name and clicks Join.
+ * With `noCamera` the page is refused camera and microphone, as by a
+ * person saying no, and can still share its screen.
+ */
+export async function joinCall(browser, baseUrl, room, name, { contextOptions = {}, relayOver = null, noCamera = false } = {}) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 720 }, ...contextOptions });
   await context.addInitScript(RECORD_PCS, relayOver);
+  if (noCamera) {
+    await context.addInitScript(() => {
+      navigator.mediaDevices.getUserMedia = async () => { throw new DOMException('Permission denied', 'NotAllowedError'); };
+    });
+  }
   const page = await context.newPage();
   page.on('pageerror', (err) => console.error(`[${name}] page error:`, err.message));
   // A module that fails to load leaves the page blank without a page

@@ -3,7 +3,7 @@
 
 import { SignalingClient, ROOM_PATTERN } from './signaling.js';
 import { PeerLink } from './peer.js';
-import { getLocalMedia, stopStream } from './media.js';
+import { getLocalMedia, getScreen, stopStream } from './media.js';
 import { $, showView, setText, Grid } from './ui.js';
 import { ChatPanel, encodeChat } from './chat.js';
 import { IncomingFile, MAX_FILE_BYTES, formatSize, offerFile, showIncoming } from './files.js';
@@ -21,6 +21,7 @@ const call = {
   links: new Map(),
   audioOn: true,
   videoOn: true,
+  screen: null, // the shared screen's track, while sharing
   leaving: false,
   joinClickedAt: 0,
   joinToFirstFrameMs: null,
@@ -216,6 +217,12 @@ function setupControls() {
   });
   toggle(mute, 'audioOn', () => call.localStream.getAudioTracks(), { on: 'Mute', off: 'Unmute' });
   toggle(camera, 'videoOn', () => call.localStream.getVideoTracks(), { on: 'Camera off', off: 'Camera on' });
+  const screen = $('screen-btn');
+  if (!navigator.mediaDevices?.getDisplayMedia) {
+    screen.disabled = true;
+    screen.title = 'This browser cannot share a screen here';
+  }
+  screen.addEventListener('click', () => (call.screen ? stopSharing() : shareScreen()));
   $('copy-btn').addEventListener('click', async () => {
     const link = `${location.origin}/r/${call.room}`;
     try {
@@ -227,6 +234,41 @@ function setupControls() {
   });
   $('leave-btn').addEventListener('click', () => leave('You can rejoin whenever you like.'));
   $('rejoin-btn').addEventListener('click', () => location.assign(`/r/${call.room}`));
+}
+
+/**
+ * Sends a screen instead of the camera to everyone, new peers included,
+ * until the person stops it here or in the browser's own sharing bar.
+ */
+async function shareScreen() {
+  const button = $('screen-btn');
+  button.disabled = true;
+  const result = await getScreen();
+  button.disabled = false;
+  if (!result) return; // cancelled in the picker
+  if (result.message) return flash(result.message);
+  if (call.leaving) return result.track.stop();
+  call.screen = result.track;
+  result.track.addEventListener('ended', () => stopSharing());
+  for (const link of call.links.values()) link.sendVideo(call.screen);
+  grid.attach('local', new MediaStream([call.screen]));
+  grid.setSharing('local', true);
+  button.textContent = 'Stop sharing';
+  button.setAttribute('aria-pressed', 'true');
+  sendState();
+}
+
+function stopSharing() {
+  if (!call.screen) return;
+  call.screen.stop();
+  call.screen = null;
+  for (const link of call.links.values()) link.sendVideo(null);
+  grid.attach('local', call.localStream);
+  grid.setSharing('local', false);
+  const button = $('screen-btn');
+  button.textContent = 'Share screen';
+  button.setAttribute('aria-pressed', 'false');
+  sendState();
 }
 
 function flash(text) {
@@ -242,6 +284,8 @@ function leave(reason) {
   call.signaling?.close();
   for (const id of [...call.links.keys()]) removeLink(id);
   grid.clear();
+  call.screen?.stop();
+  call.screen = null;
   stopStream(call.localStream);
   call.localStream = null;
   showView('left');
@@ -259,6 +303,7 @@ function addLink(peer, initiator) {
     localStream: call.localStream,
     send: (data) => call.signaling?.signal(peer.id, data),
   });
+  if (call.screen) link.sendVideo(call.screen);
   call.links.set(peer.id, link);
   grid.tile(peer.id, { name: peer.name });
   link.addEventListener('track', ({ detail }) => {
@@ -291,11 +336,13 @@ function onSignal(from, data) {
 }
 
 function onState(from, data) {
-  if (data?.state) grid.setMediaState(from, data.state);
+  if (!data?.state) return;
+  grid.setMediaState(from, data.state);
+  grid.setSharing(from, data.state.screen === true);
 }
 
 function sendState(to = null) {
-  const data = { state: { audio: call.audioOn, video: call.videoOn } };
+  const data = { state: { audio: call.audioOn, video: call.videoOn, screen: Boolean(call.screen) } };
   if (to) call.signaling?.signal(to, data);
   else call.signaling?.broadcast(data);
 }

@@ -1,5 +1,6 @@
-// Local media: camera and microphone capture with sensible constraints, and
-// a message a person can act on when capture is impossible.
+// Local media: camera and microphone capture with sensible constraints, the
+// screen for sharing, and a message a person can act on when capture is
+// impossible.
 
 const AUDIO = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
 const VIDEO = { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } };
@@ -42,6 +43,31 @@ function describe(err) {
       return 'The camera cannot provide the requested format.';
     default:
       return `The camera and microphone could not be started (${err.name}).`;
+  }
+}
+
+// Text and slides matter more than motion in a shared screen: Chromium
+// keeps the resolution and drops frames when bandwidth is short.
+const SCREEN = { frameRate: { ideal: 15, max: 30 } };
+
+/**
+ * Asks which screen, window or tab to share. Resolves to { track } (its
+ * video), or { message } saying why not; null if the person cancelled.
+ */
+export async function getScreen() {
+  if (!navigator.mediaDevices?.getDisplayMedia) {
+    return { message: 'This browser cannot share a screen here (it needs https:// or localhost, and a desktop browser).' };
+  }
+  try {
+    const stream = await navigator.mediaDevices.getDisplayMedia({ video: SCREEN, audio: false });
+    const [track] = stream.getVideoTracks();
+    track.contentHint = 'detail';
+    return { track };
+  } catch (err) {
+    // Chromium says NotAllowedError both when the person cancels the
+    // picker and when a policy forbids it; only the second needs words.
+    if (err.name === 'NotAllowedError' && !/system|policy/i.test(err.message)) return null;
+    return { message: `The screen could not be shared (${err.name}: ${err.message}).` };
   }
 }
 

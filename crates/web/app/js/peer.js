@@ -14,7 +14,7 @@
 // { candidate } (a trickled ICE candidate), { restart } (please restart
 // ICE) and { resend } (please send your outstanding offer again: it may
 // have been lost with a signaling connection); { state } carries mute
-// state.
+// state and whether a screen is shared.
 //
 // The side that offers first also opens the chat data channel (chat.js),
 // so it is in the first offer and needs no renegotiation; the other side
@@ -40,6 +40,7 @@ export class PeerLink extends EventTarget {
   #chat = null;
   #chatQueue = [];
   #incomingFiles = new Set();
+  #videoOverride = null;
   glares = 0;
 
   /**
@@ -82,8 +83,27 @@ export class PeerLink extends EventTarget {
     this.#attachLocal();
     this.#takeChannel(this.pc.createDataChannel(CHAT_LABEL, { protocol: CHAT_PROTOCOL }));
     const kinds = new Set(this.pc.getTransceivers().map((t) => t.receiver.track.kind));
+    // A kind we have no track for is still negotiated to send: a screen
+    // shared later then goes out by replaceTrack, with no renegotiation.
     for (const kind of ['audio', 'video']) {
-      if (!kinds.has(kind)) this.pc.addTransceiver(kind, { direction: 'recvonly' });
+      if (!kinds.has(kind)) this.pc.addTransceiver(kind, { direction: 'sendrecv' });
+    }
+  }
+
+  /**
+   * Sends `track` instead of the camera (a shared screen), or the camera
+   * again with null. Takes effect at once on a connection already
+   * negotiated, and from the first offer or answer on a new one.
+   * @param {MediaStreamTrack|null} track
+   */
+  async sendVideo(track) {
+    this.#videoOverride = track;
+    const sender = this.#videoTransceiver()?.sender;
+    if (!sender) return;
+    try {
+      await sender.replaceTrack(track ?? this.localStream?.getVideoTracks()[0] ?? null);
+    } catch (err) {
+      console.warn(`peer ${this.id}: could not switch the video sent`, err);
     }
   }
 
@@ -218,6 +238,11 @@ export class PeerLink extends EventTarget {
       // Adding tracks after the remote offer reuses its transceivers, so
       // our media goes out in this answer instead of a second round trip.
       this.#attachLocal();
+      // Those we have no track for answer "sendrecv" all the same, as the
+      // offerer's do (start()), so that a screen can be shared later.
+      for (const t of pc.getTransceivers()) {
+        if (t.direction === 'recvonly' && !t.currentDirection) t.direction = 'sendrecv';
+      }
       await pc.setLocalDescription();
       this.send({ description: pc.localDescription.toJSON() });
       if (collision) await this.#rewireSenders();
@@ -278,9 +303,17 @@ export class PeerLink extends EventTarget {
   }
 
   #attachLocal() {
-    if (this.#localAttached || !this.localStream) return;
+    if (this.#localAttached) return;
     this.#localAttached = true;
-    for (const track of this.localStream.getTracks()) this.pc.addTrack(track, this.localStream);
+    const stream = this.localStream ?? new MediaStream();
+    for (const track of stream.getTracks()) {
+      this.pc.addTrack(track.kind === 'video' && this.#videoOverride ? this.#videoOverride : track, stream);
+    }
+    if (this.#videoOverride && !stream.getVideoTracks().length) this.pc.addTrack(this.#videoOverride, stream);
+  }
+
+  #videoTransceiver() {
+    return this.pc.getTransceivers().find((t) => t.receiver.track.kind === 'video' && t.currentDirection !== 'stopped');
   }
 
   #onState() {

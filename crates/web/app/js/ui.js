@@ -64,11 +64,15 @@ export class Grid {
     return tile;
   }
 
-  /** Plays `stream` in the tile; offers a button if autoplay is refused. */
+  /** Plays `stream` in the tile (null: nothing); offers a button if autoplay is refused. */
   attach(id, stream) {
     const tile = this.#tiles.get(id);
     if (!tile) return;
     const video = tile.querySelector('video');
+    if (!stream) {
+      video.srcObject = null;
+      return;
+    }
     if (video.srcObject !== stream) video.srcObject = stream;
     video.play().catch(() => {
       if (tile.querySelector('.play')) return;
@@ -88,6 +92,24 @@ export class Grid {
     tile.querySelector('.badge.muted').hidden = audio;
     tile.querySelector('.badge.camera').hidden = video;
     tile.classList.toggle('camera-off', !video);
+  }
+
+  /**
+   * Marks a tile as showing a shared screen: shown whole, not cropped or
+   * mirrored, and not hidden as "camera off".
+   */
+  setSharing(id, sharing) {
+    const tile = this.#tiles.get(id);
+    if (!tile) return;
+    tile.classList.toggle('screen', sharing);
+    let badge = tile.querySelector('.badge.sharing');
+    if (!badge) {
+      badge = document.createElement('span');
+      badge.className = 'badge sharing';
+      badge.textContent = 'Sharing screen';
+      tile.querySelector('figcaption').append(badge);
+    }
+    badge.hidden = !sharing;
   }
 
   /** Shows a connection state other than "connected" on the tile. */
