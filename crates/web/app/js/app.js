@@ -7,6 +7,7 @@ import { getLocalMedia, getScreen, stopStream } from './media.js';
 import { $, showView, setText, Grid } from './ui.js';
 import { ChatPanel, encodeChat } from './chat.js';
 import { IncomingFile, MAX_FILE_BYTES, formatSize, offerFile, showIncoming } from './files.js';
+import { DevicePicker } from './devices.js';
 
 const NAME_KEY = 'callisto.name';
 
@@ -28,6 +29,12 @@ const call = {
 };
 const grid = new Grid($('grid'));
 const chat = new ChatPanel(sendChat, sendFiles);
+// eslint-disable-next-line no-new
+new DevicePicker({
+  stream: () => call.localStream,
+  useTrack,
+  useSpeaker: (sinkId) => grid.setSink(sinkId),
+});
 
 // A handle for tests and for curious people at the console.
 window.__callisto = {
@@ -234,6 +241,25 @@ function setupControls() {
   });
   $('leave-btn').addEventListener('click', () => leave('You can rejoin whenever you like.'));
   $('rejoin-btn').addEventListener('click', () => location.assign(`/r/${call.room}`));
+}
+
+/**
+ * Puts a newly chosen microphone or camera in use: in place of the old
+ * one in our stream and every connection, muted or off if the old one was.
+ */
+async function useTrack(track) {
+  const stream = call.localStream;
+  if (!stream || call.leaving) return track.stop();
+  track.enabled = track.kind === 'audio' ? call.audioOn : call.videoOn;
+  const old = stream.getTracks().find((t) => t.kind === track.kind);
+  if (old) stream.removeTrack(old);
+  stream.addTrack(track);
+  await Promise.all([...call.links.values()].map((link) => link.useLocalTrack(track)));
+  old?.stop();
+  if (track.kind === 'video' && !call.screen) {
+    grid.attach('local', null); // the same stream, with a new track in it
+    grid.attach('local', stream);
+  }
 }
 
 /**

@@ -30,6 +30,30 @@ export async function getLocalMedia() {
   }
 }
 
+/** The devices of each kind; labels are known once capture was allowed. */
+export async function listDevices() {
+  const all = (await navigator.mediaDevices?.enumerateDevices?.()) ?? [];
+  const of = (kind) => all.filter((d) => d.kind === kind && d.deviceId);
+  return { audioinput: of('audioinput'), videoinput: of('videoinput'), audiooutput: of('audiooutput') };
+}
+
+/**
+ * A new track from one microphone or camera, with the call's constraints.
+ * Resolves to { track } or { message } saying why not.
+ * @param {'audio'|'video'} kind
+ */
+export async function getDeviceTrack(kind, deviceId) {
+  const constraints = kind === 'audio'
+    ? { audio: { ...AUDIO, deviceId: { exact: deviceId } } }
+    : { video: { ...VIDEO, deviceId: { exact: deviceId } } };
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia(constraints);
+    return { track: stream.getTracks()[0] };
+  } catch (err) {
+    return { message: describe(err) };
+  }
+}
+
 function describe(err) {
   switch (err.name) {
     case 'NotAllowedError':

@@ -98,7 +98,7 @@ export class PeerLink extends EventTarget {
    */
   async sendVideo(track) {
     this.#videoOverride = track;
-    const sender = this.#videoTransceiver()?.sender;
+    const sender = this.#transceiver('video')?.sender;
     if (!sender) return;
     try {
       await sender.replaceTrack(track ?? this.localStream?.getVideoTracks()[0] ?? null);
@@ -190,6 +190,23 @@ export class PeerLink extends EventTarget {
     if ((channel && channel.readyState !== 'connecting') || this.#chatQueue.length >= MAX_CHAT_QUEUE) return false;
     this.#chatQueue.push(wire);
     return true;
+  }
+
+  /**
+   * Sends `track`, a newly chosen microphone or camera, instead of the one
+   * of its kind. A shared screen stays; the new camera follows it.
+   * @param {MediaStreamTrack} track
+   */
+  async useLocalTrack(track) {
+    if (track.kind === 'video' && this.#videoOverride) return;
+    // Not negotiated yet: #attachLocal will take the stream's tracks.
+    const sender = this.#transceiver(track.kind)?.sender;
+    if (!sender) return;
+    try {
+      await sender.replaceTrack(track);
+    } catch (err) {
+      console.warn(`peer ${this.id}: could not switch to the new ${track.kind} device`, err);
+    }
   }
 
   /**
@@ -312,8 +329,8 @@ export class PeerLink extends EventTarget {
     if (this.#videoOverride && !stream.getVideoTracks().length) this.pc.addTrack(this.#videoOverride, stream);
   }
 
-  #videoTransceiver() {
-    return this.pc.getTransceivers().find((t) => t.receiver.track.kind === 'video' && t.currentDirection !== 'stopped');
+  #transceiver(kind) {
+    return this.pc.getTransceivers().find((t) => t.receiver.track.kind === kind && t.currentDirection !== 'stopped');
   }
 
   #onState() {

@@ -18,6 +18,7 @@ export function setText(id, text) {
 
 export class Grid {
   #tiles = new Map();
+  #sinkId = null;
 
   constructor(root) {
     this.root = root;
@@ -34,6 +35,7 @@ export class Grid {
       video.autoplay = true;
       video.playsInline = true;
       video.muted = local; // never play our own microphone back
+      if (!local && this.#sinkId) video.setSinkId(this.#sinkId).catch(() => {});
       const avatar = document.createElement('div');
       avatar.className = 'avatar';
       avatar.setAttribute('aria-hidden', 'true');
@@ -83,6 +85,13 @@ export class Grid {
       button.addEventListener('click', () => video.play().then(() => button.remove(), () => {}));
       tile.append(button);
     });
+  }
+
+  /** Plays every remote tile, and those to come, on the speaker `sinkId`. */
+  async setSink(sinkId) {
+    this.#sinkId = sinkId;
+    const remote = [...this.#tiles.values()].filter((t) => !t.classList.contains('local'));
+    await Promise.all(remote.map((t) => t.querySelector('video').setSinkId(sinkId)));
   }
 
   /** Shows remote mute and camera state on the tile. */

@@ -1,0 +1,96 @@
+// Device choice during a call: which microphone, camera and speaker to use,
+// in a dialog. A new microphone or camera replaces the old one's track in
+// every connection, with no renegotiation and no gap in the call; a new
+// speaker plays every remote tile.
+
+import { $ } from './ui.js';
+import { getDeviceTrack, listDevices } from './media.js';
+
+const KINDS = [
+  { select: 'mic-select', devices: 'audioinput', kind: 'audio' },
+  { select: 'camera-select', devices: 'videoinput', kind: 'video' },
+];
+
+export class DevicePicker {
+  /**
+   * @param {object} o
+   * @param {() => MediaStream|null} o.stream the microphone and camera in use
+   * @param {(track: MediaStreamTrack) => Promise<void>} o.useTrack puts a new track in use
+   * @param {(deviceId: string) => Promise<void>} o.useSpeaker plays remote audio there
+   */
+  speakerId = null;
+
+  constructor({ stream, useTrack, useSpeaker }) {
+    this.dialog = $('devices');
+    this.stream = stream;
+    this.speaker = $('speaker-select');
+    // setSinkId is not everywhere (Firefox asks first, Safari lacks it).
+    this.canChooseSpeaker = 'setSinkId' in HTMLMediaElement.prototype;
+    $('speaker-field').hidden = !this.canChooseSpeaker;
+    $('devices-btn').addEventListener('click', () => this.open());
+    navigator.mediaDevices?.addEventListener?.('devicechange', () => {
+      if (this.dialog.open) this.#fill();
+    });
+    for (const { select, kind } of KINDS) {
+      $(select).addEventListener('change', async (ev) => {
+        const picked = ev.target.value;
+        this.#error(null);
+        ev.target.disabled = true;
+        const { track, message } = await getDeviceTrack(kind, picked);
+        ev.target.disabled = false;
+        if (message) {
+          this.#error(message);
+          return this.#fill(); // back to what is in use
+        }
+        await useTrack(track);
+      });
+    }
+    this.speaker.addEventListener('change', async () => {
+      this.#error(null);
+      try {
+        await useSpeaker(this.speaker.value);
+        this.speakerId = this.speaker.value;
+      } catch (err) {
+        this.#error(`That speaker cannot be used (${err.name}).`);
+      }
+    });
+  }
+
+  async open() {
+    this.#error(null);
+    await this.#fill();
+    this.dialog.showModal();
+    // The first choice that can be made, for keyboard use.
+    this.dialog.querySelector('select:not(:disabled)')?.focus();
+  }
+
+  async #fill() {
+    const devices = await listDevices();
+    const stream = this.stream();
+    for (const { select, devices: list, kind } of KINDS) {
+      const track = stream?.getTracks().find((t) => t.kind === kind);
+      // Only a kind already in use can be switched: adding a microphone or
+      // camera to a call joined without one is not done yet.
+      const options = track ? devices[list] : [];
+      fillSelect($(select), options, track?.getSettings().deviceId, track ? null : 'None in use');
+    }
+    if (this.canChooseSpeaker) fillSelect(this.speaker, devices.audiooutput, this.speakerId ?? 'default', 'System default');
+  }
+
+  #error(text) {
+    const el = $('devices-error');
+    el.textContent = text ?? '';
+    el.hidden = !text;
+  }
+}
+
+function fillSelect(select, devices, selectedId, emptyLabel) {
+  select.replaceChildren();
+  devices.forEach((d, i) => {
+    const option = new Option(d.label || `Device ${i + 1}`, d.deviceId);
+    option.selected = d.deviceId === selectedId;
+    select.append(option);
+  });
+  if (!devices.length) select.append(new Option(emptyLabel ?? 'None found', ''));
+  select.disabled = devices.length === 0;
+}
