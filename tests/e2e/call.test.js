@@ -260,6 +260,35 @@ async function resumeTest(serverNotices) {
   await proxy.close();
 }
 
+test('live stats show each connection\'s path, round trip and rates, and go when turned off', async () => {
+  const room = `stats-${Date.now()}`;
+  const a = await joinCall(browser, server.url, room, 'A');
+  const b = await joinCall(browser, server.url, room, 'B');
+  await waitForRemoteVideos(a, 1);
+  const button = a.getByRole('button', { name: 'Stats' });
+  await button.click();
+  assert.equal(await button.getAttribute('aria-pressed'), 'true');
+  const box = a.locator('.tile:not(.local) .stats');
+  const shown = () => box.evaluate((dl) => Object.fromEntries([...dl.querySelectorAll('dt')].map((dt) => [dt.textContent, dt.nextElementSibling.textContent])));
+  // Rates need two samples, a second apart.
+  const stats = await eventually(async () => {
+    const s = await shown().catch(() => null);
+    return s?.Receiving?.endsWith('kbit/s') && s.Sending && s;
+  }, 10000, 'stats with rates');
+  assert.match(stats.Path, /^direct \(UDP\)$/);
+  assert.match(stats['Round trip'], /^\d+ ms$/);
+  assert.match(stats.Receiving, /^\d+×\d+, \d+ fps, [\d,]+ kbit\/s$/);
+  assert.ok(Number(stats.Receiving.split(', ').at(-1).replace(/\D/g, '')) > 0, `something arrives: ${stats.Receiving}`);
+  assert.match(stats.Sending, /^[\d,]+ kbit\/s$/);
+  assert.match(stats.Lost, /^\d+\.\d %$/);
+  const shot = path.join(ARTIFACTS, 'stats.png');
+  await a.screenshot({ path: shot });
+  console.log(`# artifact: ${shot}`);
+  await button.click();
+  assert.equal(await a.locator('.tile .stats').count(), 0, 'turned off, they go');
+  for (const p of [a, b]) await p.context().close();
+});
+
 test('camera permission denied: joins receive-only, says why, still sees the others', async () => {
   const room = `denied-${Date.now()}`;
   const denyingBrowser = await launchBrowser({ grantMedia: false });

@@ -53,6 +53,9 @@ for (const transport of ['udp', 'tcp', 'tls']) {
   test(`a call relayed through TURN over ${transport}`, async () => {
     const pages = await relayedCall(`relay-${transport}-${Date.now()}`, transport, transport);
     assertOnlyTestAddresses();
+    // The live stats say so too.
+    await pages[0].getByRole('button', { name: 'Stats' }).click();
+    await pages[0].locator('.tile:not(.local) .stats').getByText(`relayed (TURN over ${transport.toUpperCase()})`).waitFor({ timeout: 5000 });
     for (const p of pages) await p.context().close();
   });
 }

@@ -8,6 +8,7 @@ import { $, showView, setText, Grid } from './ui.js';
 import { ChatPanel, encodeChat } from './chat.js';
 import { IncomingFile, MAX_FILE_BYTES, formatSize, offerFile, showIncoming } from './files.js';
 import { DevicePicker } from './devices.js';
+import { describe, summarize } from './stats.js';
 
 const NAME_KEY = 'callisto.name';
 
@@ -230,6 +231,7 @@ function setupControls() {
     screen.title = 'This browser cannot share a screen here';
   }
   screen.addEventListener('click', () => (call.screen ? stopSharing() : shareScreen()));
+  $('stats-btn').addEventListener('click', () => showStats(!stats.timer));
   $('copy-btn').addEventListener('click', async () => {
     const link = `${location.origin}/r/${call.room}`;
     try {
@@ -241,6 +243,37 @@ function setupControls() {
   });
   $('leave-btn').addEventListener('click', () => leave('You can rejoin whenever you like.'));
   $('rejoin-btn').addEventListener('click', () => location.assign(`/r/${call.room}`));
+}
+
+// Live stats on every remote tile, once a second while they are on.
+const stats = { timer: null, samples: new Map() };
+
+function showStats(on) {
+  const button = $('stats-btn');
+  button.setAttribute('aria-pressed', String(on));
+  clearInterval(stats.timer);
+  stats.timer = null;
+  stats.samples.clear();
+  if (!on) {
+    for (const id of call.links.keys()) grid.setStats(id, null);
+    return;
+  }
+  const tick = async () => {
+    for (const [id, link] of call.links) {
+      try {
+        const report = await link.pc.getStats();
+        if (!stats.timer) return; // turned off meanwhile
+        const summary = summarize(report.values(), stats.samples.get(id) ?? null);
+        stats.samples.set(id, summary.sample);
+        grid.setStats(id, describe(summary));
+      } catch (err) {
+        // A connection closed between the loop and getStats: its tile is gone.
+        if (call.links.has(id)) console.warn(`peer ${id}: no stats`, err);
+      }
+    }
+  };
+  stats.timer = setInterval(tick, 1000);
+  tick();
 }
 
 /**
@@ -348,6 +381,7 @@ function addLink(peer, initiator) {
 }
 
 function removeLink(id) {
+  stats.samples.delete(id);
   call.links.get(id)?.close();
   call.links.delete(id);
   grid.remove(id);

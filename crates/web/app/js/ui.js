@@ -121,6 +121,30 @@ export class Grid {
     badge.hidden = !sharing;
   }
 
+  /** Shows (or with null, hides) live stats on the tile: [label, value] lines. */
+  setStats(id, lines) {
+    const tile = this.#tiles.get(id);
+    if (!tile) return;
+    let box = tile.querySelector('.stats');
+    if (!lines) {
+      box?.remove();
+      return;
+    }
+    if (!box) {
+      box = document.createElement('dl');
+      box.className = 'stats';
+      box.setAttribute('aria-label', 'Connection stats');
+      tile.append(box);
+    }
+    box.replaceChildren(...lines.flatMap(([label, value]) => {
+      const dt = document.createElement('dt');
+      dt.textContent = label;
+      const dd = document.createElement('dd');
+      dd.textContent = value;
+      return [dt, dd];
+    }));
+  }
+
   /** Shows a connection state other than "connected" on the tile. */
   setConnectionState(id, state) {
     const el = this.#tiles.get(id)?.querySelector('.state');
