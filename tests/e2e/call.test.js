@@ -1,29 +1,19 @@
 // Calls between real headless Chromium pages through the real server, and
 // what a page says when the app cannot load.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import {
-  ARTIFACTS, startServer, launchBrowser, joinCall, waitForRemoteVideos, playingRemotes,
+  ARTIFACTS, serverAndBrowser, launchBrowser, joinCall, waitForRemoteVideos, playingRemotes,
   connectionReport, isTestAddress, assertOnlyTestAddresses, eventually,
 } from './lib.js';
 
 let server;
 let browser;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  const code = await server?.stop();
-  assert.equal(code, 0, 'the server exits cleanly on SIGTERM');
-});
+serverAndBrowser({}, (s, b) => { server = s; browser = b; });
 
 async function assertHealthyMedia(page, remotes, label) {
   const report = await eventually(async () => {

@@ -1,26 +1,16 @@
 // Chat and file transfer in a call, between real headless Chromium pages:
 // peer to peer over data channels, never through the server.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { ARTIFACTS, startServer, launchBrowser, joinCall, waitForRemoteVideos, eventually } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually } from './lib.js';
 
 let server;
 let browser;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  const code = await server?.stop();
-  assert.equal(code, 0, 'the server exits cleanly on SIGTERM');
-});
+serverAndBrowser({}, (s, b) => { server = s; browser = b; });
 
 /** Types `text` into the chat's message box and presses Enter. */
 async function write(page, text) {

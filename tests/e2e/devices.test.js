@@ -2,24 +2,17 @@
 // headless Chromium with its fake devices: three microphones, two cameras
 // (asked for with device-count) and three speakers.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, startServer, launchBrowser, joinCall, waitForRemoteVideos, connectionReport, eventually } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, connectionReport, eventually } from './lib.js';
 
 let server;
 let browser;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser({ extraArgs: ['--use-fake-device-for-media-stream=device-count=2'] });
-});
-
-after(async () => {
-  await browser?.close();
-  const code = await server?.stop();
-  assert.equal(code, 0, 'the server exits cleanly on SIGTERM');
-});
+serverAndBrowser(
+  { browserOptions: { extraArgs: ['--use-fake-device-for-media-stream=device-count=2'] } },
+  (s, b) => { server = s; browser = b; },
+);
 
 /** The label and state of the track of `kind` each of the page's connections sends. */
 const sent = (page, kind) => page.evaluate((kind) => [...window.__callisto.links.values()].map((l) => {

@@ -4,6 +4,8 @@
 // The tests run inside a network namespace that has only loopback (see
 // run.sh), so every byte stays on 127.0.0.1.
 
+import { before, after } from 'node:test';
+import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
@@ -56,6 +58,26 @@ export function startServer(extraArgs = [], { turnListen = '127.0.0.1:0' } = {})
       }
     });
     proc.once('exit', (code) => reject(new Error(`server exited with ${code}:\n${logs.join('\n')}`)));
+  });
+}
+
+/**
+ * Starts one server (with `serverArgs`) and one browser (with
+ * `browserOptions`) before a test file's tests and stops them after,
+ * checking that the server exits cleanly; `use(server, browser)` hands
+ * them to the file once they run.
+ */
+export function serverAndBrowser({ serverArgs = [], browserOptions = {} }, use) {
+  let server;
+  let browser;
+  before(async () => {
+    server = await startServer(serverArgs);
+    browser = await launchBrowser(browserOptions);
+    use(server, browser);
+  });
+  after(async () => {
+    await browser?.close();
+    assert.equal(await server?.stop(), 0, 'the server exits cleanly on SIGTERM');
   });
 }
 

@@ -2,24 +2,14 @@
 // media flags give getDisplayMedia a fake screen ("screen:…"), as they
 // give getUserMedia a fake camera.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, startServer, launchBrowser, joinCall, waitForRemoteVideos, playingRemotes, eventually } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, playingRemotes, eventually } from './lib.js';
 
 let server;
 let browser;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  const code = await server?.stop();
-  assert.equal(code, 0, 'the server exits cleanly on SIGTERM');
-});
+serverAndBrowser({}, (s, b) => { server = s; browser = b; });
 
 /** The label of the video track a page sends on each of its connections (null: none). */
 const sentVideo = (page) => page.evaluate(() => [...window.__callisto.links.values()]

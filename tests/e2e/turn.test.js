@@ -5,23 +5,17 @@
 // limit, and over IPv6), and through a server's alternate, with the
 // iceServers from `welcome`.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, joinCall, waitForRemoteVideos, connectionReport, eventually, assertOnlyTestAddresses } from './lib.js';
+import { serverAndBrowser, startServer, joinCall, waitForRemoteVideos, connectionReport, eventually, assertOnlyTestAddresses } from './lib.js';
 
 let server;
 let browser;
-
-before(async () => {
-  server = await startServer(['--tls-self-signed', '--tls-name', 'localhost', '--turn-tls-listen', '127.0.0.1:0']);
+serverAndBrowser({
+  serverArgs: ['--tls-self-signed', '--tls-name', 'localhost', '--turn-tls-listen', '127.0.0.1:0'],
   // The TURN server's certificate is self-signed; the web page's is too.
-  browser = await launchBrowser({ extraArgs: ['--ignore-certificate-errors'] });
-});
-
-after(async () => {
-  await browser?.close();
-  assert.equal(await server?.stop(), 0);
-});
+  browserOptions: { extraArgs: ['--ignore-certificate-errors'] },
+}, (s, b) => { server = s; browser = b; });
 
 /**
  * A and B join `room`, relayed over `overA` and `overB` ('udp', 'tcp' or

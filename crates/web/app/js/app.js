@@ -345,6 +345,7 @@ function leave(reason) {
   grid.clear();
   call.screen?.stop();
   call.screen = null;
+  if (stats.timer) showStats(false);
   stopStream(call.localStream);
   call.localStream = null;
   showView('left');
