@@ -114,9 +114,7 @@ test('what a peer sends on the chat channel that is not a message is ignored wit
   const alice = await joinCall(browser, server.url, room, 'Alice');
   const bob = await joinCall(browser, server.url, room, 'Bob');
   const bobId = await bob.evaluate(() => window.__callisto.id);
-  await eventually(
-    () => alice.evaluate((id) => window.__callisto.links.get(id)?.chatChannel?.readyState === 'open', bobId),
-    15000, 'Alice\'s chat channel to Bob open');
+  await channelsOpen([alice, bob]);
   const seen = watch(bob);
 
   // Alice's page writes into the channel directly, as another program could.

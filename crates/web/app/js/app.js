@@ -33,6 +33,7 @@ const chat = new ChatPanel(sendChat, sendFiles);
 // eslint-disable-next-line no-new
 new DevicePicker({
   stream: () => call.localStream,
+  speaker: () => grid.sinkId,
   useTrack,
   useSpeaker: (sinkId) => grid.setSink(sinkId),
 });

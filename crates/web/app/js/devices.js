@@ -15,14 +15,14 @@ export class DevicePicker {
   /**
    * @param {object} o
    * @param {() => MediaStream|null} o.stream the microphone and camera in use
+   * @param {() => string|null} o.speaker the speaker in use (null: the default)
    * @param {(track: MediaStreamTrack) => Promise<void>} o.useTrack puts a new track in use
    * @param {(deviceId: string) => Promise<void>} o.useSpeaker plays remote audio there
    */
-  speakerId = null;
-
-  constructor({ stream, useTrack, useSpeaker }) {
+  constructor({ stream, speaker, useTrack, useSpeaker }) {
     this.dialog = $('devices');
     this.stream = stream;
+    this.speakerInUse = speaker;
     this.speaker = $('speaker-select');
     // setSinkId is not everywhere (Firefox asks first, Safari lacks it).
     this.canChooseSpeaker = 'setSinkId' in HTMLMediaElement.prototype;
@@ -49,7 +49,6 @@ export class DevicePicker {
       this.#error(null);
       try {
         await useSpeaker(this.speaker.value);
-        this.speakerId = this.speaker.value;
       } catch (err) {
         this.#error(`That speaker cannot be used (${err.name}).`);
       }
@@ -74,7 +73,7 @@ export class DevicePicker {
       const options = track ? devices[list] : [];
       fillSelect($(select), options, track?.getSettings().deviceId, track ? null : 'None in use');
     }
-    if (this.canChooseSpeaker) fillSelect(this.speaker, devices.audiooutput, this.speakerId ?? 'default', 'System default');
+    if (this.canChooseSpeaker) fillSelect(this.speaker, devices.audiooutput, this.speakerInUse() ?? 'default', 'System default');
   }
 
   #error(text) {

@@ -50,7 +50,11 @@ export class Grid {
       camOff.className = 'badge camera';
       camOff.textContent = 'Camera off';
       camOff.hidden = true;
-      caption.append(label, muted, camOff);
+      const sharing = document.createElement('span');
+      sharing.className = 'badge sharing';
+      sharing.textContent = 'Sharing screen';
+      sharing.hidden = true;
+      caption.append(label, muted, camOff, sharing);
       const state = document.createElement('span');
       state.className = 'state';
       state.hidden = true;
@@ -87,6 +91,9 @@ export class Grid {
     });
   }
 
+  /** The speaker remote tiles play on (null: the system's default). */
+  get sinkId() { return this.#sinkId; }
+
   /** Plays every remote tile, and those to come, on the speaker `sinkId`. */
   async setSink(sinkId) {
     this.#sinkId = sinkId;
@@ -111,14 +118,7 @@ export class Grid {
     const tile = this.#tiles.get(id);
     if (!tile) return;
     tile.classList.toggle('screen', sharing);
-    let badge = tile.querySelector('.badge.sharing');
-    if (!badge) {
-      badge = document.createElement('span');
-      badge.className = 'badge sharing';
-      badge.textContent = 'Sharing screen';
-      tile.querySelector('figcaption').append(badge);
-    }
-    badge.hidden = !sharing;
+    tile.querySelector('.badge.sharing').hidden = !sharing;
   }
 
   /** Shows (or with null, hides) live stats on the tile: [label, value] lines. */
