@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -2389,9 +2390,13 @@ fn ip_in(netns: &NamedNetns, commands: &[&[&str]]) {
     }
 }
 
-/// A network namespace of the test's own, named after the test process.
+/// A network namespace of the test's own, named after the test process
+/// and numbered: tests run at once in one process, and two of them may ask
+/// for the same `suffix`.
 fn named_netns(suffix: &str) -> NamedNetns {
-    let netns = NamedNetns(format!("callisto-test-{}-{suffix}", std::process::id()));
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let netns = NamedNetns(format!("callisto-test-{}-{n}-{suffix}", std::process::id()));
     ip(&["netns", "add", &netns.0]);
     ip_in(&netns, &[&["link", "set", "lo", "up"]]);
     netns
