@@ -1,16 +1,20 @@
 // Choosing the microphone, camera and speaker during a call, in real
-// headless Chromium with its fake devices: three microphones, two cameras
-// (asked for with device-count) and three speakers.
+// headless Chromium with its fake devices: three microphones, three
+// cameras (asked for with device-count) and three speakers.
+//
+// Chromium's fake cameras differ in format: fake_device_0 gives I420,
+// fake_device_1 Y16 (a depth camera's: a video element shows it, WebRTC
+// does not send it) and fake_device_2 MJPEG. The tests send 0 and 2.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, connectionReport, eventually } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, playingRemotes, connectionReport, eventually } from './lib.js';
 
 let server;
 let browser;
 serverAndBrowser(
-  { browserOptions: { extraArgs: ['--use-fake-device-for-media-stream=device-count=2'] } },
+  { browserOptions: { extraArgs: ['--use-fake-device-for-media-stream=device-count=3'] } },
   (s, b) => { server = s; browser = b; },
 );
 
@@ -29,6 +33,28 @@ async function audioFlows(page, label) {
   }, 5000, `${label}: audio keeps arriving`);
 }
 
+/**
+ * Video frames `page` decodes on each connection, once they keep coming:
+ * a video element's clock runs on without frames, so its time alone
+ * does not show that new ones arrive.
+ */
+async function videoFlows(page, label) {
+  const frames = async () => page.evaluate(async () => {
+    const out = [];
+    for (const link of window.__callisto.links.values()) {
+      let n = 0;
+      (await link.pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') n = s.framesDecoded; });
+      out.push(n);
+    }
+    return out;
+  });
+  const first = await frames();
+  await eventually(async () => {
+    const later = await frames();
+    return later.length === first.length && later.every((n, i) => n > first[i] + 10);
+  }, 10000, `${label}: video frames keep arriving`);
+}
+
 test('a microphone, camera and speaker chosen during the call are used at once, muted stays muted', async () => {
   const room = `devices-${Date.now()}`;
   const alice = await joinCall(browser, server.url, room, 'Alice');
@@ -45,7 +71,7 @@ test('a microphone, camera and speaker chosen during the call are used at once, 
   const speaker = dialog.getByLabel('Speaker');
   const labels = (select) => select.locator('option').allTextContents();
   assert.ok((await labels(mic)).includes('Fake Audio Input 2'), `microphones: ${await labels(mic)}`);
-  assert.equal((await labels(camera)).length, 2, `cameras: ${await labels(camera)}`);
+  assert.equal((await labels(camera)).length, 3, `cameras: ${await labels(camera)}`);
   assert.ok((await labels(speaker)).includes('Fake Audio Output 1'), `speakers: ${await labels(speaker)}`);
   assert.equal(await alice.evaluate(() => document.activeElement.id), 'mic-select', 'the keyboard starts in the dialog');
   const shot = path.join(ARTIFACTS, 'devices.png');
@@ -75,10 +101,11 @@ test('a microphone, camera and speaker chosen during the call are used at once, 
 
   // The other camera: sent in place of the first, and it plays at Bob's.
   const [cameraBefore] = await sent(alice, 'video');
-  const other = (await labels(camera)).find((l) => l !== cameraBefore.label);
+  const other = 'fake_device_2';
+  assert.notEqual(cameraBefore.label, other);
   await camera.selectOption({ label: other });
   await eventually(async () => (await sent(alice, 'video')).every((t) => t.label === other && t.live), 5000, 'the other camera is sent');
-  await waitForRemoteVideos(bob, 1);
+  await videoFlows(bob, 'Bob');
 
   // A speaker: every remote tile plays there, a newcomer's too.
   const speakerId = await speaker.locator('option', { hasText: 'Fake Audio Output 1' }).getAttribute('value');
@@ -95,4 +122,91 @@ test('a microphone, camera and speaker chosen during the call are used at once, 
   // No renegotiation for any of it.
   assert.deepEqual(await alice.evaluate(() => [...window.__callisto.links.values()].map((l) => l.pc.signalingState)), ['stable', 'stable']);
   for (const p of [alice, bob, carol]) await p.context().close();
+});
+
+/** SDP offers and answers that reached `page` so far. */
+const descriptions = (page) => page.evaluate(() => window.__received.filter((m) => m.type === 'signal' && m.data?.description).length);
+
+test('a call joined without camera and microphone starts them later, sent to everyone with no renegotiation', async () => {
+  const room = `devices-later-${Date.now()}`;
+  // Alice offers to Bob and answers Carol (newcomers offer), so both
+  // kinds of connection are covered.
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  const alice = await joinCall(browser, server.url, room, 'Alice', { noCamera: true });
+  const carol = await joinCall(browser, server.url, room, 'Carol');
+  await alice.getByText(/receive-only/).waitFor();
+  const aliceId = await alice.evaluate(() => window.__callisto.id);
+  for (const page of [bob, carol]) {
+    await eventually(async () => (await playingRemotes(page)).length === 1, 20000, 'the other host\'s video');
+    await page.locator(`.tile[data-peer-id="${aliceId}"].camera-off`).waitFor({ timeout: 10000 });
+  }
+  const cameraOn = alice.getByRole('button', { name: 'Camera on' });
+  const unmute = alice.getByRole('button', { name: 'Unmute' });
+  assert.equal(await cameraOn.getAttribute('aria-pressed'), 'true');
+  assert.equal(await unmute.getAttribute('aria-pressed'), 'true');
+  assert.deepEqual(await sent(alice, 'video'), [null, null]);
+
+  // Still refused: the button says why, and nothing changes.
+  await cameraOn.click();
+  await alice.locator('#call-notice', { hasText: /permission was denied/ }).waitFor({ timeout: 5000 });
+  assert.deepEqual(await sent(alice, 'video'), [null, null]);
+
+  // Allowed now (in the site settings): the camera starts and is sent.
+  const before = await Promise.all([alice, bob, carol].map(descriptions));
+  await alice.evaluate(() => window.__allowMedia());
+  await cameraOn.click();
+  await alice.getByRole('button', { name: 'Camera off' }).waitFor({ timeout: 5000 });
+  await eventually(async () => (await sent(alice, 'video')).every((t) => t?.live && t.enabled), 5000, 'Alice sends her camera');
+  for (const page of [bob, carol]) {
+    await eventually(async () => (await playingRemotes(page)).includes(aliceId), 15000, 'Alice\'s camera plays');
+    await page.locator(`.tile[data-peer-id="${aliceId}"]:not(.camera-off)`).waitFor({ timeout: 5000 });
+  }
+  await videoFlows(bob, 'Bob');
+  await videoFlows(carol, 'Carol');
+  await alice.locator('.tile.local:not(.camera-off)').waitFor();
+  assert.ok(!(await alice.getByText(/receive-only/).isVisible()), 'the receive-only notice is gone');
+
+  // The microphone, too: Bob and Carol hear Alice (and each other).
+  await unmute.click();
+  await alice.getByRole('button', { name: 'Mute' }).waitFor({ timeout: 5000 });
+  await eventually(async () => (await sent(alice, 'audio')).every((t) => t?.live && t.enabled), 5000, 'Alice sends her microphone');
+  await audioFlows(bob, 'Bob');
+  await audioFlows(carol, 'Carol');
+  await bob.locator(`.tile[data-peer-id="${aliceId}"] .badge.muted`).waitFor({ state: 'hidden', timeout: 5000 });
+  assert.deepEqual(await Promise.all([alice, bob, carol].map(descriptions)), before, 'no offer or answer went for any of it');
+
+  // Muting now mutes what was started.
+  await alice.getByRole('button', { name: 'Mute' }).click();
+  assert.deepEqual((await sent(alice, 'audio')).map((t) => t.enabled), [false, false]);
+
+  // A newcomer gets Alice's camera from the start.
+  const dave = await joinCall(browser, server.url, room, 'Dave');
+  await waitForRemoteVideos(dave, 3);
+  for (const p of [alice, bob, carol, dave]) await p.context().close();
+});
+
+test('the devices dialog starts a microphone or camera in a call joined without', async () => {
+  const room = `devices-dialog-${Date.now()}`;
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  const alice = await joinCall(browser, server.url, room, 'Alice', { noCamera: true });
+  await alice.getByText(/receive-only/).waitFor();
+  await alice.evaluate(() => window.__allowMedia());
+  await alice.getByRole('button', { name: 'Devices' }).click();
+  const dialog = alice.getByRole('dialog', { name: 'Devices' });
+  const camera = dialog.getByLabel('Camera');
+  // The browser names its devices once capture was allowed: here the
+  // fake devices are, as after a first capture in a real browser.
+  assert.equal(await camera.inputValue(), '', '"None in use" is chosen');
+  const labels = await camera.locator('option').allTextContents();
+  assert.equal(labels[0], 'None in use');
+  await camera.selectOption({ label: 'fake_device_2' });
+  await eventually(async () => (await sent(alice, 'video')).every((t) => t?.label === 'fake_device_2' && t.live), 5000, 'the chosen camera is sent');
+  await waitForRemoteVideos(bob, 1);
+  await videoFlows(bob, 'Bob');
+  assert.equal(await camera.inputValue(), await camera.locator('option', { hasText: 'fake_device_2' }).getAttribute('value'));
+  await dialog.getByRole('button', { name: 'Done' }).click();
+  assert.equal(await alice.getByRole('button', { name: 'Camera off' }).getAttribute('aria-pressed'), 'false');
+  // The microphone's button still starts one; nothing was done to it.
+  assert.deepEqual(await sent(alice, 'audio'), [null]);
+  for (const p of [alice, bob]) await p.context().close();
 });

@@ -139,14 +139,22 @@ const RECORD_PCS = (relayOver) => {
 /**
  * Opens the room page in a fresh context, types a name and clicks Join.
  * With `noCamera` the page is refused camera and microphone, as by a
- * person saying no, and can still share its screen.
+ * person saying no, and can still share its screen; until the test calls
+ * `window.__allowMedia()` in the page, as the person allowing them later
+ * in the browser's site settings.
  */
 export async function joinCall(browser, baseUrl, room, name, { contextOptions = {}, relayOver = null, noCamera = false } = {}) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 720 }, ...contextOptions });
   await context.addInitScript(RECORD_PCS, relayOver);
   if (noCamera) {
     await context.addInitScript(() => {
-      navigator.mediaDevices.getUserMedia = async () => { throw new DOMException('Permission denied', 'NotAllowedError'); };
+      const native = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+      let allowed = false;
+      window.__allowMedia = () => { allowed = true; };
+      navigator.mediaDevices.getUserMedia = async (constraints) => {
+        if (!allowed) throw new DOMException('Permission denied', 'NotAllowedError');
+        return native(constraints);
+      };
     });
   }
   const page = await context.newPage();

@@ -3,7 +3,7 @@
 
 import { SignalingClient, ROOM_PATTERN } from './signaling.js';
 import { PeerLink } from './peer.js';
-import { getLocalMedia, getScreen, stopStream } from './media.js';
+import { getDeviceTrack, getLocalMedia, getScreen, stopStream } from './media.js';
 import { $, showView, setText, Grid } from './ui.js';
 import { ChatPanel, encodeChat } from './chat.js';
 import { IncomingFile, MAX_FILE_BYTES, formatSize, offerFile, showIncoming } from './files.js';
@@ -17,6 +17,7 @@ const call = {
   name: null,
   localStream: null,
   mediaMessage: null,
+  joinNotice: null, // what the call's notice said on joining (about media)
   signaling: null,
   resume: null, // the token that takes our place back after a lost connection
   iceServers: [],
@@ -191,10 +192,10 @@ function enterCall() {
   showView('call');
   $('call-room').textContent = call.room;
   const receiveOnly = !call.localStream;
-  setText('call-notice', receiveOnly ? `You joined receive-only. ${call.mediaMessage ?? ''}`.trim() : call.mediaMessage);
+  call.joinNotice = receiveOnly ? `You joined receive-only. ${call.mediaMessage ?? ''}`.trim() : call.mediaMessage;
+  setText('call-notice', call.joinNotice);
   grid.tile('local', { name: call.name, local: true });
   if (call.localStream) grid.attach('local', call.localStream);
-  grid.setMediaState('local', { audio: true, video: Boolean(call.localStream?.getVideoTracks().length) });
   setupControls();
   updateCount();
   sendState();
@@ -205,27 +206,20 @@ function enterCall() {
   });
 }
 
+// The mute and camera buttons. Without a microphone or camera in use
+// (joined without, or refused at first) they read "Unmute" and "Camera
+// on", and start one.
+const TOGGLES = {
+  audio: { button: 'mute-btn', on: 'audioOn', labels: { on: 'Mute', off: 'Unmute' }, none: 'No microphone in use yet: starts one' },
+  video: { button: 'camera-btn', on: 'videoOn', labels: { on: 'Camera off', off: 'Camera on' }, none: 'No camera in use yet: starts one' },
+};
+
 function setupControls() {
-  const hasAudio = Boolean(call.localStream?.getAudioTracks().length);
-  const hasVideo = Boolean(call.localStream?.getVideoTracks().length);
-  const mute = $('mute-btn');
-  const camera = $('camera-btn');
-  mute.disabled = !hasAudio;
-  camera.disabled = !hasVideo;
-  if (!hasAudio) mute.title = 'No microphone';
-  if (!hasVideo) camera.title = 'No camera';
-  call.audioOn = hasAudio;
-  call.videoOn = hasVideo;
-  const toggle = (button, key, tracks, labels) => button.addEventListener('click', () => {
-    call[key] = !call[key];
-    for (const t of tracks()) t.enabled = call[key];
-    button.textContent = call[key] ? labels.on : labels.off;
-    button.setAttribute('aria-pressed', String(!call[key]));
-    grid.setMediaState('local', { audio: call.audioOn, video: call.videoOn });
-    sendState();
-  });
-  toggle(mute, 'audioOn', () => call.localStream.getAudioTracks(), { on: 'Mute', off: 'Unmute' });
-  toggle(camera, 'videoOn', () => call.localStream.getVideoTracks(), { on: 'Camera off', off: 'Camera on' });
+  for (const [kind, toggle] of Object.entries(TOGGLES)) {
+    call[toggle.on] = Boolean(localTrack(kind));
+    $(toggle.button).addEventListener('click', () => toggleMedia(kind));
+  }
+  showToggles();
   const screen = $('screen-btn');
   if (!navigator.mediaDevices?.getDisplayMedia) {
     screen.disabled = true;
@@ -277,23 +271,66 @@ function showStats(on) {
   tick();
 }
 
+function localTrack(kind) {
+  return call.localStream?.getTracks().find((t) => t.kind === kind) ?? null;
+}
+
+/** Mutes or unmutes, turns the camera off or on; starts one if there is none. */
+async function toggleMedia(kind) {
+  const { button, on } = TOGGLES[kind];
+  if (!localTrack(kind)) {
+    $(button).disabled = true;
+    const { track, message } = await getDeviceTrack(kind);
+    $(button).disabled = false;
+    if (message) return flash(message);
+    return useTrack(track);
+  }
+  call[on] = !call[on];
+  for (const t of call.localStream.getTracks()) if (t.kind === kind) t.enabled = call[on];
+  showToggles();
+  sendState();
+}
+
+function showToggles() {
+  for (const [kind, { button, on, labels, none }] of Object.entries(TOGGLES)) {
+    const el = $(button);
+    el.textContent = call[on] ? labels.on : labels.off;
+    el.setAttribute('aria-pressed', String(!call[on]));
+    el.title = localTrack(kind) ? '' : none;
+  }
+  grid.setMediaState('local', { audio: call.audioOn, video: call.videoOn });
+}
+
 /**
  * Puts a newly chosen microphone or camera in use: in place of the old
- * one in our stream and every connection, muted or off if the old one was.
+ * one in our stream and every connection, muted or off if the old one was;
+ * or, if there was none, on, sent to everyone from now on. The connections
+ * negotiated audio and video to send from the start (peer.js), so either
+ * way no renegotiation is needed.
  */
 async function useTrack(track) {
+  if (call.leaving) return track.stop();
+  if (!call.localStream) {
+    call.localStream = new MediaStream();
+    for (const link of call.links.values()) link.localStream = call.localStream;
+  }
   const stream = call.localStream;
-  if (!stream || call.leaving) return track.stop();
-  track.enabled = track.kind === 'audio' ? call.audioOn : call.videoOn;
-  const old = stream.getTracks().find((t) => t.kind === track.kind);
+  const { on } = TOGGLES[track.kind];
+  const old = localTrack(track.kind);
+  if (!old) call[on] = true;
+  track.enabled = call[on];
   if (old) stream.removeTrack(old);
   stream.addTrack(track);
   await Promise.all([...call.links.values()].map((link) => link.useLocalTrack(track)));
   old?.stop();
-  if (track.kind === 'video' && !call.screen) {
+  if (!call.screen && (track.kind === 'video' || !old)) {
     grid.attach('local', null); // the same stream, with a new track in it
     grid.attach('local', stream);
   }
+  if (old) return;
+  if ($('call-notice').textContent === call.joinNotice) setText('call-notice', null);
+  showToggles();
+  sendState();
 }
 
 /**

@@ -1,7 +1,8 @@
 // Device choice during a call: which microphone, camera and speaker to use,
 // in a dialog. A new microphone or camera replaces the old one's track in
-// every connection, with no renegotiation and no gap in the call; a new
-// speaker plays every remote tile.
+// every connection (or, in a call joined without one, starts being sent),
+// with no renegotiation and no gap in the call; a new speaker plays every
+// remote tile.
 
 import { $ } from './ui.js';
 import { getDeviceTrack, listDevices } from './media.js';
@@ -34,6 +35,7 @@ export class DevicePicker {
     for (const { select, kind } of KINDS) {
       $(select).addEventListener('change', async (ev) => {
         const picked = ev.target.value;
+        if (!picked) return; // "None in use": turning one off is the call's buttons' job
         this.#error(null);
         ev.target.disabled = true;
         const { track, message } = await getDeviceTrack(kind, picked);
@@ -68,12 +70,12 @@ export class DevicePicker {
     const stream = this.stream();
     for (const { select, devices: list, kind } of KINDS) {
       const track = stream?.getTracks().find((t) => t.kind === kind);
-      // Only a kind already in use can be switched: adding a microphone or
-      // camera to a call joined without one is not done yet.
-      const options = track ? devices[list] : [];
-      fillSelect($(select), options, track?.getSettings().deviceId, track ? null : 'None in use');
+      // Without one in use, "None" heads the list and choosing a device
+      // starts it. (Before any capture was allowed the browser names no
+      // devices: the list is empty then, and the call's buttons ask.)
+      fillSelect($(select), devices[list], track?.getSettings().deviceId, { none: track ? null : 'None in use' });
     }
-    if (this.canChooseSpeaker) fillSelect(this.speaker, devices.audiooutput, this.speakerInUse() ?? 'default', 'System default');
+    if (this.canChooseSpeaker) fillSelect(this.speaker, devices.audiooutput, this.speakerInUse() ?? 'default', { empty: 'System default' });
   }
 
   #error(text) {
@@ -83,13 +85,18 @@ export class DevicePicker {
   }
 }
 
-function fillSelect(select, devices, selectedId, emptyLabel) {
+/**
+ * Lists `devices` in `select`, the one in use selected. `none` labels a
+ * first entry for "no device in use"; `empty` the entry of an empty list.
+ */
+function fillSelect(select, devices, selectedId, { none = null, empty = 'None found' } = {}) {
   select.replaceChildren();
+  if (none && devices.length) select.append(new Option(none, '', true, true));
   devices.forEach((d, i) => {
     const option = new Option(d.label || `Device ${i + 1}`, d.deviceId);
     option.selected = d.deviceId === selectedId;
     select.append(option);
   });
-  if (!devices.length) select.append(new Option(emptyLabel ?? 'None found', ''));
+  if (!devices.length) select.append(new Option(none ?? empty, ''));
   select.disabled = devices.length === 0;
 }

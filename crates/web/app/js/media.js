@@ -26,7 +26,7 @@ export async function getLocalMedia() {
         } catch { /* try the next */ }
       }
     }
-    return { stream: null, message: `${describe(err)} You can still join to watch and listen.` };
+    return { stream: null, message: `${describe(err)} You can still join to watch and listen, and turn them on in the call.` };
   }
 }
 
@@ -38,14 +38,18 @@ export async function listDevices() {
 }
 
 /**
- * A new track from one microphone or camera, with the call's constraints.
- * Resolves to { track } or { message } saying why not.
+ * A new track from one microphone or camera (the default one without
+ * `deviceId`), with the call's constraints. Resolves to { track } or
+ * { message } saying why not.
  * @param {'audio'|'video'} kind
+ * @param {string} [deviceId]
  */
 export async function getDeviceTrack(kind, deviceId) {
-  const constraints = kind === 'audio'
-    ? { audio: { ...AUDIO, deviceId: { exact: deviceId } } }
-    : { video: { ...VIDEO, deviceId: { exact: deviceId } } };
+  if (!navigator.mediaDevices?.getUserMedia) {
+    return { message: 'This page cannot use a camera or microphone here: open it over https:// or on localhost.' };
+  }
+  const device = deviceId ? { deviceId: { exact: deviceId } } : {};
+  const constraints = kind === 'audio' ? { audio: { ...AUDIO, ...device } } : { video: { ...VIDEO, ...device } };
   try {
     const stream = await navigator.mediaDevices.getUserMedia(constraints);
     return { track: stream.getTracks()[0] };
@@ -58,7 +62,7 @@ function describe(err) {
   switch (err.name) {
     case 'NotAllowedError':
     case 'SecurityError':
-      return 'Camera and microphone permission was denied. To send video, allow them in the browser\'s site settings and reload.';
+      return 'Camera and microphone permission was denied. To use them, allow them in the browser\'s site settings.';
     case 'NotFoundError':
       return 'No camera or microphone was found.';
     case 'NotReadableError':
