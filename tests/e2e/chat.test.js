@@ -170,6 +170,47 @@ async function channelsOpen(pages) {
   }
 }
 
+test('what comes in while the chat is closed is told to screen readers; a burst is counted, not read out', async () => {
+  const room = `chat-announce-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  await channelsOpen([alice, bob]);
+  const announced = () => bob.locator('#chat-announce').textContent();
+  // A status region, which screen readers read, not shown on screen.
+  assert.equal(await bob.locator('#chat-announce').getAttribute('role'), 'status');
+  assert.equal(await bob.locator('#chat-announce').isVisible(), true, 'in the accessibility tree: not display:none');
+  assert.deepEqual(await bob.locator('#chat-announce').boundingBox().then((b) => [b.width, b.height]), [1, 1], 'but not seen');
+
+  await chatButton(alice, 'Chat').click();
+  await write(alice, 'Are you there?');
+  await eventually(async () => (await announced()) === 'Chat, Alice: Are you there?', 5000, 'the message is announced');
+
+  // A burst: the first may be read, the rest are counted in one line.
+  for (let i = 1; i <= 6; i++) await write(alice, `burst ${i}`);
+  await eventually(async () => /^Chat, [2-6] new messages$/.test(await announced()), 5000, 'the burst is counted');
+  assert.equal(await bob.locator('#chat-announce p').count(), 1, 'one line at a time');
+
+  // A long message is cut short.
+  await bob.waitForTimeout(2100);
+  await write(alice, 'x'.repeat(1000));
+  await eventually(async () => /^Chat, Alice: x+…$/.test(await announced()), 5000, 'the long message is announced');
+  assert.equal([...(await announced())].length, 'Chat, Alice: '.length + 200);
+
+  // A file offer too.
+  await alice.locator('#file-input').setInputFiles({ name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from('hi') });
+  await eventually(async () => (await announced()) === 'Chat, Alice: offers a file, notes.txt', 5000, 'the file offer is announced');
+
+  // Open, the log speaks for itself: nothing more here, not even Bob's own.
+  await chatButton(bob, 'Chat (9 new)').click();
+  assert.equal(await announced(), '');
+  await write(alice, 'now it is open');
+  await log(bob).getByText('now it is open').waitFor({ timeout: 5000 });
+  await write(bob, 'I see it');
+  await bob.waitForTimeout(500);
+  assert.equal(await announced(), '');
+  for (const p of [alice, bob]) await p.context().close();
+});
+
 const sha256 = (bytes) => createHash('sha256').update(bytes).digest('hex');
 
 test('a file goes whole to whoever accepts it, peer to peer; declined and cancelled ones go nowhere', async () => {

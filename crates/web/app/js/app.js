@@ -412,7 +412,9 @@ function addLink(peer, initiator) {
   link.addEventListener('chat', ({ detail }) => chat.add(link.name, detail.text));
   link.addEventListener('file', ({ detail }) => {
     const incoming = new IncomingFile(detail.channel, `${link.id} (${link.name})`);
-    incoming.addEventListener('offer', () => showIncoming(chat.entry(link.name), incoming), { once: true });
+    incoming.addEventListener('offer', () => {
+      showIncoming(chat.entry(link.name, { summary: `offers a file, ${incoming.offer.name}` }), incoming);
+    }, { once: true });
   });
   if (initiator) link.start();
   updateCount();

@@ -20,6 +20,11 @@ export const MAX_CHAT_CHARS = 4000;
 const MAX_CHAT_BYTES = 6 * MAX_CHAT_CHARS + 64;
 /** Messages the panel shows at most; older ones go, so a flood cannot fill memory. */
 export const MAX_CHAT_LOG = 500;
+// While the panel is closed, what arrives is announced to screen readers
+// at most this often; what comes in between is counted in the next one.
+const ANNOUNCE_EVERY_MS = 2000;
+// An announcement reads this many characters of a message at most.
+const ANNOUNCE_CHARS = 200;
 
 export class ChatError extends Error {}
 
@@ -51,6 +56,8 @@ export function decodeChat(data) {
  */
 export class ChatPanel {
   #unread = 0;
+  #toAnnounce = [];
+  #announceTimer = null;
 
   /**
    * @param {(text: string) => void} onSend called with each message the user sends
@@ -61,6 +68,7 @@ export class ChatPanel {
     this.log = $('chat-log');
     this.input = $('chat-input');
     this.button = $('chat-btn');
+    this.announcer = $('chat-announce');
     this.input.maxLength = MAX_CHAT_CHARS;
     this.button.addEventListener('click', () => this.toggle());
     this.panel.addEventListener('keydown', (ev) => {
@@ -99,6 +107,9 @@ export class ChatPanel {
     this.button.setAttribute('aria-expanded', String(open));
     if (open) {
       this.#unread = 0;
+      // The log speaks for itself now (its own live region).
+      this.#toAnnounce = [];
+      this.announcer.replaceChildren();
       this.input.focus();
       this.log.lastElementChild?.scrollIntoView({ block: 'end' });
     }
@@ -110,15 +121,15 @@ export class ChatPanel {
     const body = document.createElement('p');
     body.className = 'text';
     body.textContent = text; // text, never markup
-    this.entry(name, { mine }).append(body);
+    this.entry(name, { mine, summary: text }).append(body);
   }
 
   /**
    * Adds an entry from `name` to the log, with its author and time, and
    * returns it for its content. One from someone else counts as unread
-   * while the panel is closed.
+   * while the panel is closed, and its `summary` is announced.
    */
-  entry(name, { mine = false } = {}) {
+  entry(name, { mine = false, summary = 'a new message' } = {}) {
     const item = document.createElement('li');
     item.className = mine ? 'message mine' : 'message';
     const head = document.createElement('p');
@@ -136,6 +147,7 @@ export class ChatPanel {
     if (!mine && !this.open) {
       this.#unread += 1;
       this.#label();
+      this.#announce(`${name}: ${clip(summary, ANNOUNCE_CHARS)}`);
     }
     return item;
   }
@@ -158,7 +170,38 @@ export class ChatPanel {
     if (this.open) item.scrollIntoView({ block: 'end' });
   }
 
+  /**
+   * Tells screen readers of a message while the panel is closed: the
+   * first at once, then at most one announcement every ANNOUNCE_EVERY_MS,
+   * which counts the messages that came meanwhile (a flood is not read
+   * out message by message).
+   */
+  #announce(text) {
+    this.#toAnnounce.push(text);
+    if (!this.#announceTimer) this.#flushAnnouncements();
+  }
+
+  #flushAnnouncements() {
+    const texts = this.#toAnnounce.splice(0);
+    if (!texts.length) {
+      this.#announceTimer = null;
+      return;
+    }
+    // A new element each time: a screen reader reads it even when its
+    // words are the same as the last one's.
+    const line = document.createElement('p');
+    line.textContent = texts.length === 1 ? `Chat, ${texts[0]}` : `Chat, ${texts.length} new messages`;
+    this.announcer.replaceChildren(line);
+    this.#announceTimer = setTimeout(() => this.#flushAnnouncements(), ANNOUNCE_EVERY_MS);
+  }
+
   #label() {
     this.button.textContent = this.#unread ? `Chat (${this.#unread} new)` : 'Chat';
   }
+}
+
+/** `text` cut to `max` characters (code points), with an ellipsis if cut. */
+function clip(text, max) {
+  const chars = [...text];
+  return chars.length <= max ? text : `${chars.slice(0, max - 1).join('')}…`;
 }
