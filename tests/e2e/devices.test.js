@@ -210,3 +210,56 @@ test('the devices dialog starts a microphone or camera in a call joined without'
   assert.deepEqual(await sent(alice, 'audio'), [null]);
   for (const p of [alice, bob]) await p.context().close();
 });
+
+/** The processing of the microphone each of the page's connections sends. */
+const processing = (page) => page.evaluate(() => [...window.__callisto.links.values()].map((l) => {
+  const track = l.pc.getTransceivers().find((t) => t.receiver.track.kind === 'audio')?.sender.track;
+  const s = track?.getSettings() ?? {};
+  return track && { echoCancellation: s.echoCancellation, noiseSuppression: s.noiseSuppression, autoGainControl: s.autoGainControl, live: track.readyState === 'live' };
+}));
+
+test('echo cancellation, noise suppression and automatic gain are chosen in the call and kept for the next', async () => {
+  const room = `devices-processing-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  await waitForRemoteVideos(alice, 1);
+  const all = { echoCancellation: true, noiseSuppression: true, autoGainControl: true, live: true };
+  assert.deepEqual(await processing(alice), [all], 'all on by default');
+
+  await alice.getByRole('button', { name: 'Devices' }).click();
+  const dialog = alice.getByRole('dialog', { name: 'Devices' });
+  const group = dialog.getByRole('group', { name: 'Microphone processing' });
+  const echo = group.getByRole('checkbox', { name: 'Echo cancellation' });
+  const noise = group.getByRole('checkbox', { name: 'Noise suppression' });
+  const gain = group.getByRole('checkbox', { name: 'Automatic gain' });
+  for (const box of [echo, noise, gain]) assert.equal(await box.isChecked(), true);
+  const before = await Promise.all([alice, bob].map(descriptions));
+  await alice.evaluate(() => {
+    const [link] = window.__callisto.links.values();
+    window.__oldMic = link.pc.getSenders().find((s) => s.track?.kind === 'audio').track;
+  });
+
+  // Echo cancellation and noise suppression off, by keyboard: the
+  // microphone is opened again without them, and still heard.
+  await echo.focus();
+  await alice.keyboard.press('Space');
+  await eventually(async () => (await processing(alice))[0]?.echoCancellation === false, 5000, 'echo cancellation off');
+  await noise.focus();
+  await alice.keyboard.press('Space');
+  const some = { echoCancellation: false, noiseSuppression: false, autoGainControl: true, live: true };
+  await eventually(async () => JSON.stringify(await processing(alice)) === JSON.stringify([some]), 5000, 'noise suppression off too');
+  await audioFlows(bob, 'Bob');
+  assert.deepEqual(await Promise.all([alice, bob].map(descriptions)), before, 'no renegotiation');
+  assert.equal(await alice.evaluate(() => window.__oldMic.readyState), 'ended', 'the old microphone is let go');
+
+  // The next call in this browser starts with the same choice.
+  await alice.reload();
+  await alice.getByLabel('Name', { exact: true }).waitFor();
+  await eventually(() => alice.evaluate(() => Boolean(document.getElementById('preview').srcObject)), 5000, 'the preview');
+  const next = await alice.evaluate(() => {
+    const s = document.getElementById('preview').srcObject.getAudioTracks()[0].getSettings();
+    return { echoCancellation: s.echoCancellation, noiseSuppression: s.noiseSuppression, autoGainControl: s.autoGainControl };
+  });
+  assert.deepEqual(next, { echoCancellation: false, noiseSuppression: false, autoGainControl: true });
+  for (const p of [alice, bob]) await p.context().close();
+});

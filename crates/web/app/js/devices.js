@@ -2,10 +2,12 @@
 // in a dialog. A new microphone or camera replaces the old one's track in
 // every connection (or, in a call joined without one, starts being sent),
 // with no renegotiation and no gap in the call; a new speaker plays every
-// remote tile.
+// remote tile. The microphone's processing (echo cancellation, noise
+// suppression, automatic gain) is chosen here too: the microphone in use
+// is opened again with it, as browsers do not change it on a live track.
 
 import { $ } from './ui.js';
-import { getDeviceTrack, listDevices } from './media.js';
+import { PROCESSING, audioProcessing, getDeviceTrack, listDevices, setAudioProcessing } from './media.js';
 
 const KINDS = [
   { select: 'mic-select', devices: 'audioinput', kind: 'audio' },
@@ -47,6 +49,9 @@ export class DevicePicker {
         await useTrack(track);
       });
     }
+    for (const key of PROCESSING) {
+      $(`${key}-box`).addEventListener('change', () => this.#process(useTrack));
+    }
     this.speaker.addEventListener('change', async () => {
       this.#error(null);
       try {
@@ -65,6 +70,34 @@ export class DevicePicker {
     this.dialog.querySelector('select:not(:disabled)')?.focus();
   }
 
+  /**
+   * Takes the processing ticked in the dialog: kept for later calls, and
+   * applied now to the microphone in use by opening it again with it.
+   */
+  async #process(useTrack) {
+    const before = audioProcessing();
+    setAudioProcessing(Object.fromEntries(PROCESSING.map((k) => [k, $(`${k}-box`).checked])));
+    this.#error(null);
+    const mic = this.stream()?.getAudioTracks()[0];
+    if (!mic) return;
+    const boxes = PROCESSING.map((k) => $(`${k}-box`));
+    for (const box of boxes) box.disabled = true;
+    const { deviceId } = mic.getSettings();
+    // Chromium gives a new track of a microphone still open the open
+    // one's processing, whatever was asked: the old one goes first (the
+    // others hear a moment of silence).
+    mic.stop();
+    let { track, message } = await getDeviceTrack('audio', deviceId);
+    if (message) {
+      this.#error(message);
+      setAudioProcessing(before);
+      ({ track } = await getDeviceTrack('audio', deviceId));
+    }
+    for (const box of boxes) box.disabled = false;
+    if (track) await useTrack(track);
+    if (message) await this.#fill(); // back to what is in use
+  }
+
   async #fill() {
     const devices = await listDevices();
     const stream = this.stream();
@@ -76,6 +109,11 @@ export class DevicePicker {
       fillSelect($(select), devices[list], track?.getSettings().deviceId, { none: track ? null : 'None in use' });
     }
     if (this.canChooseSpeaker) fillSelect(this.speaker, devices.audiooutput, this.speakerInUse() ?? 'default', { empty: 'System default' });
+    // What the microphone in use does (a browser may not give all that was
+    // asked), or else what the next one will be asked for.
+    const settings = stream?.getAudioTracks()[0]?.getSettings() ?? {};
+    const chosen = audioProcessing();
+    for (const key of PROCESSING) $(`${key}-box`).checked = settings[key] ?? chosen[key];
   }
 
   #error(text) {

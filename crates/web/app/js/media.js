@@ -2,8 +2,30 @@
 // screen for sharing, and a message a person can act on when capture is
 // impossible.
 
-const AUDIO = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
 const VIDEO = { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } };
+
+// The microphone's processing in the browser, each on by default: echo
+// cancellation (needed without headphones), noise suppression and
+// automatic gain. Music wants them off. The choice is kept in this
+// browser for the next calls.
+export const PROCESSING = ['echoCancellation', 'noiseSuppression', 'autoGainControl'];
+const PROCESSING_KEY = 'callisto.audioProcessing';
+
+/** The processing chosen for the microphone: { echoCancellation: bool, ... }. */
+export function audioProcessing() {
+  let saved = {};
+  try {
+    saved = JSON.parse(localStorage.getItem(PROCESSING_KEY) ?? '{}') ?? {};
+  } catch { /* storage off, or not ours: the defaults */ }
+  return Object.fromEntries(PROCESSING.map((k) => [k, typeof saved[k] === 'boolean' ? saved[k] : true]));
+}
+
+/** Keeps `processing` (as audioProcessing returns it) for this and later calls. */
+export function setAudioProcessing(processing) {
+  try {
+    localStorage.setItem(PROCESSING_KEY, JSON.stringify(processing));
+  } catch { /* storage off: it holds for this page only */ }
+}
 
 /**
  * Asks for camera and microphone. Falls back to whichever one exists.
@@ -14,12 +36,13 @@ export async function getLocalMedia() {
   if (!navigator.mediaDevices?.getUserMedia) {
     return { stream: null, message: 'This page cannot use a camera or microphone here: open it over https:// or on localhost. You can still join to watch and listen.' };
   }
+  const audio = audioProcessing();
   try {
-    return { stream: await navigator.mediaDevices.getUserMedia({ audio: AUDIO, video: VIDEO }), message: null };
+    return { stream: await navigator.mediaDevices.getUserMedia({ audio, video: VIDEO }), message: null };
   } catch (err) {
     if (err.name === 'NotFoundError' || err.name === 'OverconstrainedError' || err.name === 'NotReadableError') {
       // One of the two may still work on its own.
-      for (const [constraints, missing] of [[{ audio: AUDIO }, 'camera'], [{ video: VIDEO }, 'microphone']]) {
+      for (const [constraints, missing] of [[{ audio }, 'camera'], [{ video: VIDEO }, 'microphone']]) {
         try {
           const stream = await navigator.mediaDevices.getUserMedia(constraints);
           return { stream, message: `No ${missing} available (${describe(err)}). Joining with what works.` };
@@ -39,7 +62,7 @@ export async function listDevices() {
 
 /**
  * A new track from one microphone or camera (the default one without
- * `deviceId`), with the call's constraints. Resolves to { track } or
+ * `deviceId`), with the call's constraints and the processing chosen. Resolves to { track } or
  * { message } saying why not.
  * @param {'audio'|'video'} kind
  * @param {string} [deviceId]
@@ -49,7 +72,7 @@ export async function getDeviceTrack(kind, deviceId) {
     return { message: 'This page cannot use a camera or microphone here: open it over https:// or on localhost.' };
   }
   const device = deviceId ? { deviceId: { exact: deviceId } } : {};
-  const constraints = kind === 'audio' ? { audio: { ...AUDIO, ...device } } : { video: { ...VIDEO, ...device } };
+  const constraints = kind === 'audio' ? { audio: { ...audioProcessing(), ...device } } : { video: { ...VIDEO, ...device } };
   try {
     const stream = await navigator.mediaDevices.getUserMedia(constraints);
     return { track: stream.getTracks()[0] };
