@@ -217,6 +217,14 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub tls: TlsArgs,
 
+    /// Only people with an access code may join a room (and so get TURN
+    /// credentials): the codes, one per line (lines starting with # are
+    /// comments), read at start and again on SIGHUP. Use long random
+    /// ones (openssl rand -base64 18). Without it, anyone who can reach
+    /// the server can use it.
+    #[arg(long, env = "CALLISTO_ACCESS_CODES_FILE", value_name = "PATH")]
+    pub access_codes_file: Option<PathBuf>,
+
     /// Most peers in one room. Calls are full mesh, so every peer sends its
     /// media to every other: 4–6 is comfortable, 16 strains most uplinks.
     #[arg(long, env = "CALLISTO_MAX_ROOM_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]

@@ -1,6 +1,7 @@
 //! The `callisto` binary's library: command line, HTTP server, TLS, metrics
 //! and logging. Integration tests start the same server the binary runs.
 
+pub mod access;
 pub mod alternates;
 pub mod bench;
 pub mod cli;

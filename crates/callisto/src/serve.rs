@@ -156,6 +156,10 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         "the expiry of lost connections' places",
         callisto_signal::connection::expire_lost_places(hub.clone()),
     );
+    let access = match &args.access_codes_file {
+        Some(path) => Some(crate::access::load(path.clone(), &health)?.check()),
+        None => None,
+    };
     let configured = ice_servers(&args);
     let turn_ice = turn.as_ref().map(|t| t.ice.clone());
     let ttl = Duration::from_secs(args.turn_credential_ttl);
@@ -191,6 +195,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         }),
         ice_renewal,
         ice_changes,
+        access,
     });
     let sockets = TaskTracker::new();
     let state = AppState {

@@ -746,3 +746,102 @@ async fn an_external_turn_server_gets_time_limited_credentials() {
     let renewed = a.expect("ice-servers").await;
     assert!(signed(&renewed["iceServers"]) >= first + 4);
 }
+
+/// With `--access-codes-file`, a join takes one of its codes: none, or a
+/// wrong one, gets `access-denied` (no `welcome`, so no TURN credentials)
+/// and the connection stays for another try. SIGHUP replaces the codes,
+/// and whoever is in a room stays. No code reaches the log.
+#[tokio::test]
+async fn a_join_takes_an_access_code_when_the_server_has_them() {
+    let (logs, _logging) = common::Logs::capture();
+    let dir = common::TempDir::new("access-codes");
+    let file = dir.0.join("codes");
+    std::fs::write(&file, "# the team's\n  first-code-of-the-team \n").unwrap();
+    let server = Server::start(&["--access-codes-file", file.to_str().unwrap()]).await;
+    let join = |access: Option<&str>| {
+        let mut msg = json!({"type": "join", "room": "r", "name": "A"});
+        if let Some(code) = access {
+            msg["access"] = json!(code);
+        }
+        msg
+    };
+
+    let mut a = server.client().await;
+    a.send(join(None)).await;
+    a.expect_error("access-denied").await;
+    a.send(join(Some("first-code-of-the-tea"))).await;
+    a.expect_error("access-denied").await;
+    a.send(join(Some("first-code-of-the-team"))).await;
+    let ida = id(&a.expect("welcome").await["id"]);
+
+    // A new code in the file, and SIGHUP: the old one no longer opens.
+    std::fs::write(&file, "second-code-of-the-team\n").unwrap();
+    // SAFETY: kill has no preconditions; the server handles SIGHUP.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !logs.text().contains("access codes replaced") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the file was not read again:\n{}",
+            logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut b = server.client().await;
+    b.send(join(Some("first-code-of-the-team"))).await;
+    b.expect_error("access-denied").await;
+    b.send(join(Some("second-code-of-the-team"))).await;
+    let welcome = b.expect("welcome").await;
+    assert_eq!(
+        welcome["peers"][0]["id"],
+        json!(ida),
+        "A stayed in the room"
+    );
+    assert_eq!(
+        id(&a.expect("peer-joined").await["peer"]["id"]),
+        id(&welcome["id"])
+    );
+
+    let logs = logs.text();
+    assert!(logs.contains("join refused: no access code"), "{logs}");
+    assert!(
+        logs.contains("join refused: not an access code of this server"),
+        "{logs}"
+    );
+    assert!(logs.contains("access codes replaced"), "{logs}");
+    assert!(
+        !logs.contains("code-of-the-te"),
+        "a code in the log:\n{logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_without_access_codes_stops_the_start_with_what_to_fix() {
+    let dir = common::TempDir::new("no-access-codes");
+    let file = dir.0.join("codes");
+    std::fs::write(&file, "# nobody yet\n\n").unwrap();
+    let argv = [
+        "callisto",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-turn",
+        "--access-codes-file",
+        file.to_str().unwrap(),
+    ];
+    let callisto::cli::Command::Serve(args) =
+        <callisto::cli::Cli as clap::Parser>::try_parse_from(argv)
+            .unwrap()
+            .command
+    else {
+        unreachable!()
+    };
+    let err = callisto::serve::start(args, tokio_util::sync::CancellationToken::new())
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{err:#}").contains("holds no access code"),
+        "{err:#}"
+    );
+}

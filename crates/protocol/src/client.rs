@@ -15,12 +15,13 @@ use crate::{ErrorCode, validate_name, validate_room};
 #[derive(Debug, Clone)]
 pub enum ClientMessage<'a> {
     /// `{"type":"join","room":R,"name":N}`, with `"resume":TOKEN` to take
-    /// back the place of a connection that was lost; `name` is already
-    /// trimmed.
+    /// back the place of a connection that was lost, and `"access":CODE`
+    /// on a server that needs an access code; `name` is already trimmed.
     Join {
         room: String,
         name: String,
         resume: Option<String>,
+        access: Option<String>,
     },
     /// `{"type":"signal","to":ID,"data":ANY}`
     Signal { to: String, data: &'a RawValue },
@@ -41,13 +42,15 @@ impl PartialEq for ClientMessage<'_> {
                     room: r1,
                     name: n1,
                     resume: t1,
+                    access: a1,
                 },
                 Join {
                     room: r2,
                     name: n2,
                     resume: t2,
+                    access: a2,
                 },
-            ) => r1 == r2 && n1 == n2 && t1 == t2,
+            ) => r1 == r2 && n1 == n2 && t1 == t2 && a1 == a2,
             (Signal { to: t1, data: d1 }, Signal { to: t2, data: d2 }) => {
                 t1 == t2 && d1.get() == d2.get()
             }
@@ -74,6 +77,9 @@ impl ClientMessage<'_> {
 /// The longest `join.resume` taken; the server's tokens are 32 characters.
 pub const MAX_RESUME_TOKEN_BYTES: usize = 64;
 
+/// The longest `join.access` taken.
+pub const MAX_ACCESS_CODE_BYTES: usize = 256;
+
 /// Why a frame was refused, ready to send back as an `error` message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
@@ -99,6 +105,7 @@ struct Envelope<'a> {
     name: Option<String>,
     to: Option<String>,
     resume: Option<String>,
+    access: Option<String>,
     // `null` is a valid payload, so a present `data` must not collapse to None.
     #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
@@ -150,10 +157,20 @@ pub fn decode_client(text: &str) -> Result<ClientMessage<'_>, DecodeError> {
                     "resume must be the token from welcome (1-{MAX_RESUME_TOKEN_BYTES} characters)"
                 )));
             }
+            if env
+                .access
+                .as_deref()
+                .is_some_and(|a| a.is_empty() || a.len() > MAX_ACCESS_CODE_BYTES)
+            {
+                return Err(DecodeError::bad(format!(
+                    "access must be 1-{MAX_ACCESS_CODE_BYTES} bytes"
+                )));
+            }
             Ok(ClientMessage::Join {
                 room,
                 name,
                 resume: env.resume,
+                access: env.access,
             })
         }
         "signal" => {
@@ -196,6 +213,7 @@ mod tests {
                 room: "r1".into(),
                 name: "Ada".into(),
                 resume: None,
+                access: None,
             }
         );
         assert_eq!(
@@ -204,8 +222,33 @@ mod tests {
                 room: "r1".into(),
                 name: "Ada".into(),
                 resume: Some("0f".into()),
+                access: None,
             }
         );
+        assert_eq!(
+            decode_client(r#"{"type":"join","room":"r1","name":"Ada","access":"moon rise"}"#)
+                .unwrap(),
+            ClientMessage::Join {
+                room: "r1".into(),
+                name: "Ada".into(),
+                resume: None,
+                access: Some("moon rise".into()),
+            }
+        );
+        for bad in [
+            r#"{"type":"join","room":"r1","name":"Ada","access":""}"#.to_owned(),
+            format!(
+                r#"{{"type":"join","room":"r1","name":"Ada","access":"{}"}}"#,
+                "a".repeat(MAX_ACCESS_CODE_BYTES + 1)
+            ),
+            r#"{"type":"join","room":"r1","name":"Ada","access":7}"#.to_owned(),
+        ] {
+            assert_eq!(
+                decode_client(&bad).unwrap_err().code,
+                ErrorCode::BadMessage,
+                "{bad}"
+            );
+        }
         match decode_client(r#"{"type":"signal","to":"abc","data":{"sdp":"v=0\r\n"}}"#).unwrap() {
             ClientMessage::Signal { to, data } => {
                 assert_eq!(to, "abc");

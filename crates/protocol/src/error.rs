@@ -27,11 +27,14 @@ pub enum ErrorCode {
     TooLarge,
     /// More messages than the rate limit allows; sustained, the connection is closed.
     RateLimited,
+    /// `join` without `access`, or with one that is not among the server's
+    /// access codes (`--access-codes-file`).
+    AccessDenied,
 }
 
 impl ErrorCode {
     /// Every code, for documentation, metrics and tests.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadMessage,
         ErrorCode::BadRoom,
         ErrorCode::BadName,
@@ -42,6 +45,7 @@ impl ErrorCode {
         ErrorCode::ServerFull,
         ErrorCode::TooLarge,
         ErrorCode::RateLimited,
+        ErrorCode::AccessDenied,
     ];
 
     /// The code as it appears on the wire.
@@ -57,6 +61,7 @@ impl ErrorCode {
             ErrorCode::ServerFull => "server-full",
             ErrorCode::TooLarge => "too-large",
             ErrorCode::RateLimited => "rate-limited",
+            ErrorCode::AccessDenied => "access-denied",
         }
     }
 }

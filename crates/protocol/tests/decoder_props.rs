@@ -96,17 +96,22 @@ proptest! {
         room in "[A-Za-z0-9_-]{1,64}",
         name in "\\PC{1,64}",
         resume in proptest::option::of("\\PC{1,16}"),
+        access in proptest::option::of("\\PC{1,64}"),
     ) {
         let mut join = serde_json::json!({"type": "join", "room": room, "name": name});
         if let Some(token) = &resume {
             join["resume"] = Value::from(token.as_str());
         }
+        if let Some(code) = &access {
+            join["access"] = Value::from(code.as_str());
+        }
         let text = join.to_string();
         match decode_client(&text) {
-            Ok(ClientMessage::Join { room: r, name: n, resume: t }) => {
+            Ok(ClientMessage::Join { room: r, name: n, resume: t, access: a }) => {
                 prop_assert_eq!(r, room);
                 prop_assert_eq!(n, name.trim());
                 prop_assert_eq!(t, resume);
+                prop_assert_eq!(a, access);
             }
             Ok(other) => prop_assert!(false, "decoded as {:?}", other),
             Err(e) => prop_assert_eq!(e.code, ErrorCode::BadName, "{}", e.message),

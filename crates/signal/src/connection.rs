@@ -34,6 +34,10 @@ pub type SharedHub = Arc<Mutex<Hub<ChannelSink>>>;
 /// Produces the `iceServers` for each `welcome` (fresh TURN credentials, say).
 pub type IceServerSource = Arc<dyn Fn() -> Vec<IceServer> + Send + Sync>;
 
+/// Whether a `join` may go ahead, given its `access` (none or an access
+/// code); the client's address and the room are for the log of a refusal.
+pub type AccessCheck = Arc<dyn Fn(Option<&str>, &Remote, &str) -> bool + Send + Sync>;
+
 /// Per-connection limits and timers.
 #[derive(Clone)]
 pub struct ConnectionConfig {
@@ -66,6 +70,10 @@ pub struct ConnectionConfig {
     /// Changes when the `iceServers` handed out before may soon be refused
     /// (another TURN secret signs): joined clients get fresh ones at once.
     pub ice_changes: Option<watch::Receiver<()>>,
+    /// With `Some`, a `join` needs an `access` it accepts (access-denied
+    /// otherwise): only people given a code can use the server, and with
+    /// it the TURN credentials a `welcome` hands out.
+    pub access: Option<AccessCheck>,
 }
 
 impl std::fmt::Debug for ConnectionConfig {
@@ -79,6 +87,7 @@ impl std::fmt::Debug for ConnectionConfig {
             .field("send_queue_bytes", &self.send_queue_bytes)
             .field("send_budget", &self.send_budget)
             .field("ice_renewal", &self.ice_renewal)
+            .field("access", &self.access.as_ref().map(|_| "codes"))
             .finish_non_exhaustive()
     }
 }
@@ -561,9 +570,12 @@ impl Conn {
         metrics::counter!("callisto_signaling_messages_received_total", "type" => msg.kind())
             .increment(1);
         let result = match msg {
-            ClientMessage::Join { room, name, resume } => {
-                self.join(&room, &name, resume.as_deref())
-            }
+            ClientMessage::Join {
+                room,
+                name,
+                resume,
+                access,
+            } => self.join(&room, &name, resume.as_deref(), access.as_deref()),
             ClientMessage::Signal { to, data } => match &self.seat {
                 Some(seat) => self.hub().signal(&seat.id, &to, data),
                 None => Err(ErrorCode::NotJoined),
@@ -587,9 +599,20 @@ impl Conn {
         }
     }
 
-    fn join(&mut self, room: &str, name: &str, resume: Option<&str>) -> Result<(), ErrorCode> {
+    fn join(
+        &mut self,
+        room: &str,
+        name: &str,
+        resume: Option<&str>,
+        access: Option<&str>,
+    ) -> Result<(), ErrorCode> {
         if self.seat.is_some() {
             return Err(ErrorCode::AlreadyJoined);
+        }
+        if let Some(check) = &self.cfg.access
+            && !check(access, &self.remote, room)
+        {
+            return Err(ErrorCode::AccessDenied);
         }
         let ice = (self.cfg.ice_servers)();
         let seat = self
@@ -685,6 +708,9 @@ fn explain(code: ErrorCode) -> &'static str {
         ErrorCode::BadName => "bad display name",
         ErrorCode::TooLarge => "message too large",
         ErrorCode::RateLimited => "too many messages",
+        ErrorCode::AccessDenied => {
+            "this server needs an access code to join: none or a wrong one was given"
+        }
     }
 }
 
@@ -722,6 +748,7 @@ mod tests {
             ice_servers: Arc::new(Vec::new),
             ice_renewal: None,
             ice_changes: None,
+            access: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -14,7 +14,7 @@ pub mod hub;
 pub mod rate;
 pub mod remote;
 
-pub use connection::{ConnectionConfig, SendBudget, SharedHub, handle_socket};
+pub use connection::{AccessCheck, ConnectionConfig, SendBudget, SharedHub, handle_socket};
 pub use hub::{Frame, Hub, HubLimits, HubStats, Parked, PeerSink, Seat, SinkFull, random_peer_id};
 pub use rate::RateLimiter;
 pub use remote::Remote;

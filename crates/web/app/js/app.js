@@ -11,6 +11,8 @@ import { DevicePicker } from './devices.js';
 import { describe, summarize } from './stats.js';
 
 const NAME_KEY = 'callisto.name';
+// The server's access code, once one worked (for a server that needs one).
+const ACCESS_KEY = 'callisto.access';
 
 const call = {
   room: null,
@@ -20,6 +22,7 @@ const call = {
   joinNotice: null, // what the call's notice said on joining (about media)
   signaling: null,
   resume: null, // the token that takes our place back after a lost connection
+  access: null, // the server's access code, if it needs one
   iceServers: [],
   links: new Map(),
   audioOn: true,
@@ -91,7 +94,7 @@ async function showPrejoin(room) {
   document.title = `${room} · Callisto`;
   showView('prejoin');
   $('prejoin-room').textContent = room;
-  $('name-input').value = localStorage.getItem(NAME_KEY) ?? '';
+  $('name-input').value = stored(NAME_KEY) ?? '';
   $('name-input').focus();
   $('join-form').addEventListener('submit', (ev) => {
     ev.preventDefault();
@@ -116,18 +119,42 @@ async function join() {
     return;
   }
   setText('join-error', null);
-  localStorage.setItem(NAME_KEY, name);
+  store(NAME_KEY, name);
   call.name = name;
+  const typed = $('access-input').value.trim();
+  call.access = typed || stored(ACCESS_KEY);
   call.joinClickedAt = performance.now();
   $('join-btn').disabled = true;
   try {
     await connectAndJoin();
   } catch (err) {
-    setText('join-error', joinErrorText(err));
     $('join-btn').disabled = false;
+    if (err.code === 'access-denied') return askForAccessCode(Boolean(typed));
+    setText('join-error', joinErrorText(err));
     return;
   }
+  if (call.access) store(ACCESS_KEY, call.access);
   enterCall();
+}
+
+/** Shows the access code field, saying what was wrong with the code given (if any). */
+function askForAccessCode(typed) {
+  if (!typed) store(ACCESS_KEY, null); // a remembered code no longer works
+  $('access-field').hidden = false;
+  setText('join-error', typed ? 'That access code is not right.' : 'This server needs an access code to join.');
+  $('access-input').focus();
+  $('access-input').select();
+}
+
+function stored(key) {
+  try { return localStorage.getItem(key); } catch { return null; }
+}
+
+function store(key, value) {
+  try {
+    if (value === null) localStorage.removeItem(key);
+    else localStorage.setItem(key, value);
+  } catch { /* storage off: asked again next time */ }
 }
 
 function joinErrorText(err) {
@@ -135,6 +162,7 @@ function joinErrorText(err) {
     case 'room-full': return 'This room is full. Try again later or pick another room.';
     case 'server-full': return 'The server has too many rooms open right now. Try again later.';
     case 'bad-name': return 'That name cannot be used: 1–64 characters, no control characters.';
+    case 'access-denied': return 'The server no longer takes your access code.';
     default: return err.message || 'Could not join the room.';
   }
 }
@@ -142,7 +170,13 @@ function joinErrorText(err) {
 async function connectAndJoin() {
   const signaling = new SignalingClient();
   await signaling.connect();
-  const welcome = await signaling.join(call.room, call.name, call.resume);
+  let welcome;
+  try {
+    welcome = await signaling.join(call.room, call.name, call.resume, call.access);
+  } catch (err) {
+    signaling.close();
+    throw err;
+  }
   call.signaling = signaling;
   call.resume = welcome.resume ?? null;
   call.iceServers = welcome.iceServers ?? [];
@@ -508,7 +542,8 @@ async function onSignalingClosed({ code, reason }) {
       sendState();
       return;
     } catch (err) {
-      if (err.code === 'room-full' || err.code === 'server-full') return leave(joinErrorText(err));
+      if (err.code === 'access-denied') store(ACCESS_KEY, null);
+      if (['room-full', 'server-full', 'access-denied'].includes(err.code)) return leave(joinErrorText(err));
     }
   }
 }

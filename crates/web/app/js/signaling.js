@@ -39,12 +39,13 @@ export class SignalingClient extends EventTarget {
   /**
    * Joins a room; resolves with the welcome message. With the `resume`
    * token of an earlier welcome, takes back that place if the server still
-   * keeps it (welcome.resumed), else joins as new.
+   * keeps it (welcome.resumed), else joins as new. `access` is the
+   * server's access code, for a server that needs one.
    */
-  join(room, name, resume = null) {
+  join(room, name, resume = null, access = null) {
     return new Promise((resolve, reject) => {
       this.#pendingJoin = { resolve, reject };
-      this.#send(resume ? { type: 'join', room, name, resume } : { type: 'join', room, name });
+      this.#send({ type: 'join', room, name, ...(resume && { resume }), ...(access && { access }) });
     });
   }
 
@@ -90,7 +91,7 @@ export class SignalingClient extends EventTarget {
         this.#pendingJoin = null;
         break;
       case 'error':
-        if (this.#pendingJoin && ['room-full', 'server-full', 'bad-room', 'bad-name', 'already-joined'].includes(msg.code)) {
+        if (this.#pendingJoin && ['room-full', 'server-full', 'bad-room', 'bad-name', 'already-joined', 'access-denied', 'bad-message'].includes(msg.code)) {
           this.#pendingJoin.reject(new SignalingError(msg.code, msg.message));
           this.#pendingJoin = null;
         } else {
