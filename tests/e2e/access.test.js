@@ -1,16 +1,18 @@
 // A server with access codes (--access-codes-file): the app asks for one,
 // says when it is wrong, joins with the right one, and remembers it.
 
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { serverAndBrowser, waitForRemoteVideos } from './lib.js';
+import { serverAndBrowser, waitForRemoteVideos, cuttableProxy, eventually } from './lib.js';
 
 const CODE = 'moon-over-the-harbor-7214';
-const codes = path.join(mkdtempSync(path.join(tmpdir(), 'callisto-e2e-access-')), 'codes');
+const dir = mkdtempSync(path.join(tmpdir(), 'callisto-e2e-access-'));
+const codes = path.join(dir, 'codes');
 writeFileSync(codes, `# the team's\n${CODE}\n`, { mode: 0o600 });
+after(() => rmSync(dir, { recursive: true, force: true }));
 
 let server;
 let browser;
@@ -73,4 +75,32 @@ test('a browser without the code gets no welcome, and so no TURN credentials', a
   assert.ok(frames.some((f) => f.includes('"access-denied"')), frames.join('\n'));
   assert.ok(!frames.some((f) => f.includes('"welcome"') || f.includes('iceServers')), frames.join('\n'));
   await context.close();
+});
+
+test('a page whose code was revoked stays in its call until its connection drops, then leaves, told why', async () => {
+  const room = `access-revoked-${Date.now()}`;
+  const proxy = await cuttableProxy(server.url);
+  const context = await browser.newContext();
+  await context.addInitScript((code) => localStorage.setItem('callisto.access', code), CODE);
+  const page = await context.newPage();
+  await page.goto(`${proxy.url}/r/${room}`);
+  await page.getByLabel('Name', { exact: true }).fill('Alice');
+  await page.getByRole('button', { name: 'Join', exact: true }).click();
+  await page.getByRole('button', { name: 'Leave' }).waitFor({ timeout: 10000 });
+
+  // The code is revoked (a new file, and SIGHUP): Alice stays for now.
+  writeFileSync(codes, 'another-code-of-the-team-9921\n');
+  const seen = server.logs.length;
+  server.signal('SIGHUP');
+  await eventually(async () => server.logs.slice(seen).some((l) => l.includes('access codes replaced')), 5000, 'the codes are read again');
+  assert.equal(await page.locator('#call').isVisible(), true);
+
+  // Her connection drops: taking her place back needs a code, and hers no
+  // longer opens.
+  proxy.cut();
+  await page.getByText('The server no longer takes your access code.').waitFor({ timeout: 15000 });
+  assert.equal(await page.locator('#left').isVisible(), true);
+  assert.equal(await page.evaluate(() => localStorage.getItem('callisto.access')), null, 'the code is forgotten');
+  await context.close();
+  await proxy.close();
 });

@@ -4,11 +4,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import net from 'node:net';
 import path from 'node:path';
 import {
   ARTIFACTS, serverAndBrowser, launchBrowser, joinCall, waitForRemoteVideos, playingRemotes,
   connectionReport, isTestAddress, assertOnlyTestAddresses, eventually,
+  cuttableProxy,
 } from './lib.js';
 
 let server;
@@ -136,54 +136,6 @@ test('both sides restart ICE at once: one offer, no glare, the call stays up', a
   await assertHealthyMedia(b, 1, 'B');
   for (const p of [a, b]) await p.context().close();
 });
-
-/**
- * A TCP proxy on loopback to `target` (a URL) that can cut every connection
- * through it at once, with a reset (what a network change or a dying proxy
- * does to a WebSocket), and refuse new ones for a while. With
- * `serverNotices: false` only the browser's side is reset: the server's
- * side stays open and what the server sends is dropped, as when a phone
- * changes networks and the server hears nothing.
- */
-async function cuttableProxy(target) {
-  const { hostname, port } = new URL(target);
-  const pairs = new Set();
-  let refusing = false;
-  const proxy = net.createServer((client) => {
-    if (refusing) return client.resetAndDestroy();
-    const upstream = net.connect(Number(port), hostname);
-    const pair = { client, upstream };
-    pairs.add(pair);
-    for (const s of [client, upstream]) s.on('error', () => {});
-    client.on('close', () => pairs.delete(pair));
-    client.pipe(upstream);
-    upstream.pipe(client);
-  });
-  await new Promise((r) => proxy.listen(0, '127.0.0.1', r));
-  const held = [];
-  return {
-    url: `http://127.0.0.1:${proxy.address().port}`,
-    cut({ refuseFor = 0, serverNotices = true } = {}) {
-      refusing = refuseFor > 0;
-      setTimeout(() => { refusing = false; }, refuseFor);
-      for (const { client, upstream } of pairs) {
-        if (serverNotices) {
-          upstream.resetAndDestroy();
-        } else {
-          client.unpipe(upstream);
-          upstream.unpipe(client);
-          upstream.on('data', () => {});
-          held.push(upstream);
-        }
-        client.resetAndDestroy();
-      }
-    },
-    close() {
-      for (const s of held) s.destroy();
-      return new Promise((r) => proxy.close(r));
-    },
-  };
-}
 
 for (const serverNotices of [true, false]) {
   const how = serverNotices ? '' : ', before the server notices';
