@@ -65,7 +65,9 @@ impl AccessCodes {
                 } else {
                     "no access code"
                 };
-                tracing::warn!(%remote, room, left_out, "join refused: {why}");
+                // The address first, alone: fail2ban's filter
+                // (contrib/fail2ban/filter.d/callisto-access.conf) reads it.
+                tracing::warn!(client = %remote.ip(), %remote, room, left_out, "join refused: {why}");
             }
             false
         })

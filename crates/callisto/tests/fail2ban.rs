@@ -2,8 +2,9 @@
 //! what `callisto turn` logged, in both log formats, over IPv4 and IPv6,
 //! as written to a file and behind a syslog prefix: it finds every wrong
 //! password and unknown user with the client's address, and nothing else
-//! (not an expired credential, not a client that got in). And the jail
-//! beside it passes fail2ban's own configuration test.
+//! (not an expired credential, not a client that got in); likewise what
+//! `callisto serve` logged of joins refused for want of an access code.
+//! And the jail beside them passes fail2ban's own configuration test.
 //!
 //! Needs the Debian package fail2ban (scripts/test.sh installs it).
 
@@ -20,6 +21,7 @@ use common::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_callisto");
 const FILTER: &str = include_str!("../../../contrib/fail2ban/filter.d/callisto-turn.conf");
+const ACCESS_FILTER: &str = include_str!("../../../contrib/fail2ban/filter.d/callisto-access.conf");
 const JAIL: &str = include_str!("../../../contrib/fail2ban/jail.d/callisto.conf");
 const FAIL2BAN_REGEX: &str = "/usr/bin/fail2ban-regex";
 const FAIL2BAN_CLIENT: &str = "/usr/bin/fail2ban-client";
@@ -103,15 +105,15 @@ fn logged(ip: &str, format: &str) -> Vec<String> {
     log
 }
 
-/// The addresses `fail2ban-regex` finds in `lines` with the filter in
-/// `dir`, one per match.
-fn matched(dir: &Path, name: &str, lines: &[String]) -> Vec<String> {
+/// The addresses `fail2ban-regex` finds in `lines` with the filter
+/// `filter` in `dir`, one per match.
+fn matched(dir: &Path, filter: &str, name: &str, lines: &[String]) -> Vec<String> {
     let log = dir.join(name);
     std::fs::write(&log, lines.join("\n") + "\n").unwrap();
     let out = Command::new(FAIL2BAN_REGEX)
         .args(["-o", "ip"])
         .arg(&log)
-        .arg(dir.join("filter.d/callisto-turn.conf"))
+        .arg(dir.join("filter.d").join(filter))
         .output()
         .unwrap();
     assert!(
@@ -160,7 +162,12 @@ fn the_fail2ban_filter_finds_each_guess_and_whose_it_was() {
             .map(|l| format!("Nov 27 13:27:48 testhost callisto[4242]: {l}"))
             .collect();
         for (name, lines) in [("plain", &lines), ("syslog", &syslog)] {
-            let found = matched(&dir.0, &format!("{format}-{name}.log"), lines);
+            let found = matched(
+                &dir.0,
+                "callisto-turn.conf",
+                &format!("{format}-{name}.log"),
+                lines,
+            );
             assert_eq!(
                 found,
                 vec![ip.to_owned(); guesses],
@@ -190,6 +197,7 @@ fn the_jail_passes_fail2bans_configuration_test() {
     std::fs::create_dir(dir.0.join("jail.d")).unwrap();
     std::fs::write(dir.0.join("jail.d/callisto.conf"), JAIL).unwrap();
     std::fs::write(dir.0.join("filter.d/callisto-turn.conf"), FILTER).unwrap();
+    std::fs::write(dir.0.join("filter.d/callisto-access.conf"), ACCESS_FILTER).unwrap();
     let client = |flag: &str| {
         let out = Command::new(FAIL2BAN_CLIENT)
             .arg("-c")
@@ -217,9 +225,114 @@ fn the_jail_passes_fail2bans_configuration_test() {
         "['add', 'callisto-turn', 'systemd']",
         "['set', 'callisto-turn', 'addjournalmatch', '_SYSTEMD_UNIT=callisto.service']",
         "['set', 'callisto-turn', 'maxretry', 10]",
+        "['add', 'callisto-access', 'systemd']",
+        "['set', 'callisto-access', 'addjournalmatch', '_SYSTEMD_UNIT=callisto.service']",
+        "['set', 'callisto-access', 'maxretry', 10]",
         "['port', '0:65535']",
         "['protocol', 'tcp,udp']",
     ] {
         assert!(dump.contains(needle), "no {needle} in\n{dump}");
+    }
+}
+
+/// What `callisto serve`, listening on `ip` with access codes and logging
+/// in `format`, logs while a client joins with no code, then a wrong one,
+/// then the right one.
+fn logged_joins(ip: &str, format: &str, codes: &Path) -> Vec<String> {
+    let listen = SocketAddr::new(ip.parse().unwrap(), 0);
+    let mut child = Command::new(BIN)
+        .args(["serve", "--no-turn", "--listen", &listen.to_string()])
+        .arg("--access-codes-file")
+        .arg(codes)
+        .args(["--log-format", format])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    // The URL, from the "serving" line (`url=…` or `"url":"…"`).
+    let url = loop {
+        let line = lines.next().expect("callisto starts").unwrap();
+        let found = line
+            .split(['=', '"', ' '])
+            .find(|w| w.starts_with("http://"))
+            .map(str::to_owned);
+        log.push(line);
+        if let Some(url) = found {
+            break url;
+        }
+    };
+    let ws = format!(
+        "ws{}/ws",
+        url.trim_start_matches("http").trim_end_matches('/')
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = common::Client::connect(&ws).await;
+        for access in [None, Some("a-wrong-code-of-the-team")] {
+            let mut join = serde_json::json!({"type": "join", "room": "standup", "name": "M"});
+            if let Some(code) = access {
+                join["access"] = code.into();
+            }
+            client.send(join).await;
+            client.expect_error("access-denied").await;
+        }
+        client
+            .send(serde_json::json!({"type": "join", "room": "standup", "name": "M", "access": "the-code-of-the-team"}))
+            .await;
+        client.expect("welcome").await;
+    });
+    // Each line is written before its answer is sent: all are in the pipe.
+    let _ = child.kill();
+    let _ = child.wait();
+    log.extend(lines.map_while(Result::ok));
+    log
+}
+
+#[test]
+fn the_access_filter_finds_each_refused_join_and_whose_it_was() {
+    fail2ban_installed();
+    let dir = TempDir::new("fail2ban-access");
+    std::fs::create_dir_all(dir.0.join("filter.d")).unwrap();
+    std::fs::write(dir.0.join("filter.d/callisto-access.conf"), ACCESS_FILTER).unwrap();
+    std::fs::copy(COMMON, dir.0.join("filter.d/common.conf")).unwrap();
+    let codes = dir.0.join("codes");
+    std::fs::write(&codes, "the-code-of-the-team\n").unwrap();
+
+    for (ip, format) in [
+        ("127.0.0.1", "text"),
+        ("127.0.0.1", "json"),
+        ("::1", "text"),
+        ("::1", "json"),
+    ] {
+        let lines = logged_joins(ip, format, &codes);
+        let refused = lines.iter().filter(|l| l.contains("join refused")).count();
+        assert_eq!(refused, 2, "{format}: {lines:#?}");
+        assert!(
+            lines.iter().any(|l| l.contains("joined")),
+            "{format}: {lines:#?}"
+        );
+        let syslog: Vec<String> = lines
+            .iter()
+            .map(|l| format!("Nov 27 13:27:48 testhost callisto[4242]: {l}"))
+            .collect();
+        for (name, lines) in [("plain", &lines), ("syslog", &syslog)] {
+            let found = matched(
+                &dir.0,
+                "callisto-access.conf",
+                &format!("{format}-{name}.log"),
+                lines,
+            );
+            assert_eq!(
+                found,
+                vec![ip.to_owned(); 2],
+                "{ip}, {format}, {name}: each refused join, none of the rest, in\n{}",
+                lines.join("\n")
+            );
+        }
     }
 }
