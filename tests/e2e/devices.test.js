@@ -34,7 +34,7 @@ async function audioFlows(page, label) {
 }
 
 /**
- * Video frames `page` decodes on each connection, once they keep coming:
+ * Camera frames `page` decodes on each connection, once they keep coming:
  * a video element's clock runs on without frames, so its time alone
  * does not show that new ones arrive.
  */
@@ -42,8 +42,10 @@ async function videoFlows(page, label) {
   const frames = async () => page.evaluate(async () => {
     const out = [];
     for (const link of window.__callisto.links.values()) {
+      // The camera's video: the first (the second is for a shared screen).
+      const { mid } = link.pc.getTransceivers().find((t) => t.receiver.track.kind === 'video');
       let n = 0;
-      (await link.pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') n = s.framesDecoded; });
+      (await link.pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.mid === mid) n = s.framesDecoded; });
       out.push(n);
     }
     return out;

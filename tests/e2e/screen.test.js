@@ -11,43 +11,56 @@ let server;
 let browser;
 serverAndBrowser({}, (s, b) => { server = s; browser = b; });
 
-/** The label of the video track a page sends on each of its connections (null: none). */
+/**
+ * The labels of the video tracks a page sends on each of its connections,
+ * camera first, then screen (null: none).
+ */
 const sentVideo = (page) => page.evaluate(() => [...window.__callisto.links.values()]
-  .map((l) => l.pc.getTransceivers().find((t) => t.receiver.track.kind === 'video')?.sender.track?.label ?? null));
+  .map((l) => l.pc.getTransceivers().filter((t) => t.receiver.track.kind === 'video')
+    .map((t) => t.sender.track?.label ?? null)));
 const isScreen = (label) => Boolean(label?.startsWith('screen:'));
 const tileOf = (page, id) => page.locator(`.tile[data-peer-id="${id}"]`);
+/** SDP offers and answers that reached `page` so far. */
+const descriptions = (page) => page.evaluate(() => window.__received.filter((m) => m.type === 'signal' && m.data?.description).length);
 
-test('a shared screen replaces the camera for everyone, newcomers too, until it is stopped', async () => {
+test('a shared screen goes beside the camera to everyone, newcomers too, until it is stopped', async () => {
   const room = `screen-${Date.now()}`;
   const alice = await joinCall(browser, server.url, room, 'Alice');
   const bob = await joinCall(browser, server.url, room, 'Bob');
   await waitForRemoteVideos(alice, 1);
   await waitForRemoteVideos(bob, 1);
   const aliceId = await alice.evaluate(() => window.__callisto.id);
-  const [camera] = await sentVideo(alice);
-  assert.ok(camera && !isScreen(camera), `Alice sends her camera first (${camera})`);
+  const [[camera, none]] = await sentVideo(alice);
+  assert.ok(camera && !isScreen(camera) && none === null, `Alice sends her camera alone first (${camera}, ${none})`);
+  const before = await Promise.all([alice, bob].map(descriptions));
 
   const share = alice.getByRole('button', { name: 'Share screen' });
   await share.click();
   const stop = alice.getByRole('button', { name: 'Stop sharing' });
   await stop.waitFor({ timeout: 5000 });
   assert.equal(await stop.getAttribute('aria-pressed'), 'true');
-  await eventually(async () => (await sentVideo(alice)).every(isScreen), 5000, 'Alice sends her screen');
-  await tileOf(bob, aliceId).and(bob.locator('.screen')).waitFor({ timeout: 5000 });
-  assert.ok(await tileOf(bob, aliceId).getByText('Sharing screen').isVisible());
-  await tileOf(alice, 'local').and(alice.locator('.screen')).waitFor();
-  await waitForRemoteVideos(bob, 1); // the screen plays where the camera did
-  const states = await alice.evaluate(() => [...window.__callisto.links.values()].map((l) => l.pc.signalingState));
-  assert.deepEqual(states, ['stable'], 'no renegotiation');
+  await eventually(async () => (await sentVideo(alice)).every(([c, s]) => c === camera && isScreen(s)), 5000, 'Alice sends her camera and her screen');
+  // Bob sees both: her camera's tile, and her screen's beside it.
+  const screenTile = tileOf(bob, `${aliceId}/screen`);
+  await screenTile.waitFor({ timeout: 5000 });
+  assert.equal(await screenTile.getAttribute('aria-label'), 'Screen of Alice');
+  assert.ok(await screenTile.evaluate((t) => t.classList.contains('screen')));
+  await eventually(async () => {
+    const playing = await playingRemotes(bob);
+    return playing.includes(aliceId) && playing.includes(`${aliceId}/screen`);
+  }, 15000, 'Alice\'s camera and screen both play at Bob\'s');
+  await tileOf(alice, 'local/screen').waitFor();
+  assert.equal(await tileOf(alice, 'local/screen').getAttribute('aria-label'), 'Screen of Alice (you)');
+  assert.deepEqual(await Promise.all([alice, bob].map(descriptions)), before, 'no renegotiation');
 
-  // Carol comes while Alice shares: she gets the screen from the start.
+  // Carol comes while Alice shares: she gets both from the start.
   const carol = await joinCall(browser, server.url, room, 'Carol');
   await eventually(async () => {
-    const labels = await sentVideo(alice);
-    return labels.length === 2 && labels.every(isScreen);
+    const sent = await sentVideo(alice);
+    return sent.length === 2 && sent.every(([c, s]) => c === camera && isScreen(s));
   }, 10000, 'Alice sends her screen to Carol too');
-  await tileOf(carol, aliceId).and(carol.locator('.screen')).waitFor({ timeout: 10000 });
-  await waitForRemoteVideos(carol, 2);
+  await tileOf(carol, `${aliceId}/screen`).waitFor({ timeout: 10000 });
+  await waitForRemoteVideos(carol, 3); // Alice's camera and screen, Bob's camera
   const shot = path.join(ARTIFACTS, 'screen-share.png');
   await carol.screenshot({ path: shot });
   console.log(`# artifact: ${shot}`);
@@ -58,11 +71,12 @@ test('a shared screen replaces the camera for everyone, newcomers too, until it 
     link.pc.getSenders().find((s) => s.track?.label.startsWith('screen:')).track.dispatchEvent(new Event('ended'));
   });
   await share.waitFor({ timeout: 5000 });
-  await eventually(async () => (await sentVideo(alice)).every((l) => l === camera), 5000, 'Alice sends her camera again');
+  await eventually(async () => (await sentVideo(alice)).every(([c, s]) => c === camera && s === null), 5000, 'Alice sends her camera alone again');
   for (const page of [bob, carol]) {
-    await tileOf(page, aliceId).and(page.locator('.tile:not(.screen)')).waitFor({ timeout: 5000 });
+    await tileOf(page, `${aliceId}/screen`).waitFor({ state: 'detached', timeout: 5000 });
     await waitForRemoteVideos(page, 2);
   }
+  assert.equal(await tileOf(alice, 'local/screen').count(), 0);
   for (const p of [alice, bob, carol]) await p.context().close();
 });
 
@@ -80,22 +94,23 @@ test('someone without a camera shares a screen with those they offered to and th
     await tileOf(page, viewerId).and(page.locator('.camera-off')).waitFor({ timeout: 10000 });
     assert.ok(!(await playingRemotes(page)).includes(viewerId), 'no video from the viewer yet');
   }
-  assert.deepEqual(await sentVideo(viewer), [null, null]);
+  assert.deepEqual(await sentVideo(viewer), [[null, null], [null, null]]);
+  const before = await Promise.all([first, viewer, last].map(descriptions));
 
   await viewer.getByRole('button', { name: 'Share screen' }).click();
   await viewer.getByRole('button', { name: 'Stop sharing' }).waitFor({ timeout: 5000 });
   for (const page of [first, last]) {
-    await tileOf(page, viewerId).and(page.locator('.screen')).waitFor({ timeout: 5000 });
-    await eventually(async () => (await playingRemotes(page)).includes(viewerId), 15000, 'the viewer\'s screen plays');
+    await tileOf(page, `${viewerId}/screen`).waitFor({ timeout: 5000 });
+    await eventually(async () => (await playingRemotes(page)).includes(`${viewerId}/screen`), 15000, 'the viewer\'s screen plays');
   }
-  const states = await viewer.evaluate(() => [...window.__callisto.links.values()].map((l) => l.pc.signalingState));
-  assert.deepEqual(states, ['stable', 'stable'], 'no renegotiation');
+  assert.deepEqual(await Promise.all([first, viewer, last].map(descriptions)), before, 'no renegotiation');
 
   // Stopping leaves the viewer's tile as it was: camera off, no video.
   await viewer.getByRole('button', { name: 'Stop sharing' }).click();
   for (const page of [first, last]) {
-    await tileOf(page, viewerId).and(page.locator('.camera-off:not(.screen)')).waitFor({ timeout: 5000 });
+    await tileOf(page, `${viewerId}/screen`).waitFor({ state: 'detached', timeout: 5000 });
+    await tileOf(page, viewerId).and(page.locator('.camera-off')).waitFor({ timeout: 5000 });
   }
-  assert.deepEqual(await sentVideo(viewer), [null, null]);
+  assert.deepEqual(await sentVideo(viewer), [[null, null], [null, null]]);
   for (const p of [first, viewer, last]) await p.context().close();
 });

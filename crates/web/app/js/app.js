@@ -292,7 +292,8 @@ function showStats(on) {
       try {
         const report = await link.pc.getStats();
         if (!stats.timer) return; // turned off meanwhile
-        const summary = summarize(report.values(), stats.samples.get(id) ?? null);
+        const camera = link.pc.getTransceivers().find((t) => t.receiver.track.kind === 'video')?.mid ?? null;
+        const summary = summarize(report.values(), stats.samples.get(id) ?? null, camera);
         stats.samples.set(id, summary.sample);
         grid.setStats(id, describe(summary));
       } catch (err) {
@@ -357,7 +358,7 @@ async function useTrack(track) {
   stream.addTrack(track);
   await Promise.all([...call.links.values()].map((link) => link.useLocalTrack(track)));
   old?.stop();
-  if (!call.screen && (track.kind === 'video' || !old)) {
+  if (track.kind === 'video' || !old) {
     grid.attach('local', null); // the same stream, with a new track in it
     grid.attach('local', stream);
   }
@@ -368,8 +369,9 @@ async function useTrack(track) {
 }
 
 /**
- * Sends a screen instead of the camera to everyone, new peers included,
- * until the person stops it here or in the browser's own sharing bar.
+ * Sends a screen beside the camera to everyone, new peers included, until
+ * the person stops it here or in the browser's own sharing bar. It shows
+ * in a tile of its own, here and at each peer.
  */
 async function shareScreen() {
   const button = $('screen-btn');
@@ -381,9 +383,9 @@ async function shareScreen() {
   if (call.leaving) return result.track.stop();
   call.screen = result.track;
   result.track.addEventListener('ended', () => stopSharing());
-  for (const link of call.links.values()) link.sendVideo(call.screen);
-  grid.attach('local', new MediaStream([call.screen]));
-  grid.setSharing('local', true);
+  for (const link of call.links.values()) link.sendScreen(call.screen);
+  grid.tile(SCREEN_TILE, { name: call.name, local: true, screen: true });
+  grid.attach(SCREEN_TILE, new MediaStream([call.screen]));
   button.textContent = 'Stop sharing';
   button.setAttribute('aria-pressed', 'true');
   sendState();
@@ -393,9 +395,8 @@ function stopSharing() {
   if (!call.screen) return;
   call.screen.stop();
   call.screen = null;
-  for (const link of call.links.values()) link.sendVideo(null);
-  grid.attach('local', call.localStream);
-  grid.setSharing('local', false);
+  for (const link of call.links.values()) link.sendScreen(null);
+  grid.remove(SCREEN_TILE);
   const button = $('screen-btn');
   button.textContent = 'Share screen';
   button.setAttribute('aria-pressed', 'false');
@@ -435,10 +436,11 @@ function addLink(peer, initiator) {
     localStream: call.localStream,
     send: (data) => call.signaling?.signal(peer.id, data),
   });
-  if (call.screen) link.sendVideo(call.screen);
+  if (call.screen) link.sendScreen(call.screen);
   call.links.set(peer.id, link);
   grid.tile(peer.id, { name: peer.name });
   link.addEventListener('track', ({ detail }) => {
+    if (detail.screen) return grid.attach(screenTile(peer.id), link.screenStream);
     grid.attach(peer.id, link.remoteStream);
     if (detail.track.kind === 'video') measureFirstFrame(peer.id);
   });
@@ -460,6 +462,7 @@ function removeLink(id) {
   call.links.get(id)?.close();
   call.links.delete(id);
   grid.remove(id);
+  grid.remove(screenTile(id));
   updateCount();
 }
 
@@ -473,8 +476,18 @@ function onSignal(from, data) {
 function onState(from, data) {
   if (!data?.state) return;
   grid.setMediaState(from, data.state);
-  grid.setSharing(from, data.state.screen === true);
+  const link = call.links.get(from);
+  if (data.state.screen === true && link) {
+    grid.tile(screenTile(from), { name: link.name, screen: true });
+    grid.attach(screenTile(from), link.screenStream);
+  } else {
+    grid.remove(screenTile(from));
+  }
 }
+
+// The tiles of shared screens: ours, and each peer's beside its camera's.
+const SCREEN_TILE = 'local/screen';
+const screenTile = (peerId) => `${peerId}/screen`;
 
 function sendState(to = null) {
   const data = { state: { audio: call.audioOn, video: call.videoOn, screen: Boolean(call.screen) } };

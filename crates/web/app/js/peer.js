@@ -16,6 +16,13 @@
 // have been lost with a signaling connection); { state } carries mute
 // state and whether a screen is shared.
 //
+// Every connection carries audio, video (the camera) and a second video
+// for a shared screen, all negotiated "sendrecv" from the first offer,
+// also for what this side has nothing to send yet: starting a camera or
+// sharing a screen later is a replaceTrack, never a renegotiation. The
+// screen's is the second video transceiver on both sides: the answerer's
+// follow the offer's m-lines, in the order the offerer made them.
+//
 // The side that offers first also opens the chat data channel (chat.js),
 // so it is in the first offer and needs no renegotiation; the other side
 // takes it from the "datachannel" event. Each file sent (files.js) gets a
@@ -40,7 +47,7 @@ export class PeerLink extends EventTarget {
   #chat = null;
   #chatQueue = [];
   #incomingFiles = new Set();
-  #videoOverride = null;
+  #screen = null; // the shared screen's track, to send on the screen transceiver
   glares = 0;
 
   /**
@@ -60,16 +67,20 @@ export class PeerLink extends EventTarget {
     this.localStream = localStream;
     this.send = send;
     this.remoteStream = new MediaStream();
+    /** The other side's shared screen (its track is silent until it shares). */
+    this.screenStream = new MediaStream();
     this.pc = new RTCPeerConnection({ iceServers });
 
     this.pc.addEventListener('negotiationneeded', () => this.#offer());
     this.pc.addEventListener('icecandidate', ({ candidate }) => {
       if (candidate) this.send({ candidate: candidate.toJSON() });
     });
-    this.pc.addEventListener('track', ({ track }) => {
-      this.remoteStream.addTrack(track);
-      track.addEventListener('ended', () => this.remoteStream.removeTrack(track));
-      this.dispatchEvent(new CustomEvent('track', { detail: { track } }));
+    this.pc.addEventListener('track', ({ track, transceiver }) => {
+      const screen = transceiver === this.#screenTransceiver();
+      const stream = screen ? this.screenStream : this.remoteStream;
+      stream.addTrack(track);
+      track.addEventListener('ended', () => stream.removeTrack(track));
+      this.dispatchEvent(new CustomEvent('track', { detail: { track, screen } }));
     });
     this.pc.addEventListener('connectionstatechange', () => this.#onState());
     this.pc.addEventListener('datachannel', ({ channel }) => this.#takeChannel(channel));
@@ -83,27 +94,28 @@ export class PeerLink extends EventTarget {
     this.#attachLocal();
     this.#takeChannel(this.pc.createDataChannel(CHAT_LABEL, { protocol: CHAT_PROTOCOL }));
     const kinds = new Set(this.pc.getTransceivers().map((t) => t.receiver.track.kind));
-    // A kind we have no track for is still negotiated to send: a screen
-    // shared later then goes out by replaceTrack, with no renegotiation.
+    // A kind we have no track for is still negotiated to send (see the
+    // top of this file), and so is the screen, after the camera.
     for (const kind of ['audio', 'video']) {
       if (!kinds.has(kind)) this.pc.addTransceiver(kind, { direction: 'sendrecv' });
     }
+    this.pc.addTransceiver(this.#screen ?? 'video', { direction: 'sendrecv' });
   }
 
   /**
-   * Sends `track` instead of the camera (a shared screen), or the camera
-   * again with null. Takes effect at once on a connection already
-   * negotiated, and from the first offer or answer on a new one.
+   * Sends `track`, a shared screen, beside the camera; null stops. Takes
+   * effect at once on a connection already negotiated, and from the first
+   * offer or answer on a new one.
    * @param {MediaStreamTrack|null} track
    */
-  async sendVideo(track) {
-    this.#videoOverride = track;
-    const sender = this.#transceiver('video')?.sender;
+  async sendScreen(track) {
+    this.#screen = track;
+    const sender = this.#screenTransceiver()?.sender;
     if (!sender) return;
     try {
-      await sender.replaceTrack(track ?? this.localStream?.getVideoTracks()[0] ?? null);
+      await sender.replaceTrack(track);
     } catch (err) {
-      console.warn(`peer ${this.id}: could not switch the video sent`, err);
+      console.warn(`peer ${this.id}: could not switch the screen sent`, err);
     }
   }
 
@@ -194,11 +206,10 @@ export class PeerLink extends EventTarget {
 
   /**
    * Sends `track`, a newly chosen microphone or camera, instead of the one
-   * of its kind. A shared screen stays; the new camera follows it.
+   * of its kind.
    * @param {MediaStreamTrack} track
    */
   async useLocalTrack(track) {
-    if (track.kind === 'video' && this.#videoOverride) return;
     // Not negotiated yet: #attachLocal will take the stream's tracks.
     const sender = this.#transceiver(track.kind)?.sender;
     if (!sender) return;
@@ -223,7 +234,7 @@ export class PeerLink extends EventTarget {
     clearTimeout(this.#restartTimer);
     clearTimeout(this.#resendTimer);
     this.pc.close();
-    for (const t of this.remoteStream.getTracks()) t.stop();
+    for (const t of [...this.remoteStream.getTracks(), ...this.screenStream.getTracks()]) t.stop();
   }
 
   async #offer() {
@@ -260,6 +271,8 @@ export class PeerLink extends EventTarget {
       for (const t of pc.getTransceivers()) {
         if (t.direction === 'recvonly' && !t.currentDirection) t.direction = 'sendrecv';
       }
+      const screen = this.#screenTransceiver();
+      if (this.#screen && screen && screen.sender.track !== this.#screen) await screen.sender.replaceTrack(this.#screen);
       await pc.setLocalDescription();
       this.send({ description: pc.localDescription.toJSON() });
       if (collision) await this.#rewireSenders();
@@ -323,14 +336,17 @@ export class PeerLink extends EventTarget {
     if (this.#localAttached) return;
     this.#localAttached = true;
     const stream = this.localStream ?? new MediaStream();
-    for (const track of stream.getTracks()) {
-      this.pc.addTrack(track.kind === 'video' && this.#videoOverride ? this.#videoOverride : track, stream);
-    }
-    if (this.#videoOverride && !stream.getVideoTracks().length) this.pc.addTrack(this.#videoOverride, stream);
+    for (const track of stream.getTracks()) this.pc.addTrack(track, stream);
   }
 
+  /** The first transceiver of `kind`: the microphone's, or the camera's. */
   #transceiver(kind) {
     return this.pc.getTransceivers().find((t) => t.receiver.track.kind === kind && t.currentDirection !== 'stopped');
+  }
+
+  /** The second video transceiver: the screen's (null before negotiation, or with an older app). */
+  #screenTransceiver() {
+    return this.pc.getTransceivers().filter((t) => t.receiver.track.kind === 'video' && t.currentDirection !== 'stopped')[1] ?? null;
   }
 
   #onState() {

@@ -14,8 +14,10 @@ function num(v) {
  * for the rates (null at first).
  * @param {Iterable<object>} report the RTCStatsReport's values
  * @param {{ timestamp: number, bytesIn: number, bytesOut: number } | null} previous
+ * @param {string|null} videoMid the camera's video among several (a shared
+ *   screen's is another); null: any
  */
-export function summarize(report, previous = null) {
+export function summarize(report, previous = null, videoMid = null) {
   const byId = new Map();
   for (const s of report) if (s && typeof s.id === 'string') byId.set(s.id, s);
   let pair = null;
@@ -34,7 +36,7 @@ export function summarize(report, previous = null) {
       packetsIn += num(s.packetsReceived) ?? 0;
       // packetsLost may go negative with duplicates; it counts as none.
       lost += num(s.packetsLost) ?? 0;
-      if (s.kind === 'video' && num(s.frameWidth)) {
+      if (s.kind === 'video' && num(s.frameWidth) && (videoMid === null || s.mid === videoMid)) {
         video = { width: num(s.frameWidth), height: num(s.frameHeight), fps: num(s.framesPerSecond) };
       }
     }

@@ -24,12 +24,15 @@ export class Grid {
     this.root = root;
   }
 
-  /** Adds or updates the tile for `id` and returns it. */
-  tile(id, { name, local = false }) {
+  /**
+   * Adds or updates the tile for `id` and returns it: someone's camera, or
+   * with `screen` the screen they share.
+   */
+  tile(id, { name, local = false, screen = false }) {
     let tile = this.#tiles.get(id);
     if (!tile) {
       tile = document.createElement('figure');
-      tile.className = local ? 'tile local' : 'tile';
+      tile.className = ['tile', local && 'local', screen && 'screen'].filter(Boolean).join(' ');
       tile.dataset.peerId = id;
       const video = document.createElement('video');
       video.autoplay = true;
@@ -50,11 +53,7 @@ export class Grid {
       camOff.className = 'badge camera';
       camOff.textContent = 'Camera off';
       camOff.hidden = true;
-      const sharing = document.createElement('span');
-      sharing.className = 'badge sharing';
-      sharing.textContent = 'Sharing screen';
-      sharing.hidden = true;
-      caption.append(label, muted, camOff, sharing);
+      caption.append(label, muted, camOff);
       const state = document.createElement('span');
       state.className = 'state';
       state.hidden = true;
@@ -63,7 +62,8 @@ export class Grid {
       this.#tiles.set(id, tile);
       this.#layout();
     }
-    const label = local ? `${name} (you)` : name;
+    const who = local ? `${name} (you)` : name;
+    const label = screen ? `Screen of ${who}` : who;
     tile.querySelector('.name').textContent = label;
     tile.querySelector('.avatar').textContent = (name || '?').trim().charAt(0).toUpperCase();
     tile.setAttribute('aria-label', label);
@@ -108,17 +108,6 @@ export class Grid {
     tile.querySelector('.badge.muted').hidden = audio;
     tile.querySelector('.badge.camera').hidden = video;
     tile.classList.toggle('camera-off', !video);
-  }
-
-  /**
-   * Marks a tile as showing a shared screen: shown whole, not cropped or
-   * mirrored, and not hidden as "camera off".
-   */
-  setSharing(id, sharing) {
-    const tile = this.#tiles.get(id);
-    if (!tile) return;
-    tile.classList.toggle('screen', sharing);
-    tile.querySelector('.badge.sharing').hidden = !sharing;
   }
 
   /** Shows (or with null, hides) live stats on the tile: [label, value] lines. */
