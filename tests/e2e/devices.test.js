@@ -9,7 +9,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, playingRemotes, connectionReport, eventually } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, playingRemotes, connectionReport, eventually, descriptions } from './lib.js';
 
 let server;
 let browser;
@@ -126,8 +126,6 @@ test('a microphone, camera and speaker chosen during the call are used at once, 
   for (const p of [alice, bob, carol]) await p.context().close();
 });
 
-/** SDP offers and answers that reached `page` so far. */
-const descriptions = (page) => page.evaluate(() => window.__received.filter((m) => m.type === 'signal' && m.data?.description).length);
 
 test('a call joined without camera and microphone starts them later, sent to everyone with no renegotiation', async () => {
   const room = `devices-later-${Date.now()}`;

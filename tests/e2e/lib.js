@@ -216,6 +216,9 @@ export async function playingRemotes(page) {
   });
 }
 
+/** SDP offers and answers that reached `page` so far (a renegotiation adds to them). */
+export const descriptions = (page) => page.evaluate(() => window.__received.filter((m) => m.type === 'signal' && m.data?.description).length);
+
 /** Waits until `count` remote videos play. */
 export async function waitForRemoteVideos(page, count, timeoutMs = 20000) {
   const deadline = Date.now() + timeoutMs;

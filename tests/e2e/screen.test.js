@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, playingRemotes, eventually } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, playingRemotes, eventually, descriptions } from './lib.js';
 
 let server;
 let browser;
@@ -20,8 +20,6 @@ const sentVideo = (page) => page.evaluate(() => [...window.__callisto.links.valu
     .map((t) => t.sender.track?.label ?? null)));
 const isScreen = (label) => Boolean(label?.startsWith('screen:'));
 const tileOf = (page, id) => page.locator(`.tile[data-peer-id="${id}"]`);
-/** SDP offers and answers that reached `page` so far. */
-const descriptions = (page) => page.evaluate(() => window.__received.filter((m) => m.type === 'signal' && m.data?.description).length);
 
 test('a shared screen goes beside the camera to everyone, newcomers too, until it is stopped', async () => {
   const room = `screen-${Date.now()}`;

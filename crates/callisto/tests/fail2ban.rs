@@ -62,47 +62,93 @@ fn allocate(from: &UdpSocket, server: SocketAddr, username: &str, password: &str
     panic!("no answer from the server");
 }
 
+/// The addresses and log formats each filter is tried with.
+const LISTENS: [(&str, &str); 4] = [
+    ("127.0.0.1", "text"),
+    ("127.0.0.1", "json"),
+    ("::1", "text"),
+    ("::1", "json"),
+];
+
+/// `callisto ARGS`, its log read until `find` finds what it looks for in a
+/// line (an address the server listens on, say).
+struct Logging<T> {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
+    log: Vec<String>,
+    found: T,
+}
+
+impl<T> Logging<T> {
+    fn start(args: &[&str], find: impl Fn(&str) -> Option<T>) -> Logging<T> {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = Vec::new();
+        let found = loop {
+            let line = lines.next().expect("callisto starts").unwrap();
+            let found = find(&line);
+            log.push(line);
+            if let Some(found) = found {
+                break found;
+            }
+        };
+        Logging {
+            child,
+            lines,
+            log,
+            found,
+        }
+    }
+
+    /// Stops the server and returns all it logged. Each line is written
+    /// before its answer is sent: all are in the pipe.
+    fn stop(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log.extend(self.lines.map_while(Result::ok));
+        self.log
+    }
+}
+
 /// What `callisto turn`, listening on `ip` and logging in `format`, logs
 /// while a client gets a wrong password, an unknown user and an expired
 /// credential refused, then allocates.
 fn logged(ip: &str, format: &str) -> Vec<String> {
-    let listen = SocketAddr::new(ip.parse().unwrap(), 0);
-    let mut child = Command::new(BIN)
-        .args(["turn", "--turn-listen", &listen.to_string()])
-        .args(["--turn-user", "user:pass", "--turn-secret", "s3cret"])
-        .args(["--log-format", format])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
+    let listen = SocketAddr::new(ip.parse().unwrap(), 0).to_string();
     // The port, from the start line (`udp=…` or `"udp":"…"`).
-    let port = loop {
-        let line = lines.next().expect("callisto starts").unwrap();
-        let found = line
-            .split(['=', '"', ' '])
-            .skip_while(|w| *w != "udp")
-            .find_map(|w| w.parse::<SocketAddr>().ok())
-            .map(|a| a.port());
-        log.push(line);
-        if let Some(port) = found {
-            break port;
-        }
-    };
-    let server = SocketAddr::new(listen.ip(), port);
-    let from = UdpSocket::bind(SocketAddr::new(listen.ip(), 0)).unwrap();
+    let logging = Logging::start(
+        &[
+            "turn",
+            "--turn-listen",
+            &listen,
+            "--turn-user",
+            "user:pass",
+            "--turn-secret",
+            "s3cret",
+            "--log-format",
+            format,
+        ],
+        |line| {
+            line.split(['=', '"', ' '])
+                .skip_while(|w| *w != "udp")
+                .find_map(|w| w.parse::<SocketAddr>().ok())
+                .map(|a| a.port())
+        },
+    );
+    let server = SocketAddr::new(ip.parse().unwrap(), logging.found);
+    let from = UdpSocket::bind(SocketAddr::new(server.ip(), 0)).unwrap();
     from.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     assert!(!allocate(&from, server, "user", "wrong"));
     assert!(!allocate(&from, server, "mallory", "guess"));
     assert!(!allocate(&from, server, "1:alice", "old"), "expired");
     assert!(allocate(&from, server, "user", "pass"));
-    // Each line is written before its answer is sent: all are in the pipe.
-    let _ = child.kill();
-    let _ = child.wait();
-    log.extend(lines.map_while(Result::ok));
-    log
+    logging.stop()
 }
 
 /// The addresses `fail2ban-regex` finds in `lines` with the filter
@@ -128,20 +174,46 @@ fn matched(dir: &Path, filter: &str, name: &str, lines: &[String]) -> Vec<String
         .collect()
 }
 
+/// A directory with `filter` (as `filter.d/NAME`) and fail2ban's
+/// definitions it includes.
+fn filter_dir(what: &str, name: &str, filter: &str) -> TempDir {
+    let dir = TempDir::new(what);
+    std::fs::create_dir_all(dir.0.join("filter.d")).unwrap();
+    std::fs::write(dir.0.join("filter.d").join(name), filter).unwrap();
+    std::fs::copy(COMMON, dir.0.join("filter.d/common.conf")).unwrap();
+    dir
+}
+
+/// That the filter `name` in `dir` finds `ip` `count` times in `lines`,
+/// as written to a file and behind a syslog prefix.
+fn assert_found(
+    dir: &Path,
+    name: &str,
+    (ip, format): (&str, &str),
+    lines: &[String],
+    count: usize,
+) {
+    let syslog: Vec<String> = lines
+        .iter()
+        .map(|l| format!("Nov 27 13:27:48 testhost callisto[4242]: {l}"))
+        .collect();
+    for (kind, lines) in [("plain", lines), ("syslog", &syslog[..])] {
+        let found = matched(dir, name, &format!("{name}-{format}-{kind}.log"), lines);
+        assert_eq!(
+            found,
+            vec![ip.to_owned(); count],
+            "{name}: {ip}, {format}, {kind}: each failure, none of the rest, in\n{}",
+            lines.join("\n")
+        );
+    }
+}
+
 #[test]
 fn the_fail2ban_filter_finds_each_guess_and_whose_it_was() {
     fail2ban_installed();
-    let dir = TempDir::new("fail2ban-filter");
-    std::fs::create_dir_all(dir.0.join("filter.d")).unwrap();
-    std::fs::write(dir.0.join("filter.d/callisto-turn.conf"), FILTER).unwrap();
-    std::fs::copy(COMMON, dir.0.join("filter.d/common.conf")).unwrap();
+    let dir = filter_dir("fail2ban-filter", "callisto-turn.conf", FILTER);
 
-    for (ip, format) in [
-        ("127.0.0.1", "text"),
-        ("127.0.0.1", "json"),
-        ("::1", "text"),
-        ("::1", "json"),
-    ] {
+    for (ip, format) in LISTENS {
         let lines = logged(ip, format);
         let failed = |reason: &str| {
             lines
@@ -157,24 +229,7 @@ fn the_fail2ban_filter_finds_each_guess_and_whose_it_was() {
             lines.iter().any(|l| l.contains("allocation created")),
             "{format}: {lines:#?}"
         );
-        let syslog: Vec<String> = lines
-            .iter()
-            .map(|l| format!("Nov 27 13:27:48 testhost callisto[4242]: {l}"))
-            .collect();
-        for (name, lines) in [("plain", &lines), ("syslog", &syslog)] {
-            let found = matched(
-                &dir.0,
-                "callisto-turn.conf",
-                &format!("{format}-{name}.log"),
-                lines,
-            );
-            assert_eq!(
-                found,
-                vec![ip.to_owned(); guesses],
-                "{ip}, {format}, {name}: each guess, none of the rest, in\n{}",
-                lines.join("\n")
-            );
-        }
+        assert_found(&dir.0, "callisto-turn.conf", (ip, format), &lines, guesses);
     }
 }
 
@@ -239,30 +294,27 @@ fn the_jail_passes_fail2bans_configuration_test() {
 /// in `format`, logs while a client joins with no code, then a wrong one,
 /// then the right one.
 fn logged_joins(ip: &str, format: &str, codes: &Path) -> Vec<String> {
-    let listen = SocketAddr::new(ip.parse().unwrap(), 0);
-    let mut child = Command::new(BIN)
-        .args(["serve", "--no-turn", "--listen", &listen.to_string()])
-        .arg("--access-codes-file")
-        .arg(codes)
-        .args(["--log-format", format])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
+    let listen = SocketAddr::new(ip.parse().unwrap(), 0).to_string();
+    let codes = codes.to_str().unwrap();
     // The URL, from the "serving" line (`url=…` or `"url":"…"`).
-    let url = loop {
-        let line = lines.next().expect("callisto starts").unwrap();
-        let found = line
-            .split(['=', '"', ' '])
-            .find(|w| w.starts_with("http://"))
-            .map(str::to_owned);
-        log.push(line);
-        if let Some(url) = found {
-            break url;
-        }
-    };
+    let logging = Logging::start(
+        &[
+            "serve",
+            "--no-turn",
+            "--listen",
+            &listen,
+            "--access-codes-file",
+            codes,
+            "--log-format",
+            format,
+        ],
+        |line| {
+            line.split(['=', '"', ' '])
+                .find(|w| w.starts_with("http://"))
+                .map(str::to_owned)
+        },
+    );
+    let url = &logging.found;
     let ws = format!(
         "ws{}/ws",
         url.trim_start_matches("http").trim_end_matches('/')
@@ -286,29 +338,17 @@ fn logged_joins(ip: &str, format: &str, codes: &Path) -> Vec<String> {
             .await;
         client.expect("welcome").await;
     });
-    // Each line is written before its answer is sent: all are in the pipe.
-    let _ = child.kill();
-    let _ = child.wait();
-    log.extend(lines.map_while(Result::ok));
-    log
+    logging.stop()
 }
 
 #[test]
 fn the_access_filter_finds_each_refused_join_and_whose_it_was() {
     fail2ban_installed();
-    let dir = TempDir::new("fail2ban-access");
-    std::fs::create_dir_all(dir.0.join("filter.d")).unwrap();
-    std::fs::write(dir.0.join("filter.d/callisto-access.conf"), ACCESS_FILTER).unwrap();
-    std::fs::copy(COMMON, dir.0.join("filter.d/common.conf")).unwrap();
+    let dir = filter_dir("fail2ban-access", "callisto-access.conf", ACCESS_FILTER);
     let codes = dir.0.join("codes");
     std::fs::write(&codes, "the-code-of-the-team\n").unwrap();
 
-    for (ip, format) in [
-        ("127.0.0.1", "text"),
-        ("127.0.0.1", "json"),
-        ("::1", "text"),
-        ("::1", "json"),
-    ] {
+    for (ip, format) in LISTENS {
         let lines = logged_joins(ip, format, &codes);
         let refused = lines.iter().filter(|l| l.contains("join refused")).count();
         assert_eq!(refused, 2, "{format}: {lines:#?}");
@@ -316,23 +356,6 @@ fn the_access_filter_finds_each_refused_join_and_whose_it_was() {
             lines.iter().any(|l| l.contains("joined")),
             "{format}: {lines:#?}"
         );
-        let syslog: Vec<String> = lines
-            .iter()
-            .map(|l| format!("Nov 27 13:27:48 testhost callisto[4242]: {l}"))
-            .collect();
-        for (name, lines) in [("plain", &lines), ("syslog", &syslog)] {
-            let found = matched(
-                &dir.0,
-                "callisto-access.conf",
-                &format!("{format}-{name}.log"),
-                lines,
-            );
-            assert_eq!(
-                found,
-                vec![ip.to_owned(); 2],
-                "{ip}, {format}, {name}: each refused join, none of the rest, in\n{}",
-                lines.join("\n")
-            );
-        }
+        assert_found(&dir.0, "callisto-access.conf", (ip, format), &lines, 2);
     }
 }
