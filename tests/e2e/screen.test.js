@@ -47,7 +47,10 @@ test('a shared screen goes beside the camera to everyone, newcomers too, until i
     const playing = await playingRemotes(bob);
     return playing.includes(aliceId) && playing.includes(`${aliceId}/screen`);
   }, 15000, 'Alice\'s camera and screen both play at Bob\'s');
+  const order = (page) => page.evaluate(() => [...document.querySelectorAll('.tile')].map((t) => t.dataset.peerId));
+  assert.deepEqual(await order(bob), [aliceId, `${aliceId}/screen`, 'local'], 'her screen right after her camera');
   await tileOf(alice, 'local/screen').waitFor();
+  assert.deepEqual(await order(alice), ['local', 'local/screen', await bob.evaluate(() => window.__callisto.id)]);
   assert.equal(await tileOf(alice, 'local/screen').getAttribute('aria-label'), 'Screen of Alice (you)');
   assert.deepEqual(await Promise.all([alice, bob].map(descriptions)), before, 'no renegotiation');
 

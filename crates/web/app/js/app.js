@@ -384,7 +384,7 @@ async function shareScreen() {
   call.screen = result.track;
   result.track.addEventListener('ended', () => stopSharing());
   for (const link of call.links.values()) link.sendScreen(call.screen);
-  grid.tile(SCREEN_TILE, { name: call.name, local: true, screen: true });
+  grid.tile(SCREEN_TILE, { name: call.name, local: true, screen: true, beside: 'local' });
   grid.attach(SCREEN_TILE, new MediaStream([call.screen]));
   button.textContent = 'Stop sharing';
   button.setAttribute('aria-pressed', 'true');
@@ -478,7 +478,7 @@ function onState(from, data) {
   grid.setMediaState(from, data.state);
   const link = call.links.get(from);
   if (data.state.screen === true && link) {
-    grid.tile(screenTile(from), { name: link.name, screen: true });
+    grid.tile(screenTile(from), { name: link.name, screen: true, beside: from });
     grid.attach(screenTile(from), link.screenStream);
   } else {
     grid.remove(screenTile(from));

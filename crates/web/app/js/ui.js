@@ -26,9 +26,10 @@ export class Grid {
 
   /**
    * Adds or updates the tile for `id` and returns it: someone's camera, or
-   * with `screen` the screen they share.
+   * with `screen` the screen they share, placed right after the tile
+   * `beside` (theirs) if there is one.
    */
-  tile(id, { name, local = false, screen = false }) {
+  tile(id, { name, local = false, screen = false, beside = null }) {
     let tile = this.#tiles.get(id);
     if (!tile) {
       tile = document.createElement('figure');
@@ -58,7 +59,9 @@ export class Grid {
       state.className = 'state';
       state.hidden = true;
       tile.append(video, avatar, caption, state);
-      this.root.append(tile);
+      const neighbour = beside && this.#tiles.get(beside);
+      if (neighbour) neighbour.after(tile);
+      else this.root.append(tile);
       this.#tiles.set(id, tile);
       this.#layout();
     }
