@@ -51,6 +51,7 @@ assets! {
     "/js/files.js" => "text/javascript; charset=utf-8",
     "/js/devices.js" => "text/javascript; charset=utf-8",
     "/js/stats.js" => "text/javascript; charset=utf-8",
+    "/js/storage.js" => "text/javascript; charset=utf-8",
     "/favicon.svg" => "image/svg+xml",
 }
 

@@ -9,6 +9,7 @@ import { ChatPanel, encodeChat } from './chat.js';
 import { IncomingFile, MAX_FILE_BYTES, formatSize, offerFile, showIncoming } from './files.js';
 import { DevicePicker } from './devices.js';
 import { describe, summarize } from './stats.js';
+import { store, stored } from './storage.js';
 
 const NAME_KEY = 'callisto.name';
 // The server's access code, once one worked (for a server that needs one).
@@ -146,17 +147,6 @@ function askForAccessCode(typed) {
   $('access-input').select();
 }
 
-function stored(key) {
-  try { return localStorage.getItem(key); } catch { return null; }
-}
-
-function store(key, value) {
-  try {
-    if (value === null) localStorage.removeItem(key);
-    else localStorage.setItem(key, value);
-  } catch { /* storage off: asked again next time */ }
-}
-
 function joinErrorText(err) {
   switch (err.code) {
     case 'room-full': return 'This room is full. Try again later or pick another room.';
@@ -292,8 +282,7 @@ function showStats(on) {
       try {
         const report = await link.pc.getStats();
         if (!stats.timer) return; // turned off meanwhile
-        const camera = link.pc.getTransceivers().find((t) => t.receiver.track.kind === 'video')?.mid ?? null;
-        const summary = summarize(report.values(), stats.samples.get(id) ?? null, camera);
+        const summary = summarize(report.values(), stats.samples.get(id) ?? null, link.cameraMid);
         stats.samples.set(id, summary.sample);
         grid.setStats(id, describe(summary));
       } catch (err) {
@@ -486,8 +475,8 @@ function onState(from, data) {
 }
 
 // The tiles of shared screens: ours, and each peer's beside its camera's.
-const SCREEN_TILE = 'local/screen';
 const screenTile = (peerId) => `${peerId}/screen`;
+const SCREEN_TILE = screenTile('local');
 
 function sendState(to = null) {
   const data = { state: { audio: call.audioOn, video: call.videoOn, screen: Boolean(call.screen) } };

@@ -6,7 +6,7 @@
 // suppression, automatic gain) is chosen here too: the microphone in use
 // is opened again with it, as browsers do not change it on a live track.
 
-import { $ } from './ui.js';
+import { $, setText } from './ui.js';
 import { PROCESSING, audioProcessing, getDeviceTrack, listDevices, setAudioProcessing } from './media.js';
 
 const KINDS = [
@@ -117,9 +117,7 @@ export class DevicePicker {
   }
 
   #error(text) {
-    const el = $('devices-error');
-    el.textContent = text ?? '';
-    el.hidden = !text;
+    setText('devices-error', text);
   }
 }
 

@@ -2,6 +2,8 @@
 // screen for sharing, and a message a person can act on when capture is
 // impossible.
 
+import { store, stored } from './storage.js';
+
 const VIDEO = { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } };
 
 // The microphone's processing in the browser, each on by default: echo
@@ -15,16 +17,14 @@ const PROCESSING_KEY = 'callisto.audioProcessing';
 export function audioProcessing() {
   let saved = {};
   try {
-    saved = JSON.parse(localStorage.getItem(PROCESSING_KEY) ?? '{}') ?? {};
-  } catch { /* storage off, or not ours: the defaults */ }
+    saved = JSON.parse(stored(PROCESSING_KEY) ?? '{}') ?? {};
+  } catch { /* not ours: the defaults */ }
   return Object.fromEntries(PROCESSING.map((k) => [k, typeof saved[k] === 'boolean' ? saved[k] : true]));
 }
 
 /** Keeps `processing` (as audioProcessing returns it) for this and later calls. */
 export function setAudioProcessing(processing) {
-  try {
-    localStorage.setItem(PROCESSING_KEY, JSON.stringify(processing));
-  } catch { /* storage off: it holds for this page only */ }
+  store(PROCESSING_KEY, JSON.stringify(processing));
 }
 
 /**

@@ -178,6 +178,9 @@ export class PeerLink extends EventTarget {
     }
   }
 
+  /** The camera's media section (its mid), once negotiated: the stats describe its video. */
+  get cameraMid() { return this.#transceiver('video')?.mid ?? null; }
+
   /** The chat data channel, once there is one (for stats and tests). */
   get chatChannel() { return this.#chat; }
 
