@@ -9,7 +9,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, playingRemotes, connectionReport, eventually, descriptions } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, playingRemotes, connectionReport, eventually, descriptions, videoFlows } from './lib.js';
 
 let server;
 let browser;
@@ -31,30 +31,6 @@ async function audioFlows(page, label) {
     const later = (await connectionReport(page)).map((c) => c.audio?.packets ?? 0);
     return later.length === first.length && later.every((n, i) => n > first[i] + 10);
   }, 5000, `${label}: audio keeps arriving`);
-}
-
-/**
- * Camera frames `page` decodes on each connection, once they keep coming:
- * a video element's clock runs on without frames, so its time alone
- * does not show that new ones arrive.
- */
-async function videoFlows(page, label) {
-  const frames = async () => page.evaluate(async () => {
-    const out = [];
-    for (const link of window.__callisto.links.values()) {
-      // The camera's video: the first (the second is for a shared screen).
-      const { mid } = link.pc.getTransceivers().find((t) => t.receiver.track.kind === 'video');
-      let n = 0;
-      (await link.pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.mid === mid) n = s.framesDecoded; });
-      out.push(n);
-    }
-    return out;
-  });
-  const first = await frames();
-  await eventually(async () => {
-    const later = await frames();
-    return later.length === first.length && later.every((n, i) => n > first[i] + 10);
-  }, 10000, `${label}: video frames keep arriving`);
 }
 
 test('a microphone, camera and speaker chosen during the call are used at once, muted stays muted', async () => {

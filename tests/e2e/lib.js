@@ -142,12 +142,13 @@ const RECORD_PCS = (relayOver) => {
  * With `noCamera` the page is refused camera and microphone, as by a
  * person saying no, and can still share its screen; until the test calls
  * `window.__allowMedia()` in the page, as the person allowing them later
- * in the browser's site settings.
+ * in the browser's site settings. With `context` (one a page of an earlier
+ * joinCall is in) the page opens there: the same browser profile again.
  */
-export async function joinCall(browser, baseUrl, room, name, { contextOptions = {}, relayOver = null, noCamera = false } = {}) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 720 }, ...contextOptions });
-  await context.addInitScript(RECORD_PCS, relayOver);
-  if (noCamera) {
+export async function joinCall(browser, baseUrl, room, name, { context: reused = null, contextOptions = {}, relayOver = null, noCamera = false } = {}) {
+  const context = reused ?? await browser.newContext({ viewport: { width: 1280, height: 720 }, ...contextOptions });
+  if (!reused) await context.addInitScript(RECORD_PCS, relayOver);
+  if (noCamera && !reused) {
     await context.addInitScript(() => {
       const native = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
       let allowed = false;
@@ -295,6 +296,30 @@ export function assertOnlyTestAddresses() {
   const bad = socketAddresses().flat().filter((a) => !wildcard.has(a) && !isTestAddress(a));
   if (bad.length) throw new Error(`sockets use addresses outside the test network: ${[...new Set(bad)]}`);
   return socketAddresses().length;
+}
+
+/**
+ * Camera frames `page` decodes on each connection, once they keep coming:
+ * a video element's clock runs on without frames, so its time alone
+ * does not show that new ones arrive.
+ */
+export async function videoFlows(page, label) {
+  const frames = async () => page.evaluate(async () => {
+    const out = [];
+    for (const link of window.__callisto.links.values()) {
+      // The camera's video: the first (the second is for a shared screen).
+      const { mid } = link.pc.getTransceivers().find((t) => t.receiver.track.kind === 'video');
+      let n = 0;
+      (await link.pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.mid === mid) n = s.framesDecoded; });
+      out.push(n);
+    }
+    return out;
+  });
+  const first = await frames();
+  await eventually(async () => {
+    const later = await frames();
+    return later.length === first.length && later.every((n, i) => n > first[i] + 10);
+  }, 10000, `${label}: video frames keep arriving`);
 }
 
 /** Polls `fn` until it returns truthy or the time runs out. */

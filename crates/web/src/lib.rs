@@ -52,6 +52,8 @@ assets! {
     "/js/devices.js" => "text/javascript; charset=utf-8",
     "/js/stats.js" => "text/javascript; charset=utf-8",
     "/js/storage.js" => "text/javascript; charset=utf-8",
+    "/js/effects.js" => "text/javascript; charset=utf-8",
+    "/js/effects-worker.js" => "text/javascript; charset=utf-8",
     "/favicon.svg" => "image/svg+xml",
 }
 

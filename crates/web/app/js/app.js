@@ -3,7 +3,8 @@
 
 import { SignalingClient, ROOM_PATTERN } from './signaling.js';
 import { PeerLink } from './peer.js';
-import { getDeviceTrack, getLocalMedia, getScreen, stopStream } from './media.js';
+import { getDeviceTrack, getLocalMedia, getScreen } from './media.js';
+import { CameraEffects } from './effects.js';
 import { $, showView, setText, Grid } from './ui.js';
 import { ChatPanel, encodeChat } from './chat.js';
 import { IncomingFile, MAX_FILE_BYTES, formatSize, offerFile, showIncoming } from './files.js';
@@ -35,11 +36,15 @@ const call = {
 };
 const grid = new Grid($('grid'));
 const chat = new ChatPanel(sendChat, sendFiles);
+const effects = new CameraEffects();
+effects.addEventListener('failed', ({ detail }) => setText(call.signaling ? 'call-notice' : 'media-status', detail.message));
 // eslint-disable-next-line no-new
 new DevicePicker({
-  stream: () => call.localStream,
+  devices: () => (call.localStream?.getTracks() ?? []).map((t) => effects.camera(t)),
   speaker: () => grid.sinkId,
+  effect: () => effects.effect,
   useTrack,
+  useEffect: chooseEffect,
   useSpeaker: (sinkId) => grid.setSink(sinkId),
 });
 
@@ -49,6 +54,8 @@ window.__callisto = {
   get links() { return call.links; },
   get joinToFirstFrameMs() { return call.joinToFirstFrameMs; },
   hold(on) { call.signaling?.hold(on); },
+  /** The camera behind a sent track (with a video effect, the track is the effect's). */
+  cameraOf: (track) => effects.camera(track),
 };
 
 route();
@@ -105,6 +112,13 @@ async function showPrejoin(room) {
   $('join-btn').disabled = true;
   const { stream, message } = await media;
   $('join-btn').disabled = false;
+  // The preview shows the video effect chosen last time, as it will be sent.
+  const camera = stream?.getVideoTracks()[0];
+  const sent = camera && effects.wrap(camera);
+  if (sent !== camera) {
+    stream.removeTrack(camera);
+    stream.addTrack(sent);
+  }
   call.localStream = stream;
   call.mediaMessage = message;
   setText('media-status', message);
@@ -310,7 +324,7 @@ async function toggleMedia(kind) {
     return useTrack(track);
   }
   call[on] = !call[on];
-  for (const t of call.localStream.getTracks()) if (t.kind === kind) t.enabled = call[on];
+  for (const t of call.localStream.getTracks()) if (t.kind === kind) effects.setEnabled(t, call[on]);
   showToggles();
   sendState();
 }
@@ -334,19 +348,30 @@ function showToggles() {
  */
 async function useTrack(track) {
   if (call.leaving) return track.stop();
+  await sendInstead(localTrack(track.kind), effects.wrap(track));
+}
+
+/** Chooses a video effect: for the camera in use, if any, and the next ones. */
+async function chooseEffect(id) {
+  const old = localTrack('video');
+  const next = effects.choose(id, old);
+  if (next !== old && !call.leaving) await sendInstead(old, next);
+}
+
+/** Sends `track` in place of `old` (null: in addition to what is sent). */
+async function sendInstead(old, track) {
   if (!call.localStream) {
     call.localStream = new MediaStream();
     for (const link of call.links.values()) link.localStream = call.localStream;
   }
   const stream = call.localStream;
   const { on } = TOGGLES[track.kind];
-  const old = localTrack(track.kind);
   if (!old) call[on] = true;
-  track.enabled = call[on];
+  effects.setEnabled(track, call[on]);
   if (old) stream.removeTrack(old);
   stream.addTrack(track);
   await Promise.all([...call.links.values()].map((link) => link.useLocalTrack(track)));
-  old?.stop();
+  effects.release(old, track);
   if (track.kind === 'video' || !old) {
     grid.attach('local', null); // the same stream, with a new track in it
     grid.attach('local', stream);
@@ -408,7 +433,7 @@ function leave(reason) {
   call.screen?.stop();
   call.screen = null;
   if (stats.timer) showStats(false);
-  stopStream(call.localStream);
+  for (const track of call.localStream?.getTracks() ?? []) effects.release(track);
   call.localStream = null;
   showView('left');
   $('left-reason').textContent = reason;

@@ -5,9 +5,11 @@
 // remote tile. The microphone's processing (echo cancellation, noise
 // suppression, automatic gain) is chosen here too: the microphone in use
 // is opened again with it, as browsers do not change it on a live track.
+// So is the camera's video effect (effects.js).
 
 import { $, setText } from './ui.js';
 import { PROCESSING, audioProcessing, getDeviceTrack, listDevices, setAudioProcessing } from './media.js';
+import { EFFECTS, canApplyEffects } from './effects.js';
 
 const KINDS = [
   { select: 'mic-select', devices: 'audioinput', kind: 'audio' },
@@ -17,14 +19,17 @@ const KINDS = [
 export class DevicePicker {
   /**
    * @param {object} o
-   * @param {() => MediaStream|null} o.stream the microphone and camera in use
+   * @param {() => MediaStreamTrack[]} o.devices the microphone and camera in use (their own tracks)
    * @param {() => string|null} o.speaker the speaker in use (null: the default)
+   * @param {() => string} o.effect the video effect chosen
    * @param {(track: MediaStreamTrack) => Promise<void>} o.useTrack puts a new track in use
+   * @param {(id: string) => Promise<void>} o.useEffect chooses a video effect
    * @param {(deviceId: string) => Promise<void>} o.useSpeaker plays remote audio there
    */
-  constructor({ stream, speaker, useTrack, useSpeaker }) {
+  constructor({ devices, speaker, effect, useTrack, useEffect, useSpeaker }) {
     this.dialog = $('devices');
-    this.stream = stream;
+    this.inUse = (kind) => devices().find((t) => t.kind === kind) ?? null;
+    this.effect = effect;
     this.speakerInUse = speaker;
     this.speaker = $('speaker-select');
     // setSinkId is not everywhere (Firefox asks first, Safari lacks it).
@@ -52,6 +57,16 @@ export class DevicePicker {
     for (const key of PROCESSING) {
       $(`${key}-box`).addEventListener('change', () => this.#process(useTrack));
     }
+    const effectSelect = $('effect-select');
+    for (const { id, label } of EFFECTS) effectSelect.append(new Option(label, id));
+    effectSelect.disabled = !canApplyEffects;
+    $('effect-help').hidden = canApplyEffects;
+    effectSelect.addEventListener('change', async () => {
+      this.#error(null);
+      effectSelect.disabled = true;
+      await useEffect(effectSelect.value);
+      effectSelect.disabled = false;
+    });
     this.speaker.addEventListener('change', async () => {
       this.#error(null);
       try {
@@ -78,7 +93,7 @@ export class DevicePicker {
     const before = audioProcessing();
     setAudioProcessing(Object.fromEntries(PROCESSING.map((k) => [k, $(`${k}-box`).checked])));
     this.#error(null);
-    const mic = this.stream()?.getAudioTracks()[0];
+    const mic = this.inUse('audio');
     if (!mic) return;
     const boxes = PROCESSING.map((k) => $(`${k}-box`));
     for (const box of boxes) box.disabled = true;
@@ -100,9 +115,8 @@ export class DevicePicker {
 
   async #fill() {
     const devices = await listDevices();
-    const stream = this.stream();
     for (const { select, devices: list, kind } of KINDS) {
-      const track = stream?.getTracks().find((t) => t.kind === kind);
+      const track = this.inUse(kind);
       // Without one in use, "None" heads the list and choosing a device
       // starts it. (Before any capture was allowed the browser names no
       // devices: the list is empty then, and the call's buttons ask.)
@@ -111,9 +125,10 @@ export class DevicePicker {
     if (this.canChooseSpeaker) fillSelect(this.speaker, devices.audiooutput, this.speakerInUse() ?? 'default', { empty: 'System default' });
     // What the microphone in use does (a browser may not give all that was
     // asked), or else what the next one will be asked for.
-    const settings = stream?.getAudioTracks()[0]?.getSettings() ?? {};
+    const settings = this.inUse('audio')?.getSettings() ?? {};
     const chosen = audioProcessing();
     for (const key of PROCESSING) $(`${key}-box`).checked = settings[key] ?? chosen[key];
+    $('effect-select').value = this.effect();
   }
 
   #error(text) {

@@ -121,7 +121,3 @@ export async function getScreen() {
     return { message: `The screen could not be shared (${err.name}: ${err.message}).` };
   }
 }
-
-export function stopStream(stream) {
-  for (const track of stream?.getTracks() ?? []) track.stop();
-}
