@@ -25,28 +25,38 @@ function valueOr(Type, f) {
 // Strings of every kind: any UTF-16 (lone surrogates too), and JSON-ish.
 const anyString = fc.oneof(fc.string({ unit: 'binary' }), fc.string({ unit: 'grapheme' }), fc.json());
 const anyJson = fc.jsonValue().map((v) => JSON.stringify(v));
-const chatish = fc.record({ type: fc.oneof(fc.constant('chat'), fc.string()), text: fc.oneof(fc.string({ unit: 'binary', maxLength: 5000 }), fc.jsonValue()) }, { requiredKeys: [] }).map((v) => JSON.stringify(v));
+const chatish = fc.record({
+  type: fc.oneof(fc.constant('chat'), fc.string()),
+  text: fc.oneof(fc.string({ unit: 'binary', maxLength: 5000 }), fc.jsonValue()),
+  private: fc.oneof(fc.boolean(), fc.jsonValue()),
+}, { requiredKeys: [] }).map((v) => JSON.stringify(v));
 const bytes = fc.uint8Array({ maxLength: 64 });
 
-test('a chat message from a peer is a non-blank text within the limit, or a ChatError', () => {
+test('a chat message from a peer is a non-blank text within the limit, private or not, or a ChatError', () => {
   fc.assert(fc.property(fc.oneof(anyString, anyJson, chatish, bytes), (data) => {
-    const text = valueOr(ChatError, () => decodeChat(data));
-    if (text instanceof ChatError) return;
-    assert.equal(typeof text, 'string');
-    assert.ok(text.trim().length > 0);
-    assert.ok([...text].length <= MAX_CHAT_CHARS);
+    const msg = valueOr(ChatError, () => decodeChat(data));
+    if (msg instanceof ChatError) return;
+    assert.deepEqual(Object.keys(msg), ['text', 'private']);
+    assert.equal(typeof msg.text, 'string');
+    assert.ok(msg.text.trim().length > 0);
+    assert.ok([...msg.text].length <= MAX_CHAT_CHARS);
+    assert.equal(typeof msg.private, 'boolean');
+    // Private only when the sender said so in so many words.
+    assert.equal(msg.private, JSON.parse(data).private === true);
   }), { numRuns: runs });
+  assert.throws(() => decodeChat('{"type":"chat","text":"hi","private":"yes"}'), ChatError);
 });
 
 test('every message the app can send decodes to itself; what it cannot send is refused before it goes', () => {
-  fc.assert(fc.property(fc.string({ unit: 'grapheme', maxLength: MAX_CHAT_CHARS + 50 }), (text) => {
-    const wire = valueOr(ChatError, () => encodeChat(text));
+  fc.assert(fc.property(fc.string({ unit: 'grapheme', maxLength: MAX_CHAT_CHARS + 50 }), fc.boolean(), (text, only) => {
+    const wire = valueOr(ChatError, () => encodeChat(text, { private: only }));
     const sendable = text.trim().length > 0 && [...text].length <= MAX_CHAT_CHARS;
     assert.equal(!(wire instanceof ChatError), sendable);
-    if (sendable) assert.equal(decodeChat(wire), text);
+    if (sendable) assert.deepEqual(decodeChat(wire), { text, private: only });
   }), { numRuns: runs });
-  // The edges, exactly.
-  assert.equal(decodeChat(encodeChat('😀'.repeat(MAX_CHAT_CHARS))), '😀'.repeat(MAX_CHAT_CHARS));
+  // The edges, exactly; and a message to everyone looks as it did before private ones.
+  assert.deepEqual(decodeChat(encodeChat('😀'.repeat(MAX_CHAT_CHARS))), { text: '😀'.repeat(MAX_CHAT_CHARS), private: false });
+  assert.equal(encodeChat('hi'), '{"type":"chat","text":"hi"}');
   assert.throws(() => encodeChat('a'.repeat(MAX_CHAT_CHARS + 1)), ChatError);
   assert.throws(() => encodeChat(' \n\t'), ChatError);
 });
@@ -55,6 +65,7 @@ const offerish = fc.record({
   type: fc.oneof(fc.constant('offer'), fc.constantFrom('accept', 'decline', 'end'), fc.string()),
   name: fc.oneof(fc.string({ unit: 'binary', maxLength: 300 }), fc.constantFrom('../../etc/passwd', '..', '.', '\\\\server\\share', 'a\u0000b'), fc.jsonValue()),
   size: fc.oneof(fc.integer({ min: -10, max: MAX_FILE_BYTES + 10 }), fc.constantFrom(2 ** 53, -0, 0.5, NaN, Infinity), fc.jsonValue()),
+  private: fc.oneof(fc.boolean(), fc.jsonValue()),
 }, { requiredKeys: [] }).map((v) => JSON.stringify(v));
 
 test('a control message on a file channel has a known type, and an offer a usable name and size, or a FileError', () => {
@@ -67,6 +78,7 @@ test('a control message on a file channel has a known type, and an offer a usabl
     assert.equal(msg.type, 'offer');
     assert.ok(Number.isSafeInteger(offer.size) && offer.size >= 0 && offer.size <= MAX_FILE_BYTES);
     assert.equal(offer.name, safeName(offer.name), 'the name is already safe');
+    assert.equal(offer.private, JSON.parse(data).private === true);
   }), { numRuns: runs });
 });
 

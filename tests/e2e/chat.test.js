@@ -344,3 +344,54 @@ test('what a peer sends on a file channel out of turn ends that transfer with a 
   await bob.getByRole('link', { name: 'Save fine.txt' }).waitFor({ timeout: 5000 });
   for (const p of [alice, bob]) await p.context().close();
 });
+
+test('a message or file to one person reaches only them, marked private at both ends; never everyone once they leave', async () => {
+  const room = `chat-private-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  const carol = await joinCall(browser, server.url, room, 'Carol');
+  await channelsOpen([alice, bob, carol]);
+  for (const page of [alice, bob, carol]) await chatButton(page, 'Chat').click();
+
+  // "To" lists the others; Bob is chosen by keyboard.
+  const to = alice.getByLabel('To', { exact: true });
+  assert.deepEqual(await to.locator('option').allTextContents(), ['Everyone', 'Bob', 'Carol']);
+  await to.focus();
+  await alice.keyboard.press('ArrowDown');
+  assert.equal(await to.locator('option:checked').textContent(), 'Bob');
+  await write(alice, 'just between us');
+  await log(bob).getByText('just between us').waitFor({ timeout: 5000 });
+  assert.equal(await lastMessage(bob).locator('.private-tag').textContent(), 'privately to you');
+  assert.equal(await lastMessage(alice).locator('.private-tag').textContent(), 'privately to Bob');
+  // A file goes to Bob alone too.
+  await alice.locator('#file-input').setInputFiles({ name: 'secret.txt', mimeType: 'text/plain', buffer: Buffer.from('s') });
+  await bob.getByRole('button', { name: 'Accept secret.txt' }).waitFor({ timeout: 10000 });
+  assert.equal(await bob.locator('.message.file').last().locator('.private-tag').textContent(), 'privately to you');
+  assert.deepEqual(await alice.locator('.message.file .deliveries li').evaluateAll((lis) => lis.map((li) => li.dataset.peerId)),
+    [await bob.evaluate(() => window.__callisto.id)], 'offered to Bob only');
+
+  // Then to everyone: Carol gets that, and only that.
+  await to.selectOption({ label: 'Everyone' });
+  await write(alice, 'hello all');
+  for (const page of [bob, carol]) await log(page).getByText('hello all').waitFor({ timeout: 5000 });
+  assert.equal(await lastMessage(carol).locator('.private-tag').count(), 0);
+  assert.equal(await log(carol).getByText('just between us').count(), 0, 'Carol never got the private message');
+  assert.equal(await log(carol).getByText('secret.txt').count(), 0, 'nor the file');
+
+  // Bob chosen again, then he leaves: "To" says so and keeps him chosen,
+  // and a message is kept in the box, not sent to anyone.
+  await to.selectOption({ label: 'Bob' });
+  await bob.getByRole('button', { name: 'Leave' }).click();
+  await eventually(async () => (await to.locator('option:checked').textContent()) === 'Bob (left the call)', 10000, 'Bob is marked as gone');
+  await write(alice, 'are you still there?');
+  await alice.getByText('the person you chose in “To” has left the call').waitFor({ timeout: 5000 });
+  assert.equal(await alice.getByRole('textbox', { name: 'Message' }).inputValue(), 'are you still there?', 'the message stays in the box');
+  await carol.waitForTimeout(500);
+  assert.equal(await log(carol).getByText('are you still there?').count(), 0, 'nobody got it');
+  await to.selectOption({ label: 'Carol' });
+  assert.deepEqual(await to.locator('option').allTextContents(), ['Everyone', 'Carol'], 'the one who left goes once someone else is chosen');
+  await alice.getByRole('textbox', { name: 'Message' }).press('Enter');
+  await log(carol).getByText('are you still there?').waitFor({ timeout: 5000 });
+  assert.equal(await lastMessage(carol).locator('.private-tag').textContent(), 'privately to you');
+  for (const p of [alice, bob, carol]) await p.context().close();
+});

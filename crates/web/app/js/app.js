@@ -459,11 +459,11 @@ function addLink(peer, initiator) {
     if (detail.track.kind === 'video') measureFirstFrame(peer.id);
   });
   link.addEventListener('state', ({ detail }) => grid.setConnectionState(peer.id, detail.state));
-  link.addEventListener('chat', ({ detail }) => chat.add(link.name, detail.text));
+  link.addEventListener('chat', ({ detail }) => chat.add(link.name, detail.text, { privately: detail.private }));
   link.addEventListener('file', ({ detail }) => {
     const incoming = new IncomingFile(detail.channel, `${link.id} (${link.name})`);
     incoming.addEventListener('offer', () => {
-      showIncoming(chat.entry(link.name, { summary: `offers a file, ${incoming.offer.name}` }), incoming);
+      showIncoming(chat.entry(link.name, { privately: incoming.offer.private, summary: `offers a file, ${incoming.offer.name}` }), incoming);
     }, { once: true });
   });
   if (initiator) link.start();
@@ -510,36 +510,53 @@ function sendState(to = null) {
 }
 
 /**
- * Sends a chat message to everyone in the call, peer to peer: to each link
- * whose channel is open, or as soon as it opens. There is no history: who
- * joins later sees what is written from then on.
+ * The links a message or file goes to: every one for everyone (`to`
+ * null), or the one of peer `to`, or null (with a note in the chat saying
+ * why) if that peer has left.
  */
-function sendChat(text) {
-  const wire = encodeChat(text);
-  chat.add(call.name, text, { mine: true });
-  const links = [...call.links.values()];
+function recipients(to, what) {
+  if (!to) return [...call.links.values()];
+  const link = call.links.get(to);
+  if (!link) chat.note(`Not sent: the person you chose in “To” has left the call. Choose someone else for ${what}.`);
+  return link ? [link] : null;
+}
+
+/**
+ * Sends a chat message to everyone in the call, or privately to one
+ * person (`to`, a peer's id), peer to peer: to each link whose channel is
+ * open, or as soon as it opens. There is no history: who joins later sees
+ * what is written from then on.
+ */
+function sendChat(text, to) {
+  const links = recipients(to, 'this message');
+  if (!links) return false;
+  const wire = encodeChat(text, { private: Boolean(to) });
+  chat.add(call.name, text, { mine: true, to: to && links[0].name });
   if (links.length === 0) return chat.note('Nobody else is here yet: nobody got that message.');
   const missed = links.filter((link) => !link.sendChat(wire)).map((link) => link.name);
   if (missed.length) chat.note(`Not delivered to ${missed.join(', ')}: no connection.`);
 }
 
-/** Offers each file to everyone in the call, peer to peer, as chat does messages. */
-function sendFiles(files) {
+/** Offers each file to everyone in the call, or to one person, as chat does messages. */
+function sendFiles(files, to) {
   for (const file of files) {
     if (file.size > MAX_FILE_BYTES) {
       chat.note(`Not sent: ${file.name} is larger than ${formatSize(MAX_FILE_BYTES)}.`);
       continue;
     }
-    const links = [...call.links.values()];
+    const links = recipients(to, file.name);
+    if (!links) continue;
     if (links.length === 0) {
       chat.note(`Nobody else is here yet: nobody got ${file.name}.`);
       continue;
     }
-    offerFile(chat.entry(call.name, { mine: true }), file, links);
+    offerFile(chat.entry(call.name, { mine: true, to: to && links[0].name }), file, links, { private: Boolean(to) });
   }
 }
 
+/** Updates the count of people, and the chat's list of whom to write to. */
 function updateCount() {
+  chat.setPeople([...call.links.values()].map(({ id, name }) => ({ id, name })));
   const n = call.links.size + 1;
   $('call-count').textContent = n === 1 ? 'Only you so far' : `${n} people`;
 }

@@ -7,7 +7,12 @@
 //
 // On the wire (docs/protocol.md, "Chat"): one JSON object per data channel
 // message, { "type": "chat", "text": "…" }, on the channel labelled "chat"
-// with the subprotocol "callisto.chat.v1".
+// with the subprotocol "callisto.chat.v1"; "private": true when it went to
+// this one peer only.
+//
+// A private message goes over that one peer's channel and no other, so
+// nobody else can see it. If that person leaves, the message box says so
+// rather than sending to everyone.
 
 import { $ } from './ui.js';
 
@@ -28,16 +33,20 @@ const ANNOUNCE_CHARS = 200;
 
 export class ChatError extends Error {}
 
-/** The wire form of a message, or a ChatError saying what is wrong with it. */
-export function encodeChat(text) {
+/**
+ * The wire form of a message (`private`: to one peer only), or a ChatError
+ * saying what is wrong with it.
+ */
+export function encodeChat(text, { private: only = false } = {}) {
   if (typeof text !== 'string' || text.trim().length === 0) throw new ChatError('the message is empty');
   if ([...text].length > MAX_CHAT_CHARS) throw new ChatError(`the message is longer than ${MAX_CHAT_CHARS} characters`);
-  return JSON.stringify({ type: 'chat', text });
+  return JSON.stringify(only ? { type: 'chat', text, private: true } : { type: 'chat', text });
 }
 
 /**
- * A received message's text. Throws a ChatError naming what is wrong with
- * anything else: the other side may be another version, or not this app.
+ * A received message: { text, private }. Throws a ChatError naming what is
+ * wrong with anything else: the other side may be another version, or not
+ * this app.
  */
 export function decodeChat(data) {
   if (typeof data !== 'string') throw new ChatError('a binary message');
@@ -47,7 +56,8 @@ export function decodeChat(data) {
   if (msg?.type !== 'chat') throw new ChatError(`an unknown type ${JSON.stringify(msg?.type ?? null)}`);
   if (typeof msg.text !== 'string' || msg.text.trim().length === 0) throw new ChatError('no text');
   if ([...msg.text].length > MAX_CHAT_CHARS) throw new ChatError(`a text longer than ${MAX_CHAT_CHARS} characters`);
-  return msg.text;
+  if (msg.private !== undefined && typeof msg.private !== 'boolean') throw new ChatError('a "private" that is not true or false');
+  return { text: msg.text, private: msg.private === true };
 }
 
 /**
@@ -60,13 +70,18 @@ export class ChatPanel {
   #announceTimer = null;
 
   /**
-   * @param {(text: string) => void} onSend called with each message the user sends
-   * @param {(files: File[]) => void} onFiles called with the files the user picks to send
+   * @param {(text: string, to: string|null) => boolean|void} onSend called with each message the user sends, and to whom (a peer's id, null for everyone); false if it did not go
+   * @param {(files: File[], to: string|null) => void} onFiles called with the files the user picks to send, and to whom
    */
   constructor(onSend, onFiles) {
     this.panel = $('chat');
     this.log = $('chat-log');
     this.input = $('chat-input');
+    this.to = $('chat-to');
+    // Someone who left stays in the list only while chosen.
+    this.to.addEventListener('change', () => {
+      for (const option of [...this.to.options]) if (option.dataset.name && !option.selected) option.remove();
+    });
     this.button = $('chat-btn');
     this.announcer = $('chat-announce');
     this.input.maxLength = MAX_CHAT_CHARS;
@@ -82,7 +97,7 @@ export class ChatPanel {
     picker.addEventListener('change', () => {
       const files = [...picker.files];
       picker.value = '';
-      if (files.length) onFiles(files);
+      if (files.length) onFiles(files, this.recipient);
     });
     $('chat-form').addEventListener('submit', (ev) => {
       ev.preventDefault();
@@ -94,9 +109,32 @@ export class ChatPanel {
         this.note(`Not sent: ${err.message}.`);
         return;
       }
-      this.input.value = '';
-      onSend(text);
+      // Kept in the box if it did not go (whom it was for has left).
+      if (onSend(text, this.recipient) !== false) this.input.value = '';
     });
+  }
+
+  /** Who the next message or file goes to: a peer's id, or null for everyone. */
+  get recipient() { return this.to.value || null; }
+
+  /**
+   * The people one can write to privately, [{ id, name }]. Someone chosen
+   * who has left stays chosen, marked as gone (sending then says so), so
+   * a private message never goes to everyone by mistake.
+   */
+  setPeople(people) {
+    const chosen = this.to.value;
+    const options = [new Option('Everyone', '')];
+    for (const { id, name } of people) options.push(new Option(name, id, false, id === chosen));
+    if (chosen && !people.some((p) => p.id === chosen)) {
+      const gone = [...this.to.options].find((o) => o.value === chosen);
+      const label = gone.dataset.name ?? gone.textContent;
+      const option = new Option(`${label} (left the call)`, chosen, false, true);
+      option.dataset.name = label;
+      options.push(option);
+    }
+    this.to.replaceChildren(...options);
+    this.to.value = chosen && options.some((o) => o.value === chosen) ? chosen : '';
   }
 
   get open() { return !this.panel.hidden; }
@@ -116,20 +154,25 @@ export class ChatPanel {
     this.#label();
   }
 
-  /** Adds a message to the log; `mine` for the user's own. */
-  add(name, text, { mine = false } = {}) {
+  /**
+   * Adds a message to the log; `mine` for the user's own, `to` the name
+   * of whom one of them went to privately, `privately` for one that came
+   * to the user only.
+   */
+  add(name, text, { mine = false, to = null, privately = false } = {}) {
     const body = document.createElement('p');
     body.className = 'text';
     body.textContent = text; // text, never markup
-    this.entry(name, { mine, summary: text }).append(body);
+    this.entry(name, { mine, to, privately, summary: text }).append(body);
   }
 
   /**
-   * Adds an entry from `name` to the log, with its author and time, and
-   * returns it for its content. One from someone else counts as unread
-   * while the panel is closed, and its `summary` is announced.
+   * Adds an entry from `name` to the log, with its author and time (and
+   * `to` or `privately`, as for add), and returns it for its content. One
+   * from someone else counts as unread while the panel is closed, and its
+   * `summary` is announced.
    */
-  entry(name, { mine = false, summary = 'a new message' } = {}) {
+  entry(name, { mine = false, to = null, privately = false, summary = 'a new message' } = {}) {
     const item = document.createElement('li');
     item.className = mine ? 'message mine' : 'message';
     const head = document.createElement('p');
@@ -141,13 +184,22 @@ export class ChatPanel {
     const now = new Date();
     when.dateTime = now.toISOString();
     when.textContent = now.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
-    head.append(who, ' ', when);
+    head.append(who, ' ');
+    const only = to ? `privately to ${to}` : privately ? 'privately to you' : null;
+    if (only) {
+      item.classList.add('private');
+      const tag = document.createElement('span');
+      tag.className = 'private-tag';
+      tag.textContent = only;
+      head.append(tag, ' ');
+    }
+    head.append(when);
     item.append(head);
     this.#append(item);
     if (!mine && !this.open) {
       this.#unread += 1;
       this.#label();
-      this.#announce(`${name}: ${clip(summary, ANNOUNCE_CHARS)}`);
+      this.#announce(`${name}${privately ? ', privately' : ''}: ${clip(summary, ANNOUNCE_CHARS)}`);
     }
     return item;
   }

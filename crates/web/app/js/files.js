@@ -5,7 +5,7 @@
 // receives a file they did not accept.
 //
 // On a file's channel (docs/protocol.md, "Files"), opened by the sender:
-//   sender → receiver   { "type": "offer", "name": …, "size": … }
+//   sender → receiver   { "type": "offer", "name": …, "size": …, "private": true? }
 //   receiver → sender   { "type": "accept" } or { "type": "decline" }
 //   sender → receiver   the bytes, in binary messages
 //   sender → receiver   { "type": "end" }
@@ -43,13 +43,14 @@ export function decodeControl(data) {
   return msg;
 }
 
-/** An offer's name and size, checked, or a FileError. */
+/** An offer's name, size and whether it went to this peer only, checked, or a FileError. */
 export function checkOffer(msg) {
   if (msg.type !== 'offer') throw new FileError(`"${msg.type}" before an offer`);
   if (typeof msg.name !== 'string' || msg.name.length === 0 || [...msg.name].length > MAX_NAME_CHARS) throw new FileError('an offer without a usable name');
   if (!Number.isSafeInteger(msg.size) || msg.size < 0) throw new FileError('an offer without a usable size');
   if (msg.size > MAX_FILE_BYTES) throw new FileError(`an offer of ${formatSize(msg.size)}, over the ${formatSize(MAX_FILE_BYTES)} limit`);
-  return { name: safeName(msg.name), size: msg.size };
+  if (msg.private !== undefined && typeof msg.private !== 'boolean') throw new FileError('an offer with a "private" that is not true or false');
+  return { name: safeName(msg.name), size: msg.size, private: msg.private === true };
 }
 
 /** A name that is only a file name: no folders, no control characters. */
@@ -84,7 +85,7 @@ function drained(channel) {
  * "cancelled" or "failed" (detail: why).
  * @returns {{ cancel: () => void }}
  */
-export function sendFile(channel, file, report) {
+export function sendFile(channel, file, report, { private: only = false } = {}) {
   channel.binaryType = 'arraybuffer';
   channel.bufferedAmountLowThreshold = LOW_WATER;
   let phase = 'opening'; // → waiting → sending → delivering → done
@@ -106,7 +107,9 @@ export function sendFile(channel, file, report) {
   };
 
   channel.addEventListener('open', () => {
-    if (!send(JSON.stringify({ type: 'offer', name: file.name, size: file.size }))) return;
+    const offer = { type: 'offer', name: file.name, size: file.size };
+    if (only) offer.private = true;
+    if (!send(JSON.stringify(offer))) return;
     phase = 'waiting';
     report('waiting');
   });
@@ -317,8 +320,9 @@ function title(entry, name, size) {
 /**
  * Sends `file` to each of `links` (peer.js), each over a channel of its
  * own, and shows in `entry` (a chat log entry) how it goes for each.
+ * `private`: to the one link only, and its receiver is told so.
  */
-export function offerFile(entry, file, links) {
+export function offerFile(entry, file, links, { private: only = false } = {}) {
   title(entry, file.name, file.size);
   const list = document.createElement('ul');
   list.className = 'deliveries';
@@ -348,7 +352,7 @@ export function offerFile(entry, file, links) {
       bar.hidden = state !== 'sending';
       if (state === 'sending') bar.value = detail;
       if (FINAL.has(state) && --going === 0) cancel.hidden = true;
-    }));
+    }, { private: only }));
   }
   cancel.hidden = going === 0;
   cancel.addEventListener('click', () => { for (const t of transfers) t.cancel(); });

@@ -312,15 +312,15 @@ export class PeerLink extends EventTarget {
       for (const wire of queued) this.sendChat(wire);
     });
     channel.addEventListener('message', ({ data }) => {
-      let text;
+      let message;
       try {
-        text = decodeChat(data);
+        message = decodeChat(data);
       } catch (err) {
         if (!(err instanceof ChatError)) throw err;
         console.warn(`peer ${this.id} (${this.name}): ignored a chat message: ${err.message}`);
         return;
       }
-      this.dispatchEvent(new CustomEvent('chat', { detail: { text } }));
+      this.dispatchEvent(new CustomEvent('chat', { detail: message }));
     });
   }
 
