@@ -393,5 +393,11 @@ test('a message or file to one person reaches only them, marked private at both 
   await alice.getByRole('textbox', { name: 'Message' }).press('Enter');
   await log(carol).getByText('are you still there?').waitFor({ timeout: 5000 });
   assert.equal(await lastMessage(carol).locator('.private-tag').textContent(), 'privately to you');
-  for (const p of [alice, bob, carol]) await p.context().close();
+
+  // A second Carol: the two are told apart, and the first stays chosen.
+  const carol2 = await joinCall(browser, server.url, room, 'Carol');
+  await eventually(async () => (await to.locator('option').count()) === 3, 10000, 'the second Carol is listed');
+  assert.deepEqual(await to.locator('option').allTextContents(), ['Everyone', 'Carol (1)', 'Carol (2)']);
+  assert.equal(await to.inputValue(), await carol.evaluate(() => window.__callisto.id));
+  for (const p of [alice, bob, carol, carol2]) await p.context().close();
 });

@@ -125,7 +125,14 @@ export class ChatPanel {
   setPeople(people) {
     const chosen = this.to.value;
     const options = [new Option('Everyone', '')];
-    for (const { id, name } of people) options.push(new Option(name, id, false, id === chosen));
+    // Two people of the same name are told apart by the order they came in.
+    const seen = new Map();
+    const twice = new Set(people.map((p) => p.name).filter((n, i, all) => all.indexOf(n) !== i));
+    for (const { id, name } of people) {
+      const nth = (seen.get(name) ?? 0) + 1;
+      seen.set(name, nth);
+      options.push(new Option(twice.has(name) ? `${name} (${nth})` : name, id, false, id === chosen));
+    }
     if (chosen && !people.some((p) => p.id === chosen)) {
       const gone = [...this.to.options].find((o) => o.value === chosen);
       const label = gone.dataset.name ?? gone.textContent;
