@@ -21,16 +21,23 @@ function report({ t, bytesIn, bytesOut, local = { candidateType: 'host', protoco
   ];
 }
 
-test('with a shared screen beside the camera, the camera\'s video is the one described', () => {
+test('with a shared screen beside the camera, the camera\'s video is the one described, and the screen on a line of its own', () => {
   const withScreen = (screenFirst) => {
     const base = report({ t: 1000, bytesIn: 100_000, bytesOut: 50_000 }).map((s) => (s.id === 'IV' ? { ...s, mid: '1' } : s));
     const screen = { id: 'IS', type: 'inbound-rtp', kind: 'video', mid: '2', timestamp: 1000, bytesReceived: 5000, packetsReceived: 10, packetsLost: 0, frameWidth: 1920, frameHeight: 1080, framesPerSecond: 5 };
     return screenFirst ? [screen, ...base] : [...base, screen];
   };
   for (const screenFirst of [true, false]) {
-    assert.deepEqual(summarize(withScreen(screenFirst), null, '1').video, { width: 1280, height: 720, fps: 29.7 });
+    const camera = summarize(withScreen(screenFirst), null, '1');
+    assert.deepEqual(camera.video, { width: 1280, height: 720, fps: 29.7 });
+    assert.deepEqual(camera.screen, { width: 1920, height: 1080, fps: 5 });
+    assert.deepEqual(describe(camera).slice(2, 4), [['Receiving', '1280×720, 30 fps'], ['Screen', '1920×1080, 5 fps']]);
     assert.deepEqual(summarize(withScreen(screenFirst), null, '2').video, { width: 1920, height: 1080, fps: 5 });
   }
+  // No screen shared: its receiver decodes nothing, and no line shows.
+  const alone = summarize(report({ t: 1000, bytesIn: 100_000, bytesOut: 50_000 }).map((s) => (s.id === 'IV' ? { ...s, mid: '1' } : s)), null, '1');
+  assert.equal(alone.screen, null);
+  assert.ok(!describe(alone).some(([k]) => k === 'Screen'));
 });
 
 test('a direct connection: its path, round trip, rates from two samples, and loss', () => {

@@ -1,6 +1,7 @@
 // Live connection stats: what getStats() says about one peer connection,
 // boiled down to what a person can act on (is it direct or relayed, how
-// long a round trip, how much comes in and goes out, what is lost), and
+// long a round trip, how much comes in and goes out, what is lost, the
+// camera's and a shared screen's picture), and
 // the lines a tile shows. The summary is a pure function of two samples,
 // so it is tested without a browser (tests/app/stats.test.js).
 
@@ -15,7 +16,7 @@ function num(v) {
  * @param {Iterable<object>} report the RTCStatsReport's values
  * @param {{ timestamp: number, bytesIn: number, bytesOut: number } | null} previous
  * @param {string|null} videoMid the camera's video among several (a shared
- *   screen's is another); null: any
+ *   screen's is another, described as `screen`); null: any
  */
 export function summarize(report, previous = null, videoMid = null) {
   const byId = new Map();
@@ -26,6 +27,7 @@ export function summarize(report, previous = null, videoMid = null) {
   let packetsIn = 0;
   let lost = 0;
   let video = null;
+  let screen = null;
   let timestamp = null;
   for (const s of byId.values()) {
     const at = num(s.timestamp);
@@ -36,8 +38,10 @@ export function summarize(report, previous = null, videoMid = null) {
       packetsIn += num(s.packetsReceived) ?? 0;
       // packetsLost may go negative with duplicates; it counts as none.
       lost += num(s.packetsLost) ?? 0;
-      if (s.kind === 'video' && num(s.frameWidth) && (videoMid === null || s.mid === videoMid)) {
-        video = { width: num(s.frameWidth), height: num(s.frameHeight), fps: num(s.framesPerSecond) };
+      if (s.kind === 'video' && num(s.frameWidth)) {
+        const picture = { width: num(s.frameWidth), height: num(s.frameHeight), fps: num(s.framesPerSecond) };
+        if (videoMid === null || s.mid === videoMid) video = picture;
+        else screen = picture;
       }
     }
     if (s.type === 'outbound-rtp') bytesOut += num(s.bytesSent) ?? 0;
@@ -55,6 +59,7 @@ export function summarize(report, previous = null, videoMid = null) {
     outKbps: previous ? rate(bytesOut, previous.bytesOut) : null,
     lossPercent: packetsIn + lost > 0 ? finite((lost / (packetsIn + lost)) * 100) : null,
     video,
+    screen,
     sample: { timestamp: timestamp ?? 0, bytesIn, bytesOut },
   };
 }
@@ -77,8 +82,11 @@ export function describe(s) {
   const lines = [];
   lines.push(['Path', s.path?.text ?? 'not connected']);
   if (s.rttMs !== null) lines.push(['Round trip', `${s.rttMs} ms`]);
-  const video = s.video ? `${s.video.width}×${s.video.height}${s.video.fps !== null ? `, ${Math.round(s.video.fps)} fps` : ''}` : null;
+  const picture = (p) => `${p.width}×${p.height}${p.fps !== null ? `, ${Math.round(p.fps)} fps` : ''}`;
+  const video = s.video ? picture(s.video) : null;
+  // The rate is the whole connection's: camera, microphone and screen.
   if (s.inKbps !== null || video) lines.push(['Receiving', [video, s.inKbps !== null ? kbps(s.inKbps) : null].filter(Boolean).join(', ')]);
+  if (s.screen) lines.push(['Screen', picture(s.screen)]);
   if (s.outKbps !== null) lines.push(['Sending', kbps(s.outKbps)]);
   if (s.lossPercent !== null) lines.push(['Lost', `${s.lossPercent.toFixed(1)} %`]);
   return lines;
