@@ -244,8 +244,10 @@ export async function connectionReport(page) {
       stats.forEach((s) => byId.set(s.id, s));
       let audio = null;
       let pair = null;
+      // The microphone's: the first audio (the second is a shared screen's sound).
+      const mic = pc.getTransceivers().find((t) => t.receiver.track.kind === 'audio')?.mid;
       stats.forEach((s) => {
-        if (s.type === 'inbound-rtp' && s.kind === 'audio') audio = { packets: s.packetsReceived, energy: s.totalAudioEnergy ?? 0 };
+        if (s.type === 'inbound-rtp' && s.kind === 'audio' && s.mid === mic) audio = { packets: s.packetsReceived, energy: s.totalAudioEnergy ?? 0 };
         if (s.type === 'transport' && s.selectedCandidatePairId) pair = byId.get(s.selectedCandidatePairId);
       });
       const local = pair && byId.get(pair.localCandidateId);

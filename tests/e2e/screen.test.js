@@ -1,6 +1,7 @@
 // Screen sharing between real headless Chromium pages. Chromium's fake
-// media flags give getDisplayMedia a fake screen ("screen:…"), as they
-// give getUserMedia a fake camera.
+// media flags give getDisplayMedia a fake screen ("screen:…") and, asked
+// for the screen's sound, a fake one (a beep), as they give getUserMedia a
+// fake camera and microphone.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -20,6 +21,31 @@ const sentVideo = (page) => page.evaluate(() => [...window.__callisto.links.valu
     .map((t) => t.sender.track?.label ?? null)));
 const isScreen = (label) => Boolean(label?.startsWith('screen:'));
 const tileOf = (page, id) => page.locator(`.tile[data-peer-id="${id}"]`);
+
+/**
+ * The sound of `peerId`'s shared screen at `page`: packets and energy
+ * received on the connection's second audio, and whether the screen's
+ * tile holds a live audio track.
+ */
+const screenSound = (page, peerId) => page.evaluate(async (peerId) => {
+  const link = window.__callisto.links.get(peerId);
+  const mid = link.pc.getTransceivers().filter((t) => t.receiver.track.kind === 'audio')[1]?.mid;
+  let sound = { packets: 0, energy: 0 };
+  (await link.pc.getStats()).forEach((s) => {
+    if (s.type === 'inbound-rtp' && s.mid === mid) sound = { packets: s.packetsReceived, energy: s.totalAudioEnergy ?? 0 };
+  });
+  const video = document.querySelector(`.tile[data-peer-id="${CSS.escape(peerId)}/screen"] video`);
+  return { ...sound, inTile: Boolean(video?.srcObject?.getAudioTracks().some((t) => t.readyState === 'live')) };
+}, peerId);
+
+/** Waits until the sound of `peerId`'s screen keeps arriving at `page`, and plays in its tile. */
+async function screenSoundFlows(page, peerId, label) {
+  const first = await screenSound(page, peerId);
+  await eventually(async () => {
+    const later = await screenSound(page, peerId);
+    return later.inTile && later.packets > first.packets + 20 && later.energy > first.energy;
+  }, 10000, `${label}: the screen's sound arrives`);
+}
 
 test('a shared screen goes beside the camera to everyone, newcomers too, until it is stopped', async () => {
   const room = `screen-${Date.now()}`;
@@ -52,6 +78,9 @@ test('a shared screen goes beside the camera to everyone, newcomers too, until i
   await tileOf(alice, 'local/screen').waitFor();
   assert.deepEqual(await order(alice), ['local', 'local/screen', await bob.evaluate(() => window.__callisto.id)]);
   assert.equal(await tileOf(alice, 'local/screen').getAttribute('aria-label'), 'Screen of Alice (you)');
+  // The screen's sound goes with it (not played back to Alice herself).
+  await screenSoundFlows(bob, aliceId, 'Bob');
+  assert.equal(await tileOf(alice, 'local/screen').locator('video').evaluate((v) => v.srcObject.getAudioTracks().length), 0);
   assert.deepEqual(await Promise.all([alice, bob].map(descriptions)), before, 'no renegotiation');
 
   // Carol comes while Alice shares: she gets both from the start.
@@ -62,6 +91,7 @@ test('a shared screen goes beside the camera to everyone, newcomers too, until i
   }, 10000, 'Alice sends her screen to Carol too');
   await tileOf(carol, `${aliceId}/screen`).waitFor({ timeout: 10000 });
   await waitForRemoteVideos(carol, 3); // Alice's camera and screen, Bob's camera
+  await screenSoundFlows(carol, aliceId, 'Carol');
   const shot = path.join(ARTIFACTS, 'screen-share.png');
   await carol.screenshot({ path: shot });
   console.log(`# artifact: ${shot}`);
@@ -78,6 +108,12 @@ test('a shared screen goes beside the camera to everyone, newcomers too, until i
     await waitForRemoteVideos(page, 2);
   }
   assert.equal(await tileOf(alice, 'local/screen').count(), 0);
+  // Its sound stopped too.
+  const after = await screenSound(bob, aliceId);
+  await bob.waitForTimeout(1000);
+  assert.equal((await screenSound(bob, aliceId)).packets, after.packets, 'no more screen sound');
+  assert.equal(await alice.evaluate(() => window.__callisto.links.values().next().value.pc.getTransceivers()
+    .filter((t) => t.sender.track?.kind === 'audio').length), 1, 'Alice sends her microphone alone');
   for (const p of [alice, bob, carol]) await p.context().close();
 });
 

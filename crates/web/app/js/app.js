@@ -30,6 +30,7 @@ const call = {
   audioOn: true,
   videoOn: true,
   screen: null, // the shared screen's track, while sharing
+  screenAudio: null, // and its sound, if the person shared it
   leaving: false,
   joinClickedAt: 0,
   joinToFirstFrameMs: null,
@@ -385,7 +386,8 @@ async function sendInstead(old, track) {
 /**
  * Sends a screen beside the camera to everyone, new peers included, until
  * the person stops it here or in the browser's own sharing bar. It shows
- * in a tile of its own, here and at each peer.
+ * in a tile of its own, here and at each peer; its sound, if shared, plays
+ * there at the peers (not here: the person hears it already).
  */
 async function shareScreen() {
   const button = $('screen-btn');
@@ -394,10 +396,14 @@ async function shareScreen() {
   button.disabled = false;
   if (!result) return; // cancelled in the picker
   if (result.message) return flash(result.message);
-  if (call.leaving) return result.track.stop();
+  if (call.leaving) {
+    result.track.stop();
+    return result.audio?.stop();
+  }
   call.screen = result.track;
+  call.screenAudio = result.audio;
   result.track.addEventListener('ended', () => stopSharing());
-  for (const link of call.links.values()) link.sendScreen(call.screen);
+  for (const link of call.links.values()) link.sendScreen(call.screen, call.screenAudio);
   grid.tile(SCREEN_TILE, { name: call.name, local: true, screen: true, beside: 'local' });
   grid.attach(SCREEN_TILE, new MediaStream([call.screen]));
   button.textContent = 'Stop sharing';
@@ -408,7 +414,9 @@ async function shareScreen() {
 function stopSharing() {
   if (!call.screen) return;
   call.screen.stop();
+  call.screenAudio?.stop();
   call.screen = null;
+  call.screenAudio = null;
   for (const link of call.links.values()) link.sendScreen(null);
   grid.remove(SCREEN_TILE);
   const button = $('screen-btn');
@@ -431,7 +439,9 @@ function leave(reason) {
   for (const id of [...call.links.keys()]) removeLink(id);
   grid.clear();
   call.screen?.stop();
+  call.screenAudio?.stop();
   call.screen = null;
+  call.screenAudio = null;
   if (stats.timer) showStats(false);
   for (const track of call.localStream?.getTracks() ?? []) effects.release(track);
   call.localStream = null;
@@ -450,7 +460,7 @@ function addLink(peer, initiator) {
     localStream: call.localStream,
     send: (data) => call.signaling?.signal(peer.id, data),
   });
-  if (call.screen) link.sendScreen(call.screen);
+  if (call.screen) link.sendScreen(call.screen, call.screenAudio);
   call.links.set(peer.id, link);
   grid.tile(peer.id, { name: peer.name });
   link.addEventListener('track', ({ detail }) => {

@@ -100,20 +100,27 @@ function describe(err) {
 // Text and slides matter more than motion in a shared screen: Chromium
 // keeps the resolution and drops frames when bandwidth is short.
 const SCREEN = { frameRate: { ideal: 15, max: 30 } };
+// A shared tab's or screen's sound (a video playing in it), if the person
+// ticks it in the browser's picker: left as it is, without the processing
+// meant for a voice (echo cancellation would take music apart).
+const SCREEN_AUDIO = { echoCancellation: false, noiseSuppression: false, autoGainControl: false };
 
 /**
- * Asks which screen, window or tab to share. Resolves to { track } (its
- * video), or { message } saying why not; null if the person cancelled.
+ * Asks which screen, window or tab to share. Resolves to { track, audio }
+ * (its video, and its sound or null), or { message } saying why not; null
+ * if the person cancelled.
  */
 export async function getScreen() {
   if (!navigator.mediaDevices?.getDisplayMedia) {
     return { message: 'This browser cannot share a screen here (it needs https:// or localhost, and a desktop browser).' };
   }
   try {
-    const stream = await navigator.mediaDevices.getDisplayMedia({ video: SCREEN, audio: false });
+    const stream = await navigator.mediaDevices.getDisplayMedia({ video: SCREEN, audio: SCREEN_AUDIO });
     const [track] = stream.getVideoTracks();
     track.contentHint = 'detail';
-    return { track };
+    const [audio = null] = stream.getAudioTracks();
+    if (audio) audio.contentHint = 'music';
+    return { track, audio };
   } catch (err) {
     // Chromium says NotAllowedError both when the person cancels the
     // picker and when a policy forbids it; only the second needs words.

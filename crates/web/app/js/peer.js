@@ -16,12 +16,15 @@
 // have been lost with a signaling connection); { state } carries mute
 // state and whether a screen is shared.
 //
-// Every connection carries audio, video (the camera) and a second video
-// for a shared screen, all negotiated "sendrecv" from the first offer,
-// also for what this side has nothing to send yet: starting a camera or
-// sharing a screen later is a replaceTrack, never a renegotiation. The
-// screen's is the second video transceiver on both sides: the answerer's
-// follow the offer's m-lines, in the order the offerer made them.
+// Every connection carries audio (the microphone), video (the camera), and
+// a second video and a second audio for a shared screen and its sound,
+// all negotiated "sendrecv" from the first offer, also for what this side
+// has nothing to send yet: starting a camera or sharing a screen later is
+// a replaceTrack, never a renegotiation. The screen's are the second
+// video and the second audio transceiver on both sides: the answerer's
+// follow the offer's m-lines, in the order the offerer made them. (With
+// an app from before screen sound, a connection has no second audio, and
+// the screen goes without its sound.)
 //
 // The side that offers first also opens the chat data channel (chat.js),
 // so it is in the first offer and needs no renegotiation; the other side
@@ -48,6 +51,7 @@ export class PeerLink extends EventTarget {
   #chatQueue = [];
   #incomingFiles = new Set();
   #screen = null; // the shared screen's track, to send on the screen transceiver
+  #screenAudio = null; // and its sound, if shared with it
   glares = 0;
 
   /**
@@ -76,7 +80,7 @@ export class PeerLink extends EventTarget {
       if (candidate) this.send({ candidate: candidate.toJSON() });
     });
     this.pc.addEventListener('track', ({ track, transceiver }) => {
-      const screen = transceiver === this.#screenTransceiver();
+      const screen = transceiver === this.#screenTransceiver() || transceiver === this.#screenTransceiver('audio');
       const stream = screen ? this.screenStream : this.remoteStream;
       stream.addTrack(track);
       track.addEventListener('ended', () => stream.removeTrack(track));
@@ -95,27 +99,39 @@ export class PeerLink extends EventTarget {
     this.#takeChannel(this.pc.createDataChannel(CHAT_LABEL, { protocol: CHAT_PROTOCOL }));
     const kinds = new Set(this.pc.getTransceivers().map((t) => t.receiver.track.kind));
     // A kind we have no track for is still negotiated to send (see the
-    // top of this file), and so is the screen, after the camera.
+    // top of this file), and so are the screen and its sound, after the
+    // camera and microphone.
     for (const kind of ['audio', 'video']) {
       if (!kinds.has(kind)) this.pc.addTransceiver(kind, { direction: 'sendrecv' });
     }
     this.pc.addTransceiver(this.#screen ?? 'video', { direction: 'sendrecv' });
+    this.pc.addTransceiver(this.#screenAudio ?? 'audio', { direction: 'sendrecv' });
   }
 
   /**
-   * Sends `track`, a shared screen, beside the camera; null stops. Takes
-   * effect at once on a connection already negotiated, and from the first
-   * offer or answer on a new one.
+   * Sends `track`, a shared screen, beside the camera, and `audio`, its
+   * sound, beside the microphone; null stops. Takes effect at once on a
+   * connection already negotiated, and from the first offer or answer on
+   * a new one.
    * @param {MediaStreamTrack|null} track
+   * @param {MediaStreamTrack|null} [audio]
    */
-  async sendScreen(track) {
+  async sendScreen(track, audio = null) {
     this.#screen = track;
-    const sender = this.#screenTransceiver()?.sender;
-    if (!sender) return;
-    try {
-      await sender.replaceTrack(track);
-    } catch (err) {
-      console.warn(`peer ${this.id}: could not switch the screen sent`, err);
+    this.#screenAudio = audio;
+    await this.#sendScreenTracks();
+  }
+
+  /** Puts the screen's tracks (or none) on its transceivers, where they are not yet. */
+  async #sendScreenTracks() {
+    for (const [kind, track] of [['video', this.#screen], ['audio', this.#screenAudio]]) {
+      const sender = this.#screenTransceiver(kind)?.sender;
+      if (!sender || sender.track === track) continue;
+      try {
+        await sender.replaceTrack(track);
+      } catch (err) {
+        console.warn(`peer ${this.id}: could not switch the screen's ${kind} sent`, err);
+      }
     }
   }
 
@@ -274,8 +290,7 @@ export class PeerLink extends EventTarget {
       for (const t of pc.getTransceivers()) {
         if (t.direction === 'recvonly' && !t.currentDirection) t.direction = 'sendrecv';
       }
-      const screen = this.#screenTransceiver();
-      if (this.#screen && screen && screen.sender.track !== this.#screen) await screen.sender.replaceTrack(this.#screen);
+      if (this.#screen) await this.#sendScreenTracks();
       await pc.setLocalDescription();
       this.send({ description: pc.localDescription.toJSON() });
       if (collision) await this.#rewireSenders();
@@ -347,9 +362,12 @@ export class PeerLink extends EventTarget {
     return this.pc.getTransceivers().find((t) => t.receiver.track.kind === kind && t.currentDirection !== 'stopped');
   }
 
-  /** The second video transceiver: the screen's (null before negotiation, or with an older app). */
-  #screenTransceiver() {
-    return this.pc.getTransceivers().filter((t) => t.receiver.track.kind === 'video' && t.currentDirection !== 'stopped')[1] ?? null;
+  /**
+   * The second transceiver of `kind`: the screen's, or its sound's (null
+   * before negotiation, or with an older app).
+   */
+  #screenTransceiver(kind = 'video') {
+    return this.pc.getTransceivers().filter((t) => t.receiver.track.kind === kind && t.currentDirection !== 'stopped')[1] ?? null;
   }
 
   #onState() {
