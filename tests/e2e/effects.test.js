@@ -18,29 +18,35 @@ serverAndBrowser(
 
 /**
  * The colour and sharpness of the picture in a tile of `page` (the tile
- * of `peerId`, or the local one): the mean distance of each pixel's
- * channels from their average, and how many of each thousand pixels
+ * of `peerId`, or the local one; or `#preview`, the pre-join screen's
+ * preview): the mean distance of each pixel's
+ * channels from their average, their mean (a black picture has none), and how many of each thousand pixels
  * differ sharply from their right neighbour, on a 320×180 copy.
  */
 const picture = (page, peerId = null) => page.evaluate((peerId) => {
   const tile = peerId ? `.tile[data-peer-id="${CSS.escape(peerId)}"]` : '.tile.local';
-  const video = document.querySelector(`${tile} video`);
+  const video = document.querySelector(peerId === '#preview' ? peerId : `${tile} video`);
   const canvas = new OffscreenCanvas(320, 180);
   const ctx = canvas.getContext('2d', { willReadFrequently: true });
   ctx.drawImage(video, 0, 0, 320, 180);
   const { data } = ctx.getImageData(0, 0, 320, 180);
   let colour = 0;
+  let light = 0;
   let edges = 0;
   for (let i = 0; i < data.length; i += 4) {
     const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
     const mean = (r + g + b) / 3;
+    light += mean;
     colour += Math.abs(r - mean) + Math.abs(g - mean) + Math.abs(b - mean);
     // A sharp edge: a step between neighbours that a blur spreads out.
     if ((i / 4) % 320 !== 319 && Math.abs(g - data[i + 5]) > 24) edges += 1;
   }
   const pixels = data.length / 4;
-  return { colour: colour / pixels, edges: (1000 * edges) / pixels };
+  return { colour: colour / pixels, light: light / pixels, edges: (1000 * edges) / pixels };
 }, peerId);
+
+/** Whether a picture is black and white, and not simply black. */
+const grey = (p) => p.colour < 4 && p.light > 30;
 
 /** The camera track each of the page's connections sends: its label (a camera's, or an effect's id) and state. */
 const sentCamera = (page) => page.evaluate(() => [...window.__callisto.links.values()].map((l) => {
@@ -81,8 +87,8 @@ test('a video effect is sent at once with no renegotiation, survives a camera sw
   await effect.focus();
   await alice.keyboard.press('End');
   assert.equal(await effect.inputValue(), 'mono');
-  await eventually(async () => (await picture(bob, aliceId)).colour < 4, 10000, 'Bob sees Alice in black and white');
-  assert.ok((await picture(alice)).colour < 4, 'Alice\'s own tile shows what she sends');
+  await eventually(async () => grey(await picture(bob, aliceId)), 10000, 'Bob sees Alice in black and white');
+  assert.ok(grey(await picture(alice)), 'Alice\'s own tile shows what she sends');
   const [withEffect] = await sentCamera(alice);
   assert.ok(withEffect.live && !/^fake_device_/.test(withEffect.label), `an effect's track is sent, not the camera's: ${JSON.stringify(withEffect)}`);
 
@@ -140,5 +146,40 @@ test('a video effect is sent at once with no renegotiation, survives a camera sw
   assert.match(camera.label, /^fake_device_/, 'the camera itself is sent');
   assert.ok(camera.live, 'the camera keeps running');
   await videoFlows(bob, 'Bob');
+  for (const p of [alice, bob]) await p.context().close();
+});
+
+test('the camera and the effect chosen before joining show in the preview and are what the call starts with', async () => {
+  const room = `effects-prejoin-${Date.now()}`;
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  const context = await browser.newContext({ viewport: { width: 1280, height: 720 } });
+  const alice = await context.newPage();
+  await alice.goto(`${server.url}/r/${room}`);
+  await alice.getByLabel('Name', { exact: true }).waitFor();
+  await eventually(async () => (await picture(alice, '#preview')).colour > 20, 10000, 'the preview shows the camera in colour');
+
+  const open = alice.getByRole('button', { name: 'Devices and effects' });
+  await open.click();
+  const dialog = alice.getByRole('dialog', { name: 'Devices' });
+  await dialog.getByLabel('Camera').selectOption({ label: 'fake_device_2' });
+  await dialog.getByLabel('Video effect').selectOption({ label: 'Black and white' });
+  await eventually(async () => grey(await picture(alice, '#preview')), 10000, 'the preview shows the effect');
+  const shot = path.join(ARTIFACTS, 'prejoin-devices.png');
+  await alice.screenshot({ path: shot });
+  console.log(`# artifact: ${shot}`);
+  await dialog.getByRole('button', { name: 'Done' }).click();
+  assert.equal(await alice.evaluate(() => document.activeElement.id), 'prejoin-devices-btn', 'focus goes back to the button');
+
+  await alice.getByLabel('Name', { exact: true }).fill('Alice');
+  await alice.getByRole('button', { name: 'Join', exact: true }).click();
+  await alice.getByRole('button', { name: 'Leave' }).waitFor({ timeout: 10000 });
+  const aliceId = await alice.evaluate(() => window.__callisto.id);
+  await waitForRemoteVideos(bob, 1);
+  assert.ok(grey(await picture(bob, aliceId)), 'Bob sees the effect from the start');
+  assert.equal(await alice.evaluate(() => {
+    const [link] = window.__callisto.links.values();
+    return window.__callisto.cameraOf(link.pc.getSenders().find((s) => s.track?.kind === 'video').track).label;
+  }), 'fake_device_2', 'the camera chosen is the one sent');
+  assert.equal(await alice.evaluate(() => document.getElementById('preview').srcObject === null), true, 'the hidden preview lets go of the stream');
   for (const p of [alice, bob]) await p.context().close();
 });

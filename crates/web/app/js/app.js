@@ -123,8 +123,15 @@ async function showPrejoin(room) {
   call.localStream = stream;
   call.mediaMessage = message;
   setText('media-status', message);
-  $('preview').srcObject = stream;
-  $('preview-empty').hidden = Boolean(stream?.getVideoTracks().length);
+  showPreview();
+}
+
+/** Shows the camera in use (with its effect) in the pre-join preview, or says there is none. */
+function showPreview() {
+  const preview = $('preview');
+  preview.srcObject = null; // the same stream may hold a new track
+  preview.srcObject = call.localStream;
+  $('preview-empty').hidden = Boolean(call.localStream?.getVideoTracks().length);
 }
 
 async function join() {
@@ -228,6 +235,7 @@ function resumeLinks(peers) {
 // ---- In the call ---------------------------------------------------------
 
 function enterCall() {
+  $('preview').srcObject = null;
   showView('call');
   $('call-room').textContent = call.room;
   const receiveOnly = !call.localStream;
@@ -377,7 +385,13 @@ async function sendInstead(old, track) {
     grid.attach('local', null); // the same stream, with a new track in it
     grid.attach('local', stream);
   }
+  const beforeJoining = !$('prejoin').hidden;
+  if (beforeJoining) showPreview();
   if (old) return;
+  if (beforeJoining && call.mediaMessage) {
+    call.mediaMessage = null;
+    setText('media-status', null);
+  }
   if ($('call-notice').textContent === call.joinNotice) setText('call-notice', null);
   showToggles();
   sendState();

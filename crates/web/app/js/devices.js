@@ -1,5 +1,5 @@
-// Device choice during a call: which microphone, camera and speaker to use,
-// in a dialog. A new microphone or camera replaces the old one's track in
+// Device choice before and during a call: which microphone, camera and
+// speaker to use, in a dialog. A new microphone or camera replaces the old one's track in
 // every connection (or, in a call joined without one, starts being sent),
 // with no renegotiation and no gap in the call; a new speaker plays every
 // remote tile. The microphone's processing (echo cancellation, noise
@@ -35,7 +35,9 @@ export class DevicePicker {
     // setSinkId is not everywhere (Firefox asks first, Safari lacks it).
     this.canChooseSpeaker = 'setSinkId' in HTMLMediaElement.prototype;
     $('speaker-field').hidden = !this.canChooseSpeaker;
-    $('devices-btn').addEventListener('click', () => this.open());
+    // From the call's controls, and from the pre-join screen (to choose
+    // before anyone sees or hears anything).
+    for (const opener of ['devices-btn', 'prejoin-devices-btn']) $(opener).addEventListener('click', () => this.open());
     navigator.mediaDevices?.addEventListener?.('devicechange', () => {
       if (this.dialog.open) this.#fill();
     });
