@@ -145,7 +145,14 @@ const RECORD_PCS = (relayOver) => {
  * in the browser's site settings. With `context` (one a page of an earlier
  * joinCall is in) the page opens there: the same browser profile again.
  */
-export async function joinCall(browser, baseUrl, room, name, { context: reused = null, contextOptions = {}, relayOver = null, noCamera = false } = {}) {
+export async function joinCall(browser, baseUrl, room, name, options = {}) {
+  const page = await askToJoin(browser, baseUrl, room, name, options);
+  await page.getByRole('button', { name: 'Leave' }).waitFor({ timeout: 10000 });
+  return page;
+}
+
+/** As joinCall, up to clicking Join: the page may then be in the call, or knocking, or refused. */
+export async function askToJoin(browser, baseUrl, room, name, { context: reused = null, contextOptions = {}, relayOver = null, noCamera = false } = {}) {
   const context = reused ?? await browser.newContext({ viewport: { width: 1280, height: 720 }, ...contextOptions });
   if (!reused) await context.addInitScript(RECORD_PCS, relayOver);
   if (noCamera && !reused) {
@@ -188,7 +195,6 @@ export async function joinCall(browser, baseUrl, room, name, { context: reused =
   await nameInput.fill(name);
   const join = page.getByRole('button', { name: 'Join', exact: true });
   await join.click();
-  await page.getByRole('button', { name: 'Leave' }).waitFor({ timeout: 10000 });
   return page;
 }
 

@@ -845,3 +845,90 @@ async fn a_file_without_access_codes_stops_the_start_with_what_to_fix() {
         "{err:#}"
     );
 }
+
+#[tokio::test]
+async fn a_locked_room_takes_in_only_whom_someone_inside_lets_in() {
+    let server = Server::start(&[]).await;
+    let (mut ada, mut bob, mut cy) = (
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    );
+    let ida = id(&ada.join("board", "Ada").await["id"]);
+    // Not in a room: no lock.
+    bob.send(json!({"type": "lock", "locked": true})).await;
+    bob.expect_error("not-joined").await;
+    ada.send(json!({"type": "lock", "locked": true})).await;
+    assert_eq!(
+        ada.expect("locked").await,
+        json!({"type": "locked", "locked": true, "by": ida})
+    );
+
+    // Bob knocks: he waits, with no TURN credentials, and may not signal.
+    bob.send(json!({"type": "join", "room": "board", "name": "Bob"}))
+        .await;
+    let waiting = bob.expect("waiting").await;
+    assert_eq!(waiting, json!({"type": "waiting", "room": "board"}));
+    let knock = ada.expect("knock").await;
+    assert_eq!(knock["peer"]["name"], "Bob");
+    let idb = id(&knock["peer"]["id"]);
+    bob.send(json!({"type": "signal", "to": ida, "data": 1}))
+        .await;
+    bob.expect_error("not-joined").await;
+    ada.send(json!({"type": "signal", "to": idb, "data": 1}))
+        .await;
+    ada.expect_error("unknown-peer").await;
+
+    // Ada lets him in.
+    ada.send(json!({"type": "admit", "id": idb})).await;
+    assert_eq!(
+        ada.expect("knock-ended").await,
+        json!({"type": "knock-ended", "id": idb, "admitted": true})
+    );
+    assert_eq!(ada.expect("peer-joined").await["peer"]["id"], idb.as_str());
+    let welcome = bob.expect("welcome").await;
+    assert_eq!(welcome["id"], idb.as_str());
+    assert_eq!(welcome["locked"], true);
+    assert!(
+        welcome["iceServers"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())
+    );
+    bob.send(json!({"type": "signal", "to": ida, "data": 2}))
+        .await;
+    assert_eq!(ada.expect("signal").await["data"], 2);
+
+    // Cy knocks; Bob turns him away; he knocks again, and Ada unlocks.
+    cy.send(json!({"type": "join", "room": "board", "name": "Cy"}))
+        .await;
+    cy.expect("waiting").await;
+    let idc = id(&ada.expect("knock").await["peer"]["id"]);
+    bob.expect("knock").await;
+    bob.send(json!({"type": "deny", "id": idc})).await;
+    cy.expect_error("not-admitted").await;
+    for c in [&mut ada, &mut bob] {
+        assert_eq!(c.expect("knock-ended").await["admitted"], false);
+    }
+    ada.send(json!({"type": "admit", "id": idc})).await;
+    ada.expect_error("unknown-peer").await;
+    cy.send(json!({"type": "join", "room": "board", "name": "Cy"}))
+        .await;
+    cy.expect("waiting").await;
+    ada.expect("knock").await;
+    ada.send(json!({"type": "lock", "locked": false})).await;
+    assert_eq!(ada.expect("locked").await["locked"], false);
+    ada.expect("knock-ended").await;
+    ada.expect("peer-joined").await;
+    let welcome = cy.expect("welcome").await;
+    assert!(welcome.get("locked").is_none());
+    assert_eq!(welcome["peers"].as_array().unwrap().len(), 2);
+    let (_, body) = server.get("/metrics").await;
+    for result in ["knocked", "admitted", "denied"] {
+        assert!(
+            body.contains(&format!(
+                "callisto_signaling_knocks_total{{result=\"{result}\"}}"
+            )),
+            "{result} in:\n{body}"
+        );
+    }
+}

@@ -27,10 +27,18 @@ pub enum ClientMessage<'a> {
     Signal { to: String, data: &'a RawValue },
     /// `{"type":"broadcast","data":ANY}`
     Broadcast { data: &'a RawValue },
-    /// `{"type":"leave"}`
+    /// `{"type":"leave"}`: leaves the room, or stops knocking.
     Leave,
     /// `{"type":"ping"}`
     Ping,
+    /// `{"type":"lock","locked":BOOL}`: from then on, newcomers knock and
+    /// wait until someone in the room lets them in (`false`: they join
+    /// straight away, and those waiting come in).
+    Lock { locked: bool },
+    /// `{"type":"admit","id":ID}`: lets in someone knocking.
+    Admit { id: String },
+    /// `{"type":"deny","id":ID}`: turns away someone knocking.
+    Deny { id: String },
 }
 
 impl PartialEq for ClientMessage<'_> {
@@ -56,6 +64,8 @@ impl PartialEq for ClientMessage<'_> {
             }
             (Broadcast { data: d1 }, Broadcast { data: d2 }) => d1.get() == d2.get(),
             (Leave, Leave) | (Ping, Ping) => true,
+            (Lock { locked: l1 }, Lock { locked: l2 }) => l1 == l2,
+            (Admit { id: i1 }, Admit { id: i2 }) | (Deny { id: i1 }, Deny { id: i2 }) => i1 == i2,
             _ => false,
         }
     }
@@ -70,6 +80,9 @@ impl ClientMessage<'_> {
             ClientMessage::Broadcast { .. } => "broadcast",
             ClientMessage::Leave => "leave",
             ClientMessage::Ping => "ping",
+            ClientMessage::Lock { .. } => "lock",
+            ClientMessage::Admit { .. } => "admit",
+            ClientMessage::Deny { .. } => "deny",
         }
     }
 }
@@ -106,6 +119,8 @@ struct Envelope<'a> {
     to: Option<String>,
     resume: Option<String>,
     access: Option<String>,
+    locked: Option<bool>,
+    id: Option<String>,
     // `null` is a valid payload, so a present `data` must not collapse to None.
     #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
@@ -188,6 +203,18 @@ pub fn decode_client(text: &str) -> Result<ClientMessage<'_>, DecodeError> {
         }
         "leave" => Ok(ClientMessage::Leave),
         "ping" => Ok(ClientMessage::Ping),
+        "lock" => {
+            let locked = env.locked.ok_or_else(|| {
+                DecodeError::bad("\"lock\" needs field \"locked\" (true or false)")
+            })?;
+            Ok(ClientMessage::Lock { locked })
+        }
+        "admit" => Ok(ClientMessage::Admit {
+            id: field(env.id, "id")?,
+        }),
+        "deny" => Ok(ClientMessage::Deny {
+            id: field(env.id, "id")?,
+        }),
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(DecodeError::bad(format!(
@@ -268,6 +295,26 @@ mod tests {
             decode_client(r#" {"type":"ping","extra":[1,2]}"#).unwrap(),
             ClientMessage::Ping
         );
+        assert_eq!(
+            decode_client(r#"{"type":"lock","locked":true}"#).unwrap(),
+            ClientMessage::Lock { locked: true }
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"admit","id":"p2"}"#).unwrap(),
+            ClientMessage::Admit { id: "p2".into() }
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"deny","id":"p2"}"#).unwrap(),
+            ClientMessage::Deny { id: "p2".into() }
+        );
+        for bad in [
+            r#"{"type":"lock"}"#,
+            r#"{"type":"lock","locked":"yes"}"#,
+            r#"{"type":"admit"}"#,
+            r#"{"type":"deny","id":7}"#,
+        ] {
+            assert_eq!(code(bad), ErrorCode::BadMessage, "{bad}");
+        }
     }
 
     #[test]

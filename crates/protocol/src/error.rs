@@ -30,11 +30,13 @@ pub enum ErrorCode {
     /// `join` without `access`, or with one that is not among the server's
     /// access codes (`--access-codes-file`).
     AccessDenied,
+    /// Knocking on a locked room: someone in it turned the client away.
+    NotAdmitted,
 }
 
 impl ErrorCode {
     /// Every code, for documentation, metrics and tests.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadMessage,
         ErrorCode::BadRoom,
         ErrorCode::BadName,
@@ -46,6 +48,7 @@ impl ErrorCode {
         ErrorCode::TooLarge,
         ErrorCode::RateLimited,
         ErrorCode::AccessDenied,
+        ErrorCode::NotAdmitted,
     ];
 
     /// The code as it appears on the wire.
@@ -62,6 +65,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too-large",
             ErrorCode::RateLimited => "rate-limited",
             ErrorCode::AccessDenied => "access-denied",
+            ErrorCode::NotAdmitted => "not-admitted",
         }
     }
 }

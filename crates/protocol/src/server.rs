@@ -39,6 +39,32 @@ pub enum ServerMessage<'a> {
         /// Whether this `welcome` resumed a lost connection's place (same
         /// `id`, no `peer-left`/`peer-joined` for the others).
         resumed: bool,
+        /// Whether the room is locked (newcomers knock); absent: not.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        locked: bool,
+        /// Who knocks on the locked room, waiting to be let in; absent: nobody.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        waiting: Vec<PeerInfo>,
+    },
+    /// To a client that joined a locked room: it waits until someone in
+    /// the room lets it in (`welcome`) or turns it away (`not-admitted`).
+    Waiting {
+        room: &'a str,
+    },
+    /// To those in a locked room: someone knocks.
+    Knock {
+        peer: PeerInfo,
+    },
+    /// To those in a locked room: someone stopped knocking: let in
+    /// (`admitted`), turned away, or gone.
+    KnockEnded {
+        id: &'a str,
+        admitted: bool,
+    },
+    /// To everyone in a room: it was locked or unlocked, by `by`.
+    Locked {
+        locked: bool,
+        by: &'a str,
     },
     PeerJoined {
         peer: PeerInfo,
@@ -73,6 +99,10 @@ impl ServerMessage<'_> {
     pub fn kind(&self) -> &'static str {
         match self {
             ServerMessage::Welcome { .. } => "welcome",
+            ServerMessage::Waiting { .. } => "waiting",
+            ServerMessage::Knock { .. } => "knock",
+            ServerMessage::KnockEnded { .. } => "knock-ended",
+            ServerMessage::Locked { .. } => "locked",
             ServerMessage::PeerJoined { .. } => "peer-joined",
             ServerMessage::PeerLeft { .. } => "peer-left",
             ServerMessage::Signal { .. } => "signal",
@@ -117,6 +147,8 @@ mod tests {
             ice_servers: &ice,
             resume: "t1",
             resumed: false,
+            locked: false,
+            waiting: vec![],
         };
         assert_eq!(
             welcome.to_json(),
@@ -132,6 +164,44 @@ mod tests {
             r#"{"type":"signal","from":"p0","data":{"a": [1, 2]}}"#
         );
         assert_eq!(ServerMessage::Pong.to_json(), r#"{"type":"pong"}"#);
+        let knocked = ServerMessage::Welcome {
+            id: "p1",
+            room: "r",
+            version: 1,
+            peers: vec![],
+            ice_servers: &[],
+            resume: "t1",
+            resumed: false,
+            locked: true,
+            waiting: vec![PeerInfo {
+                id: "p3".into(),
+                name: "Cy".into(),
+            }],
+        };
+        assert_eq!(
+            knocked.to_json(),
+            r#"{"type":"welcome","id":"p1","room":"r","version":1,"peers":[],"iceServers":[],"resume":"t1","resumed":false,"locked":true,"waiting":[{"id":"p3","name":"Cy"}]}"#
+        );
+        assert_eq!(
+            ServerMessage::Waiting { room: "r" }.to_json(),
+            r#"{"type":"waiting","room":"r"}"#
+        );
+        assert_eq!(
+            ServerMessage::KnockEnded {
+                id: "p3",
+                admitted: true
+            }
+            .to_json(),
+            r#"{"type":"knock-ended","id":"p3","admitted":true}"#
+        );
+        assert_eq!(
+            ServerMessage::Locked {
+                locked: true,
+                by: "p1"
+            }
+            .to_json(),
+            r#"{"type":"locked","locked":true,"by":"p1"}"#
+        );
         assert_eq!(
             ServerMessage::IceServers { ice_servers: &ice }.to_json(),
             r#"{"type":"ice-servers","iceServers":[{"urls":["stun:127.0.0.1:3478"]}]}"#

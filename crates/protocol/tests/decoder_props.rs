@@ -25,6 +25,9 @@ fn arb_json() -> impl Strategy<Value = Value> {
             Just("broadcast"),
             Just("leave"),
             Just("ping"),
+            Just("lock"),
+            Just("admit"),
+            Just("deny"),
             Just("type"),
             Just("room"),
             Just("data")
@@ -41,6 +44,8 @@ fn arb_json() -> impl Strategy<Value = Value> {
                     Just("name".to_string()),
                     Just("to".to_string()),
                     Just("data".to_string()),
+                    Just("id".to_string()),
+                    Just("locked".to_string()),
                     "[a-z]{0,6}",
                 ],
                 inner,
@@ -76,8 +81,13 @@ proptest! {
                 // not exact without its `float_roundtrip` feature: a
                 // 300,000-case run found 1.0679026912420585e-132 coming
                 // back one ulp off.)
-                if let ClientMessage::Signal { data, .. } | ClientMessage::Broadcast { data } = msg {
+                if let ClientMessage::Signal { data, .. } | ClientMessage::Broadcast { data } = &msg {
                     prop_assert_eq!(data.get(), value["data"].to_string());
+                }
+                match msg {
+                    ClientMessage::Lock { locked } => prop_assert_eq!(Some(locked), value["locked"].as_bool()),
+                    ClientMessage::Admit { id } | ClientMessage::Deny { id } => prop_assert_eq!(Some(id.as_str()), value["id"].as_str()),
+                    _ => {}
                 }
             }
             Err(e) => {

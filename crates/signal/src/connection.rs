@@ -592,6 +592,24 @@ impl Conn {
                 }
             }
             ClientMessage::Ping => return self.reply(Frame::new(&ServerMessage::Pong)),
+            ClientMessage::Lock { locked } => match &self.seat {
+                Some(seat) => {
+                    let done = self.hub().lock(&seat.id, locked);
+                    if done.is_ok() {
+                        info!(remote = %self.remote, room = %seat.room, peer = %seat.id, locked, "room lock changed");
+                    }
+                    done
+                }
+                None => Err(ErrorCode::NotJoined),
+            },
+            ClientMessage::Admit { id } => match &self.seat {
+                Some(seat) => self.hub().admit(&seat.id, &id),
+                None => Err(ErrorCode::NotJoined),
+            },
+            ClientMessage::Deny { id } => match &self.seat {
+                Some(seat) => self.hub().deny(&seat.id, &id),
+                None => Err(ErrorCode::NotJoined),
+            },
         };
         match result {
             Ok(()) => None,
@@ -606,8 +624,12 @@ impl Conn {
         resume: Option<&str>,
         access: Option<&str>,
     ) -> Result<(), ErrorCode> {
-        if self.seat.is_some() {
-            return Err(ErrorCode::AlreadyJoined);
+        if let Some(seat) = &self.seat {
+            // Turned away from a locked room, it may knock again.
+            if self.hub().has(seat) {
+                return Err(ErrorCode::AlreadyJoined);
+            }
+            self.seat = None;
         }
         if let Some(check) = &self.cfg.access
             && !check(access, &self.remote, room)
@@ -620,6 +642,8 @@ impl Conn {
             .join(room, name, resume, self.sink.clone(), &ice)?;
         if seat.resumed {
             info!(remote = %self.remote, room, peer = %seat.id, "resumed");
+        } else if seat.waiting {
+            info!(remote = %self.remote, room, peer = %seat.id, "knocking on a locked room");
         } else {
             info!(remote = %self.remote, room, peer = %seat.id, "joined");
         }
@@ -711,6 +735,7 @@ fn explain(code: ErrorCode) -> &'static str {
         ErrorCode::AccessDenied => {
             "this server needs an access code to join: none or a wrong one was given"
         }
+        ErrorCode::NotAdmitted => "someone in the room turned you away",
     }
 }
 

@@ -18,6 +18,13 @@
 //! here, so a call survives a dropped WebSocket, a proxy's idle timeout or a
 //! network change, instead of every peer connection being torn down and
 //! negotiated again. What the others send it meanwhile waits, bounded.
+//!
+//! Anyone in a room may lock it. A newcomer to a locked room knocks: it
+//! gets `waiting`, the room gets `knock`, and it waits, seen by nobody and
+//! seeing nothing, until someone in the room admits it (`welcome`, and
+//! `peer-joined` for the others) or turns it away (`not-admitted`). Those
+//! knocking when the room is unlocked, or when everyone in it has left,
+//! come in. A lost connection that resumes its place does not knock.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -127,6 +134,21 @@ pub struct Seat {
     pub attachment: u64,
     /// Whether the place was resumed, not newly taken.
     pub resumed: bool,
+    /// Whether the connection knocks on a locked room, not in it (yet):
+    /// once admitted, the same seat holds its place in the room.
+    pub waiting: bool,
+}
+
+/// Most who may knock on one locked room at once; more get `room-full`.
+pub const MAX_WAITING: usize = 8;
+
+/// Someone knocking on a locked room, with what its `welcome` will need.
+struct Waiter<S> {
+    name: String,
+    room: String,
+    attachment: u64,
+    sink: S,
+    ice_servers: Vec<IceServer>,
 }
 
 /// A snapshot for metrics and health checks.
@@ -201,6 +223,9 @@ pub struct Hub<S> {
     peers: HashMap<String, Peer<S>>,
     /// Peer ids by resume token.
     tokens: HashMap<String, String>,
+    /// The locked rooms, each with who knocks on it, in order.
+    locks: HashMap<String, Vec<String>>,
+    waiters: HashMap<String, Waiter<S>>,
     /// Bytes kept for lost connections, all together.
     away_total: usize,
     /// Places of lost connections: with none, the expiry has nothing to
@@ -228,6 +253,8 @@ impl<S: PeerSink> Hub<S> {
             rooms: HashMap::new(),
             peers: HashMap::new(),
             tokens: HashMap::new(),
+            locks: HashMap::new(),
+            waiters: HashMap::new(),
             away_total: 0,
             away_count: 0,
             attachments: 0,
@@ -310,6 +337,8 @@ impl<S: PeerSink> Hub<S> {
             ice_servers,
             resume: token,
             resumed: true,
+            locked: self.locks.contains_key(room),
+            waiting: self.knocking(room),
         });
         let Some(peer) = self.peers.get_mut(&id) else {
             return Err(sink);
@@ -346,7 +375,33 @@ impl<S: PeerSink> Hub<S> {
             room: room.to_owned(),
             attachment,
             resumed: true,
+            waiting: false,
         })
+    }
+
+    /// Who knocks on `room`, in order, as `welcome.waiting` lists them.
+    fn knocking(&self, room: &str) -> Vec<PeerInfo> {
+        self.locks
+            .get(room)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| {
+                self.waiters.get(id).map(|w| PeerInfo {
+                    id: id.clone(),
+                    name: w.name.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// A peer id no one has, in the room or knocking.
+    fn fresh_id(&mut self) -> String {
+        loop {
+            let id = (self.new_id)();
+            if !self.peers.contains_key(&id) && !self.waiters.contains_key(&id) {
+                break id;
+            }
+        }
     }
 
     fn join_new(
@@ -364,36 +419,106 @@ impl<S: PeerSink> Hub<S> {
             }
             _ => {}
         }
-        let id = loop {
-            let id = (self.new_id)();
-            if !self.peers.contains_key(&id) {
-                break id;
-            }
-        };
+        if self.locks.contains_key(room) {
+            return self.knock(room, name, sink, ice_servers);
+        }
+        let id = self.fresh_id();
+        let attachment = self.next_attachment();
+        self.seat_new(room, &id, name, sink, ice_servers, attachment);
+        self.settle();
+        Ok(Seat {
+            id,
+            room: room.to_owned(),
+            attachment,
+            resumed: false,
+            waiting: false,
+        })
+    }
+
+    /// Puts a newcomer knocking on locked `room` in its lobby, and tells
+    /// the room.
+    fn knock(
+        &mut self,
+        room: &str,
+        name: &str,
+        sink: S,
+        ice_servers: &[IceServer],
+    ) -> Result<Seat, ErrorCode> {
+        if self.locks.get(room).is_some_and(|w| w.len() >= MAX_WAITING) {
+            return Err(ErrorCode::RoomFull);
+        }
+        let id = self.fresh_id();
+        let attachment = self.next_attachment();
+        // A sink that cannot take its first frame is closing anyway.
+        let _ = sink.send(Frame::new(&ServerMessage::Waiting { room }));
+        let knock = Frame::new(&ServerMessage::Knock {
+            peer: PeerInfo {
+                id: id.clone(),
+                name: name.to_owned(),
+            },
+        });
+        self.fan_out(room, None, &knock, None);
+        self.locks
+            .entry(room.to_owned())
+            .or_default()
+            .push(id.clone());
+        self.waiters.insert(
+            id.clone(),
+            Waiter {
+                name: name.to_owned(),
+                room: room.to_owned(),
+                attachment,
+                sink,
+                ice_servers: ice_servers.to_vec(),
+            },
+        );
+        metrics::counter!("callisto_signaling_knocks_total", "result" => "knocked").increment(1);
+        self.settle();
+        Ok(Seat {
+            id,
+            room: room.to_owned(),
+            attachment,
+            resumed: false,
+            waiting: true,
+        })
+    }
+
+    /// Takes a newcomer into `room` (created if need be) with a fresh id:
+    /// `welcome` for it, `peer-joined` for the others.
+    fn seat_new(
+        &mut self,
+        room: &str,
+        id: &str,
+        name: &str,
+        sink: S,
+        ice_servers: &[IceServer],
+        attachment: u64,
+    ) {
         let token = random_peer_id();
         let welcome = Frame::new(&ServerMessage::Welcome {
-            id: &id,
+            id,
             room,
             version: PROTOCOL_VERSION,
             peers: self.members_but(room, None),
             ice_servers,
             resume: &token,
             resumed: false,
+            locked: self.locks.contains_key(room),
+            waiting: self.knocking(room),
         });
         let joined = Frame::new(&ServerMessage::PeerJoined {
             peer: PeerInfo {
-                id: id.clone(),
+                id: id.to_owned(),
                 name: name.to_owned(),
             },
         });
         self.fan_out(room, None, &joined, None);
         if sink.send(welcome).is_err() {
-            self.evicted.push(id.clone());
+            self.evicted.push(id.to_owned());
         }
-        let attachment = self.next_attachment();
-        self.tokens.insert(token.clone(), id.clone());
+        self.tokens.insert(token.clone(), id.to_owned());
         self.peers.insert(
-            id.clone(),
+            id.to_owned(),
             Peer {
                 name: name.to_owned(),
                 room: room.to_owned(),
@@ -405,14 +530,96 @@ impl<S: PeerSink> Hub<S> {
         self.rooms
             .entry(room.to_owned())
             .or_default()
-            .push(id.clone());
+            .push(id.to_owned());
+    }
+
+    /// Locks (or unlocks) the room of peer `by`, and tells everyone in
+    /// it. Unlocking lets in whoever knocks.
+    pub fn lock(&mut self, by: &str, locked: bool) -> Result<(), ErrorCode> {
+        let room = self.peers.get(by).ok_or(ErrorCode::NotJoined)?.room.clone();
+        let frame = Frame::new(&ServerMessage::Locked { locked, by });
+        self.fan_out(&room, None, &frame, None);
+        if locked {
+            self.locks.entry(room).or_default();
+        } else if let Some(waiting) = self.locks.remove(&room) {
+            for id in waiting {
+                self.let_in(&id);
+            }
+        }
         self.settle();
-        Ok(Seat {
-            id,
-            room: room.to_owned(),
+        Ok(())
+    }
+
+    /// Lets `id`, knocking on the room of peer `by`, in.
+    pub fn admit(&mut self, by: &str, id: &str) -> Result<(), ErrorCode> {
+        self.check_knock(by, id)?;
+        self.let_in(id);
+        self.settle();
+        Ok(())
+    }
+
+    /// Turns `id`, knocking on the room of peer `by`, away: it gets
+    /// `not-admitted`, and may knock again.
+    pub fn deny(&mut self, by: &str, id: &str) -> Result<(), ErrorCode> {
+        self.check_knock(by, id)?;
+        if let Some(waiter) = self.stop_knocking(id, false) {
+            let _ = waiter.sink.send(Frame::new(&ServerMessage::Error {
+                code: ErrorCode::NotAdmitted,
+                message: "someone in the room turned you away",
+            }));
+            metrics::counter!("callisto_signaling_knocks_total", "result" => "denied").increment(1);
+        }
+        self.settle();
+        Ok(())
+    }
+
+    /// Whether `by` is in a room that `id` knocks on.
+    fn check_knock(&self, by: &str, id: &str) -> Result<(), ErrorCode> {
+        let room = &self.peers.get(by).ok_or(ErrorCode::NotJoined)?.room;
+        match self.waiters.get(id) {
+            Some(w) if &w.room == room => Ok(()),
+            _ => Err(ErrorCode::UnknownPeer),
+        }
+    }
+
+    /// Takes `id` out of its room's lobby, and tells the room why
+    /// (`admitted` or not).
+    fn stop_knocking(&mut self, id: &str, admitted: bool) -> Option<Waiter<S>> {
+        let waiter = self.waiters.remove(id)?;
+        if let Some(waiting) = self.locks.get_mut(&waiter.room) {
+            waiting.retain(|w| w != id);
+        }
+        let ended = Frame::new(&ServerMessage::KnockEnded { id, admitted });
+        self.fan_out(&waiter.room, None, &ended, None);
+        Some(waiter)
+    }
+
+    /// Lets a waiter in, unless its room filled up meanwhile.
+    fn let_in(&mut self, id: &str) {
+        let full = self.waiters.get(id).is_some_and(|w| {
+            self.rooms
+                .get(&w.room)
+                .is_some_and(|m| m.len() >= self.limits.max_room_size)
+        });
+        let Some(waiter) = self.stop_knocking(id, !full) else {
+            return;
+        };
+        if full {
+            let _ = waiter.sink.send(Frame::new(&ServerMessage::Error {
+                code: ErrorCode::RoomFull,
+                message: "the room filled up while you waited",
+            }));
+            return;
+        }
+        metrics::counter!("callisto_signaling_knocks_total", "result" => "admitted").increment(1);
+        let Waiter {
+            name,
+            room,
             attachment,
-            resumed: false,
-        })
+            sink,
+            ice_servers,
+        } = waiter;
+        self.seat_new(&room, id, &name, sink, &ice_servers, attachment);
     }
 
     /// Whether `seat` is still its connection's: not evicted, resumed
@@ -423,10 +630,30 @@ impl<S: PeerSink> Hub<S> {
             .is_some_and(|p| p.attachment == seat.attachment)
     }
 
+    /// Whether `seat` still knocks on its room.
+    fn knocks(&self, seat: &Seat) -> bool {
+        self.waiters
+            .get(&seat.id)
+            .is_some_and(|w| w.attachment == seat.attachment)
+    }
+
+    /// Whether `seat` still holds a place in its room, or knocks on it:
+    /// one turned away, evicted or resumed elsewhere may join again.
+    pub fn has(&self, seat: &Seat) -> bool {
+        self.holds(seat) || self.knocks(seat)
+    }
+
     /// Removes a peer and tells the others. Returns `false` if the seat
     /// was no longer its connection's (already left, evicted, or resumed
     /// on another connection).
     pub fn leave(&mut self, seat: &Seat) -> bool {
+        if self.knocks(seat) {
+            self.stop_knocking(&seat.id, false);
+            metrics::counter!("callisto_signaling_knocks_total", "result" => "withdrawn")
+                .increment(1);
+            self.settle();
+            return true;
+        }
         if !self.holds(seat) {
             return false;
         }
@@ -439,6 +666,11 @@ impl<S: PeerSink> Hub<S> {
     /// plus the resume grace, for a new connection with its token. With
     /// no grace, this is [`Hub::leave`].
     pub fn park(&mut self, seat: &Seat, now: Instant) -> Parked {
+        if self.knocks(seat) {
+            // No place to keep: knocking again is as quick.
+            self.leave(seat);
+            return Parked::Left;
+        }
         if !self.holds(seat) {
             return Parked::NotHeld;
         }
@@ -538,14 +770,23 @@ impl<S: PeerSink> Hub<S> {
             self.away_total -= bytes;
             self.away_count -= 1;
         }
+        let mut emptied = false;
         if let Some(members) = self.rooms.get_mut(&peer.room) {
             members.retain(|m| m != id);
             if members.is_empty() {
                 self.rooms.remove(&peer.room);
+                emptied = true;
             }
         }
         let left = Frame::new(&ServerMessage::PeerLeft { id });
         self.fan_out(&peer.room, None, &left, None);
+        // Nobody is left to let them in, or to keep out of the room:
+        // those knocking come in, to the room as new and unlocked.
+        if emptied && let Some(waiting) = self.locks.remove(&peer.room) {
+            for waiter in waiting {
+                self.let_in(&waiter);
+            }
+        }
         true
     }
 
@@ -910,6 +1151,141 @@ mod tests {
     }
 
     #[test]
+    fn a_locked_room_lets_in_only_whom_someone_in_it_admits() {
+        let mut hub = hub(16, 10);
+        let types = |r: &Recorder| -> Vec<String> {
+            r.take()
+                .iter()
+                .map(|f| f["type"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (a, b, c) = (Recorder::new(100), Recorder::new(100), Recorder::new(100));
+        let ada = hub.join("r", "Ada", None, a.clone(), &[]).unwrap();
+        a.take();
+        hub.lock(&ada.id, true).unwrap();
+        assert_eq!(
+            a.take(),
+            vec![serde_json::json!({"type": "locked", "locked": true, "by": "p1"})]
+        );
+
+        // Bob knocks: he waits, seen by nobody and seeing nothing.
+        let bob = hub.join("r", "Bob", None, b.clone(), &[]).unwrap();
+        assert!(bob.waiting);
+        assert_eq!(
+            b.take(),
+            vec![serde_json::json!({"type": "waiting", "room": "r"})]
+        );
+        assert_eq!(
+            a.take(),
+            vec![serde_json::json!({"type": "knock", "peer": {"id": "p2", "name": "Bob"}})]
+        );
+        assert_eq!(
+            hub.signal(&bob.id, &ada.id, &raw("1")),
+            Err(ErrorCode::NotJoined)
+        );
+        assert_eq!(
+            hub.signal(&ada.id, &bob.id, &raw("1")),
+            Err(ErrorCode::UnknownPeer)
+        );
+        assert_eq!(hub.lock(&bob.id, false), Err(ErrorCode::NotJoined));
+        assert_eq!(hub.admit(&bob.id, &bob.id), Err(ErrorCode::NotJoined));
+        assert_eq!(hub.stats().peers, 1);
+
+        // Cy knocks too; Ada lets Bob in, who hears of Cy.
+        let cy = hub.join("r", "Cy", None, c.clone(), &[]).unwrap();
+        a.take();
+        c.take();
+        hub.admit(&ada.id, &bob.id).unwrap();
+        assert_eq!(types(&a), ["knock-ended", "peer-joined"]);
+        let welcome = &b.take()[0];
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(welcome["id"], "p2", "the id he knocked with");
+        assert_eq!(welcome["locked"], true);
+        assert_eq!(
+            welcome["peers"],
+            serde_json::json!([{"id": "p1", "name": "Ada"}])
+        );
+        assert_eq!(
+            welcome["waiting"],
+            serde_json::json!([{"id": "p3", "name": "Cy"}])
+        );
+        assert!(hub.holds(&bob), "the seat he knocked with holds his place");
+
+        // Bob turns Cy away: Cy may knock again, and then gives up.
+        hub.deny(&bob.id, &cy.id).unwrap();
+        assert_eq!(c.take()[0]["code"], "not-admitted");
+        assert_eq!(
+            a.take(),
+            vec![serde_json::json!({"type": "knock-ended", "id": "p3", "admitted": false})]
+        );
+        assert_eq!(types(&b), ["knock-ended"]);
+        assert!(!hub.has(&cy));
+        assert_eq!(hub.admit(&ada.id, &cy.id), Err(ErrorCode::UnknownPeer));
+        let cy = hub.join("r", "Cy", None, c.clone(), &[]).unwrap();
+        assert!(hub.leave(&cy), "stops knocking");
+        assert_eq!(types(&a), ["knock", "knock-ended"]);
+
+        // Someone in another room can neither let in nor turn away.
+        let (d, e) = (Recorder::new(100), Recorder::new(100));
+        let dee = hub.join("r", "Dee", None, d.clone(), &[]).unwrap();
+        let eve = hub.join("elsewhere", "Eve", None, e.clone(), &[]).unwrap();
+        assert_eq!(hub.admit(&eve.id, &dee.id), Err(ErrorCode::UnknownPeer));
+        assert_eq!(hub.deny(&eve.id, &dee.id), Err(ErrorCode::UnknownPeer));
+
+        // Unlocked, whoever knocks comes in.
+        a.take();
+        hub.lock(&ada.id, false).unwrap();
+        assert_eq!(types(&a), ["locked", "knock-ended", "peer-joined"]);
+        let welcome = &d.take()[1];
+        assert_eq!(welcome["type"], "welcome");
+        assert!(welcome.get("locked").is_none(), "absent when unlocked");
+        assert!(hub.holds(&dee));
+    }
+
+    #[test]
+    fn a_locked_room_is_left_to_those_knocking_when_everyone_leaves_and_resumes_do_not_knock() {
+        let mut hub = hub(16, 10);
+        let (a, b, c) = (Recorder::new(100), Recorder::new(100), Recorder::new(100));
+        let ada = hub.join("r", "Ada", None, a.clone(), &[]).unwrap();
+        let token = a.take()[0]["resume"].as_str().unwrap().to_owned();
+        hub.lock(&ada.id, true).unwrap();
+
+        // Ada's connection drops and comes back: she takes her place
+        // back without knocking.
+        assert_eq!(hub.park(&ada, Instant::now()), Parked::Kept);
+        let again = hub.join("r", "Ada", Some(&token), a.clone(), &[]).unwrap();
+        assert!(again.resumed && !again.waiting);
+        assert_eq!(a.take().last().unwrap()["locked"], true);
+
+        // At most MAX_WAITING knock at once.
+        let knockers: Vec<Seat> = (0..MAX_WAITING)
+            .map(|_| hub.join("r", "K", None, Recorder::new(100), &[]).unwrap())
+            .collect();
+        assert_eq!(
+            hub.join("r", "K", None, b.clone(), &[]),
+            Err(ErrorCode::RoomFull)
+        );
+        // One whose connection is lost stops knocking at once.
+        assert_eq!(hub.park(&knockers[0], Instant::now()), Parked::Left);
+        let bob = hub.join("r", "Bob", None, b.clone(), &[]).unwrap();
+        assert!(bob.waiting);
+
+        // Ada leaves: nobody is left to let them in, so they come in, to
+        // the room as new and unlocked.
+        hub.leave(&again);
+        assert!(hub.holds(&bob));
+        assert_eq!(hub.stats().peers, MAX_WAITING);
+        let welcome = b
+            .take()
+            .into_iter()
+            .find(|f| f["type"] == "welcome")
+            .unwrap();
+        assert!(welcome.get("locked").is_none());
+        let cy = hub.join("r", "Cy", None, c.clone(), &[]).unwrap();
+        assert!(!cy.waiting);
+    }
+
+    #[test]
     fn without_a_grace_a_lost_connection_leaves_at_once() {
         let mut hub = Hub::new(
             HubLimits {
@@ -946,6 +1322,9 @@ mod tests {
         Signal(usize, usize),
         Broadcast(usize),
         Wait(u64),
+        Lock(usize, bool),
+        Admit(usize, usize),
+        Deny(usize, usize),
     }
 
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -964,6 +1343,9 @@ mod tests {
             1 => (0..5usize, 0..5usize).prop_map(|(a, b)| Op::Signal(a, b)),
             1 => (0..5usize).prop_map(Op::Broadcast),
             1 => (0..1500u64).prop_map(Op::Wait),
+            1 => (0..5usize, any::<bool>()).prop_map(|(c, locked)| Op::Lock(c, locked)),
+            1 => (0..5usize, 0..5usize).prop_map(|(a, b)| Op::Admit(a, b)),
+            1 => (0..5usize, 0..5usize).prop_map(|(a, b)| Op::Deny(a, b)),
         ]
     }
 
@@ -973,41 +1355,70 @@ mod tests {
         sink: Recorder,
     }
 
-    /// The room as a connection's messages describe it: `welcome.peers`,
-    /// then each `peer-joined` and `peer-left` (from the last welcome on);
-    /// and the first `signal` or `broadcast` from a peer not in it then.
-    fn room_as_told(frames: &[Value]) -> (Vec<String>, Option<Value>) {
-        let mut seen: Vec<String> = Vec::new();
-        let mut stranger = None;
+    /// A room as a connection's messages describe it.
+    #[derive(Debug, Default)]
+    struct Told {
+        /// `welcome.peers`, then each `peer-joined` and `peer-left`.
+        peers: Vec<String>,
+        /// The first `signal` or `broadcast` from a peer not in it then.
+        stranger: Option<Value>,
+        /// `welcome.locked`, then each `locked`.
+        locked: bool,
+        /// `welcome.waiting`, then each `knock` and `knock-ended`.
+        waiting: Vec<String>,
+        /// The last `welcome`'s resume token.
+        token: Option<String>,
+    }
+
+    fn ids(list: &Value) -> Vec<String> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The room as `frames` tell it (from the last welcome on).
+    fn room_as_told(frames: &[Value]) -> Told {
+        let mut told = Told::default();
         for f in frames {
             match f["type"].as_str() {
-                Some("signal" | "broadcast") if !seen.iter().any(|id| f["from"] == id.as_str()) => {
-                    stranger.get_or_insert_with(|| f.clone());
+                Some("signal" | "broadcast")
+                    if !told.peers.iter().any(|id| f["from"] == id.as_str()) =>
+                {
+                    told.stranger.get_or_insert_with(|| f.clone());
                 }
                 Some("welcome") => {
-                    seen = f["peers"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|p| p["id"].as_str().unwrap().to_owned())
-                        .collect();
+                    told.peers = ids(&f["peers"]);
+                    told.locked = f["locked"] == true;
+                    told.waiting = ids(&f["waiting"]);
+                    told.token = f["resume"].as_str().map(str::to_owned);
                 }
-                Some("peer-joined") => seen.push(f["peer"]["id"].as_str().unwrap().to_owned()),
-                Some("peer-left") => seen.retain(|id| id != f["id"].as_str().unwrap()),
+                Some("peer-joined") => told
+                    .peers
+                    .push(f["peer"]["id"].as_str().unwrap().to_owned()),
+                Some("peer-left") => told.peers.retain(|id| id != f["id"].as_str().unwrap()),
+                Some("locked") => told.locked = f["locked"] == true,
+                Some("knock") => told
+                    .waiting
+                    .push(f["peer"]["id"].as_str().unwrap().to_owned()),
+                Some("knock-ended") => told.waiting.retain(|id| id != f["id"].as_str().unwrap()),
                 _ => {}
             }
         }
-        (seen, stranger)
+        told
     }
 
     proptest::proptest! {
         /// Arbitrary joins, resumes, leaves, lost connections, signals,
-        /// broadcasts and waits by a few clients over two rooms, some with
-        /// queues that overflow: the rooms, the peers, the tokens and the
-        /// bytes kept for lost connections always agree; every connection
-        /// that holds its place was told exactly who else is in its room,
-        /// and heard from no one else; and every place lost longer than the
-        /// grace is gone.
+        /// broadcasts, waits, locks, admissions and refusals by a few
+        /// clients over two rooms, some with queues that overflow: the
+        /// rooms, the peers, the tokens, the lobbies and the bytes kept for
+        /// lost connections always agree; every connection that holds its
+        /// place was told exactly who else is in its room, whether it is
+        /// locked and who knocks, and heard from no one else; one knocking
+        /// was told nothing of the room; and every place lost longer than
+        /// the grace is gone.
         #[test]
         fn the_rooms_and_what_each_connection_was_told_always_agree(
             ops in proptest::collection::vec(op(), 1..80),
@@ -1039,9 +1450,12 @@ mod tests {
                         let room = format!("r{room}");
                         if let Ok(seat) = hub.join(&room, "n", token.as_deref(), sink.clone(), &[]) {
                             let frames = sink.frames.borrow();
-                            if let Some(welcome) = frames.first() {
-                                proptest::prop_assert_eq!(welcome["id"].as_str(), Some(seat.id.as_str()));
-                                tokens[client] = welcome["resume"].as_str().map(str::to_owned);
+                            if let Some(first) = frames.first() {
+                                if seat.waiting {
+                                    proptest::prop_assert_eq!(&first["type"], "waiting");
+                                } else {
+                                    proptest::prop_assert_eq!(first["id"].as_str(), Some(seat.id.as_str()));
+                                }
                             }
                             drop(frames);
                             lost.retain(|(id, _)| *id != seat.id);
@@ -1076,14 +1490,44 @@ mod tests {
                         now += Duration::from_millis(ms);
                         hub.expire(now);
                     }
-                }
-                // A connection evicted (or whose place was resumed
-                // elsewhere) holds nothing any more.
-                for c in &mut live {
-                    if c.as_ref().is_some_and(|c| !hub.holds(&c.seat)) {
-                        *c = None;
+                    Op::Lock(client, locked) => {
+                        if let Some(c) = &live[client] {
+                            let by = c.seat.id.clone();
+                            let _ = hub.lock(&by, locked);
+                        }
+                    }
+                    Op::Admit(a, b) | Op::Deny(a, b) => {
+                        if let (Some(by), Some(id)) = (&live[a], &live[b]) {
+                            let (by, id) = (by.seat.id.clone(), id.seat.id.clone());
+                            let _ = if matches!(op, Op::Admit(..)) { hub.admit(&by, &id) } else { hub.deny(&by, &id) };
+                        }
                     }
                 }
+                // A connection evicted, turned away (or whose place was
+                // resumed elsewhere) holds nothing any more.
+                for (client, c) in live.iter_mut().enumerate() {
+                    if let Some(conn) = c {
+                        if let Some(token) = room_as_told(&conn.sink.frames.borrow()).token {
+                            tokens[client] = Some(token);
+                        }
+                        if !hub.has(&conn.seat) {
+                            *c = None;
+                        }
+                    }
+                }
+
+                // The lobbies: of locked rooms, holding every waiter once.
+                let mut knocking = 0;
+                for (room, waiting) in &hub.locks {
+                    proptest::prop_assert!(hub.rooms.contains_key(room), "a lock outlived its room");
+                    proptest::prop_assert!(waiting.len() <= MAX_WAITING);
+                    for w in waiting {
+                        proptest::prop_assert_eq!(&hub.waiters[w].room, room);
+                        proptest::prop_assert!(!hub.peers.contains_key(w));
+                    }
+                    knocking += waiting.len();
+                }
+                proptest::prop_assert_eq!(knocking, hub.waiters.len());
 
                 // The rooms and the peers agree.
                 let mut in_rooms = 0;
@@ -1115,18 +1559,27 @@ mod tests {
                 proptest::prop_assert_eq!(away, hub.away_count);
                 proptest::prop_assert!(kept <= hub.limits.away_bytes_total);
 
-                // Each connection holding its place knows its room exactly.
+                // Each connection holding its place knows its room exactly;
+                // one knocking knows nothing of it.
                 for c in live.iter().flatten() {
-                    let (mut told, stranger) = room_as_told(&c.sink.frames.borrow());
-                    proptest::prop_assert_eq!(stranger, None, "from someone not in the room");
+                    let mut told = room_as_told(&c.sink.frames.borrow());
+                    proptest::prop_assert_eq!(&told.stranger, &None, "from someone not in the room");
+                    if !hub.holds(&c.seat) {
+                        let frames = c.sink.frames.borrow();
+                        proptest::prop_assert!(frames.iter().all(|f| f["type"] == "waiting"), "told while knocking: {:?}", frames);
+                        continue;
+                    }
                     let mut actual: Vec<String> = hub.rooms[&c.seat.room]
                         .iter()
                         .filter(|id| **id != c.seat.id)
                         .cloned()
                         .collect();
-                    told.sort();
+                    told.peers.sort();
                     actual.sort();
-                    proptest::prop_assert_eq!(told, actual);
+                    proptest::prop_assert_eq!(told.peers, actual);
+                    proptest::prop_assert_eq!(told.locked, hub.locks.contains_key(&c.seat.room));
+                    let waiting = hub.locks.get(&c.seat.room).cloned().unwrap_or_default();
+                    proptest::prop_assert_eq!(told.waiting, waiting);
                 }
                 // No place outlives its grace.
                 for (id, since) in &lost {

@@ -54,6 +54,7 @@ assets! {
     "/js/storage.js" => "text/javascript; charset=utf-8",
     "/js/effects.js" => "text/javascript; charset=utf-8",
     "/js/effects-worker.js" => "text/javascript; charset=utf-8",
+    "/js/lobby.js" => "text/javascript; charset=utf-8",
     "/favicon.svg" => "image/svg+xml",
 }
 

@@ -11,6 +11,7 @@ import { IncomingFile, MAX_FILE_BYTES, formatSize, offerFile, showIncoming } fro
 import { DevicePicker } from './devices.js';
 import { describe, summarize } from './stats.js';
 import { store, stored } from './storage.js';
+import { Lobby } from './lobby.js';
 
 const NAME_KEY = 'callisto.name';
 // The server's access code, once one worked (for a server that needs one).
@@ -31,6 +32,7 @@ const call = {
   videoOn: true,
   screen: null, // the shared screen's track, while sharing
   screenAudio: null, // and its sound, if the person shared it
+  knocking: null, // the signaling of a join knocking on a locked room
   leaving: false,
   joinClickedAt: 0,
   joinToFirstFrameMs: null,
@@ -38,6 +40,12 @@ const call = {
 const grid = new Grid($('grid'));
 const chat = new ChatPanel(sendChat, sendFiles);
 const effects = new CameraEffects();
+const lobby = new Lobby({
+  lock: (locked) => call.signaling?.lock(locked),
+  admit: (id) => call.signaling?.admit(id),
+  deny: (id) => call.signaling?.deny(id),
+  announce: (text) => flash(text),
+});
 effects.addEventListener('failed', ({ detail }) => setText(call.signaling ? 'call-notice' : 'media-status', detail.message));
 // eslint-disable-next-line no-new
 new DevicePicker({
@@ -109,6 +117,7 @@ async function showPrejoin(room) {
     ev.preventDefault();
     join();
   });
+  $('knock-cancel').addEventListener('click', () => call.knocking?.cancelJoin());
   const media = getLocalMedia();
   $('join-btn').disabled = true;
   const { stream, message } = await media;
@@ -151,11 +160,14 @@ async function join() {
   try {
     await connectAndJoin();
   } catch (err) {
+    showKnocking(null);
     $('join-btn').disabled = false;
     if (err.code === 'access-denied') return askForAccessCode(Boolean(typed));
+    if (err.code === 'cancelled') return $('join-btn').focus();
     setText('join-error', joinErrorText(err));
     return;
   }
+  showKnocking(null);
   if (call.access) store(ACCESS_KEY, call.access);
   enterCall();
 }
@@ -175,13 +187,27 @@ function joinErrorText(err) {
     case 'server-full': return 'The server has too many rooms open right now. Try again later.';
     case 'bad-name': return 'That name cannot be used: 1–64 characters, no control characters.';
     case 'access-denied': return 'The server no longer takes your access code.';
+    case 'not-admitted': return 'Someone in the room turned you away. You can ask again.';
     default: return err.message || 'Could not join the room.';
   }
+}
+
+/**
+ * Says that the join knocks on a locked room (with `signaling`, which can
+ * stop it), or no longer does (null).
+ */
+function showKnocking(signaling) {
+  call.knocking = signaling;
+  const before = !$('prejoin').hidden;
+  setText('knock-status', signaling && before ? 'This room is locked. Waiting for someone inside to let you in…' : null);
+  $('knock-cancel').hidden = !(signaling && before);
+  if (signaling && !before) setText('call-notice', 'The room was locked meanwhile: waiting for someone inside to let you back in…');
 }
 
 async function connectAndJoin() {
   const signaling = new SignalingClient();
   await signaling.connect();
+  signaling.addEventListener('waiting', () => showKnocking(signaling));
   let welcome;
   try {
     welcome = await signaling.join(call.room, call.name, call.resume, call.access);
@@ -189,6 +215,8 @@ async function connectAndJoin() {
     signaling.close();
     throw err;
   }
+  call.knocking = null;
+  lobby.reset(welcome);
   call.signaling = signaling;
   call.resume = welcome.resume ?? null;
   call.iceServers = welcome.iceServers ?? [];
@@ -205,6 +233,9 @@ async function connectAndJoin() {
     call.iceServers = detail.iceServers ?? [];
     for (const link of call.links.values()) link.setIceServers(call.iceServers);
   });
+  signaling.addEventListener('locked', ({ detail }) => onLocked(detail));
+  signaling.addEventListener('knock', ({ detail }) => lobby.knock(detail.peer));
+  signaling.addEventListener('knock-ended', ({ detail }) => lobby.ended(detail.id));
   signaling.addEventListener('error', ({ detail }) => console.warn('signaling error', detail.code, detail.message));
   signaling.addEventListener('close', ({ detail }) => onSignalingClosed(detail));
   if (welcome.resumed) return resumeLinks(welcome.peers);
@@ -523,6 +554,13 @@ function onState(from, data) {
   }
 }
 
+/** The room was locked or unlocked, by us or someone else. */
+function onLocked({ locked, by }) {
+  lobby.setLocked(locked);
+  const who = by === call.signaling?.id ? 'You' : call.links.get(by)?.name ?? 'Someone';
+  flash(locked ? `${who} locked the room: newcomers wait until someone here lets them in.` : `${who} unlocked the room: anyone with the link can join.`);
+}
+
 // The tiles of shared screens: ours, and each peer's beside its camera's.
 const screenTile = (peerId) => `${peerId}/screen`;
 const SCREEN_TILE = screenTile('local');
@@ -611,7 +649,7 @@ async function onSignalingClosed({ code, reason }) {
       return;
     } catch (err) {
       if (err.code === 'access-denied') store(ACCESS_KEY, null);
-      if (['room-full', 'server-full', 'access-denied'].includes(err.code)) return leave(joinErrorText(err));
+      if (['room-full', 'server-full', 'access-denied', 'not-admitted'].includes(err.code)) return leave(joinErrorText(err));
     }
   }
 }

@@ -13,6 +13,8 @@
 //   sender's proof of delivery. Whoever closes it at any other point
 //   stops the transfer.
 
+import { button } from './ui.js';
+
 export const FILE_LABEL = 'file';
 export const FILE_PROTOCOL = 'callisto.file.v1';
 /** The largest file sent or taken: a receiver holds it in memory until saved. */
@@ -291,14 +293,6 @@ const RECEIVING = {
   failed: (why) => `failed: ${why}`,
 };
 const FINAL = new Set(['sent', 'declined', 'cancelled', 'failed', 'received']);
-
-function button(text, label) {
-  const b = document.createElement('button');
-  b.type = 'button';
-  b.textContent = text;
-  b.setAttribute('aria-label', label);
-  return b;
-}
 
 function progressBar(label) {
   const bar = document.createElement('progress');

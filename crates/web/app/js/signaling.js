@@ -40,7 +40,9 @@ export class SignalingClient extends EventTarget {
    * Joins a room; resolves with the welcome message. With the `resume`
    * token of an earlier welcome, takes back that place if the server still
    * keeps it (welcome.resumed), else joins as new. `access` is the
-   * server's access code, for a server that needs one.
+   * server's access code, for a server that needs one. In a locked room
+   * it knocks: a "waiting" event, then the welcome once someone lets it
+   * in, or a rejection with the code "not-admitted".
    */
   join(room, name, resume = null, access = null) {
     return new Promise((resolve, reject) => {
@@ -51,10 +53,24 @@ export class SignalingClient extends EventTarget {
 
   signal(to, data) { this.#send({ type: 'signal', to, data }); }
   broadcast(data) { this.#send({ type: 'broadcast', data }); }
+  /** Locks the room (newcomers knock) or unlocks it. */
+  lock(locked) { this.#send({ type: 'lock', locked }); }
+  /** Lets in someone knocking. */
+  admit(id) { this.#send({ type: 'admit', id }); }
+  /** Turns away someone knocking. */
+  deny(id) { this.#send({ type: 'deny', id }); }
 
   leave() {
     if (this.id) this.#send({ type: 'leave' });
     this.id = null;
+  }
+
+  /** Stops a join that knocks on a locked room: it rejects with the code "cancelled". */
+  cancelJoin() {
+    this.#send({ type: 'leave' });
+    this.#pendingJoin?.reject(new SignalingError('cancelled', 'You stopped waiting.'));
+    this.#pendingJoin = null;
+    this.close();
   }
 
   close() {
@@ -91,7 +107,7 @@ export class SignalingClient extends EventTarget {
         this.#pendingJoin = null;
         break;
       case 'error':
-        if (this.#pendingJoin && ['room-full', 'server-full', 'bad-room', 'bad-name', 'already-joined', 'access-denied', 'bad-message'].includes(msg.code)) {
+        if (this.#pendingJoin && ['room-full', 'server-full', 'bad-room', 'bad-name', 'already-joined', 'access-denied', 'not-admitted', 'bad-message'].includes(msg.code)) {
           this.#pendingJoin.reject(new SignalingError(msg.code, msg.message));
           this.#pendingJoin = null;
         } else {
@@ -104,6 +120,10 @@ export class SignalingClient extends EventTarget {
       case 'broadcast':
       case 'ice-servers':
       case 'pong':
+      case 'waiting':
+      case 'knock':
+      case 'knock-ended':
+      case 'locked':
         this.dispatchEvent(new CustomEvent(msg.type, { detail: msg }));
         break;
       default:

@@ -16,6 +16,19 @@ export function setText(id, text) {
   el.hidden = !text;
 }
 
+/**
+ * A button that says `text` and is named `label` for screen readers (a
+ * "Let in" among several says whom).
+ */
+export function button(text, label, className = '') {
+  const b = document.createElement('button');
+  b.type = 'button';
+  b.textContent = text;
+  b.setAttribute('aria-label', label);
+  if (className) b.className = className;
+  return b;
+}
+
 export class Grid {
   #tiles = new Map();
   #sinkId = null;
