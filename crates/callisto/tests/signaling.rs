@@ -664,12 +664,13 @@ async fn chaotic_client(addr: std::net::SocketAddr, url: String, seed: u64) {
 
 /// A joined client gets fresh `iceServers` every half of the credentials'
 /// lifetime, so those it holds never expire while it stays; one that has
-/// not joined gets none.
+/// not joined gets none, nor does one knocking on a locked room.
 #[tokio::test]
 async fn a_joined_client_gets_fresh_credentials_before_its_own_expire() {
     let server = Server::start(&["--turn-credential-ttl", "10"]).await;
     let mut a = server.client().await;
     let mut idle = server.client().await;
+    let mut knocking = server.client().await;
     let expiry = |servers: &Value| -> u64 {
         let username = servers[1]["username"].as_str().unwrap();
         username.split_once(':').unwrap().0.parse().unwrap()
@@ -680,6 +681,13 @@ async fn a_joined_client_gets_fresh_credentials_before_its_own_expire() {
         first >= unix_now() + 9 && first <= unix_now() + 10,
         "{first}"
     );
+    a.send(json!({"type": "lock", "locked": true})).await;
+    a.expect("locked").await;
+    knocking
+        .send(json!({"type": "join", "room": "renewals", "name": "Kim"}))
+        .await;
+    knocking.expect("waiting").await;
+    a.expect("knock").await;
     let mut last = first;
     for _ in 0..2 {
         let renewed = a.expect("ice-servers").await;
@@ -693,9 +701,10 @@ async fn a_joined_client_gets_fresh_credentials_before_its_own_expire() {
         assert!(expires >= unix_now() + 9, "{expires}");
         last = expires;
     }
-    // The idle connection was sent nothing meanwhile: its next message is
-    // the answer to its ping.
+    // The idle and the knocking connections were sent nothing meanwhile:
+    // the next message of each is the answer to its ping.
     idle.ping().await;
+    knocking.ping().await;
 }
 
 /// With `--ice-secret`, the TURN URLs of `--ice-server` come with

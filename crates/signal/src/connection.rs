@@ -603,11 +603,23 @@ impl Conn {
                 None => Err(ErrorCode::NotJoined),
             },
             ClientMessage::Admit { id } => match &self.seat {
-                Some(seat) => self.hub().admit(&seat.id, &id),
+                Some(seat) => {
+                    let done = self.hub().admit(&seat.id, &id);
+                    if done.is_ok() {
+                        info!(remote = %self.remote, room = %seat.room, peer = %seat.id, knocker = %id, "let in");
+                    }
+                    done
+                }
                 None => Err(ErrorCode::NotJoined),
             },
             ClientMessage::Deny { id } => match &self.seat {
-                Some(seat) => self.hub().deny(&seat.id, &id),
+                Some(seat) => {
+                    let done = self.hub().deny(&seat.id, &id);
+                    if done.is_ok() {
+                        info!(remote = %self.remote, room = %seat.room, peer = %seat.id, knocker = %id, "turned away");
+                    }
+                    done
+                }
                 None => Err(ErrorCode::NotJoined),
             },
         };
@@ -653,7 +665,11 @@ impl Conn {
 
     /// Sends a joined client fresh `iceServers`.
     fn renew_ice_servers(&mut self) -> Option<Closing> {
-        self.seat.as_ref()?;
+        let seat = self.seat.as_ref()?;
+        // One knocking on a locked room gets no credentials until let in.
+        if !self.hub().holds(seat) {
+            return None;
+        }
         let ice = (self.cfg.ice_servers)();
         debug!(remote = %self.remote, peer = self.peer_id(), "renewed the ICE servers' credentials");
         self.reply(Frame::new(&ServerMessage::IceServers { ice_servers: &ice }))

@@ -623,8 +623,8 @@ impl<S: PeerSink> Hub<S> {
     }
 
     /// Whether `seat` is still its connection's: not evicted, resumed
-    /// elsewhere, or expired.
-    fn holds(&self, seat: &Seat) -> bool {
+    /// elsewhere, or expired (nor knocking).
+    pub fn holds(&self, seat: &Seat) -> bool {
         self.peers
             .get(&seat.id)
             .is_some_and(|p| p.attachment == seat.attachment)
