@@ -602,26 +602,8 @@ impl Conn {
                 }
                 None => Err(ErrorCode::NotJoined),
             },
-            ClientMessage::Admit { id } => match &self.seat {
-                Some(seat) => {
-                    let done = self.hub().admit(&seat.id, &id);
-                    if done.is_ok() {
-                        info!(remote = %self.remote, room = %seat.room, peer = %seat.id, knocker = %id, "let in");
-                    }
-                    done
-                }
-                None => Err(ErrorCode::NotJoined),
-            },
-            ClientMessage::Deny { id } => match &self.seat {
-                Some(seat) => {
-                    let done = self.hub().deny(&seat.id, &id);
-                    if done.is_ok() {
-                        info!(remote = %self.remote, room = %seat.room, peer = %seat.id, knocker = %id, "turned away");
-                    }
-                    done
-                }
-                None => Err(ErrorCode::NotJoined),
-            },
+            ClientMessage::Admit { id } => self.answer_knock(&id, true),
+            ClientMessage::Deny { id } => self.answer_knock(&id, false),
         };
         match result {
             Ok(()) => None,
@@ -661,6 +643,22 @@ impl Conn {
         }
         self.seat = Some(seat);
         Ok(())
+    }
+
+    /// Lets in (`admit`) or turns away someone knocking on our room.
+    fn answer_knock(&self, knocker: &str, admit: bool) -> Result<(), ErrorCode> {
+        let seat = self.seat.as_ref().ok_or(ErrorCode::NotJoined)?;
+        let mut hub = self.hub();
+        let done = if admit {
+            hub.admit(&seat.id, knocker)
+        } else {
+            hub.deny(&seat.id, knocker)
+        };
+        if done.is_ok() {
+            let what = if admit { "let in" } else { "turned away" };
+            info!(remote = %self.remote, room = %seat.room, peer = %seat.id, %knocker, "{what}");
+        }
+        done
     }
 
     /// Sends a joined client fresh `iceServers`.
