@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { ChatError, MAX_CHAT_CHARS, decodeChat, encodeChat } from '../../crates/web/app/js/chat.js';
+import { ChatError, MAX_CHAT_CHARS, decodeChannelMessage, decodeChat, encodeChat, encodeMoved, encodeMovedAck } from '../../crates/web/app/js/chat.js';
 import { FileError, MAX_FILE_BYTES, checkOffer, decodeControl, formatSize, safeName } from '../../crates/web/app/js/files.js';
 import { runs } from './props.js';
 
@@ -59,6 +59,31 @@ test('every message the app can send decodes to itself; what it cannot send is r
   assert.equal(encodeChat('hi'), '{"type":"chat","text":"hi"}');
   assert.throws(() => encodeChat('a'.repeat(MAX_CHAT_CHARS + 1)), ChatError);
   assert.throws(() => encodeChat(' \n\t'), ChatError);
+});
+
+const movedish = fc.record({
+  type: fc.constantFrom('moved', 'moved-ack', 'chat', 'Moved'),
+  id: fc.oneof(fc.stringMatching(/^[0-9a-f]{32}$/), fc.string({ unit: 'binary', maxLength: 80 }), fc.jsonValue()),
+  text: fc.string({ maxLength: 10 }),
+}, { requiredKeys: [] }).map((v) => JSON.stringify(v));
+
+test('on the chat channel, a "moved" or its answer names a usable peer id; anything else is a chat message or a ChatError', () => {
+  fc.assert(fc.property(fc.oneof(anyString, anyJson, chatish, movedish, bytes), (data) => {
+    const msg = valueOr(ChatError, () => decodeChannelMessage(data));
+    if (msg instanceof ChatError) return;
+    if (msg.type === 'chat') {
+      assert.deepEqual(msg, { type: 'chat', ...decodeChat(data) });
+      return;
+    }
+    assert.ok(['moved', 'moved-ack'].includes(msg.type));
+    assert.deepEqual(Object.keys(msg), ['type', 'id']);
+    assert.match(msg.id, /^[A-Za-z0-9_-]{1,64}$/);
+  }), { numRuns: runs });
+  fc.assert(fc.property(fc.stringMatching(/^[A-Za-z0-9_-]{1,64}$/), (id) => {
+    assert.deepEqual(decodeChannelMessage(encodeMoved(id)), { type: 'moved', id });
+    assert.deepEqual(decodeChannelMessage(encodeMovedAck(id)), { type: 'moved-ack', id });
+  }), { numRuns: runs });
+  assert.throws(() => decodeChannelMessage('{"type":"moved","id":"../x"}'), ChatError);
 });
 
 const offerish = fc.record({

@@ -19,9 +19,9 @@ mkdirSync(ARTIFACTS, { recursive: true });
 
 const BIN = process.env.CALLISTO_BIN ?? path.join(here, '../../target/debug/callisto');
 
-/** Starts `callisto serve` on an ephemeral port; resolves once it listens. */
-export function startServer(extraArgs = [], { turnListen = '127.0.0.1:0' } = {}) {
-  const proc = spawn(BIN, ['serve', '--listen', '127.0.0.1:0', '--turn-listen', turnListen, '--log-format', 'json', '--log', process.env.E2E_LOG ?? 'info', ...extraArgs], {
+/** Starts `callisto serve` on an ephemeral port (or `listen`); resolves once it listens. */
+export function startServer(extraArgs = [], { turnListen = '127.0.0.1:0', listen = '127.0.0.1:0' } = {}) {
+  const proc = spawn(BIN, ['serve', '--listen', listen, '--turn-listen', turnListen, '--log-format', 'json', '--log', process.env.E2E_LOG ?? 'info', ...extraArgs], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   const logs = [];

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{Client, Ended, Server, unix_now};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -390,12 +390,31 @@ async fn a_thousand_clients_in_a_hundred_rooms() {
 async fn shutdown_sends_close_frames() {
     let server = Server::start(&[]).await;
     let mut a = server.client().await;
+    let mut b = server.client().await;
     a.join("r", "A").await;
+    b.join("r", "B").await;
+    a.expect("peer-joined").await;
     server.shutdown.cancel();
-    assert_eq!(
-        a.ended().await,
-        Ended::Close(1001, "server shutting down".into())
-    );
+    // Nobody is told that anyone left: the calls go on peer to peer, and
+    // meet again on the restarted server.
+    for c in [&mut a, &mut b] {
+        let mut heard = Vec::new();
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(10), c.ws.next())
+                .await
+                .expect("close in time")
+            {
+                Some(Ok(Message::Text(t))) => heard.push(t.to_string()),
+                Some(Ok(Message::Close(Some(f)))) => {
+                    break Ended::Close(u16::from(f.code), f.reason.to_string());
+                }
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(ended, Ended::Close(1001, "server shutting down".into()));
+        assert!(heard.is_empty(), "told before the close: {heard:?}");
+    }
     tokio::time::timeout(Duration::from_secs(10), server.running.wait())
         .await
         .expect("server stops");

@@ -293,13 +293,21 @@ pub async fn handle_socket(
     // Whether the connection was lost rather than closed (no close frame,
     // no leave): its place in the room is then kept for a resume.
     let mut lost = false;
+    // Whether the server is shutting down: then nobody leaves. The others
+    // are told nothing (no peer-left), so their calls, peer to peer, go
+    // on while the server restarts, and each meets the others again under
+    // new ids on the new one (docs/protocol.md, "A restart of the server").
+    let mut shut_down = false;
     let closing = {
         let writer = write_queue(&mut ws_tx, &mut queue, every, &finish);
         tokio::pin!(writer);
         let served = AssertUnwindSafe(async {
             loop {
                 tokio::select! {
-                    _ = &mut shutting_down => break Some(Closing { code: GOING_AWAY, reason: "server shutting down" }),
+                    _ = &mut shutting_down => {
+                        shut_down = true;
+                        break Some(Closing { code: GOING_AWAY, reason: "server shutting down" });
+                    }
                     _ = &mut evicted => break Some(Closing {
                         code: POLICY,
                         reason: sink.eviction.get().copied().unwrap_or("evicted"),
@@ -377,7 +385,9 @@ pub async fn handle_socket(
                 )
             }
         };
-        if lost || panicked {
+        if shut_down {
+            // The place goes with the process.
+        } else if lost || panicked {
             conn.park();
         } else {
             conn.leave("disconnected");

@@ -28,6 +28,7 @@ const call = {
   access: null, // the server's access code, if it needs one
   iceServers: [],
   links: new Map(),
+  present: new Map(), // who the server says is in the room: id -> { id, name }
   audioOn: true,
   videoOn: true,
   screen: null, // the shared screen's track, while sharing
@@ -220,11 +221,15 @@ async function connectAndJoin() {
   call.signaling = signaling;
   call.resume = welcome.resume ?? null;
   call.iceServers = welcome.iceServers ?? [];
+  call.present = new Map(welcome.peers.map((p) => [p.id, p]));
   signaling.addEventListener('peer-joined', ({ detail }) => {
-    addLink(detail.peer, false);
-    sendState(detail.peer.id);
+    call.present.set(detail.peer.id, detail.peer);
+    meet(detail.peer);
   });
-  signaling.addEventListener('peer-left', ({ detail }) => removeLink(detail.id));
+  signaling.addEventListener('peer-left', ({ detail }) => {
+    call.present.delete(detail.id);
+    removeLink(detail.id);
+  });
   signaling.addEventListener('signal', ({ detail }) => onSignal(detail.from, detail.data));
   signaling.addEventListener('broadcast', ({ detail }) => onState(detail.from, detail.data));
   // Renewed TURN credentials, before the last ones expire: for whoever
@@ -239,8 +244,84 @@ async function connectAndJoin() {
   signaling.addEventListener('error', ({ detail }) => console.warn('signaling error', detail.code, detail.message));
   signaling.addEventListener('close', ({ detail }) => onSignalingClosed(detail));
   if (welcome.resumed) return resumeLinks(welcome.peers);
-  for (const id of [...call.links.keys()]) removeLink(id);
+  if (call.links.size) return moveLinks();
   for (const peer of welcome.peers) addLink(peer, true);
+}
+
+// How long a link to someone the server no longer lists waits for them to
+// come back under a new id (they say so over the link: see moveLinks).
+const MOVED_WAIT_MS = 20000;
+// How long someone who just joined may take to say they are one of ours
+// under a new id, before they are met as new.
+const MEET_DELAY_MS = 1500;
+
+/**
+ * Back in the room under a new id, our place there lost: the server
+ * restarted, or we were away past its grace. The calls went on peer to
+ * peer, so each link is told our new id over its own data channel, end to
+ * end (DTLS), which proves it is us. A peer that kept its end answers, and
+ * the link stays, untouched: only the signaling under it changed. One that
+ * let us go (it saw us leave) does not, and is met again as a newcomer
+ * meets everyone. Links to peers not back in the room yet wait a while
+ * for their own word.
+ */
+async function moveLinks() {
+  const id = call.signaling.id;
+  const answers = await Promise.all([...call.links.values()].map(async (link) => [link, await link.sendMoved(id)]));
+  if (call.signaling?.id !== id) return; // lost again meanwhile: the next welcome decides
+  for (const [link, kept] of answers) if (!kept && call.links.get(link.id) === link) removeLink(link.id);
+  for (const link of call.links.values()) {
+    link.setIceServers(call.iceServers);
+    if (!call.present.has(link.id)) awaitMove(link);
+  }
+  for (const peer of call.present.values()) if (!call.links.has(peer.id)) addLink(peer, true);
+}
+
+/** Lets `link` go unless the server lists its peer (back under a new id) within MOVED_WAIT_MS. */
+function awaitMove(link) {
+  setTimeout(() => {
+    if (call.links.get(link.id) === link && !call.present.has(link.id)) removeLink(link.id);
+  }, MOVED_WAIT_MS);
+}
+
+/**
+ * Someone joined: a link that waits for their offer (newcomers offer).
+ * While some of our links wait for their peer to come back under a new
+ * id, the newcomer may be one of them, saying so over the link in a
+ * moment: they are met only if they do not (or, sooner, if they offer).
+ */
+function meet(peer) {
+  const waiting = [...call.links.keys()].some((id) => !call.present.has(id));
+  if (!waiting) {
+    addLink(peer, false);
+    return sendState(peer.id);
+  }
+  setTimeout(() => {
+    if (call.present.has(peer.id) && !call.links.has(peer.id)) {
+      addLink(peer, false);
+      sendState(peer.id);
+    }
+  }, MEET_DELAY_MS);
+}
+
+/** The peer of `link` is back with the server under `id`: the link goes by it from now on. */
+function moved(link, id) {
+  const taken = call.links.get(id);
+  if (taken && taken !== link) return console.warn(`peer ${link.id} says it is now ${id}, which another link has`);
+  const old = link.id;
+  if (old !== id) {
+    call.links.delete(old);
+    link.id = id;
+    call.links.set(id, link);
+    grid.rename(old, id);
+    grid.rename(screenTile(old), screenTile(id));
+    const sample = stats.samples.get(old);
+    stats.samples.delete(old);
+    if (sample) stats.samples.set(id, sample);
+    chat.renamePerson(old, id);
+    updateCount();
+  }
+  link.ackMoved(id);
 }
 
 /**
@@ -503,18 +584,20 @@ function addLink(peer, initiator) {
     polite: call.signaling.id > peer.id,
     iceServers: call.iceServers,
     localStream: call.localStream,
-    send: (data) => call.signaling?.signal(peer.id, data),
+    // By the link's id, which changes if the peer comes back under a new one.
+    send: (data) => call.signaling?.signal(link.id, data),
   });
   if (call.screen) link.sendScreen(call.screen, call.screenAudio);
   call.links.set(peer.id, link);
   grid.tile(peer.id, { name: peer.name });
   link.addEventListener('track', ({ detail }) => {
-    if (detail.screen) return grid.attach(screenTile(peer.id), link.screenStream);
-    grid.attach(peer.id, link.remoteStream);
-    if (detail.track.kind === 'video') measureFirstFrame(peer.id);
+    if (detail.screen) return grid.attach(screenTile(link.id), link.screenStream);
+    grid.attach(link.id, link.remoteStream);
+    if (detail.track.kind === 'video') measureFirstFrame(link.id);
   });
-  link.addEventListener('state', ({ detail }) => grid.setConnectionState(peer.id, detail.state));
+  link.addEventListener('state', ({ detail }) => grid.setConnectionState(link.id, detail.state));
   link.addEventListener('chat', ({ detail }) => chat.add(link.name, detail.text, { privately: detail.private }));
+  link.addEventListener('moved', ({ detail }) => moved(link, detail.id));
   link.addEventListener('file', ({ detail }) => {
     const incoming = new IncomingFile(detail.channel, `${link.id} (${link.name})`);
     incoming.addEventListener('offer', () => {
@@ -537,7 +620,8 @@ function removeLink(id) {
 
 function onSignal(from, data) {
   if (data?.state) return onState(from, data);
-  const link = call.links.get(from);
+  // Someone in the room offering before we met them (see meet) is new.
+  const link = call.links.get(from) ?? (call.present.has(from) ? addLink(call.present.get(from), false) : null);
   if (!link) return console.warn('signal from an unknown peer', from);
   link.handleSignal(data).catch((err) => console.warn(`peer ${from}: signal failed`, err));
 }

@@ -43,6 +43,33 @@ export function encodeChat(text, { private: only = false } = {}) {
   return JSON.stringify(only ? { type: 'chat', text, private: true } : { type: 'chat', text });
 }
 
+// Besides messages, the chat channel carries the link's own word that the
+// peer at its other end came back to the server under a new id (after the
+// server restarted, or its place there was lost): { "type": "moved",
+// "id": NEW }, answered with { "type": "moved-ack", "id": NEW }. It comes
+// over the channel, end to end (DTLS), so it cannot come from anyone else.
+const PEER_ID = /^[A-Za-z0-9_-]{1,64}$/;
+
+export function encodeMoved(id) { return JSON.stringify({ type: 'moved', id }); }
+export function encodeMovedAck(id) { return JSON.stringify({ type: 'moved-ack', id }); }
+
+/**
+ * Anything received on the chat channel: { type: 'chat', text, private },
+ * or { type: 'moved' | 'moved-ack', id }. Throws a ChatError naming what
+ * is wrong with anything else.
+ */
+export function decodeChannelMessage(data) {
+  if (typeof data === 'string' && data.length <= 200) {
+    let msg = null;
+    try { msg = JSON.parse(data); } catch { /* decodeChat says so */ }
+    if (msg?.type === 'moved' || msg?.type === 'moved-ack') {
+      if (typeof msg.id !== 'string' || !PEER_ID.test(msg.id)) throw new ChatError(`"${msg.type}" without a peer id`);
+      return { type: msg.type, id: msg.id };
+    }
+  }
+  return { type: 'chat', ...decodeChat(data) };
+}
+
 /**
  * A received message: { text, private }. Throws a ChatError naming what is
  * wrong with anything else: the other side may be another version, or not
@@ -112,6 +139,11 @@ export class ChatPanel {
       // Kept in the box if it did not go (whom it was for has left).
       if (onSend(text, this.recipient) !== false) this.input.value = '';
     });
+  }
+
+  /** Someone in "To" goes by a new id (back with the server under it); still chosen if they were. */
+  renamePerson(old, id) {
+    for (const option of this.to.options) if (option.value === old) option.value = id;
   }
 
   /** Who the next message or file goes to: a peer's id, or null for everyone. */

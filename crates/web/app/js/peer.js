@@ -31,11 +31,14 @@
 // takes it from the "datachannel" event. Each file sent (files.js) gets a
 // channel of its own, opened by its sender.
 
-import { CHAT_LABEL, CHAT_PROTOCOL, ChatError, decodeChat } from './chat.js';
+import { CHAT_LABEL, CHAT_PROTOCOL, ChatError, decodeChannelMessage, encodeMoved, encodeMovedAck } from './chat.js';
 import { FILE_LABEL, FILE_PROTOCOL } from './files.js';
 
 // Chat messages held for a channel that is not open yet, at most.
 const MAX_CHAT_QUEUE = 100;
+// How long a "moved" waits for its answer: a peer that let us go (it saw
+// us leave) has closed its end, and never answers.
+const MOVED_ACK_MS = 2000;
 // Files a peer may offer us at once (each on a channel of its own); more
 // channels are closed, so a peer cannot pile them up.
 const MAX_INCOMING_FILES = 8;
@@ -49,6 +52,7 @@ export class PeerLink extends EventTarget {
   #resendTimer = null;
   #chat = null;
   #chatQueue = [];
+  #movedAcks = new Map(); // our new id -> resolves the sendMoved waiting for its answer
   #incomingFiles = new Set();
   #screen = null; // the shared screen's track, to send on the screen transceiver
   #screenAudio = null; // and its sound, if shared with it
@@ -224,6 +228,30 @@ export class PeerLink extends EventTarget {
   }
 
   /**
+   * Tells the other side that we are back with the server under the new
+   * id `id`. Resolves to whether it answered (it keeps this connection)
+   * within MOVED_ACK_MS.
+   */
+  sendMoved(id) {
+    if (this.#chat?.readyState !== 'open') return Promise.resolve(false);
+    return new Promise((resolve) => {
+      const done = (answered) => {
+        clearTimeout(timer);
+        this.#movedAcks.delete(id);
+        resolve(answered);
+      };
+      const timer = setTimeout(() => done(false), MOVED_ACK_MS);
+      this.#movedAcks.set(id, done);
+      if (!this.sendChat(encodeMoved(id))) done(false);
+    });
+  }
+
+  /** Answers the other side's "moved": this connection is kept, under its new id. */
+  ackMoved(id) {
+    this.sendChat(encodeMovedAck(id));
+  }
+
+  /**
    * Sends `track`, a newly chosen microphone or camera, instead of the one
    * of its kind.
    * @param {MediaStreamTrack} track
@@ -329,13 +357,14 @@ export class PeerLink extends EventTarget {
     channel.addEventListener('message', ({ data }) => {
       let message;
       try {
-        message = decodeChat(data);
+        message = decodeChannelMessage(data);
       } catch (err) {
         if (!(err instanceof ChatError)) throw err;
         console.warn(`peer ${this.id} (${this.name}): ignored a chat message: ${err.message}`);
         return;
       }
-      this.dispatchEvent(new CustomEvent('chat', { detail: message }));
+      if (message.type === 'moved-ack') return this.#movedAcks.get(message.id)?.(true);
+      this.dispatchEvent(new CustomEvent(message.type, { detail: message }));
     });
   }
 

@@ -86,6 +86,15 @@ export class Grid {
     return tile;
   }
 
+  /** The tile of `old`, if any, goes by `id` from now on (its place and stream stay). */
+  rename(old, id) {
+    const tile = this.#tiles.get(old);
+    if (!tile) return;
+    this.#tiles.delete(old);
+    this.#tiles.set(id, tile);
+    tile.dataset.peerId = id;
+  }
+
   /** Plays `stream` in the tile (null: nothing); offers a button if autoplay is refused. */
   attach(id, stream) {
     const tile = this.#tiles.get(id);
