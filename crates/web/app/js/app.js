@@ -292,16 +292,17 @@ function awaitMove(link) {
  */
 function meet(peer) {
   const waiting = [...call.links.keys()].some((id) => !call.present.has(id));
-  if (!waiting) {
-    addLink(peer, false);
-    return sendState(peer.id);
-  }
+  if (!waiting) return meetNow(peer);
   setTimeout(() => {
-    if (call.present.has(peer.id) && !call.links.has(peer.id)) {
-      addLink(peer, false);
-      sendState(peer.id);
-    }
+    if (call.present.has(peer.id) && !call.links.has(peer.id)) meetNow(peer);
   }, MEET_DELAY_MS);
+}
+
+/** A link to a newcomer, waiting for its offer, and our state for it. */
+function meetNow(peer) {
+  const link = addLink(peer, false);
+  sendState(peer.id);
+  return link;
 }
 
 /** The peer of `link` is back with the server under `id`: the link goes by it from now on. */
@@ -621,7 +622,7 @@ function removeLink(id) {
 function onSignal(from, data) {
   if (data?.state) return onState(from, data);
   // Someone in the room offering before we met them (see meet) is new.
-  const link = call.links.get(from) ?? (call.present.has(from) ? addLink(call.present.get(from), false) : null);
+  const link = call.links.get(from) ?? (call.present.has(from) ? meetNow(call.present.get(from)) : null);
   if (!link) return console.warn('signal from an unknown peer', from);
   link.handleSignal(data).catch((err) => console.warn(`peer ${from}: signal failed`, err));
 }
