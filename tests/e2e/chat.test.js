@@ -126,6 +126,8 @@ test('what a peer sends on the chat channel that is not a message is ignored wit
     channel.send(JSON.stringify({ type: 'chat', text: '   ' }));
     channel.send(JSON.stringify({ type: 'file', name: 'x' }));
     channel.send(JSON.stringify({ type: 'chat', text: 'x'.repeat(4001) }));
+    // Saying it moved while the server still lists it: no one else's id is taken.
+    channel.send(JSON.stringify({ type: 'moved', id: 'someone-else' }));
     channel.send(JSON.stringify({ type: 'chat', text: 'still here' }));
   }, bobId);
   await chatButton(bob, 'Chat (1 new)').waitFor({ timeout: 5000 });
@@ -138,6 +140,9 @@ test('what a peer sends on the chat channel that is not a message is ignored wit
     assert.ok(ignored.some((w) => w.includes(why)), `a warning says "${why}"`);
   }
   assert.deepEqual(seen.errors, []);
+  assert.ok(seen.warnings.some((w) => w.includes('says it moved to someone-else, but the server still lists it: ignored')), 'the false move is ignored');
+  const aliceId = await alice.evaluate(() => window.__callisto.id);
+  assert.deepEqual(await bob.evaluate(() => [...window.__callisto.links.keys()]), [aliceId], 'Alice\'s link keeps her id');
 
   // A peer that floods the chat cannot fill the page's memory: the log
   // keeps the last 500 messages.

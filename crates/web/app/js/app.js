@@ -305,8 +305,14 @@ function meetNow(peer) {
   return link;
 }
 
-/** The peer of `link` is back with the server under `id`: the link goes by it from now on. */
+/**
+ * The peer of `link` is back with the server under `id`: the link goes by
+ * it from now on. Only a peer the server no longer lists under its old id
+ * can have moved: one still listed cannot take another's id (to have our
+ * signaling for it sent there).
+ */
 function moved(link, id) {
+  if (call.present.has(link.id)) return console.warn(`peer ${link.id} (${link.name}) says it moved to ${id}, but the server still lists it: ignored`);
   const taken = call.links.get(id);
   if (taken && taken !== link) return console.warn(`peer ${link.id} says it is now ${id}, which another link has`);
   const old = link.id;
@@ -721,6 +727,9 @@ async function onSignalingClosed({ code, reason }) {
   // The links stay: media flows peer to peer, and the server keeps our
   // place for a while (docs/protocol.md, "Resuming"). They go if it did not.
   call.signaling = null;
+  // Who is in the room is the server's word, and we have none now: a peer
+  // may tell us it moved (see moved) until the next welcome says.
+  call.present = new Map();
   const why = reason ? ` (${reason})` : code === 1006 ? ' (network)' : '';
   for (let attempt = 0; !call.leaving; attempt++) {
     setText('call-notice', `Lost the connection to the server${why}. Reconnecting…`);
