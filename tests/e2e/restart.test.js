@@ -29,6 +29,9 @@ test('a call goes on through a restart of the server, on the same connections, a
   await mark(b);
   const connections = () => Promise.all([a, b].map((p) => p.evaluate(() => window.__pcs.length)));
   const before = await connections();
+  // The room is locked: the lock goes with the old server, and they are told.
+  await a.getByRole('button', { name: 'Lock room' }).click();
+  await b.getByRole('button', { name: 'Unlock room' }).waitFor({ timeout: 5000 });
 
   assert.equal(await first.stop(), 0);
   for (const p of [a, b]) await p.getByText(/Lost the connection to the server/).waitFor({ timeout: 5000 });
@@ -36,7 +39,8 @@ test('a call goes on through a restart of the server, on the same connections, a
   await videoFlows(b, 'B, with the server down');
 
   const second = await startServer([], { listen: `127.0.0.1:${port}` });
-  for (const p of [a, b]) await p.getByText('Reconnected.').waitFor({ timeout: 20000 });
+  for (const p of [a, b]) await p.getByText('Reconnected. The server restarted, and the room is no longer locked: lock it again once everyone is back.').waitFor({ timeout: 20000 });
+  for (const p of [a, b]) await p.getByRole('button', { name: 'Lock room' }).waitFor({ timeout: 5000 });
   const [aNew, bNew] = [await idOf(a), await idOf(b)];
   assert.ok(aNew !== aOld && bNew !== bOld, 'the new server gave new ids');
   await eventually(async () => {

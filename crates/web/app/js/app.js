@@ -34,6 +34,7 @@ const call = {
   screen: null, // the shared screen's track, while sharing
   screenAudio: null, // and its sound, if the person shared it
   knocking: null, // the signaling of a join knocking on a locked room
+  lockLost: false, // whether the last reconnection found our locked room unlocked
   leaving: false,
   joinClickedAt: 0,
   joinToFirstFrameMs: null,
@@ -217,6 +218,10 @@ async function connectAndJoin() {
     throw err;
   }
   call.knocking = null;
+  // Back under a new id, the place lost (a restart of the server): a lock
+  // went with the old server. Locking again at once would make the others
+  // coming back knock, so the person is told, and decides.
+  call.lockLost = !welcome.resumed && call.links.size > 0 && lobby.locked && !welcome.locked;
   lobby.reset(welcome);
   call.signaling = signaling;
   call.resume = welcome.resume ?? null;
@@ -738,7 +743,7 @@ async function onSignalingClosed({ code, reason }) {
     await new Promise((r) => setTimeout(r, Math.min(attempt < 8 ? 2000 : 10000, 500 * 2 ** attempt)));
     try {
       await connectAndJoin();
-      setText('call-notice', 'Reconnected.');
+      setText('call-notice', call.lockLost ? 'Reconnected. The server restarted, and the room is no longer locked: lock it again once everyone is back.' : 'Reconnected.');
       sendState();
       return;
     } catch (err) {
