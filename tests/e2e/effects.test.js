@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, descriptions, videoFlows } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, descriptions, videoFlows, cameraFrames } from './lib.js';
 
 let server;
 let browser;
@@ -56,15 +56,10 @@ const sentCamera = (page) => page.evaluate(() => [...window.__callisto.links.val
 
 /** For the record, not a pass mark: frames/s `page` decodes of its first peer's camera, over 3 s. */
 async function decodedFps(page) {
-  const decoded = () => page.evaluate(async () => {
-    const [link] = window.__callisto.links.values();
-    let n = 0;
-    (await link.pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.mid === link.cameraMid) n = s.framesDecoded; });
-    return n;
-  });
-  const first = await decoded();
+  const [first] = await cameraFrames(page);
   await page.waitForTimeout(3000);
-  return Math.round(((await decoded()) - first) / 3);
+  const [later] = await cameraFrames(page);
+  return Math.round((later - first) / 3);
 }
 
 test('a video effect is sent at once with no renegotiation, survives a camera switch and a reload, and None sends the camera again', async () => {

@@ -312,7 +312,17 @@ export function assertOnlyTestAddresses() {
  * does not show that new ones arrive.
  */
 export async function videoFlows(page, label) {
-  const frames = async () => page.evaluate(async () => {
+  const frames = () => cameraFrames(page);
+  const first = await frames();
+  await eventually(async () => {
+    const later = await frames();
+    return later.length === first.length && later.every((n, i) => n > first[i] + 10);
+  }, 10000, `${label}: video frames keep arriving`);
+}
+
+/** Camera frames `page` has decoded so far, on each of its connections. */
+export function cameraFrames(page) {
+  return page.evaluate(async () => {
     const out = [];
     for (const link of window.__callisto.links.values()) {
       // The camera's video: the first (the second is for a shared screen).
@@ -323,11 +333,6 @@ export async function videoFlows(page, label) {
     }
     return out;
   });
-  const first = await frames();
-  await eventually(async () => {
-    const later = await frames();
-    return later.length === first.length && later.every((n, i) => n > first[i] + 10);
-  }, 10000, `${label}: video frames keep arriving`);
 }
 
 /** Polls `fn` until it returns truthy or the time runs out. */
