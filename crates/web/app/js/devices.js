@@ -1,9 +1,8 @@
 // Device choice before and during a call: which microphone, camera and
 // speaker to use, in a dialog. A new microphone or camera replaces the old
 // one's track in every connection (or, in a call joined without one,
-// starts being sent),
-// with no renegotiation and no gap in the call; a new speaker plays every
-// remote tile. The microphone's processing (echo cancellation, noise
+// starts being sent), with no renegotiation and no gap in the call; a new
+// speaker plays every remote tile. The microphone's processing (echo cancellation, noise
 // suppression, automatic gain) is chosen here too: the microphone in use
 // is opened again with it, as browsers do not change it on a live track.
 // So is the camera's video effect (effects.js).
