@@ -59,15 +59,13 @@ export function encodeMovedAck(id) { return JSON.stringify({ type: 'moved-ack', 
  * is wrong with anything else.
  */
 export function decodeChannelMessage(data) {
-  if (typeof data === 'string' && data.length <= 200) {
-    let msg = null;
-    try { msg = JSON.parse(data); } catch { /* decodeChat says so */ }
-    if (msg?.type === 'moved' || msg?.type === 'moved-ack') {
-      if (typeof msg.id !== 'string' || !PEER_ID.test(msg.id)) throw new ChatError(`"${msg.type}" without a peer id`);
-      return { type: msg.type, id: msg.id };
-    }
+  const msg = parseChannelText(data);
+  if (msg?.type === 'moved' || msg?.type === 'moved-ack') {
+    if (data.length > 200) throw new ChatError(`a "${msg.type}" of ${data.length} characters`);
+    if (typeof msg.id !== 'string' || !PEER_ID.test(msg.id)) throw new ChatError(`"${msg.type}" without a peer id`);
+    return { type: msg.type, id: msg.id };
   }
-  return { type: 'chat', ...decodeChat(data) };
+  return { type: 'chat', ...checkChat(msg) };
 }
 
 /**
@@ -76,10 +74,18 @@ export function decodeChannelMessage(data) {
  * this app.
  */
 export function decodeChat(data) {
+  return checkChat(parseChannelText(data));
+}
+
+/** The JSON value of a message on the chat channel, or a ChatError. */
+function parseChannelText(data) {
   if (typeof data !== 'string') throw new ChatError('a binary message');
   if (data.length > MAX_CHAT_BYTES) throw new ChatError(`a message of ${data.length} characters`);
-  let msg;
-  try { msg = JSON.parse(data); } catch { throw new ChatError('not JSON'); }
+  try { return JSON.parse(data); } catch { throw new ChatError('not JSON'); }
+}
+
+/** A parsed chat message's { text, private }, or a ChatError. */
+function checkChat(msg) {
   if (msg?.type !== 'chat') throw new ChatError(`an unknown type ${JSON.stringify(msg?.type ?? null)}`);
   if (typeof msg.text !== 'string' || msg.text.trim().length === 0) throw new ChatError('no text');
   if ([...msg.text].length > MAX_CHAT_CHARS) throw new ChatError(`a text longer than ${MAX_CHAT_CHARS} characters`);
