@@ -394,3 +394,50 @@ export async function cuttableProxy(target) {
     },
   };
 }
+
+/**
+ * Starts `callisto peer` (the native peer) in `room` as `name`, with
+ * `--json`: resolves with its events so far (`events`, one object per
+ * line of its stdout), `exited` (its exit code, once it exits by
+ * itself), `waitFor(predicate, what)`, `say(text)` (a line on
+ * its stdin: a chat message to everyone) and `stop()`, which sends SIGTERM
+ * and resolves with its exit code and its final `left` event.
+ */
+export function startPeer(baseUrl, room, name, extraArgs = []) {
+  const proc = spawn(BIN, ['peer', '--server', baseUrl, '--room', room, '--name', name, '--json', '--log-format', 'json', ...extraArgs], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  const events = [];
+  const logs = [];
+  const lines = (stream, each) => {
+    let buffered = '';
+    stream.on('data', (chunk) => {
+      buffered += chunk;
+      let nl;
+      while ((nl = buffered.indexOf('\n')) >= 0) {
+        each(buffered.slice(0, nl));
+        buffered = buffered.slice(nl + 1);
+      }
+    });
+  };
+  lines(proc.stdout, (line) => events.push(JSON.parse(line)));
+  lines(proc.stderr, (line) => logs.push(line));
+  const exited = new Promise((resolve) => proc.once('exit', (code) => resolve(code)));
+  return {
+    events,
+    logs,
+    /** Resolves with the exit code once the peer exits by itself. */
+    exited,
+    waitFor(predicate, what, timeoutMs = 20000) {
+      return eventually(() => events.find(predicate), timeoutMs, `[${name}] ${what}; logs: ${logs.slice(-5).join('\n')}`);
+    },
+    say(text) {
+      proc.stdin.write(`${text}\n`);
+    },
+    async stop() {
+      if (proc.exitCode === null) proc.kill('SIGTERM');
+      const code = await exited;
+      return { code, left: events.find((e) => e.event === 'left') ?? null };
+    },
+  };
+}

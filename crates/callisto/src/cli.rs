@@ -28,6 +28,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run only the STUN/TURN server.
     Turn(TurnCmdArgs),
+    /// Join a room as a native WebRTC peer, without a browser: chat with
+    /// those in it (lines on stdin go out, messages come out on stdout)
+    /// and receive their media.
+    Peer(PeerArgs),
     /// Benchmarks against other servers on this machine (loopback only).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -469,6 +473,52 @@ pub struct TurnCmdArgs {
 
     #[command(flatten)]
     pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub logging: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PeerArgs {
+    /// The server, as in a browser's address bar (http://HOST:PORT), or its
+    /// WebSocket (ws://HOST:PORT/ws).
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
+    pub server: String,
+
+    /// The room to join.
+    #[arg(long)]
+    pub room: String,
+
+    /// The name the others see.
+    #[arg(long, default_value = "callisto peer")]
+    pub name: String,
+
+    /// The access code, on a server that needs one. Read from the
+    /// environment rather than the command line, where others can see it.
+    #[arg(
+        long = "access-code",
+        env = "CALLISTO_ACCESS_CODE",
+        hide_env_values = true
+    )]
+    pub access: Option<String>,
+
+    /// The local address to take media on (default: the one this machine
+    /// reaches the server from).
+    #[arg(long, value_name = "IP")]
+    pub bind: Option<std::net::IpAddr>,
+
+    /// Say this in the chat to everyone in the room when joining (as soon
+    /// as each connection is up); repeatable.
+    #[arg(long, value_name = "TEXT")]
+    pub say: Vec<String>,
+
+    /// Leave after this many seconds (default: on Ctrl-C or SIGTERM).
+    #[arg(long = "for", value_name = "SECONDS")]
+    pub duration: Option<f64>,
+
+    /// Print events as JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
 
     #[command(flatten)]
     pub logging: LogArgs,

@@ -13,6 +13,7 @@ pub mod http_server;
 pub mod logging;
 pub mod open_files;
 pub mod origins;
+pub mod peer;
 pub mod revalidation;
 pub mod secrets;
 pub mod serve;

@@ -18,6 +18,14 @@ fn main() -> anyhow::Result<()> {
             let (tx, _rx) = std::sync::mpsc::channel();
             callisto::bench::forwarder::run(listen, stop, tx).context("running the forwarder")
         }
+        Command::Peer(args) => {
+            callisto::logging::init(&args.logging.log, args.logging.log_format)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let signals = StopSignals::install()?;
+                callisto::peer::run(args, signals.wait()).await
+            })
+        }
         Command::Turn(args) => {
             callisto::logging::init(&args.logging.log, args.logging.log_format)?;
             raise_open_file_limit();

@@ -1,0 +1,194 @@
+//! `callisto peer`: the native peer (crate `callisto-peer`) on the command
+//! line. Lines on stdin go to the chat; what happens comes out on stdout,
+//! as text for people or JSON lines for scripts; logs go to stderr.
+
+use std::future::Future;
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use anyhow::Context;
+use callisto_peer::{Command, PeerConfig, PeerEvent, Summary};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::cli::PeerArgs;
+
+/// Runs the peer until `--for` is over, `stop` resolves, or the peer fails.
+pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if let Some(seconds) = args.duration
+        && !(seconds.is_finite() && seconds > 0.0)
+    {
+        anyhow::bail!("--for {seconds}: give a number of seconds above 0");
+    }
+    let config = PeerConfig {
+        server: args.server.clone(),
+        room: args.room.clone(),
+        name: args.name.clone(),
+        access: args.access.clone(),
+        bind: args.bind,
+    };
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (event_tx, mut events) = mpsc::unbounded_channel();
+    read_stdin(commands.clone());
+    let peer = tokio::spawn(callisto_peer::run(config, command_rx, event_tx));
+
+    let deadline = async {
+        match args.duration {
+            Some(seconds) => tokio::time::sleep(Duration::from_secs_f64(seconds)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop, deadline);
+    let mut leaving = false;
+    let mut out = std::io::stdout().lock();
+    // Events until the peer ends (the sender is dropped with it).
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => {
+                    if let PeerEvent::Joined { .. } = event {
+                        for text in &args.say {
+                            let _ = commands.send(Command::Chat { text: text.clone(), to: None });
+                        }
+                    }
+                    print_event(&mut out, &event, args.json)?;
+                }
+                None => break,
+            },
+            () = &mut stop, if !leaving => {
+                leaving = true;
+                let _ = commands.send(Command::Leave);
+            }
+            () = &mut deadline, if !leaving => {
+                leaving = true;
+                let _ = commands.send(Command::Leave);
+            }
+        }
+    }
+    let summary = peer
+        .await
+        .context("the peer stopped unexpectedly")?
+        .with_context(|| format!("peer in room {:?} on {}", args.room, args.server))?;
+    print_summary(&mut out, &summary, args.json)?;
+    Ok(())
+}
+
+/// Each line read is a chat message to everyone. The thread ends with
+/// stdin, or when the peer is gone.
+fn read_stdin(commands: mpsc::UnboundedSender<Command>) {
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(text) = line else { return };
+            if text.trim().is_empty() {
+                continue;
+            }
+            if commands.send(Command::Chat { text, to: None }).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn print_event(out: &mut impl Write, event: &PeerEvent, as_json: bool) -> std::io::Result<()> {
+    if as_json {
+        let value = match event {
+            PeerEvent::Joined { id, peers } => json!({"event": "joined", "id": id,
+                "peers": peers.iter().map(|(id, name)| json!({"id": id, "name": name})).collect::<Vec<_>>()}),
+            PeerEvent::Knocking => json!({"event": "knocking"}),
+            PeerEvent::PeerJoined { id, name } => {
+                json!({"event": "peer-joined", "id": id, "name": name})
+            }
+            PeerEvent::PeerLeft { id, name } => {
+                json!({"event": "peer-left", "id": id, "name": name})
+            }
+            PeerEvent::Connected { id, name } => {
+                json!({"event": "connected", "id": id, "name": name})
+            }
+            PeerEvent::Disconnected { id, name } => {
+                json!({"event": "disconnected", "id": id, "name": name})
+            }
+            PeerEvent::Chat {
+                from,
+                name,
+                text,
+                private,
+            } => json!({"event": "chat", "from": from,
+                "name": name, "text": text, "private": private}),
+            PeerEvent::NotSent { to, reason } => {
+                json!({"event": "not-sent", "to": to, "reason": reason})
+            }
+            PeerEvent::ServerError { code, message } => {
+                json!({"event": "server-error", "code": code,
+                "message": message})
+            }
+        };
+        writeln!(out, "{value}")?;
+    } else {
+        match event {
+            PeerEvent::Joined { peers, .. } if peers.is_empty() => {
+                writeln!(out, "* joined; nobody else is here yet")?
+            }
+            PeerEvent::Joined { peers, .. } => {
+                let names: Vec<&str> = peers.iter().map(|(_, name)| name.as_str()).collect();
+                writeln!(out, "* joined, with {}", names.join(", "))?
+            }
+            PeerEvent::Knocking => writeln!(out, "* the room is locked: waiting to be let in")?,
+            PeerEvent::PeerJoined { name, .. } => writeln!(out, "* {name} joined")?,
+            PeerEvent::PeerLeft { name, .. } => writeln!(out, "* {name} left")?,
+            PeerEvent::Connected { name, .. } => writeln!(out, "* connected to {name}")?,
+            PeerEvent::Disconnected { name, .. } => {
+                writeln!(out, "* lost the connection to {name}")?
+            }
+            PeerEvent::Chat {
+                name,
+                text,
+                private: false,
+                ..
+            } => writeln!(out, "{name}: {text}")?,
+            PeerEvent::Chat {
+                name,
+                text,
+                private: true,
+                ..
+            } => writeln!(out, "{name} (privately): {text}")?,
+            PeerEvent::NotSent { to, reason } => writeln!(out, "* not sent to {to}: {reason}")?,
+            PeerEvent::ServerError { code, message } => {
+                writeln!(out, "* server: {code}: {message}")?
+            }
+        }
+    }
+    out.flush()
+}
+
+fn print_summary(out: &mut impl Write, summary: &Summary, as_json: bool) -> std::io::Result<()> {
+    if as_json {
+        let peers: Vec<_> = summary
+            .peers
+            .iter()
+            .map(|p| {
+                json!({"id": p.id, "name": p.name, "connected": p.connected,
+                    "audioFrames": p.media.audio_frames, "videoFrames": p.media.video_frames,
+                    "bytes": p.media.bytes})
+            })
+            .collect();
+        writeln!(out, "{}", json!({"event": "left", "peers": peers}))?;
+    } else {
+        writeln!(out, "* left")?;
+        for p in &summary.peers {
+            writeln!(
+                out,
+                "  {}: {}, {} audio and {} video frames received ({} bytes)",
+                p.name,
+                if p.connected {
+                    "connected"
+                } else {
+                    "never connected"
+                },
+                p.media.audio_frames,
+                p.media.video_frames,
+                p.media.bytes
+            )?;
+        }
+    }
+    out.flush()
+}

@@ -1,0 +1,238 @@
+//! The native peer (crate `callisto-peer`) against the real server: peers
+//! meet each other over real sockets on loopback, chat, knock on a locked
+//! room, and shrug off garbage from a peer that does not follow the rules.
+
+mod common;
+
+use std::time::Duration;
+
+use callisto_peer::{Command, PeerConfig, PeerEvent, Summary};
+use common::Server;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Peer {
+    commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::UnboundedReceiver<PeerEvent>,
+    task: JoinHandle<Result<Summary, callisto_peer::PeerError>>,
+    seen: Vec<PeerEvent>,
+}
+
+impl Peer {
+    fn start(server: &Server, room: &str, name: &str) -> Peer {
+        let config = PeerConfig {
+            server: format!("http://{}", server.addr),
+            room: room.into(),
+            name: name.into(),
+            access: None,
+            bind: None,
+        };
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(callisto_peer::run(config, command_rx, event_tx));
+        Peer {
+            commands,
+            events,
+            task,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for an event that `want` picks, and returns it.
+    async fn wait_for(&mut self, what: &str, want: impl Fn(&PeerEvent) -> bool) -> PeerEvent {
+        if let Some(e) = self.seen.iter().find(|e| want(e)) {
+            return e.clone();
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}; saw {:?}", self.seen))
+                .unwrap_or_else(|| panic!("the peer ended before {what}; saw {:?}", self.seen));
+            self.seen.push(event.clone());
+            if want(&event) {
+                return event;
+            }
+        }
+    }
+
+    async fn id(&mut self) -> String {
+        match self
+            .wait_for("joined", |e| matches!(e, PeerEvent::Joined { .. }))
+            .await
+        {
+            PeerEvent::Joined { id, .. } => id,
+            _ => unreachable!(),
+        }
+    }
+
+    async fn connected_to(&mut self, id: &str) {
+        self.wait_for(
+            &format!("a connection to {id}"),
+            |e| matches!(e, PeerEvent::Connected { id: i, .. } if i == id),
+        )
+        .await;
+    }
+
+    async fn heard(&mut self, text: &str) -> PeerEvent {
+        self.wait_for(
+            &format!("chat {text:?}"),
+            |e| matches!(e, PeerEvent::Chat { text: t, .. } if t == text),
+        )
+        .await
+    }
+
+    fn say(&self, text: &str, to: Option<&str>) {
+        self.commands
+            .send(Command::Chat {
+                text: text.into(),
+                to: to.map(str::to_owned),
+            })
+            .unwrap();
+    }
+
+    async fn leave(self) -> Summary {
+        self.commands.send(Command::Leave).unwrap();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("leaves in time")
+            .expect("no panic")
+            .expect("leaves cleanly")
+    }
+}
+
+#[tokio::test]
+async fn three_native_peers_meet_and_chat_privately_too() {
+    let server = Server::start(&[]).await;
+    let mut ada = Peer::start(&server, "native", "Ada");
+    let ada_id = ada.id().await;
+    let mut bob = Peer::start(&server, "native", "Bob");
+    let bob_id = bob.id().await;
+    let mut cy = Peer::start(&server, "native", "Cy");
+    let cy_id = cy.id().await;
+    for (peer, others) in [
+        (&mut ada, [&bob_id, &cy_id]),
+        (&mut bob, [&ada_id, &cy_id]),
+        (&mut cy, [&ada_id, &bob_id]),
+    ] {
+        for id in others {
+            peer.connected_to(id).await;
+        }
+    }
+
+    cy.say("hello all", None);
+    for peer in [&mut ada, &mut bob] {
+        let heard = peer.heard("hello all").await;
+        assert_eq!(
+            heard,
+            PeerEvent::Chat {
+                from: cy_id.clone(),
+                name: "Cy".into(),
+                text: "hello all".into(),
+                private: false
+            }
+        );
+    }
+    ada.say("only for Cy", Some(&cy_id));
+    ada.say("to everyone again", None);
+    let private = cy.heard("only for Cy").await;
+    assert!(matches!(private, PeerEvent::Chat { private: true, .. }));
+    // Bob gets the message after it, and not the private one.
+    bob.heard("to everyone again").await;
+    assert!(
+        !bob.seen
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Chat { text, .. } if text == "only for Cy"))
+    );
+
+    // To nobody in the room: said so, and nothing goes.
+    ada.say("hello?", Some("0123456789abcdef"));
+    ada.wait_for("not-sent", |e| matches!(e, PeerEvent::NotSent { .. }))
+        .await;
+
+    let summary = cy.leave().await;
+    let mut names: Vec<_> = summary
+        .peers
+        .iter()
+        .map(|p| (p.name.as_str(), p.connected))
+        .collect();
+    names.sort();
+    assert_eq!(names, [("Ada", true), ("Bob", true)]);
+    ada.wait_for(
+        "Cy left",
+        |e| matches!(e, PeerEvent::PeerLeft { name, .. } if name == "Cy"),
+    )
+    .await;
+    ada.leave().await;
+    bob.leave().await;
+}
+
+#[tokio::test]
+async fn a_native_peer_knocks_on_a_locked_room_and_is_let_in() {
+    let server = Server::start(&[]).await;
+    let mut host = server.client().await;
+    host.join("locked", "Host").await;
+    host.send(json!({"type": "lock", "locked": true})).await;
+    host.expect("locked").await;
+
+    let mut robot = Peer::start(&server, "locked", "Robot");
+    robot
+        .wait_for("knocking", |e| *e == PeerEvent::Knocking)
+        .await;
+    let knock = host.expect("knock").await;
+    host.send(json!({"type": "admit", "id": knock["peer"]["id"]}))
+        .await;
+    robot.id().await;
+    robot.leave().await;
+}
+
+#[tokio::test]
+async fn garbage_from_another_peer_does_not_stop_the_native_peer() {
+    let server = Server::start(&[]).await;
+    let mut robot = Peer::start(&server, "garbage", "Robot");
+    let robot_id = robot.id().await;
+    let mut rogue = server.client().await;
+    rogue.join("garbage", "Rogue").await;
+    for data in [
+        json!(null),
+        json!("text"),
+        json!({"description": {"type": "offer", "sdp": "v=0\r\nnot really"}}),
+        json!({"description": {"type": "answer", "sdp": "v=0"}}),
+        json!({"description": {"type": "offer", "sdp": "x".repeat(60_000)}}),
+        json!({"candidate": {"candidate": "candidate:garbage"}}),
+        json!({"candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 99999 typ host"}}),
+        json!({"restart": true}),
+        json!({"resend": true}),
+        json!({"state": {"audio": "loud"}}),
+    ] {
+        rogue
+            .send(json!({"type": "signal", "to": robot_id, "data": data}))
+            .await;
+    }
+    // Still in the room, and still meeting people.
+    let mut ada = Peer::start(&server, "garbage", "Ada");
+    let ada_id = ada.id().await;
+    robot.connected_to(&ada_id).await;
+    ada.say("still there?", None);
+    robot.heard("still there?").await;
+    // The robot answered none of it (it has read it all: Ada came after):
+    // its state, said on meeting the rogue, is all that came back.
+    rogue.send(json!({"type": "ping"})).await;
+    loop {
+        let message = rogue.recv().await;
+        match message["type"].as_str() {
+            Some("pong") => break,
+            Some("signal") if message["from"] == robot_id.as_str() => {
+                assert!(message["data"].get("state").is_some(), "{message}")
+            }
+            // Ada meeting the rogue.
+            _ => {}
+        }
+    }
+
+    robot.leave().await;
+    ada.leave().await;
+}

@@ -1,0 +1,21 @@
+//! Callisto's native peer: a WebRTC endpoint without a browser.
+//!
+//! It joins a room on a Callisto server like the web app does, speaks the
+//! same conventions (docs/protocol.md), and so meets browsers and other
+//! native peers: chat both ways, and the other side's media received and
+//! counted. `callisto peer` puts it on the command line, to join a room
+//! headless, check a server, or script a call.
+//!
+//! - [`chat`]: messages on the chat data channel;
+//! - [`signals`]: what peers put in `signal.data`;
+//! - [`link`]: one connection to one peer, sans-IO (str0m);
+//! - [`peer`]: the driver: the WebSocket, one UDP socket, the clock.
+
+pub mod chat;
+pub mod link;
+pub mod peer;
+pub mod signals;
+
+pub use chat::ChannelMessage;
+pub use link::{Link, LinkError, LinkEvent, MediaCounts};
+pub use peer::{Command, PeerConfig, PeerError, PeerEvent, Summary, run};

@@ -1,0 +1,568 @@
+//! One WebRTC connection to one other peer in the room, sans-IO.
+//!
+//! A [`Link`] wraps a str0m [`Rtc`] and speaks the web app's conventions
+//! (docs/protocol.md): it takes the other peer's signals and the datagrams
+//! and time the driver hands it, and leaves behind what to send (signals,
+//! datagrams), what happened (connected, a chat message, …) and when to
+//! wake it. It owns no socket and reads no clock, so it is tested by
+//! connecting two of them in memory.
+//!
+//! Like the web app, the side that offers first negotiates audio, video,
+//! a second video and a second audio (microphone, camera, screen, the
+//! screen's sound), all `sendrecv`, and opens the chat channel in that
+//! first offer. This peer sends no media; it receives and counts what the
+//! other side sends.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use serde_json::Value;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::{ChannelConfig, ChannelId};
+use str0m::media::{Direction, MediaKind};
+use str0m::net::{Protocol, Receive, Transmit};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
+
+use crate::chat::{CHAT_LABEL, CHAT_PROTOCOL, ChannelMessage, ChatError};
+use crate::signals::{SdpKind, Signal};
+
+/// Chat messages held for a chat channel that is not open yet, at most
+/// (as the web app holds).
+pub const MAX_CHAT_QUEUE: usize = 100;
+
+/// What a link has to tell its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// ICE and DTLS are up.
+    Connected,
+    /// ICE lost the other side (it may come back).
+    Disconnected,
+    /// The chat channel is open: messages go at once from now on.
+    ChatOpen,
+    /// A message on the chat channel.
+    Message(ChannelMessage),
+    /// Something on the chat channel that is not a message of ours.
+    BadMessage(ChatError),
+    /// The other side closed the connection.
+    Closed,
+}
+
+/// Media received over a link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MediaCounts {
+    pub audio_frames: u64,
+    pub video_frames: u64,
+    pub bytes: u64,
+}
+
+/// Why a link failed or refused something.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("WebRTC: {0}")]
+    Rtc(#[from] RtcError),
+    #[error("an unreadable session description: {0}")]
+    Sdp(String),
+    #[error("an unreadable ICE candidate: {0}")]
+    Candidate(String),
+    #[error("a local address str0m cannot use: {0}")]
+    LocalAddress(SocketAddr),
+    #[error("{MAX_CHAT_QUEUE} chat messages already wait for the channel to open")]
+    ChatQueueFull,
+}
+
+/// A connection to one peer.
+pub struct Link {
+    rtc: Rtc,
+    polite: bool,
+    /// Our offer, until its answer comes, and its text for a `resend`.
+    pending: Option<(SdpPendingOffer, String)>,
+    chat: Option<ChannelId>,
+    chat_queue: VecDeque<String>,
+    signals: VecDeque<Value>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<LinkEvent>,
+    timeout: Instant,
+    media: MediaCounts,
+    connected: bool,
+}
+
+impl Link {
+    /// A link that reaches the other side from the host addresses `local`.
+    /// `polite`: whether we give way when offers cross (the greater id is).
+    pub fn new(local: &[SocketAddr], polite: bool, now: Instant) -> Result<Link, LinkError> {
+        let mut rtc = Rtc::builder().build(now);
+        for &addr in local {
+            let candidate =
+                Candidate::host(addr, "udp").map_err(|_| LinkError::LocalAddress(addr))?;
+            rtc.add_local_candidate(candidate);
+        }
+        let mut link = Link {
+            rtc,
+            polite,
+            pending: None,
+            chat: None,
+            chat_queue: VecDeque::new(),
+            signals: VecDeque::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            timeout: now,
+            media: MediaCounts::default(),
+            connected: false,
+        };
+        link.drive()?;
+        Ok(link)
+    }
+
+    /// Makes the first offer, as a newcomer does to everyone in the room.
+    pub fn offer(&mut self) -> Result<(), LinkError> {
+        let mut api = self.rtc.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
+        api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
+        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let chat = api.add_channel_with_config(ChannelConfig {
+            label: CHAT_LABEL.into(),
+            protocol: CHAT_PROTOCOL.into(),
+            ..Default::default()
+        });
+        if let Some((offer, pending)) = api.apply() {
+            self.chat = Some(chat);
+            self.send_offer(offer, pending);
+        }
+        self.drive()
+    }
+
+    fn send_offer(&mut self, offer: SdpOffer, pending: SdpPendingOffer) {
+        let sdp = offer.to_sdp_string();
+        self.signals.push_back(
+            Signal::Description {
+                kind: SdpKind::Offer,
+                sdp: sdp.clone(),
+            }
+            .encode(),
+        );
+        self.pending = Some((pending, sdp));
+    }
+
+    /// Takes a signal from the other side. An error leaves the link as it
+    /// was: the signal is dropped.
+    pub fn handle_signal(&mut self, signal: Signal) -> Result<(), LinkError> {
+        match signal {
+            Signal::Description {
+                kind: SdpKind::Offer,
+                sdp,
+            } => {
+                if self.pending.is_some() {
+                    // Offers crossed: the impolite side keeps its own.
+                    if !self.polite {
+                        tracing::debug!("ignoring a crossing offer (we are impolite)");
+                        return Ok(());
+                    }
+                    self.pending = None;
+                    self.chat = None;
+                }
+                let offer =
+                    SdpOffer::from_sdp_string(&sdp).map_err(|e| LinkError::Sdp(e.to_string()))?;
+                let answer = self.rtc.sdp_api().accept_offer(offer)?;
+                self.signals.push_back(
+                    Signal::Description {
+                        kind: SdpKind::Answer,
+                        sdp: answer.to_sdp_string(),
+                    }
+                    .encode(),
+                );
+            }
+            Signal::Description {
+                kind: SdpKind::Answer,
+                sdp,
+            } => {
+                let Some((pending, offer)) = self.pending.take() else {
+                    tracing::debug!("ignoring an answer to no offer of ours");
+                    return Ok(());
+                };
+                let answer = match SdpAnswer::from_sdp_string(&sdp) {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        self.pending = Some((pending, offer));
+                        return Err(LinkError::Sdp(e.to_string()));
+                    }
+                };
+                self.rtc.sdp_api().accept_answer(pending, answer)?;
+            }
+            Signal::Candidate(Some(line)) => {
+                let candidate = Candidate::from_sdp_string(&line)
+                    .map_err(|e| LinkError::Candidate(e.to_string()))?;
+                self.rtc.add_remote_candidate(candidate);
+            }
+            Signal::Candidate(None) | Signal::State { .. } => {}
+            Signal::Restart => {
+                // Only the impolite side restarts ICE (docs/protocol.md).
+                if self.polite || self.pending.is_some() {
+                    return Ok(());
+                }
+                let mut api = self.rtc.sdp_api();
+                api.ice_restart(true);
+                if let Some((offer, pending)) = api.apply() {
+                    self.send_offer(offer, pending);
+                }
+            }
+            Signal::Resend => {
+                if let Some((_, sdp)) = &self.pending {
+                    let sdp = sdp.clone();
+                    self.signals.push_back(
+                        Signal::Description {
+                            kind: SdpKind::Offer,
+                            sdp,
+                        }
+                        .encode(),
+                    );
+                }
+            }
+        }
+        self.drive()
+    }
+
+    /// Takes a datagram if it belongs to this link; false if it does not.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+    ) -> Result<bool, LinkError> {
+        let Ok(receive) = Receive::new(Protocol::Udp, source, destination, contents) else {
+            return Ok(false);
+        };
+        let input = Input::Receive(now, receive);
+        if !self.rtc.accepts(&input) {
+            return Ok(false);
+        }
+        self.rtc.handle_input(input)?;
+        self.drive()?;
+        Ok(true)
+    }
+
+    /// Lets time pass; call at [`Link::timeout`] or later.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), LinkError> {
+        if now < self.timeout {
+            return Ok(());
+        }
+        self.rtc.handle_input(Input::Timeout(now))?;
+        self.drive()
+    }
+
+    /// Sends a message on the chat channel, now or once it opens.
+    pub fn send(&mut self, message: &ChannelMessage) -> Result<(), LinkError> {
+        let text = message.encode();
+        if self.chat_queue.is_empty() && self.write_chat(&text)? {
+            return self.drive();
+        }
+        if self.chat_queue.len() >= MAX_CHAT_QUEUE {
+            return Err(LinkError::ChatQueueFull);
+        }
+        self.chat_queue.push_back(text);
+        Ok(())
+    }
+
+    /// Whether the text went out on an open chat channel.
+    fn write_chat(&mut self, text: &str) -> Result<bool, LinkError> {
+        let Some(id) = self.chat else {
+            return Ok(false);
+        };
+        match self.rtc.channel(id) {
+            Some(mut channel) => Ok(channel.write(false, text.as_bytes())?),
+            None => Ok(false),
+        }
+    }
+
+    /// Closes the connection.
+    pub fn close(&mut self) {
+        self.rtc.disconnect();
+    }
+
+    /// Drains str0m's output until it asks to be woken: the single
+    /// mutation, then drain, that str0m's API requires.
+    fn drive(&mut self) -> Result<(), LinkError> {
+        loop {
+            match self.rtc.poll_output()? {
+                Output::Timeout(at) => {
+                    self.timeout = at;
+                    return Ok(());
+                }
+                Output::Transmit(transmit) => self.transmits.push_back(transmit),
+                Output::Event(event) => self.on_event(event)?,
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) -> Result<(), LinkError> {
+        match event {
+            Event::Connected => {
+                self.connected = true;
+                self.events.push_back(LinkEvent::Connected);
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) if self.connected => {
+                self.connected = false;
+                self.events.push_back(LinkEvent::Disconnected);
+            }
+            Event::ChannelOpen(id, label) => {
+                if label == CHAT_LABEL && self.chat.is_none_or(|chat| chat == id) {
+                    self.chat = Some(id);
+                    self.events.push_back(LinkEvent::ChatOpen);
+                    while let Some(text) = self.chat_queue.front() {
+                        let text = text.clone();
+                        if !self.write_chat(&text)? {
+                            break;
+                        }
+                        self.chat_queue.pop_front();
+                    }
+                } else {
+                    // Files and later versions' channels: this peer takes
+                    // none, and closing tells the sender so at once.
+                    tracing::debug!(label, "closing a data channel this peer does not take");
+                    self.rtc.direct_api().close_data_channel(id);
+                }
+            }
+            Event::ChannelData(data) if Some(data.id) == self.chat => {
+                self.events
+                    .push_back(match ChannelMessage::decode(data.binary, &data.data) {
+                        Ok(message) => LinkEvent::Message(message),
+                        Err(e) => LinkEvent::BadMessage(e),
+                    });
+            }
+            Event::ChannelClose(id) if Some(id) == self.chat => self.chat = None,
+            Event::MediaData(data) => {
+                match self.rtc.media(data.mid).map(|m| m.kind()) {
+                    Some(MediaKind::Audio) => self.media.audio_frames += 1,
+                    Some(MediaKind::Video) => self.media.video_frames += 1,
+                    None => {}
+                }
+                self.media.bytes += data.data.len() as u64;
+            }
+            Event::Closed => self.events.push_back(LinkEvent::Closed),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next signal to send to the other side.
+    pub fn poll_signal(&mut self) -> Option<Value> {
+        self.signals.pop_front()
+    }
+
+    /// The next thing that happened.
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Link::handle_timeout`].
+    pub fn timeout(&self) -> Instant {
+        self.timeout
+    }
+
+    /// Media received so far.
+    pub fn media(&self) -> MediaCounts {
+        self.media
+    }
+
+    /// Whether ICE and DTLS are up.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// False once the link is closed, by either side.
+    pub fn is_alive(&self) -> bool {
+        self.rtc.is_alive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const A: &str = "127.0.0.1:1000";
+    const B: &str = "127.0.0.1:2000";
+
+    /// Two links joined in memory: signals handed across at once,
+    /// datagrams delivered at once, time moved on when nothing is in flight.
+    struct Pair {
+        a: Link,
+        b: Link,
+        now: Instant,
+        events: Vec<(char, LinkEvent)>,
+    }
+
+    impl Pair {
+        fn new() -> Pair {
+            let now = Instant::now();
+            let mut a = Link::new(&[A.parse().unwrap()], false, now).unwrap();
+            let b = Link::new(&[B.parse().unwrap()], true, now).unwrap();
+            a.offer().unwrap();
+            Pair {
+                a,
+                b,
+                now,
+                events: Vec::new(),
+            }
+        }
+
+        /// Runs until `done` or 30 s of simulated time.
+        fn run_until(&mut self, done: impl Fn(&Pair) -> bool) {
+            let end = self.now + Duration::from_secs(30);
+            while !done(self) {
+                assert!(self.now < end, "not done after 30 s: {:?}", self.events);
+                let mut moved = false;
+                while let Some(signal) = self.a.poll_signal() {
+                    let signal = Signal::decode(&signal).unwrap();
+                    self.b.handle_signal(signal).unwrap();
+                    moved = true;
+                }
+                while let Some(signal) = self.b.poll_signal() {
+                    let signal = Signal::decode(&signal).unwrap();
+                    self.a.handle_signal(signal).unwrap();
+                    moved = true;
+                }
+                while let Some(t) = self.a.poll_transmit() {
+                    assert_eq!(t.destination, B.parse().unwrap());
+                    assert!(
+                        self.b
+                            .handle_datagram(self.now, t.source, t.destination, &t.contents)
+                            .unwrap()
+                    );
+                    moved = true;
+                }
+                while let Some(t) = self.b.poll_transmit() {
+                    assert_eq!(t.destination, A.parse().unwrap());
+                    assert!(
+                        self.a
+                            .handle_datagram(self.now, t.source, t.destination, &t.contents)
+                            .unwrap()
+                    );
+                    moved = true;
+                }
+                while let Some(e) = self.a.poll_event() {
+                    self.events.push(('a', e));
+                    moved = true;
+                }
+                while let Some(e) = self.b.poll_event() {
+                    self.events.push(('b', e));
+                    moved = true;
+                }
+                if !moved {
+                    self.now = self.a.timeout().min(self.b.timeout()).max(self.now);
+                    self.now += Duration::from_millis(1);
+                    self.a.handle_timeout(self.now).unwrap();
+                    self.b.handle_timeout(self.now).unwrap();
+                }
+            }
+        }
+
+        fn saw(&self, side: char, event: &LinkEvent) -> bool {
+            self.events.iter().any(|(s, e)| *s == side && e == event)
+        }
+    }
+
+    fn chat(text: &str) -> ChannelMessage {
+        ChannelMessage::chat(text, false).unwrap()
+    }
+
+    #[test]
+    fn two_links_connect_and_chat_both_ways() {
+        let mut pair = Pair::new();
+        // Written before the channel opens: held, then sent in order.
+        pair.a.send(&chat("one")).unwrap();
+        pair.a.send(&chat("two")).unwrap();
+        pair.run_until(|p| p.saw('a', &LinkEvent::ChatOpen) && p.saw('b', &LinkEvent::ChatOpen));
+        assert!(pair.a.is_connected() && pair.b.is_connected());
+        pair.b.send(&chat("three")).unwrap();
+        pair.run_until(|p| {
+            p.saw('b', &LinkEvent::Message(chat("two")))
+                && p.saw('a', &LinkEvent::Message(chat("three")))
+        });
+        let received: Vec<_> = pair
+            .events
+            .iter()
+            .filter_map(|(side, e)| match e {
+                LinkEvent::Message(m) if *side == 'b' => Some(m.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(received, [chat("one"), chat("two")]);
+    }
+
+    #[test]
+    fn a_bad_message_is_reported_and_the_channel_goes_on() {
+        let mut pair = Pair::new();
+        pair.run_until(|p| p.saw('b', &LinkEvent::ChatOpen));
+        let id = pair.a.chat.unwrap();
+        assert!(
+            pair.a
+                .rtc
+                .channel(id)
+                .unwrap()
+                .write(false, b"{\"type\":\"nope\"}")
+                .unwrap()
+        );
+        pair.a.drive().unwrap();
+        pair.a.send(&chat("after")).unwrap();
+        pair.run_until(|p| p.saw('b', &LinkEvent::Message(chat("after"))));
+        assert!(pair.saw(
+            'b',
+            &LinkEvent::BadMessage(ChatError::UnknownType("\"nope\"".into()))
+        ));
+    }
+
+    #[test]
+    fn bad_signals_leave_the_link_as_it_was() {
+        let mut pair = Pair::new();
+        let garbage = Signal::Description {
+            kind: SdpKind::Answer,
+            sdp: "v=0\r\nnonsense".into(),
+        };
+        assert!(pair.a.handle_signal(garbage).is_err());
+        assert!(
+            pair.b
+                .handle_signal(Signal::Candidate(Some("candidate:x".into())))
+                .is_err()
+        );
+        pair.run_until(|p| p.saw('a', &LinkEvent::ChatOpen) && p.saw('b', &LinkEvent::ChatOpen));
+    }
+
+    #[test]
+    fn the_chat_queue_is_bounded() {
+        let mut link = Link::new(&[A.parse().unwrap()], false, Instant::now()).unwrap();
+        for _ in 0..MAX_CHAT_QUEUE {
+            link.send(&chat("x")).unwrap();
+        }
+        assert!(matches!(
+            link.send(&chat("x")),
+            Err(LinkError::ChatQueueFull)
+        ));
+    }
+
+    #[test]
+    fn a_resend_repeats_the_outstanding_offer_and_an_impolite_side_keeps_its_own() {
+        let mut pair = Pair::new();
+        let offer = pair.a.poll_signal().unwrap();
+        pair.a.handle_signal(Signal::Resend).unwrap();
+        assert_eq!(pair.a.poll_signal(), Some(offer.clone()));
+        // B offers too (glare): A, impolite, ignores it and keeps waiting.
+        pair.b.offer().unwrap();
+        let crossing = Signal::decode(&pair.b.poll_signal().unwrap()).unwrap();
+        pair.a.handle_signal(crossing).unwrap();
+        assert_eq!(pair.a.poll_signal(), None);
+        // B, polite, drops its offer and answers A's.
+        pair.b
+            .handle_signal(Signal::decode(&offer).unwrap())
+            .unwrap();
+        pair.run_until(|p| p.saw('a', &LinkEvent::ChatOpen) && p.saw('b', &LinkEvent::ChatOpen));
+    }
+}

@@ -1,0 +1,600 @@
+//! The driver: one signaling WebSocket, one UDP socket shared by every
+//! [`Link`], and the clock. It joins the room, meets the others as the web
+//! app does (the newcomer offers to everyone already there; the others
+//! wait for its offer), and reports what happens as [`PeerEvent`]s.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use callisto_protocol::{Received, ReceivedPeer, decode_server};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::http::Uri;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::chat::ChannelMessage;
+use crate::link::{Link, LinkError, LinkEvent, MediaCounts};
+use crate::signals::{SdpKind, Signal};
+
+/// How long `run` waits for the server's answer to `join`.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest datagram read; WebRTC keeps to about 1,200 bytes.
+const MAX_DATAGRAM: usize = 2048;
+
+/// Where and as whom to join.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// The server, as a browser would open it (`http://host:port`) or its
+    /// WebSocket (`ws://host:port/ws`).
+    pub server: String,
+    pub room: String,
+    pub name: String,
+    /// An access code, on a server that needs one.
+    pub access: Option<String>,
+    /// The address to take media on; by default the one this machine
+    /// reaches the server from.
+    pub bind: Option<IpAddr>,
+}
+
+/// What the caller asks of a running peer.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Writes in the chat: to everyone, or to the peer with this id alone.
+    Chat { text: String, to: Option<String> },
+    /// Leaves the room; `run` then returns.
+    Leave,
+}
+
+/// What happens to a running peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// In the room, as `id`, with these others.
+    Joined {
+        id: String,
+        peers: Vec<(String, String)>,
+    },
+    /// The room is locked: knocking, until someone lets us in.
+    Knocking,
+    PeerJoined {
+        id: String,
+        name: String,
+    },
+    PeerLeft {
+        id: String,
+        name: String,
+    },
+    /// A connection to this peer is up.
+    Connected {
+        id: String,
+        name: String,
+    },
+    Disconnected {
+        id: String,
+        name: String,
+    },
+    /// A chat message from `name`.
+    Chat {
+        from: String,
+        name: String,
+        text: String,
+        private: bool,
+    },
+    /// A chat message could not go to this peer.
+    NotSent {
+        to: String,
+        reason: String,
+    },
+    /// The server refused a message of ours.
+    ServerError {
+        code: String,
+        message: String,
+    },
+}
+
+/// What a peer received, per peer met, when it left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub peers: Vec<PeerSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSummary {
+    pub id: String,
+    pub name: String,
+    pub connected: bool,
+    pub media: MediaCounts,
+}
+
+/// Why a peer could not join, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("{0:?} is not a server address: give http://HOST:PORT or ws://HOST:PORT/ws")]
+    BadServer(String),
+    #[error("wss:// (a server behind TLS) is not supported by the native peer yet")]
+    TlsUnsupported,
+    #[error("cannot reach {server}: {source}")]
+    Unreachable {
+        server: String,
+        source: std::io::Error,
+    },
+    #[error("signaling: {0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("the server refused to let us join: {code}: {message}")]
+    Refused { code: String, message: String },
+    #[error("the server did not answer the join within {0:?}")]
+    JoinTimeout(Duration),
+    #[error("the server closed the signaling connection")]
+    SignalingClosed,
+    #[error("UDP: {0}")]
+    Udp(std::io::Error),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Joins, runs until [`Command::Leave`] (or the end of `commands`), and
+/// returns what was received. Events go to `events` as they happen.
+pub async fn run(
+    config: PeerConfig,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<PeerEvent>,
+) -> Result<Summary, PeerError> {
+    let url = websocket_url(&config.server)?;
+    let bind = match config.bind {
+        Some(ip) => ip,
+        None => route_to(&url).await?,
+    };
+    let socket = UdpSocket::bind(SocketAddr::new(bind, 0))
+        .await
+        .map_err(PeerError::Udp)?;
+    let local = socket.local_addr().map_err(PeerError::Udp)?;
+    let (ws, _) = tokio_tungstenite::connect_async(url.to_string()).await?;
+    let mut session = Session {
+        ws,
+        socket,
+        local,
+        id: String::new(),
+        members: HashMap::new(),
+        links: HashMap::new(),
+        gone: Vec::new(),
+        events,
+    };
+    let mut join = json!({"type": "join", "room": config.room, "name": config.name});
+    if let Some(access) = &config.access {
+        join["access"] = json!(access);
+    }
+    session.send_json(&join).await?;
+    session.await_welcome().await?;
+
+    let mut buf = vec![0; MAX_DATAGRAM];
+    loop {
+        let wake = session
+            .links
+            .values()
+            .map(|(_, link)| link.timeout())
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        tokio::select! {
+            frame = session.ws.next() => match frame {
+                Some(Ok(Message::Text(text))) => session.on_server_text(&text).await?,
+                Some(Ok(Message::Close(_))) | None => return Err(PeerError::SignalingClosed),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+            },
+            received = session.socket.recv_from(&mut buf) => {
+                let (len, source) = received.map_err(PeerError::Udp)?;
+                session.on_datagram(source, &buf[..len]).await?;
+            }
+            () = tokio::time::sleep_until(wake.into()) => session.on_timeout().await?,
+            command = commands.recv() => match command {
+                Some(Command::Chat { text, to }) => session.chat(&text, to.as_deref()).await?,
+                Some(Command::Leave) | None => return session.leave().await,
+            },
+        }
+    }
+}
+
+/// The server's WebSocket URL from what a person would type.
+fn websocket_url(server: &str) -> Result<Uri, PeerError> {
+    let bad = || PeerError::BadServer(server.to_owned());
+    let uri: Uri = server.parse().map_err(|_| bad())?;
+    let scheme = match uri.scheme_str() {
+        Some("ws" | "http") => "ws",
+        Some("wss" | "https") => return Err(PeerError::TlsUnsupported),
+        _ => return Err(bad()),
+    };
+    let authority = uri.authority().ok_or_else(bad)?;
+    let path = match uri.path() {
+        "" | "/" => "/ws",
+        path => path,
+    };
+    format!("{scheme}://{authority}{path}")
+        .parse()
+        .map_err(|_| bad())
+}
+
+/// The local address this machine reaches the server's host from: the
+/// one a peer there (or on its network) can reach us on.
+async fn route_to(url: &Uri) -> Result<IpAddr, PeerError> {
+    let host = url.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = url.port_u16().unwrap_or(80);
+    let unreachable = |source| PeerError::Unreachable {
+        server: url.to_string(),
+        source,
+    };
+    let server = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(unreachable)?
+        .next()
+        .ok_or_else(|| unreachable(std::io::ErrorKind::NotFound.into()))?;
+    let any: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    // Connecting a UDP socket sends nothing: it only asks for the route.
+    let probe = std::net::UdpSocket::bind(any).map_err(unreachable)?;
+    probe.connect(server).map_err(unreachable)?;
+    Ok(probe.local_addr().map_err(unreachable)?.ip())
+}
+
+struct Session {
+    ws: Ws,
+    socket: UdpSocket,
+    local: SocketAddr,
+    /// Our id in the room.
+    id: String,
+    /// Everyone else in the room: id → name.
+    members: HashMap<String, String>,
+    /// Our connections: id → (name, link).
+    links: HashMap<String, (String, Link)>,
+    /// What was received from those who left.
+    gone: Vec<PeerSummary>,
+    events: mpsc::UnboundedSender<PeerEvent>,
+}
+
+impl Session {
+    async fn send_json(&mut self, value: &Value) -> Result<(), PeerError> {
+        self.ws.send(Message::text(value.to_string())).await?;
+        Ok(())
+    }
+
+    fn emit(&self, event: PeerEvent) {
+        // The caller may have stopped listening; the peer goes on.
+        let _ = self.events.send(event);
+    }
+
+    /// Waits for `welcome`, through a knock on a locked room.
+    async fn await_welcome(&mut self) -> Result<(), PeerError> {
+        let mut deadline = Instant::now() + JOIN_TIMEOUT;
+        loop {
+            let frame = tokio::time::timeout_at(deadline.into(), self.ws.next())
+                .await
+                .map_err(|_| PeerError::JoinTimeout(JOIN_TIMEOUT))?;
+            let text = match frame {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Close(_))) | None => return Err(PeerError::SignalingClosed),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+            };
+            match decode_server(&text) {
+                Ok(Received::Welcome { id, peers, .. }) => return self.welcome(id, peers).await,
+                Ok(Received::Waiting { .. }) => {
+                    // Someone inside decides; that may take a while.
+                    deadline = Instant::now() + Duration::from_secs(24 * 3600);
+                    self.emit(PeerEvent::Knocking);
+                }
+                Ok(Received::Error { code, message }) => {
+                    return Err(PeerError::Refused { code, message });
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+    }
+
+    async fn welcome(&mut self, id: String, peers: Vec<ReceivedPeer>) -> Result<(), PeerError> {
+        self.id = id;
+        self.emit(PeerEvent::Joined {
+            id: self.id.clone(),
+            peers: peers
+                .iter()
+                .map(|p| (p.id.clone(), p.name.clone()))
+                .collect(),
+        });
+        // Nothing to send: the web app shows our tile with camera and
+        // microphone off instead of waiting for them.
+        let state = Signal::State {
+            audio: false,
+            video: false,
+            screen: false,
+        };
+        self.send_json(&json!({"type": "broadcast", "data": state.encode()}))
+            .await?;
+        // The newcomer offers to everyone already there.
+        for peer in peers {
+            self.members.insert(peer.id.clone(), peer.name.clone());
+            let mut link = Link::new(&[self.local], self.id > peer.id, Instant::now())?;
+            link.offer()?;
+            self.links.insert(peer.id.clone(), (peer.name, link));
+            self.flush(&peer.id).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_server_text(&mut self, text: &str) -> Result<(), PeerError> {
+        let message = match decode_server(text) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!("{e}");
+                return Ok(());
+            }
+        };
+        match message {
+            Received::PeerJoined { peer } => {
+                self.members.insert(peer.id.clone(), peer.name.clone());
+                let state = Signal::State {
+                    audio: false,
+                    video: false,
+                    screen: false,
+                };
+                self.send_json(&json!({"type": "signal", "to": peer.id, "data": state.encode()}))
+                    .await?;
+                self.emit(PeerEvent::PeerJoined {
+                    id: peer.id,
+                    name: peer.name,
+                });
+            }
+            Received::PeerLeft { id } => {
+                let name = self.members.remove(&id).unwrap_or_default();
+                self.drop_link(&id);
+                self.emit(PeerEvent::PeerLeft { id, name });
+            }
+            Received::Signal { from, data } => self.on_signal(from, &data).await?,
+            Received::Error { code, message } => {
+                self.emit(PeerEvent::ServerError { code, message });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn on_signal(&mut self, from: String, data: &Value) -> Result<(), PeerError> {
+        let Some(name) = self.members.get(&from).cloned() else {
+            return Ok(());
+        };
+        let signal = match Signal::decode(data) {
+            Ok(signal) => signal,
+            Err(e) => {
+                tracing::warn!(peer = %from, "ignoring a signal: {e}");
+                return Ok(());
+            }
+        };
+        let new = !self.links.contains_key(&from);
+        if new {
+            // Others start their connection to us with an offer; until
+            // it comes there is nothing to apply the rest to.
+            if !matches!(
+                signal,
+                Signal::Description {
+                    kind: SdpKind::Offer,
+                    ..
+                }
+            ) {
+                return Ok(());
+            }
+            let link = Link::new(&[self.local], self.id > from, Instant::now())?;
+            self.links.insert(from.clone(), (name, link));
+        }
+        if let Some((_, link)) = self.links.get_mut(&from)
+            && let Err(e) = link.handle_signal(signal)
+        {
+            tracing::warn!(peer = %from, "ignoring a signal: {e}");
+            if new {
+                // An offer we cannot take starts nothing.
+                self.links.remove(&from);
+                return Ok(());
+            }
+        }
+        self.flush(&from).await
+    }
+
+    async fn on_datagram(&mut self, source: SocketAddr, contents: &[u8]) -> Result<(), PeerError> {
+        let now = Instant::now();
+        let mut taker = None;
+        for (id, (_, link)) in &mut self.links {
+            match link.handle_datagram(now, source, self.local, contents) {
+                Ok(true) => {
+                    taker = Some(id.clone());
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(peer = %id, "connection failed: {e}");
+                    link.close();
+                    taker = Some(id.clone());
+                    break;
+                }
+            }
+        }
+        match taker {
+            Some(id) => self.flush(&id).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn on_timeout(&mut self) -> Result<(), PeerError> {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(_, (_, link))| link.timeout() <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if let Some((_, link)) = self.links.get_mut(&id)
+                && let Err(e) = link.handle_timeout(now)
+            {
+                tracing::warn!(peer = %id, "connection failed: {e}");
+                link.close();
+            }
+            self.flush(&id).await?;
+        }
+        Ok(())
+    }
+
+    async fn chat(&mut self, text: &str, to: Option<&str>) -> Result<(), PeerError> {
+        let message = match ChannelMessage::chat(text, to.is_some()) {
+            Ok(message) => message,
+            Err(e) => {
+                self.emit(PeerEvent::NotSent {
+                    to: to.unwrap_or("everyone").to_owned(),
+                    reason: e.to_string(),
+                });
+                return Ok(());
+            }
+        };
+        let targets: Vec<String> = match to {
+            Some(id) if self.links.contains_key(id) => vec![id.to_owned()],
+            Some(id) => {
+                self.emit(PeerEvent::NotSent {
+                    to: id.to_owned(),
+                    reason: "no connection to that peer".into(),
+                });
+                return Ok(());
+            }
+            None => self.links.keys().cloned().collect(),
+        };
+        for id in targets {
+            if let Some((_, link)) = self.links.get_mut(&id)
+                && let Err(e) = link.send(&message)
+            {
+                self.emit(PeerEvent::NotSent {
+                    to: id.clone(),
+                    reason: e.to_string(),
+                });
+            }
+            self.flush(&id).await?;
+        }
+        Ok(())
+    }
+
+    async fn leave(mut self) -> Result<Summary, PeerError> {
+        self.send_json(&json!({"type": "leave"})).await?;
+        let ids: Vec<String> = self.links.keys().cloned().collect();
+        for id in ids {
+            self.drop_link(&id);
+        }
+        // A close frame: the server lets the others know at once.
+        let _ = self.ws.close(None).await;
+        Ok(Summary { peers: self.gone })
+    }
+
+    fn drop_link(&mut self, id: &str) {
+        if let Some((name, mut link)) = self.links.remove(id) {
+            link.close();
+            self.gone.push(PeerSummary {
+                id: id.to_owned(),
+                name,
+                connected: link.is_connected(),
+                media: link.media(),
+            });
+        }
+    }
+
+    /// Sends what a link left behind, and reports what happened to it.
+    async fn flush(&mut self, id: &str) -> Result<(), PeerError> {
+        let Some((name, link)) = self.links.get_mut(id) else {
+            return Ok(());
+        };
+        let name = name.clone();
+        let mut signals = Vec::new();
+        while let Some(data) = link.poll_signal() {
+            signals.push(data);
+        }
+        while let Some(transmit) = link.poll_transmit() {
+            if let Err(e) = self
+                .socket
+                .send_to(&transmit.contents, transmit.destination)
+                .await
+            {
+                // One unreachable candidate must not stop the others.
+                tracing::debug!(to = %transmit.destination, "sending failed: {e}");
+            }
+        }
+        let mut events = Vec::new();
+        while let Some(event) = link.poll_event() {
+            events.push(event);
+        }
+        let alive = link.is_alive();
+        for data in signals {
+            self.send_json(&json!({"type": "signal", "to": id, "data": data}))
+                .await?;
+        }
+        for event in events {
+            match event {
+                LinkEvent::Connected => self.emit(PeerEvent::Connected {
+                    id: id.to_owned(),
+                    name: name.clone(),
+                }),
+                LinkEvent::Disconnected => self.emit(PeerEvent::Disconnected {
+                    id: id.to_owned(),
+                    name: name.clone(),
+                }),
+                LinkEvent::Message(ChannelMessage::Chat { text, private }) => {
+                    self.emit(PeerEvent::Chat {
+                        from: id.to_owned(),
+                        name: name.clone(),
+                        text,
+                        private,
+                    })
+                }
+                LinkEvent::Message(other) => {
+                    tracing::debug!(peer = %id, "ignoring {other:?}: a restart of the server is not followed yet")
+                }
+                LinkEvent::BadMessage(e) => {
+                    tracing::warn!(peer = %id, "ignoring a chat channel message: {e}")
+                }
+                LinkEvent::ChatOpen | LinkEvent::Closed => {}
+            }
+        }
+        if !alive {
+            self.drop_link(id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_address_is_taken_as_people_write_it() {
+        let url = |s| websocket_url(s).map(|u| u.to_string());
+        assert_eq!(
+            url("http://127.0.0.1:8080").unwrap(),
+            "ws://127.0.0.1:8080/ws"
+        );
+        assert_eq!(
+            url("http://127.0.0.1:8080/").unwrap(),
+            "ws://127.0.0.1:8080/ws"
+        );
+        assert_eq!(url("ws://[::1]:8080/ws").unwrap(), "ws://[::1]:8080/ws");
+        assert!(matches!(
+            url("https://call.example.org"),
+            Err(PeerError::TlsUnsupported)
+        ));
+        assert!(matches!(
+            url("127.0.0.1:8080"),
+            Err(PeerError::BadServer(_))
+        ));
+        assert!(matches!(url("ftp://x"), Err(PeerError::BadServer(_))));
+    }
+}

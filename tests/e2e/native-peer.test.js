@@ -1,0 +1,96 @@
+// The native peer (`callisto peer`, str0m) in a call with real headless
+// Chromium pages: it meets them both ways (it offers to those already in
+// the room; newcomers offer to it), chats with them over the chat data
+// channel, and receives their camera and microphone.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { serverAndBrowser, joinCall, startPeer, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually } from './lib.js';
+
+let server;
+let browser;
+serverAndBrowser({}, (s, b) => { server = s; browser = b; });
+
+async function write(page, text) {
+  const input = page.getByRole('textbox', { name: 'Message' });
+  await input.fill(text);
+  await input.press('Enter');
+}
+
+const messages = (page) => page.getByRole('log', { name: 'Messages' }).locator('.message').evaluateAll(
+  (items) => items.map((m) => ({ author: m.querySelector('.author')?.textContent, text: m.querySelector('.text')?.textContent })),
+);
+
+test('a native peer calls browsers both ways, chats with them and receives their media', async () => {
+  const room = `native-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+
+  // The robot joins after Alice: it offers to her.
+  const robot = startPeer(server.url, room, 'Robot');
+  const joined = await robot.waitFor((e) => e.event === 'joined', 'joined');
+  assert.deepEqual(joined.peers.map((p) => p.name), ['Alice']);
+  const aliceId = joined.peers[0].id;
+  await robot.waitFor((e) => e.event === 'connected' && e.id === aliceId, 'connected to Alice');
+
+  // Bob joins after both: he offers to the robot.
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  const bobJoined = await robot.waitFor((e) => e.event === 'peer-joined' && e.name === 'Bob', 'Bob joined');
+  await robot.waitFor((e) => e.event === 'connected' && e.id === bobJoined.id, 'connected to Bob');
+
+  for (const [page, label] of [[alice, 'Alice'], [bob, 'Bob']]) {
+    const report = await eventually(async () => {
+      const r = await connectionReport(page);
+      return r.length === 2 && r.every((c) => c.state === 'connected' && c.pair) && r;
+    }, 20000, `${label}'s two connections (Bob or Alice, and the robot) up`);
+    for (const { pair } of report) {
+      assert.ok(isTestAddress(pair.local.address) && isTestAddress(pair.remote.address), `${label}: ${JSON.stringify(pair)}`);
+    }
+    // The robot's tile: its camera and microphone off, as it said.
+    await page.locator('.tile', { hasText: 'Robot' }).waitFor({ timeout: 10000 });
+  }
+
+  // Chat both ways, over the data channels.
+  for (const page of [alice, bob]) await page.getByRole('button', { name: 'Chat', exact: true }).click();
+  await write(alice, 'hello robot 🤖');
+  const heard = await robot.waitFor((e) => e.event === 'chat' && e.text === 'hello robot 🤖', 'Alice\'s message');
+  assert.deepEqual([heard.name, heard.from, heard.private], ['Alice', aliceId, false]);
+  robot.say('beep boop');
+  for (const [page, label] of [[alice, 'Alice'], [bob, 'Bob']]) {
+    await eventually(async () => (await messages(page)).some((m) => m.author === 'Robot' && m.text === 'beep boop'), 10000, `${label} reads the robot`);
+  }
+
+  // A private message from Bob reaches the robot alone, marked so.
+  await bob.getByLabel('To', { exact: true }).selectOption({ label: 'Robot' });
+  await write(bob, 'just between us');
+  const secret = await robot.waitFor((e) => e.event === 'chat' && e.text === 'just between us', 'Bob\'s private message');
+  assert.equal(secret.private, true);
+
+  // Media from both browsers' fake camera and microphone.
+  await new Promise((r) => setTimeout(r, 3000));
+  const { code, left } = await robot.stop();
+  assert.equal(code, 0, robot.logs.join('\n'));
+  assert.equal(left.peers.length, 2);
+  for (const p of left.peers) {
+    assert.ok(p.connected, `${p.name} connected`);
+    assert.ok(p.videoFrames > 20, `video frames from ${p.name}: ${p.videoFrames}`);
+    assert.ok(p.audioFrames > 50, `audio frames from ${p.name}: ${p.audioFrames}`);
+  }
+  // Its going is seen at once (a leave, not a lost connection).
+  for (const page of [alice, bob]) {
+    await page.locator('.tile', { hasText: 'Robot' }).waitFor({ state: 'detached', timeout: 5000 });
+  }
+  assert.equal((await messages(alice)).filter((m) => m.text === 'just between us').length, 0, 'the private message did not reach Alice');
+  assertOnlyTestAddresses();
+  await alice.context().close();
+  await bob.context().close();
+});
+
+test('the native peer says clearly what is wrong, and exits non-zero', async () => {
+  const room = `native-bad-${Date.now()}`;
+  const badName = startPeer(server.url, room, '   ');
+  assert.notEqual(await badName.exited, 0);
+  assert.match(badName.logs.join('\n'), /bad-name/);
+  const noServer = startPeer('http://127.0.0.1:9', room, 'Robot');
+  assert.notEqual(await noServer.exited, 0);
+  assert.match(noServer.logs.join('\n'), /127\.0\.0\.1:9/);
+});
