@@ -95,6 +95,12 @@ fn print_event(out: &mut impl Write, event: &PeerEvent, as_json: bool) -> std::i
             PeerEvent::Joined { id, peers } => json!({"event": "joined", "id": id,
                 "peers": peers.iter().map(|(id, name)| json!({"id": id, "name": name})).collect::<Vec<_>>()}),
             PeerEvent::Knocking => json!({"event": "knocking"}),
+            PeerEvent::SignalingLost { reason } => {
+                json!({"event": "signaling-lost", "reason": reason})
+            }
+            PeerEvent::Rejoined { id, resumed } => {
+                json!({"event": "rejoined", "id": id, "resumed": resumed})
+            }
             PeerEvent::PeerJoined { id, name } => {
                 json!({"event": "peer-joined", "id": id, "name": name})
             }
@@ -133,6 +139,13 @@ fn print_event(out: &mut impl Write, event: &PeerEvent, as_json: bool) -> std::i
                 writeln!(out, "* joined, with {}", names.join(", "))?
             }
             PeerEvent::Knocking => writeln!(out, "* the room is locked: waiting to be let in")?,
+            PeerEvent::SignalingLost { reason } => {
+                writeln!(out, "* lost the server ({reason}); connecting again")?
+            }
+            PeerEvent::Rejoined { resumed: true, .. } => writeln!(out, "* back with the server")?,
+            PeerEvent::Rejoined { resumed: false, .. } => {
+                writeln!(out, "* back with the server, joined anew")?
+            }
             PeerEvent::PeerJoined { name, .. } => writeln!(out, "* {name} joined")?,
             PeerEvent::PeerLeft { name, .. } => writeln!(out, "* {name} left")?,
             PeerEvent::Connected { name, .. } => writeln!(out, "* connected to {name}")?,

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callisto_peer::{Command, PeerConfig, PeerEvent, Summary};
@@ -23,8 +25,13 @@ struct Peer {
 
 impl Peer {
     fn start(server: &Server, room: &str, name: &str) -> Peer {
+        Peer::start_via(server.addr, room, name)
+    }
+
+    /// Joins through `addr`: the server's, or a proxy's in front of it.
+    fn start_via(addr: SocketAddr, room: &str, name: &str) -> Peer {
         let config = PeerConfig {
-            server: format!("http://{}", server.addr),
+            server: format!("http://{addr}"),
             room: room.into(),
             name: name.into(),
             access: None,
@@ -235,4 +242,121 @@ async fn garbage_from_another_peer_does_not_stop_the_native_peer() {
 
     robot.leave().await;
     ada.leave().await;
+}
+
+/// A TCP proxy in front of the server that can cut every connection
+/// through it at once (no close frame: a lost connection, as a network
+/// change makes), and takes new ones at once.
+struct CuttableProxy {
+    addr: SocketAddr,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl CuttableProxy {
+    async fn start(target: SocketAddr) -> CuttableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let held = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    let mut server = tokio::net::TcpStream::connect(target).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                held.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        CuttableProxy { addr, connections }
+    }
+
+    fn cut(&self) {
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+fn id_of(event: PeerEvent) -> String {
+    match event {
+        PeerEvent::Rejoined { id, .. } | PeerEvent::Joined { id, .. } => id,
+        other => panic!("not a join: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_lost_signaling_connection_takes_its_place_back_and_the_call_goes_on() {
+    let server = Server::start(&[]).await;
+    let proxy = CuttableProxy::start(server.addr).await;
+    let mut ada = Peer::start(&server, "lost", "Ada");
+    let ada_id = ada.id().await;
+    let mut robot = Peer::start_via(proxy.addr, "lost", "Robot");
+    let robot_id = robot.id().await;
+    robot.connected_to(&ada_id).await;
+
+    proxy.cut();
+    robot
+        .wait_for("the loss", |e| matches!(e, PeerEvent::SignalingLost { .. }))
+        .await;
+    let back = robot
+        .wait_for("rejoined", |e| matches!(e, PeerEvent::Rejoined { .. }))
+        .await;
+    assert_eq!(
+        back,
+        PeerEvent::Rejoined {
+            id: robot_id.clone(),
+            resumed: true
+        }
+    );
+    // The same connection: chat goes on it, and Ada saw nobody leave.
+    robot.say("still here", None);
+    ada.heard("still here").await;
+    ada.say("welcome back", None);
+    robot.heard("welcome back").await;
+    assert!(
+        !ada.seen
+            .iter()
+            .any(|e| matches!(e, PeerEvent::PeerLeft { .. }))
+    );
+    assert_eq!(
+        robot
+            .seen
+            .iter()
+            .filter(|e| matches!(e, PeerEvent::Connected { .. }))
+            .count(),
+        1,
+        "one connection, never made again: {:?}",
+        robot.seen
+    );
+    robot.leave().await;
+    ada.leave().await;
+}
+
+#[tokio::test]
+async fn native_peers_meet_again_after_a_restart_of_the_server() {
+    let server = Server::start(&[]).await;
+    let addr = server.addr;
+    let mut ada = Peer::start(&server, "restart", "Ada");
+    ada.id().await;
+    let mut bob = Peer::start(&server, "restart", "Bob");
+    let bob_id = bob.id().await;
+    ada.connected_to(&bob_id).await;
+
+    server.shutdown.cancel();
+    tokio::time::timeout(WAIT, server.running.wait())
+        .await
+        .expect("the server stops");
+    let _server = Server::start_at(&addr.to_string(), &[]).await;
+
+    // Both come back under new ids, and meet again.
+    let rejoined = |e: &PeerEvent| matches!(e, PeerEvent::Rejoined { resumed: false, .. });
+    let ada_id = id_of(ada.wait_for("Ada rejoined", rejoined).await);
+    let bob_id = id_of(bob.wait_for("Bob rejoined", rejoined).await);
+    ada.connected_to(&bob_id).await;
+    bob.connected_to(&ada_id).await;
+    bob.say("hello again", None);
+    let heard = ada.heard("hello again").await;
+    assert!(matches!(heard, PeerEvent::Chat { from, .. } if from == bob_id));
+    ada.leave().await;
+    bob.leave().await;
 }

@@ -22,6 +22,12 @@ use crate::signals::{SdpKind, Signal};
 
 /// How long `run` waits for the server's answer to `join`.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a lost signaling connection is tried again before the peer
+/// gives up: past the server's default `--resume-grace` (15 s), and
+/// long enough for a restart of the server.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+/// The longest wait between two attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 /// The largest datagram read; WebRTC keeps to about 1,200 bytes.
 const MAX_DATAGRAM: usize = 2048;
 
@@ -66,6 +72,16 @@ pub enum PeerEvent {
     PeerLeft {
         id: String,
         name: String,
+    },
+    /// The signaling connection was lost; trying to connect again.
+    SignalingLost {
+        reason: String,
+    },
+    /// Back with the server: in the same place (`resumed`), or anew,
+    /// under a new id, having met everyone again.
+    Rejoined {
+        id: String,
+        resumed: bool,
     },
     /// A connection to this peer is up.
     Connected {
@@ -127,8 +143,10 @@ pub enum PeerError {
     Refused { code: String, message: String },
     #[error("the server did not answer the join within {0:?}")]
     JoinTimeout(Duration),
-    #[error("the server closed the signaling connection")]
-    SignalingClosed,
+    #[error("the server closed the signaling connection: {code} {reason}")]
+    Closed { code: u16, reason: String },
+    #[error("the signaling connection was lost and could not be made again within {0:?}")]
+    SignalingLost(Duration),
     #[error("UDP: {0}")]
     Udp(std::io::Error),
     #[error(transparent)]
@@ -154,8 +172,16 @@ pub async fn run(
         .map_err(PeerError::Udp)?;
     let local = socket.local_addr().map_err(PeerError::Udp)?;
     let (ws, _) = tokio_tungstenite::connect_async(url.to_string()).await?;
+    let mut join = json!({"type": "join", "room": config.room, "name": config.name});
+    if let Some(access) = &config.access {
+        join["access"] = json!(access);
+    }
     let mut session = Session {
-        ws,
+        ws: Some(ws),
+        url,
+        join,
+        resume: None,
+        reconnecting: None,
         socket,
         local,
         id: String::new(),
@@ -164,10 +190,7 @@ pub async fn run(
         gone: Vec::new(),
         events,
     };
-    let mut join = json!({"type": "join", "room": config.room, "name": config.name});
-    if let Some(access) = &config.access {
-        join["access"] = json!(access);
-    }
+    let join = session.join.clone();
     session.send_json(&join).await?;
     session.await_welcome().await?;
 
@@ -180,12 +203,32 @@ pub async fn run(
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
-            frame = session.ws.next() => match frame {
+            frame = next_frame(&mut session.ws) => match frame {
                 Some(Ok(Message::Text(text))) => session.on_server_text(&text).await?,
-                Some(Ok(Message::Close(_))) | None => return Err(PeerError::SignalingClosed),
+                Some(Ok(Message::Close(Some(frame)))) if u16::from(frame.code) == 1008 => {
+                    // Rate-limited, too slow, or our place taken by
+                    // another connection: coming back would not help.
+                    return Err(PeerError::Closed { code: 1008, reason: frame.reason.to_string() });
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let reason = frame.map_or_else(|| "closed".to_owned(), |f| format!("{} {}", u16::from(f.code), f.reason));
+                    session.lost(reason);
+                }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
+                Some(Err(e)) => session.lost(e.to_string()),
+                None => session.lost("closed".to_owned()),
             },
+            connected = reconnected(&mut session.reconnecting) => {
+                session.reconnecting = None;
+                session.ws = Some(connected?);
+                let mut join = session.join.clone();
+                if let Some(token) = &session.resume {
+                    join["resume"] = json!(token);
+                }
+                if let Err(e) = session.send_json(&join).await {
+                    session.lost(e.to_string());
+                }
+            }
             received = session.socket.recv_from(&mut buf) => {
                 let (len, source) = received.map_err(PeerError::Udp)?;
                 session.on_datagram(source, &buf[..len]).await?;
@@ -244,8 +287,54 @@ async fn route_to(url: &Uri) -> Result<IpAddr, PeerError> {
     Ok(probe.local_addr().map_err(unreachable)?.ip())
 }
 
+/// The next frame of the signaling connection; never, while there is none.
+async fn next_frame(
+    ws: &mut Option<Ws>,
+) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+    match ws {
+        Some(ws) => ws.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The new signaling connection, once made; never, while none is tried.
+async fn reconnected(
+    attempt: &mut Option<tokio::task::JoinHandle<Result<Ws, PeerError>>>,
+) -> Result<Ws, PeerError> {
+    match attempt {
+        Some(handle) => handle
+            .await
+            .unwrap_or(Err(PeerError::SignalingLost(RECONNECT_FOR))),
+        None => std::future::pending().await,
+    }
+}
+
+/// Connects again, with growing pauses, for up to [`RECONNECT_FOR`].
+async fn reconnect(url: String) -> Result<Ws, PeerError> {
+    let give_up = Instant::now() + RECONNECT_FOR;
+    let mut delay = Duration::from_millis(250);
+    loop {
+        tokio::time::sleep(delay).await;
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((ws, _)) => return Ok(ws),
+            Err(e) if Instant::now() + delay < give_up => {
+                tracing::debug!("connecting to {url} again: {e}");
+                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+            }
+            Err(_) => return Err(PeerError::SignalingLost(RECONNECT_FOR)),
+        }
+    }
+}
+
 struct Session {
-    ws: Ws,
+    /// The signaling connection; none while it is being made again.
+    ws: Option<Ws>,
+    url: Uri,
+    /// Our `join`, to send again on a new connection.
+    join: Value,
+    /// The token of our place, from the last `welcome`.
+    resume: Option<String>,
+    reconnecting: Option<tokio::task::JoinHandle<Result<Ws, PeerError>>>,
     socket: UdpSocket,
     local: SocketAddr,
     /// Our id in the room.
@@ -260,9 +349,22 @@ struct Session {
 }
 
 impl Session {
+    /// Sends on the signaling connection; while it is lost, the message
+    /// is dropped, as the server would have dropped it.
     async fn send_json(&mut self, value: &Value) -> Result<(), PeerError> {
-        self.ws.send(Message::text(value.to_string())).await?;
+        if let Some(ws) = &mut self.ws {
+            ws.send(Message::text(value.to_string())).await?;
+        }
         Ok(())
+    }
+
+    /// The signaling connection ended: the calls go on meanwhile, and
+    /// a new connection takes our place back (or joins anew).
+    fn lost(&mut self, reason: String) {
+        tracing::warn!("signaling connection lost ({reason}); connecting again");
+        self.ws = None;
+        self.emit(PeerEvent::SignalingLost { reason });
+        self.reconnecting = Some(tokio::spawn(reconnect(self.url.to_string())));
     }
 
     fn emit(&self, event: PeerEvent) {
@@ -274,17 +376,33 @@ impl Session {
     async fn await_welcome(&mut self) -> Result<(), PeerError> {
         let mut deadline = Instant::now() + JOIN_TIMEOUT;
         loop {
-            let frame = tokio::time::timeout_at(deadline.into(), self.ws.next())
+            let frame = tokio::time::timeout_at(deadline.into(), next_frame(&mut self.ws))
                 .await
                 .map_err(|_| PeerError::JoinTimeout(JOIN_TIMEOUT))?;
             let text = match frame {
                 Some(Ok(Message::Text(text))) => text,
-                Some(Ok(Message::Close(_))) | None => return Err(PeerError::SignalingClosed),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(PeerError::Closed {
+                        code: frame.as_ref().map_or(1005, |f| u16::from(f.code)),
+                        reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                    });
+                }
+                None => {
+                    return Err(PeerError::Closed {
+                        code: 1006,
+                        reason: "no close frame".into(),
+                    });
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Err(e.into()),
             };
             match decode_server(&text) {
-                Ok(Received::Welcome { id, peers, .. }) => return self.welcome(id, peers).await,
+                Ok(Received::Welcome {
+                    id, peers, resume, ..
+                }) => {
+                    self.resume = Some(resume);
+                    return self.welcome(id, peers).await;
+                }
                 Ok(Received::Waiting { .. }) => {
                     // Someone inside decides; that may take a while.
                     deadline = Instant::now() + Duration::from_secs(24 * 3600);
@@ -328,6 +446,39 @@ impl Session {
         Ok(())
     }
 
+    /// Back with the server on a new connection. In our place again, the
+    /// connections to those still there go on (those who joined meanwhile
+    /// offer, and their offers are among what the server kept for us);
+    /// else, under a new id, we meet everyone as a newcomer does.
+    async fn rejoined(
+        &mut self,
+        id: String,
+        peers: Vec<ReceivedPeer>,
+        resumed: bool,
+    ) -> Result<(), PeerError> {
+        let present: Vec<&str> = peers.iter().map(|p| p.id.as_str()).collect();
+        let gone: Vec<String> = self
+            .links
+            .keys()
+            .filter(|id| !resumed || !present.contains(&id.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.drop_link(&id);
+        }
+        self.emit(PeerEvent::Rejoined {
+            id: id.clone(),
+            resumed,
+        });
+        if resumed {
+            self.members = peers.into_iter().map(|p| (p.id, p.name)).collect();
+            Ok(())
+        } else {
+            self.members.clear();
+            self.welcome(id, peers).await
+        }
+    }
+
     async fn on_server_text(&mut self, text: &str) -> Result<(), PeerError> {
         let message = match decode_server(text) {
             Ok(message) => message,
@@ -337,6 +488,16 @@ impl Session {
             }
         };
         match message {
+            Received::Welcome {
+                id,
+                peers,
+                resume,
+                resumed,
+                ..
+            } => {
+                self.resume = Some(resume);
+                self.rejoined(id, peers, resumed).await?;
+            }
             Received::PeerJoined { peer } => {
                 self.members.insert(peer.id.clone(), peer.name.clone());
                 let state = Signal::State {
@@ -492,7 +653,9 @@ impl Session {
             self.drop_link(&id);
         }
         // A close frame: the server lets the others know at once.
-        let _ = self.ws.close(None).await;
+        if let Some(ws) = &mut self.ws {
+            let _ = ws.close(None).await;
+        }
         Ok(Summary { peers: self.gone })
     }
 

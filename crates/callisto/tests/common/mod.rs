@@ -55,11 +55,16 @@ pub struct Server {
 impl Server {
     /// Starts `callisto serve --listen 127.0.0.1:0 EXTRA...`.
     pub async fn start(extra: &[&str]) -> Server {
+        Server::start_at("127.0.0.1:0", extra).await
+    }
+
+    /// Starts `callisto serve --listen LISTEN EXTRA...`.
+    pub async fn start_at(listen: &str, extra: &[&str]) -> Server {
         let mut argv = vec![
             "callisto",
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--turn-listen",
             "127.0.0.1:0",
             "--turn-threads",
