@@ -40,13 +40,18 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
     };
     tokio::pin!(stop, deadline);
     let mut leaving = false;
+    let mut said = false;
     let mut out = std::io::stdout().lock();
     // Events until the peer ends (the sender is dropped with it).
     loop {
         tokio::select! {
             event = events.recv() => match event {
                 Some(event) => {
-                    if let PeerEvent::Joined { .. } = event {
+                    // On the first join only: not again after a restart
+                    // of the server.
+                    if let PeerEvent::Joined { .. } = event
+                        && !std::mem::replace(&mut said, true)
+                    {
                         for text in &args.say {
                             let _ = commands.send(Command::Chat { text: text.clone(), to: None });
                         }

@@ -736,7 +736,22 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn any_server_address_is_taken_or_refused_without_a_panic(server in "\\PC{0,80}") {
+            let _ = websocket_url(&server);
+        }
+
+        #[test]
+        fn any_http_address_becomes_its_websocket(host in "[a-z][a-z0-9.-]{0,30}", port: u16) {
+            let url = websocket_url(&format!("http://{host}:{port}")).unwrap();
+            prop_assert_eq!(url.to_string(), format!("ws://{host}:{port}/ws"));
+        }
+    }
 
     #[test]
     fn the_server_address_is_taken_as_people_write_it() {
