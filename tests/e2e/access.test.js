@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { serverAndBrowser, waitForRemoteVideos, cuttableProxy, eventually } from './lib.js';
+import { serverAndBrowser, waitForRemoteVideos, cuttableProxy, eventually, openRoom } from './lib.js';
 
 const CODE = 'moon-over-the-harbor-7214';
 const dir = mkdtempSync(path.join(tmpdir(), 'callisto-e2e-access-'));
@@ -23,7 +23,7 @@ test('the app asks for the access code, says when it is wrong, and remembers the
   const context = await browser.newContext();
   const page = await context.newPage();
   page.on('pageerror', (err) => console.error('page error:', err.message));
-  await page.goto(`${server.url}/r/${room}`);
+  await openRoom(page, `${server.url}/r/${room}`, 'Alice');
   const code = page.getByLabel('Access code');
   assert.equal(await code.isVisible(), false, 'not asked for before the server says so');
   await page.getByLabel('Name', { exact: true }).fill('Alice');
@@ -47,7 +47,7 @@ test('the app asks for the access code, says when it is wrong, and remembers the
 
   // The next page of this browser joins without being asked.
   const bob = await context.newPage();
-  await bob.goto(`${server.url}/r/${room}`);
+  await openRoom(bob, `${server.url}/r/${room}`, 'Bob');
   await bob.getByLabel('Name', { exact: true }).fill('Bob');
   await bob.getByRole('button', { name: 'Join', exact: true }).click();
   await bob.getByRole('button', { name: 'Leave' }).waitFor({ timeout: 10000 });
@@ -68,7 +68,7 @@ test('a browser without the code gets no welcome, and so no TURN credentials', a
   const page = await context.newPage();
   const frames = [];
   page.on('websocket', (ws) => ws.on('framereceived', ({ payload }) => frames.push(String(payload))));
-  await page.goto(`${server.url}/r/access-none-${Date.now()}`);
+  await openRoom(page, `${server.url}/r/access-none-${Date.now()}`, 'Eve');
   await page.getByLabel('Name', { exact: true }).fill('Eve');
   await page.getByRole('button', { name: 'Join', exact: true }).click();
   await page.getByText('This server needs an access code to join.').waitFor({ timeout: 10000 });
@@ -83,7 +83,7 @@ test('a page whose code was revoked stays in its call until its connection drops
   const context = await browser.newContext();
   await context.addInitScript((code) => localStorage.setItem('callisto.access', code), CODE);
   const page = await context.newPage();
-  await page.goto(`${proxy.url}/r/${room}`);
+  await openRoom(page, `${proxy.url}/r/${room}`, 'Alice');
   await page.getByLabel('Name', { exact: true }).fill('Alice');
   await page.getByRole('button', { name: 'Join', exact: true }).click();
   await page.getByRole('button', { name: 'Leave' }).waitFor({ timeout: 10000 });

@@ -6,18 +6,11 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, writeChat as write } from './lib.js';
 
 let server;
 let browser;
 serverAndBrowser({}, (s, b) => { server = s; browser = b; });
-
-/** Types `text` into the chat's message box and presses Enter. */
-async function write(page, text) {
-  const input = page.getByRole('textbox', { name: 'Message' });
-  await input.fill(text);
-  await input.press('Enter');
-}
 
 const log = (page) => page.getByRole('log', { name: 'Messages' });
 const lastMessage = (page) => log(page).locator('.message').last();

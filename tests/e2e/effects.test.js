@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, descriptions, videoFlows, cameraFrames } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, descriptions, videoFlows, cameraFrames, openRoom } from './lib.js';
 
 let server;
 let browser;
@@ -149,8 +149,7 @@ test('the camera and the effect chosen before joining show in the preview and ar
   const bob = await joinCall(browser, server.url, room, 'Bob');
   const context = await browser.newContext({ viewport: { width: 1280, height: 720 } });
   const alice = await context.newPage();
-  await alice.goto(`${server.url}/r/${room}`);
-  await alice.getByLabel('Name', { exact: true }).waitFor();
+  await openRoom(alice, `${server.url}/r/${room}`, 'Alice');
   await eventually(async () => (await picture(alice, '#preview')).colour > 20, 10000, 'the preview shows the camera in colour');
 
   const open = alice.getByRole('button', { name: 'Devices and effects' });

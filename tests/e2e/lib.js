@@ -174,28 +174,40 @@ export async function askToJoin(browser, baseUrl, room, name, { context: reused 
   page.on('console', (msg) => {
     if (msg.type() === 'error' || msg.type() === 'warning') console.error(`[${name}] console ${msg.type()}: ${msg.text()}`);
   });
-  await page.goto(`${baseUrl}/r/${room}`);
+  await openRoom(page, `${baseUrl}/r/${room}`, name);
+  await page.getByLabel('Name', { exact: true }).fill(name);
+  const join = page.getByRole('button', { name: 'Join', exact: true });
+  await join.click();
+  return page;
+}
+
+/**
+ * Opens a room's page (`url`) in `page` and waits for its pre-join screen.
+ * Twice in CI (2026-11-27 and 2026-11-28, each time the first test on a
+ * fresh machine; cause unknown) the pre-join screen never showed. A person
+ * would reload; so does the test, once, and says so in the output with
+ * what the page had loaded.
+ */
+export async function openRoom(page, url, label) {
+  // What failed to load, for the report.
+  const failed = [];
+  const onFailed = (req) => failed.push(`${new URL(req.url()).pathname}: ${req.failure()?.errorText}`);
+  page.on('requestfailed', onFailed);
+  await page.goto(url);
   const nameInput = page.getByLabel('Name', { exact: true });
-  // Once in CI (2026-11-27, the first test on a fresh machine; cause
-  // unknown) the pre-join screen never showed. A person would reload; so
-  // does the test, once, and says so in the output with what the page had
-  // loaded.
   for (let attempt = 1; ; attempt++) {
     try {
       await nameInput.waitFor({ state: 'visible', timeout: 15000 });
       break;
     } catch (err) {
-      const state = JSON.stringify(await pageState(page));
-      if (attempt === 2) throw new Error(`[${name}] the pre-join screen did not show after a reload: ${state}`, { cause: err });
-      console.log(`# report: FLAKE [${name}] the pre-join screen did not show; reloading. Page: ${state}`);
+      const state = JSON.stringify({ ...await pageState(page), failed });
+      if (attempt === 2) throw new Error(`[${label}] the pre-join screen did not show after a reload: ${state}`, { cause: err });
+      console.log(`# report: FLAKE [${label}] the pre-join screen did not show; reloading. Page: ${state}`);
       await page.reload();
     }
   }
-  if (await page.locator('#loading').isVisible()) throw new Error(`[${name}] "Loading…" still shows beside the pre-join screen`);
-  await nameInput.fill(name);
-  const join = page.getByRole('button', { name: 'Join', exact: true });
-  await join.click();
-  return page;
+  page.off('requestfailed', onFailed);
+  if (await page.locator('#loading').isVisible()) throw new Error(`[${label}] "Loading…" still shows beside the pre-join screen`);
 }
 
 /** What a page that did not come up shows: its view, whether the app ran, what it loaded. */
@@ -440,4 +452,11 @@ export function startPeer(baseUrl, room, name, extraArgs = []) {
       return { code, left: events.find((e) => e.event === 'left') ?? null };
     },
   };
+}
+
+/** Types `text` into the chat's message box and presses Enter. */
+export async function writeChat(page, text) {
+  const input = page.getByRole('textbox', { name: 'Message' });
+  await input.fill(text);
+  await input.press('Enter');
 }

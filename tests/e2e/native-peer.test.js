@@ -5,17 +5,11 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { serverAndBrowser, joinCall, startPeer, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually } from './lib.js';
+import { serverAndBrowser, joinCall, startPeer, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually, writeChat as write } from './lib.js';
 
 let server;
 let browser;
 serverAndBrowser({}, (s, b) => { server = s; browser = b; });
-
-async function write(page, text) {
-  const input = page.getByRole('textbox', { name: 'Message' });
-  await input.fill(text);
-  await input.press('Enter');
-}
 
 const messages = (page) => page.getByRole('log', { name: 'Messages' }).locator('.message').evaluateAll(
   (items) => items.map((m) => ({ author: m.querySelector('.author')?.textContent, text: m.querySelector('.text')?.textContent })),
