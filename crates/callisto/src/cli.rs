@@ -507,6 +507,12 @@ pub struct PeerArgs {
     #[arg(long, value_name = "IP")]
     pub bind: Option<std::net::IpAddr>,
 
+    /// For a server with a self-signed certificate (https://): trust it by
+    /// its SHA-256 fingerprint, as `callisto serve` logs it (AB:CD:…),
+    /// instead of by the system's root certificates.
+    #[arg(long, value_name = "SHA256")]
+    pub tls_fingerprint: Option<callisto_peer::Fingerprint>,
+
     /// Say this in the chat to everyone in the room when joining (as soon
     /// as each connection is up); repeatable.
     #[arg(long, value_name = "TEXT")]

@@ -26,6 +26,7 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
         name: args.name.clone(),
         access: args.access.clone(),
         bind: args.bind,
+        pin: args.tls_fingerprint,
     };
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (event_tx, mut events) = mpsc::unbounded_channel();

@@ -30,13 +30,17 @@ impl Peer {
 
     /// Joins through `addr`: the server's, or a proxy's in front of it.
     fn start_via(addr: SocketAddr, room: &str, name: &str) -> Peer {
-        let config = PeerConfig {
+        Peer::start_with(PeerConfig {
             server: format!("http://{addr}"),
             room: room.into(),
             name: name.into(),
             access: None,
             bind: None,
-        };
+            pin: None,
+        })
+    }
+
+    fn start_with(config: PeerConfig) -> Peer {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
         let task = tokio::spawn(callisto_peer::run(config, command_rx, event_tx));
@@ -357,6 +361,55 @@ async fn native_peers_meet_again_after_a_restart_of_the_server() {
     bob.say("hello again", None);
     let heard = ada.heard("hello again").await;
     assert!(matches!(heard, PeerEvent::Chat { from, .. } if from == bob_id));
+    ada.leave().await;
+    bob.leave().await;
+}
+
+#[tokio::test]
+async fn over_tls_a_self_signed_server_is_trusted_by_its_fingerprint_only() {
+    let server = Server::start(&["--tls-self-signed"]).await;
+    let fingerprint = server.running.fingerprint.clone().expect("a certificate");
+    let config = |name: &str, pin: Option<&str>| PeerConfig {
+        server: format!("https://{}", server.addr),
+        room: "tls".into(),
+        name: name.into(),
+        access: None,
+        bind: None,
+        pin: pin.map(|p| p.parse().expect("the server's fingerprint")),
+    };
+
+    let mut ada = Peer::start_with(config("Ada", Some(&fingerprint)));
+    let ada_id = ada.id().await;
+    let mut bob = Peer::start_with(config(
+        "Bob",
+        Some(&fingerprint.to_lowercase().replace(':', "")),
+    ));
+    bob.id().await;
+    bob.connected_to(&ada_id).await;
+    bob.say("over wss", None);
+    ada.heard("over wss").await;
+
+    // Not by the system's roots, and not by another fingerprint.
+    let refused = |peer: Peer| async move {
+        let error = tokio::time::timeout(WAIT, peer.task)
+            .await
+            .expect("gives up in time")
+            .expect("no panic")
+            .expect_err("refused");
+        error.to_string()
+    };
+    let unknown = refused(Peer::start_with(config("Eve", None))).await;
+    assert!(unknown.contains("not trusted (UnknownIssuer)"), "{unknown}");
+    assert!(
+        unknown.contains("--tls-fingerprint"),
+        "says what to do: {unknown}"
+    );
+    let other = "00:".repeat(31) + "00";
+    let wrong = refused(Peer::start_with(config("Eve", Some(&other)))).await;
+    assert!(
+        wrong.contains(&fingerprint),
+        "names the certificate it got: {wrong}"
+    );
     ada.leave().await;
     bob.leave().await;
 }

@@ -9,13 +9,16 @@
 //! - [`chat`]: messages on the chat data channel;
 //! - [`signals`]: what peers put in `signal.data`;
 //! - [`link`]: one connection to one peer, sans-IO (str0m);
-//! - [`peer`]: the driver: the WebSocket, one UDP socket, the clock.
+//! - [`peer`]: the driver: the WebSocket, one UDP socket, the clock;
+//! - [`tls`]: whom to trust for `wss://`.
 
 pub mod chat;
 pub mod link;
 pub mod peer;
 pub mod signals;
+pub mod tls;
 
 pub use chat::ChannelMessage;
 pub use link::{Link, LinkError, LinkEvent, MediaCounts};
 pub use peer::{Command, PeerConfig, PeerError, PeerEvent, Summary, run};
+pub use tls::Fingerprint;

@@ -14,11 +14,12 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::http::Uri;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::chat::ChannelMessage;
 use crate::link::{Link, LinkError, LinkEvent, MediaCounts};
 use crate::signals::{SdpKind, Signal};
+use crate::tls::{Fingerprint, TlsError, client_config, is_secure};
 
 /// How long `run` waits for the server's answer to `join`.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +45,9 @@ pub struct PeerConfig {
     /// The address to take media on; by default the one this machine
     /// reaches the server from.
     pub bind: Option<IpAddr>,
+    /// For `https://` / `wss://`: trust only the certificate with this
+    /// fingerprint (a self-signed one), instead of the system's roots.
+    pub pin: Option<Fingerprint>,
 }
 
 /// What the caller asks of a running peer.
@@ -130,8 +134,12 @@ pub struct PeerSummary {
 pub enum PeerError {
     #[error("{0:?} is not a server address: give http://HOST:PORT or ws://HOST:PORT/ws")]
     BadServer(String),
-    #[error("wss:// (a server behind TLS) is not supported by the native peer yet")]
-    TlsUnsupported,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(
+        "the server's certificate is not trusted ({0}); a self-signed one can be trusted by its fingerprint (callisto peer --tls-fingerprint), which callisto serve logs"
+    )]
+    Untrusted(String),
     #[error("cannot reach {server}: {source}")]
     Unreachable {
         server: String,
@@ -171,7 +179,16 @@ pub async fn run(
         .await
         .map_err(PeerError::Udp)?;
     let local = socket.local_addr().map_err(PeerError::Udp)?;
-    let (ws, _) = tokio_tungstenite::connect_async(url.to_string()).await?;
+    let connector = match is_secure(&url) {
+        true => Connector::Rustls(client_config(config.pin)?),
+        false => Connector::Plain,
+    };
+    let ws = connect(&url, connector.clone())
+        .await
+        .map_err(|e| match untrusted(&e) {
+            Some(why) if config.pin.is_none() => PeerError::Untrusted(why),
+            _ => e.into(),
+        })?;
     let mut join = json!({"type": "join", "room": config.room, "name": config.name});
     if let Some(access) = &config.access {
         join["access"] = json!(access);
@@ -179,6 +196,7 @@ pub async fn run(
     let mut session = Session {
         ws: Some(ws),
         url,
+        connector,
         join,
         resume: None,
         reconnecting: None,
@@ -191,7 +209,7 @@ pub async fn run(
         events,
     };
     let join = session.join.clone();
-    session.send_json(&join).await?;
+    session.send_json(&join).await;
     session.await_welcome().await?;
 
     let mut buf = vec![0; MAX_DATAGRAM];
@@ -225,9 +243,7 @@ pub async fn run(
                 if let Some(token) = &session.resume {
                     join["resume"] = json!(token);
                 }
-                if let Err(e) = session.send_json(&join).await {
-                    session.lost(e.to_string());
-                }
+                session.send_json(&join).await;
             }
             received = session.socket.recv_from(&mut buf) => {
                 let (len, source) = received.map_err(PeerError::Udp)?;
@@ -248,7 +264,7 @@ fn websocket_url(server: &str) -> Result<Uri, PeerError> {
     let uri: Uri = server.parse().map_err(|_| bad())?;
     let scheme = match uri.scheme_str() {
         Some("ws" | "http") => "ws",
-        Some("wss" | "https") => return Err(PeerError::TlsUnsupported),
+        Some("wss" | "https") => "wss",
         _ => return Err(bad()),
     };
     let authority = uri.authority().ok_or_else(bad)?;
@@ -266,7 +282,9 @@ fn websocket_url(server: &str) -> Result<Uri, PeerError> {
 async fn route_to(url: &Uri) -> Result<IpAddr, PeerError> {
     let host = url.host().unwrap_or_default();
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = url.port_u16().unwrap_or(80);
+    let port = url
+        .port_u16()
+        .unwrap_or(if is_secure(url) { 443 } else { 80 });
     let unreachable = |source| PeerError::Unreachable {
         server: url.to_string(),
         source,
@@ -309,14 +327,36 @@ async fn reconnected(
     }
 }
 
+/// A WebSocket to `url`, over TLS if `connector` says so.
+async fn connect(
+    url: &Uri,
+    connector: Connector,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    // Nagle off: signals are small and each is awaited at the other end.
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(url, None, true, Some(connector)).await?;
+    Ok(ws)
+}
+
+/// Why the server's certificate was refused, if that is what failed.
+fn untrusted(error: &tokio_tungstenite::tungstenite::Error) -> Option<String> {
+    let tokio_tungstenite::tungstenite::Error::Io(io) = error else {
+        return None;
+    };
+    match io.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(why) => Some(format!("{why:?}")),
+        _ => None,
+    }
+}
+
 /// Connects again, with growing pauses, for up to [`RECONNECT_FOR`].
-async fn reconnect(url: String) -> Result<Ws, PeerError> {
+async fn reconnect(url: Uri, connector: Connector) -> Result<Ws, PeerError> {
     let give_up = Instant::now() + RECONNECT_FOR;
     let mut delay = Duration::from_millis(250);
     loop {
         tokio::time::sleep(delay).await;
-        match tokio_tungstenite::connect_async(url.as_str()).await {
-            Ok((ws, _)) => return Ok(ws),
+        match connect(&url, connector.clone()).await {
+            Ok(ws) => return Ok(ws),
             Err(e) if Instant::now() + delay < give_up => {
                 tracing::debug!("connecting to {url} again: {e}");
                 delay = (delay * 2).min(MAX_RECONNECT_DELAY);
@@ -330,6 +370,7 @@ struct Session {
     /// The signaling connection; none while it is being made again.
     ws: Option<Ws>,
     url: Uri,
+    connector: Connector,
     /// Our `join`, to send again on a new connection.
     join: Value,
     /// The token of our place, from the last `welcome`.
@@ -349,13 +390,14 @@ struct Session {
 }
 
 impl Session {
-    /// Sends on the signaling connection; while it is lost, the message
-    /// is dropped, as the server would have dropped it.
-    async fn send_json(&mut self, value: &Value) -> Result<(), PeerError> {
-        if let Some(ws) = &mut self.ws {
-            ws.send(Message::text(value.to_string())).await?;
+    /// Sends on the signaling connection. While it is lost the message is
+    /// dropped, as the server would have dropped it; a failed send loses it.
+    async fn send_json(&mut self, value: &Value) {
+        if let Some(ws) = &mut self.ws
+            && let Err(e) = ws.send(Message::text(value.to_string())).await
+        {
+            self.lost(e.to_string());
         }
-        Ok(())
     }
 
     /// The signaling connection ended: the calls go on meanwhile, and
@@ -364,7 +406,10 @@ impl Session {
         tracing::warn!("signaling connection lost ({reason}); connecting again");
         self.ws = None;
         self.emit(PeerEvent::SignalingLost { reason });
-        self.reconnecting = Some(tokio::spawn(reconnect(self.url.to_string())));
+        self.reconnecting = Some(tokio::spawn(reconnect(
+            self.url.clone(),
+            self.connector.clone(),
+        )));
     }
 
     fn emit(&self, event: PeerEvent) {
@@ -434,7 +479,7 @@ impl Session {
             screen: false,
         };
         self.send_json(&json!({"type": "broadcast", "data": state.encode()}))
-            .await?;
+            .await;
         // The newcomer offers to everyone already there.
         for peer in peers {
             self.members.insert(peer.id.clone(), peer.name.clone());
@@ -506,7 +551,7 @@ impl Session {
                     screen: false,
                 };
                 self.send_json(&json!({"type": "signal", "to": peer.id, "data": state.encode()}))
-                    .await?;
+                    .await;
                 self.emit(PeerEvent::PeerJoined {
                     id: peer.id,
                     name: peer.name,
@@ -647,13 +692,16 @@ impl Session {
     }
 
     async fn leave(mut self) -> Result<Summary, PeerError> {
-        self.send_json(&json!({"type": "leave"})).await?;
         let ids: Vec<String> = self.links.keys().cloned().collect();
         for id in ids {
             self.drop_link(&id);
         }
-        // A close frame: the server lets the others know at once.
+        // `leave` and a close frame: the others know at once. Failing
+        // here, the server sees a lost connection, which ends in a leave.
         if let Some(ws) = &mut self.ws {
+            let _ = ws
+                .send(Message::text(json!({"type": "leave"}).to_string()))
+                .await;
             let _ = ws.close(None).await;
         }
         Ok(Summary { peers: self.gone })
@@ -698,7 +746,7 @@ impl Session {
         let alive = link.is_alive();
         for data in signals {
             self.send_json(&json!({"type": "signal", "to": id, "data": data}))
-                .await?;
+                .await;
         }
         for event in events {
             match event {
@@ -765,10 +813,10 @@ mod tests {
             "ws://127.0.0.1:8080/ws"
         );
         assert_eq!(url("ws://[::1]:8080/ws").unwrap(), "ws://[::1]:8080/ws");
-        assert!(matches!(
-            url("https://call.example.org"),
-            Err(PeerError::TlsUnsupported)
-        ));
+        assert_eq!(
+            url("https://call.example.org").unwrap(),
+            "wss://call.example.org/ws"
+        );
         assert!(matches!(
             url("127.0.0.1:8080"),
             Err(PeerError::BadServer(_))
