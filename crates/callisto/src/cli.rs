@@ -32,6 +32,10 @@ pub enum Command {
     /// those in it (lines on stdin go out, messages come out on stdout)
     /// and receive their media.
     Peer(PeerArgs),
+    /// Try a server's STUN and TURN from this machine, as a browser here
+    /// would: the address the server sees (behind a NAT or not), and a
+    /// relay over each TURN transport it offers.
+    Probe(ProbeArgs),
     /// Benchmarks against other servers on this machine (loopback only).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -523,6 +527,35 @@ pub struct PeerArgs {
     pub duration: Option<f64>,
 
     /// Print events as JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub logging: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// The server, as in a browser's address bar (http://HOST:PORT or
+    /// https://HOST).
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
+    pub server: String,
+
+    /// The access code, on a server that needs one (it hands out TURN
+    /// credentials only to those who join).
+    #[arg(
+        long = "access-code",
+        env = "CALLISTO_ACCESS_CODE",
+        hide_env_values = true
+    )]
+    pub access: Option<String>,
+
+    /// For a server with a self-signed certificate: trust it by its
+    /// SHA-256 fingerprint (AB:CD:…), for the signaling and for TURN over TLS.
+    #[arg(long, value_name = "SHA256")]
+    pub tls_fingerprint: Option<callisto_peer::Fingerprint>,
+
+    /// Print one JSON object per URL instead of text.
     #[arg(long)]
     pub json: bool,
 

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod open_files;
 pub mod origins;
 pub mod peer;
+pub mod probe;
 pub mod revalidation;
 pub mod secrets;
 pub mod serve;

@@ -26,6 +26,15 @@ fn main() -> anyhow::Result<()> {
                 callisto::peer::run(args, signals.wait()).await
             })
         }
+        Command::Probe(args) => {
+            callisto::logging::init(&args.logging.log, args.logging.log_format)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let all_worked = runtime.block_on(callisto::probe::run(args))?;
+            if !all_worked {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Turn(args) => {
             callisto::logging::init(&args.logging.log, args.logging.log_format)?;
             raise_open_file_limit();

@@ -4,17 +4,20 @@
 //! same conventions (docs/protocol.md), and so meets browsers and other
 //! native peers: chat both ways, and the other side's media received and
 //! counted. `callisto peer` puts it on the command line, to join a room
-//! headless, check a server, or script a call.
+//! headless, check a server, or script a call; `callisto probe` tries the
+//! server's STUN and TURN from wherever it runs.
 //!
 //! - [`chat`]: messages on the chat data channel;
 //! - [`signals`]: what peers put in `signal.data`;
 //! - [`link`]: one connection to one peer, sans-IO (str0m);
 //! - [`peer`]: the driver: the WebSocket, one UDP socket, the clock;
-//! - [`tls`]: whom to trust for `wss://`.
+//! - [`tls`]: whom to trust for `wss://`;
+//! - [`probe`]: the NAT probe: the server's STUN and TURN as seen from here.
 
 pub mod chat;
 pub mod link;
 pub mod peer;
+pub mod probe;
 pub mod signals;
 pub mod tls;
 

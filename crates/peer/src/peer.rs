@@ -259,7 +259,7 @@ pub async fn run(
 }
 
 /// The server's WebSocket URL from what a person would type.
-fn websocket_url(server: &str) -> Result<Uri, PeerError> {
+pub(crate) fn websocket_url(server: &str) -> Result<Uri, PeerError> {
     let bad = || PeerError::BadServer(server.to_owned());
     let uri: Uri = server.parse().map_err(|_| bad())?;
     let scheme = match uri.scheme_str() {
@@ -328,7 +328,7 @@ async fn reconnected(
 }
 
 /// A WebSocket to `url`, over TLS if `connector` says so.
-async fn connect(
+pub(crate) async fn connect(
     url: &Uri,
     connector: Connector,
 ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
