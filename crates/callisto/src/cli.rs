@@ -32,6 +32,10 @@ pub enum Command {
     /// those in it (lines on stdin go out, messages come out on stdout)
     /// and receive their media.
     Peer(PeerArgs),
+    /// Load a server with native peers: many rooms of several peers each,
+    /// every peer connected to the others of its room and chatting, for a
+    /// bounded time; then report how joining, connecting and the chat went.
+    Load(LoadArgs),
     /// Try a server's STUN and TURN from this machine, as a browser here
     /// would: the address the server sees (behind a NAT or not), and a
     /// relay over each TURN transport it offers.
@@ -527,6 +531,52 @@ pub struct PeerArgs {
     pub duration: Option<f64>,
 
     /// Print events as JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub logging: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// The server, as in a browser's address bar.
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
+    pub server: String,
+
+    /// Rooms, each of its own (named at random).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=250))]
+    pub rooms: u32,
+
+    /// Peers in each room; each connects to all the others of its room.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub peers: u32,
+
+    /// Seconds from the first join until everyone leaves.
+    #[arg(long = "for", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600), value_name = "SECONDS")]
+    pub duration: u32,
+
+    /// Seconds over which the joins are spread (0: all at once).
+    #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]
+    pub ramp: f64,
+
+    /// Chat messages each peer writes to its room per second (0: none).
+    #[arg(long, default_value_t = 1.0, value_name = "PER_SECOND")]
+    pub chat_rate: f64,
+
+    /// The access code, on a server that needs one.
+    #[arg(
+        long = "access-code",
+        env = "CALLISTO_ACCESS_CODE",
+        hide_env_values = true
+    )]
+    pub access: Option<String>,
+
+    /// For a server with a self-signed certificate: its SHA-256 fingerprint.
+    #[arg(long, value_name = "SHA256")]
+    pub tls_fingerprint: Option<callisto_peer::Fingerprint>,
+
+    /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
 

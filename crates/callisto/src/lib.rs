@@ -10,6 +10,7 @@ pub mod flag_files;
 pub mod health;
 pub mod http;
 pub mod http_server;
+pub mod load;
 pub mod logging;
 pub mod open_files;
 pub mod origins;

@@ -26,6 +26,16 @@ fn main() -> anyhow::Result<()> {
                 callisto::peer::run(args, signals.wait()).await
             })
         }
+        Command::Load(args) => {
+            callisto::logging::init(&args.logging.log, args.logging.log_format)?;
+            raise_open_file_limit();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let all_well = runtime.block_on(callisto::load::run(args))?;
+            if !all_well {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Probe(args) => {
             callisto::logging::init(&args.logging.log, args.logging.log_format)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -1,0 +1,56 @@
+//! `callisto load` against the real server: native peers in rooms of their
+//! own, connected pairwise, chatting; and a server that turns some away.
+
+mod common;
+
+use std::time::Duration;
+
+use callisto::load::{LoadPlan, load};
+use common::Server;
+
+fn plan(server: &Server, rooms: u32, peers: u32) -> LoadPlan {
+    LoadPlan {
+        server: format!("http://{}", server.addr),
+        rooms,
+        peers,
+        // Long enough that connecting (well under a second here) leaves
+        // seconds of chat before the last quiet one.
+        duration: Duration::from_secs(6),
+        ramp: Duration::from_millis(500),
+        chat_every: Some(Duration::from_millis(200)),
+        access: None,
+        pin: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_of_native_peers_connect_pairwise_and_every_message_arrives() {
+    let server = Server::start(&[]).await;
+    let report = load(&plan(&server, 2, 3)).await.unwrap();
+    assert_eq!(report.peers, 6);
+    assert_eq!(report.joined, 6, "{report:?}");
+    assert_eq!(report.connections_expected, 12);
+    assert_eq!(report.connections, 12, "{report:?}");
+    assert!(report.chat_sent > 0, "{report:?}");
+    // Each message to the two others of its room, none lost.
+    assert_eq!(report.chat_expected, report.chat_sent * 2);
+    assert_eq!(report.chat_received, report.chat_expected, "{report:?}");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(report.all_well());
+    let chat = report.chat.expect("delivery times");
+    assert!(chat.p50 <= chat.p99 && chat.p99 <= chat.max);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_turned_away_are_reported_with_the_servers_reason() {
+    let server = Server::start(&["--max-room-size", "2"]).await;
+    let report = load(&plan(&server, 1, 3)).await.unwrap();
+    assert_eq!(report.joined, 2, "{report:?}");
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert!(
+        report.errors[0].contains("room-full"),
+        "{:?}",
+        report.errors
+    );
+    assert!(!report.all_well());
+}
