@@ -521,6 +521,16 @@ pub struct PeerArgs {
     #[arg(long, value_name = "SHA256")]
     pub tls_fingerprint: Option<callisto_peer::Fingerprint>,
 
+    /// Offer a relayed candidate too, on the server's TURN (over UDP, with
+    /// the credentials it hands out), for peers with no direct path.
+    #[arg(long)]
+    pub relay: bool,
+
+    /// Offer only a relayed candidate: everything goes through the
+    /// server's TURN (a check that TURN works end to end).
+    #[arg(long)]
+    pub relay_only: bool,
+
     /// Say this in the chat to everyone in the room when joining (as soon
     /// as each connection is up); repeatable.
     #[arg(long, value_name = "TEXT")]
@@ -575,6 +585,11 @@ pub struct LoadArgs {
     /// For a server with a self-signed certificate: its SHA-256 fingerprint.
     #[arg(long, value_name = "SHA256")]
     pub tls_fingerprint: Option<callisto_peer::Fingerprint>,
+
+    /// Every peer through the server's TURN only (relayed candidates),
+    /// to load the relay as well as the signaling.
+    #[arg(long)]
+    pub relay_only: bool,
 
     /// Print the report as one JSON object.
     #[arg(long)]

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use callisto_peer::{Command, Fingerprint, PeerConfig, PeerEvent};
+use callisto_peer::{Command, Fingerprint, PeerConfig, PeerEvent, RelayUse};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -36,6 +36,8 @@ pub struct LoadPlan {
     pub chat_every: Option<Duration>,
     pub access: Option<String>,
     pub pin: Option<Fingerprint>,
+    /// Through the server's TURN only, or directly.
+    pub relay: RelayUse,
 }
 
 impl LoadPlan {
@@ -64,6 +66,11 @@ impl LoadPlan {
             chat_every: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
             access: args.access.clone(),
             pin: args.tls_fingerprint,
+            relay: if args.relay_only {
+                RelayUse::Only
+            } else {
+                RelayUse::Never
+            },
         })
     }
 }
@@ -150,6 +157,7 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
             access: plan.access.clone(),
             bind: None,
             pin: plan.pin,
+            relay: plan.relay,
         };
         let others = u64::from(plan.peers - 1);
         tasks.push(tokio::spawn(one_peer(

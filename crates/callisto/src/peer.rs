@@ -7,7 +7,7 @@ use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use anyhow::Context;
-use callisto_peer::{Command, PeerConfig, PeerEvent, Summary};
+use callisto_peer::{Command, PeerConfig, PeerEvent, RelayUse, Summary};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -27,6 +27,11 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
         access: args.access.clone(),
         bind: args.bind,
         pin: args.tls_fingerprint,
+        relay: match (args.relay, args.relay_only) {
+            (_, true) => RelayUse::Only,
+            (true, false) => RelayUse::Also,
+            (false, false) => RelayUse::Never,
+        },
     };
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (event_tx, mut events) = mpsc::unbounded_channel();

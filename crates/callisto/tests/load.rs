@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use callisto::load::{LoadPlan, load};
+use callisto_peer::RelayUse;
 use common::Server;
 
 fn plan(server: &Server, rooms: u32, peers: u32) -> LoadPlan {
@@ -20,6 +21,7 @@ fn plan(server: &Server, rooms: u32, peers: u32) -> LoadPlan {
         chat_every: Some(Duration::from_millis(200)),
         access: None,
         pin: None,
+        relay: RelayUse::Never,
     }
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use callisto_peer::{Command, PeerConfig, PeerEvent, Summary};
+use callisto_peer::{Command, PeerConfig, PeerEvent, RelayUse, Summary};
 use common::Server;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -37,6 +37,7 @@ impl Peer {
             access: None,
             bind: None,
             pin: None,
+            relay: RelayUse::Never,
         })
     }
 
@@ -376,6 +377,7 @@ async fn over_tls_a_self_signed_server_is_trusted_by_its_fingerprint_only() {
         access: None,
         bind: None,
         pin: pin.map(|p| p.parse().expect("the server's fingerprint")),
+        relay: RelayUse::Never,
     };
 
     let mut ada = Peer::start_with(config("Ada", Some(&fingerprint)));

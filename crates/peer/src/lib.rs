@@ -18,10 +18,11 @@ pub mod chat;
 pub mod link;
 pub mod peer;
 pub mod probe;
+mod relay;
 pub mod signals;
 pub mod tls;
 
 pub use chat::ChannelMessage;
 pub use link::{Link, LinkError, LinkEvent, MediaCounts};
-pub use peer::{Command, PeerConfig, PeerError, PeerEvent, Summary, run};
+pub use peer::{Command, PeerConfig, PeerError, PeerEvent, RelayUse, Summary, run};
 pub use tls::Fingerprint;

@@ -88,13 +88,12 @@ pub struct Link {
 }
 
 impl Link {
-    /// A link that reaches the other side from the host addresses `local`.
-    /// `polite`: whether we give way when offers cross (the greater id is).
-    pub fn new(local: &[SocketAddr], polite: bool, now: Instant) -> Result<Link, LinkError> {
+    /// A link that reaches the other side from these local candidates
+    /// (host, relayed). `polite`: whether we give way when offers cross
+    /// (the greater id is).
+    pub fn new(candidates: Vec<Candidate>, polite: bool, now: Instant) -> Result<Link, LinkError> {
         let mut rtc = Rtc::builder().build(now);
-        for &addr in local {
-            let candidate =
-                Candidate::host(addr, "udp").map_err(|_| LinkError::LocalAddress(addr))?;
+        for candidate in candidates {
             rtc.add_local_candidate(candidate);
         }
         let mut link = Link {
@@ -389,6 +388,10 @@ mod tests {
     use super::*;
 
     const A: &str = "127.0.0.1:1000";
+
+    fn host(addr: &str) -> Candidate {
+        Candidate::host(addr.parse().unwrap(), "udp").unwrap()
+    }
     const B: &str = "127.0.0.1:2000";
 
     /// Two links joined in memory: signals handed across at once,
@@ -403,8 +406,8 @@ mod tests {
     impl Pair {
         fn new() -> Pair {
             let now = Instant::now();
-            let mut a = Link::new(&[A.parse().unwrap()], false, now).unwrap();
-            let b = Link::new(&[B.parse().unwrap()], true, now).unwrap();
+            let mut a = Link::new(vec![host(A)], false, now).unwrap();
+            let b = Link::new(vec![host(B)], true, now).unwrap();
             a.offer().unwrap();
             Pair {
                 a,
@@ -538,7 +541,7 @@ mod tests {
 
     #[test]
     fn the_chat_queue_is_bounded() {
-        let mut link = Link::new(&[A.parse().unwrap()], false, Instant::now()).unwrap();
+        let mut link = Link::new(vec![host(A)], false, Instant::now()).unwrap();
         for _ in 0..MAX_CHAT_QUEUE {
             link.send(&chat("x")).unwrap();
         }

@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use callisto_protocol::{Received, ReceivedPeer, decode_server};
+use callisto_protocol::{Received, ReceivedIceServer, ReceivedPeer, decode_server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use str0m::Candidate;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -18,6 +19,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::chat::ChannelMessage;
 use crate::link::{Link, LinkError, LinkEvent, MediaCounts};
+use crate::relay::Relay;
 use crate::signals::{SdpKind, Signal};
 use crate::tls::{Fingerprint, TlsError, client_config, is_secure};
 
@@ -48,6 +50,20 @@ pub struct PeerConfig {
     /// For `https://` / `wss://`: trust only the certificate with this
     /// fingerprint (a self-signed one), instead of the system's roots.
     pub pin: Option<Fingerprint>,
+    /// Whether to reach the others through the server's TURN too.
+    pub relay: RelayUse,
+}
+
+/// Which candidates the peer offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RelayUse {
+    /// Its host address only.
+    #[default]
+    Never,
+    /// Its host address, and a relayed one on the server's TURN (UDP).
+    Also,
+    /// A relayed one only: everything goes through the TURN server.
+    Only,
 }
 
 /// What the caller asks of a running peer.
@@ -159,6 +175,8 @@ pub enum PeerError {
     Udp(std::io::Error),
     #[error(transparent)]
     Link(#[from] LinkError),
+    #[error("no TURN relay: {0}")]
+    Relay(String),
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -200,6 +218,8 @@ pub async fn run(
         join,
         resume: None,
         reconnecting: None,
+        relay_use: config.relay,
+        relay: None,
         socket,
         local,
         id: String::new(),
@@ -213,11 +233,13 @@ pub async fn run(
     session.await_welcome().await?;
 
     let mut buf = vec![0; MAX_DATAGRAM];
+    let mut relay_buf = vec![0; MAX_DATAGRAM];
     loop {
         let wake = session
             .links
             .values()
             .map(|(_, link)| link.timeout())
+            .chain(session.relay.as_ref().and_then(Relay::timeout))
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
@@ -247,7 +269,11 @@ pub async fn run(
             }
             received = session.socket.recv_from(&mut buf) => {
                 let (len, source) = received.map_err(PeerError::Udp)?;
-                session.on_datagram(source, &buf[..len]).await?;
+                session.on_datagram(source, session.local, &buf[..len]).await?;
+            }
+            received = relayed(&session.relay, &mut relay_buf) => {
+                let len = received.map_err(PeerError::Udp)?;
+                session.on_relayed(&relay_buf[..len]).await?;
             }
             () = tokio::time::sleep_until(wake.into()) => session.on_timeout().await?,
             command = commands.recv() => match command {
@@ -315,6 +341,14 @@ async fn next_frame(
     }
 }
 
+/// The next datagram from the TURN server; never, without a relay.
+async fn relayed(relay: &Option<Relay>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match relay {
+        Some(relay) => relay.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The new signaling connection, once made; never, while none is tried.
 async fn reconnected(
     attempt: &mut Option<tokio::task::JoinHandle<Result<Ws, PeerError>>>,
@@ -376,6 +410,9 @@ struct Session {
     /// The token of our place, from the last `welcome`.
     resume: Option<String>,
     reconnecting: Option<tokio::task::JoinHandle<Result<Ws, PeerError>>>,
+    relay_use: RelayUse,
+    /// The allocation links are offered, with `RelayUse::Also` or `Only`.
+    relay: Option<Relay>,
     socket: UdpSocket,
     local: SocketAddr,
     /// Our id in the room.
@@ -443,9 +480,14 @@ impl Session {
             };
             match decode_server(&text) {
                 Ok(Received::Welcome {
-                    id, peers, resume, ..
+                    id,
+                    peers,
+                    resume,
+                    ice_servers,
+                    ..
                 }) => {
                     self.resume = Some(resume);
+                    self.allocate_relay(&ice_servers).await?;
                     return self.welcome(id, peers).await;
                 }
                 Ok(Received::Waiting { .. }) => {
@@ -483,12 +525,50 @@ impl Session {
         // The newcomer offers to everyone already there.
         for peer in peers {
             self.members.insert(peer.id.clone(), peer.name.clone());
-            let mut link = Link::new(&[self.local], self.id > peer.id, Instant::now())?;
+            let mut link = Link::new(self.candidates()?, self.id > peer.id, Instant::now())?;
             link.offer()?;
             self.links.insert(peer.id.clone(), (peer.name, link));
             self.flush(&peer.id).await?;
         }
         Ok(())
+    }
+
+    /// Allocates the relay, if asked for, before any link is made. With
+    /// `RelayUse::Also` the peer goes on without one when it fails.
+    async fn allocate_relay(&mut self, servers: &[ReceivedIceServer]) -> Result<(), PeerError> {
+        if self.relay_use == RelayUse::Never {
+            return Ok(());
+        }
+        match Relay::allocate(servers).await {
+            Ok(relay) => {
+                tracing::info!(relayed = %relay.relayed, "TURN relay allocated");
+                self.relay = Some(relay);
+                Ok(())
+            }
+            Err(why) if self.relay_use == RelayUse::Only => Err(PeerError::Relay(why)),
+            Err(why) => {
+                tracing::warn!("going on without a TURN relay: {why}");
+                Ok(())
+            }
+        }
+    }
+
+    /// The candidates a new link offers.
+    fn candidates(&self) -> Result<Vec<Candidate>, PeerError> {
+        let mut candidates = Vec::new();
+        if self.relay_use != RelayUse::Only {
+            candidates.push(
+                Candidate::host(self.local, "udp")
+                    .map_err(|_| LinkError::LocalAddress(self.local))?,
+            );
+        }
+        if let Some(relay) = &self.relay {
+            candidates.push(
+                Candidate::relayed(relay.relayed, relay.base, "udp")
+                    .map_err(|_| LinkError::LocalAddress(relay.relayed))?,
+            );
+        }
+        Ok(candidates)
     }
 
     /// Back with the server on a new connection. In our place again, the
@@ -595,7 +675,7 @@ impl Session {
             ) {
                 return Ok(());
             }
-            let link = Link::new(&[self.local], self.id > from, Instant::now())?;
+            let link = Link::new(self.candidates()?, self.id > from, Instant::now())?;
             self.links.insert(from.clone(), (name, link));
         }
         if let Some((_, link)) = self.links.get_mut(&from)
@@ -611,11 +691,33 @@ impl Session {
         self.flush(&from).await
     }
 
-    async fn on_datagram(&mut self, source: SocketAddr, contents: &[u8]) -> Result<(), PeerError> {
+    /// What the TURN server sent: relayed data for the links, or its own
+    /// answers to the client.
+    async fn on_relayed(&mut self, datagram: &[u8]) -> Result<(), PeerError> {
+        let Some(relay) = &mut self.relay else {
+            return Ok(());
+        };
+        let data = relay.handle_input(datagram);
+        let relayed = relay.relayed;
+        relay.flush().await;
+        for (peer, bytes) in data {
+            self.on_datagram(peer, relayed, &bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// A datagram from `source` to our `destination`: the host socket's
+    /// address, or the relayed one.
+    async fn on_datagram(
+        &mut self,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+    ) -> Result<(), PeerError> {
         let now = Instant::now();
         let mut taker = None;
         for (id, (_, link)) in &mut self.links {
-            match link.handle_datagram(now, source, self.local, contents) {
+            match link.handle_datagram(now, source, destination, contents) {
                 Ok(true) => {
                     taker = Some(id.clone());
                     break;
@@ -637,6 +739,12 @@ impl Session {
 
     async fn on_timeout(&mut self) -> Result<(), PeerError> {
         let now = Instant::now();
+        if let Some(relay) = &mut self.relay
+            && relay.timeout().is_some_and(|at| at <= now)
+        {
+            relay.handle_timeout();
+            relay.flush().await;
+        }
         let due: Vec<String> = self
             .links
             .iter()
@@ -696,6 +804,9 @@ impl Session {
         for id in ids {
             self.drop_link(&id);
         }
+        if let Some(relay) = &mut self.relay {
+            relay.release().await;
+        }
         // `leave` and a close frame: the others know at once. Failing
         // here, the server sees a lost connection, which ends in a leave.
         if let Some(ws) = &mut self.ws {
@@ -730,13 +841,20 @@ impl Session {
             signals.push(data);
         }
         while let Some(transmit) = link.poll_transmit() {
-            if let Err(e) = self
-                .socket
-                .send_to(&transmit.contents, transmit.destination)
-                .await
-            {
-                // One unreachable candidate must not stop the others.
-                tracing::debug!(to = %transmit.destination, "sending failed: {e}");
+            match &mut self.relay {
+                Some(relay) if transmit.source == relay.relayed => {
+                    relay.send(transmit.destination, &transmit.contents).await;
+                }
+                _ => {
+                    if let Err(e) = self
+                        .socket
+                        .send_to(&transmit.contents, transmit.destination)
+                        .await
+                    {
+                        // One unreachable candidate must not stop the others.
+                        tracing::debug!(to = %transmit.destination, "sending failed: {e}");
+                    }
+                }
             }
         }
         let mut events = Vec::new();

@@ -12,22 +12,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use callisto_protocol::{ReceivedIceServer, decode_server};
-use callisto_turn::client::{Client, Event};
+use callisto_turn::client::Client;
 use callisto_turn::stun::{self, Class, Message, MessageBuilder, attr, method};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::peer::{PeerError, connect, websocket_url};
+use crate::relay::{allocate_udp, bound_udp, settled};
 use crate::tls::{Fingerprint, client_config, is_secure};
 
 /// How long one URL is given to answer.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 // The longest STUN or TURN message read.
-const MAX_MESSAGE: usize = 2048;
+const MAX_MESSAGE: usize = crate::relay::MAX_DATAGRAM;
 
 /// Which server to probe, and how to get in.
 #[derive(Debug, Clone)]
@@ -237,7 +238,13 @@ async fn probe_one(
     let io = |e: std::io::Error| e.to_string();
     match target.kind {
         IceKind::Stun => binding(address).await,
-        IceKind::TurnUdp => allocate_udp(address, turn_client()?).await,
+        IceKind::TurnUdp => {
+            let (mut client, socket, found) = allocate_udp(address, turn_client()?).await?;
+            for out in release(&mut client) {
+                let _ = socket.send(&out).await;
+            }
+            Ok(found)
+        }
         IceKind::TurnTcp => {
             let tcp = TcpStream::connect(address).await.map_err(io)?;
             let local = tcp.local_addr().map_err(io)?;
@@ -303,75 +310,11 @@ fn error_of(message: &Message<'_>) -> String {
     }
 }
 
-async fn bound_udp(server: SocketAddr) -> Result<UdpSocket, String> {
-    let any: SocketAddr = if server.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(any).await.map_err(|e| e.to_string())?;
-    socket.connect(server).await.map_err(|e| e.to_string())?;
-    Ok(socket)
-}
-
-/// What an allocation ended in, once the client said.
-fn settled(client: &mut Client, local: SocketAddr) -> Option<Result<Found, String>> {
-    while let Some(event) = client.poll_event() {
-        match event {
-            Event::Allocated {
-                relayed, mapped, ..
-            } => {
-                return Some(Ok(Found {
-                    local,
-                    mapped,
-                    relayed: Some(relayed),
-                }));
-            }
-            Event::Failed { code, reason, .. } => return Some(Err(format!("{code} {reason}"))),
-            Event::Redirected { alternate } => {
-                return Some(Err(format!("sent on to another server, {alternate}")));
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
 /// Lets the allocation go (a Refresh of lifetime 0), without waiting
 /// for the answer: the probe needs nothing more from it.
 fn release(client: &mut Client) -> Vec<Vec<u8>> {
     client.refresh(Instant::now(), 0);
     std::iter::from_fn(|| client.poll_transmit()).collect()
-}
-
-async fn allocate_udp(server: SocketAddr, mut client: Client) -> Result<Found, String> {
-    let socket = bound_udp(server).await?;
-    let local = socket.local_addr().map_err(|e| e.to_string())?;
-    client.allocate(Instant::now());
-    let mut buf = [0u8; MAX_MESSAGE];
-    loop {
-        while let Some(out) = client.poll_transmit() {
-            socket.send(&out).await.map_err(|e| e.to_string())?;
-        }
-        if let Some(outcome) = settled(&mut client, local) {
-            if outcome.is_ok() {
-                for out in release(&mut client) {
-                    let _ = socket.send(&out).await;
-                }
-            }
-            return outcome;
-        }
-        let wake = client
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-        match tokio::time::timeout_at(wake.into(), socket.recv(&mut buf)).await {
-            Ok(received) => {
-                let len = received.map_err(|e| e.to_string())?;
-                client.handle_input(Instant::now(), &buf[..len]);
-            }
-            Err(_) => client.handle_timeout(Instant::now()),
-        }
-    }
 }
 
 async fn allocate_stream(

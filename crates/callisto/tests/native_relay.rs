@@ -1,0 +1,105 @@
+//! The native peer through the server's TURN: two peers that offer only
+//! relayed candidates reach each other relay to relay, and chat. (A file of
+//! its own: it reads the TURN metrics, which are the whole process's.)
+
+mod common;
+
+use std::time::Duration;
+
+use callisto_peer::{Command, PeerConfig, PeerEvent, RelayUse};
+use common::Server;
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn next_matching(
+    events: &mut mpsc::UnboundedReceiver<PeerEvent>,
+    what: &str,
+    want: impl Fn(&PeerEvent) -> bool,
+) -> PeerEvent {
+    loop {
+        let event = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}"))
+            .unwrap_or_else(|| panic!("the peer ended before {what}"));
+        if want(&event) {
+            return event;
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_relay_only_native_peers_talk_through_turn() {
+    let server = Server::start(&[]).await;
+    let start = |name: &str| {
+        let config = PeerConfig {
+            server: format!("http://{}", server.addr),
+            room: "relayed".into(),
+            name: name.into(),
+            access: None,
+            bind: None,
+            pin: None,
+            relay: RelayUse::Only,
+        };
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(callisto_peer::run(config, command_rx, event_tx));
+        (commands, events, task)
+    };
+    let (ada_commands, mut ada, ada_task) = start("Ada");
+    next_matching(&mut ada, "Ada's join", |e| {
+        matches!(e, PeerEvent::Joined { .. })
+    })
+    .await;
+    let (bob_commands, mut bob, bob_task) = start("Bob");
+    next_matching(&mut bob, "Bob's connection", |e| {
+        matches!(e, PeerEvent::Connected { .. })
+    })
+    .await;
+    next_matching(&mut ada, "Ada's connection", |e| {
+        matches!(e, PeerEvent::Connected { .. })
+    })
+    .await;
+    assert_eq!(server.metric("callisto_turn_allocations").await, 2.0);
+    bob_commands
+        .send(Command::Chat {
+            text: "via the relay".into(),
+            to: None,
+        })
+        .unwrap();
+    next_matching(
+        &mut ada,
+        "the message",
+        |e| matches!(e, PeerEvent::Chat { text, .. } if text == "via the relay"),
+    )
+    .await;
+    // Everything went through the server: its relay counted it.
+    let (_, metrics) = server.get("/metrics").await;
+    let relayed: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("callisto_turn_relayed_packets_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(relayed > 0.0, "{metrics}");
+
+    for commands in [ada_commands, bob_commands] {
+        commands.send(Command::Leave).unwrap();
+    }
+    for task in [ada_task, bob_task] {
+        let summary = tokio::time::timeout(WAIT, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(summary.peers.iter().all(|p| p.connected), "{summary:?}");
+    }
+    // Both let their allocations go on leaving.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.metric("callisto_turn_allocations").await > 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "allocations released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
