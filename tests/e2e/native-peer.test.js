@@ -5,7 +5,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { serverAndBrowser, joinCall, startPeer, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually, writeChat as write } from './lib.js';
+import { serverAndBrowser, startServer, joinCall, startPeer, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually, writeChat as write } from './lib.js';
 
 let server;
 let browser;
@@ -87,4 +87,62 @@ test('the native peer says clearly what is wrong, and exits non-zero', async () 
   const noServer = startPeer('http://127.0.0.1:9', room, 'Robot');
   assert.notEqual(await noServer.exited, 0);
   assert.match(noServer.logs.join('\n'), /127\.0\.0\.1:9/);
+});
+
+test('after a restart of the server, the native peer and a browser meet again under their new ids', async () => {
+  const first = await startServer();
+  const port = new URL(first.url).port;
+  const room = `native-restart-${Date.now()}`;
+  const alice = await joinCall(browser, first.url, room, 'Alice');
+  const robot = startPeer(first.url, room, 'Robot');
+  await robot.waitFor((e) => e.event === 'connected', 'connected to Alice');
+
+  assert.equal(await first.stop(), 0);
+  await robot.waitFor((e) => e.event === 'signaling-lost', 'the loss');
+  const second = await startServer([], { listen: `127.0.0.1:${port}` });
+  const back = await robot.waitFor((e) => e.event === 'rejoined', 'back', 40000);
+  assert.equal(back.resumed, false, 'a new server knows no place');
+
+  // The robot met everyone anew; Alice, whose "moved" it did not answer,
+  // let the old connection go: one connection left, by the new ids.
+  const links = () => alice.evaluate(() => [...window.__callisto.links.entries()].map(([id, l]) => ({ id, state: l.pc.connectionState })));
+  await eventually(async () => {
+    const now = await links();
+    return now.length === 1 && now[0].id === back.id && now[0].state === 'connected' && now;
+  }, 40000, 'Alice connected to the robot by its new id, and to nothing else');
+  const aliceId = await alice.evaluate(() => window.__callisto.id);
+  await robot.waitFor((e) => e.event === 'connected' && e.id === aliceId, 'connected to Alice by her new id');
+
+  await alice.getByRole('button', { name: 'Chat', exact: true }).click();
+  await write(alice, 'are you back?');
+  const heard = await robot.waitFor((e) => e.event === 'chat' && e.text === 'are you back?', 'Alice after the restart');
+  assert.equal(heard.from, aliceId);
+  robot.say('back');
+  await eventually(async () => (await messages(alice)).some((m) => m.author === 'Robot' && m.text === 'back'), 10000, 'Alice reads the robot');
+  const { code } = await robot.stop();
+  assert.equal(code, 0, robot.logs.join('\n'));
+  await alice.context().close();
+  assert.equal(await second.stop(), 0);
+});
+
+test('a native peer that offers only a relay reaches a browser through the TURN server', async () => {
+  const room = `native-relay-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const robot = startPeer(server.url, room, 'Robot', ['--relay-only']);
+  await robot.waitFor((e) => e.event === 'connected', 'connected to Alice');
+  const report = await eventually(async () => {
+    const r = await connectionReport(alice);
+    return r.length === 1 && r[0].state === 'connected' && r[0].pair && r;
+  }, 20000, 'Alice connected to the robot');
+  // The robot's end of the pair is its relay, on the server's TURN.
+  assert.equal(report[0].pair.remote.type, 'relay', JSON.stringify(report[0].pair));
+  assert.ok(isTestAddress(report[0].pair.remote.address));
+  await alice.getByRole('button', { name: 'Chat', exact: true }).click();
+  await write(alice, 'through the relay?');
+  await robot.waitFor((e) => e.event === 'chat' && e.text === 'through the relay?', 'the message');
+  await new Promise((r) => setTimeout(r, 2000));
+  const { code, left } = await robot.stop();
+  assert.equal(code, 0, robot.logs.join('\n'));
+  assert.ok(left.peers[0].videoFrames > 10, `video through the relay: ${left.peers[0].videoFrames} frames`);
+  await alice.context().close();
 });
