@@ -486,12 +486,37 @@ pub struct TurnCmdArgs {
     pub logging: LogArgs,
 }
 
+/// Which Callisto server `peer`, `load` and `probe` talk to, and how
+/// they get in.
 #[derive(Debug, Clone, Args)]
-pub struct PeerArgs {
-    /// The server, as in a browser's address bar (http://HOST:PORT), or its
-    /// WebSocket (ws://HOST:PORT/ws).
+pub struct ServerTarget {
+    /// The server, as in a browser's address bar (http://HOST:PORT or
+    /// https://HOST), or its WebSocket (ws://HOST:PORT/ws).
     #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
     pub server: String,
+
+    /// The access code, on a server that needs one (it hands out TURN
+    /// credentials only to those who join). Read from the environment
+    /// rather than the command line, where others can see it.
+    #[arg(
+        long = "access-code",
+        env = "CALLISTO_ACCESS_CODE",
+        hide_env_values = true
+    )]
+    pub access: Option<String>,
+
+    /// For a server with a self-signed certificate (https://): trust it by
+    /// its SHA-256 fingerprint, as `callisto serve` logs it (AB:CD:…),
+    /// instead of by the system's root certificates; for the signaling
+    /// and for TURN over TLS.
+    #[arg(long, value_name = "SHA256")]
+    pub tls_fingerprint: Option<callisto_peer::Fingerprint>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PeerArgs {
+    #[command(flatten)]
+    pub target: ServerTarget,
 
     /// The room to join.
     #[arg(long)]
@@ -501,25 +526,10 @@ pub struct PeerArgs {
     #[arg(long, default_value = "callisto peer")]
     pub name: String,
 
-    /// The access code, on a server that needs one. Read from the
-    /// environment rather than the command line, where others can see it.
-    #[arg(
-        long = "access-code",
-        env = "CALLISTO_ACCESS_CODE",
-        hide_env_values = true
-    )]
-    pub access: Option<String>,
-
     /// The local address to take media on (default: the one this machine
     /// reaches the server from).
     #[arg(long, value_name = "IP")]
     pub bind: Option<std::net::IpAddr>,
-
-    /// For a server with a self-signed certificate (https://): trust it by
-    /// its SHA-256 fingerprint, as `callisto serve` logs it (AB:CD:…),
-    /// instead of by the system's root certificates.
-    #[arg(long, value_name = "SHA256")]
-    pub tls_fingerprint: Option<callisto_peer::Fingerprint>,
 
     /// Offer a relayed candidate too, on the server's TURN (over UDP, with
     /// the credentials it hands out), for peers with no direct path.
@@ -550,9 +560,8 @@ pub struct PeerArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// The server, as in a browser's address bar.
-    #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
-    pub server: String,
+    #[command(flatten)]
+    pub target: ServerTarget,
 
     /// Rooms, each of its own (named at random).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=250))]
@@ -574,18 +583,6 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 1.0, value_name = "PER_SECOND")]
     pub chat_rate: f64,
 
-    /// The access code, on a server that needs one.
-    #[arg(
-        long = "access-code",
-        env = "CALLISTO_ACCESS_CODE",
-        hide_env_values = true
-    )]
-    pub access: Option<String>,
-
-    /// For a server with a self-signed certificate: its SHA-256 fingerprint.
-    #[arg(long, value_name = "SHA256")]
-    pub tls_fingerprint: Option<callisto_peer::Fingerprint>,
-
     /// Every peer through the server's TURN only (relayed candidates),
     /// to load the relay as well as the signaling.
     #[arg(long)]
@@ -601,24 +598,8 @@ pub struct LoadArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ProbeArgs {
-    /// The server, as in a browser's address bar (http://HOST:PORT or
-    /// https://HOST).
-    #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
-    pub server: String,
-
-    /// The access code, on a server that needs one (it hands out TURN
-    /// credentials only to those who join).
-    #[arg(
-        long = "access-code",
-        env = "CALLISTO_ACCESS_CODE",
-        hide_env_values = true
-    )]
-    pub access: Option<String>,
-
-    /// For a server with a self-signed certificate: trust it by its
-    /// SHA-256 fingerprint (AB:CD:…), for the signaling and for TURN over TLS.
-    #[arg(long, value_name = "SHA256")]
-    pub tls_fingerprint: Option<callisto_peer::Fingerprint>,
+    #[command(flatten)]
+    pub target: ServerTarget,
 
     /// Print one JSON object per URL instead of text.
     #[arg(long)]

@@ -58,14 +58,14 @@ impl LoadPlan {
             );
         }
         Ok(LoadPlan {
-            server: args.server.clone(),
+            server: args.target.server.clone(),
             rooms: args.rooms,
             peers: args.peers,
             duration: Duration::from_secs(u64::from(args.duration)),
             ramp: Duration::from_secs_f64(ramp),
             chat_every: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
-            access: args.access.clone(),
-            pin: args.tls_fingerprint,
+            access: args.target.access.clone(),
+            pin: args.target.tls_fingerprint,
             relay: if args.relay_only {
                 RelayUse::Only
             } else {

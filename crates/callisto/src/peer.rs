@@ -21,12 +21,12 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
         anyhow::bail!("--for {seconds}: give a number of seconds above 0");
     }
     let config = PeerConfig {
-        server: args.server.clone(),
+        server: args.target.server.clone(),
         room: args.room.clone(),
         name: args.name.clone(),
-        access: args.access.clone(),
+        access: args.target.access.clone(),
         bind: args.bind,
-        pin: args.tls_fingerprint,
+        pin: args.target.tls_fingerprint,
         relay: match (args.relay, args.relay_only) {
             (_, true) => RelayUse::Only,
             (true, false) => RelayUse::Also,
@@ -79,7 +79,7 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
     let summary = peer
         .await
         .context("the peer stopped unexpectedly")?
-        .with_context(|| format!("peer in room {:?} on {}", args.room, args.server))?;
+        .with_context(|| format!("peer in room {:?} on {}", args.room, args.target.server))?;
     print_summary(&mut out, &summary, args.json)?;
     Ok(())
 }

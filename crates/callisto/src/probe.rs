@@ -13,13 +13,16 @@ use crate::cli::ProbeArgs;
 /// Probes and prints; whether every URL worked.
 pub async fn run(args: ProbeArgs) -> anyhow::Result<bool> {
     let config = ProbeConfig {
-        server: args.server.clone(),
-        access: args.access.clone(),
-        pin: args.tls_fingerprint,
+        server: args.target.server.clone(),
+        access: args.target.access.clone(),
+        pin: args.target.tls_fingerprint,
     };
-    let findings = probe(&config)
-        .await
-        .with_context(|| format!("asking {} for its STUN and TURN servers", args.server))?;
+    let findings = probe(&config).await.with_context(|| {
+        format!(
+            "asking {} for its STUN and TURN servers",
+            args.target.server
+        )
+    })?;
     let mut out = std::io::stdout().lock();
     if findings.is_empty() {
         writeln!(
