@@ -16,6 +16,19 @@ use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Joining `room` as `name` on the server (or proxy) at `addr`, directly.
+fn config_for(addr: SocketAddr, room: &str, name: &str) -> PeerConfig {
+    PeerConfig {
+        server: format!("http://{addr}"),
+        room: room.into(),
+        name: name.into(),
+        access: None,
+        bind: None,
+        pin: None,
+        relay: RelayUse::Never,
+    }
+}
+
 struct Peer {
     commands: mpsc::UnboundedSender<Command>,
     events: mpsc::UnboundedReceiver<PeerEvent>,
@@ -30,15 +43,7 @@ impl Peer {
 
     /// Joins through `addr`: the server's, or a proxy's in front of it.
     fn start_via(addr: SocketAddr, room: &str, name: &str) -> Peer {
-        Peer::start_with(PeerConfig {
-            server: format!("http://{addr}"),
-            room: room.into(),
-            name: name.into(),
-            access: None,
-            bind: None,
-            pin: None,
-            relay: RelayUse::Never,
-        })
+        Peer::start_with(config_for(addr, room, name))
     }
 
     fn start_with(config: PeerConfig) -> Peer {
@@ -339,11 +344,26 @@ async fn a_lost_signaling_connection_takes_its_place_back_and_the_call_goes_on()
 
 #[tokio::test]
 async fn native_peers_meet_again_after_a_restart_of_the_server() {
+    meet_again_after_a_restart(RelayUse::Never).await;
+}
+
+#[tokio::test]
+async fn relayed_native_peers_meet_again_after_a_restart_through_new_allocations() {
+    meet_again_after_a_restart(RelayUse::Only).await;
+}
+
+async fn meet_again_after_a_restart(relay: RelayUse) {
     let server = Server::start(&[]).await;
     let addr = server.addr;
-    let mut ada = Peer::start(&server, "restart", "Ada");
+    let start = |name: &str| {
+        Peer::start_with(PeerConfig {
+            relay,
+            ..config_for(addr, "restart", name)
+        })
+    };
+    let mut ada = start("Ada");
     ada.id().await;
-    let mut bob = Peer::start(&server, "restart", "Bob");
+    let mut bob = start("Bob");
     let bob_id = bob.id().await;
     ada.connected_to(&bob_id).await;
 

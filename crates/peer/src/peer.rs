@@ -271,10 +271,12 @@ pub async fn run(
                 let (len, source) = received.map_err(PeerError::Udp)?;
                 session.on_datagram(source, session.local, &buf[..len]).await?;
             }
-            received = relayed(&session.relay, &mut relay_buf) => {
-                let len = received.map_err(PeerError::Udp)?;
-                session.on_relayed(&relay_buf[..len]).await?;
-            }
+            received = relayed(&session.relay, &mut relay_buf) => match received {
+                Ok(len) => session.on_relayed(&relay_buf[..len]).await?,
+                // An ICMP error on the socket to the TURN server (it is
+                // down, restarting): the relay's requests say the rest.
+                Err(e) => tracing::debug!("from the TURN server: {e}"),
+            },
             () = tokio::time::sleep_until(wake.into()) => session.on_timeout().await?,
             command = commands.recv() => match command {
                 Some(Command::Chat { text, to }) => session.chat(&text, to.as_deref()).await?,
@@ -541,7 +543,7 @@ impl Session {
         }
         match Relay::allocate(servers).await {
             Ok(relay) => {
-                tracing::info!(relayed = %relay.relayed, "TURN relay allocated");
+                tracing::debug!(relayed = %relay.relayed, "TURN relay allocated");
                 self.relay = Some(relay);
                 Ok(())
             }
@@ -580,6 +582,7 @@ impl Session {
         id: String,
         peers: Vec<ReceivedPeer>,
         resumed: bool,
+        ice_servers: &[ReceivedIceServer],
     ) -> Result<(), PeerError> {
         let present: Vec<&str> = peers.iter().map(|p| p.id.as_str()).collect();
         let gone: Vec<String> = self
@@ -600,6 +603,10 @@ impl Session {
             Ok(())
         } else {
             self.members.clear();
+            // A new server (or a place given up) may not hold our old
+            // allocation: the new links get a fresh one.
+            self.relay = None;
+            self.allocate_relay(ice_servers).await?;
             self.welcome(id, peers).await
         }
     }
@@ -618,10 +625,11 @@ impl Session {
                 peers,
                 resume,
                 resumed,
+                ice_servers,
                 ..
             } => {
                 self.resume = Some(resume);
-                self.rejoined(id, peers, resumed).await?;
+                self.rejoined(id, peers, resumed, &ice_servers).await?;
             }
             Received::PeerJoined { peer } => {
                 self.members.insert(peer.id.clone(), peer.name.clone());
