@@ -177,6 +177,8 @@ pub enum PeerError {
     Link(#[from] LinkError),
     #[error("no TURN relay: {0}")]
     Relay(String),
+    #[error("the system gave no random numbers: {0}")]
+    Random(String),
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;

@@ -178,7 +178,7 @@ async fn ice_servers(config: &ProbeConfig) -> Result<Vec<ReceivedIceServer>, Pee
     };
     let mut ws = connect(&url, connector).await?;
     let mut room = [0u8; 8];
-    getrandom::fill(&mut room).map_err(|e| PeerError::Udp(std::io::Error::other(e)))?;
+    getrandom::fill(&mut room).map_err(|e| PeerError::Random(e.to_string()))?;
     let room: String = room.iter().map(|b| format!("{b:02x}")).collect();
     let mut join =
         json!({"type": "join", "room": format!("probe-{room}"), "name": "callisto probe"});
