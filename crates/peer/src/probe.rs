@@ -22,7 +22,7 @@ use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::peer::{PeerError, connect, websocket_url};
-use crate::relay::{allocate_udp, bound_udp, settled};
+use crate::relay::{allocate_udp, bound_udp, settled, tid_seed};
 use crate::tls::{Fingerprint, client_config, is_secure};
 
 /// How long one URL is given to answer.
@@ -231,7 +231,7 @@ async fn probe_one(
             user,
             password,
             target.kind != IceKind::TurnUdp,
-            u64::from(std::process::id()),
+            tid_seed(),
         )),
         _ => Err("a TURN URL without credentials".to_owned()),
     };

@@ -57,7 +57,7 @@ impl Relay {
                         continue;
                     }
                 };
-                let client = Client::new(user, password, false, u64::from(std::process::id()));
+                let client = Client::new(user, password, false, tid_seed());
                 let attempt =
                     tokio::time::timeout(Duration::from_secs(5), allocate_udp(address, client))
                         .await
@@ -152,6 +152,19 @@ impl Relay {
     pub(crate) async fn release(&mut self) {
         self.client.refresh(Instant::now(), 0);
         self.flush().await;
+    }
+}
+
+/// A seed for a TURN client's transaction ids. Random, so that the many
+/// clients of one process (`callisto load`) do not all send the same ids.
+pub(crate) fn tid_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    match getrandom::fill(&mut seed) {
+        Ok(()) => u64::from_le_bytes(seed),
+        // Still distinct per client: the clock's nanoseconds.
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
     }
 }
 
