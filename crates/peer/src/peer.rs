@@ -199,16 +199,7 @@ pub async fn run(
         .await
         .map_err(PeerError::Udp)?;
     let local = socket.local_addr().map_err(PeerError::Udp)?;
-    let connector = match is_secure(&url) {
-        true => Connector::Rustls(client_config(config.pin)?),
-        false => Connector::Plain,
-    };
-    let ws = connect(&url, connector.clone())
-        .await
-        .map_err(|e| match untrusted(&e) {
-            Some(why) if config.pin.is_none() => PeerError::Untrusted(why),
-            _ => e.into(),
-        })?;
+    let (ws, connector) = open(&url, config.pin).await?;
     let mut join = json!({"type": "join", "room": config.room, "name": config.name});
     if let Some(access) = &config.access {
         join["access"] = json!(access);
@@ -365,8 +356,29 @@ async fn reconnected(
     }
 }
 
+/// The first signaling connection to `url`: over TLS for `wss://`,
+/// trusting the certificate pinned by `pin` or else the system's roots
+/// (an untrusted one is refused saying what to do); with the connector,
+/// to connect again later.
+pub(crate) async fn open(
+    url: &Uri,
+    pin: Option<Fingerprint>,
+) -> Result<(Ws, Connector), PeerError> {
+    let connector = match is_secure(url) {
+        true => Connector::Rustls(client_config(pin)?),
+        false => Connector::Plain,
+    };
+    let ws = connect(url, connector.clone())
+        .await
+        .map_err(|e| match untrusted(&e) {
+            Some(why) if pin.is_none() => PeerError::Untrusted(why),
+            _ => e.into(),
+        })?;
+    Ok((ws, connector))
+}
+
 /// A WebSocket to `url`, over TLS if `connector` says so.
-pub(crate) async fn connect(
+async fn connect(
     url: &Uri,
     connector: Connector,
 ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {

@@ -18,12 +18,11 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::peer::{PeerError, connect, websocket_url};
+use crate::peer::{PeerError, open, websocket_url};
 use crate::relay::{allocate_udp, bound_udp, settled, tid_seed};
-use crate::tls::{Fingerprint, client_config, is_secure};
+use crate::tls::{Fingerprint, client_config};
 
 /// How long one URL is given to answer.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -171,12 +170,7 @@ pub async fn probe(config: &ProbeConfig) -> Result<Vec<Finding>, PeerError> {
 /// The `iceServers` a browser joining a room would get: from a join of a
 /// room nobody else knows, left at once.
 async fn ice_servers(config: &ProbeConfig) -> Result<Vec<ReceivedIceServer>, PeerError> {
-    let url = websocket_url(&config.server)?;
-    let connector = match is_secure(&url) {
-        true => Connector::Rustls(client_config(config.pin)?),
-        false => Connector::Plain,
-    };
-    let mut ws = connect(&url, connector).await?;
+    let (mut ws, _) = open(&websocket_url(&config.server)?, config.pin).await?;
     let mut room = [0u8; 8];
     getrandom::fill(&mut room).map_err(|e| PeerError::Random(e.to_string()))?;
     let room: String = room.iter().map(|b| format!("{b:02x}")).collect();
