@@ -526,6 +526,11 @@ pub struct PeerArgs {
     #[arg(long, default_value = "callisto peer")]
     pub name: String,
 
+    /// Join to watch: seen only by those taking part, connected only to
+    /// them, seeing none of the others who watch (a broadcast's audience).
+    #[arg(long)]
+    pub watch: bool,
+
     /// The local address to take media on (default: the one this machine
     /// reaches the server from).
     #[arg(long, value_name = "IP")]

@@ -154,6 +154,7 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
             server: plan.server.clone(),
             room: format!("load-{tag}-{room}"),
             name: format!("load {room}/{seat}"),
+            watching: false,
             access: plan.access.clone(),
             bind: None,
             pin: plan.pin,

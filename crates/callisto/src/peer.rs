@@ -24,6 +24,7 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
         server: args.target.server.clone(),
         room: args.room.clone(),
         name: args.name.clone(),
+        watching: args.watch,
         access: args.target.access.clone(),
         bind: args.bind,
         pin: args.target.tls_fingerprint,
@@ -112,8 +113,8 @@ fn print_event(out: &mut impl Write, event: &PeerEvent, as_json: bool) -> std::i
             PeerEvent::Rejoined { id, resumed } => {
                 json!({"event": "rejoined", "id": id, "resumed": resumed})
             }
-            PeerEvent::PeerJoined { id, name } => {
-                json!({"event": "peer-joined", "id": id, "name": name})
+            PeerEvent::PeerJoined { id, name, watching } => {
+                json!({"event": "peer-joined", "id": id, "name": name, "watching": watching})
             }
             PeerEvent::PeerLeft { id, name } => {
                 json!({"event": "peer-left", "id": id, "name": name})
@@ -157,6 +158,11 @@ fn print_event(out: &mut impl Write, event: &PeerEvent, as_json: bool) -> std::i
             PeerEvent::Rejoined { resumed: false, .. } => {
                 writeln!(out, "* back with the server, joined anew")?
             }
+            PeerEvent::PeerJoined {
+                name,
+                watching: true,
+                ..
+            } => writeln!(out, "* {name} joined to watch")?,
             PeerEvent::PeerJoined { name, .. } => writeln!(out, "* {name} joined")?,
             PeerEvent::PeerLeft { name, .. } => writeln!(out, "* {name} left")?,
             PeerEvent::Connected { name, .. } => writeln!(out, "* connected to {name}")?,

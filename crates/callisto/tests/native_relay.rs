@@ -36,6 +36,7 @@ async fn two_relay_only_native_peers_talk_through_turn() {
             server: format!("http://{}", server.addr),
             room: "relayed".into(),
             name: name.into(),
+            watching: false,
             access: None,
             bind: None,
             pin: None,

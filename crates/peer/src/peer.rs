@@ -42,6 +42,9 @@ pub struct PeerConfig {
     pub server: String,
     pub room: String,
     pub name: String,
+    /// Whether to join to watch: the server shows it only to those taking
+    /// part, and to it only them (docs/protocol.md, "Watching").
+    pub watching: bool,
     /// An access code, on a server that needs one.
     pub access: Option<String>,
     /// The address to take media on; by default the one this machine
@@ -88,6 +91,8 @@ pub enum PeerEvent {
     PeerJoined {
         id: String,
         name: String,
+        /// It only watches (and offers to us, if we take part).
+        watching: bool,
     },
     PeerLeft {
         id: String,
@@ -201,6 +206,9 @@ pub async fn run(
     let local = socket.local_addr().map_err(PeerError::Udp)?;
     let (ws, connector) = open(&url, config.pin).await?;
     let mut join = json!({"type": "join", "room": config.room, "name": config.name});
+    if config.watching {
+        join["watching"] = json!(true);
+    }
     if let Some(access) = &config.access {
         join["access"] = json!(access);
     }
@@ -657,6 +665,7 @@ impl Session {
                 self.emit(PeerEvent::PeerJoined {
                     id: peer.id,
                     name: peer.name,
+                    watching: peer.watching,
                 });
             }
             Received::PeerLeft { id } => {

@@ -16,12 +16,15 @@ use crate::{ErrorCode, validate_name, validate_room};
 pub enum ClientMessage<'a> {
     /// `{"type":"join","room":R,"name":N}`, with `"resume":TOKEN` to take
     /// back the place of a connection that was lost, and `"access":CODE`
-    /// on a server that needs an access code; `name` is already trimmed.
+    /// on a server that needs an access code, and `"watching":true` to
+    /// watch (receive only, seen only by those taking part); `name` is
+    /// already trimmed.
     Join {
         room: String,
         name: String,
         resume: Option<String>,
         access: Option<String>,
+        watching: bool,
     },
     /// `{"type":"signal","to":ID,"data":ANY}`
     Signal { to: String, data: &'a RawValue },
@@ -51,14 +54,16 @@ impl PartialEq for ClientMessage<'_> {
                     name: n1,
                     resume: t1,
                     access: a1,
+                    watching: w1,
                 },
                 Join {
                     room: r2,
                     name: n2,
                     resume: t2,
                     access: a2,
+                    watching: w2,
                 },
-            ) => r1 == r2 && n1 == n2 && t1 == t2 && a1 == a2,
+            ) => r1 == r2 && n1 == n2 && t1 == t2 && a1 == a2 && w1 == w2,
             (Signal { to: t1, data: d1 }, Signal { to: t2, data: d2 }) => {
                 t1 == t2 && d1.get() == d2.get()
             }
@@ -120,6 +125,7 @@ struct Envelope<'a> {
     resume: Option<String>,
     access: Option<String>,
     locked: Option<bool>,
+    watching: Option<bool>,
     id: Option<String>,
     // `null` is a valid payload, so a present `data` must not collapse to None.
     #[serde(default, borrow, deserialize_with = "present")]
@@ -186,6 +192,7 @@ pub fn decode_client(text: &str) -> Result<ClientMessage<'_>, DecodeError> {
                 name,
                 resume: env.resume,
                 access: env.access,
+                watching: env.watching.unwrap_or(false),
             })
         }
         "signal" => {
@@ -241,6 +248,7 @@ mod tests {
                 name: "Ada".into(),
                 resume: None,
                 access: None,
+                watching: false,
             }
         );
         assert_eq!(
@@ -250,6 +258,7 @@ mod tests {
                 name: "Ada".into(),
                 resume: Some("0f".into()),
                 access: None,
+                watching: false,
             }
         );
         assert_eq!(
@@ -260,9 +269,22 @@ mod tests {
                 name: "Ada".into(),
                 resume: None,
                 access: Some("moon rise".into()),
+                watching: false,
+            }
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"join","room":"r1","name":"Ada","watching":true}"#)
+                .unwrap(),
+            ClientMessage::Join {
+                room: "r1".into(),
+                name: "Ada".into(),
+                resume: None,
+                access: None,
+                watching: true,
             }
         );
         for bad in [
+            r#"{"type":"join","room":"r1","name":"Ada","watching":"yes"}"#.to_owned(),
             r#"{"type":"join","room":"r1","name":"Ada","access":""}"#.to_owned(),
             format!(
                 r#"{{"type":"join","room":"r1","name":"Ada","access":"{}"}}"#,

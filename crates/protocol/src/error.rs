@@ -32,11 +32,14 @@ pub enum ErrorCode {
     AccessDenied,
     /// Knocking on a locked room: someone in it turned the client away.
     NotAdmitted,
+    /// `lock`, `admit` or `deny` from someone who only watches: only those
+    /// taking part decide who comes in.
+    NotAllowed,
 }
 
 impl ErrorCode {
     /// Every code, for documentation, metrics and tests.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadMessage,
         ErrorCode::BadRoom,
         ErrorCode::BadName,
@@ -49,6 +52,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::AccessDenied,
         ErrorCode::NotAdmitted,
+        ErrorCode::NotAllowed,
     ];
 
     /// The code as it appears on the wire.
@@ -66,6 +70,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate-limited",
             ErrorCode::AccessDenied => "access-denied",
             ErrorCode::NotAdmitted => "not-admitted",
+            ErrorCode::NotAllowed => "not-allowed",
         }
     }
 }

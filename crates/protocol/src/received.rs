@@ -16,6 +16,10 @@ use serde_json::Value;
 pub struct ReceivedPeer {
     pub id: String,
     pub name: String,
+    /// Whether it only watches: it sends no media, and offers only to
+    /// those taking part.
+    #[serde(default)]
+    pub watching: bool,
 }
 
 /// One entry of `iceServers`.
@@ -106,10 +110,11 @@ mod tests {
     use super::*;
     use crate::{ErrorCode, IceServer, PeerInfo, ServerMessage};
 
-    fn peer(id: &str, name: &str) -> PeerInfo {
+    fn peer(id: &str, name: &str, watching: bool) -> PeerInfo {
         PeerInfo {
             id: id.into(),
             name: name.into(),
+            watching,
         }
     }
 
@@ -124,7 +129,7 @@ mod tests {
             id: "a1",
             room: "standup",
             version: 1,
-            peers: vec![peer("b2", "Bob \"the\" builder")],
+            peers: vec![peer("b2", "Bob \"the\" builder", false), peer("c3", "Cy", true)],
             ice_servers: &ice,
             resume: "tok",
             resumed: false,
@@ -137,10 +142,18 @@ mod tests {
                 id: "a1".into(),
                 room: "standup".into(),
                 version: 1,
-                peers: vec![ReceivedPeer {
-                    id: "b2".into(),
-                    name: "Bob \"the\" builder".into()
-                }],
+                peers: vec![
+                    ReceivedPeer {
+                        id: "b2".into(),
+                        name: "Bob \"the\" builder".into(),
+                        watching: false,
+                    },
+                    ReceivedPeer {
+                        id: "c3".into(),
+                        name: "Cy".into(),
+                        watching: true,
+                    }
+                ],
                 ice_servers: vec![ReceivedIceServer {
                     urls: ice[0].urls.clone(),
                     username: ice[0].username.clone(),
@@ -198,11 +211,11 @@ mod tests {
         }
 
         #[test]
-        fn every_peer_message_round_trips(id in "[0-9a-f]{1,32}", name in "\\PC{1,64}", admitted: bool) {
-            let joined = ServerMessage::PeerJoined { peer: peer(&id, &name) };
+        fn every_peer_message_round_trips(id in "[0-9a-f]{1,32}", name in "\\PC{1,64}", admitted: bool, watching: bool) {
+            let joined = ServerMessage::PeerJoined { peer: peer(&id, &name, watching) };
             prop_assert_eq!(
                 decode_server(&joined.to_json()).unwrap(),
-                Received::PeerJoined { peer: ReceivedPeer { id: id.clone(), name: name.clone() } }
+                Received::PeerJoined { peer: ReceivedPeer { id: id.clone(), name: name.clone(), watching } }
             );
             let ended = ServerMessage::KnockEnded { id: &id, admitted };
             prop_assert_eq!(

@@ -10,6 +10,9 @@ use crate::ErrorCode;
 pub struct PeerInfo {
     pub id: String,
     pub name: String,
+    /// Whether the peer only watches (`join.watching`); absent: it takes part.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub watching: bool,
 }
 
 /// One entry of `welcome.iceServers`, in the shape `RTCPeerConnection` takes.
@@ -140,10 +143,18 @@ mod tests {
             id: "p1",
             room: "r",
             version: 1,
-            peers: vec![PeerInfo {
-                id: "p0".into(),
-                name: "Ada".into(),
-            }],
+            peers: vec![
+                PeerInfo {
+                    id: "p0".into(),
+                    name: "Ada".into(),
+                    watching: false,
+                },
+                PeerInfo {
+                    id: "p2".into(),
+                    name: "Vi".into(),
+                    watching: true,
+                },
+            ],
             ice_servers: &ice,
             resume: "t1",
             resumed: false,
@@ -152,7 +163,7 @@ mod tests {
         };
         assert_eq!(
             welcome.to_json(),
-            r#"{"type":"welcome","id":"p1","room":"r","version":1,"peers":[{"id":"p0","name":"Ada"}],"iceServers":[{"urls":["stun:127.0.0.1:3478"]}],"resume":"t1","resumed":false}"#
+            r#"{"type":"welcome","id":"p1","room":"r","version":1,"peers":[{"id":"p0","name":"Ada"},{"id":"p2","name":"Vi","watching":true}],"iceServers":[{"urls":["stun:127.0.0.1:3478"]}],"resume":"t1","resumed":false}"#
         );
         let data = RawValue::from_string(r#"{"a": [1, 2]}"#.into()).unwrap();
         assert_eq!(
@@ -176,6 +187,7 @@ mod tests {
             waiting: vec![PeerInfo {
                 id: "p3".into(),
                 name: "Cy".into(),
+                watching: false,
             }],
         };
         assert_eq!(

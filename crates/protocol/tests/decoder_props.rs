@@ -107,6 +107,7 @@ proptest! {
         name in "\\PC{1,64}",
         resume in proptest::option::of("\\PC{1,16}"),
         access in proptest::option::of("\\PC{1,64}"),
+        watching in proptest::option::of(proptest::bool::ANY),
     ) {
         let mut join = serde_json::json!({"type": "join", "room": room, "name": name});
         if let Some(token) = &resume {
@@ -115,9 +116,13 @@ proptest! {
         if let Some(code) = &access {
             join["access"] = Value::from(code.as_str());
         }
+        if let Some(w) = watching {
+            join["watching"] = Value::from(w);
+        }
         let text = join.to_string();
         match decode_client(&text) {
-            Ok(ClientMessage::Join { room: r, name: n, resume: t, access: a }) => {
+            Ok(ClientMessage::Join { room: r, name: n, resume: t, access: a, watching: w }) => {
+                prop_assert_eq!(w, watching.unwrap_or(false));
                 prop_assert_eq!(r, room);
                 prop_assert_eq!(n, name.trim());
                 prop_assert_eq!(t, resume);

@@ -585,7 +585,14 @@ impl Conn {
                 name,
                 resume,
                 access,
-            } => self.join(&room, &name, resume.as_deref(), access.as_deref()),
+                watching,
+            } => self.join(
+                &room,
+                &name,
+                watching,
+                resume.as_deref(),
+                access.as_deref(),
+            ),
             ClientMessage::Signal { to, data } => match &self.seat {
                 Some(seat) => self.hub().signal(&seat.id, &to, data),
                 None => Err(ErrorCode::NotJoined),
@@ -625,6 +632,7 @@ impl Conn {
         &mut self,
         room: &str,
         name: &str,
+        watching: bool,
         resume: Option<&str>,
         access: Option<&str>,
     ) -> Result<(), ErrorCode> {
@@ -643,13 +651,13 @@ impl Conn {
         let ice = (self.cfg.ice_servers)();
         let seat = self
             .hub()
-            .join(room, name, resume, self.sink.clone(), &ice)?;
+            .join(room, name, watching, resume, self.sink.clone(), &ice)?;
         if seat.resumed {
             info!(remote = %self.remote, room, peer = %seat.id, "resumed");
         } else if seat.waiting {
-            info!(remote = %self.remote, room, peer = %seat.id, "knocking on a locked room");
+            info!(remote = %self.remote, room, peer = %seat.id, watching, "knocking on a locked room");
         } else {
-            info!(remote = %self.remote, room, peer = %seat.id, "joined");
+            info!(remote = %self.remote, room, peer = %seat.id, watching, "joined");
         }
         self.seat = Some(seat);
         Ok(())
@@ -760,6 +768,7 @@ fn explain(code: ErrorCode) -> &'static str {
             "this server needs an access code to join: none or a wrong one was given"
         }
         ErrorCode::NotAdmitted => "someone in the room turned you away",
+        ErrorCode::NotAllowed => "only those taking part, not those watching, decide who comes in",
     }
 }
 

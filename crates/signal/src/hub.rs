@@ -142,10 +142,12 @@ pub struct Seat {
 /// Most who may knock on one locked room at once; more get `room-full`.
 pub const MAX_WAITING: usize = 8;
 
-/// Someone knocking on a locked room, with what its `welcome` will need.
-struct Waiter<S> {
+/// A newcomer to a room, with what its `welcome` will need: knocking on
+/// a locked room, or being seated.
+struct Newcomer<S> {
     name: String,
     room: String,
+    watching: bool,
     attachment: u64,
     sink: S,
     ice_servers: Vec<IceServer>,
@@ -165,6 +167,8 @@ pub struct HubStats {
 struct Peer<S> {
     name: String,
     room: String,
+    /// Watches only: it sees, and is seen by, only those taking part.
+    watching: bool,
     /// The secret that resumes this place (`welcome.resume`).
     token: String,
     attachment: u64,
@@ -225,7 +229,7 @@ pub struct Hub<S> {
     tokens: HashMap<String, String>,
     /// The locked rooms, each with who knocks on it, in order.
     locks: HashMap<String, Vec<String>>,
-    waiters: HashMap<String, Waiter<S>>,
+    waiters: HashMap<String, Newcomer<S>>,
     /// Bytes kept for lost connections, all together.
     away_total: usize,
     /// Places of lost connections: with none, the expiry has nothing to
@@ -234,6 +238,15 @@ pub struct Hub<S> {
     attachments: u64,
     new_id: Box<dyn FnMut() -> String + Send>,
     evicted: Vec<String>,
+}
+
+/// Whether a peer sees another in its room (`welcome.peers`, `peer-joined`,
+/// `peer-left`, their `broadcast`s and `signal`s), by whether each only
+/// watches: those taking part see everyone, and those who watch see only
+/// those taking part. So a broadcast's audience connect to its speakers
+/// alone, not to each other, and do not learn who else watches.
+fn sees(watching: bool, other_watching: bool) -> bool {
+    !watching || !other_watching
 }
 
 /// An unguessable peer id: 128 random bits from the OS, as 32 hex digits.
@@ -264,13 +277,15 @@ impl<S: PeerSink> Hub<S> {
     }
 
     /// Adds a peer to `room` (created on first join), sends it `welcome` and
-    /// tells the others. With the `resume` token of a place in that room,
-    /// the new connection takes the place back instead (see the module
-    /// documentation); an unknown or expired token joins as new.
+    /// tells the others; `watching`, to watch (see [`sees`]). With the
+    /// `resume` token of a place in that room, the new connection takes
+    /// the place back instead (see the module documentation), in the role
+    /// it had; an unknown or expired token joins as new.
     pub fn join(
         &mut self,
         room: &str,
         name: &str,
+        watching: bool,
         resume: Option<&str>,
         sink: S,
         ice_servers: &[IceServer],
@@ -282,7 +297,15 @@ impl<S: PeerSink> Hub<S> {
             },
             None => sink,
         };
-        self.join_new(room, name, sink, ice_servers)
+        let attachment = self.next_attachment();
+        self.join_new(Newcomer {
+            name: name.to_owned(),
+            room: room.to_owned(),
+            watching,
+            attachment,
+            sink,
+            ice_servers: ice_servers.to_vec(),
+        })
     }
 
     fn next_attachment(&mut self) -> u64 {
@@ -290,18 +313,23 @@ impl<S: PeerSink> Hub<S> {
         self.attachments
     }
 
-    /// The others in `room`, in join order, as `welcome` lists them.
-    fn members_but(&self, room: &str, except: Option<&str>) -> Vec<PeerInfo> {
+    /// The others in `room` whom a peer (`watching` or not) sees, in
+    /// join order, as `welcome` lists them.
+    fn members_but(&self, room: &str, except: Option<&str>, watching: bool) -> Vec<PeerInfo> {
         self.rooms
             .get(room)
             .into_iter()
             .flatten()
             .filter(|pid| Some(pid.as_str()) != except)
             .filter_map(|pid| {
-                self.peers.get(pid).map(|p| PeerInfo {
-                    id: pid.clone(),
-                    name: p.name.clone(),
-                })
+                self.peers
+                    .get(pid)
+                    .filter(|p| sees(watching, p.watching))
+                    .map(|p| PeerInfo {
+                        id: pid.clone(),
+                        name: p.name.clone(),
+                        watching: p.watching,
+                    })
             })
             .collect()
     }
@@ -328,7 +356,8 @@ impl<S: PeerSink> Hub<S> {
             return Err(sink);
         };
         let attachment = self.next_attachment();
-        let peers = self.members_but(room, Some(&id));
+        let watching = self.peers.get(&id).is_some_and(|p| p.watching);
+        let peers = self.members_but(room, Some(&id), watching);
         let welcome = Frame::new(&ServerMessage::Welcome {
             id: &id,
             room,
@@ -337,8 +366,8 @@ impl<S: PeerSink> Hub<S> {
             ice_servers,
             resume: token,
             resumed: true,
-            locked: self.locks.contains_key(room),
-            waiting: self.knocking(room),
+            locked: !watching && self.locks.contains_key(room),
+            waiting: self.knocking(room, watching),
         });
         let Some(peer) = self.peers.get_mut(&id) else {
             return Err(sink);
@@ -379,8 +408,12 @@ impl<S: PeerSink> Hub<S> {
         })
     }
 
-    /// Who knocks on `room`, in order, as `welcome.waiting` lists them.
-    fn knocking(&self, room: &str) -> Vec<PeerInfo> {
+    /// Who knocks on `room`, in order, as `welcome.waiting` lists them:
+    /// nobody to one who watches, who has no say in it.
+    fn knocking(&self, room: &str, watching: bool) -> Vec<PeerInfo> {
+        if watching {
+            return Vec::new();
+        }
         self.locks
             .get(room)
             .into_iter()
@@ -389,6 +422,7 @@ impl<S: PeerSink> Hub<S> {
                 self.waiters.get(id).map(|w| PeerInfo {
                     id: id.clone(),
                     name: w.name.clone(),
+                    watching: w.watching,
                 })
             })
             .collect()
@@ -404,14 +438,8 @@ impl<S: PeerSink> Hub<S> {
         }
     }
 
-    fn join_new(
-        &mut self,
-        room: &str,
-        name: &str,
-        sink: S,
-        ice_servers: &[IceServer],
-    ) -> Result<Seat, ErrorCode> {
-        let members = self.rooms.get(room);
+    fn join_new(&mut self, newcomer: Newcomer<S>) -> Result<Seat, ErrorCode> {
+        let members = self.rooms.get(&newcomer.room);
         match members {
             Some(m) if m.len() >= self.limits.max_room_size => return Err(ErrorCode::RoomFull),
             None if self.rooms.len() >= self.limits.max_rooms => {
@@ -419,126 +447,111 @@ impl<S: PeerSink> Hub<S> {
             }
             _ => {}
         }
-        if self.locks.contains_key(room) {
-            return self.knock(room, name, sink, ice_servers);
+        if self.locks.contains_key(&newcomer.room) {
+            return self.knock(newcomer);
         }
         let id = self.fresh_id();
-        let attachment = self.next_attachment();
-        self.seat_new(room, &id, name, sink, ice_servers, attachment);
-        self.settle();
-        Ok(Seat {
+        let seat = Seat {
             id,
-            room: room.to_owned(),
-            attachment,
+            room: newcomer.room.clone(),
+            attachment: newcomer.attachment,
             resumed: false,
             waiting: false,
-        })
+        };
+        self.seat_new(&seat.id, newcomer);
+        self.settle();
+        Ok(seat)
     }
 
     /// Puts a newcomer knocking on locked `room` in its lobby, and tells
     /// the room.
-    fn knock(
-        &mut self,
-        room: &str,
-        name: &str,
-        sink: S,
-        ice_servers: &[IceServer],
-    ) -> Result<Seat, ErrorCode> {
-        if self.locks.get(room).is_some_and(|w| w.len() >= MAX_WAITING) {
+    fn knock(&mut self, newcomer: Newcomer<S>) -> Result<Seat, ErrorCode> {
+        let room = newcomer.room.clone();
+        if self.locks.get(&room).is_some_and(|w| w.len() >= MAX_WAITING) {
             return Err(ErrorCode::RoomFull);
         }
         let id = self.fresh_id();
-        let attachment = self.next_attachment();
         // A sink that cannot take its first frame is closing anyway.
-        let _ = sink.send(Frame::new(&ServerMessage::Waiting { room }));
+        let _ = newcomer
+            .sink
+            .send(Frame::new(&ServerMessage::Waiting { room: &room }));
         let knock = Frame::new(&ServerMessage::Knock {
             peer: PeerInfo {
                 id: id.clone(),
-                name: name.to_owned(),
+                name: newcomer.name.clone(),
+                watching: newcomer.watching,
             },
         });
-        self.fan_out(room, None, &knock, None);
-        self.locks
-            .entry(room.to_owned())
-            .or_default()
-            .push(id.clone());
-        self.waiters.insert(
-            id.clone(),
-            Waiter {
-                name: name.to_owned(),
-                room: room.to_owned(),
-                attachment,
-                sink,
-                ice_servers: ice_servers.to_vec(),
-            },
-        );
+        self.fan_out(&room, None, &knock, None, false);
+        self.locks.entry(room.clone()).or_default().push(id.clone());
+        let attachment = newcomer.attachment;
+        self.waiters.insert(id.clone(), newcomer);
         metrics::counter!("callisto_signaling_knocks_total", "result" => "knocked").increment(1);
         self.settle();
         Ok(Seat {
             id,
-            room: room.to_owned(),
+            room,
             attachment,
             resumed: false,
             waiting: true,
         })
     }
 
-    /// Takes a newcomer into `room` (created if need be) with a fresh id:
-    /// `welcome` for it, `peer-joined` for the others.
-    fn seat_new(
-        &mut self,
-        room: &str,
-        id: &str,
-        name: &str,
-        sink: S,
-        ice_servers: &[IceServer],
-        attachment: u64,
-    ) {
+    /// Takes a newcomer into its room (created if need be) with a fresh
+    /// id: `welcome` for it, `peer-joined` for the others who see it.
+    fn seat_new(&mut self, id: &str, newcomer: Newcomer<S>) {
+        let Newcomer {
+            name,
+            room,
+            watching,
+            attachment,
+            sink,
+            ice_servers,
+        } = newcomer;
         let token = random_peer_id();
         let welcome = Frame::new(&ServerMessage::Welcome {
             id,
-            room,
+            room: &room,
             version: PROTOCOL_VERSION,
-            peers: self.members_but(room, None),
-            ice_servers,
+            peers: self.members_but(&room, None, watching),
+            ice_servers: &ice_servers,
             resume: &token,
             resumed: false,
-            locked: self.locks.contains_key(room),
-            waiting: self.knocking(room),
+            locked: !watching && self.locks.contains_key(&room),
+            waiting: self.knocking(&room, watching),
         });
         let joined = Frame::new(&ServerMessage::PeerJoined {
             peer: PeerInfo {
                 id: id.to_owned(),
-                name: name.to_owned(),
+                name: name.clone(),
+                watching,
             },
         });
-        self.fan_out(room, None, &joined, None);
+        self.fan_out(&room, None, &joined, None, !watching);
         if sink.send(welcome).is_err() {
             self.evicted.push(id.to_owned());
         }
         self.tokens.insert(token.clone(), id.to_owned());
+        self.rooms.entry(room.clone()).or_default().push(id.to_owned());
         self.peers.insert(
             id.to_owned(),
             Peer {
-                name: name.to_owned(),
-                room: room.to_owned(),
+                name,
+                room,
+                watching,
                 token,
                 attachment,
                 link: Link::Live(sink),
             },
         );
-        self.rooms
-            .entry(room.to_owned())
-            .or_default()
-            .push(id.to_owned());
     }
 
     /// Locks (or unlocks) the room of peer `by`, and tells everyone in
     /// it. Unlocking lets in whoever knocks.
     pub fn lock(&mut self, by: &str, locked: bool) -> Result<(), ErrorCode> {
-        let room = self.peers.get(by).ok_or(ErrorCode::NotJoined)?.room.clone();
+        let room = self.taking_part(by)?.room.clone();
         let frame = Frame::new(&ServerMessage::Locked { locked, by });
-        self.fan_out(&room, None, &frame, None);
+        self.fan_out(&room, None, &frame, None, false);
         if locked {
             self.locks.entry(room).or_default();
         } else if let Some(waiting) = self.locks.remove(&room) {
@@ -573,9 +586,19 @@ impl<S: PeerSink> Hub<S> {
         Ok(())
     }
 
-    /// Whether `by` is in a room that `id` knocks on.
+    /// Peer `by`, if it is in a room and takes part: one who watches has
+    /// no say in who comes in.
+    fn taking_part(&self, by: &str) -> Result<&Peer<S>, ErrorCode> {
+        match self.peers.get(by) {
+            None => Err(ErrorCode::NotJoined),
+            Some(p) if p.watching => Err(ErrorCode::NotAllowed),
+            Some(p) => Ok(p),
+        }
+    }
+
+    /// Whether `by` takes part in a room that `id` knocks on.
     fn check_knock(&self, by: &str, id: &str) -> Result<(), ErrorCode> {
-        let room = &self.peers.get(by).ok_or(ErrorCode::NotJoined)?.room;
+        let room = &self.taking_part(by)?.room;
         match self.waiters.get(id) {
             Some(w) if &w.room == room => Ok(()),
             _ => Err(ErrorCode::UnknownPeer),
@@ -584,13 +607,13 @@ impl<S: PeerSink> Hub<S> {
 
     /// Takes `id` out of its room's lobby, and tells the room why
     /// (`admitted` or not).
-    fn stop_knocking(&mut self, id: &str, admitted: bool) -> Option<Waiter<S>> {
+    fn stop_knocking(&mut self, id: &str, admitted: bool) -> Option<Newcomer<S>> {
         let waiter = self.waiters.remove(id)?;
         if let Some(waiting) = self.locks.get_mut(&waiter.room) {
             waiting.retain(|w| w != id);
         }
         let ended = Frame::new(&ServerMessage::KnockEnded { id, admitted });
-        self.fan_out(&waiter.room, None, &ended, None);
+        self.fan_out(&waiter.room, None, &ended, None, false);
         Some(waiter)
     }
 
@@ -612,14 +635,7 @@ impl<S: PeerSink> Hub<S> {
             return;
         }
         metrics::counter!("callisto_signaling_knocks_total", "result" => "admitted").increment(1);
-        let Waiter {
-            name,
-            room,
-            attachment,
-            sink,
-            ice_servers,
-        } = waiter;
-        self.seat_new(&room, id, &name, sink, &ice_servers, attachment);
+        self.seat_new(id, waiter);
     }
 
     /// Whether `seat` is still its connection's: not evicted, resumed
@@ -716,9 +732,15 @@ impl<S: PeerSink> Hub<S> {
     }
 
     /// Relays `data` from `from` to the peer `to` in the same room.
+    /// Two who watch do not see each other: to one, the other is unknown.
     pub fn signal(&mut self, from: &str, to: &str, data: &RawValue) -> Result<(), ErrorCode> {
-        let room = &self.peers.get(from).ok_or(ErrorCode::NotJoined)?.room;
-        if to == from || self.peers.get(to).is_none_or(|t| &t.room != room) {
+        let sender = self.peers.get(from).ok_or(ErrorCode::NotJoined)?;
+        if to == from
+            || self
+                .peers
+                .get(to)
+                .is_none_or(|t| t.room != sender.room || !sees(sender.watching, t.watching))
+        {
             return Err(ErrorCode::UnknownPeer);
         }
         let frame = Frame::new(&ServerMessage::Signal { from, data });
@@ -733,16 +755,12 @@ impl<S: PeerSink> Hub<S> {
         Ok(())
     }
 
-    /// Relays `data` from `from` to every other peer in its room.
+    /// Relays `data` from `from` to every other peer in its room who sees it.
     pub fn broadcast(&mut self, from: &str, data: &RawValue) -> Result<(), ErrorCode> {
-        let room = self
-            .peers
-            .get(from)
-            .ok_or(ErrorCode::NotJoined)?
-            .room
-            .clone();
+        let sender = self.peers.get(from).ok_or(ErrorCode::NotJoined)?;
+        let (room, to_watchers) = (sender.room.clone(), !sender.watching);
         let frame = Frame::new(&ServerMessage::Broadcast { from, data });
-        self.fan_out(&room, Some(from), &frame, Some(from));
+        self.fan_out(&room, Some(from), &frame, Some(from), to_watchers);
         self.settle();
         Ok(())
     }
@@ -770,19 +788,24 @@ impl<S: PeerSink> Hub<S> {
             self.away_total -= bytes;
             self.away_count -= 1;
         }
-        let mut emptied = false;
         if let Some(members) = self.rooms.get_mut(&peer.room) {
             members.retain(|m| m != id);
             if members.is_empty() {
                 self.rooms.remove(&peer.room);
-                emptied = true;
             }
         }
         let left = Frame::new(&ServerMessage::PeerLeft { id });
-        self.fan_out(&peer.room, None, &left, None);
-        // Nobody is left to let them in, or to keep out of the room:
-        // those knocking come in, to the room as new and unlocked.
-        if emptied && let Some(waiting) = self.locks.remove(&peer.room) {
+        self.fan_out(&peer.room, None, &left, None, !peer.watching);
+        // Nobody is left to let them in, or to keep out of the room (those
+        // who watch have no say): those knocking come in, to the room as
+        // unlocked.
+        let deciders = self
+            .rooms
+            .get(&peer.room)
+            .into_iter()
+            .flatten()
+            .any(|m| self.peers.get(m).is_some_and(|p| !p.watching));
+        if !deciders && let Some(waiting) = self.locks.remove(&peer.room) {
             for waiter in waiting {
                 self.let_in(&waiter);
             }
@@ -790,9 +813,17 @@ impl<S: PeerSink> Hub<S> {
         true
     }
 
-    /// Sends `frame` to everyone in `room` but `except`; `from` is the
-    /// peer whose message it relays, if any (see [`Link::take`]).
-    fn fan_out(&mut self, room: &str, except: Option<&str>, frame: &Frame, from: Option<&str>) {
+    /// Sends `frame` to everyone in `room` but `except`, and but those who
+    /// watch unless `to_watchers`; `from` is the peer whose message it
+    /// relays, if any (see [`Link::take`]).
+    fn fan_out(
+        &mut self,
+        room: &str,
+        except: Option<&str>,
+        frame: &Frame,
+        from: Option<&str>,
+        to_watchers: bool,
+    ) {
         let Some(members) = self.rooms.get(room) else {
             return;
         };
@@ -801,6 +832,7 @@ impl<S: PeerSink> Hub<S> {
                 continue;
             }
             if let Some(peer) = self.peers.get_mut(member)
+                && (to_watchers || !peer.watching)
                 && !peer
                     .link
                     .take(frame, from, &self.limits, &mut self.away_total)
@@ -896,14 +928,14 @@ mod tests {
             username: None,
             credential: None,
         }];
-        let ida = hub.join("r", "Ada", None, a.clone(), &ice).unwrap();
+        let ida = hub.join("r", "Ada", false, None, a.clone(), &ice).unwrap();
         let welcome = &a.take()[0];
         assert_eq!(welcome["type"], "welcome");
         assert_eq!(welcome["id"], "p1");
         assert_eq!(welcome["peers"], serde_json::json!([]));
         assert_eq!(welcome["iceServers"][0]["urls"][0], "stun:example.org");
 
-        let idb = hub.join("r", "Bob", None, b.clone(), &ice).unwrap();
+        let idb = hub.join("r", "Bob", false, None, b.clone(), &ice).unwrap();
         assert_eq!(
             b.take()[0]["peers"],
             serde_json::json!([{"id": "p1", "name": "Ada"}])
@@ -946,11 +978,11 @@ mod tests {
     fn signal_errors() {
         let mut hub = hub(16, 10);
         let a = hub
-            .join("r1", "A", None, Recorder::new(10), &[])
+            .join("r1", "A", false, None, Recorder::new(10), &[])
             .unwrap()
             .id;
         let b = hub
-            .join("r2", "B", None, Recorder::new(10), &[])
+            .join("r2", "B", false, None, Recorder::new(10), &[])
             .unwrap()
             .id;
         let d = raw("1");
@@ -968,14 +1000,14 @@ mod tests {
     #[test]
     fn room_full_and_server_full() {
         let mut hub = hub(2, 1);
-        hub.join("r", "A", None, Recorder::new(10), &[]).unwrap();
-        hub.join("r", "B", None, Recorder::new(10), &[]).unwrap();
+        hub.join("r", "A", false, None, Recorder::new(10), &[]).unwrap();
+        hub.join("r", "B", false, None, Recorder::new(10), &[]).unwrap();
         assert_eq!(
-            hub.join("r", "C", None, Recorder::new(10), &[]),
+            hub.join("r", "C", false, None, Recorder::new(10), &[]),
             Err(ErrorCode::RoomFull)
         );
         assert_eq!(
-            hub.join("other", "D", None, Recorder::new(10), &[]),
+            hub.join("other", "D", false, None, Recorder::new(10), &[]),
             Err(ErrorCode::ServerFull)
         );
         assert_eq!(hub.stats().peers, 2);
@@ -985,8 +1017,8 @@ mod tests {
     fn ids_never_collide() {
         let mut ids = vec!["same".to_string(), "same".into(), "other".into()].into_iter();
         let mut hub: Hub<Recorder> = Hub::new(HubLimits::new(9, 9), move || ids.next().unwrap());
-        let a = hub.join("r", "A", None, Recorder::new(10), &[]).unwrap();
-        let b = hub.join("r", "B", None, Recorder::new(10), &[]).unwrap();
+        let a = hub.join("r", "A", false, None, Recorder::new(10), &[]).unwrap();
+        let b = hub.join("r", "B", false, None, Recorder::new(10), &[]).unwrap();
         assert_ne!(a.id, b.id);
     }
 
@@ -995,8 +1027,8 @@ mod tests {
         let mut hub = hub(16, 10);
         let slow = Recorder::new(3); // welcome, peer-joined, one more
         let fast = Recorder::new(100);
-        let s = hub.join("r", "Slow", None, slow.clone(), &[]).unwrap().id;
-        let f = hub.join("r", "Fast", None, fast.clone(), &[]).unwrap().id;
+        let s = hub.join("r", "Slow", false, None, slow.clone(), &[]).unwrap().id;
+        let f = hub.join("r", "Fast", false, None, fast.clone(), &[]).unwrap().id;
         fast.take();
         hub.broadcast(&f, &raw("1")).unwrap();
         assert!(hub.contains(&s));
@@ -1030,10 +1062,10 @@ mod tests {
             }
         });
         let (a, b, c) = (Recorder::new(100), Recorder::new(100), Recorder::new(100));
-        let sa = hub.join("r", "A", None, a.clone(), &[]).unwrap();
+        let sa = hub.join("r", "A", false, None, a.clone(), &[]).unwrap();
         let token = a.take()[0]["resume"].as_str().unwrap().to_owned();
-        let sb = hub.join("r", "B", None, b.clone(), &[]).unwrap();
-        let sc = hub.join("r", "C", None, c.clone(), &[]).unwrap();
+        let sb = hub.join("r", "B", false, None, b.clone(), &[]).unwrap();
+        let sc = hub.join("r", "C", false, None, c.clone(), &[]).unwrap();
         b.take();
 
         assert_eq!(hub.park(&sa, t0), Parked::Kept);
@@ -1054,13 +1086,13 @@ mod tests {
         // lets it back.
         let other = Recorder::new(10);
         let wrong = hub
-            .join("s", "X", Some(&token), other.clone(), &[])
+            .join("s", "X", false, Some(&token), other.clone(), &[])
             .unwrap();
         assert!(!wrong.resumed);
         let d = Recorder::new(10);
-        hub.join("r", "D", None, d, &[]).unwrap();
+        hub.join("r", "D", false, None, d, &[]).unwrap();
         let back = Recorder::new(100);
-        let seat = hub.join("r", "A", Some(&token), back.clone(), &[]).unwrap();
+        let seat = hub.join("r", "A", false, Some(&token), back.clone(), &[]).unwrap();
         assert_eq!((seat.id.as_str(), seat.resumed), ("p1", true));
         let got = back.take();
         assert_eq!(got[0]["type"], "welcome");
@@ -1091,7 +1123,7 @@ mod tests {
 
         // And one whose grace passes is gone too, as is its token.
         let e = Recorder::new(100);
-        let se = hub.join("r", "E", None, e.clone(), &[]).unwrap();
+        let se = hub.join("r", "E", false, None, e.clone(), &[]).unwrap();
         let e_token = e.take()[0]["resume"].as_str().unwrap().to_owned();
         assert_eq!(hub.park(&se, t0), Parked::Kept);
         assert_eq!(hub.expire(t0 + grace), 1);
@@ -1100,7 +1132,7 @@ mod tests {
                 .contains(&serde_json::json!({"type": "peer-left", "id": se.id}))
         );
         let again = hub
-            .join("r", "E", Some(&e_token), Recorder::new(10), &[])
+            .join("r", "E", false, Some(&e_token), Recorder::new(10), &[])
             .unwrap();
         assert!(!again.resumed);
     }
@@ -1129,11 +1161,11 @@ mod tests {
             },
         );
         let t0 = Instant::now();
-        let sender = hub.join("r", "S", None, Recorder::new(100), &[]).unwrap();
+        let sender = hub.join("r", "S", false, None, Recorder::new(100), &[]).unwrap();
         let (x, y) = (Recorder::new(100), Recorder::new(100));
-        let sx = hub.join("r", "X", None, x.clone(), &[]).unwrap();
+        let sx = hub.join("r", "X", false, None, x.clone(), &[]).unwrap();
         let x_token = x.take()[0]["resume"].as_str().unwrap().to_owned();
-        let sy = hub.join("r", "Y", None, y, &[]).unwrap();
+        let sy = hub.join("r", "Y", false, None, y, &[]).unwrap();
         assert_eq!(hub.park(&sx, t0), Parked::Kept);
         assert_eq!(hub.park(&sy, t0), Parked::Kept);
         hub.broadcast(&sender.id, &raw("1")).unwrap();
@@ -1144,7 +1176,7 @@ mod tests {
         assert_eq!(hub.away_total, 2 * one);
         // X resumes: its share is free again.
         let back = Recorder::new(100);
-        hub.join("r", "X", Some(&x_token), back.clone(), &[])
+        hub.join("r", "X", false, Some(&x_token), back.clone(), &[])
             .unwrap();
         assert_eq!(back.take().len(), 3, "welcome and both broadcasts");
         assert_eq!(hub.away_total, 0);
@@ -1160,7 +1192,7 @@ mod tests {
                 .collect()
         };
         let (a, b, c) = (Recorder::new(100), Recorder::new(100), Recorder::new(100));
-        let ada = hub.join("r", "Ada", None, a.clone(), &[]).unwrap();
+        let ada = hub.join("r", "Ada", false, None, a.clone(), &[]).unwrap();
         a.take();
         hub.lock(&ada.id, true).unwrap();
         assert_eq!(
@@ -1169,7 +1201,7 @@ mod tests {
         );
 
         // Bob knocks: he waits, seen by nobody and seeing nothing.
-        let bob = hub.join("r", "Bob", None, b.clone(), &[]).unwrap();
+        let bob = hub.join("r", "Bob", false, None, b.clone(), &[]).unwrap();
         assert!(bob.waiting);
         assert_eq!(
             b.take(),
@@ -1192,7 +1224,7 @@ mod tests {
         assert_eq!(hub.stats().peers, 1);
 
         // Cy knocks too; Ada lets Bob in, who hears of Cy.
-        let cy = hub.join("r", "Cy", None, c.clone(), &[]).unwrap();
+        let cy = hub.join("r", "Cy", false, None, c.clone(), &[]).unwrap();
         a.take();
         c.take();
         hub.admit(&ada.id, &bob.id).unwrap();
@@ -1221,14 +1253,14 @@ mod tests {
         assert_eq!(types(&b), ["knock-ended"]);
         assert!(!hub.has(&cy));
         assert_eq!(hub.admit(&ada.id, &cy.id), Err(ErrorCode::UnknownPeer));
-        let cy = hub.join("r", "Cy", None, c.clone(), &[]).unwrap();
+        let cy = hub.join("r", "Cy", false, None, c.clone(), &[]).unwrap();
         assert!(hub.leave(&cy), "stops knocking");
         assert_eq!(types(&a), ["knock", "knock-ended"]);
 
         // Someone in another room can neither let in nor turn away.
         let (d, e) = (Recorder::new(100), Recorder::new(100));
-        let dee = hub.join("r", "Dee", None, d.clone(), &[]).unwrap();
-        let eve = hub.join("elsewhere", "Eve", None, e.clone(), &[]).unwrap();
+        let dee = hub.join("r", "Dee", false, None, d.clone(), &[]).unwrap();
+        let eve = hub.join("elsewhere", "Eve", false, None, e.clone(), &[]).unwrap();
         assert_eq!(hub.admit(&eve.id, &dee.id), Err(ErrorCode::UnknownPeer));
         assert_eq!(hub.deny(&eve.id, &dee.id), Err(ErrorCode::UnknownPeer));
 
@@ -1243,31 +1275,114 @@ mod tests {
     }
 
     #[test]
+    fn those_who_watch_see_only_those_taking_part_and_have_no_say_in_who_comes_in() {
+        use serde_json::json;
+        let mut hub = hub(16, 10);
+        let types = |r: &Recorder| -> Vec<String> {
+            r.take()
+                .iter()
+                .map(|f| f["type"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let [a, v, w, b, k] = [(); 5].map(|_| Recorder::new(100));
+        let ada = hub.join("r", "Ada", false, None, a.clone(), &[]).unwrap();
+        let vi = hub.join("r", "Vi", true, None, v.clone(), &[]).unwrap();
+        let wu = hub.join("r", "Wu", true, None, w.clone(), &[]).unwrap();
+        assert_eq!(
+            a.take()[1..],
+            [
+                json!({"type": "peer-joined", "peer": {"id": "p2", "name": "Vi", "watching": true}}),
+                json!({"type": "peer-joined", "peer": {"id": "p3", "name": "Wu", "watching": true}}),
+            ]
+        );
+        // Each who watches sees Ada alone, not the other.
+        for r in [&v, &w] {
+            let frames = r.take();
+            assert_eq!(frames.len(), 1, "{frames:?}");
+            assert_eq!(frames[0]["peers"], json!([{"id": "p1", "name": "Ada"}]));
+        }
+        assert_eq!(
+            hub.signal(&vi.id, &wu.id, &raw("1")),
+            Err(ErrorCode::UnknownPeer)
+        );
+        hub.signal(&vi.id, &ada.id, &raw("1")).unwrap();
+        hub.broadcast(&vi.id, &raw("2")).unwrap();
+        assert_eq!(types(&a), ["signal", "broadcast"]);
+        assert!(w.take().is_empty(), "Vi's broadcast reaches only Ada");
+        hub.broadcast(&ada.id, &raw("3")).unwrap();
+        hub.signal(&ada.id, &wu.id, &raw("4")).unwrap();
+        assert_eq!(types(&v), ["broadcast"]);
+        assert_eq!(types(&w), ["broadcast", "signal"]);
+
+        // Bob, taking part, sees everyone, and everyone sees him.
+        let bob = hub.join("r", "Bob", false, None, b.clone(), &[]).unwrap();
+        assert_eq!(
+            b.take()[0]["peers"],
+            json!([
+                {"id": "p1", "name": "Ada"},
+                {"id": "p2", "name": "Vi", "watching": true},
+                {"id": "p3", "name": "Wu", "watching": true},
+            ])
+        );
+        for r in [&a, &v, &w] {
+            assert_eq!(types(r), ["peer-joined"]);
+        }
+
+        // Only those taking part lock, hear knocks, and let in.
+        assert_eq!(hub.lock(&vi.id, true), Err(ErrorCode::NotAllowed));
+        hub.lock(&ada.id, true).unwrap();
+        let kay = hub.join("r", "Kay", true, None, k.clone(), &[]).unwrap();
+        assert!(kay.waiting);
+        assert_eq!(
+            b.take()[1],
+            json!({"type": "knock", "peer": {"id": "p5", "name": "Kay", "watching": true}})
+        );
+        assert!(v.take().is_empty() && w.take().is_empty());
+        assert_eq!(hub.admit(&vi.id, &kay.id), Err(ErrorCode::NotAllowed));
+        assert_eq!(hub.deny(&vi.id, &kay.id), Err(ErrorCode::NotAllowed));
+
+        // Wu goes: only those taking part hear it.
+        assert!(hub.leave(&wu));
+        assert_eq!(types(&v), Vec::<String>::new());
+        assert_eq!(types(&a), ["locked", "knock", "peer-left"]);
+
+        // With everyone taking part gone, Vi cannot open the room: Kay,
+        // knocking, comes in, and those watching see nothing of her.
+        assert!(hub.leave(&ada));
+        assert!(hub.leave(&bob));
+        assert!(hub.holds(&kay));
+        assert!(!hub.locks.contains_key("r"));
+        assert_eq!(types(&v), ["peer-left", "peer-left"]);
+        let welcome = &k.take()[1];
+        assert_eq!(welcome["peers"], json!([]));
+    }
+
+    #[test]
     fn a_locked_room_is_left_to_those_knocking_when_everyone_leaves_and_resumes_do_not_knock() {
         let mut hub = hub(16, 10);
         let (a, b, c) = (Recorder::new(100), Recorder::new(100), Recorder::new(100));
-        let ada = hub.join("r", "Ada", None, a.clone(), &[]).unwrap();
+        let ada = hub.join("r", "Ada", false, None, a.clone(), &[]).unwrap();
         let token = a.take()[0]["resume"].as_str().unwrap().to_owned();
         hub.lock(&ada.id, true).unwrap();
 
         // Ada's connection drops and comes back: she takes her place
         // back without knocking.
         assert_eq!(hub.park(&ada, Instant::now()), Parked::Kept);
-        let again = hub.join("r", "Ada", Some(&token), a.clone(), &[]).unwrap();
+        let again = hub.join("r", "Ada", false, Some(&token), a.clone(), &[]).unwrap();
         assert!(again.resumed && !again.waiting);
         assert_eq!(a.take().last().unwrap()["locked"], true);
 
         // At most MAX_WAITING knock at once.
         let knockers: Vec<Seat> = (0..MAX_WAITING)
-            .map(|_| hub.join("r", "K", None, Recorder::new(100), &[]).unwrap())
+            .map(|_| hub.join("r", "K", false, None, Recorder::new(100), &[]).unwrap())
             .collect();
         assert_eq!(
-            hub.join("r", "K", None, b.clone(), &[]),
+            hub.join("r", "K", false, None, b.clone(), &[]),
             Err(ErrorCode::RoomFull)
         );
         // One whose connection is lost stops knocking at once.
         assert_eq!(hub.park(&knockers[0], Instant::now()), Parked::Left);
-        let bob = hub.join("r", "Bob", None, b.clone(), &[]).unwrap();
+        let bob = hub.join("r", "Bob", false, None, b.clone(), &[]).unwrap();
         assert!(bob.waiting);
 
         // Ada leaves: nobody is left to let them in, so they come in, to
@@ -1281,7 +1396,7 @@ mod tests {
             .find(|f| f["type"] == "welcome")
             .unwrap();
         assert!(welcome.get("locked").is_none());
-        let cy = hub.join("r", "Cy", None, c.clone(), &[]).unwrap();
+        let cy = hub.join("r", "Cy", false, None, c.clone(), &[]).unwrap();
         assert!(!cy.waiting);
     }
 
@@ -1295,8 +1410,8 @@ mod tests {
             random_peer_id,
         );
         let (a, b) = (Recorder::new(10), Recorder::new(10));
-        let sa = hub.join("r", "A", None, a, &[]).unwrap();
-        hub.join("r", "B", None, b.clone(), &[]).unwrap();
+        let sa = hub.join("r", "A", false, None, a, &[]).unwrap();
+        hub.join("r", "B", false, None, b.clone(), &[]).unwrap();
         assert_eq!(hub.park(&sa, Instant::now()), Parked::Left);
         assert!(
             b.take()
@@ -1308,12 +1423,13 @@ mod tests {
     /// What a client can do, in the property test below.
     #[derive(Debug, Clone)]
     enum Op {
-        /// Joins room `room` as client `client`, with the token of the
-        /// place it last had if `resume`, on a connection whose queue
-        /// takes `capacity` frames.
+        /// Joins room `room` as client `client`, to watch if `watching`,
+        /// with the token of the place it last had if `resume`, on a
+        /// connection whose queue takes `capacity` frames.
         Join {
             client: usize,
             room: u8,
+            watching: bool,
             resume: bool,
             capacity: usize,
         },
@@ -1330,10 +1446,11 @@ mod tests {
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         use proptest::prelude::*;
         prop_oneof![
-            3 => (0..5usize, 0..2u8, any::<bool>(), prop_oneof![Just(1000usize), 2..12usize]).prop_map(
-                |(client, room, resume, capacity)| Op::Join {
+            3 => (0..5usize, 0..2u8, any::<bool>(), any::<bool>(), prop_oneof![Just(1000usize), 2..12usize]).prop_map(
+                |(client, room, watching, resume, capacity)| Op::Join {
                     client,
                     room,
+                    watching,
                     resume,
                     capacity
                 }
@@ -1441,14 +1558,14 @@ mod tests {
             let mut lost: Vec<(String, Instant)> = Vec::new();
             for op in ops {
                 match op {
-                    Op::Join { client, room, resume, capacity } => {
+                    Op::Join { client, room, watching, resume, capacity } => {
                         if live[client].is_some() {
                             continue;
                         }
                         let sink = Recorder::new(capacity);
                         let token = tokens[client].clone().filter(|_| resume);
                         let room = format!("r{room}");
-                        if let Ok(seat) = hub.join(&room, "n", token.as_deref(), sink.clone(), &[]) {
+                        if let Ok(seat) = hub.join(&room, "n", watching, token.as_deref(), sink.clone(), &[]) {
                             let frames = sink.frames.borrow();
                             if let Some(first) = frames.first() {
                                 if seat.waiting {
@@ -1519,7 +1636,10 @@ mod tests {
                 // The lobbies: of locked rooms, holding every waiter once.
                 let mut knocking = 0;
                 for (room, waiting) in &hub.locks {
-                    proptest::prop_assert!(hub.rooms.contains_key(room), "a lock outlived its room");
+                    proptest::prop_assert!(
+                        hub.rooms[room].iter().any(|m| !hub.peers[m].watching),
+                        "a lock outlived those who can open it"
+                    );
                     proptest::prop_assert!(waiting.len() <= MAX_WAITING);
                     for w in waiting {
                         proptest::prop_assert_eq!(&hub.waiters[w].room, room);
@@ -1569,16 +1689,19 @@ mod tests {
                         proptest::prop_assert!(frames.iter().all(|f| f["type"] == "waiting"), "told while knocking: {:?}", frames);
                         continue;
                     }
+                    // Those who watch see only those taking part, and
+                    // nothing of the lobby.
+                    let watching = hub.peers[&c.seat.id].watching;
                     let mut actual: Vec<String> = hub.rooms[&c.seat.room]
                         .iter()
-                        .filter(|id| **id != c.seat.id)
+                        .filter(|id| **id != c.seat.id && sees(watching, hub.peers[*id].watching))
                         .cloned()
                         .collect();
                     told.peers.sort();
                     actual.sort();
                     proptest::prop_assert_eq!(told.peers, actual);
-                    proptest::prop_assert_eq!(told.locked, hub.locks.contains_key(&c.seat.room));
-                    let waiting = hub.locks.get(&c.seat.room).cloned().unwrap_or_default();
+                    proptest::prop_assert_eq!(told.locked, !watching && hub.locks.contains_key(&c.seat.room));
+                    let waiting = hub.locks.get(&c.seat.room).filter(|_| !watching).cloned().unwrap_or_default();
                     proptest::prop_assert_eq!(told.waiting, waiting);
                 }
                 // No place outlives its grace.
