@@ -151,8 +151,12 @@ export async function joinCall(browser, baseUrl, room, name, options = {}) {
   return page;
 }
 
-/** As joinCall, up to clicking Join: the page may then be in the call, or knocking, or refused. */
-export async function askToJoin(browser, baseUrl, room, name, { context: reused = null, contextOptions = {}, relayOver = null, noCamera = false } = {}) {
+/**
+ * As joinCall, up to clicking Join: the page may then be in the call, or
+ * knocking, or refused. With `watch`, by the room's link to watch, and
+ * its "Watch" button.
+ */
+export async function askToJoin(browser, baseUrl, room, name, { context: reused = null, contextOptions = {}, relayOver = null, noCamera = false, watch = false } = {}) {
   const context = reused ?? await browser.newContext({ viewport: { width: 1280, height: 720 }, ...contextOptions });
   if (!reused) await context.addInitScript(RECORD_PCS, relayOver);
   if (noCamera && !reused) {
@@ -174,9 +178,9 @@ export async function askToJoin(browser, baseUrl, room, name, { context: reused 
   page.on('console', (msg) => {
     if (msg.type() === 'error' || msg.type() === 'warning') console.error(`[${name}] console ${msg.type()}: ${msg.text()}`);
   });
-  await openRoom(page, `${baseUrl}/r/${room}`, name);
+  await openRoom(page, `${baseUrl}/r/${room}${watch ? '?watch' : ''}`, name);
   await page.getByLabel('Name', { exact: true }).fill(name);
-  const join = page.getByRole('button', { name: 'Join', exact: true });
+  const join = page.getByRole('button', { name: watch ? 'Watch' : 'Join', exact: true });
   await join.click();
   return page;
 }

@@ -273,8 +273,7 @@ mod tests {
             }
         );
         assert_eq!(
-            decode_client(r#"{"type":"join","room":"r1","name":"Ada","watching":true}"#)
-                .unwrap(),
+            decode_client(r#"{"type":"join","room":"r1","name":"Ada","watching":true}"#).unwrap(),
             ClientMessage::Join {
                 room: "r1".into(),
                 name: "Ada".into(),

@@ -129,7 +129,10 @@ mod tests {
             id: "a1",
             room: "standup",
             version: 1,
-            peers: vec![peer("b2", "Bob \"the\" builder", false), peer("c3", "Cy", true)],
+            peers: vec![
+                peer("b2", "Bob \"the\" builder", false),
+                peer("c3", "Cy", true),
+            ],
             ice_servers: &ice,
             resume: "tok",
             resumed: false,

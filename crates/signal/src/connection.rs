@@ -586,13 +586,7 @@ impl Conn {
                 resume,
                 access,
                 watching,
-            } => self.join(
-                &room,
-                &name,
-                watching,
-                resume.as_deref(),
-                access.as_deref(),
-            ),
+            } => self.join(&room, &name, watching, resume.as_deref(), access.as_deref()),
             ClientMessage::Signal { to, data } => match &self.seat {
                 Some(seat) => self.hub().signal(&seat.id, &to, data),
                 None => Err(ErrorCode::NotJoined),

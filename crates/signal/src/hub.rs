@@ -467,7 +467,11 @@ impl<S: PeerSink> Hub<S> {
     /// the room.
     fn knock(&mut self, newcomer: Newcomer<S>) -> Result<Seat, ErrorCode> {
         let room = newcomer.room.clone();
-        if self.locks.get(&room).is_some_and(|w| w.len() >= MAX_WAITING) {
+        if self
+            .locks
+            .get(&room)
+            .is_some_and(|w| w.len() >= MAX_WAITING)
+        {
             return Err(ErrorCode::RoomFull);
         }
         let id = self.fresh_id();
@@ -532,7 +536,10 @@ impl<S: PeerSink> Hub<S> {
             self.evicted.push(id.to_owned());
         }
         self.tokens.insert(token.clone(), id.to_owned());
-        self.rooms.entry(room.clone()).or_default().push(id.to_owned());
+        self.rooms
+            .entry(room.clone())
+            .or_default()
+            .push(id.to_owned());
         self.peers.insert(
             id.to_owned(),
             Peer {
@@ -1000,8 +1007,10 @@ mod tests {
     #[test]
     fn room_full_and_server_full() {
         let mut hub = hub(2, 1);
-        hub.join("r", "A", false, None, Recorder::new(10), &[]).unwrap();
-        hub.join("r", "B", false, None, Recorder::new(10), &[]).unwrap();
+        hub.join("r", "A", false, None, Recorder::new(10), &[])
+            .unwrap();
+        hub.join("r", "B", false, None, Recorder::new(10), &[])
+            .unwrap();
         assert_eq!(
             hub.join("r", "C", false, None, Recorder::new(10), &[]),
             Err(ErrorCode::RoomFull)
@@ -1017,8 +1026,12 @@ mod tests {
     fn ids_never_collide() {
         let mut ids = vec!["same".to_string(), "same".into(), "other".into()].into_iter();
         let mut hub: Hub<Recorder> = Hub::new(HubLimits::new(9, 9), move || ids.next().unwrap());
-        let a = hub.join("r", "A", false, None, Recorder::new(10), &[]).unwrap();
-        let b = hub.join("r", "B", false, None, Recorder::new(10), &[]).unwrap();
+        let a = hub
+            .join("r", "A", false, None, Recorder::new(10), &[])
+            .unwrap();
+        let b = hub
+            .join("r", "B", false, None, Recorder::new(10), &[])
+            .unwrap();
         assert_ne!(a.id, b.id);
     }
 
@@ -1027,8 +1040,14 @@ mod tests {
         let mut hub = hub(16, 10);
         let slow = Recorder::new(3); // welcome, peer-joined, one more
         let fast = Recorder::new(100);
-        let s = hub.join("r", "Slow", false, None, slow.clone(), &[]).unwrap().id;
-        let f = hub.join("r", "Fast", false, None, fast.clone(), &[]).unwrap().id;
+        let s = hub
+            .join("r", "Slow", false, None, slow.clone(), &[])
+            .unwrap()
+            .id;
+        let f = hub
+            .join("r", "Fast", false, None, fast.clone(), &[])
+            .unwrap()
+            .id;
         fast.take();
         hub.broadcast(&f, &raw("1")).unwrap();
         assert!(hub.contains(&s));
@@ -1092,7 +1111,9 @@ mod tests {
         let d = Recorder::new(10);
         hub.join("r", "D", false, None, d, &[]).unwrap();
         let back = Recorder::new(100);
-        let seat = hub.join("r", "A", false, Some(&token), back.clone(), &[]).unwrap();
+        let seat = hub
+            .join("r", "A", false, Some(&token), back.clone(), &[])
+            .unwrap();
         assert_eq!((seat.id.as_str(), seat.resumed), ("p1", true));
         let got = back.take();
         assert_eq!(got[0]["type"], "welcome");
@@ -1161,7 +1182,9 @@ mod tests {
             },
         );
         let t0 = Instant::now();
-        let sender = hub.join("r", "S", false, None, Recorder::new(100), &[]).unwrap();
+        let sender = hub
+            .join("r", "S", false, None, Recorder::new(100), &[])
+            .unwrap();
         let (x, y) = (Recorder::new(100), Recorder::new(100));
         let sx = hub.join("r", "X", false, None, x.clone(), &[]).unwrap();
         let x_token = x.take()[0]["resume"].as_str().unwrap().to_owned();
@@ -1260,7 +1283,9 @@ mod tests {
         // Someone in another room can neither let in nor turn away.
         let (d, e) = (Recorder::new(100), Recorder::new(100));
         let dee = hub.join("r", "Dee", false, None, d.clone(), &[]).unwrap();
-        let eve = hub.join("elsewhere", "Eve", false, None, e.clone(), &[]).unwrap();
+        let eve = hub
+            .join("elsewhere", "Eve", false, None, e.clone(), &[])
+            .unwrap();
         assert_eq!(hub.admit(&eve.id, &dee.id), Err(ErrorCode::UnknownPeer));
         assert_eq!(hub.deny(&eve.id, &dee.id), Err(ErrorCode::UnknownPeer));
 
@@ -1368,13 +1393,18 @@ mod tests {
         // Ada's connection drops and comes back: she takes her place
         // back without knocking.
         assert_eq!(hub.park(&ada, Instant::now()), Parked::Kept);
-        let again = hub.join("r", "Ada", false, Some(&token), a.clone(), &[]).unwrap();
+        let again = hub
+            .join("r", "Ada", false, Some(&token), a.clone(), &[])
+            .unwrap();
         assert!(again.resumed && !again.waiting);
         assert_eq!(a.take().last().unwrap()["locked"], true);
 
         // At most MAX_WAITING knock at once.
         let knockers: Vec<Seat> = (0..MAX_WAITING)
-            .map(|_| hub.join("r", "K", false, None, Recorder::new(100), &[]).unwrap())
+            .map(|_| {
+                hub.join("r", "K", false, None, Recorder::new(100), &[])
+                    .unwrap()
+            })
             .collect();
         assert_eq!(
             hub.join("r", "K", false, None, b.clone(), &[]),

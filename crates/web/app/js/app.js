@@ -20,6 +20,7 @@ const ACCESS_KEY = 'callisto.access';
 const call = {
   room: null,
   name: null,
+  watching: false, // joined to watch: receive only, seen only by those taking part
   localStream: null,
   mediaMessage: null,
   joinNotice: null, // what the call's notice said on joining (about media)
@@ -77,7 +78,13 @@ function route() {
   let room;
   try { room = decodeURIComponent(match[1]); } catch { room = ''; }
   if (!ROOM_PATTERN.test(room)) return showLanding(`“${room}” is not a valid room name.`);
+  call.watching = new URLSearchParams(location.search).has('watch');
   showPrejoin(room);
+}
+
+/** The room's link: to take part, or with `watching`, to watch. */
+function roomLink(watching) {
+  return `${location.origin}/r/${call.room}${watching ? '?watch' : ''}`;
 }
 
 // ---- Landing -------------------------------------------------------------
@@ -120,6 +127,19 @@ async function showPrejoin(room) {
     join();
   });
   $('knock-cancel').addEventListener('click', () => call.knocking?.cancelJoin());
+  const roleLink = $('role-link');
+  roleLink.href = roomLink(!call.watching);
+  if (call.watching) {
+    // Nothing is sent, so nothing asks for a camera or microphone.
+    document.title = `Watch ${room} · Callisto`;
+    $('prejoin-verb').textContent = 'Watch';
+    $('join-btn').textContent = 'Watch';
+    roleLink.textContent = 'Take part instead';
+    $('watch-help').hidden = false;
+    $('preview-box').hidden = true;
+    $('prejoin-devices-btn').hidden = true;
+    return;
+  }
   const media = getLocalMedia();
   $('join-btn').disabled = true;
   const { stream, message } = await media;
@@ -212,7 +232,7 @@ async function connectAndJoin() {
   signaling.addEventListener('waiting', () => showKnocking(signaling));
   let welcome;
   try {
-    welcome = await signaling.join(call.room, call.name, call.resume, call.access);
+    welcome = await signaling.join(call.room, call.name, call.resume, call.access, call.watching);
   } catch (err) {
     signaling.close();
     throw err;
@@ -221,7 +241,7 @@ async function connectAndJoin() {
   // Back under a new id, the place lost (a restart of the server): a lock
   // went with the old server. Locking again at once would make the others
   // coming back knock, so the person is told, and decides.
-  call.lockLost = !welcome.resumed && call.links.size > 0 && lobby.locked && !welcome.locked;
+  call.lockLost = !call.watching && !welcome.resumed && call.links.size > 0 && lobby.locked && !welcome.locked;
   lobby.reset(welcome);
   call.signaling = signaling;
   call.resume = welcome.resume ?? null;
@@ -363,10 +383,16 @@ function enterCall() {
   showView('call');
   $('call-room').textContent = call.room;
   const receiveOnly = !call.localStream;
-  call.joinNotice = receiveOnly ? `You joined receive-only. ${call.mediaMessage ?? ''}`.trim() : call.mediaMessage;
+  if (call.watching) {
+    call.joinNotice = 'You are watching: those taking part do not see or hear you.';
+    for (const id of ['mute-btn', 'camera-btn', 'screen-btn', 'devices-btn', 'lock-btn', 'copy-watch-btn']) $(id).hidden = true;
+    chat.note('You are watching: your messages and files reach those taking part, not the rest of the audience.');
+  } else {
+    call.joinNotice = receiveOnly ? `You joined receive-only. ${call.mediaMessage ?? ''}`.trim() : call.mediaMessage;
+    grid.tile('local', { name: call.name, local: true });
+    if (call.localStream) grid.attach('local', call.localStream);
+  }
   setText('call-notice', call.joinNotice);
-  grid.tile('local', { name: call.name, local: true });
-  if (call.localStream) grid.attach('local', call.localStream);
   setupControls();
   updateCount();
   sendState();
@@ -398,17 +424,19 @@ function setupControls() {
   }
   screen.addEventListener('click', () => (call.screen ? stopSharing() : shareScreen()));
   $('stats-btn').addEventListener('click', () => showStats(!stats.timer));
-  $('copy-btn').addEventListener('click', async () => {
-    const link = `${location.origin}/r/${call.room}`;
-    try {
-      await navigator.clipboard.writeText(link);
-      flash(`Link copied: ${link}`);
-    } catch {
-      flash(`Copy this link: ${link}`);
-    }
-  });
+  $('copy-btn').addEventListener('click', () => copyLink(roomLink(call.watching)));
+  $('copy-watch-btn').addEventListener('click', () => copyLink(roomLink(true)));
   $('leave-btn').addEventListener('click', () => leave('You can rejoin whenever you like.'));
-  $('rejoin-btn').addEventListener('click', () => location.assign(`/r/${call.room}`));
+  $('rejoin-btn').addEventListener('click', () => location.assign(roomLink(call.watching)));
+}
+
+async function copyLink(link) {
+  try {
+    await navigator.clipboard.writeText(link);
+    flash(`Link copied: ${link}`);
+  } catch {
+    flash(`Copy this link: ${link}`);
+  }
 }
 
 // Live stats on every remote tile, once a second while they are on.
@@ -598,10 +626,14 @@ function addLink(peer, initiator) {
     localStream: call.localStream,
     // By the link's id, which changes if the peer comes back under a new one.
     send: (data) => call.signaling?.signal(link.id, data),
+    // The server never lists one who watches to another (docs/protocol.md).
+    direction: call.watching ? 'recvonly' : peer.watching ? 'sendonly' : 'sendrecv',
   });
+  // Someone watching has no tile: they are counted (updateCount).
+  link.watching = Boolean(peer.watching);
   if (call.screen) link.sendScreen(call.screen, call.screenAudio);
   call.links.set(peer.id, link);
-  grid.tile(peer.id, { name: peer.name });
+  if (!link.watching) grid.tile(peer.id, { name: peer.name });
   link.addEventListener('track', ({ detail }) => {
     if (detail.screen) return grid.attach(screenTile(link.id), link.screenStream);
     grid.attach(link.id, link.remoteStream);
@@ -662,6 +694,7 @@ const screenTile = (peerId) => `${peerId}/screen`;
 const SCREEN_TILE = screenTile('local');
 
 function sendState(to = null) {
+  if (call.watching) return; // nothing to tell: nothing is sent
   const data = { state: { audio: call.audioOn, video: call.videoOn, screen: Boolean(call.screen) } };
   if (to) call.signaling?.signal(to, data);
   else call.signaling?.broadcast(data);
@@ -714,10 +747,19 @@ function sendFiles(files, to) {
 
 /** Updates the count of people, and the chat's list of whom to write to. */
 function updateCount() {
-  chat.setPeople([...call.links.values()].map(({ id, name }) => ({ id, name })));
-  const n = call.links.size + 1;
-  $('call-count').textContent = n === 1 ? 'Only you so far' : `${n} people`;
+  const links = [...call.links.values()];
+  chat.setPeople(links.map(({ id, name }) => ({ id, name })));
+  const audience = links.filter((l) => l.watching).length;
+  const taking = links.length - audience;
+  if (call.watching) {
+    $('call-count').textContent = taking === 0 ? 'Watching · nobody is taking part yet' : `Watching · ${taking} taking part`;
+    return;
+  }
+  const n = taking + 1;
+  const here = n === 1 ? 'Only you so far' : `${n} people`;
+  $('call-count').textContent = audience ? `${here} · ${audience} watching` : here;
 }
+
 
 function measureFirstFrame(peerId) {
   if (call.joinToFirstFrameMs !== null) return;

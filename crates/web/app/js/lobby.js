@@ -40,11 +40,11 @@ export class Lobby {
   }
 
   /** Someone knocks: a line with a way in and a way out, said aloud unless `quiet`. */
-  knock({ id, name }, { quiet = false } = {}) {
+  knock({ id, name, watching = false }, { quiet = false } = {}) {
     if (this.#knocks.has(id)) return;
     const item = document.createElement('li');
     const text = document.createElement('span');
-    text.textContent = `${name} asks to join`;
+    text.textContent = watching ? `${name} asks to watch` : `${name} asks to join`;
     const letIn = button('Let in', `Let ${name} in`, 'primary');
     const away = button('Turn away', `Turn ${name} away`);
     for (const [b, act] of [[letIn, this.admit], [away, this.deny]]) {
@@ -58,7 +58,7 @@ export class Lobby {
     this.#knocks.set(id, item);
     this.list.append(item);
     this.section.hidden = false;
-    if (!quiet) this.announce(`${name} asks to join.`);
+    if (!quiet) this.announce(`${text.textContent}.`);
   }
 
   /** Someone stopped knocking: let in, turned away or gone. */

@@ -26,6 +26,11 @@
 // an app from before screen sound, a connection has no second audio, and
 // the screen goes without its sound.)
 //
+// With someone who only watches (docs/protocol.md, "Watching"), media
+// goes one way: the watching side's sections are "recvonly", the other
+// side's "sendonly", in offers and answers alike, so that nothing from
+// an audience is ever played, whatever its browser sends.
+//
 // The side that offers first also opens the chat data channel (chat.js),
 // so it is in the first offer and needs no renegotiation; the other side
 // takes it from the "datachannel" event. Each file sent (files.js) gets a
@@ -66,12 +71,15 @@ export class PeerLink extends EventTarget {
    * @param {RTCIceServer[]} o.iceServers
    * @param {MediaStream|null} o.localStream
    * @param {(data: object) => void} o.send sends a signal to the remote peer
+   * @param {'sendrecv'|'recvonly'|'sendonly'} [o.direction] the media's:
+   *   'recvonly' when we watch, 'sendonly' to someone who watches
    */
-  constructor({ id, name, polite, iceServers, localStream, send }) {
+  constructor({ id, name, polite, iceServers, localStream, send, direction = 'sendrecv' }) {
     super();
     this.id = id;
     this.name = name;
     this.polite = polite;
+    this.direction = direction;
     this.localStream = localStream;
     this.send = send;
     this.remoteStream = new MediaStream();
@@ -105,11 +113,13 @@ export class PeerLink extends EventTarget {
     // A kind we have no track for is still negotiated to send (see the
     // top of this file), and so are the screen and its sound, after the
     // camera and microphone.
+    const direction = this.direction;
     for (const kind of ['audio', 'video']) {
-      if (!kinds.has(kind)) this.pc.addTransceiver(kind, { direction: 'sendrecv' });
+      if (!kinds.has(kind)) this.pc.addTransceiver(kind, { direction });
     }
-    this.pc.addTransceiver(this.#screen ?? 'video', { direction: 'sendrecv' });
-    this.pc.addTransceiver(this.#screenAudio ?? 'audio', { direction: 'sendrecv' });
+    this.pc.addTransceiver(this.#screen ?? 'video', { direction });
+    this.pc.addTransceiver(this.#screenAudio ?? 'audio', { direction });
+    for (const t of this.pc.getTransceivers()) t.direction = direction;
   }
 
   /**
@@ -314,9 +324,12 @@ export class PeerLink extends EventTarget {
       // our media goes out in this answer instead of a second round trip.
       this.#attachLocal();
       // Those we have no track for answer "sendrecv" all the same, as the
-      // offerer's do (start()), so that a screen can be shared later.
+      // offerer's do (start()), so that a screen can be shared later;
+      // with someone watching, or when we watch, one way (see the top).
       for (const t of pc.getTransceivers()) {
-        if (t.direction === 'recvonly' && !t.currentDirection) t.direction = 'sendrecv';
+        if (t.currentDirection) continue;
+        if (this.direction !== 'sendrecv') t.direction = this.direction;
+        else if (t.direction === 'recvonly') t.direction = 'sendrecv';
       }
       if (this.#screen) await this.#sendScreenTracks();
       await pc.setLocalDescription();

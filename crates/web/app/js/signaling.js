@@ -44,10 +44,10 @@ export class SignalingClient extends EventTarget {
    * it knocks: a "waiting" event, then the welcome once someone lets it
    * in, or a rejection with the code "not-admitted".
    */
-  join(room, name, resume = null, access = null) {
+  join(room, name, resume = null, access = null, watching = false) {
     return new Promise((resolve, reject) => {
       this.#pendingJoin = { resolve, reject };
-      this.#send({ type: 'join', room, name, ...(resume && { resume }), ...(access && { access }) });
+      this.#send({ type: 'join', room, name, ...(resume && { resume }), ...(access && { access }), ...(watching && { watching }) });
     });
   }
 
