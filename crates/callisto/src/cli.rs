@@ -572,9 +572,15 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=250))]
     pub rooms: u32,
 
-    /// Peers in each room; each connects to all the others of its room.
+    /// Peers in each room; each connects to all the others of its room
+    /// (but those watching, to those taking part only).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub peers: u32,
+
+    /// Of each room's peers, how many join to watch (a broadcast's
+    /// audience), the last to join; the others take part.
+    #[arg(long, default_value_t = 0, value_name = "PEERS")]
+    pub watching: u32,
 
     /// Seconds from the first join until everyone leaves.
     #[arg(long = "for", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600), value_name = "SECONDS")]

@@ -6,6 +6,9 @@
 //! all in the path). The report says how many joined and connected, how
 //! long that took, and whether every message arrived.
 //!
+//! With `--watching`, some of each room's peers join to watch, as a
+//! broadcast's audience: they meet only those taking part.
+//!
 //! Everything is bounded: the number of peers (250 rooms of at most 16),
 //! the time (at most 600 s), and each peer stops writing a second before
 //! the end, so what is in flight lands before everyone leaves.
@@ -30,6 +33,8 @@ pub struct LoadPlan {
     pub server: String,
     pub rooms: u32,
     pub peers: u32,
+    /// Of each room's `peers`, how many (the last to join) watch.
+    pub watching: u32,
     pub duration: Duration,
     pub ramp: Duration,
     /// Between two chat messages of one peer; none: no chat.
@@ -51,6 +56,13 @@ impl LoadPlan {
         };
         let ramp = seconds(args.ramp, "--ramp")?;
         let rate = seconds(args.chat_rate, "--chat-rate")?;
+        if args.watching >= args.peers {
+            anyhow::bail!(
+                "--watching {} leaves none of the --peers {} taking part: there would be nothing to watch",
+                args.watching,
+                args.peers
+            );
+        }
         if ramp >= f64::from(args.duration) {
             anyhow::bail!(
                 "--ramp {ramp} is not shorter than --for {}: nobody would stay",
@@ -61,6 +73,7 @@ impl LoadPlan {
             server: args.target.server.clone(),
             rooms: args.rooms,
             peers: args.peers,
+            watching: args.watching,
             duration: Duration::from_secs(u64::from(args.duration)),
             ramp: Duration::from_secs_f64(ramp),
             chat_every: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
@@ -146,24 +159,34 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
     let epoch = Instant::now();
     let end = epoch + plan.duration;
     let total = plan.rooms * plan.peers;
+    let taking_part = plan.peers - plan.watching.min(plan.peers - 1);
     let mut tasks = Vec::new();
+    let mut connections_expected = 0;
     for i in 0..total {
         let (room, seat) = (i / plan.peers, i % plan.peers);
+        let watching = seat >= taking_part;
+        // Whom it meets, and so whom its messages reach: everyone else,
+        // or, watching, those taking part alone.
+        let others = if watching {
+            taking_part
+        } else {
+            plan.peers - 1
+        };
+        connections_expected += others as usize;
         let start = epoch + plan.ramp.mul_f64(f64::from(i) / f64::from(total));
         let config = PeerConfig {
             server: plan.server.clone(),
             room: format!("load-{tag}-{room}"),
             name: format!("load {room}/{seat}"),
-            watching: false,
+            watching,
             access: plan.access.clone(),
             bind: None,
             pin: plan.pin,
             relay: plan.relay,
         };
-        let others = u64::from(plan.peers - 1);
         tasks.push(tokio::spawn(one_peer(
             config,
-            others,
+            u64::from(others),
             plan.chat_every,
             epoch,
             start,
@@ -178,7 +201,6 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
         }));
     }
     let peers = outcomes.len();
-    let connections_expected = peers * (plan.peers as usize - 1);
     let mut report = Report {
         peers,
         connections_expected,
@@ -289,6 +311,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<bool> {
     if args.json {
         let value = json!({
             "server": plan.server, "rooms": plan.rooms, "peersPerRoom": plan.peers,
+            "watchingPerRoom": plan.watching,
             "seconds": plan.duration.as_secs(),
             "peers": report.peers, "joined": report.joined, "join": spread_json(report.join),
             "connections": report.connections, "connectionsExpected": report.connections_expected,
@@ -310,9 +333,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<bool> {
             None => "-".into(),
         };
         println!(
-            "{} rooms of {} peers on {}, for {} s",
+            "{} rooms of {} peers ({} watching) on {}, for {} s",
             plan.rooms,
             plan.peers,
+            plan.watching,
             plan.server,
             plan.duration.as_secs()
         );

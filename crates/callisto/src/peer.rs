@@ -105,7 +105,7 @@ fn print_event(out: &mut impl Write, event: &PeerEvent, as_json: bool) -> std::i
     if as_json {
         let value = match event {
             PeerEvent::Joined { id, peers } => json!({"event": "joined", "id": id,
-                "peers": peers.iter().map(|(id, name)| json!({"id": id, "name": name})).collect::<Vec<_>>()}),
+                "peers": peers.iter().map(|p| json!({"id": p.id, "name": p.name, "watching": p.watching})).collect::<Vec<_>>()}),
             PeerEvent::Knocking => json!({"event": "knocking"}),
             PeerEvent::SignalingLost { reason } => {
                 json!({"event": "signaling-lost", "reason": reason})
@@ -147,8 +147,21 @@ fn print_event(out: &mut impl Write, event: &PeerEvent, as_json: bool) -> std::i
                 writeln!(out, "* joined; nobody else is here yet")?
             }
             PeerEvent::Joined { peers, .. } => {
-                let names: Vec<&str> = peers.iter().map(|(_, name)| name.as_str()).collect();
-                writeln!(out, "* joined, with {}", names.join(", "))?
+                let names: Vec<&str> = peers
+                    .iter()
+                    .filter(|p| !p.watching)
+                    .map(|p| p.name.as_str())
+                    .collect();
+                let watching = peers.len() - names.len();
+                match (names.is_empty(), watching) {
+                    (true, _) => writeln!(out, "* joined; {watching} watching")?,
+                    (false, 0) => writeln!(out, "* joined, with {}", names.join(", "))?,
+                    (false, _) => writeln!(
+                        out,
+                        "* joined, with {}; {watching} watching",
+                        names.join(", ")
+                    )?,
+                }
             }
             PeerEvent::Knocking => writeln!(out, "* the room is locked: waiting to be let in")?,
             PeerEvent::SignalingLost { reason } => {

@@ -103,6 +103,11 @@ pub fn render(handle: &PrometheusHandle, stats: &HubStats, queued_bytes: usize) 
     );
     let _ = writeln!(
         out,
+        "# HELP callisto_clients_watching Joined peers who only watch (join.watching).\n# TYPE callisto_clients_watching gauge\ncallisto_clients_watching {}",
+        stats.watching
+    );
+    let _ = writeln!(
+        out,
         "# HELP callisto_rooms Rooms currently open.\n# TYPE callisto_rooms gauge\ncallisto_rooms {}",
         stats.rooms
     );
@@ -216,12 +221,14 @@ mod tests {
         let stats = HubStats {
             peers: 7,
             away: 2,
+            watching: 4,
             rooms: 3,
             room_sizes: vec![1, 2, 4],
         };
         let text = render(&handle, &stats, 0);
         assert!(text.contains("callisto_clients 7\n"));
         assert!(text.contains("callisto_clients_away 2\n"));
+        assert!(text.contains("callisto_clients_watching 4\n"));
         assert!(text.contains("callisto_rooms 3\n"));
         assert!(text.contains("callisto_room_size_bucket{le=\"1\"} 1\n"));
         assert!(text.contains("callisto_room_size_bucket{le=\"3\"} 2\n"));

@@ -14,6 +14,7 @@ fn plan(server: &Server, rooms: u32, peers: u32) -> LoadPlan {
         server: format!("http://{}", server.addr),
         rooms,
         peers,
+        watching: 0,
         // Long enough that connecting (well under a second here) leaves
         // seconds of chat before the last quiet one.
         duration: Duration::from_secs(6),
@@ -41,6 +42,25 @@ async fn rooms_of_native_peers_connect_pairwise_and_every_message_arrives() {
     assert!(report.all_well());
     let chat = report.chat.expect("delivery times");
     assert!(chat.p50 <= chat.p99 && chat.p99 <= chat.max);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audience_meets_only_those_taking_part_and_hears_them() {
+    let server = Server::start(&[]).await;
+    let report = load(&LoadPlan {
+        watching: 2,
+        ..plan(&server, 1, 4)
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.joined, 4, "{report:?}");
+    // Two taking part meet everyone (3 each); two watching, only them (2
+    // each), not each other.
+    assert_eq!(report.connections_expected, 10);
+    assert_eq!(report.connections, 10, "{report:?}");
+    assert!(report.chat_sent > 0, "{report:?}");
+    assert_eq!(report.chat_received, report.chat_expected, "{report:?}");
+    assert!(report.all_well(), "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,14 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 /// The largest datagram read; WebRTC keeps to about 1,200 bytes.
 const MAX_DATAGRAM: usize = 2048;
 
+/// Our media state, as the web app shows it: camera, microphone and
+/// screen off, for the native peer sends no media.
+const NOTHING_SENT: Signal = Signal::State {
+    audio: false,
+    video: false,
+    screen: false,
+};
+
 /// Where and as whom to join.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
@@ -81,10 +89,11 @@ pub enum Command {
 /// What happens to a running peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
-    /// In the room, as `id`, with these others.
+    /// In the room, as `id`, with these others (to one who watches,
+    /// only those taking part).
     Joined {
         id: String,
-        peers: Vec<(String, String)>,
+        peers: Vec<ReceivedPeer>,
     },
     /// The room is locked: knocking, until someone lets us in.
     Knocking,
@@ -220,6 +229,7 @@ pub async fn run(
         resume: None,
         reconnecting: None,
         relay_use: config.relay,
+        watching: config.watching,
         relay: None,
         socket,
         local,
@@ -435,6 +445,8 @@ struct Session {
     resume: Option<String>,
     reconnecting: Option<tokio::task::JoinHandle<Result<Ws, PeerError>>>,
     relay_use: RelayUse,
+    /// Joined to watch: it sends no `state` (docs/protocol.md).
+    watching: bool,
     /// The allocation links are offered, with `RelayUse::Also` or `Only`.
     relay: Option<Relay>,
     socket: UdpSocket,
@@ -532,20 +544,15 @@ impl Session {
         self.id = id;
         self.emit(PeerEvent::Joined {
             id: self.id.clone(),
-            peers: peers
-                .iter()
-                .map(|p| (p.id.clone(), p.name.clone()))
-                .collect(),
+            peers: peers.clone(),
         });
         // Nothing to send: the web app shows our tile with camera and
-        // microphone off instead of waiting for them.
-        let state = Signal::State {
-            audio: false,
-            video: false,
-            screen: false,
-        };
-        self.send_json(&json!({"type": "broadcast", "data": state.encode()}))
-            .await;
+        // microphone off instead of waiting for them. (Watching, we have
+        // no tile.)
+        if !self.watching {
+            self.send_json(&json!({"type": "broadcast", "data": NOTHING_SENT.encode()}))
+                .await;
+        }
         // The newcomer offers to everyone already there.
         for peer in peers {
             self.members.insert(peer.id.clone(), peer.name.clone());
@@ -655,13 +662,12 @@ impl Session {
             }
             Received::PeerJoined { peer } => {
                 self.members.insert(peer.id.clone(), peer.name.clone());
-                let state = Signal::State {
-                    audio: false,
-                    video: false,
-                    screen: false,
-                };
-                self.send_json(&json!({"type": "signal", "to": peer.id, "data": state.encode()}))
+                if !self.watching {
+                    self.send_json(
+                        &json!({"type": "signal", "to": peer.id, "data": NOTHING_SENT.encode()}),
+                    )
                     .await;
+                }
                 self.emit(PeerEvent::PeerJoined {
                     id: peer.id,
                     name: peer.name,

@@ -159,6 +159,8 @@ pub struct HubStats {
     pub peers: usize,
     /// Peers among them whose connection is lost, kept for a resume.
     pub away: usize,
+    /// Peers among them who joined to watch.
+    pub watching: usize,
     pub rooms: usize,
     /// The size of every room, in no particular order.
     pub room_sizes: Vec<usize>,
@@ -781,6 +783,7 @@ impl<S: PeerSink> Hub<S> {
         HubStats {
             peers: self.peers.len(),
             away: self.away_count,
+            watching: self.peers.values().filter(|p| p.watching).count(),
             rooms: self.rooms.len(),
             room_sizes: self.rooms.values().map(Vec::len).collect(),
         }
@@ -1313,6 +1316,7 @@ mod tests {
         let ada = hub.join("r", "Ada", false, None, a.clone(), &[]).unwrap();
         let vi = hub.join("r", "Vi", true, None, v.clone(), &[]).unwrap();
         let wu = hub.join("r", "Wu", true, None, w.clone(), &[]).unwrap();
+        assert_eq!(hub.stats().watching, 2);
         assert_eq!(
             a.take()[1..],
             [
