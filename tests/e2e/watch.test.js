@@ -77,6 +77,14 @@ test('an audience watches those taking part, unseen, unheard and apart from each
   await wu.getByRole('button', { name: 'Chat (1 new)' }).click();
   assert.equal(await log(wu).locator('.message', { hasText: 'A question from Vi' }).count(), 0);
   await log(wu).locator('.message', { hasText: 'An answer for everyone' }).waitFor({ timeout: 1000 });
+  // Alice answers Vi alone: the audience is in her "To", marked as watching.
+  await alice.getByLabel('To', { exact: true }).selectOption({ label: 'Vi (watching)' });
+  await writeChat(alice, 'Just for Vi');
+  await log(vi).locator('.message', { hasText: 'Just for Vi' }).waitFor({ timeout: 5000 });
+  await alice.getByLabel('To', { exact: true }).selectOption({ label: 'Everyone' });
+  await writeChat(alice, 'For everyone again');
+  await log(wu).locator('.message', { hasText: 'For everyone again' }).waitFor({ timeout: 5000 });
+  assert.equal(await log(wu).locator('.message', { hasText: 'Just for Vi' }).count(), 0);
   for (const [page, file] of [[wu, 'watch.png'], [alice, 'watch-speaker.png']]) {
     const shot = path.join(ARTIFACTS, file);
     await page.screenshot({ path: shot });

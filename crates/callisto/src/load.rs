@@ -16,9 +16,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use callisto_peer::{Command, Fingerprint, PeerConfig, PeerEvent, RelayUse};
+use callisto_peer::{Command, Fingerprint, PeerConfig, PeerEvent, RelayUse, Running};
 use serde_json::json;
-use tokio::sync::mpsc;
 
 use crate::cli::LoadArgs;
 
@@ -235,10 +234,12 @@ async fn one_peer(
     end: Instant,
 ) -> PeerOutcome {
     tokio::time::sleep_until(start.into()).await;
-    let (commands, command_rx) = mpsc::unbounded_channel();
-    let (event_tx, mut events) = mpsc::unbounded_channel();
     let asked = Instant::now();
-    let peer = tokio::spawn(callisto_peer::run(config, command_rx, event_tx));
+    let Running {
+        commands,
+        mut events,
+        task: peer,
+    } = callisto_peer::spawn(config);
     let mut out = PeerOutcome::default();
     let mut joined_at = None;
     let mut ticks = tokio::time::interval(chat_every.unwrap_or(Duration::from_secs(3600)));

@@ -7,7 +7,7 @@ use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use anyhow::Context;
-use callisto_peer::{Command, PeerConfig, PeerEvent, RelayUse, Summary};
+use callisto_peer::{Command, PeerConfig, PeerEvent, RelayUse, Running, Summary};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -34,10 +34,12 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
             (false, false) => RelayUse::Never,
         },
     };
-    let (commands, command_rx) = mpsc::unbounded_channel();
-    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let Running {
+        commands,
+        mut events,
+        task: peer,
+    } = callisto_peer::spawn(config);
     read_stdin(commands.clone());
-    let peer = tokio::spawn(callisto_peer::run(config, command_rx, event_tx));
 
     let deadline = async {
         match args.duration {

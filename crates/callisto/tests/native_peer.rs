@@ -48,9 +48,11 @@ impl Peer {
     }
 
     fn start_with(config: PeerConfig) -> Peer {
-        let (commands, command_rx) = mpsc::unbounded_channel();
-        let (event_tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(callisto_peer::run(config, command_rx, event_tx));
+        let callisto_peer::Running {
+            commands,
+            events,
+            task,
+        } = callisto_peer::spawn(config);
         Peer {
             commands,
             events,

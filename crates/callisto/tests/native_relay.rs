@@ -42,10 +42,8 @@ async fn two_relay_only_native_peers_talk_through_turn() {
             pin: None,
             relay: RelayUse::Only,
         };
-        let (commands, command_rx) = mpsc::unbounded_channel();
-        let (event_tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(callisto_peer::run(config, command_rx, event_tx));
-        (commands, events, task)
+        let running = callisto_peer::spawn(config);
+        (running.commands, running.events, running.task)
     };
     let (ada_commands, mut ada, ada_task) = start("Ada");
     next_matching(&mut ada, "Ada's join", |e| {

@@ -24,5 +24,5 @@ pub mod tls;
 
 pub use chat::ChannelMessage;
 pub use link::{Link, LinkError, LinkEvent, MediaCounts};
-pub use peer::{Command, PeerConfig, PeerError, PeerEvent, RelayUse, Summary, run};
+pub use peer::{Command, PeerConfig, PeerError, PeerEvent, RelayUse, Running, Summary, run, spawn};
 pub use tls::Fingerprint;

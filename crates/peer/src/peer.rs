@@ -197,6 +197,25 @@ pub enum PeerError {
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A peer [`spawn`]ed on the runtime: what to tell it, what it says, and
+/// (once it has left) what it received.
+pub struct Running {
+    pub commands: mpsc::UnboundedSender<Command>,
+    pub events: mpsc::UnboundedReceiver<PeerEvent>,
+    pub task: tokio::task::JoinHandle<Result<Summary, PeerError>>,
+}
+
+/// Starts [`run`] on a task of its own, with channels to and from it.
+pub fn spawn(config: PeerConfig) -> Running {
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (event_tx, events) = mpsc::unbounded_channel();
+    Running {
+        commands,
+        events,
+        task: tokio::spawn(run(config, command_rx, event_tx)),
+    }
+}
+
 /// Joins, runs until [`Command::Leave`] (or the end of `commands`), and
 /// returns what was received. Events go to `events` as they happen.
 pub async fn run(

@@ -672,8 +672,10 @@ function onSignal(from, data) {
 
 function onState(from, data) {
   if (!data?.state) return;
-  grid.setMediaState(from, data.state);
   const link = call.links.get(from);
+  // One who watches sends nothing, so has nothing to show (and no tile).
+  if (link?.watching) return;
+  grid.setMediaState(from, data.state);
   if (data.state.screen === true && link) {
     grid.tile(screenTile(from), { name: link.name, screen: true, beside: from });
     grid.attach(screenTile(from), link.screenStream);
@@ -748,7 +750,7 @@ function sendFiles(files, to) {
 /** Updates the count of people, and the chat's list of whom to write to. */
 function updateCount() {
   const links = [...call.links.values()];
-  chat.setPeople(links.map(({ id, name }) => ({ id, name })));
+  chat.setPeople(links.map(({ id, name, watching }) => ({ id, name: watching ? `${name} (watching)` : name })));
   const audience = links.filter((l) => l.watching).length;
   const taking = links.length - audience;
   if (call.watching) {
