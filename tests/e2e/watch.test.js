@@ -102,6 +102,17 @@ test('an audience watches those taking part, unseen, unheard and apart from each
   // Vi goes: the count follows.
   await vi.getByRole('button', { name: 'Leave' }).click();
   await eventually(async () => (await count(alice)) === '2 people · 1 watching', 10000, 'Alice sees Vi gone');
+
+  // Wu takes part: from the audience, through the pre-join screen with
+  // her camera, into the call, seen by all.
+  await wu.getByRole('button', { name: 'Take part' }).click();
+  await wu.getByRole('button', { name: 'Join', exact: true }).waitFor({ timeout: 10000 });
+  await eventually(async () => (await count(alice)) === '2 people', 10000, 'Alice sees Wu leave the audience');
+  await wu.getByRole('button', { name: 'Join', exact: true }).click();
+  await wu.getByRole('button', { name: 'Mute' }).waitFor({ timeout: 10000 });
+  await waitForRemoteVideos(wu, 2);
+  await waitForRemoteVideos(alice, 2);
+  assert.equal(await count(alice), '3 people');
   for (const page of [alice, bob, vi, wu]) await page.context().close();
 });
 

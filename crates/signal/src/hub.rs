@@ -925,6 +925,14 @@ mod tests {
         })
     }
 
+    /// The types of the frames `r` took since last asked.
+    fn types(r: &Recorder) -> Vec<String> {
+        r.take()
+            .iter()
+            .map(|f| f["type"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_owned()).unwrap()
     }
@@ -1211,12 +1219,6 @@ mod tests {
     #[test]
     fn a_locked_room_lets_in_only_whom_someone_in_it_admits() {
         let mut hub = hub(16, 10);
-        let types = |r: &Recorder| -> Vec<String> {
-            r.take()
-                .iter()
-                .map(|f| f["type"].as_str().unwrap().to_owned())
-                .collect()
-        };
         let (a, b, c) = (Recorder::new(100), Recorder::new(100), Recorder::new(100));
         let ada = hub.join("r", "Ada", false, None, a.clone(), &[]).unwrap();
         a.take();
@@ -1306,12 +1308,6 @@ mod tests {
     fn those_who_watch_see_only_those_taking_part_and_have_no_say_in_who_comes_in() {
         use serde_json::json;
         let mut hub = hub(16, 10);
-        let types = |r: &Recorder| -> Vec<String> {
-            r.take()
-                .iter()
-                .map(|f| f["type"].as_str().unwrap().to_owned())
-                .collect()
-        };
         let [a, v, w, b, k] = [(); 5].map(|_| Recorder::new(100));
         let ada = hub.join("r", "Ada", false, None, a.clone(), &[]).unwrap();
         let vi = hub.join("r", "Vi", true, None, v.clone(), &[]).unwrap();

@@ -386,6 +386,7 @@ function enterCall() {
   if (call.watching) {
     call.joinNotice = 'You are watching: those taking part do not see or hear you.';
     for (const id of ['mute-btn', 'camera-btn', 'screen-btn', 'devices-btn', 'lock-btn', 'copy-watch-btn']) $(id).hidden = true;
+    $('take-part-btn').hidden = false;
     chat.note('You are watching: your messages and files reach those taking part, not the rest of the audience.');
   } else {
     call.joinNotice = receiveOnly ? `You joined receive-only. ${call.mediaMessage ?? ''}`.trim() : call.mediaMessage;
@@ -427,6 +428,11 @@ function setupControls() {
   $('copy-btn').addEventListener('click', () => copyLink(roomLink(call.watching)));
   $('copy-watch-btn').addEventListener('click', () => copyLink(roomLink(true)));
   $('leave-btn').addEventListener('click', () => leave('You can rejoin whenever you like.'));
+  // From the audience to the pre-join screen, with camera and microphone.
+  $('take-part-btn').addEventListener('click', () => {
+    leave('Taking part…');
+    location.assign(roomLink(false));
+  });
   $('rejoin-btn').addEventListener('click', () => location.assign(roomLink(call.watching)));
 }
 
