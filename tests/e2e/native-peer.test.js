@@ -1,11 +1,13 @@
 // The native peer (`callisto peer`, str0m) in a call with real headless
 // Chromium pages: it meets them both ways (it offers to those already in
 // the room; newcomers offer to it), chats with them over the chat data
-// channel, and receives their camera and microphone.
+// channel, receives their camera and microphone, and sends its own test
+// pattern and tone, which they play.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { serverAndBrowser, startServer, joinCall, startPeer, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually, writeChat as write } from './lib.js';
+import path from 'node:path';
+import { ARTIFACTS, serverAndBrowser, startServer, joinCall, startPeer, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually, waitForRemoteVideos, writeChat as write } from './lib.js';
 
 let server;
 let browser;
@@ -15,12 +17,12 @@ const messages = (page) => page.getByRole('log', { name: 'Messages' }).locator('
   (items) => items.map((m) => ({ author: m.querySelector('.author')?.textContent, text: m.querySelector('.text')?.textContent })),
 );
 
-test('a native peer calls browsers both ways, chats with them and receives their media', async () => {
+test('a native peer calls browsers both ways, chats with them, receives their media and sends its own', async () => {
   const room = `native-${Date.now()}`;
   const alice = await joinCall(browser, server.url, room, 'Alice');
 
   // The robot joins after Alice: it offers to her.
-  const robot = startPeer(server.url, room, 'Robot');
+  const robot = startPeer(server.url, room, 'Robot', ['--send-media']);
   const joined = await robot.waitFor((e) => e.event === 'joined', 'joined');
   assert.deepEqual(joined.peers.map((p) => p.name), ['Alice']);
   const aliceId = joined.peers[0].id;
@@ -39,9 +41,17 @@ test('a native peer calls browsers both ways, chats with them and receives their
     for (const { pair } of report) {
       assert.ok(isTestAddress(pair.local.address) && isTestAddress(pair.remote.address), `${label}: ${JSON.stringify(pair)}`);
     }
-    // The robot's tile: its camera and microphone off, as it said.
+    // The robot's camera and microphone, on its own connection and the
+    // other's alike: its test pattern plays in its tile, its tone is heard.
     await page.locator('.tile', { hasText: 'Robot' }).waitFor({ timeout: 10000 });
+    await waitForRemoteVideos(page, 2);
+    await eventually(async () => (await connectionReport(page)).every((c) => c.audio?.energy > 0), 10000, `${label} hears the robot and the other`);
+    assert.equal(await page.locator('.tile', { hasText: 'Robot' }).locator('.badge.camera').isVisible(), false, 'its camera shows as on');
   }
+
+  const shot = path.join(ARTIFACTS, 'native-peer.png');
+  await alice.screenshot({ path: shot });
+  console.log(`# artifact: ${shot}`);
 
   // Chat both ways, over the data channels.
   for (const page of [alice, bob]) await page.getByRole('button', { name: 'Chat', exact: true }).click();
@@ -68,6 +78,7 @@ test('a native peer calls browsers both ways, chats with them and receives their
     assert.ok(p.connected, `${p.name} connected`);
     assert.ok(p.videoFrames > 20, `video frames from ${p.name}: ${p.videoFrames}`);
     assert.ok(p.audioFrames > 50, `audio frames from ${p.name}: ${p.audioFrames}`);
+    assert.ok(p.sentVideoFrames > 20 && p.sentAudioFrames > 50, `sent to ${p.name}: ${JSON.stringify(p)}`);
   }
   // Its going is seen at once (a leave, not a lost connection).
   for (const page of [alice, bob]) {

@@ -526,6 +526,12 @@ pub struct PeerArgs {
     #[arg(long, default_value = "callisto peer")]
     pub name: String,
 
+    /// Send a test pattern (VP8, 320×240, 15 frames a second) as camera
+    /// and a 440 Hz tone (Opus) as microphone, to everyone; else it sends
+    /// no media.
+    #[arg(long, conflicts_with = "watch")]
+    pub send_media: bool,
+
     /// Join to watch: seen only by those taking part, connected only to
     /// them, seeing none of the others who watch (a broadcast's audience).
     #[arg(long)]
@@ -598,6 +604,11 @@ pub struct LoadArgs {
     /// to load the relay as well as the signaling.
     #[arg(long)]
     pub relay_only: bool,
+
+    /// Those taking part send a test pattern and a tone (about 210 kbit/s)
+    /// to everyone they meet, as cameras and microphones do.
+    #[arg(long)]
+    pub media: bool,
 
     /// Print the report as one JSON object.
     #[arg(long)]

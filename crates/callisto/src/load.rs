@@ -6,7 +6,9 @@
 //! all in the path). The report says how many joined and connected, how
 //! long that took, and whether every message arrived.
 //!
-//! With `--watching`, some of each room's peers join to watch, as a
+//! With `--media`, those taking part send the test pattern and the tone
+//! (about 210 kbit/s) to everyone they meet, and the report counts the
+//! frames received. With `--watching`, some of each room's peers join to watch, as a
 //! broadcast's audience: they meet only those taking part.
 //!
 //! Everything is bounded: the number of peers (250 rooms of at most 16),
@@ -16,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use callisto_peer::{Command, Fingerprint, PeerConfig, PeerEvent, RelayUse, Running};
+use callisto_peer::{Command, Fingerprint, MediaCounts, PeerConfig, PeerEvent, RelayUse, Running};
 use serde_json::json;
 
 use crate::cli::LoadArgs;
@@ -42,6 +44,8 @@ pub struct LoadPlan {
     pub pin: Option<Fingerprint>,
     /// Through the server's TURN only, or directly.
     pub relay: RelayUse,
+    /// Whether those taking part send the test pattern and the tone.
+    pub send_media: bool,
 }
 
 impl LoadPlan {
@@ -83,6 +87,7 @@ impl LoadPlan {
             } else {
                 RelayUse::Never
             },
+            send_media: args.media,
         })
     }
 }
@@ -126,6 +131,9 @@ pub struct Report {
     pub chat_expected: u64,
     /// From writing a message to its arrival.
     pub chat: Option<Spread>,
+    /// Media frames received, all peers together (with `send_media`).
+    pub video_frames: u64,
+    pub audio_frames: u64,
     pub errors: Vec<String>,
 }
 
@@ -147,6 +155,7 @@ struct PeerOutcome {
     expected: u64,
     received: u64,
     latencies: Vec<Duration>,
+    media: MediaCounts,
     error: Option<String>,
 }
 
@@ -182,6 +191,7 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
             bind: None,
             pin: plan.pin,
             relay: plan.relay,
+            send_media: plan.send_media,
         };
         tasks.push(tokio::spawn(one_peer(
             config,
@@ -215,6 +225,8 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
         report.chat_expected += outcome.expected;
         report.chat_received += outcome.received;
         latencies.extend(outcome.latencies);
+        report.video_frames += outcome.media.video_frames;
+        report.audio_frames += outcome.media.audio_frames;
         report.errors.extend(outcome.error);
     }
     report.join = Spread::of(joins);
@@ -286,7 +298,13 @@ async fn one_peer(
         }
     }
     match tokio::time::timeout(LEAVE_GRACE, peer).await {
-        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Ok(summary))) => {
+            for p in summary.peers {
+                out.media.video_frames += p.media.video_frames;
+                out.media.audio_frames += p.media.audio_frames;
+                out.media.bytes += p.media.bytes;
+            }
+        }
         Ok(Ok(Err(e))) => out.error = Some(e.to_string()),
         Ok(Err(e)) => out.error = Some(format!("the peer's task failed: {e}")),
         Err(_) => out.error = Some("did not leave in time".into()),
@@ -319,6 +337,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<bool> {
             "connect": spread_json(report.connect),
             "chatSent": report.chat_sent, "chatReceived": report.chat_received,
             "chatExpected": report.chat_expected, "chat": spread_json(report.chat),
+            "media": plan.send_media,
+            "videoFramesReceived": report.video_frames, "audioFramesReceived": report.audio_frames,
             "errors": errors.iter().map(|(e, n)| json!({"error": e, "peers": n})).collect::<Vec<_>>(),
             "allWell": report.all_well(),
         });
@@ -360,6 +380,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<bool> {
             report.chat_expected,
             spread(report.chat)
         );
+        if plan.send_media {
+            println!(
+                "media:       {} video and {} audio frames received",
+                report.video_frames, report.audio_frames
+            );
+        }
         if errors.is_empty() {
             println!("errors:      none");
         }

@@ -25,6 +25,7 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
         room: args.room.clone(),
         name: args.name.clone(),
         watching: args.watch,
+        send_media: args.send_media,
         access: args.target.access.clone(),
         bind: args.bind,
         pin: args.target.tls_fingerprint,
@@ -213,7 +214,8 @@ fn print_summary(out: &mut impl Write, summary: &Summary, as_json: bool) -> std:
             .map(|p| {
                 json!({"id": p.id, "name": p.name, "connected": p.connected,
                     "audioFrames": p.media.audio_frames, "videoFrames": p.media.video_frames,
-                    "bytes": p.media.bytes})
+                    "bytes": p.media.bytes,
+                    "sentVideoFrames": p.sent.0, "sentAudioFrames": p.sent.1})
             })
             .collect();
         writeln!(out, "{}", json!({"event": "left", "peers": peers}))?;
@@ -233,6 +235,13 @@ fn print_summary(out: &mut impl Write, summary: &Summary, as_json: bool) -> std:
                 p.media.video_frames,
                 p.media.bytes
             )?;
+            if p.sent != (0, 0) {
+                writeln!(
+                    out,
+                    "    sent {} video and {} audio frames",
+                    p.sent.0, p.sent.1
+                )?;
+            }
         }
     }
     out.flush()

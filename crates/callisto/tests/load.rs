@@ -23,6 +23,7 @@ fn plan(server: &Server, rooms: u32, peers: u32) -> LoadPlan {
         access: None,
         pin: None,
         relay: RelayUse::Never,
+        send_media: false,
     }
 }
 
@@ -49,6 +50,7 @@ async fn an_audience_meets_only_those_taking_part_and_hears_them() {
     let server = Server::start(&[]).await;
     let report = load(&LoadPlan {
         watching: 2,
+        send_media: true,
         ..plan(&server, 1, 4)
     })
     .await
@@ -61,6 +63,10 @@ async fn an_audience_meets_only_those_taking_part_and_hears_them() {
     assert!(report.chat_sent > 0, "{report:?}");
     assert_eq!(report.chat_received, report.chat_expected, "{report:?}");
     assert!(report.all_well(), "{report:?}");
+    // Pattern and tone from the two taking part, at each of the three
+    // others, for seconds: 15 and 50 frames a second.
+    assert!(report.video_frames > 3 * 2 * 15, "{report:?}");
+    assert!(report.audio_frames > 3 * 2 * 50, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,7 @@ fn config_for(addr: SocketAddr, room: &str, name: &str) -> PeerConfig {
         bind: None,
         pin: None,
         relay: RelayUse::Never,
+        send_media: false,
     }
 }
 
@@ -402,6 +403,7 @@ async fn over_tls_a_self_signed_server_is_trusted_by_its_fingerprint_only() {
         bind: None,
         pin: pin.map(|p| p.parse().expect("the server's fingerprint")),
         relay: RelayUse::Never,
+        send_media: false,
     };
 
     let mut ada = Peer::start_with(config("Ada", Some(&fingerprint)));

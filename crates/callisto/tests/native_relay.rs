@@ -41,6 +41,7 @@ async fn two_relay_only_native_peers_talk_through_turn() {
             bind: None,
             pin: None,
             relay: RelayUse::Only,
+            send_media: false,
         };
         let running = callisto_peer::spawn(config);
         (running.commands, running.events, running.task)

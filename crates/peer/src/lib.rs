@@ -15,6 +15,7 @@
 //! - [`probe`]: the NAT probe: the server's STUN and TURN as seen from here.
 
 pub mod chat;
+pub mod clip;
 pub mod link;
 pub mod peer;
 pub mod probe;

@@ -10,21 +10,23 @@
 //! Like the web app, the side that offers first negotiates audio, video,
 //! a second video and a second audio (microphone, camera, screen, the
 //! screen's sound), all `sendrecv`, and opens the chat channel in that
-//! first offer. This peer sends no media; it receives and counts what the
-//! other side sends.
+//! first offer. It receives and counts what the other side sends; with
+//! [`Link::send_media`] it also sends the embedded test pattern and tone
+//! ([`crate::clip`]) as its camera and microphone, in real time.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::{ChannelConfig, ChannelId};
-use str0m::media::{Direction, MediaKind};
+use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive, Transmit};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
 use crate::chat::{CHAT_LABEL, CHAT_PROTOCOL, ChannelMessage, ChatError};
+use crate::clip::{self, Clip};
 use crate::signals::{SdpKind, Signal};
 
 /// Chat messages held for a chat channel that is not open yet, at most
@@ -71,6 +73,25 @@ pub enum LinkError {
     ChatQueueFull,
 }
 
+/// Frames this far behind are skipped rather than sent in a burst (the
+/// process was stalled).
+const MAX_LAG: Duration = Duration::from_millis(500);
+
+/// A clip sent on one media section, looped, each frame at its time.
+struct Playout {
+    clip: &'static Clip,
+    /// The section: the first of the clip's kind (the camera's or the
+    /// microphone's, by the web app's conventions), once negotiated.
+    mid: Option<Mid>,
+    next: usize,
+    /// When the next frame is due: from the connection's start on.
+    due: Option<Instant>,
+    /// The next frame's RTP time, in the clip's clock.
+    rtp: u64,
+    /// Frames sent.
+    sent: u64,
+}
+
 /// A connection to one peer.
 pub struct Link {
     rtc: Rtc,
@@ -85,6 +106,9 @@ pub struct Link {
     timeout: Instant,
     media: MediaCounts,
     connected: bool,
+    playouts: Vec<Playout>,
+    /// The latest time the driver gave.
+    now: Instant,
 }
 
 impl Link {
@@ -108,16 +132,50 @@ impl Link {
             timeout: now,
             media: MediaCounts::default(),
             connected: false,
+            playouts: Vec::new(),
+            now,
         };
         link.drive()?;
         Ok(link)
     }
 
+    /// Sends the test pattern as our camera and the tone as our microphone,
+    /// from when the connection is up (call before the first offer or
+    /// answer). Where the other side does not receive (it watches us not,
+    /// or we watch), nothing goes.
+    pub fn send_media(&mut self) {
+        self.playouts = [clip::pattern(), clip::tone()]
+            .into_iter()
+            .map(|clip| Playout {
+                clip,
+                mid: None,
+                next: 0,
+                due: None,
+                rtp: 0,
+                sent: 0,
+            })
+            .collect();
+    }
+
+    /// Frames sent so far: video, then audio.
+    pub fn frames_sent(&self) -> (u64, u64) {
+        let of = |kind| {
+            self.playouts
+                .iter()
+                .filter(|p| p.clip.kind == kind)
+                .map(|p| p.sent)
+                .sum()
+        };
+        (of(MediaKind::Video), of(MediaKind::Audio))
+    }
+
     /// Makes the first offer, as a newcomer does to everyone in the room.
     pub fn offer(&mut self) -> Result<(), LinkError> {
         let mut api = self.rtc.sdp_api();
-        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
-        api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
+        // The microphone's and the camera's come first (str0m reports no
+        // MediaAdded for sections it offers itself).
+        let mic = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let camera = api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
         api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
         api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
         let chat = api.add_channel_with_config(ChannelConfig {
@@ -128,6 +186,12 @@ impl Link {
         if let Some((offer, pending)) = api.apply() {
             self.chat = Some(chat);
             self.send_offer(offer, pending);
+            for playout in &mut self.playouts {
+                playout.mid = Some(match playout.clip.kind {
+                    MediaKind::Audio => mic,
+                    MediaKind::Video => camera,
+                });
+            }
         }
         self.drive()
     }
@@ -233,6 +297,7 @@ impl Link {
         let Ok(receive) = Receive::new(Protocol::Udp, source, destination, contents) else {
             return Ok(false);
         };
+        self.now = self.now.max(now);
         let input = Input::Receive(now, receive);
         if !self.rtc.accepts(&input) {
             return Ok(false);
@@ -244,11 +309,64 @@ impl Link {
 
     /// Lets time pass; call at [`Link::timeout`] or later.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), LinkError> {
-        if now < self.timeout {
+        self.now = self.now.max(now);
+        let played = self.play(now);
+        if now < self.timeout && !played {
             return Ok(());
         }
+        // Frames written go out through str0m's pacer, which runs on time.
         self.rtc.handle_input(Input::Timeout(now))?;
         self.drive()
+    }
+
+    /// Writes the frames due by `now`; whether any went to str0m.
+    fn play(&mut self, now: Instant) -> bool {
+        let mut wrote = false;
+        for playout in &mut self.playouts {
+            let (Some(mid), Some(mut due)) = (playout.mid, playout.due) else {
+                continue;
+            };
+            if now.saturating_duration_since(due) > MAX_LAG {
+                due = now;
+            }
+            let sending = self
+                .rtc
+                .media(mid)
+                .is_some_and(|m| m.direction().is_sending());
+            let clip = playout.clip;
+            while due <= now {
+                let frame = &clip.frames[playout.next];
+                if sending && let Some(writer) = self.rtc.writer(mid) {
+                    let pt = writer
+                        .payload_params()
+                        .find(|p| p.spec().codec == clip.codec)
+                        .map(|p| p.pt());
+                    match pt {
+                        Some(pt) => {
+                            let rtp_time = MediaTime::new(
+                                playout.rtp,
+                                Frequency::new(clip.clock_rate).unwrap_or(Frequency::NINETY_KHZ),
+                            );
+                            match writer.write(pt, due, rtp_time, frame.data.clone()) {
+                                Ok(()) => {
+                                    playout.sent += 1;
+                                    wrote = true;
+                                }
+                                Err(e) => tracing::debug!(%mid, "a frame was not sent: {e}"),
+                            }
+                        }
+                        None => {
+                            tracing::debug!(%mid, codec = ?clip.codec, "the other side takes no such codec")
+                        }
+                    }
+                }
+                playout.rtp += u64::from(frame.ticks);
+                due += clip.duration(frame);
+                playout.next = (playout.next + 1) % clip.frames.len();
+            }
+            playout.due = Some(due);
+        }
+        wrote
     }
 
     /// Sends a message on the chat channel, now or once it opens.
@@ -300,6 +418,28 @@ impl Link {
             Event::Connected => {
                 self.connected = true;
                 self.events.push_back(LinkEvent::Connected);
+                for playout in &mut self.playouts {
+                    playout.due.get_or_insert(self.now);
+                }
+            }
+            Event::MediaAdded(added) => {
+                if let Some(playout) = self
+                    .playouts
+                    .iter_mut()
+                    .find(|p| p.clip.kind == added.kind && p.mid.is_none())
+                {
+                    playout.mid = Some(added.mid);
+                }
+            }
+            Event::KeyframeRequest(request) => {
+                // The clip's first frame is its key frame.
+                if let Some(playout) = self
+                    .playouts
+                    .iter_mut()
+                    .find(|p| p.mid == Some(request.mid))
+                {
+                    playout.next = 0;
+                }
             }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) if self.connected => {
                 self.connected = false;
@@ -362,7 +502,11 @@ impl Link {
 
     /// When to call [`Link::handle_timeout`].
     pub fn timeout(&self) -> Instant {
-        self.timeout
+        self.playouts
+            .iter()
+            .filter(|p| p.mid.is_some())
+            .filter_map(|p| p.due)
+            .fold(self.timeout, Instant::min)
     }
 
     /// Media received so far.
@@ -405,9 +549,17 @@ mod tests {
 
     impl Pair {
         fn new() -> Pair {
+            Pair::sending(false)
+        }
+
+        /// With `media`, `a` sends the test pattern and the tone.
+        fn sending(media: bool) -> Pair {
             let now = Instant::now();
             let mut a = Link::new(vec![host(A)], false, now).unwrap();
             let b = Link::new(vec![host(B)], true, now).unwrap();
+            if media {
+                a.send_media();
+            }
             a.offer().unwrap();
             Pair {
                 a,
@@ -475,6 +627,29 @@ mod tests {
 
     fn chat(text: &str) -> ChannelMessage {
         ChannelMessage::chat(text, false).unwrap()
+    }
+
+    #[test]
+    fn media_goes_out_at_its_own_pace_and_arrives_frame_by_frame() {
+        // Both ways: from the side that offers, and from the one that answers.
+        let mut pair = Pair::sending(true);
+        pair.b.send_media();
+        pair.run_until(|p| p.saw('a', &LinkEvent::Connected));
+        let start = pair.now;
+        // One loop of the pattern: 30 frames at 15 a second.
+        pair.run_until(|p| p.b.media().video_frames >= 30 && p.a.media().video_frames >= 30);
+        let took = pair.now - start;
+        assert!(
+            took >= Duration::from_millis(1900) && took <= Duration::from_millis(2500),
+            "30 frames in {took:?} of simulated time"
+        );
+        let (video, audio) = pair.a.frames_sent();
+        assert!((30..=32).contains(&video), "{video} video frames sent");
+        assert!((95..=125).contains(&audio), "{audio} audio frames sent");
+        for got in [pair.a.media(), pair.b.media()] {
+            assert!(got.audio_frames >= 90, "{got:?}");
+            assert!(got.bytes > 40_000, "{got:?}");
+        }
     }
 
     #[test]

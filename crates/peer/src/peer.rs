@@ -34,14 +34,6 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 /// The largest datagram read; WebRTC keeps to about 1,200 bytes.
 const MAX_DATAGRAM: usize = 2048;
 
-/// Our media state, as the web app shows it: camera, microphone and
-/// screen off, for the native peer sends no media.
-const NOTHING_SENT: Signal = Signal::State {
-    audio: false,
-    video: false,
-    screen: false,
-};
-
 /// Where and as whom to join.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
@@ -63,6 +55,9 @@ pub struct PeerConfig {
     pub pin: Option<Fingerprint>,
     /// Whether to reach the others through the server's TURN too.
     pub relay: RelayUse,
+    /// Whether to send the embedded test pattern and tone as camera and
+    /// microphone (`crate::clip`); else it sends no media.
+    pub send_media: bool,
 }
 
 /// Which candidates the peer offers.
@@ -156,7 +151,10 @@ pub struct PeerSummary {
     pub id: String,
     pub name: String,
     pub connected: bool,
+    /// Received.
     pub media: MediaCounts,
+    /// Video and audio frames sent (`send_media`).
+    pub sent: (u64, u64),
 }
 
 /// Why a peer could not join, or stopped.
@@ -249,6 +247,7 @@ pub async fn run(
         reconnecting: None,
         relay_use: config.relay,
         watching: config.watching,
+        send_media: config.send_media && !config.watching,
         relay: None,
         socket,
         local,
@@ -466,6 +465,8 @@ struct Session {
     relay_use: RelayUse,
     /// Joined to watch: it sends no `state` (docs/protocol.md).
     watching: bool,
+    /// Sends the test pattern and the tone on every link.
+    send_media: bool,
     /// The allocation links are offered, with `RelayUse::Also` or `Only`.
     relay: Option<Relay>,
     socket: UdpSocket,
@@ -565,17 +566,17 @@ impl Session {
             id: self.id.clone(),
             peers: peers.clone(),
         });
-        // Nothing to send: the web app shows our tile with camera and
-        // microphone off instead of waiting for them. (Watching, we have
-        // no tile.)
+        // The web app shows our tile with camera and microphone on or
+        // off by it. (Watching, we have no tile.)
         if !self.watching {
-            self.send_json(&json!({"type": "broadcast", "data": NOTHING_SENT.encode()}))
+            let state = self.state().encode();
+            self.send_json(&json!({"type": "broadcast", "data": state}))
                 .await;
         }
         // The newcomer offers to everyone already there.
         for peer in peers {
             self.members.insert(peer.id.clone(), peer.name.clone());
-            let mut link = Link::new(self.candidates()?, self.id > peer.id, Instant::now())?;
+            let mut link = self.new_link(&peer.id)?;
             link.offer()?;
             self.links.insert(peer.id.clone(), (peer.name, link));
             self.flush(&peer.id).await?;
@@ -600,6 +601,26 @@ impl Session {
                 tracing::warn!("going on without a TURN relay: {why}");
                 Ok(())
             }
+        }
+    }
+
+    /// A link to `peer`: polite if our id is the greater, sending media
+    /// if we do.
+    fn new_link(&self, peer: &str) -> Result<Link, PeerError> {
+        let mut link = Link::new(self.candidates()?, self.id.as_str() > peer, Instant::now())?;
+        if self.send_media {
+            link.send_media();
+        }
+        Ok(link)
+    }
+
+    /// Our media state, as the web app shows it on our tile: camera and
+    /// microphone on if we send the pattern and the tone; no screen.
+    fn state(&self) -> Signal {
+        Signal::State {
+            audio: self.send_media,
+            video: self.send_media,
+            screen: false,
         }
     }
 
@@ -682,10 +703,9 @@ impl Session {
             Received::PeerJoined { peer } => {
                 self.members.insert(peer.id.clone(), peer.name.clone());
                 if !self.watching {
-                    self.send_json(
-                        &json!({"type": "signal", "to": peer.id, "data": NOTHING_SENT.encode()}),
-                    )
-                    .await;
+                    let state = self.state().encode();
+                    self.send_json(&json!({"type": "signal", "to": peer.id, "data": state}))
+                        .await;
                 }
                 self.emit(PeerEvent::PeerJoined {
                     id: peer.id,
@@ -731,7 +751,7 @@ impl Session {
             ) {
                 return Ok(());
             }
-            let link = Link::new(self.candidates()?, self.id > from, Instant::now())?;
+            let link = self.new_link(&from)?;
             self.links.insert(from.clone(), (name, link));
         }
         if let Some((_, link)) = self.links.get_mut(&from)
@@ -882,6 +902,7 @@ impl Session {
                 name,
                 connected: link.is_connected(),
                 media: link.media(),
+                sent: link.frames_sent(),
             });
         }
     }
