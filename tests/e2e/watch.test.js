@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, writeChat, isTestAddress, assertOnlyTestAddresses, connectionReport, startPeer } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, askToJoin, waitForRemoteVideos, eventually, writeChat, isTestAddress, assertOnlyTestAddresses, connectionReport, startPeer } from './lib.js';
 
 let server;
 let browser;
@@ -143,4 +143,37 @@ test('the native peer watches: it meets only those taking part, and receives the
     assert.ok(left.peers[0].videoFrames > 20 && left.peers[0].audioFrames > 50, `media from Alice: ${JSON.stringify(left.peers[0])}`);
   }
   for (const page of [alice, vi]) await page.context().close();
+});
+
+test('a room locked but open to its audience: who comes to watch comes in, who would take part knocks', async () => {
+  const room = `stage-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  await alice.getByRole('button', { name: 'Lock room' }).click();
+  const open = alice.getByRole('button', { name: 'Open to audience' });
+  await open.click();
+  await eventually(async () => (await open.getAttribute('aria-pressed')) === 'true', 5000, 'the room is open to its audience');
+  await alice.getByText('You opened the locked room to its audience').waitFor({ timeout: 5000 });
+
+  // Vi comes to watch, and is in without asking.
+  const vi = await joinCall(browser, server.url, room, 'Vi', { watch: true });
+  await waitForRemoteVideos(vi, 1);
+  await eventually(async () => (await count(alice)) === 'Only you so far · 1 watching', 10000, 'Alice counts Vi');
+
+  // From the audience onto the stage: Vi knocks, as Bob does.
+  await vi.getByRole('button', { name: 'Take part' }).click();
+  await vi.getByRole('button', { name: 'Join', exact: true }).click();
+  await vi.getByText('This room is locked. Waiting for someone inside to let you in…').waitFor({ timeout: 10000 });
+  const bob = await askToJoin(browser, server.url, room, 'Bob');
+  await bob.getByText('This room is locked. Waiting for someone inside to let you in…').waitFor({ timeout: 10000 });
+  await alice.getByRole('button', { name: 'Let Bob in' }).click();
+  await waitForRemoteVideos(bob, 1);
+  await alice.getByRole('button', { name: 'Turn Vi away' }).click();
+  await vi.getByText('Someone in the room turned you away.', { exact: false }).waitFor({ timeout: 5000 });
+
+  // Locked to all again: the next to come to watch knocks too.
+  await open.click();
+  await eventually(async () => (await open.getAttribute('aria-pressed')) === 'false', 5000, 'closed to the audience');
+  const wu = await askToJoin(browser, server.url, room, 'Wu', { watch: true });
+  await wu.getByText('This room is locked. Waiting for someone inside to let you in…').waitFor({ timeout: 10000 });
+  for (const page of [alice, bob, vi, wu]) await page.context().close();
 });

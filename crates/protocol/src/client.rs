@@ -36,8 +36,13 @@ pub enum ClientMessage<'a> {
     Ping,
     /// `{"type":"lock","locked":BOOL}`: from then on, newcomers knock and
     /// wait until someone in the room lets them in (`false`: they join
-    /// straight away, and those waiting come in).
-    Lock { locked: bool },
+    /// straight away, and those waiting come in). With
+    /// `"openToAudience":true`, those who join to watch still come in
+    /// without knocking: only those taking part are kept out.
+    Lock {
+        locked: bool,
+        open_to_audience: bool,
+    },
     /// `{"type":"admit","id":ID}`: lets in someone knocking.
     Admit { id: String },
     /// `{"type":"deny","id":ID}`: turns away someone knocking.
@@ -69,7 +74,16 @@ impl PartialEq for ClientMessage<'_> {
             }
             (Broadcast { data: d1 }, Broadcast { data: d2 }) => d1.get() == d2.get(),
             (Leave, Leave) | (Ping, Ping) => true,
-            (Lock { locked: l1 }, Lock { locked: l2 }) => l1 == l2,
+            (
+                Lock {
+                    locked: l1,
+                    open_to_audience: o1,
+                },
+                Lock {
+                    locked: l2,
+                    open_to_audience: o2,
+                },
+            ) => l1 == l2 && o1 == o2,
             (Admit { id: i1 }, Admit { id: i2 }) | (Deny { id: i1 }, Deny { id: i2 }) => i1 == i2,
             _ => false,
         }
@@ -126,6 +140,8 @@ struct Envelope<'a> {
     access: Option<String>,
     locked: Option<bool>,
     watching: Option<bool>,
+    #[serde(rename = "openToAudience")]
+    open_to_audience: Option<bool>,
     id: Option<String>,
     // `null` is a valid payload, so a present `data` must not collapse to None.
     #[serde(default, borrow, deserialize_with = "present")]
@@ -214,7 +230,10 @@ pub fn decode_client(text: &str) -> Result<ClientMessage<'_>, DecodeError> {
             let locked = env.locked.ok_or_else(|| {
                 DecodeError::bad("\"lock\" needs field \"locked\" (true or false)")
             })?;
-            Ok(ClientMessage::Lock { locked })
+            Ok(ClientMessage::Lock {
+                locked,
+                open_to_audience: env.open_to_audience.unwrap_or(false),
+            })
         }
         "admit" => Ok(ClientMessage::Admit {
             id: field(env.id, "id")?,
@@ -318,7 +337,17 @@ mod tests {
         );
         assert_eq!(
             decode_client(r#"{"type":"lock","locked":true}"#).unwrap(),
-            ClientMessage::Lock { locked: true }
+            ClientMessage::Lock {
+                locked: true,
+                open_to_audience: false
+            }
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"lock","locked":true,"openToAudience":true}"#).unwrap(),
+            ClientMessage::Lock {
+                locked: true,
+                open_to_audience: true
+            }
         );
         assert_eq!(
             decode_client(r#"{"type":"admit","id":"p2"}"#).unwrap(),
@@ -331,6 +360,7 @@ mod tests {
         for bad in [
             r#"{"type":"lock"}"#,
             r#"{"type":"lock","locked":"yes"}"#,
+            r#"{"type":"lock","locked":true,"openToAudience":1}"#,
             r#"{"type":"admit"}"#,
             r#"{"type":"deny","id":7}"#,
         ] {

@@ -47,6 +47,8 @@ pub enum Received {
         resumed: bool,
         #[serde(default)]
         locked: bool,
+        #[serde(default, rename = "openToAudience")]
+        open_to_audience: bool,
         #[serde(default)]
         waiting: Vec<ReceivedPeer>,
     },
@@ -63,6 +65,8 @@ pub enum Received {
     Locked {
         locked: bool,
         by: String,
+        #[serde(default, rename = "openToAudience")]
+        open_to_audience: bool,
     },
     PeerJoined {
         peer: ReceivedPeer,
@@ -137,6 +141,7 @@ mod tests {
             resume: "tok",
             resumed: false,
             locked: false,
+            open_to_audience: false,
             waiting: vec![],
         };
         assert_eq!(
@@ -165,6 +170,7 @@ mod tests {
                 resume: "tok".into(),
                 resumed: false,
                 locked: false,
+                open_to_audience: false,
                 waiting: vec![],
             }
         );

@@ -45,6 +45,10 @@ pub enum ServerMessage<'a> {
         /// Whether the room is locked (newcomers knock); absent: not.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         locked: bool,
+        /// Whether, locked, the room still lets in without knocking those
+        /// who join to watch; absent: not.
+        #[serde(rename = "openToAudience", skip_serializing_if = "std::ops::Not::not")]
+        open_to_audience: bool,
         /// Who knocks on the locked room, waiting to be let in; absent: nobody.
         #[serde(skip_serializing_if = "Vec::is_empty")]
         waiting: Vec<PeerInfo>,
@@ -64,10 +68,13 @@ pub enum ServerMessage<'a> {
         id: &'a str,
         admitted: bool,
     },
-    /// To everyone in a room: it was locked or unlocked, by `by`.
+    /// To everyone in a room: it was locked or unlocked, by `by`; and
+    /// whether, locked, it lets in those who join to watch (absent: not).
     Locked {
         locked: bool,
         by: &'a str,
+        #[serde(rename = "openToAudience", skip_serializing_if = "std::ops::Not::not")]
+        open_to_audience: bool,
     },
     PeerJoined {
         peer: PeerInfo,
@@ -159,6 +166,7 @@ mod tests {
             resume: "t1",
             resumed: false,
             locked: false,
+            open_to_audience: false,
             waiting: vec![],
         };
         assert_eq!(
@@ -184,6 +192,7 @@ mod tests {
             resume: "t1",
             resumed: false,
             locked: true,
+            open_to_audience: false,
             waiting: vec![PeerInfo {
                 id: "p3".into(),
                 name: "Cy".into(),
@@ -209,10 +218,20 @@ mod tests {
         assert_eq!(
             ServerMessage::Locked {
                 locked: true,
-                by: "p1"
+                by: "p1",
+                open_to_audience: false,
             }
             .to_json(),
             r#"{"type":"locked","locked":true,"by":"p1"}"#
+        );
+        assert_eq!(
+            ServerMessage::Locked {
+                locked: true,
+                by: "p1",
+                open_to_audience: true,
+            }
+            .to_json(),
+            r#"{"type":"locked","locked":true,"by":"p1","openToAudience":true}"#
         );
         assert_eq!(
             ServerMessage::IceServers { ice_servers: &ice }.to_json(),

@@ -85,7 +85,10 @@ proptest! {
                     prop_assert_eq!(data.get(), value["data"].to_string());
                 }
                 match msg {
-                    ClientMessage::Lock { locked } => prop_assert_eq!(Some(locked), value["locked"].as_bool()),
+                    ClientMessage::Lock { locked, open_to_audience } => {
+                        prop_assert_eq!(Some(locked), value["locked"].as_bool());
+                        prop_assert_eq!(open_to_audience, value["openToAudience"].as_bool().unwrap_or(false));
+                    }
                     ClientMessage::Admit { id } | ClientMessage::Deny { id } => prop_assert_eq!(Some(id.as_str()), value["id"].as_str()),
                     _ => {}
                 }

@@ -603,11 +603,14 @@ impl Conn {
                 }
             }
             ClientMessage::Ping => return self.reply(Frame::new(&ServerMessage::Pong)),
-            ClientMessage::Lock { locked } => match &self.seat {
+            ClientMessage::Lock {
+                locked,
+                open_to_audience,
+            } => match &self.seat {
                 Some(seat) => {
-                    let done = self.hub().lock(&seat.id, locked);
+                    let done = self.hub().lock(&seat.id, locked, open_to_audience);
                     if done.is_ok() {
-                        info!(remote = %self.remote, room = %seat.room, peer = %seat.id, locked, "room lock changed");
+                        info!(remote = %self.remote, room = %seat.room, peer = %seat.id, locked, open_to_audience, "room lock changed");
                     }
                     done
                 }

@@ -26,7 +26,7 @@
 //! knocking when the room is unlocked, or when everyone in it has left,
 //! come in. A lost connection that resumes its place does not knock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -231,6 +231,10 @@ pub struct Hub<S> {
     tokens: HashMap<String, String>,
     /// The locked rooms, each with who knocks on it, in order.
     locks: HashMap<String, Vec<String>>,
+    /// The locked rooms that let in those who join to watch: only those
+    /// taking part knock (a broadcast's stage is closed, its audience
+    /// open).
+    open_to_audience: HashSet<String>,
     waiters: HashMap<String, Newcomer<S>>,
     /// Bytes kept for lost connections, all together.
     away_total: usize,
@@ -269,6 +273,7 @@ impl<S: PeerSink> Hub<S> {
             peers: HashMap::new(),
             tokens: HashMap::new(),
             locks: HashMap::new(),
+            open_to_audience: HashSet::new(),
             waiters: HashMap::new(),
             away_total: 0,
             away_count: 0,
@@ -369,6 +374,7 @@ impl<S: PeerSink> Hub<S> {
             resume: token,
             resumed: true,
             locked: !watching && self.locks.contains_key(room),
+            open_to_audience: !watching && self.open_to_audience.contains(room),
             waiting: self.knocking(room, watching),
         });
         let Some(peer) = self.peers.get_mut(&id) else {
@@ -449,7 +455,9 @@ impl<S: PeerSink> Hub<S> {
             }
             _ => {}
         }
-        if self.locks.contains_key(&newcomer.room) {
+        if self.locks.contains_key(&newcomer.room)
+            && !(newcomer.watching && self.open_to_audience.contains(&newcomer.room))
+        {
             return self.knock(newcomer);
         }
         let id = self.fresh_id();
@@ -524,6 +532,7 @@ impl<S: PeerSink> Hub<S> {
             resume: &token,
             resumed: false,
             locked: !watching && self.locks.contains_key(&room),
+            open_to_audience: !watching && self.open_to_audience.contains(&room),
             waiting: self.knocking(&room, watching),
         });
         let joined = Frame::new(&ServerMessage::PeerJoined {
@@ -556,13 +565,38 @@ impl<S: PeerSink> Hub<S> {
     }
 
     /// Locks (or unlocks) the room of peer `by`, and tells everyone in
-    /// it. Unlocking lets in whoever knocks.
-    pub fn lock(&mut self, by: &str, locked: bool) -> Result<(), ErrorCode> {
+    /// it who takes part. Unlocking lets in whoever knocks; locking
+    /// `open_to_audience` lets in whoever knocks to watch.
+    pub fn lock(
+        &mut self,
+        by: &str,
+        locked: bool,
+        open_to_audience: bool,
+    ) -> Result<(), ErrorCode> {
         let room = self.taking_part(by)?.room.clone();
-        let frame = Frame::new(&ServerMessage::Locked { locked, by });
+        let open_to_audience = locked && open_to_audience;
+        let frame = Frame::new(&ServerMessage::Locked {
+            locked,
+            by,
+            open_to_audience,
+        });
         self.fan_out(&room, None, &frame, None, false);
+        if !open_to_audience {
+            self.open_to_audience.remove(&room);
+        }
         if locked {
-            self.locks.entry(room).or_default();
+            let waiting = self.locks.entry(room.clone()).or_default();
+            if open_to_audience {
+                self.open_to_audience.insert(room);
+                let watchers: Vec<String> = waiting
+                    .iter()
+                    .filter(|id| self.waiters.get(*id).is_some_and(|w| w.watching))
+                    .cloned()
+                    .collect();
+                for id in watchers {
+                    self.let_in(&id);
+                }
+            }
         } else if let Some(waiting) = self.locks.remove(&room) {
             for id in waiting {
                 self.let_in(&id);
@@ -816,6 +850,7 @@ impl<S: PeerSink> Hub<S> {
             .flatten()
             .any(|m| self.peers.get(m).is_some_and(|p| !p.watching));
         if !deciders && let Some(waiting) = self.locks.remove(&peer.room) {
+            self.open_to_audience.remove(&peer.room);
             for waiter in waiting {
                 self.let_in(&waiter);
             }
@@ -1222,7 +1257,7 @@ mod tests {
         let (a, b, c) = (Recorder::new(100), Recorder::new(100), Recorder::new(100));
         let ada = hub.join("r", "Ada", false, None, a.clone(), &[]).unwrap();
         a.take();
-        hub.lock(&ada.id, true).unwrap();
+        hub.lock(&ada.id, true, false).unwrap();
         assert_eq!(
             a.take(),
             vec![serde_json::json!({"type": "locked", "locked": true, "by": "p1"})]
@@ -1247,7 +1282,7 @@ mod tests {
             hub.signal(&ada.id, &bob.id, &raw("1")),
             Err(ErrorCode::UnknownPeer)
         );
-        assert_eq!(hub.lock(&bob.id, false), Err(ErrorCode::NotJoined));
+        assert_eq!(hub.lock(&bob.id, false, false), Err(ErrorCode::NotJoined));
         assert_eq!(hub.admit(&bob.id, &bob.id), Err(ErrorCode::NotJoined));
         assert_eq!(hub.stats().peers, 1);
 
@@ -1296,7 +1331,7 @@ mod tests {
 
         // Unlocked, whoever knocks comes in.
         a.take();
-        hub.lock(&ada.id, false).unwrap();
+        hub.lock(&ada.id, false, false).unwrap();
         assert_eq!(types(&a), ["locked", "knock-ended", "peer-joined"]);
         let welcome = &d.take()[1];
         assert_eq!(welcome["type"], "welcome");
@@ -1354,8 +1389,8 @@ mod tests {
         }
 
         // Only those taking part lock, hear knocks, and let in.
-        assert_eq!(hub.lock(&vi.id, true), Err(ErrorCode::NotAllowed));
-        hub.lock(&ada.id, true).unwrap();
+        assert_eq!(hub.lock(&vi.id, true, false), Err(ErrorCode::NotAllowed));
+        hub.lock(&ada.id, true, false).unwrap();
         let kay = hub.join("r", "Kay", true, None, k.clone(), &[]).unwrap();
         assert!(kay.waiting);
         assert_eq!(
@@ -1383,12 +1418,50 @@ mod tests {
     }
 
     #[test]
+    fn a_room_locked_open_to_its_audience_lets_those_who_watch_in_and_keeps_the_stage_closed() {
+        use serde_json::json;
+        let mut hub = hub(16, 10);
+        let [a, k, v, p] = [(); 4].map(|_| Recorder::new(100));
+        let ada = hub.join("r", "Ada", false, None, a.clone(), &[]).unwrap();
+        hub.lock(&ada.id, true, false).unwrap();
+        // Kay knocks to watch while the room is closed to all.
+        let kay = hub.join("r", "Kay", true, None, k.clone(), &[]).unwrap();
+        assert!(kay.waiting);
+        a.take();
+        // Opened to its audience: Kay comes in, and so does the next who watches.
+        hub.lock(&ada.id, true, true).unwrap();
+        assert_eq!(
+            a.take()[0],
+            json!({"type": "locked", "locked": true, "by": ada.id, "openToAudience": true})
+        );
+        assert!(hub.holds(&kay));
+        assert_eq!(types(&k), ["waiting", "welcome"]);
+        let vi = hub.join("r", "Vi", true, None, v.clone(), &[]).unwrap();
+        assert!(!vi.waiting && hub.holds(&vi));
+        assert_eq!(types(&a), ["peer-joined"]);
+        // One who would take part still knocks; let in, she hears how the room is locked.
+        let pat = hub.join("r", "Pat", false, None, p.clone(), &[]).unwrap();
+        assert!(pat.waiting);
+        hub.admit(&ada.id, &pat.id).unwrap();
+        let welcome = &p.take()[1];
+        assert_eq!(welcome["locked"], true);
+        assert_eq!(welcome["openToAudience"], true);
+        // Locked to all again: the next who watches knocks.
+        hub.lock(&ada.id, true, false).unwrap();
+        let wu = hub.join("r", "Wu", true, None, Recorder::new(100), &[]);
+        assert!(wu.unwrap().waiting);
+        // Unlocked, a room is not "open to its audience": there is no lock.
+        hub.lock(&ada.id, false, true).unwrap();
+        assert!(hub.open_to_audience.is_empty());
+    }
+
+    #[test]
     fn a_locked_room_is_left_to_those_knocking_when_everyone_leaves_and_resumes_do_not_knock() {
         let mut hub = hub(16, 10);
         let (a, b, c) = (Recorder::new(100), Recorder::new(100), Recorder::new(100));
         let ada = hub.join("r", "Ada", false, None, a.clone(), &[]).unwrap();
         let token = a.take()[0]["resume"].as_str().unwrap().to_owned();
-        hub.lock(&ada.id, true).unwrap();
+        hub.lock(&ada.id, true, false).unwrap();
 
         // Ada's connection drops and comes back: she takes her place
         // back without knocking.
@@ -1468,7 +1541,8 @@ mod tests {
         Signal(usize, usize),
         Broadcast(usize),
         Wait(u64),
-        Lock(usize, bool),
+        /// Locks (or unlocks) the room, open to its audience or not.
+        Lock(usize, bool, bool),
         Admit(usize, usize),
         Deny(usize, usize),
     }
@@ -1490,7 +1564,7 @@ mod tests {
             1 => (0..5usize, 0..5usize).prop_map(|(a, b)| Op::Signal(a, b)),
             1 => (0..5usize).prop_map(Op::Broadcast),
             1 => (0..1500u64).prop_map(Op::Wait),
-            1 => (0..5usize, any::<bool>()).prop_map(|(c, locked)| Op::Lock(c, locked)),
+            1 => (0..5usize, any::<bool>(), any::<bool>()).prop_map(|(c, locked, open)| Op::Lock(c, locked, open)),
             1 => (0..5usize, 0..5usize).prop_map(|(a, b)| Op::Admit(a, b)),
             1 => (0..5usize, 0..5usize).prop_map(|(a, b)| Op::Deny(a, b)),
         ]
@@ -1511,6 +1585,8 @@ mod tests {
         stranger: Option<Value>,
         /// `welcome.locked`, then each `locked`.
         locked: bool,
+        /// `welcome.openToAudience`, then each `locked`'s.
+        open: bool,
         /// `welcome.waiting`, then each `knock` and `knock-ended`.
         waiting: Vec<String>,
         /// The last `welcome`'s resume token.
@@ -1538,6 +1614,7 @@ mod tests {
                 Some("welcome") => {
                     told.peers = ids(&f["peers"]);
                     told.locked = f["locked"] == true;
+                    told.open = f["openToAudience"] == true;
                     told.waiting = ids(&f["waiting"]);
                     told.token = f["resume"].as_str().map(str::to_owned);
                 }
@@ -1545,7 +1622,10 @@ mod tests {
                     .peers
                     .push(f["peer"]["id"].as_str().unwrap().to_owned()),
                 Some("peer-left") => told.peers.retain(|id| id != f["id"].as_str().unwrap()),
-                Some("locked") => told.locked = f["locked"] == true,
+                Some("locked") => {
+                    told.locked = f["locked"] == true;
+                    told.open = f["openToAudience"] == true;
+                }
                 Some("knock") => told
                     .waiting
                     .push(f["peer"]["id"].as_str().unwrap().to_owned()),
@@ -1637,10 +1717,10 @@ mod tests {
                         now += Duration::from_millis(ms);
                         hub.expire(now);
                     }
-                    Op::Lock(client, locked) => {
+                    Op::Lock(client, locked, open) => {
                         if let Some(c) = &live[client] {
                             let by = c.seat.id.clone();
-                            let _ = hub.lock(&by, locked);
+                            let _ = hub.lock(&by, locked, open);
                         }
                     }
                     Op::Admit(a, b) | Op::Deny(a, b) => {
@@ -1678,6 +1758,14 @@ mod tests {
                     knocking += waiting.len();
                 }
                 proptest::prop_assert_eq!(knocking, hub.waiters.len());
+                // Open to its audience: a locked room, where none who
+                // would watch waits.
+                for room in &hub.open_to_audience {
+                    proptest::prop_assert!(hub.locks.contains_key(room));
+                    for w in &hub.locks[room] {
+                        proptest::prop_assert!(!hub.waiters[w].watching, "one who watches knocks on a room open to its audience");
+                    }
+                }
 
                 // The rooms and the peers agree.
                 let mut in_rooms = 0;
@@ -1731,6 +1819,7 @@ mod tests {
                     actual.sort();
                     proptest::prop_assert_eq!(told.peers, actual);
                     proptest::prop_assert_eq!(told.locked, !watching && hub.locks.contains_key(&c.seat.room));
+                    proptest::prop_assert_eq!(told.open, !watching && hub.open_to_audience.contains(&c.seat.room));
                     let waiting = hub.locks.get(&c.seat.room).filter(|_| !watching).cloned().unwrap_or_default();
                     proptest::prop_assert_eq!(told.waiting, waiting);
                 }

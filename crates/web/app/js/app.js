@@ -44,7 +44,7 @@ const grid = new Grid($('grid'));
 const chat = new ChatPanel(sendChat, sendFiles);
 const effects = new CameraEffects();
 const lobby = new Lobby({
-  lock: (locked) => call.signaling?.lock(locked),
+  lock: (locked, openToAudience) => call.signaling?.lock(locked, openToAudience),
   admit: (id) => call.signaling?.admit(id),
   deny: (id) => call.signaling?.deny(id),
   announce: (text) => flash(text),
@@ -691,10 +691,12 @@ function onState(from, data) {
 }
 
 /** The room was locked or unlocked, by us or someone else. */
-function onLocked({ locked, by }) {
-  lobby.setLocked(locked);
+function onLocked({ locked, by, openToAudience = false }) {
+  lobby.setLocked(locked, openToAudience);
   const who = by === call.signaling?.id ? 'You' : call.links.get(by)?.name ?? 'Someone';
-  flash(locked ? `${who} locked the room: newcomers wait until someone here lets them in.` : `${who} unlocked the room: anyone with the link can join.`);
+  if (!locked) return flash(`${who} unlocked the room: anyone with the link can join.`);
+  if (openToAudience) return flash(`${who} opened the locked room to its audience: who comes to watch comes in; who would take part waits until someone here lets them in.`);
+  flash(`${who} locked the room: newcomers wait until someone here lets them in.`);
 }
 
 // The tiles of shared screens: ours, and each peer's beside its camera's.

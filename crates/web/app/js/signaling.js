@@ -53,8 +53,11 @@ export class SignalingClient extends EventTarget {
 
   signal(to, data) { this.#send({ type: 'signal', to, data }); }
   broadcast(data) { this.#send({ type: 'broadcast', data }); }
-  /** Locks the room (newcomers knock) or unlocks it. */
-  lock(locked) { this.#send({ type: 'lock', locked }); }
+  /**
+   * Locks the room (newcomers knock) or unlocks it; locked
+   * `openToAudience`, those who join to watch still come in.
+   */
+  lock(locked, openToAudience = false) { this.#send({ type: 'lock', locked, ...(openToAudience && { openToAudience }) }); }
   /** Lets in someone knocking. */
   admit(id) { this.#send({ type: 'admit', id }); }
   /** Turns away someone knocking. */
