@@ -100,13 +100,14 @@ test('the native peer says clearly what is wrong, and exits non-zero', async () 
   assert.match(noServer.logs.join('\n'), /127\.0\.0\.1:9/);
 });
 
-test('after a restart of the server, the native peer and a browser meet again under their new ids', async () => {
+test('a native peer and a browser keep their call through a restart of the server, under their new ids', async () => {
   const first = await startServer();
   const port = new URL(first.url).port;
   const room = `native-restart-${Date.now()}`;
   const alice = await joinCall(browser, first.url, room, 'Alice');
   const robot = startPeer(first.url, room, 'Robot');
   await robot.waitFor((e) => e.event === 'connected', 'connected to Alice');
+  await alice.evaluate(() => { window.__before = [...window.__callisto.links.values()][0].pc; });
 
   assert.equal(await first.stop(), 0);
   await robot.waitFor((e) => e.event === 'signaling-lost', 'the loss');
@@ -114,15 +115,17 @@ test('after a restart of the server, the native peer and a browser meet again un
   const back = await robot.waitFor((e) => e.event === 'rejoined', 'back', 40000);
   assert.equal(back.resumed, false, 'a new server knows no place');
 
-  // The robot met everyone anew; Alice, whose "moved" it did not answer,
-  // let the old connection go: one connection left, by the new ids.
-  const links = () => alice.evaluate(() => [...window.__callisto.links.entries()].map(([id, l]) => ({ id, state: l.pc.connectionState })));
+  // Each told the other its new id over their connection ("moved"),
+  // and each answered: the same connection goes on, by the new ids.
+  const links = () => alice.evaluate(() => [...window.__callisto.links.entries()].map(([id, l]) => ({ id, state: l.pc.connectionState, same: l.pc === window.__before })));
   await eventually(async () => {
     const now = await links();
     return now.length === 1 && now[0].id === back.id && now[0].state === 'connected' && now;
   }, 40000, 'Alice connected to the robot by its new id, and to nothing else');
-  const aliceId = await alice.evaluate(() => window.__callisto.id);
-  await robot.waitFor((e) => e.event === 'connected' && e.id === aliceId, 'connected to Alice by her new id');
+  assert.equal((await links())[0].same, true, 'the connection from before the restart');
+  // Alice may come back to the server after the robot: she tells it her
+  // new id over the connection before anything else she writes there.
+  const aliceId = await eventually(() => alice.evaluate(() => window.__callisto.id), 20000, 'Alice back with the server');
 
   await alice.getByRole('button', { name: 'Chat', exact: true }).click();
   await write(alice, 'are you back?');
@@ -130,8 +133,10 @@ test('after a restart of the server, the native peer and a browser meet again un
   assert.equal(heard.from, aliceId);
   robot.say('back');
   await eventually(async () => (await messages(alice)).some((m) => m.author === 'Robot' && m.text === 'back'), 10000, 'Alice reads the robot');
-  const { code } = await robot.stop();
+  assert.equal(robot.events.filter((e) => e.event === 'connected').length, 1, 'one connection, never made again');
+  const { code, left } = await robot.stop();
   assert.equal(code, 0, robot.logs.join('\n'));
+  assert.deepEqual(left.peers.map((p) => p.id), [aliceId]);
   await alice.context().close();
   assert.equal(await second.stop(), 0);
 });

@@ -347,7 +347,7 @@ async fn a_lost_signaling_connection_takes_its_place_back_and_the_call_goes_on()
 }
 
 #[tokio::test]
-async fn native_peers_meet_again_after_a_restart_of_the_server() {
+async fn native_peers_keep_their_connection_through_a_restart_of_the_server() {
     meet_again_after_a_restart(RelayUse::Never).await;
 }
 
@@ -377,17 +377,42 @@ async fn meet_again_after_a_restart(relay: RelayUse) {
         .expect("the server stops");
     let _server = Server::start_at(&addr.to_string(), &[]).await;
 
-    // Both come back under new ids, and meet again.
+    // Both come back under new ids, and meet again: directly, on the
+    // same connection, each telling the other its new id over it
+    // (`moved`); relayed, on new ones through new allocations.
     let rejoined = |e: &PeerEvent| matches!(e, PeerEvent::Rejoined { resumed: false, .. });
     let ada_id = id_of(ada.wait_for("Ada rejoined", rejoined).await);
     let bob_id = id_of(bob.wait_for("Bob rejoined", rejoined).await);
-    ada.connected_to(&bob_id).await;
-    bob.connected_to(&ada_id).await;
+    if relay != RelayUse::Never {
+        ada.connected_to(&bob_id).await;
+        bob.connected_to(&ada_id).await;
+    }
     bob.say("hello again", None);
     let heard = ada.heard("hello again").await;
     assert!(matches!(heard, PeerEvent::Chat { from, .. } if from == bob_id));
-    ada.leave().await;
-    bob.leave().await;
+    ada.say("to you alone", Some(&bob_id));
+    let heard = bob.heard("to you alone").await;
+    assert!(matches!(heard, PeerEvent::Chat { from, private: true, .. } if from == ada_id));
+    let connections = |p: &Peer| {
+        p.seen
+            .iter()
+            .filter(|e| matches!(e, PeerEvent::Connected { .. }))
+            .count()
+    };
+    let expected = if relay == RelayUse::Never { 1 } else { 2 };
+    assert_eq!(connections(&ada), expected, "{:?}", ada.seen);
+    assert_eq!(connections(&bob), expected, "{:?}", bob.seen);
+    let (ada, bob) = (ada.leave().await, bob.leave().await);
+    // Each closed one connection, to the other under the new id.
+    for (summary, other) in [(&ada, &bob_id), (&bob, &ada_id)] {
+        let last = summary.peers.last().expect("a connection");
+        assert_eq!(&last.id, other);
+        assert!(last.connected);
+    }
+    if relay == RelayUse::Never {
+        assert_eq!(ada.peers.len(), 1, "{:?}", ada.peers);
+        assert_eq!(bob.peers.len(), 1, "{:?}", bob.peers);
+    }
 }
 
 #[tokio::test]

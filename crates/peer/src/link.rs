@@ -100,6 +100,8 @@ pub struct Link {
     pending: Option<(SdpPendingOffer, String)>,
     chat: Option<ChannelId>,
     chat_queue: VecDeque<String>,
+    /// Whether the chat channel is open now.
+    chat_open: bool,
     signals: VecDeque<Value>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<LinkEvent>,
@@ -126,6 +128,7 @@ impl Link {
             pending: None,
             chat: None,
             chat_queue: VecDeque::new(),
+            chat_open: false,
             signals: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -224,6 +227,7 @@ impl Link {
                     }
                     self.pending = None;
                     self.chat = None;
+                    self.chat_open = false;
                 }
                 let offer =
                     SdpOffer::from_sdp_string(&sdp).map_err(|e| LinkError::Sdp(e.to_string()))?;
@@ -448,6 +452,7 @@ impl Link {
             Event::ChannelOpen(id, label) => {
                 if label == CHAT_LABEL && self.chat.is_none_or(|chat| chat == id) {
                     self.chat = Some(id);
+                    self.chat_open = true;
                     self.events.push_back(LinkEvent::ChatOpen);
                     while let Some(text) = self.chat_queue.front() {
                         let text = text.clone();
@@ -470,7 +475,10 @@ impl Link {
                         Err(e) => LinkEvent::BadMessage(e),
                     });
             }
-            Event::ChannelClose(id) if Some(id) == self.chat => self.chat = None,
+            Event::ChannelClose(id) if Some(id) == self.chat => {
+                self.chat = None;
+                self.chat_open = false;
+            }
             Event::MediaData(data) => {
                 match self.rtc.media(data.mid).map(|m| m.kind()) {
                     Some(MediaKind::Audio) => self.media.audio_frames += 1,
@@ -512,6 +520,11 @@ impl Link {
     /// Media received so far.
     pub fn media(&self) -> MediaCounts {
         self.media
+    }
+
+    /// Whether the chat channel is open: a message sent now goes now.
+    pub fn is_chat_open(&self) -> bool {
+        self.chat_open
     }
 
     /// Whether ICE and DTLS are up.

@@ -3,7 +3,7 @@
 //! app does (the newcomer offers to everyone already there; the others
 //! wait for its offer), and reports what happens as [`PeerEvent`]s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,12 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_FOR: Duration = Duration::from_secs(30);
 /// The longest wait between two attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+/// How long a `moved` waits for its answer: a peer that let us go (it saw
+/// us leave) has closed its end, and never answers (as the web app waits).
+const MOVED_ACK: Duration = Duration::from_secs(2);
+/// How long a link to someone the server no longer lists waits for them
+/// to say, over it, that they came back under a new id.
+const MOVED_WAIT: Duration = Duration::from_secs(20);
 /// The largest datagram read; WebRTC keeps to about 1,200 bytes.
 const MAX_DATAGRAM: usize = 2048;
 
@@ -255,6 +261,8 @@ pub async fn run(
         members: HashMap::new(),
         links: HashMap::new(),
         gone: Vec::new(),
+        moving: None,
+        awaiting_move: HashMap::new(),
         events,
     };
     let join = session.join.clone();
@@ -269,6 +277,8 @@ pub async fn run(
             .values()
             .map(|(_, link)| link.timeout())
             .chain(session.relay.as_ref().and_then(Relay::timeout))
+            .chain(session.moving.as_ref().map(|m| m.until))
+            .chain(session.awaiting_move.values().copied())
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
@@ -479,7 +489,20 @@ struct Session {
     links: HashMap<String, (String, Link)>,
     /// What was received from those who left.
     gone: Vec<PeerSummary>,
+    /// Back under a new id after a restart of the server: the links told
+    /// so (`moved`), until when they may answer, and those that did.
+    moving: Option<Moving>,
+    /// Links to peers the server does not list, each until when it waits
+    /// for its peer to say it moved.
+    awaiting_move: HashMap<String, Instant>,
     events: mpsc::UnboundedSender<PeerEvent>,
+}
+
+/// Our `moved` to each link, after a restart of the server.
+struct Moving {
+    until: Instant,
+    asked: HashSet<String>,
+    answered: HashSet<String>,
 }
 
 impl Session {
@@ -498,6 +521,9 @@ impl Session {
     fn lost(&mut self, reason: String) {
         tracing::warn!("signaling connection lost ({reason}); connecting again");
         self.ws = None;
+        // Who is in the room is the server's word, and we have none now:
+        // a peer may tell us it moved until the next welcome says.
+        self.members.clear();
         self.emit(PeerEvent::SignalingLost { reason });
         self.reconnecting = Some(tokio::spawn(reconnect(
             self.url.clone(),
@@ -644,8 +670,13 @@ impl Session {
 
     /// Back with the server on a new connection. In our place again, the
     /// connections to those still there go on (those who joined meanwhile
-    /// offer, and their offers are among what the server kept for us);
-    /// else, under a new id, we meet everyone as a newcomer does.
+    /// offer, and their offers are among what the server kept for us).
+    /// Else, under a new id (the server restarted), each connection is
+    /// told our new id over its chat channel (`moved`, as the web app
+    /// does: end to end, so it proves it is us), and those whose peer
+    /// answers go on untouched; the rest, and a relayed peer's (its
+    /// allocation went with the old server), are made anew, as a
+    /// newcomer makes them.
     async fn rejoined(
         &mut self,
         id: String,
@@ -653,31 +684,138 @@ impl Session {
         resumed: bool,
         ice_servers: &[ReceivedIceServer],
     ) -> Result<(), PeerError> {
-        let present: Vec<&str> = peers.iter().map(|p| p.id.as_str()).collect();
-        let gone: Vec<String> = self
-            .links
-            .keys()
-            .filter(|id| !resumed || !present.contains(&id.as_str()))
-            .cloned()
-            .collect();
-        for id in gone {
-            self.drop_link(&id);
-        }
         self.emit(PeerEvent::Rejoined {
             id: id.clone(),
             resumed,
         });
         if resumed {
+            let present: Vec<&str> = peers.iter().map(|p| p.id.as_str()).collect();
+            let gone: Vec<String> = self
+                .links
+                .keys()
+                .filter(|id| !present.contains(&id.as_str()))
+                .cloned()
+                .collect();
+            for id in gone {
+                self.drop_link(&id);
+            }
             self.members = peers.into_iter().map(|p| (p.id, p.name)).collect();
-            Ok(())
-        } else {
-            self.members.clear();
+            return Ok(());
+        }
+        self.members.clear();
+        self.awaiting_move.clear();
+        let keep = self.relay_use == RelayUse::Never && !self.links.is_empty();
+        if !keep {
             // A new server (or a place given up) may not hold our old
             // allocation: the new links get a fresh one.
+            let ids: Vec<String> = self.links.keys().cloned().collect();
+            for id in ids {
+                self.drop_link(&id);
+            }
             self.relay = None;
             self.allocate_relay(ice_servers).await?;
-            self.welcome(id, peers).await
+            return self.welcome(id, peers).await;
         }
+        self.id = id.clone();
+        self.members = peers
+            .iter()
+            .map(|p| (p.id.clone(), p.name.clone()))
+            .collect();
+        self.emit(PeerEvent::Joined {
+            id: id.clone(),
+            peers,
+        });
+        if !self.watching {
+            let state = self.state().encode();
+            self.send_json(&json!({"type": "broadcast", "data": state}))
+                .await;
+        }
+        let moved = ChannelMessage::Moved { id };
+        let mut asked = HashSet::new();
+        let ids: Vec<String> = self.links.keys().cloned().collect();
+        for link_id in ids {
+            let told = match self.links.get_mut(&link_id) {
+                Some((_, link)) if link.is_chat_open() => link.send(&moved).is_ok(),
+                _ => false,
+            };
+            if told {
+                asked.insert(link_id.clone());
+                self.flush(&link_id).await?;
+            } else {
+                self.drop_link(&link_id);
+            }
+        }
+        let nobody = asked.is_empty();
+        self.moving = Some(Moving {
+            until: Instant::now() + MOVED_ACK,
+            asked,
+            answered: HashSet::new(),
+        });
+        if nobody {
+            self.moved_all().await?;
+        }
+        Ok(())
+    }
+
+    /// The answers to our `moved` are in, or their time is up: the links
+    /// not answered go; those to peers the server does not list (yet)
+    /// wait for their word; everyone else listed is met as a newcomer
+    /// meets them.
+    async fn moved_all(&mut self) -> Result<(), PeerError> {
+        let Some(moving) = self.moving.take() else {
+            return Ok(());
+        };
+        for id in moving.asked.difference(&moving.answered) {
+            self.drop_link(id);
+        }
+        let until = Instant::now() + MOVED_WAIT;
+        for id in self.links.keys() {
+            if !self.members.contains_key(id) {
+                self.awaiting_move.insert(id.clone(), until);
+            }
+        }
+        let strangers: Vec<(String, String)> = self
+            .members
+            .iter()
+            .filter(|(id, _)| !self.links.contains_key(*id))
+            .map(|(id, name)| (id.clone(), name.clone()))
+            .collect();
+        for (id, name) in strangers {
+            let mut link = self.new_link(&id)?;
+            link.offer()?;
+            self.links.insert(id.clone(), (name, link));
+            self.flush(&id).await?;
+        }
+        Ok(())
+    }
+
+    /// The peer of the link `old` says it is back with the server as
+    /// `new`: the link goes by that from now on, and says it is kept.
+    /// Only a peer the server no longer lists under its old id can have
+    /// moved: one still listed cannot take another's id.
+    async fn peer_moved(&mut self, old: &str, new: String) -> Result<(), PeerError> {
+        if self.members.contains_key(old) {
+            tracing::warn!(peer = %old, "says it moved to {new}, but the server still lists it: ignored");
+            return Ok(());
+        }
+        if old != new && self.links.contains_key(&new) {
+            tracing::warn!(peer = %old, "says it moved to {new}, which another link has: ignored");
+            return Ok(());
+        }
+        let Some((name, mut link)) = self.links.remove(old) else {
+            return Ok(());
+        };
+        self.awaiting_move.remove(old);
+        if let Some(moving) = &mut self.moving
+            && moving.asked.remove(old)
+        {
+            moving.asked.insert(new.clone());
+        }
+        if let Err(e) = link.send(&ChannelMessage::MovedAck { id: new.clone() }) {
+            tracing::debug!(peer = %new, "could not answer its moved: {e}");
+        }
+        self.links.insert(new.clone(), (name, link));
+        self.flush(&new).await
     }
 
     async fn on_server_text(&mut self, text: &str) -> Result<(), PeerError> {
@@ -821,6 +959,22 @@ impl Session {
             relay.handle_timeout();
             relay.flush().await;
         }
+        if self.moving.as_ref().is_some_and(|m| m.until <= now) {
+            self.moved_all().await?;
+        }
+        let given_up: Vec<String> = self
+            .awaiting_move
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in given_up {
+            self.awaiting_move.remove(&id);
+            if !self.members.contains_key(&id) {
+                tracing::info!(peer = %id, "did not come back after the restart: its connection goes");
+                self.drop_link(&id);
+            }
+        }
         let due: Vec<String> = self
             .links
             .iter()
@@ -939,6 +1093,7 @@ impl Session {
             events.push(event);
         }
         let alive = link.is_alive();
+        let mut moved_to = None;
         for data in signals {
             self.send_json(&json!({"type": "signal", "to": id, "data": data}))
                 .await;
@@ -961,8 +1116,13 @@ impl Session {
                         private,
                     })
                 }
-                LinkEvent::Message(other) => {
-                    tracing::debug!(peer = %id, "ignoring {other:?}: a restart of the server is not followed yet")
+                LinkEvent::Message(ChannelMessage::Moved { id: new }) => moved_to = Some(new),
+                LinkEvent::Message(ChannelMessage::MovedAck { id: ours }) => {
+                    if ours == self.id
+                        && let Some(moving) = &mut self.moving
+                    {
+                        moving.answered.insert(id.to_owned());
+                    }
                 }
                 LinkEvent::BadMessage(e) => {
                     tracing::warn!(peer = %id, "ignoring a chat channel message: {e}")
@@ -972,6 +1132,15 @@ impl Session {
         }
         if !alive {
             self.drop_link(id);
+        } else if let Some(new) = moved_to {
+            Box::pin(self.peer_moved(id, new)).await?;
+        }
+        if self
+            .moving
+            .as_ref()
+            .is_some_and(|m| m.answered.len() == m.asked.len())
+        {
+            Box::pin(self.moved_all()).await?;
         }
         Ok(())
     }
