@@ -77,10 +77,16 @@ export function serverAndBrowser({ serverArgs = [], browserOptions = {} }, use) 
     use(server, browser);
   });
   after(async () => {
+    // Native peers a failed test left running would keep the file alive
+    // until its timeout.
+    for (const proc of peers) if (proc.exitCode === null) proc.kill('SIGKILL');
     await browser?.close();
     assert.equal(await server?.stop(), 0, 'the server exits cleanly on SIGTERM');
   });
 }
+
+// Every native peer started (startPeer), for the file's end.
+const peers = new Set();
 
 export const CHROMIUM_ARGS = [
   '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -423,6 +429,8 @@ export function startPeer(baseUrl, room, name, extraArgs = []) {
   const proc = spawn(BIN, ['peer', '--server', baseUrl, '--room', room, '--name', name, '--json', '--log-format', 'json', ...extraArgs], {
     stdio: ['pipe', 'pipe', 'pipe'],
   });
+  peers.add(proc);
+  proc.once('exit', () => peers.delete(proc));
   const events = [];
   const logs = [];
   const lines = (stream, each) => {
