@@ -37,6 +37,10 @@ const MOVED_ACK: Duration = Duration::from_secs(2);
 /// How long a link to someone the server no longer lists waits for them
 /// to say, over it, that they came back under a new id.
 const MOVED_WAIT: Duration = Duration::from_secs(20);
+/// How long someone the server lists, back after a restart, is given to
+/// say over a connection of ours that they are its peer under a new id,
+/// before we offer them a new one (as the web app waits).
+const MEET_DELAY: Duration = Duration::from_millis(1500);
 /// The largest datagram read; WebRTC keeps to about 1,200 bytes.
 const MAX_DATAGRAM: usize = 2048;
 
@@ -263,6 +267,7 @@ pub async fn run(
         gone: Vec::new(),
         moving: None,
         awaiting_move: HashMap::new(),
+        to_meet: HashMap::new(),
         events,
     };
     let join = session.join.clone();
@@ -279,6 +284,7 @@ pub async fn run(
             .chain(session.relay.as_ref().and_then(Relay::timeout))
             .chain(session.moving.as_ref().map(|m| m.until))
             .chain(session.awaiting_move.values().copied())
+            .chain(session.to_meet.values().copied())
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
@@ -495,6 +501,9 @@ struct Session {
     /// Links to peers the server does not list, each until when it waits
     /// for its peer to say it moved.
     awaiting_move: HashMap<String, Instant>,
+    /// Those our welcome listed, back after a restart, whom we offer to
+    /// at the given time unless one of our links turns out to be theirs.
+    to_meet: HashMap<String, Instant>,
     events: mpsc::UnboundedSender<PeerEvent>,
 }
 
@@ -704,6 +713,7 @@ impl Session {
         }
         self.members.clear();
         self.awaiting_move.clear();
+        self.to_meet.clear();
         let keep = self.relay_use == RelayUse::Never && !self.links.is_empty();
         if !keep {
             // A new server (or a place given up) may not hold our old
@@ -721,6 +731,10 @@ impl Session {
             .iter()
             .map(|p| (p.id.clone(), p.name.clone()))
             .collect();
+        // Those listed now: we offer to them, as a newcomer does (who
+        // joins later offers to us), unless a link of ours is theirs.
+        let later = Instant::now() + MOVED_WAIT;
+        self.to_meet = peers.iter().map(|p| (p.id.clone(), later)).collect();
         self.emit(PeerEvent::Joined {
             id: id.clone(),
             peers,
@@ -759,8 +773,9 @@ impl Session {
 
     /// The answers to our `moved` are in, or their time is up: the links
     /// not answered go; those to peers the server does not list (yet)
-    /// wait for their word; everyone else listed is met as a newcomer
-    /// meets them.
+    /// wait for their word; those our welcome listed without a link are
+    /// met as a newcomer meets them: at once, or, while links wait, a
+    /// little later (one of them may be theirs, its word on its way).
     async fn moved_all(&mut self) -> Result<(), PeerError> {
         let Some(moving) = self.moving.take() else {
             return Ok(());
@@ -768,19 +783,43 @@ impl Session {
         for id in moving.asked.difference(&moving.answered) {
             self.drop_link(id);
         }
-        let until = Instant::now() + MOVED_WAIT;
+        let now = Instant::now();
         for id in self.links.keys() {
             if !self.members.contains_key(id) {
-                self.awaiting_move.insert(id.clone(), until);
+                self.awaiting_move.insert(id.clone(), now + MOVED_WAIT);
             }
         }
-        let strangers: Vec<(String, String)> = self
-            .members
+        let at = if self.awaiting_move.is_empty() {
+            now
+        } else {
+            now + MEET_DELAY
+        };
+        for when in self.to_meet.values_mut() {
+            *when = at;
+        }
+        self.meet_due(now).await
+    }
+
+    /// Offers to those of `to_meet` due by `now` who are still listed and
+    /// still have no link (none while our `moved` waits for answers).
+    async fn meet_due(&mut self, now: Instant) -> Result<(), PeerError> {
+        if self.moving.is_some() {
+            return Ok(());
+        }
+        let due: Vec<String> = self
+            .to_meet
             .iter()
-            .filter(|(id, _)| !self.links.contains_key(*id))
-            .map(|(id, name)| (id.clone(), name.clone()))
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| id.clone())
             .collect();
-        for (id, name) in strangers {
+        for id in due {
+            self.to_meet.remove(&id);
+            let Some(name) = self.members.get(&id).cloned() else {
+                continue;
+            };
+            if self.links.contains_key(&id) {
+                continue;
+            }
             let mut link = self.new_link(&id)?;
             link.offer()?;
             self.links.insert(id.clone(), (name, link));
@@ -793,17 +832,17 @@ impl Session {
     /// `new`: the link goes by that from now on, and says it is kept.
     /// Only a peer the server no longer lists under its old id can have
     /// moved: one still listed cannot take another's id.
-    async fn peer_moved(&mut self, old: &str, new: String) -> Result<(), PeerError> {
+    async fn peer_moved(&mut self, old: &str, new: String) -> Result<bool, PeerError> {
         if self.members.contains_key(old) {
             tracing::warn!(peer = %old, "says it moved to {new}, but the server still lists it: ignored");
-            return Ok(());
+            return Ok(false);
         }
         if old != new && self.links.contains_key(&new) {
             tracing::warn!(peer = %old, "says it moved to {new}, which another link has: ignored");
-            return Ok(());
+            return Ok(false);
         }
         let Some((name, mut link)) = self.links.remove(old) else {
-            return Ok(());
+            return Ok(false);
         };
         self.awaiting_move.remove(old);
         if let Some(moving) = &mut self.moving
@@ -815,7 +854,8 @@ impl Session {
             tracing::debug!(peer = %new, "could not answer its moved: {e}");
         }
         self.links.insert(new.clone(), (name, link));
-        self.flush(&new).await
+        self.flush(&new).await?;
+        Ok(true)
     }
 
     async fn on_server_text(&mut self, text: &str) -> Result<(), PeerError> {
@@ -962,6 +1002,7 @@ impl Session {
         if self.moving.as_ref().is_some_and(|m| m.until <= now) {
             self.moved_all().await?;
         }
+        self.meet_due(now).await?;
         let given_up: Vec<String> = self
             .awaiting_move
             .iter()
@@ -1093,11 +1134,13 @@ impl Session {
             events.push(event);
         }
         let alive = link.is_alive();
-        let mut moved_to = None;
         for data in signals {
             self.send_json(&json!({"type": "signal", "to": id, "data": data}))
                 .await;
         }
+        // The link's id: its peer's new one once it says it moved, for
+        // what follows on the channel (ordered) to be told by it.
+        let mut id = id.to_owned();
         for event in events {
             match event {
                 LinkEvent::Connected => self.emit(PeerEvent::Connected {
@@ -1116,7 +1159,11 @@ impl Session {
                         private,
                     })
                 }
-                LinkEvent::Message(ChannelMessage::Moved { id: new }) => moved_to = Some(new),
+                LinkEvent::Message(ChannelMessage::Moved { id: new }) => {
+                    if Box::pin(self.peer_moved(&id, new.clone())).await? {
+                        id = new;
+                    }
+                }
                 LinkEvent::Message(ChannelMessage::MovedAck { id: ours }) => {
                     if ours == self.id
                         && let Some(moving) = &mut self.moving
@@ -1131,9 +1178,7 @@ impl Session {
             }
         }
         if !alive {
-            self.drop_link(id);
-        } else if let Some(new) = moved_to {
-            Box::pin(self.peer_moved(id, new)).await?;
+            self.drop_link(&id);
         }
         if self
             .moving

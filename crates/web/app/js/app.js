@@ -269,7 +269,7 @@ async function connectAndJoin() {
   signaling.addEventListener('error', ({ detail }) => console.warn('signaling error', detail.code, detail.message));
   signaling.addEventListener('close', ({ detail }) => onSignalingClosed(detail));
   if (welcome.resumed) return resumeLinks(welcome.peers);
-  if (call.links.size) return moveLinks();
+  if (call.links.size) return moveLinks(welcome.peers);
   for (const peer of welcome.peers) addLink(peer, true);
 }
 
@@ -290,16 +290,29 @@ const MEET_DELAY_MS = 1500;
  * meets everyone. Links to peers not back in the room yet wait a while
  * for their own word.
  */
-async function moveLinks() {
+async function moveLinks(listed) {
   const id = call.signaling.id;
   const answers = await Promise.all([...call.links.values()].map(async (link) => [link, await link.sendMoved(id)]));
   if (call.signaling?.id !== id) return; // lost again meanwhile: the next welcome decides
   for (const [link, kept] of answers) if (!kept && call.links.get(link.id) === link) removeLink(link.id);
+  let waiting = false;
   for (const link of call.links.values()) {
     link.setIceServers(call.iceServers);
-    if (!call.present.has(link.id)) awaitMove(link);
+    if (!call.present.has(link.id)) {
+      awaitMove(link);
+      waiting = true;
+    }
   }
-  for (const peer of call.present.values()) if (!call.links.has(peer.id)) addLink(peer, true);
+  // Those the welcome listed are met as a newcomer meets them; who joined
+  // since offers to us (see meet), or says it moved. While links wait for
+  // their peer's word, one of them may be theirs, on its way: a little
+  // later, not to make a second connection to the same person.
+  const meetListed = () => {
+    if (call.signaling?.id !== id) return;
+    for (const peer of listed) if (call.present.has(peer.id) && !call.links.has(peer.id)) addLink(call.present.get(peer.id), true);
+  };
+  if (waiting) setTimeout(meetListed, MEET_DELAY_MS);
+  else meetListed();
 }
 
 /** Lets `link` go unless the server lists its peer (back under a new id) within MOVED_WAIT_MS. */
