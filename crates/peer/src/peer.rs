@@ -331,6 +331,19 @@ pub async fn run(
     }
 }
 
+/// Takes out of `deadlines` the ids whose time has come by `now`.
+fn take_due(deadlines: &mut HashMap<String, Instant>, now: Instant) -> Vec<String> {
+    let due: Vec<String> = deadlines
+        .iter()
+        .filter(|(_, at)| **at <= now)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in &due {
+        deadlines.remove(id);
+    }
+    due
+}
+
 /// The server's WebSocket URL from what a person would type.
 pub(crate) fn websocket_url(server: &str) -> Result<Uri, PeerError> {
     let bad = || PeerError::BadServer(server.to_owned());
@@ -601,22 +614,33 @@ impl Session {
             id: self.id.clone(),
             peers: peers.clone(),
         });
-        // The web app shows our tile with camera and microphone on or
-        // off by it. (Watching, we have no tile.)
+        // The web app shows our tile with camera and microphone on or off
+        // by it.
+        self.announce_state().await;
+        // The newcomer offers to everyone already there.
+        for peer in peers {
+            self.members.insert(peer.id.clone(), peer.name.clone());
+            self.offer_to(peer.id, peer.name).await?;
+        }
+        Ok(())
+    }
+
+    /// A new link to `id`, which starts with our offer.
+    async fn offer_to(&mut self, id: String, name: String) -> Result<(), PeerError> {
+        let mut link = self.new_link(&id)?;
+        link.offer()?;
+        self.links.insert(id.clone(), (name, link));
+        self.flush(&id).await
+    }
+
+    /// Tells the room our media state (see [`Session::state`]); watching,
+    /// we have none to tell.
+    async fn announce_state(&mut self) {
         if !self.watching {
             let state = self.state().encode();
             self.send_json(&json!({"type": "broadcast", "data": state}))
                 .await;
         }
-        // The newcomer offers to everyone already there.
-        for peer in peers {
-            self.members.insert(peer.id.clone(), peer.name.clone());
-            let mut link = self.new_link(&peer.id)?;
-            link.offer()?;
-            self.links.insert(peer.id.clone(), (peer.name, link));
-            self.flush(&peer.id).await?;
-        }
-        Ok(())
     }
 
     /// Allocates the relay, if asked for, before any link is made. With
@@ -739,11 +763,7 @@ impl Session {
             id: id.clone(),
             peers,
         });
-        if !self.watching {
-            let state = self.state().encode();
-            self.send_json(&json!({"type": "broadcast", "data": state}))
-                .await;
-        }
+        self.announce_state().await;
         let moved = ChannelMessage::Moved { id };
         let mut asked = HashSet::new();
         let ids: Vec<String> = self.links.keys().cloned().collect();
@@ -806,24 +826,13 @@ impl Session {
         if self.moving.is_some() {
             return Ok(());
         }
-        let due: Vec<String> = self
-            .to_meet
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
-            self.to_meet.remove(&id);
+        for id in take_due(&mut self.to_meet, now) {
             let Some(name) = self.members.get(&id).cloned() else {
                 continue;
             };
-            if self.links.contains_key(&id) {
-                continue;
+            if !self.links.contains_key(&id) {
+                self.offer_to(id, name).await?;
             }
-            let mut link = self.new_link(&id)?;
-            link.offer()?;
-            self.links.insert(id.clone(), (name, link));
-            self.flush(&id).await?;
         }
         Ok(())
     }
@@ -1003,14 +1012,7 @@ impl Session {
             self.moved_all().await?;
         }
         self.meet_due(now).await?;
-        let given_up: Vec<String> = self
-            .awaiting_move
-            .iter()
-            .filter(|(_, until)| **until <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in given_up {
-            self.awaiting_move.remove(&id);
+        for id in take_due(&mut self.awaiting_move, now) {
             if !self.members.contains_key(&id) {
                 tracing::info!(peer = %id, "did not come back after the restart: its connection goes");
                 self.drop_link(&id);
