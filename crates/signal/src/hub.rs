@@ -26,7 +26,7 @@
 //! knocking when the room is unlocked, or when everyone in it has left,
 //! come in. A lost connection that resumes its place does not knock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -153,6 +153,16 @@ struct Newcomer<S> {
     ice_servers: Vec<IceServer>,
 }
 
+/// A locked room's lobby.
+#[derive(Debug, Default)]
+struct Lock {
+    /// Who knocks on it, in order.
+    waiting: Vec<String>,
+    /// Whether it lets in those who join to watch: only those who would
+    /// take part knock (a broadcast's stage is closed, its audience open).
+    open_to_audience: bool,
+}
+
 /// A snapshot for metrics and health checks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HubStats {
@@ -229,12 +239,8 @@ pub struct Hub<S> {
     peers: HashMap<String, Peer<S>>,
     /// Peer ids by resume token.
     tokens: HashMap<String, String>,
-    /// The locked rooms, each with who knocks on it, in order.
-    locks: HashMap<String, Vec<String>>,
-    /// The locked rooms that let in those who join to watch: only those
-    /// taking part knock (a broadcast's stage is closed, its audience
-    /// open).
-    open_to_audience: HashSet<String>,
+    /// The locked rooms.
+    locks: HashMap<String, Lock>,
     waiters: HashMap<String, Newcomer<S>>,
     /// Bytes kept for lost connections, all together.
     away_total: usize,
@@ -273,7 +279,6 @@ impl<S: PeerSink> Hub<S> {
             peers: HashMap::new(),
             tokens: HashMap::new(),
             locks: HashMap::new(),
-            open_to_audience: HashSet::new(),
             waiters: HashMap::new(),
             away_total: 0,
             away_count: 0,
@@ -374,7 +379,7 @@ impl<S: PeerSink> Hub<S> {
             resume: token,
             resumed: true,
             locked: !watching && self.locks.contains_key(room),
-            open_to_audience: !watching && self.open_to_audience.contains(room),
+            open_to_audience: !watching && self.open_to_audience(room),
             waiting: self.knocking(room, watching),
         });
         let Some(peer) = self.peers.get_mut(&id) else {
@@ -425,7 +430,7 @@ impl<S: PeerSink> Hub<S> {
         self.locks
             .get(room)
             .into_iter()
-            .flatten()
+            .flat_map(|lock| &lock.waiting)
             .filter_map(|id| {
                 self.waiters.get(id).map(|w| PeerInfo {
                     id: id.clone(),
@@ -456,7 +461,7 @@ impl<S: PeerSink> Hub<S> {
             _ => {}
         }
         if self.locks.contains_key(&newcomer.room)
-            && !(newcomer.watching && self.open_to_audience.contains(&newcomer.room))
+            && !(newcomer.watching && self.open_to_audience(&newcomer.room))
         {
             return self.knock(newcomer);
         }
@@ -480,7 +485,7 @@ impl<S: PeerSink> Hub<S> {
         if self
             .locks
             .get(&room)
-            .is_some_and(|w| w.len() >= MAX_WAITING)
+            .is_some_and(|lock| lock.waiting.len() >= MAX_WAITING)
         {
             return Err(ErrorCode::RoomFull);
         }
@@ -497,7 +502,11 @@ impl<S: PeerSink> Hub<S> {
             },
         });
         self.fan_out(&room, None, &knock, None, false);
-        self.locks.entry(room.clone()).or_default().push(id.clone());
+        self.locks
+            .entry(room.clone())
+            .or_default()
+            .waiting
+            .push(id.clone());
         let attachment = newcomer.attachment;
         self.waiters.insert(id.clone(), newcomer);
         metrics::counter!("callisto_signaling_knocks_total", "result" => "knocked").increment(1);
@@ -532,7 +541,7 @@ impl<S: PeerSink> Hub<S> {
             resume: &token,
             resumed: false,
             locked: !watching && self.locks.contains_key(&room),
-            open_to_audience: !watching && self.open_to_audience.contains(&room),
+            open_to_audience: !watching && self.open_to_audience(&room),
             waiting: self.knocking(&room, watching),
         });
         let joined = Frame::new(&ServerMessage::PeerJoined {
@@ -581,14 +590,12 @@ impl<S: PeerSink> Hub<S> {
             open_to_audience,
         });
         self.fan_out(&room, None, &frame, None, false);
-        if !open_to_audience {
-            self.open_to_audience.remove(&room);
-        }
         if locked {
-            let waiting = self.locks.entry(room.clone()).or_default();
+            let lock = self.locks.entry(room).or_default();
+            lock.open_to_audience = open_to_audience;
             if open_to_audience {
-                self.open_to_audience.insert(room);
-                let watchers: Vec<String> = waiting
+                let watchers: Vec<String> = lock
+                    .waiting
                     .iter()
                     .filter(|id| self.waiters.get(*id).is_some_and(|w| w.watching))
                     .cloned()
@@ -597,13 +604,18 @@ impl<S: PeerSink> Hub<S> {
                     self.let_in(&id);
                 }
             }
-        } else if let Some(waiting) = self.locks.remove(&room) {
-            for id in waiting {
+        } else if let Some(lock) = self.locks.remove(&room) {
+            for id in lock.waiting {
                 self.let_in(&id);
             }
         }
         self.settle();
         Ok(())
+    }
+
+    /// Whether `room` is locked but lets in those who join to watch.
+    fn open_to_audience(&self, room: &str) -> bool {
+        self.locks.get(room).is_some_and(|l| l.open_to_audience)
     }
 
     /// Lets `id`, knocking on the room of peer `by`, in.
@@ -652,8 +664,8 @@ impl<S: PeerSink> Hub<S> {
     /// (`admitted` or not).
     fn stop_knocking(&mut self, id: &str, admitted: bool) -> Option<Newcomer<S>> {
         let waiter = self.waiters.remove(id)?;
-        if let Some(waiting) = self.locks.get_mut(&waiter.room) {
-            waiting.retain(|w| w != id);
+        if let Some(lock) = self.locks.get_mut(&waiter.room) {
+            lock.waiting.retain(|w| w != id);
         }
         let ended = Frame::new(&ServerMessage::KnockEnded { id, admitted });
         self.fan_out(&waiter.room, None, &ended, None, false);
@@ -849,9 +861,8 @@ impl<S: PeerSink> Hub<S> {
             .into_iter()
             .flatten()
             .any(|m| self.peers.get(m).is_some_and(|p| !p.watching));
-        if !deciders && let Some(waiting) = self.locks.remove(&peer.room) {
-            self.open_to_audience.remove(&peer.room);
-            for waiter in waiting {
+        if !deciders && let Some(lock) = self.locks.remove(&peer.room) {
+            for waiter in lock.waiting {
                 self.let_in(&waiter);
             }
         }
@@ -1452,7 +1463,7 @@ mod tests {
         assert!(wu.unwrap().waiting);
         // Unlocked, a room is not "open to its audience": there is no lock.
         hub.lock(&ada.id, false, true).unwrap();
-        assert!(hub.open_to_audience.is_empty());
+        assert!(!hub.open_to_audience("r"));
     }
 
     #[test]
@@ -1745,27 +1756,24 @@ mod tests {
 
                 // The lobbies: of locked rooms, holding every waiter once.
                 let mut knocking = 0;
-                for (room, waiting) in &hub.locks {
+                for (room, lock) in &hub.locks {
                     proptest::prop_assert!(
                         hub.rooms[room].iter().any(|m| !hub.peers[m].watching),
                         "a lock outlived those who can open it"
                     );
-                    proptest::prop_assert!(waiting.len() <= MAX_WAITING);
-                    for w in waiting {
+                    proptest::prop_assert!(lock.waiting.len() <= MAX_WAITING);
+                    for w in &lock.waiting {
                         proptest::prop_assert_eq!(&hub.waiters[w].room, room);
                         proptest::prop_assert!(!hub.peers.contains_key(w));
+                        // Open to its audience, none who would watch waits.
+                        proptest::prop_assert!(
+                            !(lock.open_to_audience && hub.waiters[w].watching),
+                            "one who watches knocks on a room open to its audience"
+                        );
                     }
-                    knocking += waiting.len();
+                    knocking += lock.waiting.len();
                 }
                 proptest::prop_assert_eq!(knocking, hub.waiters.len());
-                // Open to its audience: a locked room, where none who
-                // would watch waits.
-                for room in &hub.open_to_audience {
-                    proptest::prop_assert!(hub.locks.contains_key(room));
-                    for w in &hub.locks[room] {
-                        proptest::prop_assert!(!hub.waiters[w].watching, "one who watches knocks on a room open to its audience");
-                    }
-                }
 
                 // The rooms and the peers agree.
                 let mut in_rooms = 0;
@@ -1819,8 +1827,8 @@ mod tests {
                     actual.sort();
                     proptest::prop_assert_eq!(told.peers, actual);
                     proptest::prop_assert_eq!(told.locked, !watching && hub.locks.contains_key(&c.seat.room));
-                    proptest::prop_assert_eq!(told.open, !watching && hub.open_to_audience.contains(&c.seat.room));
-                    let waiting = hub.locks.get(&c.seat.room).filter(|_| !watching).cloned().unwrap_or_default();
+                    proptest::prop_assert_eq!(told.open, !watching && hub.open_to_audience(&c.seat.room));
+                    let waiting = hub.locks.get(&c.seat.room).filter(|_| !watching).map(|l| l.waiting.clone()).unwrap_or_default();
                     proptest::prop_assert_eq!(told.waiting, waiting);
                 }
                 // No place outlives its grace.
