@@ -131,9 +131,8 @@ pub struct Report {
     pub chat_expected: u64,
     /// From writing a message to its arrival.
     pub chat: Option<Spread>,
-    /// Media frames received, all peers together (with `send_media`).
-    pub video_frames: u64,
-    pub audio_frames: u64,
+    /// Media received, all peers together (with `send_media`).
+    pub media: MediaCounts,
     pub errors: Vec<String>,
 }
 
@@ -225,8 +224,7 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
         report.chat_expected += outcome.expected;
         report.chat_received += outcome.received;
         latencies.extend(outcome.latencies);
-        report.video_frames += outcome.media.video_frames;
-        report.audio_frames += outcome.media.audio_frames;
+        report.media += outcome.media;
         report.errors.extend(outcome.error);
     }
     report.join = Spread::of(joins);
@@ -300,9 +298,7 @@ async fn one_peer(
     match tokio::time::timeout(LEAVE_GRACE, peer).await {
         Ok(Ok(Ok(summary))) => {
             for p in summary.peers {
-                out.media.video_frames += p.media.video_frames;
-                out.media.audio_frames += p.media.audio_frames;
-                out.media.bytes += p.media.bytes;
+                out.media += p.media;
             }
         }
         Ok(Ok(Err(e))) => out.error = Some(e.to_string()),
@@ -338,7 +334,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<bool> {
             "chatSent": report.chat_sent, "chatReceived": report.chat_received,
             "chatExpected": report.chat_expected, "chat": spread_json(report.chat),
             "media": plan.send_media,
-            "videoFramesReceived": report.video_frames, "audioFramesReceived": report.audio_frames,
+            "videoFramesReceived": report.media.video_frames, "audioFramesReceived": report.media.audio_frames,
             "errors": errors.iter().map(|(e, n)| json!({"error": e, "peers": n})).collect::<Vec<_>>(),
             "allWell": report.all_well(),
         });
@@ -383,7 +379,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<bool> {
         if plan.send_media {
             println!(
                 "media:       {} video and {} audio frames received",
-                report.video_frames, report.audio_frames
+                report.media.video_frames, report.media.audio_frames
             );
         }
         if errors.is_empty() {

@@ -65,8 +65,8 @@ async fn an_audience_meets_only_those_taking_part_and_hears_them() {
     assert!(report.all_well(), "{report:?}");
     // Pattern and tone from the two taking part, at each of the three
     // others, for seconds: 15 and 50 frames a second.
-    assert!(report.video_frames > 3 * 2 * 15, "{report:?}");
-    assert!(report.audio_frames > 3 * 2 * 50, "{report:?}");
+    assert!(report.media.video_frames > 3 * 2 * 15, "{report:?}");
+    assert!(report.media.audio_frames > 3 * 2 * 50, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use str0m::format::Codec;
-use str0m::media::MediaKind;
+use str0m::media::{Frequency, MediaKind};
 
 /// One encoded frame, and how long it lasts in the codec's RTP clock.
 #[derive(Debug, Clone)]
@@ -29,14 +29,14 @@ pub struct Clip {
     pub kind: MediaKind,
     pub codec: Codec,
     /// The RTP clock rate: 90 kHz for video, 48 kHz for Opus.
-    pub clock_rate: u32,
+    pub clock_rate: Frequency,
     pub frames: Vec<Frame>,
 }
 
 impl Clip {
     /// How long `frame` lasts in real time.
     pub fn duration(&self, frame: &Frame) -> Duration {
-        Duration::from_secs_f64(f64::from(frame.ticks) / f64::from(self.clock_rate))
+        Duration::from_secs_f64(f64::from(frame.ticks) / f64::from(self.clock_rate.get()))
     }
 }
 
@@ -122,10 +122,11 @@ pub fn clip_from_ivf(
     ivf: &Ivf<'_>,
     kind: MediaKind,
     codec: Codec,
-    clock_rate: u32,
+    clock_rate: Frequency,
 ) -> Result<Clip, IvfError> {
     let ticks = |pts: u64| -> u128 {
-        u128::from(pts) * u128::from(ivf.scale) * u128::from(clock_rate) / u128::from(ivf.rate)
+        u128::from(pts) * u128::from(ivf.scale) * u128::from(clock_rate.get())
+            / u128::from(ivf.rate)
     };
     let mut frames: Vec<Frame> = Vec::with_capacity(ivf.frames.len());
     for (i, (pts, data)) in ivf.frames.iter().enumerate() {
@@ -156,7 +157,7 @@ pub fn pattern() -> &'static Clip {
             include_bytes!("../media/pattern.ivf"),
             MediaKind::Video,
             Codec::Vp8,
-            90_000,
+            Frequency::NINETY_KHZ,
         )
     })
 }
@@ -169,12 +170,12 @@ pub fn tone() -> &'static Clip {
             include_bytes!("../media/tone.ivf"),
             MediaKind::Audio,
             Codec::Opus,
-            48_000,
+            Frequency::FORTY_EIGHT_KHZ,
         )
     })
 }
 
-fn embedded(bytes: &'static [u8], kind: MediaKind, codec: Codec, clock_rate: u32) -> Clip {
+fn embedded(bytes: &'static [u8], kind: MediaKind, codec: Codec, clock_rate: Frequency) -> Clip {
     // Files of this crate, checked by the tests below: not input.
     parse_ivf(bytes)
         .and_then(|ivf| clip_from_ivf(&ivf, kind, codec, clock_rate))
@@ -228,7 +229,8 @@ mod tests {
         let bytes = ivf(b"VP80", 30, &[(0, b"a"), (1, b"bb"), (3, b"c")]);
         let parsed = parse_ivf(&bytes).unwrap();
         assert_eq!(parsed.fourcc, *b"VP80");
-        let clip = clip_from_ivf(&parsed, MediaKind::Video, Codec::Vp8, 90_000).unwrap();
+        let clip =
+            clip_from_ivf(&parsed, MediaKind::Video, Codec::Vp8, Frequency::NINETY_KHZ).unwrap();
         let ticks: Vec<u32> = clip.frames.iter().map(|f| f.ticks).collect();
         assert_eq!(ticks, [3000, 6000, 6000]);
         assert_eq!(&*clip.frames[1].data, b"bb");
@@ -264,7 +266,7 @@ mod tests {
                 bytes[..4].copy_from_slice(b"DKIF");
             }
             if let Ok(parsed) = parse_ivf(&bytes) {
-                let _ = clip_from_ivf(&parsed, MediaKind::Audio, Codec::Opus, 48_000);
+                let _ = clip_from_ivf(&parsed, MediaKind::Audio, Codec::Opus, Frequency::FORTY_EIGHT_KHZ);
             }
         }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::{ChannelConfig, ChannelId};
-use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
+use str0m::media::{Direction, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive, Transmit};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
@@ -56,6 +56,14 @@ pub struct MediaCounts {
     pub audio_frames: u64,
     pub video_frames: u64,
     pub bytes: u64,
+}
+
+impl std::ops::AddAssign for MediaCounts {
+    fn add_assign(&mut self, other: MediaCounts) {
+        self.audio_frames += other.audio_frames;
+        self.video_frames += other.video_frames;
+        self.bytes += other.bytes;
+    }
 }
 
 /// Why a link failed or refused something.
@@ -347,10 +355,7 @@ impl Link {
                         .map(|p| p.pt());
                     match pt {
                         Some(pt) => {
-                            let rtp_time = MediaTime::new(
-                                playout.rtp,
-                                Frequency::new(clip.clock_rate).unwrap_or(Frequency::NINETY_KHZ),
-                            );
+                            let rtp_time = MediaTime::new(playout.rtp, clip.clock_rate);
                             match writer.write(pt, due, rtp_time, frame.data.clone()) {
                                 Ok(()) => {
                                     playout.sent += 1;
