@@ -1,7 +1,8 @@
 // Property tests of file transfer's two ends (files.js) over fake data
 // channels: a sender and a receiver wired together deliver every file
 // whole, and a receiver fed anything at all by a peer never takes more,
-// less or other than what was offered and accepted.
+// less or other than what was offered and accepted; where the receiver
+// keeps it (received.js), slow or failing, changes none of that.
 //
 // More cases: FC_RUNS=100000 node --test tests/app/
 
@@ -9,6 +10,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { IncomingFile, MAX_FILE_BYTES, sendFile } from '../../crates/web/app/js/files.js';
+import { MEMORY_LIMIT, Sink } from '../../crates/web/app/js/received.js';
 import { runs } from './props.js';
 
 /**
@@ -111,7 +113,7 @@ test('a declined file sends no byte; a cancelled one stops', async () => {
 // well-formed or not, and binary messages of any size.
 const action = fc.oneof(
   { weight: 3, arbitrary: fc.integer({ min: 0, max: 40 }).map((size) => ({ send: JSON.stringify({ type: 'offer', name: 'f', size }) })) },
-  { weight: 1, arbitrary: fc.constantFrom('accept', 'decline', 'end').map((type) => ({ send: JSON.stringify({ type }) })) },
+  { weight: 1, arbitrary: fc.constantFrom('accept', 'decline', 'end', 'failed').map((type) => ({ send: JSON.stringify({ type }) })) },
   { weight: 1, arbitrary: fc.oneof(fc.string(), fc.jsonValue().map((v) => JSON.stringify(v))).map((s) => ({ send: s })) },
   { weight: 4, arbitrary: fc.uint8Array({ maxLength: 16 }).map((b) => ({ send: b.buffer })) },
   { weight: 2, arbitrary: fc.constant({ send: JSON.stringify({ type: 'end' }) }) },
@@ -136,7 +138,10 @@ test('a receiver fed anything keeps to the protocol: only an accepted offer\'s e
       if (a.close) {
         channel.close();
         await settle(2);
-        if (phase !== 'done') expected = phase === 'opening' ? null : 'cancelled';
+        // A file being stored in memory is kept within microtasks, before
+        // the close reaches the receiver.
+        if (phase === 'storing') expected = 'received';
+        else if (phase !== 'done') expected = phase === 'opening' ? null : 'cancelled';
         phase = 'done';
         break;
       }
@@ -144,7 +149,7 @@ test('a receiver fed anything keeps to the protocol: only an accepted offer\'s e
         incoming[a.user]();
         if (phase === 'offered' && a.user === 'accept') phase = 'receiving';
         else if (phase === 'offered') { expected = 'declined'; phase = 'done'; }
-        else if (phase === 'receiving' && a.user === 'cancel') { expected = 'cancelled'; phase = 'done'; }
+        else if ((phase === 'receiving' || phase === 'storing') && a.user === 'cancel') { expected = 'cancelled'; phase = 'done'; }
         continue;
       }
       channel.deliver(a.send);
@@ -162,14 +167,21 @@ test('a receiver fed anything keeps to the protocol: only an accepted offer\'s e
           got.push(...new Uint8Array(a.send));
           if (got.length > size) { phase = 'done'; expected = 'failed'; }
         } else if (msg?.type === 'end' && text.length <= 2048) {
-          phase = 'done';
-          expected = got.length === size ? 'received' : 'failed';
+          // Ended whole, it is kept (a few microtasks later) before the
+          // channel closes; anything the peer says meanwhile is out of turn.
+          phase = got.length === size ? 'storing' : 'done';
+          if (phase === 'done') expected = 'failed';
         } else {
           phase = 'done';
           expected = 'failed';
         }
+      } else if (phase === 'storing') {
+        phase = 'done';
+        expected = 'failed';
       }
     }
+    await settle(2);
+    if (phase === 'storing') { phase = 'done'; expected = 'received'; }
     incoming.cancel(); // ends what is left, and its timer
     await settle(2);
     const endings = events.filter((e) => e.kind !== 'offer' && e.kind !== 'receiving');
@@ -187,4 +199,140 @@ test('a receiver fed anything keeps to the protocol: only an accepted offer\'s e
     const said = channel.sent.map((m) => JSON.parse(m).type);
     assert.ok(said.length <= 1 && said.every((t) => t === 'accept' || t === 'decline'), `said ${said}`);
   }), { numRuns: Math.min(runs, 2000) });
+});
+
+/**
+ * Where a receiver keeps a file (received.js's store), in memory, with
+ * each step taking `delays()` turns of the event loop; it fails where
+ * `failAt` says: 'open', a write's number, or 'finish'.
+ */
+const FINAL = new Set(['sent', 'declined', 'cancelled', 'failed']);
+
+class SlowStore {
+  written = [];
+  finished = false;
+  discarded = false;
+
+  constructor(delays, failAt) {
+    this.delays = delays;
+    this.failAt = failAt;
+  }
+
+  async wait() {
+    for (let i = this.delays(); i > 0; i--) await new Promise((r) => setTimeout(r));
+  }
+
+  open = async () => {
+    await this.wait();
+    if (this.failAt === 'open') throw new Error('no room');
+    return this;
+  };
+
+  async write(bytes) {
+    await this.wait();
+    if (this.failAt === this.written.length) throw new Error('disk full');
+    this.written.push(new Uint8Array(bytes).slice());
+  }
+
+  async finish() {
+    await this.wait();
+    if (this.failAt === 'finish') throw new Error('could not close');
+    this.finished = true;
+    return new Blob(this.written);
+  }
+
+  async discard() { this.discarded = true; }
+}
+
+/** Runs event-loop turns until `done()` or `rounds` have passed. */
+async function until(done, rounds) {
+  for (let i = 0; i < rounds && !done(); i++) await new Promise((r) => setTimeout(r));
+}
+
+/** A sender and a receiver keeping into `store`, wired together; the receiver accepts. */
+function transfer(bytes, store) {
+  const out = new FakeChannel();
+  const into = new FakeChannel();
+  out.peer = into;
+  into.peer = out;
+  into.readyState = 'open';
+  const incoming = new IncomingFile(into, 'test', { openStore: store.open });
+  const events = record(incoming);
+  incoming.addEventListener('offer', () => incoming.accept());
+  // What the store held when the receiver closed the channel: the
+  // sender's proof of delivery.
+  let keptAtClose = null;
+  const close = into.close.bind(into);
+  into.close = () => {
+    keptAtClose ??= store.finished;
+    close();
+  };
+  const reports = [];
+  sendFile(out, new File([bytes], 'f'), (state, detail) => reports.push({ state, detail }));
+  out.open();
+  return { events, reports, closedKept: () => keptAtClose, into };
+}
+
+const bigFile = fc.integer({ min: 0, max: 3.5 * 1024 * 1024 }).map((n) => {
+  const bytes = new Uint8Array(n);
+  for (let i = 0; i < n; i++) bytes[i] = (i * 7 + (i >> 12)) & 0xff;
+  return bytes;
+});
+
+test('a file kept by a slow store arrives whole and in order, and is delivered only once it is kept', async () => {
+  await fc.assert(fc.asyncProperty(bigFile, fc.infiniteStream(fc.nat(3)), async (bytes, delays) => {
+    const store = new SlowStore(() => delays.next().value, null);
+    const { events, reports, closedKept } = transfer(bytes, store);
+    await until(() => reports.at(-1)?.state === 'sent', 20 * Math.ceil(bytes.length / 16384) + 200);
+    const received = events.find((e) => e.kind === 'received');
+    assert.ok(received, `received (events: ${events.map((e) => e.kind)})`);
+    assert.deepEqual(new Uint8Array(await received.detail.arrayBuffer()), bytes);
+    assert.equal(reports.at(-1).state, 'sent');
+    assert.equal(closedKept(), true, 'the channel closed only after the file was kept');
+    assert.ok(store.written.every((w, i) => i === store.written.length - 1 || w.length >= 1024 * 1024), 'written in batches of 1 MiB or more');
+    assert.equal(store.discarded, false);
+  }), { numRuns: Math.min(runs, 25) });
+});
+
+test('a store that fails ends the transfer with its reason at both ends, and lets the bytes go', async () => {
+  await fc.assert(fc.asyncProperty(
+    bigFile.filter((b) => b.length > 0),
+    fc.oneof(fc.constant('open'), fc.constant('finish'), fc.nat(3)),
+    fc.infiniteStream(fc.nat(2)),
+    async (bytes, failAt, delays) => {
+      const store = new SlowStore(() => delays.next().value, failAt);
+      const { events, reports, into } = transfer(bytes, store);
+      await until(() => FINAL.has(reports.at(-1)?.state) && into.readyState === 'closed', 20 * Math.ceil(bytes.length / 16384) + 200);
+      const batches = Math.ceil(bytes.length / (1024 * 1024));
+      if (typeof failAt === 'number' && failAt >= batches) {
+        // It never came to that write.
+        assert.equal(reports.at(-1).state, 'sent');
+        return;
+      }
+      const ending = events.filter((e) => e.kind !== 'offer' && e.kind !== 'receiving');
+      assert.deepEqual(ending.map((e) => e.kind), ['failed']);
+      assert.match(ending[0].detail, /could not store it \((no room|disk full|could not close)\)/);
+      assert.deepEqual(reports.at(-1), { state: 'failed', detail: 'they could not keep it' }, 'the sender hears it failed, not why');
+      if (failAt !== 'open') {
+        await until(() => store.discarded, 50);
+        assert.ok(store.discarded, 'what was written is let go');
+      }
+    },
+  ), { numRuns: Math.min(runs, 25) });
+});
+
+test('a disk that cannot keep up ends the transfer instead of filling memory', async () => {
+  const never = { open: async () => ({ write: () => new Promise(() => {}), finish: async () => new Blob(), discard: async () => {} }) };
+  const sink = new Sink(200 * 1024 * 1024, never.open);
+  let why = null;
+  sink.onerror = (w) => { why = w; };
+  const mib = new Uint8Array(1024 * 1024);
+  for (let i = 0; i < 200 && why === null; i++) sink.write(mib.buffer.slice(0));
+  assert.match(why, /the disk could not keep up \(12\d MB waiting to be written\)/);
+});
+
+test('in memory, a file over the limit is refused when accepted, with why', async () => {
+  const sink = new Sink(MEMORY_LIMIT + 1);
+  const why = await new Promise((resolve) => { sink.onerror = resolve; });
+  assert.match(why, /this browser can keep files of at most 512 MB/);
 });

@@ -9,7 +9,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { ChatError, MAX_CHAT_CHARS, decodeChannelMessage, decodeChat, encodeChat, encodeMoved, encodeMovedAck } from '../../crates/web/app/js/chat.js';
-import { FileError, MAX_FILE_BYTES, checkOffer, decodeControl, formatSize, safeName } from '../../crates/web/app/js/files.js';
+import { FileError, MAX_FILE_BYTES, checkOffer, decodeControl, safeName } from '../../crates/web/app/js/files.js';
+import { formatSize } from '../../crates/web/app/js/ui.js';
 import { runs } from './props.js';
 
 /** Calls `f`; returns its value, or the error if it is a `Type`. Any other error fails. */
@@ -87,7 +88,7 @@ test('on the chat channel, a "moved" or its answer names a usable peer id; anyth
 });
 
 const offerish = fc.record({
-  type: fc.oneof(fc.constant('offer'), fc.constantFrom('accept', 'decline', 'end'), fc.string()),
+  type: fc.oneof(fc.constant('offer'), fc.constantFrom('accept', 'decline', 'end', 'failed'), fc.string()),
   name: fc.oneof(fc.string({ unit: 'binary', maxLength: 300 }), fc.constantFrom('../../etc/passwd', '..', '.', '\\\\server\\share', 'a\u0000b'), fc.jsonValue()),
   size: fc.oneof(fc.integer({ min: -10, max: MAX_FILE_BYTES + 10 }), fc.constantFrom(2 ** 53, -0, 0.5, NaN, Infinity), fc.jsonValue()),
   private: fc.oneof(fc.boolean(), fc.jsonValue()),
@@ -97,7 +98,7 @@ test('a control message on a file channel has a known type, and an offer a usabl
   fc.assert(fc.property(fc.oneof(anyString, anyJson, offerish, bytes), (data) => {
     const msg = valueOr(FileError, () => decodeControl(data));
     if (msg instanceof FileError) return;
-    assert.ok(['offer', 'accept', 'decline', 'end'].includes(msg.type));
+    assert.ok(['offer', 'accept', 'decline', 'end', 'failed'].includes(msg.type));
     const offer = valueOr(FileError, () => checkOffer(msg));
     if (offer instanceof FileError) return;
     assert.equal(msg.type, 'offer');
@@ -126,5 +127,5 @@ test('a size reads as a number and a unit', () => {
   }), { numRuns: runs });
   assert.equal(formatSize(1023), '1023 B');
   assert.equal(formatSize(1536 * 1024), '1.5 MB');
-  assert.equal(formatSize(MAX_FILE_BYTES), '512 MB');
+  assert.equal(formatSize(MAX_FILE_BYTES), '64 GB');
 });

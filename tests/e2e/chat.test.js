@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, writeChat as write } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, channelsOpen, writeChat as write } from './lib.js';
 
 let server;
 let browser;
@@ -157,16 +157,6 @@ test('what a peer sends on the chat channel that is not a message is ignored wit
 
   for (const p of [alice, bob]) await p.context().close();
 });
-
-/** Waits until each of `pages` has its chat channel to every other page open. */
-async function channelsOpen(pages) {
-  for (const page of pages) {
-    await eventually(() => page.evaluate((n) => {
-      const links = [...window.__callisto.links.values()];
-      return links.length === n && links.every((l) => l.chatChannel?.readyState === 'open');
-    }, pages.length - 1), 15000, 'chat channels open');
-  }
-}
 
 test('what comes in while the chat is closed is told to screen readers; a burst is counted, not read out', async () => {
   const room = `chat-announce-${Date.now()}`;
@@ -330,7 +320,7 @@ test('what a peer sends on a file channel out of turn ends that transfer with a 
   await eventually(() => seen.warnings.some((w) => w.includes('8 of its files are already under way')), 5000, 'the ninth refused');
   await eventually(() => alice.evaluate(() => window.__closed.filter((c) => c === 'silent').length === 9), 15000, 'all nine closed');
   const warned = (what) => seen.warnings.some((w) => w.includes('stopped a file transfer') && w.includes(what));
-  for (const what of ['more than the 10 bytes offered', 'over the 512 MB limit', 'not JSON', 'no offer within 10 s']) {
+  for (const what of ['more than the 10 bytes offered', 'over the 64 GB limit', 'not JSON', 'no offer within 10 s']) {
     assert.ok(warned(what), `a warning says "${what}"`);
   }
   assert.deepEqual(seen.errors, []);

@@ -466,6 +466,16 @@ export function startPeer(baseUrl, room, name, extraArgs = []) {
   };
 }
 
+/** Waits until each of `pages` has its chat channel to every other page open. */
+export async function channelsOpen(pages) {
+  for (const page of pages) {
+    await eventually(() => page.evaluate((n) => {
+      const links = [...window.__callisto.links.values()];
+      return links.length === n && links.every((l) => l.chatChannel?.readyState === 'open');
+    }, pages.length - 1), 15000, 'chat channels open');
+  }
+}
+
 /** Types `text` into the chat's message box and presses Enter. */
 export async function writeChat(page, text) {
   const input = page.getByRole('textbox', { name: 'Message' });

@@ -49,6 +49,7 @@ assets! {
     "/js/ui.js" => "text/javascript; charset=utf-8",
     "/js/chat.js" => "text/javascript; charset=utf-8",
     "/js/files.js" => "text/javascript; charset=utf-8",
+    "/js/received.js" => "text/javascript; charset=utf-8",
     "/js/devices.js" => "text/javascript; charset=utf-8",
     "/js/stats.js" => "text/javascript; charset=utf-8",
     "/js/storage.js" => "text/javascript; charset=utf-8",

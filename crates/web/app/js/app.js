@@ -5,13 +5,14 @@ import { SignalingClient, ROOM_PATTERN } from './signaling.js';
 import { PeerLink } from './peer.js';
 import { getDeviceTrack, getLocalMedia, getScreen } from './media.js';
 import { CameraEffects } from './effects.js';
-import { $, showView, setText, Grid } from './ui.js';
+import { $, showView, setText, Grid, formatSize } from './ui.js';
 import { ChatPanel, encodeChat } from './chat.js';
-import { IncomingFile, MAX_FILE_BYTES, formatSize, offerFile, showIncoming } from './files.js';
+import { IncomingFile, MAX_FILE_BYTES, offerFile, showIncoming } from './files.js';
 import { DevicePicker } from './devices.js';
 import { describe, summarize } from './stats.js';
 import { store, stored } from './storage.js';
 import { Lobby } from './lobby.js';
+import { forgetAbandoned } from './received.js';
 
 const NAME_KEY = 'callisto.name';
 // The server's access code, once one worked (for a server that needs one).
@@ -71,6 +72,8 @@ window.__callisto = {
 };
 
 route();
+// Files received by pages since closed are still on disk: let them go.
+forgetAbandoned();
 
 function route() {
   const match = location.pathname.match(/^\/r\/([^/]+)\/?$/);

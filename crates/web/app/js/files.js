@@ -9,16 +9,22 @@
 //   receiver → sender   { "type": "accept" } or { "type": "decline" }
 //   sender → receiver   the bytes, in binary messages
 //   sender → receiver   { "type": "end" }
-//   the receiver closes the channel once it holds all `size` bytes: the
+//   the receiver closes the channel once it has kept all `size` bytes: the
 //   sender's proof of delivery. Whoever closes it at any other point
-//   stops the transfer.
+//   stops the transfer; a receiver that cannot keep the file (no space)
+//   says { "type": "failed" } first.
 
-import { button } from './ui.js';
+import { button, formatSize } from './ui.js';
+import { Sink } from './received.js';
 
 export const FILE_LABEL = 'file';
 export const FILE_PROTOCOL = 'callisto.file.v1';
-/** The largest file sent or taken: a receiver holds it in memory until saved. */
-export const MAX_FILE_BYTES = 512 * 1024 * 1024;
+/**
+ * The largest file sent or taken. A receiver keeps it on disk as it comes
+ * (received.js), so this bounds only what an offer may claim; a receiver
+ * also checks its own space when it accepts.
+ */
+export const MAX_FILE_BYTES = 64 * 1024 * 1024 * 1024;
 // 16 KiB messages go between every pair of browsers (Chromium and Firefox
 // take 256 KiB, older Safari less).
 const CHUNK_BYTES = 16 * 1024;
@@ -41,7 +47,7 @@ export function decodeControl(data) {
   if (data.length > MAX_CONTROL_CHARS) throw new FileError(`a control message of ${data.length} characters`);
   let msg;
   try { msg = JSON.parse(data); } catch { throw new FileError('not JSON'); }
-  if (!['offer', 'accept', 'decline', 'end'].includes(msg?.type)) throw new FileError(`an unknown type ${JSON.stringify(msg?.type ?? null)}`);
+  if (!['offer', 'accept', 'decline', 'end', 'failed'].includes(msg?.type)) throw new FileError(`an unknown type ${JSON.stringify(msg?.type ?? null)}`);
   return msg;
 }
 
@@ -60,15 +66,6 @@ export function safeName(name) {
   // eslint-disable-next-line no-control-regex
   const clean = name.replace(/[\u0000-\u001f\u007f/\\]/g, '_').trim().replace(/^\.+/, '_');
   return clean || 'file';
-}
-
-export function formatSize(bytes) {
-  if (bytes < 1024) return `${bytes} B`;
-  const units = ['KB', 'MB', 'GB'];
-  let n = bytes / 1024;
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return `${n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
 }
 
 /** Resolves when the channel's buffer has drained below LOW_WATER, or it closed. */
@@ -127,6 +124,8 @@ export function sendFile(channel, file, report, { private: only = false } = {}) 
       pump();
     } else if (msg.type === 'decline' && phase === 'waiting') {
       finish('declined');
+    } else if (msg.type === 'failed' && (phase === 'sending' || phase === 'delivering')) {
+      finish('failed', 'they could not keep it');
     } else {
       finish('failed', `the receiver sent "${msg.type}" out of turn`);
     }
@@ -178,21 +177,28 @@ export function sendFile(channel, file, report, { private: only = false } = {}) 
  * (detail: { state, detail }) with "receiving" (the fraction received),
  * "received" (detail: a Blob of the file), "declined", "cancelled" or
  * "failed" (why). Anything the peer sends out of turn ends the transfer
- * and the channel, with a console warning.
+ * and the channel, with a console warning. The bytes are stored as they
+ * come (received.js); `release()` lets a received file go.
  */
 export class IncomingFile extends EventTarget {
   #channel;
-  #phase = 'opening'; // → offered → receiving → done
-  #chunks = [];
+  #phase = 'opening'; // → offered → receiving → (storing →) done
+  #sink = null;
+  #openStore;
   #received = 0;
   #timer;
   offer = null;
 
-  /** @param {RTCDataChannel} channel @param {string} from who sent it, for warnings */
-  constructor(channel, from) {
+  /**
+   * @param {RTCDataChannel} channel
+   * @param {string} from who sent it, for warnings
+   * @param {{ openStore?: Function }} options where the bytes go (received.js's Sink; for tests)
+   */
+  constructor(channel, from, { openStore } = {}) {
     super();
     this.#channel = channel;
     this.from = from;
+    this.#openStore = openStore;
     channel.binaryType = 'arraybuffer';
     this.#timer = setTimeout(() => this.#fail(`no offer within ${OFFER_TIMEOUT_MS / 1000} s`), OFFER_TIMEOUT_MS);
     channel.addEventListener('message', ({ data }) => this.#onMessage(data));
@@ -205,8 +211,22 @@ export class IncomingFile extends EventTarget {
   accept() {
     if (this.#phase !== 'offered') return;
     this.#phase = 'receiving';
+    this.#sink = new Sink(this.offer.size, this.#openStore);
+    this.#sink.onerror = (why) => {
+      console.warn(`could not keep ${this.offer.name} from peer ${this.from}: ${why}`);
+      // Said before the close, which alone would read as delivered after
+      // the end; the sender is not told why (that would tell it our space).
+      if (this.#channel.readyState === 'open') this.#channel.send(JSON.stringify({ type: 'failed' }));
+      this.#end('failed', why);
+    };
     this.#channel.send(JSON.stringify({ type: 'accept' }));
     this.#state('receiving', 0);
+  }
+
+  /** Lets go of the file, received or not, from memory or disk. */
+  release() {
+    this.#sink?.discard();
+    this.#sink = null;
   }
 
   decline() {
@@ -232,9 +252,7 @@ export class IncomingFile extends EventTarget {
         this.dispatchEvent(new CustomEvent('offer', { detail: this.offer }));
       } else if (this.#phase === 'receiving' && msg.type === 'end') {
         if (this.#received !== this.offer.size) throw new FileError(`the end after ${this.#received} of ${this.offer.size} bytes`);
-        const blob = new Blob(this.#chunks, { type: 'application/octet-stream' });
-        this.#chunks = [];
-        this.#end('received', blob);
+        this.#store();
       } else {
         throw new FileError(`"${msg.type}" out of turn`);
       }
@@ -248,7 +266,7 @@ export class IncomingFile extends EventTarget {
     if (chunk.byteLength > MAX_CHUNK_BYTES) throw new FileError(`a message of ${chunk.byteLength} bytes`);
     this.#received += chunk.byteLength;
     if (this.#received > this.offer.size) throw new FileError(`more than the ${this.offer.size} bytes offered`);
-    this.#chunks.push(chunk);
+    this.#sink.write(chunk);
     const before = Math.floor((100 * (this.#received - chunk.byteLength)) / this.offer.size);
     const now = Math.floor((100 * this.#received) / this.offer.size);
     if (now !== before) this.#state('receiving', now / 100);
@@ -259,11 +277,28 @@ export class IncomingFile extends EventTarget {
     this.#end('failed', why);
   }
 
+  /**
+   * Waits for every byte to be stored, then closes the channel: the
+   * sender's proof of delivery means the file is kept, not only that it
+   * arrived.
+   */
+  async #store() {
+    this.#phase = 'storing';
+    let file;
+    try {
+      file = await this.#sink.finish();
+    } catch {
+      return; // the sink's onerror has ended the transfer
+    }
+    if (this.#phase === 'storing') this.#end('received', file);
+    else this.release(); // cancelled, or the sender left, meanwhile
+  }
+
   #end(state, detail) {
     if (this.#phase === 'done') return;
     this.#phase = 'done';
     clearTimeout(this.#timer);
-    this.#chunks = [];
+    if (state !== 'received') this.release();
     this.#channel.close();
     // An offer nobody saw (a bad one) needs no word in the chat.
     if (this.offer) this.#state(state, detail);
@@ -388,6 +423,9 @@ export function showIncoming(entry, incoming) {
     save.download = name;
     save.textContent = `Save ${name}`;
     actions.append(save); // not focused: the person may be typing
-    entry.addEventListener('removed', () => URL.revokeObjectURL(url), { once: true });
+    entry.addEventListener('removed', () => {
+      URL.revokeObjectURL(url);
+      incoming.release();
+    }, { once: true });
   });
 }

@@ -1,5 +1,5 @@
-// DOM for the call: the grid of video tiles and small helpers for views and
-// notices. Knows nothing about WebRTC or signaling.
+// DOM for the call: the grid of video tiles and small helpers for views,
+// notices and sizes. Knows nothing about WebRTC or signaling.
 
 const $ = (id) => document.getElementById(id);
 export { $ };
@@ -27,6 +27,16 @@ export function button(text, label, className = '') {
   b.setAttribute('aria-label', label);
   if (className) b.className = className;
   return b;
+}
+
+/** A size in bytes as people read it: "1.5 MB". */
+export function formatSize(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ['KB', 'MB', 'GB'];
+  let n = bytes / 1024;
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
 }
 
 export class Grid {
