@@ -38,6 +38,12 @@ impl Clip {
     pub fn duration(&self, frame: &Frame) -> Duration {
         Duration::from_secs_f64(f64::from(frame.ticks) / f64::from(self.clock_rate.get()))
     }
+
+    /// How many ticks of the RTP clock `elapsed` lasts.
+    pub fn ticks(&self, elapsed: Duration) -> u64 {
+        let ticks = elapsed.as_nanos() * u128::from(self.clock_rate.get()) / 1_000_000_000;
+        u64::try_from(ticks).unwrap_or(u64::MAX)
+    }
 }
 
 /// Why bytes are not an IVF file this peer can send.

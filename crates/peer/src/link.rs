@@ -26,7 +26,7 @@ use str0m::net::{Protocol, Receive, Transmit};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
 use crate::chat::{CHAT_LABEL, CHAT_PROTOCOL, ChannelMessage, ChatError};
-use crate::clip::{self, Clip};
+use crate::clip::{self, Clip, Frame};
 use crate::signals::{SdpKind, Signal};
 
 /// Chat messages held for a chat channel that is not open yet, at most
@@ -98,6 +98,33 @@ struct Playout {
     rtp: u64,
     /// Frames sent.
     sent: u64,
+}
+
+impl Playout {
+    /// Hands each frame due by `now` to `write`, with its send time and
+    /// RTP time, in order. More than [`MAX_LAG`] behind (the process was
+    /// stalled), it skips ahead rather than bursting: the RTP time moves on
+    /// with the wall clock, so receivers see a pause, as after any
+    /// sender's stall, not frames squeezed together. No frame is dropped,
+    /// so the video stays decodable.
+    fn take_due(&mut self, now: Instant, mut write: impl FnMut(&Frame, Instant, MediaTime)) {
+        let Some(mut due) = self.due else {
+            return;
+        };
+        let lag = now.saturating_duration_since(due);
+        if lag > MAX_LAG {
+            self.rtp = self.rtp.saturating_add(self.clip.ticks(lag));
+            due = now;
+        }
+        while due <= now {
+            let frame = &self.clip.frames[self.next];
+            write(frame, due, MediaTime::new(self.rtp, self.clip.clock_rate));
+            self.rtp += u64::from(frame.ticks);
+            due += self.clip.duration(frame);
+            self.next = (self.next + 1) % self.clip.frames.len();
+        }
+        self.due = Some(due);
+    }
 }
 
 /// A connection to one peer.
@@ -335,45 +362,37 @@ impl Link {
     fn play(&mut self, now: Instant) -> bool {
         let mut wrote = false;
         for playout in &mut self.playouts {
-            let (Some(mid), Some(mut due)) = (playout.mid, playout.due) else {
+            let Some(mid) = playout.mid else {
                 continue;
             };
-            if now.saturating_duration_since(due) > MAX_LAG {
-                due = now;
-            }
             let sending = self
                 .rtc
                 .media(mid)
                 .is_some_and(|m| m.direction().is_sending());
-            let clip = playout.clip;
-            while due <= now {
-                let frame = &clip.frames[playout.next];
-                if sending && let Some(writer) = self.rtc.writer(mid) {
-                    let pt = writer
-                        .payload_params()
-                        .find(|p| p.spec().codec == clip.codec)
-                        .map(|p| p.pt());
-                    match pt {
-                        Some(pt) => {
-                            let rtp_time = MediaTime::new(playout.rtp, clip.clock_rate);
-                            match writer.write(pt, due, rtp_time, frame.data.clone()) {
-                                Ok(()) => {
-                                    playout.sent += 1;
-                                    wrote = true;
-                                }
-                                Err(e) => tracing::debug!(%mid, "a frame was not sent: {e}"),
-                            }
-                        }
-                        None => {
-                            tracing::debug!(%mid, codec = ?clip.codec, "the other side takes no such codec")
-                        }
-                    }
+            let codec = playout.clip.codec;
+            let mut sent = 0;
+            playout.take_due(now, |frame, due, rtp_time| {
+                if !sending {
+                    return;
                 }
-                playout.rtp += u64::from(frame.ticks);
-                due += clip.duration(frame);
-                playout.next = (playout.next + 1) % clip.frames.len();
-            }
-            playout.due = Some(due);
+                let Some(writer) = self.rtc.writer(mid) else {
+                    return;
+                };
+                let pt = writer
+                    .payload_params()
+                    .find(|p| p.spec().codec == codec)
+                    .map(|p| p.pt());
+                let Some(pt) = pt else {
+                    tracing::debug!(%mid, ?codec, "the other side takes no such codec");
+                    return;
+                };
+                match writer.write(pt, due, rtp_time, frame.data.clone()) {
+                    Ok(()) => sent += 1,
+                    Err(e) => tracing::debug!(%mid, "a frame was not sent: {e}"),
+                }
+            });
+            playout.sent += sent;
+            wrote |= sent > 0;
         }
         wrote
     }
@@ -667,6 +686,51 @@ mod tests {
         for got in [pair.a.media(), pair.b.media()] {
             assert!(got.audio_frames >= 90, "{got:?}");
             assert!(got.bytes > 40_000, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn a_stalled_player_skips_ahead_in_rtp_time_too_and_drops_no_frame() {
+        for clip in [clip::pattern(), clip::tone()] {
+            let start = Instant::now();
+            let mut playout = Playout {
+                clip,
+                mid: None,
+                next: 0,
+                due: Some(start),
+                rtp: 0,
+                sent: 0,
+            };
+            let mut written = Vec::new();
+            let mut take = |playout: &mut Playout, now| {
+                playout.take_due(now, |frame, due, rtp| {
+                    written.push((frame.data.clone(), due, rtp))
+                });
+            };
+            // On time: two frames, one frame's length apart on both clocks.
+            let first = clip.duration(&clip.frames[0]);
+            take(&mut playout, start + first);
+            // A 3 s stall: the next frame goes at once, 3 s on in RTP time
+            // too, and it is the next frame of the clip.
+            let stall = Duration::from_secs(3);
+            take(&mut playout, start + stall);
+            let rate = clip.clock_rate.get();
+            let [a, b, c] = &written[..] else {
+                panic!("{} frames written", written.len());
+            };
+            assert_eq!((a.1, b.1, c.1), (start, start + first, start + stall));
+            assert_eq!(a.2.numer(), 0);
+            assert_eq!(b.2.numer(), u64::from(clip.frames[0].ticks));
+            assert_eq!(a.2.frequency(), clip.clock_rate);
+            let expected = u64::from(rate) * 3;
+            let tick = u64::from(clip.frames[1].ticks);
+            assert!(
+                c.2.numer().abs_diff(expected) <= tick,
+                "{:?}: after the stall, RTP time {} for {expected}",
+                clip.kind,
+                c.2.numer()
+            );
+            assert_eq!(c.0, clip.frames[2].data, "no frame skipped");
         }
     }
 
