@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Client, Logs, Server, TIMEOUT, TempDir};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
 /// nginx, as a reverse proxy in front of `upstream`; killed when dropped.
@@ -65,7 +66,20 @@ fn the_operators_guide_shows_the_tested_site_configuration() {
 }
 
 impl Nginx {
+    /// nginx in front of `upstream`, on a free port of its own. nginx cannot
+    /// be given a listening socket, only a port: one found free may be taken
+    /// by another test before nginx binds it, so a start that fails is tried
+    /// again on another port.
     async fn start(upstream: SocketAddr) -> Nginx {
+        for _ in 0..5 {
+            if let Some(nginx) = Nginx::try_start(upstream).await {
+                return nginx;
+            }
+        }
+        panic!("nginx did not start on any of 5 free ports");
+    }
+
+    async fn try_start(upstream: SocketAddr) -> Option<Nginx> {
         let path = "/usr/sbin/nginx";
         assert!(
             std::path::Path::new(path).exists(),
@@ -115,18 +129,53 @@ http {{
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let nginx = Nginx {
+        let mut nginx = Nginx {
             child,
             addr,
             _dir: dir,
         };
         let deadline = Instant::now() + TIMEOUT;
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
+        loop {
+            if let Some(status) = nginx.child.try_wait().unwrap() {
+                eprintln!("nginx exited ({status}) on {addr}: trying another port");
+                return None;
+            }
+            match server_header(addr).await {
+                Some(server) if server.starts_with("nginx") => return Some(nginx),
+                // Another test's server took the port first.
+                Some(server) => {
+                    eprintln!("{addr} is {server:?}'s, not nginx's: trying another port");
+                    return None;
+                }
+                None => {}
+            }
             assert!(Instant::now() < deadline, "nginx did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        nginx
     }
+}
+
+/// The `Server` header of the answer to a plain GET to `addr` (empty if it
+/// has none), or None if nothing answers there yet.
+async fn server_header(addr: SocketAddr) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await
+        .ok()?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    let answer = String::from_utf8_lossy(&answer);
+    let head = answer.split("\r\n\r\n").next()?;
+    Some(
+        head.lines()
+            .find_map(|l| l.strip_prefix("Server: ").or(l.strip_prefix("server: ")))
+            .unwrap_or("")
+            .to_owned(),
+    )
 }
 
 /// A WebSocket to `to` from the loopback address `source`, with these
