@@ -202,6 +202,37 @@ async function resumeTest(serverNotices) {
   await proxy.close();
 }
 
+/** The tiles marked speaking at any moment of the next `ms`, by label, sampled every 50 ms. */
+const markedSpeaking = (page, ms) => page.evaluate(async (ms) => {
+  const seen = new Set();
+  for (const end = Date.now() + ms; Date.now() < end;) {
+    for (const tile of document.querySelectorAll('.tile.speaking')) seen.add(tile.getAttribute('aria-label'));
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return [...seen].sort();
+}, ms);
+
+test('who speaks is marked on their tile, at both ends, and not once muted', async () => {
+  const room = `speaking-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  await waitForRemoteVideos(alice, 1);
+  await waitForRemoteVideos(bob, 1);
+  // Chromium's fake microphone beeps every second or so: each beep marks
+  // its speaker, on their own page (the microphone's level) and the
+  // other's (the level in its audio packets).
+  assert.deepEqual(await markedSpeaking(alice, 4000), ['Alice (you)', 'Bob'], 'at Alice');
+  assert.deepEqual(await markedSpeaking(bob, 4000), ['Alice', 'Bob (you)'], 'at Bob');
+
+  // Bob mutes: after the mark's hold, his tile is no longer marked
+  // anywhere, while Alice's beeps still mark hers.
+  await bob.getByRole('button', { name: 'Mute' }).click();
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.deepEqual(await markedSpeaking(alice, 4000), ['Alice (you)'], 'at Alice, Bob is quiet');
+  assert.deepEqual(await markedSpeaking(bob, 4000), ['Alice'], 'at Bob, his own tile is quiet too');
+  for (const p of [alice, bob]) await p.context().close();
+});
+
 test('live stats show each connection\'s path, round trip and rates, and go when turned off', async () => {
   const room = `stats-${Date.now()}`;
   const a = await joinCall(browser, server.url, room, 'A');

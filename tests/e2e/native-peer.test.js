@@ -47,6 +47,8 @@ test('a native peer calls browsers both ways, chats with them, receives their me
     await waitForRemoteVideos(page, 2);
     await eventually(async () => (await connectionReport(page)).every((c) => c.audio?.energy > 0), 10000, `${label} hears the robot and the other`);
     assert.equal(await page.locator('.tile', { hasText: 'Robot' }).locator('.badge.camera').isVisible(), false, 'its camera shows as on');
+    // Its tone, with the level it sends in each packet, marks it speaking.
+    await page.locator('.tile.speaking', { hasText: 'Robot' }).waitFor({ timeout: 5000 });
   }
 
   const shot = path.join(ARTIFACTS, 'native-peer.png');

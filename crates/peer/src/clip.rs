@@ -31,6 +31,9 @@ pub struct Clip {
     /// The RTP clock rate: 90 kHz for video, 48 kHz for Opus.
     pub clock_rate: Frequency,
     pub frames: Vec<Frame>,
+    /// For audio, how loud it is (dBov, 0 is full scale): sent with each
+    /// frame (RFC 6464), so that browsers show when it "speaks".
+    pub level: Option<i8>,
 }
 
 impl Clip {
@@ -151,6 +154,7 @@ pub fn clip_from_ivf(
         codec,
         clock_rate,
         frames,
+        level: Some(-17),
     })
 }
 
@@ -171,8 +175,10 @@ pub fn pattern() -> &'static Clip {
 /// The tone: 1 s of 440 Hz in Opus (mono, 20 ms frames), about 32 kbit/s.
 pub fn tone() -> &'static Clip {
     static CLIP: OnceLock<Clip> = OnceLock::new();
-    CLIP.get_or_init(|| {
-        embedded(
+    CLIP.get_or_init(|| Clip {
+        // A sine of amplitude 0.2 (scripts/make-media.mjs): RMS 0.14, -17 dBov.
+        level: Some(-17),
+        ..embedded(
             include_bytes!("../media/tone.ivf"),
             MediaKind::Audio,
             Codec::Opus,

@@ -369,13 +369,13 @@ impl Link {
                 .rtc
                 .media(mid)
                 .is_some_and(|m| m.direction().is_sending());
-            let codec = playout.clip.codec;
+            let (codec, level) = (playout.clip.codec, playout.clip.level);
             let mut sent = 0;
             playout.take_due(now, |frame, due, rtp_time| {
                 if !sending {
                     return;
                 }
-                let Some(writer) = self.rtc.writer(mid) else {
+                let Some(mut writer) = self.rtc.writer(mid) else {
                     return;
                 };
                 let pt = writer
@@ -386,6 +386,9 @@ impl Link {
                     tracing::debug!(%mid, ?codec, "the other side takes no such codec");
                     return;
                 };
+                if let Some(level) = level {
+                    writer = writer.audio_level(level, true);
+                }
                 match writer.write(pt, due, rtp_time, frame.data.clone()) {
                     Ok(()) => sent += 1,
                     Err(e) => tracing::debug!(%mid, "a frame was not sent: {e}"),

@@ -13,6 +13,7 @@ import { describe, summarize } from './stats.js';
 import { store, stored } from './storage.js';
 import { Lobby } from './lobby.js';
 import { forgetAbandoned } from './received.js';
+import { MicLevel, Speaking } from './speaking.js';
 
 const NAME_KEY = 'callisto.name';
 // The server's access code, once one worked (for a server that needs one).
@@ -42,6 +43,8 @@ const call = {
   joinToFirstFrameMs: null,
 };
 const grid = new Grid($('grid'));
+// Who speaks just now (speaking.js), sampled while in a call.
+const speaking = { who: new Speaking(), mic: new MicLevel(), timer: null };
 const chat = new ChatPanel(sendChat, sendFiles);
 const effects = new CameraEffects();
 const lobby = new Lobby({
@@ -363,6 +366,7 @@ function moved(link, id) {
     call.links.set(id, link);
     grid.rename(old, id);
     grid.rename(screenTile(old), screenTile(id));
+    speaking.who.forget(old);
     const sample = stats.samples.get(old);
     stats.samples.delete(old);
     if (sample) stats.samples.set(id, sample);
@@ -397,6 +401,7 @@ function resumeLinks(peers) {
 function enterCall() {
   $('preview').srcObject = null;
   showView('call');
+  speaking.timer ??= setInterval(showSpeaking, 150);
   $('call-room').textContent = call.room;
   const receiveOnly = !call.localStream;
   if (call.watching) {
@@ -510,6 +515,18 @@ async function toggleMedia(kind) {
   for (const t of call.localStream.getTracks()) if (t.kind === kind) effects.setEnabled(t, call[on]);
   showToggles();
   sendState();
+}
+
+/** Marks the tiles of those who speak just now, ours too. */
+function showSpeaking() {
+  const now = performance.now();
+  const levels = [];
+  if (!call.watching) levels.push(['local', call.audioOn ? speaking.mic.level(localTrack('audio')) : 0]);
+  for (const link of call.links.values()) if (!link.watching) levels.push([link.id, link.micLevel]);
+  for (const [id, level] of levels) {
+    const on = speaking.who.update(id, level, now);
+    if (on !== undefined) grid.setSpeaking(id, on);
+  }
 }
 
 function showToggles() {
@@ -631,6 +648,10 @@ function leave(reason) {
   call.screen = null;
   call.screenAudio = null;
   if (stats.timer) showStats(false);
+  clearInterval(speaking.timer);
+  speaking.timer = null;
+  speaking.mic.close();
+  speaking.who.forget('local');
   for (const track of call.localStream?.getTracks() ?? []) effects.release(track);
   call.localStream = null;
   showView('left');
@@ -677,6 +698,7 @@ function addLink(peer, initiator) {
 
 function removeLink(id) {
   stats.samples.delete(id);
+  speaking.who.forget(id);
   call.links.get(id)?.close();
   call.links.delete(id);
   grid.remove(id);

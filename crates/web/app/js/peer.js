@@ -211,6 +211,19 @@ export class PeerLink extends EventTarget {
   /** The camera's media section (its mid), once negotiated: the stats describe its video. */
   get cameraMid() { return this.#transceiver('video')?.mid ?? null; }
 
+  /**
+   * How loud the other side's microphone is just now (0–1, from the level
+   * its browser puts in each audio packet, RFC 6464): 0 if nothing came in
+   * the last half second, null if its packets carry no level.
+   */
+  get micLevel() {
+    const latest = this.#transceiver('audio')?.receiver.getSynchronizationSources()[0];
+    if (!latest) return 0;
+    // The timestamp is on the wall clock's timeline (Date.now()'s).
+    if (performance.timeOrigin + performance.now() - latest.timestamp > 500) return 0;
+    return latest.audioLevel ?? null;
+  }
+
   /** The chat data channel, once there is one (for stats and tests). */
   get chatChannel() { return this.#chat; }
 

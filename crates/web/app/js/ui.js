@@ -145,6 +145,11 @@ export class Grid {
     tile.classList.toggle('camera-off', !video);
   }
 
+  /** Marks the tile of someone speaking, or unmarks it. */
+  setSpeaking(id, on) {
+    this.#tiles.get(id)?.classList.toggle('speaking', on);
+  }
+
   /** Shows (or with null, hides) live stats on the tile: [label, value] lines. */
   setStats(id, lines) {
     const tile = this.#tiles.get(id);

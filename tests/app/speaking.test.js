@@ -1,0 +1,51 @@
+// Property tests of who is marked speaking (speaking.js): from any
+// sequence of levels over time, a person is marked exactly while their
+// last loud moment is less than the hold time ago, and each change is
+// told once.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { HOLD_MS, SPEECH_LEVEL, Speaking } from '../../crates/web/app/js/speaking.js';
+import { runs } from './props.js';
+
+const level = fc.oneof(
+  fc.constant(null),
+  fc.double({ min: 0, max: 1, noNaN: true }),
+  fc.constantFrom(SPEECH_LEVEL, SPEECH_LEVEL * 1.0001, 0),
+);
+const sample = fc.record({ id: fc.constantFrom('a', 'b', 'local'), level, after: fc.integer({ min: 0, max: HOLD_MS * 2 }) });
+const step = fc.oneof({ weight: 12, arbitrary: sample }, { weight: 1, arbitrary: fc.record({ forget: fc.constantFrom('a', 'b') }) });
+
+test('a person is marked exactly while their last loud moment is under the hold time ago, each change told once', () => {
+  fc.assert(fc.property(fc.array(step, { maxLength: 80 }), (steps) => {
+    const speaking = new Speaking();
+    const lastLoud = new Map(); // the model
+    const shown = new Map(); // what the changes told so far
+    let now = 0;
+    for (const s of steps) {
+      if (s.forget) {
+        speaking.forget(s.forget);
+        lastLoud.delete(s.forget);
+        shown.delete(s.forget);
+        continue;
+      }
+      now += s.after;
+      if (s.level !== null && s.level > SPEECH_LEVEL) lastLoud.set(s.id, now);
+      const expected = lastLoud.has(s.id) && now - lastLoud.get(s.id) < HOLD_MS;
+      const change = speaking.update(s.id, s.level, now);
+      const before = shown.get(s.id) ?? false;
+      if (expected === before) assert.equal(change, undefined, `no change told at ${now}`);
+      else assert.equal(change, expected, `the change at ${now}`);
+      shown.set(s.id, expected);
+    }
+  }), { numRuns: runs });
+});
+
+test('a single loud moment marks for the hold time, no longer', () => {
+  const speaking = new Speaking();
+  assert.equal(speaking.update('a', 0.5, 1000), true);
+  assert.equal(speaking.update('a', 0, 1000 + HOLD_MS - 1), undefined);
+  assert.equal(speaking.update('a', 0, 1000 + HOLD_MS), false);
+  assert.equal(speaking.update('a', null, 5000), undefined, 'unknown is silence');
+});
