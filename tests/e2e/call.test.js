@@ -212,7 +212,7 @@ const markedSpeaking = (page, ms) => page.evaluate(async (ms) => {
   return [...seen].sort();
 }, ms);
 
-test('who speaks is marked on their tile, at both ends, and not once muted', async () => {
+test('who speaks is marked on their tile, at both ends, and not once muted; who talks muted is told', async () => {
   const room = `speaking-${Date.now()}`;
   const alice = await joinCall(browser, server.url, room, 'Alice');
   const bob = await joinCall(browser, server.url, room, 'Bob');
@@ -226,10 +226,22 @@ test('who speaks is marked on their tile, at both ends, and not once muted', asy
 
   // Bob mutes: after the mark's hold, his tile is no longer marked
   // anywhere, while Alice's beeps still mark hers.
+  const notices = (page) => page.evaluate(() => window.__notices);
+  for (const page of [alice, bob]) {
+    await page.evaluate(() => {
+      const notice = document.getElementById('call-notice');
+      window.__notices = [];
+      new MutationObserver(() => window.__notices.push(notice.textContent)).observe(notice, { childList: true, characterData: true, subtree: true });
+    });
+  }
   await bob.getByRole('button', { name: 'Mute' }).click();
   await new Promise((r) => setTimeout(r, 1500));
   assert.deepEqual(await markedSpeaking(alice, 4000), ['Alice (you)'], 'at Alice, Bob is quiet');
   assert.deepEqual(await markedSpeaking(bob, 4000), ['Alice'], 'at Bob, his own tile is quiet too');
+  // Bob's microphone still beeps: he was told he is muted, once (not
+  // again for 20 s); Alice was not.
+  assert.deepEqual((await notices(bob)).filter((n) => n.includes('muted')), ['You are muted: unmute to be heard.']);
+  assert.deepEqual((await notices(alice)).filter((n) => n.includes('muted')), []);
   for (const p of [alice, bob]) await p.context().close();
 });
 

@@ -13,7 +13,7 @@ import { describe, summarize } from './stats.js';
 import { store, stored } from './storage.js';
 import { Lobby } from './lobby.js';
 import { forgetAbandoned } from './received.js';
-import { MicLevel, Speaking } from './speaking.js';
+import { MicLevel, MutedTalk, Speaking } from './speaking.js';
 
 const NAME_KEY = 'callisto.name';
 // The server's access code, once one worked (for a server that needs one).
@@ -44,7 +44,7 @@ const call = {
 };
 const grid = new Grid($('grid'));
 // Who speaks just now (speaking.js), sampled while in a call.
-const speaking = { who: new Speaking(), mic: new MicLevel(), timer: null };
+const speaking = { who: new Speaking(), mic: new MicLevel(), mutedTalk: new MutedTalk(), timer: null };
 const chat = new ChatPanel(sendChat, sendFiles);
 const effects = new CameraEffects();
 const lobby = new Lobby({
@@ -517,11 +517,16 @@ async function toggleMedia(kind) {
   sendState();
 }
 
-/** Marks the tiles of those who speak just now, ours too. */
+/** Marks the tiles of those who speak just now, ours too; tells us if we talk muted. */
 function showSpeaking() {
   const now = performance.now();
   const levels = [];
-  if (!call.watching) levels.push(['local', call.audioOn ? speaking.mic.level(localTrack('audio')) : 0]);
+  if (!call.watching) {
+    const level = speaking.mic.level(localTrack('audio'));
+    levels.push(['local', call.audioOn ? level : 0]);
+    if (call.audioOn) speaking.mutedTalk.reset();
+    else if (speaking.mutedTalk.update(level, now)) flash('You are muted: unmute to be heard.');
+  }
   for (const link of call.links.values()) if (!link.watching) levels.push([link.id, link.micLevel]);
   for (const [id, level] of levels) {
     const on = speaking.who.update(id, level, now);

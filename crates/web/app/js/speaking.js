@@ -1,10 +1,11 @@
 // Who is speaking: the tile of each person whose microphone is loud just
 // now is marked, ours too, so a glance tells who talks and that our own
-// microphone works. Others' levels come with their audio: browsers put
-// each packet's level in an RTP header extension (RFC 6464), which
-// getSynchronizationSources() reads (peer.js), with no decoding and no
-// audio graph per person. Ours comes from an analyser on the microphone
-// sent.
+// microphone works; and whoever talks while muted is told so. Others'
+// levels come with their audio: browsers put each packet's level in an
+// RTP header extension (RFC 6464), which getSynchronizationSources()
+// reads (peer.js), with no decoding and no audio graph per person. Ours
+// comes from an analyser on the microphone, muted or not; it never
+// leaves the page.
 
 /** A level (0–1, linear; 1 is full scale) above this is speech: about -30 dBov. */
 export const SPEECH_LEVEL = 0.03;
@@ -40,19 +41,54 @@ export class Speaking {
   }
 }
 
+/** Talk this long (first to last loud moment, ms) while muted is told. */
+export const MUTED_TALK_MS = 500;
+/** Within this long (ms): a door slam is not talk. */
+export const MUTED_TALK_WINDOW_MS = 2000;
+/** After telling, quiet for this long (ms), however long the talk goes on. */
+export const MUTED_TALK_AGAIN_MS = 20000;
+
+/**
+ * Whether we talk while muted: loud moments at least MUTED_TALK_MS apart
+ * within MUTED_TALK_WINDOW_MS, then not again for MUTED_TALK_AGAIN_MS.
+ */
+export class MutedTalk {
+  #loud = [];
+  #toldAt = -Infinity;
+
+  /** Takes our level at `now` (ms), muted; true when it is time to tell. */
+  update(level, now) {
+    this.#loud = this.#loud.filter((t) => now - t < MUTED_TALK_WINDOW_MS);
+    if (level > SPEECH_LEVEL) this.#loud.push(now);
+    if (this.#loud.length === 0 || now - this.#toldAt < MUTED_TALK_AGAIN_MS) return false;
+    if (this.#loud.at(-1) - this.#loud[0] < MUTED_TALK_MS) return false;
+    this.#toldAt = now;
+    this.#loud = [];
+    return true;
+  }
+
+  /** Unmuted: what was heard before no longer counts. */
+  reset() {
+    this.#loud = [];
+  }
+}
+
 /**
  * The level of a local microphone track: the RMS of the last few
- * milliseconds, 0–1. Its audio context starts at the first reading, and
- * resumes at the next click if the browser held it back (no gesture yet).
+ * milliseconds, 0–1, heard through a copy of the track that stays on when
+ * the track is muted (disabled). Its audio context starts at the first
+ * reading, and resumes at the next click if the browser held it back (no
+ * gesture yet).
  */
 export class MicLevel {
   #context = null;
   #source = null;
   #track = null;
+  #copy = null;
   #analyser = null;
   #samples = null;
 
-  /** The level of `track` now (0 without a track). */
+  /** The level of `track` now, muted or not (0 without a track). */
   level(track) {
     if (!track || track.readyState !== 'live') return 0;
     if (!this.#context) {
@@ -63,12 +99,14 @@ export class MicLevel {
       }
     }
     if (track !== this.#track) {
-      this.#source?.disconnect();
+      this.#let();
       this.#track = track;
+      this.#copy = track.clone();
+      this.#copy.enabled = true;
       this.#analyser = this.#context.createAnalyser();
       this.#analyser.fftSize = 1024;
       this.#samples = new Float32Array(this.#analyser.fftSize);
-      this.#source = this.#context.createMediaStreamSource(new MediaStream([track]));
+      this.#source = this.#context.createMediaStreamSource(new MediaStream([this.#copy]));
       this.#source.connect(this.#analyser);
     }
     this.#analyser.getFloatTimeDomainData(this.#samples);
@@ -79,10 +117,17 @@ export class MicLevel {
 
   /** Lets the microphone and the audio context go. */
   close() {
-    this.#source?.disconnect();
+    this.#let();
     this.#context?.close();
     this.#context = null;
+  }
+
+  /** Lets the track measured go: its copy holds the microphone open. */
+  #let() {
+    this.#source?.disconnect();
+    this.#copy?.stop();
     this.#source = null;
+    this.#copy = null;
     this.#track = null;
   }
 }
