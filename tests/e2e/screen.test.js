@@ -78,6 +78,31 @@ test('a shared screen goes beside the camera to everyone, newcomers too, until i
   await tileOf(alice, 'local/screen').waitFor();
   assert.deepEqual(await order(alice), ['local', 'local/screen', await bob.evaluate(() => window.__callisto.id)]);
   assert.equal(await tileOf(alice, 'local/screen').getAttribute('aria-label'), 'Screen of Alice (you)');
+  // At Bob, her screen is pinned: shown large, the cameras beside it. Not
+  // at Alice: she need not see her own screen large.
+  const pinned = (page) => page.evaluate(() => ({
+    grid: document.getElementById('grid').classList.contains('has-pinned'),
+    tile: document.querySelector('.tile.pinned')?.dataset.peerId ?? null,
+  }));
+  assert.deepEqual(await pinned(bob), { grid: true, tile: `${aliceId}/screen` });
+  assert.deepEqual(await pinned(alice), { grid: false, tile: null });
+  const width = (tile) => tile.evaluate((t) => t.getBoundingClientRect().width);
+  assert.ok(await width(screenTile) > 2 * await width(tileOf(bob, aliceId)), 'the pinned screen is larger than her camera');
+  // Bob unpins it by keyboard, and pins Alice's camera instead.
+  await bob.getByRole('button', { name: 'Unpin Screen of Alice' }).focus();
+  await bob.keyboard.press('Enter');
+  assert.deepEqual(await pinned(bob), { grid: false, tile: null });
+  await tileOf(bob, aliceId).hover();
+  await bob.getByRole('button', { name: 'Pin Alice: show it large' }).click();
+  assert.deepEqual(await pinned(bob), { grid: true, tile: aliceId });
+  assert.equal(await bob.getByRole('button', { name: 'Unpin Alice' }).getAttribute('aria-pressed'), 'true');
+  // And shows her screen full screen, then not.
+  await screenTile.hover();
+  await bob.getByRole('button', { name: 'Show Screen of Alice full screen' }).click();
+  await eventually(() => bob.evaluate(() => document.fullscreenElement?.dataset.peerId), 5000, 'full screen')
+    .then((id) => assert.equal(id, `${aliceId}/screen`));
+  await bob.getByRole('button', { name: 'Exit full screen' }).click();
+  await eventually(() => bob.evaluate(() => document.fullscreenElement === null), 5000, 'full screen left');
   // The screen's sound goes with it (not played back to Alice herself).
   await screenSoundFlows(bob, aliceId, 'Bob');
   assert.equal(await tileOf(alice, 'local/screen').locator('video').evaluate((v) => v.srcObject.getAudioTracks().length), 0);
@@ -91,6 +116,7 @@ test('a shared screen goes beside the camera to everyone, newcomers too, until i
   }, 10000, 'Alice sends her screen to Carol too');
   await tileOf(carol, `${aliceId}/screen`).waitFor({ timeout: 10000 });
   await waitForRemoteVideos(carol, 3); // Alice's camera and screen, Bob's camera
+  assert.deepEqual(await pinned(carol), { grid: true, tile: `${aliceId}/screen` });
   await screenSoundFlows(carol, aliceId, 'Carol');
   const shot = path.join(ARTIFACTS, 'screen-share.png');
   await carol.screenshot({ path: shot });
@@ -108,6 +134,9 @@ test('a shared screen goes beside the camera to everyone, newcomers too, until i
     await waitForRemoteVideos(page, 2);
   }
   assert.equal(await tileOf(alice, 'local/screen').count(), 0);
+  // Carol's pinned screen went with it; Bob's pinned camera stays.
+  assert.deepEqual(await pinned(carol), { grid: false, tile: null });
+  assert.deepEqual(await pinned(bob), { grid: true, tile: aliceId });
   // Its sound stopped too.
   const after = await screenSound(bob, aliceId);
   await bob.waitForTimeout(1000);

@@ -726,8 +726,12 @@ function onState(from, data) {
   if (link?.watching) return;
   grid.setMediaState(from, data.state);
   if (data.state.screen === true && link) {
+    const started = !grid.has(screenTile(from));
     grid.tile(screenTile(from), { name: link.name, screen: true, beside: from });
     grid.attach(screenTile(from), link.screenStream);
+    // A screen just shared is what everyone wants to see: shown large,
+    // unless another tile is pinned.
+    if (started && grid.pinned === null) grid.pin(screenTile(from));
   } else {
     grid.remove(screenTile(from));
   }

@@ -42,9 +42,13 @@ export function formatSize(bytes) {
 export class Grid {
   #tiles = new Map();
   #sinkId = null;
+  #pinned = null;
 
   constructor(root) {
     this.root = root;
+    document.addEventListener('fullscreenchange', () => {
+      for (const tile of this.#tiles.values()) this.#label(tile);
+    });
   }
 
   /**
@@ -81,7 +85,17 @@ export class Grid {
       const state = document.createElement('span');
       state.className = 'state';
       state.hidden = true;
-      tile.append(video, avatar, caption, state);
+      // Shown on hover and focus; reached by Tab like any button.
+      const actions = document.createElement('div');
+      actions.className = 'tile-actions';
+      const pin = button('Pin', '', 'pin');
+      pin.setAttribute('aria-pressed', 'false');
+      pin.addEventListener('click', () => this.pin(this.#pinned === tile.dataset.peerId ? null : tile.dataset.peerId));
+      const full = button('Full screen', '', 'full');
+      full.addEventListener('click', () => this.#toggleFullscreen(tile));
+      video.addEventListener('dblclick', () => this.#toggleFullscreen(tile));
+      actions.append(pin, full);
+      tile.append(video, avatar, caption, state, actions);
       const neighbour = beside && this.#tiles.get(beside);
       if (neighbour) neighbour.after(tile);
       else this.root.append(tile);
@@ -93,7 +107,47 @@ export class Grid {
     tile.querySelector('.name').textContent = label;
     tile.querySelector('.avatar').textContent = (name || '?').trim().charAt(0).toUpperCase();
     tile.setAttribute('aria-label', label);
+    this.#label(tile);
     return tile;
+  }
+
+  /** Whether there is a tile for `id`. */
+  has(id) { return this.#tiles.has(id); }
+
+  /** The pinned tile's id, or null. */
+  get pinned() { return this.#pinned; }
+
+  /**
+   * Shows the tile of `id` large, the others in a column beside it; null
+   * puts them all back in the grid.
+   */
+  pin(id) {
+    this.#pinned = id !== null && this.#tiles.has(id) ? id : null;
+    for (const [tileId, tile] of this.#tiles) {
+      tile.classList.toggle('pinned', tileId === this.#pinned);
+      this.#label(tile);
+    }
+    this.#layout();
+  }
+
+  /** The names and states of a tile's buttons, which say whose tile they act on. */
+  #label(tile) {
+    const who = tile.getAttribute('aria-label') ?? '';
+    const pinned = tile.classList.contains('pinned');
+    const pin = tile.querySelector('.tile-actions .pin');
+    pin.textContent = pinned ? 'Unpin' : 'Pin';
+    pin.setAttribute('aria-label', pinned ? `Unpin ${who}` : `Pin ${who}: show it large`);
+    pin.setAttribute('aria-pressed', String(pinned));
+    const full = document.fullscreenElement === tile;
+    const fullButton = tile.querySelector('.tile-actions .full');
+    fullButton.textContent = full ? 'Exit full screen' : 'Full screen';
+    fullButton.setAttribute('aria-label', full ? 'Exit full screen' : `Show ${who} full screen`);
+    fullButton.hidden = !document.fullscreenEnabled;
+  }
+
+  #toggleFullscreen(tile) {
+    const done = document.fullscreenElement === tile ? document.exitFullscreen() : tile.requestFullscreen();
+    done.catch((err) => console.warn(`full screen refused: ${err.message}`));
   }
 
   /** The tile of `old`, if any, goes by `id` from now on (its place and stream stay). */
@@ -103,6 +157,7 @@ export class Grid {
     this.#tiles.delete(old);
     this.#tiles.set(id, tile);
     tile.dataset.peerId = id;
+    if (this.#pinned === old) this.#pinned = id;
   }
 
   /** Plays `stream` in the tile (null: nothing); offers a button if autoplay is refused. */
@@ -186,9 +241,11 @@ export class Grid {
     const tile = this.#tiles.get(id);
     if (!tile) return;
     tile.querySelector('video').srcObject = null;
+    if (document.fullscreenElement === tile) document.exitFullscreen().catch(() => {});
     tile.remove();
     this.#tiles.delete(id);
-    this.#layout();
+    if (this.#pinned === id) this.pin(null);
+    else this.#layout();
   }
 
   clear() {
@@ -198,9 +255,11 @@ export class Grid {
   get size() { return this.#tiles.size; }
 
   #layout() {
-    // Enough columns that every tile fits on screen: Chromium pauses
-    // off-screen autoplaying video.
+    // Enough columns (or, beside a pinned tile, rows) that every tile fits
+    // on screen: Chromium pauses off-screen autoplaying video.
     const n = Math.max(1, this.#tiles.size);
     this.root.style.setProperty('--cols', String(Math.ceil(Math.sqrt(n))));
+    this.root.style.setProperty('--rows', String(Math.max(1, n - 1)));
+    this.root.classList.toggle('has-pinned', this.#pinned !== null && n > 1);
   }
 }
