@@ -202,6 +202,39 @@ async function resumeTest(serverNotices) {
   await proxy.close();
 }
 
+/** What each of a page's connections may carry of its camera and its screen (maxBitrate), by peer name. */
+const caps = (page) => page.evaluate(() => Object.fromEntries([...window.__callisto.links.values()].map((link) => {
+  const videos = link.pc.getTransceivers().filter((t) => t.receiver.track.kind === 'video');
+  return [link.name, videos.map((t) => t.sender.getParameters().encodings[0]?.maxBitrate ?? null)];
+})));
+
+test('each connection carries a share of one uplink: the caps on what is sent follow how many are in the call', async () => {
+  const room = `caps-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  await waitForRemoteVideos(alice, 1);
+  // One connection: the whole budget, camera and screen.
+  await eventually(async () => JSON.stringify(await caps(alice)) === JSON.stringify({ Bob: [2_500_000, 4_000_000] }), 5000, 'Alice\'s caps with Bob alone');
+  const carol = await joinCall(browser, server.url, room, 'Carol');
+  await waitForRemoteVideos(alice, 2);
+  for (const [page, others] of [[alice, ['Bob', 'Carol']], [bob, ['Alice', 'Carol']], [carol, ['Alice', 'Bob']]]) {
+    const expected = Object.fromEntries(others.map((n) => [n, [1_250_000, 2_000_000]]));
+    await eventually(async () => JSON.stringify(await caps(page)) === JSON.stringify(expected), 5000, `halves at ${await page.evaluate(() => document.title)}`);
+  }
+  // The encoder keeps to its cap.
+  await eventually(() => alice.evaluate(async () => {
+    const targets = [];
+    for (const link of window.__callisto.links.values()) {
+      const stats = await link.pc.getStats();
+      for (const s of stats.values()) if (s.type === 'outbound-rtp' && s.kind === 'video' && s.mid === link.cameraMid) targets.push(s.targetBitrate);
+    }
+    return targets.length === 2 && targets.every((t) => t > 0 && t <= 1_250_000);
+  }), 10000, 'Alice\'s camera encoders aim within their caps');
+  await carol.context().close();
+  await eventually(async () => JSON.stringify(await caps(alice)) === JSON.stringify({ Bob: [2_500_000, 4_000_000] }), 10000, 'the whole budget again once Carol has left');
+  for (const p of [alice, bob]) await p.context().close();
+});
+
 /** The tiles marked speaking at any moment of the next `ms`, by label, sampled every 50 ms. */
 const markedSpeaking = (page, ms) => page.evaluate(async (ms) => {
   const seen = new Set();

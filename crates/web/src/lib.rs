@@ -51,6 +51,7 @@ assets! {
     "/js/files.js" => "text/javascript; charset=utf-8",
     "/js/received.js" => "text/javascript; charset=utf-8",
     "/js/speaking.js" => "text/javascript; charset=utf-8",
+    "/js/bitrate.js" => "text/javascript; charset=utf-8",
     "/js/devices.js" => "text/javascript; charset=utf-8",
     "/js/stats.js" => "text/javascript; charset=utf-8",
     "/js/storage.js" => "text/javascript; charset=utf-8",

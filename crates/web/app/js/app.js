@@ -14,6 +14,7 @@ import { store, stored } from './storage.js';
 import { Lobby } from './lobby.js';
 import { forgetAbandoned } from './received.js';
 import { MicLevel, MutedTalk, Speaking } from './speaking.js';
+import { shares } from './bitrate.js';
 
 const NAME_KEY = 'callisto.name';
 // The server's access code, once one worked (for a server that needs one).
@@ -805,6 +806,9 @@ function sendFiles(files, to) {
 /** Updates the count of people, and the chat's list of whom to write to. */
 function updateCount() {
   const links = [...call.links.values()];
+  // Everyone we send to shares our uplink (bitrate.js).
+  const caps = shares(links.length);
+  for (const link of links) link.setCaps(caps);
   chat.setPeople(links.map(({ id, name, watching }) => ({ id, name: watching ? `${name} (watching)` : name })));
   const audience = links.filter((l) => l.watching).length;
   const taking = links.length - audience;

@@ -38,6 +38,7 @@
 
 import { CHAT_LABEL, CHAT_PROTOCOL, ChatError, decodeChannelMessage, encodeMoved, encodeMovedAck } from './chat.js';
 import { FILE_LABEL, FILE_PROTOCOL } from './files.js';
+import { capSender } from './bitrate.js';
 
 // Chat messages held for a channel that is not open yet, at most.
 const MAX_CHAT_QUEUE = 100;
@@ -61,6 +62,8 @@ export class PeerLink extends EventTarget {
   #incomingFiles = new Set();
   #screen = null; // the shared screen's track, to send on the screen transceiver
   #screenAudio = null; // and its sound, if shared with it
+  #caps = null; // what each video may carry to this peer (bitrate.js), once told
+  #capping = Promise.resolve();
   glares = 0;
 
   /**
@@ -99,6 +102,10 @@ export class PeerLink extends EventTarget {
       this.dispatchEvent(new CustomEvent('track', { detail: { track, screen } }));
     });
     this.pc.addEventListener('connectionstatechange', () => this.#onState());
+    // A sender's parameters exist once negotiated: caps told before wait.
+    this.pc.addEventListener('signalingstatechange', () => {
+      if (this.pc.signalingState === 'stable') this.#applyCaps();
+    });
     this.pc.addEventListener('datachannel', ({ channel }) => this.#takeChannel(channel));
   }
 
@@ -206,6 +213,30 @@ export class PeerLink extends EventTarget {
     } catch (err) {
       console.warn(`peer ${this.id}: could not take the renewed ICE servers`, err);
     }
+  }
+
+  /**
+   * Caps what our camera and our screen send to this peer, bits/s
+   * (bitrate.js): each a share of what all connections may take.
+   * @param {{ camera: number, screen: number }} caps
+   */
+  setCaps(caps) {
+    this.#caps = caps;
+    this.#applyCaps();
+  }
+
+  #applyCaps() {
+    // One at a time: a sender refuses parameters read before another
+    // change of them went through.
+    this.#capping = this.#capping.then(async () => {
+      if (!this.#caps || this.pc.signalingState === 'closed') return;
+      for (const [sender, bps] of [
+        [this.#transceiver('video')?.sender, this.#caps.camera],
+        [this.#screenTransceiver('video')?.sender, this.#caps.screen],
+      ]) {
+        await capSender(sender, bps).catch((err) => console.warn(`peer ${this.id}: could not cap what is sent (${err.message})`));
+      }
+    });
   }
 
   /** The camera's media section (its mid), once negotiated: the stats describe its video. */
