@@ -4,7 +4,10 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, joinCall, waitForRemoteVideos, videoFlows, eventually, cuttableProxy } from './lib.js';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { startServer, launchBrowser, joinCall, askToJoin, waitForRemoteVideos, videoFlows, eventually, cuttableProxy } from './lib.js';
 
 let browser;
 before(async () => { browser = await launchBrowser(); });
@@ -73,6 +76,47 @@ test('a call goes on through a restart of the server, on the same connections, a
   await videoFlows(b, 'B, after the ICE restart');
   for (const p of [a, b, c]) await p.context().close();
   assert.equal(await second.stop(), 0);
+});
+
+test('with a state file, a restart is no more than a dropped connection: the same ids, the room still locked', async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'callisto-state-'));
+  const stateFile = path.join(dir, 'rooms.json');
+  const first = await startServer(['--state-file', stateFile]);
+  const port = new URL(first.url).port;
+  const room = `restart-kept-${Date.now()}`;
+  const a = await joinCall(browser, first.url, room, 'A');
+  const b = await joinCall(browser, first.url, room, 'B');
+  await waitForRemoteVideos(a, 1);
+  await waitForRemoteVideos(b, 1);
+  const [aId, bId] = [await idOf(a), await idOf(b)];
+  await mark(a);
+  await mark(b);
+  await a.getByRole('button', { name: 'Lock room' }).click();
+  await b.getByRole('button', { name: 'Unlock room' }).waitFor({ timeout: 5000 });
+
+  assert.equal(await first.stop(), 0);
+  assert.ok(existsSync(stateFile), 'the rooms were kept');
+  for (const p of [a, b]) await p.getByText(/Lost the connection to the server/).waitFor({ timeout: 5000 });
+  const second = await startServer(['--state-file', stateFile], { listen: `127.0.0.1:${port}` });
+  assert.ok(second.logs.some((l) => l.includes('took back the rooms kept by the last run')));
+  for (const p of [a, b]) await p.getByText('Reconnected.', { exact: true }).waitFor({ timeout: 20000 });
+  assert.deepEqual([await idOf(a), await idOf(b)], [aId, bId], 'the same ids');
+  for (const p of [a, b]) {
+    await p.getByRole('button', { name: 'Unlock room' }).waitFor({ timeout: 5000 });
+    const [link] = await links(p);
+    assert.ok(link.kept && link.state === 'connected', 'the connection from before the restart');
+    const moved = await p.evaluate(() => window.__received.filter((m) => m.type === 'welcome').map((m) => m.resumed));
+    assert.deepEqual(moved, [false, true], 'joined, then resumed: nobody was told of new ids');
+  }
+  await videoFlows(a, 'A, after the restart');
+
+  // Still locked: a newcomer knocks, and A lets her in.
+  const c = await askToJoin(browser, second.url, room, 'C');
+  await a.getByRole('button', { name: 'Let C in' }).click({ timeout: 10000 });
+  await waitForRemoteVideos(c, 2);
+  for (const p of [a, b, c]) await p.context().close();
+  assert.equal(await second.stop(), 0);
+  rmSync(dir, { recursive: true, force: true });
 });
 
 test('a place lost past the grace, with the others gone on: the links they let go are made again', async () => {

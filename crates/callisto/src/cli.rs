@@ -271,6 +271,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CALLISTO_RESUME_GRACE", value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u32).range(0..=3600))]
     pub resume_grace: u32,
 
+    /// Where the rooms are kept across a restart: written at shutdown,
+    /// read back (and removed) at start, so that everyone takes their
+    /// place back with the same id, in a room still locked, within
+    /// --resume-grace. Default: rooms.json in systemd's StateDirectory=
+    /// if there is one; else rooms are not kept, and a restart gives
+    /// everyone new ids.
+    #[arg(long, env = "CALLISTO_STATE_FILE", value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
     /// Sustained signaling messages per second allowed per connection.
     #[arg(long, env = "CALLISTO_MAX_MESSAGES_PER_SECOND", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_messages_per_second: u32,

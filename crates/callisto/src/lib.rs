@@ -17,6 +17,7 @@ pub mod origins;
 pub mod peer;
 pub mod probe;
 pub mod revalidation;
+pub mod rooms_file;
 pub mod secrets;
 pub mod serve;
 pub mod systemd;

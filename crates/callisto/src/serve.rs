@@ -2,12 +2,13 @@
 //! listener (plain or TLS), and runs until the shutdown token is cancelled.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use callisto_protocol::IceServer;
-use callisto_signal::{ConnectionConfig, Hub, HubLimits, SendBudget, random_peer_id};
+use callisto_signal::{ConnectionConfig, Hub, HubLimits, SendBudget, SharedHub, random_peer_id};
 use callisto_turn::auth::Secrets;
 use callisto_turn::net::ConnectionLimits;
 use callisto_turn::net::admission::Admission;
@@ -152,6 +153,29 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         },
         random_peer_id,
     )));
+    let rooms_file = crate::rooms_file::path(
+        args.state_file.as_deref(),
+        std::env::var_os("STATE_DIRECTORY"),
+    );
+    if let Some(path) = &rooms_file
+        && let Some((kept, age)) =
+            crate::rooms_file::take(path, Duration::from_secs(u64::from(args.resume_grace)))
+    {
+        // The grace counts from the last server's shutdown.
+        let since = std::time::Instant::now()
+            .checked_sub(age)
+            .unwrap_or_else(std::time::Instant::now);
+        let restored = hub
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(kept, since);
+        tracing::info!(
+            rooms = restored.rooms,
+            places = restored.places,
+            skipped = restored.skipped,
+            "took back the rooms kept by the last run: their clients resume their places"
+        );
+    }
     health.spawn_vital(
         "the expiry of lost connections' places",
         callisto_signal::connection::expire_lost_places(hub.clone()),
@@ -198,6 +222,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         access,
     });
     let sockets = TaskTracker::new();
+    let hub_for_keeping = hub.clone();
     let state = AppState {
         hub,
         connection,
@@ -235,6 +260,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let fingerprint = tls.as_ref().map(|t| t.certificate.fingerprint());
 
     let stop = shutdown.clone();
+    let keep = rooms_file.map(|path| (path, hub_for_keeping));
     let turn_addrs = turn.as_ref().map(|t| t.addrs());
     let turn_service = turn.map(|t| t.service);
     let task = match tls {
@@ -243,12 +269,12 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 tls::TlsListener::new(tcp, setup.config, head_timeout, turn_on_web_port)?;
             tokio::spawn(async move {
                 http_server::serve(listener, app, head_timeout, stop).await;
-                finish(sockets, turn_service).await;
+                finish(sockets, turn_service, keep).await;
             })
         }
         None => tokio::spawn(async move {
             http_server::serve(tcp, app, head_timeout, stop).await;
-            finish(sockets, turn_service).await;
+            finish(sockets, turn_service, keep).await;
         }),
     };
 
@@ -265,13 +291,32 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     Ok(running)
 }
 
-async fn finish(sockets: TaskTracker, turn: Option<callisto_turn::net::TurnService>) {
+async fn finish(
+    sockets: TaskTracker,
+    turn: Option<callisto_turn::net::TurnService>,
+    keep: Option<(PathBuf, SharedHub)>,
+) {
     sockets.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, sockets.wait())
         .await
         .is_err()
     {
         tracing::warn!("some WebSocket connections did not close in time");
+    }
+    // Nobody left as the connections closed: the hub still holds every
+    // place, for the next server.
+    if let Some((path, hub)) = keep {
+        let kept = hub.lock().unwrap_or_else(|p| p.into_inner()).keep();
+        let places: usize = kept.rooms.iter().map(|r| r.places.len()).sum();
+        let rooms = kept.rooms.len();
+        match crate::rooms_file::save(&path, kept) {
+            Ok(()) => {
+                tracing::info!(rooms, places, path = %path.display(), "kept the rooms for the next run")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "could not keep the rooms for the next run: {e:#}")
+            }
+        }
     }
     if let Some(turn) = turn {
         turn.stop().await;

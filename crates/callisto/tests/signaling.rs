@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Client, Ended, Server, unix_now};
+use common::{Client, Ended, Server, TempDir, unix_now};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -418,6 +418,69 @@ async fn shutdown_sends_close_frames() {
     tokio::time::timeout(Duration::from_secs(10), server.running.wait())
         .await
         .expect("server stops");
+}
+
+/// With a state file, a restart keeps the rooms: each client takes its
+/// place back with its token, under the same id, the room still locked;
+/// a newcomer knocks; and one who does not come back leaves after the
+/// grace, as after a lost connection.
+#[tokio::test]
+async fn a_restart_with_a_state_file_gives_everyone_their_place_back() {
+    let dir = TempDir::new("state-file");
+    let file = dir.0.join("rooms.json");
+    let flags = [
+        "--state-file",
+        file.to_str().unwrap(),
+        "--resume-grace",
+        "3",
+    ];
+    let server = Server::start(&flags).await;
+    let (mut a, mut b) = (server.client().await, server.client().await);
+    let wa = a.join("r", "Ada").await;
+    let wb = b.join("r", "Bob").await;
+    a.expect("peer-joined").await;
+    a.send(json!({"type": "lock", "locked": true})).await;
+    a.expect("locked").await;
+    b.expect("locked").await;
+    let mut knocker = server.client().await;
+    knocker
+        .send(json!({"type": "join", "room": "r", "name": "Kim"}))
+        .await;
+    knocker.expect("waiting").await;
+    server.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), server.running.wait())
+        .await
+        .expect("server stops");
+    let text = std::fs::read_to_string(&file).expect("the rooms were kept");
+    for secret in [&wa["resume"], &wb["resume"]] {
+        assert!(
+            !text.contains(secret.as_str().unwrap()),
+            "no token in the file"
+        );
+    }
+    assert!(!text.contains("Kim"), "who knocked is not kept");
+
+    let server = Server::start(&flags).await;
+    assert!(!file.exists(), "read once");
+    let mut a = server.client().await;
+    a.send(json!({"type": "join", "room": "r", "name": "Ada", "resume": wa["resume"]}))
+        .await;
+    let back = a.expect("welcome").await;
+    assert_eq!(
+        (&back["id"], &back["resumed"], &back["locked"]),
+        (&wa["id"], &json!(true), &json!(true))
+    );
+    assert_eq!(back["peers"], json!([{"id": wb["id"], "name": "Bob"}]));
+    let mut kim = server.client().await;
+    kim.send(json!({"type": "join", "room": "r", "name": "Kim"}))
+        .await;
+    kim.expect("waiting").await;
+    assert_eq!(a.expect("knock").await["peer"]["name"], "Kim");
+    // Bob does not come back: he leaves after the grace.
+    let left = tokio::time::timeout(Duration::from_secs(10), a.expect("peer-left"))
+        .await
+        .expect("Bob leaves after the grace");
+    assert_eq!(left["id"], wb["id"]);
 }
 
 #[tokio::test]

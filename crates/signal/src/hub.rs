@@ -30,8 +30,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use callisto_protocol::{ErrorCode, IceServer, PROTOCOL_VERSION, PeerInfo, ServerMessage};
+use callisto_protocol::{
+    ErrorCode, IceServer, PROTOCOL_VERSION, PeerInfo, ServerMessage, validate_name, validate_room,
+};
 use serde_json::value::RawValue;
+
+use crate::kept::{KeptPlace, KeptRoom, KeptRooms, Restored, is_hex, token_hash};
 
 /// One serialized server message: UTF-8 JSON, cheap to clone for fan-out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,8 +185,9 @@ struct Peer<S> {
     room: String,
     /// Watches only: it sees, and is seen by, only those taking part.
     watching: bool,
-    /// The secret that resumes this place (`welcome.resume`).
-    token: String,
+    /// The hash of the secret that resumes this place (`welcome.resume`;
+    /// [`token_hash`]): the key of `Hub::tokens`.
+    token_hash: String,
     attachment: u64,
     link: Link<S>,
 }
@@ -237,7 +242,7 @@ pub struct Hub<S> {
     /// Peer ids in join order, per room.
     rooms: HashMap<String, Vec<String>>,
     peers: HashMap<String, Peer<S>>,
-    /// Peer ids by resume token.
+    /// Peer ids by the hash of their resume token.
     tokens: HashMap<String, String>,
     /// The locked rooms.
     locks: HashMap<String, Lock>,
@@ -360,7 +365,7 @@ impl<S: PeerSink> Hub<S> {
     ) -> Result<Seat, S> {
         let place = self
             .tokens
-            .get(token)
+            .get(&token_hash(token))
             .filter(|id| self.peers.get(id.as_str()).is_some_and(|p| p.room == room));
         let Some(id) = place.cloned() else {
             metrics::counter!("callisto_signaling_resumes_total", "result" => "unknown")
@@ -555,7 +560,8 @@ impl<S: PeerSink> Hub<S> {
         if sink.send(welcome).is_err() {
             self.evicted.push(id.to_owned());
         }
-        self.tokens.insert(token.clone(), id.to_owned());
+        let token_hash = token_hash(&token);
+        self.tokens.insert(token_hash.clone(), id.to_owned());
         self.rooms
             .entry(room.clone())
             .or_default()
@@ -566,7 +572,7 @@ impl<S: PeerSink> Hub<S> {
                 name,
                 room,
                 watching,
-                token,
+                token_hash,
                 attachment,
                 link: Link::Live(sink),
             },
@@ -786,6 +792,107 @@ impl<S: PeerSink> Hub<S> {
         gone.len()
     }
 
+    /// Every room's places and lock, to be restored by the next server
+    /// (see [`crate::kept`]). Who knocks is not kept: their connections
+    /// end with this server, and they knock again.
+    pub fn keep(&self) -> KeptRooms {
+        let mut rooms: Vec<KeptRoom> = self
+            .rooms
+            .iter()
+            .map(|(room, ids)| KeptRoom {
+                room: room.clone(),
+                locked: self.locks.contains_key(room),
+                open_to_audience: self.open_to_audience(room),
+                places: ids
+                    .iter()
+                    .filter_map(|id| {
+                        self.peers.get(id).map(|p| KeptPlace {
+                            id: id.clone(),
+                            name: p.name.clone(),
+                            watching: p.watching,
+                            token_hash: p.token_hash.clone(),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        rooms.sort_by(|a, b| a.room.cmp(&b.room));
+        KeptRooms { rooms }
+    }
+
+    /// Takes back what a server before this one kept: each place as a lost
+    /// connection's, until `now` plus the resume grace, for its client to
+    /// resume with its token. Places that are not well formed, are
+    /// already taken, or would break a limit are skipped; a lock with no
+    /// place left taking part in its room is dropped, as it would be.
+    pub fn restore(&mut self, kept: KeptRooms, now: Instant) -> Restored {
+        let mut restored = Restored::default();
+        let until = now + self.limits.resume_grace;
+        for room in kept.rooms {
+            if validate_room(&room.room).is_err()
+                || self.rooms.contains_key(&room.room)
+                || self.rooms.len() >= self.limits.max_rooms
+                || self.limits.resume_grace.is_zero()
+            {
+                restored.skipped += room.places.len();
+                continue;
+            }
+            let mut ids = Vec::new();
+            for place in room.places {
+                let well_formed = is_hex(&place.id, 32)
+                    && is_hex(&place.token_hash, 64)
+                    && validate_name(&place.name) == Ok(place.name.as_str());
+                if !well_formed
+                    || ids.len() >= self.limits.max_room_size
+                    || self.peers.contains_key(&place.id)
+                    || self.tokens.contains_key(&place.token_hash)
+                {
+                    restored.skipped += 1;
+                    continue;
+                }
+                let attachment = self.next_attachment();
+                self.tokens
+                    .insert(place.token_hash.clone(), place.id.clone());
+                self.peers.insert(
+                    place.id.clone(),
+                    Peer {
+                        name: place.name,
+                        room: room.room.clone(),
+                        watching: place.watching,
+                        token_hash: place.token_hash,
+                        attachment,
+                        link: Link::Away {
+                            until,
+                            missed: Vec::new(),
+                            bytes: 0,
+                        },
+                    },
+                );
+                self.away_count += 1;
+                ids.push(place.id);
+            }
+            if ids.is_empty() {
+                continue;
+            }
+            let deciders = ids
+                .iter()
+                .any(|id| self.peers.get(id).is_some_and(|p| !p.watching));
+            if room.locked && deciders {
+                self.locks.insert(
+                    room.room.clone(),
+                    Lock {
+                        waiting: Vec::new(),
+                        open_to_audience: room.open_to_audience,
+                    },
+                );
+            }
+            restored.rooms += 1;
+            restored.places += ids.len();
+            self.rooms.insert(room.room, ids);
+        }
+        restored
+    }
+
     /// Relays `data` from `from` to the peer `to` in the same room.
     /// Two who watch do not see each other: to one, the other is unknown.
     pub fn signal(&mut self, from: &str, to: &str, data: &RawValue) -> Result<(), ErrorCode> {
@@ -839,7 +946,7 @@ impl<S: PeerSink> Hub<S> {
         let Some(peer) = self.peers.remove(id) else {
             return false;
         };
-        self.tokens.remove(&peer.token);
+        self.tokens.remove(&peer.token_hash);
         if let Link::Away { bytes, .. } = peer.link {
             self.away_total -= bytes;
             self.away_count -= 1;
@@ -1116,6 +1223,181 @@ mod tests {
             fast.take(),
             vec![serde_json::json!({"type": "peer-left", "id": s})]
         );
+    }
+
+    /// A hub whose ids are 32 hex digits, as the server's are (restored
+    /// places must have such ids).
+    fn hex_hub(first: u128) -> Hub<Recorder> {
+        let mut n = first;
+        Hub::new(HubLimits::new(4, 10), move || {
+            n += 1;
+            format!("{n:032x}")
+        })
+    }
+
+    /// A restart that keeps the rooms: every client takes its place back
+    /// with its token, under its id, in its role; the room is still
+    /// locked (and open to its audience), so a newcomer knocks; who
+    /// knocked before knocks again; who does not come back is gone after
+    /// the grace, and the lock with the last of those taking part.
+    #[test]
+    fn rooms_kept_across_a_restart_are_taken_back_by_token() {
+        let t0 = Instant::now();
+        let mut old = hex_hub(0);
+        let (a, b, w, k) = (
+            Recorder::new(100),
+            Recorder::new(100),
+            Recorder::new(100),
+            Recorder::new(100),
+        );
+        let sa = old.join("r", "Alice", false, None, a.clone(), &[]).unwrap();
+        let ta = a.take()[0]["resume"].as_str().unwrap().to_owned();
+        let sb = old.join("r", "Bob", false, None, b.clone(), &[]).unwrap();
+        let tb = b.take()[0]["resume"].as_str().unwrap().to_owned();
+        old.lock(&sa.id, true, true).unwrap();
+        let sw = old.join("r", "Vi", true, None, w.clone(), &[]).unwrap();
+        let tw = w.take()[0]["resume"].as_str().unwrap().to_owned();
+        assert!(!sw.waiting, "open to its audience");
+        assert!(old.join("r", "Kim", false, None, k, &[]).unwrap().waiting);
+        old.join("s", "Solo", false, None, Recorder::new(10), &[])
+            .unwrap();
+
+        // Through the file's JSON, with no token in it.
+        let kept = old.keep();
+        let text = serde_json::to_string(&kept).unwrap();
+        for token in [&ta, &tb, &tw] {
+            assert!(!text.contains(token.as_str()), "no token is kept");
+        }
+        let kept: KeptRooms = serde_json::from_str(&text).unwrap();
+        assert_eq!(kept.rooms.len(), 2);
+        assert_eq!(kept.rooms[0].places.len(), 3, "Kim, knocking, is not kept");
+
+        let mut new = hex_hub(1000);
+        assert_eq!(
+            new.restore(kept.clone(), t0),
+            Restored {
+                rooms: 2,
+                places: 4,
+                skipped: 0
+            }
+        );
+        assert_eq!(new.keep(), kept, "kept again as it came");
+        assert_eq!(new.stats().away, 4);
+
+        // Alice comes back: her place, her id, the room still locked and
+        // open to its audience.
+        let a2 = Recorder::new(100);
+        let alice = new
+            .join("r", "Alice", false, Some(&ta), a2.clone(), &[])
+            .unwrap();
+        assert_eq!((alice.id.as_str(), alice.resumed), (sa.id.as_str(), true));
+        let welcome = &a2.take()[0];
+        assert_eq!(welcome["locked"], true);
+        assert_eq!(welcome["openToAudience"], true);
+        assert_eq!(
+            welcome["peers"],
+            serde_json::json!([{"id": sb.id, "name": "Bob"}, {"id": sw.id, "name": "Vi", "watching": true}])
+        );
+        // Vi comes back watching; Kim knocks again, and Alice is told.
+        let w2 = Recorder::new(100);
+        let seat = new
+            .join("r", "Vi", false, Some(&tw), w2.clone(), &[])
+            .unwrap();
+        assert_eq!((seat.id.as_str(), seat.resumed), (sw.id.as_str(), true));
+        let k2 = Recorder::new(100);
+        assert!(
+            new.join("r", "Kim", false, None, k2.clone(), &[])
+                .unwrap()
+                .waiting
+        );
+        assert_eq!(types(&a2), ["knock"]);
+        // A token of no kept place joins as new.
+        let x = Recorder::new(100);
+        let seat = new.join("s", "X", false, Some(&ta), x, &[]).unwrap();
+        assert!(!seat.resumed);
+
+        // Bob never comes back: gone after the grace; then Alice leaves,
+        // the last one taking part, and Kim comes in to the room unlocked.
+        assert_eq!(
+            new.expire(t0 + DEFAULT_RESUME_GRACE),
+            1 + 1,
+            "Bob, and Solo"
+        );
+        assert!(!new.contains(&sb.id));
+        new.leave(&alice);
+        assert_eq!(types(&k2), ["waiting", "welcome"]);
+        assert!(new.keep().rooms.iter().all(|r| !r.locked));
+    }
+
+    /// What comes back from the file is input: ill-formed places, ones
+    /// already taken, and ones past the limits are skipped, and a lock
+    /// with only watchers left is dropped.
+    #[test]
+    fn a_kept_place_must_be_well_formed_and_within_the_limits() {
+        let t0 = Instant::now();
+        let place = |id: u128, name: &str, token: &str| KeptPlace {
+            id: format!("{id:032x}"),
+            name: name.into(),
+            watching: false,
+            token_hash: token_hash(token),
+        };
+        let good = |room: &str, places: Vec<KeptPlace>| KeptRoom {
+            room: room.into(),
+            locked: true,
+            open_to_audience: false,
+            places,
+        };
+        let mut bad_id = place(9, "I", "i");
+        bad_id.id = "P1".into();
+        let mut bad_hash = place(10, "H", "h");
+        bad_hash.token_hash = "00".into();
+        let mut watcher = place(11, "W", "w");
+        watcher.watching = true;
+        let kept = KeptRooms {
+            rooms: vec![
+                good(
+                    "ok",
+                    vec![
+                        place(1, "A", "a"),
+                        place(1, "Twin", "b"),
+                        place(2, "B", "a"),
+                    ],
+                ),
+                good(
+                    "full",
+                    (20..26).map(|n| place(n, "F", &n.to_string())).collect(),
+                ),
+                good("bad room!", vec![place(3, "C", "c")]),
+                good(
+                    "names",
+                    vec![
+                        place(4, " padded ", "d"),
+                        place(5, "", "e"),
+                        place(6, "ctl\u{7}", "f"),
+                    ],
+                ),
+                good("forms", vec![bad_id, bad_hash]),
+                good("watchers", vec![watcher]),
+                good("ok", vec![place(7, "Again", "g")]),
+            ],
+        };
+        let mut hub = hex_hub(100);
+        let restored = hub.restore(kept, t0);
+        // ok: A (Twin's id and B's token are taken); full: 4 of 6;
+        // watchers: W.
+        assert_eq!(
+            restored,
+            Restored {
+                rooms: 3,
+                places: 6,
+                skipped: 1 + 1 + 2 + 1 + 3 + 2 + 1
+            }
+        );
+        let kept = hub.keep();
+        let watchers = kept.rooms.iter().find(|r| r.room == "watchers").unwrap();
+        assert!(!watchers.locked, "no one taking part to keep the lock");
+        assert!(kept.rooms.iter().find(|r| r.room == "ok").unwrap().locked);
+        assert_eq!(hub.stats().peers, 6);
     }
 
     /// The place of a lost connection: kept until the grace ends (not a
@@ -1787,7 +2069,7 @@ mod tests {
                 proptest::prop_assert_eq!(in_rooms, hub.peers.len());
                 proptest::prop_assert_eq!(hub.tokens.len(), hub.peers.len());
                 for (token, id) in &hub.tokens {
-                    proptest::prop_assert_eq!(&hub.peers[id].token, token);
+                    proptest::prop_assert_eq!(&hub.peers[id].token_hash, token);
                 }
                 let kept: usize = hub
                     .peers
@@ -1847,5 +2129,70 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(a, random_peer_id());
+    }
+
+    /// A kept place, well formed or not: ids, names and token hashes from
+    /// small pools (so duplicates come up) or anything at all.
+    fn kept_place() -> impl proptest::strategy::Strategy<Value = KeptPlace> {
+        use proptest::prelude::*;
+        (
+            prop_oneof![4 => (0u128..12).prop_map(|n| format!("{n:032x}")), 1 => any::<String>()],
+            prop_oneof![4 => proptest::sample::select(vec!["Ann", "Bo", "Zoë"]).prop_map(String::from), 1 => any::<String>()],
+            any::<bool>(),
+            prop_oneof![4 => (0u8..12).prop_map(|n| token_hash(&n.to_string())), 1 => any::<String>()],
+        )
+            .prop_map(|(id, name, watching, token_hash)| KeptPlace { id, name, watching, token_hash })
+    }
+
+    fn kept_rooms() -> impl proptest::strategy::Strategy<Value = KeptRooms> {
+        use proptest::prelude::*;
+        let room = (
+            prop_oneof![4 => proptest::sample::select(vec!["r", "s", "t-1"]).prop_map(String::from), 1 => any::<String>()],
+            any::<bool>(),
+            any::<bool>(),
+            proptest::collection::vec(kept_place(), 0..7),
+        )
+            .prop_map(|(room, locked, open_to_audience, places)| KeptRoom { room, locked, open_to_audience, places });
+        proptest::collection::vec(room, 0..14).prop_map(|rooms| KeptRooms { rooms })
+    }
+
+    proptest::proptest! {
+        /// Whatever a file of kept rooms holds, restoring it never panics,
+        /// accounts for every place (taken back or skipped), keeps within
+        /// the limits, and leaves a hub whose own keeping restores to
+        /// itself; every place taken back resumes with its token, and
+        /// with no other.
+        #[test]
+        fn any_kept_rooms_restore_within_the_limits_and_round_trip(kept in kept_rooms()) {
+            let t0 = Instant::now();
+            let total: usize = kept.rooms.iter().map(|r| r.places.len()).sum();
+            let mut hub = hex_hub(0);
+            let restored = hub.restore(kept.clone(), t0);
+            proptest::prop_assert_eq!(restored.places + restored.skipped, total);
+            let stats = hub.stats();
+            proptest::prop_assert_eq!((stats.peers, stats.away, stats.rooms), (restored.places, restored.places, restored.rooms));
+            proptest::prop_assert!(stats.rooms <= 10 && stats.room_sizes.iter().all(|&n| (1..=4).contains(&n)));
+            proptest::prop_assert_eq!(hub.tokens.len(), hub.peers.len());
+            for (room, lock) in &hub.locks {
+                proptest::prop_assert!(lock.waiting.is_empty());
+                proptest::prop_assert!(hub.rooms[room].iter().any(|m| !hub.peers[m].watching));
+            }
+            let again = hub.keep();
+            let mut other = hex_hub(0);
+            proptest::prop_assert_eq!(other.restore(again.clone(), t0).skipped, 0);
+            proptest::prop_assert_eq!(other.keep(), again);
+            // The tokens whose hashes were kept: "0" to "11".
+            for n in 0u8..12 {
+                let token = n.to_string();
+                let owner = hub.tokens.get(&token_hash(&token)).cloned();
+                let Some(owner) = owner else { continue };
+                let room = hub.peers[&owner].room.clone();
+                let seat = hub.join(&room, "X", false, Some(&token), Recorder::new(100), &[]).unwrap();
+                proptest::prop_assert_eq!((seat.id, seat.resumed), (owner, true));
+            }
+            // Another token joins as new, if there is room for it.
+            let other_token = hub.join("r", "X", false, Some("not kept"), Recorder::new(100), &[]);
+            proptest::prop_assert!(other_token.is_ok_and(|s| !s.resumed) || hub.rooms.get("r").is_some_and(|r| r.len() >= 4) || hub.rooms.len() >= 10);
+        }
     }
 }
