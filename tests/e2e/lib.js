@@ -466,13 +466,13 @@ export function startPeer(baseUrl, room, name, extraArgs = []) {
   };
 }
 
-/** Waits until each of `pages` has its chat channel to every other page open. */
-export async function channelsOpen(pages) {
+/** Waits until each of `pages` has its chat channel open to every other page (or to `others` peers). */
+export async function channelsOpen(pages, others = pages.length - 1) {
   for (const page of pages) {
     await eventually(() => page.evaluate((n) => {
       const links = [...window.__callisto.links.values()];
       return links.length === n && links.every((l) => l.chatChannel?.readyState === 'open');
-    }, pages.length - 1), 15000, 'chat channels open');
+    }, others), 15000, 'chat channels open');
   }
 }
 

@@ -7,7 +7,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ARTIFACTS, serverAndBrowser, startServer, joinCall, startPeer, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually, waitForRemoteVideos, writeChat as write } from './lib.js';
+import { createHash } from 'node:crypto';
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { ARTIFACTS, serverAndBrowser, startServer, joinCall, startPeer, channelsOpen, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually, waitForRemoteVideos, writeChat as write } from './lib.js';
 
 let server;
 let browser;
@@ -92,6 +95,54 @@ test('a native peer calls browsers both ways, chats with them, receives their me
   await bob.context().close();
 });
 
+test('a native peer saves the files it is offered with --save-files, and declines them without', async () => {
+  const room = `native-files-${Date.now()}`;
+  const dir = mkdtempSync(path.join(tmpdir(), 'callisto-files-'));
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const saver = startPeer(server.url, room, 'Saver', ['--save-files', dir]);
+  const decliner = startPeer(server.url, room, 'Decliner');
+  await channelsOpen([alice], 2);
+
+  // Random bytes, 2 MiB and a tail, sent to everyone: twice, under the
+  // same name (the second is saved beside the first, not over it).
+  await alice.getByRole('button', { name: 'Chat', exact: true }).click();
+  const name = 'report <1>.bin';
+  const send = () => alice.evaluate(async (name) => {
+    const bytes = new Uint8Array(2 * 1024 * 1024 + 321);
+    for (let i = 0; i < bytes.length; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
+    const picked = new DataTransfer();
+    picked.items.add(new File([bytes], name));
+    const input = document.getElementById('file-input');
+    input.files = picked.files;
+    input.dispatchEvent(new Event('change'));
+    const digest = await crypto.subtle.digest('SHA-256', bytes);
+    return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, '0')).join('');
+  }, name);
+  const sha256 = (file) => createHash('sha256').update(readFileSync(file)).digest('hex');
+  const first = await send();
+  const saved = await saver.waitFor((e) => e.event === 'file-saved', 'the first file saved');
+  assert.equal(saved.file, name);
+  assert.equal(saved.name, 'Alice');
+  assert.equal(saved.size, 2 * 1024 * 1024 + 321);
+  assert.equal(saved.path, path.join(dir, name));
+  assert.equal(sha256(saved.path), first, 'saved whole');
+  const declined = await decliner.waitFor((e) => e.event === 'file-declined', 'the file declined');
+  assert.deepEqual([declined.file, declined.size], [name, saved.size]);
+  const delivery = (who) => alice.locator('.deliveries li', { hasText: `${who}:` });
+  await delivery('Saver').first().getByText('delivered').waitFor({ timeout: 10000 });
+  await delivery('Decliner').first().getByText('declined').waitFor({ timeout: 10000 });
+
+  const second = await send();
+  const again = await saver.waitFor((e) => e.event === 'file-saved' && e !== saved, 'the second file saved');
+  assert.equal(again.path, path.join(dir, 'report <1> (1).bin'));
+  assert.equal(sha256(again.path), second);
+  assert.equal(sha256(saved.path), first, 'the first left as it was');
+  assert.deepEqual(readdirSync(dir).sort(), ['report <1> (1).bin', name]);
+  for (const robot of [saver, decliner]) assert.equal((await robot.stop()).code, 0);
+  await alice.context().close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
 test('the native peer says clearly what is wrong, and exits non-zero', async () => {
   const room = `native-bad-${Date.now()}`;
   const badName = startPeer(server.url, room, '   ');
@@ -100,6 +151,9 @@ test('the native peer says clearly what is wrong, and exits non-zero', async () 
   const noServer = startPeer('http://127.0.0.1:9', room, 'Robot');
   assert.notEqual(await noServer.exited, 0);
   assert.match(noServer.logs.join('\n'), /127\.0\.0\.1:9/);
+  const noFolder = startPeer(server.url, room, 'Robot', ['--save-files', '/nonexistent/folder']);
+  assert.notEqual(await noFolder.exited, 0);
+  assert.match(noFolder.logs.join('\n'), /--save-files \/nonexistent\/folder: not a folder; give one that exists/);
 });
 
 test('a native peer and a browser keep their call through a restart of the server, under their new ids', async () => {

@@ -546,6 +546,11 @@ pub struct PeerArgs {
     #[arg(long)]
     pub watch: bool,
 
+    /// Save the files others offer it in this folder (each under its own
+    /// name, never over another file); without it, files are declined.
+    #[arg(long, value_name = "DIR")]
+    pub save_files: Option<std::path::PathBuf>,
+
     /// The local address to take media on (default: the one this machine
     /// reaches the server from).
     #[arg(long, value_name = "IP")]

@@ -191,6 +191,7 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
             pin: plan.pin,
             relay: plan.relay,
             send_media: plan.send_media,
+            save_files: None,
         };
         tasks.push(tokio::spawn(one_peer(
             config,

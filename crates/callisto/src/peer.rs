@@ -20,12 +20,21 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
     {
         anyhow::bail!("--for {seconds}: give a number of seconds above 0");
     }
+    if let Some(dir) = &args.save_files
+        && !dir.is_dir()
+    {
+        anyhow::bail!(
+            "--save-files {}: not a folder; give one that exists",
+            dir.display()
+        );
+    }
     let config = PeerConfig {
         server: args.target.server.clone(),
         room: args.room.clone(),
         name: args.name.clone(),
         watching: args.watch,
         send_media: args.send_media,
+        save_files: args.save_files.clone(),
         access: args.target.access.clone(),
         bind: args.bind,
         pin: args.target.tls_fingerprint,
@@ -142,6 +151,28 @@ fn print_event(out: &mut impl Write, event: &PeerEvent, as_json: bool) -> std::i
                 json!({"event": "server-error", "code": code,
                 "message": message})
             }
+            PeerEvent::FileSaved {
+                from,
+                name,
+                file,
+                size,
+                path,
+            } => json!({"event": "file-saved", "from": from, "name": name,
+                "file": file, "size": size, "path": path}),
+            PeerEvent::FileDeclined {
+                from,
+                name,
+                file,
+                size,
+            } => json!({"event": "file-declined", "from": from, "name": name,
+                "file": file, "size": size}),
+            PeerEvent::FileFailed {
+                from,
+                name,
+                file,
+                why,
+            } => json!({"event": "file-failed", "from": from, "name": name,
+                "file": file, "why": why}),
         };
         writeln!(out, "{value}")?;
     } else {
@@ -201,6 +232,16 @@ fn print_event(out: &mut impl Write, event: &PeerEvent, as_json: bool) -> std::i
             PeerEvent::ServerError { code, message } => {
                 writeln!(out, "* server: {code}: {message}")?
             }
+            PeerEvent::FileSaved {
+                name, file, path, ..
+            } => writeln!(out, "* {name} sent {file}: saved as {}", path.display())?,
+            PeerEvent::FileDeclined { name, file, .. } => writeln!(
+                out,
+                "* {name} offered {file}: declined (--save-files DIR takes files)"
+            )?,
+            PeerEvent::FileFailed {
+                name, file, why, ..
+            } => writeln!(out, "* {file} from {name} was not saved: {why}")?,
         }
     }
     out.flush()

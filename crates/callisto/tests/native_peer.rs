@@ -28,6 +28,7 @@ fn config_for(addr: SocketAddr, room: &str, name: &str) -> PeerConfig {
         pin: None,
         relay: RelayUse::Never,
         send_media: false,
+        save_files: None,
     }
 }
 
@@ -429,6 +430,7 @@ async fn over_tls_a_self_signed_server_is_trusted_by_its_fingerprint_only() {
         pin: pin.map(|p| p.parse().expect("the server's fingerprint")),
         relay: RelayUse::Never,
         send_media: false,
+        save_files: None,
     };
 
     let mut ada = Peer::start_with(config("Ada", Some(&fingerprint)));

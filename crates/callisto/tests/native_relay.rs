@@ -42,6 +42,7 @@ async fn two_relay_only_native_peers_talk_through_turn() {
             pin: None,
             relay: RelayUse::Only,
             send_media: false,
+            save_files: None,
         };
         let running = callisto_peer::spawn(config);
         (running.commands, running.events, running.task)

@@ -8,18 +8,22 @@
 //! server's STUN and TURN from wherever it runs.
 //!
 //! - [`chat`]: messages on the chat data channel;
+//! - [`files`]: files offered to it, each on a data channel of its own;
 //! - [`signals`]: what peers put in `signal.data`;
 //! - [`link`]: one connection to one peer, sans-IO (str0m);
-//! - [`peer`]: the driver: the WebSocket, one UDP socket, the clock;
+//! - [`peer`]: the driver: the WebSocket, one UDP socket, the clock,
+//!   and the files it saves (`saving`);
 //! - [`tls`]: whom to trust for `wss://`;
 //! - [`probe`]: the NAT probe: the server's STUN and TURN as seen from here.
 
 pub mod chat;
 pub mod clip;
+pub mod files;
 pub mod link;
 pub mod peer;
 pub mod probe;
 mod relay;
+mod saving;
 pub mod signals;
 pub mod tls;
 

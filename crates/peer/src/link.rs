@@ -14,7 +14,7 @@
 //! [`Link::send_media`] it also sends the embedded test pattern and tone
 //! ([`crate::clip`]) as its camera and microphone, in real time.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
 use crate::chat::{CHAT_LABEL, CHAT_PROTOCOL, ChannelMessage, ChatError};
 use crate::clip::{self, Clip, Frame};
+use crate::files::{self, FILE_LABEL, Incoming, MAX_INCOMING, OFFER_TIMEOUT, Offer, Step};
 use crate::signals::{SdpKind, Signal};
 
 /// Chat messages held for a chat channel that is not open yet, at most
@@ -46,6 +47,16 @@ pub enum LinkEvent {
     Message(ChannelMessage),
     /// Something on the chat channel that is not a message of ours.
     BadMessage(ChatError),
+    /// A file offered to us, on its own channel: accept it
+    /// ([`Link::accept_file`]) or decline it ([`Link::decline_file`]).
+    FileOffered { channel: ChannelId, offer: Offer },
+    /// Bytes of a file we accepted, in order.
+    FileData { channel: ChannelId, data: Vec<u8> },
+    /// All of a file came: keep it, then say so ([`Link::file_kept`]).
+    FileEnded { channel: ChannelId },
+    /// A file offered stopped coming: the sender cancelled or left, or
+    /// sent something out of turn (`why`).
+    FileStopped { channel: ChannelId, why: String },
     /// The other side closed the connection.
     Closed,
 }
@@ -144,6 +155,8 @@ pub struct Link {
     media: MediaCounts,
     connected: bool,
     playouts: Vec<Playout>,
+    /// Files offered to us, by their channels.
+    files: HashMap<ChannelId, Incoming>,
     /// The latest time the driver gave.
     now: Instant,
 }
@@ -171,6 +184,7 @@ impl Link {
             media: MediaCounts::default(),
             connected: false,
             playouts: Vec::new(),
+            files: HashMap::new(),
             now,
         };
         link.drive()?;
@@ -349,6 +363,16 @@ impl Link {
     /// Lets time pass; call at [`Link::timeout`] or later.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), LinkError> {
         self.now = self.now.max(now);
+        let silent: Vec<ChannelId> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.deadline().is_some_and(|at| at <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for channel in silent {
+            tracing::warn!("closing a file channel that made no offer within {OFFER_TIMEOUT:?}");
+            self.close_file(channel);
+        }
         let played = self.play(now);
         if now < self.timeout && !played {
             return Ok(());
@@ -488,9 +512,11 @@ impl Link {
                         }
                         self.chat_queue.pop_front();
                     }
+                } else if label == FILE_LABEL && self.files.len() < MAX_INCOMING {
+                    self.files.insert(id, Incoming::new(self.now));
                 } else {
-                    // Files and later versions' channels: this peer takes
-                    // none, and closing tells the sender so at once.
+                    // Later versions' channels, or a ninth file at once:
+                    // closing tells the sender so at once.
                     tracing::debug!(label, "closing a data channel this peer does not take");
                     self.rtc.direct_api().close_data_channel(id);
                 }
@@ -501,6 +527,19 @@ impl Link {
                         Ok(message) => LinkEvent::Message(message),
                         Err(e) => LinkEvent::BadMessage(e),
                     });
+            }
+            Event::ChannelData(data) if self.files.contains_key(&data.id) => {
+                self.on_file_message(data.id, data.binary, &data.data);
+            }
+            Event::ChannelClose(id) if self.files.contains_key(&id) => {
+                if let Some(file) = self.files.remove(&id)
+                    && file.under_way()
+                {
+                    self.events.push_back(LinkEvent::FileStopped {
+                        channel: id,
+                        why: "the sender stopped, or the connection closed".into(),
+                    });
+                }
             }
             Event::ChannelClose(id) if Some(id) == self.chat => {
                 self.chat = None;
@@ -518,6 +557,79 @@ impl Link {
             _ => {}
         }
         Ok(())
+    }
+
+    fn on_file_message(&mut self, channel: ChannelId, binary: bool, data: &[u8]) {
+        let Some(file) = self.files.get_mut(&channel) else {
+            return;
+        };
+        let offered = file.offer().is_some();
+        let event = match file.take(binary, data) {
+            Ok(Step::Offered(offer)) => LinkEvent::FileOffered { channel, offer },
+            Ok(Step::Data(bytes)) => LinkEvent::FileData {
+                channel,
+                data: bytes.to_vec(),
+            },
+            Ok(Step::Ended) => LinkEvent::FileEnded { channel },
+            Err(e) => {
+                tracing::warn!("stopped a file transfer: it sent {e}");
+                self.close_file(channel);
+                // A channel without a valid offer has nothing to tell.
+                if !offered {
+                    return;
+                }
+                LinkEvent::FileStopped {
+                    channel,
+                    why: format!("it sent {e}"),
+                }
+            }
+        };
+        self.events.push_back(event);
+    }
+
+    /// Takes the file offered on `channel`: its bytes come as
+    /// [`LinkEvent::FileData`].
+    pub fn accept_file(&mut self, channel: ChannelId) -> Result<(), LinkError> {
+        if self.files.get_mut(&channel).is_some_and(Incoming::accept) {
+            self.write_file_channel(channel, files::ACCEPT);
+        }
+        self.drive()
+    }
+
+    /// Turns down the file offered on `channel`.
+    pub fn decline_file(&mut self, channel: ChannelId) -> Result<(), LinkError> {
+        self.write_file_channel(channel, files::DECLINE);
+        self.close_file(channel);
+        self.drive()
+    }
+
+    /// The file of `channel` is kept: closing its channel tells the sender
+    /// it was delivered.
+    pub fn file_kept(&mut self, channel: ChannelId) -> Result<(), LinkError> {
+        self.close_file(channel);
+        self.drive()
+    }
+
+    /// The file of `channel` cannot be kept (no space, a write failed):
+    /// the sender is told so, not why.
+    pub fn file_failed(&mut self, channel: ChannelId) -> Result<(), LinkError> {
+        self.write_file_channel(channel, files::FAILED);
+        self.close_file(channel);
+        self.drive()
+    }
+
+    fn write_file_channel(&mut self, channel: ChannelId, text: &str) {
+        if let Some(mut open) = self.rtc.channel(channel)
+            && let Err(e) = open.write(false, text.as_bytes())
+        {
+            tracing::debug!("a file channel refused {text}: {e}");
+        }
+    }
+
+    fn close_file(&mut self, channel: ChannelId) {
+        if self.files.remove(&channel).is_some() {
+            self.rtc.direct_api().close_data_channel(channel);
+        }
     }
 
     /// The next datagram to send.
@@ -541,6 +653,7 @@ impl Link {
             .iter()
             .filter(|p| p.mid.is_some())
             .filter_map(|p| p.due)
+            .chain(self.files.values().filter_map(Incoming::deadline))
             .fold(self.timeout, Instant::min)
     }
 

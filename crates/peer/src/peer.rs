@@ -5,12 +5,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use callisto_protocol::{Received, ReceivedIceServer, ReceivedPeer, decode_server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use str0m::Candidate;
+use str0m::channel::ChannelId;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -18,8 +20,10 @@ use tokio_tungstenite::tungstenite::http::Uri;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::chat::ChannelMessage;
+use crate::files::Offer;
 use crate::link::{Link, LinkError, LinkEvent, MediaCounts};
 use crate::relay::Relay;
+use crate::saving::Saving;
 use crate::signals::{SdpKind, Signal};
 use crate::tls::{Fingerprint, TlsError, client_config, is_secure};
 
@@ -68,6 +72,9 @@ pub struct PeerConfig {
     /// Whether to send the embedded test pattern and tone as camera and
     /// microphone (`crate::clip`); else it sends no media.
     pub send_media: bool,
+    /// A folder to save the files offered to it in; without one, it
+    /// declines them.
+    pub save_files: Option<PathBuf>,
 }
 
 /// Which candidates the peer offers.
@@ -147,6 +154,28 @@ pub enum PeerEvent {
     ServerError {
         code: String,
         message: String,
+    },
+    /// A file from `name` (`from`) came whole, and is saved at `path`.
+    FileSaved {
+        from: String,
+        name: String,
+        file: String,
+        size: u64,
+        path: PathBuf,
+    },
+    /// A file was offered, and declined: no folder to save it in.
+    FileDeclined {
+        from: String,
+        name: String,
+        file: String,
+        size: u64,
+    },
+    /// A file accepted did not come whole (what of it came is removed).
+    FileFailed {
+        from: String,
+        name: String,
+        file: String,
+        why: String,
     },
 }
 
@@ -258,6 +287,8 @@ pub async fn run(
         relay_use: config.relay,
         watching: config.watching,
         send_media: config.send_media && !config.watching,
+        save_files: config.save_files,
+        saving: HashMap::new(),
         relay: None,
         socket,
         local,
@@ -496,6 +527,10 @@ struct Session {
     watching: bool,
     /// Sends the test pattern and the tone on every link.
     send_media: bool,
+    /// Where files offered are saved; none: they are declined.
+    save_files: Option<PathBuf>,
+    /// The files being saved, by link and channel, with what was offered.
+    saving: HashMap<(String, ChannelId), (Offer, Saving)>,
     /// The allocation links are offered, with `RelayUse::Also` or `Only`.
     relay: Option<Relay>,
     socket: UdpSocket,
@@ -863,6 +898,17 @@ impl Session {
             tracing::debug!(peer = %new, "could not answer its moved: {e}");
         }
         self.links.insert(new.clone(), (name, link));
+        let files: Vec<_> = self
+            .saving
+            .keys()
+            .filter(|(id, _)| id == old)
+            .cloned()
+            .collect();
+        for key in files {
+            if let Some(saving) = self.saving.remove(&key) {
+                self.saving.insert((new.clone(), key.1), saving);
+            }
+        }
         self.flush(&new).await?;
         Ok(true)
     }
@@ -1072,6 +1118,105 @@ impl Session {
         Ok(())
     }
 
+    /// A file offered on a link: saved if there is a folder for it,
+    /// else declined.
+    fn file_offered(&mut self, id: &str, name: &str, channel: ChannelId, offer: Offer) {
+        let Some((_, link)) = self.links.get_mut(id) else {
+            return;
+        };
+        let Some(dir) = &self.save_files else {
+            if let Err(e) = link.decline_file(channel) {
+                tracing::debug!(peer = %id, "declining a file: {e}");
+            }
+            self.emit(PeerEvent::FileDeclined {
+                from: id.to_owned(),
+                name: name.to_owned(),
+                file: offer.name,
+                size: offer.size,
+            });
+            return;
+        };
+        match Saving::create(dir, &offer.name) {
+            Ok(saving) => {
+                if let Err(e) = link.accept_file(channel) {
+                    tracing::debug!(peer = %id, "accepting a file: {e}");
+                }
+                self.saving
+                    .insert((id.to_owned(), channel), (offer, saving));
+            }
+            Err(e) => {
+                let why = format!("cannot save it in {}: {e}", dir.display());
+                self.file_failed(id, name, channel, offer, why);
+            }
+        }
+    }
+
+    /// Writes a file's bytes; true if that failed, and the sender is told.
+    fn file_data(&mut self, id: &str, name: &str, channel: ChannelId, data: &[u8]) -> bool {
+        let key = (id.to_owned(), channel);
+        let Some((_, saving)) = self.saving.get_mut(&key) else {
+            return false;
+        };
+        let Err(e) = saving.write(data) else {
+            return false;
+        };
+        let Some((offer, saving)) = self.saving.remove(&key) else {
+            return false;
+        };
+        let why = format!("cannot write {}: {e}", saving.path.display());
+        saving.abort();
+        self.file_failed(id, name, channel, offer, why);
+        true
+    }
+
+    /// A file came whole: on disk, then the sender is told (the channel closes).
+    fn file_ended(&mut self, id: &str, name: &str, channel: ChannelId) {
+        let Some((offer, saving)) = self.saving.remove(&(id.to_owned(), channel)) else {
+            return;
+        };
+        let path = saving.path.clone();
+        match saving.finish() {
+            Ok((path, size)) => {
+                if let Some((_, link)) = self.links.get_mut(id)
+                    && let Err(e) = link.file_kept(channel)
+                {
+                    tracing::debug!(peer = %id, "closing a file's channel: {e}");
+                }
+                tracing::info!(peer = %id, path = %path.display(), size, "saved a file");
+                self.emit(PeerEvent::FileSaved {
+                    from: id.to_owned(),
+                    name: name.to_owned(),
+                    file: offer.name,
+                    size,
+                    path,
+                });
+            }
+            Err(e) => {
+                let why = format!("cannot write {}: {e}", path.display());
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), "could not remove a file not saved whole: {e}");
+                }
+                self.file_failed(id, name, channel, offer, why);
+            }
+        }
+    }
+
+    /// A file cannot be kept: the sender is told so (not why), and the caller.
+    fn file_failed(&mut self, id: &str, name: &str, channel: ChannelId, offer: Offer, why: String) {
+        tracing::warn!(peer = %id, file = %offer.name, "a file was not saved: {why}");
+        if let Some((_, link)) = self.links.get_mut(id)
+            && let Err(e) = link.file_failed(channel)
+        {
+            tracing::debug!(peer = %id, "closing a file's channel: {e}");
+        }
+        self.emit(PeerEvent::FileFailed {
+            from: id.to_owned(),
+            name: name.to_owned(),
+            file: offer.name,
+            why,
+        });
+    }
+
     async fn leave(mut self) -> Result<Summary, PeerError> {
         let ids: Vec<String> = self.links.keys().cloned().collect();
         for id in ids {
@@ -1092,6 +1237,17 @@ impl Session {
     }
 
     fn drop_link(&mut self, id: &str) {
+        let files: Vec<_> = self
+            .saving
+            .keys()
+            .filter(|(of, _)| of == id)
+            .cloned()
+            .collect();
+        for key in files {
+            if let Some((_, saving)) = self.saving.remove(&key) {
+                saving.abort();
+            }
+        }
         if let Some((name, mut link)) = self.links.remove(id) {
             link.close();
             self.gone.push(PeerSummary {
@@ -1143,6 +1299,7 @@ impl Session {
         // The link's id: its peer's new one once it says it moved, for
         // what follows on the channel (ordered) to be told by it.
         let mut id = id.to_owned();
+        let mut again = false;
         for event in events {
             match event {
                 LinkEvent::Connected => self.emit(PeerEvent::Connected {
@@ -1176,8 +1333,34 @@ impl Session {
                 LinkEvent::BadMessage(e) => {
                     tracing::warn!(peer = %id, "ignoring a chat channel message: {e}")
                 }
+                LinkEvent::FileOffered { channel, offer } => {
+                    self.file_offered(&id, &name, channel, offer);
+                    again = true;
+                }
+                LinkEvent::FileData { channel, data } => {
+                    again |= self.file_data(&id, &name, channel, &data);
+                }
+                LinkEvent::FileEnded { channel } => {
+                    self.file_ended(&id, &name, channel);
+                    again = true;
+                }
+                LinkEvent::FileStopped { channel, why } => {
+                    if let Some((offer, saving)) = self.saving.remove(&(id.clone(), channel)) {
+                        saving.abort();
+                        self.emit(PeerEvent::FileFailed {
+                            from: id.clone(),
+                            name: name.clone(),
+                            file: offer.name,
+                            why,
+                        });
+                    }
+                }
                 LinkEvent::ChatOpen | LinkEvent::Closed => {}
             }
+        }
+        // What the file events had the link say.
+        if again {
+            Box::pin(self.flush(&id)).await?;
         }
         if !alive {
             self.drop_link(&id);
