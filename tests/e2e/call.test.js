@@ -202,6 +202,30 @@ async function resumeTest(serverNotices) {
   await proxy.close();
 }
 
+test('a raised hand shows on the tile everywhere, newcomers too, is said once, and goes when lowered', async () => {
+  const room = `hand-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  await waitForRemoteVideos(bob, 1);
+  const aliceId = await alice.evaluate(() => window.__callisto.id);
+  const hand = (page, id) => page.locator(`.tile[data-peer-id="${id}"] .badge.hand`);
+  // By keyboard.
+  await alice.getByRole('button', { name: 'Raise hand' }).focus();
+  await alice.keyboard.press('Enter');
+  assert.equal(await alice.getByRole('button', { name: 'Lower hand' }).getAttribute('aria-pressed'), 'true');
+  await hand(alice, 'local').waitFor({ timeout: 5000 });
+  await hand(bob, aliceId).waitFor({ timeout: 5000 });
+  assert.equal(await hand(bob, aliceId).textContent(), 'Hand raised');
+  await bob.locator('#call-notice', { hasText: 'Alice raised their hand.' }).waitFor({ timeout: 5000 });
+  const carol = await joinCall(browser, server.url, room, 'Carol');
+  await hand(carol, aliceId).waitFor({ timeout: 10000 });
+  await alice.getByRole('button', { name: 'Lower hand' }).click();
+  for (const [page, id] of [[alice, 'local'], [bob, aliceId], [carol, aliceId]]) {
+    await hand(page, id).waitFor({ state: 'hidden', timeout: 5000 });
+  }
+  for (const p of [alice, bob, carol]) await p.context().close();
+});
+
 /** What each of a page's connections may carry of its camera and its screen (maxBitrate), by peer name. */
 const caps = (page) => page.evaluate(() => Object.fromEntries([...window.__callisto.links.values()].map((link) => {
   const videos = link.pc.getTransceivers().filter((t) => t.receiver.track.kind === 'video');

@@ -35,6 +35,7 @@ const call = {
   present: new Map(), // who the server says is in the room: id -> { id, name }
   audioOn: true,
   videoOn: true,
+  hand: false, // our hand raised: shown on our tile, everywhere
   screen: null, // the shared screen's track, while sharing
   screenAudio: null, // and its sound, if the person shared it
   knocking: null, // the signaling of a join knocking on a locked room
@@ -407,7 +408,7 @@ function enterCall() {
   const receiveOnly = !call.localStream;
   if (call.watching) {
     call.joinNotice = 'You are watching: those taking part do not see or hear you.';
-    for (const id of ['mute-btn', 'camera-btn', 'screen-btn', 'devices-btn', 'lock-btn', 'copy-watch-btn']) $(id).hidden = true;
+    for (const id of ['mute-btn', 'camera-btn', 'screen-btn', 'hand-btn', 'devices-btn', 'lock-btn', 'copy-watch-btn']) $(id).hidden = true;
     $('take-part-btn').hidden = false;
     chat.note('You are watching: your messages and files reach those taking part, not the rest of the audience.');
   } else {
@@ -446,6 +447,13 @@ function setupControls() {
     screen.title = 'This browser cannot share a screen here';
   }
   screen.addEventListener('click', () => (call.screen ? stopSharing() : shareScreen()));
+  $('hand-btn').addEventListener('click', () => {
+    call.hand = !call.hand;
+    $('hand-btn').textContent = call.hand ? 'Lower hand' : 'Raise hand';
+    $('hand-btn').setAttribute('aria-pressed', String(call.hand));
+    grid.setHand('local', call.hand);
+    sendState();
+  });
   $('stats-btn').addEventListener('click', () => showStats(!stats.timer));
   $('copy-btn').addEventListener('click', () => copyLink(roomLink(call.watching)));
   $('copy-watch-btn').addEventListener('click', () => copyLink(roomLink(true)));
@@ -726,6 +734,8 @@ function onState(from, data) {
   // One who watches sends nothing, so has nothing to show (and no tile).
   if (link?.watching) return;
   grid.setMediaState(from, data.state);
+  // A hand just raised is said (to screen readers too); lowered, it goes quietly.
+  if (grid.setHand(from, data.state.hand === true) && data.state.hand === true && link) flash(`${link.name} raised their hand.`);
   if (data.state.screen === true && link) {
     const started = !grid.has(screenTile(from));
     grid.tile(screenTile(from), { name: link.name, screen: true, beside: from });
@@ -753,7 +763,7 @@ const SCREEN_TILE = screenTile('local');
 
 function sendState(to = null) {
   if (call.watching) return; // nothing to tell: nothing is sent
-  const data = { state: { audio: call.audioOn, video: call.videoOn, screen: Boolean(call.screen) } };
+  const data = { state: { audio: call.audioOn, video: call.videoOn, screen: Boolean(call.screen), hand: call.hand } };
   if (to) call.signaling?.signal(to, data);
   else call.signaling?.broadcast(data);
 }

@@ -81,7 +81,11 @@ export class Grid {
       camOff.className = 'badge camera';
       camOff.textContent = 'Camera off';
       camOff.hidden = true;
-      caption.append(label, muted, camOff);
+      const hand = document.createElement('span');
+      hand.className = 'badge hand';
+      hand.textContent = 'Hand raised';
+      hand.hidden = true;
+      caption.append(label, hand, muted, camOff);
       const state = document.createElement('span');
       state.className = 'state';
       state.hidden = true;
@@ -198,6 +202,14 @@ export class Grid {
     tile.querySelector('.badge.muted').hidden = audio;
     tile.querySelector('.badge.camera').hidden = video;
     tile.classList.toggle('camera-off', !video);
+  }
+
+  /** Shows whether someone's hand is raised; true if that changed. */
+  setHand(id, raised) {
+    const badge = this.#tiles.get(id)?.querySelector('.badge.hand');
+    if (!badge || badge.hidden === !raised) return false;
+    badge.hidden = !raised;
+    return true;
   }
 
   /** Marks the tile of someone speaking, or unmarks it. */
