@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { ChatError, MAX_CHAT_CHARS, decodeChannelMessage, decodeChat, encodeChat, encodeMoved, encodeMovedAck } from '../../crates/web/app/js/chat.js';
+import { ChatError, MAX_CHAT_CHARS, decodeChannelMessage, decodeChat, encodeChat, encodeMoved, encodeMovedAck, linkify } from '../../crates/web/app/js/chat.js';
 import { FileError, MAX_FILE_BYTES, checkOffer, decodeControl, safeName } from '../../crates/web/app/js/files.js';
 import { formatSize } from '../../crates/web/app/js/ui.js';
 import { runs } from './props.js';
@@ -128,4 +128,29 @@ test('a size reads as a number and a unit', () => {
   assert.equal(formatSize(1023), '1023 B');
   assert.equal(formatSize(1536 * 1024), '1.5 MB');
   assert.equal(formatSize(MAX_FILE_BYTES), '64 GB');
+});
+
+test('a message is cut into text and web links that put together are the message; a link is only ever http or https', () => {
+  // Messages made of the pieces that matter most, so that their mixes come up.
+  const piece = fc.oneof(
+    fc.string({ unit: 'binary', maxLength: 8 }),
+    fc.constantFrom('http://', 'https://', 'HTTPS://', 'javascript:', 'data:', 'example.test', '/a?b=1&c', '(', ')', '.', ',', ' ', '\n', '"', '<', 'www.', '//', ':'),
+  );
+  fc.assert(fc.property(fc.array(piece, { maxLength: 20 }).map((p) => p.join('')), (text) => {
+    const parts = linkify(text);
+    assert.equal(parts.map((p) => p.text).join(''), text);
+    for (const part of parts) {
+      assert.ok(part.text.length > 0, 'no empty part');
+      if (!part.url) continue;
+      assert.match(part.text, /^https?:\/\//i);
+      assert.doesNotMatch(part.text, /\s/);
+      assert.ok(['http:', 'https:'].includes(new URL(part.url).protocol), part.url);
+      assert.ok(!'.,;:!?\''.includes(part.text.at(-1)), `ends with ${part.text.at(-1)}`);
+    }
+  }), { numRuns: runs });
+  assert.deepEqual(linkify('see https://example.test/a?b=1.'), [
+    { text: 'see ' }, { text: 'https://example.test/a?b=1', url: 'https://example.test/a?b=1' }, { text: '.' },
+  ]);
+  assert.deepEqual(linkify('javascript:alert(1)'), [{ text: 'javascript:alert(1)' }]);
+  assert.deepEqual(linkify('(https://x.test/wiki/A_(b))').map((p) => p.text), ['(', 'https://x.test/wiki/A_(b)', ')']);
 });

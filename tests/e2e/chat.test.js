@@ -158,6 +158,26 @@ test('what a peer sends on the chat channel that is not a message is ignored wit
   for (const p of [alice, bob]) await p.context().close();
 });
 
+test('a web address in a message is a link that opens apart from the call; nothing else is', async () => {
+  const room = `chat-links-${Date.now()}`;
+  const alice = await joinCall(browser, server.url, room, 'Alice');
+  const bob = await joinCall(browser, server.url, room, 'Bob');
+  await channelsOpen([alice, bob]);
+  await chatButton(bob, 'Chat').click();
+  await write(bob, 'notes at https://example.test/notes?day=1. Not javascript:alert(1) nor <b>this</b>');
+  await chatButton(alice, 'Chat (1 new)').click();
+  const message = lastMessage(alice).locator('.text');
+  await message.waitFor({ timeout: 5000 });
+  assert.equal(await message.textContent(), 'notes at https://example.test/notes?day=1. Not javascript:alert(1) nor <b>this</b>');
+  const links = await message.locator('a').evaluateAll((as) => as.map((a) => ({ href: a.href, text: a.textContent, target: a.target, rel: a.rel })));
+  assert.deepEqual(links, [{ href: 'https://example.test/notes?day=1', text: 'https://example.test/notes?day=1', target: '_blank', rel: 'noopener noreferrer' }]);
+  assert.equal(await message.locator('b').count(), 0, 'markup stays text');
+  // The link is reached by keyboard like any other (it is not followed:
+  // tests reach no address outside this machine).
+  assert.equal(await message.getByRole('link', { name: 'https://example.test/notes?day=1' }).count(), 1);
+  for (const p of [alice, bob]) await p.context().close();
+});
+
 test('what comes in while the chat is closed is told to screen readers; a burst is counted, not read out', async () => {
   const room = `chat-announce-${Date.now()}`;
   const alice = await joinCall(browser, server.url, room, 'Alice');

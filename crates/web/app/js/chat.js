@@ -33,6 +33,38 @@ const ANNOUNCE_CHARS = 200;
 
 export class ChatError extends Error {}
 
+// A web address in a message: http or https only (never javascript: or
+// data:), up to white space or a character that cannot be in one.
+const WEB_ADDRESS = /\bhttps?:\/\/[^\s<>"]+/gi;
+
+/**
+ * A message's text in parts, in order: `{ text }`, or `{ text, url }` for
+ * a web address to show as a link. The parts' texts put together are the
+ * message. Punctuation that ends a sentence after an address is not part
+ * of it, nor is a closing bracket it did not open.
+ */
+export function linkify(text) {
+  const parts = [];
+  let at = 0;
+  for (const match of text.matchAll(WEB_ADDRESS)) {
+    let candidate = match[0];
+    for (;;) {
+      const last = candidate.at(-1);
+      const unopened = last === ')' && candidate.split('(').length <= candidate.split(')').length - 1;
+      if (!'.,;:!?\''.includes(last) && !unopened) break;
+      candidate = candidate.slice(0, -1);
+    }
+    let url;
+    try { url = new URL(candidate); } catch { continue; }
+    if (url.protocol !== 'http:' && url.protocol !== 'https:') continue;
+    if (match.index > at) parts.push({ text: text.slice(at, match.index) });
+    parts.push({ text: candidate, url: url.href });
+    at = match.index + candidate.length;
+  }
+  if (at < text.length) parts.push({ text: text.slice(at) });
+  return parts;
+}
+
 /**
  * The wire form of a message (`private`: to one peer only), or a ChatError
  * saying what is wrong with it.
@@ -207,7 +239,20 @@ export class ChatPanel {
   add(name, text, { mine = false, to = null, privately = false } = {}) {
     const body = document.createElement('p');
     body.className = 'text';
-    body.textContent = text; // text, never markup
+    // Text, never markup: web addresses become links, the rest text nodes.
+    for (const part of linkify(text)) {
+      if (!part.url) {
+        body.append(part.text);
+        continue;
+      }
+      const link = document.createElement('a');
+      link.href = part.url;
+      link.textContent = part.text;
+      link.target = '_blank';
+      // The page it opens gets no hold on this one, nor where it came from.
+      link.rel = 'noopener noreferrer';
+      body.append(link);
+    }
     this.entry(name, { mine, to, privately, summary: text }).append(body);
   }
 
