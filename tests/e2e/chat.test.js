@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, channelsOpen, writeChat as write } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, joinCall, waitForRemoteVideos, eventually, channelsOpen, pickRandomFile, writeChat as write } from './lib.js';
 
 let server;
 let browser;
@@ -228,22 +228,11 @@ test('a file goes whole to whoever accepts it, peer to peer; declined and cancel
   const carol = await joinCall(browser, server.url, room, 'Carol');
   await channelsOpen([alice, bob, carol]);
 
-  // Random bytes, two blocks as the sender reads them and an odd tail,
-  // made in the page: Playwright's setInputFiles takes seconds to carry
-  // a file this size into it. The page picks it as the file input would.
+  // Random bytes: two blocks as the sender reads them and an odd tail.
   const name = 'notes <1>.bin';
   await chatButton(alice, 'Chat').click();
-  const expected = await alice.evaluate(async (name) => {
-    const bytes = new Uint8Array(1.5 * 1024 * 1024 + 123);
-    for (let i = 0; i < bytes.length; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
-    const picked = new DataTransfer();
-    picked.items.add(new File([bytes], name));
-    const input = document.getElementById('file-input');
-    input.files = picked.files;
-    input.dispatchEvent(new Event('change'));
-    const digest = await crypto.subtle.digest('SHA-256', bytes);
-    return { length: bytes.length, sha256: [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, '0')).join('') };
-  }, name);
+  const length = 1.5 * 1024 * 1024 + 123;
+  const expected = { length, sha256: await pickRandomFile(alice, name, length) };
   const delivery = (who) => alice.locator('.deliveries li', { hasText: `${who}:` });
   await delivery('Bob').getByText('waiting for them to accept').waitFor({ timeout: 10000 });
 

@@ -466,6 +466,26 @@ export function startPeer(baseUrl, room, name, extraArgs = []) {
   };
 }
 
+/**
+ * Makes `size` random bytes in `page` and picks them as a file named
+ * `name`, as the chat's file input would (Playwright's setInputFiles takes
+ * seconds to carry a file of megabytes into a page). Returns their
+ * SHA-256, in hex.
+ */
+export function pickRandomFile(page, name, size) {
+  return page.evaluate(async ({ name, size }) => {
+    const bytes = new Uint8Array(size);
+    for (let i = 0; i < bytes.length; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
+    const picked = new DataTransfer();
+    picked.items.add(new File([bytes], name));
+    const input = document.getElementById('file-input');
+    input.files = picked.files;
+    input.dispatchEvent(new Event('change'));
+    const digest = await crypto.subtle.digest('SHA-256', bytes);
+    return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, '0')).join('');
+  }, { name, size });
+}
+
 /** Waits until each of `pages` has its chat channel open to every other page (or to `others` peers). */
 export async function channelsOpen(pages, others = pages.length - 1) {
   for (const page of pages) {

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { ARTIFACTS, serverAndBrowser, startServer, joinCall, startPeer, channelsOpen, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually, waitForRemoteVideos, writeChat as write } from './lib.js';
+import { ARTIFACTS, serverAndBrowser, startServer, joinCall, startPeer, channelsOpen, pickRandomFile, connectionReport, isTestAddress, assertOnlyTestAddresses, eventually, waitForRemoteVideos, writeChat as write } from './lib.js';
 
 let server;
 let browser;
@@ -107,17 +107,7 @@ test('a native peer saves the files it is offered with --save-files, and decline
   // same name (the second is saved beside the first, not over it).
   await alice.getByRole('button', { name: 'Chat', exact: true }).click();
   const name = 'report <1>.bin';
-  const send = () => alice.evaluate(async (name) => {
-    const bytes = new Uint8Array(2 * 1024 * 1024 + 321);
-    for (let i = 0; i < bytes.length; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
-    const picked = new DataTransfer();
-    picked.items.add(new File([bytes], name));
-    const input = document.getElementById('file-input');
-    input.files = picked.files;
-    input.dispatchEvent(new Event('change'));
-    const digest = await crypto.subtle.digest('SHA-256', bytes);
-    return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, '0')).join('');
-  }, name);
+  const send = () => pickRandomFile(alice, name, 2 * 1024 * 1024 + 321);
   const sha256 = (file) => createHash('sha256').update(readFileSync(file)).digest('hex');
   const first = await send();
   const saved = await saver.waitFor((e) => e.event === 'file-saved', 'the first file saved');

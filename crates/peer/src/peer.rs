@@ -898,16 +898,8 @@ impl Session {
             tracing::debug!(peer = %new, "could not answer its moved: {e}");
         }
         self.links.insert(new.clone(), (name, link));
-        let files: Vec<_> = self
-            .saving
-            .keys()
-            .filter(|(id, _)| id == old)
-            .cloned()
-            .collect();
-        for key in files {
-            if let Some(saving) = self.saving.remove(&key) {
-                self.saving.insert((new.clone(), key.1), saving);
-            }
+        for (channel, saving) in self.take_saving(old) {
+            self.saving.insert((new.clone(), channel), saving);
         }
         self.flush(&new).await?;
         Ok(true)
@@ -1236,17 +1228,22 @@ impl Session {
         Ok(Summary { peers: self.gone })
     }
 
-    fn drop_link(&mut self, id: &str) {
-        let files: Vec<_> = self
+    /// The files being saved from the link `id`, taken out of `saving`.
+    fn take_saving(&mut self, id: &str) -> Vec<(ChannelId, (Offer, Saving))> {
+        let keys: Vec<_> = self
             .saving
             .keys()
             .filter(|(of, _)| of == id)
             .cloned()
             .collect();
-        for key in files {
-            if let Some((_, saving)) = self.saving.remove(&key) {
-                saving.abort();
-            }
+        keys.into_iter()
+            .filter_map(|key| self.saving.remove(&key).map(|saving| (key.1, saving)))
+            .collect()
+    }
+
+    fn drop_link(&mut self, id: &str) {
+        for (_, (_, saving)) in self.take_saving(id) {
+            saving.abort();
         }
         if let Some((name, mut link)) = self.links.remove(id) {
             link.close();
