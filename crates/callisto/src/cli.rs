@@ -556,8 +556,8 @@ pub struct PeerArgs {
     #[arg(long, value_name = "IP")]
     pub bind: Option<std::net::IpAddr>,
 
-    /// Offer a relayed candidate too, on the server's TURN (over UDP, with
-    /// the credentials it hands out), for peers with no direct path.
+    /// Offer a relayed candidate too, on the server's TURN (with the
+    /// credentials it hands out), for peers with no direct path.
     #[arg(long)]
     pub relay: bool,
 
@@ -565,6 +565,12 @@ pub struct PeerArgs {
     /// server's TURN (a check that TURN works end to end).
     #[arg(long)]
     pub relay_only: bool,
+
+    /// How to reach the TURN server for --relay or --relay-only: udp, or
+    /// tcp or tls from a network that lets no UDP out (the relayed
+    /// address is UDP either way).
+    #[arg(long, value_enum, default_value_t = RelayOver::Udp, value_name = "TRANSPORT")]
+    pub relay_over: RelayOver,
 
     /// Say this in the chat to everyone in the room when joining (as soon
     /// as each connection is up); repeatable.
@@ -993,6 +999,24 @@ mod tests {
                 }
                 Err(message) => proptest::prop_assert!(!message.is_empty()),
             }
+        }
+    }
+}
+
+/// `--relay-over`: how the native peer reaches the TURN server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RelayOver {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl From<RelayOver> for callisto_peer::RelayTransport {
+    fn from(over: RelayOver) -> Self {
+        match over {
+            RelayOver::Udp => callisto_peer::RelayTransport::Udp,
+            RelayOver::Tcp => callisto_peer::RelayTransport::Tcp,
+            RelayOver::Tls => callisto_peer::RelayTransport::Tls,
         }
     }
 }

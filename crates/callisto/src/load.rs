@@ -192,6 +192,7 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
             relay: plan.relay,
             send_media: plan.send_media,
             save_files: None,
+            relay_over: callisto_peer::RelayTransport::Udp,
         };
         tasks.push(tokio::spawn(one_peer(
             config,

@@ -35,6 +35,7 @@ pub async fn run(args: PeerArgs, stop: impl Future<Output = ()>) -> anyhow::Resu
         watching: args.watch,
         send_media: args.send_media,
         save_files: args.save_files.clone(),
+        relay_over: args.relay_over.into(),
         access: args.target.access.clone(),
         bind: args.bind,
         pin: args.target.tls_fingerprint,

@@ -29,6 +29,7 @@ fn config_for(addr: SocketAddr, room: &str, name: &str) -> PeerConfig {
         relay: RelayUse::Never,
         send_media: false,
         save_files: None,
+        relay_over: callisto_peer::RelayTransport::Udp,
     }
 }
 
@@ -431,6 +432,7 @@ async fn over_tls_a_self_signed_server_is_trusted_by_its_fingerprint_only() {
         relay: RelayUse::Never,
         send_media: false,
         save_files: None,
+        relay_over: callisto_peer::RelayTransport::Udp,
     };
 
     let mut ada = Peer::start_with(config("Ada", Some(&fingerprint)));

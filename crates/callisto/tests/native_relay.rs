@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use callisto_peer::{Command, PeerConfig, PeerEvent, RelayUse};
+use callisto_peer::{Command, PeerConfig, PeerEvent, RelayTransport, RelayUse};
 use common::Server;
 use tokio::sync::mpsc;
 
@@ -28,21 +28,56 @@ async fn next_matching(
     }
 }
 
+/// Over UDP; over TCP, as from a network that lets no UDP out; and over
+/// TLS on the web port (a self-signed certificate, trusted by its
+/// fingerprint as the signaling is). The relayed address is UDP each time.
+/// One after the other: the metrics are the whole process's.
 #[tokio::test]
-async fn two_relay_only_native_peers_talk_through_turn() {
-    let server = Server::start(&[]).await;
+async fn two_relay_only_native_peers_talk_through_turn_over_udp_tcp_and_tls() {
+    let plain = Server::start(&[]).await;
+    let tls = Server::start(&["--tls-self-signed"]).await;
+    for (server, over) in [
+        (&plain, RelayTransport::Udp),
+        (&plain, RelayTransport::Tcp),
+        (&tls, RelayTransport::Tls),
+    ] {
+        relay_only_peers_talk(server, over, &plain).await;
+    }
+}
+
+/// Two relay-only peers on `server`, through its TURN over `over`; the
+/// process's metrics read on `metrics` (served plain).
+async fn relay_only_peers_talk(server: &Server, over: RelayTransport, metrics: &Server) {
+    let relayed_over = |text: &str, transport: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("callisto_turn_relayed_packets_total"))
+            .filter(|l| l.contains(&format!("transport=\"{transport}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let transport = match over {
+        RelayTransport::Udp => "udp",
+        RelayTransport::Tcp => "tcp",
+        RelayTransport::Tls => "tls",
+    };
+    let before = relayed_over(&metrics.get("/metrics").await.1, transport);
+    let (scheme, pin) = match &server.running.fingerprint {
+        Some(fp) => ("https", Some(fp.parse().expect("the server's fingerprint"))),
+        None => ("http", None),
+    };
     let start = |name: &str| {
         let config = PeerConfig {
-            server: format!("http://{}", server.addr),
+            server: format!("{scheme}://{}", server.addr),
             room: "relayed".into(),
             name: name.into(),
             watching: false,
             access: None,
             bind: None,
-            pin: None,
+            pin,
             relay: RelayUse::Only,
             send_media: false,
             save_files: None,
+            relay_over: over,
         };
         let running = callisto_peer::spawn(config);
         (running.commands, running.events, running.task)
@@ -61,7 +96,7 @@ async fn two_relay_only_native_peers_talk_through_turn() {
         matches!(e, PeerEvent::Connected { .. })
     })
     .await;
-    assert_eq!(server.metric("callisto_turn_allocations").await, 2.0);
+    assert_eq!(metrics.metric("callisto_turn_allocations").await, 2.0);
     bob_commands
         .send(Command::Chat {
             text: "via the relay".into(),
@@ -74,14 +109,13 @@ async fn two_relay_only_native_peers_talk_through_turn() {
         |e| matches!(e, PeerEvent::Chat { text, .. } if text == "via the relay"),
     )
     .await;
-    // Everything went through the server: its relay counted it.
-    let (_, metrics) = server.get("/metrics").await;
-    let relayed: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("callisto_turn_relayed_packets_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(relayed > 0.0, "{metrics}");
+    // Everything went through the server, over the transport asked for:
+    // its relay counted it.
+    let text = metrics.get("/metrics").await.1;
+    assert!(
+        relayed_over(&text, transport) > before,
+        "nothing relayed over {transport}: {text}"
+    );
 
     for commands in [ada_commands, bob_commands] {
         commands.send(Command::Leave).unwrap();
@@ -96,7 +130,7 @@ async fn two_relay_only_native_peers_talk_through_turn() {
     }
     // Both let their allocations go on leaving.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while server.metric("callisto_turn_allocations").await > 0.0 {
+    while metrics.metric("callisto_turn_allocations").await > 0.0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "allocations released"

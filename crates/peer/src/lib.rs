@@ -30,4 +30,5 @@ pub mod tls;
 pub use chat::ChannelMessage;
 pub use link::{Link, LinkError, LinkEvent, MediaCounts};
 pub use peer::{Command, PeerConfig, PeerError, PeerEvent, RelayUse, Running, Summary, run, spawn};
+pub use relay::RelayTransport;
 pub use tls::Fingerprint;

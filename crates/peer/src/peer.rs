@@ -22,7 +22,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use crate::chat::ChannelMessage;
 use crate::files::Offer;
 use crate::link::{Link, LinkError, LinkEvent, MediaCounts};
-use crate::relay::Relay;
+use crate::relay::{Relay, RelayTransport};
 use crate::saving::Saving;
 use crate::signals::{SdpKind, Signal};
 use crate::tls::{Fingerprint, TlsError, client_config, is_secure};
@@ -69,6 +69,8 @@ pub struct PeerConfig {
     pub pin: Option<Fingerprint>,
     /// Whether to reach the others through the server's TURN too.
     pub relay: RelayUse,
+    /// How to reach the TURN server for that: UDP, TCP or TLS.
+    pub relay_over: RelayTransport,
     /// Whether to send the embedded test pattern and tone as camera and
     /// microphone (`crate::clip`); else it sends no media.
     pub send_media: bool,
@@ -285,6 +287,8 @@ pub async fn run(
         resume: None,
         reconnecting: None,
         relay_use: config.relay,
+        relay_over: config.relay_over,
+        pin: config.pin,
         watching: config.watching,
         send_media: config.send_media && !config.watching,
         save_files: config.save_files,
@@ -523,6 +527,9 @@ struct Session {
     resume: Option<String>,
     reconnecting: Option<tokio::task::JoinHandle<Result<Ws, PeerError>>>,
     relay_use: RelayUse,
+    relay_over: RelayTransport,
+    /// The server's certificate, if pinned: for TURN over TLS too.
+    pin: Option<Fingerprint>,
     /// Joined to watch: it sends no `state` (docs/protocol.md).
     watching: bool,
     /// Sends the test pattern and the tone on every link.
@@ -684,7 +691,9 @@ impl Session {
         if self.relay_use == RelayUse::Never {
             return Ok(());
         }
-        match Relay::allocate(servers).await {
+        let pin = self.pin;
+        let tls = move || client_config(pin).map_err(|e| e.to_string());
+        match Relay::allocate(servers, self.relay_over, tls).await {
             Ok(relay) => {
                 tracing::debug!(relayed = %relay.relayed, "TURN relay allocated");
                 self.relay = Some(relay);

@@ -13,15 +13,14 @@ use std::time::{Duration, Instant};
 
 use callisto_protocol::{ReceivedIceServer, decode_server};
 use callisto_turn::client::Client;
-use callisto_turn::stun::{self, Class, Message, MessageBuilder, attr, method};
+use callisto_turn::stun::{Class, Message, MessageBuilder, attr, method};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::peer::{PeerError, open, websocket_url};
-use crate::relay::{allocate_udp, bound_udp, settled, tid_seed};
+use crate::relay::{Local, ToServer, allocate_over_stream, allocate_udp, bound_udp, tid_seed};
 use crate::tls::{Fingerprint, client_config};
 
 /// How long one URL is given to answer.
@@ -241,8 +240,7 @@ async fn probe_one(
         }
         IceKind::TurnTcp => {
             let tcp = TcpStream::connect(address).await.map_err(io)?;
-            let local = tcp.local_addr().map_err(io)?;
-            allocate_stream(tcp, local, turn_client()?).await
+            allocated_and_released(allocate_over_stream(tcp, turn_client()?).await?).await
         }
         IceKind::TurnTls => {
             let tcp = TcpStream::connect(address).await.map_err(io)?;
@@ -253,7 +251,10 @@ async fn probe_one(
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
-            allocate_stream(stream, local, turn_client()?).await
+            allocated_and_released(
+                allocate_over_stream(Local(stream, local), turn_client()?).await?,
+            )
+            .await
         }
     }
 }
@@ -311,44 +312,15 @@ fn release(client: &mut Client) -> Vec<Vec<u8>> {
     std::iter::from_fn(|| client.poll_transmit()).collect()
 }
 
-async fn allocate_stream(
-    mut stream: impl AsyncRead + AsyncWrite + Unpin,
-    local: SocketAddr,
-    mut client: Client,
+/// What the allocation over a stream found, once it is let go (the
+/// stream closes as it is dropped).
+async fn allocated_and_released(
+    (mut client, mut socket, found): (Client, ToServer, Found),
 ) -> Result<Found, String> {
-    client.allocate(Instant::now());
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; MAX_MESSAGE];
-    loop {
-        while let Some(out) = client.poll_transmit() {
-            stream.write_all(&out).await.map_err(|e| e.to_string())?;
-        }
-        if let Some(outcome) = settled(&mut client, local) {
-            if outcome.is_ok() {
-                for out in release(&mut client) {
-                    let _ = stream.write_all(&out).await;
-                }
-                let _ = stream.shutdown().await;
-            }
-            return outcome;
-        }
-        let read = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if read == 0 {
-            return Err("the server closed the connection".into());
-        }
-        buf.extend_from_slice(&chunk[..read]);
-        // Whole messages only: the stream may split them anywhere.
-        while let Some(len) = stun::stream_frame_len(&buf).map_err(|e| e.to_string())? {
-            if buf.len() < len {
-                break;
-            }
-            if len > MAX_MESSAGE {
-                return Err(format!("a message of {len} bytes"));
-            }
-            let message: Vec<u8> = buf.drain(..len).collect();
-            client.handle_input(Instant::now(), &message);
-        }
+    for out in release(&mut client) {
+        let _ = socket.send(&out).await;
     }
+    Ok(found)
 }
 
 #[cfg(test)]
