@@ -64,6 +64,7 @@ new DevicePicker({
   useTrack,
   useEffect: chooseEffect,
   useSpeaker: (sinkId) => grid.setSink(sinkId),
+  releaseMicrophone: () => speaking.mic.release(),
 });
 
 // A handle for tests and for curious people at the console.

@@ -25,9 +25,13 @@ export class DevicePicker {
    * @param {(track: MediaStreamTrack) => Promise<void>} o.useTrack puts a new track in use
    * @param {(id: string) => Promise<void>} o.useEffect chooses a video effect
    * @param {(deviceId: string) => Promise<void>} o.useSpeaker plays remote audio there
+   * @param {() => void} [o.releaseMicrophone] lets go of what else holds the
+   *   microphone open (a level meter's copy of its track), before it is
+   *   opened again with other processing
    */
-  constructor({ devices, speaker, effect, useTrack, useEffect, useSpeaker }) {
+  constructor({ devices, speaker, effect, useTrack, useEffect, useSpeaker, releaseMicrophone = () => {} }) {
     this.dialog = $('devices');
+    this.releaseMicrophone = releaseMicrophone;
     this.inUse = (kind) => devices().find((t) => t.kind === kind) ?? null;
     this.effect = effect;
     this.speakerInUse = speaker;
@@ -101,8 +105,9 @@ export class DevicePicker {
     for (const box of boxes) box.disabled = true;
     const { deviceId } = mic.getSettings();
     // Chromium gives a new track of a microphone still open the open
-    // one's processing, whatever was asked: the old one goes first (the
-    // others hear a moment of silence).
+    // one's processing, whatever was asked: the old one goes first, and
+    // every copy of it (the others hear a moment of silence).
+    this.releaseMicrophone();
     mic.stop();
     let { track, message } = await getDeviceTrack('audio', deviceId);
     if (message) {

@@ -225,16 +225,26 @@ export class PeerLink extends EventTarget {
     this.#applyCaps();
   }
 
-  #applyCaps() {
+  #applyCaps(tries = 3) {
     // One at a time: a sender refuses parameters read before another
     // change of them went through.
     this.#capping = this.#capping.then(async () => {
-      if (!this.#caps || this.pc.signalingState === 'closed') return;
+      // Mid-negotiation Chromium refuses parameters read before it ends:
+      // the caps wait for it to settle.
+      if (!this.#caps || this.pc.signalingState !== 'stable') return;
       for (const [sender, bps] of [
         [this.#transceiver('video')?.sender, this.#caps.camera],
         [this.#screenTransceiver('video')?.sender, this.#caps.screen],
       ]) {
-        await capSender(sender, bps).catch((err) => console.warn(`peer ${this.id}: could not cap what is sent (${err.message})`));
+        try {
+          await capSender(sender, bps);
+        } catch (err) {
+          // Just after a negotiation, Chromium may still refuse them
+          // ("modified RTCP parameters"): a moment later it takes them.
+          if (tries > 1) setTimeout(() => this.#applyCaps(tries - 1), 500);
+          else console.warn(`peer ${this.id}: could not cap what is sent (${err.message})`);
+          return;
+        }
       }
     });
   }

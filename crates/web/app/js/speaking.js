@@ -99,7 +99,7 @@ export class MicLevel {
       }
     }
     if (track !== this.#track) {
-      this.#let();
+      this.release();
       this.#track = track;
       this.#copy = track.clone();
       this.#copy.enabled = true;
@@ -117,13 +117,18 @@ export class MicLevel {
 
   /** Lets the microphone and the audio context go. */
   close() {
-    this.#let();
+    this.release();
     this.#context?.close();
     this.#context = null;
   }
 
-  /** Lets the track measured go: its copy holds the microphone open. */
-  #let() {
+  /**
+   * Lets go of the copy of the track measured, which holds the microphone
+   * open: before it is opened again with other processing, which Chromium
+   * would not apply while a track of it lives. The next reading takes a
+   * new copy.
+   */
+  release() {
     this.#source?.disconnect();
     this.#copy?.stop();
     this.#source = null;
