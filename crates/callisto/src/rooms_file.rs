@@ -203,6 +203,33 @@ mod tests {
         assert!(!old.exists() && !future.exists());
     }
 
+    proptest::proptest! {
+        /// Whatever the file holds (bytes, or JSON near the format),
+        /// taking it back never panics, and the file is gone after.
+        #[test]
+        fn any_file_is_taken_back_or_ignored_without_a_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            near in proptest::prelude::any::<bool>(),
+        ) {
+            let dir = dir("any");
+            let path = dir.join(format!("rooms-{}.json", bytes.len()));
+            let text = if near {
+                // The format, with what the bytes make of its fields.
+                let rooms: String = bytes.iter().map(|b| char::from(b' ' + b % 95)).collect();
+                format!(
+                    r#"{{"version":1,"writtenAt":{},"rooms":[{{"room":{:?},"locked":true,"places":[{{"id":{:?},"name":{:?},"tokenHash":{:?}}}]}}]}}"#,
+                    unix_now(), rooms, rooms, rooms, rooms
+                )
+                .into_bytes()
+            } else {
+                bytes.clone()
+            };
+            std::fs::write(&path, &text).unwrap();
+            let _ = take(&path, Duration::from_secs(15));
+            proptest::prop_assert!(!path.exists());
+        }
+    }
+
     #[test]
     fn the_flag_else_systemds_state_directory_names_the_file() {
         let flag = Some(Path::new("/x/y.json"));
