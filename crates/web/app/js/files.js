@@ -216,7 +216,9 @@ export class IncomingFile extends EventTarget {
       console.warn(`could not keep ${this.offer.name} from peer ${this.from}: ${why}`);
       // Said before the close, which alone would read as delivered after
       // the end; the sender is not told why (that would tell it our space).
-      if (this.#channel.readyState === 'open') this.#channel.send(JSON.stringify({ type: 'failed' }));
+      try {
+        if (this.#channel.readyState === 'open') this.#channel.send(JSON.stringify({ type: 'failed' }));
+      } catch { /* closing under us: the close says enough */ }
       this.#end('failed', why);
     };
     this.#channel.send(JSON.stringify({ type: 'accept' }));

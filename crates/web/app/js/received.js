@@ -60,8 +60,10 @@ export async function forgetAbandoned() {
   if (!diskWritable()) return;
   try {
     const all = await (await navigator.storage.getDirectory()).getDirectoryHandle(FOLDER, { create: true });
-    for await (const [name, handle] of all.entries()) {
-      if (handle.kind !== 'directory') continue;
+    // Listed first, then removed: not while the listing is read.
+    const folders = [];
+    for await (const [name, handle] of all.entries()) if (handle.kind === 'directory') folders.push(name);
+    for (const name of folders) {
       await navigator.locks.request(LOCK_PREFIX + name, { ifAvailable: true }, async (lock) => {
         if (lock) await all.removeEntry(name, { recursive: true });
       });
