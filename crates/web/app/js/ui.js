@@ -150,6 +150,7 @@ export class Grid {
   }
 
   #toggleFullscreen(tile) {
+    if (!document.fullscreenEnabled) return; // an iPhone's Safari: no element full screen
     const done = document.fullscreenElement === tile ? document.exitFullscreen() : tile.requestFullscreen();
     done.catch((err) => console.warn(`full screen refused: ${err.message}`));
   }
