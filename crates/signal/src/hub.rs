@@ -874,23 +874,30 @@ impl<S: PeerSink> Hub<S> {
             if ids.is_empty() {
                 continue;
             }
-            let deciders = ids
-                .iter()
-                .any(|id| self.peers.get(id).is_some_and(|p| !p.watching));
-            if room.locked && deciders {
+            restored.rooms += 1;
+            restored.places += ids.len();
+            self.rooms.insert(room.room.clone(), ids);
+            if room.locked && self.has_deciders(&room.room) {
                 self.locks.insert(
-                    room.room.clone(),
+                    room.room,
                     Lock {
                         waiting: Vec::new(),
                         open_to_audience: room.open_to_audience,
                     },
                 );
             }
-            restored.rooms += 1;
-            restored.places += ids.len();
-            self.rooms.insert(room.room, ids);
         }
         restored
+    }
+
+    /// Whether anyone in `room` takes part (rather than watches): someone
+    /// with a say in who comes in.
+    fn has_deciders(&self, room: &str) -> bool {
+        self.rooms
+            .get(room)
+            .into_iter()
+            .flatten()
+            .any(|m| self.peers.get(m).is_some_and(|p| !p.watching))
     }
 
     /// Relays `data` from `from` to the peer `to` in the same room.
@@ -962,13 +969,9 @@ impl<S: PeerSink> Hub<S> {
         // Nobody is left to let them in, or to keep out of the room (those
         // who watch have no say): those knocking come in, to the room as
         // unlocked.
-        let deciders = self
-            .rooms
-            .get(&peer.room)
-            .into_iter()
-            .flatten()
-            .any(|m| self.peers.get(m).is_some_and(|p| !p.watching));
-        if !deciders && let Some(lock) = self.locks.remove(&peer.room) {
+        if !self.has_deciders(&peer.room)
+            && let Some(lock) = self.locks.remove(&peer.room)
+        {
             for waiter in lock.waiting {
                 self.let_in(&waiter);
             }
