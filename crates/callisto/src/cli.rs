@@ -625,6 +625,11 @@ pub struct LoadArgs {
     #[arg(long)]
     pub relay_only: bool,
 
+    /// How the peers reach the TURN server with --relay-only: udp, tcp
+    /// or tls (to load TURN's stream transports).
+    #[arg(long, value_enum, default_value_t = RelayOver::Udp, value_name = "TRANSPORT", requires = "relay_only")]
+    pub relay_over: RelayOver,
+
     /// Those taking part send a test pattern and a tone (about 210 kbit/s)
     /// to everyone they meet, as cameras and microphones do.
     #[arg(long)]

@@ -18,7 +18,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use callisto_peer::{Command, Fingerprint, MediaCounts, PeerConfig, PeerEvent, RelayUse, Running};
+use callisto_peer::{
+    Command, Fingerprint, MediaCounts, PeerConfig, PeerEvent, RelayTransport, RelayUse, Running,
+};
 use serde_json::json;
 
 use crate::cli::LoadArgs;
@@ -44,6 +46,8 @@ pub struct LoadPlan {
     pub pin: Option<Fingerprint>,
     /// Through the server's TURN only, or directly.
     pub relay: RelayUse,
+    /// How they reach the TURN server for that.
+    pub relay_over: RelayTransport,
     /// Whether those taking part send the test pattern and the tone.
     pub send_media: bool,
 }
@@ -87,6 +91,7 @@ impl LoadPlan {
             } else {
                 RelayUse::Never
             },
+            relay_over: args.relay_over.into(),
             send_media: args.media,
         })
     }
@@ -192,7 +197,7 @@ pub async fn load(plan: &LoadPlan) -> anyhow::Result<Report> {
             relay: plan.relay,
             send_media: plan.send_media,
             save_files: None,
-            relay_over: callisto_peer::RelayTransport::Udp,
+            relay_over: plan.relay_over,
         };
         tasks.push(tokio::spawn(one_peer(
             config,

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use callisto::load::{LoadPlan, load};
-use callisto_peer::RelayUse;
+use callisto_peer::{RelayTransport, RelayUse};
 use common::Server;
 
 fn plan(server: &Server, rooms: u32, peers: u32) -> LoadPlan {
@@ -23,6 +23,7 @@ fn plan(server: &Server, rooms: u32, peers: u32) -> LoadPlan {
         access: None,
         pin: None,
         relay: RelayUse::Never,
+        relay_over: RelayTransport::Udp,
         send_media: false,
     }
 }
@@ -67,6 +68,33 @@ async fn an_audience_meets_only_those_taking_part_and_hears_them() {
     // others, for seconds: 15 and 50 frames a second.
     assert!(report.media.video_frames > 3 * 2 * 15, "{report:?}");
     assert!(report.media.audio_frames > 3 * 2 * 50, "{report:?}");
+}
+
+/// Everyone through the server's TURN, reached over TCP: the stream
+/// transport under load, every message delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_only_peers_over_turn_tcp_connect_and_every_message_arrives() {
+    let server = Server::start(&[]).await;
+    let report = load(&LoadPlan {
+        relay: RelayUse::Only,
+        relay_over: RelayTransport::Tcp,
+        ..plan(&server, 1, 3)
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.connections, 6, "{report:?}");
+    assert!(report.chat_sent > 0, "{report:?}");
+    assert_eq!(report.chat_received, report.chat_expected, "{report:?}");
+    assert!(report.all_well(), "{report:?}");
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("callisto_turn_relayed_packets_total")
+                && l.contains("transport=\"tcp\"")
+                && !l.ends_with(" 0")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
